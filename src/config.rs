@@ -1,0 +1,515 @@
+//! Settings: the schema, their defaults, and how a file and the command line
+//! are layered into one validated [`Settings`].
+//!
+//! Every value is validated while it is deserialized (each setting has a type
+//! whose `Deserialize` checks it), so a bad value is reported by `toml` with the
+//! exact span of the offending text, which we turn into `FILE:LINE:COLUMN`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+/// Declares every setting once: its type and its default. From that list come
+/// the [`Layer`] (what one source sets, all optional) and the resolved
+/// [`Settings`] (every key has a value).
+macro_rules! settings {
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr; )*) => {
+        /// What one source (the file, the command line) sets. Unset keys are `None`.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Layer {
+            $( #[serde(default)] pub $name: Option<$ty>, )*
+        }
+
+        /// The effective settings: every key has a value.
+        #[derive(Debug, Clone)]
+        pub struct Settings {
+            $( $(#[$doc])* pub $name: $ty, )*
+        }
+
+        impl Layer {
+            /// This layer with `over` laid on top: what `over` sets wins.
+            pub fn overlay(self, over: Layer) -> Layer {
+                Layer { $( $name: over.$name.or(self.$name), )* }
+            }
+
+            fn fill_defaults(self) -> Settings {
+                Settings { $( $name: self.$name.unwrap_or_else(|| $default), )* }
+            }
+        }
+
+        /// Every key, in declaration order (used by docs tests).
+        pub const KEYS: &[&str] = &[$( stringify!($name) ),*];
+    };
+}
+
+settings! {
+    /// Addresses to listen on: `HOST:PORT`, `[V6]:PORT`, `unix:PATH`, `fd://N`.
+    bind: Vec<Bind> = vec![Bind::parse("127.0.0.1:8000").expect("default bind")];
+    /// listen(2) backlog of every socket.
+    backlog: Backlog = Backlog(2048);
+    /// Set `IPV6_V6ONLY` on IPv6 sockets.
+    ipv6_only: bool = true;
+    /// Permission bits of Unix sockets, in octal.
+    unix_socket_mode: Mode = Mode(0o660);
+    /// The worker's argv.
+    command: Vec<String> = Vec::new();
+    /// How many workers to run.
+    workers: WorkerCount = WorkerCount(1);
+    /// When a worker counts as ready.
+    ready: Ready = Ready::Spawn;
+    /// How long a worker may take to report `READY=1`.
+    boot_timeout: Dur = Dur(Duration::from_secs(30));
+    /// The signal that asks a worker to stop gracefully.
+    stop_signal: Sig = Sig(Signal::SIGTERM);
+    /// How long a graceful stop may take before SIGKILL.
+    graceful_timeout: Dur = Dur(Duration::from_secs(30));
+    /// How long a quick stop may take before SIGKILL.
+    quick_timeout: Dur = Dur(Duration::from_secs(5));
+    /// First delay before respawning a worker that failed quickly.
+    respawn_delay: Dur = Dur(Duration::from_millis(100));
+    /// Upper bound of the exponential respawn delay.
+    respawn_max_delay: Dur = Dur(Duration::from_secs(10));
+    /// A worker that ran this long resets its slot's failure count.
+    respawn_reset_after: Dur = Dur(Duration::from_secs(10));
+    /// Become a child subreaper; unset means "when PID 1".
+    subreaper: bool = std::process::id() == 1;
+    /// Where to write the master's pid.
+    pidfile: Option<PathBuf> = None;
+    /// Log level: error, warn, info, debug, trace.
+    log_level: LogLevel = LogLevel(tracing::Level::INFO);
+    /// argv run once after every worker is reaped at exit.
+    on_exit: Vec<String> = Vec::new();
+    /// How long the on_exit hook may run before it is killed.
+    hook_timeout: Dur = Dur(Duration::from_secs(10));
+    /// Variables added to the workers' environment.
+    env: BTreeMap<String, String> = BTreeMap::new();
+    /// Variables removed from the workers' environment.
+    env_remove: Vec<String> = Vec::new();
+}
+
+/// A configuration error, located in its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}:{line}:{column}: {message}")]
+    Invalid {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Layer {
+    /// Parses a TOML file's text; errors name `origin` and the line and column.
+    pub fn parse(origin: &str, text: &str) -> Result<Layer, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            let (line, column) = line_column(text, at);
+            ConfigError::Invalid {
+                origin: origin.to_string(),
+                line,
+                column,
+                message: e.message().trim_end().replace('\n', " "),
+            }
+        })
+    }
+
+    /// Reads and parses a config file.
+    pub fn read(path: &Path) -> Result<Layer, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Layer::parse(&shown, &text)
+    }
+
+    /// One `KEY=VALUE` override from the command line. The value is TOML
+    /// (`workers=4`, `bind=["a","b"]`); a bare word is taken as a string
+    /// (`graceful_timeout=5s`).
+    pub fn parse_override(arg: &str) -> Result<Layer, ConfigError> {
+        let Some((key, value)) = arg.split_once('=') else {
+            return Err(ConfigError::Other(format!(
+                "--set {arg}: expected KEY=VALUE, for example --set graceful_timeout=10s"
+            )));
+        };
+        let origin = format!("--set {arg}");
+        let key = key.trim();
+        let as_toml = format!("{key} = {value}");
+        match Layer::parse(&origin, &as_toml) {
+            Ok(layer) => Ok(layer),
+            Err(first) => {
+                let quoted = format!("{key} = {}", toml_string(value));
+                Layer::parse(&origin, &quoted).map_err(|_| first)
+            }
+        }
+    }
+
+    /// Resolves defaults and checks what needs several keys at once.
+    pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let settings = self.fill_defaults();
+        if settings.command.is_empty() {
+            return Err(ConfigError::Other(
+                "no worker command: set `command = [\"program\", \"arg\"]` in the config \
+                 or give it after `--` on the command line"
+                    .into(),
+            ));
+        }
+        if settings.command[0].is_empty() {
+            return Err(ConfigError::Other("`command`: the program name is empty".into()));
+        }
+        Ok(settings)
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// A setting whose value is parsed from a string, with a message that says
+/// what is expected.
+macro_rules! from_str_setting {
+    ($ty:ty, $expecting:expr) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_str<E: de::Error>(self, s: &str) -> Result<$ty, E> {
+                        s.parse().map_err(E::custom)
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+    };
+}
+
+/// A duration written like `"30s"`, `"500ms"` or `"1m 30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s).map(Dur).map_err(|e| {
+            format!("invalid duration {s:?} ({e}): expected a duration like \"30s\", \"500ms\" or \"1m 30s\"")
+        })
+    }
+}
+from_str_setting!(Dur, "a duration like \"30s\" or \"500ms\"");
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A signal name such as `"SIGTERM"` or `"TERM"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sig(pub Signal);
+
+impl FromStr for Sig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let upper = s.to_ascii_uppercase();
+        let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+        Signal::from_str(&full)
+            .map(Sig)
+            .map_err(|_| format!("unknown signal {s:?}: expected a name like \"SIGTERM\" or \"INT\""))
+    }
+}
+from_str_setting!(Sig, "a signal name like \"SIGTERM\"");
+
+/// Unix permission bits written in octal, like `"0660"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if m <= 0o777 => Ok(Mode(m)),
+            _ => Err(format!(
+                "invalid mode {s:?}: expected octal permission bits like \"0660\""
+            )),
+        }
+    }
+}
+from_str_setting!(Mode, "octal permission bits like \"0660\"");
+
+/// A log level name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLevel(pub tracing::Level);
+
+impl FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        tracing::Level::from_str(s).map(LogLevel).map_err(|_| {
+            format!("unknown log level {s:?}: expected error, warn, info, debug or trace")
+        })
+    }
+}
+from_str_setting!(LogLevel, "a log level: error, warn, info, debug or trace");
+
+/// How the master decides that a worker is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ready {
+    /// Ready once it has been exec'd (for programs that do not speak the protocol).
+    Spawn,
+    /// Ready once it sends `READY=1` to `NOTIFY_SOCKET`.
+    Notify,
+}
+
+/// A bounded whole number, for counts that must stay in a sane range.
+macro_rules! bounded_setting {
+    ($ty:ident, $min:expr, $max:expr, $what:expr) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $ty(pub u32);
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        write!(f, "{} from {} to {}", $what, $min, $max)
+                    }
+                    fn visit_i64<E: de::Error>(self, n: i64) -> Result<$ty, E> {
+                        if ($min..=$max).contains(&n) {
+                            Ok($ty(n as u32))
+                        } else {
+                            Err(E::custom(format!(
+                                "{n} is out of range: expected {} from {} to {}",
+                                $what, $min, $max
+                            )))
+                        }
+                    }
+                    fn visit_u64<E: de::Error>(self, n: u64) -> Result<$ty, E> {
+                        self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+                    }
+                }
+                d.deserialize_i64(V)
+            }
+        }
+    };
+}
+
+bounded_setting!(WorkerCount, 1, 4096, "a number of workers");
+bounded_setting!(Backlog, 1, 65535, "a listen backlog");
+
+/// One listening address, with the name the workers see in `LISTEN_FDNAMES`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub address: Address,
+    pub name: Option<String>,
+}
+
+/// Where a listener comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    /// A socket already open in drover, handed in by its parent.
+    Fd(RawFd),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Address::Tcp(a) => write!(f, "{a}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+            Address::Fd(n) => write!(f, "fd://{n}"),
+        }
+    }
+}
+
+impl FromStr for Address {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a path, like \"unix:/run/app.sock\"".into());
+            }
+            return Ok(Address::Unix(PathBuf::from(path)));
+        }
+        if let Some(n) = s.strip_prefix("fd://") {
+            return match n.parse::<RawFd>() {
+                Ok(fd) if fd >= 3 => Ok(Address::Fd(fd)),
+                _ => Err(format!("invalid {s:?}: expected fd://N with N a descriptor number >= 3")),
+            };
+        }
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Address::Tcp(addr));
+        }
+        // A host name: resolve it once, now (only names like "localhost" make
+        // sense for a server that binds).
+        match s.to_socket_addrs() {
+            Ok(mut addrs) => addrs
+                .next()
+                .map(Address::Tcp)
+                .ok_or_else(|| format!("{s:?} resolves to no address")),
+            Err(_) => Err(format!(
+                "invalid address {s:?}: expected HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"
+            )),
+        }
+    }
+}
+
+impl Bind {
+    pub fn parse(s: &str) -> Result<Bind, String> {
+        Ok(Bind { address: s.parse()?, name: None })
+    }
+}
+
+impl<'de> Deserialize<'de> for Bind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Bind;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address string or a table { address = \"...\", name = \"...\" }")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Bind, E> {
+                Bind::parse(s).map_err(E::custom)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Bind, A::Error> {
+                let (mut address, mut name) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "address" => {
+                            let s: String = map.next_value()?;
+                            address = Some(s.parse::<Address>().map_err(de::Error::custom)?);
+                        }
+                        "name" => {
+                            let s: String = map.next_value()?;
+                            if s.is_empty() || s.len() > 255 || s.contains(':') {
+                                return Err(de::Error::custom(format!(
+                                    "invalid name {s:?}: expected 1 to 255 characters without ':'"
+                                )));
+                            }
+                            name = Some(s);
+                        }
+                        other => return Err(de::Error::unknown_field(other, &["address", "name"])),
+                    }
+                }
+                let address = address.ok_or_else(|| de::Error::missing_field("address"))?;
+                Ok(Bind { address, name })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Layer::parse("c.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_column_and_the_known_keys() {
+        let e = err("workers = 2\nworkrs = 3\n");
+        assert!(e.starts_with("c.toml:2:1: unknown field `workrs`"), "{e}");
+        assert!(e.contains("`workers`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_values_say_what_is_expected() {
+        let e = err("workers = \"four\"");
+        assert!(e.starts_with("c.toml:1:11:"), "{e}");
+        assert!(e.contains("a number of workers from 1 to 4096"), "{e}");
+        let e = err("workers = 0");
+        assert!(e.contains("0 is out of range"), "{e}");
+        let e = err("\n\ngraceful_timeout = \"3x\"");
+        assert!(e.starts_with("c.toml:3:20:"), "{e}");
+        assert!(e.contains("expected a duration like"), "{e}");
+        let e = err("bind = [\"nowhere\"]");
+        assert!(e.contains("expected HOST:PORT"), "{e}");
+        let e = err("stop_signal = \"SIGNOPE\"");
+        assert!(e.contains("unknown signal"), "{e}");
+        let e = err("ready = \"soon\"");
+        assert!(e.contains("unknown variant `soon`"), "{e}");
+        let e = err("unix_socket_mode = \"999\"");
+        assert!(e.contains("octal permission bits"), "{e}");
+    }
+
+    #[test]
+    fn binds_in_every_form() {
+        let l = Layer::parse(
+            "c",
+            r#"bind = ["127.0.0.1:0", "[::1]:80", "unix:/tmp/x.sock", "fd://3",
+                       { address = "127.0.0.1:9", name = "admin" }]"#,
+        )
+        .unwrap();
+        let b = l.bind.unwrap();
+        assert_eq!(b[0].address, Address::Tcp("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(b[1].address, Address::Tcp("[::1]:80".parse().unwrap()));
+        assert_eq!(b[2].address, Address::Unix("/tmp/x.sock".into()));
+        assert_eq!(b[3].address, Address::Fd(3));
+        assert_eq!(b[4].name.as_deref(), Some("admin"));
+        assert!(err("bind = [{ address = \"127.0.0.1:9\", name = \"a:b\" }]").contains("without ':'"));
+    }
+
+    #[test]
+    fn overrides_win_and_bare_words_are_strings() {
+        let file = Layer::parse("c", "workers = 2\ngraceful_timeout = \"9s\"\ncommand = [\"x\"]").unwrap();
+        let cli = Layer::parse_override("graceful_timeout=5s")
+            .unwrap()
+            .overlay(Layer::parse_override("bind=[\"127.0.0.1:1\"]").unwrap());
+        let s = file.overlay(cli).resolve().unwrap();
+        assert_eq!(s.workers, WorkerCount(2));
+        assert_eq!(s.graceful_timeout, Dur(Duration::from_secs(5)));
+        assert_eq!(s.bind.len(), 1);
+        let e = Layer::parse_override("workers=zero").unwrap_err().to_string();
+        assert!(e.starts_with("--set workers=zero:1:"), "{e}");
+    }
+
+    #[test]
+    fn a_command_is_required() {
+        let e = Layer::default().resolve().unwrap_err().to_string();
+        assert!(e.contains("no worker command"), "{e}");
+    }
+}

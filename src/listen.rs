@@ -1,0 +1,212 @@
+//! Listening sockets: bound once by the master (or handed in by its parent)
+//! and shared by every worker.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::socket::{getsockopt, sockopt};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::config::{Address, Bind, Settings};
+
+/// One listening socket the master holds for its workers.
+#[derive(Debug)]
+pub struct Listener {
+    pub fd: OwnedFd,
+    /// The name workers see in `LISTEN_FDNAMES`.
+    pub name: String,
+    /// What it listens on, for logs (a port 0 bind shows the real port).
+    pub shown: String,
+    /// A Unix socket file we created and must remove: (path, device, inode).
+    unix_file: Option<(PathBuf, u64, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: io::Error },
+    #[error("cannot listen on {addr}: {why}")]
+    Refused { addr: String, why: String },
+    #[error("LISTEN_FDS: {0}")]
+    Inherited(String),
+}
+
+impl Listener {
+    /// Closes our copy of the socket and removes its socket file, so that new
+    /// connections are refused once the workers have closed theirs too.
+    pub fn close(self) {
+        if let Some((path, dev, ino)) = &self.unix_file {
+            // Only remove the file if it is still ours: a newer server may
+            // have replaced it in the meantime.
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if m.dev() == *dev && m.ino() == *ino {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        drop(self.fd);
+    }
+}
+
+/// Opens every configured listener, adopting inherited sockets first.
+///
+/// Sockets handed in with `LISTEN_FDS` (by systemd, or by a previous drover
+/// during an upgrade) are reused for the bind addresses they match. When no
+/// bind was configured explicitly, the inherited sockets are all there is.
+pub fn open_all(
+    settings: &Settings,
+    bind_was_set: bool,
+    inherited: Vec<OwnedFd>,
+) -> Result<Vec<Listener>, ListenError> {
+    let mut inherited: Vec<Option<OwnedFd>> = inherited.into_iter().map(Some).collect();
+    let mut out = Vec::new();
+    if !bind_was_set && !inherited.is_empty() {
+        for (i, fd) in inherited.into_iter().flatten().enumerate() {
+            out.push(adopt(fd, format!("inherited{i}"))?);
+        }
+        return Ok(out);
+    }
+    for (i, bind) in settings.bind.iter().enumerate() {
+        let name = bind.name.clone().unwrap_or_else(|| format!("bind{i}"));
+        let reuse = inherited.iter_mut().find(|fd| {
+            fd.as_ref()
+                .is_some_and(|fd| same_address(fd.as_raw_fd(), &bind.address))
+        });
+        let listener = match reuse.and_then(Option::take) {
+            Some(fd) => adopt(fd, name)?,
+            None => open(bind, name, settings)?,
+        };
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+fn open(bind: &Bind, name: String, s: &Settings) -> Result<Listener, ListenError> {
+    let shown = bind.address.to_string();
+    let fail = |source| ListenError::Bind { addr: shown.clone(), source };
+    match &bind.address {
+        Address::Tcp(addr) => {
+            let sock = tcp(*addr, s.ipv6_only, s.backlog.0 as i32).map_err(fail)?;
+            let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+            Ok(Listener {
+                shown: local.map_or(shown.clone(), |a| a.to_string()),
+                fd: sock.into(),
+                name,
+                unix_file: None,
+            })
+        }
+        Address::Unix(path) => {
+            remove_stale(path).map_err(|why| ListenError::Refused { addr: shown.clone(), why })?;
+            let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(fail)?;
+            sock.bind(&SockAddr::unix(path).map_err(fail)?).map_err(fail)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.unix_socket_mode.0))
+                .map_err(fail)?;
+            sock.listen(s.backlog.0 as i32).map_err(fail)?;
+            let meta = std::fs::symlink_metadata(path).map_err(fail)?;
+            Ok(Listener {
+                fd: sock.into(),
+                name,
+                shown,
+                unix_file: Some((path.clone(), meta.dev(), meta.ino())),
+            })
+        }
+        Address::Fd(n) => {
+            // SAFETY: the operator told us fd N is a socket drover owns; it is
+            // checked to be a listening socket before use.
+            let fd = unsafe { OwnedFd::from_raw_fd(*n) };
+            adopt(fd, name)
+        }
+    }
+}
+
+fn tcp(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
+    // Lets a restarted drover bind while old connections sit in TIME_WAIT.
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(v6only)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(backlog)?;
+    Ok(sock)
+}
+
+/// A socket file left by a dead server is replaced; a live one is not.
+fn remove_stale(path: &Path) -> Result<(), String> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!("{} exists and is not a socket", path.display()));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(format!("{} is in use by a running server", path.display()));
+    }
+    std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))
+}
+
+/// Takes ownership of an already-open socket after checking it listens.
+fn adopt(fd: OwnedFd, name: String) -> Result<Listener, ListenError> {
+    let raw = fd.as_raw_fd();
+    let shown = local_name(raw).unwrap_or_else(|| format!("fd://{raw}"));
+    let refused = |why: String| ListenError::Refused { addr: format!("fd://{raw}"), why };
+    match getsockopt(&fd, sockopt::AcceptConn) {
+        Ok(true) => {}
+        Ok(false) => return Err(refused("the socket is not listening".into())),
+        Err(e) => return Err(refused(format!("not a socket ({e})"))),
+    }
+    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| refused(format!("cannot set close-on-exec: {e}")))?;
+    Ok(Listener { fd, name, shown, unix_file: None })
+}
+
+fn local_name(fd: RawFd) -> Option<String> {
+    // SAFETY: the descriptor is open for the duration of this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let addr = socket2::SockRef::from(&fd).local_addr().ok()?;
+    if let Some(inet) = addr.as_socket() {
+        return Some(inet.to_string());
+    }
+    Some(format!("unix:{}", addr.as_pathname()?.display()))
+}
+
+fn same_address(fd: RawFd, address: &Address) -> bool {
+    match address {
+        Address::Fd(n) => *n == fd,
+        other => local_name(fd).is_some_and(|n| n == other.to_string()),
+    }
+}
+
+/// Sockets our parent handed us with the systemd convention, if they are
+/// meant for this process (`LISTEN_PID` is our pid). The variables are
+/// removed so workers never see our copies.
+pub fn take_inherited() -> Result<Vec<OwnedFd>, ListenError> {
+    let fds = std::env::var("LISTEN_FDS").ok();
+    let pid = std::env::var("LISTEN_PID").ok();
+    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let Some(fds) = fds else { return Ok(Vec::new()) };
+    if pid.as_deref() != Some(&std::process::id().to_string()) {
+        // Meant for another process (we were exec'd by a program that did not
+        // clean up): not ours to use.
+        return Ok(Vec::new());
+    }
+    let n: RawFd = fds
+        .parse()
+        .map_err(|_| ListenError::Inherited(format!("{fds:?} is not a number")))?;
+    (3..3 + n)
+        .map(|fd| {
+            // SAFETY: systemd's convention hands these descriptors to us.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            fcntl(&owned, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+                .map_err(|e| ListenError::Inherited(format!("fd {fd}: {e}")))?;
+            Ok(owned)
+        })
+        .collect()
+}

@@ -1,0 +1,427 @@
+//! fork + execve of one worker.
+//!
+//! Everything the child needs (argv, envp, the descriptor plan) is built
+//! before the fork; between fork and exec the child makes only
+//! async-signal-safe system calls: no allocation, no locks, no logging. A
+//! failure in the child is reported through a close-on-exec pipe as the step
+//! that failed and its errno, so the master can log the real cause.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::signal::{SigSet, SigmaskHow};
+use nix::unistd::{access, pipe2, AccessFlags, Pid};
+
+/// Room for the decimal digits of any pid, plus the terminating NUL.
+const PID_ROOM: usize = 21;
+
+/// The program to run, resolved against `PATH` once.
+#[derive(Debug, Clone)]
+pub struct Program {
+    path: CString,
+    argv: Vec<CString>,
+}
+
+impl Program {
+    /// Resolves `argv[0]` like a shell would (a name without '/' is looked up
+    /// in `path_var`) and converts everything for execve.
+    pub fn new(argv: &[String], path_var: Option<&OsStr>) -> Result<Program, SpawnError> {
+        let name = argv.first().ok_or(SpawnError::Empty)?;
+        let path = if name.contains('/') {
+            PathBuf::from(name)
+        } else {
+            search_path(name, path_var).ok_or_else(|| SpawnError::NotFound(name.clone()))?
+        };
+        Ok(Program {
+            path: cstring(path.as_os_str().as_bytes())?,
+            argv: argv.iter().map(|a| cstring(a.as_bytes())).collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn shown(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+}
+
+fn search_path(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
+    let default = OsString::from("/usr/local/bin:/usr/bin:/bin");
+    let dirs = path_var.unwrap_or(&default);
+    std::env::split_paths(dirs)
+        .map(|d| if d.as_os_str().is_empty() { PathBuf::from(".") } else { d })
+        .map(|d| d.join(name))
+        .find(|p| p.is_file() && access(p.as_path(), AccessFlags::X_OK).is_ok())
+}
+
+fn cstring(bytes: &[u8]) -> Result<CString, SpawnError> {
+    CString::new(bytes).map_err(|_| SpawnError::Nul(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// A worker's environment, as NUL-terminated `KEY=VALUE` entries.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    entries: Vec<Vec<u8>>,
+    /// Entries whose value is the child's own pid, written after the fork.
+    pid_entries: Vec<usize>,
+}
+
+/// Variables that describe drover's own supervision; a worker gets its own.
+const PROTOCOL_VARS: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+impl Env {
+    /// drover's own environment, less the protocol variables and `remove`.
+    pub fn inherit(remove: &[String]) -> Env {
+        let mut env = Env::default();
+        for (k, v) in std::env::vars_os() {
+            let key = k.as_bytes();
+            let dropped = PROTOCOL_VARS.iter().any(|p| p.as_bytes() == key)
+                || remove.iter().any(|r| r.as_bytes() == key);
+            if !dropped {
+                env.set(&k, &v);
+            }
+        }
+        env
+    }
+
+    /// Sets (or replaces) a variable.
+    pub fn set(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) {
+        let mut entry = key.as_ref().as_bytes().to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_ref().as_bytes());
+        entry.retain(|b| *b != 0);
+        entry.push(0);
+        self.replace(key.as_ref().as_bytes(), entry);
+    }
+
+    /// Sets `key` to the child's own pid, which only the child knows.
+    pub fn set_child_pid(&mut self, key: &str) {
+        let mut entry = format!("{key}=").into_bytes();
+        entry.resize(entry.len() + PID_ROOM, 0);
+        let i = self.replace(key.as_bytes(), entry);
+        self.pid_entries.push(i);
+    }
+
+    pub fn get(&self, key: &str) -> Option<&OsStr> {
+        self.entries.iter().find_map(|e| {
+            let rest = e.strip_prefix(key.as_bytes())?.strip_prefix(b"=")?;
+            Some(OsStr::from_bytes(&rest[..rest.len() - 1]))
+        })
+    }
+
+    fn replace(&mut self, key: &[u8], entry: Vec<u8>) -> usize {
+        let pos = self.entries.iter().position(|e| {
+            e.len() > key.len() && e.starts_with(key) && e[key.len()] == b'='
+        });
+        match pos {
+            Some(i) => {
+                self.entries[i] = entry;
+                self.pid_entries.retain(|p| *p != i);
+                i
+            }
+            None => {
+                self.entries.push(entry);
+                self.entries.len() - 1
+            }
+        }
+    }
+}
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("the worker command is empty")]
+    Empty,
+    #[error("{0:?}: command not found in PATH")]
+    NotFound(String),
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+    #[error("cannot prepare to fork: {0}")]
+    Setup(Errno),
+    #[error("fork failed: {0}")]
+    Fork(Errno),
+    #[error("{program}: {step} failed: {errno}")]
+    Child {
+        program: String,
+        step: &'static str,
+        errno: Errno,
+    },
+}
+
+/// The steps the child takes, in order; the failing one is reported.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Step {
+    ProcessGroup,
+    ParentDeathSignal,
+    Stdin,
+    Listeners,
+    CloseOnExec,
+    Exec,
+}
+
+const STEP_NAMES: [&str; 6] = [
+    "setpgid (own process group)",
+    "prctl(PR_SET_PDEATHSIG)",
+    "redirecting stdin from /dev/null",
+    "placing the listeners at fd 3..",
+    "marking other descriptors close-on-exec",
+    "execve",
+];
+
+/// Starts one worker: `program` with `env`, the `listeners` at fds 3.., stdin
+/// from `devnull`. Returns once the child has exec'd (or failed to).
+pub fn spawn(
+    program: &Program,
+    env: &Env,
+    listeners: &[RawFd],
+    devnull: RawFd,
+) -> Result<Pid, SpawnError> {
+    // Everything the child touches is allocated here, before the fork.
+    let mut entries = env.entries.clone();
+    let pid_slots: Vec<(*mut u8, usize)> = env
+        .pid_entries
+        .iter()
+        .map(|&i| {
+            let e = &mut entries[i];
+            let start = e.len() - PID_ROOM;
+            // SAFETY: `start` is within the entry's buffer.
+            (unsafe { e.as_mut_ptr().add(start) }, PID_ROOM)
+        })
+        .collect();
+    let envp: Vec<*const libc::c_char> = entries
+        .iter()
+        .map(|e| e.as_ptr().cast())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let argv: Vec<*const libc::c_char> = program
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let mut scratch: Vec<RawFd> = vec![-1; listeners.len()];
+    let (err_read, err_write) = pipe2(OFlag::O_CLOEXEC).map_err(SpawnError::Setup)?;
+    let plan = ChildPlan {
+        path: program.path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        pid_slots: &pid_slots,
+        listeners,
+        scratch: scratch.as_mut_ptr(),
+        devnull,
+        report: err_write.as_raw_fd(),
+        master: nix::unistd::getpid().as_raw(),
+        fd_limit: fd_limit(),
+    };
+
+    // Block every signal across the fork so that none runs the master's
+    // handlers in the child before it has reset them.
+    let mut saved = SigSet::empty();
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut saved))
+        .map_err(SpawnError::Setup)?;
+    // SAFETY: the child only runs `run_child`, which is async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: we are the child of a fork; `plan` points to memory this
+        // process owns a private copy of.
+        unsafe { run_child(&plan) }
+    }
+    let fork_errno = Errno::last();
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
+    drop(err_write);
+    if pid < 0 {
+        return Err(SpawnError::Fork(fork_errno));
+    }
+    let pid = Pid::from_raw(pid);
+    match read_report(err_read.as_raw_fd()) {
+        None => Ok(pid),
+        Some((step, errno)) => {
+            // The child exits at once after reporting; reap it here so the
+            // failure is accounted for in one place.
+            let _ = nix::sys::wait::waitpid(pid, None);
+            let step = STEP_NAMES.get(step as usize).copied().unwrap_or("setup");
+            Err(SpawnError::Child { program: program.shown(), step, errno })
+        }
+    }
+}
+
+fn fd_limit() -> RawFd {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    soft.min(65536) as RawFd
+}
+
+/// Reads the child's failure report: `None` when the pipe closed without one
+/// (exec succeeded).
+fn read_report(fd: RawFd) -> Option<(u8, Errno)> {
+    let mut buf = [0u8; 5];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reading into a buffer we own.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        match n {
+            0 => break,
+            n if n > 0 => got += n as usize,
+            _ if Errno::last() == Errno::EINTR => continue,
+            _ => break,
+        }
+    }
+    (got == buf.len()).then(|| {
+        let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        (buf[0], Errno::from_raw(errno))
+    })
+}
+
+/// What the child needs, as raw pointers into memory allocated before the fork.
+struct ChildPlan<'a> {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    pid_slots: &'a [(*mut u8, usize)],
+    listeners: &'a [RawFd],
+    scratch: *mut RawFd,
+    devnull: RawFd,
+    report: RawFd,
+    master: libc::pid_t,
+    fd_limit: RawFd,
+}
+
+/// The child between fork and exec. Only async-signal-safe calls.
+unsafe fn run_child(p: &ChildPlan) -> ! {
+    let mut report = p.report;
+    let fail = |report: RawFd, step: Step| -> ! {
+        let errno = Errno::last_raw().to_ne_bytes();
+        let msg = [step as u8, errno[0], errno[1], errno[2], errno[3]];
+        libc::write(report, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    };
+
+    // Own process group: a terminal's Ctrl+C (SIGINT to the foreground group)
+    // reaches only the master, which decides what the workers get.
+    if libc::setpgid(0, 0) != 0 {
+        fail(report, Step::ProcessGroup);
+    }
+    // Never outlive the master. If it died before prctl took effect, we are
+    // already orphaned and the signal will never come: leave now.
+    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        fail(report, Step::ParentDeathSignal);
+    }
+    if libc::getppid() != p.master {
+        libc::_exit(1);
+    }
+    // Default dispositions for every signal (an ignored one would survive
+    // exec), then the empty mask (signals were blocked across the fork).
+    // Failures for signals that cannot be changed are expected and harmless.
+    let mut dfl: libc::sigaction = std::mem::zeroed();
+    dfl.sa_sigaction = libc::SIG_DFL;
+    for sig in 1..65 {
+        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+    }
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+    if libc::dup2(p.devnull, 0) < 0 {
+        fail(report, Step::Stdin);
+    }
+    // Listeners to 3, 4, ...: first copy them (and the report pipe) above the
+    // target range so that no dup2 below overwrites a source still needed.
+    let n = p.listeners.len() as RawFd;
+    let above = 3 + n;
+    report = match libc::fcntl(report, libc::F_DUPFD_CLOEXEC, above) {
+        -1 => fail(report, Step::Listeners),
+        fd => fd,
+    };
+    for (i, &fd) in p.listeners.iter().enumerate() {
+        let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above);
+        if copy < 0 {
+            fail(report, Step::Listeners);
+        }
+        *p.scratch.add(i) = copy;
+    }
+    for i in 0..p.listeners.len() {
+        // dup2 clears close-on-exec on the new descriptor: it survives exec.
+        if libc::dup2(*p.scratch.add(i), 3 + i as RawFd) < 0 {
+            fail(report, Step::Listeners);
+        }
+    }
+    // Every descriptor above the listeners is close-on-exec, whoever opened it
+    // (drover's own parent may have leaked some to us).
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    if libc::syscall(libc::SYS_close_range, above as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+        // Kernels before 5.11: mark them one by one.
+        for fd in above..p.fd_limit {
+            if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0 && Errno::last_raw() != libc::EBADF {
+                fail(report, Step::CloseOnExec);
+            }
+        }
+    }
+    // LISTEN_PID and friends: our own pid, in decimal, written in place.
+    let pid = libc::getpid();
+    for &(slot, room) in p.pid_slots {
+        write_decimal(slot, room, pid as u64);
+    }
+    libc::execve(p.path, p.argv, p.envp);
+    fail(report, Step::Exec)
+}
+
+/// Writes `n` in decimal followed by NUL into `room` bytes at `dst`.
+unsafe fn write_decimal(dst: *mut u8, room: usize, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len.min(room - 1) {
+        *dst.add(i) = digits[len - 1 - i];
+    }
+    *dst.add(len.min(room - 1)) = 0;
+}
+
+/// Opens /dev/null once, close-on-exec, for every worker's stdin.
+pub fn open_devnull() -> std::io::Result<std::fs::File> {
+    std::fs::File::open(Path::new("/dev/null"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_replaces_and_reserves_the_pid() {
+        let mut env = Env::default();
+        env.set("A", "1");
+        env.set("A", "2");
+        env.set_child_pid("LISTEN_PID");
+        assert_eq!(env.get("A").unwrap(), "2");
+        assert_eq!(env.entries.len(), 2);
+        assert_eq!(env.pid_entries, vec![1]);
+        let mut buf = env.entries[1].clone();
+        let start = buf.len() - PID_ROOM;
+        unsafe { write_decimal(buf.as_mut_ptr().add(start), PID_ROOM, 4_194_304) };
+        assert_eq!(CString::from_vec_with_nul(buf[..start + 8].to_vec()).unwrap().as_bytes(), b"LISTEN_PID=4194304");
+    }
+
+    #[test]
+    fn program_is_found_in_path_or_refused() {
+        let p = Program::new(&["sh".into(), "-c".into()], Some(OsStr::new("/nonexistent:/bin:/usr/bin"))).unwrap();
+        assert!(p.shown().ends_with("/sh"));
+        let e = Program::new(&["no-such-program-xyz".into()], Some(OsStr::new("/bin"))).unwrap_err();
+        assert_eq!(e.to_string(), "\"no-such-program-xyz\": command not found in PATH");
+    }
+}

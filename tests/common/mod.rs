@@ -1,0 +1,341 @@
+//! The test harness: starts the real drover binary, reads its log, talks HTTP
+//! to it, and cleans up whatever it started. Every wait has a deadline.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, killpg};
+use nix::unistd::Pid;
+
+/// Upper bound of any single wait in a test.
+pub const LIMIT: Duration = Duration::from_secs(20);
+
+pub fn drover_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_drover")
+}
+
+pub fn hello_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hello")
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn probe_py() -> String {
+    repo().join("tests/workers/probe.py").display().to_string()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How to start drover.
+#[derive(Default)]
+pub struct Start {
+    pub config: Option<String>,
+    pub args: Vec<String>,
+    /// Put drover in its own process group, as a shell does for a job.
+    pub own_group: bool,
+    /// Start drover with SIGINT ignored (as `cmd &` in a script does).
+    pub ignore_sigint: bool,
+    /// Leak this (non close-on-exec) descriptor number into drover.
+    pub leak_fd: Option<i32>,
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Drover {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
+    status: Option<ExitStatus>,
+}
+
+impl Start {
+    pub fn config(toml: &str) -> Start {
+        Start { config: Some(toml.to_string()), ..Start::default() }
+    }
+
+    pub fn args(args: &[&str]) -> Start {
+        Start { args: args.iter().map(|s| s.to_string()).collect(), ..Start::default() }
+    }
+
+    pub fn run(self) -> Drover {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(drover_bin());
+        if let Some(text) = &self.config {
+            let text = text.replace("$DIR", &dir.path().display().to_string());
+            let path = dir.path().join("config.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("-c").arg(path);
+        }
+        cmd.args(self.args.iter().map(|a| a.replace("$DIR", &dir.path().display().to_string())));
+        cmd.current_dir(repo()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.env_remove("RUST_LOG");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if self.own_group {
+            cmd.process_group(0);
+        }
+        let (ignore_sigint, leak) = (self.ignore_sigint, self.leak_fd);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // drover must not outlive the test that started it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                if ignore_sigint {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                }
+                if let Some(fd) = leak {
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                    libc::dup2(null, fd);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("start drover");
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    eprintln!("| {line}");
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Drover { child, dir, log, status: None }
+    }
+}
+
+impl Drover {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`; returns the whole log.
+    pub fn wait_log(&self, needle: &str) -> String {
+        wait_for(&format!("log line {needle:?}"), LIMIT, || {
+            let log = self.log();
+            log.contains(needle).then_some(log)
+        })
+    }
+
+    /// Waits until `needle` appears `n` times in the log.
+    pub fn wait_log_count(&self, needle: &str, n: usize) {
+        wait_for(&format!("{n} x {needle:?}"), LIMIT, || (self.log().matches(needle).count() >= n).then_some(()));
+    }
+
+    /// The address of the `i`-th "listening on" line.
+    pub fn addr(&self, i: usize) -> String {
+        let log = self.wait_log_count_then("listening on ", i + 1);
+        let line = log.lines().filter(|l| l.contains("listening on ")).nth(i).unwrap();
+        let rest = line.split("listening on ").nth(1).unwrap();
+        rest.split(' ').next().unwrap().to_string()
+    }
+
+    fn wait_log_count_then(&self, needle: &str, n: usize) -> String {
+        self.wait_log_count(needle, n);
+        self.log()
+    }
+
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.addr(0).parse().expect("a TCP address")
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap();
+    }
+
+    /// Waits for drover to exit; returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let child = &mut self.child;
+        let status = wait_for("drover to exit", limit, || child.try_wait().unwrap());
+        self.status = Some(status);
+        status
+    }
+
+    /// Live (non-zombie) processes whose parent is drover.
+    pub fn children(&self) -> Vec<Pid> {
+        children_of(self.pid())
+    }
+
+    /// Waits until `n` workers are alive and returns their pids.
+    pub fn wait_workers(&self, n: usize) -> Vec<Pid> {
+        wait_for(&format!("{n} workers"), LIMIT, || {
+            let c = self.children();
+            (c.len() == n).then_some(c)
+        })
+    }
+}
+
+impl Drop for Drover {
+    fn drop(&mut self) {
+        let pids = self.children();
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = kill(self.pid(), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+        for p in pids {
+            let _ = killpg(p, Signal::SIGKILL);
+        }
+    }
+}
+
+/// A process's state letter and parent pid, from /proc.
+pub fn stat(pid: Pid) -> Option<(char, i32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    let mut it = after.split(' ');
+    let state = it.next()?.chars().next()?;
+    let ppid = it.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Whether `pid` is alive (exists and is not a zombie).
+pub fn alive(pid: Pid) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+fn all_pids() -> Vec<Pid> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok().map(Pid::from_raw))
+        .collect()
+}
+
+pub fn children_of(parent: Pid) -> Vec<Pid> {
+    all_pids()
+        .into_iter()
+        .filter(|p| stat(*p).is_some_and(|(s, pp)| pp == parent.as_raw() && s != 'Z'))
+        .collect()
+}
+
+pub fn zombies_of(parent: Pid) -> Vec<Pid> {
+    all_pids()
+        .into_iter()
+        .filter(|p| stat(*p).is_some_and(|(s, pp)| pp == parent.as_raw() && s == 'Z'))
+        .collect()
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn worker_pid(&self) -> i32 {
+        self.header("X-Worker-Pid").expect("X-Worker-Pid").parse().unwrap()
+    }
+}
+
+/// One GET with `Connection: close` over any stream.
+pub fn get_over(mut s: impl Read + Write, path: &str) -> std::io::Result<Response> {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
+    let text = String::from_utf8_lossy(raw);
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{why}: {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let resp = Response { status, headers, body: body.to_string() };
+    if let Some(len) = resp.header("Content-Length") {
+        if len.parse::<usize>().ok() != Some(resp.body.len()) {
+            return Err(bad("truncated body"));
+        }
+    }
+    Ok(resp)
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(LIMIT))?;
+    get_over(s, path)
+}
+
+/// GETs until a worker answers 200.
+pub fn get_ok(addr: SocketAddr, path: &str) -> Response {
+    wait_for(&format!("GET {path} to answer"), LIMIT, || get(addr, path).ok().filter(|r| r.status == 200))
+}
+
+/// Number of sockets `pid` has open.
+pub fn socket_count(pid: Pid) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Starts a GET of `path` on a thread and returns once a worker has accepted
+/// the connection (one of `workers` holds one more socket than before).
+pub fn get_in_flight(
+    addr: SocketAddr,
+    path: &str,
+    workers: &[Pid],
+) -> std::thread::JoinHandle<std::io::Result<Response>> {
+    let before: Vec<usize> = workers.iter().map(|p| socket_count(*p)).collect();
+    let path = path.to_string();
+    let handle = std::thread::spawn(move || get(addr, &path));
+    wait_for("a worker to accept the request", LIMIT, || {
+        workers.iter().zip(&before).any(|(p, b)| socket_count(*p) > *b).then_some(())
+    });
+    handle
+}
+
+pub fn read_file(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

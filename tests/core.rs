@@ -1,0 +1,440 @@
+//! The core master, end to end: the real binary, real sockets, real signals.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, killpg};
+
+/// The reference worker behind drover, with a cleanup file, a pidfile and an
+/// on_exit hook that records the outcome. `extra` is TOML for top-level keys.
+fn hello(extra: &str) -> String {
+    format!(
+        r#"
+bind = ["127.0.0.1:0"]
+command = ["{hello}"]
+workers = 2
+ready = "notify"
+graceful_timeout = "10s"
+pidfile = "$DIR/drover.pid"
+on_exit = ["sh", "-c", "echo \"$DROVER_EXIT_STATUS $DROVER_SHUTDOWN $DROVER_KILLED $DROVER_CAUSE\" > $DIR/on_exit"]
+{extra}
+
+[env]
+HELLO_CLEANUP_FILE = "$DIR/cleanup"
+"#,
+        hello = hello_bin()
+    )
+}
+
+fn cleanup_lines(d: &Drover) -> usize {
+    read_file(&d.dir.path().join("cleanup")).lines().count()
+}
+
+/// A shutdown test: a slow request in flight, then `stop` is called.
+fn graceful_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) {
+    let mut d = start.run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let pidfile = d.dir.path().join("drover.pid");
+    assert_eq!(read_file(&pidfile).trim(), d.pid().to_string(), "pidfile names the master");
+    let workers = d.wait_workers(2);
+    let slow = get_in_flight(addr, "/sleep?ms=1500", &workers);
+    let began = Instant::now();
+    stop(&d);
+    // New connections are refused as soon as the master and the workers have
+    // closed the listeners, while the slow request is still being served.
+    wait_for("new connections to be refused", LIMIT, || get(addr, "/").is_err().then_some(()));
+    let resp = slow.join().unwrap().expect("the in-flight request gets its full response");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, "slept 1500 ms\n");
+    assert!(began.elapsed() >= Duration::from_millis(1000), "the master waited for the drain");
+    let status = d.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "every worker stopped in time");
+    assert_eq!(cleanup_lines(&d), 2, "each worker ran its cleanup registry");
+    for w in workers {
+        assert!(!alive(w), "worker {w} is gone");
+    }
+    assert!(!pidfile.exists(), "pidfile removed");
+    let hook = read_file(&d.dir.path().join("on_exit"));
+    assert!(hook.starts_with("0 graceful 0 SIG"), "on_exit saw the outcome: {hook:?}");
+    let log = d.log();
+    assert!(log.contains("graceful shutdown: stage 1, stop accepting"), "{log}");
+    assert!(log.contains("stage 2, drain: SIGTERM to 2 worker(s)"), "{log}");
+    assert!(log.contains("exiting with status 0"), "{log}");
+}
+
+#[test]
+fn sigterm_drains_an_in_flight_request_runs_cleanup_and_exits_0() {
+    graceful_with_request_in_flight(Start::config(&hello("")), |d| d.signal(Signal::SIGTERM));
+}
+
+#[test]
+fn ctrl_c_to_the_process_group_reaches_only_the_master() {
+    let start = Start { own_group: true, ..Start::config(&hello("")) };
+    // As a terminal does on Ctrl+C: SIGINT to the whole foreground group.
+    graceful_with_request_in_flight(start, |d| killpg(d.pid(), Signal::SIGINT).unwrap());
+}
+
+#[test]
+fn sigquit_is_a_quick_shutdown() {
+    let mut d = Start::config(&hello("quick_timeout = \"5s\"")).run();
+    d.wait_log("all 2 workers ready");
+    d.signal(Signal::SIGQUIT);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    let log = d.log();
+    assert!(log.contains("SIGQUIT: quick shutdown"), "{log}");
+    assert!(log.contains("SIGQUIT to 2 worker(s), up to 5s"), "{log}");
+    assert_eq!(cleanup_lines(&d), 2, "quick stop still runs the cleanup");
+    assert!(read_file(&d.dir.path().join("on_exit")).starts_with("0 quick 0 SIGQUIT"));
+}
+
+#[test]
+fn a_second_sigterm_escalates_to_quick() {
+    let mut d = Start::config(&hello("graceful_timeout = \"60s\"\nquick_timeout = \"3s\"")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    // A request that would hold a graceful stop for a minute.
+    let _hang = get_in_flight(d.tcp_addr(), "/sleep?ms=60000", &workers);
+    let began = Instant::now();
+    d.signal(Signal::SIGTERM);
+    d.wait_log("stage 2, drain");
+    d.signal(Signal::SIGTERM);
+    d.wait_log("shutdown escalated to quick");
+    let status = d.wait_exit(LIMIT);
+    assert!(began.elapsed() < Duration::from_secs(10), "did not wait for the graceful timeout");
+    assert!(status.code() == Some(0) || status.code() == Some(4), "{status:?}");
+    for w in workers {
+        assert!(!alive(w));
+    }
+}
+
+#[test]
+fn a_worker_that_ignores_sigterm_is_killed_at_the_deadline() {
+    let config = format!(
+        r#"
+bind = ["127.0.0.1:0"]
+command = ["python3", "{probe}", "--ignore-term", "--notify"]
+workers = 1
+ready = "notify"
+graceful_timeout = "1s"
+"#,
+        probe = probe_py()
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let worker = d.wait_workers(1)[0];
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(4), "4 means some workers had to be killed");
+    let log = d.log();
+    assert!(
+        log.contains(&format!("worker 1 (pid {worker}) still running at its stop deadline; sending SIGKILL")),
+        "{log}"
+    );
+    assert!(log.contains("killed by SIGKILL (grace period expired)"), "{log}");
+    assert!(!alive(worker));
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_the_log_says_why() {
+    let d = Start::config(&hello("workers = 1")).run();
+    let addr = {
+        d.wait_log("all 1 workers ready");
+        d.tcp_addr()
+    };
+    let first = get_ok(addr, "/").worker_pid();
+    kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    let second = wait_for("a replacement to answer", LIMIT, || {
+        get(addr, "/").ok().map(|r| r.worker_pid()).filter(|p| *p != first)
+    });
+    assert_ne!(first, second);
+    let log = d.log();
+    assert!(
+        log.contains(&format!("worker 1 (pid {first}) killed by SIGKILL (not sent by drover")),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_crashing_worker_is_slowed_by_the_backoff() {
+    let mut d = Start::args(&[
+        "-b",
+        "127.0.0.1:0",
+        "--set",
+        "respawn_delay=100ms",
+        "--set",
+        "respawn_max_delay=400ms",
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ])
+    .run();
+    let began = Instant::now();
+    d.wait_log("failure 5 in a row");
+    // 100 + 200 + 400 + 400 ms of backoff must have passed by the 5th failure.
+    assert!(began.elapsed() >= Duration::from_millis(1100), "{:?}", began.elapsed());
+    let log = d.log();
+    assert!(log.contains("exited with status 1 after"), "{log}");
+    assert!(log.contains("respawning in 200.0 ms (failure 2 in a row)"), "{log}");
+    assert!(log.contains("respawning in 400.0 ms (failure 4 in a row)"), "{log}");
+    assert!(log.matches("spawned").count() <= 6, "no fork loop: {log}");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+}
+
+#[test]
+fn exit_3_at_boot_stops_drover_with_status_3() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\ncommand = [\"python3\", \"{}\", \"--exit\", \"3\"]",
+        probe_py()
+    );
+    let mut d = Start::config(&config).run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
+    let log = d.log();
+    assert!(log.contains("cannot boot: exited with status 3 before it reported ready"), "{log}");
+    assert!(log.contains("exiting with status 3"), "{log}");
+}
+
+#[test]
+fn a_missing_program_cannot_boot() {
+    let mut d = Start::args(&["-b", "127.0.0.1:0", "--", "no-such-program-for-drover"]).run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
+    assert!(d.log().contains("\"no-such-program-for-drover\": command not found in PATH"));
+}
+
+#[test]
+fn malformed_configs_name_file_line_column_and_exit_2() {
+    let cases = [
+        ("workers = 2\nworkerz = 3\n", "config.toml:2:1: unknown field `workerz`, expected one of"),
+        ("command = [\"x\"]\nworkers = \"two\"\n", "config.toml:2:11: invalid type: string \"two\", expected a number of workers from 1 to 4096"),
+        ("command = [\"x\"]\nworkers = 0\n", "config.toml:2:11: 0 is out of range"),
+        ("command = [\"x\"]\n\ngraceful_timeout = \"30 parsecs\"\n", "config.toml:3:20: invalid duration \"30 parsecs\""),
+        ("command = [\"x\"]\nbind = [\"localhost:http\"]\n", "config.toml:2:9: invalid address \"localhost:http\""),
+        ("command = [\"x\"]\nstop_signal = \"SIGFOO\"\n", "config.toml:2:15: unknown signal \"SIGFOO\""),
+        ("command = [\"x\"\n", "config.toml:1:"),
+        ("workers = 2\n", "no worker command"),
+    ];
+    for (text, expected) in cases {
+        let mut d = Start::config(text).run();
+        let status = d.wait_exit(LIMIT);
+        let log = d.log();
+        assert_eq!(status.code(), Some(2), "{text:?}: {log}");
+        assert!(log.contains(expected), "{text:?}: expected {expected:?} in {log:?}");
+        assert!(!log.contains("spawned") && !log.contains("listening"), "nothing started: {log}");
+    }
+    let mut d = Start::args(&["-w", "0", "--", "true"]).run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(2));
+    assert!(d.log().contains("--workers 0: 0 is out of range"), "{}", d.log());
+}
+
+#[test]
+fn check_validates_without_starting() {
+    let good = format!("command = [\"{}\"]\nworkers = 3\n", hello_bin());
+    let mut d = Start { args: vec!["check".into()], ..Start::config(&good) }.run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    assert!(d.log().contains("config.toml: ok (3 worker(s)"), "{}", d.log());
+    let mut d = Start { args: vec!["check".into()], ..Start::config("workers = -1") }.run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(2));
+    assert!(d.log().contains("config.toml:1:11:"), "{}", d.log());
+}
+
+#[test]
+fn unix_and_ipv6_listeners_and_a_stale_socket_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.sock");
+    // A socket file left behind by a dead server.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let config = hello(&format!(
+        "bind = [\"unix:{}\", {{ address = \"[::1]:0\", name = \"v6\" }}]\nunix_socket_mode = \"0600\"",
+        path.display()
+    ));
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    assert_eq!(d.addr(0), format!("unix:{}", path.display()));
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let r = get_over(UnixStream::connect(&path).unwrap(), "/").unwrap();
+    assert_eq!(r.status, 200);
+    let v6: std::net::SocketAddr = d.addr(1).parse().unwrap();
+    assert!(v6.is_ipv6());
+    assert_eq!(get_ok(v6, "/").status, 200);
+    assert!(d.log().contains("(fd name \"v6\")"));
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    assert!(!path.exists(), "socket file removed at exit");
+}
+
+#[test]
+fn a_live_unix_socket_is_not_stolen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("live.sock");
+    let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut d = Start::args(&["-b", &format!("unix:{}", path.display()), "--", "true"]).run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(1));
+    assert!(d.log().contains("is in use by a running server"), "{}", d.log());
+}
+
+#[test]
+fn cli_only_with_a_python_worker() {
+    let probe = probe_py();
+    let d = Start::args(&["-w", "2", "-b", "127.0.0.1:0", "--", "python3", &probe]).run();
+    let addr = d.tcp_addr();
+    let r = get_ok(addr, "/");
+    assert!(r.body.starts_with("hello from pid"), "{r:?}");
+    d.wait_workers(2);
+}
+
+#[test]
+fn the_worker_gets_the_systemd_contract_and_nothing_else() {
+    let config = format!(
+        r#"
+bind = ["127.0.0.1:0", {{ address = "127.0.0.1:0", name = "admin" }}]
+command = ["python3", "{probe}", "--notify"]
+ready = "notify"
+env_remove = ["PROBE_REMOVED"]
+[env]
+PROBE_EXTRA = "added"
+"#,
+        probe = probe_py()
+    );
+    let start = Start {
+        ignore_sigint: true,
+        leak_fd: Some(9),
+        env: vec![("PROBE_REMOVED".into(), "x".into())],
+        ..Start::config(&config)
+    };
+    let d = start.run();
+    d.wait_log("all 1 workers ready");
+    let body = get_ok(d.tcp_addr(), "/probe").body;
+    let pid = field(&body, "pid");
+    assert_eq!(field(&body, "LISTEN_PID"), format!("\"{pid}\""), "LISTEN_PID is the worker's own pid");
+    assert_eq!(field(&body, "LISTEN_FDS"), "\"2\"");
+    assert_eq!(field(&body, "LISTEN_FDNAMES"), "\"bind0:admin\"");
+    assert_eq!(field(&body, "DROVER_WORKER_ID"), "\"1\"");
+    assert_eq!(field(&body, "DROVER_GENERATION"), "\"1\"");
+    assert_eq!(field(&body, "DROVER_GRACEFUL_TIMEOUT"), "\"30\"");
+    assert_eq!(field(&body, "PROBE_EXTRA"), "\"added\"");
+    assert!(!body.contains("PROBE_REMOVED"), "removed from the environment: {body}");
+    assert!(field(&body, "NOTIFY_SOCKET").contains("/drover-"), "{body}");
+    assert_eq!(field(&body, "pgid"), pid, "own process group");
+    assert_eq!(field(&body, "stdin"), "\"/dev/null\"");
+    assert_eq!(field(&body, "pdeathsig"), "9", "PR_SET_PDEATHSIG is SIGKILL");
+    assert_eq!(field(&body, "sig_blocked"), "\"0000000000000000\"", "empty signal mask");
+    // drover was started with SIGINT ignored; the worker must not inherit that.
+    let ignored = u64::from_str_radix(field(&body, "sig_ignored").trim_matches('"'), 16).unwrap();
+    assert_eq!(ignored & (1 << (libc::SIGINT - 1)), 0, "SIGINT back to default");
+    // Descriptors: stdio, the two listeners, and nothing of the master's (fd 9
+    // was leaked into drover by its parent).
+    let fds = field_obj(&body, "fds");
+    let numbers: Vec<&str> = fds.split(',').map(|kv| kv.split(':').next().unwrap().trim().trim_matches('"')).collect();
+    assert_eq!(numbers, ["0", "1", "2", "3", "4"], "{fds}");
+    // libsystemd's own check accepts the sockets (where libsystemd exists).
+    let sd = field(&body, "sd_listen_fds");
+    assert!(sd == "2" || sd == "null", "sd_listen_fds() = {sd}");
+}
+
+/// A JSON value, as text, for a key that appears once (enough for /probe).
+fn field<'a>(json: &'a str, key: &str) -> &'a str {
+    let at = json.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {json}"));
+    let rest = &json[at + key.len() + 4..];
+    let end = rest.find([',', '}']).unwrap();
+    rest[..end].trim()
+}
+
+fn field_obj<'a>(json: &'a str, key: &str) -> &'a str {
+    let at = json.find(&format!("\"{key}\": {{")).unwrap();
+    let rest = &json[at + key.len() + 5..];
+    &rest[..rest.find('}').unwrap()]
+}
+
+#[test]
+fn notify_messages_from_other_processes_are_ignored() {
+    let config = format!(
+        r#"
+bind = ["127.0.0.1:0"]
+command = ["python3", "{probe}", "--probe-file", "$DIR/probe.json"]
+ready = "notify"
+boot_timeout = "2s"
+respawn_delay = "10s"
+"#,
+        probe = probe_py()
+    );
+    let d = Start::config(&config).run();
+    let probe = d.dir.path().join("probe.json");
+    let body = wait_for("the probe file", LIMIT, || {
+        let t = read_file(&probe);
+        t.contains("NOTIFY_SOCKET").then_some(t)
+    });
+    let socket = field(&body, "NOTIFY_SOCKET").trim_matches('"').to_string();
+    // The test process is not the worker: its READY=1 must not count.
+    let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    s.send_to(b"READY=1", &socket).unwrap();
+    let log = d.wait_log("did not report READY=1 within boot_timeout (2s)");
+    assert!(!log.contains("ready in"), "{log}");
+    assert!(log.contains("killed by SIGKILL (boot timeout)"), "{}", d.wait_log("(boot timeout)"));
+}
+
+#[test]
+fn killing_the_master_leaves_no_worker_a_second_later() {
+    let mut d = Start::config(&hello("workers = 3")).run();
+    d.wait_log("all 3 workers ready");
+    let workers = d.wait_workers(3);
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(LIMIT);
+    wait_for("workers to die with the master", Duration::from_secs(1), || {
+        workers.iter().all(|w| !alive(*w)).then_some(())
+    });
+}
+
+#[test]
+fn an_orphan_left_by_a_worker_is_reaped() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"python3\", \"{}\"]\nsubreaper = true\nlog_level = \"debug\"",
+        probe_py()
+    );
+    let d = Start::config(&config).run();
+    let addr = d.tcp_addr();
+    assert_eq!(get_ok(addr, "/orphan").body, "orphaned\n");
+    // The grandchild's parent exited: it was re-parented to drover, then exited.
+    let log = d.wait_log(": exited with status 0");
+    assert!(log.contains("reaped pid"), "{log}");
+    wait_for("no zombie under drover", LIMIT, || d.children().len().eq(&1).then_some(()));
+    assert!(zombies_of(d.pid()).is_empty());
+}
+
+#[test]
+fn three_signals_are_three_events() {
+    let d = Start::config(&hello("workers = 1")).run();
+    d.wait_log("all 1 workers ready");
+    for _ in 0..3 {
+        d.signal(Signal::SIGTTIN);
+    }
+    d.wait_log("SIGTTIN: 3 -> 4 workers");
+    d.wait_workers(4);
+    d.signal(Signal::SIGTTOU);
+    d.wait_log("SIGTTOU: 4 -> 3 workers");
+    d.wait_workers(3);
+}
+
+#[test]
+fn an_idle_master_does_not_wake_up() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let switches = || {
+        let s = read_file(std::path::Path::new(&format!("/proc/{}/status", d.pid())));
+        s.lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    let before = switches();
+    // A measurement window, not a synchronisation: nothing should happen in it.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(switches(), before, "the idle master woke up");
+}
