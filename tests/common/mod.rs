@@ -63,6 +63,7 @@ pub struct Drover {
     pub child: Child,
     pub dir: tempfile::TempDir,
     log: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
     status: Option<ExitStatus>,
 }
 
@@ -111,21 +112,22 @@ impl Start {
         }
         let mut child = cmd.spawn().expect("start drover");
         let log = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         for stream in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stdout.take().unwrap()),
         ] {
             let log = log.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     eprintln!("| {line}");
                     let mut l = log.lock().unwrap();
                     l.push_str(&line);
                     l.push('\n');
                 }
-            });
+            }));
         }
-        Drover { child, dir, log, status: None }
+        Drover { child, dir, log, readers, status: None }
     }
 }
 
@@ -180,6 +182,9 @@ impl Drover {
         let child = &mut self.child;
         let status = wait_for("drover to exit", limit, || child.try_wait().unwrap());
         self.status = Some(status);
+        // Everything drover (and its workers) printed, up to their exit.
+        let readers = &self.readers;
+        wait_for("the output to close", LIMIT, || readers.iter().all(|r| r.is_finished()).then_some(()));
         status
     }
 

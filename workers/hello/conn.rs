@@ -26,7 +26,12 @@ pub fn serve(stream: Stream, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let mut conn = Conn { stream, buf: vec![0; MAX_HEAD], len: 0, out: Vec::with_capacity(256) };
+    let mut conn = Conn {
+        stream,
+        buf: vec![0; MAX_HEAD],
+        len: 0,
+        out: Vec::with_capacity(256),
+    };
     if conn.run(shared).is_ok() {
         conn.linger();
     }
@@ -56,7 +61,11 @@ impl Conn {
                 Ok(request) => request,
                 Err(status) => {
                     let body = format!("{}\n", http::reason(status).to_lowercase());
-                    let framing = Framing { keep_alive: false, http10: false, head_only: false };
+                    let framing = Framing {
+                        keep_alive: false,
+                        http10: false,
+                        head_only: false,
+                    };
                     self.respond(status, body.as_bytes(), &shared.pid, framing)?;
                     return Ok(());
                 }
@@ -67,7 +76,11 @@ impl Conn {
             // A request that was in progress when the stop came is answered,
             // then the connection is closed.
             let keep_alive = request.keep_alive && !shared.stop.is_stopping();
-            let framing = Framing { keep_alive, http10: request.http10, head_only: request.head_only };
+            let framing = Framing {
+                keep_alive,
+                http10: request.http10,
+                head_only: request.head_only,
+            };
             self.respond(status, body.as_bytes(), &shared.pid, framing)?;
             if !keep_alive {
                 return Ok(());
@@ -129,7 +142,13 @@ impl Conn {
         Ok(())
     }
 
-    fn respond(&mut self, status: u16, body: &[u8], pid: &str, framing: Framing) -> Result<(), Closed> {
+    fn respond(
+        &mut self,
+        status: u16,
+        body: &[u8],
+        pid: &str,
+        framing: Framing,
+    ) -> Result<(), Closed> {
         self.out.clear();
         http::response(&mut self.out, status, body, pid, framing);
         self.stream.write_all(&self.out).map_err(|_| Closed)
@@ -209,8 +228,16 @@ pub fn poll2(first: RawFd, second: RawFd, timeout: impl Into<Option<Duration>>) 
         Some(t) => t.as_millis().clamp(1, i32::MAX as u128) as libc::c_int,
     };
     let mut fds = [
-        libc::pollfd { fd: first, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: second, events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: first,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: second,
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     // SAFETY: poll on a local array of two pollfds.
     let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };

@@ -282,7 +282,10 @@ mod tests {
     fn content_length() {
         let r = complete(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
         assert_eq!(r.content_length, 5);
-        assert_eq!(parse(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Parse::Error(400));
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Parse::Error(400)
+        );
         assert_eq!(
             parse(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
             Parse::Error(400)
@@ -299,8 +302,14 @@ mod tests {
         assert_eq!(parse(b"GET  / HTTP/1.1\r\n\r\n"), Parse::Error(400));
         assert_eq!(parse(b"GET / HTTP/2.0\r\n\r\n"), Parse::Error(505));
         assert_eq!(parse(b"GET / FTP\r\n\r\n"), Parse::Error(400));
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n"), Parse::Error(400));
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n"), Parse::Error(400));
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n"),
+            Parse::Error(400)
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n"),
+            Parse::Error(400)
+        );
     }
 
     #[test]
@@ -315,13 +324,17 @@ mod tests {
         assert_eq!(route("/crash"), Route::Crash);
         assert_eq!(route("/hang"), Route::Hang);
         assert_eq!(route("/nope"), Route::NotFound);
-        assert_eq!(complete(b"HEAD / HTTP/1.1\r\n\r\n").head_only, true);
+        assert!(complete(b"HEAD / HTTP/1.1\r\n\r\n").head_only);
     }
 
     #[test]
     fn response_framing() {
         let mut out = Vec::new();
-        let f = Framing { keep_alive: true, http10: false, head_only: false };
+        let f = Framing {
+            keep_alive: true,
+            http10: false,
+            head_only: false,
+        };
         response(&mut out, 200, b"hi\n", "42", f);
         assert_eq!(
             String::from_utf8(out).unwrap(),
@@ -329,7 +342,11 @@ mod tests {
              X-Worker-Pid: 42\r\n\r\nhi\n"
         );
         let mut out = Vec::new();
-        let f = Framing { keep_alive: false, http10: true, head_only: true };
+        let f = Framing {
+            keep_alive: false,
+            http10: true,
+            head_only: true,
+        };
         response(&mut out, 404, b"not found\n", "42", f);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("Content-Length: 10\r\n"), "{text}");

@@ -97,7 +97,12 @@ pub fn graceful_timeout(value: Option<&str>) -> Duration {
     let Some(value) = value else {
         return DEFAULT_GRACEFUL_TIMEOUT;
     };
-    match value.trim().parse::<f64>().ok().map(Duration::try_from_secs_f64) {
+    match value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .map(Duration::try_from_secs_f64)
+    {
         Some(Ok(budget)) => budget,
         _ => {
             log!(
@@ -124,8 +129,7 @@ pub fn install_panic_hook() {
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
             previous(info);
-            let ends_process =
-                cfg!(panic = "abort") || thread::current().name() == Some("main");
+            let ends_process = cfg!(panic = "abort") || thread::current().name() == Some("main");
             if ends_process && !IN_CLEANUP.get() {
                 run();
             }
@@ -136,7 +140,10 @@ pub fn install_panic_hook() {
 impl Registry {
     pub(crate) const fn new() -> Registry {
         Registry {
-            inner: Mutex::new(Inner { entries: Vec::new(), phase: Phase::Open }),
+            inner: Mutex::new(Inner {
+                entries: Vec::new(),
+                phase: Phase::Open,
+            }),
             done: Condvar::new(),
         }
     }
@@ -152,7 +159,10 @@ impl Registry {
             log!("cleanup '{name}' registered after cleanup started; it will not run");
             return;
         }
-        inner.entries.push(Entry { name: name.to_owned(), f });
+        inner.entries.push(Entry {
+            name: name.to_owned(),
+            f,
+        });
     }
 
     pub(crate) fn run(&self, budget: Duration) {
@@ -294,7 +304,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    fn recorder() -> (Arc<Mutex<Vec<&'static str>>>, impl Fn(&'static str) -> CleanupFn) {
+    fn recorder() -> (
+        Arc<Mutex<Vec<&'static str>>>,
+        impl Fn(&'static str) -> CleanupFn,
+    ) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = Arc::clone(&log);
         let make = move |name: &'static str| -> CleanupFn {
@@ -364,7 +377,10 @@ mod tests {
         };
         thread::sleep(Duration::from_millis(50));
         reg.run(Duration::from_secs(5));
-        assert!(done.load(Ordering::SeqCst), "second run returned before the first finished");
+        assert!(
+            done.load(Ordering::SeqCst),
+            "second run returned before the first finished"
+        );
         first.join().unwrap();
     }
 
@@ -400,7 +416,10 @@ mod tests {
         reg.run(Duration::from_millis(300));
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(300), "{took:?}");
-        assert!(took < Duration::from_secs(2), "run blocked on the slow function: {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "run blocked on the slow function: {took:?}"
+        );
         assert!(!finished.load(Ordering::SeqCst));
         // The slow one is abandoned, and what came after it is not started,
         // even once the slow one finishes.
@@ -439,7 +458,8 @@ mod tests {
     #[test]
     fn panic_hook_runs_the_registry() {
         if !crate::testutil::in_child("panic_hook_runs_the_registry") {
-            let out = crate::testutil::run_child("cleanup::tests::panic_hook_runs_the_registry", &[]);
+            let out =
+                crate::testutil::run_child("cleanup::tests::panic_hook_runs_the_registry", &[]);
             assert!(out.contains("cleanup-from-panic-hook"), "{out}");
             assert_eq!(out.matches("cleanup-from-panic-hook").count(), 1, "{out}");
             return;

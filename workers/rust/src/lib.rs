@@ -7,7 +7,7 @@
 //! What a worker needs, one module each:
 //!
 //! * [`listen`]: the listening sockets passed at fd 3.. (`LISTEN_FDS`).
-//! * [`notify`]: `READY=1`, `WATCHDOG=1`, `STATUS=…`, `STOPPING=1` to the master.
+//! * [`notify`](mod@notify): `READY=1`, `WATCHDOG=1`, `STATUS=…`, `STOPPING=1` to the master.
 //! * [`stop`]: SIGTERM / SIGINT / SIGQUIT turned into a flag and a pollable fd.
 //! * [`cleanup`]: functions that run once, last registered first, on stop,
 //!   exit and panic, bounded by the remaining grace budget.
@@ -38,9 +38,7 @@ pub mod notify;
 pub mod stop;
 
 pub use listen::{listeners, listeners_or_bind, ListenError, Listener, Stream};
-pub use notify::{
-    extend_timeout, heartbeat, notify, ready, status, stopping, watchdog_interval,
-};
+pub use notify::{extend_timeout, heartbeat, notify, ready, status, stopping, watchdog_interval};
 pub use stop::{Stop, StopState};
 
 /// Runs the cleanup registry (see [`cleanup::run`]) and then exits with `code`.

@@ -44,7 +44,11 @@ pub enum ListenError {
     /// [`listeners`] already took the sockets in this process.
     AlreadyTaken,
     /// A variable has a value that cannot be understood.
-    Invalid { var: &'static str, value: String, reason: String },
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
     /// An inherited fd is not an open socket.
     Socket { fd: RawFd, error: io::Error },
     /// An inherited fd is a socket this SDK cannot serve (not TCP or Unix stream).
@@ -69,7 +73,10 @@ impl fmt::Display for ListenError {
                  were passed to another process (inherited environment), refusing to use them"
             ),
             ListenError::AlreadyTaken => {
-                write!(f, "the inherited listening sockets were already taken by this process")
+                write!(
+                    f,
+                    "the inherited listening sockets were already taken by this process"
+                )
             }
             ListenError::Invalid { var, value, reason } => {
                 write!(f, "invalid {var}={value:?}: {reason}")
@@ -129,7 +136,10 @@ pub fn parse_activation(
         .parse()
         .map_err(|_| invalid("LISTEN_PID", pid, "not a process id"))?;
     if expected != our_pid {
-        return Err(ListenError::WrongPid { expected, actual: our_pid });
+        return Err(ListenError::WrongPid {
+            expected,
+            actual: our_pid,
+        });
     }
     let count: usize = fds
         .trim()
@@ -255,7 +265,10 @@ fn classify(fd: RawFd) -> Result<Kind, ListenError> {
         let mut addr: libc::sockaddr_storage = mem::zeroed();
         let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         if libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) != 0 {
-            return Err(ListenError::Socket { fd, error: io::Error::last_os_error() });
+            return Err(ListenError::Socket {
+                fd,
+                error: io::Error::last_os_error(),
+            });
         }
         let mut ty: libc::c_int = 0;
         let mut ty_len = mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -267,7 +280,10 @@ fn classify(fd: RawFd) -> Result<Kind, ListenError> {
             &mut ty_len,
         ) != 0
         {
-            return Err(ListenError::Socket { fd, error: io::Error::last_os_error() });
+            return Err(ListenError::Socket {
+                fd,
+                error: io::Error::last_os_error(),
+            });
         }
         if ty != libc::SOCK_STREAM {
             return Err(ListenError::Unsupported {
@@ -505,16 +521,36 @@ mod tests {
         assert!(text.contains("LISTEN_FDS and LISTEN_PID"), "{text}");
 
         let err = parse_activation(Some("1"), None, None, 42).unwrap_err();
-        assert!(matches!(err, ListenError::NotActivated { ref missing } if missing == &["LISTEN_PID"]));
+        assert!(
+            matches!(err, ListenError::NotActivated { ref missing } if missing == &["LISTEN_PID"])
+        );
     }
 
     #[test]
     fn wrong_pid_is_refused() {
         let err = parse_activation(Some("2"), Some("41"), Some("a:b"), 42).unwrap_err();
-        assert!(matches!(err, ListenError::WrongPid { expected: 41, actual: 42 }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ListenError::WrongPid {
+                    expected: 41,
+                    actual: 42
+                }
+            ),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("refusing"));
         let err = parse_activation(Some("2"), Some("x"), None, 42).unwrap_err();
-        assert!(matches!(err, ListenError::Invalid { var: "LISTEN_PID", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ListenError::Invalid {
+                    var: "LISTEN_PID",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -546,7 +582,10 @@ mod tests {
                 .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
                 .collect();
             cmd = std::process::Command::new("/bin/sh");
-            cmd.arg("-c").arg("LISTEN_PID=$$ exec \"$0\" \"$@\"").arg(exe).args(child_args);
+            cmd.arg("-c")
+                .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+                .arg(exe)
+                .args(child_args);
             for (k, v) in envs {
                 cmd.env(k, v.unwrap());
             }
@@ -570,7 +609,10 @@ mod tests {
             std::fs::remove_dir_all(&dir).unwrap();
             return;
         }
-        assert_eq!(std::env::var("LISTEN_PID").unwrap(), std::process::id().to_string());
+        assert_eq!(
+            std::env::var("LISTEN_PID").unwrap(),
+            std::process::id().to_string()
+        );
         let listeners = listeners().unwrap();
         assert_eq!(listeners.len(), 2);
         assert!(matches!(&listeners[0], Listener::Tcp(_, name) if name == "web"));
@@ -584,8 +626,16 @@ mod tests {
             assert!(flags & libc::FD_CLOEXEC != 0, "fd {fd} not close-on-exec");
         }
         assert!(matches!(self::listeners(), Err(ListenError::AlreadyTaken)));
-        assert!(listeners[0].to_string().starts_with("tcp 127.0.0.1:"), "{}", listeners[0]);
-        assert!(listeners[1].to_string().ends_with("admin.sock (admin)"), "{}", listeners[1]);
+        assert!(
+            listeners[0].to_string().starts_with("tcp 127.0.0.1:"),
+            "{}",
+            listeners[0]
+        );
+        assert!(
+            listeners[1].to_string().ends_with("admin.sock (admin)"),
+            "{}",
+            listeners[1]
+        );
 
         let addr = std::env::var("TEST_TCP_ADDR").unwrap();
         let mut client = TcpStream::connect(addr).unwrap();
@@ -610,7 +660,10 @@ mod tests {
             return;
         }
         let err = listeners().unwrap_err();
-        assert!(matches!(err, ListenError::WrongPid { expected: 1, .. }), "{err:?}");
+        assert!(
+            matches!(err, ListenError::WrongPid { expected: 1, .. }),
+            "{err:?}"
+        );
         let err = listeners_or_bind("127.0.0.1:0").unwrap_err();
         assert!(matches!(err, ListenError::WrongPid { .. }), "{err:?}");
         assert_eq!(std::env::var("LISTEN_FDS").unwrap(), "1", "left alone");
@@ -635,8 +688,26 @@ mod tests {
     #[test]
     fn fdnames_count_must_match() {
         let err = parse_activation(Some("2"), Some("42"), Some("web"), 42).unwrap_err();
-        assert!(matches!(err, ListenError::Invalid { var: "LISTEN_FDNAMES", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ListenError::Invalid {
+                    var: "LISTEN_FDNAMES",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         let err = parse_activation(Some("two"), Some("42"), None, 42).unwrap_err();
-        assert!(matches!(err, ListenError::Invalid { var: "LISTEN_FDS", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ListenError::Invalid {
+                    var: "LISTEN_FDS",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -50,7 +50,10 @@ pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
     if sent != state.len() {
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
-            format!("notify message truncated: sent {sent} of {} bytes", state.len()),
+            format!(
+                "notify message truncated: sent {sent} of {} bytes",
+                state.len()
+            ),
         ));
     }
     Ok(())
@@ -213,7 +216,8 @@ pub(crate) mod tests {
                     "X=1\nY=2",
                 ]
             );
-            let mut cmd = crate::testutil::child_command("notify::tests::helpers_send_to_notify_socket");
+            let mut cmd =
+                crate::testutil::child_command("notify::tests::helpers_send_to_notify_socket");
             cmd.env_remove("NOTIFY_SOCKET").env("TEST_EXPECT_NOOP", "1");
             crate::testutil::check(cmd.output().unwrap());
             std::fs::remove_dir_all(&dir).unwrap();
@@ -230,8 +234,14 @@ pub(crate) mod tests {
 
     #[test]
     fn watchdog_rules() {
-        assert_eq!(parse_watchdog(Some("2000000"), None, 7), Some(Duration::from_secs(2)));
-        assert_eq!(parse_watchdog(Some("2000000"), Some("7"), 7), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_watchdog(Some("2000000"), None, 7),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse_watchdog(Some("2000000"), Some("7"), 7),
+            Some(Duration::from_secs(2))
+        );
         assert_eq!(parse_watchdog(Some("2000000"), Some("8"), 7), None);
         assert_eq!(parse_watchdog(Some("0"), None, 7), None);
         assert_eq!(parse_watchdog(Some("soon"), None, 7), None);

@@ -215,7 +215,10 @@ fn record(kind: u8) {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime is async-signal-safe and writes into `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
@@ -223,7 +226,11 @@ fn monotonic_ns() -> u64 {
 
 extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let saved_errno = errno();
-    record(if sig == libc::SIGQUIT { QUICK } else { GRACEFUL });
+    record(if sig == libc::SIGQUIT {
+        QUICK
+    } else {
+        GRACEFUL
+    });
     if let Some(slot) = SIGNALS.iter().position(|&s| s == sig) {
         let prev = PREV_HANDLER[slot].load(Ordering::SeqCst);
         if prev != libc::SIG_DFL && prev != libc::SIG_IGN && prev != handler_address() {
@@ -303,7 +310,11 @@ fn self_pipe() -> io::Result<(RawFd, RawFd)> {
 }
 
 fn poll_readable(fd: RawFd, timeout_ms: c_int) {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: poll on one pollfd we own; EINTR simply returns to the caller's loop.
     unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
 }
@@ -381,7 +392,11 @@ mod tests {
             return;
         }
         set_handler(libc::SIGTERM, app_term as *const () as usize, 0);
-        set_handler(libc::SIGQUIT, app_quit as *const () as usize, libc::SA_SIGINFO);
+        set_handler(
+            libc::SIGQUIT,
+            app_quit as *const () as usize,
+            libc::SA_SIGINFO,
+        );
         let stop = Stop::install();
         assert_eq!(Stop::install().fd(), stop.fd(), "install twice: same Stop");
         assert_eq!(stop.state(), StopState::Running);
@@ -394,16 +409,26 @@ mod tests {
         };
         unsafe { libc::raise(libc::SIGTERM) };
         assert_eq!(stop.state(), StopState::Graceful);
-        assert!(APP_TERM.load(Ordering::SeqCst), "previous SIGTERM handler was chained");
+        assert!(
+            APP_TERM.load(Ordering::SeqCst),
+            "previous SIGTERM handler was chained"
+        );
         waiter.join().unwrap();
         assert!(stop.wait_timeout(Duration::ZERO));
-        let mut pfd = libc::pollfd { fd: stop.fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: stop.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 1, "stop fd readable");
         assert!(stop.elapsed().is_some());
 
         unsafe { libc::raise(libc::SIGQUIT) };
         assert_eq!(stop.state(), StopState::Quick);
-        assert!(APP_QUIT_SIGINFO.load(Ordering::SeqCst), "SA_SIGINFO handler got siginfo");
+        assert!(
+            APP_QUIT_SIGINFO.load(Ordering::SeqCst),
+            "SA_SIGINFO handler got siginfo"
+        );
         unsafe { libc::raise(libc::SIGTERM) };
         assert_eq!(stop.state(), StopState::Quick, "never downgraded");
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 1, "still readable");
@@ -417,7 +442,10 @@ mod tests {
         }
         set_handler(libc::SIGINT, app_term as *const () as usize, 0);
         let stop = Stop::builder().sigint(false).install();
-        assert_eq!(current_handler(libc::SIGINT), app_term as *const () as usize);
+        assert_eq!(
+            current_handler(libc::SIGINT),
+            app_term as *const () as usize
+        );
         assert_eq!(current_handler(libc::SIGTERM), handler_address());
         unsafe { libc::raise(libc::SIGINT) };
         assert!(APP_TERM.load(Ordering::SeqCst));
