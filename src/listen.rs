@@ -116,10 +116,19 @@ fn open(bind: &Bind, name: String, s: &Settings) -> Result<Listener, ListenError
             })
         }
         Address::Fd(n) => {
-            // SAFETY: the operator told us fd N is a socket drover owns; it is
-            // checked to be a listening socket before use.
-            let fd = unsafe { OwnedFd::from_raw_fd(*n) };
-            adopt(fd, name)
+            // Check through a borrow first: if fd N is not a listening socket
+            // (or is one of drover's own descriptors), it must not be closed.
+            // SAFETY: fcntl(F_GETFD) only inspects the number.
+            if unsafe { libc::fcntl(*n, libc::F_GETFD) } == -1 {
+                return Err(ListenError::Refused { addr: shown, why: "the descriptor is not open".into() });
+            }
+            // SAFETY: open, as just checked; borrowed for the checks below.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(*n) };
+            if !matches!(getsockopt(&borrowed, sockopt::AcceptConn), Ok(true)) {
+                return Err(ListenError::Refused { addr: shown, why: "not a listening socket".into() });
+            }
+            // SAFETY: a listening socket handed to drover by its parent.
+            adopt(unsafe { OwnedFd::from_raw_fd(*n) }, name)
         }
     }
 }
@@ -202,11 +211,15 @@ pub fn take_inherited() -> Result<Vec<OwnedFd>, ListenError> {
         .map_err(|_| ListenError::Inherited(format!("{fds:?} is not a number")))?;
     (3..3 + n)
         .map(|fd| {
-            // SAFETY: systemd's convention hands these descriptors to us.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            fcntl(&owned, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-                .map_err(|e| ListenError::Inherited(format!("fd {fd}: {e}")))?;
-            Ok(owned)
+            // Check before owning: closing a descriptor that is not open would
+            // be a bug of ours, not the parent's.
+            // SAFETY: F_GETFD/F_SETFD on a raw number only inspect/flag it.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(ListenError::Inherited(format!("LISTEN_FDS={n} but fd {fd} is unusable: {e}")));
+            }
+            // SAFETY: systemd's convention hands these open descriptors to us.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         })
         .collect()
 }

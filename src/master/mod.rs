@@ -100,7 +100,9 @@ pub struct Master {
 /// shutdown. Returns the exit status.
 pub fn run(s: Settings, bind_was_set: bool) -> Result<u8, StartError> {
     let started = Instant::now();
-    // Handlers first: a signal that arrives from now on is an event, not a death.
+    // Before anything opens a descriptor: fds 3.. may be sockets from our parent.
+    let inherited = listen::take_inherited()?;
+    // Handlers next: a signal that arrives from now on is an event, not a death.
     let signals = SignalPipe::install().map_err(StartError::Signals)?;
     if s.subreaper {
         // SAFETY: plain prctl on this process.
@@ -109,7 +111,7 @@ pub fn run(s: Settings, bind_was_set: bool) -> Result<u8, StartError> {
         }
         debug!("child subreaper: orphans of workers are re-parented to drover");
     }
-    let listeners = listen::open_all(&s, bind_was_set, listen::take_inherited()?)?;
+    let listeners = listen::open_all(&s, bind_was_set, inherited)?;
     for l in &listeners {
         info!("listening on {} (fd name {:?})", l.shown, l.name);
     }
@@ -357,7 +359,7 @@ impl Master {
                     Ready::Notify => State::Booting { deadline: Some(now + self.s.boot_timeout.0) },
                 };
                 info!("worker {slot} (pid {pid}) spawned, generation {}", self.generation);
-                self.workers.push(Worker::new(slot, pid, self.generation, state, now));
+                self.workers.push(Worker::new(slot, pid, state, now));
                 if state == State::Ready {
                     self.check_booted();
                 }

@@ -28,7 +28,6 @@ pub enum Kill {
 pub struct Worker {
     pub slot: u32,
     pub pid: Pid,
-    pub generation: u32,
     pub state: State,
     pub started: Instant,
     /// The last `STATUS=` it sent.
@@ -39,11 +38,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(slot: u32, pid: Pid, generation: u32, state: State, now: Instant) -> Worker {
+    pub fn new(slot: u32, pid: Pid, state: State, now: Instant) -> Worker {
         Worker {
             slot,
             pid,
-            generation,
             state,
             started: now,
             status: None,

@@ -57,6 +57,10 @@ pub struct Start {
     /// Leak this (non close-on-exec) descriptor number into drover.
     pub leak_fd: Option<i32>,
     pub env: Vec<(String, String)>,
+    /// Sockets to hand to drover at the given descriptor numbers.
+    pub pass: Vec<(std::os::fd::OwnedFd, i32)>,
+    /// Hand them over as systemd does: LISTEN_FDS, and LISTEN_PID = drover's pid.
+    pub systemd: bool,
 }
 
 pub struct Drover {
@@ -78,7 +82,15 @@ impl Start {
 
     pub fn run(self) -> Drover {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(drover_bin());
+        let mut cmd = if self.systemd {
+            // sh's $$ is the pid that execs drover.
+            let mut c = Command::new("sh");
+            let script = format!("LISTEN_FDS={} LISTEN_PID=$$ exec \"$0\" \"$@\"", self.pass.len());
+            c.arg("-c").arg(script).arg(drover_bin());
+            c
+        } else {
+            Command::new(drover_bin())
+        };
         if let Some(text) = &self.config {
             let text = text.replace("$DIR", &dir.path().display().to_string());
             let path = dir.path().join("config.toml");
@@ -95,6 +107,7 @@ impl Start {
             cmd.process_group(0);
         }
         let (ignore_sigint, leak) = (self.ignore_sigint, self.leak_fd);
+        let pass: Vec<(i32, i32)> = self.pass.iter().map(|(fd, to)| (std::os::fd::AsRawFd::as_raw_fd(fd), *to)).collect();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -102,6 +115,13 @@ impl Start {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
                 if ignore_sigint {
                     libc::signal(libc::SIGINT, libc::SIG_IGN);
+                }
+                for &(fd, to) in &pass {
+                    if fd == to {
+                        libc::fcntl(fd, libc::F_SETFD, 0);
+                    } else {
+                        libc::dup2(fd, to);
+                    }
                 }
                 if let Some(fd) = leak {
                     let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
@@ -111,6 +131,7 @@ impl Start {
             });
         }
         let mut child = cmd.spawn().expect("start drover");
+        drop(self.pass);
         let log = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();
         for stream in [
