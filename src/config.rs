@@ -508,6 +508,14 @@ mod tests {
     }
 
     #[test]
+    fn every_key_is_documented() {
+        let doc = include_str!("../docs/configuration.md");
+        for key in KEYS {
+            assert!(doc.contains(&format!("`{key}`")), "docs/configuration.md does not describe `{key}`");
+        }
+    }
+
+    #[test]
     fn a_command_is_required() {
         let e = Layer::default().resolve().unwrap_err().to_string();
         assert!(e.contains("no worker command"), "{e}");

@@ -24,6 +24,8 @@ pub struct Listener {
     pub shown: String,
     /// A Unix socket file we created and must remove: (path, device, inode).
     unix_file: Option<(PathBuf, u64, u64)>,
+    /// A TCP socket drover bound itself (not one a parent keeps a copy of).
+    bound_here: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +39,24 @@ pub enum ListenError {
 }
 
 impl Listener {
-    /// Closes our copy of the socket and removes its socket file, so that new
-    /// connections are refused once the workers have closed theirs too.
+    /// Stops accepting for good: new connection attempts are refused, and the
+    /// socket file is removed, while the connections already queued stay for
+    /// the workers to take. The master's copy is closed; the socket itself
+    /// closes when the last worker closes its copy.
     pub fn close(self) {
+        if self.bound_here {
+            // Drop every incoming packet of a *new* connection (the SYN, or the
+            // handshake's last ACK) with a one-instruction BPF filter. Without
+            // it, a connection that completes its handshake between a worker's
+            // last accept and its close would be reset; with it, the client
+            // retransmits its SYN and then gets "connection refused" once the
+            // socket is closed. Only for sockets bound here: a socket that
+            // systemd (or a newer drover) keeps must go on accepting.
+            let drop_all = [socket2::SockFilter::new(0x06 /* BPF_RET|BPF_K */, 0, 0, 0)];
+            if let Err(e) = socket2::SockRef::from(&self.fd).attach_filter(&drop_all) {
+                tracing::warn!("{}: cannot refuse new connections before closing: {e}", self.shown);
+            }
+        }
         if let Some((path, dev, ino)) = &self.unix_file {
             // Only remove the file if it is still ours: a newer server may
             // have replaced it in the meantime.
@@ -98,6 +115,7 @@ fn open(bind: &Bind, name: String, s: &Settings) -> Result<Listener, ListenError
                 fd: sock.into(),
                 name,
                 unix_file: None,
+                bound_here: true,
             })
         }
         Address::Unix(path) => {
@@ -113,6 +131,7 @@ fn open(bind: &Bind, name: String, s: &Settings) -> Result<Listener, ListenError
                 name,
                 shown,
                 unix_file: Some((path.clone(), meta.dev(), meta.ino())),
+                bound_here: true,
             })
         }
         Address::Fd(n) => {
@@ -171,7 +190,7 @@ fn adopt(fd: OwnedFd, name: String) -> Result<Listener, ListenError> {
     }
     fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| refused(format!("cannot set close-on-exec: {e}")))?;
-    Ok(Listener { fd, name, shown, unix_file: None })
+    Ok(Listener { fd, name, shown, unix_file: None, bound_here: false })
 }
 
 fn local_name(fd: RawFd) -> Option<String> {

@@ -183,11 +183,13 @@ impl Master {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        for event in self.signals.drain() {
-            self.on_signal(event);
-        }
+        // Messages first: a worker's last words (STOPPING=1) are heard before
+        // its exit is reaped and its pid forgotten.
         while let Some((pid, messages)) = self.notify.recv() {
             self.on_notify(pid, messages);
+        }
+        for event in self.signals.drain() {
+            self.on_signal(event);
         }
     }
 

@@ -365,3 +365,100 @@ pub fn get_in_flight(
 pub fn read_file(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+/// What happened to each connection attempt of a [`Load`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcomes {
+    /// A complete 200 response.
+    pub ok: u64,
+    /// Refused at connect time (nothing was accepted).
+    pub refused: u64,
+    /// Reset after the connection was established.
+    pub reset: u64,
+    /// Closed before a complete response (empty or short).
+    pub truncated: u64,
+    /// Anything else: connect timeouts, non-200 statuses, other errors.
+    pub other: u64,
+}
+
+/// Waits until `load` has had `n` complete responses.
+pub fn wait_answered(load: &Load, n: u64) {
+    wait_for(&format!("{n} answered requests"), LIMIT, || {
+        (load.answered.load(std::sync::atomic::Ordering::Relaxed) >= n).then_some(())
+    });
+}
+
+/// `clients` threads that each open a connection, send one GET and read the
+/// whole response, again and again, counting every outcome.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Complete responses so far, across clients.
+    pub answered: Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Outcomes>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, clients: usize, path: &str) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, answered, path) = (stop.clone(), answered.clone(), path.to_string());
+                std::thread::spawn(move || {
+                    let mut o = Outcomes::default();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let before = o.ok;
+                        one_request(addr, &path, &mut o);
+                        answered.fetch_add(o.ok - before, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    o
+                })
+            })
+            .collect();
+        Load { stop, answered, threads }
+    }
+
+    pub fn finish(self) -> Outcomes {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = Outcomes::default();
+        for t in self.threads {
+            let o = t.join().unwrap();
+            total.ok += o.ok;
+            total.refused += o.refused;
+            total.reset += o.reset;
+            total.truncated += o.truncated;
+            total.other += o.other;
+        }
+        total
+    }
+}
+
+fn one_request(addr: SocketAddr, path: &str, o: &mut Outcomes) {
+    use std::io::ErrorKind::*;
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ConnectionRefused => {
+            o.refused += 1;
+            // Nothing listens: do not spin on refusals.
+            std::thread::sleep(Duration::from_millis(5));
+            return;
+        }
+        Err(_) => {
+            o.other += 1;
+            return;
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut raw = Vec::new();
+    let result = write!(s, "GET {path} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n")
+        .and_then(|_| s.read_to_end(&mut raw));
+    match result {
+        Err(e) if matches!(e.kind(), ConnectionReset | BrokenPipe | ConnectionAborted) => o.reset += 1,
+        Err(_) => o.other += 1,
+        Ok(_) => match parse_response(&raw) {
+            Ok(r) if r.status == 200 => o.ok += 1,
+            Ok(_) => o.other += 1,
+            Err(_) => o.truncated += 1,
+        },
+    }
+}
