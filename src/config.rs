@@ -80,6 +80,28 @@ settings! {
     respawn_max_delay: Dur = Dur(Duration::from_secs(10));
     /// A worker that ran this long resets its slot's failure count.
     respawn_reset_after: Dur = Dur(Duration::from_secs(10));
+    /// Heartbeat: a ready worker must send WATCHDOG=1 at least this often.
+    timeout: Option<Dur> = None;
+    /// After the SIGABRT of a missed heartbeat, how long before SIGKILL.
+    abort_grace: Dur = Dur(Duration::from_secs(5));
+    /// Replace a worker after it has run this long.
+    max_age: Option<Dur> = None;
+    /// Up to this much is added at random to each worker's max_age.
+    max_age_jitter: Dur = Dur(Duration::ZERO);
+    /// Replace a worker whose resident memory exceeds this.
+    max_memory: Option<Size> = None;
+    /// How often resident memory is checked when max_memory is set.
+    memory_check_interval: Dur = Dur(Duration::from_secs(10));
+    /// A slot that failed this many times in a row is reported as degraded.
+    degraded_after: Count = Count(5);
+    /// Run workers as this user (name or uid); its groups unless `group` is set.
+    user: Option<String> = None;
+    /// Run workers with this primary group (name or gid).
+    group: Option<String> = None;
+    /// The workers' umask, in octal.
+    umask: Option<Mode> = None;
+    /// The workers' working directory.
+    chdir: Option<PathBuf> = None;
     /// Become a child subreaper; unset means "when PID 1".
     subreaper: bool = std::process::id() == 1;
     /// Where to write the master's pid.
@@ -277,6 +299,36 @@ impl FromStr for Mode {
 }
 from_str_setting!(Mode, "octal permission bits like \"0660\"");
 
+/// A size in bytes, written like `"512MiB"`, `"1GiB"`, `"300MB"` or `"4096"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1000,
+            "KiB" => 1 << 10,
+            "MB" => 1000 * 1000,
+            "MiB" => 1 << 20,
+            "GB" => 1000 * 1000 * 1000,
+            "GiB" => 1 << 30,
+            _ => u64::MAX,
+        };
+        match digits.parse::<u64>() {
+            Ok(n) if factor != u64::MAX && n > 0 => Ok(Size(n.saturating_mul(factor))),
+            _ => Err(format!(
+                "invalid size {s:?}: expected a number with an optional unit, like \"512MiB\", \"1GiB\" or \"300MB\""
+            )),
+        }
+    }
+}
+from_str_setting!(Size, "a size like \"512MiB\"");
+
 /// A log level name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogLevel(pub tracing::Level);
@@ -336,6 +388,7 @@ macro_rules! bounded_setting {
 }
 
 bounded_setting!(WorkerCount, 1, 4096, "a number of workers");
+bounded_setting!(Count, 1, 1_000_000, "a count");
 bounded_setting!(Backlog, 1, 65535, "a listen backlog");
 
 /// One listening address, with the name the workers see in `LISTEN_FDNAMES`.
@@ -472,6 +525,8 @@ mod tests {
         assert!(e.contains("unknown signal"), "{e}");
         let e = err("ready = \"soon\"");
         assert!(e.contains("unknown variant `soon`"), "{e}");
+        let e = err("max_memory = \"12 apples\"");
+        assert!(e.contains("invalid size"), "{e}");
         let e = err("unix_socket_mode = \"999\"");
         assert!(e.contains("octal permission bits"), "{e}");
     }
@@ -490,6 +545,9 @@ mod tests {
         assert_eq!(b[2].address, Address::Unix("/tmp/x.sock".into()));
         assert_eq!(b[3].address, Address::Fd(3));
         assert_eq!(b[4].name.as_deref(), Some("admin"));
+        assert_eq!("512MiB".parse::<Size>().unwrap(), Size(512 << 20));
+        assert_eq!("300MB".parse::<Size>().unwrap(), Size(300_000_000));
+        assert_eq!("4096".parse::<Size>().unwrap(), Size(4096));
         assert!(err("bind = [{ address = \"127.0.0.1:9\", name = \"a:b\" }]").contains("without ':'"));
     }
 

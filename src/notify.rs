@@ -54,7 +54,9 @@ pub struct NotifySocket {
 
 impl NotifySocket {
     /// Creates the socket under `$XDG_RUNTIME_DIR` (or the temp directory).
-    pub fn open() -> io::Result<NotifySocket> {
+    /// With `owner`, the directory and socket belong to the workers' user so
+    /// that they, and no other user, can reach it.
+    pub fn open(owner: Option<(u32, u32)>) -> io::Result<NotifySocket> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
@@ -65,6 +67,10 @@ impl NotifySocket {
         let sock = UnixDatagram::bind(&path)?;
         sock.set_nonblocking(true)?;
         setsockopt(&sock, sockopt::PassCred, &true)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
         Ok(NotifySocket { sock, path, _dir: dir })
     }
 
@@ -152,7 +158,7 @@ mod tests {
 
     #[test]
     fn datagrams_carry_the_sender_pid() {
-        let n = NotifySocket::open().unwrap();
+        let n = NotifySocket::open(None).unwrap();
         let c = UnixDatagram::unbound().unwrap();
         c.send_to(b"READY=1\nSTATUS=hi", n.path()).unwrap();
         let (pid, msgs) = n.recv().unwrap();

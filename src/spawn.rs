@@ -19,11 +19,70 @@ use nix::unistd::{access, pipe2, AccessFlags, Pid};
 /// Room for the decimal digits of any pid, plus the terminating NUL.
 const PID_ROOM: usize = 21;
 
-/// The program to run, resolved against `PATH` once.
+/// The program to run, resolved against `PATH` once, and the process
+/// settings it runs with.
 #[derive(Debug, Clone)]
 pub struct Program {
     path: CString,
     argv: Vec<CString>,
+    pub identity: Option<Identity>,
+    chdir: Option<CString>,
+    umask: Option<libc::mode_t>,
+}
+
+/// The user and groups a worker runs as, resolved before any fork.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `None`: keep drover's user (only the group changes).
+    pub uid: Option<libc::uid_t>,
+    pub gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
+impl Identity {
+    /// Looks up `user` and `group` (names or numbers). `None` when neither is set.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Identity>, SpawnError> {
+        use nix::unistd::{Gid, Group, Uid, User};
+        let unknown = |what: &str, name: &str, e: String| SpawnError::Identity(format!("{what} {name:?}: {e}"));
+        let user = match user {
+            None => None,
+            Some(name) => {
+                let found = match name.parse::<u32>() {
+                    Ok(n) => User::from_uid(Uid::from_raw(n)),
+                    Err(_) => User::from_name(name),
+                };
+                Some(found.map_err(|e| unknown("user", name, e.to_string()))?.ok_or_else(|| unknown("user", name, "no such user".into()))?)
+            }
+        };
+        let group = match group {
+            None => None,
+            Some(name) => {
+                let found = match name.parse::<u32>() {
+                    Ok(n) => Group::from_gid(Gid::from_raw(n)),
+                    Err(_) => Group::from_name(name),
+                };
+                Some(found.map_err(|e| unknown("group", name, e.to_string()))?.ok_or_else(|| unknown("group", name, "no such group".into()))?)
+            }
+        };
+        let gid = match (&group, &user) {
+            (Some(g), _) => g.gid,
+            (None, Some(u)) => u.gid,
+            (None, None) => return Ok(None),
+        };
+        // Supplementary groups: the user's, as login(1) would set them.
+        let groups = match &user {
+            Some(u) => {
+                let name = CString::new(u.name.as_bytes()).map_err(|_| unknown("user", &u.name, "NUL in name".into()))?;
+                nix::unistd::getgrouplist(&name, gid)
+                    .map_err(|e| unknown("user", &u.name, format!("cannot list its groups: {e}")))?
+                    .into_iter()
+                    .map(|g| g.as_raw())
+                    .collect()
+            }
+            None => vec![gid.as_raw()],
+        };
+        Ok(Some(Identity { uid: user.map(|u| u.uid.as_raw()), gid: gid.as_raw(), groups }))
+    }
 }
 
 impl Program {
@@ -39,7 +98,18 @@ impl Program {
         Ok(Program {
             path: cstring(path.as_os_str().as_bytes())?,
             argv: argv.iter().map(|a| cstring(a.as_bytes())).collect::<Result<_, _>>()?,
+            identity: None,
+            chdir: None,
+            umask: None,
         })
+    }
+
+    /// Runs the program as `identity`, in `chdir`, with `umask`.
+    pub fn with(mut self, identity: Option<Identity>, chdir: Option<&Path>, umask: Option<u32>) -> Result<Program, SpawnError> {
+        self.identity = identity;
+        self.chdir = chdir.map(|p| cstring(p.as_os_str().as_bytes())).transpose()?;
+        self.umask = umask.map(|m| m as libc::mode_t);
+        Ok(self)
     }
 
     pub fn shown(&self) -> String {
@@ -145,6 +215,8 @@ pub enum SpawnError {
     NotFound(String),
     #[error("{0:?} contains a NUL byte")]
     Nul(String),
+    #[error("{0}")]
+    Identity(String),
     #[error("cannot prepare to fork: {0}")]
     Setup(Errno),
     #[error("fork failed: {0}")]
@@ -166,15 +238,23 @@ enum Step {
     Stdin,
     Listeners,
     CloseOnExec,
+    Chdir,
+    Groups,
+    Gid,
+    Uid,
     Exec,
 }
 
-const STEP_NAMES: [&str; 6] = [
+const STEP_NAMES: [&str; 10] = [
     "setpgid (own process group)",
     "prctl(PR_SET_PDEATHSIG)",
     "redirecting stdin from /dev/null",
     "placing the listeners at fd 3..",
     "marking other descriptors close-on-exec",
+    "chdir",
+    "setgroups",
+    "setgid",
+    "setuid",
     "execve",
 ];
 
@@ -222,6 +302,9 @@ pub fn spawn(
         report: err_write.as_raw_fd(),
         master: nix::unistd::getpid().as_raw(),
         fd_limit: fd_limit(),
+        chdir: program.chdir.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        umask: program.umask,
+        identity: program.identity.as_ref(),
     };
 
     // Block every signal across the fork so that none runs the master's
@@ -294,6 +377,9 @@ struct ChildPlan<'a> {
     report: RawFd,
     master: libc::pid_t,
     fd_limit: RawFd,
+    chdir: *const libc::c_char,
+    umask: Option<libc::mode_t>,
+    identity: Option<&'a Identity>,
 }
 
 /// The child between fork and exec. Only async-signal-safe calls.
@@ -310,14 +396,6 @@ unsafe fn run_child(p: &ChildPlan) -> ! {
     // reaches only the master, which decides what the workers get.
     if libc::setpgid(0, 0) != 0 {
         fail(report, Step::ProcessGroup);
-    }
-    // Never outlive the master. If it died before prctl took effect, we are
-    // already orphaned and the signal will never come: leave now.
-    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-        fail(report, Step::ParentDeathSignal);
-    }
-    if libc::getppid() != p.master {
-        libc::_exit(1);
     }
     // Default dispositions for every signal (an ignored one would survive
     // exec), then the empty mask (signals were blocked across the fork).
@@ -365,6 +443,35 @@ unsafe fn run_child(p: &ChildPlan) -> ! {
                 fail(report, Step::CloseOnExec);
             }
         }
+    }
+    if !p.chdir.is_null() && libc::chdir(p.chdir) != 0 {
+        fail(report, Step::Chdir);
+    }
+    if let Some(mask) = p.umask {
+        libc::umask(mask);
+    }
+    // Groups before the user: after setuid we could no longer change them.
+    if let Some(id) = p.identity {
+        if libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0 {
+            fail(report, Step::Groups);
+        }
+        if libc::setgid(id.gid) != 0 {
+            fail(report, Step::Gid);
+        }
+        if let Some(uid) = id.uid {
+            if libc::setuid(uid) != 0 {
+                fail(report, Step::Uid);
+            }
+        }
+    }
+    // Never outlive the master. Set after the credentials change, which
+    // clears it. If the master died before this took effect, we are already
+    // orphaned and the signal will never come: leave now.
+    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        fail(report, Step::ParentDeathSignal);
+    }
+    if libc::getppid() != p.master {
+        libc::_exit(1);
     }
     // LISTEN_PID and friends: our own pid, in decimal, written in place.
     let pid = libc::getpid();

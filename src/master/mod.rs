@@ -5,6 +5,7 @@
 //! worker count, then wait — on the signal pipe and the notify socket, for at
 //! most the time until the nearest deadline, or forever when none is due.
 
+mod liveness;
 mod shutdown;
 mod worker;
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
@@ -24,9 +25,9 @@ use crate::listen::{self, Listener};
 use crate::notify::{self, Message, NotifySocket};
 use crate::pidfile::Pidfile;
 use crate::signals::{Event, SignalPipe};
-use crate::spawn::{self, Env, Program};
+use crate::spawn::{self, Env, Identity, Program};
 use shutdown::{Cause, Shutdown};
-use worker::{describe, exit_code, ms, Kill, State, Worker};
+use worker::{describe, exit_code, ms, State, Why, Worker};
 
 /// Exit statuses of the master (documented in docs/signals.md).
 pub mod exit {
@@ -94,6 +95,8 @@ pub struct Master {
     /// Every slot has had a ready worker: start-up is over.
     booted: bool,
     shutdown: Option<Shutdown>,
+    /// When resident memory is next checked (with max_memory).
+    next_memory_check: Option<Instant>,
 }
 
 /// Starts drover with `s`: binds, spawns the workers and supervises them until
@@ -116,12 +119,17 @@ pub fn run(s: Settings, bind_was_set: bool) -> Result<u8, StartError> {
         info!("listening on {} (fd name {:?})", l.shown, l.name);
     }
     let pidfile = s.pidfile.as_deref().map(Pidfile::create).transpose()?;
-    let notify = NotifySocket::open().map_err(StartError::Notify)?;
     let mut env = Env::inherit(&s.env_remove);
     for (k, v) in &s.env {
         env.set(k, v);
     }
-    let program = Program::new(&s.command, env.get("PATH")).map_err(StartError::Program)?;
+    let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref()).map_err(StartError::Program)?;
+    let program = Program::new(&s.command, env.get("PATH"))
+        .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
+        .map_err(StartError::Program)?;
+    // Reachable by the workers' user only (and by us).
+    let owner = program.identity.as_ref().map(|id| (id.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()), id.gid));
+    let notify = NotifySocket::open(owner).map_err(StartError::Notify)?;
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
     let mut master = Master {
         slots: vec![Slot::default(); s.workers.0 as usize],
@@ -137,7 +145,9 @@ pub fn run(s: Settings, bind_was_set: bool) -> Result<u8, StartError> {
         started,
         booted: false,
         shutdown: None,
+        next_memory_check: None,
     };
+    master.next_memory_check = master.s.max_memory.map(|_| started + master.s.memory_check_interval.0);
     let status = master.run_loop();
     let status = master.finish(status);
     drop(pidfile);
@@ -244,12 +254,21 @@ impl Master {
         let lived = now - w.started;
         let why = describe(status, w.killed);
         let (slot, pid) = (w.slot, w.pid);
-        if self.shutdown.is_some() || w.is_stopping() {
+        if let State::Stopping { why: stopped_for, .. } = w.state {
+            let context = match stopped_for {
+                Why::HeartbeatTimeout => " (heartbeat timeout: SIGABRT)".to_string(),
+                Why::Recycled(reason) => format!(" (recycled: {reason})"),
+                Why::Retired => " (retired)".to_string(),
+                Why::Shutdown => String::new(),
+            };
+            info!("worker {slot} (pid {pid}) {why}{context} after {}", ms(lived));
+            return;
+        }
+        if self.shutdown.is_some() {
             info!("worker {slot} (pid {pid}) {why} after {}", ms(lived));
             return;
         }
-        let booting = matches!(w.state, State::Booting { .. });
-        if booting && exit_code(status) == Some(3) && !self.booted {
+        if w.is_booting() && exit_code(status) == Some(3) && !self.booted {
             error!(
                 "worker {slot} (pid {pid}) cannot boot: {why} before it reported ready; \
                  stopping (check the worker's output above)"
@@ -278,6 +297,13 @@ impl Master {
                 ms(delay),
                 s.failures
             );
+            if s.failures == self.s.degraded_after.0 {
+                error!(
+                    "slot {slot} is degraded: {} failures in a row; retrying every {} at most",
+                    s.failures,
+                    ms(self.s.respawn_max_delay.0)
+                );
+            }
         }
     }
 
@@ -291,10 +317,19 @@ impl Master {
             let w = &mut self.workers[i];
             let (slot, pid) = (w.slot, w.pid);
             match m {
-                Message::Ready if matches!(w.state, State::Booting { .. }) => {
-                    w.state = State::Ready;
+                Message::Ready if w.is_booting() => {
+                    w.state = State::Ready { heartbeat: self.s.timeout.map(|t| Instant::now() + t.0) };
                     info!("worker {slot} (pid {pid}) ready in {}", ms(w.started.elapsed()));
-                    self.check_booted();
+                    self.on_ready(slot, pid);
+                }
+                Message::Watchdog => {
+                    if let State::Ready { heartbeat: Some(h) } = &mut w.state {
+                        *h = Instant::now() + self.s.timeout.map_or(Duration::ZERO, |t| t.0);
+                    }
+                }
+                Message::ExtendTimeout(by) => {
+                    w.extend(Instant::now() + by);
+                    debug!("worker {slot} (pid {pid}) extended its deadline by {}", ms(by));
                 }
                 Message::Ready => debug!("worker {slot} (pid {pid}) repeated READY=1"),
                 Message::Status(text) => {
@@ -307,6 +342,19 @@ impl Master {
                 }
                 other => debug!("worker {slot} (pid {pid}) sent {other:?}"),
             }
+        }
+    }
+
+    /// A worker became ready: start-up may be over, and the worker it
+    /// replaces (same slot, marked for replacement) can now stop.
+    fn on_ready(&mut self, slot: u32, pid: Pid) {
+        self.check_booted();
+        let deadline = Instant::now() + self.s.graceful_timeout.0;
+        let signal = self.s.stop_signal.0;
+        for old in self.workers.iter_mut().filter(|w| w.slot == slot && w.pid != pid && !w.is_stopping()) {
+            let reason = old.replace.unwrap_or("replaced");
+            info!("worker {slot} (pid {}) replaced by pid {pid} ({reason}): sending {}", old.pid, signal.as_str());
+            stop(old, signal, deadline, Why::Recycled(reason));
         }
     }
 
@@ -325,9 +373,17 @@ impl Master {
     /// retires workers whose slot no longer exists.
     fn restore_worker_count(&mut self, now: Instant) {
         for slot in 1..=self.slots.len() as u32 {
-            let occupied = self.workers.iter().any(|w| w.slot == slot && !w.is_stopping());
+            // A slot needs a worker when it has none that is serving or
+            // booting, other than one marked for replacement (it keeps serving
+            // until its successor is ready: capacity never drops).
+            let mut active = self.workers.iter().filter(|w| w.slot == slot && !w.is_stopping());
+            let needs = match (active.next(), active.next()) {
+                (None, _) => true,
+                (Some(w), None) => w.replace.is_some() && w.is_ready(),
+                _ => false,
+            };
             let waiting = self.slots[slot as usize - 1].not_before.is_some_and(|t| t > now);
-            if !occupied && !waiting {
+            if needs && !waiting {
                 self.spawn_worker(slot, now);
                 if self.shutdown.is_some() {
                     return;
@@ -339,7 +395,7 @@ impl Master {
         let count = self.slots.len() as u32;
         for w in self.workers.iter_mut().filter(|w| w.slot > count && !w.is_stopping()) {
             info!("worker {} (pid {}) retired: sending {}", w.slot, w.pid, signal.as_str());
-            stop(w, signal, now + graceful);
+            stop(w, signal, now + graceful, Why::Retired);
         }
     }
 
@@ -353,17 +409,23 @@ impl Master {
         env.set("DROVER_WORKER_ID", slot.to_string());
         env.set("DROVER_GENERATION", self.generation.to_string());
         env.set("DROVER_GRACEFUL_TIMEOUT", self.s.graceful_timeout.0.as_secs_f64().to_string());
+        if let Some(t) = self.s.timeout {
+            env.set("WATCHDOG_USEC", t.0.as_micros().to_string());
+            env.set_child_pid("WATCHDOG_PID");
+        }
         let fds: Vec<RawFd> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
         match spawn::spawn(&self.program, &env, &fds, self.devnull.as_raw_fd()) {
             Ok(pid) => {
                 let state = match self.s.ready {
-                    Ready::Spawn => State::Ready,
+                    Ready::Spawn => State::Ready { heartbeat: self.s.timeout.map(|t| now + t.0) },
                     Ready::Notify => State::Booting { deadline: Some(now + self.s.boot_timeout.0) },
                 };
                 info!("worker {slot} (pid {pid}) spawned, generation {}", self.generation);
-                self.workers.push(Worker::new(slot, pid, state, now));
-                if state == State::Ready {
-                    self.check_booted();
+                let recycle_at = self.s.max_age.map(|age| now + age.0 + liveness::jitter(self.s.max_age_jitter.0, pid));
+                let ready = matches!(state, State::Ready { .. });
+                self.workers.push(Worker::new(slot, pid, state, now, recycle_at));
+                if ready {
+                    self.on_ready(slot, pid);
                 }
             }
             Err(e) if !self.booted => {
@@ -384,62 +446,14 @@ impl Master {
         info!("{why}: {} -> {count} workers", self.slots.len());
         self.slots.resize(count as usize, Slot::default());
     }
-
-    /// Kills what is overdue: workers that did not boot or stop in time.
-    fn enforce_deadlines(&mut self, now: Instant) {
-        for w in self.workers.iter_mut() {
-            if w.deadline().is_none_or(|d| d > now) {
-                continue;
-            }
-            let (slot, pid) = (w.slot, w.pid);
-            let cause = match w.state {
-                State::Booting { .. } => {
-                    error!(
-                        "worker {slot} (pid {pid}) did not report READY=1 within boot_timeout ({}); \
-                         killing its process group",
-                        self.s.boot_timeout
-                    );
-                    Kill::BootTimeout
-                }
-                _ => {
-                    warn!(
-                        "worker {slot} (pid {pid}) still running at its stop deadline; \
-                         sending SIGKILL to its process group"
-                    );
-                    if let Some(sd) = self.shutdown.as_mut() {
-                        sd.killed += 1;
-                    }
-                    Kill::GraceExpired
-                }
-            };
-            w.killed = Some(cause);
-            // The worker leads its own process group: this also takes whatever
-            // it started that is still in the group.
-            if let Err(e) = killpg(pid, Signal::SIGKILL) {
-                let _ = kill(pid, Signal::SIGKILL);
-                debug!("killpg({pid}) failed ({e}); killed the worker alone");
-            }
-        }
-    }
-
-    /// The nearest instant at which something is due, if any.
-    fn next_deadline(&self) -> Option<Instant> {
-        let workers = self.workers.iter().filter_map(Worker::deadline);
-        let respawns = self
-            .slots
-            .iter()
-            .filter(|_| self.shutdown.is_none())
-            .filter_map(|s| s.not_before);
-        workers.chain(respawns).min()
-    }
 }
 
 /// Asks a worker to stop, with a deadline after which it is killed.
-fn stop(w: &mut Worker, signal: Signal, deadline: Instant) {
+fn stop(w: &mut Worker, signal: Signal, deadline: Instant, why: Why) {
     if let Err(e) = kill(w.pid, signal) {
         debug!("kill({}, {}) failed: {e}", w.pid, signal.as_str());
     }
-    w.state = State::Stopping { deadline };
+    w.state = State::Stopping { deadline, why };
 }
 
 /// The delay before the `failures`-th consecutive respawn: doubling from

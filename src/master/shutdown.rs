@@ -7,7 +7,7 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
-use super::worker::ms;
+use super::worker::{ms, Why};
 use super::{exit, stop, Master};
 use crate::hooks;
 
@@ -72,7 +72,7 @@ impl Master {
                 Some(d) if quick && d < deadline => d,
                 _ => deadline,
             };
-            stop(w, signal, deadline);
+            stop(w, signal, deadline, Why::Shutdown);
         }
     }
 

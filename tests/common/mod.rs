@@ -61,6 +61,8 @@ pub struct Start {
     pub pass: Vec<(std::os::fd::OwnedFd, i32)>,
     /// Hand them over as systemd does: LISTEN_FDS, and LISTEN_PID = drover's pid.
     pub systemd: bool,
+    /// Run this program (with `args`) instead of drover, e.g. a wrapper.
+    pub program: Option<String>,
 }
 
 pub struct Drover {
@@ -89,7 +91,7 @@ impl Start {
             c.arg("-c").arg(script).arg(drover_bin());
             c
         } else {
-            Command::new(drover_bin())
+            Command::new(self.program.as_deref().unwrap_or(drover_bin()))
         };
         if let Some(text) = &self.config {
             let text = text.replace("$DIR", &dir.path().display().to_string());

@@ -7,6 +7,7 @@ only, and answers:
   /probe     JSON: pid, process group, environment, open fds, signal state,
              stdin, parent-death signal, and libsystemd's sd_listen_fds()
   /orphan    leaves a grandchild that outlives its parent (re-parented to drover)
+  /orphans?n=N  N grandchildren, each orphaned at once
   /sleep?ms=N
 Options: --notify (send READY=1), --exit N (exit with N at once),
          --ignore-term (SIGTERM ignored), --probe-file F (write /probe's JSON to F
@@ -68,7 +69,14 @@ def probe():
             pass
     keys = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "DROVER_WORKER_ID",
             "DROVER_GENERATION", "DROVER_GRACEFUL_TIMEOUT", "PROBE_EXTRA", "PROBE_REMOVED")
+    umask = os.umask(0)
+    os.umask(umask)
     return {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": ",".join(str(g) for g in sorted(os.getgroups())),
+        "umask": oct(umask),
+        "cwd": os.getcwd(),
         "pid": os.getpid(),
         "ppid": os.getppid(),
         "pgid": os.getpgid(0),
@@ -114,6 +122,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 os._exit(0)
             os.waitpid(pid, 0)
             self.reply("orphaned\n")
+        elif url.path == "/orphans":
+            # Many short-lived grandchildren, each orphaned at once.
+            n = int(query.get("n", ["1"])[0])
+            for _ in range(n):
+                pid = os.fork()
+                if pid == 0:
+                    if os.fork() == 0:
+                        os._exit(0)
+                    os._exit(0)
+                os.waitpid(pid, 0)
+            self.reply(f"orphaned {n}\n")
         elif url.path == "/sleep":
             time.sleep(int(query.get("ms", ["0"])[0]) / 1000)
             self.reply("slept\n")

@@ -16,6 +16,8 @@ use crate::Shared;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for the rest of a request (or for the client to take a response).
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a stop, how long a new connection may take to send its first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 /// After the last response, how long to read and discard what the client still
 /// sends, so that closing does not reset the connection under the response.
 const LINGER: Duration = Duration::from_secs(1);
@@ -53,10 +55,12 @@ impl Conn {
     /// Returns `Ok` when a response with `Connection: close` was sent (then
     /// the caller lingers), `Err(Closed)` when the connection simply ends.
     fn run(&mut self, shared: &Shared) -> Result<(), Closed> {
+        let mut first = true;
         loop {
             if self.len == 0 {
-                self.wait_for_request(shared)?;
+                self.wait_for_request(shared, first)?;
             }
+            first = false;
             let request = match self.read_head()? {
                 Ok(request) => request,
                 Err(status) => {
@@ -91,16 +95,30 @@ impl Conn {
     /// Between requests: waits for the client or for a stop. An idle
     /// connection is closed at once when the worker stops; if the client's
     /// next request is already here, it is served (and answered with close).
-    fn wait_for_request(&self, shared: &Shared) -> Result<(), Closed> {
+    /// A new connection is different: it was accepted, so its client expects
+    /// an answer; its first request is awaited for up to [`FIRST_REQUEST_GRACE`]
+    /// after a stop (closing it earlier would reset the request in flight).
+    fn wait_for_request(&self, shared: &Shared, first: bool) -> Result<(), Closed> {
         let deadline = Instant::now() + IDLE_TIMEOUT;
+        let mut stop_seen: Option<Instant> = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Closed);
             }
-            match poll2(self.stream.as_raw_fd(), shared.stop.fd(), left) {
+            let (stop_fd, slice) = if first {
+                (-1, left.min(Duration::from_millis(100)))
+            } else {
+                (shared.stop.fd(), left)
+            };
+            match poll2(self.stream.as_raw_fd(), stop_fd, slice) {
                 Ready::First => return Ok(()),
                 Ready::Second => return Err(Closed),
+                Ready::Nothing if first && shared.stop.is_stopping() => {
+                    if stop_seen.get_or_insert_with(Instant::now).elapsed() >= FIRST_REQUEST_GRACE {
+                        return Err(Closed);
+                    }
+                }
                 Ready::Nothing => {}
             }
         }
@@ -195,10 +213,15 @@ fn handle(route: &Route) -> (u16, String) {
         }
         // Simulates a worker dying mid-request: no response, no cleanup.
         Route::Crash => std::process::exit(1),
-        // Simulates a stuck request: ignores stops; only SIGKILL ends it.
-        Route::Hang => loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        },
+        // Simulates a wedged worker: the request never ends, stops are
+        // ignored, and heartbeats stop (the heartbeat thread needs the lock
+        // this holds forever), so drover's heartbeat timeout catches it.
+        Route::Hang => {
+            let _wedged = crate::WEDGE.lock();
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
         Route::NotFound => (404, "not found\n".to_owned()),
         Route::BadQuery(why) => (400, format!("bad query: {why}\n")),
     }

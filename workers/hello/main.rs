@@ -13,8 +13,10 @@
 //!   GET /sleep?ms=N     sleeps N ms, then 200 `slept N ms`
 //!   GET /cpu?ms=N       busy-loops N ms, then 200
 //!   GET /crash          exits with status 1 at once, without answering
-//!   GET /hang           never answers, even when asked to stop (drover's
-//!                       SIGKILL at the end of the grace period ends it)
+//!   GET /hang           never answers, even when asked to stop, and wedges
+//!                       the worker: no more heartbeats (drover's heartbeat
+//!                       timeout or its SIGKILL at the end of the grace period
+//!                       ends it)
 //!   anything else       404; a bad `ms` is a 400
 //! Every response has `Content-Length`, `Content-Type: text/plain` and
 //! `X-Worker-Pid`. Connections are kept alive per HTTP/1.1 (one thread each).
@@ -51,6 +53,10 @@ const MAX_DRAIN_ACCEPTS: usize = 65_536;
 const ACCEPT_BATCH: usize = 64;
 /// Stack for connection threads: they keep their buffers on the heap.
 const CONN_STACK: usize = 256 * 1024;
+
+/// Held forever by `/hang`; the heartbeat thread takes it before each
+/// `WATCHDOG=1`, so a wedged worker stops sending heartbeats.
+pub static WEDGE: Mutex<()> = Mutex::new(());
 
 /// State shared by the acceptors and the connection threads.
 pub struct Shared {
@@ -264,6 +270,7 @@ fn start_heartbeat(interval: Duration) {
     let spawned = thread::Builder::new()
         .name("heartbeat".to_owned())
         .spawn(move || loop {
+            drop(WEDGE.lock());
             if let Err(e) = drover_worker::heartbeat() {
                 say!("cannot send WATCHDOG=1: {e}");
             }

@@ -1,0 +1,214 @@
+//! Liveness and limits: heartbeats, recycling, the pidfile, privileges and
+//! PID 1 duties, with the real binary.
+
+mod common;
+
+use common::*;
+
+fn hello(extra: &str) -> String {
+    format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"{}\"]\nready = \"notify\"\n{extra}\n",
+        hello_bin()
+    )
+}
+
+#[test]
+fn a_wedged_worker_is_aborted_at_its_heartbeat_deadline_and_replaced() {
+    let d = Start::config(&hello("workers = 1\ntimeout = \"1s\"\nabort_grace = \"2s\"")).run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    let first = get_ok(addr, "/").worker_pid();
+    // /hang wedges the worker: its heartbeats stop.
+    let workers = d.wait_workers(1);
+    let _hung = get_in_flight(addr, "/hang", &workers);
+    let log = d.wait_log("missed its heartbeat (no WATCHDOG=1 for 1s): SIGABRT, then SIGKILL in 2s");
+    assert!(log.contains(&format!("worker 1 (pid {first}) missed its heartbeat")), "{log}");
+    let second = wait_for("a replacement to answer", LIMIT, || {
+        get(addr, "/").ok().map(|r| r.worker_pid()).filter(|p| *p != first)
+    });
+    assert_ne!(first, second);
+    let log = d.wait_log("(heartbeat timeout: SIGABRT)");
+    assert!(log.contains(&format!("worker 1 (pid {first}) killed by SIGABRT")), "{log}");
+}
+
+#[test]
+fn a_worker_that_survives_sigabrt_is_killed_after_abort_grace() {
+    // A shell worker that ignores SIGABRT and never sends a heartbeat.
+    let config = "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"trap '' ABRT; while :; do sleep 1; done\"]\n\
+                  timeout = \"500ms\"\nabort_grace = \"500ms\"\nlog_level = \"debug\"";
+    let d = Start::config(config).run();
+    d.wait_log("missed its heartbeat");
+    let log = d.wait_log("killed by SIGKILL (heartbeat timeout)");
+    assert!(log.contains("still running at its stop deadline"), "{log}");
+    // The slot was refilled as soon as the worker stopped serving.
+    d.wait_log_count("spawned", 2);
+}
+
+#[test]
+fn extend_timeout_pushes_the_boot_deadline() {
+    // Asks for 3 s more at once, then reports ready after 1.5 s: past the
+    // 1 s boot_timeout, within the extension.
+    let script = "import os,socket,time\n\
+                  s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
+                  s.sendto(b'EXTEND_TIMEOUT_USEC=3000000',os.environ['NOTIFY_SOCKET'])\n\
+                  time.sleep(1.5)\n\
+                  s.sendto(b'READY=1',os.environ['NOTIFY_SOCKET'])\n\
+                  time.sleep(60)";
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"python3\", \"-c\", {script:?}]\nready = \"notify\"\nboot_timeout = \"1s\""
+    );
+    let d = Start::config(&config).run();
+    let log = d.wait_log("all 1 workers ready");
+    assert!(!log.contains("did not report READY=1"), "{log}");
+}
+
+fn recycle_under_load(extra: &str, marker: &str) {
+    let d = Start::config(&hello(&format!("workers = 2\n{extra}"))).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let load = Load::start(addr, 20, "/sleep?ms=2");
+    // Several generations of replacements while the load runs.
+    d.wait_log_count(marker, 4);
+    d.wait_log_count("replaced by pid", 4);
+    wait_answered(&load, 200);
+    let o = load.finish();
+    eprintln!("outcomes: {o:?}");
+    assert_eq!((o.refused, o.reset, o.truncated, o.other), (0, 0, 0, 0), "{o:?}");
+    let log = d.log();
+    assert!(!log.contains("respawning"), "recycling is not a crash: {log}");
+}
+
+#[test]
+fn max_age_recycles_without_a_failed_request() {
+    recycle_under_load(
+        "max_age = \"700ms\"\nmax_age_jitter = \"200ms\"",
+        "reached max_age after",
+    );
+}
+
+#[test]
+fn max_memory_recycles_without_a_failed_request() {
+    // Every worker is over 1 byte: each check replaces them all.
+    recycle_under_load(
+        "max_memory = \"1\"\nmemory_check_interval = \"300ms\"",
+        "over max_memory",
+    );
+}
+
+#[test]
+fn a_failing_slot_is_reported_as_degraded() {
+    let d = Start::args(&[
+        "-b",
+        "127.0.0.1:0",
+        "--set",
+        "respawn_delay=10ms",
+        "--set",
+        "respawn_max_delay=40ms",
+        "--set",
+        "degraded_after=3",
+        "--",
+        "false",
+    ])
+    .run();
+    d.wait_log("slot 1 is degraded: 3 failures in a row; retrying every 40.0 ms at most");
+}
+
+#[test]
+fn a_second_drover_on_the_same_pidfile_refuses_to_start() {
+    let config = hello("pidfile = \"$DIR/../drover-shared.pid\"");
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("drover.pid");
+    let config = config.replace("$DIR/../drover-shared.pid", &pidfile.display().to_string());
+    let first = Start::config(&config).run();
+    first.wait_log("all 1 workers ready");
+    let mut second = Start::config(&config).run();
+    assert_eq!(second.wait_exit(LIMIT).code(), Some(1));
+    let expected = format!("another drover (pid {}) is running and holds its lock", first.pid());
+    assert!(second.log().contains(&expected), "{}", second.log());
+    assert_eq!(read_file(&pidfile).trim(), first.pid().to_string(), "the first one's pidfile is untouched");
+}
+
+#[test]
+fn a_stale_pidfile_does_not_block_a_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("drover.pid");
+    // A pid that exists (our own) but holds no lock: a reused pid.
+    std::fs::write(&pidfile, format!("{}\n", std::process::id())).unwrap();
+    let config = hello(&format!("pidfile = \"{}\"", pidfile.display()));
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    assert_eq!(read_file(&pidfile).trim(), d.pid().to_string());
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    assert!(!pidfile.exists());
+}
+
+#[test]
+fn workers_run_as_an_unprivileged_user() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let config = format!(
+        // The system's python3: a per-user install (pyenv) may be unreadable to nobody.
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"/usr/bin/python3\", \"{}\", \"--notify\"]\nready = \"notify\"\n\
+         user = \"nobody\"\numask = \"027\"\nchdir = \"/\"\n",
+        probe_py()
+    );
+    let d = Start::config(&config).run();
+    // READY=1 arrived: the notify socket is reachable by the workers' user.
+    d.wait_log("all 1 workers ready");
+    let body = get_ok(d.tcp_addr(), "/probe").body;
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert!(body.contains(&format!("\"uid\": {}", nobody.uid)), "{body}");
+    assert!(body.contains(&format!("\"gid\": {}", nobody.gid)), "{body}");
+    assert!(body.contains(&format!("\"groups\": \"{}\"", nobody.gid)), "supplementary groups are nobody's: {body}");
+    assert!(body.contains("\"umask\": \"0o27\""), "{body}");
+    assert!(body.contains("\"cwd\": \"/\""), "{body}");
+    // The notify directory belongs to the workers' user and is closed to others.
+    let socket = body.split("\"NOTIFY_SOCKET\": \"").nth(1).unwrap().split('"').next().unwrap();
+    let dir = std::path::Path::new(socket).parent().unwrap();
+    let meta = std::fs::metadata(dir).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (nobody.uid.as_raw(), 0o700));
+}
+
+#[test]
+fn as_pid_1_in_a_fresh_namespace_no_orphan_stays_a_zombie() {
+    if !nix::unistd::getuid().is_root() || std::process::Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("skipped: needs root and unshare(1)");
+        return;
+    }
+    let start = Start {
+        args: vec![
+            "--pid".into(),
+            "--fork".into(),
+            "--mount-proc".into(),
+            drover_bin().into(),
+            "-b".into(),
+            "127.0.0.1:0".into(),
+            "-w".into(),
+            "2".into(),
+            "--".into(),
+            "python3".into(),
+            probe_py(),
+        ],
+        program: Some("unshare".into()),
+        ..Start::default()
+    };
+    let mut d = start.run();
+    let addr = d.tcp_addr();
+    // drover is the child of unshare, and PID 1 of the new namespace.
+    let drover = wait_for("drover under unshare", LIMIT, || children_of(d.pid()).first().copied());
+    let r = get_ok(addr, "/orphans?n=500");
+    assert_eq!(r.body, "orphaned 500\n");
+    let r = get_ok(addr, "/orphans?n=500");
+    assert_eq!(r.body, "orphaned 500\n");
+    // Every grandchild was re-parented to drover and reaped: only the two
+    // workers remain as its children, and no zombie.
+    wait_for("no zombie under drover", LIMIT, || {
+        (zombies_of(drover).is_empty() && children_of(drover).len() == 2).then_some(())
+    });
+    nix::sys::signal::kill(drover, Signal::SIGTERM).unwrap();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+}

@@ -1,0 +1,648 @@
+"""drover_worker: the Python SDK for workers run by drover (standard library only).
+
+drover speaks the systemd conventions, so everything here also works under
+systemd socket activation and ``Type=notify``:
+
+* :func:`listeners` -- the listening sockets passed at fd 3.. (``LISTEN_FDS``,
+  ``LISTEN_PID``, ``LISTEN_FDNAMES``);
+* :func:`notify`, :func:`ready`, :func:`heartbeat`, :func:`status`,
+  :func:`stopping`, :func:`extend_timeout` -- one datagram each to
+  ``$NOTIFY_SOCKET`` (no-ops returning False when it is unset);
+* :func:`install` / :func:`install_asyncio` -- SIGTERM and SIGINT ask for a
+  graceful stop, SIGQUIT for a quick one: :data:`stop_event` is set and
+  :func:`stop_kind` says which. Handlers the application installed before are
+  called after ours (chained), not replaced;
+* the cleanup registry -- :func:`on_exit` (decorator or function),
+  :func:`register`, :func:`run_cleanup`.
+
+Cleanup registry semantics (the same in drover's Rust SDK): each function runs
+at most once, last registered first; an exception in one is logged on stderr
+with its name and traceback and the others still run; the whole run is bounded
+by the remaining grace budget (``DROVER_GRACEFUL_TIMEOUT`` seconds, default 30,
+counted from the stop request if there was one): the functions run on a daemon
+thread and one still running when the budget ends is abandoned with a log line
+naming it. The registry runs when the application calls :func:`run_cleanup`
+(after draining, on a stop) or at normal interpreter exit (``atexit``),
+whichever comes first -- exactly once in total. The signal handlers only set
+the stop state; the drover WSGI worker (``drover_wsgi``) drains and calls
+:func:`run_cleanup` for you.
+
+Log lines go to stderr, prefixed ``drover_worker[<pid>]:``.
+"""
+
+import asyncio
+import atexit
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+__all__ = [
+    "ListenError",
+    "Listener",
+    "listeners",
+    "listeners_by_name",
+    "listeners_or_bind",
+    "notify",
+    "ready",
+    "heartbeat",
+    "status",
+    "stopping",
+    "extend_timeout",
+    "watchdog_interval",
+    "install",
+    "install_asyncio",
+    "request_stop",
+    "stop_event",
+    "stop_kind",
+    "stop_fd",
+    "on_exit",
+    "register",
+    "run_cleanup",
+    "remaining_budget",
+    "graceful_timeout",
+]
+
+#: The first inherited listening fd (SD_LISTEN_FDS_START).
+LISTEN_FDS_START = 3
+#: Grace budget when DROVER_GRACEFUL_TIMEOUT is not set (drover's default).
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
+
+
+def _log(message):
+    """One line on stderr (newlines inside become spaces), one write call."""
+    text = "drover_worker[%d]: %s\n" % (os.getpid(), message.replace("\n", " "))
+    _write_stderr(text)
+
+
+def _write_stderr(text):
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except Exception:
+        try:
+            os.write(2, text.encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Listening sockets
+# ---------------------------------------------------------------------------
+
+
+class ListenError(Exception):
+    """The inherited sockets cannot be used. A worker should exit with status 3
+    ("cannot boot") on it, so that drover does not respawn it in a loop."""
+
+
+class Listener(socket.socket):
+    """A ``socket.socket`` with the ``name`` drover (``LISTEN_FDNAMES``) gave it."""
+
+    def __init__(self, fileno, name):
+        super().__init__(fileno=fileno)
+        self.name = name
+
+    def __repr__(self):
+        return "<Listener %r fd=%d %s>" % (self.name, self.fileno(), _describe(self))
+
+
+def _describe(sock):
+    try:
+        addr = sock.getsockname()
+    except OSError:
+        return "?"
+    if sock.family == socket.AF_UNIX:
+        if isinstance(addr, bytes):
+            addr = "@" + addr[1:].decode("utf-8", "replace")
+        return "unix:" + (addr or "?")
+    if sock.family == socket.AF_INET6:
+        return "[%s]:%d" % (addr[0], addr[1])
+    return "%s:%d" % (addr[0], addr[1])
+
+
+def parse_activation(listen_fds, listen_pid, listen_fdnames, pid):
+    """Checks the activation variables' values (None when unset) against our
+    ``pid`` and returns one name per fd. Pure: touches no descriptor."""
+    missing = [n for n, v in (("LISTEN_FDS", listen_fds), ("LISTEN_PID", listen_pid)) if v is None]
+    if missing:
+        raise ListenError(
+            "no listening sockets were passed to this process (%s not set): it must run "
+            "under drover (or systemd socket activation), which binds the sockets and "
+            "passes them at fd 3 and up" % " and ".join(missing)
+        )
+    try:
+        expected = int(listen_pid.strip())
+    except ValueError:
+        raise ListenError("invalid LISTEN_PID=%r: not a process id" % listen_pid) from None
+    if expected != pid:
+        raise ListenError(
+            "LISTEN_PID is %d but this process is %d: the sockets were passed to another "
+            "process (inherited environment), refusing to use them" % (expected, pid)
+        )
+    try:
+        count = int(listen_fds.strip())
+        if count < 0:
+            raise ValueError
+    except ValueError:
+        raise ListenError("invalid LISTEN_FDS=%r: not a number of file descriptors" % listen_fds) from None
+    if listen_fdnames is None:
+        return ["unknown"] * count
+    if listen_fdnames == "" and count == 0:
+        return []
+    names = listen_fdnames.split(":")
+    if len(names) != count:
+        raise ListenError(
+            "invalid LISTEN_FDNAMES=%r: %d names for LISTEN_FDS=%d" % (listen_fdnames, len(names), count)
+        )
+    return names
+
+
+_listen_lock = threading.Lock()
+_taken = None
+
+
+def listeners():
+    """The listening sockets passed by drover (or systemd), as :class:`Listener`
+    objects (``socket.socket`` with a ``name``), fd 3 first.
+
+    On success the fds become non-inheritable and ``LISTEN_FDS``, ``LISTEN_PID``
+    and ``LISTEN_FDNAMES`` are removed from the environment, so that programs the
+    worker starts do not take them too. Later calls return the same list.
+
+    Raises :class:`ListenError` when the variables are missing (not started by
+    drover) or belong to another process (``LISTEN_PID`` is not our pid), and
+    leaves fd 3.. alone then.
+    """
+    global _taken
+    with _listen_lock:
+        if _taken is not None:
+            return list(_taken)
+        env = os.environ
+        names = parse_activation(
+            env.get("LISTEN_FDS"), env.get("LISTEN_PID"), env.get("LISTEN_FDNAMES"), os.getpid()
+        )
+        socks = []
+        for i, name in enumerate(names):
+            fd = LISTEN_FDS_START + i
+            try:
+                sock = Listener(fd, name)
+            except OSError as e:
+                for s in socks:
+                    s.detach()
+                raise ListenError("inherited fd %d is not a usable socket: %s" % (fd, e)) from None
+            socks.append(sock)
+        for sock in socks:
+            sock.set_inheritable(False)
+        for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            env.pop(var, None)
+        _taken = socks
+        return list(socks)
+
+
+def listeners_by_name():
+    """``{name: [Listener, ...]}`` (names may repeat, as under systemd)."""
+    by_name = {}
+    for sock in listeners():
+        by_name.setdefault(sock.name, []).append(sock)
+    return by_name
+
+
+def listeners_or_bind(address):
+    """:func:`listeners` when started by drover; otherwise, for development,
+    binds ``address`` ("host:port", "[v6]:port" or "unix:/path") and returns it
+    as the only listener (named "fallback"). A LISTEN_PID mismatch still raises."""
+    env = os.environ
+    if env.get("LISTEN_FDS") is not None or env.get("LISTEN_PID") is not None or _taken is not None:
+        return listeners()
+    if address.startswith("unix:"):
+        path = address[5:]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise ListenError("cannot bind fallback address %s: %s" % (address, e)) from None
+    else:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(info[0], socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(info[4])
+        except (OSError, ValueError) as e:
+            raise ListenError("cannot bind fallback address %s: %s" % (address, e)) from None
+    sock.listen(1024)
+    fd = sock.detach()
+    return [Listener(fd, "fallback")]
+
+
+# ---------------------------------------------------------------------------
+# Notify (systemd's sd_notify protocol)
+# ---------------------------------------------------------------------------
+
+
+def notify(state):
+    """Sends ``state`` ("KEY=VALUE", or several lines) as one datagram to
+    ``$NOTIFY_SOCKET`` (an absolute path, or "@name" for Linux's abstract
+    namespace). Returns False when ``NOTIFY_SOCKET`` is unset or empty, True
+    once sent; raises OSError when sending fails."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    elif addr[0] != "/":
+        raise OSError("NOTIFY_SOCKET=%r is neither an absolute path nor @abstract" % addr)
+    data = state.encode("utf-8") if isinstance(state, str) else bytes(state)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.sendto(data, addr)
+    return True
+
+
+def ready():
+    """READY=1: the worker accepts; drover counts it as booted."""
+    return notify("READY=1")
+
+
+def heartbeat():
+    """WATCHDOG=1: the worker is alive (send it at half of :func:`watchdog_interval`)."""
+    return notify("WATCHDOG=1")
+
+
+def status(text):
+    """STATUS=<text>: a free-form line shown in drover's log."""
+    return notify("STATUS=" + str(text).replace("\n", " "))
+
+
+def stopping():
+    """STOPPING=1: the worker is going away on its own (e.g. after max requests):
+    drover replaces it at once instead of treating the exit as a crash."""
+    return notify("STOPPING=1")
+
+
+def extend_timeout(seconds):
+    """EXTEND_TIMEOUT_USEC: asks for more time for the current phase."""
+    return notify("EXTEND_TIMEOUT_USEC=%d" % int(seconds * 1_000_000))
+
+
+def watchdog_interval():
+    """The heartbeat interval drover expects (``WATCHDOG_USEC``, in seconds), or
+    None when no heartbeat is expected (or ``WATCHDOG_PID`` names another process)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    wpid = os.environ.get("WATCHDOG_PID")
+    if not usec:
+        return None
+    try:
+        if wpid and int(wpid) != os.getpid():
+            return None
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 1_000_000 if value > 0 else None
+
+
+# ---------------------------------------------------------------------------
+# Stop state and signal handling
+# ---------------------------------------------------------------------------
+
+_KIND_RANK = {None: 0, "graceful": 1, "quick": 2}
+
+
+class _StopEvent(threading.Event):
+    """A ``threading.Event`` that can be set from a signal handler.
+
+    ``threading.Event`` uses a non-reentrant lock: a handler calling ``set()``
+    while the main thread is inside ``wait()`` or ``set()`` could deadlock. This
+    one uses a reentrant lock, and in the main thread (where Python runs signal
+    handlers) ``wait()`` blocks in ``select()`` on the stop pipe, so a wake-up
+    cannot be lost between the check and the wait. It is never cleared.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._cond = threading.Condition(threading.RLock())
+
+    def wait(self, timeout=None):
+        if threading.current_thread() is not threading.main_thread():
+            return super().wait(timeout)
+        import select
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            select.select([_pipe_fds()[0]], [], [], left)
+        return self.is_set()
+
+    def set(self):
+        try:
+            os.write(_pipe_fds()[1], b"x")
+        except OSError:
+            pass  # full: it is readable already
+        super().set()
+
+    def clear(self):
+        raise RuntimeError("the stop event is never cleared")
+
+
+#: Set (never cleared) once a stop has been requested, by a signal or by
+#: :func:`request_stop`. Safe to wait on from any thread.
+stop_event = _StopEvent()
+_stop_kind = None
+_stop_time = None
+_pipe = None
+_pipe_lock = threading.Lock()
+
+
+def _pipe_fds():
+    global _pipe
+    if _pipe is None:
+        with _pipe_lock:
+            if _pipe is None:
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                os.set_blocking(w, False)
+                _pipe = (r, w)
+    return _pipe
+
+
+def stop_fd():
+    """A file descriptor that becomes readable at the first stop request and
+    stays readable (never read it): watch it with select/poll next to sockets."""
+    return _pipe_fds()[0]
+
+
+def stop_kind():
+    """None (running), "graceful" (SIGTERM/SIGINT) or "quick" (SIGQUIT).
+    A stop is never downgraded: quick wins over graceful."""
+    if _stop_kind is None and stop_event.is_set():
+        return "graceful"  # stop_event.set() called directly
+    return _stop_kind
+
+
+def stop_requested_at():
+    """``time.monotonic()`` of the first stop request, or None."""
+    return _stop_time
+
+
+def request_stop(kind="graceful"):
+    """Asks for a stop from the program, as the signals do. Any thread."""
+    global _stop_kind, _stop_time
+    if kind not in ("graceful", "quick"):
+        raise ValueError("kind must be 'graceful' or 'quick'")
+    if _stop_time is None:
+        _stop_time = time.monotonic()
+    if _KIND_RANK[kind] > _KIND_RANK[_stop_kind]:
+        _stop_kind = kind
+    stop_event.set()
+
+
+def _is_chainable(handler):
+    return callable(handler) and handler is not signal.default_int_handler
+
+
+_installed = {}  # signum -> our handler function currently installed
+_install_lock = threading.Lock()
+
+
+def _make_handler(kind, previous, exit_on_stop):
+    def handler(signum, frame):
+        request_stop(kind)
+        if previous is not None:
+            previous(signum, frame)
+        if exit_on_stop:
+            raise SystemExit(0)
+
+    handler.__drover_worker__ = True
+    return handler
+
+
+def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=False):
+    """Handles SIGTERM (graceful stop), SIGINT (graceful; left alone with
+    ``sigint=False``) and ``quick_signal`` (quick stop; SIGQUIT by default) by
+    setting :data:`stop_event`. Returns :data:`stop_event`.
+
+    A Python-level handler the application installed before is called after ours
+    (its stop request is not swallowed); SIG_DFL, SIG_IGN and Python's default
+    SIGINT handler (KeyboardInterrupt) are replaced, not chained. SIGINT that is
+    ignored at install time (a background job) stays ignored. Calling it again
+    is harmless: a handler the application installed in between is chained.
+
+    With ``exit_on_stop=True`` the handler also raises ``SystemExit(0)`` in the
+    main thread, for programs without a drain loop of their own: the stack
+    unwinds (``finally`` blocks run) and the registry runs at interpreter exit.
+
+    Must be called from the main thread (a rule of the ``signal`` module).
+    """
+    wanted = [(signal.SIGTERM, "graceful"), (quick_signal, "quick")]
+    if sigint:
+        wanted.insert(1, (signal.SIGINT, "graceful"))
+    _pipe_fds()
+    with _install_lock:
+        for signum, kind in wanted:
+            current = signal.getsignal(signum)
+            if current is not None and current is _installed.get(signum):
+                continue  # ours, still in place
+            if signum == signal.SIGINT and current == signal.SIG_IGN:
+                continue  # started in the background: Ctrl+C is not for us
+            previous = current if _is_chainable(current) else None
+            handler = _make_handler(kind, previous, exit_on_stop)
+            signal.signal(signum, handler)
+            _installed[signum] = handler
+    return stop_event
+
+
+def install_asyncio(loop=None, sigint=True, quick_signal=signal.SIGQUIT):
+    """The asyncio variant of :func:`install`: ``loop.add_signal_handler`` for
+    the same signals. Returns an ``asyncio.Event`` set at the first stop (the
+    threading :data:`stop_event` and :func:`stop_kind` are updated too). A
+    Python-level handler installed before is called after ours, from the loop.
+
+    Call it from a coroutine running on ``loop`` (default: the running loop).
+    """
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    wanted = [(signal.SIGTERM, "graceful"), (quick_signal, "quick")]
+    if sigint:
+        wanted.insert(1, (signal.SIGINT, "graceful"))
+    _pipe_fds()
+
+    def on_signal(signum, kind, previous):
+        request_stop(kind)
+        event.set()
+        if previous is not None:
+            previous(signum, None)
+
+    for signum, kind in wanted:
+        current = signal.getsignal(signum)
+        if signum == signal.SIGINT and current == signal.SIG_IGN:
+            continue
+        previous = current if _is_chainable(current) else None
+        loop.add_signal_handler(signum, on_signal, signum, kind, previous)
+    return event
+
+
+# ---------------------------------------------------------------------------
+# The cleanup registry
+# ---------------------------------------------------------------------------
+
+_reg_lock = threading.Condition(threading.Lock())
+_entries = []  # [(name, fn)]
+_phase = "open"  # -> "running" -> "done"
+_local = threading.local()
+
+
+def register(name, fn):
+    """Registers ``fn()`` to run at cleanup under ``name`` (used in log lines).
+    Any thread. Registering once cleanup has started is logged and ignored."""
+    if not callable(fn):
+        raise TypeError("cleanup function must be callable")
+    with _reg_lock:
+        if _phase == "open":
+            _entries.append((str(name), fn))
+            return fn
+    _log("cleanup %r registered after cleanup started; it will not run" % (name,))
+    return fn
+
+
+def on_exit(fn=None, name=None):
+    """Registers a cleanup function; usable as ``@on_exit``, ``@on_exit("name")``,
+    ``@on_exit(name="name")`` or ``on_exit(fn, name="name")``. Returns the
+    function unchanged. The default name is the function's qualified name."""
+    if isinstance(fn, str):
+        fn, name = None, fn
+    if fn is None:
+        return lambda f: on_exit(f, name=name)
+    return register(name if name is not None else _default_name(fn), fn)
+
+
+def _default_name(fn):
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def graceful_timeout(value=None):
+    """``DROVER_GRACEFUL_TIMEOUT`` in seconds (a decimal; default 30)."""
+    if value is None:
+        value = os.environ.get("DROVER_GRACEFUL_TIMEOUT")
+    if value is None or value.strip() == "":
+        return DEFAULT_GRACEFUL_TIMEOUT
+    try:
+        seconds = float(value)
+        if not seconds >= 0 or seconds == float("inf"):
+            raise ValueError
+        return seconds
+    except ValueError:
+        _log("DROVER_GRACEFUL_TIMEOUT=%r is not a number of seconds; using %gs" % (value, DEFAULT_GRACEFUL_TIMEOUT))
+        return DEFAULT_GRACEFUL_TIMEOUT
+
+
+def remaining_budget():
+    """The grace budget left now, in seconds: :func:`graceful_timeout` minus the
+    time since the stop request (if there was one)."""
+    budget = graceful_timeout()
+    if _stop_time is not None:
+        budget -= time.monotonic() - _stop_time
+    return max(0.0, budget)
+
+
+def run_cleanup(budget=None):
+    """Runs the registry once (last registered first), bounded by ``budget``
+    seconds (default :func:`remaining_budget`). Later calls do nothing; a call
+    from another thread while it runs waits for it. Returns True if every
+    function finished within the budget."""
+    global _phase
+    if getattr(_local, "in_cleanup", False):
+        return True
+    with _reg_lock:
+        if _phase == "running":
+            while _phase == "running":
+                _reg_lock.wait()
+            return True
+        if _phase == "done":
+            return True
+        _phase = "running"
+        entries = list(_entries)
+        del _entries[:]
+    if budget is None:
+        budget = remaining_budget()
+    try:
+        return _run_entries(entries, budget)
+    finally:
+        with _reg_lock:
+            _phase = "done"
+            _reg_lock.notify_all()
+
+
+def _call(name, fn):
+    try:
+        fn()
+    except BaseException:
+        text = traceback.format_exc()
+        _write_stderr("drover_worker[%d]: cleanup %r failed:\n%s" % (os.getpid(), name, text))
+
+
+def _run_entries(entries, budget):
+    if not entries:
+        return True
+    todo = list(reversed(entries))  # last registered first
+    state = {"current": None, "next": 0}
+    lock = threading.Lock()
+    finished = threading.Event()
+
+    def helper():
+        _local.in_cleanup = True
+        while True:
+            with lock:
+                i = state["next"]
+                if i >= len(todo):
+                    state["current"] = None
+                    break
+                state["next"] = i + 1
+                state["current"] = todo[i][0]
+            _call(*todo[i])
+        finished.set()
+
+    try:
+        t = threading.Thread(target=helper, name="drover-cleanup", daemon=True)
+        t.start()
+    except RuntimeError as e:
+        # At interpreter shutdown (Python 3.12+) no thread can be started.
+        _log("cannot start the cleanup thread (%s); running cleanup without a time limit" % e)
+        _local.in_cleanup = True
+        try:
+            for name, fn in todo:
+                _call(name, fn)
+        finally:
+            _local.in_cleanup = False
+        return True
+    if finished.wait(budget):
+        return True
+    with lock:
+        current = state["current"]
+        skipped = [name for name, _ in todo[state["next"]:]]
+        state["next"] = len(todo)  # nothing more starts
+    skipped_text = "; not started: %s" % ", ".join(skipped) if skipped else ""
+    if current is not None:
+        _log(
+            "cleanup budget of %.1fs ran out while %r was still running; abandoned it%s"
+            % (budget, current, skipped_text)
+        )
+    elif skipped:
+        _log("cleanup budget of %.1fs ran out%s" % (budget, skipped_text))
+    return False
+
+
+def _at_exit():
+    run_cleanup()
+
+
+atexit.register(_at_exit)
