@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::config::{ConfigError, Layer, LogLevel, Settings};
+use crate::config::{ConfigError, Layer, Loaded, Source};
+use crate::control::{self, Command};
+use crate::logfile::LogFile;
 use crate::master::{self, exit};
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,50 @@ struct Cli {
 enum Action {
     /// Validate the configuration and exit (0 if valid, 2 if not).
     Check,
+    /// Send a command to a running drover through its control socket; the
+    /// exit status follows the verdict (0 done, 1 failed or unreachable).
+    Ctl {
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The control socket (default: `control_socket` of the config).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// How long to wait for the answer (a reload waits for its verdict).
+        #[arg(long, default_value = "5m", value_name = "DURATION")]
+        timeout: humantime::Duration,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Master and workers: slot, pid, generation, state, uptime, restarts, RSS.
+    Status,
+    /// Reload the config; waits for the verdict (applied or rolled back).
+    Reload,
+    /// Run N workers.
+    Scale { workers: u32 },
+    /// Shut down (graceful, or quick with --quick).
+    Stop {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Binary upgrade; waits until the new master is ready or has failed.
+    Upgrade,
+}
+
+impl CtlCommand {
+    fn request(&self) -> Command {
+        match self {
+            CtlCommand::Status => Command::Status,
+            CtlCommand::Reload => Command::Reload,
+            CtlCommand::Scale { workers } => Command::Scale { workers: *workers },
+            CtlCommand::Stop { quick } => Command::Stop { quick: *quick },
+            CtlCommand::Upgrade => Command::Upgrade,
+        }
+    }
 }
 
 /// One command-line flag as a settings layer: `key = value` in TOML, with
@@ -54,12 +99,9 @@ fn flag(flag: &str, key: &str, value: &str) -> Result<Layer, ConfigError> {
 }
 
 impl Cli {
-    /// The file, then every flag on top.
-    fn settings(&self) -> Result<(Settings, bool), ConfigError> {
-        let mut layer = match &self.config {
-            Some(path) => Layer::read(path)?,
-            None => Layer::default(),
-        };
+    /// The command line as a settings layer, over the file.
+    fn source(&self) -> Result<Source, ConfigError> {
+        let mut layer = Layer::default();
         for s in &self.set {
             layer = layer.overlay(Layer::parse_override(s)?);
         }
@@ -79,31 +121,37 @@ impl Cli {
         if !self.command.is_empty() {
             layer.command = Some(self.command.clone());
         }
-        let bind_was_set = layer.bind.is_some();
-        let log_from_cli = self.log_level.is_some();
-        let mut settings = layer.resolve()?;
-        // RUST_LOG sits between the file and the command line.
-        if !log_from_cli {
-            if let Some(level) = std::env::var("RUST_LOG").ok().and_then(|v| LogLevel::from_str(&v).ok()) {
-                settings.log_level = level;
-            }
-        }
-        Ok((settings, bind_was_set))
+        Ok(Source { file: self.config.clone(), cli: layer })
     }
 }
 
 /// drover's entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (settings, bind_was_set) = match cli.settings() {
-        Ok(s) => s,
+    if let Some(Action::Ctl { json, socket, timeout, command }) = &cli.action {
+        let path = match socket.clone().map(Ok).or_else(|| cli.source().and_then(|s| s.control_socket()).transpose()) {
+            Some(Ok(path)) => path,
+            Some(Err(e)) => {
+                eprintln!("drover: {e}");
+                return ExitCode::from(exit::USAGE);
+            }
+            None => {
+                eprintln!("drover ctl: no control socket: give --socket PATH, or -c a config that sets control_socket");
+                return ExitCode::from(exit::USAGE);
+            }
+        };
+        return ExitCode::from(control::ctl(&path, &command.request(), *json, (*timeout).into()));
+    }
+    let loaded = cli.source().and_then(|source| Ok((source.load()?, source)));
+    let (Loaded { settings, bind_was_set }, source) = match loaded {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("drover: {e}");
             return ExitCode::from(exit::USAGE);
         }
     };
     if let Some(Action::Check) = cli.action {
-        let origin = cli.config.as_ref().map_or("command line".into(), |p| p.display().to_string());
+        let origin = source.origin();
         println!(
             "{origin}: ok ({} worker(s) running {:?}, listening on {})",
             settings.workers.0,
@@ -112,13 +160,21 @@ pub fn main() -> ExitCode {
         );
         return ExitCode::from(exit::OK);
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(false)
-        .with_max_level(LevelFilter::from_level(settings.log_level.0))
-        .init();
-    match master::run(settings, bind_was_set) {
+    let log = match settings.log_file.as_deref().map(LogFile::open).transpose() {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("drover: log file: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let level = LevelFilter::from_level(settings.log_level.0);
+    let fmt = tracing_subscriber::fmt().with_target(false).with_ansi(false).with_max_level(level);
+    match &log {
+        Some(file) => fmt.with_writer(file.clone()).init(),
+        None => fmt.with_writer(std::io::stderr).init(),
+    }
+    let first = Loaded { settings, bind_was_set };
+    match master::run(source, first, log) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             tracing::error!("{e}");

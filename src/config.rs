@@ -23,7 +23,7 @@ use serde::Deserialize;
 macro_rules! settings {
     ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr; )*) => {
         /// What one source (the file, the command line) sets. Unset keys are `None`.
-        #[derive(Debug, Default, Deserialize)]
+        #[derive(Debug, Default, Clone, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct Layer {
             $( #[serde(default)] pub $name: Option<$ty>, )*
@@ -102,6 +102,12 @@ settings! {
     umask: Option<Mode> = None;
     /// The workers' working directory.
     chdir: Option<PathBuf> = None;
+    /// During a reload, at most this many new workers boot at once.
+    max_surge: Count = Count(1);
+    /// The control socket (JSON lines, mode 0600); none if unset.
+    control_socket: Option<PathBuf> = None;
+    /// drover's own log file (reopened on SIGUSR1); stderr if unset.
+    log_file: Option<PathBuf> = None;
     /// Become a child subreaper; unset means "when PID 1".
     subreaper: bool = std::process::id() == 1;
     /// Where to write the master's pid.
@@ -197,6 +203,55 @@ impl Layer {
             return Err(ConfigError::Other("`command`: the program name is empty".into()));
         }
         Ok(settings)
+    }
+}
+
+/// Where the settings come from: the file, re-read on every reload, and the
+/// command line, laid on top of it each time.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    pub file: Option<PathBuf>,
+    pub cli: Layer,
+}
+
+/// Settings as loaded, with what the loader needs to know about them.
+pub struct Loaded {
+    pub settings: Settings,
+    /// `bind` was given explicitly (else inherited sockets replace the default).
+    pub bind_was_set: bool,
+}
+
+impl Source {
+    pub fn load(&self) -> Result<Loaded, ConfigError> {
+        let file = match &self.file {
+            Some(path) => Layer::read(path)?,
+            None => Layer::default(),
+        };
+        let layer = file.overlay(self.cli.clone());
+        let bind_was_set = layer.bind.is_some();
+        let mut settings = layer.resolve()?;
+        // RUST_LOG sits between the file and the command line.
+        if self.cli.log_level.is_none() {
+            if let Some(level) = std::env::var("RUST_LOG").ok().and_then(|v| LogLevel::from_str(&v).ok()) {
+                settings.log_level = level;
+            }
+        }
+        Ok(Loaded { settings, bind_was_set })
+    }
+
+    /// The control socket the settings name, without requiring the rest to
+    /// be complete (for `drover ctl`).
+    pub fn control_socket(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let file = match &self.file {
+            Some(path) => Layer::read(path)?,
+            None => Layer::default(),
+        };
+        Ok(file.overlay(self.cli.clone()).control_socket.flatten())
+    }
+
+    /// Where the settings come from, for messages.
+    pub fn origin(&self) -> String {
+        self.file.as_ref().map_or("command line".into(), |p| p.display().to_string())
     }
 }
 

@@ -2,10 +2,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod hooks;
 pub mod listen;
+pub mod logfile;
 pub mod master;
 pub mod notify;
 pub mod pidfile;
+pub mod sdnotify;
 pub mod signals;
 pub mod spawn;

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -18,8 +19,8 @@ use crate::config::{Address, Bind, Settings};
 #[derive(Debug)]
 pub struct Listener {
     pub fd: OwnedFd,
-    /// The name workers see in `LISTEN_FDNAMES`.
-    pub name: String,
+    /// The configured address it was opened for (`None`: inherited as is).
+    pub address: Option<Address>,
     /// What it listens on, for logs (a port 0 bind shows the real port).
     pub shown: String,
     /// A Unix socket file we created and must remove: (path, device, inode).
@@ -39,6 +40,12 @@ pub enum ListenError {
 }
 
 impl Listener {
+    /// Closes our copy without touching the socket: for a socket another
+    /// process (a newer drover) goes on serving.
+    pub fn release(self) {
+        drop(self.fd);
+    }
+
     /// Stops accepting for good: new connection attempts are refused, and the
     /// socket file is removed, while the connections already queued stay for
     /// the workers to take. The master's copy is closed; the socket itself
@@ -70,40 +77,82 @@ impl Listener {
     }
 }
 
-/// Opens every configured listener, adopting inherited sockets first.
-///
-/// Sockets handed in with `LISTEN_FDS` (by systemd, or by a previous drover
-/// during an upgrade) are reused for the bind addresses they match. When no
-/// bind was configured explicitly, the inherited sockets are all there is.
+/// A generation's listeners, shared with the other generation during a
+/// reload, each with the name its workers see in `LISTEN_FDNAMES`.
+pub type Set = Vec<(Rc<Listener>, String)>;
+
+/// A socket handed in by our parent, with the name it gave it.
+pub struct Inherited {
+    fd: OwnedFd,
+    name: Option<String>,
+}
+
+/// Opens the listeners `settings` asks for, reusing what is already open:
+/// the `current` generation's sockets for unchanged addresses, and sockets
+/// handed in with `LISTEN_FDS` (by systemd, or by a previous drover during an
+/// upgrade) for the addresses they match. When no bind was configured
+/// explicitly, the inherited sockets are all there is.
 pub fn open_all(
     settings: &Settings,
     bind_was_set: bool,
-    inherited: Vec<OwnedFd>,
-) -> Result<Vec<Listener>, ListenError> {
-    let mut inherited: Vec<Option<OwnedFd>> = inherited.into_iter().map(Some).collect();
-    let mut out = Vec::new();
-    if !bind_was_set && !inherited.is_empty() {
-        for (i, fd) in inherited.into_iter().flatten().enumerate() {
-            out.push(adopt(fd, format!("inherited{i}"))?);
+    inherited: Vec<Inherited>,
+    current: &Set,
+) -> Result<Set, ListenError> {
+    let mut inherited: Vec<Option<Inherited>> = inherited.into_iter().map(Some).collect();
+    let mut out = Set::new();
+    if !bind_was_set {
+        if !inherited.is_empty() {
+            for (i, inh) in inherited.into_iter().flatten().enumerate() {
+                let l = adopt(inh.fd, None)?;
+                let name = inh.name.unwrap_or_else(|| format!("inherited{i}"));
+                tracing::info!("listening on {} (inherited, fd name {name:?})", l.shown);
+                out.push((Rc::new(l), name));
+            }
+            return Ok(out);
         }
-        return Ok(out);
+        if current.iter().any(|(l, _)| l.address.is_none()) {
+            return Ok(current.clone());
+        }
     }
     for (i, bind) in settings.bind.iter().enumerate() {
         let name = bind.name.clone().unwrap_or_else(|| format!("bind{i}"));
-        let reuse = inherited.iter_mut().find(|fd| {
-            fd.as_ref()
-                .is_some_and(|fd| same_address(fd.as_raw_fd(), &bind.address))
+        if let Some((l, _)) = current.iter().find(|(l, _)| l.address.as_ref() == Some(&bind.address)) {
+            out.push((l.clone(), name));
+            continue;
+        }
+        let reuse = inherited.iter_mut().find(|inh| {
+            inh.as_ref()
+                .is_some_and(|inh| same_address(inh.fd.as_raw_fd(), &bind.address))
         });
         let listener = match reuse.and_then(Option::take) {
-            Some(fd) => adopt(fd, name)?,
-            None => open(bind, name, settings)?,
+            Some(inh) => adopt(inh.fd, Some(bind.address.clone()))?,
+            None => open(bind, settings)?,
         };
-        out.push(listener);
+        tracing::info!("listening on {} (fd name {name:?})", listener.shown);
+        out.push((Rc::new(listener), name));
     }
     Ok(out)
 }
 
-fn open(bind: &Bind, name: String, s: &Settings) -> Result<Listener, ListenError> {
+/// Closes the sockets of `set` that no other generation holds; returns how
+/// many. With `handover`, a newer master serves them: our copies are only
+/// released (no filter, socket files kept).
+pub fn close_unused(set: Set, handover: bool) -> usize {
+    let mut closed = 0;
+    for (l, _) in set {
+        if let Ok(l) = Rc::try_unwrap(l) {
+            if handover {
+                l.release();
+            } else {
+                l.close();
+            }
+            closed += 1;
+        }
+    }
+    closed
+}
+
+fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
     let shown = bind.address.to_string();
     let fail = |source| ListenError::Bind { addr: shown.clone(), source };
     match &bind.address {
@@ -113,7 +162,7 @@ fn open(bind: &Bind, name: String, s: &Settings) -> Result<Listener, ListenError
             Ok(Listener {
                 shown: local.map_or(shown.clone(), |a| a.to_string()),
                 fd: sock.into(),
-                name,
+                address: Some(bind.address.clone()),
                 unix_file: None,
                 bound_here: true,
             })
@@ -128,7 +177,7 @@ fn open(bind: &Bind, name: String, s: &Settings) -> Result<Listener, ListenError
             let meta = std::fs::symlink_metadata(path).map_err(fail)?;
             Ok(Listener {
                 fd: sock.into(),
-                name,
+                address: Some(bind.address.clone()),
                 shown,
                 unix_file: Some((path.clone(), meta.dev(), meta.ino())),
                 bound_here: true,
@@ -147,7 +196,7 @@ fn open(bind: &Bind, name: String, s: &Settings) -> Result<Listener, ListenError
                 return Err(ListenError::Refused { addr: shown, why: "not a listening socket".into() });
             }
             // SAFETY: a listening socket handed to drover by its parent.
-            adopt(unsafe { OwnedFd::from_raw_fd(*n) }, name)
+            adopt(unsafe { OwnedFd::from_raw_fd(*n) }, Some(bind.address.clone()))
         }
     }
 }
@@ -165,7 +214,7 @@ fn tcp(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<Socket> {
 }
 
 /// A socket file left by a dead server is replaced; a live one is not.
-fn remove_stale(path: &Path) -> Result<(), String> {
+pub(crate) fn remove_stale(path: &Path) -> Result<(), String> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
     };
@@ -179,7 +228,7 @@ fn remove_stale(path: &Path) -> Result<(), String> {
 }
 
 /// Takes ownership of an already-open socket after checking it listens.
-fn adopt(fd: OwnedFd, name: String) -> Result<Listener, ListenError> {
+fn adopt(fd: OwnedFd, address: Option<Address>) -> Result<Listener, ListenError> {
     let raw = fd.as_raw_fd();
     let shown = local_name(raw).unwrap_or_else(|| format!("fd://{raw}"));
     let refused = |why: String| ListenError::Refused { addr: format!("fd://{raw}"), why };
@@ -190,7 +239,7 @@ fn adopt(fd: OwnedFd, name: String) -> Result<Listener, ListenError> {
     }
     fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| refused(format!("cannot set close-on-exec: {e}")))?;
-    Ok(Listener { fd, name, shown, unix_file: None, bound_here: false })
+    Ok(Listener { fd, address, shown, unix_file: None, bound_here: false })
 }
 
 fn local_name(fd: RawFd) -> Option<String> {
@@ -213,9 +262,10 @@ fn same_address(fd: RawFd, address: &Address) -> bool {
 /// Sockets our parent handed us with the systemd convention, if they are
 /// meant for this process (`LISTEN_PID` is our pid). The variables are
 /// removed so workers never see our copies.
-pub fn take_inherited() -> Result<Vec<OwnedFd>, ListenError> {
+pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
     let fds = std::env::var("LISTEN_FDS").ok();
     let pid = std::env::var("LISTEN_PID").ok();
+    let names = std::env::var("LISTEN_FDNAMES").ok();
     for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
@@ -228,8 +278,10 @@ pub fn take_inherited() -> Result<Vec<OwnedFd>, ListenError> {
     let n: RawFd = fds
         .parse()
         .map_err(|_| ListenError::Inherited(format!("{fds:?} is not a number")))?;
+    let mut names = names.as_deref().unwrap_or("").split(':').map(|n| (!n.is_empty()).then(|| n.to_string()));
     (3..3 + n)
         .map(|fd| {
+            let name = names.next().flatten();
             // Check before owning: closing a descriptor that is not open would
             // be a bug of ours, not the parent's.
             // SAFETY: F_GETFD/F_SETFD on a raw number only inspect/flag it.
@@ -238,7 +290,7 @@ pub fn take_inherited() -> Result<Vec<OwnedFd>, ListenError> {
                 return Err(ListenError::Inherited(format!("LISTEN_FDS={n} but fd {fd} is unusable: {e}")));
             }
             // SAFETY: systemd's convention hands these open descriptors to us.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            Ok(Inherited { fd: unsafe { OwnedFd::from_raw_fd(fd) }, name })
         })
         .collect()
 }

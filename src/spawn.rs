@@ -265,6 +265,7 @@ pub fn spawn(
     env: &Env,
     listeners: &[RawFd],
     devnull: RawFd,
+    die_with_parent: bool,
 ) -> Result<Pid, SpawnError> {
     // Everything the child touches is allocated here, before the fork.
     let mut entries = env.entries.clone();
@@ -305,6 +306,7 @@ pub fn spawn(
         chdir: program.chdir.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
         umask: program.umask,
         identity: program.identity.as_ref(),
+        die_with_parent,
     };
 
     // Block every signal across the fork so that none runs the master's
@@ -380,6 +382,7 @@ struct ChildPlan<'a> {
     chdir: *const libc::c_char,
     umask: Option<libc::mode_t>,
     identity: Option<&'a Identity>,
+    die_with_parent: bool,
 }
 
 /// The child between fork and exec. Only async-signal-safe calls.
@@ -467,7 +470,7 @@ unsafe fn run_child(p: &ChildPlan) -> ! {
     // Never outlive the master. Set after the credentials change, which
     // clears it. If the master died before this took effect, we are already
     // orphaned and the signal will never come: leave now.
-    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+    if p.die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
         fail(report, Step::ParentDeathSignal);
     }
     if libc::getppid() != p.master {

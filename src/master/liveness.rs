@@ -15,7 +15,7 @@ use super::{stop, Master};
 impl Master {
     /// Acts on everything overdue.
     pub(super) fn enforce_deadlines(&mut self, now: Instant) {
-        let (timeout, abort_grace) = (self.s.timeout, self.s.abort_grace.0);
+        let (timeout, abort_grace) = (self.gen.s.timeout, self.gen.s.abort_grace.0);
         for w in self.workers.iter_mut() {
             if w.deadline().is_none_or(|d| d > now) {
                 continue;
@@ -26,7 +26,7 @@ impl Master {
                     error!(
                         "worker {slot} (pid {pid}) did not report READY=1 within boot_timeout ({}); \
                          killing its process group",
-                        self.s.boot_timeout
+                        self.gen.s.boot_timeout
                     );
                     kill_group(w, Kill::BootTimeout);
                 }
@@ -65,13 +65,17 @@ impl Master {
         }
         if self.next_memory_check.is_some_and(|t| t <= now) {
             self.check_memory();
-            self.next_memory_check = Some(now + self.s.memory_check_interval.0);
+            self.next_memory_check = Some(now + self.gen.s.memory_check_interval.0);
+        }
+        if self.next_watchdog.is_some_and(|t| t <= now) {
+            self.systemd.watchdog();
+            self.next_watchdog = self.systemd.watchdog.map(|w| now + w / 2);
         }
     }
 
     /// Marks ready workers over max_memory for replacement.
     fn check_memory(&mut self) {
-        let Some(limit) = self.s.max_memory else { return };
+        let Some(limit) = self.gen.s.max_memory else { return };
         for w in self.workers.iter_mut().filter(|w| w.is_ready() && w.replace.is_none()) {
             let Some(rss) = resident_bytes(w.pid) else { continue };
             if rss > limit.0 {
@@ -93,7 +97,12 @@ impl Master {
         let running = self.shutdown.is_none();
         let respawns = self.slots.iter().filter(|_| running).filter_map(|s| s.not_before);
         let memory = self.next_memory_check.filter(|_| running);
-        workers.chain(respawns).chain(memory).min()
+        workers
+            .chain(respawns)
+            .chain(memory)
+            .chain(self.next_watchdog)
+            .chain(self.upgrade_deadline())
+            .min()
     }
 }
 

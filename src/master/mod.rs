@@ -1,12 +1,17 @@
 //! The master: one single-threaded loop that waits for the next event or
 //! deadline, then decides. Everything it calls is a plain function.
 //!
-//! Each turn: act on what is overdue (boot and grace deadlines), restore the
-//! worker count, then wait — on the signal pipe and the notify socket, for at
-//! most the time until the nearest deadline, or forever when none is due.
+//! Each turn: act on what is overdue (boot, heartbeat and grace deadlines),
+//! settle a reload in progress, restore the worker count, then wait — on the
+//! signal pipe, the notify socket and the control socket, for at most the time
+//! until the nearest deadline, or forever when none is due.
 
+mod generation;
 mod liveness;
+mod reload;
 mod shutdown;
+mod status;
+mod upgrade;
 mod worker;
 
 use std::fs::File;
@@ -20,12 +25,17 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Ready, Settings};
-use crate::listen::{self, Listener};
+use crate::config::{Loaded, Ready, Source};
+use crate::control::{self, Command, ControlSocket};
+use crate::listen;
+use crate::logfile::LogFile;
 use crate::notify::{self, Message, NotifySocket};
 use crate::pidfile::Pidfile;
+use crate::sdnotify::Systemd;
 use crate::signals::{Event, SignalPipe};
-use crate::spawn::{self, Env, Identity, Program};
+use crate::spawn;
+use generation::Generation;
+use reload::Reload;
 use shutdown::{Cause, Shutdown};
 use worker::{describe, exit_code, ms, State, Why, Worker};
 
@@ -43,7 +53,7 @@ pub mod exit {
     pub const KILLED: u8 = 4;
 }
 
-/// Why the master could not start.
+/// Why the master could not start (or a reload could not be prepared).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot install signal handlers: {0}")]
@@ -60,6 +70,10 @@ pub enum StartError {
     Subreaper(Errno),
     #[error("cannot run the worker command: {0}")]
     Program(spawn::SpawnError),
+    #[error("control socket {path}: {source}")]
+    Control { path: String, source: std::io::Error },
+    #[error("log file {path}: {source}")]
+    Log { path: String, source: std::io::Error },
 }
 
 impl StartError {
@@ -78,79 +92,97 @@ struct Slot {
     failures: u32,
     /// No spawn in this slot before then (the backoff).
     not_before: Option<Instant>,
+    /// Workers started in this slot, beyond the first.
+    restarts: u32,
 }
 
 pub struct Master {
-    s: Settings,
-    listeners: Vec<Listener>,
+    source: Source,
+    /// The generation new workers are started from.
+    gen: Generation,
+    /// During a reload: the generation being replaced (kept for a rollback).
+    previous: Option<Generation>,
+    /// The number the next generation gets.
+    next_generation: u32,
+    reload: Option<Reload>,
     notify: NotifySocket,
     signals: SignalPipe,
-    program: Program,
-    env: Env,
+    control: Option<ControlSocket>,
+    systemd: Systemd,
+    log: Option<LogFile>,
+    pidfile: Option<Pidfile>,
     devnull: File,
     workers: Vec<Worker>,
     slots: Vec<Slot>,
-    generation: u32,
     started: Instant,
     /// Every slot has had a ready worker: start-up is over.
     booted: bool,
+    /// SIGWINCH: workers stopped, the master and its sockets kept.
+    paused: bool,
     shutdown: Option<Shutdown>,
+    upgrade: Option<upgrade::Upgrade>,
     /// When resident memory is next checked (with max_memory).
     next_memory_check: Option<Instant>,
+    /// When WATCHDOG=1 is next due to our service manager.
+    next_watchdog: Option<Instant>,
+    exe: upgrade::Exe,
 }
 
-/// Starts drover with `s`: binds, spawns the workers and supervises them until
-/// shutdown. Returns the exit status.
-pub fn run(s: Settings, bind_was_set: bool) -> Result<u8, StartError> {
+/// Starts drover: binds, spawns the workers and supervises them until
+/// shutdown. `first` is `source` as loaded by the caller. Returns the exit
+/// status.
+pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, StartError> {
     let started = Instant::now();
     // Before anything opens a descriptor: fds 3.. may be sockets from our parent.
     let inherited = listen::take_inherited()?;
     // Handlers next: a signal that arrives from now on is an event, not a death.
     let signals = SignalPipe::install().map_err(StartError::Signals)?;
-    if s.subreaper {
+    let systemd = Systemd::from_env();
+    if first.settings.subreaper {
         // SAFETY: plain prctl on this process.
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
             return Err(StartError::Subreaper(Errno::last()));
         }
         debug!("child subreaper: orphans of workers are re-parented to drover");
     }
-    let listeners = listen::open_all(&s, bind_was_set, inherited)?;
-    for l in &listeners {
-        info!("listening on {} (fd name {:?})", l.shown, l.name);
-    }
-    let pidfile = s.pidfile.as_deref().map(Pidfile::create).transpose()?;
-    let mut env = Env::inherit(&s.env_remove);
-    for (k, v) in &s.env {
-        env.set(k, v);
-    }
-    let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref()).map_err(StartError::Program)?;
-    let program = Program::new(&s.command, env.get("PATH"))
-        .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
-        .map_err(StartError::Program)?;
-    // Reachable by the workers' user only (and by us).
-    let owner = program.identity.as_ref().map(|id| (id.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()), id.gid));
-    let notify = NotifySocket::open(owner).map_err(StartError::Notify)?;
+    let gen = Generation::build(1, first, inherited, &Vec::new())?;
+    let pidfile = gen.s.pidfile.as_deref().map(Pidfile::create).transpose()?;
+    let notify = NotifySocket::open(gen.owner()).map_err(StartError::Notify)?;
+    let control = match &gen.s.control_socket {
+        Some(path) => Some(ControlSocket::bind(path).map_err(|source| StartError::Control {
+            path: path.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
     let mut master = Master {
-        slots: vec![Slot::default(); s.workers.0 as usize],
-        s,
-        listeners,
+        slots: vec![Slot::default(); gen.s.workers.0 as usize],
+        next_memory_check: gen.s.max_memory.map(|_| started + gen.s.memory_check_interval.0),
+        source,
+        gen,
+        previous: None,
+        next_generation: 2,
+        reload: None,
         notify,
         signals,
-        program,
-        env,
+        control,
+        systemd,
+        log,
+        pidfile,
         devnull,
         workers: Vec::new(),
-        generation: 1,
         started,
         booted: false,
+        paused: false,
         shutdown: None,
-        next_memory_check: None,
+        upgrade: None,
+        next_watchdog: None,
+        exe: upgrade::Exe::saved(),
     };
-    master.next_memory_check = master.s.max_memory.map(|_| started + master.s.memory_check_interval.0);
+    master.next_watchdog = master.systemd.watchdog.map(|w| started + w / 2);
     let status = master.run_loop();
     let status = master.finish(status);
-    drop(pidfile);
     info!("exiting with status {status} after {}", ms(started.elapsed()));
     Ok(status)
 }
@@ -160,6 +192,8 @@ impl Master {
         loop {
             let now = Instant::now();
             self.enforce_deadlines(now);
+            self.settle_reload();
+            self.settle_upgrade(now);
             if self.shutdown.is_none() {
                 self.restore_worker_count(now);
             }
@@ -173,7 +207,7 @@ impl Master {
         }
     }
 
-    /// Blocks until a signal, a notify message, or `timeout`.
+    /// Blocks until a signal, a notify message, a control request, or `timeout`.
     fn wait(&mut self, timeout: Option<Duration>) {
         let timeout = match timeout {
             None => PollTimeout::NONE,
@@ -181,10 +215,13 @@ impl Master {
             Some(d) => PollTimeout::try_from(d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32)
                 .unwrap_or(PollTimeout::MAX),
         };
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
         ];
+        if let Some(c) = &self.control {
+            fds.extend(c.poll_fds());
+        }
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => {
@@ -193,6 +230,7 @@ impl Master {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        drop(fds);
         // Messages first: a worker's last words (STOPPING=1) are heard before
         // its exit is reaped and its pid forgotten.
         while let Some((pid, messages)) = self.notify.recv() {
@@ -200,6 +238,10 @@ impl Master {
         }
         for event in self.signals.drain() {
             self.on_signal(event);
+        }
+        let requests = self.control.as_mut().map(ControlSocket::read_requests).unwrap_or_default();
+        for (client, command) in requests {
+            self.on_command(client, command);
         }
     }
 
@@ -213,15 +255,76 @@ impl Master {
                 self.begin_shutdown(quick, Cause::Signal(name));
             }
             Event::Quit => self.begin_shutdown(true, Cause::Signal(name)),
-            Event::AddWorker | Event::RemoveWorker if self.shutdown.is_some() => {
-                info!("{name}: ignored during shutdown");
-            }
+            _ if self.shutdown.is_some() => info!("{name}: ignored during shutdown"),
+            Event::AddWorker if self.paused => self.resume(name),
             Event::AddWorker => self.scale(self.slots.len() as u32 + 1, name),
             Event::RemoveWorker => self.scale((self.slots.len() as u32).saturating_sub(1).max(1), name),
-            Event::Reload | Event::ReopenLogs | Event::Upgrade | Event::StopWorkers => {
-                warn!("{name}: not implemented in this version; ignored");
+            Event::Reload => self.begin_reload(name, None),
+            Event::ReopenLogs => self.reopen_logs(),
+            Event::Upgrade => self.begin_upgrade(None),
+            Event::StopWorkers => self.pause(name),
+        }
+    }
+
+    /// A request from the control socket: the same operations as the signals,
+    /// with an answer.
+    fn on_command(&mut self, client: control::ClientId, command: Command) {
+        match command {
+            Command::Status => {
+                let answer = self.status();
+                self.reply(client, answer);
+            }
+            _ if self.shutdown.is_some() => self.reply(client, control::failure("shutting down")),
+            Command::Reload => self.begin_reload("control: reload", Some(client)),
+            Command::Scale { workers: n } => {
+                if self.paused {
+                    self.resume("control: scale");
+                }
+                self.scale(n, "control: scale");
+                self.reply(client, control::success(&format!("scaled to {n} workers")));
+            }
+            Command::Stop { quick } => {
+                self.reply(client, control::success(if quick { "quick shutdown" } else { "graceful shutdown" }));
+                self.begin_shutdown(quick, Cause::Signal("control: stop"));
+            }
+            Command::Upgrade => self.begin_upgrade(Some(client)),
+        }
+    }
+
+    fn reply(&mut self, client: control::ClientId, answer: control::Answer) {
+        if let Some(c) = self.control.as_mut() {
+            c.reply(client, &answer);
+        }
+    }
+
+    /// SIGUSR1: reopen our log file (after logrotate moved it) and tell the
+    /// workers to do the same.
+    fn reopen_logs(&mut self) {
+        if let Some(log) = &self.log {
+            match log.reopen() {
+                Ok(()) => info!("SIGUSR1: log file reopened"),
+                Err(e) => error!("SIGUSR1: cannot reopen the log file: {e}"),
             }
         }
+        for w in &self.workers {
+            let _ = kill(w.pid, Signal::SIGUSR1);
+        }
+        info!("SIGUSR1: forwarded to {} worker(s)", self.workers.len());
+    }
+
+    /// SIGWINCH: stop every worker gracefully; keep the master and the sockets.
+    fn pause(&mut self, why: &str) {
+        self.paused = true;
+        let (signal, deadline) = (self.gen.s.stop_signal.0, Instant::now() + self.gen.s.graceful_timeout.0);
+        info!("{why}: stopping all {} worker(s); the sockets stay open (SIGHUP or SIGTTIN resumes)", self.workers.len());
+        for w in self.workers.iter_mut().filter(|w| !w.is_stopping()) {
+            stop(w, signal, deadline, Why::Retired);
+        }
+    }
+
+    fn resume(&mut self, why: &str) {
+        self.paused = false;
+        info!("{why}: resuming with {} worker(s)", self.slots.len());
     }
 
     /// All reaping happens here: every child that has exited, workers or not.
@@ -231,13 +334,14 @@ impl Master {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => {
                     let Some(pid) = status.pid() else { continue };
-                    match self.workers.iter().position(|w| w.pid == pid) {
-                        Some(i) => {
-                            let w = self.workers.swap_remove(i);
-                            self.on_worker_exit(w, status);
-                        }
+                    if let Some(i) = self.workers.iter().position(|w| w.pid == pid) {
+                        let w = self.workers.swap_remove(i);
+                        self.on_worker_exit(w, status);
+                    } else if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
+                        self.on_upgrade_exit(status);
+                    } else {
                         // An orphan re-parented to us (subreaper or PID 1).
-                        None => debug!("reaped pid {pid}: {}", describe(status, None)),
+                        debug!("reaped pid {pid}: {}", describe(status, None));
                     }
                 }
                 Err(Errno::EINTR) => continue,
@@ -268,6 +372,10 @@ impl Master {
             info!("worker {slot} (pid {pid}) {why} after {}", ms(lived));
             return;
         }
+        if w.is_booting() && self.reload.is_some() && w.generation == self.gen.number {
+            self.rollback(format!("worker {slot} (pid {pid}) of the new generation {why} before it was ready"));
+            return;
+        }
         if w.is_booting() && exit_code(status) == Some(3) && !self.booted {
             error!(
                 "worker {slot} (pid {pid}) cannot boot: {why} before it reported ready; \
@@ -283,13 +391,14 @@ impl Master {
         // A worker that ran stably, or that announced its own exit, is
         // replaced at once; one that keeps failing waits longer each time.
         let planned = w.said_stopping && exit_code(status) == Some(0);
-        if planned || lived >= self.s.respawn_reset_after.0 {
+        let (first, max) = (self.gen.s.respawn_delay.0, self.gen.s.respawn_max_delay.0);
+        if planned || lived >= self.gen.s.respawn_reset_after.0 {
             s.failures = 0;
             s.not_before = None;
             warn!("worker {slot} (pid {pid}) {why} after {}; respawning now", ms(lived));
         } else {
             s.failures += 1;
-            let delay = backoff(s.failures, self.s.respawn_delay.0, self.s.respawn_max_delay.0);
+            let delay = backoff(s.failures, first, max);
             s.not_before = Some(now + delay);
             warn!(
                 "worker {slot} (pid {pid}) {why} after {}; respawning in {} (failure {} in a row)",
@@ -297,41 +406,46 @@ impl Master {
                 ms(delay),
                 s.failures
             );
-            if s.failures == self.s.degraded_after.0 {
+            if s.failures == self.gen.s.degraded_after.0 {
                 error!(
                     "slot {slot} is degraded: {} failures in a row; retrying every {} at most",
                     s.failures,
-                    ms(self.s.respawn_max_delay.0)
+                    ms(max)
                 );
             }
         }
     }
 
     fn on_notify(&mut self, sender: Pid, messages: Vec<Message>) {
+        if self.upgrade.as_ref().is_some_and(|u| u.pid == sender) {
+            self.on_upgrade_notify(messages);
+            return;
+        }
         let owner = notify::descends_from(sender, |p| self.workers.iter().any(|w| w.pid == p));
         let Some(i) = owner.and_then(|p| self.workers.iter().position(|w| w.pid == p)) else {
             debug!("notify message from pid {sender} ignored: not a worker or a descendant of one");
             return;
         };
+        let timeout = self.gen.s.timeout.map(|t| t.0);
         for m in messages {
             let w = &mut self.workers[i];
             let (slot, pid) = (w.slot, w.pid);
             match m {
                 Message::Ready if w.is_booting() => {
-                    w.state = State::Ready { heartbeat: self.s.timeout.map(|t| Instant::now() + t.0) };
+                    w.state = State::Ready { heartbeat: timeout.map(|t| Instant::now() + t) };
                     info!("worker {slot} (pid {pid}) ready in {}", ms(w.started.elapsed()));
-                    self.on_ready(slot, pid);
+                    self.on_ready(i);
                 }
+                Message::Ready => debug!("worker {slot} (pid {pid}) repeated READY=1"),
                 Message::Watchdog => {
-                    if let State::Ready { heartbeat: Some(h) } = &mut w.state {
-                        *h = Instant::now() + self.s.timeout.map_or(Duration::ZERO, |t| t.0);
+                    if let (State::Ready { heartbeat: Some(h) }, Some(t)) = (&mut w.state, timeout) {
+                        *h = Instant::now() + t;
                     }
                 }
                 Message::ExtendTimeout(by) => {
                     w.extend(Instant::now() + by);
                     debug!("worker {slot} (pid {pid}) extended its deadline by {}", ms(by));
                 }
-                Message::Ready => debug!("worker {slot} (pid {pid}) repeated READY=1"),
                 Message::Status(text) => {
                     info!("worker {slot} (pid {pid}) status: {text}");
                     w.status = Some(text);
@@ -345,17 +459,22 @@ impl Master {
         }
     }
 
-    /// A worker became ready: start-up may be over, and the worker it
-    /// replaces (same slot, marked for replacement) can now stop.
-    fn on_ready(&mut self, slot: u32, pid: Pid) {
-        self.check_booted();
-        let deadline = Instant::now() + self.s.graceful_timeout.0;
-        let signal = self.s.stop_signal.0;
-        for old in self.workers.iter_mut().filter(|w| w.slot == slot && w.pid != pid && !w.is_stopping()) {
-            let reason = old.replace.unwrap_or("replaced");
-            info!("worker {slot} (pid {}) replaced by pid {pid} ({reason}): sending {}", old.pid, signal.as_str());
-            stop(old, signal, deadline, Why::Recycled(reason));
+    /// Worker `i` became ready. If it belongs to the current generation, the
+    /// worker it replaces (same slot: older generation, or marked for
+    /// replacement) can now stop.
+    fn on_ready(&mut self, i: usize) {
+        let (slot, pid, generation) = (self.workers[i].slot, self.workers[i].pid, self.workers[i].generation);
+        if generation == self.gen.number {
+            let deadline = Instant::now() + self.gen.s.graceful_timeout.0;
+            let signal = self.gen.s.stop_signal.0;
+            let current = self.gen.number;
+            for old in self.workers.iter_mut().filter(|w| w.slot == slot && w.pid != pid && !w.is_stopping()) {
+                let reason = old.replace.unwrap_or(if old.generation != current { "reload" } else { "replaced" });
+                info!("worker {slot} (pid {}) replaced by pid {pid} ({reason}): sending {}", old.pid, signal.as_str());
+                stop(old, signal, deadline, Why::Recycled(reason));
+            }
         }
+        self.check_booted();
     }
 
     fn check_booted(&mut self) {
@@ -366,32 +485,53 @@ impl Master {
         if ready >= self.slots.len() {
             self.booted = true;
             info!("all {ready} workers ready {} after start", ms(self.started.elapsed()));
+            self.systemd.ready(&self.summary());
         }
     }
 
-    /// Starts a worker in every empty slot whose backoff has passed, and
-    /// retires workers whose slot no longer exists.
+    /// Gives every slot a worker of the current generation: starts one where
+    /// a slot has none (after its backoff), or where its worker is outdated
+    /// (older generation, or marked for replacement) — at most `max_surge`
+    /// such replacements booting at once; the outdated worker keeps serving
+    /// until its successor is ready. Retires workers of removed slots.
     fn restore_worker_count(&mut self, now: Instant) {
+        if self.paused {
+            return;
+        }
+        let current = self.gen.number;
+        let is_current = |w: &Worker| w.generation == current && w.replace.is_none();
+        let mut surging = (1..=self.slots.len() as u32)
+            .filter(|&slot| {
+                let active = || self.workers.iter().filter(move |w| w.slot == slot && !w.is_stopping());
+                active().any(|w| is_current(w) && w.is_booting()) && active().any(|w| !is_current(w))
+            })
+            .count() as u32;
         for slot in 1..=self.slots.len() as u32 {
-            // A slot needs a worker when it has none that is serving or
-            // booting, other than one marked for replacement (it keeps serving
-            // until its successor is ready: capacity never drops).
-            let mut active = self.workers.iter().filter(|w| w.slot == slot && !w.is_stopping());
-            let needs = match (active.next(), active.next()) {
-                (None, _) => true,
-                (Some(w), None) => w.replace.is_some() && w.is_ready(),
-                _ => false,
-            };
-            let waiting = self.slots[slot as usize - 1].not_before.is_some_and(|t| t > now);
-            if needs && !waiting {
-                self.spawn_worker(slot, now);
-                if self.shutdown.is_some() {
-                    return;
-                }
+            let active: Vec<&Worker> = self.workers.iter().filter(|w| w.slot == slot && !w.is_stopping()).collect();
+            if active.iter().any(|w| is_current(w)) {
+                continue;
+            }
+            if self.slots[slot as usize - 1].not_before.is_some_and(|t| t > now) {
+                continue;
+            }
+            let replacing = active.iter().any(|w| w.is_ready());
+            if replacing && surging >= self.gen.s.max_surge.0 {
+                continue;
+            }
+            // An outdated worker that is not even ready serves nothing: stop it.
+            let signal = self.gen.s.stop_signal.0;
+            let deadline = now + self.gen.s.graceful_timeout.0;
+            for w in self.workers.iter_mut().filter(|w| w.slot == slot && w.is_booting()) {
+                stop(w, signal, deadline, Why::Retired);
+            }
+            surging += replacing as u32;
+            self.spawn_worker(slot, now);
+            if self.shutdown.is_some() || self.reload.as_ref().is_some_and(|r| r.failed) {
+                return;
             }
         }
-        let graceful = self.s.graceful_timeout.0;
-        let signal = self.s.stop_signal.0;
+        let graceful = self.gen.s.graceful_timeout.0;
+        let signal = self.gen.s.stop_signal.0;
         let count = self.slots.len() as u32;
         for w in self.workers.iter_mut().filter(|w| w.slot > count && !w.is_stopping()) {
             info!("worker {} (pid {}) retired: sending {}", w.slot, w.pid, signal.as_str());
@@ -400,34 +540,38 @@ impl Master {
     }
 
     fn spawn_worker(&mut self, slot: u32, now: Instant) {
-        let mut env = self.env.clone();
-        let names: Vec<&str> = self.listeners.iter().map(|l| l.name.as_str()).collect();
-        env.set("LISTEN_FDS", self.listeners.len().to_string());
+        let g = &self.gen;
+        let mut env = g.env.clone();
+        let names: Vec<&str> = g.listeners.iter().map(|(_, name)| name.as_str()).collect();
+        env.set("LISTEN_FDS", g.listeners.len().to_string());
         env.set("LISTEN_FDNAMES", names.join(":"));
         env.set_child_pid("LISTEN_PID");
         env.set("NOTIFY_SOCKET", self.notify.path());
         env.set("DROVER_WORKER_ID", slot.to_string());
-        env.set("DROVER_GENERATION", self.generation.to_string());
-        env.set("DROVER_GRACEFUL_TIMEOUT", self.s.graceful_timeout.0.as_secs_f64().to_string());
-        if let Some(t) = self.s.timeout {
+        env.set("DROVER_GENERATION", g.number.to_string());
+        env.set("DROVER_GRACEFUL_TIMEOUT", g.s.graceful_timeout.0.as_secs_f64().to_string());
+        if let Some(t) = g.s.timeout {
             env.set("WATCHDOG_USEC", t.0.as_micros().to_string());
             env.set_child_pid("WATCHDOG_PID");
         }
-        let fds: Vec<RawFd> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
-        match spawn::spawn(&self.program, &env, &fds, self.devnull.as_raw_fd()) {
+        let fds: Vec<RawFd> = g.listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
+        match spawn::spawn(&g.program, &env, &fds, self.devnull.as_raw_fd(), true) {
             Ok(pid) => {
-                let state = match self.s.ready {
-                    Ready::Spawn => State::Ready { heartbeat: self.s.timeout.map(|t| now + t.0) },
-                    Ready::Notify => State::Booting { deadline: Some(now + self.s.boot_timeout.0) },
+                let state = match g.s.ready {
+                    Ready::Spawn => State::Ready { heartbeat: g.s.timeout.map(|t| now + t.0) },
+                    Ready::Notify => State::Booting { deadline: Some(now + g.s.boot_timeout.0) },
                 };
-                info!("worker {slot} (pid {pid}) spawned, generation {}", self.generation);
-                let recycle_at = self.s.max_age.map(|age| now + age.0 + liveness::jitter(self.s.max_age_jitter.0, pid));
+                info!("worker {slot} (pid {pid}) spawned, generation {}", g.number);
+                let recycle_at = g.s.max_age.map(|age| now + age.0 + liveness::jitter(g.s.max_age_jitter.0, pid));
                 let ready = matches!(state, State::Ready { .. });
-                self.workers.push(Worker::new(slot, pid, state, now, recycle_at));
+                let s = &mut self.slots[slot as usize - 1];
+                s.restarts += self.workers.iter().any(|w| w.slot == slot) as u32;
+                self.workers.push(Worker::new(slot, pid, g.number, state, now, recycle_at));
                 if ready {
-                    self.on_ready(slot, pid);
+                    self.on_ready(self.workers.len() - 1);
                 }
             }
+            Err(e) if self.reload.is_some() => self.rollback(format!("worker {slot} cannot be spawned: {e}")),
             Err(e) if !self.booted => {
                 error!("worker {slot} cannot boot: {e}");
                 self.begin_shutdown(false, Cause::CannotBoot);
@@ -435,7 +579,7 @@ impl Master {
             Err(e) => {
                 let s = &mut self.slots[slot as usize - 1];
                 s.failures += 1;
-                let delay = backoff(s.failures, self.s.respawn_delay.0, self.s.respawn_max_delay.0);
+                let delay = backoff(s.failures, g.s.respawn_delay.0, g.s.respawn_max_delay.0);
                 s.not_before = Some(now + delay);
                 error!("worker {slot} cannot be spawned: {e}; retrying in {}", ms(delay));
             }
@@ -444,7 +588,8 @@ impl Master {
 
     fn scale(&mut self, count: u32, why: &str) {
         info!("{why}: {} -> {count} workers", self.slots.len());
-        self.slots.resize(count as usize, Slot::default());
+        self.slots.resize(count.max(1) as usize, Slot::default());
+        self.systemd.status(&self.summary());
     }
 }
 

@@ -16,6 +16,8 @@ use crate::hooks;
 pub enum Cause {
     Signal(&'static str),
     CannotBoot,
+    /// A new master is ready and serves the sockets.
+    Upgrade,
 }
 
 #[derive(Debug, Clone)]
@@ -32,13 +34,14 @@ impl Master {
     pub(super) fn begin_shutdown(&mut self, quick: bool, cause: Cause) {
         let now = Instant::now();
         let (signal, timeout) = if quick {
-            (Signal::SIGQUIT, self.s.quick_timeout)
+            (Signal::SIGQUIT, self.gen.s.quick_timeout)
         } else {
-            (self.s.stop_signal.0, self.s.graceful_timeout)
+            (self.gen.s.stop_signal.0, self.gen.s.graceful_timeout)
         };
         let why = match cause {
             Cause::Signal(name) => name,
             Cause::CannotBoot => "a worker that cannot boot",
+            Cause::Upgrade => "upgrade",
         };
         match &mut self.shutdown {
             Some(sd) if sd.quick || !quick => {
@@ -52,11 +55,18 @@ impl Master {
             None => {
                 let kind = if quick { "quick" } else { "graceful" };
                 info!("{why}: {kind} shutdown: stage 1, stop accepting");
-                let closed = self.listeners.len();
-                for l in self.listeners.drain(..) {
-                    l.close();
+                self.systemd.stopping();
+                // After an upgrade the new master serves the sockets: only our
+                // copies go. Otherwise new connections are refused from now on.
+                let handover = cause == Cause::Upgrade;
+                let mut closed = self.previous.take().map_or(0, |p| crate::listen::close_unused(p.listeners, handover));
+                closed += crate::listen::close_unused(std::mem::take(&mut self.gen.listeners), handover);
+                self.control = None;
+                if handover {
+                    info!("released {closed} listener(s) to the new master");
+                } else {
+                    info!("closed {closed} listener(s)");
                 }
-                info!("closed {closed} listener(s)");
                 self.shutdown = Some(Shutdown { quick, began: now, cause, killed: 0 });
                 info!(
                     "stage 2, drain: {} to {} worker(s), up to {timeout}",
@@ -88,7 +98,7 @@ impl Master {
             _ if sd.killed > 0 => exit::KILLED,
             _ => exit::OK,
         };
-        if !self.s.on_exit.is_empty() {
+        if !self.gen.s.on_exit.is_empty() {
             let outcome = hooks::Outcome {
                 status,
                 quick: sd.quick,
@@ -96,10 +106,11 @@ impl Master {
                 cause: match sd.cause {
                     Cause::Signal(name) => name,
                     Cause::CannotBoot => "cannot-boot",
+                    Cause::Upgrade => "upgrade",
                 },
             };
             let began = Instant::now();
-            match hooks::run_on_exit(&self.s.on_exit, &outcome, self.s.hook_timeout.0, &self.signals) {
+            match hooks::run_on_exit(&self.gen.s.on_exit, &outcome, self.gen.s.hook_timeout.0, &self.signals) {
                 Ok(how) => info!("stage 4, on_exit hook: {how} after {}", ms(began.elapsed())),
                 Err(e) => warn!("stage 4, on_exit hook failed: {e}"),
             }

@@ -44,6 +44,7 @@ pub enum Kill {
 pub struct Worker {
     pub slot: u32,
     pub pid: Pid,
+    pub generation: u32,
     pub state: State,
     pub started: Instant,
     /// When it reaches max_age, if set.
@@ -59,10 +60,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(slot: u32, pid: Pid, state: State, now: Instant, recycle_at: Option<Instant>) -> Worker {
+    pub fn new(slot: u32, pid: Pid, generation: u32, state: State, now: Instant, recycle_at: Option<Instant>) -> Worker {
         Worker {
             slot,
             pid,
+            generation,
             state,
             started: now,
             recycle_at,

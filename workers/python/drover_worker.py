@@ -30,7 +30,6 @@ the stop state; the drover WSGI worker (``drover_wsgi``) drains and calls
 Log lines go to stderr, prefixed ``drover_worker[<pid>]:``.
 """
 
-import asyncio
 import atexit
 import os
 import signal
@@ -468,6 +467,8 @@ def install_asyncio(loop=None, sigint=True, quick_signal=signal.SIGQUIT):
 
     Call it from a coroutine running on ``loop`` (default: the running loop).
     """
+    import asyncio
+
     if loop is None:
         loop = asyncio.get_running_loop()
     event = asyncio.Event()

@@ -1,0 +1,815 @@
+#!/usr/bin/env python3
+"""drover's benchmark harness: drover side by side with Gunicorn and Circus.
+
+Run it through `bench/run`, which sets up the peers first (see bench/README.md).
+
+    bench/run                 full run (about 10 minutes), regenerates docs/benchmarks.md
+    bench/run --quick         every scenario once, short windows (about 2 minutes);
+                              the report goes to bench/results/<run>/benchmarks.md only
+    bench/run --only startup,kill_worker
+    bench/run --report-only [bench/results/<run>]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as H  # noqa: E402
+from harness import Subject, Unavailable, now, ms  # noqa: E402
+
+SUBJECTS = {
+    s.key: s
+    for s in [
+        Subject("drover-hello", "drover + hello", "drover", "hello"),
+        Subject("drover-wsgi", "drover + drover_wsgi", "drover", "wsgi"),
+        Subject("gunicorn", "Gunicorn (sync)", "gunicorn", "wsgi"),
+        Subject("circus-hello", "Circus + hello", "circus", "hello"),
+        Subject("circus-wsgi", "Circus + drover_wsgi", "circus", "wsgi"),
+        Subject("alone-hello", "hello alone", "alone", "hello"),
+    ]
+}
+SUPERVISED = ["drover-hello", "drover-wsgi", "gunicorn", "circus-hello", "circus-wsgi"]
+
+
+class Ctx:
+    def __init__(self, args, outdir):
+        self.quick = args.quick
+        self.reps = args.reps or (1 if args.quick else 3)
+        self.outdir = outdir
+        self.logs = outdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.results = {"meta": {}, "scenarios": {}}
+        self.commands = {}
+        self.runs = 0
+
+    def log_path(self, scenario, subject, extra=""):
+        self.runs += 1
+        return self.logs / f"{self.runs:04d}-{scenario}-{subject}{extra}.log"
+
+    def note_command(self, scenario, key, cmd):
+        self.commands.setdefault(scenario, {}).setdefault(key, cmd)
+
+    def save(self):
+        self.results["commands"] = self.commands
+        (self.outdir / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+
+def say(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def stats(values):
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return {"n": 0, "median": None, "min": None, "max": None, "missing": len(values)}
+    mid = len(v) // 2
+    med = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return {"n": len(v), "median": med, "min": v[0], "max": v[-1], "missing": len(values) - len(v)}
+
+
+def cmd_of(run):
+    return shlex.join(run.argv)
+
+
+# --------------------------------------------------------------------------
+# Setup checks
+
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=H.ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def version_of(argv):
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        return (p.stdout + p.stderr).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({e})"
+
+
+def machine_meta(ctx):
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = H.status_fields("self")  # placeholder to keep the helper warm
+    del mem
+    memtotal = ""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                memtotal = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    dirty = git("status", "--porcelain", "--", "src", "workers", "Cargo.toml", "Cargo.lock")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": "quick" if ctx.quick else "full",
+        "reps": ctx.reps,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": memtotal,
+        "kernel": platform.release(),
+        "os": version_of(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "drover_rev": (git("rev-parse", "--short=10", os.environ["BENCH_REV"]) + " (bench/run --rev)")
+        if os.environ.get("BENCH_REV") else
+        git("rev-parse", "--short=10", "HEAD") + (" (working tree with uncommitted changes)" if dirty else ""),
+        "rustc": version_of(["rustc", "--version"]),
+        "gunicorn": version_of([str(H.VENV / "bin" / "gunicorn"), "--version"]),
+        "circus": version_of([str(H.VENV_PY), "-c", "import circus; print('circus', circus.__version__)"]),
+        "wrk": version_of(["sh", "-c", "wrk -v 2>&1 | head -1"]),
+        "python": version_of([str(H.VENV_PY), "--version"]),
+        "strace": version_of(["strace", "-V"]) if H.which("strace") else None,
+    }
+    ctx.results["meta"] = meta
+
+
+def check_wsgi_worker(ctx):
+    """Finds out whether the Python WSGI worker runs today, and how drover
+    should wait for it (READY=1 or on spawn). Marks the wsgi subjects."""
+    reason = None
+    if not H.WSGI_WORKER.exists():
+        reason = f"{H.WSGI_WORKER.relative_to(H.ROOT)} does not exist yet"
+    else:
+        for mode in ("notify", "spawn"):
+            s = SUBJECTS["drover-wsgi"]
+            s.ready_mode = mode
+            tmp = tempfile.mkdtemp(prefix="bench-check-")
+            port = H.free_port()
+            try:
+                with s.start(1, port, tmp, ctx.log_path("check", "drover-wsgi", f"-{mode}"),
+                             settings=["boot_timeout=10s"]) as run:
+                    if mode == "notify":
+                        hit = run.wait_line(r"all 1 workers ready", 12)
+                        if not hit:
+                            reason = "no READY=1 within 10 s: " + " | ".join(run.output(last=3))
+                            continue
+                    ok = H.get_until_ok(port, 10)
+                    if ok and ok[1]["pid"]:
+                        reason = None
+                        break
+                    reason = "no 200 with X-Worker-Pid on / within 10 s: " + " | ".join(run.output(last=3))
+            except Exception as e:  # noqa: BLE001
+                reason = f"cannot start: {e}"
+    for key in ("drover-wsgi", "circus-wsgi"):
+        SUBJECTS[key].unavailable = reason
+    ctx.results["meta"]["wsgi_worker"] = {
+        "available": reason is None,
+        "reason": reason,
+        "drover_ready_mode": SUBJECTS["drover-wsgi"].ready_mode if reason is None else None,
+    }
+    say("WSGI worker:", "available (ready=%s)" % SUBJECTS["drover-wsgi"].ready_mode if reason is None
+        else f"not available ({reason})")
+
+
+def throughput_app(ctx):
+    """The WSGI app of the throughput scenario: workers/python/example_app.py
+    when it exists and answers / with 200 under Gunicorn, else bench_app."""
+    ex = H.ROOT / "workers" / "python" / "example_app.py"
+    if not ex.exists():
+        return "bench_app:app", "workers/python/example_app.py does not exist yet"
+    s = Subject("probe", "probe", "gunicorn", "wsgi")
+    s.app = "example_app:app"
+    tmp = tempfile.mkdtemp(prefix="bench-check-")
+    port = H.free_port()
+    try:
+        with s.start(1, port, tmp, ctx.log_path("check", "example-app"),
+                     env_extra={"PYTHONPATH": f"{H.APPS}:{H.ROOT / 'workers' / 'python'}"}) as run:
+            ok = H.get_until_ok(port, 10)
+            if ok:
+                return "example_app:app", None
+            return "bench_app:app", "example_app:app did not answer / with 200 under Gunicorn"
+    except Exception as e:  # noqa: BLE001
+        return "bench_app:app", f"example_app:app: {e}"
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+
+
+def sc_startup(ctx):
+    """Start-up to all N workers serving, then idle SIGTERM to exit."""
+    ns = [4, 32, 128]
+    rows = []
+    for key in SUPERVISED:
+        s = SUBJECTS[key]
+        if s.unavailable:
+            rows.append({"subject": key, "unavailable": s.unavailable})
+            continue
+        for n in ns + ([1024] if key == "drover-hello" else []):
+            methods = ["log", "pids"] if s.kind == "drover" and n <= 128 else (["log"] if s.kind == "drover" else ["pids"])
+            reps = ctx.reps if n < 1024 else max(1, min(ctx.reps, 2))
+            for method in methods:
+                samples = []
+                for rep in range(reps):
+                    samples.append(startup_once(ctx, s, n, method))
+                row = {
+                    "subject": key, "n": n, "method": method, "samples": samples,
+                    "startup_ms": stats([x.get("startup_ms") for x in samples]),
+                    "first_ms": stats([x.get("first_ms") for x in samples]),
+                    "self_ms": stats([x.get("self_ms") for x in samples]),
+                    "stop_ms": stats([x.get("stop_ms") for x in samples]),
+                    "stop_all_ms": stats([x.get("stop_all_ms") for x in samples]),
+                    "errors": [x["error"] for x in samples if x.get("error")],
+                }
+                say(f"startup {key} N={n} {method}: {row['startup_ms']['median']} ms, stop {row['stop_ms']['median']} ms",
+                    row["errors"][:1] or "")
+                rows.append(row)
+    return {"rows": rows}
+
+
+def startup_once(ctx, s, n, method):
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    port = H.free_port()
+    out = {}
+    timeout = 90 if n >= 128 else 30
+    try:
+        with s.start(n, port, tmp, ctx.log_path("startup", s.key, f"-{n}-{method}")) as run:
+            ctx.note_command("startup", s.key, cmd_of(run))
+            if method == "log":
+                hit = run.wait_line(r"all (\d+) workers ready ([\d.]+) ms after start", timeout)
+                if not hit:
+                    raise Unavailable("no 'all N workers ready' line: " + " | ".join(run.output(last=3)))
+                ok = H.get_until_ok(port, 5)
+                if not ok:
+                    raise Unavailable("no 200 after 'all N workers ready'")
+                out["startup_ms"] = ms(ok[0] - run.t0)
+                out["log_seen_ms"] = ms(hit[0] - run.t0)
+                out["self_ms"] = float(hit[1].group(2))
+            else:
+                r = H.distinct_pids(port, n, timeout, stop=run.exited)
+                out["first_ms"] = ms(r["t_first"] - run.t0) if r["t_first"] else None
+                if r["t_all"] is None:
+                    raise Unavailable(f"only {len(r['pids'])} of {n} distinct workers answered in {timeout}s")
+                out["startup_ms"] = ms(r["t_all"] - run.t0)
+            time.sleep(0.3)
+            ws = run.workers()
+            watch = H.PidWatch(ws)
+            t = now()
+            run.signal(signal.SIGTERM)
+            ex = run.wait_exit(t, 45)
+            gone = watch.wait_all(t, (ex or 45) + 2)
+            watch.kill_survivors()
+            watch.close()
+            out["stop_ms"] = ms(ex)
+            out["stop_all_ms"] = ms(max((g for g in gone.values() if g is not None), default=0)) \
+                if all(g is not None for g in gone.values()) else None
+            out["survivors"] = sum(1 for g in gone.values() if g is None)
+            out["exit_status"] = run.p.returncode
+            out["workers"] = len(ws)
+    except Unavailable as e:
+        out["error"] = str(e)
+    return out
+
+
+def sc_stop_inflight(ctx, how):
+    """SIGTERM (how="term") or Ctrl+C (how="int": SIGINT to the process group)
+    with a 1 s request in flight."""
+    rows = []
+    for key in SUPERVISED:
+        s = SUBJECTS[key]
+        if s.unavailable:
+            rows.append({"subject": key, "unavailable": s.unavailable})
+            continue
+        samples = [stop_inflight_once(ctx, s, how) for _ in range(ctx.reps)]
+        row = {
+            "subject": key, "samples": samples,
+            "exit_ms": stats([x.get("exit_ms") for x in samples]),
+            "slow_done_ms": stats([x.get("slow_done_ms") for x in samples]),
+            "slow_ok": sum(1 for x in samples if x.get("slow_outcome") == "ok"),
+            "slow_outcomes": sorted({x.get("slow_outcome") for x in samples if x.get("slow_outcome")}),
+            "new_outcomes": sorted({x.get("new_outcome") for x in samples if x.get("new_outcome")}),
+            "new_ms": stats([x.get("new_ms") for x in samples]),
+            "cleanups": [f"{x.get('cleanups')}/{x.get('workers')}" for x in samples if "workers" in x],
+            "exit_statuses": sorted({x.get("exit_status") for x in samples if "exit_status" in x}, key=str),
+            "survivors": sum(x.get("survivors", 0) for x in samples),
+            "errors": [x["error"] for x in samples if x.get("error")],
+        }
+        say(f"stop[{how}] {key}: exit {row['exit_ms']['median']} ms, slow {row['slow_outcomes']}, "
+            f"new {row['new_outcomes']}, cleanups {row['cleanups']}", row["errors"][:1] or "")
+        rows.append(row)
+    return {"rows": rows}
+
+
+def stop_inflight_once(ctx, s, how):
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    port = H.free_port()
+    out = {}
+    try:
+        with s.start(2, port, tmp, ctx.log_path(f"stop-{how}", s.key)) as run:
+            ctx.note_command(f"stop_{how}", s.key, cmd_of(run))
+            s.wait_ready(run, 2, port, 60)
+            time.sleep(0.2)
+            H.reset_cleanup(tmp)
+            slow = H.send_slow_request(run, port, 1000)
+            ws = run.workers()
+            watch = H.PidWatch(ws)
+            t = now()
+            if how == "term":
+                run.signal(signal.SIGTERM)
+            else:
+                run.signal_group(signal.SIGINT)
+            new = H.InFlight(port, "/", timeout=10, connect_timeout=10)
+            ex = run.wait_exit(t, 45)
+            slow.join(45)
+            new.join(15)
+            gone = watch.wait_all(t, (ex or 45) + 2)
+            watch.kill_survivors()
+            watch.close()
+            out["exit_ms"] = ms(ex)
+            out["exit_status"] = run.p.returncode
+            out["slow_outcome"] = slow.result["outcome"] if slow.result else "no result"
+            out["slow_done_ms"] = ms(slow.t_end - t) if slow.t_end else None
+            out["new_outcome"] = new.result["outcome"] if new.result else "no result"
+            out["new_ms"] = ms(new.t_end - t) if new.t_end else None
+            out["workers"] = len(ws)
+            out["cleanups"] = H.cleanup_count(tmp)
+            out["survivors"] = sum(1 for g in gone.values() if g is None)
+    except Unavailable as e:
+        out["error"] = str(e)
+    return out
+
+
+def sc_kill_worker(ctx):
+    """kill -9 of the only worker until a replacement answers."""
+    kills = 3 if ctx.quick else 5
+    rows = []
+    for key in SUPERVISED:
+        s = SUBJECTS[key]
+        if s.unavailable:
+            rows.append({"subject": key, "unavailable": s.unavailable})
+            continue
+        tmp = tempfile.mkdtemp(prefix="bench-")
+        port = H.free_port()
+        samples = []
+        settings = ["respawn_reset_after=1s"] if s.kind == "drover" else []
+        try:
+            with s.start(1, port, tmp, ctx.log_path("kill-worker", s.key), settings=settings) as run:
+                ctx.note_command("kill_worker", s.key, cmd_of(run))
+                s.wait_ready(run, 1, port, 60)
+                for _ in range(kills):
+                    # Past respawn_reset_after: a worker that ran stably.
+                    time.sleep(1.1)
+                    ws = run.workers()
+                    if len(ws) != 1:
+                        samples.append({"error": f"{len(ws)} worker processes, expected 1"})
+                        continue
+                    victim = ws[0]
+                    t = now()
+                    os.kill(victim, signal.SIGKILL)
+                    failed = 0
+                    done = None
+                    while now() - t < 15:
+                        r = H.http_get(port, "/", timeout=15)
+                        if r["outcome"] == "ok" and r["pid"] and r["pid"] != victim:
+                            done = now() - t
+                            break
+                        failed += 1
+                    samples.append({"replaced_ms": ms(done), "failed_requests": failed})
+        except Unavailable as e:
+            samples.append({"error": str(e)})
+        row = {"subject": key, "samples": samples,
+               "replaced_ms": stats([x.get("replaced_ms") for x in samples if "error" not in x]),
+               "failed_requests": sum(x.get("failed_requests", 0) for x in samples),
+               "errors": [x["error"] for x in samples if x.get("error")]}
+        say(f"kill-worker {key}: {row['replaced_ms']['median']} ms", row["errors"][:1] or "")
+        rows.append(row)
+    return {"rows": rows}
+
+
+def parse_strace_c(path):
+    calls, per = 0, {}
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None, {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and re.match(r"^[\d.]+$", parts[0]):
+            name = parts[-1]
+            try:
+                n = int(parts[3])
+            except ValueError:
+                continue
+            if name == "total":
+                calls = n
+            else:
+                per[name] = n
+    return calls, per
+
+
+def sc_footprint(ctx):
+    """The master's footprint while idle (2 workers)."""
+    window = 2.0 if ctx.quick else 5.0
+    rows = []
+    for key in SUPERVISED:
+        s = SUBJECTS[key]
+        if s.unavailable:
+            rows.append({"subject": key, "unavailable": s.unavailable})
+            continue
+        tmp = tempfile.mkdtemp(prefix="bench-")
+        port = H.free_port()
+        row = {"subject": key, "window_s": window}
+        try:
+            with s.start(2, port, tmp, ctx.log_path("footprint", s.key)) as run:
+                ctx.note_command("footprint", s.key, cmd_of(run))
+                s.wait_ready(run, 2, port, 60)
+                time.sleep(1.0)
+                st = H.status_fields(run.pid)
+                row["rss_kb"] = int(st.get("VmRSS", "0 kB").split()[0])
+                row["rss_anon_kb"] = int(st.get("RssAnon", "0 kB").split()[0])
+                row["rss_file_kb"] = int(st.get("RssFile", "0 kB").split()[0])
+                row["threads"] = int(st.get("Threads", "0"))
+                row["pss_kb"] = H.smaps_rollup(run.pid).get("Pss")
+                row["top_mappings_kb"] = H.rss_by_mapping(run.pid)
+                c0 = H.context_switches(run.pid)
+                time.sleep(window)
+                c1 = H.context_switches(run.pid)
+                row["wakeups"] = c1 - c0
+                row["wakeups_per_s"] = round((c1 - c0) / window, 2)
+                if H.which("strace"):
+                    out = Path(tmp) / "strace.txt"
+                    argv = ["strace", "-c", "-f", "-p", str(run.pid), "-o", str(out)]
+                    ctx.note_command("footprint", "strace", shlex.join(argv[:-2] + ["PID"]))
+                    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(window)
+                    p.send_signal(signal.SIGINT)
+                    p.wait(timeout=10)
+                    calls, per = parse_strace_c(out)
+                    row["syscalls"] = calls
+                    row["syscalls_per_s"] = None if calls is None else round(calls / window, 2)
+                    row["syscall_top"] = sorted(per.items(), key=lambda kv: -kv[1])[:6]
+        except Unavailable as e:
+            row["error"] = str(e)
+        say(f"footprint {key}: rss {row.get('rss_kb')} kB, wake-ups/s {row.get('wakeups_per_s')}, "
+            f"syscalls/s {row.get('syscalls_per_s')}", row.get("error", ""))
+        rows.append(row)
+    return {"rows": rows}
+
+
+THROUGHPUT = [("alone-hello", 1), ("drover-hello", 1), ("drover-hello", 2), ("drover-hello", 4),
+              ("circus-hello", 2), ("circus-hello", 4), ("gunicorn", 2), ("gunicorn", 4),
+              ("drover-wsgi", 2), ("drover-wsgi", 4), ("circus-wsgi", 2), ("circus-wsgi", 4)]
+
+
+def sc_throughput(ctx):
+    secs = 2 if ctx.quick else 4
+    app, why = throughput_app(ctx)
+    samples = {}
+    for rep in range(ctx.reps):
+        for key, n in THROUGHPUT:
+            s = SUBJECTS[key]
+            if s.unavailable:
+                continue
+            saved = s.app
+            s.app = app
+            tmp = tempfile.mkdtemp(prefix="bench-")
+            port = H.free_port()
+            env = {"PYTHONPATH": f"{H.APPS}:{H.ROOT / 'workers' / 'python'}"}
+            try:
+                with s.start(n, port, tmp, ctx.log_path("throughput", key, f"-{n}"), env_extra=env) as run:
+                    ctx.note_command("throughput", f"{key} -w {n}", cmd_of(run))
+                    s.wait_ready(run, n, port, 60)
+                    time.sleep(0.2)
+                    r, cmd = H.run_wrk(port, 2, 50, secs)
+                    ctx.note_command("throughput", "wrk", cmd.replace(str(port), "PORT"))
+                    r.pop("raw", None) if r.get("rps") else None
+            except Unavailable as e:
+                r = {"error": str(e)}
+            finally:
+                s.app = saved
+            samples.setdefault((key, n), []).append(r)
+            say(f"throughput {key} w={n} rep {rep + 1}: {r.get('rps')} req/s, p99 {r.get('p99_ms')} ms, "
+                f"errors {r.get('errors')}", r.get("error", ""))
+    rows = []
+    for key, n in THROUGHPUT:
+        s = SUBJECTS[key]
+        if s.unavailable:
+            rows.append({"subject": key, "n": n, "unavailable": s.unavailable})
+            continue
+        sm = samples.get((key, n), [])
+        rows.append({"subject": key, "n": n, "samples": sm,
+                     "rps": stats([x.get("rps") for x in sm]),
+                     "p99_ms": stats([x.get("p99_ms") for x in sm]),
+                     "max_ms": stats([x.get("lat_max_ms") for x in sm]),
+                     "errors": sum(x.get("errors") or 0 for x in sm)})
+    return {"rows": rows, "wsgi_app": app, "wsgi_app_note": why, "seconds": secs}
+
+
+RELOAD_SUBJECTS = ["gunicorn", "drover-hello", "drover-wsgi", "circus-hello", "circus-wsgi"]
+
+
+def probe_unimplemented(run, sig):
+    """Sends sig to a drover master; returns the log line if drover says the
+    signal is not implemented, else None."""
+    t = now()
+    run.signal(sig)
+    hit = run.wait_line(r"not implemented", 0.5, after=t)
+    return hit[1].string.split(" INFO ")[-1].split(" WARN ")[-1].strip() if hit else None
+
+
+def sc_reload(ctx):
+    """Reload (and, for drover, upgrade) under load: 50 connections, five
+    reloads, against the same run without reloads."""
+    secs = 4.0 if ctx.quick else 8.0
+    first, gap = (0.8, 0.6) if ctx.quick else (1.5, 1.2)
+    schedule = [first + gap * i for i in range(5)]
+    reps = 1 if ctx.quick else 2
+    rows = []
+    for key in RELOAD_SUBJECTS:
+        s = SUBJECTS[key]
+        if s.unavailable:
+            rows.append({"subject": key, "unavailable": s.unavailable})
+            continue
+        row = {"subject": key, "baseline": [], "reload": [], "upgrade": [], "schedule_s": schedule}
+        tmp = tempfile.mkdtemp(prefix="bench-")
+        port = H.free_port()
+        try:
+            with s.start(2, port, tmp, ctx.log_path("reload", s.key)) as run:
+                ctx.note_command("reload", s.key, cmd_of(run))
+                s.wait_ready(run, 2, port, 60)
+                ops = [("reload", signal.SIGHUP)]
+                if s.kind == "drover":
+                    ops.append(("upgrade", signal.SIGUSR2))
+                    for name, sig in ops:
+                        why = probe_unimplemented(run, sig)
+                        if why:
+                            row[f"{name}_unavailable"] = f"drover logs: {why}"
+                    time.sleep(0.5)
+                for rep in range(reps):
+                    lg, cmd = H.run_loadgen(port, secs)
+                    ctx.note_command("reload", "loadgen", cmd.replace(str(port), "PORT"))
+                    row["baseline"].append(H.finish_loadgen(lg, secs + 60))
+                    for name, sig in ops:
+                        if row.get(f"{name}_unavailable"):
+                            continue
+                        res = reload_run(run, port, secs, schedule, sig)
+                        row[name].append(res)
+                        if run.exited():
+                            raise Unavailable(f"the master exited during the {name} run")
+                        if s.kind == "drover" and name == "upgrade":
+                            break  # the master pid changes on an upgrade: one run only
+        except Unavailable as e:
+            row["error"] = str(e)
+        for name in ("baseline", "reload", "upgrade"):
+            rs = row[name]
+            row[f"{name}_summary"] = {
+                "failed": stats([sum(v for k, v in r["outcomes"].items() if k != "ok") for r in rs]),
+                "rps": stats([r["rps"] for r in rs]),
+                "p99_ms": stats([r["lat_us"]["p99"] / 1000 for r in rs]),
+                "max_ms": stats([r["lat_us"]["max"] / 1000 for r in rs]),
+                "outcomes": _sum_outcomes(rs),
+            }
+        say(f"reload {key}: baseline p99 {row['baseline_summary']['p99_ms']['median']} ms, "
+            f"reload p99 {row['reload_summary']['p99_ms']['median']} ms, failed {row['reload_summary']['failed']['median']}",
+            row.get("reload_unavailable", "") or row.get("error", ""))
+        rows.append(row)
+    return {"rows": rows, "seconds": secs, "schedule_s": schedule, "conns": 50}
+
+
+def _sum_outcomes(rs):
+    tot = {}
+    for r in rs:
+        for k, v in r["outcomes"].items():
+            tot[k] = tot.get(k, 0) + v
+    return tot
+
+
+def reload_run(run, port, secs, schedule, sig):
+    lg, _ = H.run_loadgen(port, secs)
+    t_start = time.time()
+    marks = []
+    for at in schedule:
+        delay = t_start + at - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        marks.append(time.time())
+        try:
+            run.signal(sig)
+        except OSError:
+            pass
+    res = H.finish_loadgen(lg, secs + 60)
+    res["marks_s"] = [round(m - res["epoch"], 3) for m in marks]
+    return res
+
+
+def sc_kill_master(ctx):
+    """SIGKILL of the master: how long do its workers live on, and do they
+    still answer? All subjects at once, each timed from its own kill."""
+    cap = 3.0 if ctx.quick else 17.0
+    reps = 1 if ctx.quick else 2
+    rows = {k: {"subject": k, "samples": []} for k in SUPERVISED}
+    for rep in range(reps):
+        started = []
+        try:
+            for key in SUPERVISED:
+                s = SUBJECTS[key]
+                if s.unavailable:
+                    rows[key]["unavailable"] = s.unavailable
+                    continue
+                tmp = tempfile.mkdtemp(prefix="bench-")
+                port = H.free_port()
+                run = s.start(2, port, tmp, ctx.log_path("kill-master", key))
+                ctx.note_command("kill_master", key, cmd_of(run))
+                started.append((key, run, port))
+                try:
+                    s.wait_ready(run, 2, port, 60)
+                except Unavailable as e:
+                    rows[key]["samples"].append({"error": str(e)})
+                    started.pop()
+                    run.stop()
+            time.sleep(0.3)
+            watches = []
+            for key, run, port in started:
+                ws = run.workers()
+                w = H.PidWatch(ws)
+                t = now()
+                run.p.kill()
+                watches.append((key, run, port, w, t, len(ws)))
+            time.sleep(0.05)
+            answered = {}
+            for key, run, port, w, t, nw in watches:
+                r = H.http_get(port, "/", timeout=1.0, connect_timeout=1.0)
+                answered[key] = r["outcome"]
+            t_end = max(t for *_, t, _ in watches) + cap if watches else now()
+            for key, run, port, w, t, nw in watches:
+                gone = w.wait_all(t, max(0.0, t_end - t))
+                vals = list(gone.values())
+                sample = {
+                    "workers": nw,
+                    "all_gone_ms": ms(max(vals)) if vals and all(v is not None for v in vals) else None,
+                    "survivors_at_cap": sum(1 for v in vals if v is None),
+                    "cap_s": round(t_end - t, 1),
+                    "answered_50ms_after": answered.get(key),
+                }
+                w.kill_survivors()
+                w.close()
+                rows[key]["samples"].append(sample)
+        finally:
+            for key, run, port in started:
+                run.stop()
+    out = []
+    for key in SUPERVISED:
+        row = rows[key]
+        sm = row["samples"]
+        row["all_gone_ms"] = stats([x.get("all_gone_ms") for x in sm if "error" not in x])
+        row["survivors"] = sum(x.get("survivors_at_cap", 0) for x in sm)
+        row["answered"] = sorted({x.get("answered_50ms_after") for x in sm if x.get("answered_50ms_after")})
+        row["errors"] = [x["error"] for x in sm if x.get("error")]
+        say(f"kill-master {key}: gone {row['all_gone_ms']['median']} ms, survivors {row['survivors']}, "
+            f"answered {row['answered']}", row.get("unavailable", ""))
+        out.append(row)
+    return {"rows": out, "cap_s": cap}
+
+
+def sc_diagnose(ctx):
+    """Evidence for the report: where drover's master spends its time while
+    starting 4 and 128 workers (strace of the master alone, no -f)."""
+    if not H.which("strace"):
+        return {"unavailable": "strace not installed"}
+    out = {}
+    s = SUBJECTS["drover-hello"]
+    for n in (4, 128):
+        tmp = tempfile.mkdtemp(prefix="bench-")
+        port = H.free_port()
+        trace = Path(tmp) / "trace.txt"
+        argv = ["strace", "-ttt", "-T", "-o", str(trace)] + s.argv(n, port, tmp)
+        ctx.note_command("diagnose", f"N={n}", shlex.join(argv).replace(str(port), "PORT").replace(str(trace), "trace.txt"))
+        run = H.Running(s, argv, H.base_env(tmp), log_path=ctx.log_path("diagnose", s.key, f"-{n}"))
+        try:
+            hit = run.wait_line(r"all (\d+) workers ready ([\d.]+) ms after start", 60)
+            t = now()
+            run.signal(signal.SIGTERM)
+            run.wait_exit(t, 30)
+        finally:
+            run.stop()
+        out[f"n{n}"] = summarize_trace(trace, hit[1].group(2) if hit else None)
+    return out
+
+
+def summarize_trace(path, self_ms):
+    """Time per syscall and the largest gaps (user-space time) of a master's
+    strace -ttt -T from its exec to its 'all N workers ready' log line."""
+    rx = re.compile(r"^(\d+\.\d+) (\w+)\((.*)\) += (.*?)(?: <([\d.]+)>)?$")
+    calls = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        m = rx.match(line)
+        if m:
+            calls.append((float(m.group(1)), m.group(2), m.group(3)[:60], float(m.group(5) or 0)))
+    if not calls:
+        return {}
+    t0 = calls[0][0]
+    end = None
+    for t, name, args, dur in calls:
+        if name == "write" and "workers ready" in args:
+            end = t
+            break
+    upto = [c for c in calls if end is None or c[0] <= end]
+    per = {}
+    for t, name, args, dur in upto:
+        n, total = per.get(name, (0, 0.0))
+        per[name] = (n + 1, total + dur)
+    gaps = []
+    for a, b in zip(upto, upto[1:]):
+        gaps.append((round((b[0] - (a[0] + a[3])) * 1000, 3), a[1], a[2], b[1]))
+    gaps.sort(reverse=True)
+    return {
+        "self_reported_ms": self_ms,
+        "traced_ms": round(((end or upto[-1][0]) - t0) * 1000, 3),
+        "syscalls": len(upto),
+        "by_time_ms": sorted(((k, v[0], round(v[1] * 1000, 3)) for k, v in per.items()), key=lambda x: -x[2])[:8],
+        "largest_gaps_ms": gaps[:5],
+    }
+
+
+SCENARIOS = [
+    ("startup", sc_startup),
+    ("stop_term", lambda ctx: sc_stop_inflight(ctx, "term")),
+    ("stop_int", lambda ctx: sc_stop_inflight(ctx, "int")),
+    ("kill_worker", sc_kill_worker),
+    ("footprint", sc_footprint),
+    ("throughput", sc_throughput),
+    ("reload", sc_reload),
+    ("kill_master", sc_kill_master),
+    ("diagnose", sc_diagnose),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="every scenario once, short windows")
+    ap.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
+    ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(n for n, _ in SCENARIOS))
+    ap.add_argument("--report-only", nargs="?", const="latest", metavar="RESULTS_DIR",
+                    help="regenerate the report from saved results")
+    ap.add_argument("--docs", action="store_true",
+                    help="write docs/benchmarks.md even for --quick/--only runs")
+    args = ap.parse_args()
+
+    import report
+
+    if args.report_only:
+        d = Path(args.report_only) if args.report_only != "latest" else (H.BENCH / "results" / "latest").resolve()
+        res = json.loads((d / "results.json").read_text())
+        to_docs = res["meta"].get("mode") == "full" or args.docs
+        print(report.write(res, d, to_docs=to_docs))
+        return
+
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    outdir = H.BENCH / "results" / stamp
+    outdir.mkdir(parents=True, exist_ok=True)
+    latest = H.BENCH / "results" / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(stamp)
+    ctx = Ctx(args, outdir)
+    machine_meta(ctx)
+    if args.only:
+        ctx.results["meta"]["only"] = args.only
+    only = set(args.only.split(",")) if args.only else None
+    t_all = now()
+    say(f"results in {outdir}")
+    check_wsgi_worker(ctx)
+    ctx.save()
+    for name, fn in SCENARIOS:
+        if only and name not in only:
+            continue
+        say(f"== {name}")
+        t = now()
+        try:
+            res = fn(ctx)
+        except Exception:  # noqa: BLE001 - a broken scenario must not stop the others
+            res = {"crashed": traceback.format_exc()}
+            say(f"{name} crashed:\n{res['crashed']}")
+        res["elapsed_s"] = round(now() - t, 1)
+        ctx.results["scenarios"][name] = res
+        ctx.save()
+    ctx.results["meta"]["elapsed_s"] = round(now() - t_all, 1)
+    ctx.save()
+    to_docs = (not args.quick and not args.only) or args.docs
+    path = report.write(ctx.results, outdir, to_docs=to_docs)
+    say(f"done in {now() - t_all:.0f} s; report: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,779 @@
+"""Turns a results.json of the harness into docs/benchmarks.md and SVG charts.
+
+The charts are plain SVG written here (polylines and text), so the harness
+needs nothing beyond the standard library.
+"""
+
+import math
+import os
+from html import escape
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks.md"
+CHARTS = ROOT / "bench" / "charts"
+
+LABELS = {
+    "drover-hello": "drover + hello",
+    "drover-wsgi": "drover + drover_wsgi",
+    "gunicorn": "Gunicorn (sync)",
+    "circus-hello": "Circus + hello",
+    "circus-wsgi": "Circus + drover_wsgi",
+    "alone-hello": "hello alone",
+}
+# The Circus subject with the same worker as a drover subject.
+CIRCUS_PEER = {"drover-hello": "circus-hello", "drover-wsgi": "circus-wsgi"}
+COLORS = {
+    "drover-hello": "#1f77b4",
+    "drover-wsgi": "#17becf",
+    "gunicorn": "#d62728",
+    "circus-hello": "#2ca02c",
+    "circus-wsgi": "#98df8a",
+    "alone-hello": "#7f7f7f",
+}
+
+
+def label(key):
+    return LABELS.get(key, key)
+
+
+def num(v, digits=None):
+    if v is None:
+        return "—"
+    if digits is None:
+        a = abs(v)
+        digits = 2 if a < 10 else 1 if a < 100 else 0
+    return f"{v:,.{digits}f}"
+
+
+def rng(st, digits=None, unit=""):
+    """median (min–max) of a stats dict."""
+    if not st or st.get("median") is None:
+        miss = st.get("missing") if st else None
+        return "—" + (f" ({miss} failed)" if miss else "")
+    s = num(st["median"], digits) + unit
+    if st["n"] > 1:
+        s += f" ({num(st['min'], digits)}–{num(st['max'], digits)})"
+    if st.get("missing"):
+        s += f", {st['missing']} failed"
+    return s
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "—"
+    r = a / b
+    return f"{r:.2f}×" if r >= 0.1 else f"{r:.3f}×"
+
+
+def med(st):
+    return st.get("median") if st else None
+
+
+def unavailable_line(key, why):
+    return f"| {label(key)} | not available ({escape(str(why))}) |"
+
+
+# --------------------------------------------------------------------------
+# SVG
+
+
+def svg_chart(path, title, series, xlabel, ylabel, xlog=False, ylog=False, vlines=(), notes=(),
+              xticks=None, width=760, height=420):
+    """series: [(name, color, [(x, y)], dashed)]; vlines: [(x, text)]."""
+    ml, mr, mt, mb = 70, 200, 40, 50
+    pw, ph = width - ml - mr, height - mt - mb
+    pts = [(x, y) for _, _, p, _ in series for x, y in p if y is not None]
+    if not pts:
+        pts = [(0, 1), (1, 10)]
+    xs = [x for x, _ in pts] + [x for x, _ in vlines]
+    ys = [y for _, y in pts]
+    fx = (lambda v: math.log10(v)) if xlog else (lambda v: v)
+    fy = (lambda v: math.log10(max(v, 1e-3))) if ylog else (lambda v: v)
+    x0, x1 = fx(min(xs)), fx(max(xs))
+    if ylog:
+        y0, y1 = math.floor(fy(min(ys))), math.ceil(fy(max(ys)))
+    else:
+        y0, y1 = 0.0, max(ys) * 1.1
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 == y0:
+        y1 = y0 + 1
+
+    def px(v):
+        return ml + (fx(v) - x0) / (x1 - x0) * pw
+
+    def py(v):
+        return mt + ph - (fy(v) - y0) / (y1 - y0) * ph
+
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+         f'<rect width="{width}" height="{height}" fill="white"/>',
+         f'<text x="{ml}" y="22" font-size="15" font-weight="bold">{escape(title)}</text>',
+         f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+    # y grid
+    if ylog:
+        for e in range(int(y0), int(y1) + 1):
+            v = 10 ** e
+            y = py(v)
+            o.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#ddd"/>')
+            o.append(f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">{num(v, 0 if v >= 1 else 3)}</text>')
+    else:
+        step = nice_step(y1 / 5)
+        v = 0.0
+        while v <= y1:
+            y = py(v)
+            o.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#ddd"/>')
+            o.append(f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">{num(v)}</text>')
+            v += step
+    # x ticks
+    ticks = xticks
+    if ticks is None:
+        step = nice_step((max(xs) - min(xs)) / 8 or 1)
+        ticks, v = [], math.floor(min(xs) / step) * step
+        while v <= max(xs) + 1e-9:
+            if v >= min(xs) - 1e-9:
+                ticks.append(v)
+            v += step
+    for v in ticks:
+        x = px(v)
+        o.append(f'<line x1="{x:.1f}" y1="{mt + ph}" x2="{x:.1f}" y2="{mt + ph + 5}" stroke="#888"/>')
+        o.append(f'<text x="{x:.1f}" y="{mt + ph + 18}" text-anchor="middle">{num(v, 0 if v == int(v) else 1)}</text>')
+    o.append(f'<text x="{ml + pw / 2}" y="{height - 10}" text-anchor="middle">{escape(xlabel)}</text>')
+    o.append(f'<text transform="translate(16,{mt + ph / 2}) rotate(-90)" text-anchor="middle">{escape(ylabel)}</text>')
+    for x, text in vlines:
+        xx = px(x)
+        o.append(f'<line x1="{xx:.1f}" y1="{mt}" x2="{xx:.1f}" y2="{mt + ph}" stroke="#999" stroke-dasharray="3,3"/>')
+        if text:
+            o.append(f'<text x="{xx + 3:.1f}" y="{mt + 12}" fill="#666" font-size="10">{escape(text)}</text>')
+    ly = mt + 10
+    for name, color, p, dashed in series:
+        p = [(x, y) for x, y in p if y is not None]
+        dash = ' stroke-dasharray="6,4"' if dashed else ""
+        if len(p) > 1:
+            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in p)
+            o.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.8"{dash}/>')
+        for x, y in p if len(p) <= 12 else []:
+            o.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>')
+        o.append(f'<line x1="{ml + pw + 12}" y1="{ly}" x2="{ml + pw + 34}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>')
+        o.append(f'<text x="{ml + pw + 40}" y="{ly + 4}">{escape(name)}</text>')
+        ly += 18
+    for text in notes:
+        ly += 6
+        for chunk in wrap(text, 30):
+            o.append(f'<text x="{ml + pw + 12}" y="{ly + 4}" fill="#a33" font-size="11">{escape(chunk)}</text>')
+            ly += 14
+    o.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(o) + "\n")
+
+
+def wrap(text, width):
+    out, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        out.append(line)
+    return out
+
+
+def nice_step(raw):
+    if raw <= 0:
+        return 1
+    e = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 5, 10):
+        if raw <= m * e:
+            return m * e
+    return 10 * e
+
+
+# --------------------------------------------------------------------------
+# Report
+
+
+def write(res, outdir, to_docs):
+    """Writes the report (and charts) into outdir; also to docs/ and
+    bench/charts/ when to_docs. Returns the path of the main report."""
+    outdir = Path(outdir)
+    charts_dir = CHARTS if to_docs else outdir / "charts"
+    md_path = DOCS if to_docs else outdir / "benchmarks.md"
+    rel = os.path.relpath(charts_dir, md_path.parent)
+    chart_files = charts(res, charts_dir)
+    text = render(res, {k: f"{rel}/{v}" for k, v in chart_files.items()}, outdir)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)
+    if to_docs:
+        (outdir / "benchmarks.md").write_text(text.replace(f"]({rel}/", "](charts/"))
+        oc = outdir / "charts"
+        oc.mkdir(exist_ok=True)
+        for f in chart_files.values():
+            (oc / f).write_text((charts_dir / f).read_text())
+    return md_path
+
+
+def charts(res, d):
+    out = {}
+    sc = res.get("scenarios", {})
+    st = sc.get("startup", {})
+    if st.get("rows"):
+        series = []
+        for key in ["drover-hello", "drover-wsgi", "gunicorn", "circus-hello", "circus-wsgi"]:
+            for method, dashed, suffix in (("pids", False, ""), ("log", True, " (log line)")):
+                p = [(r["n"], med(r["startup_ms"])) for r in st["rows"]
+                     if r.get("subject") == key and r.get("method") == method and med(r["startup_ms"])]
+                if p:
+                    series.append((label(key) + suffix, COLORS[key], sorted(p), dashed))
+        ns = sorted({r["n"] for r in st["rows"] if "n" in r})
+        svg_chart(d / "startup.svg", "Start-up: all N workers serving (median)", series,
+                  "workers (N, log scale)", "ms from exec of the master (log scale)", xlog=True, ylog=True,
+                  xticks=ns, notes=["solid: N distinct worker pids answered; dashed: drover's "
+                                    "'all N workers ready' line + one 200"])
+        out["startup"] = "startup.svg"
+    rl = sc.get("reload", {})
+    if rl.get("rows"):
+        series, vlines, notes = [], [], []
+        by = {r["subject"]: r for r in rl["rows"]}
+        for key, dashed in (("gunicorn", False), ("drover-hello", False), ("drover-wsgi", False)):
+            r = by.get(key)
+            if not r or r.get("unavailable"):
+                continue
+            if r.get("reload"):
+                run = r["reload"][-1]
+                series.append((f"{label(key)}, 5 reloads", COLORS[key], bucket_points(run), False))
+                if not vlines:
+                    vlines = [(m, "HUP") for m in run.get("marks_s", [])]
+            elif r.get("reload_unavailable"):
+                notes.append(f"{label(key)}: reload not implemented (SIGHUP ignored): no reload series")
+            if r.get("baseline"):
+                series.append((f"{label(key)}, no reload", COLORS[key], bucket_points(r["baseline"][-1]), True))
+        if series:
+            svg_chart(d / "reload.svg", "Latency during reloads under load (p99 per 100 ms, 50 connections)",
+                      series, "seconds into the run", "p99 latency, ms (log scale)", ylog=True,
+                      vlines=vlines, notes=notes)
+            out["reload"] = "reload.svg"
+    return out
+
+
+def bucket_points(run):
+    b = run.get("bucket_ms", 100)
+    pts = []
+    for t_ms, n_ok, n_err, p50, p99, mx in run.get("series", []):
+        if n_ok:
+            pts.append(((t_ms + b / 2) / 1000.0, p99 / 1000.0))
+    return pts
+
+
+def render(res, charts_rel, outdir):
+    m = res.get("meta", {})
+    sc = res.get("scenarios", {})
+    cmds = res.get("commands", {})
+    L = []
+    w = L.append
+    w("# Benchmarks")
+    w("")
+    w(f"Generated by `bench/run` ({m.get('mode', '?')} run, {m.get('reps', '?')} repetitions, "
+      f"{m.get('date', '?')}, {num(m.get('elapsed_s'), 0)} s). Do not edit by hand: run `bench/run` "
+      "again. Raw results (JSON) and every process's output are in "
+      f"`bench/results/{Path(outdir).name}/` (not committed). How the harness works: "
+      "[bench/README.md](../bench/README.md).")
+    w("")
+    w("Numbers are medians with min–max over the repetitions. A ratio is drover's value divided by "
+      "the peer's: for times, below 1× means drover is faster; for throughput, above 1× means drover "
+      "serves more. Loopback only, and the load generator shares the machine's cores with the "
+      "system under test.")
+    w("")
+    if m.get("only"):
+        w(f"**Partial run**: only `{m['only']}`.")
+        w("")
+    targets(res, L)
+    w("## Machine and versions")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    for k, name in (("cpu", "CPU"), ("cores", "cores"), ("memory", "memory"), ("kernel", "kernel"), ("os", "OS"),
+                    ("drover_rev", "drover (git)"), ("rustc", "rustc"), ("gunicorn", "Gunicorn"),
+                    ("circus", "Circus"), ("wrk", "wrk"), ("python", "Python (all Python subjects)"),
+                    ("strace", "strace")):
+        w(f"| {name} | {escape(str(m.get(k)))} |")
+    ww = m.get("wsgi_worker", {})
+    w(f"| Python WSGI worker | {'available, drover waits for ' + ('READY=1' if ww.get('drover_ready_mode') == 'notify' else 'the spawn') if ww.get('available') else 'not available: ' + escape(str(ww.get('reason')))} |")
+    w("")
+    w("## Subjects")
+    w("")
+    w("| subject | what runs |")
+    w("|---|---|")
+    w("| drover + hello | `drover -w N --set ready=notify -- target/release/hello` (the Rust reference worker) |")
+    w("| drover + drover_wsgi | drover running `python workers/python/drover_wsgi.py bench_app:app` |")
+    w("| Gunicorn (sync) | `gunicorn --worker-class sync -w N bench_app:app` |")
+    w("| Circus + hello / drover_wsgi | `circusd` with a `[socket:web]` and `use_sockets = True`; "
+      "`bench/adapters/fd_to_listen_fds.sh $(circus.sockets.web) …` moves the socket to fd 3 and sets "
+      "`LISTEN_FDS`/`LISTEN_PID` before exec'ing the same worker as drover runs |")
+    w("| hello alone | `bench/adapters/socket_exec.py` binds, puts the socket at fd 3 with `LISTEN_FDS=1`, "
+      "`LISTEN_PID` and execs hello: no supervisor at all |")
+    w("")
+    w("`bench/apps/bench_app.py` is the WSGI app of every Python subject (the routes of hello: `/`, "
+      "`/sleep?ms=N`, an `X-Worker-Pid` header; an `atexit` handler records that cleanup ran). All "
+      "Python subjects run on the same interpreter (`bench/.venv`).")
+    w("")
+    sec_startup(sc.get("startup"), charts_rel, cmds, L)
+    sec_stop(sc.get("stop_term"), "Graceful stop: SIGTERM with a request in flight", "term", cmds, L)
+    sec_stop(sc.get("stop_int"), "Ctrl+C: SIGINT to the process group with a request in flight", "int", cmds, L)
+    sec_kill_worker(sc.get("kill_worker"), cmds, L)
+    sec_footprint(sc.get("footprint"), cmds, L)
+    sec_throughput(sc.get("throughput"), cmds, L)
+    sec_reload(sc.get("reload"), charts_rel, cmds, L)
+    sec_kill_master(sc.get("kill_master"), cmds, L)
+    sec_diagnose(sc.get("diagnose"), sc.get("footprint"), cmds, L)
+    return "\n".join(L) + "\n"
+
+
+def commands(cmds, name, L, extra=()):
+    c = cmds.get(name, {})
+    if not c and not extra:
+        return
+    L.append("<details><summary>Exact commands</summary>")
+    L.append("")
+    L.append("```")
+    for k, v in c.items():
+        L.append(f"# {k}")
+        L.append(v)
+    for e in extra:
+        L.append(e)
+    L.append("```")
+    L.append("")
+    L.append("</details>")
+    L.append("")
+
+
+def crashed(s, L):
+    if s is None:
+        L.append("Not run.")
+        L.append("")
+        return True
+    if s.get("crashed"):
+        L.append("The scenario crashed:")
+        L.append("")
+        L.append("```")
+        L.append(s["crashed"].strip()[-1500:])
+        L.append("```")
+        L.append("")
+        return True
+    if s.get("unavailable"):
+        L.append(f"Not available ({s['unavailable']}).")
+        L.append("")
+        return True
+    return False
+
+
+def rows_by(s, *keys):
+    out = {}
+    for r in s.get("rows", []):
+        out[tuple(r.get(k) for k in keys)] = r
+    return out
+
+
+# --------------------------------------------------------------------------
+# Sections
+
+
+def sec_startup(s, charts_rel, cmds, L):
+    w = L.append
+    w("## Start-up, and idle SIGTERM to exit")
+    w("")
+    w("From the exec of the master until all N workers serve; then, after 0.3 s idle, SIGTERM to the "
+      "master until it exits (\"stop\"). *distinct pids*: a client keeps 2N connections (at most 256) "
+      f"busy with `GET /sleep?ms=5` and the time is when the N-th distinct `X-Worker-Pid` answered; "
+      "it is the same method for every subject and the ratios use it. *log line*: for drover, the time "
+      "its `all N workers ready` line was read plus one successful request (no other load).")
+    w("")
+    if crashed(s, L):
+        return
+    by = {}
+    for r in s["rows"]:
+        if r.get("unavailable"):
+            continue
+        by.setdefault((r["subject"], r["n"]), {})[r["method"]] = r
+    un = [r for r in s["rows"] if r.get("unavailable")]
+    w("| subject | N | log line, ms | distinct pids, ms | vs Gunicorn | vs Circus | stop, ms | vs Gunicorn | vs Circus |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (key, n), mm in sorted(by.items(), key=lambda kv: (list(LABELS).index(kv[0][0]), kv[0][1])):
+        log, pids = mm.get("log"), mm.get("pids")
+        stop_samples = [x.get("stop_ms") for r in mm.values() for x in r["samples"]]
+        from_stats = _stats(stop_samples)
+        g = by.get(("gunicorn", n), {}).get("pids")
+        c = by.get((CIRCUS_PEER.get(key), n), {}).get("pids")
+        gs = _stats([x.get("stop_ms") for x in g["samples"]]) if g else None
+        cs = _stats([x.get("stop_ms") for x in c["samples"]]) if c else None
+        is_drover = key.startswith("drover")
+        errs = sum(len(r.get("errors", [])) for r in mm.values())
+        w(f"| {label(key)} | {n} | {rng(log['startup_ms']) if log else '—'} | {rng(pids['startup_ms']) if pids else '—'} | "
+          f"{ratio(med(pids['startup_ms']), med(g['startup_ms'])) if is_drover and pids and g else ''} | "
+          f"{ratio(med(pids['startup_ms']), med(c['startup_ms'])) if is_drover and pids and c else ''} | "
+          f"{rng(from_stats)} | {ratio(med(from_stats), med(gs)) if is_drover and gs else ''} | "
+          f"{ratio(med(from_stats), med(cs)) if is_drover and cs else ''} |"
+          + (f" ({errs} failed)" if errs else ""))
+    for r in un:
+        w(f"| {label(r['subject'])} | | not available ({escape(r['unavailable'])}) | | | | | | |")
+    w("")
+    errs = [(r["subject"], r.get("n"), e) for r in s["rows"] for e in r.get("errors", [])]
+    for key, n, e in errs[:8]:
+        w(f"- {label(key)} N={n}: {escape(e)}")
+    if errs:
+        w("")
+    survivors = sum(x.get("survivors", 0) for r in s["rows"] for x in r.get("samples", []))
+    statuses = sorted({(r["subject"], x.get("exit_status")) for r in s["rows"] for x in r.get("samples", [])
+                       if x.get("exit_status") not in (0, None)}, key=str)
+    w(f"Workers left alive after the master exited: {survivors}. "
+      + ("Non-zero exit statuses: " + ", ".join(f"{label(k)} {v}" for k, v in statuses) + "." if statuses
+         else "Every master exited with status 0."))
+    w("")
+    if "startup" in charts_rel:
+        w(f"![start-up time against worker count]({charts_rel['startup']})")
+        w("")
+    commands(cmds, "startup", L)
+
+
+def _stats(values):
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return {"n": 0, "median": None, "min": None, "max": None, "missing": len(values)}
+    mid = len(v) // 2
+    m = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return {"n": len(v), "median": m, "min": v[0], "max": v[-1], "missing": len(values) - len(v)}
+
+
+def sec_stop(s, title, how, cmds, L):
+    w = L.append
+    w(f"## {title}")
+    w("")
+    if how == "term":
+        w("2 workers; a `GET /sleep?ms=1000` is accepted by a worker, then SIGTERM goes to the master. "
+          "Right after the signal a new connection tries `GET /`. *exit*: signal to master exit; "
+          "*slow request*: its outcome and when it completed (after the signal); *cleanup*: workers whose "
+          "cleanup ran (hello's registry, bench_app's `atexit`) / workers.")
+    else:
+        w("As above, but SIGINT goes to the whole process group of the master, as a terminal does on "
+          "Ctrl+C (the subject runs as the foreground job).")
+    w("")
+    if crashed(s, L):
+        return
+    w("| subject | exit, ms | vs Gunicorn | vs Circus | slow request | completed at, ms | new connection | cleanup ran | exit status |")
+    w("|---|---:|---:|---:|---|---:|---|---|---|")
+    by = rows_by(s, "subject")
+    for r in s["rows"]:
+        key = r["subject"]
+        if r.get("unavailable"):
+            w(f"| {label(key)} | not available ({escape(r['unavailable'])}) | | | | | | | |")
+            continue
+        g, c = by.get(("gunicorn",)), by.get((CIRCUS_PEER.get(key),))
+        dr = key.startswith("drover")
+        n = len([x for x in r["samples"] if "error" not in x])
+        new = ", ".join(r["new_outcomes"]) + (f" after {rng(r['new_ms'])} ms" if r["new_ms"].get("median") is not None else "")
+        w(f"| {label(key)} | {rng(r['exit_ms'])} | {ratio(med(r['exit_ms']), med(g['exit_ms'])) if dr and g and not g.get('unavailable') else ''} | "
+          f"{ratio(med(r['exit_ms']), med(c['exit_ms'])) if dr and c and not c.get('unavailable') else ''} | "
+          f"{r['slow_ok']}/{n} ok" + (f" ({', '.join(o for o in r['slow_outcomes'] if o != 'ok')})" if any(o != 'ok' for o in r['slow_outcomes']) else "")
+          + f" | {rng(r['slow_done_ms'])} | {new} | {', '.join(r['cleanups'])} | {', '.join(map(str, r['exit_statuses']))} |")
+    w("")
+    for r in s["rows"]:
+        for e in r.get("errors", [])[:2]:
+            w(f"- {label(r['subject'])}: {escape(e)}")
+    commands(cmds, f"stop_{how}", L)
+
+
+def sec_kill_worker(s, cmds, L):
+    w = L.append
+    w("## kill -9 of a worker until a replacement serves")
+    w("")
+    w("One worker; once it has run for 1.1 s (past drover's `respawn_reset_after`, set to 1 s here, so "
+      "that it counts as a stable worker and is replaced at once; with the default 10 s a worker killed "
+      "younger than that waits `respawn_delay`, 100 ms), SIGKILL goes to it and a client sends `GET /` "
+      "at once, again until a 200 comes from a new pid. The connection waits in the listen backlog "
+      "meanwhile, so the time is kill → replacement answered. Circus runs with its default "
+      "`check_delay`.")
+    w("")
+    if crashed(s, L):
+        return
+    w("| subject | replaced and serving, ms | vs Gunicorn | vs Circus | failed requests |")
+    w("|---|---:|---:|---:|---:|")
+    by = rows_by(s, "subject")
+    for r in s["rows"]:
+        key = r["subject"]
+        if r.get("unavailable"):
+            w(f"| {label(key)} | not available ({escape(r['unavailable'])}) | | | |")
+            continue
+        g, c = by.get(("gunicorn",)), by.get((CIRCUS_PEER.get(key),))
+        dr = key.startswith("drover")
+        w(f"| {label(key)} | {rng(r['replaced_ms'])} | "
+          f"{ratio(med(r['replaced_ms']), med(g['replaced_ms'])) if dr and g and not g.get('unavailable') else ''} | "
+          f"{ratio(med(r['replaced_ms']), med(c['replaced_ms'])) if dr and c and not c.get('unavailable') else ''} | "
+          f"{r['failed_requests']} |")
+    w("")
+    for r in s["rows"]:
+        for e in r.get("errors", [])[:2]:
+            w(f"- {label(r['subject'])}: {escape(e)}")
+    commands(cmds, "kill_worker", L)
+
+
+def sec_footprint(s, cmds, L):
+    w = L.append
+    w("## Master footprint while idle")
+    w("")
+    w("2 workers, idle for 1 s, then: resident memory of the master (`VmRSS` from /proc, split into "
+      "anonymous and file-backed), wake-ups = voluntary + involuntary context switches of all its "
+      "threads over the window, and system calls per second from `strace -c -f -p` over a second "
+      "window of the same length (attaching and detaching interrupt the wait it is blocked in, which "
+      "shows as one or two calls).")
+    w("")
+    if crashed(s, L):
+        return
+    w("| subject | RSS, kB | anon / file, kB | threads | wake-ups/s | vs Gunicorn | vs Circus | syscalls/s | most frequent syscalls |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    by = rows_by(s, "subject")
+    for r in s["rows"]:
+        key = r["subject"]
+        if r.get("unavailable") or r.get("error"):
+            w(f"| {label(key)} | not available ({escape(r.get('unavailable') or r.get('error'))}) | | | | | | | |")
+            continue
+        g, c = by.get(("gunicorn",)), by.get((CIRCUS_PEER.get(key),))
+        dr = key.startswith("drover")
+        ok = lambda p: p and not p.get("unavailable") and not p.get("error")  # noqa: E731
+        top = ", ".join(f"{k} {v}" for k, v in r.get("syscall_top", [])) or "none"
+        w(f"| {label(key)} | {r['rss_kb']:,} | {r['rss_anon_kb']:,} / {r['rss_file_kb']:,} | {r['threads']} | "
+          f"{num(r['wakeups_per_s'])} | "
+          f"{('RSS ' + ratio(r['rss_kb'], g['rss_kb'])) if dr and ok(g) else ''} | "
+          f"{('RSS ' + ratio(r['rss_kb'], c['rss_kb'])) if dr and ok(c) else ''} | "
+          f"{num(r.get('syscalls_per_s'))} | {top} |")
+    w("")
+    w(f"Window: {s['rows'][0].get('window_s', '?')} s each.")
+    w("")
+    commands(cmds, "footprint", L)
+
+
+def sec_throughput(s, cmds, L):
+    w = L.append
+    w("## Throughput (hello world)")
+    w("")
+    if crashed(s, L):
+        return
+    w(f"`wrk -t2 -c50 -d{s.get('seconds')}s --latency` on `/`, after the subject is serving; subjects "
+      "interleaved within each repetition. The WSGI app is "
+      f"`{s.get('wsgi_app')}`" + (f" ({escape(s['wsgi_app_note'])})" if s.get("wsgi_app_note") else "")
+      + ". hello keeps connections alive; Gunicorn's sync worker closes each one, so Python rows also "
+      "pay a connect per request. Ratios: drover rows against hello alone, Gunicorn and Circus "
+      "with the same worker count.")
+    w("")
+    w("| subject | workers | requests/s | vs hello alone | vs Gunicorn | vs Circus | p99, ms | max, ms | errors |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    by = rows_by(s, "subject", "n")
+    alone = by.get(("alone-hello", 1))
+    for r in s["rows"]:
+        key, n = r["subject"], r["n"]
+        if r.get("unavailable"):
+            w(f"| {label(key)} | {n} | not available ({escape(r['unavailable'])}) | | | | | | |")
+            continue
+        dr = key.startswith("drover")
+        g, c = by.get(("gunicorn", n)), by.get((CIRCUS_PEER.get(key), n))
+        rv = med(r["rps"])
+        w(f"| {label(key)} | {n} | {rng(r['rps'], 0)} | "
+          f"{ratio(rv, med(alone['rps'])) if key == 'drover-hello' and alone else ''} | "
+          f"{ratio(rv, med(g['rps'])) if dr and g and not g.get('unavailable') else ''} | "
+          f"{ratio(rv, med(c['rps'])) if dr and c and not c.get('unavailable') else ''} | "
+          f"{rng(r['p99_ms'])} | {rng(r['max_ms'])} | {r['errors']} |")
+    w("")
+    commands(cmds, "throughput", L)
+
+
+def sec_reload(s, charts_rel, cmds, L):
+    w = L.append
+    w("## Reload under load (and upgrade)")
+    w("")
+    if crashed(s, L):
+        return
+    w(f"2 workers, `bench/loadgen` with {s.get('conns')} connections for {s.get('seconds')} s, each "
+      "connection sending `GET /` with `Connection: close` in a loop (wrk reports totals only; this "
+      "load generator keeps every request, which the chart needs). *baseline*: the same run without "
+      "reloads; *reload*: SIGHUP to the master at " + ", ".join(f"{x:.1f}" for x in s.get("schedule_s", []))
+      + " s (five reloads). *failed*: refused, reset, truncated, timed-out or non-200 requests. "
+      "Target for drover: zero failed, p99 ≤ 1.2× its baseline.")
+    w("")
+    w("| subject | run | failed | requests/s | p99, ms | max, ms | p99 vs baseline |")
+    w("|---|---|---:|---:|---:|---:|---:|")
+    for r in s["rows"]:
+        key = r["subject"]
+        if r.get("unavailable"):
+            w(f"| {label(key)} | | not available ({escape(r['unavailable'])}) | | | | |")
+            continue
+        base = r.get("baseline_summary", {})
+        for name in ("baseline", "reload", "upgrade"):
+            if name == "upgrade" and not key.startswith("drover"):
+                continue
+            sm = r.get(f"{name}_summary", {})
+            if name != "baseline" and r.get(f"{name}_unavailable"):
+                w(f"| {label(key)} | {name} | not available ({escape(r[f'{name}_unavailable'])}) | | | | |")
+                continue
+            if not sm or sm["rps"]["n"] == 0:
+                w(f"| {label(key)} | {name} | — {('(' + escape(r['error']) + ')') if r.get('error') else ''} | | | | |")
+                continue
+            bad = {k: v for k, v in sm["outcomes"].items() if k != "ok" and v}
+            failed = rng(sm["failed"], 0) + (f" ({', '.join(f'{k} {v}' for k, v in bad.items())})" if bad else "")
+            w(f"| {label(key)} | {name} | {failed} | {rng(sm['rps'], 0)} | {rng(sm['p99_ms'])} | {rng(sm['max_ms'])} | "
+              f"{ratio(med(sm['p99_ms']), med(base.get('p99_ms'))) if name != 'baseline' else ''} |")
+    w("")
+    if "reload" in charts_rel:
+        w(f"![latency over time during reloads]({charts_rel['reload']})")
+        w("")
+    commands(cmds, "reload", L)
+
+
+def sec_kill_master(s, cmds, L):
+    w = L.append
+    w("## SIGKILL of the master: how long do workers survive?")
+    w("")
+    if crashed(s, L):
+        return
+    w(f"2 idle workers; SIGKILL to the master, then the time until every worker has exited (pidfd), "
+      f"watched for at most {s.get('cap_s')} s. 50 ms after the kill, a `GET /` shows whether orphans "
+      "still take traffic. drover's workers have `PR_SET_PDEATHSIG`=SIGKILL; Gunicorn's sync workers "
+      "check their parent pid between accepts and after each `select` timeout (half the worker timeout, "
+      "15 s by default); Circus does nothing.")
+    w("")
+    w("| subject | workers gone after, ms | still alive at the cap | GET / 50 ms after the kill |")
+    w("|---|---:|---:|---|")
+    for r in s["rows"]:
+        key = r["subject"]
+        if r.get("unavailable"):
+            w(f"| {label(key)} | not available ({escape(r['unavailable'])}) | | |")
+            continue
+        total = sum(x.get("workers", 0) for x in r["samples"])
+        w(f"| {label(key)} | {rng(r['all_gone_ms'])} | {r['survivors']} of {total} | {', '.join(r['answered'])} |")
+    w("")
+    commands(cmds, "kill_master", L)
+
+
+def sec_diagnose(s, fp, cmds, L):
+    w = L.append
+    w("## Where drover's time and memory go")
+    w("")
+    w("`strace -ttt -T` of the master alone (not its workers) from its exec to its `all N workers "
+      "ready` line: time inside system calls by call, and the longest stretches between two calls "
+      "(time in user space, or waiting to be scheduled). strace slows every call, so the traced "
+      "total is longer than an untraced start.")
+    w("")
+    if crashed(s, L):
+        return
+    for key, d in sorted(s.items()):
+        if not isinstance(d, dict) or not d:
+            continue
+        w(f"**{key[1:]} workers**: self-reported {d.get('self_reported_ms')} ms, traced {d.get('traced_ms')} ms, "
+          f"{d.get('syscalls')} system calls.")
+        w("")
+        w("| system call | calls | ms inside |")
+        w("|---|---:|---:|")
+        for name, n, t in d.get("by_time_ms", []):
+            w(f"| {name} | {n} | {t} |")
+        w("")
+        w("| gap, ms | after | before |")
+        w("|---:|---|---|")
+        for gap, a, args, b in d.get("largest_gaps_ms", []):
+            w(f"| {gap} | `{escape(a)}({escape(args)}…)` | `{escape(b)}` |")
+        w("")
+    if fp and fp.get("rows"):
+        for r in fp["rows"]:
+            if r.get("subject") == "drover-hello" and r.get("top_mappings_kb"):
+                w("Resident memory of the idle drover master by mapping (kB, from /proc/PID/smaps): "
+                  + ", ".join(f"`{escape(str(k))}` {v}" for k, v in r["top_mappings_kb"]) + ".")
+                w("")
+    commands(cmds, "diagnose", L)
+
+
+# --------------------------------------------------------------------------
+# Targets
+
+
+def targets(res, L):
+    sc = res.get("scenarios", {})
+    w = L.append
+    rows = []
+
+    def startup_row(n, metric):
+        st = sc.get("startup", {})
+        for r in st.get("rows", []):
+            if r.get("subject") == "drover-hello" and r.get("n") == n and r.get("method") == "log":
+                return r
+        return None
+
+    def add(what, target, value, unit, limit, lower_is_better=True, note=""):
+        if value is None:
+            rows.append((what, target, "not measured" + (f" ({note})" if note else ""), "—"))
+            return
+        ok = value <= limit if lower_is_better else value >= limit
+        if ok:
+            verdict = "met"
+        elif lower_is_better:
+            verdict = f"**missed** by {num(value - limit)} {unit} ({value / limit:.1f}× the target)" if limit else \
+                f"**missed** ({num(value)} {unit})"
+        else:
+            verdict = f"**missed** by {(1 - value / limit) * 100:.1f} %"
+        rows.append((what, target, f"{num(value)} {unit}" + (f" ({note})" if note else ""), verdict))
+
+    r4 = startup_row(4, "startup_ms")
+    add("all 4 workers serving after start", "≤ 5 ms", med(r4["startup_ms"]) if r4 else None, "ms", 5,
+        note="drover + hello, log line + a 200")
+    stop4 = [x.get("stop_ms") for r in sc.get("startup", {}).get("rows", [])
+             if r.get("subject") == "drover-hello" and r.get("n") == 4 for x in r.get("samples", [])]
+    add("idle SIGTERM to exit (4 workers)", "≤ 10 ms", _stats(stop4)["median"] if stop4 else None, "ms", 10)
+    kw = next((r for r in sc.get("kill_worker", {}).get("rows", []) if r.get("subject") == "drover-hello"), None)
+    add("killed worker replaced and serving", "≤ 3 ms", med(kw["replaced_ms"]) if kw and "replaced_ms" in kw else None, "ms", 3)
+    fp = next((r for r in sc.get("footprint", {}).get("rows", []) if r.get("subject") == "drover-hello"), None)
+    add("master resident memory, idle", "< 3 MB (3,072 kB)", fp.get("rss_kb") if fp else None, "kB", 3072)
+    add("master wake-ups while idle", "0 /s", fp.get("wakeups_per_s") if fp else None, "/s", 0)
+    r128 = startup_row(128, "startup_ms")
+    add("128 workers serving after start", "≤ 100 ms", med(r128["startup_ms"]) if r128 else None, "ms", 100,
+        note="drover + hello, log line + a 200")
+    stop128 = [x.get("stop_ms") for r in sc.get("startup", {}).get("rows", [])
+               if r.get("subject") == "drover-hello" and r.get("n") == 128 for x in r.get("samples", [])]
+    add("128 workers stopped (SIGTERM to exit)", "≤ 50 ms", _stats(stop128)["median"] if stop128 else None, "ms", 50)
+    rl = {r["subject"]: r for r in sc.get("reload", {}).get("rows", [])}
+    for op in ("reload", "upgrade"):
+        r = rl.get("drover-hello")
+        if not r:
+            rows.append((f"{op}s under load", "0 failed, p99 ≤ 1.2× no-reload", "not measured", "—"))
+        elif r.get(f"{op}_unavailable"):
+            rows.append((f"{op}s under load", "0 failed, p99 ≤ 1.2× no-reload",
+                         f"not available: {escape(r[f'{op}_unavailable'])}", "**missed** (not implemented)"))
+        elif r.get(f"{op}_summary", {}).get("rps", {}).get("n"):
+            sm, base = r[f"{op}_summary"], r["baseline_summary"]
+            failed = med(sm["failed"])
+            p = med(sm["p99_ms"]) / med(base["p99_ms"]) if med(base["p99_ms"]) else None
+            verdict = "met" if failed == 0 and p is not None and p <= 1.2 else \
+                f"**missed**: {num(failed, 0)} failed, p99 {p:.2f}× baseline"
+            rows.append((f"{op}s under load", "0 failed, p99 ≤ 1.2× no-reload",
+                         f"{num(failed, 0)} failed, p99 {p:.2f}× baseline" if p else "—", verdict))
+    tp = {(r["subject"], r["n"]): r for r in sc.get("throughput", {}).get("rows", [])}
+    a, d1 = tp.get(("alone-hello", 1)), tp.get(("drover-hello", 1))
+    if a and d1 and med(a.get("rps")) and med(d1.get("rps")):
+        add("drover + hello vs hello alone (1 worker)", "≥ 0.97×", med(d1["rps"]) / med(a["rps"]), "×", 0.97,
+            lower_is_better=False)
+    else:
+        rows.append(("drover + hello vs hello alone", "≥ 0.97×", "not measured", "—"))
+    for n in (2, 4):
+        g, dw = tp.get(("gunicorn", n)), tp.get(("drover-wsgi", n))
+        if dw and dw.get("unavailable"):
+            rows.append((f"drover_wsgi vs Gunicorn sync ({n} workers)", "≥ 1.0×",
+                         f"not available ({escape(dw['unavailable'])})", "—"))
+        elif g and dw and med(g.get("rps")) and med(dw.get("rps")):
+            add(f"drover_wsgi vs Gunicorn sync ({n} workers)", "≥ 1.0×", med(dw["rps"]) / med(g["rps"]), "×", 1.0,
+                lower_is_better=False)
+        else:
+            rows.append((f"drover_wsgi vs Gunicorn sync ({n} workers)", "≥ 1.0×", "not measured", "—"))
+    w("## Targets")
+    w("")
+    w("| target | goal | measured (median) | verdict |")
+    w("|---|---|---|---|")
+    for r in rows:
+        w("| " + " | ".join(str(x) for x in r) + " |")
+    w("")

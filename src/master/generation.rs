@@ -1,0 +1,48 @@
+//! A generation: one version of the settings with everything prepared from
+//! them for spawning (program, environment, listeners). A reload builds the
+//! next generation next to the current one; the workers say which one they
+//! belong to.
+
+use crate::config::{Loaded, Settings};
+use crate::listen::{self, Inherited, Set};
+use crate::spawn::{Env, Identity, Program};
+
+use super::StartError;
+
+pub struct Generation {
+    pub number: u32,
+    pub s: Settings,
+    pub program: Program,
+    pub env: Env,
+    pub listeners: Set,
+}
+
+impl Generation {
+    /// Prepares generation `number` from `loaded`, reusing the sockets of
+    /// `current` (and those `inherited`) where the addresses match. Nothing
+    /// is started; on error nothing was changed.
+    pub fn build(
+        number: u32,
+        loaded: Loaded,
+        inherited: Vec<Inherited>,
+        current: &Set,
+    ) -> Result<Generation, StartError> {
+        let s = loaded.settings;
+        let mut env = Env::inherit(&s.env_remove);
+        for (k, v) in &s.env {
+            env.set(k, v);
+        }
+        let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref()).map_err(StartError::Program)?;
+        let program = Program::new(&s.command, env.get("PATH"))
+            .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
+            .map_err(StartError::Program)?;
+        let listeners = listen::open_all(&s, loaded.bind_was_set, inherited, current)?;
+        Ok(Generation { number, s, program, env, listeners })
+    }
+
+    /// The workers' user and group, if they differ from drover's.
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        let id = self.program.identity.as_ref()?;
+        Some((id.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()), id.gid))
+    }
+}

@@ -1,0 +1,128 @@
+//! Reload (SIGHUP, `drover ctl reload`): re-read the config, start the next
+//! generation next to the current one, and retire old workers only as new ones
+//! report ready. Any failure before that rolls back: the new generation stops
+//! and the old one goes on serving.
+
+use std::time::Instant;
+
+use tracing::{error, info, warn};
+
+use super::generation::Generation;
+use super::worker::ms;
+use super::{control, stop, Master, Why};
+use crate::listen;
+
+/// A reload in progress.
+pub struct Reload {
+    began: Instant,
+    /// Another reload was asked for meanwhile: run it once this one settles
+    /// (the newest config wins, and never more than two generations live).
+    again: Vec<Option<control::ClientId>>,
+    /// Control clients waiting for the verdict.
+    waiters: Vec<control::ClientId>,
+    /// Set by a rollback, so that the loop stops spawning for it.
+    pub failed: bool,
+}
+
+impl Master {
+    pub(super) fn begin_reload(&mut self, why: &str, client: Option<control::ClientId>) {
+        if let Some(r) = &mut self.reload {
+            info!("{why}: a reload is in progress; the next one starts when it settles");
+            r.again.push(client);
+            return;
+        }
+        if self.paused {
+            self.resume(why);
+        }
+        let began = Instant::now();
+        self.systemd.reloading();
+        let number = self.next_generation;
+        let next = self.source.load().map_err(|e| e.to_string()).and_then(|loaded| {
+            Generation::build(number, loaded, Vec::new(), &self.gen.listeners).map_err(|e| e.to_string())
+        });
+        let next = match next {
+            Ok(next) => next,
+            Err(e) => {
+                // Nothing was started and nothing changes.
+                error!("{why}: reload rejected, nothing changed: {e}");
+                self.systemd.ready(&self.summary());
+                if let Some(c) = client {
+                    self.reply(c, control::failure(&format!("rejected: {e}")));
+                }
+                return;
+            }
+        };
+        self.next_generation += 1;
+        info!(
+            "{why}: reloading {} into generation {number} ({} worker(s), up to {} replaced at a time)",
+            self.source.origin(),
+            next.s.workers.0,
+            next.s.max_surge.0
+        );
+        self.slots.resize(next.s.workers.0 as usize, Default::default());
+        self.previous = Some(std::mem::replace(&mut self.gen, next));
+        self.reload = Some(Reload { began, again: Vec::new(), waiters: client.into_iter().collect(), failed: false });
+    }
+
+    /// Ends the reload once every slot is served by a ready worker of the new
+    /// generation and no older one is still serving.
+    pub(super) fn settle_reload(&mut self) {
+        let Some(r) = &self.reload else { return };
+        let current = self.gen.number;
+        let done = r.failed
+            || (1..=self.slots.len() as u32).all(|slot| {
+                self.workers
+                    .iter()
+                    .any(|w| w.slot == slot && w.generation == current && w.is_ready())
+            }) && !self.workers.iter().any(|w| w.generation != current && !w.is_stopping());
+        if !done || self.shutdown.is_some() {
+            return;
+        }
+        let r = self.reload.take().expect("checked above");
+        if !r.failed {
+            let took = ms(r.began.elapsed());
+            info!("reload applied: generation {current} serves, in {took}");
+            if let Some(old) = self.previous.take() {
+                // Sockets the new config no longer names: closed now that no
+                // current worker uses them (old workers may still drain theirs).
+                listen::close_unused(old.listeners, false);
+            }
+            for c in r.waiters {
+                self.reply(c, control::success(&format!("applied: generation {current} in {took}")));
+            }
+        }
+        self.systemd.ready(&self.summary());
+        // The newest request wins: one more reload, answering everyone who asked.
+        let mut again = r.again.into_iter();
+        if let Some(first) = again.next() {
+            self.begin_reload("queued reload", first);
+            if let Some(r) = self.reload.as_mut() {
+                r.waiters.extend(again.flatten());
+            }
+        }
+    }
+
+    /// The new generation failed before it was ready: stop it and go back to
+    /// the previous one.
+    pub(super) fn rollback(&mut self, cause: String) {
+        let Some(previous) = self.previous.take() else { return };
+        let failed = std::mem::replace(&mut self.gen, previous);
+        warn!("reload rolled back: {cause}; generation {} keeps serving", self.gen.number);
+        self.slots.resize(self.gen.s.workers.0 as usize, Default::default());
+        // Booting workers of the failed generation serve nothing: stop them
+        // now. Ready ones are replaced like any outdated worker.
+        let (signal, deadline) = (failed.s.stop_signal.0, Instant::now() + failed.s.graceful_timeout.0);
+        for w in self.workers.iter_mut().filter(|w| w.generation == failed.number && w.is_booting()) {
+            stop(w, signal, deadline, Why::Retired);
+        }
+        listen::close_unused(failed.listeners, false);
+        if let Some(r) = self.reload.as_mut() {
+            r.failed = true;
+            for c in std::mem::take(&mut r.waiters) {
+                if let Some(ctl) = self.control.as_mut() {
+                    ctl.reply(c, &control::failure(&format!("rolled back: {cause}")));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! drover's own readiness, for a service manager that started it with
+//! `NOTIFY_SOCKET` (systemd `Type=notify`, or an old drover during an
+//! upgrade). The sending is the worker SDK's: one implementation of the
+//! protocol serves both sides.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use tracing::debug;
+
+/// Where to send, if anywhere; a no-op otherwise.
+pub struct Systemd {
+    socket: Option<OsString>,
+    /// During an upgrade, `socket` is the old master's; this is the service
+    /// manager's, used once the old master has been told we are ready.
+    after_ready: Option<OsString>,
+    /// `WATCHDOG_USEC` meant for us: send `WATCHDOG=1` at half this interval.
+    pub watchdog: Option<Duration>,
+}
+
+impl Systemd {
+    /// Takes `NOTIFY_SOCKET` (and `WATCHDOG_USEC`) from the environment and
+    /// removes them, so that no worker inherits our channel.
+    pub fn from_env() -> Systemd {
+        let socket = std::env::var_os("NOTIFY_SOCKET");
+        let after_ready = std::env::var_os("DROVER_SERVICE_NOTIFY_SOCKET");
+        let watchdog = drover_worker::watchdog_interval();
+        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "DROVER_SERVICE_NOTIFY_SOCKET", "DROVER_UPGRADE_FROM"] {
+            std::env::remove_var(var);
+        }
+        Systemd { socket, after_ready, watchdog }
+    }
+
+    /// The service manager's socket, for a new master to report to later.
+    pub fn socket(&self) -> Option<&OsString> {
+        self.after_ready.as_ref().or(self.socket.as_ref())
+    }
+
+    pub fn send(&self, state: &str) {
+        let Some(socket) = &self.socket else { return };
+        if let Err(e) = drover_worker::notify::notify_to(socket, state) {
+            debug!("cannot notify {socket:?}: {e}");
+        }
+    }
+
+    pub fn ready(&mut self, summary: &str) {
+        self.send(&format!("READY=1\nSTATUS={summary}\nMAINPID={}", std::process::id()));
+        if let Some(service) = self.after_ready.take() {
+            self.socket = Some(service);
+        }
+    }
+
+    pub fn reloading(&self) {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the struct we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading"));
+    }
+
+    pub fn status(&self, summary: &str) {
+        self.send(&format!("STATUS={summary}"));
+    }
+
+    pub fn stopping(&self) {
+        self.send("STOPPING=1\nSTATUS=stopping");
+    }
+
+    pub fn main_pid(&self, pid: i32) {
+        self.send(&format!("MAINPID={pid}"));
+    }
+
+    pub fn watchdog(&self) {
+        self.send("WATCHDOG=1");
+    }
+}

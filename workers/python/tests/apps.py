@@ -1,0 +1,109 @@
+"""WSGI apps used by the tests (imported by drover_wsgi as apps:NAME)."""
+
+import json
+import os
+import sys
+import time
+
+import drover_worker
+
+
+def _text(start_response, status, body, extra=()):
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))] + list(extra))
+    return [body]
+
+
+ENVIRON_KEYS = (
+    "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE", "CONTENT_LENGTH",
+    "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL", "REMOTE_ADDR", "RAW_URI",
+    "wsgi.url_scheme", "wsgi.multithread", "wsgi.multiprocess", "wsgi.run_once",
+)
+
+
+def app(environ, start_response):
+    """Routes by path; see each branch."""
+    path = environ["PATH_INFO"]
+    if path == "/environ" or path.startswith("/environ/"):
+        # The environ, as JSON, with the body read by wsgi.input.read().
+        out = {k: environ.get(k) for k in ENVIRON_KEYS}
+        out["headers"] = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
+        out["body"] = environ["wsgi.input"].read().decode("latin-1")
+        out["version"] = list(environ["wsgi.version"])
+        body = json.dumps(out).encode()
+        return _text(start_response, "200 OK", body, [("Content-Type", "application/json")])
+    if path == "/lines":
+        lines = [l.decode() for l in environ["wsgi.input"]]
+        return _text(start_response, "200 OK", json.dumps(lines).encode())
+    if path == "/partial":
+        # Reads 3 bytes of the body and leaves the rest.
+        got = environ["wsgi.input"].read(3)
+        return _text(start_response, "200 OK", got)
+    if path == "/gen":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b"chunk%d;" % i for i in range(3))
+    if path == "/gen-empty":
+        start_response("200 OK", [])
+        return iter([b"", b""])
+    if path == "/list":
+        start_response("200 OK", [])
+        return [b"a", b"bc", b"", b"def"]
+    if path == "/write":
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"written;")
+        return [b"returned"]
+    if path == "/error":
+        raise RuntimeError("boom in the app")
+    if path == "/error-after-start":
+        def gen():
+            yield b"first"
+            raise RuntimeError("boom mid-body")
+        start_response("200 OK", [])
+        return gen()
+    if path == "/exc-info":
+        try:
+            raise ValueError("handled")
+        except ValueError:
+            start_response("200 OK", [("X-First", "1")])
+            start_response("503 Service Unavailable", [("X-Second", "1")], sys.exc_info())
+        return [b"replaced"]
+    if path == "/short":
+        # Promises 10 bytes, sends 3.
+        start_response("200 OK", [("Content-Length", "10")])
+        return iter([b"abc"])
+    if path == "/nocontent":
+        start_response("204 No Content", [])
+        return []
+    if path == "/close":
+        start_response("200 OK", [("Connection", "close"), ("Content-Length", "2")])
+        return [b"ok"]
+    if path == "/pid":
+        return _text(start_response, "200 OK", str(os.getpid()).encode(), [("X-Worker-Pid", str(os.getpid()))])
+    if path == "/sleep":
+        ms = int(environ["QUERY_STRING"].partition("=")[2] or "0")
+        time.sleep(ms / 1000)
+        return _text(start_response, "200 OK", b"slept %d" % ms)
+    if path == "/bad-header":
+        start_response("200 OK", [("X-Bad", "a\r\nInjected: 1")])
+        return [b"no"]
+    if path == "/closing-iter":
+        class It:
+            def __iter__(self):
+                return iter([b"x"])
+
+            def close(self):
+                sys.stderr.write("closing-iter closed\n")
+        start_response("200 OK", [])
+        return It()
+    return _text(start_response, "404 Not Found", b"not found")
+
+
+CLEANUP_FILE = os.environ.get("APPS_CLEANUP_FILE")
+if CLEANUP_FILE:
+    @drover_worker.on_exit("apps-cleanup")
+    def _cleanup():
+        with open(CLEANUP_FILE, "a") as f:
+            f.write("cleanup %d\n" % os.getpid())
+
+
+def factory():
+    return app

@@ -1,0 +1,170 @@
+"""listeners(): the LISTEN_* checks, names, what is left behind; notify():
+the datagrams, as systemd's protocol has them."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import unittest
+
+import drover_worker as dw
+from tests.helpers import LIMIT, NotifySocket, env_with_sdk, run_script
+
+PROBE = """
+    import json, os, socket, drover_worker as dw
+    try:
+        socks = dw.listeners()
+    except dw.ListenError as e:
+        print(json.dumps({"error": str(e)}))
+        raise SystemExit(3)
+    print(json.dumps({
+        "names": [s.name for s in socks],
+        "types": [isinstance(s, socket.socket) for s in socks],
+        "addrs": [list(s.getsockname()) for s in socks],
+        "inheritable": [s.get_inheritable() for s in socks],
+        "env": [os.environ.get(v) for v in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")],
+        "again": [s.fileno() for s in dw.listeners()],
+        "by_name": {k: [s.fileno() for s in v] for k, v in dw.listeners_by_name().items()},
+    }))
+"""
+
+
+def run_with_fds(socks, env, pid_expr="$$"):
+    """Runs PROBE with ``socks`` at fds 3.. and LISTEN_PID=pid_expr (sh syntax)."""
+    redirs = " ".join("%d<&%d" % (3 + i, s.fileno()) for i, s in enumerate(socks))
+    cmd = ["sh", "-c", 'LISTEN_PID=%s exec "$@" %s' % (pid_expr, redirs), "sh",
+           sys.executable, "-c", textwrap.dedent(PROBE)]
+    r = subprocess.run(cmd, env=env_with_sdk(env), pass_fds=[s.fileno() for s in socks],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=LIMIT, universal_newlines=True)
+    import json
+    return r.returncode, json.loads(r.stdout or "{}"), r.stderr
+
+
+class ListenTest(unittest.TestCase):
+    def setUp(self):
+        self.a = socket.socket()
+        self.a.bind(("127.0.0.1", 0))
+        self.a.listen()
+        self.b = socket.socket()
+        self.b.bind(("127.0.0.1", 0))
+        self.b.listen()
+
+    def tearDown(self):
+        self.a.close()
+        self.b.close()
+
+    def test_takes_the_sockets_with_their_names_and_leaves_nothing_behind(self):
+        code, out, err = run_with_fds([self.a, self.b], {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:admin"})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out["names"], ["web", "admin"])
+        self.assertEqual(out["types"], [True, True])
+        self.assertEqual([a[1] for a in out["addrs"]], [self.a.getsockname()[1], self.b.getsockname()[1]])
+        self.assertEqual(out["inheritable"], [False, False])
+        self.assertEqual(out["env"], [None, None, None], "the variables are unset")
+        self.assertEqual(out["again"], [3, 4], "a second call returns the same sockets")
+        self.assertEqual(out["by_name"], {"web": [3], "admin": [4]})
+
+    def test_names_default_to_unknown(self):
+        code, out, err = run_with_fds([self.a], {"LISTEN_FDS": "1"})
+        self.assertEqual(out["names"], ["unknown"], err)
+
+    def test_a_listen_pid_mismatch_is_refused(self):
+        code, out, err = run_with_fds([self.a], {"LISTEN_FDS": "1"}, pid_expr="1")
+        self.assertEqual(code, 3)
+        self.assertIn("LISTEN_PID is 1 but this process is", out["error"])
+        self.assertIn("refusing to use them", out["error"])
+
+    def test_missing_variables_say_to_run_under_drover(self):
+        r = run_script(PROBE)
+        self.assertEqual(r.returncode, 3)
+        self.assertIn("LISTEN_FDS and LISTEN_PID not set", r.stdout)
+        self.assertIn("must run under drover (or systemd socket activation)", r.stdout)
+
+    def test_parse_activation_rules(self):
+        self.assertEqual(dw.parse_activation("2", "7", "a:b", 7), ["a", "b"])
+        self.assertEqual(dw.parse_activation("0", "7", "", 7), [])
+        for args, message in [
+            (("2", "7", "a", 7), "1 names for LISTEN_FDS=2"),
+            (("x", "7", None, 7), "invalid LISTEN_FDS"),
+            (("1", "pid", None, 7), "invalid LISTEN_PID"),
+            ((None, "7", None, 7), "LISTEN_FDS not set"),
+        ]:
+            with self.assertRaises(dw.ListenError) as cm:
+                dw.parse_activation(*args)
+            self.assertIn(message, str(cm.exception))
+
+    def test_a_closed_fd_is_not_a_socket(self):
+        code, out, err = run_with_fds([self.a], {"LISTEN_FDS": "2"})
+        self.assertEqual(code, 3)
+        self.assertIn("inherited fd 4 is not a usable socket", out["error"])
+
+
+class NotifyTest(unittest.TestCase):
+    def test_messages_are_single_datagrams(self):
+        n = NotifySocket()
+        try:
+            r = run_script("""
+                import drover_worker as dw
+                print(dw.ready(), dw.status("serving\\n3 clients"), dw.heartbeat(), dw.stopping(),
+                      dw.extend_timeout(2.5), dw.notify("READY=1\\nSTATUS=two lines"))
+            """, env={"NOTIFY_SOCKET": n.path})
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual(r.stdout.split(), ["True"] * 6)
+            got = [n.recv(1) for _ in range(6)]
+            self.assertEqual(got, [
+                b"READY=1", b"STATUS=serving 3 clients", b"WATCHDOG=1", b"STOPPING=1",
+                b"EXTEND_TIMEOUT_USEC=2500000", b"READY=1\nSTATUS=two lines",
+            ])
+        finally:
+            n.close()
+
+    def test_abstract_socket(self):
+        name = "drover-test-%d" % os.getpid()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind("\0" + name)
+        try:
+            r = run_script("import drover_worker as dw; print(dw.ready())", env={"NOTIFY_SOCKET": "@" + name})
+            self.assertEqual(r.stdout.strip(), "True", r.stderr)
+            s.settimeout(LIMIT)
+            self.assertEqual(s.recv(100), b"READY=1")
+        finally:
+            s.close()
+
+    def test_unset_is_a_no_op(self):
+        r = run_script("import drover_worker as dw; print(dw.ready(), dw.status('x'))")
+        self.assertEqual(r.stdout.strip(), "False False", r.stderr)
+
+    def test_sender_is_the_process_itself(self):
+        # drover checks the sender's pid (SO_PASSCRED): the datagram must come
+        # from the worker, not from a helper process.
+        n = NotifySocket()
+        try:
+            n.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            p = subprocess.Popen([sys.executable, "-c", "import drover_worker as dw, os; dw.ready(); print(os.getpid())"],
+                                 env=env_with_sdk({"NOTIFY_SOCKET": n.path}), stdout=subprocess.PIPE,
+                                 universal_newlines=True)
+            out, _ = p.communicate(timeout=LIMIT)
+            msg, anc, _, _ = n.sock.recvmsg(100, socket.CMSG_SPACE(12))
+            import struct
+            pid = [struct.unpack("iII", data)[0] for lvl, typ, data in anc if typ == socket.SCM_CREDENTIALS]
+            self.assertEqual(msg, b"READY=1")
+            self.assertEqual(pid, [int(out)])
+        finally:
+            n.close()
+
+    def test_watchdog_interval(self):
+        r = run_script("""
+            import os, drover_worker as dw
+            print(dw.watchdog_interval())
+            os.environ["WATCHDOG_USEC"] = "2000000"
+            print(dw.watchdog_interval())
+            os.environ["WATCHDOG_PID"] = "1"
+            print(dw.watchdog_interval())
+        """)
+        self.assertEqual(r.stdout.split(), ["None", "2.0", "None"], r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()

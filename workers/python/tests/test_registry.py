@@ -1,0 +1,170 @@
+"""The cleanup registry: order, once only, isolation of errors, the budget,
+registration from threads, and the decorator forms. Each case runs in a fresh
+interpreter, since the registry is per process and also runs at exit."""
+
+import time
+import unittest
+
+from tests.helpers import run_script
+
+
+class RegistryTest(unittest.TestCase):
+    def test_last_registered_runs_first(self):
+        r = run_script("""
+            import drover_worker as dw
+            for name in "abc":
+                dw.register(name, lambda name=name: print("ran", name))
+            dw.run_cleanup()
+            print("after")
+        """)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.split("\n")[:4], ["ran c", "ran b", "ran a", "after"])
+
+    def test_runs_once_in_total_also_with_atexit(self):
+        r = run_script("""
+            import drover_worker as dw
+            dw.register("count", lambda: print("ran"))
+            dw.run_cleanup()
+            dw.run_cleanup()
+            dw.register("late", lambda: print("late ran"))
+            dw.run_cleanup()
+        """)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.count("ran"), 1, r.stdout)
+        self.assertIn("'late' registered after cleanup started; it will not run", r.stderr)
+
+    def test_runs_at_normal_interpreter_exit(self):
+        r = run_script("""
+            import sys, drover_worker as dw
+            @dw.on_exit
+            def flush():
+                print("flushed")
+            print("main done")
+            sys.exit(5)
+        """)
+        self.assertEqual(r.returncode, 5)
+        self.assertEqual(r.stdout, "main done\nflushed\n")
+
+    def test_runs_at_exit_after_an_uncaught_exception(self):
+        r = run_script("""
+            import drover_worker as dw
+            dw.on_exit(lambda: print("cleaned"), name="c")
+            raise SystemError("crash")
+        """)
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stdout, "cleaned\n")
+
+    def test_an_exception_is_logged_with_its_name_and_the_rest_run(self):
+        r = run_script("""
+            import drover_worker as dw
+            dw.register("first", lambda: print("first ran"))
+            def bad():
+                raise KeyError("disk full")
+            dw.register("bad-one", bad)
+            dw.register("last", lambda: print("last ran"))
+            print("ok" if dw.run_cleanup() else "budget")
+        """)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout, "last ran\nfirst ran\nok\n")
+        self.assertIn("cleanup 'bad-one' failed:", r.stderr)
+        self.assertIn("Traceback (most recent call last):", r.stderr)
+        self.assertIn("KeyError: 'disk full'", r.stderr)
+
+    def test_the_budget_abandons_a_slow_function(self):
+        began = time.monotonic()
+        r = run_script("""
+            import time, drover_worker as dw
+            dw.register("never-started", lambda: print("should not run"))
+            dw.register("slow", lambda: time.sleep(30))
+            dw.register("quick", lambda: print("quick ran"))
+            t = time.monotonic()
+            finished = dw.run_cleanup()
+            print("returned after %.1f finished=%s" % (time.monotonic() - t, finished))
+        """, env={"DROVER_GRACEFUL_TIMEOUT": "0.5"})
+        self.assertLess(time.monotonic() - began, 10)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("quick ran", r.stdout)
+        self.assertNotIn("should not run", r.stdout)
+        self.assertIn("returned after 0.5 finished=False", r.stdout)
+        self.assertIn(
+            "cleanup budget of 0.5s ran out while 'slow' was still running; abandoned it; "
+            "not started: never-started", r.stderr)
+
+    def test_the_budget_counts_from_the_stop_request(self):
+        r = run_script("""
+            import time, drover_worker as dw
+            dw.request_stop("graceful")
+            time.sleep(0.6)
+            print("%.1f" % dw.remaining_budget())
+        """, env={"DROVER_GRACEFUL_TIMEOUT": "2.5"})
+        self.assertEqual(r.stdout.strip(), "1.9")
+
+    def test_graceful_timeout_parsing(self):
+        r = run_script("""
+            import drover_worker as dw
+            print(dw.graceful_timeout("1.5"), dw.graceful_timeout(None), dw.graceful_timeout("x"))
+        """)
+        self.assertEqual(r.stdout.strip(), "1.5 30.0 30.0")
+        self.assertIn("DROVER_GRACEFUL_TIMEOUT='x' is not a number of seconds", r.stderr)
+
+    def test_decorator_and_function_forms(self):
+        r = run_script("""
+            import drover_worker as dw
+            @dw.on_exit
+            def plain(): print("plain")
+            @dw.on_exit("named")
+            def f2(): print("named")
+            @dw.on_exit(name="kw")
+            def f3(): print("kw")
+            dw.on_exit(lambda: print("fn"), name="fn")
+            def bad(): raise ValueError("x")
+            dw.on_exit(bad)
+            assert plain.__name__ == "plain"   # the decorator returns the function
+            dw.run_cleanup()
+        """)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.split(), ["fn", "kw", "named", "plain"])
+        self.assertIn("cleanup 'bad' failed", r.stderr)
+
+    def test_registering_from_many_threads(self):
+        r = run_script("""
+            import threading, drover_worker as dw
+            ran = []
+            def reg(i):
+                for j in range(50):
+                    dw.register("t%d-%d" % (i, j), lambda: ran.append(1))
+            ts = [threading.Thread(target=reg, args=(i,)) for i in range(8)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+            dw.run_cleanup()
+            print(len(ran))
+        """)
+        self.assertEqual(r.stdout.strip(), "400", r.stderr)
+
+    def test_a_concurrent_run_waits_for_the_first(self):
+        r = run_script("""
+            import threading, time, drover_worker as dw
+            done = []
+            dw.register("slow", lambda: (time.sleep(0.3), done.append(1)))
+            t = threading.Thread(target=dw.run_cleanup)
+            t.start()
+            time.sleep(0.05)
+            dw.run_cleanup()
+            print("done" if done else "returned early")
+            t.join()
+        """)
+        self.assertEqual(r.stdout.strip(), "done", r.stderr)
+
+    def test_a_cleanup_function_calling_run_cleanup_does_not_deadlock(self):
+        r = run_script("""
+            import drover_worker as dw
+            dw.register("reentrant", lambda: dw.run_cleanup())
+            dw.register("other", lambda: print("other"))
+            dw.run_cleanup()
+            print("end")
+        """, timeout=10)
+        self.assertEqual(r.stdout.split(), ["other", "end"], r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,210 @@
+"""install() and install_asyncio(): stop kinds, chaining to the handler the
+application installed before, leaving SIGINT alone, and every trigger of the
+registry (graceful, quick, Ctrl+C to the process group, normal exit)."""
+
+import os
+import signal
+import unittest
+
+from tests.helpers import LIMIT, spawn_script, wait_line
+
+# A worker-like script: installs, says "ready", waits for the stop, reports,
+# runs the registry and exits 0.
+WAIT_AND_CLEAN = """
+    import sys, drover_worker as dw
+    dw.on_exit(lambda: print("cleanup ran", flush=True), name="c")
+    {setup}
+    ev = dw.install({args})
+    print("ready", flush=True)
+    ev.wait()
+    print("stop", dw.stop_kind(), flush=True)
+    dw.run_cleanup()
+"""
+
+
+def start(setup="", args="", code=None, **kw):
+    return spawn_script(code or WAIT_AND_CLEAN.format(setup=setup, args=args), **kw)
+
+
+def finish(test, p):
+    out, err = p.communicate(timeout=LIMIT)
+    return p.returncode, out, err
+
+
+class SignalTest(unittest.TestCase):
+    def test_sigterm_is_graceful_and_the_registry_runs(self):
+        p = start()
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "stop graceful\ncleanup ran\n")
+
+    def test_sigquit_is_quick_and_never_downgraded(self):
+        p = start(code="""
+            import os, signal, time, drover_worker as dw
+            dw.on_exit(lambda: print("cleanup ran", flush=True), name="c")
+            dw.install()
+            print("ready", flush=True)
+            dw.stop_event.wait()
+            time.sleep(0.2)
+            print("stop", dw.stop_kind(), flush=True)
+            dw.run_cleanup()
+        """)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGQUIT)
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "stop quick\ncleanup ran\n")
+
+    def test_a_prior_sigterm_handler_is_chained_after_ours(self):
+        setup = """
+    import signal
+    def app_handler(signum, frame):
+        print("app handler saw", dw.stop_kind(), flush=True)
+    signal.signal(signal.SIGTERM, app_handler)
+"""
+        p = start(setup=setup)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "app handler saw graceful\nstop graceful\ncleanup ran\n")
+
+    def test_installing_again_chains_a_handler_set_in_between_once(self):
+        code = """
+            import signal, drover_worker as dw
+            dw.install()
+            calls = []
+            signal.signal(signal.SIGTERM, lambda s, f: calls.append("app"))
+            dw.install()
+            dw.install()
+            print("ready", flush=True)
+            dw.stop_event.wait()
+            print(calls, dw.stop_kind(), flush=True)
+        """
+        p = start(code=code)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(out, "['app'] graceful\n", err)
+
+    def test_sigint_false_leaves_sigint_alone(self):
+        p = start(args="sigint=False", code="""
+            import signal, drover_worker as dw
+            dw.install(sigint=False)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            try:
+                print("ready", flush=True)
+                dw.stop_event.wait(10)
+                print("no interrupt", flush=True)
+            except KeyboardInterrupt:
+                print("KeyboardInterrupt", dw.stop_kind(), flush=True)
+        """)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGINT)
+        code, out, err = finish(self, p)
+        self.assertEqual(out, "KeyboardInterrupt None\n", err)
+
+    def test_sigint_is_graceful_instead_of_keyboardinterrupt(self):
+        p = start()
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGINT)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "stop graceful\ncleanup ran\n")
+        self.assertNotIn("KeyboardInterrupt", err)
+
+    def test_sigint_ignored_at_install_stays_ignored(self):
+        p = start(code="""
+            import signal, drover_worker as dw
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            dw.install()
+            print("ready", signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)
+            dw.stop_event.wait(10)
+            print("stop", dw.stop_kind(), flush=True)
+        """)
+        lines = wait_line(p, "ready")
+        self.assertIn("ready True", lines[-1])
+        p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(out, "stop graceful\n", err)
+
+    def test_ctrl_c_to_the_process_group_runs_the_cleanup(self):
+        p = start(start_new_session=True)
+        wait_line(p, "ready")
+        os.killpg(p.pid, signal.SIGINT)  # as a terminal does
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "stop graceful\ncleanup ran\n")
+
+    def test_exit_on_stop_unwinds_and_cleans_up_at_exit(self):
+        p = start(code="""
+            import time, drover_worker as dw
+            dw.on_exit(lambda: print("cleanup ran", flush=True), name="c")
+            dw.install(exit_on_stop=True)
+            print("ready", flush=True)
+            try:
+                while True:
+                    time.sleep(1)
+            finally:
+                print("finally", flush=True)
+        """)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "finally\ncleanup ran\n")
+
+    def test_a_thread_waiting_on_the_event_wakes_up(self):
+        p = start(code="""
+            import threading, drover_worker as dw
+            dw.install()
+            t = threading.Thread(target=lambda: (dw.stop_event.wait(), print("thread woke", flush=True)))
+            t.start()
+            print("ready", flush=True)
+            t.join()
+        """)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(out, "thread woke\n", err)
+
+    def test_stop_fd_becomes_readable_and_stays(self):
+        p = start(code="""
+            import select, drover_worker as dw
+            dw.install()
+            print("ready", flush=True)
+            select.select([dw.stop_fd()], [], [])
+            r, _, _ = select.select([dw.stop_fd()], [], [], 0)
+            print("readable", bool(r), dw.stop_kind(), flush=True)
+        """)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGQUIT)
+        code, out, err = finish(self, p)
+        self.assertEqual(out, "readable True quick\n", err)
+
+    def test_install_asyncio(self):
+        p = start(code="""
+            import asyncio, signal, drover_worker as dw
+            dw.on_exit(lambda: print("cleanup ran", flush=True), name="c")
+            signal.signal(signal.SIGTERM, lambda s, f: print("app handler", flush=True))
+            async def main():
+                ev = dw.install_asyncio()
+                print("ready", flush=True)
+                await ev.wait()
+                print("stop", dw.stop_kind(), dw.stop_event.is_set(), flush=True)
+            asyncio.run(main())
+        """)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        # The chained handler runs in our callback, before the coroutine resumes.
+        self.assertEqual(out, "app handler\nstop graceful True\ncleanup ran\n")
+
+
+if __name__ == "__main__":
+    unittest.main()

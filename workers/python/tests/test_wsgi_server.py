@@ -1,0 +1,349 @@
+"""drover_wsgi end to end, without drover: the worker is started as drover
+would start it (socket at fd 3, LISTEN_PID, NOTIFY_SOCKET) and driven with
+raw HTTP over the socket."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+from tests.helpers import LIMIT, WSGI, Client, Worker, env_with_sdk, request
+
+GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+def get(path):
+    return GET % path.encode()
+
+
+class ServerTest(unittest.TestCase):
+    """One worker for the cases that do not stop it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.w = Worker("apps:app", args=["--threads", "4", "--keepalive", "1"])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.w.signal(signal.SIGTERM)
+        code, err = cls.w.wait()
+        cls.w.close()
+        assert code == 0, err
+
+    def test_environ(self):
+        body = b"hello body"
+        raw = (b"POST /environ/x%20y?q=1&r=%20 HTTP/1.1\r\nHost: example.org:8080\r\nContent-Type: text/plain\r\n"
+               b"Content-Length: %d\r\nX-Custom: a\r\nX-Custom: b\r\n\r\n%s" % (len(body), body))
+        status, headers, out = request(self.w, raw)
+        self.assertEqual(status, 200)
+        env = json.loads(out)
+        self.assertEqual(env["REQUEST_METHOD"], "POST")
+        self.assertEqual(env["SCRIPT_NAME"], "")
+        self.assertEqual(env["PATH_INFO"], "/environ/x y")
+        self.assertEqual(env["QUERY_STRING"], "q=1&r=%20")
+        self.assertEqual(env["RAW_URI"], "/environ/x%20y?q=1&r=%20")
+        self.assertEqual(env["CONTENT_TYPE"], "text/plain")
+        self.assertEqual(env["CONTENT_LENGTH"], str(len(body)))
+        self.assertEqual(env["SERVER_NAME"], "127.0.0.1")
+        self.assertEqual(env["SERVER_PORT"], str(self.w.addr[1]))
+        self.assertEqual(env["SERVER_PROTOCOL"], "HTTP/1.1")
+        self.assertEqual(env["REMOTE_ADDR"], "127.0.0.1")
+        self.assertEqual(env["wsgi.url_scheme"], "http")
+        self.assertEqual(env["version"], [1, 0])
+        self.assertTrue(env["wsgi.multithread"] and env["wsgi.multiprocess"])
+        self.assertFalse(env["wsgi.run_once"])
+        self.assertEqual(env["headers"], {"HTTP_HOST": "example.org:8080", "HTTP_X_CUSTOM": "a, b"})
+        self.assertEqual(env["body"], "hello body")
+        self.assertIn("date", headers)
+
+    def test_keep_alive_and_pipelining(self):
+        with Client(self.w) as c:
+            c.send(get("/pid"))
+            s1, h1, b1 = c.response()
+            c.send(get("/pid"))
+            s2, h2, b2 = c.response()
+            self.assertEqual((s1, s2), (200, 200))
+            self.assertEqual(b1, b2, "same connection, same worker")
+            self.assertNotIn("connection", h1)
+            # Two requests in one packet: two responses, in order.
+            c.send(get("/list") + get("/pid"))
+            self.assertEqual(c.response()[2], b"abcdef")
+            self.assertEqual(c.response()[2], b1)
+
+    def test_http10_closes_by_default_and_keeps_alive_on_request(self):
+        with Client(self.w) as c:
+            c.send(b"GET /pid HTTP/1.0\r\n\r\n")
+            status, headers, _ = c.response()
+            self.assertEqual(headers.get("connection"), "close")
+            self.assertTrue(c.eof_within(2))
+        with Client(self.w) as c:
+            c.send(b"GET /pid HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            _, headers, _ = c.response()
+            self.assertEqual(headers.get("connection"), "keep-alive")
+            c.send(b"GET /gen HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            status, headers, body = c.response()
+            # Unknown length on HTTP/1.0: delimited by the close.
+            self.assertEqual((body, headers.get("connection")), (b"chunk0;chunk1;chunk2;", "close"))
+
+    def test_framing(self):
+        status, headers, body = request(self.w, get("/gen"))
+        self.assertEqual((headers.get("transfer-encoding"), body), ("chunked", b"chunk0;chunk1;chunk2;"))
+        status, headers, body = request(self.w, get("/list"))
+        self.assertEqual((headers.get("content-length"), body), ("6", b"abcdef"))
+        status, headers, body = request(self.w, get("/gen-empty"))
+        self.assertEqual((headers.get("content-length"), body), ("0", b""))
+        status, headers, body = request(self.w, get("/write"))
+        self.assertEqual(body, b"written;returned")
+        status, headers, body = request(self.w, get("/nocontent"))
+        self.assertEqual(status, 204)
+        self.assertNotIn("content-length", headers)
+        self.assertNotIn("transfer-encoding", headers)
+        status, headers, body = request(self.w, b"HEAD /pid HTTP/1.1\r\nHost: t\r\n\r\n", head_only=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-length"], str(len(str(self.w.proc.pid))))
+
+    def test_head_sends_no_body_and_keeps_the_connection(self):
+        with Client(self.w) as c:
+            c.send(b"HEAD /gen HTTP/1.1\r\nHost: t\r\n\r\n" + get("/list"))
+            status, headers, _ = c.response(head_only=True)
+            self.assertEqual(status, 200)
+            self.assertEqual(c.response()[2], b"abcdef")
+
+    def test_app_errors(self):
+        status, headers, body = request(self.w, get("/error"))
+        self.assertEqual((status, headers.get("connection")), (500, "close"))
+        # Mid-body: the chunked body is not terminated, the connection closes.
+        with Client(self.w) as c:
+            c.send(get("/error-after-start"))
+            with self.assertRaises((ValueError, ConnectionError)):
+                c.response()
+        status, headers, body = request(self.w, get("/exc-info"))
+        self.assertEqual((status, body), (503, b"replaced"))
+        self.assertIn("x-second", headers)
+        self.assertNotIn("x-first", headers)
+        status, _, _ = request(self.w, get("/bad-header"))
+        self.assertEqual(status, 500)
+        # Content-Length promised, fewer bytes sent: the client sees the close.
+        with Client(self.w) as c:
+            c.send(get("/short"))
+            with self.assertRaises(ConnectionError):
+                c.response()
+        # Still serving.
+        self.assertEqual(request(self.w, get("/pid"))[0], 200)
+
+    def test_request_bodies(self):
+        with Client(self.w) as c:
+            # The app reads 3 of 10 bytes; the rest is discarded before the next request.
+            c.send(b"POST /partial HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n0123456789")
+            self.assertEqual(c.response()[2], b"012")
+            c.send(b"POST /lines HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\na\nbb\nccc")
+            self.assertEqual(json.loads(c.response()[2]), ["a\n", "bb\n", "ccc"])
+        with Client(self.w) as c:
+            # Expect: 100-continue: the interim response comes when the app reads.
+            c.send(b"POST /environ HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+            status, _, _ = c.response()
+            self.assertEqual(status, 100)
+            c.send(b"data")
+            status, _, body = c.response()
+            self.assertEqual((status, json.loads(body)["body"]), (200, "data"))
+        # A body sent slowly, in pieces.
+        with Client(self.w) as c:
+            c.send(b"POST /environ HTTP/1.1\r\nHost: t\r\nContent-Le")
+            time.sleep(0.05)
+            c.send(b"ngth: 6\r\n\r\nabc")
+            time.sleep(0.05)
+            c.send(b"def")
+            self.assertEqual(json.loads(c.response()[2])["body"], "abcdef")
+
+    def test_bad_requests_are_answered_and_closed(self):
+        for raw, status in [
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+            (b"GET / HTTP/3.0\r\nHost: t\r\n\r\n", 505),
+            (b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"a" * 40000 + b"\r\n\r\n", 431),
+        ]:
+            with Client(self.w) as c:
+                c.send(raw)
+                got, headers, _ = c.response()
+                self.assertEqual(got, status, raw[:40])
+                self.assertEqual(headers.get("connection"), "close")
+                self.assertTrue(c.eof_within(3), "closed after the error")
+
+    def test_the_app_closes_the_connection(self):
+        with Client(self.w) as c:
+            c.send(get("/close"))
+            _, headers, body = c.response()
+            self.assertEqual((headers.get("connection"), body), ("close", b"ok"))
+            self.assertTrue(c.eof_within(3))
+
+    def test_an_idle_keep_alive_connection_times_out_with_eof(self):
+        with Client(self.w) as c:
+            c.send(get("/pid"))
+            c.response()
+            began = time.monotonic()
+            self.assertTrue(c.eof_within(5))
+            self.assertGreater(time.monotonic() - began, 0.5)
+
+    def test_threads_serve_concurrently(self):
+        began = time.monotonic()
+        results = []
+        ts = [threading.Thread(target=lambda: results.append(request(self.w, get("/sleep?ms=600"))[0]))
+              for _ in range(4)]
+        [t.start() for t in ts]
+        [t.join(LIMIT) for t in ts]
+        self.assertEqual(results, [200] * 4)
+        self.assertLess(time.monotonic() - began, 2.0, "4 threads: the sleeps overlap")
+
+    def test_many_idle_connections_do_not_block_the_pool(self):
+        idle = []
+        try:
+            for _ in range(10):  # more than the 4 threads
+                c = Client(self.w)
+                c.send(get("/pid"))
+                c.response()
+                idle.append(c)
+            self.assertEqual(request(self.w, get("/pid"))[0], 200)
+        finally:
+            for c in idle:
+                c.close()
+
+
+class LifecycleTest(unittest.TestCase):
+    """Stops, recycling and boot failures: one worker each."""
+
+    def setUp(self):
+        self.tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), "drover-wsgi-test-%d-%d" % (os.getpid(), id(self)))
+
+    def tearDown(self):
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    def cleanup_lines(self):
+        try:
+            with open(self.tmp) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def test_graceful_stop(self):
+        with Worker("apps:app", args=["--threads", "1"], env={"APPS_CLEANUP_FILE": self.tmp}) as w:
+            idle = Client(w)
+            idle.send(get("/pid"))
+            idle.response()
+            busy = Client(w)
+            busy.send(get("/sleep?ms=800"))
+            time.sleep(0.2)  # the only thread is busy now
+            queued = Client(w)  # in the listen queue: nobody accepts while the pool is busy
+            queued.send(get("/pid"))
+            w.signal(signal.SIGTERM)
+            self.assertEqual(busy.response()[:3:2], (200, b"slept 800"))
+            status, headers, _ = queued.response()
+            self.assertEqual((status, headers.get("connection")), (200, "close"), "queued connection served")
+            self.assertTrue(idle.eof_within(5), "idle keep-alive connection closed with EOF")
+            code, err = w.wait()
+            self.assertEqual(code, 0, err)
+            self.assertEqual(self.cleanup_lines(), ["cleanup %d" % w.proc.pid])
+            w.notify.wait_for(b"STOPPING=1")
+            self.assertIn("1 queued connection(s) taken", err)
+            for c in (idle, busy, queued):
+                c.close()
+
+    def test_a_request_already_on_an_idle_connection_is_served_at_stop(self):
+        with Worker("apps:app", args=["--threads", "1"]) as w:
+            idle = Client(w)
+            idle.send(get("/pid"))
+            idle.response()
+            busy = Client(w)
+            busy.send(get("/sleep?ms=600"))
+            time.sleep(0.2)
+            idle.send(get("/list"))  # arrives while the only thread is busy
+            time.sleep(0.1)
+            w.signal(signal.SIGTERM)
+            status, headers, body = idle.response()
+            self.assertEqual((status, body, headers.get("connection")), (200, b"abcdef", "close"))
+            self.assertEqual(busy.response()[0], 200)
+            self.assertEqual(w.wait()[0], 0)
+            idle.close()
+            busy.close()
+
+    def test_quick_stop_gives_in_flight_requests_a_second(self):
+        with Worker("apps:app", env={"APPS_CLEANUP_FILE": self.tmp}) as w:
+            slow = Client(w)
+            slow.send(get("/sleep?ms=10000"))
+            time.sleep(0.2)
+            began = time.monotonic()
+            w.signal(signal.SIGQUIT)
+            code, err = w.wait()
+            self.assertEqual(code, 0, err)
+            self.assertLess(time.monotonic() - began, 4)
+            self.assertEqual(len(self.cleanup_lines()), 1)
+            self.assertIn("stopping (quick)", err)
+            slow.close()
+
+    def test_max_requests_recycles(self):
+        with Worker("apps:app", args=["--max-requests", "3", "--max-requests-jitter", "0"],
+                    env={"APPS_CLEANUP_FILE": self.tmp}) as w:
+            with Client(w) as c:
+                for i in range(2):
+                    c.send(get("/pid"))
+                    self.assertNotIn("connection", c.response()[1])
+                c.send(get("/pid"))
+                _, headers, _ = c.response()
+                self.assertEqual(headers.get("connection"), "close", "the last request closes")
+            code, err = w.wait()
+            self.assertEqual(code, 0, err)
+            w.notify.wait_for(b"STOPPING=1")
+            self.assertIn("served 3 requests (--max-requests): recycling", err)
+            self.assertEqual(len(self.cleanup_lines()), 1)
+
+    def test_an_import_error_exits_3_with_the_traceback(self):
+        with Worker("broken_app:app", ready=False) as w:
+            code, err = w.wait()
+            self.assertEqual(code, 3)
+            self.assertIn("Traceback (most recent call last)", err)
+            self.assertIn("ImportError: broken_app cannot be imported (on purpose)", err)
+            self.assertIn("cannot boot: cannot load the application 'broken_app:app'", err)
+        with Worker("apps:no_such_app", ready=False) as w:
+            code, err = w.wait()
+            self.assertEqual(code, 3)
+            self.assertIn("AttributeError", err)
+
+    def test_a_factory_and_a_unix_socket(self):
+        with Worker("apps:factory()", family=socket.AF_UNIX) as w:
+            status, _, body = request(w, get("/environ"))
+            env = json.loads(body)
+            self.assertEqual((status, env["REMOTE_ADDR"], env["SERVER_NAME"]), (200, "", "localhost"))
+            w.signal(signal.SIGINT)
+            self.assertEqual(w.wait()[0], 0)
+
+    def test_without_drover_it_cannot_boot(self):
+        r = subprocess.run([sys.executable, WSGI, "apps:app"], env=env_with_sdk(), cwd=os.path.dirname(__file__),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=LIMIT, universal_newlines=True)
+        self.assertEqual(r.returncode, 3)
+        self.assertIn("cannot boot: no listening sockets were passed", r.stderr)
+
+    def test_a_stop_during_the_import_is_not_lost(self):
+        with open(self.tmp + ".py", "w") as f:
+            f.write("import time\ntime.sleep(1)\ndef app(e, s):\n    s('200 OK', [])\n    return [b'']\n")
+        mod = os.path.basename(self.tmp).replace("-", "_")
+        os.rename(self.tmp + ".py", os.path.join(os.path.dirname(self.tmp), mod + ".py"))
+        path = os.path.join(os.path.dirname(self.tmp), mod + ".py")
+        try:
+            with Worker("%s:app" % mod, args=["--chdir", os.path.dirname(self.tmp)], ready=False) as w:
+                time.sleep(0.5)
+                w.signal(signal.SIGTERM)
+                code, err = w.wait()
+                self.assertEqual(code, 0, err)
+                self.assertNotIn("ready:", err)
+        finally:
+            os.unlink(path)
+
+
+if __name__ == "__main__":
+    unittest.main()
