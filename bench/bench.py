@@ -207,6 +207,18 @@ def throughput_app(ctx):
 # Scenarios
 
 
+def startup_methods(s, n):
+    """Which measurements a start-up run of s takes: runs of kind "out" read
+    the output only (drover's own line, the workers' ready lines), runs of
+    kind "pids" load the subject with the distinct-pid probe."""
+    kinds = []
+    if s.kind in ("drover", "circus"):
+        kinds.append("out")
+    if s.worker == "wsgi" and s.kind != "circus" and n <= 128:
+        kinds.append("pids")
+    return kinds
+
+
 def sc_startup(ctx):
     """Start-up to all N workers serving, then idle SIGTERM to exit."""
     ns = [4, 32, 128]
@@ -217,51 +229,64 @@ def sc_startup(ctx):
             rows.append({"subject": key, "unavailable": s.unavailable})
             continue
         for n in ns + ([1024] if key == "drover-hello" else []):
-            methods = ["log", "pids"] if s.kind == "drover" and n <= 128 else (["log"] if s.kind == "drover" else ["pids"])
             reps = ctx.reps if n < 1024 else max(1, min(ctx.reps, 2))
-            for method in methods:
-                samples = []
+            samples = []
+            for kind in startup_methods(s, n):
                 for rep in range(reps):
-                    samples.append(startup_once(ctx, s, n, method))
-                row = {
-                    "subject": key, "n": n, "method": method, "samples": samples,
-                    "startup_ms": stats([x.get("startup_ms") for x in samples]),
-                    "first_ms": stats([x.get("first_ms") for x in samples]),
-                    "self_ms": stats([x.get("self_ms") for x in samples]),
-                    "stop_ms": stats([x.get("stop_ms") for x in samples]),
-                    "stop_all_ms": stats([x.get("stop_all_ms") for x in samples]),
-                    "errors": [x["error"] for x in samples if x.get("error")],
-                }
-                say(f"startup {key} N={n} {method}: {row['startup_ms']['median']} ms, stop {row['stop_ms']['median']} ms",
-                    row["errors"][:1] or "")
-                rows.append(row)
+                    samples.append(startup_once(ctx, s, n, kind))
+            row = {
+                "subject": key, "n": n, "samples": samples,
+                "log_ms": stats([x.get("log_ms") for x in samples if x["kind"] == "out"]),
+                "self_ms": stats([x.get("self_ms") for x in samples if x["kind"] == "out"]),
+                "lines_ms": stats([x.get("lines_ms") for x in samples if x["kind"] == "out"]),
+                "pids_ms": stats([x.get("pids_ms") for x in samples if x["kind"] == "pids"]),
+                "first_ms": stats([x.get("first_ms") for x in samples if x["kind"] == "pids"]),
+                "stop_ms": stats([x.get("stop_ms") for x in samples]),
+                "stop_all_ms": stats([x.get("stop_all_ms") for x in samples]),
+                "errors": [x["error"] for x in samples if x.get("error")],
+            }
+            for k in ("log_ms", "lines_ms", "pids_ms", "first_ms", "self_ms"):
+                if row[k]["n"] == 0 and not row[k]["missing"]:
+                    del row[k]
+            say(f"startup {key} N={n}: log {med(row.get('log_ms'))}, lines {med(row.get('lines_ms'))}, "
+                f"pids {med(row.get('pids_ms'))} ms; stop {med(row['stop_ms'])} ms", row["errors"][:1] or "")
+            rows.append(row)
     return {"rows": rows}
 
 
-def startup_once(ctx, s, n, method):
+def med(st):
+    return st.get("median") if st else None
+
+
+def startup_once(ctx, s, n, kind):
     tmp = tempfile.mkdtemp(prefix="bench-")
     port = H.free_port()
-    out = {}
+    out = {"kind": kind}
     timeout = 90 if n >= 128 else 30
     try:
-        with s.start(n, port, tmp, ctx.log_path("startup", s.key, f"-{n}-{method}")) as run:
+        with s.start(n, port, tmp, ctx.log_path("startup", s.key, f"-{n}-{kind}")) as run:
             ctx.note_command("startup", s.key, cmd_of(run))
-            if method == "log":
-                hit = run.wait_line(r"all (\d+) workers ready ([\d.]+) ms after start", timeout)
-                if not hit:
-                    raise Unavailable("no 'all N workers ready' line: " + " | ".join(run.output(last=3)))
-                ok = H.get_until_ok(port, 5)
-                if not ok:
-                    raise Unavailable("no 200 after 'all N workers ready'")
-                out["startup_ms"] = ms(ok[0] - run.t0)
-                out["log_seen_ms"] = ms(hit[0] - run.t0)
-                out["self_ms"] = float(hit[1].group(2))
+            if kind == "out":
+                t = run.wait_distinct(H.WORKER_READY, n, timeout)
+                if t is None:
+                    raise Unavailable(f"fewer than {n} worker 'ready' lines: " + " | ".join(run.output(last=3)))
+                out["lines_ms"] = ms(t - run.t0)
+                if s.kind == "drover":
+                    hit = run.wait_line(r"all (\d+) workers ready ([\d.]+) ms after start", timeout)
+                    if not hit:
+                        raise Unavailable("no 'all N workers ready' line: " + " | ".join(run.output(last=3)))
+                    ok = H.get_until_ok(port, 5)
+                    if not ok:
+                        raise Unavailable("no 200 after 'all N workers ready'")
+                    out["log_ms"] = ms(ok[0] - run.t0)
+                    out["log_seen_ms"] = ms(hit[0] - run.t0)
+                    out["self_ms"] = float(hit[1].group(2))
             else:
                 r = H.distinct_pids(port, n, timeout, stop=run.exited)
                 out["first_ms"] = ms(r["t_first"] - run.t0) if r["t_first"] else None
                 if r["t_all"] is None:
                     raise Unavailable(f"only {len(r['pids'])} of {n} distinct workers answered in {timeout}s")
-                out["startup_ms"] = ms(r["t_all"] - run.t0)
+                out["pids_ms"] = ms(r["t_all"] - run.t0)
             time.sleep(0.3)
             ws = run.workers()
             watch = H.PidWatch(ws)

@@ -38,6 +38,9 @@ SOCKET_EXEC = BENCH / "adapters" / "socket_exec.py"
 # leaves the next connection to another worker, short enough not to matter.
 PROBE_SLEEP_MS = 5
 
+# The line each reference worker prints once it accepts (after READY=1).
+WORKER_READY = r"^(?:hello|drover_wsgi)\[(\d+)\]: ready"
+
 
 class Unavailable(Exception):
     """A subject or scenario that cannot run today; the message says why."""
@@ -262,6 +265,28 @@ class Running:
                         m = rx.search(text)
                         if m:
                             return t, m
+                left = deadline - now()
+                if left <= 0 or (self.exited() and i >= len(self.lines)):
+                    return None
+                self.cond.wait(min(left, 0.05))
+
+    def wait_distinct(self, pattern, n, timeout):
+        """Time at which output lines matching pattern (group 1: a pid) have
+        named n distinct pids, or None after timeout."""
+        rx = re.compile(pattern)
+        deadline = now() + timeout
+        pids = set()
+        i = 0
+        with self.cond:
+            while True:
+                while i < len(self.lines):
+                    t, text = self.lines[i]
+                    i += 1
+                    m = rx.search(text)
+                    if m:
+                        pids.add(m.group(1))
+                        if len(pids) >= n:
+                            return t
                 left = deadline - now()
                 if left <= 0 or (self.exited() and i >= len(self.lines)):
                     return None
@@ -672,6 +697,12 @@ class Subject:
             if not ok:
                 raise Unavailable("no 200 after 'all workers ready'")
             return ok[0]
+        if self.kind in ("circus", "alone"):
+            t = run.wait_distinct(WORKER_READY, n, timeout)
+            if t is None:
+                raise Unavailable(f"fewer than {n} worker 'ready' lines within {timeout}s: "
+                                  + " | ".join(run.output(last=4)))
+            return t
         r = distinct_pids(port, n, timeout, stop=run.exited)
         if r["t_all"] is None:
             raise Unavailable(f"only {len(r['pids'])} of {n} workers answered within {timeout}s: "

@@ -67,7 +67,10 @@ enum CtlCommand {
     /// Reload the config; waits for the verdict (applied or rolled back).
     Reload,
     /// Run N workers.
-    Scale { workers: u32 },
+    Scale {
+        #[arg(value_name = "N")]
+        count: u32,
+    },
     /// Shut down (graceful, or quick with --quick).
     Stop {
         #[arg(long)]
@@ -82,7 +85,7 @@ impl CtlCommand {
         match self {
             CtlCommand::Status => Command::Status,
             CtlCommand::Reload => Command::Reload,
-            CtlCommand::Scale { workers } => Command::Scale { workers: *workers },
+            CtlCommand::Scale { count } => Command::Scale { workers: *count },
             CtlCommand::Stop { quick } => Command::Stop { quick: *quick },
             CtlCommand::Upgrade => Command::Upgrade,
         }

@@ -121,8 +121,13 @@ pub fn open_all(
             continue;
         }
         let reuse = inherited.iter_mut().find(|inh| {
-            inh.as_ref()
-                .is_some_and(|inh| same_address(inh.fd.as_raw_fd(), &bind.address))
+            inh.as_ref().is_some_and(|inh| {
+                let fd = inh.fd.as_raw_fd();
+                // Port 0 ("any free port") matches the socket of the same
+                // name that an old drover bound for the same address.
+                same_address(fd, &bind.address)
+                    || (inh.name.as_ref() == Some(&name) && any_port_matches(fd, &bind.address))
+            })
         });
         let listener = match reuse.and_then(Option::take) {
             Some(inh) => adopt(inh.fd, Some(bind.address.clone()))?,
@@ -250,6 +255,12 @@ fn local_name(fd: RawFd) -> Option<String> {
         return Some(inet.to_string());
     }
     Some(format!("unix:{}", addr.as_pathname()?.display()))
+}
+
+fn any_port_matches(fd: RawFd, address: &Address) -> bool {
+    let Address::Tcp(want) = address else { return false };
+    let local = local_name(fd).and_then(|n| n.parse::<SocketAddr>().ok());
+    want.port() == 0 && local.is_some_and(|l| l.ip() == want.ip())
 }
 
 fn same_address(fd: RawFd, address: &Address) -> bool {

@@ -211,6 +211,15 @@ impl Drover {
         status
     }
 
+    /// Waits for drover to exit, without waiting for its output to close
+    /// (a process it started may hold it open: a new master after an upgrade).
+    pub fn wait_exit_only(&mut self, limit: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        let status = wait_for("drover to exit", limit, || child.try_wait().unwrap());
+        self.status = Some(status);
+        status
+    }
+
     /// Live (non-zombie) processes whose parent is drover.
     pub fn children(&self) -> Vec<Pid> {
         children_of(self.pid())

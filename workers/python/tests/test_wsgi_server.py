@@ -38,7 +38,7 @@ class ServerTest(unittest.TestCase):
     def test_environ(self):
         body = b"hello body"
         raw = (b"POST /environ/x%20y?q=1&r=%20 HTTP/1.1\r\nHost: example.org:8080\r\nContent-Type: text/plain\r\n"
-               b"Content-Length: %d\r\nX-Custom: a\r\nX-Custom: b\r\n\r\n%s" % (len(body), body))
+               b"Content-Length: " + str(len(body)).encode() + b"\r\nX-Custom: a\r\nX-Custom: b\r\n\r\n" + body)
         status, headers, out = request(self.w, raw)
         self.assertEqual(status, 200)
         env = json.loads(out)
@@ -141,7 +141,7 @@ class ServerTest(unittest.TestCase):
             # The app reads 3 of 10 bytes; the rest is discarded before the next request.
             c.send(b"POST /partial HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n0123456789")
             self.assertEqual(c.response()[2], b"012")
-            c.send(b"POST /lines HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\na\nbb\nccc")
+            c.send(b"POST /lines HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\na\nbb\nccc")
             self.assertEqual(json.loads(c.response()[2]), ["a\n", "bb\n", "ccc"])
         with Client(self.w) as c:
             # Expect: 100-continue: the interim response comes when the app reads.

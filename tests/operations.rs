@@ -1,0 +1,300 @@
+//! Operations on a running drover: reload, scaling, pausing, log reopening,
+//! binary upgrade, the control socket and systemd notify.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::unistd::Pid;
+
+/// A config for the reference worker with a control socket; `extra` adds keys.
+fn hello(extra: &str) -> String {
+    format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"{}\"]\nworkers = 2\nready = \"notify\"\n\
+         control_socket = \"$DIR/ctl.sock\"\nboot_timeout = \"5s\"\n{extra}\n",
+        hello_bin()
+    )
+}
+
+fn config_path(d: &Drover) -> PathBuf {
+    d.dir.path().join("config.toml")
+}
+
+fn rewrite(d: &Drover, text: &str) {
+    let text = text.replace("$DIR", &d.dir.path().display().to_string());
+    std::fs::write(config_path(d), text).unwrap();
+}
+
+/// `drover ctl ARGS` against `d`'s control socket: (exit status, stdout).
+fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
+    let out = Command::new(drover_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(d.dir.path().join("ctl.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn worker_pids(d: &Drover) -> Vec<Pid> {
+    let mut pids = d.children();
+    pids.sort();
+    pids
+}
+
+#[test]
+fn a_reload_with_a_broken_config_changes_nothing() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let before = worker_pids(&d);
+    rewrite(&d, &format!("{}\nworkers = \"many\"\n", hello("").replace("workers = 2\n", "")));
+    d.signal(Signal::SIGHUP);
+    let log = d.wait_log("reload rejected, nothing changed");
+    assert!(log.contains("config.toml:8:11: invalid type: string \"many\""), "{log}");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    assert_eq!(worker_pids(&d), before, "the same workers serve");
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("failed: rejected:") && out.contains("config.toml:8:11"), "{out}");
+}
+
+#[test]
+fn a_new_generation_that_cannot_boot_is_rolled_back() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let before = worker_pids(&d);
+    let broken = hello("").replace(
+        &format!("command = [\"{}\"]", hello_bin()),
+        &format!("command = [\"python3\", \"{}\", \"--exit\", \"3\"]", probe_py()),
+    );
+    rewrite(&d, &broken);
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("rolled back: worker") && out.contains("exited with status 3 before it was ready"), "{out}");
+    let log = d.wait_log("reload rolled back");
+    assert!(log.contains("generation 1 keeps serving"), "{log}");
+    assert_eq!(worker_pids(&d), before, "the old generation still serves, untouched");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    // Fixed again: the next reload applies.
+    rewrite(&d, &hello(""));
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("applied: generation 3"), "{out}");
+}
+
+#[test]
+fn five_reloads_under_load_fail_no_request() {
+    let d = Start::config(&hello("max_surge = 1")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let load = Load::start(addr, 50, "/sleep?ms=5");
+    wait_answered(&load, 200);
+    for i in 0..5 {
+        let (code, out) = ctl(&d, &["reload"]);
+        assert_eq!(code, 0, "reload {i}: {out}");
+        assert!(out.contains(&format!("applied: generation {}", i + 2)), "{out}");
+    }
+    wait_answered(&load, 2000);
+    let o = load.finish();
+    eprintln!("outcomes: {o:?}");
+    assert_eq!((o.refused, o.reset, o.truncated, o.other), (0, 0, 0, 0), "{o:?}");
+    let log = d.log();
+    assert_eq!(log.matches("reload applied").count(), 5, "{log}");
+    assert!(!log.contains("respawning"), "{log}");
+}
+
+#[test]
+fn a_changed_bind_is_opened_before_and_the_old_one_closed_after() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let old = d.tcp_addr();
+    rewrite(&d, &hello("").replace("bind = [\"127.0.0.1:0\"]", "bind = [\"[::1]:0\"]"));
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "{out}");
+    let new: std::net::SocketAddr = d.addr(1).parse().unwrap();
+    assert!(new.is_ipv6());
+    assert_eq!(get_ok(new, "/").status, 200);
+    wait_for("the old address to be closed", LIMIT, || get(old, "/").is_err().then_some(()));
+}
+
+#[test]
+fn a_hup_during_a_reload_is_honoured_after_it() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    d.signal(Signal::SIGHUP);
+    d.wait_log("into generation 2");
+    d.signal(Signal::SIGHUP);
+    d.wait_log("a reload is in progress; the next one starts when it settles");
+    d.wait_log("reload applied: generation 3 serves");
+    let (_, out) = ctl(&d, &["--json", "status"]);
+    assert!(out.contains("\"generation\":3"), "{out}");
+    let log = d.log();
+    assert!(!log.contains("generation 4"), "the two HUPs made two reloads: {log}");
+}
+
+#[test]
+fn scale_pause_and_resume() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let (code, out) = ctl(&d, &["scale", "3"]);
+    assert_eq!((code, out.trim()), (0, "ok: scaled to 3 workers"));
+    d.wait_workers(3);
+    d.signal(Signal::SIGWINCH);
+    d.wait_log("SIGWINCH: stopping all 3 worker(s); the sockets stay open");
+    d.wait_workers(0);
+    // The socket stays bound: connecting still works (nobody answers yet).
+    assert!(std::net::TcpStream::connect(addr).is_ok());
+    d.signal(Signal::SIGTTIN);
+    d.wait_log("SIGTTIN: resuming with 3 worker(s)");
+    assert_eq!(get_ok(addr, "/").status, 200);
+    d.wait_workers(3);
+}
+
+#[test]
+fn usr1_reopens_the_log_file_and_reaches_the_workers() {
+    let d = Start::config(&hello("log_file = \"$DIR/drover.log\"")).run();
+    let log = d.dir.path().join("drover.log");
+    wait_for("all workers ready in the log file", LIMIT, || read_file(&log).contains("all 2 workers ready").then_some(()));
+    let before = worker_pids(&d);
+    std::fs::rename(&log, d.dir.path().join("drover.log.1")).unwrap();
+    d.signal(Signal::SIGUSR1);
+    wait_for("the reopened log file", LIMIT, || {
+        read_file(&log).contains("SIGUSR1: log file reopened").then_some(())
+    });
+    assert!(read_file(&log).contains("SIGUSR1: forwarded to 2 worker(s)"));
+    assert_eq!(worker_pids(&d), before, "workers survived SIGUSR1");
+}
+
+#[test]
+fn ctl_exit_statuses_follow_the_verdict() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let (code, out) = ctl(&d, &["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 2/2 workers ready, generation 1"), "{out}");
+    assert!(out.contains("slot") && out.contains("ready"), "{out}");
+    let (code, out) = ctl(&d, &["--json", "status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"rss_bytes\"") && out.contains("\"restarts\":0"), "{out}");
+    let unreachable = Command::new(drover_bin())
+        .args(["ctl", "--socket", "/nonexistent/ctl.sock", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(1));
+    let usage = Command::new(drover_bin()).args(["ctl", "status"]).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    let (code, _) = ctl(&d, &["stop"]);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn the_control_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let mode = std::fs::metadata(d.dir.path().join("ctl.sock")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+/// Reads every datagram on `sock` until `pred` holds for the text so far.
+fn read_until(sock: &UnixDatagram, seen: &mut String, what: &str, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    let mut buf = [0u8; 4096];
+    while !pred(seen) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; got {seen:?}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    }
+}
+
+#[test]
+fn systemd_notify_for_the_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let start = Start {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "400000".into()),
+        ],
+        ..Start::config(&hello(""))
+    };
+    let d = start.run();
+    let mut seen = String::new();
+    read_until(&sock, &mut seen, "READY=1", |s| s.contains("READY=1"));
+    assert!(d.log().contains("all 2 workers ready"), "READY=1 only once every worker is ready");
+    assert!(seen.contains("STATUS=2/2 workers ready, generation 1"), "{seen}");
+    assert!(seen.contains(&format!("MAINPID={}", d.pid())), "{seen}");
+    read_until(&sock, &mut seen, "WATCHDOG=1", |s| s.matches("WATCHDOG=1").count() >= 2);
+    d.signal(Signal::SIGHUP);
+    read_until(&sock, &mut seen, "RELOADING=1", |s| s.contains("RELOADING=1"));
+    assert!(seen.contains("MONOTONIC_USEC="), "{seen}");
+    read_until(&sock, &mut seen, "READY=1 after the verdict", |s| {
+        s.split("RELOADING=1").nth(1).is_some_and(|after| after.contains("READY=1") && after.contains("generation 2"))
+    });
+    d.signal(Signal::SIGTERM);
+    read_until(&sock, &mut seen, "STOPPING=1", |s| s.contains("STOPPING=1"));
+    // The workers were not given drover's own notify socket.
+    assert!(!d.log().contains("notify.sock"));
+}
+
+fn read_pid(path: &Path) -> Option<Pid> {
+    read_file(path).trim().parse().ok().map(Pid::from_raw)
+}
+
+#[test]
+fn a_binary_upgrade_under_load_fails_no_request() {
+    let config = hello("pidfile = \"$DIR/drover.pid\"");
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let pidfile = d.dir.path().join("drover.pid");
+    let old = d.pid();
+    assert_eq!(read_pid(&pidfile), Some(old));
+    let load = Load::start(addr, 50, "/sleep?ms=5");
+    wait_answered(&load, 200);
+    let (code, out) = ctl(&d, &["upgrade"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("upgraded: new master pid"), "{out}");
+    // The old master retires by itself.
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+    let new = wait_for("the pidfile to name the new master", LIMIT, || read_pid(&pidfile).filter(|p| *p != old));
+    assert!(alive(new));
+    wait_answered(&load, 2000);
+    let o = load.finish();
+    eprintln!("outcomes: {o:?}");
+    // The new master serves the same socket, and its control socket.
+    assert_eq!(get_ok(addr, "/").status, 200);
+    let (code, out) = ctl(&d, &["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("master pid {new}")), "{out}");
+    nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || (!alive(new)).then_some(()));
+    assert_eq!((o.refused, o.reset, o.truncated, o.other), (0, 0, 0, 0), "{o:?}");
+}
+
+#[test]
+fn a_failed_upgrade_keeps_the_old_master_serving() {
+    // The new master will find its config broken and exit 2.
+    let config = hello("pidfile = \"$DIR/drover.pid\"");
+    let d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    rewrite(&d, "workers = \"broken\"");
+    let (code, out) = ctl(&d, &["upgrade"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("upgrade failed: the new master") && out.contains("exited with status 2"), "{out}");
+    assert!(d.log().contains("this master keeps serving"));
+    assert_eq!(read_pid(&d.dir.path().join("drover.pid")), Some(d.pid()), "pidfile taken back");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    let (code, _) = ctl(&d, &["status"]);
+    assert_eq!(code, 0, "control socket taken back");
+}

@@ -1,0 +1,323 @@
+//! The Python side: the SDK's unit tests (run here so that they are part of
+//! `cargo nextest run --workspace`), and drover running the Python WSGI worker
+//! (workers/python/drover_wsgi.py) with the example app, end to end.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::killpg;
+
+fn python_dir() -> std::path::PathBuf {
+    repo().join("workers/python")
+}
+
+/// drover serving `app` with drover_wsgi (`wsgi_args` before the app), two
+/// workers unless `extra` (top-level TOML) says otherwise, and the example
+/// app's cleanup file at $DIR/cleanup.
+fn wsgi_config(wsgi_args: &[&str], app: &str, extra: &str) -> String {
+    let mut command = vec![
+        "python3".to_string(),
+        python_dir().join("drover_wsgi.py").display().to_string(),
+    ];
+    command.extend(wsgi_args.iter().map(|s| s.to_string()));
+    command.push(app.to_string());
+    let command: Vec<String> = command.iter().map(|s| format!("{s:?}")).collect();
+    let mut lines = vec![
+        "bind = [\"127.0.0.1:0\"]".to_string(),
+        format!("command = [{}]", command.join(", ")),
+        "ready = \"notify\"".to_string(),
+        "graceful_timeout = \"10s\"".to_string(),
+    ];
+    if !extra.contains("workers =") {
+        lines.push("workers = 2".to_string());
+    }
+    format!(
+        "{}\n{extra}\n\n[env]\nEXAMPLE_CLEANUP_FILE = \"$DIR/cleanup\"\n",
+        lines.join("\n")
+    )
+}
+
+fn example(extra: &str) -> String {
+    wsgi_config(&[], "example_app:app", extra)
+}
+
+fn cleanup_lines(d: &Drover) -> Vec<String> {
+    read_file(&d.dir.path().join("cleanup")).lines().map(str::to_string).collect()
+}
+
+// ---------------------------------------------------------------------------
+// The Python unit tests
+// ---------------------------------------------------------------------------
+
+/// The Python test modules; each runs as its own test here (they run in
+/// parallel, and each is bounded on its own).
+const PY_MODULES: &[&str] = &[
+    "test_registry.py",
+    "test_signals.py",
+    "test_listen_notify.py",
+    "test_http_parse.py",
+    "test_wsgi_server.py",
+];
+
+/// `python3 -m unittest discover -s workers/python/tests -t workers/python -p
+/// <pattern>` from the repository root; fails with its output unless it passes.
+fn run_python_unittests(pattern: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut child = Command::new("python3")
+        .args(["-m", "unittest", "discover", "-s", "workers/python/tests", "-t", "workers/python", "-p", pattern])
+        .current_dir(repo())
+        .env("TMPDIR", dir.path())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("python3 must be installed to run the Python tests");
+    let limit = Duration::from_secs(150);
+    let began = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if began.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = read_file(&out_path);
+    match status {
+        Some(s) if s.success() => {
+            let ran = output.lines().find(|l| l.starts_with("Ran ")).unwrap_or("?");
+            eprintln!("{pattern}: {ran}");
+            assert!(!ran.starts_with("Ran 0 "), "no Python test ran:\n{output}");
+        }
+        Some(s) => panic!("Python tests {pattern} failed ({s}):\n{output}"),
+        None => panic!("Python tests {pattern} still running after {limit:?}:\n{output}"),
+    }
+}
+
+#[test]
+fn python_unit_tests_registry() {
+    run_python_unittests("test_registry.py");
+}
+
+#[test]
+fn python_unit_tests_signals() {
+    run_python_unittests("test_signals.py");
+}
+
+#[test]
+fn python_unit_tests_listen_notify() {
+    run_python_unittests("test_listen_notify.py");
+}
+
+#[test]
+fn python_unit_tests_http_parse() {
+    run_python_unittests("test_http_parse.py");
+}
+
+#[test]
+fn python_unit_tests_wsgi_server() {
+    run_python_unittests("test_wsgi_server.py");
+}
+
+#[test]
+fn every_python_test_module_is_run() {
+    let mut found: Vec<String> = std::fs::read_dir(python_dir().join("tests"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("test_") && n.ends_with(".py"))
+        .collect();
+    found.sort();
+    let mut listed: Vec<String> = PY_MODULES.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(found, listed, "add new Python test modules to PY_MODULES (and a #[test] for them)");
+}
+
+// ---------------------------------------------------------------------------
+// drover + drover_wsgi + example_app
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_example_app_answers_with_its_pid() {
+    let d = Start::config(&example("")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let addr = d.tcp_addr();
+    let r = get_ok(addr, "/");
+    let pid = r.worker_pid();
+    assert_eq!(r.body, format!("hello from pid {pid}\n"));
+    assert_eq!(r.header("Content-Type"), Some("text/plain"));
+    assert!(workers.iter().any(|w| w.as_raw() == pid), "{pid} is one of {workers:?}");
+    let r = get_ok(addr, "/sleep?ms=10");
+    assert_eq!(r.body, "slept 10 ms\n");
+    assert_eq!(get(addr, "/nope").unwrap().status, 404);
+    assert_eq!(get(addr, "/sleep?ms=x").unwrap().status, 400);
+    assert!(d.log().contains("drover_wsgi["), "the worker's log reaches drover's: {}", d.log());
+}
+
+/// A shutdown with a slow request in flight: it is answered in full, new
+/// connections are refused, each worker runs its cleanup, drover exits 0.
+fn graceful_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) {
+    let mut d = start.run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let workers = d.wait_workers(2);
+    let slow = get_in_flight(addr, "/sleep?ms=1500", &workers);
+    let began = Instant::now();
+    stop(&d);
+    wait_for("new connections to be refused", LIMIT, || get(addr, "/").is_err().then_some(()));
+    let resp = slow.join().unwrap().expect("the in-flight request gets its full response");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, "slept 1500 ms\n");
+    assert!(began.elapsed() >= Duration::from_millis(1000), "the worker waited for the request");
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "every worker stopped in time: {log}");
+    let lines = cleanup_lines(&d);
+    assert_eq!(lines.len(), 2, "each worker ran its cleanup registry: {lines:?}");
+    for w in &workers {
+        assert!(lines.contains(&format!("cleanup pid={w}")), "{w} cleaned up: {lines:?}");
+        assert!(!alive(*w), "worker {w} is gone");
+        assert!(log.contains(&format!("worker 1 (pid {w}) exited with status 0"))
+            || log.contains(&format!("worker 2 (pid {w}) exited with status 0")), "{log}");
+    }
+    assert!(log.contains("stopping (graceful)"), "{log}");
+    assert!(log.contains("exiting with status 0"), "{log}");
+}
+
+#[test]
+fn sigterm_drains_the_python_worker_and_runs_its_cleanup() {
+    graceful_with_request_in_flight(Start::config(&example("")), |d| d.signal(Signal::SIGTERM));
+}
+
+#[test]
+fn ctrl_c_stops_the_python_workers_gracefully() {
+    let start = Start { own_group: true, ..Start::config(&example("")) };
+    // As a terminal does: SIGINT to the whole foreground process group. The
+    // workers are in their own groups: only drover gets it, and it drains.
+    graceful_with_request_in_flight(start, |d| killpg(d.pid(), Signal::SIGINT).unwrap());
+}
+
+#[test]
+fn sigquit_is_quick_for_the_python_worker() {
+    let mut d = Start::config(&example("quick_timeout = \"5s\"")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    // A request that would hold a graceful stop for a minute.
+    let hang = get_in_flight(d.tcp_addr(), "/sleep?ms=60000", &workers);
+    let began = Instant::now();
+    d.signal(Signal::SIGQUIT);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "the workers exited by themselves: {log}");
+    assert!(began.elapsed() < Duration::from_secs(4), "quick: {:?}", began.elapsed());
+    assert!(log.contains("stopping (quick)"), "{log}");
+    assert!(log.contains("abandoning 1 busy thread(s) (quick stop)"), "{log}");
+    assert_eq!(cleanup_lines(&d).len(), 2, "quick stop still runs the cleanup");
+    assert!(hang.join().unwrap().is_err(), "the abandoned request gets no response");
+}
+
+#[test]
+fn an_app_that_fails_to_import_stops_drover_with_status_3() {
+    let tests_dir = python_dir().join("tests").display().to_string();
+    let config = wsgi_config(&["--chdir", &tests_dir], "broken_app:app", "");
+    let mut d = Start::config(&config).run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
+    let log = d.log();
+    assert!(log.contains("Traceback (most recent call last)"), "{log}");
+    assert!(log.contains("ImportError: broken_app cannot be imported (on purpose)"), "{log}");
+    assert!(log.contains("cannot boot: cannot load the application 'broken_app:app'"), "{log}");
+    assert!(log.contains("cannot boot: exited with status 3 before it reported ready"), "{log}");
+    assert!(log.matches("spawned").count() <= 2, "no respawn loop: {log}");
+}
+
+#[test]
+fn max_requests_recycles_the_worker() {
+    let config = wsgi_config(&["--max-requests", "5", "--max-requests-jitter", "0"], "example_app:app", "workers = 1");
+    let d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    let first = d.wait_workers(1)[0].as_raw();
+    let pids: Vec<i32> = (0..10).map(|_| get_ok(addr, "/").worker_pid()).collect();
+    assert_eq!(&pids[..5], &[first; 5], "{pids:?}");
+    assert!(pids[5..].iter().all(|p| *p != first), "a new worker after 5 requests: {pids:?}");
+    let log = d.wait_log(&format!("worker 1 (pid {first}) exited with status 0"));
+    assert!(log.contains("served 5 requests (--max-requests): recycling"), "{log}");
+    assert!(log.contains(&format!("worker 1 (pid {first}) is stopping")), "STOPPING=1 was sent: {log}");
+    assert!(log.contains("respawning now"), "replaced at once, not as a crash: {log}");
+    wait_for("the recycled worker's cleanup", LIMIT, || {
+        cleanup_lines(&d).contains(&format!("cleanup pid={first}")).then_some(())
+    });
+}
+
+/// Reads one response with a Content-Length body from a kept-alive stream.
+fn read_one(s: &mut TcpStream) -> Response {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head: {raw:?}");
+        raw.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let len: usize = text
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .expect("Content-Length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    raw.extend_from_slice(&body);
+    parse_response(&raw).unwrap()
+}
+
+#[test]
+fn keep_alive_and_an_idle_connection_at_shutdown() {
+    let mut d = Start::config(&example("")).run();
+    d.wait_log("all 2 workers ready");
+    let addr: SocketAddr = d.tcp_addr();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let a = read_one(&mut s);
+    write!(s, "GET /sleep?ms=1 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let b = read_one(&mut s);
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_eq!(a.worker_pid(), b.worker_pid(), "one connection, one worker");
+    assert_eq!(a.header("Connection"), None, "kept alive");
+    // The connection is now idle; a shutdown closes it cleanly (EOF, no reset).
+    d.signal(Signal::SIGTERM);
+    let mut rest = Vec::new();
+    let n = s.read_to_end(&mut rest).expect("EOF, not a reset");
+    assert_eq!(n, 0, "nothing more was sent: {rest:?}");
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    assert_eq!(cleanup_lines(&d).len(), 2);
+}
+
+#[test]
+fn graceful_shutdown_under_load_resets_nothing() {
+    let mut d = Start::config(&example("")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let load = Load::start(addr, 50, "/sleep?ms=5");
+    wait_answered(&load, 1000);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    wait_for("refusals after exit", LIMIT, || get(addr, "/").is_err().then_some(()));
+    let o = load.finish();
+    eprintln!("outcomes: {o:?}");
+    assert!(o.ok > 50, "the load was served before the shutdown: {o:?}");
+    assert!(o.refused > 0, "connections were refused after the shutdown: {o:?}");
+    assert_eq!((o.reset, o.truncated, o.other), (0, 0, 0), "{o:?}");
+    assert_eq!(cleanup_lines(&d).len(), 2);
+}
