@@ -42,7 +42,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Action {
     /// Validate the configuration and exit (0 if valid, 2 if not).
-    Check,
+    Check {
+        /// The worker command, after `--`, as for a run.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Send a command to a running drover through its control socket; the
     /// exit status follows the verdict (0 done, 1 failed or unreachable).
     Ctl {
@@ -121,8 +125,12 @@ impl Cli {
         if let Some(p) = &self.pidfile {
             layer = layer.overlay(flag("--pidfile", "pidfile", p)?);
         }
-        if !self.command.is_empty() {
-            layer.command = Some(self.command.clone());
+        let command = match &self.action {
+            Some(Action::Check { command }) if !command.is_empty() => command,
+            _ => &self.command,
+        };
+        if !command.is_empty() {
+            layer.command = Some(command.clone());
         }
         Ok(Source { file: self.config.clone(), cli: layer })
     }
@@ -153,7 +161,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    if let Some(Action::Check) = cli.action {
+    if let Some(Action::Check { .. }) = cli.action {
         let origin = source.origin();
         println!(
             "{origin}: ok ({} worker(s) running {:?}, listening on {})",

@@ -182,10 +182,10 @@ impl Layer {
         let as_toml = format!("{key} = {value}");
         match Layer::parse(&origin, &as_toml) {
             Ok(layer) => Ok(layer),
-            Err(first) => {
-                let quoted = format!("{key} = {}", toml_string(value));
-                Layer::parse(&origin, &quoted).map_err(|_| first)
-            }
+            // Valid TOML that the setting refuses: that error is the one to
+            // show. Otherwise the value was a bare word: read it as a string.
+            Err(first) if toml::from_str::<toml::Table>(&as_toml).is_ok() => Err(first),
+            Err(_) => Layer::parse(&origin, &format!("{key} = {}", toml_string(value))),
         }
     }
 
@@ -199,8 +199,36 @@ impl Layer {
                     .into(),
             ));
         }
+        let invalid = |key: &str, why: &str| Err(ConfigError::Other(format!("`{key}`: {why}")));
         if settings.command[0].is_empty() {
-            return Err(ConfigError::Other("`command`: the program name is empty".into()));
+            return invalid("command", "the program name is empty");
+        }
+        if settings.bind.is_empty() {
+            return invalid("bind", "needs at least one address");
+        }
+        let mut names: Vec<&str> = settings.bind.iter().filter_map(|b| b.name.as_deref()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return invalid("bind", &format!("the name {:?} is used twice", w[0]));
+        }
+        for (key, empty) in [
+            ("pidfile", settings.pidfile.as_ref().is_some_and(|p| p.as_os_str().is_empty())),
+            ("chdir", settings.chdir.as_ref().is_some_and(|p| p.as_os_str().is_empty())),
+            ("control_socket", settings.control_socket.as_ref().is_some_and(|p| p.as_os_str().is_empty())),
+            ("log_file", settings.log_file.as_ref().is_some_and(|p| p.as_os_str().is_empty())),
+            ("user", settings.user.as_deref() == Some("")),
+            ("group", settings.group.as_deref() == Some("")),
+            ("on_exit", settings.on_exit.first().is_some_and(String::is_empty)),
+        ] {
+            if empty {
+                return invalid(key, "is empty: remove the key or give it a value");
+            }
+        }
+        if settings.boot_timeout.0.is_zero() {
+            return invalid("boot_timeout", "must be more than 0s");
+        }
+        if settings.timeout.is_some_and(|t| t.0.is_zero()) {
+            return invalid("timeout", "must be more than 0s (remove it to turn heartbeats off)");
         }
         Ok(settings)
     }
@@ -307,9 +335,13 @@ pub struct Dur(pub Duration);
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s).map(Dur).map_err(|e| {
-            format!("invalid duration {s:?} ({e}): expected a duration like \"30s\", \"500ms\" or \"1m 30s\"")
-        })
+        match humantime::parse_duration(s) {
+            Ok(d) if d <= Duration::from_secs(366 * 24 * 3600) => Ok(Dur(d)),
+            Ok(_) => Err(format!("duration {s:?} is too long: at most 366 days")),
+            Err(e) => Err(format!(
+                "invalid duration {s:?} ({e}): expected a duration like \"30s\", \"500ms\" or \"1m 30s\""
+            )),
+        }
     }
 }
 from_str_setting!(Dur, "a duration like \"30s\" or \"500ms\"");
@@ -352,7 +384,30 @@ impl FromStr for Mode {
         }
     }
 }
-from_str_setting!(Mode, "octal permission bits like \"0660\"");
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Mode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("octal permission bits like \"0660\" or 0o660")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Mode, E> {
+                s.parse().map_err(E::custom)
+            }
+            // A TOML octal literal (0o660) arrives as its value.
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Mode, E> {
+                match u32::try_from(n) {
+                    Ok(m) if m <= 0o777 => Ok(Mode(m)),
+                    _ => Err(E::custom(format!(
+                        "invalid mode {n}: expected octal permission bits like 0o660 or \"0660\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 /// A size in bytes, written like `"512MiB"`, `"1GiB"`, `"300MB"` or `"4096"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -582,6 +637,11 @@ mod tests {
         assert!(e.contains("unknown variant `soon`"), "{e}");
         let e = err("max_memory = \"12 apples\"");
         assert!(e.contains("invalid size"), "{e}");
+        assert_eq!(Layer::parse("c", "unix_socket_mode = 0o640").unwrap().unix_socket_mode, Some(Mode(0o640)));
+        let e = err("unix_socket_mode = 660");
+        assert!(e.contains("expected octal permission bits"), "{e}");
+        let e = err("boot_timeout = \"400000000000 years\"");
+        assert!(e.contains("too long"), "{e}");
         let e = err("unix_socket_mode = \"999\"");
         assert!(e.contains("octal permission bits"), "{e}");
     }
@@ -618,6 +678,11 @@ mod tests {
         assert_eq!(s.bind.len(), 1);
         let e = Layer::parse_override("workers=zero").unwrap_err().to_string();
         assert!(e.starts_with("--set workers=zero:1:"), "{e}");
+        assert!(e.contains("expected a number of workers"), "{e}");
+        let e = Layer::parse_override("ready=Notify").unwrap_err().to_string();
+        assert!(e.contains("unknown variant `Notify`"), "{e}");
+        let e = Layer::parse_override("workers=0").unwrap_err().to_string();
+        assert!(e.contains("0 is out of range"), "{e}");
     }
 
     #[test]

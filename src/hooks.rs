@@ -50,7 +50,7 @@ pub fn run_on_exit(
         if left.is_zero() {
             let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
             child.wait()?;
-            return Ok(format!("killed after hook_timeout ({})", humantime::format_duration(timeout)));
+            return Ok(format!("killed at its hook_timeout ({})", humantime::format_duration(timeout)));
         }
         // Wake on SIGCHLD (through the signal pipe) or at the deadline.
         let ms = left.as_millis().min(i32::MAX as u128) as i32 + 1;

@@ -42,8 +42,8 @@ pub enum ListenError {
 impl Listener {
     /// Closes our copy without touching the socket: for a socket another
     /// process (a newer drover) goes on serving.
-    pub fn release(self) {
-        drop(self.fd);
+    pub fn release(mut self) {
+        self.unix_file = None;
     }
 
     /// Stops accepting for good: new connection attempts are refused, and the
@@ -64,16 +64,21 @@ impl Listener {
                 tracing::warn!("{}: cannot refuse new connections before closing: {e}", self.shown);
             }
         }
+        // Dropping closes our copy and removes the socket file.
+    }
+}
+
+impl Drop for Listener {
+    /// A socket file we created goes with our copy of the socket (also when
+    /// start-up fails after binding), unless another server replaced it.
+    fn drop(&mut self) {
         if let Some((path, dev, ino)) = &self.unix_file {
-            // Only remove the file if it is still ours: a newer server may
-            // have replaced it in the meantime.
             if let Ok(m) = std::fs::symlink_metadata(path) {
                 if m.dev() == *dev && m.ino() == *ino {
                     let _ = std::fs::remove_file(path);
                 }
             }
         }
-        drop(self.fd);
     }
 }
 
@@ -298,7 +303,7 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
             // SAFETY: F_GETFD/F_SETFD on a raw number only inspect/flag it.
             if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
                 let e = std::io::Error::last_os_error();
-                return Err(ListenError::Inherited(format!("LISTEN_FDS={n} but fd {fd} is unusable: {e}")));
+                return Err(ListenError::Inherited(format!("fd {fd} of the {n} announced is unusable: {e}")));
             }
             // SAFETY: systemd's convention hands these open descriptors to us.
             Ok(Inherited { fd: unsafe { OwnedFd::from_raw_fd(fd) }, name })

@@ -82,7 +82,9 @@ impl NotifySocket {
     /// The next datagram and its sender's pid, or `None` when there is none.
     pub fn recv(&self) -> Option<(Pid, Vec<Message>)> {
         loop {
-            let mut buf = [0u8; 4096];
+            // systemd accepts notify datagrams of up to 4 KiB of text, more
+            // with file descriptors; STATUS lines stay far below this.
+            let mut buf = [0u8; 16384];
             let mut iov = [IoSliceMut::new(&mut buf)];
             let mut cmsg = nix::cmsg_space!(UnixCredentials);
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;

@@ -55,6 +55,12 @@ impl Pidfile {
             .open(&tmp)
             .map_err(io)?;
         let written = try_lock(&file)
+            .and_then(|locked| match locked {
+                true => Ok(()),
+                // Another drover is creating the same temporary name: cannot
+                // happen with our pid in the name, but never write unlocked.
+                false => Err(io::Error::other("cannot lock the new pidfile")),
+            })
             .and_then(|_| writeln!(file, "{}", std::process::id()))
             .and_then(|_| std::fs::rename(&tmp, path));
         if let Err(e) = written {

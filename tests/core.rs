@@ -220,6 +220,8 @@ fn malformed_configs_name_file_line_column_and_exit_2() {
         ("command = [\"x\"]\nstop_signal = \"SIGFOO\"\n", "config.toml:2:15: unknown signal \"SIGFOO\""),
         ("command = [\"x\"\n", "config.toml:1:"),
         ("workers = 2\n", "no worker command"),
+        ("command = [\"x\"]\nbind = []\n", "`bind`: needs at least one address"),
+        ("command = [\"x\"]\nboot_timeout = \"0s\"\n", "`boot_timeout`: must be more than 0s"),
     ];
     for (text, expected) in cases {
         let mut d = Start::config(text).run();
@@ -451,6 +453,15 @@ fn an_idle_master_does_not_wake_up() {
     // A measurement window, not a synchronisation: nothing should happen in it.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(switches(), before, "the idle master woke up");
+    // Still true after a crash and its respawn (a past backoff deadline must
+    // not linger as the next wake-up).
+    let victim = d.wait_workers(2)[0];
+    kill(victim, Signal::SIGKILL).unwrap();
+    d.wait_log("respawning in");
+    d.wait_log_count("ready in", 3);
+    let before = switches();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(switches(), before, "the master woke up after a respawn");
 }
 
 #[test]

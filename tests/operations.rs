@@ -126,6 +126,12 @@ fn a_changed_bind_is_opened_before_and_the_old_one_closed_after() {
 fn a_hup_during_a_reload_is_honoured_after_it() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
+    // New workers that take half a second to boot: the reload lasts that long.
+    let slow = hello("").replace(
+        &format!("command = [\"{}\"]", hello_bin()),
+        &format!("command = [\"sh\", \"-c\", \"sleep 0.5; exec {}\"]", hello_bin()),
+    );
+    rewrite(&d, &slow);
     d.signal(Signal::SIGHUP);
     d.wait_log("into generation 2");
     d.signal(Signal::SIGHUP);

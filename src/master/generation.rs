@@ -32,7 +32,7 @@ impl Generation {
         for (k, v) in &s.env {
             env.set(k, v);
         }
-        let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref()).map_err(StartError::Program)?;
+        let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref()).map_err(StartError::Identity)?;
         let program = Program::new(&s.command, env.get("PATH"))
             .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
             .map_err(StartError::Program)?;

@@ -16,6 +16,8 @@ impl Master {
     /// Acts on everything overdue.
     pub(super) fn enforce_deadlines(&mut self, now: Instant) {
         let (timeout, abort_grace) = (self.gen.s.timeout, self.gen.s.abort_grace.0);
+        let reset_after = self.gen.s.respawn_reset_after.0;
+        let mut wedged = Vec::new();
         for w in self.workers.iter_mut() {
             if w.deadline().is_none_or(|d| d > now) {
                 continue;
@@ -39,8 +41,9 @@ impl Master {
                         humantime::format_duration(abort_grace)
                     );
                     // The worker may dump its state on SIGABRT; its slot is
-                    // refilled at once, since it no longer serves.
+                    // refilled after the backoff, since it no longer serves.
                     stop(w, Signal::SIGABRT, now + abort_grace, Why::HeartbeatTimeout);
+                    wedged.push((slot, now - w.started >= reset_after));
                 }
                 State::Ready { .. } => {
                     // max_age: start a successor; this one stops once it is ready.
@@ -62,6 +65,16 @@ impl Master {
                     kill_group(w, cause);
                 }
             }
+        }
+        // A wedged worker is a failure of its slot, like a crash: a worker that
+        // always wedges is respawned ever more slowly, and its slot degraded.
+        for (slot, stable) in wedged {
+            if stable {
+                if let Some(s) = self.slots.get_mut(slot as usize - 1) {
+                    s.failures = 0;
+                }
+            }
+            self.slot_failed(slot, now);
         }
         if self.next_memory_check.is_some_and(|t| t <= now) {
             self.check_memory();

@@ -70,20 +70,24 @@ pub enum StartError {
     Subreaper(Errno),
     #[error("cannot run the worker command: {0}")]
     Program(spawn::SpawnError),
+    #[error("{0}")]
+    Identity(spawn::SpawnError),
     #[error("control socket {path}: {source}")]
     Control { path: String, source: std::io::Error },
-    #[error("log file {path}: {source}")]
-    Log { path: String, source: std::io::Error },
 }
 
 impl StartError {
     pub fn exit_status(&self) -> u8 {
         match self {
             StartError::Program(_) => exit::CANNOT_BOOT,
+            StartError::Identity(_) => exit::USAGE,
             _ => exit::FAILURE,
         }
     }
 }
+
+/// The most workers drover runs (as for the `workers` setting).
+const MAX_WORKERS: u32 = 4096;
 
 /// A slot's respawn bookkeeping.
 #[derive(Debug, Default, Clone)]
@@ -276,6 +280,9 @@ impl Master {
             }
             _ if self.shutdown.is_some() => self.reply(client, control::failure("shutting down")),
             Command::Reload => self.begin_reload("control: reload", Some(client)),
+            Command::Scale { workers: n } if !(1..=MAX_WORKERS).contains(&n) => {
+                self.reply(client, control::failure(&format!("cannot scale to {n}: from 1 to {MAX_WORKERS} workers")));
+            }
             Command::Scale { workers: n } => {
                 if self.paused {
                     self.resume("control: scale");
@@ -360,7 +367,8 @@ impl Master {
         let (slot, pid) = (w.slot, w.pid);
         if let State::Stopping { why: stopped_for, .. } = w.state {
             let context = match stopped_for {
-                Why::HeartbeatTimeout => " (heartbeat timeout: SIGABRT)".to_string(),
+                Why::HeartbeatTimeout if w.killed.is_none() => " (heartbeat timeout: SIGABRT)".to_string(),
+                Why::HeartbeatTimeout => String::new(),
                 Why::Recycled(reason) => format!(" (recycled: {reason})"),
                 Why::Retired => " (retired)".to_string(),
                 Why::Shutdown => String::new(),
@@ -384,36 +392,40 @@ impl Master {
             self.begin_shutdown(false, Cause::CannotBoot);
             return;
         }
-        let Some(s) = self.slots.get_mut(slot as usize - 1) else {
+        if slot as usize > self.slots.len() {
             info!("worker {slot} (pid {pid}) {why}; its slot was removed");
             return;
-        };
-        // A worker that ran stably, or that announced its own exit, is
-        // replaced at once; one that keeps failing waits longer each time.
-        let planned = w.said_stopping && exit_code(status) == Some(0);
-        let (first, max) = (self.gen.s.respawn_delay.0, self.gen.s.respawn_max_delay.0);
-        if planned || lived >= self.gen.s.respawn_reset_after.0 {
-            s.failures = 0;
-            s.not_before = None;
+        }
+        // A worker that served stably, or that announced its own exit after
+        // serving, is replaced at once; one that keeps failing (including
+        // at boot) waits longer each time.
+        let served = !w.is_booting();
+        let planned = served && w.said_stopping && exit_code(status) == Some(0);
+        if planned || (served && lived >= self.gen.s.respawn_reset_after.0) {
+            self.slots[slot as usize - 1].failures = 0;
             warn!("worker {slot} (pid {pid}) {why} after {}; respawning now", ms(lived));
         } else {
-            s.failures += 1;
-            let delay = backoff(s.failures, first, max);
-            s.not_before = Some(now + delay);
+            let (delay, failures) = self.slot_failed(slot, now);
             warn!(
-                "worker {slot} (pid {pid}) {why} after {}; respawning in {} (failure {} in a row)",
+                "worker {slot} (pid {pid}) {why} after {}; respawning in {} (failure {failures} in a row)",
                 ms(lived),
                 ms(delay),
-                s.failures
             );
-            if s.failures == self.gen.s.degraded_after.0 {
-                error!(
-                    "slot {slot} is degraded: {} failures in a row; retrying every {} at most",
-                    s.failures,
-                    ms(max)
-                );
-            }
         }
+    }
+
+    /// Counts a failure of `slot` and holds its next spawn for the backoff.
+    /// Returns the delay and the number of failures in a row.
+    fn slot_failed(&mut self, slot: u32, now: Instant) -> (Duration, u32) {
+        let (first, max) = (self.gen.s.respawn_delay.0, self.gen.s.respawn_max_delay.0);
+        let Some(s) = self.slots.get_mut(slot as usize - 1) else { return (Duration::ZERO, 0) };
+        s.failures += 1;
+        let delay = backoff(s.failures, first, max);
+        s.not_before = Some(now + delay);
+        if s.failures == self.gen.s.degraded_after.0 {
+            error!("slot {slot} is degraded: {} failures in a row; retrying every {} at most", s.failures, ms(max));
+        }
+        (delay, s.failures)
     }
 
     fn on_notify(&mut self, sender: Pid, messages: Vec<Message>) {
@@ -565,6 +577,9 @@ impl Master {
                 let recycle_at = g.s.max_age.map(|age| now + age.0 + liveness::jitter(g.s.max_age_jitter.0, pid));
                 let ready = matches!(state, State::Ready { .. });
                 let s = &mut self.slots[slot as usize - 1];
+                // The backoff is over: without this, its past instant would
+                // stay the nearest deadline and the loop would spin.
+                s.not_before = None;
                 s.restarts += self.workers.iter().any(|w| w.slot == slot) as u32;
                 self.workers.push(Worker::new(slot, pid, g.number, state, now, recycle_at));
                 if ready {
@@ -577,18 +592,16 @@ impl Master {
                 self.begin_shutdown(false, Cause::CannotBoot);
             }
             Err(e) => {
-                let s = &mut self.slots[slot as usize - 1];
-                s.failures += 1;
-                let delay = backoff(s.failures, g.s.respawn_delay.0, g.s.respawn_max_delay.0);
-                s.not_before = Some(now + delay);
+                let (delay, _) = self.slot_failed(slot, now);
                 error!("worker {slot} cannot be spawned: {e}; retrying in {}", ms(delay));
             }
         }
     }
 
     fn scale(&mut self, count: u32, why: &str) {
+        let count = count.clamp(1, MAX_WORKERS);
         info!("{why}: {} -> {count} workers", self.slots.len());
-        self.slots.resize(count.max(1) as usize, Slot::default());
+        self.slots.resize(count as usize, Slot::default());
         self.systemd.status(&self.summary());
     }
 }

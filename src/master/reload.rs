@@ -40,6 +40,12 @@ impl Master {
         let next = self.source.load().map_err(|e| e.to_string()).and_then(|loaded| {
             Generation::build(number, loaded, Vec::new(), &self.gen.listeners).map_err(|e| e.to_string())
         });
+        // The notify socket belongs to the workers' user: a new user could
+        // not report ready on it, and the old workers could no longer.
+        let next = next.and_then(|n| match n.owner() == self.gen.owner() {
+            true => Ok(n),
+            false => Err("`user` or `group` changed: that needs a restart or an upgrade".to_string()),
+        });
         let next = match next {
             Ok(next) => next,
             Err(e) => {
@@ -60,6 +66,9 @@ impl Master {
             next.s.max_surge.0
         );
         self.slots.resize(next.s.workers.0 as usize, Default::default());
+        if next.s.max_memory.is_some() && self.next_memory_check.is_none() {
+            self.next_memory_check = Some(began + next.s.memory_check_interval.0);
+        }
         self.previous = Some(std::mem::replace(&mut self.gen, next));
         self.reload = Some(Reload { began, again: Vec::new(), waiters: client.into_iter().collect(), failed: false });
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
-use super::worker::{ms, Why};
+use super::worker::{ms, State, Why};
 use super::{exit, stop, Master};
 use crate::hooks;
 
@@ -77,12 +77,23 @@ impl Master {
         }
         let deadline = now + timeout.0;
         for w in self.workers.iter_mut() {
-            // A quick stop never extends a deadline already set.
-            let deadline = match w.deadline() {
-                Some(d) if quick && d < deadline => d,
-                _ => deadline,
-            };
-            stop(w, signal, deadline, Why::Shutdown);
+            match w.state {
+                // Already stopping (retired, recycled, aborted): it keeps its
+                // own deadline, and gets SIGQUIT only to hurry it.
+                State::Stopping { deadline: own, why } => {
+                    if quick {
+                        stop(w, signal, own.min(deadline), why);
+                    }
+                }
+                _ => {
+                    // A quick stop never extends a deadline already set.
+                    let deadline = match w.deadline() {
+                        Some(d) if quick && d < deadline => d,
+                        _ => deadline,
+                    };
+                    stop(w, signal, deadline, Why::Shutdown);
+                }
+            }
         }
     }
 
@@ -111,7 +122,7 @@ impl Master {
             };
             let began = Instant::now();
             match hooks::run_on_exit(&self.gen.s.on_exit, &outcome, self.gen.s.hook_timeout.0, &self.signals) {
-                Ok(how) => info!("stage 4, on_exit hook: {how} after {}", ms(began.elapsed())),
+                Ok(how) => info!("stage 4, on_exit hook: {how} ({})", ms(began.elapsed())),
                 Err(e) => warn!("stage 4, on_exit hook failed: {e}"),
             }
         }

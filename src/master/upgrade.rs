@@ -48,7 +48,9 @@ impl Exe {
 
 impl Master {
     pub(super) fn begin_upgrade(&mut self, client: Option<control::ClientId>) {
-        let busy = if self.upgrade.is_some() {
+        let busy = if std::process::id() == 1 {
+            Some("drover is PID 1: its namespace would end with it, and the new master with it")
+        } else if self.upgrade.is_some() {
             Some("an upgrade is already in progress")
         } else if self.reload.is_some() {
             Some("a reload is in progress")
