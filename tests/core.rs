@@ -154,11 +154,7 @@ fn a_killed_worker_is_replaced_and_the_log_says_why() {
         get(addr, "/").ok().map(|r| r.worker_pid()).filter(|p| *p != first)
     });
     assert_ne!(first, second);
-    let log = d.log();
-    assert!(
-        log.contains(&format!("worker 1 (pid {first}) killed by SIGKILL (not sent by drover")),
-        "{log}"
-    );
+    d.wait_log(&format!("worker 1 (pid {first}) killed by SIGKILL (not sent by drover"));
 }
 
 #[test]
