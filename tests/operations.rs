@@ -89,17 +89,32 @@ fn a_new_generation_that_cannot_boot_is_rolled_back() {
 
 #[test]
 fn five_reloads_under_load_fail_no_request() {
-    let d = Start::config(&hello("max_surge = 1")).run();
+    five_reloads_under_load(&hello("max_surge = 1"), "/sleep?ms=5", 2000);
+}
+
+#[test]
+fn five_reloads_of_the_python_worker_under_load_fail_no_request() {
+    let wsgi = repo().join("workers/python/drover_wsgi.py");
+    let command = format!("command = [\"python3\", \"{}\", \"--threads\", \"8\", \"example_app:app\"]", wsgi.display());
+    let config = hello(&format!("chdir = \"{}\"", repo().join("workers/python").display()))
+        .replace(&format!("command = [\"{}\"]", hello_bin()), &command)
+        // Python boots slowly on two cores shared with 50 busy clients.
+        .replace("boot_timeout = \"5s\"", "boot_timeout = \"60s\"");
+    five_reloads_under_load(&config, "/", 500);
+}
+
+fn five_reloads_under_load(config: &str, path: &str, answered: u64) {
+    let d = Start::config(config).run();
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
-    let load = Load::start(addr, 50, "/sleep?ms=5");
-    wait_answered(&load, 200);
+    let load = Load::start(addr, 50, path);
+    wait_answered(&load, answered / 10);
     for i in 0..5 {
         let (code, out) = ctl(&d, &["reload"]);
         assert_eq!(code, 0, "reload {i}: {out}");
         assert!(out.contains(&format!("applied: generation {}", i + 2)), "{out}");
     }
-    wait_answered(&load, 2000);
+    wait_answered(&load, answered);
     let o = load.finish();
     eprintln!("outcomes: {o:?}");
     assert_eq!((o.refused, o.reset, o.truncated, o.other), (0, 0, 0, 0), "{o:?}");
