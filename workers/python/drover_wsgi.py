@@ -713,6 +713,9 @@ class Server:
         self.stop_lingering = []  # lingering closes started during a stop
         self.poll_until = float("inf")  # when the polling thread wakes up at the latest
         self.threads = []
+        # Per thread (each writes its own slot): in a request now; items done.
+        self.busy = [False] * self.nthreads
+        self.done = [0] * self.nthreads
         self.ctrl_r, self.ctrl_w = os.pipe()
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.ctrl_r, self.ctrl_w, self.wake_r, self.wake_w):
@@ -730,7 +733,7 @@ class Server:
         self.sel.register(self.ctrl_r, selectors.EVENT_READ, _STOP)
         self.sel.register(self.wake_r, selectors.EVENT_READ, _WAKE)
         for i in range(self.nthreads):
-            t = threading.Thread(target=self._thread_main, name="drover-wsgi-%d" % (i + 1), daemon=True)
+            t = threading.Thread(target=self._thread_main, args=(i,), name="drover-wsgi-%d" % (i + 1), daemon=True)
             t.start()
             self.threads.append(t)
 
@@ -766,6 +769,7 @@ class Server:
                     parked.extend(self.timers[name].values())
                     self.timers[name].clear()
                 for conn in parked:
+                    conn.timer = None
                     self._unregister(conn)
             taken = 0
             for info in self.listeners:
@@ -818,6 +822,7 @@ class Server:
             if not alive:
                 return True
             if deadline is None and (self.stop_kind == "quick" or dw.stop_kind() == "quick"):
+                self.stop_kind = "quick"  # also when a graceful stop escalated
                 deadline = time.monotonic() + min(QUICK_DRAIN, dw.remaining_budget())
             if deadline is not None and time.monotonic() >= deadline:
                 log("abandoning %d busy thread(s) (quick stop)" % len(alive))
@@ -856,11 +861,13 @@ class Server:
 
     # -- the pool ----------------------------------------------------------
 
-    def _thread_main(self):
+    def _thread_main(self, index):
+        busy, done = self.busy, self.done
         while True:
             item = self._next_item()
             if item is None:
                 return
+            busy[index] = True
             try:
                 if type(item) is ListenerInfo:
                     self._accept_one(item)
@@ -868,6 +875,32 @@ class Server:
                     self._serve(item)
             except BaseException:
                 log("internal error (the thread goes on):\n" + traceback.format_exc())
+            finally:
+                busy[index] = False
+                done[index] += 1
+
+    def heartbeats(self, interval):
+        """Sends WATCHDOG=1 every interval/2 while the pool makes progress: a
+        thread is free, or some request finished since the last beat. A pool
+        whose every thread is stuck in a request stops beating, and drover's
+        heartbeat timeout (SIGABRT: the stacks are dumped) catches it."""
+        period = max(0.01, interval / 2)
+        last = None
+        quiet = False
+        while True:
+            done = list(self.done)
+            if not all(self.busy) or done != last:
+                try:
+                    dw.heartbeat()
+                except OSError as e:
+                    log("cannot send WATCHDOG=1: %s" % e)
+                quiet = False
+            elif not quiet:
+                log("all %d threads busy and no request finished for %.1fs: holding WATCHDOG=1"
+                    % (self.nthreads, period))
+                quiet = True
+            last = done
+            time.sleep(period)
 
     def _next_item(self):
         """The next thing to do: a listener to accept from, or a connection to
@@ -905,7 +938,7 @@ class Server:
             if data is _STOP:
                 self.stop_seen = True
             elif type(data) is ListenerInfo:
-                if not self.stop_seen:
+                if not self.stop_seen and not self.recycling:
                     self.pending.append(data)
             elif data is _WAKE:
                 try:
@@ -1035,6 +1068,8 @@ class Server:
         return Conn(sock, peer, info)
 
     def _accept_one(self, info):
+        if self.recycling or self.stop_seen:
+            return  # recycling: queued connections are for the other workers
         try:
             sock, peer = info.sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -1304,7 +1339,7 @@ def main(argv=None):
     server.start()
     interval = dw.watchdog_interval()
     if interval:
-        threading.Thread(target=_heartbeat, args=(interval,), name="drover-heartbeat", daemon=True).start()
+        threading.Thread(target=server.heartbeats, args=(interval,), name="drover-heartbeat", daemon=True).start()
     if dw.stop_kind() is None:
         try:
             dw.ready()
@@ -1329,16 +1364,6 @@ def main(argv=None):
         # for (or trip over) them. atexit handlers still run.
         _exit_now(0)
     return 0
-
-
-def _heartbeat(interval):
-    period = max(0.01, interval / 2)
-    while True:
-        try:
-            dw.heartbeat()
-        except OSError as e:
-            log("cannot send WATCHDOG=1: %s" % e)
-        time.sleep(period)
 
 
 def _exit_now(code):

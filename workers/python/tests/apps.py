@@ -80,6 +80,7 @@ def app(environ, start_response):
         return _text(start_response, "200 OK", str(os.getpid()).encode(), [("X-Worker-Pid", str(os.getpid()))])
     if path == "/sleep":
         ms = int(environ["QUERY_STRING"].partition("=")[2] or "0")
+        drover_worker.status("sleeping")  # lets a test wait until the request is in progress
         time.sleep(ms / 1000)
         return _text(start_response, "200 OK", b"slept %d" % ms)
     if path == "/bad-header":

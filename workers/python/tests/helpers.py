@@ -30,7 +30,7 @@ def env_with_sdk(extra=None):
     return env
 
 
-def run_script(code, env=None, timeout=LIMIT, input_signal=None):
+def run_script(code, env=None, timeout=LIMIT):
     """Runs ``code`` (dedented) in a fresh interpreter; returns CompletedProcess."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -142,15 +142,16 @@ class SignalTest(unittest.TestCase):
 
     def test_exit_on_stop_unwinds_and_cleans_up_at_exit(self):
         p = start(code="""
-            import time, drover_worker as dw
-            dw.on_exit(lambda: print("cleanup ran", flush=True), name="c")
+            import os, time, drover_worker as dw
+            # os.write: the SystemExit may interrupt anything, buffered I/O too.
+            dw.on_exit(lambda: os.write(1, b"cleanup ran\\n"), name="c")
             dw.install(exit_on_stop=True)
-            print("ready", flush=True)
             try:
+                os.write(1, b"ready\\n")
                 while True:
                     time.sleep(1)
             finally:
-                print("finally", flush=True)
+                os.write(1, b"finally\\n")
         """)
         wait_line(p, "ready")
         p.send_signal(signal.SIGTERM)

@@ -238,7 +238,7 @@ class LifecycleTest(unittest.TestCase):
             idle.response()
             busy = Client(w)
             busy.send(get("/sleep?ms=800"))
-            time.sleep(0.2)  # the only thread is busy now
+            w.notify.wait_for(b"STATUS=sleeping")  # the only thread is busy now
             queued = Client(w)  # in the listen queue: nobody accepts while the pool is busy
             queued.send(get("/pid"))
             w.signal(signal.SIGTERM)
@@ -261,7 +261,7 @@ class LifecycleTest(unittest.TestCase):
             idle.response()
             busy = Client(w)
             busy.send(get("/sleep?ms=600"))
-            time.sleep(0.2)
+            w.notify.wait_for(b"STATUS=sleeping")
             idle.send(get("/list"))  # arrives while the only thread is busy
             time.sleep(0.1)
             w.signal(signal.SIGTERM)
@@ -276,7 +276,7 @@ class LifecycleTest(unittest.TestCase):
         with Worker("apps:app", env={"APPS_CLEANUP_FILE": self.tmp}) as w:
             slow = Client(w)
             slow.send(get("/sleep?ms=10000"))
-            time.sleep(0.2)
+            w.notify.wait_for(b"STATUS=sleeping")
             began = time.monotonic()
             w.signal(signal.SIGQUIT)
             code, err = w.wait()
@@ -285,6 +285,53 @@ class LifecycleTest(unittest.TestCase):
             self.assertEqual(len(self.cleanup_lines()), 1)
             self.assertIn("stopping (quick)", err)
             slow.close()
+
+    def test_a_graceful_stop_escalates_to_quick(self):
+        with Worker("apps:app") as w:
+            slow = Client(w)
+            slow.send(get("/sleep?ms=10000"))
+            w.notify.wait_for(b"STATUS=sleeping")
+            began = time.monotonic()
+            w.signal(signal.SIGTERM)
+            time.sleep(0.3)
+            w.signal(signal.SIGQUIT)
+            code, err = w.wait()
+            self.assertEqual(code, 0, err)
+            self.assertLess(time.monotonic() - began, 4)
+            self.assertIn("abandoning 1 busy thread(s)", err)
+            slow.close()
+
+    def test_heartbeats_and_sigusr1(self):
+        with Worker("apps:app", env={"WATCHDOG_USEC": "200000"}) as w:
+            w.notify.wait_for(b"WATCHDOG=1", timeout=5)
+            w.signal(signal.SIGUSR1)  # drover forwards it ("reopen logs"): not fatal
+            time.sleep(0.1)
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+            w.signal(signal.SIGTERM)
+            self.assertEqual(w.wait()[0], 0)
+
+    def test_a_pool_stuck_in_requests_stops_heartbeats(self):
+        with Worker("apps:app", args=["--threads", "1"], env={"WATCHDOG_USEC": "300000"}) as w:
+            w.notify.wait_for(b"WATCHDOG=1", timeout=5)
+            stuck = Client(w)
+            stuck.send(get("/sleep?ms=3000"))
+            w.notify.wait_for(b"STATUS=sleeping")
+            time.sleep(0.2)  # let a beat already in flight arrive
+            w.notify.sock.setblocking(False)
+            try:
+                while w.notify.sock.recv(100):
+                    pass
+            except BlockingIOError:
+                pass
+            w.notify.sock.setblocking(True)
+            with self.assertRaises(AssertionError):
+                w.notify.wait_for(b"WATCHDOG=1", timeout=1.0)
+            self.assertEqual(stuck.response()[0], 200)
+            w.notify.wait_for(b"WATCHDOG=1", timeout=5)  # progress again
+            stuck.close()
+            w.signal(signal.SIGTERM)
+            code, err = w.wait()
+            self.assertIn("all 1 threads busy", err)
 
     def test_max_requests_recycles(self):
         with Worker("apps:app", args=["--max-requests", "3", "--max-requests-jitter", "0"],
@@ -329,20 +376,27 @@ class LifecycleTest(unittest.TestCase):
         self.assertIn("cannot boot: no listening sockets were passed", r.stderr)
 
     def test_a_stop_during_the_import_is_not_lost(self):
-        with open(self.tmp + ".py", "w") as f:
-            f.write("import time\ntime.sleep(1)\ndef app(e, s):\n    s('200 OK', [])\n    return [b'']\n")
-        mod = os.path.basename(self.tmp).replace("-", "_")
-        os.rename(self.tmp + ".py", os.path.join(os.path.dirname(self.tmp), mod + ".py"))
-        path = os.path.join(os.path.dirname(self.tmp), mod + ".py")
+        # An app whose import takes a while; the stop comes in the middle of it.
+        tmpdir = os.path.dirname(self.tmp)
+        mod = "slow_import_%d" % os.getpid()
+        path = os.path.join(tmpdir, mod + ".py")
+        marker = self.tmp + ".importing"
+        with open(path, "w") as f:
+            f.write("import time\nopen(%r, 'w').close()\ntime.sleep(1)\n"
+                    "def app(e, s):\n    s('200 OK', [])\n    return [b'']\n" % marker)
         try:
-            with Worker("%s:app" % mod, args=["--chdir", os.path.dirname(self.tmp)], ready=False) as w:
-                time.sleep(0.5)
+            with Worker("%s:app" % mod, args=["--chdir", tmpdir], ready=False) as w:
+                deadline = time.monotonic() + LIMIT
+                while not os.path.exists(marker) and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 w.signal(signal.SIGTERM)
                 code, err = w.wait()
                 self.assertEqual(code, 0, err)
                 self.assertNotIn("ready:", err)
         finally:
             os.unlink(path)
+            if os.path.exists(marker):
+                os.unlink(marker)
 
 
 if __name__ == "__main__":
