@@ -473,3 +473,34 @@ fn one_request(addr: SocketAddr, path: &str, o: &mut Outcomes) {
         },
     }
 }
+
+/// A graceful stop with a slow request in flight, as every worker kind must
+/// pass it: `stop` is called while `/sleep?ms=1500` is being served; the
+/// request is answered in full, new connections are refused meanwhile, and
+/// drover exits 0 with no worker left. Returns drover and the workers' pids
+/// for the caller's own checks (cleanup, log lines).
+pub fn stop_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) -> (Drover, Vec<Pid>) {
+    let mut d = start.run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let workers = d.wait_workers(2);
+    let slow = get_in_flight(addr, "/sleep?ms=1500", &workers);
+    let began = Instant::now();
+    stop(&d);
+    // New connections are refused as soon as the master and the workers have
+    // closed the listeners, while the slow request is still being served.
+    wait_for("new connections to be refused", LIMIT, || get(addr, "/").is_err().then_some(()));
+    let resp = slow.join().unwrap().expect("the in-flight request gets its full response");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, "slept 1500 ms\n");
+    assert!(began.elapsed() >= Duration::from_millis(1000), "the master waited for the drain");
+    let status = d.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "every worker stopped in time: {}", d.log());
+    for w in &workers {
+        assert!(!alive(*w), "worker {w} is gone");
+    }
+    let log = d.log();
+    assert!(log.contains("graceful shutdown: stage 1, stop accepting"), "{log}");
+    assert!(log.contains("exiting with status 0"), "{log}");
+    (d, workers)
+}
