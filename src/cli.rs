@@ -12,7 +12,12 @@ use crate::logfile::LogFile;
 use crate::master::{self, exit};
 
 #[derive(Debug, Parser)]
-#[command(name = "drover", version, about = "A pre-fork process supervisor", args_conflicts_with_subcommands = false)]
+#[command(
+    name = "drover",
+    version,
+    about = "A pre-fork process supervisor",
+    args_conflicts_with_subcommands = false
+)]
 struct Cli {
     #[command(subcommand)]
     action: Option<Action>,
@@ -100,7 +105,9 @@ impl CtlCommand {
 /// errors that name the flag.
 fn flag(flag: &str, key: &str, value: &str) -> Result<Layer, ConfigError> {
     Layer::parse_override(&format!("{key}={value}")).map_err(|e| match e {
-        ConfigError::Invalid { message, .. } => ConfigError::Other(format!("{flag} {value}: {message}")),
+        ConfigError::Invalid { message, .. } => {
+            ConfigError::Other(format!("{flag} {value}: {message}"))
+        }
         other => other,
     })
 }
@@ -132,15 +139,28 @@ impl Cli {
         if !command.is_empty() {
             layer.command = Some(command.clone());
         }
-        Ok(Source { file: self.config.clone(), cli: layer })
+        Ok(Source {
+            file: self.config.clone(),
+            cli: layer,
+        })
     }
 }
 
 /// drover's entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Action::Ctl { json, socket, timeout, command }) = &cli.action {
-        let path = match socket.clone().map(Ok).or_else(|| cli.source().and_then(|s| s.control_socket()).transpose()) {
+    if let Some(Action::Ctl {
+        json,
+        socket,
+        timeout,
+        command,
+    }) = &cli.action
+    {
+        let path = match socket
+            .clone()
+            .map(Ok)
+            .or_else(|| cli.source().and_then(|s| s.control_socket()).transpose())
+        {
             Some(Ok(path)) => path,
             Some(Err(e)) => {
                 eprintln!("drover: {e}");
@@ -151,10 +171,21 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(exit::USAGE);
             }
         };
-        return ExitCode::from(control::ctl(&path, &command.request(), *json, (*timeout).into()));
+        return ExitCode::from(control::ctl(
+            &path,
+            &command.request(),
+            *json,
+            (*timeout).into(),
+        ));
     }
     let loaded = cli.source().and_then(|source| Ok((source.load()?, source)));
-    let (Loaded { settings, bind_was_set }, source) = match loaded {
+    let (
+        Loaded {
+            settings,
+            bind_was_set,
+        },
+        source,
+    ) = match loaded {
         Ok(l) => l,
         Err(e) => {
             eprintln!("drover: {e}");
@@ -167,7 +198,12 @@ pub fn main() -> ExitCode {
             "{origin}: ok ({} worker(s) running {:?}, listening on {})",
             settings.workers.0,
             settings.command.join(" "),
-            settings.bind.iter().map(|b| b.address.to_string()).collect::<Vec<_>>().join(", ")
+            settings
+                .bind
+                .iter()
+                .map(|b| b.address.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         return ExitCode::from(exit::OK);
     }
@@ -179,12 +215,18 @@ pub fn main() -> ExitCode {
         }
     };
     let level = LevelFilter::from_level(settings.log_level.0);
-    let fmt = tracing_subscriber::fmt().with_target(false).with_ansi(false).with_max_level(level);
+    let fmt = tracing_subscriber::fmt()
+        .with_target(false)
+        .with_ansi(false)
+        .with_max_level(level);
     match &log {
         Some(file) => fmt.with_writer(file.clone()).init(),
         None => fmt.with_writer(std::io::stderr).init(),
     }
-    let first = Loaded { settings, bind_was_set };
+    let first = Loaded {
+        settings,
+        bind_was_set,
+    };
     match master::run(source, first, log) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {

@@ -206,19 +206,50 @@ impl Layer {
         if settings.bind.is_empty() {
             return invalid("bind", "needs at least one address");
         }
-        let mut names: Vec<&str> = settings.bind.iter().filter_map(|b| b.name.as_deref()).collect();
+        let mut names: Vec<&str> = settings
+            .bind
+            .iter()
+            .filter_map(|b| b.name.as_deref())
+            .collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return invalid("bind", &format!("the name {:?} is used twice", w[0]));
         }
         for (key, empty) in [
-            ("pidfile", settings.pidfile.as_ref().is_some_and(|p| p.as_os_str().is_empty())),
-            ("chdir", settings.chdir.as_ref().is_some_and(|p| p.as_os_str().is_empty())),
-            ("control_socket", settings.control_socket.as_ref().is_some_and(|p| p.as_os_str().is_empty())),
-            ("log_file", settings.log_file.as_ref().is_some_and(|p| p.as_os_str().is_empty())),
+            (
+                "pidfile",
+                settings
+                    .pidfile
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty()),
+            ),
+            (
+                "chdir",
+                settings
+                    .chdir
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty()),
+            ),
+            (
+                "control_socket",
+                settings
+                    .control_socket
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty()),
+            ),
+            (
+                "log_file",
+                settings
+                    .log_file
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty()),
+            ),
             ("user", settings.user.as_deref() == Some("")),
             ("group", settings.group.as_deref() == Some("")),
-            ("on_exit", settings.on_exit.first().is_some_and(String::is_empty)),
+            (
+                "on_exit",
+                settings.on_exit.first().is_some_and(String::is_empty),
+            ),
         ] {
             if empty {
                 return invalid(key, "is empty: remove the key or give it a value");
@@ -228,7 +259,10 @@ impl Layer {
             return invalid("boot_timeout", "must be more than 0s");
         }
         if settings.timeout.is_some_and(|t| t.0.is_zero()) {
-            return invalid("timeout", "must be more than 0s (remove it to turn heartbeats off)");
+            return invalid(
+                "timeout",
+                "must be more than 0s (remove it to turn heartbeats off)",
+            );
         }
         Ok(settings)
     }
@@ -260,11 +294,17 @@ impl Source {
         let mut settings = layer.resolve()?;
         // RUST_LOG sits between the file and the command line.
         if self.cli.log_level.is_none() {
-            if let Some(level) = std::env::var("RUST_LOG").ok().and_then(|v| LogLevel::from_str(&v).ok()) {
+            if let Some(level) = std::env::var("RUST_LOG")
+                .ok()
+                .and_then(|v| LogLevel::from_str(&v).ok())
+            {
                 settings.log_level = level;
             }
         }
-        Ok(Loaded { settings, bind_was_set })
+        Ok(Loaded {
+            settings,
+            bind_was_set,
+        })
     }
 
     /// The control socket the settings name, without requiring the rest to
@@ -279,7 +319,9 @@ impl Source {
 
     /// Where the settings come from, for messages.
     pub fn origin(&self) -> String {
-        self.file.as_ref().map_or("command line".into(), |p| p.display().to_string())
+        self.file
+            .as_ref()
+            .map_or("command line".into(), |p| p.display().to_string())
     }
 }
 
@@ -360,10 +402,14 @@ impl FromStr for Sig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let upper = s.to_ascii_uppercase();
-        let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-        Signal::from_str(&full)
-            .map(Sig)
-            .map_err(|_| format!("unknown signal {s:?}: expected a name like \"SIGTERM\" or \"INT\""))
+        let full = if upper.starts_with("SIG") {
+            upper
+        } else {
+            format!("SIG{upper}")
+        };
+        Signal::from_str(&full).map(Sig).map_err(|_| {
+            format!("unknown signal {s:?}: expected a name like \"SIGTERM\" or \"INT\"")
+        })
     }
 }
 from_str_setting!(Sig, "a signal name like \"SIGTERM\"");
@@ -539,7 +585,9 @@ impl FromStr for Address {
         if let Some(n) = s.strip_prefix("fd://") {
             return match n.parse::<RawFd>() {
                 Ok(fd) if fd >= 3 => Ok(Address::Fd(fd)),
-                _ => Err(format!("invalid {s:?}: expected fd://N with N a descriptor number >= 3")),
+                _ => Err(format!(
+                    "invalid {s:?}: expected fd://N with N a descriptor number >= 3"
+                )),
             };
         }
         if let Ok(addr) = s.parse::<SocketAddr>() {
@@ -561,7 +609,10 @@ impl FromStr for Address {
 
 impl Bind {
     pub fn parse(s: &str) -> Result<Bind, String> {
-        Ok(Bind { address: s.parse()?, name: None })
+        Ok(Bind {
+            address: s.parse()?,
+            name: None,
+        })
     }
 }
 
@@ -637,7 +688,12 @@ mod tests {
         assert!(e.contains("unknown variant `soon`"), "{e}");
         let e = err("max_memory = \"12 apples\"");
         assert!(e.contains("invalid size"), "{e}");
-        assert_eq!(Layer::parse("c", "unix_socket_mode = 0o640").unwrap().unix_socket_mode, Some(Mode(0o640)));
+        assert_eq!(
+            Layer::parse("c", "unix_socket_mode = 0o640")
+                .unwrap()
+                .unix_socket_mode,
+            Some(Mode(0o640))
+        );
         let e = err("unix_socket_mode = 660");
         assert!(e.contains("expected octal permission bits"), "{e}");
         let e = err("boot_timeout = \"400000000000 years\"");
@@ -663,12 +719,18 @@ mod tests {
         assert_eq!("512MiB".parse::<Size>().unwrap(), Size(512 << 20));
         assert_eq!("300MB".parse::<Size>().unwrap(), Size(300_000_000));
         assert_eq!("4096".parse::<Size>().unwrap(), Size(4096));
-        assert!(err("bind = [{ address = \"127.0.0.1:9\", name = \"a:b\" }]").contains("without ':'"));
+        assert!(
+            err("bind = [{ address = \"127.0.0.1:9\", name = \"a:b\" }]").contains("without ':'")
+        );
     }
 
     #[test]
     fn overrides_win_and_bare_words_are_strings() {
-        let file = Layer::parse("c", "workers = 2\ngraceful_timeout = \"9s\"\ncommand = [\"x\"]").unwrap();
+        let file = Layer::parse(
+            "c",
+            "workers = 2\ngraceful_timeout = \"9s\"\ncommand = [\"x\"]",
+        )
+        .unwrap();
         let cli = Layer::parse_override("graceful_timeout=5s")
             .unwrap()
             .overlay(Layer::parse_override("bind=[\"127.0.0.1:1\"]").unwrap());
@@ -676,10 +738,14 @@ mod tests {
         assert_eq!(s.workers, WorkerCount(2));
         assert_eq!(s.graceful_timeout, Dur(Duration::from_secs(5)));
         assert_eq!(s.bind.len(), 1);
-        let e = Layer::parse_override("workers=zero").unwrap_err().to_string();
+        let e = Layer::parse_override("workers=zero")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("--set workers=zero:1:"), "{e}");
         assert!(e.contains("expected a number of workers"), "{e}");
-        let e = Layer::parse_override("ready=Notify").unwrap_err().to_string();
+        let e = Layer::parse_override("ready=Notify")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown variant `Notify`"), "{e}");
         let e = Layer::parse_override("workers=0").unwrap_err().to_string();
         assert!(e.contains("0 is out of range"), "{e}");
@@ -689,7 +755,10 @@ mod tests {
     fn every_key_is_documented() {
         let doc = include_str!("../docs/configuration.md");
         for key in KEYS {
-            assert!(doc.contains(&format!("`{key}`")), "docs/configuration.md does not describe `{key}`");
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "docs/configuration.md does not describe `{key}`"
+            );
         }
     }
 

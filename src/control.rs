@@ -45,11 +45,19 @@ pub struct Answer {
 }
 
 pub fn success(message: &str) -> Answer {
-    Answer { ok: true, message: message.to_string(), status: None }
+    Answer {
+        ok: true,
+        message: message.to_string(),
+        status: None,
+    }
 }
 
 pub fn failure(message: &str) -> Answer {
-    Answer { ok: false, message: message.to_string(), status: None }
+    Answer {
+        ok: false,
+        message: message.to_string(),
+        status: None,
+    }
 }
 
 /// Identifies a connected client until it is answered.
@@ -83,7 +91,12 @@ impl ControlSocket {
         let listener = bound?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        Ok(ControlSocket { listener: Some(listener), path: path.to_path_buf(), clients: HashMap::new(), next_id: 0 })
+        Ok(ControlSocket {
+            listener: Some(listener),
+            path: path.to_path_buf(),
+            clients: HashMap::new(),
+            next_id: 0,
+        })
     }
 
     /// Stops listening and frees the path (for a new master), keeping the
@@ -101,7 +114,11 @@ impl ControlSocket {
 
     /// What to wait on: the listener and the clients still sending.
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
-        let clients = self.clients.values().filter(|c| !c.asked).map(|c| c.stream.as_fd());
+        let clients = self
+            .clients
+            .values()
+            .filter(|c| !c.asked)
+            .map(|c| c.stream.as_fd());
         self.listener
             .iter()
             .map(|l| l.as_fd())
@@ -115,7 +132,14 @@ impl ControlSocket {
     pub fn read_requests(&mut self) -> Vec<(ClientId, Command)> {
         while let Some(Ok((stream, _))) = self.listener.as_ref().map(|l| l.accept()) {
             if stream.set_nonblocking(true).is_ok() {
-                self.clients.insert(self.next_id, Client { stream, buf: Vec::new(), asked: false });
+                self.clients.insert(
+                    self.next_id,
+                    Client {
+                        stream,
+                        buf: Vec::new(),
+                        asked: false,
+                    },
+                );
                 self.next_id += 1;
             }
         }
@@ -163,7 +187,9 @@ impl ControlSocket {
 
     /// Sends the answer and closes the connection.
     pub fn reply(&mut self, id: ClientId, answer: &Answer) {
-        let Some(c) = self.clients.remove(&id) else { return };
+        let Some(c) = self.clients.remove(&id) else {
+            return;
+        };
         let mut line = serde_json::to_vec(answer).unwrap_or_default();
         line.push(b'\n');
         // Answers are small; a client that does not read them loses them
@@ -212,7 +238,8 @@ fn ask(path: &Path, command: &Command, wait: Duration) -> io::Result<Answer> {
     stream.write_all(&line)?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
-    serde_json::from_str(answer.trim()).map_err(|e| io::Error::other(format!("unreadable answer {answer:?}: {e}")))
+    serde_json::from_str(answer.trim())
+        .map_err(|e| io::Error::other(format!("unreadable answer {answer:?}: {e}")))
 }
 
 /// The answer for a person: the message, and for `status` a table.
@@ -227,7 +254,11 @@ fn readable(a: &Answer) -> String {
         m["generation"],
         m["workers"],
         if m["paused"] == true { ", paused" } else { "" },
-        if m["reloading"] == true { ", reloading" } else { "" },
+        if m["reloading"] == true {
+            ", reloading"
+        } else {
+            ""
+        },
     ));
     out.push_str(&format!(
         "\n{:>4} {:>8} {:>4} {:>9} {:>9} {:>8} {:>9}  status",

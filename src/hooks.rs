@@ -36,7 +36,10 @@ pub fn run_on_exit(
         .stdin(Stdio::null())
         .process_group(0)
         .env("DROVER_EXIT_STATUS", outcome.status.to_string())
-        .env("DROVER_SHUTDOWN", if outcome.quick { "quick" } else { "graceful" })
+        .env(
+            "DROVER_SHUTDOWN",
+            if outcome.quick { "quick" } else { "graceful" },
+        )
         .env("DROVER_KILLED", outcome.killed.to_string())
         .env("DROVER_CAUSE", outcome.cause)
         .spawn()
@@ -50,15 +53,24 @@ pub fn run_on_exit(
         if left.is_zero() {
             let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
             child.wait()?;
-            return Ok(format!("killed at its hook_timeout ({})", humantime::format_duration(timeout)));
+            return Ok(format!(
+                "killed at its hook_timeout ({})",
+                humantime::format_duration(timeout)
+            ));
         }
         // Wake on SIGCHLD (through the signal pipe) or at the deadline.
         let ms = left.as_millis().min(i32::MAX as u128) as i32 + 1;
         let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX));
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        );
         for event in signals.drain() {
             if event != Event::Child {
-                info!("{}: ignored while the on_exit hook runs", event.signal_name());
+                info!(
+                    "{}: ignored while the on_exit hook runs",
+                    event.signal_name()
+                );
             }
         }
     }

@@ -59,9 +59,15 @@ impl Listener {
             // retransmits its SYN and then gets "connection refused" once the
             // socket is closed. Only for sockets bound here: a socket that
             // systemd (or a newer drover) keeps must go on accepting.
-            let drop_all = [socket2::SockFilter::new(0x06 /* BPF_RET|BPF_K */, 0, 0, 0)];
+            let drop_all = [socket2::SockFilter::new(
+                0x06, /* BPF_RET|BPF_K */
+                0, 0, 0,
+            )];
             if let Err(e) = socket2::SockRef::from(&self.fd).attach_filter(&drop_all) {
-                tracing::warn!("{}: cannot refuse new connections before closing: {e}", self.shown);
+                tracing::warn!(
+                    "{}: cannot refuse new connections before closing: {e}",
+                    self.shown
+                );
             }
         }
         // Dropping closes our copy and removes the socket file.
@@ -121,7 +127,10 @@ pub fn open_all(
     }
     for (i, bind) in settings.bind.iter().enumerate() {
         let name = bind.name.clone().unwrap_or_else(|| format!("bind{i}"));
-        if let Some((l, _)) = current.iter().find(|(l, _)| l.address.as_ref() == Some(&bind.address)) {
+        if let Some((l, _)) = current
+            .iter()
+            .find(|(l, _)| l.address.as_ref() == Some(&bind.address))
+        {
             out.push((l.clone(), name));
             continue;
         }
@@ -164,7 +173,10 @@ pub fn close_unused(set: Set, handover: bool) -> usize {
 
 fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
     let shown = bind.address.to_string();
-    let fail = |source| ListenError::Bind { addr: shown.clone(), source };
+    let fail = |source| ListenError::Bind {
+        addr: shown.clone(),
+        source,
+    };
     match &bind.address {
         Address::Tcp(addr) => {
             let sock = tcp(*addr, s.ipv6_only, s.backlog.0 as i32).map_err(fail)?;
@@ -178,9 +190,13 @@ fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
             })
         }
         Address::Unix(path) => {
-            remove_stale(path).map_err(|why| ListenError::Refused { addr: shown.clone(), why })?;
+            remove_stale(path).map_err(|why| ListenError::Refused {
+                addr: shown.clone(),
+                why,
+            })?;
             let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(fail)?;
-            sock.bind(&SockAddr::unix(path).map_err(fail)?).map_err(fail)?;
+            sock.bind(&SockAddr::unix(path).map_err(fail)?)
+                .map_err(fail)?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.unix_socket_mode.0))
                 .map_err(fail)?;
             sock.listen(s.backlog.0 as i32).map_err(fail)?;
@@ -198,21 +214,34 @@ fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
             // (or is one of drover's own descriptors), it must not be closed.
             // SAFETY: fcntl(F_GETFD) only inspects the number.
             if unsafe { libc::fcntl(*n, libc::F_GETFD) } == -1 {
-                return Err(ListenError::Refused { addr: shown, why: "the descriptor is not open".into() });
+                return Err(ListenError::Refused {
+                    addr: shown,
+                    why: "the descriptor is not open".into(),
+                });
             }
             // SAFETY: open, as just checked; borrowed for the checks below.
             let borrowed = unsafe { BorrowedFd::borrow_raw(*n) };
             if !matches!(getsockopt(&borrowed, sockopt::AcceptConn), Ok(true)) {
-                return Err(ListenError::Refused { addr: shown, why: "not a listening socket".into() });
+                return Err(ListenError::Refused {
+                    addr: shown,
+                    why: "not a listening socket".into(),
+                });
             }
             // SAFETY: a listening socket handed to drover by its parent.
-            adopt(unsafe { OwnedFd::from_raw_fd(*n) }, Some(bind.address.clone()))
+            adopt(
+                unsafe { OwnedFd::from_raw_fd(*n) },
+                Some(bind.address.clone()),
+            )
         }
     }
 }
 
 fn tcp(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<Socket> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     // Lets a restarted drover bind while old connections sit in TIME_WAIT.
     sock.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -241,7 +270,10 @@ pub(crate) fn remove_stale(path: &Path) -> Result<(), String> {
 fn adopt(fd: OwnedFd, address: Option<Address>) -> Result<Listener, ListenError> {
     let raw = fd.as_raw_fd();
     let shown = local_name(raw).unwrap_or_else(|| format!("fd://{raw}"));
-    let refused = |why: String| ListenError::Refused { addr: format!("fd://{raw}"), why };
+    let refused = |why: String| ListenError::Refused {
+        addr: format!("fd://{raw}"),
+        why,
+    };
     match getsockopt(&fd, sockopt::AcceptConn) {
         Ok(true) => {}
         Ok(false) => return Err(refused("the socket is not listening".into())),
@@ -249,7 +281,13 @@ fn adopt(fd: OwnedFd, address: Option<Address>) -> Result<Listener, ListenError>
     }
     fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| refused(format!("cannot set close-on-exec: {e}")))?;
-    Ok(Listener { fd, address, shown, unix_file: None, bound_here: false })
+    Ok(Listener {
+        fd,
+        address,
+        shown,
+        unix_file: None,
+        bound_here: false,
+    })
 }
 
 fn local_name(fd: RawFd) -> Option<String> {
@@ -263,7 +301,9 @@ fn local_name(fd: RawFd) -> Option<String> {
 }
 
 fn any_port_matches(fd: RawFd, address: &Address) -> bool {
-    let Address::Tcp(want) = address else { return false };
+    let Address::Tcp(want) = address else {
+        return false;
+    };
     let local = local_name(fd).and_then(|n| n.parse::<SocketAddr>().ok());
     want.port() == 0 && local.is_some_and(|l| l.ip() == want.ip())
 }
@@ -285,7 +325,9 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
     for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
-    let Some(fds) = fds else { return Ok(Vec::new()) };
+    let Some(fds) = fds else {
+        return Ok(Vec::new());
+    };
     if pid.as_deref() != Some(&std::process::id().to_string()) {
         // Meant for another process (we were exec'd by a program that did not
         // clean up): not ours to use.
@@ -294,7 +336,11 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
     let n: RawFd = fds
         .parse()
         .map_err(|_| ListenError::Inherited(format!("{fds:?} is not a number")))?;
-    let mut names = names.as_deref().unwrap_or("").split(':').map(|n| (!n.is_empty()).then(|| n.to_string()));
+    let mut names = names
+        .as_deref()
+        .unwrap_or("")
+        .split(':')
+        .map(|n| (!n.is_empty()).then(|| n.to_string()));
     (3..3 + n)
         .map(|fd| {
             let name = names.next().flatten();
@@ -303,10 +349,15 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
             // SAFETY: F_GETFD/F_SETFD on a raw number only inspect/flag it.
             if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
                 let e = std::io::Error::last_os_error();
-                return Err(ListenError::Inherited(format!("fd {fd} of the {n} announced is unusable: {e}")));
+                return Err(ListenError::Inherited(format!(
+                    "fd {fd} of the {n} announced is unusable: {e}"
+                )));
             }
             // SAFETY: systemd's convention hands these open descriptors to us.
-            Ok(Inherited { fd: unsafe { OwnedFd::from_raw_fd(fd) }, name })
+            Ok(Inherited {
+                fd: unsafe { OwnedFd::from_raw_fd(fd) },
+                name,
+            })
         })
         .collect()
 }

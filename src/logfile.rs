@@ -19,7 +19,10 @@ fn open(path: &Path) -> io::Result<File> {
 
 impl LogFile {
     pub fn open(path: &Path) -> io::Result<LogFile> {
-        Ok(LogFile { path: path.to_path_buf(), file: Arc::new(Mutex::new(open(path)?)) })
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file: Arc::new(Mutex::new(open(path)?)),
+        })
     }
 
     /// Opens the path again: after a rotation, a new file at the same name.

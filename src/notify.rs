@@ -9,7 +9,9 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixCredentials};
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixCredentials,
+};
 use nix::unistd::Pid;
 
 /// One line of a notify datagram that the master acts on.
@@ -61,7 +63,9 @@ impl NotifySocket {
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
             .unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new().prefix("drover-").tempdir_in(base)?;
+        let dir = tempfile::Builder::new()
+            .prefix("drover-")
+            .tempdir_in(base)?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
         let path = dir.path().join("notify");
         let sock = UnixDatagram::bind(&path)?;
@@ -71,7 +75,11 @@ impl NotifySocket {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
             std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
         }
-        Ok(NotifySocket { sock, path, _dir: dir })
+        Ok(NotifySocket {
+            sock,
+            path,
+            _dir: dir,
+        })
     }
 
     /// The value of `NOTIFY_SOCKET` for workers.
@@ -88,25 +96,28 @@ impl NotifySocket {
             let mut iov = [IoSliceMut::new(&mut buf)];
             let mut cmsg = nix::cmsg_space!(UnixCredentials);
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-            let (bytes, pid) = match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
-                Ok(msg) => {
-                    let mut pid = None;
-                    for c in msg.cmsgs().into_iter().flatten() {
-                        match c {
-                            ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
-                            // Descriptors (FDSTORE=1) are not kept: close them.
-                            ControlMessageOwned::ScmRights(fds) => fds.into_iter().for_each(|fd| {
-                                // SAFETY: the kernel just gave us these descriptors.
-                                drop(unsafe { OwnedFd::from_raw_fd(fd) })
-                            }),
-                            _ => {}
+            let (bytes, pid) =
+                match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
+                    Ok(msg) => {
+                        let mut pid = None;
+                        for c in msg.cmsgs().into_iter().flatten() {
+                            match c {
+                                ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
+                                // Descriptors (FDSTORE=1) are not kept: close them.
+                                ControlMessageOwned::ScmRights(fds) => {
+                                    fds.into_iter().for_each(|fd| {
+                                        // SAFETY: the kernel just gave us these descriptors.
+                                        drop(unsafe { OwnedFd::from_raw_fd(fd) })
+                                    })
+                                }
+                                _ => {}
+                            }
                         }
+                        (msg.bytes, pid)
                     }
-                    (msg.bytes, pid)
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return None,
-            };
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return None,
+                };
             let Some(pid) = pid else { continue };
             return Some((Pid::from_raw(pid), parse(&buf[..bytes])));
         }
@@ -145,7 +156,8 @@ mod tests {
 
     #[test]
     fn parses_the_messages_the_master_acts_on() {
-        let m = parse(b"READY=1\nSTATUS=serving 3 clients\nEXTEND_TIMEOUT_USEC=2500000\nMAINPID=7\n");
+        let m =
+            parse(b"READY=1\nSTATUS=serving 3 clients\nEXTEND_TIMEOUT_USEC=2500000\nMAINPID=7\n");
         assert_eq!(
             m,
             vec![

@@ -36,13 +36,19 @@ fn try_lock(file: &File) -> io::Result<bool> {
 impl Pidfile {
     pub fn create(path: &Path) -> Result<Pidfile, PidfileError> {
         let shown = path.display().to_string();
-        let io = |source| PidfileError::Io { path: shown.clone(), source };
+        let io = |source| PidfileError::Io {
+            path: shown.clone(),
+            source,
+        };
         // The lock, not the pid in the file, says whether a drover is alive.
         if let Ok(mut old) = File::open(path) {
             if !try_lock(&old).map_err(io)? {
                 let mut pid = String::new();
                 let _ = old.read_to_string(&mut pid);
-                return Err(PidfileError::Running { path: shown, pid: pid.trim().to_string() });
+                return Err(PidfileError::Running {
+                    path: shown,
+                    pid: pid.trim().to_string(),
+                });
             }
         }
         // Write a locked temporary file, then rename it into place: readers
@@ -67,7 +73,10 @@ impl Pidfile {
             let _ = std::fs::remove_file(&tmp);
             return Err(io(e));
         }
-        Ok(Pidfile { path: path.to_path_buf(), file })
+        Ok(Pidfile {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 }
 

@@ -25,10 +25,20 @@ impl Systemd {
         let socket = std::env::var_os("NOTIFY_SOCKET");
         let after_ready = std::env::var_os("DROVER_SERVICE_NOTIFY_SOCKET");
         let watchdog = drover_worker::watchdog_interval();
-        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "DROVER_SERVICE_NOTIFY_SOCKET", "DROVER_UPGRADE_FROM"] {
+        for var in [
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "DROVER_SERVICE_NOTIFY_SOCKET",
+            "DROVER_UPGRADE_FROM",
+        ] {
             std::env::remove_var(var);
         }
-        Systemd { socket, after_ready, watchdog }
+        Systemd {
+            socket,
+            after_ready,
+            watchdog,
+        }
     }
 
     /// The service manager's socket, for a new master to report to later.
@@ -44,18 +54,26 @@ impl Systemd {
     }
 
     pub fn ready(&mut self, summary: &str) {
-        self.send(&format!("READY=1\nSTATUS={summary}\nMAINPID={}", std::process::id()));
+        self.send(&format!(
+            "READY=1\nSTATUS={summary}\nMAINPID={}",
+            std::process::id()
+        ));
         if let Some(service) = self.after_ready.take() {
             self.socket = Some(service);
         }
     }
 
     pub fn reloading(&self) {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: clock_gettime writes into the struct we own.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
-        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading"));
+        self.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading"
+        ));
     }
 
     pub fn status(&self, summary: &str) {

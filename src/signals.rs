@@ -49,7 +49,10 @@ const TABLE: &[(Raw, Event)] = &[
 
 impl Event {
     fn from_raw(n: u8) -> Option<Event> {
-        TABLE.iter().find(|(s, _)| *s as i32 == n as i32).map(|(_, e)| *e)
+        TABLE
+            .iter()
+            .find(|(s, _)| *s as i32 == n as i32)
+            .map(|(_, e)| *e)
     }
 
     /// The signal's name, for logs.

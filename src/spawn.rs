@@ -41,9 +41,14 @@ pub struct Identity {
 
 impl Identity {
     /// Looks up `user` and `group` (names or numbers). `None` when neither is set.
-    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Identity>, SpawnError> {
+    pub fn resolve(
+        user: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Option<Identity>, SpawnError> {
         use nix::unistd::{Gid, Group, Uid, User};
-        let unknown = |what: &str, name: &str, e: String| SpawnError::Identity(format!("{what} {name:?}: {e}"));
+        let unknown = |what: &str, name: &str, e: String| {
+            SpawnError::Identity(format!("{what} {name:?}: {e}"))
+        };
         let user = match user {
             None => None,
             Some(name) => {
@@ -51,7 +56,11 @@ impl Identity {
                     Ok(n) => User::from_uid(Uid::from_raw(n)),
                     Err(_) => User::from_name(name),
                 };
-                Some(found.map_err(|e| unknown("user", name, e.to_string()))?.ok_or_else(|| unknown("user", name, "no such user".into()))?)
+                Some(
+                    found
+                        .map_err(|e| unknown("user", name, e.to_string()))?
+                        .ok_or_else(|| unknown("user", name, "no such user".into()))?,
+                )
             }
         };
         let group = match group {
@@ -61,7 +70,11 @@ impl Identity {
                     Ok(n) => Group::from_gid(Gid::from_raw(n)),
                     Err(_) => Group::from_name(name),
                 };
-                Some(found.map_err(|e| unknown("group", name, e.to_string()))?.ok_or_else(|| unknown("group", name, "no such group".into()))?)
+                Some(
+                    found
+                        .map_err(|e| unknown("group", name, e.to_string()))?
+                        .ok_or_else(|| unknown("group", name, "no such group".into()))?,
+                )
             }
         };
         let gid = match (&group, &user) {
@@ -72,7 +85,8 @@ impl Identity {
         // Supplementary groups: the user's, as login(1) would set them.
         let groups = match &user {
             Some(u) => {
-                let name = CString::new(u.name.as_bytes()).map_err(|_| unknown("user", &u.name, "NUL in name".into()))?;
+                let name = CString::new(u.name.as_bytes())
+                    .map_err(|_| unknown("user", &u.name, "NUL in name".into()))?;
                 nix::unistd::getgrouplist(&name, gid)
                     .map_err(|e| unknown("user", &u.name, format!("cannot list its groups: {e}")))?
                     .into_iter()
@@ -81,7 +95,11 @@ impl Identity {
             }
             None => vec![gid.as_raw()],
         };
-        Ok(Some(Identity { uid: user.map(|u| u.uid.as_raw()), gid: gid.as_raw(), groups }))
+        Ok(Some(Identity {
+            uid: user.map(|u| u.uid.as_raw()),
+            gid: gid.as_raw(),
+            groups,
+        }))
     }
 }
 
@@ -97,7 +115,10 @@ impl Program {
         };
         Ok(Program {
             path: cstring(path.as_os_str().as_bytes())?,
-            argv: argv.iter().map(|a| cstring(a.as_bytes())).collect::<Result<_, _>>()?,
+            argv: argv
+                .iter()
+                .map(|a| cstring(a.as_bytes()))
+                .collect::<Result<_, _>>()?,
             identity: None,
             chdir: None,
             umask: None,
@@ -105,9 +126,16 @@ impl Program {
     }
 
     /// Runs the program as `identity`, in `chdir`, with `umask`.
-    pub fn with(mut self, identity: Option<Identity>, chdir: Option<&Path>, umask: Option<u32>) -> Result<Program, SpawnError> {
+    pub fn with(
+        mut self,
+        identity: Option<Identity>,
+        chdir: Option<&Path>,
+        umask: Option<u32>,
+    ) -> Result<Program, SpawnError> {
         self.identity = identity;
-        self.chdir = chdir.map(|p| cstring(p.as_os_str().as_bytes())).transpose()?;
+        self.chdir = chdir
+            .map(|p| cstring(p.as_os_str().as_bytes()))
+            .transpose()?;
         self.umask = umask.map(|m| m as libc::mode_t);
         Ok(self)
     }
@@ -121,7 +149,13 @@ fn search_path(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
     let default = OsString::from("/usr/local/bin:/usr/bin:/bin");
     let dirs = path_var.unwrap_or(&default);
     std::env::split_paths(dirs)
-        .map(|d| if d.as_os_str().is_empty() { PathBuf::from(".") } else { d })
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d
+            }
+        })
         .map(|d| d.join(name))
         .find(|p| p.is_file() && access(p.as_path(), AccessFlags::X_OK).is_ok())
 }
@@ -189,9 +223,10 @@ impl Env {
     }
 
     fn replace(&mut self, key: &[u8], entry: Vec<u8>) -> usize {
-        let pos = self.entries.iter().position(|e| {
-            e.len() > key.len() && e.starts_with(key) && e[key.len()] == b'='
-        });
+        let pos = self
+            .entries
+            .iter()
+            .position(|e| e.len() > key.len() && e.starts_with(key) && e[key.len()] == b'=');
         match pos {
             Some(i) => {
                 self.entries[i] = entry;
@@ -303,7 +338,10 @@ pub fn spawn(
         report: err_write.as_raw_fd(),
         master: nix::unistd::getpid().as_raw(),
         fd_limit: fd_limit(),
-        chdir: program.chdir.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        chdir: program
+            .chdir
+            .as_ref()
+            .map_or(std::ptr::null(), |c| c.as_ptr()),
         umask: program.umask,
         identity: program.identity.as_ref(),
         die_with_parent,
@@ -312,8 +350,12 @@ pub fn spawn(
     // Block every signal across the fork so that none runs the master's
     // handlers in the child before it has reset them.
     let mut saved = SigSet::empty();
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut saved))
-        .map_err(SpawnError::Setup)?;
+    nix::sys::signal::sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut saved),
+    )
+    .map_err(SpawnError::Setup)?;
     // SAFETY: the child only runs `run_child`, which is async-signal-safe.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -335,7 +377,11 @@ pub fn spawn(
             // failure is accounted for in one place.
             let _ = nix::sys::wait::waitpid(pid, None);
             let step = STEP_NAMES.get(step as usize).copied().unwrap_or("setup");
-            Err(SpawnError::Child { program: program.shown(), step, errno })
+            Err(SpawnError::Child {
+                program: program.shown(),
+                step,
+                errno,
+            })
         }
     }
 }
@@ -439,10 +485,18 @@ unsafe fn run_child(p: &ChildPlan) -> ! {
     // Every descriptor above the listeners is close-on-exec, whoever opened it
     // (drover's own parent may have leaked some to us).
     const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-    if libc::syscall(libc::SYS_close_range, above as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+    if libc::syscall(
+        libc::SYS_close_range,
+        above as libc::c_uint,
+        libc::c_uint::MAX,
+        CLOSE_RANGE_CLOEXEC,
+    ) != 0
+    {
         // Kernels before 5.11: mark them one by one.
         for fd in above..p.fd_limit {
-            if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0 && Errno::last_raw() != libc::EBADF {
+            if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0
+                && Errno::last_raw() != libc::EBADF
+            {
                 fail(report, Step::CloseOnExec);
             }
         }
@@ -470,7 +524,15 @@ unsafe fn run_child(p: &ChildPlan) -> ! {
     // Never outlive the master. Set after the credentials change, which
     // clears it. If the master died before this took effect, we are already
     // orphaned and the signal will never come: leave now.
-    if p.die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+    if p.die_with_parent
+        && libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+    {
         fail(report, Step::ParentDeathSignal);
     }
     if libc::getppid() != p.master {
@@ -524,14 +586,27 @@ mod tests {
         let mut buf = env.entries[1].clone();
         let start = buf.len() - PID_ROOM;
         unsafe { write_decimal(buf.as_mut_ptr().add(start), PID_ROOM, 4_194_304) };
-        assert_eq!(CString::from_vec_with_nul(buf[..start + 8].to_vec()).unwrap().as_bytes(), b"LISTEN_PID=4194304");
+        assert_eq!(
+            CString::from_vec_with_nul(buf[..start + 8].to_vec())
+                .unwrap()
+                .as_bytes(),
+            b"LISTEN_PID=4194304"
+        );
     }
 
     #[test]
     fn program_is_found_in_path_or_refused() {
-        let p = Program::new(&["sh".into(), "-c".into()], Some(OsStr::new("/nonexistent:/bin:/usr/bin"))).unwrap();
+        let p = Program::new(
+            &["sh".into(), "-c".into()],
+            Some(OsStr::new("/nonexistent:/bin:/usr/bin")),
+        )
+        .unwrap();
         assert!(p.shown().ends_with("/sh"));
-        let e = Program::new(&["no-such-program-xyz".into()], Some(OsStr::new("/bin"))).unwrap_err();
-        assert_eq!(e.to_string(), "\"no-such-program-xyz\": command not found in PATH");
+        let e =
+            Program::new(&["no-such-program-xyz".into()], Some(OsStr::new("/bin"))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "\"no-such-program-xyz\": command not found in PATH"
+        );
     }
 }

@@ -24,11 +24,21 @@ fn hello(extra: &str) -> String {
         "pidfile = \"$DIR/drover.pid\"".into(),
         r#"on_exit = ["sh", "-c", "echo \"$DROVER_EXIT_STATUS $DROVER_SHUTDOWN $DROVER_KILLED $DROVER_CAUSE\" > $DIR/on_exit"]"#.into(),
     ];
-    let set: Vec<&str> = extra.lines().filter_map(|l| l.split('=').next()).map(str::trim).collect();
-    let kept: Vec<&String> = defaults.iter().filter(|d| !set.contains(&d.split('=').next().unwrap().trim())).collect();
+    let set: Vec<&str> = extra
+        .lines()
+        .filter_map(|l| l.split('=').next())
+        .map(str::trim)
+        .collect();
+    let kept: Vec<&String> = defaults
+        .iter()
+        .filter(|d| !set.contains(&d.split('=').next().unwrap().trim()))
+        .collect();
     format!(
         "{}\n{extra}\n\n[env]\nHELLO_CLEANUP_FILE = \"$DIR/cleanup\"\n",
-        kept.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+        kept.iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     )
 }
 
@@ -41,14 +51,25 @@ fn cleanup_lines(d: &Drover) -> usize {
 fn graceful_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) {
     let (d, _) = stop_with_request_in_flight(start, |d| {
         let pidfile = d.dir.path().join("drover.pid");
-        assert_eq!(read_file(&pidfile).trim(), d.pid().to_string(), "pidfile names the master");
+        assert_eq!(
+            read_file(&pidfile).trim(),
+            d.pid().to_string(),
+            "pidfile names the master"
+        );
         stop(d)
     });
     assert_eq!(cleanup_lines(&d), 2, "each worker ran its cleanup registry");
     assert!(!d.dir.path().join("drover.pid").exists(), "pidfile removed");
     let hook = read_file(&d.dir.path().join("on_exit"));
-    assert!(hook.starts_with("0 graceful 0 SIG"), "on_exit saw the outcome: {hook:?}");
-    assert!(d.log().contains("stage 2, drain: SIGTERM to 2 worker(s)"), "{}", d.log());
+    assert!(
+        hook.starts_with("0 graceful 0 SIG"),
+        "on_exit saw the outcome: {hook:?}"
+    );
+    assert!(
+        d.log().contains("stage 2, drain: SIGTERM to 2 worker(s)"),
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
@@ -58,7 +79,10 @@ fn sigterm_drains_an_in_flight_request_runs_cleanup_and_exits_0() {
 
 #[test]
 fn ctrl_c_to_the_process_group_reaches_only_the_master() {
-    let start = Start { own_group: true, ..Start::config(&hello("")) };
+    let start = Start {
+        own_group: true,
+        ..Start::config(&hello(""))
+    };
     // As a terminal does on Ctrl+C: SIGINT to the whole foreground group.
     graceful_with_request_in_flight(start, |d| killpg(d.pid(), Signal::SIGINT).unwrap());
 }
@@ -89,8 +113,14 @@ fn a_second_sigterm_escalates_to_quick() {
     d.signal(Signal::SIGTERM);
     d.wait_log("shutdown escalated to quick");
     let status = d.wait_exit(LIMIT);
-    assert!(began.elapsed() < Duration::from_secs(10), "did not wait for the graceful timeout");
-    assert!(status.code() == Some(0) || status.code() == Some(4), "{status:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "did not wait for the graceful timeout"
+    );
+    assert!(
+        status.code() == Some(0) || status.code() == Some(4),
+        "{status:?}"
+    );
     for w in workers {
         assert!(!alive(w));
     }
@@ -113,13 +143,22 @@ graceful_timeout = "1s"
     let worker = d.wait_workers(1)[0];
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit(LIMIT);
-    assert_eq!(status.code(), Some(4), "4 means some workers had to be killed");
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "4 means some workers had to be killed"
+    );
     let log = d.log();
     assert!(
-        log.contains(&format!("worker 1 (pid {worker}) still running at its stop deadline; sending SIGKILL")),
+        log.contains(&format!(
+            "worker 1 (pid {worker}) still running at its stop deadline; sending SIGKILL"
+        )),
         "{log}"
     );
-    assert!(log.contains("killed by SIGKILL (grace period expired)"), "{log}");
+    assert!(
+        log.contains("killed by SIGKILL (grace period expired)"),
+        "{log}"
+    );
     assert!(!alive(worker));
 }
 
@@ -133,10 +172,15 @@ fn a_killed_worker_is_replaced_and_the_log_says_why() {
     let first = get_ok(addr, "/").worker_pid();
     kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).unwrap();
     let second = wait_for("a replacement to answer", LIMIT, || {
-        get(addr, "/").ok().map(|r| r.worker_pid()).filter(|p| *p != first)
+        get(addr, "/")
+            .ok()
+            .map(|r| r.worker_pid())
+            .filter(|p| *p != first)
     });
     assert_ne!(first, second);
-    d.wait_log(&format!("worker 1 (pid {first}) killed by SIGKILL (not sent by drover"));
+    d.wait_log(&format!(
+        "worker 1 (pid {first}) killed by SIGKILL (not sent by drover"
+    ));
 }
 
 #[test]
@@ -157,11 +201,21 @@ fn a_crashing_worker_is_slowed_by_the_backoff() {
     let began = Instant::now();
     d.wait_log("failure 5 in a row");
     // 100 + 200 + 400 + 400 ms of backoff must have passed by the 5th failure.
-    assert!(began.elapsed() >= Duration::from_millis(1100), "{:?}", began.elapsed());
+    assert!(
+        began.elapsed() >= Duration::from_millis(1100),
+        "{:?}",
+        began.elapsed()
+    );
     let log = d.log();
     assert!(log.contains("exited with status 1 after"), "{log}");
-    assert!(log.contains("respawning in 200.0 ms (failure 2 in a row)"), "{log}");
-    assert!(log.contains("respawning in 400.0 ms (failure 4 in a row)"), "{log}");
+    assert!(
+        log.contains("respawning in 200.0 ms (failure 2 in a row)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("respawning in 400.0 ms (failure 4 in a row)"),
+        "{log}"
+    );
     assert!(log.matches("spawned").count() <= 6, "no fork loop: {log}");
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
@@ -176,7 +230,10 @@ fn exit_3_at_boot_stops_drover_with_status_3() {
     let mut d = Start::config(&config).run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
     let log = d.log();
-    assert!(log.contains("cannot boot: exited with status 3 before it reported ready"), "{log}");
+    assert!(
+        log.contains("cannot boot: exited with status 3 before it reported ready"),
+        "{log}"
+    );
     assert!(log.contains("exiting with status 3"), "{log}");
 }
 
@@ -184,7 +241,9 @@ fn exit_3_at_boot_stops_drover_with_status_3() {
 fn a_missing_program_cannot_boot() {
     let mut d = Start::args(&["-b", "127.0.0.1:0", "--", "no-such-program-for-drover"]).run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
-    assert!(d.log().contains("\"no-such-program-for-drover\": command not found in PATH"));
+    assert!(d
+        .log()
+        .contains("\"no-such-program-for-drover\": command not found in PATH"));
 }
 
 #[test]
@@ -206,21 +265,43 @@ fn malformed_configs_name_file_line_column_and_exit_2() {
         let status = d.wait_exit(LIMIT);
         let log = d.log();
         assert_eq!(status.code(), Some(2), "{text:?}: {log}");
-        assert!(log.contains(expected), "{text:?}: expected {expected:?} in {log:?}");
-        assert!(!log.contains("spawned") && !log.contains("listening"), "nothing started: {log}");
+        assert!(
+            log.contains(expected),
+            "{text:?}: expected {expected:?} in {log:?}"
+        );
+        assert!(
+            !log.contains("spawned") && !log.contains("listening"),
+            "nothing started: {log}"
+        );
     }
     let mut d = Start::args(&["-w", "0", "--", "true"]).run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(2));
-    assert!(d.log().contains("--workers 0: 0 is out of range"), "{}", d.log());
+    assert!(
+        d.log().contains("--workers 0: 0 is out of range"),
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
 fn check_validates_without_starting() {
     let good = format!("command = [\"{}\"]\nworkers = 3\n", hello_bin());
-    let mut d = Start { args: vec!["check".into()], ..Start::config(&good) }.run();
+    let mut d = Start {
+        args: vec!["check".into()],
+        ..Start::config(&good)
+    }
+    .run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
-    assert!(d.log().contains("config.toml: ok (3 worker(s)"), "{}", d.log());
-    let mut d = Start { args: vec!["check".into()], ..Start::config("workers = -1") }.run();
+    assert!(
+        d.log().contains("config.toml: ok (3 worker(s)"),
+        "{}",
+        d.log()
+    );
+    let mut d = Start {
+        args: vec!["check".into()],
+        ..Start::config("workers = -1")
+    }
+    .run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(2));
     assert!(d.log().contains("config.toml:1:11:"), "{}", d.log());
 }
@@ -259,7 +340,11 @@ fn a_live_unix_socket_is_not_stolen() {
     let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let mut d = Start::args(&["-b", &format!("unix:{}", path.display()), "--", "true"]).run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(1));
-    assert!(d.log().contains("is in use by a running server"), "{}", d.log());
+    assert!(
+        d.log().contains("is in use by a running server"),
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
@@ -295,26 +380,48 @@ PROBE_EXTRA = "added"
     d.wait_log("all 1 workers ready");
     let body = get_ok(d.tcp_addr(), "/probe").body;
     let pid = field(&body, "pid");
-    assert_eq!(field(&body, "LISTEN_PID"), format!("\"{pid}\""), "LISTEN_PID is the worker's own pid");
+    assert_eq!(
+        field(&body, "LISTEN_PID"),
+        format!("\"{pid}\""),
+        "LISTEN_PID is the worker's own pid"
+    );
     assert_eq!(field(&body, "LISTEN_FDS"), "\"2\"");
     assert_eq!(field(&body, "LISTEN_FDNAMES"), "\"bind0:admin\"");
     assert_eq!(field(&body, "DROVER_WORKER_ID"), "\"1\"");
     assert_eq!(field(&body, "DROVER_GENERATION"), "\"1\"");
     assert_eq!(field(&body, "DROVER_GRACEFUL_TIMEOUT"), "\"30\"");
     assert_eq!(field(&body, "PROBE_EXTRA"), "\"added\"");
-    assert!(!body.contains("PROBE_REMOVED"), "removed from the environment: {body}");
+    assert!(
+        !body.contains("PROBE_REMOVED"),
+        "removed from the environment: {body}"
+    );
     assert!(field(&body, "NOTIFY_SOCKET").contains("/drover-"), "{body}");
     assert_eq!(field(&body, "pgid"), pid, "own process group");
     assert_eq!(field(&body, "stdin"), "\"/dev/null\"");
-    assert_eq!(field(&body, "pdeathsig"), "9", "PR_SET_PDEATHSIG is SIGKILL");
-    assert_eq!(field(&body, "sig_blocked"), "\"0000000000000000\"", "empty signal mask");
+    assert_eq!(
+        field(&body, "pdeathsig"),
+        "9",
+        "PR_SET_PDEATHSIG is SIGKILL"
+    );
+    assert_eq!(
+        field(&body, "sig_blocked"),
+        "\"0000000000000000\"",
+        "empty signal mask"
+    );
     // drover was started with SIGINT ignored; the worker must not inherit that.
     let ignored = u64::from_str_radix(field(&body, "sig_ignored").trim_matches('"'), 16).unwrap();
-    assert_eq!(ignored & (1 << (libc::SIGINT - 1)), 0, "SIGINT back to default");
+    assert_eq!(
+        ignored & (1 << (libc::SIGINT - 1)),
+        0,
+        "SIGINT back to default"
+    );
     // Descriptors: stdio, the two listeners, and nothing of the master's (fd 9
     // was leaked into drover by its parent).
     let fds = field_obj(&body, "fds");
-    let numbers: Vec<&str> = fds.split(',').map(|kv| kv.split(':').next().unwrap().trim().trim_matches('"')).collect();
+    let numbers: Vec<&str> = fds
+        .split(',')
+        .map(|kv| kv.split(':').next().unwrap().trim().trim_matches('"'))
+        .collect();
     assert_eq!(numbers, ["0", "1", "2", "3", "4"], "{fds}");
     // libsystemd's own check accepts the sockets (where libsystemd exists).
     let sd = field(&body, "sd_listen_fds");
@@ -323,7 +430,9 @@ PROBE_EXTRA = "added"
 
 /// A JSON value, as text, for a key that appears once (enough for /probe).
 fn field<'a>(json: &'a str, key: &str) -> &'a str {
-    let at = json.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {json}"));
+    let at = json
+        .find(&format!("\"{key}\": "))
+        .unwrap_or_else(|| panic!("{key} in {json}"));
     let rest = &json[at + key.len() + 4..];
     let end = rest.find([',', '}']).unwrap();
     rest[..end].trim()
@@ -369,9 +478,11 @@ fn killing_the_master_leaves_no_worker_a_second_later() {
     let workers = d.wait_workers(3);
     d.signal(Signal::SIGKILL);
     // Measured from the kill: within a second, no worker is alive.
-    wait_for("workers to die with the master", Duration::from_secs(1), || {
-        workers.iter().all(|w| !alive(*w)).then_some(())
-    });
+    wait_for(
+        "workers to die with the master",
+        Duration::from_secs(1),
+        || workers.iter().all(|w| !alive(*w)).then_some(()),
+    );
     assert_eq!(d.wait_exit(LIMIT).signal(), Some(9));
 }
 
@@ -387,7 +498,9 @@ fn an_orphan_left_by_a_worker_is_reaped() {
     // The grandchild's parent exited: it was re-parented to drover, then exited.
     let log = d.wait_log(": exited with status 0");
     assert!(log.contains("reaped pid"), "{log}");
-    wait_for("no zombie under drover", LIMIT, || d.children().len().eq(&1).then_some(()));
+    wait_for("no zombie under drover", LIMIT, || {
+        d.children().len().eq(&1).then_some(())
+    });
     assert!(zombies_of(d.pid()).is_empty());
 }
 
@@ -400,7 +513,11 @@ fn three_signals_are_three_events() {
     // handler's bytes may then pile up in the pipe, and each is one event.
     let pending = || {
         let s = read_file(std::path::Path::new(&format!("/proc/{}/status", d.pid())));
-        let line = s.lines().find(|l| l.starts_with("ShdPnd:")).unwrap().to_string();
+        let line = s
+            .lines()
+            .find(|l| l.starts_with("ShdPnd:"))
+            .unwrap()
+            .to_string();
         u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
             & (1 << (libc::SIGTTIN - 1))
             != 0
@@ -456,12 +573,19 @@ fn sockets_handed_in_by_a_parent_are_served() {
         ..Start::args(&["--", hello_bin()])
     };
     let d = start.run();
-    assert_eq!(d.tcp_addr(), sd_addr, "the inherited socket replaces the default bind");
+    assert_eq!(
+        d.tcp_addr(),
+        sd_addr,
+        "the inherited socket replaces the default bind"
+    );
     assert_eq!(get_ok(sd_addr, "/").status, 200);
     assert!(!d.log().contains("127.0.0.1:8000"));
     drop(d);
 
-    let start = Start { pass: vec![(fd5.into(), 5)], ..Start::args(&["-b", "fd://5", "--", hello_bin()]) };
+    let start = Start {
+        pass: vec![(fd5.into(), 5)],
+        ..Start::args(&["-b", "fd://5", "--", hello_bin()])
+    };
     let d = start.run();
     assert_eq!(d.tcp_addr(), fd5_addr);
     assert_eq!(get_ok(fd5_addr, "/").status, 200);

@@ -21,7 +21,10 @@ fn rust_worker_graceful_shutdown_under_load_resets_nothing() {
 #[test]
 fn python_worker_graceful_shutdown_under_load_resets_nothing() {
     let wsgi = repo().join("workers/python/drover_wsgi.py");
-    let command = format!("[\"python3\", \"{}\", \"--threads\", \"8\", \"example_app:app\"]", wsgi.display());
+    let command = format!(
+        "[\"python3\", \"{}\", \"--threads\", \"8\", \"example_app:app\"]",
+        wsgi.display()
+    );
     for _ in 0..ROUNDS {
         shutdown_under_load(&command, "/", 300);
     }
@@ -41,9 +44,14 @@ fn shutdown_under_load(command: &str, path: &str, before: u64) {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
     // Every client makes at least one attempt after the exit.
-    wait_for("refusals after exit", LIMIT, || get(addr, "/").is_err().then_some(()));
+    wait_for("refusals after exit", LIMIT, || {
+        get(addr, "/").is_err().then_some(())
+    });
     let o = load.finish();
     eprintln!("outcomes: {o:?}");
-    assert!(o.refused > 0, "connections were refused after the shutdown: {o:?}");
+    assert!(
+        o.refused > 0,
+        "connections were refused after the shutdown: {o:?}"
+    );
     assert_eq!((o.reset, o.truncated, o.other), (0, 0, 0), "{o:?}");
 }

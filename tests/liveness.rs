@@ -14,21 +14,34 @@ fn hello(extra: &str) -> String {
 
 #[test]
 fn a_wedged_worker_is_aborted_at_its_heartbeat_deadline_and_replaced() {
-    let d = Start::config(&hello("workers = 1\ntimeout = \"1s\"\nabort_grace = \"2s\"")).run();
+    let d = Start::config(&hello(
+        "workers = 1\ntimeout = \"1s\"\nabort_grace = \"2s\"",
+    ))
+    .run();
     d.wait_log("all 1 workers ready");
     let addr = d.tcp_addr();
     let first = get_ok(addr, "/").worker_pid();
     // /hang wedges the worker: its heartbeats stop.
     let workers = d.wait_workers(1);
     let _hung = get_in_flight(addr, "/hang", &workers);
-    let log = d.wait_log("missed its heartbeat (no WATCHDOG=1 for 1s): SIGABRT, then SIGKILL in 2s");
-    assert!(log.contains(&format!("worker 1 (pid {first}) missed its heartbeat")), "{log}");
+    let log =
+        d.wait_log("missed its heartbeat (no WATCHDOG=1 for 1s): SIGABRT, then SIGKILL in 2s");
+    assert!(
+        log.contains(&format!("worker 1 (pid {first}) missed its heartbeat")),
+        "{log}"
+    );
     let second = wait_for("a replacement to answer", LIMIT, || {
-        get(addr, "/").ok().map(|r| r.worker_pid()).filter(|p| *p != first)
+        get(addr, "/")
+            .ok()
+            .map(|r| r.worker_pid())
+            .filter(|p| *p != first)
     });
     assert_ne!(first, second);
     let log = d.wait_log("(heartbeat timeout: SIGABRT)");
-    assert!(log.contains(&format!("worker 1 (pid {first}) killed by SIGABRT")), "{log}");
+    assert!(
+        log.contains(&format!("worker 1 (pid {first}) killed by SIGABRT")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -73,9 +86,16 @@ fn recycle_under_load(extra: &str, marker: &str) {
     wait_answered(&load, 200);
     let o = load.finish();
     eprintln!("outcomes: {o:?}");
-    assert_eq!((o.refused, o.reset, o.truncated, o.other), (0, 0, 0, 0), "{o:?}");
+    assert_eq!(
+        (o.refused, o.reset, o.truncated, o.other),
+        (0, 0, 0, 0),
+        "{o:?}"
+    );
     let log = d.log();
-    assert!(!log.contains("respawning"), "recycling is not a crash: {log}");
+    assert!(
+        !log.contains("respawning"),
+        "recycling is not a crash: {log}"
+    );
 }
 
 #[test]
@@ -123,9 +143,16 @@ fn a_second_drover_on_the_same_pidfile_refuses_to_start() {
     first.wait_log("all 1 workers ready");
     let mut second = Start::config(&config).run();
     assert_eq!(second.wait_exit(LIMIT).code(), Some(1));
-    let expected = format!("another drover (pid {}) is running and holds its lock", first.pid());
+    let expected = format!(
+        "another drover (pid {}) is running and holds its lock",
+        first.pid()
+    );
     assert!(second.log().contains(&expected), "{}", second.log());
-    assert_eq!(read_file(&pidfile).trim(), first.pid().to_string(), "the first one's pidfile is untouched");
+    assert_eq!(
+        read_file(&pidfile).trim(),
+        first.pid().to_string(),
+        "the first one's pidfile is untouched"
+    );
 }
 
 #[test]
@@ -162,20 +189,37 @@ fn workers_run_as_an_unprivileged_user() {
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     assert!(body.contains(&format!("\"uid\": {}", nobody.uid)), "{body}");
     assert!(body.contains(&format!("\"gid\": {}", nobody.gid)), "{body}");
-    assert!(body.contains(&format!("\"groups\": \"{}\"", nobody.gid)), "supplementary groups are nobody's: {body}");
+    assert!(
+        body.contains(&format!("\"groups\": \"{}\"", nobody.gid)),
+        "supplementary groups are nobody's: {body}"
+    );
     assert!(body.contains("\"umask\": \"0o27\""), "{body}");
     assert!(body.contains("\"cwd\": \"/\""), "{body}");
     // The notify directory belongs to the workers' user and is closed to others.
-    let socket = body.split("\"NOTIFY_SOCKET\": \"").nth(1).unwrap().split('"').next().unwrap();
+    let socket = body
+        .split("\"NOTIFY_SOCKET\": \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
     let dir = std::path::Path::new(socket).parent().unwrap();
     let meta = std::fs::metadata(dir).unwrap();
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (nobody.uid.as_raw(), 0o700));
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (nobody.uid.as_raw(), 0o700)
+    );
 }
 
 #[test]
 fn as_pid_1_in_a_fresh_namespace_no_orphan_stays_a_zombie() {
-    if !nix::unistd::getuid().is_root() || std::process::Command::new("unshare").arg("--version").output().is_err() {
+    if !nix::unistd::getuid().is_root()
+        || std::process::Command::new("unshare")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
         eprintln!("skipped: needs root and unshare(1)");
         return;
     }
@@ -199,7 +243,9 @@ fn as_pid_1_in_a_fresh_namespace_no_orphan_stays_a_zombie() {
     let mut d = start.run();
     let addr = d.tcp_addr();
     // drover is the child of unshare, and PID 1 of the new namespace.
-    let drover = wait_for("drover under unshare", LIMIT, || children_of(d.pid()).first().copied());
+    let drover = wait_for("drover under unshare", LIMIT, || {
+        children_of(d.pid()).first().copied()
+    });
     let r = get_ok(addr, "/orphans?n=500");
     assert_eq!(r.body, "orphaned 500\n");
     let r = get_ok(addr, "/orphans?n=500");

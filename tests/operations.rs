@@ -38,7 +38,10 @@ fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
         .args(args)
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 fn worker_pids(d: &Drover) -> Vec<Pid> {
@@ -52,15 +55,27 @@ fn a_reload_with_a_broken_config_changes_nothing() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
     let before = worker_pids(&d);
-    rewrite(&d, &format!("{}\nworkers = \"many\"\n", hello("").replace("workers = 2\n", "")));
+    rewrite(
+        &d,
+        &format!(
+            "{}\nworkers = \"many\"\n",
+            hello("").replace("workers = 2\n", "")
+        ),
+    );
     d.signal(Signal::SIGHUP);
     let log = d.wait_log("reload rejected, nothing changed");
-    assert!(log.contains("config.toml:8:11: invalid type: string \"many\""), "{log}");
+    assert!(
+        log.contains("config.toml:8:11: invalid type: string \"many\""),
+        "{log}"
+    );
     assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
     assert_eq!(worker_pids(&d), before, "the same workers serve");
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("failed: rejected:") && out.contains("config.toml:8:11"), "{out}");
+    assert!(
+        out.contains("failed: rejected:") && out.contains("config.toml:8:11"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -70,15 +85,26 @@ fn a_new_generation_that_cannot_boot_is_rolled_back() {
     let before = worker_pids(&d);
     let broken = hello("").replace(
         &format!("command = [\"{}\"]", hello_bin()),
-        &format!("command = [\"python3\", \"{}\", \"--exit\", \"3\"]", probe_py()),
+        &format!(
+            "command = [\"python3\", \"{}\", \"--exit\", \"3\"]",
+            probe_py()
+        ),
     );
     rewrite(&d, &broken);
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("rolled back: worker") && out.contains("exited with status 3 before it was ready"), "{out}");
+    assert!(
+        out.contains("rolled back: worker")
+            && out.contains("exited with status 3 before it was ready"),
+        "{out}"
+    );
     let log = d.wait_log("reload rolled back");
     assert!(log.contains("generation 1 keeps serving"), "{log}");
-    assert_eq!(worker_pids(&d), before, "the old generation still serves, untouched");
+    assert_eq!(
+        worker_pids(&d),
+        before,
+        "the old generation still serves, untouched"
+    );
     assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
     // Fixed again: the next reload applies.
     rewrite(&d, &hello(""));
@@ -95,11 +121,17 @@ fn five_reloads_under_load_fail_no_request() {
 #[test]
 fn five_reloads_of_the_python_worker_under_load_fail_no_request() {
     let wsgi = repo().join("workers/python/drover_wsgi.py");
-    let command = format!("command = [\"python3\", \"{}\", \"--threads\", \"8\", \"example_app:app\"]", wsgi.display());
-    let config = hello(&format!("chdir = \"{}\"", repo().join("workers/python").display()))
-        .replace(&format!("command = [\"{}\"]", hello_bin()), &command)
-        // Python boots slowly on two cores shared with 50 busy clients.
-        .replace("boot_timeout = \"5s\"", "boot_timeout = \"60s\"");
+    let command = format!(
+        "command = [\"python3\", \"{}\", \"--threads\", \"8\", \"example_app:app\"]",
+        wsgi.display()
+    );
+    let config = hello(&format!(
+        "chdir = \"{}\"",
+        repo().join("workers/python").display()
+    ))
+    .replace(&format!("command = [\"{}\"]", hello_bin()), &command)
+    // Python boots slowly on two cores shared with 50 busy clients.
+    .replace("boot_timeout = \"5s\"", "boot_timeout = \"60s\"");
     five_reloads_under_load(&config, "/", 500);
 }
 
@@ -112,12 +144,19 @@ fn five_reloads_under_load(config: &str, path: &str, answered: u64) {
     for i in 0..5 {
         let (code, out) = ctl(&d, &["reload"]);
         assert_eq!(code, 0, "reload {i}: {out}");
-        assert!(out.contains(&format!("applied: generation {}", i + 2)), "{out}");
+        assert!(
+            out.contains(&format!("applied: generation {}", i + 2)),
+            "{out}"
+        );
     }
     wait_answered(&load, answered);
     let o = load.finish();
     eprintln!("outcomes: {o:?}");
-    assert_eq!((o.refused, o.reset, o.truncated, o.other), (0, 0, 0, 0), "{o:?}");
+    assert_eq!(
+        (o.refused, o.reset, o.truncated, o.other),
+        (0, 0, 0, 0),
+        "{o:?}"
+    );
     d.wait_log_count("reload applied", 5);
     let log = d.log();
     assert!(!log.contains("respawning"), "{log}");
@@ -128,13 +167,18 @@ fn a_changed_bind_is_opened_before_and_the_old_one_closed_after() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
     let old = d.tcp_addr();
-    rewrite(&d, &hello("").replace("bind = [\"127.0.0.1:0\"]", "bind = [\"[::1]:0\"]"));
+    rewrite(
+        &d,
+        &hello("").replace("bind = [\"127.0.0.1:0\"]", "bind = [\"[::1]:0\"]"),
+    );
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 0, "{out}");
     let new: std::net::SocketAddr = d.addr(1).parse().unwrap();
     assert!(new.is_ipv6());
     assert_eq!(get_ok(new, "/").status, 200);
-    wait_for("the old address to be closed", LIMIT, || get(old, "/").is_err().then_some(()));
+    wait_for("the old address to be closed", LIMIT, || {
+        get(old, "/").is_err().then_some(())
+    });
 }
 
 #[test]
@@ -144,7 +188,10 @@ fn a_hup_during_a_reload_is_honoured_after_it() {
     // New workers that take half a second to boot: the reload lasts that long.
     let slow = hello("").replace(
         &format!("command = [\"{}\"]", hello_bin()),
-        &format!("command = [\"sh\", \"-c\", \"sleep 0.5; exec {}\"]", hello_bin()),
+        &format!(
+            "command = [\"sh\", \"-c\", \"sleep 0.5; exec {}\"]",
+            hello_bin()
+        ),
     );
     rewrite(&d, &slow);
     d.signal(Signal::SIGHUP);
@@ -155,7 +202,10 @@ fn a_hup_during_a_reload_is_honoured_after_it() {
     let (_, out) = ctl(&d, &["--json", "status"]);
     assert!(out.contains("\"generation\":3"), "{out}");
     let log = d.log();
-    assert!(!log.contains("generation 4"), "the two HUPs made two reloads: {log}");
+    assert!(
+        !log.contains("generation 4"),
+        "the two HUPs made two reloads: {log}"
+    );
 }
 
 #[test]
@@ -181,12 +231,18 @@ fn scale_pause_and_resume() {
 fn usr1_reopens_the_log_file_and_reaches_the_workers() {
     let d = Start::config(&hello("log_file = \"$DIR/drover.log\"")).run();
     let log = d.dir.path().join("drover.log");
-    wait_for("all workers ready in the log file", LIMIT, || read_file(&log).contains("all 2 workers ready").then_some(()));
+    wait_for("all workers ready in the log file", LIMIT, || {
+        read_file(&log)
+            .contains("all 2 workers ready")
+            .then_some(())
+    });
     let before = worker_pids(&d);
     std::fs::rename(&log, d.dir.path().join("drover.log.1")).unwrap();
     d.signal(Signal::SIGUSR1);
     wait_for("the reopened log file", LIMIT, || {
-        read_file(&log).contains("SIGUSR1: log file reopened").then_some(())
+        read_file(&log)
+            .contains("SIGUSR1: log file reopened")
+            .then_some(())
     });
     assert!(read_file(&log).contains("SIGUSR1: forwarded to 2 worker(s)"));
     assert_eq!(worker_pids(&d), before, "workers survived SIGUSR1");
@@ -202,13 +258,19 @@ fn ctl_exit_statuses_follow_the_verdict() {
     assert!(out.contains("slot") && out.contains("ready"), "{out}");
     let (code, out) = ctl(&d, &["--json", "status"]);
     assert_eq!(code, 0);
-    assert!(out.contains("\"rss_bytes\"") && out.contains("\"restarts\":0"), "{out}");
+    assert!(
+        out.contains("\"rss_bytes\"") && out.contains("\"restarts\":0"),
+        "{out}"
+    );
     let unreachable = Command::new(drover_bin())
         .args(["ctl", "--socket", "/nonexistent/ctl.sock", "status"])
         .output()
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(1));
-    let usage = Command::new(drover_bin()).args(["ctl", "status"]).output().unwrap();
+    let usage = Command::new(drover_bin())
+        .args(["ctl", "status"])
+        .output()
+        .unwrap();
     assert_eq!(usage.status.code(), Some(2));
     let (code, _) = ctl(&d, &["stop"]);
     assert_eq!(code, 0);
@@ -219,7 +281,11 @@ fn the_control_socket_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
-    let mode = std::fs::metadata(d.dir.path().join("ctl.sock")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(d.dir.path().join("ctl.sock"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
 }
 
@@ -228,7 +294,10 @@ fn read_until(sock: &UnixDatagram, seen: &mut String, what: &str, pred: impl Fn(
     let deadline = Instant::now() + LIMIT;
     let mut buf = [0u8; 4096];
     while !pred(seen) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; got {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; got {seen:?}"
+        );
         if let Ok(n) = sock.recv(&mut buf) {
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
             seen.push('\n');
@@ -241,7 +310,8 @@ fn systemd_notify_for_the_master() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let start = Start {
         env: vec![
             ("NOTIFY_SOCKET".into(), path.display().to_string()),
@@ -253,14 +323,23 @@ fn systemd_notify_for_the_master() {
     let mut seen = String::new();
     read_until(&sock, &mut seen, "READY=1", |s| s.contains("READY=1"));
     // Sent with the status of that moment: every worker was ready.
-    assert!(seen.contains("READY=1\nSTATUS=2/2 workers ready, generation 1"), "{seen}");
+    assert!(
+        seen.contains("READY=1\nSTATUS=2/2 workers ready, generation 1"),
+        "{seen}"
+    );
     assert!(seen.contains(&format!("MAINPID={}", d.pid())), "{seen}");
-    read_until(&sock, &mut seen, "WATCHDOG=1", |s| s.matches("WATCHDOG=1").count() >= 2);
+    read_until(&sock, &mut seen, "WATCHDOG=1", |s| {
+        s.matches("WATCHDOG=1").count() >= 2
+    });
     d.signal(Signal::SIGHUP);
-    read_until(&sock, &mut seen, "RELOADING=1", |s| s.contains("RELOADING=1"));
+    read_until(&sock, &mut seen, "RELOADING=1", |s| {
+        s.contains("RELOADING=1")
+    });
     assert!(seen.contains("MONOTONIC_USEC="), "{seen}");
     read_until(&sock, &mut seen, "READY=1 after the verdict", |s| {
-        s.split("RELOADING=1").nth(1).is_some_and(|after| after.contains("READY=1") && after.contains("generation 2"))
+        s.split("RELOADING=1")
+            .nth(1)
+            .is_some_and(|after| after.contains("READY=1") && after.contains("generation 2"))
     });
     d.signal(Signal::SIGTERM);
     read_until(&sock, &mut seen, "STOPPING=1", |s| s.contains("STOPPING=1"));
@@ -288,7 +367,9 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     assert!(out.contains("upgraded: new master pid"), "{out}");
     // The old master retires by itself.
     assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
-    let new = wait_for("the pidfile to name the new master", LIMIT, || read_pid(&pidfile).filter(|p| *p != old));
+    let new = wait_for("the pidfile to name the new master", LIMIT, || {
+        read_pid(&pidfile).filter(|p| *p != old)
+    });
     assert!(alive(new));
     wait_answered(&load, 2000);
     let o = load.finish();
@@ -299,8 +380,14 @@ fn a_binary_upgrade_under_load_fails_no_request() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("master pid {new}")), "{out}");
     nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
-    wait_for("the new master to exit", LIMIT, || (!alive(new)).then_some(()));
-    assert_eq!((o.refused, o.reset, o.truncated, o.other), (0, 0, 0, 0), "{o:?}");
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+    assert_eq!(
+        (o.refused, o.reset, o.truncated, o.other),
+        (0, 0, 0, 0),
+        "{o:?}"
+    );
 }
 
 #[test]
@@ -312,9 +399,16 @@ fn a_failed_upgrade_keeps_the_old_master_serving() {
     rewrite(&d, "workers = \"broken\"");
     let (code, out) = ctl(&d, &["upgrade"]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("upgrade failed: the new master") && out.contains("exited with status 2"), "{out}");
+    assert!(
+        out.contains("upgrade failed: the new master") && out.contains("exited with status 2"),
+        "{out}"
+    );
     d.wait_log("this master keeps serving");
-    assert_eq!(read_pid(&d.dir.path().join("drover.pid")), Some(d.pid()), "pidfile taken back");
+    assert_eq!(
+        read_pid(&d.dir.path().join("drover.pid")),
+        Some(d.pid()),
+        "pidfile taken back"
+    );
     assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
     let (code, _) = ctl(&d, &["status"]);
     assert_eq!(code, 0, "control socket taken back");

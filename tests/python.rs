@@ -47,7 +47,10 @@ fn example(extra: &str) -> String {
 }
 
 fn cleanup_lines(d: &Drover) -> Vec<String> {
-    read_file(&d.dir.path().join("cleanup")).lines().map(str::to_string).collect()
+    read_file(&d.dir.path().join("cleanup"))
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -71,7 +74,17 @@ fn run_python_unittests(pattern: &str, only: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("out");
     let out = std::fs::File::create(&out_path).unwrap();
-    let mut args = vec!["-m", "unittest", "discover", "-s", "workers/python/tests", "-t", "workers/python", "-p", pattern];
+    let mut args = vec![
+        "-m",
+        "unittest",
+        "discover",
+        "-s",
+        "workers/python/tests",
+        "-t",
+        "workers/python",
+        "-p",
+        pattern,
+    ];
     if let Some(only) = only {
         args.extend(["-k", only]);
     }
@@ -103,7 +116,10 @@ fn run_python_unittests(pattern: &str, only: Option<&str>) {
     let output = read_file(&out_path);
     match status {
         Some(s) if s.success() => {
-            let ran = output.lines().find(|l| l.starts_with("Ran ")).unwrap_or("?");
+            let ran = output
+                .lines()
+                .find(|l| l.starts_with("Ran "))
+                .unwrap_or("?");
             eprintln!("{pattern}: {ran}");
             assert!(!ran.starts_with("Ran 0 "), "no Python test ran:\n{output}");
         }
@@ -152,7 +168,10 @@ fn every_python_test_module_is_run() {
     found.sort();
     let mut listed: Vec<String> = PY_MODULES.iter().map(|s| s.to_string()).collect();
     listed.sort();
-    assert_eq!(found, listed, "add new Python test modules to PY_MODULES (and a #[test] for them)");
+    assert_eq!(
+        found, listed,
+        "add new Python test modules to PY_MODULES (and a #[test] for them)"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -169,12 +188,19 @@ fn the_example_app_answers_with_its_pid() {
     let pid = r.worker_pid();
     assert_eq!(r.body, format!("hello from pid {pid}\n"));
     assert_eq!(r.header("Content-Type"), Some("text/plain"));
-    assert!(workers.iter().any(|w| w.as_raw() == pid), "{pid} is one of {workers:?}");
+    assert!(
+        workers.iter().any(|w| w.as_raw() == pid),
+        "{pid} is one of {workers:?}"
+    );
     let r = get_ok(addr, "/sleep?ms=10");
     assert_eq!(r.body, "slept 10 ms\n");
     assert_eq!(get(addr, "/nope").unwrap().status, 404);
     assert_eq!(get(addr, "/sleep?ms=x").unwrap().status, 400);
-    assert!(d.log().contains("drover_wsgi["), "the worker's log reaches drover's: {}", d.log());
+    assert!(
+        d.log().contains("drover_wsgi["),
+        "the worker's log reaches drover's: {}",
+        d.log()
+    );
 }
 
 /// A shutdown with a slow request in flight (see the common harness), and
@@ -183,10 +209,20 @@ fn graceful_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) {
     let (d, workers) = stop_with_request_in_flight(start, stop);
     let log = d.log();
     let lines = cleanup_lines(&d);
-    assert_eq!(lines.len(), 2, "each worker ran its cleanup registry: {lines:?}");
+    assert_eq!(
+        lines.len(),
+        2,
+        "each worker ran its cleanup registry: {lines:?}"
+    );
     for w in &workers {
-        assert!(lines.contains(&format!("cleanup pid={w}")), "{w} cleaned up: {lines:?}");
-        assert!(log.contains(&format!("(pid {w}) exited with status 0")), "{log}");
+        assert!(
+            lines.contains(&format!("cleanup pid={w}")),
+            "{w} cleaned up: {lines:?}"
+        );
+        assert!(
+            log.contains(&format!("(pid {w}) exited with status 0")),
+            "{log}"
+        );
     }
     assert!(log.contains("stopping (graceful)"), "{log}");
 }
@@ -198,7 +234,10 @@ fn sigterm_drains_the_python_worker_and_runs_its_cleanup() {
 
 #[test]
 fn ctrl_c_stops_the_python_workers_gracefully() {
-    let start = Start { own_group: true, ..Start::config(&example("")) };
+    let start = Start {
+        own_group: true,
+        ..Start::config(&example(""))
+    };
     // As a terminal does: SIGINT to the whole foreground process group. The
     // workers are in their own groups: only drover gets it, and it drains.
     graceful_with_request_in_flight(start, |d| killpg(d.pid(), Signal::SIGINT).unwrap());
@@ -215,11 +254,26 @@ fn sigquit_is_quick_for_the_python_worker() {
     d.signal(Signal::SIGQUIT);
     let status = d.wait_exit(LIMIT);
     let log = d.log();
-    assert_eq!(status.code(), Some(0), "the workers exited by themselves: {log}");
-    assert!(began.elapsed() < Duration::from_secs(4), "quick: {:?}", began.elapsed());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the workers exited by themselves: {log}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(4),
+        "quick: {:?}",
+        began.elapsed()
+    );
     assert!(log.contains("stopping (quick)"), "{log}");
-    assert_eq!(cleanup_lines(&d).len(), 2, "quick stop still runs the cleanup");
-    assert!(hang.join().unwrap().is_err(), "the abandoned request gets no response");
+    assert_eq!(
+        cleanup_lines(&d).len(),
+        2,
+        "quick stop still runs the cleanup"
+    );
+    assert!(
+        hang.join().unwrap().is_err(),
+        "the abandoned request gets no response"
+    );
 }
 
 #[test]
@@ -230,28 +284,58 @@ fn an_app_that_fails_to_import_stops_drover_with_status_3() {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
     let log = d.log();
     assert!(log.contains("Traceback (most recent call last)"), "{log}");
-    assert!(log.contains("ImportError: broken_app cannot be imported (on purpose)"), "{log}");
-    assert!(log.contains("cannot boot: cannot load the application 'broken_app:app'"), "{log}");
-    assert!(log.contains("cannot boot: exited with status 3 before it reported ready"), "{log}");
-    assert!(log.matches("spawned").count() <= 2, "no respawn loop: {log}");
+    assert!(
+        log.contains("ImportError: broken_app cannot be imported (on purpose)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("cannot boot: cannot load the application 'broken_app:app'"),
+        "{log}"
+    );
+    assert!(
+        log.contains("cannot boot: exited with status 3 before it reported ready"),
+        "{log}"
+    );
+    assert!(
+        log.matches("spawned").count() <= 2,
+        "no respawn loop: {log}"
+    );
 }
 
 #[test]
 fn max_requests_recycles_the_worker() {
-    let config = wsgi_config(&["--max-requests", "5", "--max-requests-jitter", "0"], "example_app:app", "workers = 1");
+    let config = wsgi_config(
+        &["--max-requests", "5", "--max-requests-jitter", "0"],
+        "example_app:app",
+        "workers = 1",
+    );
     let d = Start::config(&config).run();
     d.wait_log("all 1 workers ready");
     let addr = d.tcp_addr();
     let first = d.wait_workers(1)[0].as_raw();
     let pids: Vec<i32> = (0..10).map(|_| get_ok(addr, "/").worker_pid()).collect();
     assert_eq!(&pids[..5], &[first; 5], "{pids:?}");
-    assert!(pids[5..].iter().all(|p| *p != first), "a new worker after 5 requests: {pids:?}");
+    assert!(
+        pids[5..].iter().all(|p| *p != first),
+        "a new worker after 5 requests: {pids:?}"
+    );
     let log = d.wait_log(&format!("worker 1 (pid {first}) exited with status 0"));
-    assert!(log.contains("served 5 requests (--max-requests): recycling"), "{log}");
-    assert!(log.contains(&format!("worker 1 (pid {first}) is stopping")), "STOPPING=1 was sent: {log}");
-    assert!(log.contains("respawning now"), "replaced at once, not as a crash: {log}");
+    assert!(
+        log.contains("served 5 requests (--max-requests): recycling"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("worker 1 (pid {first}) is stopping")),
+        "STOPPING=1 was sent: {log}"
+    );
+    assert!(
+        log.contains("respawning now"),
+        "replaced at once, not as a crash: {log}"
+    );
     wait_for("the recycled worker's cleanup", LIMIT, || {
-        cleanup_lines(&d).contains(&format!("cleanup pid={first}")).then_some(())
+        cleanup_lines(&d)
+            .contains(&format!("cleanup pid={first}"))
+            .then_some(())
     });
 }
 
@@ -260,13 +344,21 @@ fn read_one(s: &mut TcpStream) -> Response {
     let mut raw = Vec::new();
     let mut byte = [0u8; 1];
     while !raw.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head: {raw:?}");
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "connection closed mid-head: {raw:?}"
+        );
         raw.push(byte[0]);
     }
     let text = String::from_utf8_lossy(&raw).to_string();
     let len: usize = text
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
         .expect("Content-Length");
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).unwrap();
@@ -306,11 +398,16 @@ fn graceful_shutdown_under_load_resets_nothing() {
     wait_answered(&load, 1000);
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
-    wait_for("refusals after exit", LIMIT, || get(addr, "/").is_err().then_some(()));
+    wait_for("refusals after exit", LIMIT, || {
+        get(addr, "/").is_err().then_some(())
+    });
     let o = load.finish();
     eprintln!("outcomes: {o:?}");
     assert!(o.ok > 50, "the load was served before the shutdown: {o:?}");
-    assert!(o.refused > 0, "connections were refused after the shutdown: {o:?}");
+    assert!(
+        o.refused > 0,
+        "connections were refused after the shutdown: {o:?}"
+    );
     assert_eq!((o.reset, o.truncated, o.other), (0, 0, 0), "{o:?}");
     assert_eq!(cleanup_lines(&d).len(), 2);
 }

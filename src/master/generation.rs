@@ -32,17 +32,27 @@ impl Generation {
         for (k, v) in &s.env {
             env.set(k, v);
         }
-        let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref()).map_err(StartError::Identity)?;
+        let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref())
+            .map_err(StartError::Identity)?;
         let program = Program::new(&s.command, env.get("PATH"))
             .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
             .map_err(StartError::Program)?;
         let listeners = listen::open_all(&s, loaded.bind_was_set, inherited, current)?;
-        Ok(Generation { number, s, program, env, listeners })
+        Ok(Generation {
+            number,
+            s,
+            program,
+            env,
+            listeners,
+        })
     }
 
     /// The workers' user and group, if they differ from drover's.
     pub fn owner(&self) -> Option<(u32, u32)> {
         let id = self.program.identity.as_ref()?;
-        Some((id.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()), id.gid))
+        Some((
+            id.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+            id.gid,
+        ))
     }
 }

@@ -54,7 +54,11 @@ impl Master {
                     w.replace = Some("max_age");
                 }
                 State::Stopping { why, .. } => {
-                    let cause = if why == Why::HeartbeatTimeout { Kill::HeartbeatTimeout } else { Kill::GraceExpired };
+                    let cause = if why == Why::HeartbeatTimeout {
+                        Kill::HeartbeatTimeout
+                    } else {
+                        Kill::GraceExpired
+                    };
                     warn!(
                         "worker {slot} (pid {pid}) still running at its stop deadline; \
                          sending SIGKILL to its process group"
@@ -88,9 +92,17 @@ impl Master {
 
     /// Marks ready workers over max_memory for replacement.
     fn check_memory(&mut self) {
-        let Some(limit) = self.gen.s.max_memory else { return };
-        for w in self.workers.iter_mut().filter(|w| w.is_ready() && w.replace.is_none()) {
-            let Some(rss) = resident_bytes(w.pid) else { continue };
+        let Some(limit) = self.gen.s.max_memory else {
+            return;
+        };
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.is_ready() && w.replace.is_none())
+        {
+            let Some(rss) = resident_bytes(w.pid) else {
+                continue;
+            };
             if rss > limit.0 {
                 info!(
                     "worker {} (pid {}) uses {} MiB resident, over max_memory ({} MiB): starting its replacement",
@@ -108,7 +120,11 @@ impl Master {
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.iter().filter_map(Worker::deadline);
         let running = self.shutdown.is_none();
-        let respawns = self.slots.iter().filter(|_| running).filter_map(|s| s.not_before);
+        let respawns = self
+            .slots
+            .iter()
+            .filter(|_| running)
+            .filter_map(|s| s.not_before);
         let memory = self.next_memory_check.filter(|_| running);
         workers
             .chain(respawns)
@@ -156,6 +172,9 @@ mod tests {
         for p in 1..200 {
             assert!(jitter(max, nix::unistd::Pid::from_raw(p)) <= max);
         }
-        assert_eq!(jitter(Duration::ZERO, nix::unistd::Pid::from_raw(1)), Duration::ZERO);
+        assert_eq!(
+            jitter(Duration::ZERO, nix::unistd::Pid::from_raw(1)),
+            Duration::ZERO
+        );
     }
 }

@@ -73,7 +73,10 @@ pub enum StartError {
     #[error("{0}")]
     Identity(spawn::SpawnError),
     #[error("control socket {path}: {source}")]
-    Control { path: String, source: std::io::Error },
+    Control {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl StartError {
@@ -153,16 +156,21 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let pidfile = gen.s.pidfile.as_deref().map(Pidfile::create).transpose()?;
     let notify = NotifySocket::open(gen.owner()).map_err(StartError::Notify)?;
     let control = match &gen.s.control_socket {
-        Some(path) => Some(ControlSocket::bind(path).map_err(|source| StartError::Control {
-            path: path.display().to_string(),
-            source,
-        })?),
+        Some(path) => Some(
+            ControlSocket::bind(path).map_err(|source| StartError::Control {
+                path: path.display().to_string(),
+                source,
+            })?,
+        ),
         None => None,
     };
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
     let mut master = Master {
         slots: vec![Slot::default(); gen.s.workers.0 as usize],
-        next_memory_check: gen.s.max_memory.map(|_| started + gen.s.memory_check_interval.0),
+        next_memory_check: gen
+            .s
+            .max_memory
+            .map(|_| started + gen.s.memory_check_interval.0),
         source,
         gen,
         previous: None,
@@ -187,7 +195,10 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     master.next_watchdog = master.systemd.watchdog.map(|w| started + w / 2);
     let status = master.run_loop();
     let status = master.finish(status);
-    info!("exiting with status {status} after {}", ms(started.elapsed()));
+    info!(
+        "exiting with status {status} after {}",
+        ms(started.elapsed())
+    );
     Ok(status)
 }
 
@@ -206,7 +217,9 @@ impl Master {
                     return sd.clone();
                 }
             }
-            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(now));
+            let timeout = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(now));
             self.wait(timeout);
         }
     }
@@ -216,8 +229,10 @@ impl Master {
         let timeout = match timeout {
             None => PollTimeout::NONE,
             // Round up, so that we do not wake a hair before the deadline and spin.
-            Some(d) => PollTimeout::try_from(d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32)
-                .unwrap_or(PollTimeout::MAX),
+            Some(d) => {
+                PollTimeout::try_from(d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32)
+                    .unwrap_or(PollTimeout::MAX)
+            }
         };
         let mut fds = vec![
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
@@ -243,7 +258,11 @@ impl Master {
         for event in self.signals.drain() {
             self.on_signal(event);
         }
-        let requests = self.control.as_mut().map(ControlSocket::read_requests).unwrap_or_default();
+        let requests = self
+            .control
+            .as_mut()
+            .map(ControlSocket::read_requests)
+            .unwrap_or_default();
         for (client, command) in requests {
             self.on_command(client, command);
         }
@@ -262,7 +281,9 @@ impl Master {
             _ if self.shutdown.is_some() => info!("{name}: ignored during shutdown"),
             Event::AddWorker if self.paused => self.resume(name),
             Event::AddWorker => self.scale(self.slots.len() as u32 + 1, name),
-            Event::RemoveWorker => self.scale((self.slots.len() as u32).saturating_sub(1).max(1), name),
+            Event::RemoveWorker => {
+                self.scale((self.slots.len() as u32).saturating_sub(1).max(1), name)
+            }
             Event::Reload => self.begin_reload(name, None),
             Event::ReopenLogs => self.reopen_logs(),
             Event::Upgrade => self.begin_upgrade(None),
@@ -281,7 +302,12 @@ impl Master {
             _ if self.shutdown.is_some() => self.reply(client, control::failure("shutting down")),
             Command::Reload => self.begin_reload("control: reload", Some(client)),
             Command::Scale { workers: n } if !(1..=MAX_WORKERS).contains(&n) => {
-                self.reply(client, control::failure(&format!("cannot scale to {n}: from 1 to {MAX_WORKERS} workers")));
+                self.reply(
+                    client,
+                    control::failure(&format!(
+                        "cannot scale to {n}: from 1 to {MAX_WORKERS} workers"
+                    )),
+                );
             }
             Command::Scale { workers: n } => {
                 if self.paused {
@@ -291,7 +317,14 @@ impl Master {
                 self.reply(client, control::success(&format!("scaled to {n} workers")));
             }
             Command::Stop { quick } => {
-                self.reply(client, control::success(if quick { "quick shutdown" } else { "graceful shutdown" }));
+                self.reply(
+                    client,
+                    control::success(if quick {
+                        "quick shutdown"
+                    } else {
+                        "graceful shutdown"
+                    }),
+                );
                 self.begin_shutdown(quick, Cause::Signal("control: stop"));
             }
             Command::Upgrade => self.begin_upgrade(Some(client)),
@@ -322,8 +355,14 @@ impl Master {
     /// SIGWINCH: stop every worker gracefully; keep the master and the sockets.
     fn pause(&mut self, why: &str) {
         self.paused = true;
-        let (signal, deadline) = (self.gen.s.stop_signal.0, Instant::now() + self.gen.s.graceful_timeout.0);
-        info!("{why}: stopping all {} worker(s); the sockets stay open (SIGHUP or SIGTTIN resumes)", self.workers.len());
+        let (signal, deadline) = (
+            self.gen.s.stop_signal.0,
+            Instant::now() + self.gen.s.graceful_timeout.0,
+        );
+        info!(
+            "{why}: stopping all {} worker(s); the sockets stay open (SIGHUP or SIGTTIN resumes)",
+            self.workers.len()
+        );
         for w in self.workers.iter_mut().filter(|w| !w.is_stopping()) {
             stop(w, signal, deadline, Why::Retired);
         }
@@ -365,15 +404,23 @@ impl Master {
         let lived = now - w.started;
         let why = describe(status, w.killed);
         let (slot, pid) = (w.slot, w.pid);
-        if let State::Stopping { why: stopped_for, .. } = w.state {
+        if let State::Stopping {
+            why: stopped_for, ..
+        } = w.state
+        {
             let context = match stopped_for {
-                Why::HeartbeatTimeout if w.killed.is_none() => " (heartbeat timeout: SIGABRT)".to_string(),
+                Why::HeartbeatTimeout if w.killed.is_none() => {
+                    " (heartbeat timeout: SIGABRT)".to_string()
+                }
                 Why::HeartbeatTimeout => String::new(),
                 Why::Recycled(reason) => format!(" (recycled: {reason})"),
                 Why::Retired => " (retired)".to_string(),
                 Why::Shutdown => String::new(),
             };
-            info!("worker {slot} (pid {pid}) {why}{context} after {}", ms(lived));
+            info!(
+                "worker {slot} (pid {pid}) {why}{context} after {}",
+                ms(lived)
+            );
             return;
         }
         if self.shutdown.is_some() {
@@ -381,7 +428,9 @@ impl Master {
             return;
         }
         if w.is_booting() && self.reload.is_some() && w.generation == self.gen.number {
-            self.rollback(format!("worker {slot} (pid {pid}) of the new generation {why} before it was ready"));
+            self.rollback(format!(
+                "worker {slot} (pid {pid}) of the new generation {why} before it was ready"
+            ));
             return;
         }
         if w.is_booting() && exit_code(status) == Some(3) && !self.booted {
@@ -403,7 +452,10 @@ impl Master {
         let planned = served && w.said_stopping && exit_code(status) == Some(0);
         if planned || (served && lived >= self.gen.s.respawn_reset_after.0) {
             self.slots[slot as usize - 1].failures = 0;
-            warn!("worker {slot} (pid {pid}) {why} after {}; respawning now", ms(lived));
+            warn!(
+                "worker {slot} (pid {pid}) {why} after {}; respawning now",
+                ms(lived)
+            );
         } else {
             let (delay, failures) = self.slot_failed(slot, now);
             warn!(
@@ -418,12 +470,18 @@ impl Master {
     /// Returns the delay and the number of failures in a row.
     fn slot_failed(&mut self, slot: u32, now: Instant) -> (Duration, u32) {
         let (first, max) = (self.gen.s.respawn_delay.0, self.gen.s.respawn_max_delay.0);
-        let Some(s) = self.slots.get_mut(slot as usize - 1) else { return (Duration::ZERO, 0) };
+        let Some(s) = self.slots.get_mut(slot as usize - 1) else {
+            return (Duration::ZERO, 0);
+        };
         s.failures += 1;
         let delay = backoff(s.failures, first, max);
         s.not_before = Some(now + delay);
         if s.failures == self.gen.s.degraded_after.0 {
-            error!("slot {slot} is degraded: {} failures in a row; retrying every {} at most", s.failures, ms(max));
+            error!(
+                "slot {slot} is degraded: {} failures in a row; retrying every {} at most",
+                s.failures,
+                ms(max)
+            );
         }
         (delay, s.failures)
     }
@@ -444,19 +502,28 @@ impl Master {
             let (slot, pid) = (w.slot, w.pid);
             match m {
                 Message::Ready if w.is_booting() => {
-                    w.state = State::Ready { heartbeat: timeout.map(|t| Instant::now() + t) };
-                    info!("worker {slot} (pid {pid}) ready in {}", ms(w.started.elapsed()));
+                    w.state = State::Ready {
+                        heartbeat: timeout.map(|t| Instant::now() + t),
+                    };
+                    info!(
+                        "worker {slot} (pid {pid}) ready in {}",
+                        ms(w.started.elapsed())
+                    );
                     self.on_ready(i);
                 }
                 Message::Ready => debug!("worker {slot} (pid {pid}) repeated READY=1"),
                 Message::Watchdog => {
-                    if let (State::Ready { heartbeat: Some(h) }, Some(t)) = (&mut w.state, timeout) {
+                    if let (State::Ready { heartbeat: Some(h) }, Some(t)) = (&mut w.state, timeout)
+                    {
                         *h = Instant::now() + t;
                     }
                 }
                 Message::ExtendTimeout(by) => {
                     w.extend(Instant::now() + by);
-                    debug!("worker {slot} (pid {pid}) extended its deadline by {}", ms(by));
+                    debug!(
+                        "worker {slot} (pid {pid}) extended its deadline by {}",
+                        ms(by)
+                    );
                 }
                 Message::Status(text) => {
                     info!("worker {slot} (pid {pid}) status: {text}");
@@ -475,14 +542,30 @@ impl Master {
     /// worker it replaces (same slot: older generation, or marked for
     /// replacement) can now stop.
     fn on_ready(&mut self, i: usize) {
-        let (slot, pid, generation) = (self.workers[i].slot, self.workers[i].pid, self.workers[i].generation);
+        let (slot, pid, generation) = (
+            self.workers[i].slot,
+            self.workers[i].pid,
+            self.workers[i].generation,
+        );
         if generation == self.gen.number {
             let deadline = Instant::now() + self.gen.s.graceful_timeout.0;
             let signal = self.gen.s.stop_signal.0;
             let current = self.gen.number;
-            for old in self.workers.iter_mut().filter(|w| w.slot == slot && w.pid != pid && !w.is_stopping()) {
-                let reason = old.replace.unwrap_or(if old.generation != current { "reload" } else { "replaced" });
-                info!("worker {slot} (pid {}) replaced by pid {pid} ({reason}): sending {}", old.pid, signal.as_str());
+            for old in self
+                .workers
+                .iter_mut()
+                .filter(|w| w.slot == slot && w.pid != pid && !w.is_stopping())
+            {
+                let reason = old.replace.unwrap_or(if old.generation != current {
+                    "reload"
+                } else {
+                    "replaced"
+                });
+                info!(
+                    "worker {slot} (pid {}) replaced by pid {pid} ({reason}): sending {}",
+                    old.pid,
+                    signal.as_str()
+                );
                 stop(old, signal, deadline, Why::Recycled(reason));
             }
         }
@@ -496,7 +579,10 @@ impl Master {
         let ready = self.workers.iter().filter(|w| w.is_ready()).count();
         if ready >= self.slots.len() {
             self.booted = true;
-            info!("all {ready} workers ready {} after start", ms(self.started.elapsed()));
+            info!(
+                "all {ready} workers ready {} after start",
+                ms(self.started.elapsed())
+            );
             self.systemd.ready(&self.summary());
         }
     }
@@ -514,16 +600,28 @@ impl Master {
         let is_current = |w: &Worker| w.generation == current && w.replace.is_none();
         let mut surging = (1..=self.slots.len() as u32)
             .filter(|&slot| {
-                let active = || self.workers.iter().filter(move |w| w.slot == slot && !w.is_stopping());
-                active().any(|w| is_current(w) && w.is_booting()) && active().any(|w| !is_current(w))
+                let active = || {
+                    self.workers
+                        .iter()
+                        .filter(move |w| w.slot == slot && !w.is_stopping())
+                };
+                active().any(|w| is_current(w) && w.is_booting())
+                    && active().any(|w| !is_current(w))
             })
             .count() as u32;
         for slot in 1..=self.slots.len() as u32 {
-            let active: Vec<&Worker> = self.workers.iter().filter(|w| w.slot == slot && !w.is_stopping()).collect();
+            let active: Vec<&Worker> = self
+                .workers
+                .iter()
+                .filter(|w| w.slot == slot && !w.is_stopping())
+                .collect();
             if active.iter().any(|w| is_current(w)) {
                 continue;
             }
-            if self.slots[slot as usize - 1].not_before.is_some_and(|t| t > now) {
+            if self.slots[slot as usize - 1]
+                .not_before
+                .is_some_and(|t| t > now)
+            {
                 continue;
             }
             let replacing = active.iter().any(|w| w.is_ready());
@@ -533,7 +631,11 @@ impl Master {
             // An outdated worker that is not even ready serves nothing: stop it.
             let signal = self.gen.s.stop_signal.0;
             let deadline = now + self.gen.s.graceful_timeout.0;
-            for w in self.workers.iter_mut().filter(|w| w.slot == slot && w.is_booting()) {
+            for w in self
+                .workers
+                .iter_mut()
+                .filter(|w| w.slot == slot && w.is_booting())
+            {
                 stop(w, signal, deadline, Why::Retired);
             }
             surging += replacing as u32;
@@ -545,8 +647,17 @@ impl Master {
         let graceful = self.gen.s.graceful_timeout.0;
         let signal = self.gen.s.stop_signal.0;
         let count = self.slots.len() as u32;
-        for w in self.workers.iter_mut().filter(|w| w.slot > count && !w.is_stopping()) {
-            info!("worker {} (pid {}) retired: sending {}", w.slot, w.pid, signal.as_str());
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.slot > count && !w.is_stopping())
+        {
+            info!(
+                "worker {} (pid {}) retired: sending {}",
+                w.slot,
+                w.pid,
+                signal.as_str()
+            );
             stop(w, signal, now + graceful, Why::Retired);
         }
     }
@@ -561,7 +672,10 @@ impl Master {
         env.set("NOTIFY_SOCKET", self.notify.path());
         env.set("DROVER_WORKER_ID", slot.to_string());
         env.set("DROVER_GENERATION", g.number.to_string());
-        env.set("DROVER_GRACEFUL_TIMEOUT", g.s.graceful_timeout.0.as_secs_f64().to_string());
+        env.set(
+            "DROVER_GRACEFUL_TIMEOUT",
+            g.s.graceful_timeout.0.as_secs_f64().to_string(),
+        );
         if let Some(t) = g.s.timeout {
             env.set("WATCHDOG_USEC", t.0.as_micros().to_string());
             env.set_child_pid("WATCHDOG_PID");
@@ -570,30 +684,42 @@ impl Master {
         match spawn::spawn(&g.program, &env, &fds, self.devnull.as_raw_fd(), true) {
             Ok(pid) => {
                 let state = match g.s.ready {
-                    Ready::Spawn => State::Ready { heartbeat: g.s.timeout.map(|t| now + t.0) },
-                    Ready::Notify => State::Booting { deadline: Some(now + g.s.boot_timeout.0) },
+                    Ready::Spawn => State::Ready {
+                        heartbeat: g.s.timeout.map(|t| now + t.0),
+                    },
+                    Ready::Notify => State::Booting {
+                        deadline: Some(now + g.s.boot_timeout.0),
+                    },
                 };
                 info!("worker {slot} (pid {pid}) spawned, generation {}", g.number);
-                let recycle_at = g.s.max_age.map(|age| now + age.0 + liveness::jitter(g.s.max_age_jitter.0, pid));
+                let recycle_at =
+                    g.s.max_age
+                        .map(|age| now + age.0 + liveness::jitter(g.s.max_age_jitter.0, pid));
                 let ready = matches!(state, State::Ready { .. });
                 let s = &mut self.slots[slot as usize - 1];
                 // The backoff is over: without this, its past instant would
                 // stay the nearest deadline and the loop would spin.
                 s.not_before = None;
                 s.restarts += self.workers.iter().any(|w| w.slot == slot) as u32;
-                self.workers.push(Worker::new(slot, pid, g.number, state, now, recycle_at));
+                self.workers
+                    .push(Worker::new(slot, pid, g.number, state, now, recycle_at));
                 if ready {
                     self.on_ready(self.workers.len() - 1);
                 }
             }
-            Err(e) if self.reload.is_some() => self.rollback(format!("worker {slot} cannot be spawned: {e}")),
+            Err(e) if self.reload.is_some() => {
+                self.rollback(format!("worker {slot} cannot be spawned: {e}"))
+            }
             Err(e) if !self.booted => {
                 error!("worker {slot} cannot boot: {e}");
                 self.begin_shutdown(false, Cause::CannotBoot);
             }
             Err(e) => {
                 let (delay, _) = self.slot_failed(slot, now);
-                error!("worker {slot} cannot be spawned: {e}; retrying in {}", ms(delay));
+                error!(
+                    "worker {slot} cannot be spawned: {e}; retrying in {}",
+                    ms(delay)
+                );
             }
         }
     }
@@ -617,7 +743,9 @@ fn stop(w: &mut Worker, signal: Signal, deadline: Instant, why: Why) {
 /// The delay before the `failures`-th consecutive respawn: doubling from
 /// `first`, capped at `max`.
 fn backoff(failures: u32, first: Duration, max: Duration) -> Duration {
-    let factor = 1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
     first.saturating_mul(factor).min(max)
 }
 

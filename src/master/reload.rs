@@ -37,14 +37,21 @@ impl Master {
         let began = Instant::now();
         self.systemd.reloading();
         let number = self.next_generation;
-        let next = self.source.load().map_err(|e| e.to_string()).and_then(|loaded| {
-            Generation::build(number, loaded, Vec::new(), &self.gen.listeners).map_err(|e| e.to_string())
-        });
+        let next = self
+            .source
+            .load()
+            .map_err(|e| e.to_string())
+            .and_then(|loaded| {
+                Generation::build(number, loaded, Vec::new(), &self.gen.listeners)
+                    .map_err(|e| e.to_string())
+            });
         // The notify socket belongs to the workers' user: a new user could
         // not report ready on it, and the old workers could no longer.
         let next = next.and_then(|n| match n.owner() == self.gen.owner() {
             true => Ok(n),
-            false => Err("`user` or `group` changed: that needs a restart or an upgrade".to_string()),
+            false => {
+                Err("`user` or `group` changed: that needs a restart or an upgrade".to_string())
+            }
         });
         let next = match next {
             Ok(next) => next,
@@ -65,12 +72,18 @@ impl Master {
             next.s.workers.0,
             next.s.max_surge.0
         );
-        self.slots.resize(next.s.workers.0 as usize, Default::default());
+        self.slots
+            .resize(next.s.workers.0 as usize, Default::default());
         if next.s.max_memory.is_some() && self.next_memory_check.is_none() {
             self.next_memory_check = Some(began + next.s.memory_check_interval.0);
         }
         self.previous = Some(std::mem::replace(&mut self.gen, next));
-        self.reload = Some(Reload { began, again: Vec::new(), waiters: client.into_iter().collect(), failed: false });
+        self.reload = Some(Reload {
+            began,
+            again: Vec::new(),
+            waiters: client.into_iter().collect(),
+            failed: false,
+        });
     }
 
     /// Ends the reload once every slot is served by a ready worker of the new
@@ -83,7 +96,10 @@ impl Master {
                 self.workers
                     .iter()
                     .any(|w| w.slot == slot && w.generation == current && w.is_ready())
-            }) && !self.workers.iter().any(|w| w.generation != current && !w.is_stopping());
+            }) && !self
+                .workers
+                .iter()
+                .any(|w| w.generation != current && !w.is_stopping());
         if !done || self.shutdown.is_some() {
             return;
         }
@@ -97,7 +113,10 @@ impl Master {
                 listen::close_unused(old.listeners, false);
             }
             for c in r.waiters {
-                self.reply(c, control::success(&format!("applied: generation {current} in {took}")));
+                self.reply(
+                    c,
+                    control::success(&format!("applied: generation {current} in {took}")),
+                );
             }
         }
         self.systemd.ready(&self.summary());
@@ -114,14 +133,27 @@ impl Master {
     /// The new generation failed before it was ready: stop it and go back to
     /// the previous one.
     pub(super) fn rollback(&mut self, cause: String) {
-        let Some(previous) = self.previous.take() else { return };
+        let Some(previous) = self.previous.take() else {
+            return;
+        };
         let failed = std::mem::replace(&mut self.gen, previous);
-        warn!("reload rolled back: {cause}; generation {} keeps serving", self.gen.number);
-        self.slots.resize(self.gen.s.workers.0 as usize, Default::default());
+        warn!(
+            "reload rolled back: {cause}; generation {} keeps serving",
+            self.gen.number
+        );
+        self.slots
+            .resize(self.gen.s.workers.0 as usize, Default::default());
         // Booting workers of the failed generation serve nothing: stop them
         // now. Ready ones are replaced like any outdated worker.
-        let (signal, deadline) = (failed.s.stop_signal.0, Instant::now() + failed.s.graceful_timeout.0);
-        for w in self.workers.iter_mut().filter(|w| w.generation == failed.number && w.is_booting()) {
+        let (signal, deadline) = (
+            failed.s.stop_signal.0,
+            Instant::now() + failed.s.graceful_timeout.0,
+        );
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.generation == failed.number && w.is_booting())
+        {
             stop(w, signal, deadline, Why::Retired);
         }
         listen::close_unused(failed.listeners, false);

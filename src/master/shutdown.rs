@@ -45,12 +45,17 @@ impl Master {
         };
         match &mut self.shutdown {
             Some(sd) if sd.quick || !quick => {
-                info!("{why}: already shutting down ({})", if sd.quick { "quick" } else { "graceful" });
+                info!(
+                    "{why}: already shutting down ({})",
+                    if sd.quick { "quick" } else { "graceful" }
+                );
                 return;
             }
             Some(sd) => {
                 sd.quick = true;
-                info!("{why}: shutdown escalated to quick: SIGQUIT to the workers, up to {timeout}");
+                info!(
+                    "{why}: shutdown escalated to quick: SIGQUIT to the workers, up to {timeout}"
+                );
             }
             None => {
                 let kind = if quick { "quick" } else { "graceful" };
@@ -59,15 +64,24 @@ impl Master {
                 // After an upgrade the new master serves the sockets: only our
                 // copies go. Otherwise new connections are refused from now on.
                 let handover = cause == Cause::Upgrade;
-                let mut closed = self.previous.take().map_or(0, |p| crate::listen::close_unused(p.listeners, handover));
-                closed += crate::listen::close_unused(std::mem::take(&mut self.gen.listeners), handover);
+                let mut closed = self
+                    .previous
+                    .take()
+                    .map_or(0, |p| crate::listen::close_unused(p.listeners, handover));
+                closed +=
+                    crate::listen::close_unused(std::mem::take(&mut self.gen.listeners), handover);
                 self.control = None;
                 if handover {
                     info!("released {closed} listener(s) to the new master");
                 } else {
                     info!("closed {closed} listener(s)");
                 }
-                self.shutdown = Some(Shutdown { quick, began: now, cause, killed: 0 });
+                self.shutdown = Some(Shutdown {
+                    quick,
+                    began: now,
+                    cause,
+                    killed: 0,
+                });
                 info!(
                     "stage 2, drain: {} to {} worker(s), up to {timeout}",
                     signal.as_str(),
@@ -121,7 +135,12 @@ impl Master {
                 },
             };
             let began = Instant::now();
-            match hooks::run_on_exit(&self.gen.s.on_exit, &outcome, self.gen.s.hook_timeout.0, &self.signals) {
+            match hooks::run_on_exit(
+                &self.gen.s.on_exit,
+                &outcome,
+                self.gen.s.hook_timeout.0,
+                &self.signals,
+            ) {
                 Ok(how) => info!("stage 4, on_exit hook: {how} ({})", ms(began.elapsed())),
                 Err(e) => warn!("stage 4, on_exit hook failed: {e}"),
             }

@@ -12,7 +12,11 @@ impl Master {
     /// One line: "3/4 workers ready, generation 2".
     pub(super) fn summary(&self) -> String {
         let ready = self.workers.iter().filter(|w| w.is_ready()).count();
-        let mut s = format!("{ready}/{} workers ready, generation {}", self.slots.len(), self.gen.number);
+        let mut s = format!(
+            "{ready}/{} workers ready, generation {}",
+            self.slots.len(),
+            self.gen.number
+        );
         if self.paused {
             s.push_str(", paused");
         }
@@ -63,6 +67,10 @@ impl Master {
             },
             "workers": workers,
         });
-        control::Answer { ok: true, message: self.summary(), status: Some(status) }
+        control::Answer {
+            ok: true,
+            message: self.summary(),
+            status: Some(status),
+        }
     }
 }

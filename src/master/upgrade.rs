@@ -41,8 +41,13 @@ impl Exe {
         let path = std::env::current_exe().unwrap_or_else(|_| "drover".into());
         // /proc/self/exe names a replaced binary "PATH (deleted)": the path is what we want.
         let shown = path.to_string_lossy();
-        let path = shown.strip_suffix(" (deleted)").map_or(path.clone(), Into::into);
-        Exe { path, args: std::env::args().collect() }
+        let path = shown
+            .strip_suffix(" (deleted)")
+            .map_or(path.clone(), Into::into);
+        Exe {
+            path,
+            args: std::env::args().collect(),
+        }
     }
 }
 
@@ -86,14 +91,27 @@ impl Master {
         if let Some(c) = self.control.as_mut() {
             c.close_listener();
         }
-        let fds: Vec<_> = self.gen.listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
+        let fds: Vec<_> = self
+            .gen
+            .listeners
+            .iter()
+            .map(|(l, _)| l.fd.as_raw_fd())
+            .collect();
         // The new master must outlive us: no parent-death signal.
         match spawn::spawn(&program, &env, &fds, self.devnull.as_raw_fd(), false) {
             Ok(pid) => {
                 let now = Instant::now();
                 let deadline = now + self.gen.s.boot_timeout.0 + std::time::Duration::from_secs(5);
-                info!("upgrade: started {} as pid {pid}; waiting for it to report ready", self.exe.path.display());
-                self.upgrade = Some(Upgrade { pid, began: now, deadline, waiters: client.into_iter().collect() });
+                info!(
+                    "upgrade: started {} as pid {pid}; waiting for it to report ready",
+                    self.exe.path.display()
+                );
+                self.upgrade = Some(Upgrade {
+                    pid,
+                    began: now,
+                    deadline,
+                    waiters: client.into_iter().collect(),
+                });
             }
             Err(e) => self.upgrade_failed(client.into_iter().collect(), format!("{e}")),
         }
@@ -104,10 +122,17 @@ impl Master {
             return;
         }
         let Some(u) = self.upgrade.take() else { return };
-        info!("upgrade: new master pid {} ready in {}; retiring this one", u.pid, ms(u.began.elapsed()));
+        info!(
+            "upgrade: new master pid {} ready in {}; retiring this one",
+            u.pid,
+            ms(u.began.elapsed())
+        );
         self.systemd.main_pid(u.pid.as_raw());
         for c in u.waiters {
-            self.reply(c, control::success(&format!("upgraded: new master pid {}", u.pid)));
+            self.reply(
+                c,
+                control::success(&format!("upgraded: new master pid {}", u.pid)),
+            );
         }
         self.control = None;
         self.begin_shutdown(false, Cause::Upgrade);
@@ -115,7 +140,11 @@ impl Master {
 
     pub(super) fn on_upgrade_exit(&mut self, status: WaitStatus) {
         let Some(u) = self.upgrade.take() else { return };
-        let why = format!("the new master (pid {}) {} before it was ready", u.pid, describe(status, None));
+        let why = format!(
+            "the new master (pid {}) {} before it was ready",
+            u.pid,
+            describe(status, None)
+        );
         self.upgrade_failed(u.waiters, why);
     }
 
@@ -124,7 +153,10 @@ impl Master {
     pub(super) fn settle_upgrade(&mut self, now: Instant) {
         if let Some(u) = &self.upgrade {
             if u.deadline <= now {
-                error!("upgrade: the new master (pid {}) was not ready in time; killing it", u.pid);
+                error!(
+                    "upgrade: the new master (pid {}) was not ready in time; killing it",
+                    u.pid
+                );
                 let _ = kill(u.pid, Signal::SIGKILL);
                 if let Some(u) = self.upgrade.as_mut() {
                     u.deadline = now + std::time::Duration::from_secs(3600);

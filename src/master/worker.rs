@@ -60,7 +60,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(slot: u32, pid: Pid, generation: u32, state: State, now: Instant, recycle_at: Option<Instant>) -> Worker {
+    pub fn new(
+        slot: u32,
+        pid: Pid,
+        generation: u32,
+        state: State,
+        now: Instant,
+        recycle_at: Option<Instant>,
+    ) -> Worker {
         Worker {
             slot,
             pid,
@@ -105,9 +112,9 @@ impl Worker {
     /// Pushes the current deadline to at least `now + by` (`EXTEND_TIMEOUT_USEC`).
     pub fn extend(&mut self, until: Instant) {
         match &mut self.state {
-            State::Booting { deadline: Some(d) } | State::Ready { heartbeat: Some(d) } | State::Stopping { deadline: d, .. } => {
-                *d = (*d).max(until)
-            }
+            State::Booting { deadline: Some(d) }
+            | State::Ready { heartbeat: Some(d) }
+            | State::Stopping { deadline: d, .. } => *d = (*d).max(until),
             _ => {}
         }
     }

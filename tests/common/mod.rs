@@ -40,7 +40,10 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -75,11 +78,17 @@ pub struct Drover {
 
 impl Start {
     pub fn config(toml: &str) -> Start {
-        Start { config: Some(toml.to_string()), ..Start::default() }
+        Start {
+            config: Some(toml.to_string()),
+            ..Start::default()
+        }
     }
 
     pub fn args(args: &[&str]) -> Start {
-        Start { args: args.iter().map(|s| s.to_string()).collect(), ..Start::default() }
+        Start {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Start::default()
+        }
     }
 
     pub fn run(self) -> Drover {
@@ -87,7 +96,10 @@ impl Start {
         let mut cmd = if self.systemd {
             // sh's $$ is the pid that execs drover.
             let mut c = Command::new("sh");
-            let script = format!("LISTEN_FDS={} LISTEN_PID=$$ exec \"$0\" \"$@\"", self.pass.len());
+            let script = format!(
+                "LISTEN_FDS={} LISTEN_PID=$$ exec \"$0\" \"$@\"",
+                self.pass.len()
+            );
             c.arg("-c").arg(script).arg(drover_bin());
             c
         } else {
@@ -99,8 +111,15 @@ impl Start {
             std::fs::write(&path, text).unwrap();
             cmd.arg("-c").arg(path);
         }
-        cmd.args(self.args.iter().map(|a| a.replace("$DIR", &dir.path().display().to_string())));
-        cmd.current_dir(repo()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(
+            self.args
+                .iter()
+                .map(|a| a.replace("$DIR", &dir.path().display().to_string())),
+        );
+        cmd.current_dir(repo())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         cmd.env_remove("RUST_LOG");
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -109,12 +128,22 @@ impl Start {
             cmd.process_group(0);
         }
         let (ignore_sigint, leak) = (self.ignore_sigint, self.leak_fd);
-        let pass: Vec<(i32, i32)> = self.pass.iter().map(|(fd, to)| (std::os::fd::AsRawFd::as_raw_fd(fd), *to)).collect();
+        let pass: Vec<(i32, i32)> = self
+            .pass
+            .iter()
+            .map(|(fd, to)| (std::os::fd::AsRawFd::as_raw_fd(fd), *to))
+            .collect();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 // drover must not outlive the test that started it.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
                 if ignore_sigint {
                     libc::signal(libc::SIGINT, libc::SIG_IGN);
                 }
@@ -150,7 +179,13 @@ impl Start {
                 }
             }));
         }
-        Drover { child, dir, log, readers, status: None }
+        Drover {
+            child,
+            dir,
+            log,
+            readers,
+            status: None,
+        }
     }
 }
 
@@ -173,13 +208,19 @@ impl Drover {
 
     /// Waits until `needle` appears `n` times in the log.
     pub fn wait_log_count(&self, needle: &str, n: usize) {
-        wait_for(&format!("{n} x {needle:?}"), LIMIT, || (self.log().matches(needle).count() >= n).then_some(()));
+        wait_for(&format!("{n} x {needle:?}"), LIMIT, || {
+            (self.log().matches(needle).count() >= n).then_some(())
+        });
     }
 
     /// The address of the `i`-th "listening on" line.
     pub fn addr(&self, i: usize) -> String {
         let log = self.wait_log_count_then("listening on ", i + 1);
-        let line = log.lines().filter(|l| l.contains("listening on ")).nth(i).unwrap();
+        let line = log
+            .lines()
+            .filter(|l| l.contains("listening on "))
+            .nth(i)
+            .unwrap();
         let rest = line.split("listening on ").nth(1).unwrap();
         rest.split(' ').next().unwrap().to_string()
     }
@@ -207,7 +248,9 @@ impl Drover {
         self.status = Some(status);
         // Everything drover (and its workers) printed, up to their exit.
         let readers = &self.readers;
-        wait_for("the output to close", LIMIT, || readers.iter().all(|r| r.is_finished()).then_some(()));
+        wait_for("the output to close", LIMIT, || {
+            readers.iter().all(|r| r.is_finished()).then_some(())
+        });
         status
     }
 
@@ -265,7 +308,14 @@ pub fn alive(pid: Pid) -> bool {
 fn all_pids() -> Vec<Pid> {
     std::fs::read_dir("/proc")
         .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok().map(Pid::from_raw))
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .parse()
+                .ok()
+                .map(Pid::from_raw)
+        })
         .collect()
 }
 
@@ -300,13 +350,19 @@ impl Response {
     }
 
     pub fn worker_pid(&self) -> i32 {
-        self.header("X-Worker-Pid").expect("X-Worker-Pid").parse().unwrap()
+        self.header("X-Worker-Pid")
+            .expect("X-Worker-Pid")
+            .parse()
+            .unwrap()
     }
 }
 
 /// One GET with `Connection: close` over any stream.
 pub fn get_over(mut s: impl Read + Write, path: &str) -> std::io::Result<Response> {
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_response(&raw)
@@ -314,8 +370,12 @@ pub fn get_over(mut s: impl Read + Write, path: &str) -> std::io::Result<Respons
 
 pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
     let text = String::from_utf8_lossy(raw);
-    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{why}: {text:?}"));
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let bad = |why: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{why}: {text:?}"))
+    };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
     let mut lines = head.split("\r\n");
     let status = lines
         .next()
@@ -326,7 +386,11 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
-    let resp = Response { status, headers, body: body.to_string() };
+    let resp = Response {
+        status,
+        headers,
+        body: body.to_string(),
+    };
     if let Some(len) = resp.header("Content-Length") {
         if len.parse::<usize>().ok() != Some(resp.body.len()) {
             return Err(bad("truncated body"));
@@ -343,7 +407,9 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
 
 /// GETs until a worker answers 200.
 pub fn get_ok(addr: SocketAddr, path: &str) -> Response {
-    wait_for(&format!("GET {path} to answer"), LIMIT, || get(addr, path).ok().filter(|r| r.status == 200))
+    wait_for(&format!("GET {path} to answer"), LIMIT, || {
+        get(addr, path).ok().filter(|r| r.status == 200)
+    })
 }
 
 /// Number of sockets `pid` has open.
@@ -368,7 +434,11 @@ pub fn get_in_flight(
     let path = path.to_string();
     let handle = std::thread::spawn(move || get(addr, &path));
     wait_for("a worker to accept the request", LIMIT, || {
-        workers.iter().zip(&before).any(|(p, b)| socket_count(*p) > *b).then_some(())
+        workers
+            .iter()
+            .zip(&before)
+            .any(|(p, b)| socket_count(*p) > *b)
+            .then_some(())
     });
     handle
 }
@@ -426,7 +496,11 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, answered, threads }
+        Load {
+            stop,
+            answered,
+            threads,
+        }
     }
 
     pub fn finish(self) -> Outcomes {
@@ -461,10 +535,15 @@ fn one_request(addr: SocketAddr, path: &str, o: &mut Outcomes) {
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let mut raw = Vec::new();
-    let result = write!(s, "GET {path} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n")
-        .and_then(|_| s.read_to_end(&mut raw));
+    let result = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n"
+    )
+    .and_then(|_| s.read_to_end(&mut raw));
     match result {
-        Err(e) if matches!(e.kind(), ConnectionReset | BrokenPipe | ConnectionAborted) => o.reset += 1,
+        Err(e) if matches!(e.kind(), ConnectionReset | BrokenPipe | ConnectionAborted) => {
+            o.reset += 1
+        }
         Err(_) => o.other += 1,
         Ok(_) => match parse_response(&raw) {
             Ok(r) if r.status == 200 => o.ok += 1,
@@ -489,18 +568,34 @@ pub fn stop_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) -> 
     stop(&d);
     // New connections are refused as soon as the master and the workers have
     // closed the listeners, while the slow request is still being served.
-    wait_for("new connections to be refused", LIMIT, || get(addr, "/").is_err().then_some(()));
-    let resp = slow.join().unwrap().expect("the in-flight request gets its full response");
+    wait_for("new connections to be refused", LIMIT, || {
+        get(addr, "/").is_err().then_some(())
+    });
+    let resp = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request gets its full response");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, "slept 1500 ms\n");
-    assert!(began.elapsed() >= Duration::from_millis(1000), "the master waited for the drain");
+    assert!(
+        began.elapsed() >= Duration::from_millis(1000),
+        "the master waited for the drain"
+    );
     let status = d.wait_exit(LIMIT);
-    assert_eq!(status.code(), Some(0), "every worker stopped in time: {}", d.log());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "every worker stopped in time: {}",
+        d.log()
+    );
     for w in &workers {
         assert!(!alive(*w), "worker {w} is gone");
     }
     let log = d.log();
-    assert!(log.contains("graceful shutdown: stage 1, stop accepting"), "{log}");
+    assert!(
+        log.contains("graceful shutdown: stage 1, stop accepting"),
+        "{log}"
+    );
     assert!(log.contains("exiting with status 0"), "{log}");
     (d, workers)
 }
