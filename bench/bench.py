@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as H  # noqa: E402
+import report  # noqa: E402
 from harness import Subject, Unavailable, now, ms  # noqa: E402
 
 SUBJECTS = {
@@ -60,6 +62,12 @@ class Ctx:
         return self.logs / f"{self.runs:04d}-{scenario}-{subject}{extra}.log"
 
     def note_command(self, scenario, key, cmd):
+        """Keeps the first command of each kind, with the repository as "."
+        and temporary directories as $TMP."""
+        cmd = cmd.replace(str(H.ROOT) + "/", "").replace(str(H.ROOT), ".")
+        cmd = re.sub(r"/tmp/bench-[\w-]+", "$TMP", cmd)
+        cmd = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", cmd)
+        cmd = re.sub(r"port = \d+", "port = PORT", cmd)
         self.commands.setdefault(scenario, {}).setdefault(key, cmd)
 
     def save(self):
@@ -81,7 +89,13 @@ def stats(values):
 
 
 def cmd_of(run):
-    return shlex.join(run.argv)
+    cmd = shlex.join(run.argv)
+    if run.subject.kind == "circus":
+        # The command is only circusd: show the config it was given.
+        ini = Path(run.argv[-1])
+        if ini.exists():
+            cmd += "\n# with $TMP/circus.ini:\n" + "\n".join("#   " + x for x in ini.read_text().splitlines())
+    return cmd
 
 
 # --------------------------------------------------------------------------
@@ -154,7 +168,7 @@ def check_wsgi_worker(ctx):
         for mode in ("notify", "spawn"):
             s = SUBJECTS["drover-wsgi"]
             s.ready_mode = mode
-            tmp = tempfile.mkdtemp(prefix="bench-check-")
+            tmp = H.fresh_tmp(quiet=False)
             port = H.free_port()
             try:
                 with s.start(1, port, tmp, ctx.log_path("check", "drover-wsgi", f"-{mode}"),
@@ -190,7 +204,7 @@ def throughput_app(ctx):
         return "bench_app:app", "workers/python/example_app.py does not exist yet"
     s = Subject("probe", "probe", "gunicorn", "wsgi")
     s.app = "example_app:app"
-    tmp = tempfile.mkdtemp(prefix="bench-check-")
+    tmp = H.fresh_tmp(quiet=False)
     port = H.free_port()
     try:
         with s.start(1, port, tmp, ctx.log_path("check", "example-app"),
@@ -221,15 +235,20 @@ def startup_methods(s, n):
 
 def sc_startup(ctx):
     """Start-up to all N workers serving, then idle SIGTERM to exit."""
-    ns = [4, 32, 128]
     rows = []
     for key in SUPERVISED:
         s = SUBJECTS[key]
         if s.unavailable:
             rows.append({"subject": key, "unavailable": s.unavailable})
             continue
-        for n in ns + ([1024] if key == "drover-hello" else []):
-            reps = ctx.reps if n < 1024 else max(1, min(ctx.reps, 2))
+        if ctx.quick:  # a smoke pass: the large counts for drover + hello only
+            ns = [4, 32, 128] if key == "drover-hello" else [4, 32]
+        else:
+            ns = [4, 32, 128] + ([1024] if key == "drover-hello" else [])
+        for n in ns:
+            # Python workers at N=128 take seconds per run on 2 cores: fewer runs.
+            big = n >= 1024 or (n >= 128 and s.worker == "wsgi")
+            reps = max(1, min(ctx.reps, 2)) if big else ctx.reps
             samples = []
             for kind in startup_methods(s, n):
                 for rep in range(reps):
@@ -246,7 +265,7 @@ def sc_startup(ctx):
                 "errors": [x["error"] for x in samples if x.get("error")],
             }
             for k in ("log_ms", "lines_ms", "pids_ms", "first_ms", "self_ms"):
-                if row[k]["n"] == 0 and not row[k]["missing"]:
+                if row[k]["n"] == 0 and (s.kind != "drover" or k not in ("log_ms", "self_ms")):
                     del row[k]
             say(f"startup {key} N={n}: log {med(row.get('log_ms'))}, lines {med(row.get('lines_ms'))}, "
                 f"pids {med(row.get('pids_ms'))} ms; stop {med(row['stop_ms'])} ms", row["errors"][:1] or "")
@@ -259,7 +278,7 @@ def med(st):
 
 
 def startup_once(ctx, s, n, kind):
-    tmp = tempfile.mkdtemp(prefix="bench-")
+    tmp = H.fresh_tmp()
     port = H.free_port()
     out = {"kind": kind}
     timeout = 90 if n >= 128 else 30
@@ -337,7 +356,7 @@ def sc_stop_inflight(ctx, how):
 
 
 def stop_inflight_once(ctx, s, how):
-    tmp = tempfile.mkdtemp(prefix="bench-")
+    tmp = H.fresh_tmp()
     port = H.free_port()
     out = {}
     try:
@@ -377,14 +396,15 @@ def stop_inflight_once(ctx, s, how):
 
 def sc_kill_worker(ctx):
     """kill -9 of the only worker until a replacement answers."""
-    kills = 3 if ctx.quick else 5
     rows = []
     for key in SUPERVISED:
         s = SUBJECTS[key]
+        # Circus notices a dead process at its next check (check_delay, 5 s): fewer kills.
+        kills = 1 if ctx.quick else (2 if s.kind == "circus" else 5)
         if s.unavailable:
             rows.append({"subject": key, "unavailable": s.unavailable})
             continue
-        tmp = tempfile.mkdtemp(prefix="bench-")
+        tmp = H.fresh_tmp()
         port = H.free_port()
         samples = []
         settings = ["respawn_reset_after=1s"] if s.kind == "drover" else []
@@ -445,14 +465,14 @@ def parse_strace_c(path):
 
 def sc_footprint(ctx):
     """The master's footprint while idle (2 workers)."""
-    window = 2.0 if ctx.quick else 5.0
+    window = 1.0 if ctx.quick else 5.0
     rows = []
     for key in SUPERVISED:
         s = SUBJECTS[key]
         if s.unavailable:
             rows.append({"subject": key, "unavailable": s.unavailable})
             continue
-        tmp = tempfile.mkdtemp(prefix="bench-")
+        tmp = H.fresh_tmp()
         port = H.free_port()
         row = {"subject": key, "window_s": window}
         try:
@@ -467,6 +487,7 @@ def sc_footprint(ctx):
                 row["threads"] = int(st.get("Threads", "0"))
                 row["pss_kb"] = H.smaps_rollup(run.pid).get("Pss")
                 row["top_mappings_kb"] = H.rss_by_mapping(run.pid)
+                row["text_kb"], row["text_rss_kb"] = H.text_mapping_kb(run.pid)
                 c0 = H.context_switches(run.pid)
                 time.sleep(window)
                 c1 = H.context_switches(run.pid)
@@ -475,7 +496,7 @@ def sc_footprint(ctx):
                 if H.which("strace"):
                     out = Path(tmp) / "strace.txt"
                     argv = ["strace", "-c", "-f", "-p", str(run.pid), "-o", str(out)]
-                    ctx.note_command("footprint", "strace", shlex.join(argv[:-2] + ["PID"]))
+                    ctx.note_command("footprint", "strace", "strace -c -f -p PID -o FILE  # for the window, then SIGINT")
                     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(window)
                     p.send_signal(signal.SIGINT)
@@ -492,13 +513,13 @@ def sc_footprint(ctx):
     return {"rows": rows}
 
 
-THROUGHPUT = [("alone-hello", 1), ("drover-hello", 1), ("drover-hello", 2), ("drover-hello", 4),
+THROUGHPUT = [("drover-hello", 2), ("drover-hello", 4),
               ("circus-hello", 2), ("circus-hello", 4), ("gunicorn", 2), ("gunicorn", 4),
               ("drover-wsgi", 2), ("drover-wsgi", 4), ("circus-wsgi", 2), ("circus-wsgi", 4)]
 
 
 def sc_throughput(ctx):
-    secs = 2 if ctx.quick else 4
+    secs = 1 if ctx.quick else 3
     app, why = throughput_app(ctx)
     samples = {}
     for rep in range(ctx.reps):
@@ -508,7 +529,7 @@ def sc_throughput(ctx):
                 continue
             saved = s.app
             s.app = app
-            tmp = tempfile.mkdtemp(prefix="bench-")
+            tmp = H.fresh_tmp()
             port = H.free_port()
             env = {"PYTHONPATH": f"{H.APPS}:{H.ROOT / 'workers' / 'python'}"}
             try:
@@ -526,8 +547,31 @@ def sc_throughput(ctx):
             samples.setdefault((key, n), []).append(r)
             say(f"throughput {key} w={n} rep {rep + 1}: {r.get('rps')} req/s, p99 {r.get('p99_ms')} ms, "
                 f"errors {r.get('errors')}", r.get("error", ""))
+    # drover's overhead: hello alone and drover + one hello, run in pairs
+    # back to back, so that the machine's drift hits both alike.
+    pairs = []
+    for i in range(1 if ctx.quick else 3):
+        pair = {}
+        for key in ("alone-hello", "drover-hello"):
+            s = SUBJECTS[key]
+            tmp = H.fresh_tmp()
+            port = H.free_port()
+            try:
+                with s.start(1, port, tmp, ctx.log_path("throughput", key, "-1")) as run:
+                    ctx.note_command("throughput", f"{key} -w 1", cmd_of(run))
+                    s.wait_ready(run, 1, port, 60)
+                    time.sleep(0.2)
+                    r, _ = H.run_wrk(port, 2, 50, secs)
+                    r.pop("raw", None) if r.get("rps") else None
+            except Unavailable as e:
+                r = {"error": str(e)}
+            samples.setdefault((key, 1), []).append(r)
+            pair[key] = r.get("rps")
+        if pair.get("alone-hello") and pair.get("drover-hello"):
+            pairs.append(pair["drover-hello"] / pair["alone-hello"])
+        say(f"throughput pair {i + 1}: hello alone {pair.get('alone-hello')}, drover + hello {pair.get('drover-hello')} req/s")
     rows = []
-    for key, n in THROUGHPUT:
+    for key, n in [("alone-hello", 1), ("drover-hello", 1)] + THROUGHPUT:
         s = SUBJECTS[key]
         if s.unavailable:
             rows.append({"subject": key, "n": n, "unavailable": s.unavailable})
@@ -538,28 +582,30 @@ def sc_throughput(ctx):
                      "p99_ms": stats([x.get("p99_ms") for x in sm]),
                      "max_ms": stats([x.get("lat_max_ms") for x in sm]),
                      "errors": sum(x.get("errors") or 0 for x in sm)})
-    return {"rows": rows, "wsgi_app": app, "wsgi_app_note": why, "seconds": secs}
+    return {"rows": rows, "wsgi_app": app, "wsgi_app_note": why, "seconds": secs,
+            "overhead_pairs": [round(x, 4) for x in pairs], "overhead": stats(pairs)}
 
 
-RELOAD_SUBJECTS = ["gunicorn", "drover-hello", "drover-wsgi", "circus-hello", "circus-wsgi"]
+RELOAD_SUBJECTS = ["gunicorn", "drover-hello", "drover-wsgi", "circus-wsgi"]
 
 
-def probe_unimplemented(run, sig):
-    """Sends sig to a drover master; returns the log line if drover says the
-    signal is not implemented, else None."""
-    t = now()
-    run.signal(sig)
-    hit = run.wait_line(r"not implemented", 0.5, after=t)
-    return hit[1].string.split(" INFO ")[-1].split(" WARN ")[-1].strip() if hit else None
+# Log lines that show a reload (or upgrade) actually happened, per kind.
+APPLIED = {
+    ("drover", "reload"): r"reload applied",
+    ("drover", "upgrade"): r"upgrade: new master pid (\d+) ready",
+    ("gunicorn", "reload"): r"Hang up: Master",
+    ("circus", "reload"): r"\breloaded\b",
+}
+NOT_IMPLEMENTED = r"not implemented"
 
 
 def sc_reload(ctx):
     """Reload (and, for drover, upgrade) under load: 50 connections, five
     reloads, against the same run without reloads."""
-    secs = 4.0 if ctx.quick else 8.0
-    first, gap = (0.8, 0.6) if ctx.quick else (1.5, 1.2)
+    secs = 2.0 if ctx.quick else 8.0
+    first, gap = (0.3, 0.3) if ctx.quick else (1.5, 1.2)
     schedule = [first + gap * i for i in range(5)]
-    reps = 1 if ctx.quick else 2
+    reps = 1
     rows = []
     for key in RELOAD_SUBJECTS:
         s = SUBJECTS[key]
@@ -567,33 +613,38 @@ def sc_reload(ctx):
             rows.append({"subject": key, "unavailable": s.unavailable})
             continue
         row = {"subject": key, "baseline": [], "reload": [], "upgrade": [], "schedule_s": schedule}
-        tmp = tempfile.mkdtemp(prefix="bench-")
+        tmp = H.fresh_tmp()
         port = H.free_port()
+        ops = [("reload", signal.SIGHUP)] + ([("upgrade", signal.SIGUSR2)] if s.kind == "drover" else [])
         try:
             with s.start(2, port, tmp, ctx.log_path("reload", s.key)) as run:
                 ctx.note_command("reload", s.key, cmd_of(run))
                 s.wait_ready(run, 2, port, 60)
-                ops = [("reload", signal.SIGHUP)]
-                if s.kind == "drover":
-                    ops.append(("upgrade", signal.SIGUSR2))
-                    for name, sig in ops:
-                        why = probe_unimplemented(run, sig)
-                        if why:
-                            row[f"{name}_unavailable"] = f"drover logs: {why}"
-                    time.sleep(0.5)
+                time.sleep(0.3)
                 for rep in range(reps):
-                    lg, cmd = H.run_loadgen(port, secs)
-                    ctx.note_command("reload", "loadgen", cmd.replace(str(port), "PORT"))
-                    row["baseline"].append(H.finish_loadgen(lg, secs + 60))
-                    for name, sig in ops:
-                        if row.get(f"{name}_unavailable"):
+                    for name, sig in [("baseline", None)] + ops:
+                        if name != "baseline" and row.get(f"{name}_unavailable"):
                             continue
-                        res = reload_run(run, port, secs, schedule, sig)
+                        if name == "upgrade" and row["upgrade"]:
+                            continue  # one upgrade run: the master changes
+                        t_run = now()
+                        res = reload_run(ctx, run, port, secs, schedule if sig else [], sig)
                         row[name].append(res)
-                        if run.exited():
+                        if sig is None:
+                            continue
+                        # Did the reloads happen? (or does the master ignore the signal?)
+                        lines = [text for t, text in run.lines if t >= t_run]
+                        ni = [x for x in lines if re.search(NOT_IMPLEMENTED, x)]
+                        if ni:
+                            row[f"{name}_unavailable"] = "drover logs: " + re.split(r"\s(?:INFO|WARN|ERROR)\s", ni[0])[-1].strip()
+                            row[name].pop()
+                        rx = APPLIED.get((s.kind, name))
+                        res["applied"] = sum(1 for x in lines if rx and re.search(rx, x))
+                        res["log_excerpt"] = [x for x in lines if re.search(r"(?i)reload|upgrade|refused|rolled back|error", x)][:12]
+                        if run.exited() and name != "upgrade":
                             raise Unavailable(f"the master exited during the {name} run")
-                        if s.kind == "drover" and name == "upgrade":
-                            break  # the master pid changes on an upgrade: one run only
+                    if row.get("upgrade") and run.exited():
+                        break
         except Unavailable as e:
             row["error"] = str(e)
         for name in ("baseline", "reload", "upgrade"):
@@ -604,9 +655,12 @@ def sc_reload(ctx):
                 "p99_ms": stats([r["lat_us"]["p99"] / 1000 for r in rs]),
                 "max_ms": stats([r["lat_us"]["max"] / 1000 for r in rs]),
                 "outcomes": _sum_outcomes(rs),
+                "applied": [r.get("applied") for r in rs],
             }
         say(f"reload {key}: baseline p99 {row['baseline_summary']['p99_ms']['median']} ms, "
-            f"reload p99 {row['reload_summary']['p99_ms']['median']} ms, failed {row['reload_summary']['failed']['median']}",
+            f"reload p99 {row['reload_summary']['p99_ms']['median']} ms, failed {row['reload_summary']['failed']['median']}, "
+            f"applied {row['reload_summary']['applied']}; upgrade failed {row['upgrade_summary']['failed']['median']} "
+            f"applied {row['upgrade_summary']['applied']}",
             row.get("reload_unavailable", "") or row.get("error", ""))
         rows.append(row)
     return {"rows": rows, "seconds": secs, "schedule_s": schedule, "conns": 50}
@@ -620,8 +674,11 @@ def _sum_outcomes(rs):
     return tot
 
 
-def reload_run(run, port, secs, schedule, sig):
-    lg, _ = H.run_loadgen(port, secs)
+def reload_run(ctx, run, port, secs, schedule, sig):
+    """One load-generator run, with sig sent to the (current) master at each
+    time of schedule (seconds after the load started)."""
+    lg, cmd = H.run_loadgen(port, secs)
+    ctx.note_command("reload", "loadgen", cmd.replace(str(port), "PORT"))
     t_start = time.time()
     marks = []
     for at in schedule:
@@ -630,7 +687,7 @@ def reload_run(run, port, secs, schedule, sig):
             time.sleep(delay)
         marks.append(time.time())
         try:
-            run.signal(sig)
+            os.kill(run.current_master(), sig)
         except OSError:
             pass
     res = H.finish_loadgen(lg, secs + 60)
@@ -642,7 +699,7 @@ def sc_kill_master(ctx):
     """SIGKILL of the master: how long do its workers live on, and do they
     still answer? All subjects at once, each timed from its own kill."""
     cap = 3.0 if ctx.quick else 17.0
-    reps = 1 if ctx.quick else 2
+    reps = 1
     rows = {k: {"subject": k, "samples": []} for k in SUPERVISED}
     for rep in range(reps):
         started = []
@@ -652,7 +709,7 @@ def sc_kill_master(ctx):
                 if s.unavailable:
                     rows[key]["unavailable"] = s.unavailable
                     continue
-                tmp = tempfile.mkdtemp(prefix="bench-")
+                tmp = H.fresh_tmp()
                 port = H.free_port()
                 run = s.start(2, port, tmp, ctx.log_path("kill-master", key))
                 ctx.note_command("kill_master", key, cmd_of(run))
@@ -670,12 +727,9 @@ def sc_kill_master(ctx):
                 w = H.PidWatch(ws)
                 t = now()
                 run.p.kill()
+                # Watch at once (a pidfd tells when we look, not when it died).
+                w.wait_all(t, 0.5)
                 watches.append((key, run, port, w, t, len(ws)))
-            time.sleep(0.05)
-            answered = {}
-            for key, run, port, w, t, nw in watches:
-                r = H.http_get(port, "/", timeout=1.0, connect_timeout=1.0)
-                answered[key] = r["outcome"]
             t_end = max(t for *_, t, _ in watches) + cap if watches else now()
             for key, run, port, w, t, nw in watches:
                 gone = w.wait_all(t, max(0.0, t_end - t))
@@ -685,8 +739,10 @@ def sc_kill_master(ctx):
                     "all_gone_ms": ms(max(vals)) if vals and all(v is not None for v in vals) else None,
                     "survivors_at_cap": sum(1 for v in vals if v is None),
                     "cap_s": round(t_end - t, 1),
-                    "answered_50ms_after": answered.get(key),
                 }
+                # Only now (a request would wake the workers up): do orphans still serve?
+                r = H.http_get(port, "/", timeout=1.0, connect_timeout=1.0)
+                sample["answered_at_cap"] = r["outcome"] + (" (by an orphan)" if r["outcome"] == "ok" else "")
                 w.kill_survivors()
                 w.close()
                 rows[key]["samples"].append(sample)
@@ -699,7 +755,7 @@ def sc_kill_master(ctx):
         sm = row["samples"]
         row["all_gone_ms"] = stats([x.get("all_gone_ms") for x in sm if "error" not in x])
         row["survivors"] = sum(x.get("survivors_at_cap", 0) for x in sm)
-        row["answered"] = sorted({x.get("answered_50ms_after") for x in sm if x.get("answered_50ms_after")})
+        row["answered"] = sorted({x.get("answered_at_cap") for x in sm if x.get("answered_at_cap")})
         row["errors"] = [x["error"] for x in sm if x.get("error")]
         say(f"kill-master {key}: gone {row['all_gone_ms']['median']} ms, survivors {row['survivors']}, "
             f"answered {row['answered']}", row.get("unavailable", ""))
@@ -707,24 +763,86 @@ def sc_kill_master(ctx):
     return {"rows": out, "cap_s": cap}
 
 
+def diagnose_once(ctx, s, n):
+    """One untraced start-up and stop of drover + hello with n workers: CPU
+    at ready (schedstat), the spawn loop (drover's timestamps), stop time and
+    stop CPU (wait4 rusage)."""
+    tmp = H.fresh_tmp()
+    port = H.free_port()
+    with s.start(n, port, tmp, ctx.log_path("diagnose-cpu", s.key, f"-{n}")) as run:
+        hit = run.wait_line(r"all (\d+) workers ready ([\d.]+) ms after start", 90)
+        ws = run.workers()
+        master = H.cpu_ns(run.pid) or 0
+        workers = sum(H.cpu_ns(p) or 0 for p in ws)
+        # The spawn loop, from drover's own timestamps.
+        stamps = []
+        for _, text in list(run.lines):
+            m = re.match(r"(\S+)Z\s+INFO worker \d+ \(pid \d+\) spawned", text)
+            if m:
+                stamps.append(datetime.datetime.fromisoformat(m.group(1)))
+        spawn_ms = (stamps[-1] - stamps[0]).total_seconds() * 1000 if len(stamps) > 1 else None
+        time.sleep(0.3)
+        t = now()
+        run.signal(signal.SIGTERM)
+        r, _, _ = select.select([run.pidfd], [], [], 60)
+        stop_ms = (now() - t) * 1000 if r else None
+        total_cpu = None
+        if r:
+            # wait4: the master's rusage includes every worker it reaped.
+            _, status, ru = os.wait4(run.pid, 0)
+            run.p.returncode = os.waitstatus_to_exitcode(status)
+            total_cpu = (ru.ru_utime + ru.ru_stime) * 1000
+        at_ready = (master + workers) / 1e6
+        return {
+            "wall_ms": float(hit[1].group(2)) if hit else None,
+            "master_cpu_ms": round(master / 1e6, 2),
+            "workers_cpu_ms": round(workers / 1e6, 2),
+            "per_worker_ms": round(workers / 1e6 / max(1, len(ws)), 3),
+            "master_per_worker_ms": round(master / 1e6 / n, 3),
+            "spawn_loop_ms": round(spawn_ms, 2) if spawn_ms is not None else None,
+            "spawn_each_ms": round(spawn_ms / (n - 1), 3) if spawn_ms is not None else None,
+            "stop_ms": round(stop_ms, 2) if stop_ms is not None else None,
+            "stop_cpu_ms": round(total_cpu - at_ready, 2) if total_cpu is not None else None,
+            "cores": os.cpu_count(),
+        }
+
+
 def sc_diagnose(ctx):
-    """Evidence for the report: where drover's master spends its time while
-    starting 4 and 128 workers (strace of the master alone, no -f)."""
-    if not H.which("strace"):
-        return {"unavailable": "strace not installed"}
-    out = {}
+    """Evidence for the report. (1) CPU time (schedstat) of drover's master and
+    of its workers at the moment all N are ready, untraced: what the start-up
+    costs and who pays. (2) strace of the master alone (no -f) during a
+    start-up: its system calls by count and time, and its longest gaps."""
+    out = {"cpu": {}}
     s = SUBJECTS["drover-hello"]
+    for n in (4, 128, 1024):
+        runs = [diagnose_once(ctx, s, n) for _ in range(ctx.reps if n < 1024 else 1)]
+        # The median of each figure over the runs (the machine is shared).
+        d = {k: stats([r.get(k) for r in runs])["median"] for k in runs[0] if k != "cores"}
+        d["cores"] = os.cpu_count()
+        d["runs"] = len(runs)
+        out["cpu"][str(n)] = d
+    out["exec_cpu_ms"] = {
+        "/bin/true": H.exec_cpu_ms(["/bin/true"]),
+        "hello (exits at once: no LISTEN_FDS)": H.exec_cpu_ms([str(H.HELLO)]),
+        "drover check (exec, arguments, config)": H.exec_cpu_ms(
+            [str(H.DROVER), "check", "-w", "4", "-b", "127.0.0.1:1", "--set", "ready=notify", "--", str(H.HELLO)]),
+    }
+    if not H.which("strace"):
+        out["strace"] = "strace not installed"
+        return out
     for n in (4, 128):
-        tmp = tempfile.mkdtemp(prefix="bench-")
+        tmp = H.fresh_tmp()
         port = H.free_port()
         trace = Path(tmp) / "trace.txt"
-        argv = ["strace", "-ttt", "-T", "-o", str(trace)] + s.argv(n, port, tmp)
+        argv = ["strace", "-ttt", "-T", "-s", "256", "-o", str(trace)] + s.argv(n, port, tmp)
         ctx.note_command("diagnose", f"N={n}", shlex.join(argv).replace(str(port), "PORT").replace(str(trace), "trace.txt"))
         run = H.Running(s, argv, H.base_env(tmp), log_path=ctx.log_path("diagnose", s.key, f"-{n}"))
         try:
             hit = run.wait_line(r"all (\d+) workers ready ([\d.]+) ms after start", 60)
+            kids = [p for p, pp in H.process_table().items() if pp == run.pid]
             t = now()
-            run.signal(signal.SIGTERM)
+            for k in kids:  # drover itself, under strace
+                os.kill(k, signal.SIGTERM)
             run.wait_exit(t, 30)
         finally:
             run.stop()
@@ -760,8 +878,10 @@ def summarize_trace(path, self_ms):
     gaps.sort(reverse=True)
     return {
         "self_reported_ms": self_ms,
+        "ready_line_found": end is not None,
         "traced_ms": round(((end or upto[-1][0]) - t0) * 1000, 3),
         "syscalls": len(upto),
+        "calls": sorted(((k, v[0], round(v[1] * 1000, 3)) for k, v in per.items()), key=lambda x: -x[1]),
         "by_time_ms": sorted(((k, v[0], round(v[1] * 1000, 3)) for k, v in per.items()), key=lambda x: -x[2])[:8],
         "largest_gaps_ms": gaps[:5],
     }
@@ -787,11 +907,12 @@ def main():
     ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(n for n, _ in SCENARIOS))
     ap.add_argument("--report-only", nargs="?", const="latest", metavar="RESULTS_DIR",
                     help="regenerate the report from saved results")
+    ap.add_argument("--merge", metavar="RESULTS_DIR",
+                    help="run the --only scenarios again and replace them in an earlier run's results "
+                         "(e.g. once a subject that was not available has appeared)")
     ap.add_argument("--docs", action="store_true",
                     help="write docs/benchmarks.md even for --quick/--only runs")
     args = ap.parse_args()
-
-    import report
 
     if args.report_only:
         d = Path(args.report_only) if args.report_only != "latest" else (H.BENCH / "results" / "latest").resolve()
@@ -800,26 +921,54 @@ def main():
         print(report.write(res, d, to_docs=to_docs))
         return
 
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
-    outdir = H.BENCH / "results" / stamp
-    outdir.mkdir(parents=True, exist_ok=True)
-    latest = H.BENCH / "results" / "latest"
-    if latest.is_symlink() or latest.exists():
-        latest.unlink()
-    latest.symlink_to(stamp)
-    ctx = Ctx(args, outdir)
-    machine_meta(ctx)
-    if args.only:
-        ctx.results["meta"]["only"] = args.only
+    if args.merge:
+        if not args.only:
+            sys.exit("--merge needs --only SCENARIOS")
+        outdir = Path(args.merge).resolve()
+        base = json.loads((outdir / "results.json").read_text())
+        args.quick = base["meta"].get("mode") == "quick"
+        ctx = Ctx(args, outdir)
+        ctx.runs = len(list(ctx.logs.glob("*.log")))
+        ctx.commands = base.get("commands", {})
+        for name in args.only.split(","):
+            ctx.commands.pop(name, None)
+        machine_meta(ctx)
+        new_meta = ctx.results["meta"]
+        ctx.results = base
+        ctx.results["meta"].setdefault("merged", []).append(
+            {"scenarios": args.only, "date": new_meta["date"], "drover_rev": new_meta["drover_rev"]})
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+        outdir = H.BENCH / "results" / stamp
+        outdir.mkdir(parents=True, exist_ok=True)
+        latest = H.BENCH / "results" / "latest"
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(stamp)
+        ctx = Ctx(args, outdir)
+        machine_meta(ctx)
+        if args.only:
+            ctx.results["meta"]["only"] = args.only
+    H.QUIET["budget"] = 15.0 if args.quick else 60.0
     only = set(args.only.split(",")) if args.only else None
     t_all = now()
     say(f"results in {outdir}")
+    try:
+        run_all(ctx, args, only, t_all)
+    finally:
+        H.remove_tmps()
+
+
+def run_all(ctx, args, only, t_all):
+    outdir = ctx.outdir
     check_wsgi_worker(ctx)
     ctx.save()
     for name, fn in SCENARIOS:
         if only and name not in only:
             continue
-        say(f"== {name}")
+        load_before = open("/proc/loadavg").read().split()[:3]
+        H.QUIET["samples"] = []
+        say(f"== {name} (load average {' '.join(load_before)})")
         t = now()
         try:
             res = fn(ctx)
@@ -827,11 +976,16 @@ def main():
             res = {"crashed": traceback.format_exc()}
             say(f"{name} crashed:\n{res['crashed']}")
         res["elapsed_s"] = round(now() - t, 1)
+        res["loadavg_before"] = load_before
+        res["others_cpu"] = stats(H.QUIET["samples"])
         ctx.results["scenarios"][name] = res
         ctx.save()
-    ctx.results["meta"]["elapsed_s"] = round(now() - t_all, 1)
+    if not args.merge:
+        ctx.results["meta"]["elapsed_s"] = round(now() - t_all, 1)
+        ctx.results["meta"]["quiet_waited_s"] = round(H.QUIET["waited_s"], 1)
+        ctx.results["meta"]["quiet_budget_s"] = H.QUIET["budget"]
     ctx.save()
-    to_docs = (not args.quick and not args.only) or args.docs
+    to_docs = (not args.quick and (not args.only or args.merge) and not ctx.results["meta"].get("only")) or args.docs
     path = report.write(ctx.results, outdir, to_docs=to_docs)
     say(f"done in {now() - t_all:.0f} s; report: {path}")
 
