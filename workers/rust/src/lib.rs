@@ -52,3 +52,32 @@ pub fn exit(code: i32) -> ! {
 
 #[cfg(test)]
 mod testutil;
+
+#[cfg(test)]
+mod tests {
+    /// Normal exit through the SDK runs the registry, last registered first,
+    /// then exits with the code given (in a child process: it really exits).
+    #[test]
+    fn exit_runs_the_registry_then_exits() {
+        if !crate::testutil::in_child("exit_runs_the_registry_then_exits") {
+            let out = crate::testutil::child_command("tests::exit_runs_the_registry_then_exits")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(out.status.code(), Some(7), "{stdout}");
+            let first = stdout.find("cleanup-second").expect("second ran");
+            let then = stdout.find("cleanup-first").expect("first ran");
+            assert!(first < then, "last registered runs first: {stdout}");
+            return;
+        }
+        crate::cleanup::register("first", || {
+            println!("cleanup-first");
+            Ok(())
+        });
+        crate::cleanup::register("second", || {
+            println!("cleanup-second");
+            Ok(())
+        });
+        crate::exit(7);
+    }
+}
