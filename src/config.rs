@@ -98,6 +98,8 @@ settings! {
     user: Option<String> = None;
     /// Run workers with this primary group (name or gid).
     group: Option<String> = None;
+    /// Run the master too as `user`/`group`, once its sockets are bound.
+    master_as_user: bool = false;
     /// The workers' umask, in octal.
     umask: Option<Mode> = None;
     /// The workers' working directory.

@@ -40,6 +40,22 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Switches this process (the master) to the identity: groups, then
+    /// group, then user, as the child does before exec.
+    pub fn apply_to_self(&self) -> Result<(), SpawnError> {
+        use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+        let failed = |what: &str, e: Errno| {
+            SpawnError::Identity(format!("cannot switch drover to its user: {what}: {e}"))
+        };
+        let groups: Vec<Gid> = self.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        setgroups(&groups).map_err(|e| failed("setgroups", e))?;
+        setgid(Gid::from_raw(self.gid)).map_err(|e| failed("setgid", e))?;
+        if let Some(uid) = self.uid {
+            setuid(Uid::from_raw(uid)).map_err(|e| failed("setuid", e))?;
+        }
+        Ok(())
+    }
+
     /// Looks up `user` and `group` (names or numbers). `None` when neither is set.
     pub fn resolve(
         user: Option<&str>,

@@ -258,3 +258,38 @@ fn as_pid_1_in_a_fresh_namespace_no_orphan_stays_a_zombie() {
     nix::sys::signal::kill(drover, Signal::SIGTERM).unwrap();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
 }
+
+#[test]
+fn the_master_binds_a_privileged_port_then_runs_as_the_workers_user() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    // Port 980 needs root to bind; 127.0.0.2 is loopback and rarely used.
+    let config = format!(
+        "bind = [\"127.0.0.2:980\"]\ncommand = [\"/usr/bin/python3\", \"{}\", \"--notify\"]\nready = \"notify\"\n\
+         user = \"nobody\"\nmaster_as_user = true\n",
+        probe_py()
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let status = read_file(std::path::Path::new(&format!("/proc/{}/status", d.pid())));
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        uid_line.split_whitespace().nth(1),
+        Some(nobody.uid.to_string().as_str()),
+        "{uid_line}"
+    );
+    assert!(d
+        .log()
+        .contains(&format!("drover now runs as uid {}", nobody.uid)));
+    let body = get_ok("127.0.0.2:980".parse().unwrap(), "/probe").body;
+    assert!(body.contains(&format!("\"uid\": {}", nobody.uid)), "{body}");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+}

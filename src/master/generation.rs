@@ -26,6 +26,7 @@ impl Generation {
         loaded: Loaded,
         inherited: Vec<Inherited>,
         current: &Set,
+        master_switched: bool,
     ) -> Result<Generation, StartError> {
         let s = loaded.settings;
         let mut env = Env::inherit(&s.env_remove);
@@ -33,7 +34,10 @@ impl Generation {
             env.set(k, v);
         }
         let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref())
-            .map_err(StartError::Identity)?;
+            .map_err(StartError::Identity)?
+            // Resolved all the same (an unknown user is an error), but a master
+            // that already runs as that user has nothing to switch.
+            .filter(|_| !master_switched);
         let program = Program::new(&s.command, env.get("PATH"))
             .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
             .map_err(StartError::Program)?;
@@ -45,6 +49,11 @@ impl Generation {
             env,
             listeners,
         })
+    }
+
+    /// The workers' user and group as configured (to compare generations).
+    pub fn user_and_group(&self) -> (Option<&str>, Option<&str>) {
+        (self.s.user.as_deref(), self.s.group.as_deref())
     }
 
     /// The workers' user and group, if they differ from drover's.

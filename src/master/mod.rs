@@ -132,6 +132,8 @@ pub struct Master {
     next_memory_check: Option<Instant>,
     /// When WATCHDOG=1 is next due to our service manager.
     next_watchdog: Option<Instant>,
+    /// `master_as_user`: the master switched to the workers' user at start.
+    master_switched: bool,
     exe: upgrade::Exe,
 }
 
@@ -152,7 +154,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         }
         debug!("child subreaper: orphans of workers are re-parented to drover");
     }
-    let gen = Generation::build(1, first, inherited, &Vec::new())?;
+    let mut gen = Generation::build(1, first, inherited, &Vec::new(), false)?;
     let pidfile = gen.s.pidfile.as_deref().map(Pidfile::create).transpose()?;
     let notify = NotifySocket::open(gen.owner()).map_err(StartError::Notify)?;
     let control = match &gen.s.control_socket {
@@ -165,6 +167,18 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         None => None,
     };
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
+    // Everything privileged is done: sockets bound, files created.
+    let master_switched = gen.s.master_as_user && gen.program.identity.is_some();
+    if master_switched {
+        if let Some(id) = gen.program.identity.take() {
+            id.apply_to_self().map_err(StartError::Identity)?;
+            info!(
+                "drover now runs as uid {}, gid {}",
+                nix::unistd::getuid(),
+                nix::unistd::getgid()
+            );
+        }
+    }
     let mut master = Master {
         slots: vec![Slot::default(); gen.s.workers.0 as usize],
         next_memory_check: gen
@@ -189,6 +203,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         paused: false,
         shutdown: None,
         upgrade: None,
+        master_switched,
         next_watchdog: None,
         exe: upgrade::Exe::saved(),
     };

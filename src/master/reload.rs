@@ -42,12 +42,18 @@ impl Master {
             .load()
             .map_err(|e| e.to_string())
             .and_then(|loaded| {
-                Generation::build(number, loaded, Vec::new(), &self.gen.listeners)
-                    .map_err(|e| e.to_string())
+                Generation::build(
+                    number,
+                    loaded,
+                    Vec::new(),
+                    &self.gen.listeners,
+                    self.master_switched,
+                )
+                .map_err(|e| e.to_string())
             });
         // The notify socket belongs to the workers' user: a new user could
         // not report ready on it, and the old workers could no longer.
-        let next = next.and_then(|n| match n.owner() == self.gen.owner() {
+        let next = next.and_then(|n| match n.user_and_group() == self.gen.user_and_group() {
             true => Ok(n),
             false => {
                 Err("`user` or `group` changed: that needs a restart or an upgrade".to_string())
