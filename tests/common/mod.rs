@@ -412,32 +412,58 @@ pub fn get_ok(addr: SocketAddr, path: &str) -> Response {
     })
 }
 
-/// Number of sockets `pid` has open.
-pub fn socket_count(pid: Pid) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|l| l.to_string_lossy().starts_with("socket:"))
-                .count()
-        })
-        .unwrap_or(0)
+/// The inode of the server side of the TCP connection from `client` to
+/// `server`, once a process has accepted it: until then the kernel shows
+/// inode 0 (the connection waits in the listen queue, no socket file yet).
+fn accepted_inode(server: SocketAddr, client: SocketAddr) -> Option<u64> {
+    fn hex(a: SocketAddr) -> String {
+        let ip = match a.ip() {
+            std::net::IpAddr::V4(ip) => format!("{:08X}", u32::from_ne_bytes(ip.octets())),
+            std::net::IpAddr::V6(ip) => ip
+                .octets()
+                .chunks(4)
+                .map(|c| format!("{:08X}", u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+        };
+        format!("{ip}:{:04X}", a.port())
+    }
+    let table = if server.is_ipv4() { "tcp" } else { "tcp6" };
+    let (local, remote) = (hex(server), hex(client));
+    std::fs::read_to_string(format!("/proc/net/{table}"))
+        .ok()?
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 9 && f[1] == local && f[2] == remote)
+        .and_then(|f| f[9].parse().ok())
+        .filter(|inode| *inode != 0)
 }
 
-/// Starts a GET of `path` on a thread and returns once a worker has accepted
-/// the connection (one of `workers` holds one more socket than before).
+/// Whether `pid` holds the socket with `inode`.
+fn holds_socket(pid: Pid, inode: u64) -> bool {
+    let target = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+        d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .any(|l| l.as_os_str() == target.as_str())
+    })
+}
+
+/// Starts a GET of `path` on a thread and returns once one of `workers` has
+/// accepted that very connection (it holds the connection's socket).
 pub fn get_in_flight(
     addr: SocketAddr,
     path: &str,
     workers: &[Pid],
 ) -> std::thread::JoinHandle<std::io::Result<Response>> {
-    let before: Vec<usize> = workers.iter().map(|p| socket_count(*p)).collect();
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(LIMIT)).expect("set_read_timeout");
+    let client = s.local_addr().expect("local_addr");
     let path = path.to_string();
-    let handle = std::thread::spawn(move || get(addr, &path));
+    let handle = std::thread::spawn(move || get_over(s, &path));
     wait_for("a worker to accept the request", LIMIT, || {
+        let inode = accepted_inode(addr, client)?;
         workers
             .iter()
-            .zip(&before)
-            .any(|(p, b)| socket_count(*p) > *b)
+            .any(|p| holds_socket(*p, inode))
             .then_some(())
     });
     handle
