@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
 
 use nix::fcntl::OFlag;
-use nix::sys::signal::Signal as Raw;
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal as Raw};
 use nix::unistd::{pipe2, read};
 
 /// What the master is asked to do, decoded from a raw signal.
@@ -85,6 +85,14 @@ impl SignalPipe {
                 })?;
             }
         }
+        // A parent may have started us with some of them blocked (the mask
+        // survives exec): then SIGTERM would never arrive and no child would
+        // ever be reaped. Ours are the handlers now; let them in.
+        let mut ours = SigSet::empty();
+        for (sig, _) in TABLE {
+            ours.add(*sig);
+        }
+        sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&ours), None)?;
         Ok(SignalPipe { read })
     }
 

@@ -358,6 +358,29 @@ fn cli_only_with_a_python_worker() {
 }
 
 #[test]
+fn signals_blocked_by_drovers_parent_still_reach_it() {
+    let start = Start {
+        block_signals: true,
+        ..Start::config(&hello("workers = 1"))
+    };
+    let mut d = start.run();
+    d.wait_log("all 1 workers ready");
+    let old = d.wait_workers(1)[0];
+    // SIGCHLD must arrive: the killed worker is reaped and replaced.
+    kill(old, Signal::SIGKILL).unwrap();
+    wait_for("a replacement worker", LIMIT, || {
+        let now = d.children();
+        (now.len() == 1 && now[0] != old).then_some(())
+    });
+    assert!(zombies_of(d.pid()).is_empty(), "the killed worker was reaped");
+    get_ok(d.tcp_addr(), "/");
+    // SIGTERM must arrive: a graceful shutdown.
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    assert!(d.log().contains("SIGTERM: graceful shutdown"), "{}", d.log());
+}
+
+#[test]
 fn the_worker_gets_the_systemd_contract_and_nothing_else() {
     let config = format!(
         r#"

@@ -82,7 +82,9 @@ impl Master {
         }
         if self.next_memory_check.is_some_and(|t| t <= now) {
             self.check_memory();
-            self.next_memory_check = Some(now + self.gen.s.memory_check_interval.0);
+            // Disarmed when a reload (or a rollback) removed max_memory.
+            let interval = self.gen.s.memory_check_interval.0;
+            self.next_memory_check = self.gen.s.max_memory.map(|_| now + interval);
         }
         if self.next_watchdog.is_some_and(|t| t <= now) {
             self.systemd.watchdog();
@@ -117,14 +119,18 @@ impl Master {
     }
 
     /// The nearest instant at which something is due, if any.
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
+    pub(super) fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let workers = self.workers.iter().filter_map(Worker::deadline);
         let running = self.shutdown.is_none();
+        // A backoff that has passed is no longer a deadline: its slot was
+        // refilled this turn, or waits for an event (a successor's READY=1
+        // under max_surge, a resume after SIGWINCH). Waking for it would spin.
         let respawns = self
             .slots
             .iter()
-            .filter(|_| running)
-            .filter_map(|s| s.not_before);
+            .filter(|_| running && !self.paused)
+            .filter_map(|s| s.not_before)
+            .filter(|t| *t > now);
         let memory = self.next_memory_check.filter(|_| running);
         workers
             .chain(respawns)

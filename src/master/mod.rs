@@ -233,7 +233,7 @@ impl Master {
                 }
             }
             let timeout = self
-                .next_deadline()
+                .next_deadline(now)
                 .map(|d| d.saturating_duration_since(now));
             self.wait(timeout);
         }
@@ -690,6 +690,10 @@ impl Master {
         env.set(
             "DROVER_GRACEFUL_TIMEOUT",
             g.s.graceful_timeout.0.as_secs_f64().to_string(),
+        );
+        env.set(
+            "DROVER_QUICK_TIMEOUT",
+            g.s.quick_timeout.0.as_secs_f64().to_string(),
         );
         if let Some(t) = g.s.timeout {
             env.set("WATCHDOG_USEC", t.0.as_micros().to_string());

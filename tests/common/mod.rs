@@ -57,6 +57,9 @@ pub struct Start {
     pub own_group: bool,
     /// Start drover with SIGINT ignored (as `cmd &` in a script does).
     pub ignore_sigint: bool,
+    /// Start drover with SIGTERM, SIGCHLD and SIGHUP blocked (the mask
+    /// survives exec: a careless parent can hand it down).
+    pub block_signals: bool,
     /// Leak this (non close-on-exec) descriptor number into drover.
     pub leak_fd: Option<i32>,
     pub env: Vec<(String, String)>,
@@ -128,6 +131,7 @@ impl Start {
             cmd.process_group(0);
         }
         let (ignore_sigint, leak) = (self.ignore_sigint, self.leak_fd);
+        let block_signals = self.block_signals;
         let pass: Vec<(i32, i32)> = self
             .pass
             .iter()
@@ -146,6 +150,14 @@ impl Start {
                 );
                 if ignore_sigint {
                     libc::signal(libc::SIGINT, libc::SIG_IGN);
+                }
+                if block_signals {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    for sig in [libc::SIGTERM, libc::SIGCHLD, libc::SIGHUP] {
+                        libc::sigaddset(&mut set, sig);
+                    }
+                    libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
                 }
                 for &(fd, to) in &pass {
                     if fd == to {
