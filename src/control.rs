@@ -264,18 +264,30 @@ fn readable(a: &Answer) -> String {
         "\n{:>4} {:>8} {:>4} {:>9} {:>9} {:>8} {:>9}  status",
         "slot", "pid", "gen", "state", "uptime", "restarts", "rss"
     ));
+    // Width formatting applies to numbers and strings, not to JSON values.
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     for w in status["workers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "\n{:>4} {:>8} {:>4} {:>9} {:>8}s {:>8} {:>6} MiB  {}",
-            w["slot"],
-            w["pid"],
-            w["generation"],
+            n(&w["slot"]),
+            n(&w["pid"]),
+            n(&w["generation"]),
             w["state"].as_str().unwrap_or("?"),
-            w["uptime_s"],
-            w["restarts"],
-            w["rss_bytes"].as_u64().map_or(0, |b| b >> 20),
+            n(&w["uptime_s"]),
+            n(&w["restarts"]),
+            n(&w["rss_bytes"]) >> 20,
             w["status"].as_str().unwrap_or("")
         ));
+    }
+    for s in status["slots"].as_array().into_iter().flatten() {
+        if s["degraded"] == true {
+            out.push_str(&format!(
+                "\nslot {} is degraded: {} failures in a row, next try in {} ms",
+                n(&s["slot"]),
+                n(&s["failures_in_a_row"]),
+                n(&s["respawn_in_ms"])
+            ));
+        }
     }
     out
 }

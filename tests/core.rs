@@ -528,6 +528,27 @@ fn an_orphan_left_by_a_worker_is_reaped() {
 }
 
 #[test]
+fn what_a_worker_leaves_in_its_process_group_goes_with_it() {
+    // The worker starts a long sleep in its own group, then exits at once
+    // on SIGTERM, leaving the sleep behind.
+    let config = "bind = [\"127.0.0.1:0\"]\nworkers = 1\n\
+                  command = [\"sh\", \"-c\", \"sleep 1234 & trap 'exit 0' TERM; wait\"]";
+    let mut d = Start::config(config).run();
+    let worker = d.wait_workers(1)[0];
+    let leftover = wait_for("the worker's sleep", LIMIT, || {
+        children_of(worker).first().copied()
+    });
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    assert!(
+        d.log().contains("left processes in its process group: sent them SIGKILL"),
+        "{}",
+        d.log()
+    );
+    wait_for("the leftover to die", LIMIT, || (!alive(leftover)).then_some(()));
+}
+
+#[test]
 fn three_signals_are_three_events() {
     let d = Start::config(&hello("workers = 1")).run();
     d.wait_log("all 1 workers ready");

@@ -126,11 +126,28 @@ fn a_failing_slot_is_reported_as_degraded() {
         "respawn_max_delay=40ms",
         "--set",
         "degraded_after=3",
+        "--set",
+        "control_socket=$DIR/ctl.sock",
         "--",
         "false",
     ])
     .run();
     d.wait_log("slot 1 is degraded: 3 failures in a row; retrying every 40.0 ms at most");
+    // The slot has no worker most of the time; the status still shows it.
+    let ctl = |json: bool| {
+        let mut cmd = std::process::Command::new(drover_bin());
+        cmd.arg("ctl").arg("--socket").arg(d.dir.path().join("ctl.sock"));
+        if json {
+            cmd.arg("--json");
+        }
+        String::from_utf8(cmd.arg("status").output().unwrap().stdout).unwrap()
+    };
+    let json = ctl(true);
+    assert!(
+        json.contains("\"slots\":[{") && json.contains("\"degraded\":true"),
+        "{json}"
+    );
+    assert!(ctl(false).contains("slot 1 is degraded:"), "{}", ctl(false));
 }
 
 #[test]

@@ -197,7 +197,7 @@ fn a_hup_during_a_reload_is_honoured_after_it() {
     d.signal(Signal::SIGHUP);
     d.wait_log("into generation 2");
     d.signal(Signal::SIGHUP);
-    d.wait_log("a reload is in progress; the next one starts when it settles");
+    d.wait_log("a reload is in progress; the reload starts once that is over");
     d.wait_log("reload applied: generation 3 serves");
     let (_, out) = ctl(&d, &["--json", "status"]);
     assert!(out.contains("\"generation\":3"), "{out}");
@@ -206,6 +206,107 @@ fn a_hup_during_a_reload_is_honoured_after_it() {
         !log.contains("generation 4"),
         "the two HUPs made two reloads: {log}"
     );
+}
+
+/// The DROVER_GENERATION of each live child of `d`.
+fn generations(d: &Drover) -> Vec<String> {
+    let mut gens: Vec<String> = d
+        .children()
+        .iter()
+        .filter_map(|p| std::fs::read(format!("/proc/{p}/environ")).ok())
+        .filter_map(|env| {
+            env.split(|b| *b == 0)
+                .find_map(|e| e.strip_prefix(b"DROVER_GENERATION="))
+                .map(|g| String::from_utf8_lossy(g).into_owned())
+        })
+        .collect();
+    gens.sort();
+    gens.dedup();
+    gens
+}
+
+/// Samples the generations alive until `done` says stop; returns the most
+/// seen at once.
+fn most_generations_alive(d: &Drover, mut done: impl FnMut() -> bool) -> usize {
+    let mut most = 0;
+    wait_for("the reloads to end", LIMIT, || {
+        most = most.max(generations(d).len());
+        done().then_some(())
+    });
+    most
+}
+
+#[test]
+fn a_hup_during_a_rollback_waits_for_the_failed_generation_to_go() {
+    let d = Start::config(&hello("max_surge = 1")).run();
+    d.wait_log("all 2 workers ready");
+    // Slot 1 of the new generation boots and serves; slot 2 cannot boot.
+    let half = hello("max_surge = 1").replace(
+        &format!("command = [\"{}\"]", hello_bin()),
+        &format!(
+            "command = [\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] && exec {}; sleep 0.3; exit 3\"]",
+            hello_bin()
+        ),
+    );
+    rewrite(&d, &half);
+    d.signal(Signal::SIGHUP);
+    d.wait_log("into generation 2");
+    d.signal(Signal::SIGHUP);
+    d.wait_log("a reload is in progress");
+    // The next config boots slowly: a third generation would be seen.
+    rewrite(
+        &d,
+        &hello("max_surge = 1").replace(
+            &format!("command = [\"{}\"]", hello_bin()),
+            &format!("command = [\"sh\", \"-c\", \"sleep 0.5; exec {}\"]", hello_bin()),
+        ),
+    );
+    let most = most_generations_alive(&d, || d.log().contains("reload applied: generation 3"));
+    let log = d.log();
+    assert!(log.contains("reload rolled back: worker 2"), "{log}");
+    assert!(
+        most <= 2,
+        "{most} generations were alive at once:\n{log}"
+    );
+    assert_eq!(generations(&d), vec!["3".to_string()]);
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
+#[test]
+fn a_hup_right_after_a_reload_waits_for_the_old_generation_to_drain() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    // An old worker keeps draining a request for a second after the reload.
+    let slow = get_in_flight(d.tcp_addr(), "/sleep?ms=1000", &workers);
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "{out}");
+    d.signal(Signal::SIGHUP);
+    d.wait_log("the previous generation is still stopping; the reload starts once that is over");
+    let most = most_generations_alive(&d, || d.log().contains("reload applied: generation 3"));
+    assert!(most <= 2, "{most} generations were alive at once");
+    assert_eq!(slow.join().unwrap().unwrap().status, 200);
+}
+
+#[test]
+fn sigwinch_during_a_reload_rolls_it_back_and_hup_resumes() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let slow = hello("").replace(
+        &format!("command = [\"{}\"]", hello_bin()),
+        &format!("command = [\"sh\", \"-c\", \"sleep 2; exec {}\"]", hello_bin()),
+    );
+    rewrite(&d, &slow);
+    d.signal(Signal::SIGHUP);
+    d.wait_log("into generation 2");
+    d.signal(Signal::SIGWINCH);
+    d.wait_log("reload rolled back: SIGWINCH stopped the workers");
+    d.wait_workers(0);
+    rewrite(&d, &hello(""));
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "HUP or a reload resumes: {out}");
+    assert!(out.contains("applied: generation 3"), "{out}");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
 }
 
 #[test]
@@ -225,6 +326,13 @@ fn scale_pause_and_resume() {
     d.wait_log("SIGTTIN: resuming with 3 worker(s)");
     assert_eq!(get_ok(addr, "/").status, 200);
     d.wait_workers(3);
+    // TTOU removes one at a time, never the last one.
+    for (n, line) in [(2, "3 -> 2"), (1, "2 -> 1"), (1, "1 -> 1")] {
+        d.signal(Signal::SIGTTOU);
+        d.wait_log(&format!("SIGTTOU: {line} workers"));
+        d.wait_workers(n);
+    }
+    assert_eq!(get_ok(addr, "/").status, 200);
 }
 
 #[test]

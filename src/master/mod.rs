@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
@@ -99,7 +99,9 @@ struct Slot {
     failures: u32,
     /// No spawn in this slot before then (the backoff).
     not_before: Option<Instant>,
-    /// Workers started in this slot, beyond the first.
+    /// Workers started in this slot because the previous one exited on its
+    /// own (crash, kill, max_requests); replacements drover asked for
+    /// (reload, recycling) do not count.
     restarts: u32,
 }
 
@@ -112,6 +114,9 @@ pub struct Master {
     /// The number the next generation gets.
     next_generation: u32,
     reload: Option<Reload>,
+    /// Reload requests waiting to start (with the control clients waiting
+    /// for their verdict), see `begin_reload`.
+    queued_reload: Option<Vec<control::ClientId>>,
     notify: NotifySocket,
     signals: SignalPipe,
     control: Option<ControlSocket>,
@@ -190,6 +195,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         previous: None,
         next_generation: 2,
         reload: None,
+        queued_reload: None,
         notify,
         signals,
         control,
@@ -369,6 +375,10 @@ impl Master {
 
     /// SIGWINCH: stop every worker gracefully; keep the master and the sockets.
     fn pause(&mut self, why: &str) {
+        // A reload cannot settle without workers: end it, with a verdict.
+        if self.reload.as_ref().is_some_and(|r| !r.failed) {
+            self.rollback(format!("{why} stopped the workers"));
+        }
         self.paused = true;
         let (signal, deadline) = (
             self.gen.s.stop_signal.0,
@@ -397,6 +407,7 @@ impl Master {
                     let Some(pid) = status.pid() else { continue };
                     if let Some(i) = self.workers.iter().position(|w| w.pid == pid) {
                         let w = self.workers.swap_remove(i);
+                        sweep_group(&w);
                         self.on_worker_exit(w, status);
                     } else if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
                         self.on_upgrade_exit(status);
@@ -460,6 +471,7 @@ impl Master {
             info!("worker {slot} (pid {pid}) {why}; its slot was removed");
             return;
         }
+        self.slots[slot as usize - 1].restarts += 1;
         // A worker that served stably, or that announced its own exit after
         // serving, is replaced at once; one that keeps failing (including
         // at boot) waits longer each time.
@@ -719,7 +731,6 @@ impl Master {
                 // The backoff is over: without this, its past instant would
                 // stay the nearest deadline and the loop would spin.
                 s.not_before = None;
-                s.restarts += self.workers.iter().any(|w| w.slot == slot) as u32;
                 self.workers
                     .push(Worker::new(slot, pid, g.number, state, now, recycle_at));
                 if ready {
@@ -748,6 +759,19 @@ impl Master {
         info!("{why}: {} -> {count} workers", self.slots.len());
         self.slots.resize(count as usize, Slot::default());
         self.systemd.status(&self.summary());
+    }
+}
+
+/// SIGKILL to what a dead worker left in its process group. They would
+/// otherwise outlive it unsupervised, holding its copies of the listeners
+/// (connections queued there would never be served). The group's id stays
+/// reserved while it has members, so this cannot reach another group.
+fn sweep_group(w: &Worker) {
+    if killpg(w.pid, Signal::SIGKILL).is_ok() {
+        warn!(
+            "worker {} (pid {}) left processes in its process group: sent them SIGKILL",
+            w.slot, w.pid
+        );
     }
 }
 

@@ -15,25 +15,57 @@ use crate::listen;
 /// A reload in progress.
 pub struct Reload {
     began: Instant,
-    /// Another reload was asked for meanwhile: run it once this one settles
-    /// (the newest config wins, and never more than two generations live).
-    again: Vec<Option<control::ClientId>>,
     /// Control clients waiting for the verdict.
     waiters: Vec<control::ClientId>,
+    /// The worker count before, restored by a rollback (it may have been
+    /// scaled since the config was read).
+    slots_before: usize,
     /// Set by a rollback, so that the loop stops spawning for it.
     pub failed: bool,
 }
 
 impl Master {
     pub(super) fn begin_reload(&mut self, why: &str, client: Option<control::ClientId>) {
-        if let Some(r) = &mut self.reload {
-            info!("{why}: a reload is in progress; the next one starts when it settles");
-            r.again.push(client);
-            return;
-        }
         if self.paused {
             self.resume(why);
         }
+        // Never more than two generations alive: a reload asked for while one
+        // is in progress, or while the generation it replaced still drains,
+        // waits for that to end. Requests pile up into one: the newest config
+        // wins, and every client waiting gets its verdict.
+        let busy = if self.reload.is_some() {
+            Some("a reload is in progress")
+        } else if self.old_generation_alive() {
+            Some("the previous generation is still stopping")
+        } else {
+            None
+        };
+        if let Some(busy) = busy {
+            info!("{why}: {busy}; the reload starts once that is over");
+            self.queued_reload
+                .get_or_insert_with(Vec::new)
+                .extend(client);
+            return;
+        }
+        self.start_reload(why, client.into_iter().collect());
+    }
+
+    /// Starts a queued reload once nothing holds it back.
+    fn start_queued_reload(&mut self) {
+        if self.reload.is_some() || self.shutdown.is_some() || self.old_generation_alive() {
+            return;
+        }
+        if let Some(waiters) = self.queued_reload.take() {
+            self.start_reload("queued reload", waiters);
+        }
+    }
+
+    /// Whether a worker of another generation than the current one lives.
+    fn old_generation_alive(&self) -> bool {
+        self.workers.iter().any(|w| w.generation != self.gen.number)
+    }
+
+    fn start_reload(&mut self, why: &str, waiters: Vec<control::ClientId>) {
         let began = Instant::now();
         self.systemd.reloading();
         let number = self.next_generation;
@@ -65,7 +97,7 @@ impl Master {
                 // Nothing was started and nothing changes.
                 error!("{why}: reload rejected, nothing changed: {e}");
                 self.systemd.ready(&self.summary());
-                if let Some(c) = client {
+                for c in waiters {
                     self.reply(c, control::failure(&format!("rejected: {e}")));
                 }
                 return;
@@ -78,6 +110,7 @@ impl Master {
             next.s.workers.0,
             next.s.max_surge.0
         );
+        let slots_before = self.slots.len();
         self.slots
             .resize(next.s.workers.0 as usize, Default::default());
         if next.s.max_memory.is_some() && self.next_memory_check.is_none() {
@@ -86,27 +119,32 @@ impl Master {
         self.previous = Some(std::mem::replace(&mut self.gen, next));
         self.reload = Some(Reload {
             began,
-            again: Vec::new(),
-            waiters: client.into_iter().collect(),
+            waiters,
+            slots_before,
             failed: false,
         });
     }
 
     /// Ends the reload once every slot is served by a ready worker of the new
-    /// generation and no older one is still serving.
+    /// generation (or, after a rollback, of the old one again) and no worker
+    /// of another generation still serves; then starts a queued one.
     pub(super) fn settle_reload(&mut self) {
-        let Some(r) = &self.reload else { return };
+        let Some(r) = &self.reload else {
+            self.start_queued_reload();
+            return;
+        };
         let current = self.gen.number;
-        let done = r.failed
+        let ready = r.failed
             || (1..=self.slots.len() as u32).all(|slot| {
                 self.workers
                     .iter()
                     .any(|w| w.slot == slot && w.generation == current && w.is_ready())
-            }) && !self
-                .workers
-                .iter()
-                .any(|w| w.generation != current && !w.is_stopping());
-        if !done || self.shutdown.is_some() {
+            });
+        let others_serve = self
+            .workers
+            .iter()
+            .any(|w| w.generation != current && !w.is_stopping());
+        if !ready || others_serve || self.shutdown.is_some() {
             return;
         }
         let r = self.reload.take().expect("checked above");
@@ -126,14 +164,7 @@ impl Master {
             }
         }
         self.systemd.ready(&self.summary());
-        // The newest request wins: one more reload, answering everyone who asked.
-        let mut again = r.again.into_iter();
-        if let Some(first) = again.next() {
-            self.begin_reload("queued reload", first);
-            if let Some(r) = self.reload.as_mut() {
-                r.waiters.extend(again.flatten());
-            }
-        }
+        self.start_queued_reload();
     }
 
     /// The new generation failed before it was ready: stop it and go back to
@@ -147,8 +178,11 @@ impl Master {
             "reload rolled back: {cause}; generation {} keeps serving",
             self.gen.number
         );
-        self.slots
-            .resize(self.gen.s.workers.0 as usize, Default::default());
+        let slots_before = self.reload.as_ref().map(|r| r.slots_before);
+        self.slots.resize(
+            slots_before.unwrap_or(self.gen.s.workers.0 as usize),
+            Default::default(),
+        );
         // Booting workers of the failed generation serve nothing: stop them
         // now. Ready ones are replaced like any outdated worker.
         let (signal, deadline) = (

@@ -55,6 +55,23 @@ impl Master {
                 })
             })
             .collect();
+        // Slots, with or without a worker: a failing slot waiting out its
+        // backoff has no worker to show, but is what the operator looks for.
+        let degraded_after = self.gen.s.degraded_after.0;
+        let slots: Vec<_> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                json!({
+                    "slot": i + 1,
+                    "restarts": s.restarts,
+                    "failures_in_a_row": s.failures,
+                    "degraded": s.failures >= degraded_after,
+                    "respawn_in_ms": s.not_before.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                })
+            })
+            .collect();
         let status = json!({
             "master": {
                 "pid": std::process::id(),
@@ -66,6 +83,7 @@ impl Master {
                 "rss_bytes": resident_bytes(nix::unistd::Pid::this()),
             },
             "workers": workers,
+            "slots": slots,
         });
         control::Answer {
             ok: true,
