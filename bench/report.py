@@ -629,11 +629,12 @@ def sec_throughput(s, cmds, L):
           f"{rng(r['p99_ms'])} | {rng(r['max_ms'])} | {r['errors']} |")
     w("")
     if s.get("overhead_pairs"):
-        w("‡ drover's overhead: hello alone and drover + one hello are run back to back in pairs; the "
-          "ratio is the median (min–max) of the pairs' ratios: "
+        w("‡ drover's overhead: hello alone and drover + one hello are run back to back in pairs, "
+          "in alternating order; the ratio is the median (min–max) of the pairs' ratios: "
           + ", ".join(f"{x:.3f}" for x in s["overhead_pairs"]) + ". drover is not on the data path "
-          "(the worker accepts on the shared socket itself), so any difference is noise of this "
-          "shared machine: the spread of the pairs shows how much.")
+          "(the worker accepts on the shared socket itself, and the idle master makes no wake-ups: "
+          "see the footprint section); the spread of the pairs shows how much this shared machine "
+          "moves between two runs of the same thing.")
         w("")
     commands(cmds, "throughput", L)
 
