@@ -40,6 +40,9 @@ const QUICK: u8 = 2;
 static STATE: AtomicU8 = AtomicU8::new(RUNNING);
 /// CLOCK_MONOTONIC nanoseconds of the first stop request (0: none yet).
 static REQUESTED_AT_NS: AtomicU64 = AtomicU64::new(0);
+/// The same for the first quick stop request: drover's quick deadline counts
+/// from there (see [`crate::cleanup::remaining_budget`]).
+static QUICK_AT_NS: AtomicU64 = AtomicU64::new(0);
 static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
 static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
@@ -181,7 +184,16 @@ impl Stop {
 /// Time since the first stop request, if the handlers are installed and a
 /// stop was requested (used to measure the remaining grace budget).
 pub(crate) fn elapsed_since_request() -> Option<Duration> {
-    match REQUESTED_AT_NS.load(Ordering::SeqCst) {
+    elapsed_since(&REQUESTED_AT_NS)
+}
+
+/// Time since the first quick stop request (SIGQUIT, or an escalation), if any.
+pub(crate) fn elapsed_since_quick() -> Option<Duration> {
+    elapsed_since(&QUICK_AT_NS)
+}
+
+fn elapsed_since(stamp: &AtomicU64) -> Option<Duration> {
+    match stamp.load(Ordering::SeqCst) {
         0 => None,
         at => Some(Duration::from_nanos(monotonic_ns().saturating_sub(at))),
     }
@@ -199,12 +211,11 @@ fn current_state() -> StopState {
 /// quick wins over graceful and is never downgraded.
 /// Async-signal-safe: atomics, clock_gettime and write only.
 fn record(kind: u8) {
-    let _ = REQUESTED_AT_NS.compare_exchange(
-        0,
-        monotonic_ns().max(1),
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
+    let now = monotonic_ns().max(1);
+    let _ = REQUESTED_AT_NS.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+    if kind == QUICK {
+        let _ = QUICK_AT_NS.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+    }
     STATE.fetch_max(kind, Ordering::SeqCst);
     let fd = PIPE_WRITE.load(Ordering::SeqCst);
     if fd >= 0 {
