@@ -5,8 +5,10 @@
 //! does: takes its listeners from drover (`LISTEN_FDS`), says `READY=1` once it
 //! accepts, heartbeats when asked to (`WATCHDOG_USEC`), and on SIGTERM/SIGINT
 //! takes what is already queued on its listeners, stops accepting, finishes
-//! every in-flight request, runs its cleanup registry and exits 0. On SIGQUIT
-//! it stops accepting and waits at most about a second before cleanup and exit.
+//! in-flight requests until the SDK's drain deadline (4/5 of the grace budget;
+//! the rest is the cleanup's), runs its cleanup registry and exits 0. On
+//! SIGQUIT it stops accepting and waits at most about a second (and never past
+//! the drain deadline) before cleanup and exit.
 //!
 //! Routes (any method; HEAD gets headers only):
 //!   GET /               200 `hello from pid <pid>`
@@ -27,8 +29,11 @@
 //! Environment knobs:
 //!   HELLO_CLEANUP_FILE  if set, the cleanup appends `cleanup pid=<pid>` to
 //!                       this file (the tests use it to see that cleanup ran).
+//!   HELLO_CLEANUP_SLEEP_MS  if set, one more cleanup function (registered
+//!                       first, so it runs last) sleeps that long: a cleanup
+//!                       that outlives its budget, for the tests.
 //! and those of the worker contract (LISTEN_*, NOTIFY_SOCKET, WATCHDOG_*,
-//! DROVER_GRACEFUL_TIMEOUT), read by the SDK.
+//! DROVER_GRACEFUL_TIMEOUT, DROVER_QUICK_TIMEOUT), read by the SDK.
 
 mod conn;
 mod http;
@@ -97,6 +102,13 @@ fn main() {
         }
     }
 
+    let sleep_ms = std::env::var("HELLO_CLEANUP_SLEEP_MS").ok();
+    if let Some(ms) = sleep_ms.and_then(|ms| ms.parse().ok()) {
+        cleanup::register("hello-slow-cleanup", move || {
+            thread::sleep(Duration::from_millis(ms));
+            Ok(())
+        });
+    }
     let cleanup_file = std::env::var_os("HELLO_CLEANUP_FILE");
     cleanup::register("hello-cleanup", move || {
         if let Some(path) = cleanup_file {
@@ -232,31 +244,31 @@ fn open_connections(shared: &Shared) -> usize {
     *shared.open.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Waits for the open connections to finish: without limit on a graceful stop
-/// (drover enforces the grace period), at most [`QUICK_DRAIN`] (or what is left
-/// of the grace budget) from the moment the stop is, or becomes, quick.
-/// Returns how many are still open.
+/// Waits for the open connections to finish, until the SDK's drain deadline
+/// (4/5 of the grace budget, leaving the rest to the cleanup registry, which
+/// drover's SIGKILL would otherwise cut short) or, from the moment the stop
+/// is (or becomes) quick, at most [`QUICK_DRAIN`]. Returns how many are still
+/// open: those are abandoned.
 fn drain(shared: &Shared) -> usize {
     let mut quick_deadline: Option<Instant> = None;
     let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
     while *open > 0 {
         if quick_deadline.is_none() && shared.stop.state() == StopState::Quick {
-            quick_deadline = Some(Instant::now() + QUICK_DRAIN.min(cleanup::remaining_budget()));
+            quick_deadline = Some(Instant::now() + QUICK_DRAIN);
         }
-        let wait = match quick_deadline {
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                left.min(Duration::from_millis(100))
-            }
-            // Wake up now and then to notice an escalation to quick.
-            None => Duration::from_millis(100),
-        };
+        // Asked each time: an escalation to quick brings it forward.
+        let mut deadline = cleanup::drain_deadline();
+        if let Some(quick) = quick_deadline {
+            deadline = deadline.min(quick);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        // Wake up now and then to notice an escalation to quick.
         open = shared
             .changed
-            .wait_timeout(open, wait)
+            .wait_timeout(open, left.min(Duration::from_millis(100)))
             .unwrap_or_else(|e| e.into_inner())
             .0;
     }
