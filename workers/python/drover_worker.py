@@ -10,22 +10,35 @@ systemd socket activation and ``Type=notify``:
   ``$NOTIFY_SOCKET`` (no-ops returning False when it is unset);
 * :func:`install` / :func:`install_asyncio` -- SIGTERM and SIGINT ask for a
   graceful stop, SIGQUIT for a quick one: :data:`stop_event` is set and
-  :func:`stop_kind` says which. Handlers the application installed before are
-  called after ours (chained), not replaced;
+  :func:`stop_kind` says which. By default :func:`install` then also raises
+  ``SystemExit(0)`` in the main thread (once), so that a plain script stops
+  and runs the registry; a program with a drain loop of its own passes
+  ``exit_on_stop=False`` and watches the stop event. Handlers the application
+  installed before are called after ours (chained), not replaced;
 * the cleanup registry -- :func:`on_exit` (decorator or function),
-  :func:`register`, :func:`run_cleanup`.
+  :func:`register`, :func:`run_cleanup`;
+* the stop budget -- :func:`remaining_budget`, :func:`drain_deadline`.
 
 Cleanup registry semantics (the same in drover's Rust SDK): each function runs
 at most once, last registered first; an exception in one is logged on stderr
 with its name and traceback and the others still run; the whole run is bounded
-by the remaining grace budget (``DROVER_GRACEFUL_TIMEOUT`` seconds, default 30,
-counted from the stop request if there was one): the functions run on a daemon
-thread and one still running when the budget ends is abandoned with a log line
-naming it. The registry runs when the application calls :func:`run_cleanup`
-(after draining, on a stop) or at normal interpreter exit (``atexit``),
-whichever comes first -- exactly once in total. The signal handlers only set
-the stop state; the drover WSGI worker (``drover_wsgi``) drains and calls
-:func:`run_cleanup` for you.
+by the remaining budget (:func:`remaining_budget`): the functions run on a
+daemon thread and one still running when the budget ends is abandoned with a
+log line naming it. (At interpreter exit on Python 3.12+, where no thread can
+be started, they run on the main thread and ``SIGALRM`` interrupts the one
+running at the end of the budget.) The registry runs when the application
+calls :func:`run_cleanup` (after draining, on a stop) or at normal interpreter
+exit (``atexit``), whichever comes first -- exactly once in total. The drover
+WSGI worker (``drover_wsgi``) drains and calls :func:`run_cleanup` for you.
+
+The budget: drover sends SIGKILL ``DROVER_GRACEFUL_TIMEOUT`` seconds (default
+30) after its stop signal, or ``DROVER_QUICK_TIMEOUT`` seconds (default 5)
+after a SIGQUIT if that is earlier. Its clock starts when it sends the signal,
+a moment before we receive it, and the process must still exit after the
+cleanup, so a :func:`reserve` of max(0.25 s, 5 %) of the timeout (at most half
+of it) is kept back. A server should abandon in-flight requests at
+:func:`drain_deadline`, 4/5 of the way to the end of the budget, so that the
+registry keeps at least a fifth of it.
 
 Log lines go to stderr, prefixed ``drover_worker[<pid>]:``.
 """
@@ -62,13 +75,18 @@ __all__ = [
     "register",
     "run_cleanup",
     "remaining_budget",
+    "drain_deadline",
+    "reserve",
     "graceful_timeout",
+    "quick_timeout",
 ]
 
 #: The first inherited listening fd (SD_LISTEN_FDS_START).
 LISTEN_FDS_START = 3
 #: Grace budget when DROVER_GRACEFUL_TIMEOUT is not set (drover's default).
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
+#: Quick-stop budget when DROVER_QUICK_TIMEOUT is not set (drover's default).
+DEFAULT_QUICK_TIMEOUT = 5.0
 
 
 def _log(message):
@@ -357,6 +375,7 @@ class _StopEvent(threading.Event):
 stop_event = _StopEvent()
 _stop_kind = None
 _stop_time = None
+_quick_time = None
 _pipe = None
 _pipe_lock = threading.Lock()
 
@@ -394,11 +413,14 @@ def stop_requested_at():
 
 def request_stop(kind="graceful"):
     """Asks for a stop from the program, as the signals do. Any thread."""
-    global _stop_kind, _stop_time
+    global _stop_kind, _stop_time, _quick_time
     if kind not in ("graceful", "quick"):
         raise ValueError("kind must be 'graceful' or 'quick'")
+    now = time.monotonic()
     if _stop_time is None:
-        _stop_time = time.monotonic()
+        _stop_time = now
+    if kind == "quick" and _quick_time is None:
+        _quick_time = now  # drover's quick deadline counts from here
     if _KIND_RANK[kind] > _KIND_RANK[_stop_kind]:
         _stop_kind = kind
     stop_event.set()
@@ -410,21 +432,27 @@ def _is_chainable(handler):
 
 _installed = {}  # signum -> our handler function currently installed
 _install_lock = threading.Lock()
+_exit_on_stop = False  # as the last install() said
+_exit_raised = False
 
 
-def _make_handler(kind, previous, exit_on_stop):
+def _make_handler(kind, previous):
     def handler(signum, frame):
+        global _exit_raised
         request_stop(kind)
         if previous is not None:
             previous(signum, frame)
-        if exit_on_stop:
+        # Once only, and never while the registry runs: drover escalates with
+        # SIGQUIT, and a SystemExit then would cut the cleanup short.
+        if _exit_on_stop and not _exit_raised and _phase == "open":
+            _exit_raised = True
             raise SystemExit(0)
 
     handler.__drover_worker__ = True
     return handler
 
 
-def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=False):
+def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=True):
     """Handles SIGTERM (graceful stop), SIGINT (graceful; left alone with
     ``sigint=False``) and ``quick_signal`` (quick stop; SIGQUIT by default) by
     setting :data:`stop_event`. Returns :data:`stop_event`.
@@ -435,17 +463,24 @@ def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=False):
     ignored at install time (a background job) stays ignored. Calling it again
     is harmless: a handler the application installed in between is chained.
 
-    With ``exit_on_stop=True`` the handler also raises ``SystemExit(0)`` in the
-    main thread, for programs without a drain loop of their own: the stack
-    unwinds (``finally`` blocks run) and the registry runs at interpreter exit.
+    With ``exit_on_stop=True`` (the default) the first stop signal also raises
+    ``SystemExit(0)`` in the main thread, so that a program without a drain
+    loop of its own stops: the stack unwinds (``finally`` blocks run) and the
+    registry runs at interpreter exit. It is raised once only, and not while
+    the registry runs (a second signal then only shortens the budget, if it is
+    a quick stop). A program that drains by itself passes
+    ``exit_on_stop=False`` and waits on the returned event (as ``drover_wsgi``
+    does); the last call's choice applies to every handler.
 
     Must be called from the main thread (a rule of the ``signal`` module).
     """
+    global _exit_on_stop
     wanted = [(signal.SIGTERM, "graceful"), (quick_signal, "quick")]
     if sigint:
         wanted.insert(1, (signal.SIGINT, "graceful"))
     _pipe_fds()
     with _install_lock:
+        _exit_on_stop = exit_on_stop
         for signum, kind in wanted:
             current = signal.getsignal(signum)
             if current is not None and current is _installed.get(signum):
@@ -453,7 +488,7 @@ def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=False):
             if signum == signal.SIGINT and current == signal.SIG_IGN:
                 continue  # started in the background: Ctrl+C is not for us
             previous = current if _is_chainable(current) else None
-            handler = _make_handler(kind, previous, exit_on_stop)
+            handler = _make_handler(kind, previous)
             signal.signal(signum, handler)
             _installed[signum] = handler
     return stop_event
@@ -532,34 +567,80 @@ def _default_name(fn):
 
 def graceful_timeout(value=None):
     """``DROVER_GRACEFUL_TIMEOUT`` in seconds (a decimal; default 30)."""
+    return _seconds("DROVER_GRACEFUL_TIMEOUT", value, DEFAULT_GRACEFUL_TIMEOUT)
+
+
+def quick_timeout(value=None):
+    """``DROVER_QUICK_TIMEOUT`` in seconds (a decimal; default 5)."""
+    return _seconds("DROVER_QUICK_TIMEOUT", value, DEFAULT_QUICK_TIMEOUT)
+
+
+def _seconds(var, value, default):
     if value is None:
-        value = os.environ.get("DROVER_GRACEFUL_TIMEOUT")
+        value = os.environ.get(var)
     if value is None or value.strip() == "":
-        return DEFAULT_GRACEFUL_TIMEOUT
+        return default
     try:
         seconds = float(value)
         if not seconds >= 0 or seconds == float("inf"):
             raise ValueError
         return seconds
     except ValueError:
-        _log("DROVER_GRACEFUL_TIMEOUT=%r is not a number of seconds; using %gs" % (value, DEFAULT_GRACEFUL_TIMEOUT))
-        return DEFAULT_GRACEFUL_TIMEOUT
+        _log("%s=%r is not a number of seconds; using %gs" % (var, value, default))
+        return default
+
+
+def reserve(timeout):
+    """The part of a stop timeout kept back for the delivery of the signal and
+    the exit: max(0.25 s, 5 %), at most half of ``timeout`` (seconds)."""
+    return min(max(0.25, timeout * 0.05), timeout / 2)
+
+
+def _time_left(graceful, quick, since_stop, since_quick):
+    """(drain, cleanup) seconds left, from the timeouts and the seconds since
+    the first stop request and the first quick one (None: not yet). Pure."""
+
+    def left(timeout, since):
+        usable = timeout - reserve(timeout)
+        return max(0.0, usable * 0.8 - since), max(0.0, usable - since)
+
+    drain, cleanup = left(graceful, since_stop or 0.0)
+    if since_quick is not None:
+        quick_drain, quick_cleanup = left(quick, since_quick)
+        drain, cleanup = min(drain, quick_drain), min(cleanup, quick_cleanup)
+    return drain, cleanup
+
+
+def _left_now():
+    now = time.monotonic()
+    since = lambda t: None if t is None else now - t  # noqa: E731
+    return _time_left(graceful_timeout(), quick_timeout(), since(_stop_time), since(_quick_time))
 
 
 def remaining_budget():
-    """The grace budget left now, in seconds: :func:`graceful_timeout` minus the
-    time since the stop request (if there was one)."""
-    budget = graceful_timeout()
-    if _stop_time is not None:
-        budget -= time.monotonic() - _stop_time
-    return max(0.0, budget)
+    """The cleanup budget left now, in seconds: the time until drover's stop
+    deadline, less the :func:`reserve`. The deadline is
+    :func:`graceful_timeout` after the first stop request (now, if there was
+    none) or, once the stop is quick, :func:`quick_timeout` after the first
+    quick request, whichever is earlier (as drover does)."""
+    return _left_now()[1]
+
+
+def drain_deadline():
+    """When (``time.monotonic()``) a server should abandon in-flight requests
+    so that the cleanup keeps its share: 4/5 of the way from the stop request
+    to the end of :func:`remaining_budget` (for a quick stop, from the quick
+    request to the quick deadline, if earlier). Counted from now when no stop
+    was requested."""
+    return time.monotonic() + _left_now()[0]
 
 
 def run_cleanup(budget=None):
     """Runs the registry once (last registered first), bounded by ``budget``
-    seconds (default :func:`remaining_budget`). Later calls do nothing; a call
-    from another thread while it runs waits for it. Returns True if every
-    function finished within the budget."""
+    seconds (default :func:`remaining_budget`, which also shrinks if the stop
+    escalates to quick meanwhile). Later calls do nothing; a call from another
+    thread while it runs waits for it. Returns True if every function finished
+    within the budget."""
     global _phase
     if getattr(_local, "in_cleanup", False):
         return True
@@ -573,25 +654,42 @@ def run_cleanup(budget=None):
         _phase = "running"
         entries = list(_entries)
         del _entries[:]
-    if budget is None:
+    follow = budget is None
+    if follow:
         budget = remaining_budget()
     try:
-        return _run_entries(entries, budget)
+        return _run_entries(entries, budget, follow)
     finally:
         with _reg_lock:
             _phase = "done"
             _reg_lock.notify_all()
 
 
+class _BudgetExceeded(BaseException):
+    """Raised by SIGALRM in the cleanup function running at the end of the
+    budget, when the registry runs on the main thread."""
+
+
 def _call(name, fn):
     try:
         fn()
+    except _BudgetExceeded:
+        raise
     except BaseException:
         text = traceback.format_exc()
         _write_stderr("drover_worker[%d]: cleanup %r failed:\n%s" % (os.getpid(), name, text))
 
 
-def _run_entries(entries, budget):
+def _ran_out(budget, current, skipped, what="abandoned it"):
+    skipped_text = "; not started: %s" % ", ".join(skipped) if skipped else ""
+    if current is not None:
+        _log("cleanup budget of %.1fs ran out while %r was still running; %s%s"
+             % (budget, current, what, skipped_text))
+    elif skipped:
+        _log("cleanup budget of %.1fs ran out%s" % (budget, skipped_text))
+
+
+def _run_entries(entries, budget, follow=False):
     if not entries:
         return True
     todo = list(reversed(entries))  # last registered first
@@ -612,12 +710,37 @@ def _run_entries(entries, budget):
             _call(*todo[i])
         finished.set()
 
+    start = time.monotonic()
     try:
         t = threading.Thread(target=helper, name="drover-cleanup", daemon=True)
         t.start()
     except RuntimeError as e:
         # At interpreter shutdown (Python 3.12+) no thread can be started.
-        _log("cannot start the cleanup thread (%s); running cleanup without a time limit" % e)
+        return _run_on_this_thread(todo, start, budget, follow, e)
+    deadline = start + budget
+    while True:
+        now = time.monotonic()
+        if follow:  # drover brings its deadline forward on an escalation to quick
+            deadline = min(deadline, now + remaining_budget())
+        if now >= deadline:
+            break
+        if finished.wait(min(deadline - now, 0.1) if follow else deadline - now):
+            return True
+    with lock:
+        current = state["current"]
+        skipped = [name for name, _ in todo[state["next"]:]]
+        state["next"] = len(todo)  # nothing more starts
+    _ran_out(deadline - start, current, skipped)
+    return False
+
+
+def _run_on_this_thread(todo, start, budget, follow, why):
+    """The registry on the calling thread. On the main thread the budget is
+    still enforced: SIGALRM (every 50 ms from the budget's end, in case a
+    function swallows the exception) raises :class:`_BudgetExceeded` in the
+    function then running. The previous SIGALRM handler is restored."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        _log("cannot start the cleanup thread (%s); running cleanup without a time limit" % why)
         _local.in_cleanup = True
         try:
             for name, fn in todo:
@@ -625,20 +748,41 @@ def _run_entries(entries, budget):
         finally:
             _local.in_cleanup = False
         return True
-    if finished.wait(budget):
+    _log("cannot start the cleanup thread (%s); running cleanup on the main thread, "
+         "with SIGALRM at the end of the budget" % why)
+    box = {"deadline": start + budget, "current": None, "next": 0}
+
+    def on_alarm(signum, frame):
+        now = time.monotonic()
+        if follow:
+            box["deadline"] = min(box["deadline"], now + remaining_budget())
+        if now >= box["deadline"]:
+            raise _BudgetExceeded()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    _local.in_cleanup = True
+    try:
+        try:
+            # First alarm at the budget's end (or sooner, to follow the stop).
+            first = max(0.001, budget if not follow else min(budget, 0.1))
+            signal.setitimer(signal.ITIMER_REAL, first, 0.05)
+            while box["next"] < len(todo) and time.monotonic() < box["deadline"]:
+                name, fn = todo[box["next"]]
+                box["next"] += 1
+                box["current"] = name
+                _call(name, fn)
+                box["current"] = None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _BudgetExceeded:
+        pass  # also when it fired between the last function and the disarm
+    finally:
+        _local.in_cleanup = False
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+    skipped = [name for name, _ in todo[box["next"]:]]
+    if box["current"] is None and not skipped:
         return True
-    with lock:
-        current = state["current"]
-        skipped = [name for name, _ in todo[state["next"]:]]
-        state["next"] = len(todo)  # nothing more starts
-    skipped_text = "; not started: %s" % ", ".join(skipped) if skipped else ""
-    if current is not None:
-        _log(
-            "cleanup budget of %.1fs ran out while %r was still running; abandoned it%s"
-            % (budget, current, skipped_text)
-        )
-    elif skipped:
-        _log("cleanup budget of %.1fs ran out%s" % (budget, skipped_text))
+    _ran_out(box["deadline"] - start, box["current"], skipped, "interrupted it")
     return False
 
 

@@ -80,7 +80,7 @@ class RegistryTest(unittest.TestCase):
             t = time.monotonic()
             finished = dw.run_cleanup()
             print("returned after %.1f finished=%s" % (time.monotonic() - t, finished))
-        """, env={"DROVER_GRACEFUL_TIMEOUT": "0.5"})
+        """, env={"DROVER_GRACEFUL_TIMEOUT": "0.75"})  # less the 0.25 s reserve
         self.assertLess(time.monotonic() - began, 10)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("quick ran", r.stdout)
@@ -96,8 +96,83 @@ class RegistryTest(unittest.TestCase):
             dw.request_stop("graceful")
             time.sleep(0.6)
             print("%.1f" % dw.remaining_budget())
-        """, env={"DROVER_GRACEFUL_TIMEOUT": "2.5"})
+        """, env={"DROVER_GRACEFUL_TIMEOUT": "2.75"})  # less the 0.25 s reserve
         self.assertEqual(r.stdout.strip(), "1.9")
+
+    def test_the_reserve(self):
+        r = run_script("""
+            import drover_worker as dw
+            print(dw.reserve(30), dw.reserve(2), dw.reserve(5), dw.reserve(0.3), dw.reserve(0))
+        """)
+        self.assertEqual(r.stdout.strip(), "1.5 0.25 0.25 0.15 0.0")
+
+    def test_time_left_follows_drover_deadlines(self):
+        r = run_script("""
+            import drover_worker as dw
+            t = lambda *a: "%.2f/%.2f" % dw._time_left(10, 2, *a)
+            print(t(None, None), t(1, None), t(2, 0), t(1, 1), t(60, None), t(9, 0))
+        """)
+        # (drain/cleanup): not stopping; 1 s into a graceful stop; escalated
+        # then (2 s - 0.25 s); quick with graceful time to spare; past every
+        # deadline; a quick deadline later than the graceful one.
+        self.assertEqual(r.stdout.strip(), "7.60/9.50 6.60/8.50 1.40/1.75 0.40/0.75 0.00/0.00 0.00/0.50")
+
+    def test_a_quick_stop_uses_the_quick_timeout(self):
+        r = run_script("""
+            import time, drover_worker as dw
+            near = lambda a, b: abs(a - b) < 0.1
+            dw.request_stop("graceful")
+            print(near(dw.remaining_budget(), 19), near(dw.drain_deadline() - time.monotonic(), 15.2))
+            dw.request_stop("quick")
+            print(near(dw.remaining_budget(), 1.75), near(dw.drain_deadline() - time.monotonic(), 1.4))
+            print(dw.quick_timeout("x"))
+        """, env={"DROVER_GRACEFUL_TIMEOUT": "20", "DROVER_QUICK_TIMEOUT": "2"})
+        self.assertEqual(r.stdout.split("\n")[:3], ["True True", "True True", "5.0"], r.stderr)
+        self.assertIn("DROVER_QUICK_TIMEOUT='x' is not a number of seconds", r.stderr)
+
+    def test_an_escalation_shortens_a_running_cleanup(self):
+        r = run_script("""
+            import os, signal, threading, time, drover_worker as dw
+            dw.request_stop("graceful")
+            started = threading.Event()
+            dw.register("hangs", lambda: (started.set(), time.sleep(30)))
+            threading.Thread(target=lambda: (started.wait(), dw.request_stop("quick")), daemon=True).start()
+            t = time.monotonic()
+            print(dw.run_cleanup(), "%.0f" % (time.monotonic() - t))
+        """, env={"DROVER_GRACEFUL_TIMEOUT": "30", "DROVER_QUICK_TIMEOUT": "1"})
+        self.assertEqual(r.stdout.strip(), "False 1", r.stderr)
+        self.assertIn("ran out while 'hangs' was still running", r.stderr)
+
+    def test_no_thread_at_exit_still_enforces_the_budget(self):
+        # Python 3.12+ cannot start a thread at interpreter exit; simulated
+        # here. The registry runs on the main thread and SIGALRM interrupts
+        # the function running at the budget's end.
+        began = time.monotonic()
+        r = run_script("""
+            import atexit, os, signal
+            prior = lambda s, f: None
+            signal.signal(signal.SIGALRM, prior)
+            # Registered before drover_worker's own hook: runs after it.
+            atexit.register(lambda: os.write(1, b"restored %s\\n" % str(signal.getsignal(signal.SIGALRM) is prior).encode()))
+            import threading, time, drover_worker as dw
+            def no_thread(self):
+                raise RuntimeError("can't create new thread at interpreter shutdown")
+            threading.Thread.start = no_thread
+            dw.register("never-started", lambda: os.write(1, b"should not run\\n"))
+            def hangs():
+                try:
+                    time.sleep(30)
+                finally:
+                    os.write(1, b"hangs interrupted\\n")
+            dw.register("hangs", hangs)
+            dw.register("quick", lambda: os.write(1, b"quick ran\\n"))
+        """, env={"DROVER_GRACEFUL_TIMEOUT": "0.75"})
+        self.assertLess(time.monotonic() - began, 10)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout, "quick ran\nhangs interrupted\nrestored True\n", r.stderr)
+        self.assertIn("running cleanup on the main thread, with SIGALRM", r.stderr)
+        self.assertIn("cleanup budget of 0.5s ran out while 'hangs' was still running; interrupted it; "
+                      "not started: never-started", r.stderr)
 
     def test_graceful_timeout_parsing(self):
         r = run_script("""

@@ -8,8 +8,9 @@ import unittest
 
 from tests.helpers import LIMIT, spawn_script, wait_line
 
-# A worker-like script: installs, says "ready", waits for the stop, reports,
-# runs the registry and exits 0.
+# A worker-like script with a drain loop of its own (exit_on_stop=False):
+# installs, says "ready", waits for the stop, reports, runs the registry and
+# exits 0.
 WAIT_AND_CLEAN = """
     import sys, drover_worker as dw
     dw.on_exit(lambda: print("cleanup ran", flush=True), name="c")
@@ -22,7 +23,7 @@ WAIT_AND_CLEAN = """
 """
 
 
-def start(setup="", args="", code=None, **kw):
+def start(setup="", args="exit_on_stop=False", code=None, **kw):
     return spawn_script(code or WAIT_AND_CLEAN.format(setup=setup, args=args), **kw)
 
 
@@ -44,7 +45,7 @@ class SignalTest(unittest.TestCase):
         p = start(code="""
             import os, signal, time, drover_worker as dw
             dw.on_exit(lambda: print("cleanup ran", flush=True), name="c")
-            dw.install()
+            dw.install(exit_on_stop=False)
             print("ready", flush=True)
             dw.stop_event.wait()
             time.sleep(0.2)
@@ -75,11 +76,11 @@ class SignalTest(unittest.TestCase):
     def test_installing_again_chains_a_handler_set_in_between_once(self):
         code = """
             import signal, drover_worker as dw
-            dw.install()
+            dw.install(exit_on_stop=False)
             calls = []
             signal.signal(signal.SIGTERM, lambda s, f: calls.append("app"))
-            dw.install()
-            dw.install()
+            dw.install(exit_on_stop=False)
+            dw.install(exit_on_stop=False)
             print("ready", flush=True)
             dw.stop_event.wait()
             print(calls, dw.stop_kind(), flush=True)
@@ -120,7 +121,7 @@ class SignalTest(unittest.TestCase):
         p = start(code="""
             import signal, drover_worker as dw
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            dw.install()
+            dw.install(exit_on_stop=False)
             print("ready", signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)
             dw.stop_event.wait(10)
             print("stop", dw.stop_kind(), flush=True)
@@ -159,10 +160,75 @@ class SignalTest(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(out, "finally\ncleanup ran\n")
 
+    def test_a_plain_script_stops_by_default(self):
+        # install() with no arguments: a script that never looks at the stop
+        # event still stops on SIGTERM, SIGINT or SIGQUIT and cleans up.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            with self.subTest(sig=sig):
+                p = start(code="""
+                    import os, time, drover_worker as dw
+                    dw.on_exit(lambda: os.write(1, b"cleanup ran\\n"), name="c")
+                    dw.install()
+                    os.write(1, b"ready\\n")
+                    while True:
+                        time.sleep(1)
+                """)
+                wait_line(p, "ready")
+                p.send_signal(sig)
+                code, out, err = finish(self, p)
+                self.assertEqual(code, 0, err)
+                self.assertEqual(out, "cleanup ran\n")
+
+    def test_a_second_signal_does_not_cut_the_registry_short(self):
+        # drover escalates with SIGQUIT while the registry runs: every
+        # function still runs, within the (now quick) budget.
+        p = start(code="""
+            import os, time, drover_worker as dw
+            dw.on_exit(lambda: os.write(1, b"first ran\\n"), name="first")
+            def slow():
+                os.write(1, b"slow started\\n")
+                time.sleep(0.5)
+                os.write(1, b"slow done\\n")
+            dw.on_exit(slow, name="slow")
+            dw.install()
+            os.write(1, b"ready\\n")
+            while True:
+                time.sleep(1)
+        """, env={"DROVER_QUICK_TIMEOUT": "5"})
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        wait_line(p, "slow started")
+        p.send_signal(signal.SIGQUIT)
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "slow done\nfirst ran\n", err)
+        self.assertNotIn("ran out", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_no_systemexit_while_the_registry_runs(self):
+        # run_cleanup() called by the program, then a first signal during it.
+        p = start(code="""
+            import os, time, drover_worker as dw
+            dw.on_exit(lambda: os.write(1, b"first ran\\n"), name="first")
+            def slow():
+                os.write(1, b"ready\\n")
+                time.sleep(0.5)
+            dw.on_exit(slow, name="slow")
+            dw.install()
+            dw.run_cleanup()
+            os.write(1, b"after cleanup\\n")
+        """)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "first ran\nafter cleanup\n", err)
+
     def test_a_thread_waiting_on_the_event_wakes_up(self):
         p = start(code="""
             import threading, drover_worker as dw
-            dw.install()
+            dw.install(exit_on_stop=False)
             t = threading.Thread(target=lambda: (dw.stop_event.wait(), print("thread woke", flush=True)))
             t.start()
             print("ready", flush=True)
@@ -176,7 +242,7 @@ class SignalTest(unittest.TestCase):
     def test_stop_fd_becomes_readable_and_stays(self):
         p = start(code="""
             import select, drover_worker as dw
-            dw.install()
+            dw.install(exit_on_stop=False)
             print("ready", flush=True)
             select.select([dw.stop_fd()], [], [])
             r, _, _ = select.select([dw.stop_fd()], [], [], 0)
