@@ -26,8 +26,10 @@ Graceful stop (SIGTERM/SIGINT): STOPPING=1, take every connection already
 queued on the listeners, close our copies of the listeners, finish in-flight
 requests (answered with ``Connection: close``), serve a request that already
 arrived on an idle keep-alive connection and close the others, run the cleanup
-registry, exit 0. Quick stop (SIGQUIT): stop accepting, give in-flight
-requests at most 1 s, run the cleanup registry, exit 0. ``--max-requests``:
+registry, exit 0. In-flight requests get until ``drover_worker.drain_deadline()``
+(4/5 of the grace budget) and are abandoned then, so that the registry still
+runs before drover's SIGKILL. Quick stop (SIGQUIT): stop accepting, give
+in-flight requests at most 1 s, run the cleanup registry, exit 0. ``--max-requests``:
 after N (+ up to ``--max-requests-jitter``) requests, STOPPING=1, stop
 accepting (queued connections are left to the other workers), finish, clean
 up, exit 0: drover starts a replacement at once.
@@ -816,18 +818,30 @@ class Server:
         return taken
 
     def _join_threads(self):
-        deadline = None
+        """Waits for the busy threads until the SDK's drain deadline (4/5 of
+        the stop budget: the rest is the cleanup's, which drover's SIGKILL
+        would otherwise cut short) or, once the stop is quick, QUICK_DRAIN.
+        A recycle without a stop signal has no deadline. Returns True when
+        every thread finished; False when busy ones are abandoned."""
+        quick_deadline = None
         while True:
             alive = [t for t in self.threads if t.is_alive()]
             if not alive:
                 return True
-            if deadline is None and (self.stop_kind == "quick" or dw.stop_kind() == "quick"):
+            if quick_deadline is None and (self.stop_kind == "quick" or dw.stop_kind() == "quick"):
                 self.stop_kind = "quick"  # also when a graceful stop escalated
-                deadline = time.monotonic() + min(QUICK_DRAIN, dw.remaining_budget())
-            if deadline is not None and time.monotonic() >= deadline:
-                log("abandoning %d busy thread(s) (quick stop)" % len(alive))
+                quick_deadline = time.monotonic() + QUICK_DRAIN
+            # Asked each time: a stop signal during a recycle, or an
+            # escalation to quick, brings it forward.
+            deadline = dw.drain_deadline() if dw.stop_kind() is not None else float("inf")
+            if quick_deadline is not None:
+                deadline = min(deadline, quick_deadline)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = "quick stop" if self.stop_kind == "quick" else "drain deadline"
+                log("abandoning %d busy thread(s) (%s)" % (len(alive), why))
                 return False
-            alive[0].join(0.05)
+            alive[0].join(min(left, 0.05))
 
     def linger_leftovers(self):
         """Finishes the lingering closes (main thread, after the pool stopped)."""
@@ -1309,7 +1323,7 @@ def main(argv=None):
     faulthandler.enable()  # SIGABRT (drover's liveness timeout) dumps every thread's stack
     # Early, so that a stop during the import is not lost; again after the
     # import, so that handlers the app installed are chained, not lost.
-    dw.install()
+    dw.install(exit_on_stop=False)  # we drain, then run the registry ourselves
     try:
         socks = dw.listeners_or_bind(args.bind) if args.bind else dw.listeners()
         if not socks:
@@ -1326,7 +1340,7 @@ def main(argv=None):
         sys.stderr.write(traceback.format_exc())
         log("cannot boot: cannot load the application %r (traceback above)" % args.app)
         return 3
-    dw.install()
+    dw.install(exit_on_stop=False)
     if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
         # drover forwards SIGUSR1 ("reopen log files"); its default would kill us.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
