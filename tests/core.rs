@@ -238,6 +238,17 @@ fn exit_3_at_boot_stops_drover_with_status_3() {
 }
 
 #[test]
+fn exit_3_at_start_without_the_notify_protocol_stops_drover_too() {
+    let mut d = Start::args(&["-w", "2", "-b", "127.0.0.1:0", "--", "sh", "-c", "exit 3"]).run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
+    let log = d.log();
+    assert!(
+        log.contains("cannot boot: exited with status 3 within boot_timeout (30s) of start (ready = \"spawn\")"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_missing_program_cannot_boot() {
     let mut d = Start::args(&["-b", "127.0.0.1:0", "--", "no-such-program-for-drover"]).run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(3));

@@ -459,9 +459,9 @@ impl Master {
             ));
             return;
         }
-        if w.is_booting() && exit_code(status) == Some(3) && !self.booted {
+        if let Some(when) = self.cannot_boot(&w, now).filter(|_| exit_code(status) == Some(3)) {
             error!(
-                "worker {slot} (pid {pid}) cannot boot: {why} before it reported ready; \
+                "worker {slot} (pid {pid}) cannot boot: {why} {when}; \
                  stopping (check the worker's output above)"
             );
             self.begin_shutdown(false, Cause::CannotBoot);
@@ -490,6 +490,25 @@ impl Master {
                 ms(lived),
                 ms(delay),
             );
+        }
+    }
+
+    /// Whether an exit with status 3 of `w` means "cannot boot" (stop with
+    /// status 3 rather than respawn), and when it happened in words. With
+    /// `ready = "notify"`: before `READY=1`, during start-up. With
+    /// `ready = "spawn"`, where nothing is reported: within `boot_timeout`
+    /// of drover's start, in the first generation (as Gunicorn halts on its
+    /// workers' boot error), so that an app that cannot import does not
+    /// respawn forever.
+    fn cannot_boot(&self, w: &Worker, now: Instant) -> Option<String> {
+        let boot_timeout = self.gen.s.boot_timeout;
+        match self.gen.s.ready {
+            Ready::Notify => (w.is_booting() && !self.booted)
+                .then(|| "before it reported ready".to_string()),
+            Ready::Spawn => (w.generation == 1
+                && self.reload.is_none()
+                && now - self.started < boot_timeout.0)
+                .then(|| format!("within boot_timeout ({boot_timeout}) of start (ready = \"spawn\")")),
         }
     }
 
