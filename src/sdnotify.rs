@@ -16,11 +16,14 @@ pub struct Systemd {
     after_ready: Option<OsString>,
     /// `WATCHDOG_USEC` meant for us: send `WATCHDOG=1` at half this interval.
     pub watchdog: Option<Duration>,
+    /// `MAINPID=` named a new master: the service is its, and we stay silent.
+    handed_over: bool,
 }
 
 impl Systemd {
     /// Takes `NOTIFY_SOCKET` (and `WATCHDOG_USEC`) from the environment and
-    /// removes them, so that no worker inherits our channel.
+    /// removes them, so that no worker inherits our channel. (An upgrade
+    /// passes the watchdog on to the new master explicitly.)
     pub fn from_env() -> Systemd {
         let socket = std::env::var_os("NOTIFY_SOCKET");
         let after_ready = std::env::var_os("DROVER_SERVICE_NOTIFY_SOCKET");
@@ -38,6 +41,7 @@ impl Systemd {
             socket,
             after_ready,
             watchdog,
+            handed_over: false,
         }
     }
 
@@ -47,6 +51,9 @@ impl Systemd {
     }
 
     pub fn send(&self, state: &str) {
+        if self.handed_over {
+            return;
+        }
         let Some(socket) = &self.socket else { return };
         if let Err(e) = drover_worker::notify::notify_to(socket, state) {
             debug!("cannot notify {socket:?}: {e}");
@@ -84,11 +91,18 @@ impl Systemd {
         self.send("STOPPING=1\nSTATUS=stopping");
     }
 
-    pub fn main_pid(&self, pid: i32) {
+    /// Hands the service over to the master `pid`: our last message. With
+    /// `NotifyAccess=all`, a later `STOPPING=1` of ours would stop the service.
+    pub fn main_pid(&mut self, pid: i32) {
         self.send(&format!("MAINPID={pid}"));
+        self.handed_over = true;
     }
 
+    /// Only to the service manager: before a new master of an upgrade is
+    /// ready, `socket` is the old master's, which needs no heartbeat.
     pub fn watchdog(&self) {
-        self.send("WATCHDOG=1");
+        if self.after_ready.is_none() {
+            self.send("WATCHDOG=1");
+        }
     }
 }

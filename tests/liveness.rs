@@ -158,7 +158,9 @@ fn a_second_drover_on_the_same_pidfile_refuses_to_start() {
     let config = config.replace("$DIR/../drover-shared.pid", &pidfile.display().to_string());
     let first = Start::config(&config).run();
     first.wait_log("all 1 workers ready");
-    let mut second = Start::config(&config).run();
+    // The same address too: the pidfile must refuse before the bind would.
+    let same_bind = config.replace("127.0.0.1:0", &first.tcp_addr().to_string());
+    let mut second = Start::config(&same_bind).run();
     assert_eq!(second.wait_exit(LIMIT).code(), Some(1));
     let expected = format!(
         "another drover (pid {}) is running and holds its lock",
@@ -309,4 +311,121 @@ fn the_master_binds_a_privileged_port_then_runs_as_the_workers_user() {
     assert!(body.contains(&format!("\"uid\": {}", nobody.uid)), "{body}");
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+}
+
+#[test]
+fn of_two_drovers_started_at_once_on_one_pidfile_exactly_one_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("drover.pid");
+    let config = hello(&format!("pidfile = \"{}\"", pidfile.display()));
+    for round in 0..8 {
+        let mut pair = [Start::config(&config).run(), Start::config(&config).run()];
+        let loser = wait_for("one of the two to give up", LIMIT, || {
+            pair.iter_mut()
+                .position(|d| d.child.try_wait().unwrap().is_some())
+        });
+        let winner = 1 - loser;
+        assert_eq!(
+            pair[loser].wait_exit(LIMIT).code(),
+            Some(1),
+            "round {round}"
+        );
+        let log = pair[loser].log();
+        assert!(
+            log.contains("is running and holds its lock"),
+            "round {round}: {log}"
+        );
+        pair[winner].wait_log("all 1 workers ready");
+        assert_eq!(
+            read_file(&pidfile).trim(),
+            pair[winner].pid().to_string(),
+            "round {round}"
+        );
+        pair[winner].signal(Signal::SIGTERM);
+        assert_eq!(
+            pair[winner].wait_exit(LIMIT).code(),
+            Some(0),
+            "round {round}"
+        );
+        assert!(!pidfile.exists(), "round {round}: removed at exit");
+    }
+}
+
+#[test]
+fn a_master_as_user_removes_its_files_at_exit_and_upgrades() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    // A run directory that belongs to the user, as systemd's RuntimeDirectory=.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    nix::unistd::chown(&run, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    let (pidfile, socket) = (run.join("drover.pid"), run.join("ctl.sock"));
+    // Settings on the command line: the new master, running as nobody, could
+    // not read a config file in the harness's private directory.
+    let mut d = Start::args(&[
+        "-b",
+        "127.0.0.1:0",
+        "-w",
+        "1",
+        "--pidfile",
+        &pidfile.display().to_string(),
+        "--set",
+        &format!("control_socket={}", socket.display()),
+        "--set",
+        "user=nobody",
+        "--set",
+        "master_as_user=true",
+        "--set",
+        "ready=notify",
+        "--",
+        hello_bin(),
+    ])
+    .run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(drover_bin())
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), text)
+    };
+    let (code, out) = ctl(&["upgrade"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+    let new = wait_for("the pidfile to name the new master", LIMIT, || {
+        read_file(&pidfile)
+            .trim()
+            .parse()
+            .ok()
+            .map(nix::unistd::Pid::from_raw)
+            .filter(|p| *p != d.pid())
+    });
+    struct KillOnDrop(nix::unistd::Pid);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
+        }
+    }
+    let _guard = KillOnDrop(new);
+    assert_eq!(get_ok(addr, "/").status, 200);
+    let (code, out) = ctl(&["status"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("master pid {new}")), "{out}");
+    nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+    assert!(!pidfile.exists(), "pidfile left behind");
+    assert!(!socket.exists(), "control socket left behind");
 }

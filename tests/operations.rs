@@ -521,3 +521,225 @@ fn a_failed_upgrade_keeps_the_old_master_serving() {
     let (code, _) = ctl(&d, &["status"]);
     assert_eq!(code, 0, "control socket taken back");
 }
+
+/// Kills a process this test made (a new master outlives the old one, which
+/// the harness kills) when the test ends, even by a failed assertion.
+struct KillOnDrop(Pid);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
+    }
+}
+
+/// A notify socket that tells who sent each message (SO_PASSCRED).
+fn notify_socket(path: &Path) -> UnixDatagram {
+    use nix::sys::socket::{setsockopt, sockopt::PassCred};
+    let sock = UnixDatagram::bind(path).unwrap();
+    setsockopt(&sock, PassCred, &true).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    sock
+}
+
+/// The next datagram and its sender's pid; `None` after the read timeout.
+fn recv_from(sock: &UnixDatagram) -> Option<(Pid, String)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 4096];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(UnixCredentials);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    let pid = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmCredentials(cred) => Some(Pid::from_raw(cred.pid())),
+        _ => None,
+    })?;
+    let n = msg.bytes;
+    Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
+}
+
+/// Reads messages (sender, text) into `seen` until `pred` holds for them.
+fn recv_until(
+    sock: &UnixDatagram,
+    seen: &mut Vec<(Pid, String)>,
+    what: &str,
+    pred: impl Fn(&[(Pid, String)]) -> bool,
+) {
+    let deadline = Instant::now() + LIMIT;
+    while !pred(seen) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; got {seen:?}"
+        );
+        seen.extend(recv_from(sock));
+    }
+}
+
+#[test]
+fn an_upgrade_hands_the_service_and_its_watchdog_to_the_new_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = notify_socket(&path);
+    let start = Start {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "400000".into()),
+        ],
+        ..Start::config(&hello(""))
+    };
+    let mut d = start.run();
+    let old = d.pid();
+    let mut seen = Vec::new();
+    recv_until(&sock, &mut seen, "READY=1", |s| {
+        s.iter().any(|(p, m)| *p == old && m.contains("READY=1"))
+    });
+    let (code, out) = ctl(&d, &["upgrade"]);
+    assert_eq!(code, 0, "{out}");
+    let new: Pid = out
+        .split("new master pid ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .map(Pid::from_raw)
+        .unwrap_or_else(|| panic!("no new pid in {out:?}"));
+    let _guard = KillOnDrop(new);
+    let mainpid = format!("MAINPID={new}");
+    recv_until(&sock, &mut seen, "MAINPID= from the old master", |s| {
+        s.iter().any(|(p, m)| *p == old && m.contains(&mainpid))
+    });
+    let handover = seen
+        .iter()
+        .position(|(p, m)| *p == old && m.contains(&mainpid))
+        .unwrap();
+    recv_until(&sock, &mut seen, "WATCHDOG=1 from the new master", |s| {
+        s[handover..]
+            .iter()
+            .any(|(p, m)| *p == new && m == "WATCHDOG=1")
+    });
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+    // The old master is gone: all it sent is queued. Read the rest.
+    while let Some(m) = recv_from(&sock) {
+        seen.push(m);
+    }
+    let after: Vec<_> = seen[handover + 1..]
+        .iter()
+        .filter(|(p, _)| *p == old)
+        .collect();
+    assert!(
+        after.is_empty(),
+        "the old master spoke after the handover: {after:?}"
+    );
+    assert!(
+        !seen.iter().any(|(_, m)| m.contains("STOPPING=1")),
+        "{seen:?}"
+    );
+    // The new master is the service now: it says when it stops.
+    nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
+    recv_until(&sock, &mut seen, "STOPPING=1 from the new master", |s| {
+        s.iter().any(|(p, m)| *p == new && m.contains("STOPPING=1"))
+    });
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+}
+
+#[test]
+fn an_upgrade_runs_what_the_symlink_drover_was_started_through_points_to_now() {
+    let bin = tempfile::tempdir().unwrap();
+    let link = bin.path().join("drover-current");
+    std::os::unix::fs::symlink(drover_bin(), &link).unwrap();
+    // Release 2: drover again, behind a script that says it ran, and as whom.
+    let marker = bin.path().join("release-2-ran");
+    let release2 = bin.path().join("drover-release-2");
+    std::fs::write(
+        &release2,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec {} \"$@\"\n",
+            marker.display(),
+            drover_bin()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&release2, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Started by name, found in PATH, as a shell would.
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let start = Start {
+        program: Some("drover-current".into()),
+        env: vec![("PATH".into(), path)],
+        ..Start::config(&hello(""))
+    };
+    let mut d = start.run();
+    d.wait_log("all 2 workers ready");
+    // Deploy: repoint the symlink atomically.
+    let tmp = bin.path().join("drover-current.new");
+    std::os::unix::fs::symlink(&release2, &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    d.signal(Signal::SIGUSR2);
+    let log = d.wait_log("upgrade: new master pid");
+    assert!(
+        log.contains(&format!("started {}", link.display())),
+        "{log}"
+    );
+    let ran: Pid = wait_for("release 2 to run", LIMIT, || {
+        read_file(&marker).trim().parse().ok().map(Pid::from_raw)
+    });
+    let _guard = KillOnDrop(ran);
+    assert!(
+        log.contains(&format!("upgrade: new master pid {ran} ready")),
+        "the new master is release 2: {log}"
+    );
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+    nix::sys::signal::kill(ran, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(ran)).then_some(())
+    });
+}
+
+#[test]
+fn an_upgrade_whose_workers_never_get_ready_is_killed_in_time_and_the_old_master_serves() {
+    let config = hello("pidfile = \"$DIR/drover.pid\"");
+    let d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let before = worker_pids(&d);
+    // The new master's workers never send READY=1; its boot_timeout (1s, not
+    // the old 5s) sets how long it is given: 1s + 5s for the master itself.
+    let never_ready = hello("pidfile = \"$DIR/drover.pid\"")
+        .replace(
+            &format!("command = [\"{}\"]", hello_bin()),
+            "command = [\"sleep\", \"60\"]",
+        )
+        .replace("boot_timeout = \"5s\"", "boot_timeout = \"1s\"");
+    rewrite(&d, &never_ready);
+    let began = Instant::now();
+    let (code, out) = ctl(&d, &["upgrade"]);
+    let took = began.elapsed();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("upgrade failed: the new master")
+            && out.contains("was not ready within 6s")
+            && out.contains("drover killed it"),
+        "{out}"
+    );
+    assert!(!out.contains("not sent by drover"), "{out}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    d.wait_log("this master keeps serving");
+    assert_eq!(worker_pids(&d), before, "the old workers still serve");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    assert_eq!(
+        read_pid(&d.dir.path().join("drover.pid")),
+        Some(d.pid()),
+        "pidfile taken back"
+    );
+    let (code, out) = ctl(&d, &["status"]);
+    assert_eq!(code, 0, "control socket taken back: {out}");
+}

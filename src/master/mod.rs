@@ -149,6 +149,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let started = Instant::now();
     // Before anything opens a descriptor: fds 3.. may be sockets from our parent.
     let inherited = listen::take_inherited()?;
+    let exe = upgrade::Exe::saved();
     // Handlers next: a signal that arrives from now on is an event, not a death.
     let signals = SignalPipe::install().map_err(StartError::Signals)?;
     let systemd = Systemd::from_env();
@@ -159,8 +160,15 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         }
         debug!("child subreaper: orphans of workers are re-parented to drover");
     }
+    // Before binding: a second drover on the same pidfile must be told that
+    // another one runs, not that its address is in use.
+    let pidfile = first
+        .settings
+        .pidfile
+        .as_deref()
+        .map(Pidfile::create)
+        .transpose()?;
     let mut gen = Generation::build(1, first, inherited, &Vec::new(), false)?;
-    let pidfile = gen.s.pidfile.as_deref().map(Pidfile::create).transpose()?;
     let notify = NotifySocket::open(gen.owner()).map_err(StartError::Notify)?;
     let control = match &gen.s.control_socket {
         Some(path) => Some(
@@ -174,15 +182,35 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
     // Everything privileged is done: sockets bound, files created.
     let master_switched = gen.s.master_as_user && gen.program.identity.is_some();
-    if master_switched {
-        if let Some(id) = gen.program.identity.take() {
-            id.apply_to_self().map_err(StartError::Identity)?;
-            info!(
-                "drover now runs as uid {}, gid {}",
-                nix::unistd::getuid(),
-                nix::unistd::getgid()
-            );
+    if let Some(id) = master_switched.then(|| gen.program.identity.take()).flatten() {
+        // Our files become the user's, so that we can still remove them at
+        // exit, and a new master of an upgrade (running as the user) can
+        // take them over. Their directory must be writable by the user too:
+        // see docs/operations.md.
+        let (uid, gid) = (id.uid, id.gid);
+        let chowned = pidfile
+            .as_ref()
+            .map_or(Ok(()), |p| p.chown(uid, gid))
+            .and_then(|_| match &gen.s.control_socket {
+                Some(path) => std::os::unix::fs::chown(path, uid, Some(gid)),
+                None => Ok(()),
+            });
+        if let Err(e) = chowned {
+            warn!("cannot give the pidfile or control socket to uid {uid:?}, gid {gid}: {e}");
         }
+        // A new master of an upgrade starts as the user already (and could
+        // not call setgroups); only root switches.
+        let already = uid.is_none_or(|u| u == nix::unistd::getuid().as_raw())
+            && gid == nix::unistd::getgid().as_raw();
+        if !already {
+            id.apply_to_self().map_err(StartError::Identity)?;
+        }
+        info!(
+            "drover {} uid {}, gid {}",
+            if already { "already runs as" } else { "now runs as" },
+            nix::unistd::getuid(),
+            nix::unistd::getgid()
+        );
     }
     let mut master = Master {
         slots: vec![Slot::default(); gen.s.workers.0 as usize],
@@ -211,7 +239,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         upgrade: None,
         master_switched,
         next_watchdog: None,
-        exe: upgrade::Exe::saved(),
+        exe,
     };
     master.next_watchdog = master.systemd.watchdog.map(|w| started + w / 2);
     let status = master.run_loop();

@@ -60,10 +60,14 @@ impl Master {
             None => {
                 let kind = if quick { "quick" } else { "graceful" };
                 info!("{why}: {kind} shutdown: stage 1, stop accepting");
-                self.systemd.stopping();
                 // After an upgrade the new master serves the sockets: only our
                 // copies go. Otherwise new connections are refused from now on.
                 let handover = cause == Cause::Upgrade;
+                // After an upgrade the service is the new master's (MAINPID=):
+                // it is not stopping.
+                if !handover {
+                    self.systemd.stopping();
+                }
                 let mut closed = self
                     .previous
                     .take()

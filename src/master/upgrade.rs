@@ -5,8 +5,10 @@
 //! workers gracefully and exits. If the new master fails first, this one
 //! keeps serving and says why.
 
+use std::ffi::OsString;
 use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
@@ -26,29 +28,69 @@ pub struct Upgrade {
     pub pid: Pid,
     began: Instant,
     deadline: Instant,
+    /// How long the new master was given to be ready.
+    limit: Duration,
+    /// drover killed the new master at its deadline: its death is ours.
+    timed_out: bool,
     waiters: Vec<control::ClientId>,
 }
+
+/// The time a new master gets on top of its workers' `boot_timeout`: its
+/// own start (config, sockets) before it spawns them.
+const MASTER_START_MARGIN: Duration = Duration::from_secs(5);
 
 /// What drover was started as, saved at start-up (the binary at that path may
 /// be replaced by the time of an upgrade: that is the point).
 pub struct Exe {
-    path: std::path::PathBuf,
+    path: PathBuf,
     args: Vec<String>,
 }
 
 impl Exe {
+    /// The path drover was started with (`argv[0]`), not the binary it
+    /// resolves to: deploying by repointing a symlink, or by replacing the
+    /// file, must upgrade to the new target. Call it before any `chdir`.
     pub fn saved() -> Exe {
-        let path = std::env::current_exe().unwrap_or_else(|_| "drover".into());
-        // /proc/self/exe names a replaced binary "PATH (deleted)": the path is what we want.
-        let shown = path.to_string_lossy();
-        let path = shown
-            .strip_suffix(" (deleted)")
-            .map_or(path.clone(), Into::into);
-        Exe {
-            path,
-            args: std::env::args().collect(),
-        }
+        let args: Vec<String> = std::env::args().collect();
+        let path = args
+            .first()
+            .and_then(|arg0| {
+                started_as(
+                    arg0,
+                    std::env::current_dir().ok()?,
+                    std::env::var_os("PATH"),
+                )
+            })
+            .unwrap_or_else(|| {
+                // Only when argv[0] names no program (exec'd with a made-up
+                // name): the binary itself is the best we have.
+                let exe = std::env::current_exe().unwrap_or_else(|_| "drover".into());
+                // /proc/self/exe names a replaced binary "PATH (deleted)".
+                let shown = exe.to_string_lossy();
+                shown
+                    .strip_suffix(" (deleted)")
+                    .map_or(exe.clone(), Into::into)
+            });
+        Exe { path, args }
     }
+}
+
+/// The file `arg0` named when we were started: relative to `cwd` if it has a
+/// '/', else looked up in `path_var` as the shell did. `None` if no such file.
+fn started_as(arg0: &str, cwd: PathBuf, path_var: Option<OsString>) -> Option<PathBuf> {
+    let found = if arg0.contains('/') {
+        cwd.join(arg0)
+    } else {
+        std::env::split_paths(&path_var?)
+            .map(|dir| cwd.join(dir).join(arg0))
+            .find(|p| executable(p))?
+    };
+    executable(&found).then_some(found)
+}
+
+fn executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 impl Master {
@@ -75,6 +117,13 @@ impl Master {
             Ok(p) => p,
             Err(e) => return self.upgrade_failed(client.into_iter().collect(), format!("{e}")),
         };
+        // The new master reads the config as it is now: give it the
+        // boot_timeout it will apply to its workers (ours if it cannot be
+        // read; the new master will then fail on it anyway).
+        let boot_timeout = self
+            .source
+            .load()
+            .map_or(self.gen.s.boot_timeout.0, |l| l.settings.boot_timeout.0);
         let mut env = Env::inherit(&[]);
         let names: Vec<&str> = self.gen.listeners.iter().map(|(_, n)| n.as_str()).collect();
         env.set("LISTEN_FDS", self.gen.listeners.len().to_string());
@@ -84,10 +133,19 @@ impl Master {
         env.set("DROVER_UPGRADE_FROM", std::process::id().to_string());
         if let Some(service) = self.systemd.socket() {
             env.set("DROVER_SERVICE_NOTIFY_SOCKET", service);
+            // The service's watchdog, as systemd would pass it: the new
+            // master keeps it fed once it is the main pid.
+            if let Some(w) = self.systemd.watchdog {
+                env.set("WATCHDOG_USEC", w.as_micros().to_string());
+                env.set_child_pid("WATCHDOG_PID");
+            }
         }
-        // Hand over what only one master may hold: the pidfile lock and the
+        // Hand over what only one master may hold: the pidfile lock (the
+        // file stays, naming us until the new master writes its pid) and the
         // control socket's path. Taken back if the upgrade fails.
-        self.pidfile = None;
+        if let Some(p) = self.pidfile.take() {
+            p.release();
+        }
         if let Some(c) = self.control.as_mut() {
             c.close_listener();
         }
@@ -101,15 +159,18 @@ impl Master {
         match spawn::spawn(&program, &env, &fds, self.devnull.as_raw_fd(), false) {
             Ok(pid) => {
                 let now = Instant::now();
-                let deadline = now + self.gen.s.boot_timeout.0 + std::time::Duration::from_secs(5);
+                let limit = boot_timeout + MASTER_START_MARGIN;
                 info!(
-                    "upgrade: started {} as pid {pid}; waiting for it to report ready",
-                    self.exe.path.display()
+                    "upgrade: started {} as pid {pid}; waiting up to {} for it to report ready",
+                    self.exe.path.display(),
+                    humantime::format_duration(limit)
                 );
                 self.upgrade = Some(Upgrade {
                     pid,
                     began: now,
-                    deadline,
+                    deadline: now + limit,
+                    limit,
+                    timed_out: false,
                     waiters: client.into_iter().collect(),
                 });
             }
@@ -127,7 +188,10 @@ impl Master {
             u.pid,
             ms(u.began.elapsed())
         );
+        // From now on the new master speaks to the service manager: no
+        // STOPPING=1 or WATCHDOG=1 of ours may be taken for its.
         self.systemd.main_pid(u.pid.as_raw());
+        self.next_watchdog = None;
         for c in u.waiters {
             self.reply(
                 c,
@@ -140,33 +204,48 @@ impl Master {
 
     pub(super) fn on_upgrade_exit(&mut self, status: WaitStatus) {
         let Some(u) = self.upgrade.take() else { return };
-        let why = format!(
-            "the new master (pid {}) {} before it was ready",
-            u.pid,
-            describe(status, None)
-        );
+        let why = if u.timed_out {
+            format!(
+                "the new master (pid {}) was not ready within {} (its workers' boot_timeout + {}); drover killed it",
+                u.pid,
+                humantime::format_duration(u.limit),
+                humantime::format_duration(MASTER_START_MARGIN)
+            )
+        } else {
+            format!(
+                "the new master (pid {}) {} before it was ready",
+                u.pid,
+                describe(status, None)
+            )
+        };
         self.upgrade_failed(u.waiters, why);
     }
 
     /// Kills a new master that did not report ready in time; its exit is
     /// then reported as the failure.
     pub(super) fn settle_upgrade(&mut self, now: Instant) {
-        if let Some(u) = &self.upgrade {
-            if u.deadline <= now {
-                error!(
-                    "upgrade: the new master (pid {}) was not ready in time; killing it",
-                    u.pid
-                );
-                let _ = kill(u.pid, Signal::SIGKILL);
-                if let Some(u) = self.upgrade.as_mut() {
-                    u.deadline = now + std::time::Duration::from_secs(3600);
-                }
-            }
+        if let Some(u) = self
+            .upgrade
+            .as_mut()
+            .filter(|u| !u.timed_out && u.deadline <= now)
+        {
+            error!(
+                "upgrade: the new master (pid {}) was not ready within {}; killing it",
+                u.pid,
+                humantime::format_duration(u.limit)
+            );
+            // Its workers die with it (parent-death signal).
+            let _ = kill(u.pid, Signal::SIGKILL);
+            u.timed_out = true;
         }
     }
 
     pub(super) fn upgrade_deadline(&self) -> Option<Instant> {
-        self.upgrade.as_ref().map(|u| u.deadline)
+        // Once killed, the new master's exit (SIGCHLD) is all we wait for.
+        self.upgrade
+            .as_ref()
+            .filter(|u| !u.timed_out)
+            .map(|u| u.deadline)
     }
 
     fn upgrade_failed(&mut self, waiters: Vec<control::ClientId>, why: String) {
@@ -186,5 +265,33 @@ impl Master {
         for c in waiters {
             self.reply(c, control::failure(&format!("upgrade failed: {why}")));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_started_with_is_kept_not_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let real = std::env::current_exe().unwrap();
+        std::os::unix::fs::symlink(&real, bin.join("drover")).unwrap();
+        let cwd = dir.path().to_path_buf();
+        // Relative: against the start-up directory; the symlink stays.
+        assert_eq!(
+            started_as("bin/drover", cwd.clone(), None),
+            Some(cwd.join("bin/drover"))
+        );
+        // A bare name: found in PATH, as the shell found it.
+        let path = Some(OsString::from(format!("/nonexistent:{}", bin.display())));
+        assert_eq!(
+            started_as("drover", cwd.clone(), path),
+            Some(bin.join("drover"))
+        );
+        // A name that was never a file: the caller falls back.
+        assert_eq!(started_as("drover: master", cwd, None), None);
     }
 }
