@@ -75,10 +75,11 @@ impl Master {
                 closed +=
                     crate::listen::close_unused(std::mem::take(&mut self.gen.listeners), handover);
                 self.control = None;
+                let took = ms(now.elapsed());
                 if handover {
-                    info!("released {closed} listener(s) to the new master");
+                    info!("released {closed} listener(s) to the new master in {took}");
                 } else {
-                    info!("closed {closed} listener(s)");
+                    info!("closed {closed} listener(s) in {took}");
                 }
                 self.shutdown = Some(Shutdown {
                     quick,
