@@ -105,6 +105,16 @@ struct Slot {
     restarts: u32,
 }
 
+/// What serves one slot (see `Master::slot_view`).
+#[derive(Debug, Default, Clone, Copy)]
+struct SlotView {
+    current: bool,
+    current_booting: bool,
+    outdated: bool,
+    outdated_ready: bool,
+    outdated_booting: bool,
+}
+
 pub struct Master {
     source: Source,
     /// The generation new workers are started from.
@@ -670,47 +680,33 @@ impl Master {
         if self.paused {
             return;
         }
-        let current = self.gen.number;
-        let is_current = |w: &Worker| w.generation == current && w.replace.is_none();
-        let mut surging = (1..=self.slots.len() as u32)
-            .filter(|&slot| {
-                let active = || {
-                    self.workers
-                        .iter()
-                        .filter(move |w| w.slot == slot && !w.is_stopping())
-                };
-                active().any(|w| is_current(w) && w.is_booting())
-                    && active().any(|w| !is_current(w))
-            })
+        // One pass over the workers, not one per slot: with a thousand
+        // workers this runs after every READY=1 of the start-up.
+        let view = self.slot_view();
+        let mut surging = view
+            .iter()
+            .filter(|v| v.current_booting && v.outdated)
             .count() as u32;
-        for slot in 1..=self.slots.len() as u32 {
-            let active: Vec<&Worker> = self
-                .workers
-                .iter()
-                .filter(|w| w.slot == slot && !w.is_stopping())
-                .collect();
-            if active.iter().any(|w| is_current(w)) {
+        for (i, v) in view.iter().enumerate() {
+            let slot = i as u32 + 1;
+            if v.current || self.slots[i].not_before.is_some_and(|t| t > now) {
                 continue;
             }
-            if self.slots[slot as usize - 1]
-                .not_before
-                .is_some_and(|t| t > now)
-            {
-                continue;
-            }
-            let replacing = active.iter().any(|w| w.is_ready());
+            let replacing = v.outdated_ready;
             if replacing && surging >= self.gen.s.max_surge.0 {
                 continue;
             }
-            // An outdated worker that is not even ready serves nothing: stop it.
-            let signal = self.gen.s.stop_signal.0;
-            let deadline = now + self.gen.s.graceful_timeout.0;
-            for w in self
-                .workers
-                .iter_mut()
-                .filter(|w| w.slot == slot && w.is_booting())
-            {
-                stop(w, signal, deadline, Why::Retired);
+            if v.outdated_booting {
+                // An outdated worker that is not even ready serves nothing: stop it.
+                let signal = self.gen.s.stop_signal.0;
+                let deadline = now + self.gen.s.graceful_timeout.0;
+                for w in self
+                    .workers
+                    .iter_mut()
+                    .filter(|w| w.slot == slot && w.is_booting())
+                {
+                    stop(w, signal, deadline, Why::Retired);
+                }
             }
             surging += replacing as u32;
             self.spawn_worker(slot, now);
@@ -734,6 +730,28 @@ impl Master {
             );
             stop(w, signal, now + graceful, Why::Retired);
         }
+    }
+
+    /// What serves each slot, from the workers not stopping. A current
+    /// worker is of the current generation and not marked for replacement;
+    /// any other is outdated.
+    fn slot_view(&self) -> Vec<SlotView> {
+        let current = self.gen.number;
+        let mut view = vec![SlotView::default(); self.slots.len()];
+        for w in self.workers.iter().filter(|w| !w.is_stopping()) {
+            let Some(v) = view.get_mut(w.slot as usize - 1) else {
+                continue;
+            };
+            if w.generation == current && w.replace.is_none() {
+                v.current = true;
+                v.current_booting |= w.is_booting();
+            } else {
+                v.outdated = true;
+                v.outdated_ready |= w.is_ready();
+                v.outdated_booting |= w.is_booting();
+            }
+        }
+        view
     }
 
     fn spawn_worker(&mut self, slot: u32, now: Instant) {

@@ -134,12 +134,16 @@ impl Master {
             return;
         };
         let current = self.gen.number;
-        let ready = r.failed
-            || (1..=self.slots.len() as u32).all(|slot| {
-                self.workers
-                    .iter()
-                    .any(|w| w.slot == slot && w.generation == current && w.is_ready())
-            });
+        let ready = r.failed || {
+            // One pass over the workers (this runs every turn of a reload).
+            let mut served = vec![false; self.slots.len()];
+            for w in self.workers.iter().filter(|w| w.generation == current && w.is_ready()) {
+                if let Some(s) = served.get_mut(w.slot as usize - 1) {
+                    *s = true;
+                }
+            }
+            served.iter().all(|s| *s)
+        };
         let others_serve = self
             .workers
             .iter()
