@@ -1,15 +1,16 @@
 //! The command line: `drover [OPTIONS] [-- COMMAND...]` and `drover check`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::config::{ConfigError, Layer, Loaded, Source};
+use crate::config::{ConfigError, Given, Layer, Loaded, Place, Settings, Source};
 use crate::control::{self, Command};
 use crate::logfile::LogFile;
 use crate::master::{self, exit};
+use crate::spawn::{Env, Identity, Program};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -101,15 +102,16 @@ impl CtlCommand {
     }
 }
 
-/// One command-line flag as a settings layer: `key = value` in TOML, with
-/// errors that name the flag.
-fn flag(flag: &str, key: &str, value: &str) -> Result<Layer, ConfigError> {
-    Layer::parse_override(&format!("{key}={value}")).map_err(|e| match e {
-        ConfigError::Invalid { message, .. } => {
-            ConfigError::Other(format!("{flag} {value}: {message}"))
-        }
-        other => other,
-    })
+/// A command-line flag as a settings layer: `key_value` read as for `--set`,
+/// with errors (now or when the settings are checked) that name the flag as
+/// `shown`.
+fn flag(shown: String, key_value: &str) -> Result<Layer, ConfigError> {
+    let at = Place::Flag(shown);
+    match Layer::parse_override(key_value) {
+        Ok(layer) => Ok(layer.placed(&at)),
+        Err(ConfigError::Invalid { message, .. }) => Err(ConfigError::Invalid { at, message }),
+        Err(other) => Err(other),
+    }
 }
 
 impl Cli {
@@ -120,24 +122,43 @@ impl Cli {
             layer = layer.overlay(Layer::parse_override(s)?);
         }
         if !self.bind.is_empty() {
-            let quoted: Vec<String> = self.bind.iter().map(|b| format!("{b:?}")).collect();
-            layer = layer.overlay(flag("--bind", "bind", &format!("[{}]", quoted.join(",")))?);
+            // Each -b is checked alone, so that an error names that one.
+            let mut binds = Vec::new();
+            for b in &self.bind {
+                let one = flag(format!("--bind {b}"), &format!("bind=[{b:?}]"))?;
+                binds.extend(one.bind.map(|g| g.value).unwrap_or_default());
+            }
+            layer.bind = Some(Given {
+                value: binds,
+                at: Place::Flag(format!("--bind {}", self.bind[0])),
+            });
+            layer.bind_items = self
+                .bind
+                .iter()
+                .map(|b| Place::Flag(format!("--bind {b}")))
+                .collect();
         }
         if let Some(n) = &self.workers {
-            layer = layer.overlay(flag("--workers", "workers", n)?);
+            layer = layer.overlay(flag(format!("--workers {n}"), &format!("workers={n}"))?);
         }
         if let Some(level) = &self.log_level {
-            layer = layer.overlay(flag("--log-level", "log_level", level)?);
+            layer = layer.overlay(flag(
+                format!("--log-level {level}"),
+                &format!("log_level={level}"),
+            )?);
         }
         if let Some(p) = &self.pidfile {
-            layer = layer.overlay(flag("--pidfile", "pidfile", p)?);
+            layer = layer.overlay(flag(format!("--pidfile {p}"), &format!("pidfile={p}"))?);
         }
         let command = match &self.action {
             Some(Action::Check { command }) if !command.is_empty() => command,
             _ => &self.command,
         };
         if !command.is_empty() {
-            layer.command = Some(command.clone());
+            layer.command = Some(Given {
+                value: command.clone(),
+                at: Place::Flag(format!("-- {}", command.join(" "))),
+            });
         }
         Ok(Source {
             file: self.config.clone(),
@@ -148,6 +169,9 @@ impl Cli {
 
 /// drover's entry point.
 pub fn main() -> ExitCode {
+    // Before anything is opened (the config, the log file): the descriptors
+    // open now are our parent's, the only ones `fd://N` may name.
+    crate::listen::note_open_descriptors();
     let cli = Cli::parse();
     if let Some(Action::Ctl {
         json,
@@ -193,19 +217,7 @@ pub fn main() -> ExitCode {
         }
     };
     if let Some(Action::Check { .. }) = cli.action {
-        let origin = source.origin();
-        println!(
-            "{origin}: ok ({} worker(s) running {:?}, listening on {})",
-            settings.workers.0,
-            settings.command.join(" "),
-            settings
-                .bind
-                .iter()
-                .map(|b| b.address.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        return ExitCode::from(exit::OK);
+        return check(&source, &settings);
     }
     let log = match settings.log_file.as_deref().map(LogFile::open).transpose() {
         Ok(log) => log,
@@ -234,4 +246,84 @@ pub fn main() -> ExitCode {
             ExitCode::from(e.exit_status())
         }
     }
+}
+
+/// `drover check`: the settings are valid, and what a start looks up before it
+/// binds anything is there: the user and group, the program (in the PATH the
+/// workers get), and `chdir`. Each failure exits with the status a start
+/// would: 2 for the settings, the user or the group; 3 for the program or
+/// `chdir`, which a start reports as "cannot boot".
+fn check(source: &Source, s: &Settings) -> ExitCode {
+    let fail = |status: u8, message: String| {
+        eprintln!("drover: {message}");
+        ExitCode::from(status)
+    };
+    if let Err(e) = Identity::resolve(s.user.as_deref(), s.group.as_deref()) {
+        return fail(exit::USAGE, e.to_string());
+    }
+    // The workers' environment, as a generation builds it.
+    let mut env = Env::inherit(&s.env_remove);
+    for (k, v) in &s.env {
+        env.set(k, v);
+    }
+    let program = match Program::new(&s.command, env.get("PATH")) {
+        Ok(p) => p.shown(),
+        Err(e) => {
+            return fail(
+                exit::CANNOT_BOOT,
+                format!("cannot run the worker command: {e}"),
+            )
+        }
+    };
+    if let Some(dir) = &s.chdir {
+        if !dir.is_dir() {
+            return fail(
+                exit::CANNOT_BOOT,
+                format!(
+                    "chdir {}: not a directory (or not reachable)",
+                    dir.display()
+                ),
+            );
+        }
+    }
+    // A name was found in PATH just now; a path is only tried at exec, after
+    // the chdir: look at it from there, as the worker will.
+    if s.command[0].contains('/') {
+        let exe = s
+            .chdir
+            .as_deref()
+            .unwrap_or(Path::new("."))
+            .join(&s.command[0]);
+        let runnable =
+            exe.is_file() && nix::unistd::access(&exe, nix::unistd::AccessFlags::X_OK).is_ok();
+        if !runnable {
+            return fail(
+                exit::CANNOT_BOOT,
+                format!(
+                    "cannot run the worker command: {}: not an executable file",
+                    exe.display()
+                ),
+            );
+        }
+    }
+    println!(
+        "{}: ok ({} worker(s) running {:?}, listening on {})",
+        source.origin(),
+        s.workers.0,
+        std::iter::once(program.as_str())
+            .chain(s.command[1..].iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        s.bind
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "checked: the settings, user and group, the program, chdir; \
+         not checked: binding the addresses, fd://N and LISTEN_FDS sockets, \
+         the pidfile, log file and control socket paths, and what the workers' user may access"
+    );
+    ExitCode::from(exit::OK)
 }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -16,17 +17,26 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use toml::Spanned;
 
 /// Declares every setting once: its type and its default. From that list come
-/// the [`Layer`] (what one source sets, all optional) and the resolved
-/// [`Settings`] (every key has a value).
+/// the [`Layer`] (what one source sets, all optional, each value with where it
+/// was set) and the resolved [`Settings`] (every key has a value).
 macro_rules! settings {
     ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr; )*) => {
-        /// What one source (the file, the command line) sets. Unset keys are `None`.
-        #[derive(Debug, Default, Clone, Deserialize)]
+        /// The file as toml reads it: each value with its byte span.
+        #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
+        struct RawLayer {
+            $( #[serde(default)] $name: Option<Spanned<$ty>>, )*
+        }
+
+        /// What one source (the file, the command line) sets. Unset keys are `None`.
+        #[derive(Debug, Default, Clone)]
         pub struct Layer {
-            $( #[serde(default)] pub $name: Option<$ty>, )*
+            $( pub $name: Option<Given<$ty>>, )*
+            /// Where each `bind` entry was set, for errors about one address.
+            pub bind_items: Vec<Place>,
         }
 
         /// The effective settings: every key has a value.
@@ -35,14 +45,35 @@ macro_rules! settings {
             $( $(#[$doc])* pub $name: $ty, )*
         }
 
+        impl RawLayer {
+            fn locate(self, place: impl Fn(Range<usize>) -> Place) -> Layer {
+                Layer {
+                    $( $name: self.$name.map(|v| Given { at: place(v.span()), value: v.into_inner() }), )*
+                    bind_items: Vec::new(),
+                }
+            }
+        }
+
         impl Layer {
             /// This layer with `over` laid on top: what `over` sets wins.
             pub fn overlay(self, over: Layer) -> Layer {
-                Layer { $( $name: over.$name.or(self.$name), )* }
+                let bind_items = match over.bind {
+                    Some(_) => over.bind_items,
+                    None => self.bind_items,
+                };
+                Layer { $( $name: over.$name.or(self.$name), )* bind_items }
+            }
+
+            /// Every value of this layer marked as set at `at` (a flag).
+            pub fn placed(self, at: &Place) -> Layer {
+                Layer {
+                    $( $name: self.$name.map(|v| Given { at: at.clone(), ..v }), )*
+                    bind_items: self.bind_items.iter().map(|_| at.clone()).collect(),
+                }
             }
 
             fn fill_defaults(self) -> Settings {
-                Settings { $( $name: self.$name.unwrap_or_else(|| $default), )* }
+                Settings { $( $name: self.$name.map_or_else(|| $default, |v| v.value), )* }
             }
         }
 
@@ -126,6 +157,39 @@ settings! {
     env_remove: Vec<String> = Vec::new();
 }
 
+/// Where a value was set, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// In a file (or the text of a `--set`): 1-based line and column.
+    Text {
+        origin: String,
+        line: usize,
+        column: usize,
+    },
+    /// A command-line flag, shown as given: `--bind 127.0.0.1:80`.
+    Flag(String),
+}
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Place::Text {
+                origin,
+                line,
+                column,
+            } => write!(f, "{origin}:{line}:{column}"),
+            Place::Flag(flag) => f.write_str(flag),
+        }
+    }
+}
+
+/// A value as one source set it, and where.
+#[derive(Debug, Clone)]
+pub struct Given<T> {
+    pub value: T,
+    pub at: Place,
+}
+
 /// A configuration error, located in its source.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -134,30 +198,43 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{origin}:{line}:{column}: {message}")]
-    Invalid {
-        origin: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error("{at}: {message}")]
+    Invalid { at: Place, message: String },
     #[error("{0}")]
     Other(String),
 }
 
+const NO_COMMAND: &str = "no worker command: set `command = [\"program\", \"arg\"]` in the config \
+                          or give it after `--` on the command line";
+
 impl Layer {
     /// Parses a TOML file's text; errors name `origin` and the line and column.
     pub fn parse(origin: &str, text: &str) -> Result<Layer, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let at = e.span().map_or(0, |s| s.start);
-            let (line, column) = line_column(text, at);
-            ConfigError::Invalid {
+        let place = |span: Range<usize>| {
+            let (line, column) = line_column(text, span.start);
+            Place::Text {
                 origin: origin.to_string(),
                 line,
                 column,
-                message: e.message().trim_end().replace('\n', " "),
             }
-        })
+        };
+        let raw: RawLayer = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            at: place(e.span().unwrap_or(0..0)),
+            message: e.message().trim_end().replace('\n', " "),
+        })?;
+        let mut layer = raw.locate(place);
+        if layer.bind.is_some() {
+            // Read again for the position of each entry: an error about one
+            // address among several points at that one.
+            #[derive(Deserialize)]
+            struct Entries {
+                bind: Vec<Spanned<de::IgnoredAny>>,
+            }
+            if let Ok(entries) = toml::from_str::<Entries>(text) {
+                layer.bind_items = entries.bind.iter().map(|e| place(e.span())).collect();
+            }
+        }
+        Ok(layer)
     }
 
     /// Reads and parses a config file.
@@ -182,92 +259,159 @@ impl Layer {
         let origin = format!("--set {arg}");
         let key = key.trim();
         let as_toml = format!("{key} = {value}");
-        match Layer::parse(&origin, &as_toml) {
-            Ok(layer) => Ok(layer),
+        let layer = match Layer::parse(&origin, &as_toml) {
+            Ok(layer) => layer,
             // Valid TOML that the setting refuses: that error is the one to
             // show. Otherwise the value was a bare word: read it as a string.
-            Err(first) if toml::from_str::<toml::Table>(&as_toml).is_ok() => Err(first),
-            Err(_) => Layer::parse(&origin, &format!("{key} = {}", toml_string(value))),
-        }
+            Err(first) if toml::from_str::<toml::Table>(&as_toml).is_ok() => return Err(first),
+            Err(_) => Layer::parse(&origin, &format!("{key} = {}", toml_string(value)))?,
+        };
+        // Checks of the whole configuration name the option, not a column of
+        // a text the user never wrote.
+        Ok(layer.placed(&Place::Flag(origin)))
     }
 
-    /// Resolves defaults and checks what needs several keys at once.
+    /// Resolves defaults and checks what needs more than one value: each
+    /// error names where the offending value was set.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
+        self.check_values()?;
+        // Both may be defaults; keep where they were set for the message.
+        let delay_at = self.respawn_delay.as_ref().map(|g| g.at.clone());
+        let max_at = self.respawn_max_delay.as_ref().map(|g| g.at.clone());
         let settings = self.fill_defaults();
-        if settings.command.is_empty() {
-            return Err(ConfigError::Other(
-                "no worker command: set `command = [\"program\", \"arg\"]` in the config \
-                 or give it after `--` on the command line"
-                    .into(),
-            ));
-        }
-        let invalid = |key: &str, why: &str| Err(ConfigError::Other(format!("`{key}`: {why}")));
-        if settings.command[0].is_empty() {
-            return invalid("command", "the program name is empty");
-        }
-        if settings.bind.is_empty() {
-            return invalid("bind", "needs at least one address");
-        }
-        let mut names: Vec<&str> = settings
-            .bind
-            .iter()
-            .filter_map(|b| b.name.as_deref())
-            .collect();
-        names.sort_unstable();
-        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return invalid("bind", &format!("the name {:?} is used twice", w[0]));
-        }
-        for (key, empty) in [
-            (
-                "pidfile",
-                settings
-                    .pidfile
-                    .as_ref()
-                    .is_some_and(|p| p.as_os_str().is_empty()),
-            ),
-            (
-                "chdir",
-                settings
-                    .chdir
-                    .as_ref()
-                    .is_some_and(|p| p.as_os_str().is_empty()),
-            ),
-            (
-                "control_socket",
-                settings
-                    .control_socket
-                    .as_ref()
-                    .is_some_and(|p| p.as_os_str().is_empty()),
-            ),
-            (
-                "log_file",
-                settings
-                    .log_file
-                    .as_ref()
-                    .is_some_and(|p| p.as_os_str().is_empty()),
-            ),
-            ("user", settings.user.as_deref() == Some("")),
-            ("group", settings.group.as_deref() == Some("")),
-            (
-                "on_exit",
-                settings.on_exit.first().is_some_and(String::is_empty),
-            ),
-        ] {
-            if empty {
-                return invalid(key, "is empty: remove the key or give it a value");
-            }
-        }
-        if settings.boot_timeout.0.is_zero() {
-            return invalid("boot_timeout", "must be more than 0s");
-        }
-        if settings.timeout.is_some_and(|t| t.0.is_zero()) {
-            return invalid(
-                "timeout",
-                "must be more than 0s (remove it to turn heartbeats off)",
-            );
+        let (delay, max) = (settings.respawn_delay, settings.respawn_max_delay);
+        if delay.0 > max.0 {
+            // Point at the bound if it was set, else at the delay that passes
+            // the default bound (both defaults agree with each other).
+            let at = max_at
+                .clone()
+                .or(delay_at.clone())
+                .expect("a value was set");
+            let source = |at: &Option<Place>| {
+                at.as_ref()
+                    .map_or("the default".to_string(), |p| format!("set at {p}"))
+            };
+            return Err(ConfigError::Invalid {
+                at,
+                message: format!(
+                    "`respawn_max_delay` ({max}, {}) is less than `respawn_delay` ({delay}, {}): \
+                     expected respawn_delay <= respawn_max_delay",
+                    source(&max_at),
+                    source(&delay_at)
+                ),
+            });
         }
         Ok(settings)
     }
+
+    /// Checks of values whose type alone cannot refuse them (an empty path is
+    /// a valid path, zero a valid duration), and of `bind` as a whole.
+    fn check_values(&self) -> Result<(), ConfigError> {
+        let invalid = |at: &Place, message: String| {
+            Err(ConfigError::Invalid {
+                at: at.clone(),
+                message,
+            })
+        };
+        match &self.command {
+            None => return Err(ConfigError::Other(NO_COMMAND.into())),
+            Some(c) if c.value.is_empty() => {
+                return invalid(
+                    &c.at,
+                    "`command` is empty: expected the program and its arguments, like [\"./app\", \"--port\", \"80\"]".into(),
+                )
+            }
+            Some(c) if c.value[0].is_empty() => {
+                return invalid(&c.at, "`command`: the program name is empty".into())
+            }
+            Some(_) => {}
+        }
+        if let Some(bind) = &self.bind {
+            check_binds(bind, &self.bind_items)?;
+        }
+        let empty_path = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str().is_empty());
+        let empty_name = |s: &Option<String>| s.as_deref() == Some("");
+        for (key, at) in [
+            ("pidfile", set_at(&self.pidfile, empty_path)),
+            ("chdir", set_at(&self.chdir, empty_path)),
+            ("control_socket", set_at(&self.control_socket, empty_path)),
+            ("log_file", set_at(&self.log_file, empty_path)),
+            ("user", set_at(&self.user, empty_name)),
+            ("group", set_at(&self.group, empty_name)),
+            (
+                "on_exit",
+                set_at(&self.on_exit, |argv| {
+                    argv.first().is_some_and(String::is_empty)
+                }),
+            ),
+        ] {
+            if let Some(at) = at {
+                return invalid(
+                    at,
+                    format!("`{key}` is empty: remove the key or give it a value"),
+                );
+            }
+        }
+        if let Some(at) = set_at(&self.boot_timeout, |d| d.0.is_zero()) {
+            return invalid(at, "`boot_timeout` must be more than 0s".into());
+        }
+        if let Some(at) = set_at(&self.timeout, |t| t.is_some_and(|t| t.0.is_zero())) {
+            return invalid(
+                at,
+                "`timeout` must be more than 0s (remove it to turn heartbeats off)".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where `given` was set, if its value is `bad`.
+fn set_at<T>(given: &Option<Given<T>>, bad: impl Fn(&T) -> bool) -> Option<&Place> {
+    given.as_ref().filter(|g| bad(&g.value)).map(|g| &g.at)
+}
+
+/// `bind` needs an address, each bound once (a second socket on the same
+/// address fails with "address in use" after the first was bound), and
+/// distinct names for `LISTEN_FDNAMES`.
+fn check_binds(bind: &Given<Vec<Bind>>, items: &[Place]) -> Result<(), ConfigError> {
+    if bind.value.is_empty() {
+        return Err(ConfigError::Invalid {
+            at: bind.at.clone(),
+            message: "`bind` is empty: expected at least one address, like [\"127.0.0.1:8000\"]"
+                .into(),
+        });
+    }
+    let at = |i: usize| items.get(i).unwrap_or(&bind.at).clone();
+    for (i, b) in bind.value.iter().enumerate() {
+        let earlier = &bind.value[..i];
+        // Port 0 asks for a new free port each time: several are distinct.
+        let fixed = !matches!(b.address, Address::Tcp(a) if a.port() == 0);
+        if let Some(first) = earlier.iter().position(|e| fixed && e.address == b.address) {
+            return Err(ConfigError::Invalid {
+                at: at(i),
+                message: format!(
+                    "`bind`: {} is listed twice (first at {}): expected each address once",
+                    b.address,
+                    at(first)
+                ),
+            });
+        }
+        if let Some(first) = earlier
+            .iter()
+            .enumerate()
+            .position(|(j, e)| e.fd_name(j) == b.fd_name(i))
+        {
+            return Err(ConfigError::Invalid {
+                at: at(i),
+                message: format!(
+                    "`bind`: the name {:?} is used twice (first at {}): expected distinct names",
+                    b.fd_name(i),
+                    at(first)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where the settings come from: the file, re-read on every reload, and the
@@ -316,7 +460,10 @@ impl Source {
             Some(path) => Layer::read(path)?,
             None => Layer::default(),
         };
-        Ok(file.overlay(self.cli.clone()).control_socket.flatten())
+        Ok(file
+            .overlay(self.cli.clone())
+            .control_socket
+            .and_then(|g| g.value))
     }
 
     /// Where the settings come from, for messages.
@@ -616,6 +763,11 @@ impl Bind {
             name: None,
         })
     }
+
+    /// The name workers see in `LISTEN_FDNAMES` for entry `i` of `bind`.
+    pub fn fd_name(&self, i: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("bind{i}"))
+    }
 }
 
 impl<'de> Deserialize<'de> for Bind {
@@ -693,7 +845,8 @@ mod tests {
         assert_eq!(
             Layer::parse("c", "unix_socket_mode = 0o640")
                 .unwrap()
-                .unix_socket_mode,
+                .unix_socket_mode
+                .map(|g| g.value),
             Some(Mode(0o640))
         );
         let e = err("unix_socket_mode = 660");
@@ -712,7 +865,7 @@ mod tests {
                        { address = "127.0.0.1:9", name = "admin" }]"#,
         )
         .unwrap();
-        let b = l.bind.unwrap();
+        let b = l.bind.unwrap().value;
         assert_eq!(b[0].address, Address::Tcp("127.0.0.1:0".parse().unwrap()));
         assert_eq!(b[1].address, Address::Tcp("[::1]:80".parse().unwrap()));
         assert_eq!(b[2].address, Address::Unix("/tmp/x.sock".into()));
@@ -768,5 +921,99 @@ mod tests {
     fn a_command_is_required() {
         let e = Layer::default().resolve().unwrap_err().to_string();
         assert!(e.contains("no worker command"), "{e}");
+    }
+
+    fn resolve_err(text: &str) -> String {
+        let layer = Layer::parse("c.toml", &format!("command = [\"x\"]\n{text}")).unwrap();
+        layer.resolve().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn checks_of_the_whole_config_name_file_line_column() {
+        for (text, expected) in [
+            ("pidfile = \"\"", "c.toml:2:11: `pidfile` is empty"),
+            ("\nchdir = \"\"", "c.toml:3:9: `chdir` is empty"),
+            ("user = \"\"", "c.toml:2:8: `user` is empty"),
+            ("on_exit = [\"\", \"x\"]", "c.toml:2:11: `on_exit` is empty"),
+            (
+                "boot_timeout = \"0s\"",
+                "c.toml:2:16: `boot_timeout` must be more than 0s",
+            ),
+            (
+                "timeout = \"0s\"",
+                "c.toml:2:11: `timeout` must be more than 0s",
+            ),
+            (
+                "bind = []",
+                "c.toml:2:8: `bind` is empty: expected at least one address",
+            ),
+            (
+                "bind = [\"127.0.0.1:9\",\n  \"127.0.0.1:9\"]",
+                "c.toml:3:3: `bind`: 127.0.0.1:9 is listed twice (first at c.toml:2:9)",
+            ),
+            (
+                "bind = [\"unix:/tmp/a\", { address = \"unix:/tmp/a\", name = \"b\" }]",
+                "c.toml:2:24: `bind`: unix:/tmp/a is listed twice",
+            ),
+            (
+                "bind = [\"fd://3\", \"fd://3\"]",
+                "c.toml:2:19: `bind`: fd://3 is listed twice",
+            ),
+            (
+                "bind = [\"127.0.0.1:1\", { address = \"127.0.0.1:2\", name = \"bind0\" }]",
+                "c.toml:2:24: `bind`: the name \"bind0\" is used twice (first at c.toml:2:9)",
+            ),
+            (
+                "respawn_delay = \"10s\"\nrespawn_max_delay = \"1s\"",
+                "c.toml:3:21: `respawn_max_delay` (1s, set at c.toml:3:21) is less than \
+                 `respawn_delay` (10s, set at c.toml:2:17)",
+            ),
+            (
+                "respawn_delay = \"20s\"",
+                "c.toml:2:17: `respawn_max_delay` (10s, the default) is less than `respawn_delay`",
+            ),
+        ] {
+            let e = resolve_err(text);
+            assert!(e.starts_with(expected), "{text:?}: {e}");
+        }
+        let e = Layer::parse("c.toml", "command = [\"\"]")
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.toml:1:11: `command`: the program name is empty"),
+            "{e}"
+        );
+        // Several port-0 binds are several sockets; an equal delay and bound is fine.
+        let ok = "bind = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\nrespawn_delay = \"1s\"\nrespawn_max_delay = \"1s\"";
+        Layer::parse("c", &format!("command = [\"x\"]\n{ok}"))
+            .unwrap()
+            .resolve()
+            .unwrap();
+    }
+
+    #[test]
+    fn checks_name_the_option_for_values_from_the_command_line() {
+        let file = Layer::parse("c.toml", "command = [\"x\"]\nrespawn_delay = \"10s\"").unwrap();
+        let e = file
+            .overlay(Layer::parse_override("respawn_max_delay=1s").unwrap())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--set respawn_max_delay=1s: `respawn_max_delay` (1s, set at --set respawn_max_delay=1s) is less than `respawn_delay` (10s, set at c.toml:2:17)"),
+            "{e}"
+        );
+        let e = Layer::parse("c.toml", "command = [\"x\"]")
+            .unwrap()
+            .overlay(Layer::parse_override("pidfile=''").unwrap())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--set pidfile='': `pidfile` is empty: remove the key or give it a value"
+        );
     }
 }

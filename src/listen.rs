@@ -1,6 +1,7 @@
 //! Listening sockets: bound once by the master (or handed in by its parent)
 //! and shared by every worker.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -8,6 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Mutex;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -126,11 +128,15 @@ pub fn open_all(
         }
     }
     for (i, bind) in settings.bind.iter().enumerate() {
-        let name = bind.name.clone().unwrap_or_else(|| format!("bind{i}"));
-        if let Some((l, _)) = current
+        let name = bind.fd_name(i);
+        // Several port-0 entries share an address but not a socket: reuse
+        // each current socket once, the one of the same name first.
+        let unused: Vec<&(Rc<Listener>, String)> = current
             .iter()
-            .find(|(l, _)| l.address.as_ref() == Some(&bind.address))
-        {
+            .filter(|(l, _)| l.address.as_ref() == Some(&bind.address))
+            .filter(|(l, _)| !out.iter().any(|(o, _)| Rc::ptr_eq(o, l)))
+            .collect();
+        if let Some((l, _)) = unused.iter().find(|(_, n)| *n == name).or(unused.first()) {
             out.push((l.clone(), name));
             continue;
         }
@@ -210,28 +216,105 @@ fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
             })
         }
         Address::Fd(n) => {
-            // Check through a borrow first: if fd N is not a listening socket
-            // (or is one of drover's own descriptors), it must not be closed.
-            // SAFETY: fcntl(F_GETFD) only inspects the number.
-            if unsafe { libc::fcntl(*n, libc::F_GETFD) } == -1 {
-                return Err(ListenError::Refused {
-                    addr: shown,
-                    why: "the descriptor is not open".into(),
-                });
-            }
-            // SAFETY: open, as just checked; borrowed for the checks below.
+            let refused = |why: String| ListenError::Refused {
+                addr: shown.clone(),
+                why,
+            };
+            // Only a descriptor our parent handed us, and only once: any other
+            // number may be one of drover's own descriptors (a socket it bound,
+            // its signal pipe), and two owners would close it twice.
+            handed_in(*n).map_err(refused)?;
+            // Check through a borrow first: if fd N is not a listening socket,
+            // it must not be closed.
+            // SAFETY: open since start (checked just above); borrowed for the check.
             let borrowed = unsafe { BorrowedFd::borrow_raw(*n) };
             if !matches!(getsockopt(&borrowed, sockopt::AcceptConn), Ok(true)) {
-                return Err(ListenError::Refused {
-                    addr: shown,
-                    why: "not a listening socket".into(),
-                });
+                return Err(refused("not a listening socket".into()));
             }
-            // SAFETY: a listening socket handed to drover by its parent.
+            claim_handed_in(*n);
+            // SAFETY: a listening socket handed to drover by its parent, which
+            // nothing else in drover owns (claimed just above).
             adopt(
                 unsafe { OwnedFd::from_raw_fd(*n) },
                 Some(bind.address.clone()),
             )
+        }
+    }
+}
+
+/// The descriptors open when drover started (before it opened any), less
+/// those taken as `LISTEN_FDS`; `fd://N` takes N out of it. `None` until
+/// [`note_open_descriptors`] ran.
+static HANDED_IN: Mutex<Option<HandedIn>> = Mutex::new(None);
+
+#[derive(Debug)]
+struct HandedIn {
+    /// Open at start, not yet adopted.
+    open: BTreeSet<RawFd>,
+    /// Adopted by an `fd://N` (kept for a clearer error).
+    claimed: BTreeSet<RawFd>,
+}
+
+/// Records the descriptors open right now as the ones drover's parent handed
+/// in. Call it first thing, before drover opens anything (later calls keep
+/// the first record).
+pub fn note_open_descriptors() {
+    let mut handed = HANDED_IN.lock().unwrap_or_else(|e| e.into_inner());
+    if handed.is_none() {
+        *handed = Some(HandedIn {
+            open: open_descriptors(),
+            claimed: BTreeSet::new(),
+        });
+    }
+}
+
+/// Whether `fd://n` may be adopted now, or why not.
+fn handed_in(n: RawFd) -> Result<(), String> {
+    let handed = HANDED_IN.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = handed
+        .as_ref()
+        .ok_or("drover did not record its inherited descriptors")?;
+    if handed.claimed.contains(&n) {
+        return Err(format!(
+            "descriptor {n} was already taken by an earlier fd://{n} (a handed-in socket \
+             can be adopted once; once closed, only a restart gets it back)"
+        ));
+    }
+    if !handed.open.contains(&n) {
+        return Err(format!(
+            "descriptor {n} was not handed to drover when it started (fd://N names a \
+             listening socket that drover's parent left open, not a LISTEN_FDS one)"
+        ));
+    }
+    Ok(())
+}
+
+fn claim_handed_in(n: RawFd) {
+    if let Some(h) = HANDED_IN.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        h.open.remove(&n);
+        h.claimed.insert(n);
+    }
+}
+
+/// The descriptors open in this process, from /proc/self/fd (or, without
+/// /proc, by asking each number up to the limit).
+fn open_descriptors() -> BTreeSet<RawFd> {
+    let is_open = |fd: RawFd| {
+        // SAFETY: F_GETFD only inspects the number.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        flags != -1
+    };
+    let listed: Option<Vec<RawFd>> = std::fs::read_dir("/proc/self/fd").ok().map(|dir| {
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    });
+    match listed {
+        // The listing's own descriptor is closed by now: is_open drops it.
+        Some(fds) => fds.into_iter().filter(|fd| is_open(*fd)).collect(),
+        None => {
+            let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(soft, _)| soft.min(65536) as RawFd);
+            (0..limit).filter(|fd| is_open(*fd)).collect()
         }
     }
 }
@@ -252,7 +335,10 @@ fn tcp(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<Socket> {
     Ok(sock)
 }
 
-/// A socket file left by a dead server is replaced; a live one is not.
+/// A socket file left by a dead server is replaced; a live one is not. Only
+/// "connection refused" proves nobody listens: any other failure to connect
+/// (no permission on a socket of another user, a full backlog) may hide a
+/// live server, so the file is left alone and drover refuses to start.
 pub(crate) fn remove_stale(path: &Path) -> Result<(), String> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
@@ -260,10 +346,18 @@ pub(crate) fn remove_stale(path: &Path) -> Result<(), String> {
     if !meta.file_type().is_socket() {
         return Err(format!("{} exists and is not a socket", path.display()));
     }
-    if UnixStream::connect(path).is_ok() {
-        return Err(format!("{} is in use by a running server", path.display()));
+    match UnixStream::connect(path) {
+        Ok(_) => Err(format!("{} is in use by a running server", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale {}: {e}", path.display())),
+        // Removed meanwhile: nothing left to replace.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!(
+            "{} exists and drover cannot tell whether a server uses it (connecting failed: \
+             {e}); remove it if it is stale, or fix its permissions",
+            path.display()
+        )),
     }
-    std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))
 }
 
 /// Takes ownership of an already-open socket after checking it listens.
@@ -319,6 +413,8 @@ fn same_address(fd: RawFd, address: &Address) -> bool {
 /// meant for this process (`LISTEN_PID` is our pid). The variables are
 /// removed so workers never see our copies.
 pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
+    // Usually done already, first thing in main: before the config was read.
+    note_open_descriptors();
     let fds = std::env::var("LISTEN_FDS").ok();
     let pid = std::env::var("LISTEN_PID").ok();
     let names = std::env::var("LISTEN_FDNAMES").ok();
@@ -341,6 +437,11 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
         .unwrap_or("")
         .split(':')
         .map(|n| (!n.is_empty()).then(|| n.to_string()));
+    // Owned as inherited sockets from here: fd://N must not adopt them again
+    // (fd://N of one of them is matched to it in `open_all` instead).
+    if let Some(h) = HANDED_IN.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        h.open.retain(|fd| !(3..3 + n).contains(fd));
+    }
     (3..3 + n)
         .map(|fd| {
             let name = names.next().flatten();

@@ -268,8 +268,20 @@ fn malformed_configs_name_file_line_column_and_exit_2() {
         ("command = [\"x\"]\nstop_signal = \"SIGFOO\"\n", "config.toml:2:15: unknown signal \"SIGFOO\""),
         ("command = [\"x\"\n", "config.toml:1:"),
         ("workers = 2\n", "no worker command"),
-        ("command = [\"x\"]\nbind = []\n", "`bind`: needs at least one address"),
-        ("command = [\"x\"]\nboot_timeout = \"0s\"\n", "`boot_timeout`: must be more than 0s"),
+        // Checks that look at the whole config point at the value too.
+        ("command = [\"x\"]\nbind = []\n", "config.toml:2:8: `bind` is empty: expected at least one address"),
+        ("command = [\"x\"]\nboot_timeout = \"0s\"\n", "config.toml:2:16: `boot_timeout` must be more than 0s"),
+        ("command = [\"x\"]\npidfile = \"\"\n", "config.toml:2:11: `pidfile` is empty: remove the key or give it a value"),
+        ("command = [\"x\"]\non_exit = [\"\"]\n", "config.toml:2:11: `on_exit` is empty"),
+        ("command = [\"\"]\n", "config.toml:1:11: `command`: the program name is empty"),
+        (
+            "command = [\"x\"]\nrespawn_delay = \"10s\"\nrespawn_max_delay = \"1s\"\n",
+            "config.toml:3:21: `respawn_max_delay` (1s, set at ",
+        ),
+        (
+            "command = [\"x\"]\nbind = [\"unix:/tmp/drover-x.sock\", \"unix:/tmp/drover-x.sock\"]\n",
+            "config.toml:2:36: `bind`: unix:/tmp/drover-x.sock is listed twice (first at ",
+        ),
     ];
     for (text, expected) in cases {
         let mut d = Start::config(text).run();
@@ -285,13 +297,24 @@ fn malformed_configs_name_file_line_column_and_exit_2() {
             "nothing started: {log}"
         );
     }
-    let mut d = Start::args(&["-w", "0", "--", "true"]).run();
-    assert_eq!(d.wait_exit(LIMIT).code(), Some(2));
-    assert!(
-        d.log().contains("--workers 0: 0 is out of range"),
-        "{}",
-        d.log()
-    );
+    // Values from the command line are named by their option.
+    for (args, expected) in [
+        (&["-w", "0"][..], "--workers 0: 0 is out of range"),
+        (
+            &["-b", "unix:/tmp/drover-y.sock", "-b", "unix:/tmp/drover-y.sock"],
+            "--bind unix:/tmp/drover-y.sock: `bind`: unix:/tmp/drover-y.sock is listed twice \
+             (first at --bind unix:/tmp/drover-y.sock)",
+        ),
+        (
+            &["--set", "respawn_max_delay=1s", "--set", "respawn_delay=2s"],
+            "--set respawn_max_delay=1s: `respawn_max_delay` (1s, set at --set respawn_max_delay=1s) \
+             is less than `respawn_delay` (2s, set at --set respawn_delay=2s)",
+        ),
+    ] {
+        let mut d = Start::args(&[args, &["--", "true"]].concat()).run();
+        assert_eq!(d.wait_exit(LIMIT).code(), Some(2), "{args:?}");
+        assert!(d.log().contains(expected), "{args:?}: {}", d.log());
+    }
 }
 
 #[test]
@@ -644,4 +667,232 @@ fn sockets_handed_in_by_a_parent_are_served() {
     let d = start.run();
     assert_eq!(d.tcp_addr(), fd5_addr);
     assert_eq!(get_ok(fd5_addr, "/").status, 200);
+}
+
+/// `drover check` then a real start on the same config: (check's status,
+/// check's output, the start's status, the start's output).
+fn check_then_run(config: &str) -> (Option<i32>, String, Option<i32>, String) {
+    let mut check = Start {
+        args: vec!["check".into()],
+        ..Start::config(config)
+    }
+    .run();
+    let checked = check.wait_exit(LIMIT).code();
+    let mut run = Start::config(config).run();
+    let ran = run.wait_exit(LIMIT).code();
+    (checked, check.log(), ran, run.log())
+}
+
+#[test]
+fn check_finds_what_a_start_would_refuse_with_the_same_status() {
+    let hello = hello_bin();
+    let cases = [
+        (
+            format!("command = [\"{hello}\"]\nuser = \"nosuchuser-xyz\""),
+            2,
+            "user \"nosuchuser-xyz\": no such user",
+        ),
+        (
+            "command = [\"nonexistent-binary-xyz\"]".to_string(),
+            3,
+            "\"nonexistent-binary-xyz\": command not found in PATH",
+        ),
+        (
+            // The PATH the workers get: env replaces drover's own.
+            "command = [\"sh\", \"-c\", \"true\"]\n[env]\nPATH = \"/nonexistent\"".to_string(),
+            3,
+            "\"sh\": command not found in PATH",
+        ),
+        (
+            format!("command = [\"{hello}\"]\nchdir = \"/nonexistent/dir\""),
+            3,
+            "chdir /nonexistent/dir: not a directory",
+        ),
+        (
+            "command = [\"./nonexistent-xyz\"]\nchdir = \"/\"".to_string(),
+            3,
+            "cannot run the worker command: /./nonexistent-xyz: not an executable file",
+        ),
+        (
+            format!(
+                "command = [\"{hello}\"]\nbind = [\"unix:$DIR/a.sock\",\n  \"unix:$DIR/a.sock\"]"
+            ),
+            2,
+            "config.toml:4:3: `bind`: unix:",
+        ),
+    ];
+    for (config, status, message) in cases {
+        // A start binds a free port, at most.
+        let bind = (!config.contains("bind =")).then_some("bind = [\"127.0.0.1:0\"]\n");
+        let config = format!("workers = 1\n{}{config}", bind.unwrap_or_default());
+        let (checked, check_log, ran, run_log) = check_then_run(&config);
+        assert_eq!(checked, Some(status), "check of {config:?}: {check_log}");
+        assert!(check_log.contains(message), "{config:?}: {check_log}");
+        assert!(!check_log.contains("ok ("), "{check_log}");
+        assert_eq!(ran, Some(status), "start of {config:?}: {run_log}");
+    }
+    let good =
+        format!("bind = [\"127.0.0.1:0\"]\ncommand = [\"{hello}\"]\nchdir = \"/\"\nuser = \"0\"");
+    let mut d = Start {
+        args: vec!["check".into()],
+        ..Start::config(&good)
+    }
+    .run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    assert!(
+        d.log().contains(
+            "checked: the settings, user and group, the program, chdir; not checked: binding"
+        ),
+        "{}",
+        d.log()
+    );
+}
+
+/// The descriptor number at which `pid` holds the listening TCP socket on
+/// `addr` (IPv4).
+fn listening_fd(pid: nix::unistd::Pid, addr: std::net::SocketAddr) -> i32 {
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        panic!("IPv4 only")
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(ip.octets()),
+        addr.port()
+    );
+    let tcp = read_file(std::path::Path::new("/proc/net/tcp"));
+    let inode = tcp
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 9 && f[1] == local && f[3] == "0A")
+        .map(|f| f[9].to_string())
+        .expect("the listening socket in /proc/net/tcp");
+    let target = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+        .expect("drover holds its listening socket")
+}
+
+#[test]
+fn fd_n_cannot_name_a_socket_drover_opened_itself() {
+    // fd 5 is the socket drover binds for 127.0.0.1:0 (after its signal
+    // pipe): adopting it a second time would close it twice.
+    let mut d = Start::args(&[
+        "-b",
+        "127.0.0.1:0",
+        "-b",
+        "fd://5",
+        "-w",
+        "1",
+        "--",
+        hello_bin(),
+    ])
+    .run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(1), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(
+            "cannot listen on fd://5: descriptor 5 was not handed to drover when it started"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("spawned"), "{log}");
+}
+
+#[test]
+fn a_reload_may_name_fd_n_only_for_a_socket_handed_in_and_not_yet_taken() {
+    let handed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let handed_addr = handed.local_addr().unwrap();
+    let config = |bind: &str| {
+        format!(
+            "bind = [{bind}]\ncommand = [\"{}\"]\nworkers = 1\nready = \"notify\"\n",
+            hello_bin()
+        )
+    };
+    let mut d = Start {
+        pass: vec![(handed.into(), 5)],
+        ..Start::config(&config("\"fd://5\", \"127.0.0.1:0\""))
+    }
+    .run();
+    d.wait_log("all 1 workers ready");
+    assert_eq!(get_ok(handed_addr, "/").status, 200);
+    let own = d.addr(1).parse().unwrap();
+    let rewrite = |text: String| std::fs::write(d.dir.path().join("config.toml"), text).unwrap();
+
+    // drover's own listening socket, named by number.
+    let own_fd = listening_fd(d.pid(), own);
+    rewrite(config(&format!(
+        "\"fd://5\", \"127.0.0.1:0\", \"fd://{own_fd}\""
+    )));
+    d.signal(Signal::SIGHUP);
+    d.wait_log(&format!(
+        "reload rejected, nothing changed: cannot listen on fd://{own_fd}: descriptor {own_fd} was not handed to drover"
+    ));
+
+    // fd 5 dropped by a reload, then named again: it was closed, and its
+    // number may now be one of drover's own descriptors.
+    rewrite(config("\"127.0.0.1:0\""));
+    d.signal(Signal::SIGHUP);
+    d.wait_log("reload applied");
+    rewrite(config("\"127.0.0.1:0\", \"fd://5\""));
+    d.signal(Signal::SIGHUP);
+    d.wait_log("cannot listen on fd://5: descriptor 5 was already taken by an earlier fd://5");
+    assert_eq!(
+        get_ok(own, "/").status,
+        200,
+        "the current generation serves on"
+    );
+
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}
+
+#[test]
+fn a_unix_socket_drover_cannot_connect_to_is_left_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.sock");
+    let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    let bind = format!("unix:{}", path.display());
+    let mode = |p: &std::path::Path, m| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let start = if nix::unistd::geteuid().is_root() {
+        // Another user's live socket (mode 0600) in a directory anyone may
+        // write: drover, as nobody, gets EACCES on connect but could unlink.
+        mode(&path, 0o600);
+        mode(dir.path(), 0o777);
+        Start {
+            program: Some("setpriv".into()),
+            ..Start::args(&[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                drover_bin(),
+                "-b",
+                &bind,
+                "--",
+                "true",
+            ])
+        }
+    } else {
+        // Our own socket without write permission: connect gets EACCES.
+        mode(&path, 0o000);
+        Start::args(&["-b", &bind, "--", "true"])
+    };
+    let mut d = start.run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(1), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("exists and drover cannot tell whether a server uses it (connecting failed: Permission denied"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).map(|m| m.ino()).ok(),
+        Some(inode),
+        "the live socket file is still there"
+    );
 }
