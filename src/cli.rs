@@ -10,7 +10,6 @@ use crate::config::{ConfigError, Given, Layer, Loaded, Place, Settings, Source};
 use crate::control::{self, Command};
 use crate::logfile::LogFile;
 use crate::master::{self, exit};
-use crate::spawn::{Env, Identity, Program};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -258,22 +257,10 @@ fn check(source: &Source, s: &Settings) -> ExitCode {
         eprintln!("drover: {message}");
         ExitCode::from(status)
     };
-    if let Err(e) = Identity::resolve(s.user.as_deref(), s.group.as_deref()) {
-        return fail(exit::USAGE, e.to_string());
-    }
-    // The workers' environment, as a generation builds it.
-    let mut env = Env::inherit(&s.env_remove);
-    for (k, v) in &s.env {
-        env.set(k, v);
-    }
-    let program = match Program::new(&s.command, env.get("PATH")) {
-        Ok(p) => p.shown(),
-        Err(e) => {
-            return fail(
-                exit::CANNOT_BOOT,
-                format!("cannot run the worker command: {e}"),
-            )
-        }
+    // The user, group and program, exactly as a start prepares them.
+    let program = match crate::master::prepare(s) {
+        Ok(program) => program.shown(),
+        Err(e) => return fail(e.exit_status(), e.to_string()),
     };
     if let Some(dir) = &s.chdir {
         if !dir.is_dir() {

@@ -406,12 +406,19 @@ fn signals_blocked_by_drovers_parent_still_reach_it() {
         let now = d.children();
         (now.len() == 1 && now[0] != old).then_some(())
     });
-    assert!(zombies_of(d.pid()).is_empty(), "the killed worker was reaped");
+    assert!(
+        zombies_of(d.pid()).is_empty(),
+        "the killed worker was reaped"
+    );
     get_ok(d.tcp_addr(), "/");
     // SIGTERM must arrive: a graceful shutdown.
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
-    assert!(d.log().contains("SIGTERM: graceful shutdown"), "{}", d.log());
+    assert!(
+        d.log().contains("SIGTERM: graceful shutdown"),
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
@@ -575,11 +582,14 @@ fn what_a_worker_leaves_in_its_process_group_goes_with_it() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
     assert!(
-        d.log().contains("left processes in its process group: sent them SIGKILL"),
+        d.log()
+            .contains("left processes in its process group: sent them SIGKILL"),
         "{}",
         d.log()
     );
-    wait_for("the leftover to die", LIMIT, || (!alive(leftover)).then_some(()));
+    wait_for("the leftover to die", LIMIT, || {
+        (!alive(leftover)).then_some(())
+    });
 }
 
 #[test]

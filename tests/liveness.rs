@@ -136,7 +136,9 @@ fn a_failing_slot_is_reported_as_degraded() {
     // The slot has no worker most of the time; the status still shows it.
     let ctl = |json: bool| {
         let mut cmd = std::process::Command::new(drover_bin());
-        cmd.arg("ctl").arg("--socket").arg(d.dir.path().join("ctl.sock"));
+        cmd.arg("ctl")
+            .arg("--socket")
+            .arg(d.dir.path().join("ctl.sock"));
         if json {
             cmd.arg("--json");
         }

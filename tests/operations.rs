@@ -258,16 +258,16 @@ fn a_hup_during_a_rollback_waits_for_the_failed_generation_to_go() {
         &d,
         &hello("max_surge = 1").replace(
             &format!("command = [\"{}\"]", hello_bin()),
-            &format!("command = [\"sh\", \"-c\", \"sleep 0.5; exec {}\"]", hello_bin()),
+            &format!(
+                "command = [\"sh\", \"-c\", \"sleep 0.5; exec {}\"]",
+                hello_bin()
+            ),
         ),
     );
     let most = most_generations_alive(&d, || d.log().contains("reload applied: generation 3"));
     let log = d.log();
     assert!(log.contains("reload rolled back: worker 2"), "{log}");
-    assert!(
-        most <= 2,
-        "{most} generations were alive at once:\n{log}"
-    );
+    assert!(most <= 2, "{most} generations were alive at once:\n{log}");
     assert_eq!(generations(&d), vec!["3".to_string()]);
     assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
 }
@@ -294,7 +294,10 @@ fn sigwinch_during_a_reload_rolls_it_back_and_hup_resumes() {
     d.wait_log("all 2 workers ready");
     let slow = hello("").replace(
         &format!("command = [\"{}\"]", hello_bin()),
-        &format!("command = [\"sh\", \"-c\", \"sleep 2; exec {}\"]", hello_bin()),
+        &format!(
+            "command = [\"sh\", \"-c\", \"sleep 2; exec {}\"]",
+            hello_bin()
+        ),
     );
     rewrite(&d, &slow);
     d.signal(Signal::SIGHUP);

@@ -29,18 +29,7 @@ impl Generation {
         master_switched: bool,
     ) -> Result<Generation, StartError> {
         let s = loaded.settings;
-        let mut env = Env::inherit(&s.env_remove);
-        for (k, v) in &s.env {
-            env.set(k, v);
-        }
-        let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref())
-            .map_err(StartError::Identity)?
-            // Resolved all the same (an unknown user is an error), but a master
-            // that already runs as that user has nothing to switch.
-            .filter(|_| !master_switched);
-        let program = Program::new(&s.command, env.get("PATH"))
-            .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
-            .map_err(StartError::Program)?;
+        let (env, program) = prepare(&s, master_switched)?;
         let listeners = listen::open_all(&s, loaded.bind_was_set, inherited, current)?;
         Ok(Generation {
             number,
@@ -64,4 +53,23 @@ impl Generation {
             id.gid,
         ))
     }
+}
+
+/// The workers' environment and program, as every generation (and `drover
+/// check`) prepares them from `s`: the user and group resolved, the program
+/// looked up in the workers' `PATH`.
+pub fn prepare(s: &Settings, master_switched: bool) -> Result<(Env, Program), StartError> {
+    let mut env = Env::inherit(&s.env_remove);
+    for (k, v) in &s.env {
+        env.set(k, v);
+    }
+    let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref())
+        .map_err(StartError::Identity)?
+        // Resolved all the same (an unknown user is an error), but a master
+        // that already runs as that user has nothing to switch.
+        .filter(|_| !master_switched);
+    let program = Program::new(&s.command, env.get("PATH"))
+        .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
+        .map_err(StartError::Program)?;
+    Ok((env, program))
 }

@@ -89,6 +89,12 @@ impl StartError {
     }
 }
 
+/// The workers' program as a start would prepare it from `s` (user, group
+/// and `PATH` lookups included), for `drover check`.
+pub fn prepare(s: &crate::config::Settings) -> Result<spawn::Program, StartError> {
+    generation::prepare(s, false).map(|(_, program)| program)
+}
+
 /// The most workers drover runs (as for the `workers` setting).
 const MAX_WORKERS: u32 = 4096;
 
@@ -192,7 +198,10 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
     // Everything privileged is done: sockets bound, files created.
     let master_switched = gen.s.master_as_user && gen.program.identity.is_some();
-    if let Some(id) = master_switched.then(|| gen.program.identity.take()).flatten() {
+    if let Some(id) = master_switched
+        .then(|| gen.program.identity.take())
+        .flatten()
+    {
         // Our files become the user's, so that we can still remove them at
         // exit, and a new master of an upgrade (running as the user) can
         // take them over. Their directory must be writable by the user too:
@@ -217,7 +226,11 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         }
         info!(
             "drover {} uid {}, gid {}",
-            if already { "already runs as" } else { "now runs as" },
+            if already {
+                "already runs as"
+            } else {
+                "now runs as"
+            },
             nix::unistd::getuid(),
             nix::unistd::getgid()
         );
@@ -497,7 +510,10 @@ impl Master {
             ));
             return;
         }
-        if let Some(when) = self.cannot_boot(&w, now).filter(|_| exit_code(status) == Some(3)) {
+        if let Some(when) = self
+            .cannot_boot(&w, now)
+            .filter(|_| exit_code(status) == Some(3))
+        {
             error!(
                 "worker {slot} (pid {pid}) cannot boot: {why} {when}; \
                  stopping (check the worker's output above)"
@@ -541,12 +557,15 @@ impl Master {
     fn cannot_boot(&self, w: &Worker, now: Instant) -> Option<String> {
         let boot_timeout = self.gen.s.boot_timeout;
         match self.gen.s.ready {
-            Ready::Notify => (w.is_booting() && !self.booted)
-                .then(|| "before it reported ready".to_string()),
-            Ready::Spawn => (w.generation == 1
-                && self.reload.is_none()
-                && now - self.started < boot_timeout.0)
-                .then(|| format!("within boot_timeout ({boot_timeout}) of start (ready = \"spawn\")")),
+            Ready::Notify => {
+                (w.is_booting() && !self.booted).then(|| "before it reported ready".to_string())
+            }
+            Ready::Spawn => {
+                (w.generation == 1 && self.reload.is_none() && now - self.started < boot_timeout.0)
+                    .then(|| {
+                        format!("within boot_timeout ({boot_timeout}) of start (ready = \"spawn\")")
+                    })
+            }
         }
     }
 

@@ -137,7 +137,11 @@ impl Master {
         let ready = r.failed || {
             // One pass over the workers (this runs every turn of a reload).
             let mut served = vec![false; self.slots.len()];
-            for w in self.workers.iter().filter(|w| w.generation == current && w.is_ready()) {
+            for w in self
+                .workers
+                .iter()
+                .filter(|w| w.generation == current && w.is_ready())
+            {
                 if let Some(s) = served.get_mut(w.slot as usize - 1) {
                     *s = true;
                 }
