@@ -41,6 +41,19 @@ pub enum ListenError {
     Inherited(String),
 }
 
+/// BPF (classic) for a TCP listener: the filter sees the TCP header at
+/// offset 0; byte 13 holds the flags. A segment with SYN set is dropped
+/// (a client never sends SYN with ACK to a listener); anything else passes.
+const DROP_SYNS: [socket2::SockFilter; 4] = [
+    socket2::SockFilter::new(0x30, 0, 0, 13), // BPF_LD|BPF_B|BPF_ABS: A = flags
+    socket2::SockFilter::new(0x45, 0, 1, 0x02), // BPF_JMP|BPF_JSET|BPF_K: SYN?
+    socket2::SockFilter::new(0x06, 0, 0, 0), // BPF_RET|BPF_K: drop
+    socket2::SockFilter::new(0x06, 0, 0, u32::MAX), // BPF_RET|BPF_K: accept
+];
+
+/// BPF for any other listener: drop everything.
+const DROP_ALL: [socket2::SockFilter; 1] = [socket2::SockFilter::new(0x06, 0, 0, 0)];
+
 impl Listener {
     /// Closes our copy without touching the socket: for a socket another
     /// process (a newer drover) goes on serving.
@@ -54,18 +67,23 @@ impl Listener {
     /// closes when the last worker closes its copy.
     pub fn close(self) {
         if self.bound_here {
-            // Drop every incoming packet of a *new* connection (the SYN, or the
-            // handshake's last ACK) with a one-instruction BPF filter. Without
-            // it, a connection that completes its handshake between a worker's
-            // last accept and its close would be reset; with it, the client
-            // retransmits its SYN and then gets "connection refused" once the
-            // socket is closed. Only for sockets bound here: a socket that
-            // systemd (or a newer drover) keeps must go on accepting.
-            let drop_all = [socket2::SockFilter::new(
-                0x06, /* BPF_RET|BPF_K */
-                0, 0, 0,
-            )];
-            if let Err(e) = socket2::SockRef::from(&self.fd).attach_filter(&drop_all) {
+            // Refuse new connections while the workers take what is queued,
+            // with a BPF filter on the socket. For TCP it drops only SYNs: a
+            // client then retransmits its SYN and gets "connection refused"
+            // once the socket is closed. A handshake already under way (our
+            // SYN-ACK sent) must still complete into the queue: its client
+            // believes it is connected and sends its request, so dropping its
+            // last ACK would leave it to be reset at the close. For a Unix
+            // socket, which has no handshake, the filter drops everything.
+            // Only for sockets bound here: a socket that systemd (or a newer
+            // drover) keeps must go on accepting.
+            let sock = socket2::SockRef::from(&self.fd);
+            let tcp = matches!(
+                sock.domain(),
+                Ok(socket2::Domain::IPV4) | Ok(socket2::Domain::IPV6)
+            );
+            let filter = if tcp { &DROP_SYNS[..] } else { &DROP_ALL[..] };
+            if let Err(e) = sock.attach_filter(filter) {
                 tracing::warn!(
                     "{}: cannot refuse new connections before closing: {e}",
                     self.shown
