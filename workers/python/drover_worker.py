@@ -494,6 +494,10 @@ def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=True):
     return stop_event
 
 
+# Signals handled through an asyncio loop: {signum: "graceful" | "quick"}.
+_loop_signals = {}
+
+
 def install_asyncio(loop=None, sigint=True, quick_signal=signal.SIGQUIT):
     """The asyncio variant of :func:`install`: ``loop.add_signal_handler`` for
     the same signals. Returns an ``asyncio.Event`` set at the first stop (the
@@ -524,6 +528,7 @@ def install_asyncio(loop=None, sigint=True, quick_signal=signal.SIGQUIT):
             continue
         previous = current if _is_chainable(current) else None
         loop.add_signal_handler(signum, on_signal, signum, kind, previous)
+        _loop_signals[signum] = kind
     return event
 
 
@@ -787,6 +792,13 @@ def _run_on_this_thread(todo, start, budget, follow, why):
 
 
 def _at_exit():
+    # asyncio.run() closes its loop, and closing puts the default action back
+    # for every signal install_asyncio() handled: a second stop signal (drover
+    # escalates with SIGQUIT) would then kill us in the middle of the
+    # registry. Take them back for its run: a stop request, nothing more.
+    for signum, kind in _loop_signals.items():
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, lambda _s, _f, kind=kind: request_stop(kind))
     run_cleanup()
 
 

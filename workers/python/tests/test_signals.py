@@ -272,6 +272,31 @@ class SignalTest(unittest.TestCase):
         # The chained handler runs in our callback, before the coroutine resumes.
         self.assertEqual(out, "app handler\nstop graceful True\ncleanup ran\n")
 
+    def test_after_asyncio_run_a_second_signal_does_not_kill_the_cleanup(self):
+        # asyncio.run() closes its loop, which resets the signals it handled
+        # to their default action; the registry runs after that, at exit.
+        p = start(code="""
+            import asyncio, os, time, drover_worker as dw
+            dw.on_exit(lambda: os.write(1, b"first ran\\n"), name="first")
+            def slow():
+                os.write(1, b"slow started\\n")
+                time.sleep(0.5)
+                os.write(1, b"slow done\\n")
+            dw.on_exit(slow, name="slow")
+            async def main():
+                ev = dw.install_asyncio()
+                os.write(1, b"ready\\n")
+                await ev.wait()
+            asyncio.run(main())
+        """, env={"DROVER_QUICK_TIMEOUT": "5"})
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        wait_line(p, "slow started")
+        p.send_signal(signal.SIGQUIT)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "slow done\nfirst ran\n", err)
+
 
 if __name__ == "__main__":
     unittest.main()
