@@ -163,6 +163,61 @@ fn five_reloads_under_load(config: &str, path: &str, answered: u64) {
 }
 
 #[test]
+fn a_reload_never_lowers_capacity_and_boots_at_most_max_surge_at_once() {
+    let three = hello("max_surge = 1").replace("workers = 2", "workers = 3");
+    let d = Start::config(&three).run();
+    d.wait_log("all 3 workers ready");
+    // New workers take a while to boot, so that the reload can be watched.
+    let slow = three.replace(
+        &format!("command = [\"{}\"]", hello_bin()),
+        &format!(
+            "command = [\"sh\", \"-c\", \"sleep 0.3; exec {}\"]",
+            hello_bin()
+        ),
+    );
+    rewrite(&d, &slow);
+    let socket = d.dir.path().join("ctl.sock");
+    let reload = std::thread::spawn(move || {
+        Command::new(drover_bin())
+            .args(["ctl", "--socket"])
+            .arg(socket)
+            .arg("reload")
+            .output()
+            .unwrap()
+    });
+    let (mut samples, mut most_booting) = (0, 0);
+    while !reload.is_finished() {
+        let (_, out) = ctl(&d, &["--json", "status"]);
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) else {
+            continue;
+        };
+        let workers = v["status"]["workers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let count = |states: &[&str]| {
+            workers
+                .iter()
+                .filter(|w| states.contains(&w["state"].as_str().unwrap_or("")))
+                .count()
+        };
+        assert!(
+            count(&["ready", "replacing"]) >= 3,
+            "fewer than 3 ready workers during the reload: {out}"
+        );
+        most_booting = most_booting.max(count(&["booting"]));
+        samples += 1;
+    }
+    let out = reload.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(samples > 10, "the reload was watched ({samples} samples)");
+    assert_eq!(
+        most_booting, 1,
+        "max_surge = 1: one new worker booting at a time"
+    );
+}
+
+#[test]
 fn a_changed_bind_is_opened_before_and_the_old_one_closed_after() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
