@@ -208,8 +208,8 @@ fn python_quick_stop_budget_is_the_quick_timeout() {
 /// for its cleanup; returns the log.
 fn slow_request_then_sigterm(d: &mut Drover) -> String {
     let addr = d.tcp_addr();
-    let workers = d.wait_workers(1);
-    let slow = get_in_flight(addr, "/sleep?ms=10000", &workers);
+    d.wait_workers(1);
+    let slow = get_in_flight(addr, "/sleep?ms=10000");
     d.signal(Signal::SIGTERM);
     let log = exits_cleanly(d);
     // The abandoned request gets no response (its connection closes).

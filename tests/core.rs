@@ -106,7 +106,7 @@ fn a_second_sigterm_escalates_to_quick() {
     d.wait_log("all 2 workers ready");
     let workers = d.wait_workers(2);
     // A request that would hold a graceful stop for a minute.
-    let _hang = get_in_flight(d.tcp_addr(), "/sleep?ms=60000", &workers);
+    let _hang = get_in_flight(d.tcp_addr(), "/sleep?ms=60000");
     let began = Instant::now();
     d.signal(Signal::SIGTERM);
     d.wait_log("stage 2, drain");

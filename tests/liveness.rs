@@ -22,8 +22,8 @@ fn a_wedged_worker_is_aborted_at_its_heartbeat_deadline_and_replaced() {
     let addr = d.tcp_addr();
     let first = get_ok(addr, "/").worker_pid();
     // /hang wedges the worker: its heartbeats stop.
-    let workers = d.wait_workers(1);
-    let _hung = get_in_flight(addr, "/hang", &workers);
+    d.wait_workers(1);
+    let _hung = get_in_flight(addr, "/hang");
     let log =
         d.wait_log("missed its heartbeat (no WATCHDOG=1 for 1s): SIGABRT, then SIGKILL in 2s");
     assert!(

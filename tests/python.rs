@@ -247,9 +247,9 @@ fn ctrl_c_stops_the_python_workers_gracefully() {
 fn sigquit_is_quick_for_the_python_worker() {
     let mut d = Start::config(&example("quick_timeout = \"5s\"")).run();
     d.wait_log("all 2 workers ready");
-    let workers = d.wait_workers(2);
+    d.wait_workers(2);
     // A request that would hold a graceful stop for a minute.
-    let hang = get_in_flight(d.tcp_addr(), "/sleep?ms=60000", &workers);
+    let hang = get_in_flight(d.tcp_addr(), "/sleep?ms=60000");
     let began = Instant::now();
     d.signal(Signal::SIGQUIT);
     let status = d.wait_exit(LIMIT);

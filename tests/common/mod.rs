@@ -424,59 +424,47 @@ pub fn get_ok(addr: SocketAddr, path: &str) -> Response {
     })
 }
 
-/// The inode of the server side of the TCP connection from `client` to
-/// `server`, once a process has accepted it: until then the kernel shows
-/// inode 0 (the connection waits in the listen queue, no socket file yet).
-fn accepted_inode(server: SocketAddr, client: SocketAddr) -> Option<u64> {
-    fn hex(a: SocketAddr) -> String {
-        let ip = match a.ip() {
-            std::net::IpAddr::V4(ip) => format!("{:08X}", u32::from_ne_bytes(ip.octets())),
-            std::net::IpAddr::V6(ip) => ip
-                .octets()
-                .chunks(4)
-                .map(|c| format!("{:08X}", u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-        };
-        format!("{ip}:{:04X}", a.port())
-    }
-    let table = if server.is_ipv4() { "tcp" } else { "tcp6" };
-    let (local, remote) = (hex(server), hex(client));
+/// `addr` as /proc/net/tcp{,6} writes it.
+fn proc_net_addr(a: SocketAddr) -> String {
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(ip) => format!("{:08X}", u32::from_ne_bytes(ip.octets())),
+        std::net::IpAddr::V6(ip) => ip
+            .octets()
+            .chunks(4)
+            .map(|c| format!("{:08X}", u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+    };
+    format!("{ip}:{:04X}", a.port())
+}
+
+/// The number of connections waiting in the accept queue of the listening
+/// socket on `addr` (the rx_queue of its LISTEN line). Listening sockets are
+/// listed first, so this line is read reliably even while the rest of the
+/// table churns (a connection's own line can be skipped by a read then).
+fn accept_queue(addr: SocketAddr) -> Option<u64> {
+    let table = if addr.is_ipv4() { "tcp" } else { "tcp6" };
+    let local = proc_net_addr(addr);
     std::fs::read_to_string(format!("/proc/net/{table}"))
         .ok()?
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 9 && f[1] == local && f[2] == remote)
-        .and_then(|f| f[9].parse().ok())
-        .filter(|inode| *inode != 0)
+        .find(|f| f.len() > 4 && f[1] == local && f[3] == "0A")
+        .and_then(|f| u64::from_str_radix(f[4].split(':').nth(1)?, 16).ok())
 }
 
-/// Whether `pid` holds the socket with `inode`.
-fn holds_socket(pid: Pid, inode: u64) -> bool {
-    let target = format!("socket:[{inode}]");
-    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
-        d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .any(|l| l.as_os_str() == target.as_str())
-    })
-}
-
-/// Starts a GET of `path` on a thread and returns once one of `workers` has
-/// accepted that very connection (it holds the connection's socket).
+/// Starts a GET of `path` on a thread and returns once a worker has taken
+/// the connection from the listen queue: connect() returns with the
+/// connection queued, so an empty queue afterwards means it was accepted.
 pub fn get_in_flight(
     addr: SocketAddr,
     path: &str,
-    workers: &[Pid],
 ) -> std::thread::JoinHandle<std::io::Result<Response>> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(LIMIT)).expect("set_read_timeout");
-    let client = s.local_addr().expect("local_addr");
     let path = path.to_string();
     let handle = std::thread::spawn(move || get_over(s, &path));
-    wait_for("a worker to accept the request", LIMIT, || {
-        let inode = accepted_inode(addr, client)?;
-        workers
-            .iter()
-            .any(|p| holds_socket(*p, inode))
-            .then_some(())
+    wait_for("a worker to accept the connection", LIMIT, || {
+        (accept_queue(addr)? == 0).then_some(())
     });
     handle
 }
@@ -601,7 +589,7 @@ pub fn stop_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) -> 
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
     let workers = d.wait_workers(2);
-    let slow = get_in_flight(addr, "/sleep?ms=2500", &workers);
+    let slow = get_in_flight(addr, "/sleep?ms=2500");
     stop(&d);
     // What follows proves a drain only if the request was still being served
     // when the stop was sent (a very slow machine could take longer than the
