@@ -318,6 +318,69 @@ pub fn spawn(
     devnull: RawFd,
     die_with_parent: bool,
 ) -> Result<Pid, SpawnError> {
+    let started = start(program, env, listeners, devnull, die_with_parent)?;
+    match read_report(started.report.as_raw_fd()) {
+        Report::Failed(step, errno) => Err(started.failed(step, errno)),
+        // A blocking read ends with the report or at exec.
+        _ => Ok(started.pid),
+    }
+}
+
+/// A child forked and on its way to exec: `report` becomes readable when it
+/// has exec'd (end of file: the pipe closed on exec) or failed to (the step
+/// and errno). Reading it later lets the master fork the next worker while
+/// this one execs.
+#[derive(Debug)]
+pub struct Started {
+    pub pid: Pid,
+    pub report: std::os::fd::OwnedFd,
+    program: String,
+}
+
+impl Started {
+    /// What the child has reported so far, without blocking. A failed child
+    /// exits at once (status 127); its exit is reaped like any other.
+    pub fn poll(&self) -> Option<Result<(), SpawnError>> {
+        match read_report(self.report.as_raw_fd()) {
+            Report::Pending => None,
+            Report::Execd => Some(Ok(())),
+            Report::Failed(step, errno) => Some(Err(self.failed(step, errno))),
+        }
+    }
+
+    fn failed(&self, step: u8, errno: Errno) -> SpawnError {
+        SpawnError::Child {
+            program: self.program.clone(),
+            step: STEP_NAMES.get(step as usize).copied().unwrap_or("setup"),
+            errno,
+        }
+    }
+}
+
+/// Forks one worker as [`spawn`] does, without waiting for its exec: see
+/// [`Started`]. Its report pipe is non-blocking.
+pub fn spawn_async(
+    program: &Program,
+    env: &Env,
+    listeners: &[RawFd],
+    devnull: RawFd,
+) -> Result<Started, SpawnError> {
+    let started = start(program, env, listeners, devnull, true)?;
+    nix::fcntl::fcntl(
+        &started.report,
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+    )
+    .map_err(SpawnError::Setup)?;
+    Ok(started)
+}
+
+fn start(
+    program: &Program,
+    env: &Env,
+    listeners: &[RawFd],
+    devnull: RawFd,
+    die_with_parent: bool,
+) -> Result<Started, SpawnError> {
     // Everything the child touches is allocated here, before the fork.
     let mut entries = env.entries.clone();
     let pid_slots: Vec<(*mut u8, usize)> = env
@@ -385,21 +448,11 @@ pub fn spawn(
     if pid < 0 {
         return Err(SpawnError::Fork(fork_errno));
     }
-    let pid = Pid::from_raw(pid);
-    match read_report(err_read.as_raw_fd()) {
-        None => Ok(pid),
-        Some((step, errno)) => {
-            // The child exits at once after reporting; reap it here so the
-            // failure is accounted for in one place.
-            let _ = nix::sys::wait::waitpid(pid, None);
-            let step = STEP_NAMES.get(step as usize).copied().unwrap_or("setup");
-            Err(SpawnError::Child {
-                program: program.shown(),
-                step,
-                errno,
-            })
-        }
-    }
+    Ok(Started {
+        pid: Pid::from_raw(pid),
+        report: err_read,
+        program: program.shown(),
+    })
 }
 
 fn fd_limit() -> RawFd {
@@ -408,25 +461,34 @@ fn fd_limit() -> RawFd {
     soft.min(65536) as RawFd
 }
 
-/// Reads the child's failure report: `None` when the pipe closed without one
-/// (exec succeeded).
-fn read_report(fd: RawFd) -> Option<(u8, Errno)> {
+/// What a child's report pipe says.
+enum Report {
+    /// Nothing yet (non-blocking pipe only).
+    Pending,
+    /// Closed without a report: the exec succeeded.
+    Execd,
+    /// The step that failed, and its errno.
+    Failed(u8, Errno),
+}
+
+/// Reads the child's report. The child writes its 5 bytes in one write
+/// (atomic for a pipe) just before it exits, so they arrive together.
+fn read_report(fd: RawFd) -> Report {
     let mut buf = [0u8; 5];
-    let mut got = 0;
-    while got < buf.len() {
+    loop {
         // SAFETY: reading into a buffer we own.
-        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
-        match n {
-            0 => break,
-            n if n > 0 => got += n as usize,
-            _ if Errno::last() == Errno::EINTR => continue,
-            _ => break,
-        }
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        return match n {
+            5 => {
+                let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
+                Report::Failed(buf[0], Errno::from_raw(errno))
+            }
+            _ if n < 0 && Errno::last() == Errno::EINTR => continue,
+            _ if n < 0 && Errno::last() == Errno::EAGAIN => Report::Pending,
+            // End of file, or a short or failed read: no failure to tell.
+            _ => Report::Execd,
+        };
     }
-    (got == buf.len()).then(|| {
-        let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
-        (buf[0], Errno::from_raw(errno))
-    })
 }
 
 /// What the child needs, as raw pointers into memory allocated before the fork.

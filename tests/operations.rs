@@ -218,6 +218,31 @@ fn a_reload_never_lowers_capacity_and_boots_at_most_max_surge_at_once() {
 }
 
 #[test]
+fn a_new_generation_that_cannot_exec_is_rolled_back() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let before = worker_pids(&d);
+    // The child fails at its chdir, between fork and exec: the report comes
+    // through its pipe, after the master has moved on.
+    rewrite(&d, &hello("chdir = \"/nonexistent-drover-dir\""));
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("rolled back: worker") && out.contains("chdir failed: ENOENT"),
+        "{out}"
+    );
+    wait_for("the failed child reaped", LIMIT, || {
+        (worker_pids(&d) == before && zombies_of(d.pid()).is_empty()).then_some(())
+    });
+    assert!(
+        !d.log().contains("exited with status 127"),
+        "a failed exec is reported once, as such: {}",
+        d.log()
+    );
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
+#[test]
 fn a_changed_bind_is_opened_before_and_the_old_one_closed_after() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
@@ -331,9 +356,9 @@ fn a_hup_during_a_rollback_waits_for_the_failed_generation_to_go() {
 fn a_hup_right_after_a_reload_waits_for_the_old_generation_to_drain() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
-    let workers = d.wait_workers(2);
+    d.wait_workers(2);
     // An old worker keeps draining a request for a second after the reload.
-    let slow = get_in_flight(d.tcp_addr(), "/sleep?ms=1000", &workers);
+    let slow = get_in_flight(d.tcp_addr(), "/sleep?ms=1000");
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 0, "{out}");
     d.signal(Signal::SIGHUP);

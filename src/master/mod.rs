@@ -95,6 +95,9 @@ pub fn prepare(s: &crate::config::Settings) -> Result<spawn::Program, StartError
     generation::prepare(s, false).map(|(_, program)| program)
 }
 
+/// The most children forked and not yet confirmed exec'd at once.
+const MAX_EXECING: usize = 64;
+
 /// The most workers drover runs (as for the `workers` setting).
 const MAX_WORKERS: u32 = 4096;
 
@@ -313,6 +316,12 @@ impl Master {
         if let Some(c) = &self.control {
             fds.extend(c.poll_fds());
         }
+        fds.extend(
+            self.workers
+                .iter()
+                .filter_map(|w| w.exec.as_ref())
+                .map(|e| PollFd::new(e.report.as_fd(), PollFlags::POLLIN)),
+        );
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => {
@@ -322,7 +331,10 @@ impl Master {
             }
         }
         drop(fds);
-        // Messages first: a worker's last words (STOPPING=1) are heard before
+        // Exec reports first: a child that could not exec is known as such
+        // before its exit (status 127) is reaped.
+        self.read_exec_reports();
+        // Messages next: a worker's last words (STOPPING=1) are heard before
         // its exit is reaped and its pid forgotten.
         while let Some((pid, messages)) = self.notify.recv() {
             self.on_notify(pid, messages);
@@ -481,6 +493,10 @@ impl Master {
         let lived = now - w.started;
         let why = describe(status, w.killed);
         let (slot, pid) = (w.slot, w.pid);
+        if w.exec_failed {
+            debug!("worker {slot} (pid {pid}), which could not exec, {why}");
+            return;
+        }
         if let State::Stopping {
             why: stopped_for, ..
         } = w.state
@@ -706,10 +722,16 @@ impl Master {
             .iter()
             .filter(|v| v.current_booting && v.outdated)
             .count() as u32;
+        let mut execing = self.workers.iter().filter(|w| w.exec.is_some()).count();
         for (i, v) in view.iter().enumerate() {
             let slot = i as u32 + 1;
             if v.current || self.slots[i].not_before.is_some_and(|t| t > now) {
                 continue;
+            }
+            // Each child on its way to exec holds a descriptor here: go on
+            // once some have reported (the loop wakes up for them).
+            if execing >= MAX_EXECING {
+                break;
             }
             let replacing = v.outdated_ready;
             if replacing && surging >= self.gen.s.max_surge.0 {
@@ -728,6 +750,7 @@ impl Master {
                 }
             }
             surging += replacing as u32;
+            execing += 1;
             self.spawn_worker(slot, now);
             if self.shutdown.is_some() || self.reload.as_ref().is_some_and(|r| r.failed) {
                 return;
@@ -796,45 +819,77 @@ impl Master {
             env.set_child_pid("WATCHDOG_PID");
         }
         let fds: Vec<RawFd> = g.listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
-        match spawn::spawn(&g.program, &env, &fds, self.devnull.as_raw_fd(), true) {
-            Ok(pid) => {
-                let state = match g.s.ready {
-                    Ready::Spawn => State::Ready {
-                        heartbeat: g.s.timeout.map(|t| now + t.0),
-                    },
-                    Ready::Notify => State::Booting {
-                        deadline: Some(now + g.s.boot_timeout.0),
-                    },
+        // The exec is confirmed later, from the loop (`read_exec_reports`):
+        // meanwhile the next worker can be forked while this one execs.
+        match spawn::spawn_async(&g.program, &env, &fds, self.devnull.as_raw_fd()) {
+            Ok(started) => {
+                let pid = started.pid;
+                // Booting until its exec is confirmed, whatever `ready` says.
+                let state = State::Booting {
+                    deadline: Some(now + g.s.boot_timeout.0),
                 };
                 info!("worker {slot} (pid {pid}) spawned, generation {}", g.number);
                 let recycle_at =
                     g.s.max_age
                         .map(|age| now + age.0 + liveness::jitter(g.s.max_age_jitter.0, pid));
-                let ready = matches!(state, State::Ready { .. });
                 let s = &mut self.slots[slot as usize - 1];
                 // The backoff is over: without this, its past instant would
                 // stay the nearest deadline and the loop would spin.
                 s.not_before = None;
-                self.workers
-                    .push(Worker::new(slot, pid, g.number, state, now, recycle_at));
-                if ready {
-                    self.on_ready(self.workers.len() - 1);
+                let mut w = Worker::new(slot, pid, g.number, state, now, recycle_at);
+                w.exec = Some(started);
+                self.workers.push(w);
+            }
+            Err(e) => self.spawn_failed(slot, g.number, e, now),
+        }
+    }
+
+    /// Reads the exec reports that have arrived: a worker that exec'd is
+    /// running (and, with `ready = "spawn"`, ready); one that could not is a
+    /// failed spawn.
+    fn read_exec_reports(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.workers.len() {
+            let w = &mut self.workers[i];
+            let Some(report) = w.exec.as_ref().and_then(|e| e.poll()) else {
+                i += 1;
+                continue;
+            };
+            w.exec = None;
+            match report {
+                Ok(()) if self.gen.s.ready == Ready::Spawn && w.is_booting() => {
+                    w.state = State::Ready {
+                        heartbeat: self.gen.s.timeout.map(|t| now + t.0),
+                    };
+                    self.on_ready(i);
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    w.exec_failed = true;
+                    let (slot, generation) = (w.slot, w.generation);
+                    self.spawn_failed(slot, generation, e, now);
                 }
             }
-            Err(e) if self.reload.is_some() => {
-                self.rollback(format!("worker {slot} cannot be spawned: {e}"))
-            }
-            Err(e) if !self.booted => {
-                error!("worker {slot} cannot boot: {e}");
-                self.begin_shutdown(false, Cause::CannotBoot);
-            }
-            Err(e) => {
-                let (delay, _) = self.slot_failed(slot, now);
-                error!(
-                    "worker {slot} cannot be spawned: {e}; retrying in {}",
-                    ms(delay)
-                );
-            }
+            i += 1;
+        }
+    }
+
+    /// A worker of `slot` could not be started: roll a reload back, stop at
+    /// start-up, or try again after the backoff.
+    fn spawn_failed(&mut self, slot: u32, generation: u32, e: spawn::SpawnError, now: Instant) {
+        let reloading = self.reload.as_ref().is_some_and(|r| !r.failed);
+        if reloading && generation == self.gen.number {
+            self.rollback(format!("worker {slot} cannot be spawned: {e}"));
+        } else if !self.booted && self.shutdown.is_none() {
+            error!("worker {slot} cannot boot: {e}");
+            self.begin_shutdown(false, Cause::CannotBoot);
+        } else if self.shutdown.is_none() {
+            let (delay, _) = self.slot_failed(slot, now);
+            error!(
+                "worker {slot} cannot be spawned: {e}; retrying in {}",
+                ms(delay)
+            );
         }
     }
 

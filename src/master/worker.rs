@@ -57,6 +57,10 @@ pub struct Worker {
     /// It sent `STOPPING=1`: an exit that follows is its own decision.
     pub said_stopping: bool,
     pub killed: Option<Kill>,
+    /// Forked, and its exec not yet confirmed: the report pipe to read.
+    pub exec: Option<crate::spawn::Started>,
+    /// Its exec failed (already dealt with): its exit says nothing more.
+    pub exec_failed: bool,
 }
 
 impl Worker {
@@ -79,6 +83,8 @@ impl Worker {
             status: None,
             said_stopping: false,
             killed: None,
+            exec: None,
+            exec_failed: false,
         }
     }
 
@@ -96,7 +102,8 @@ impl Worker {
 
     /// The next instant at which the master must act on this worker.
     pub fn deadline(&self) -> Option<Instant> {
-        if self.killed.is_some() {
+        // Killed, or failed to exec: its exit is on its way, nothing is due.
+        if self.killed.is_some() || self.exec_failed {
             return None;
         }
         match self.state {
