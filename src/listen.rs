@@ -47,7 +47,7 @@ pub enum ListenError {
 const DROP_SYNS: [socket2::SockFilter; 4] = [
     socket2::SockFilter::new(0x30, 0, 0, 13), // BPF_LD|BPF_B|BPF_ABS: A = flags
     socket2::SockFilter::new(0x45, 0, 1, 0x02), // BPF_JMP|BPF_JSET|BPF_K: SYN?
-    socket2::SockFilter::new(0x06, 0, 0, 0), // BPF_RET|BPF_K: drop
+    socket2::SockFilter::new(0x06, 0, 0, 0),  // BPF_RET|BPF_K: drop
     socket2::SockFilter::new(0x06, 0, 0, u32::MAX), // BPF_RET|BPF_K: accept
 ];
 
