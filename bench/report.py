@@ -920,8 +920,10 @@ def limits(res, rows, L):
         each, mper = d.get("spawn_each_ms"), d.get("master_per_worker_ms")
         if each and mper:
             text += (f" The spawn loop took {num(each, 2)} ms per worker from one `spawned` line to the "
-                     f"next, for {num(mper, 2)} ms of master CPU per worker (the rest: the master waiting "
-                     "for a core the children's execs hold).")
+                     f"next; the master's CPU per worker, {num(mper, 2)} ms, also counts what follows the "
+                     "forks (each exec report and READY=1)")
+            text += (": the rest of the spawn loop is the master waiting for a core the children's execs hold."
+                     if each > mper else ".")
         notes.append(text)
     if "128 workers stopped (SIGTERM to exit)" in missed and cpu.get("128"):
         d = cpu["128"]
