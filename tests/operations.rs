@@ -20,6 +20,22 @@ fn hello(extra: &str) -> String {
     )
 }
 
+/// `config` (from `hello`) with another worker command, TOML array text.
+fn with_command(config: &str, command: &str) -> String {
+    config.replace(
+        &format!("command = [\"{}\"]", hello_bin()),
+        &format!("command = {command}"),
+    )
+}
+
+/// `config` (from `hello`) whose workers take `secs` to boot.
+fn booting_slowly(config: &str, secs: &str) -> String {
+    with_command(
+        config,
+        &format!("[\"sh\", \"-c\", \"sleep {secs}; exec {}\"]", hello_bin()),
+    )
+}
+
 fn config_path(d: &Drover) -> PathBuf {
     d.dir.path().join("config.toml")
 }
@@ -83,12 +99,9 @@ fn a_new_generation_that_cannot_boot_is_rolled_back() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
     let before = worker_pids(&d);
-    let broken = hello("").replace(
-        &format!("command = [\"{}\"]", hello_bin()),
-        &format!(
-            "command = [\"python3\", \"{}\", \"--exit\", \"3\"]",
-            probe_py()
-        ),
+    let broken = with_command(
+        &hello(""),
+        &format!("[\"python3\", \"{}\", \"--exit\", \"3\"]", probe_py()),
     );
     rewrite(&d, &broken);
     let (code, out) = ctl(&d, &["reload"]);
@@ -168,13 +181,7 @@ fn a_reload_never_lowers_capacity_and_boots_at_most_max_surge_at_once() {
     let d = Start::config(&three).run();
     d.wait_log("all 3 workers ready");
     // New workers take a while to boot, so that the reload can be watched.
-    let slow = three.replace(
-        &format!("command = [\"{}\"]", hello_bin()),
-        &format!(
-            "command = [\"sh\", \"-c\", \"sleep 0.3; exec {}\"]",
-            hello_bin()
-        ),
-    );
+    let slow = booting_slowly(&three, "0.3");
     rewrite(&d, &slow);
     let socket = d.dir.path().join("ctl.sock");
     let reload = std::thread::spawn(move || {
@@ -266,13 +273,7 @@ fn a_hup_during_a_reload_is_honoured_after_it() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
     // New workers that take half a second to boot: the reload lasts that long.
-    let slow = hello("").replace(
-        &format!("command = [\"{}\"]", hello_bin()),
-        &format!(
-            "command = [\"sh\", \"-c\", \"sleep 0.5; exec {}\"]",
-            hello_bin()
-        ),
-    );
+    let slow = booting_slowly(&hello(""), "0.5");
     rewrite(&d, &slow);
     d.signal(Signal::SIGHUP);
     d.wait_log("into generation 2");
@@ -321,10 +322,10 @@ fn a_hup_during_a_rollback_waits_for_the_failed_generation_to_go() {
     let d = Start::config(&hello("max_surge = 1")).run();
     d.wait_log("all 2 workers ready");
     // Slot 1 of the new generation boots and serves; slot 2 cannot boot.
-    let half = hello("max_surge = 1").replace(
-        &format!("command = [\"{}\"]", hello_bin()),
+    let half = with_command(
+        &hello("max_surge = 1"),
         &format!(
-            "command = [\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] && exec {}; sleep 0.3; exit 3\"]",
+            "[\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] && exec {}; sleep 0.3; exit 3\"]",
             hello_bin()
         ),
     );
@@ -334,16 +335,7 @@ fn a_hup_during_a_rollback_waits_for_the_failed_generation_to_go() {
     d.signal(Signal::SIGHUP);
     d.wait_log("a reload is in progress");
     // The next config boots slowly: a third generation would be seen.
-    rewrite(
-        &d,
-        &hello("max_surge = 1").replace(
-            &format!("command = [\"{}\"]", hello_bin()),
-            &format!(
-                "command = [\"sh\", \"-c\", \"sleep 0.5; exec {}\"]",
-                hello_bin()
-            ),
-        ),
-    );
+    rewrite(&d, &booting_slowly(&hello("max_surge = 1"), "0.5"));
     let most = most_generations_alive(&d, || d.log().contains("reload applied: generation 3"));
     let log = d.log();
     assert!(log.contains("reload rolled back: worker 2"), "{log}");
@@ -372,13 +364,7 @@ fn a_hup_right_after_a_reload_waits_for_the_old_generation_to_drain() {
 fn sigwinch_during_a_reload_rolls_it_back_and_hup_resumes() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
-    let slow = hello("").replace(
-        &format!("command = [\"{}\"]", hello_bin()),
-        &format!(
-            "command = [\"sh\", \"-c\", \"sleep 2; exec {}\"]",
-            hello_bin()
-        ),
-    );
+    let slow = booting_slowly(&hello(""), "2");
     rewrite(&d, &slow);
     d.signal(Signal::SIGHUP);
     d.wait_log("into generation 2");
@@ -796,12 +782,11 @@ fn an_upgrade_whose_workers_never_get_ready_is_killed_in_time_and_the_old_master
     let before = worker_pids(&d);
     // The new master's workers never send READY=1; its boot_timeout (1s, not
     // the old 5s) sets how long it is given: 1s + 5s for the master itself.
-    let never_ready = hello("pidfile = \"$DIR/drover.pid\"")
-        .replace(
-            &format!("command = [\"{}\"]", hello_bin()),
-            "command = [\"sleep\", \"60\"]",
-        )
-        .replace("boot_timeout = \"5s\"", "boot_timeout = \"1s\"");
+    let never_ready = with_command(
+        &hello("pidfile = \"$DIR/drover.pid\""),
+        "[\"sleep\", \"60\"]",
+    )
+    .replace("boot_timeout = \"5s\"", "boot_timeout = \"1s\"");
     rewrite(&d, &never_ready);
     let began = Instant::now();
     let (code, out) = ctl(&d, &["upgrade"]);
