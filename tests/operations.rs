@@ -426,6 +426,27 @@ fn usr1_reopens_the_log_file_and_reaches_the_workers() {
 }
 
 #[test]
+fn usr1_is_delivered_to_every_worker() {
+    // Workers that note each SIGUSR1 they get, with their pid.
+    let noting = with_command(
+        &hello("ready = \"spawn\"").replace("ready = \"notify\"\n", ""),
+        "[\"sh\", \"-c\", \"trap 'echo $$ >> $DIR/usr1' USR1; while :; do sleep 0.05; done\"]",
+    );
+    let d = Start::config(&noting).run();
+    d.wait_log("all 2 workers ready");
+    let mut workers: Vec<String> = worker_pids(&d).iter().map(|p| p.to_string()).collect();
+    d.signal(Signal::SIGUSR1);
+    let noted = d.dir.path().join("usr1");
+    let mut seen = wait_for("both workers to note SIGUSR1", LIMIT, || {
+        let lines: Vec<String> = read_file(&noted).lines().map(str::to_string).collect();
+        (lines.len() >= 2).then_some(lines)
+    });
+    seen.sort();
+    workers.sort();
+    assert_eq!(seen, workers);
+}
+
+#[test]
 fn ctl_exit_statuses_follow_the_verdict() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
