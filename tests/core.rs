@@ -341,6 +341,46 @@ fn check_validates_without_starting() {
 }
 
 #[test]
+fn the_backlog_setting_reaches_the_socket() {
+    let d = Start::config(&hello("backlog = 17")).run();
+    d.wait_log("all 2 workers ready");
+    // Nobody accepts while paused: the queue fills up to the backlog (Linux
+    // queues one more), and the next SYN is dropped.
+    d.signal(Signal::SIGWINCH);
+    d.wait_workers(0);
+    let addr = d.tcp_addr();
+    let held: Vec<std::net::TcpStream> = (0..40)
+        .map_while(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok())
+        .collect();
+    assert_eq!(held.len(), 18, "backlog 17 holds 17 + 1 connections");
+    assert_eq!(listen_queues(addr).map(|q| q.1), Some(18));
+}
+
+#[test]
+fn a_workers_status_is_logged_and_shown() {
+    // A worker that speaks the notify protocol by hand, as any library would.
+    let script = "import os, socket, time\n\
+                  s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+                  s.sendto(b'READY=1\\nSTATUS=warming caches', os.environ['NOTIFY_SOCKET'])\n\
+                  time.sleep(60)\n";
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\n\
+         control_socket = \"$DIR/ctl.sock\"\ncommand = [\"python3\", \"-c\", {script:?}]"
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    d.wait_log("status: warming caches");
+    let out = std::process::Command::new(drover_bin())
+        .args(["ctl", "--json", "--socket"])
+        .arg(d.dir.path().join("ctl.sock"))
+        .arg("status")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("\"status\":\"warming caches\""), "{out}");
+}
+
+#[test]
 fn unix_and_ipv6_listeners_and_a_stale_socket_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.sock");

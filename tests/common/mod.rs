@@ -437,19 +437,23 @@ fn proc_net_addr(a: SocketAddr) -> String {
     format!("{ip}:{:04X}", a.port())
 }
 
-/// The number of connections waiting in the accept queue of the listening
-/// socket on `addr` (the rx_queue of its LISTEN line). Listening sockets are
-/// listed first, so this line is read reliably even while the rest of the
-/// table churns (a connection's own line can be skipped by a read then).
-fn accept_queue(addr: SocketAddr) -> Option<u64> {
+/// The queues of the listening socket on `addr`, from its LISTEN line:
+/// (its backlog, the connections waiting in its accept queue). Listening
+/// sockets are listed first, so this line is read reliably even while the
+/// rest of the table churns (a connection's own line can be skipped then).
+pub fn listen_queues(addr: SocketAddr) -> Option<(u64, u64)> {
     let table = if addr.is_ipv4() { "tcp" } else { "tcp6" };
     let local = proc_net_addr(addr);
-    std::fs::read_to_string(format!("/proc/net/{table}"))
-        .ok()?
+    let line = std::fs::read_to_string(format!("/proc/net/{table}")).ok()?;
+    let fields = line
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 4 && f[1] == local && f[3] == "0A")
-        .and_then(|f| u64::from_str_radix(f[4].split(':').nth(1)?, 16).ok())
+        .find(|f| f.len() > 4 && f[1] == local && f[3] == "0A")?;
+    let (tx, rx) = fields[4].split_once(':')?;
+    Some((
+        u64::from_str_radix(tx, 16).ok()?,
+        u64::from_str_radix(rx, 16).ok()?,
+    ))
 }
 
 /// Starts a GET of `path` on a thread and returns once a worker has taken
@@ -464,7 +468,7 @@ pub fn get_in_flight(
     let path = path.to_string();
     let handle = std::thread::spawn(move || get_over(s, &path));
     wait_for("a worker to accept the connection", LIMIT, || {
-        (accept_queue(addr)? == 0).then_some(())
+        (listen_queues(addr)?.1 == 0).then_some(())
     });
     handle
 }
