@@ -184,6 +184,34 @@ fn a_killed_worker_is_replaced_and_the_log_says_why() {
 }
 
 #[test]
+fn a_worker_that_ran_stably_is_replaced_at_once_and_its_backoff_reset() {
+    let d = Start::config(&hello(
+        "workers = 1\nrespawn_delay = \"2s\"\nrespawn_reset_after = \"300ms\"",
+    ))
+    .run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    // Dies young: a failure, held back by respawn_delay.
+    let first = get_ok(addr, "/").worker_pid();
+    let _ = get(addr, "/crash");
+    d.wait_log(&format!("worker 1 (pid {first}) exited with status 1"));
+    d.wait_log("respawning in 2000.0 ms (failure 1 in a row)");
+    // The replacement runs past respawn_reset_after: its death is not held back.
+    let second = wait_for("the replacement", Duration::from_secs(10), || {
+        get(addr, "/")
+            .ok()
+            .map(|r| r.worker_pid())
+            .filter(|p| *p != first)
+    });
+    // The time under test: the worker must outlive respawn_reset_after.
+    std::thread::sleep(Duration::from_millis(400));
+    let _ = get(addr, "/crash");
+    d.wait_log(&format!("worker 1 (pid {second}) exited with status 1"));
+    let log = d.wait_log("respawning now");
+    assert!(!log.contains("failure 2 in a row"), "{log}");
+}
+
+#[test]
 fn a_crashing_worker_is_slowed_by_the_backoff() {
     let mut d = Start::args(&[
         "-b",
