@@ -716,6 +716,39 @@ fn an_idle_master_does_not_wake_up() {
 }
 
 #[test]
+fn a_paused_master_does_not_spin_on_a_passed_backoff() {
+    let d = Start::config(&hello("workers = 1\nrespawn_delay = \"300ms\"")).run();
+    d.wait_log("all 1 workers ready");
+    // CPU time of the master, in clock ticks (utime + stime).
+    let cpu = || {
+        let stat = read_file(std::path::Path::new(&format!("/proc/{}/stat", d.pid())));
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        fields[11] + fields[12]
+    };
+    // A young worker dies: its slot waits out the backoff; pause meanwhile.
+    kill(d.wait_workers(1)[0], Signal::SIGKILL).unwrap();
+    d.wait_log("respawning in 300.0 ms");
+    d.signal(Signal::SIGWINCH);
+    d.wait_log("SIGWINCH: stopping all");
+    // Measurement windows, not synchronisation: let the backoff pass, then
+    // see how much CPU the paused master uses in a second.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu() - before;
+    assert!(
+        used <= 2,
+        "the paused master used {used} ticks of CPU in 1 s"
+    );
+}
+
+#[test]
 fn sockets_handed_in_by_a_parent_are_served() {
     // As systemd does: LISTEN_FDS=1 and LISTEN_PID=drover's pid, socket at fd 3.
     let sd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
