@@ -744,7 +744,7 @@ def sec_diagnose(s, fp, cmds, L):
         w("")
         w("The master forks a worker and goes on to the next without waiting for its exec: each child's "
           "close-on-exec report pipe is read from the event loop (end of file: exec'd; 5 bytes: the step "
-          "that failed), at most 64 children on their way to exec at once. *per spawn* against the "
+          "that failed), at most 64 children on their way to exec at once (fewer under a tight descriptor limit). *per spawn* against the "
           "master's CPU per worker shows how much of the spawn loop is the master's own work; the pipes "
           "are the `pipe2` and `read` per worker in the system call counts below.")
         w("")

@@ -716,6 +716,34 @@ fn an_idle_master_does_not_wake_up() {
 }
 
 #[test]
+fn a_tight_descriptor_limit_slows_the_spawning_but_every_worker_starts() {
+    // Each child on its way to exec holds a descriptor in the master: with 48
+    // allowed, not all 64 can be in flight at once.
+    let start = Start {
+        program: Some("sh".into()),
+        args: vec![
+            "-c".into(),
+            "ulimit -n 48 && exec \"$0\" \"$@\"".into(),
+            drover_bin().into(),
+            "-w".into(),
+            "64".into(),
+            "-b".into(),
+            "127.0.0.1:0".into(),
+            "--set".into(),
+            "ready=notify".into(),
+            "--".into(),
+            hello_bin().into(),
+        ],
+        ..Start::default()
+    };
+    let mut d = start.run();
+    d.wait_log("all 64 workers ready");
+    assert!(!d.log().contains("cannot"), "{}", d.log());
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+}
+
+#[test]
 fn a_paused_master_does_not_spin_on_a_passed_backoff() {
     let d = Start::config(&hello("workers = 1\nrespawn_delay = \"300ms\"")).run();
     d.wait_log("all 1 workers ready");

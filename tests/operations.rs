@@ -250,6 +250,65 @@ fn a_new_generation_that_cannot_exec_is_rolled_back() {
 }
 
 #[test]
+fn a_failed_generation_does_not_count_against_the_slots_it_leaves() {
+    let four = hello("max_surge = 4").replace("workers = 2", "workers = 4");
+    let d = Start::config(&four).run();
+    d.wait_log("all 4 workers ready");
+    // All four new workers fail at their chdir; the first failure rolls back.
+    rewrite(&d, &format!("{four}chdir = \"/nonexistent-drover-dir\"\n"));
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 1, "{out}");
+    // The other new workers go (reported, or stopped before they could fail).
+    wait_for("only generation 1 left", LIMIT, || {
+        (generations(&d) == ["1"] && worker_pids(&d).len() == 4).then_some(())
+    });
+    let (_, status) = ctl(&d, &["--json", "status"]);
+    assert!(!status.contains("\"failures_in_a_row\":1"), "{status}");
+    assert!(!d.log().contains("retrying in"), "{}", d.log());
+}
+
+#[test]
+fn a_queued_reload_is_answered_when_sigwinch_pauses() {
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    rewrite(&d, &booting_slowly(&hello(""), "3"));
+    let ask = |d: &Drover| {
+        let socket = d.dir.path().join("ctl.sock");
+        std::thread::spawn(move || {
+            let out = Command::new(drover_bin())
+                .args(["ctl", "--socket"])
+                .arg(socket)
+                .arg("reload")
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        })
+    };
+    let first = ask(&d);
+    d.wait_log("into generation 2");
+    let second = ask(&d);
+    d.wait_log("a reload is in progress; the reload starts once that is over");
+    let asked = Instant::now();
+    d.signal(Signal::SIGWINCH);
+    let (code, out) = first.join().unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("rolled back: SIGWINCH stopped the workers"),
+        "{out}"
+    );
+    let (code, out) = second.join().unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("cancelled: SIGWINCH stopped the workers; HUP resumes and reloads"),
+        "{out}"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(3), "answered at once");
+}
+
+#[test]
 fn a_changed_bind_is_opened_before_and_the_old_one_closed_after() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");

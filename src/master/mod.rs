@@ -95,8 +95,18 @@ pub fn prepare(s: &crate::config::Settings) -> Result<spawn::Program, StartError
     generation::prepare(s, false).map(|(_, program)| program)
 }
 
-/// The most children forked and not yet confirmed exec'd at once.
-const MAX_EXECING: usize = 64;
+/// The most children forked and not yet confirmed exec'd at once. Each holds
+/// a descriptor in the master until its report is read, and every child
+/// inherits all of them until its exec: under a tight descriptor limit,
+/// fewer (one, at worst, as a serial spawn).
+fn max_execing() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        (soft.saturating_sub(64) / 4).clamp(1, 64) as usize
+    })
+}
 
 /// The most workers drover runs (as for the `workers` setting).
 const MAX_WORKERS: u32 = 4096;
@@ -438,10 +448,14 @@ impl Master {
 
     /// SIGWINCH: stop every worker gracefully; keep the master and the sockets.
     fn pause(&mut self, why: &str) {
-        // A reload cannot settle without workers: end it, with a verdict.
+        // A reload cannot settle without workers: end it, with a verdict,
+        // and answer those waiting for a queued one (HUP resumes and reloads).
         if self.reload.as_ref().is_some_and(|r| !r.failed) {
             self.rollback(format!("{why} stopped the workers"));
         }
+        self.cancel_queued_reload(&format!(
+            "{why} stopped the workers; HUP resumes and reloads"
+        ));
         self.paused = true;
         let (signal, deadline) = (
             self.gen.s.stop_signal.0,
@@ -469,7 +483,14 @@ impl Master {
                 Ok(status) => {
                     let Some(pid) = status.pid() else { continue };
                     if let Some(i) = self.workers.iter().position(|w| w.pid == pid) {
-                        let w = self.workers.swap_remove(i);
+                        let mut w = self.workers.swap_remove(i);
+                        // A child that reported and exited between the loop's
+                        // read of the reports and this reaping: its report
+                        // is in the pipe now (or the pipe is at its end).
+                        if let Some(Err(e)) = w.exec.take().and_then(|e| e.poll()) {
+                            w.exec_failed = true;
+                            self.spawn_failed(&w, e);
+                        }
                         sweep_group(&w);
                         self.on_worker_exit(w, status);
                     } else if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
@@ -730,7 +751,7 @@ impl Master {
             }
             // Each child on its way to exec holds a descriptor here: go on
             // once some have reported (the loop wakes up for them).
-            if execing >= MAX_EXECING {
+            if execing >= max_execing() {
                 break;
             }
             let replacing = v.outdated_ready;
@@ -751,7 +772,9 @@ impl Master {
             }
             surging += replacing as u32;
             execing += 1;
-            self.spawn_worker(slot, now);
+            if !self.spawn_worker(slot, now) {
+                break;
+            }
             if self.shutdown.is_some() || self.reload.as_ref().is_some_and(|r| r.failed) {
                 return;
             }
@@ -796,7 +819,9 @@ impl Master {
         view
     }
 
-    fn spawn_worker(&mut self, slot: u32, now: Instant) {
+    /// Starts a worker in `slot`. Returns false when spawning should stop
+    /// for this turn.
+    fn spawn_worker(&mut self, slot: u32, now: Instant) -> bool {
         let g = &self.gen;
         let mut env = g.env.clone();
         let names: Vec<&str> = g.listeners.iter().map(|(_, name)| name.as_str()).collect();
@@ -838,9 +863,26 @@ impl Master {
                 s.not_before = None;
                 let mut w = Worker::new(slot, pid, g.number, state, now, recycle_at);
                 w.exec = Some(started);
+                w.ready_on_exec = g.s.ready == Ready::Spawn;
+                w.heartbeat_every = g.s.timeout.map(|t| t.0);
                 self.workers.push(w);
+                true
             }
-            Err(e) => self.spawn_failed(slot, g.number, e, now),
+            // Out of descriptors or processes while other children are on
+            // their way to exec: not this worker's fault. Wait for their
+            // reports (the loop wakes up for them) and go on.
+            Err(
+                spawn::SpawnError::Setup(Errno::EMFILE | Errno::ENFILE)
+                | spawn::SpawnError::Fork(Errno::EAGAIN),
+            ) if self.workers.iter().any(|w| w.exec.is_some()) => {
+                debug!("worker {slot}: out of descriptors or processes; spawning the rest later");
+                false
+            }
+            Err(e) => {
+                let number = g.number;
+                self.on_spawn_failure(slot, number, false, e);
+                true
+            }
         }
     }
 
@@ -858,34 +900,48 @@ impl Master {
             };
             w.exec = None;
             match report {
-                Ok(()) if self.gen.s.ready == Ready::Spawn && w.is_booting() => {
+                Ok(()) if w.ready_on_exec && w.is_booting() => {
                     w.state = State::Ready {
-                        heartbeat: self.gen.s.timeout.map(|t| now + t.0),
+                        heartbeat: w.heartbeat_every.map(|t| now + t),
                     };
                     self.on_ready(i);
                 }
                 Ok(()) => {}
                 Err(e) => {
                     w.exec_failed = true;
-                    let (slot, generation) = (w.slot, w.generation);
-                    self.spawn_failed(slot, generation, e, now);
+                    let w = &self.workers[i];
+                    let (slot, generation, stopping) = (w.slot, w.generation, w.is_stopping());
+                    self.on_spawn_failure(slot, generation, stopping, e);
                 }
             }
             i += 1;
         }
     }
 
+    fn spawn_failed(&mut self, w: &Worker, e: spawn::SpawnError) {
+        self.on_spawn_failure(w.slot, w.generation, w.is_stopping(), e);
+    }
+
     /// A worker of `slot` could not be started: roll a reload back, stop at
-    /// start-up, or try again after the backoff.
-    fn spawn_failed(&mut self, slot: u32, generation: u32, e: spawn::SpawnError, now: Instant) {
+    /// start-up, or try again after the backoff. A worker no longer wanted
+    /// (stopping, or of a generation rolled back) only says why.
+    fn on_spawn_failure(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        stopping: bool,
+        e: spawn::SpawnError,
+    ) {
         let reloading = self.reload.as_ref().is_some_and(|r| !r.failed);
-        if reloading && generation == self.gen.number {
+        if stopping || generation != self.gen.number || self.shutdown.is_some() {
+            info!("worker {slot} (generation {generation}) could not be spawned: {e}");
+        } else if reloading {
             self.rollback(format!("worker {slot} cannot be spawned: {e}"));
-        } else if !self.booted && self.shutdown.is_none() {
+        } else if !self.booted {
             error!("worker {slot} cannot boot: {e}");
             self.begin_shutdown(false, Cause::CannotBoot);
-        } else if self.shutdown.is_none() {
-            let (delay, _) = self.slot_failed(slot, now);
+        } else {
+            let (delay, _) = self.slot_failed(slot, Instant::now());
             error!(
                 "worker {slot} cannot be spawned: {e}; retrying in {}",
                 ms(delay)
@@ -904,7 +960,9 @@ impl Master {
 /// SIGKILL to what a dead worker left in its process group. They would
 /// otherwise outlive it unsupervised, holding its copies of the listeners
 /// (connections queued there would never be served). The group's id stays
-/// reserved while it has members, so this cannot reach another group.
+/// reserved while it has members; with none left, the kernel would have to
+/// hand the just-freed pid to a new group leader in the microseconds since
+/// it was reaped, which takes a wrap of the whole pid space.
 fn sweep_group(w: &Worker) {
     if killpg(w.pid, Signal::SIGKILL).is_ok() {
         warn!(

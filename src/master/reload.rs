@@ -60,6 +60,29 @@ impl Master {
         }
     }
 
+    /// Answers everyone waiting for a queued reload, which will not run.
+    pub(super) fn cancel_queued_reload(&mut self, why: &str) {
+        if let Some(waiters) = self.queued_reload.take() {
+            info!("queued reload cancelled: {why}");
+            for c in waiters {
+                self.reply(c, control::failure(&format!("cancelled: {why}")));
+            }
+        }
+    }
+
+    /// Answers every control client waiting for a reload's verdict: drover
+    /// is shutting down.
+    pub(super) fn answer_reload_waiters(&mut self, why: &str) {
+        self.cancel_queued_reload(why);
+        if let Some(r) = self.reload.as_mut() {
+            for c in std::mem::take(&mut r.waiters) {
+                if let Some(ctl) = self.control.as_mut() {
+                    ctl.reply(c, &control::failure(&format!("not applied: {why}")));
+                }
+            }
+        }
+    }
+
     /// Whether a worker of another generation than the current one lives.
     fn old_generation_alive(&self) -> bool {
         self.workers.iter().any(|w| w.generation != self.gen.number)

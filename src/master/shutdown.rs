@@ -68,6 +68,8 @@ impl Master {
                 if !handover {
                     self.systemd.stopping();
                 }
+                // The control socket goes below: answer whoever waits on it.
+                self.answer_reload_waiters(&format!("{why}: shutting down"));
                 let mut closed = self
                     .previous
                     .take()

@@ -61,6 +61,10 @@ pub struct Worker {
     pub exec: Option<crate::spawn::Started>,
     /// Its exec failed (already dealt with): its exit says nothing more.
     pub exec_failed: bool,
+    /// Ready once its exec is confirmed (`ready = "spawn"` in its generation).
+    pub ready_on_exec: bool,
+    /// Its generation's heartbeat interval (`timeout`), if any.
+    pub heartbeat_every: Option<Duration>,
 }
 
 impl Worker {
@@ -85,6 +89,8 @@ impl Worker {
             killed: None,
             exec: None,
             exec_failed: false,
+            ready_on_exec: false,
+            heartbeat_every: None,
         }
     }
 
