@@ -475,10 +475,15 @@ fn usr1_is_delivered_to_every_worker() {
     // Workers that note each SIGUSR1 they get, with their pid.
     let noting = with_command(
         &hello("ready = \"spawn\"").replace("ready = \"notify\"\n", ""),
-        "[\"sh\", \"-c\", \"trap 'echo $$ >> $DIR/usr1' USR1; while :; do sleep 0.05; done\"]",
+        "[\"sh\", \"-c\", \"trap 'echo $$ >> $DIR/usr1' USR1; echo $$ >> $DIR/up; while :; do sleep 0.05; done\"]",
     );
     let d = Start::config(&noting).run();
     d.wait_log("all 2 workers ready");
+    // Ready once the trap is set (before, SIGUSR1 would kill the shell).
+    let up = d.dir.path().join("up");
+    wait_for("both traps set", LIMIT, || {
+        (read_file(&up).lines().count() == 2).then_some(())
+    });
     let mut workers: Vec<String> = worker_pids(&d).iter().map(|p| p.to_string()).collect();
     d.signal(Signal::SIGUSR1);
     let noted = d.dir.path().join("usr1");
