@@ -216,7 +216,7 @@ pub fn main() -> ExitCode {
         }
     };
     if let Some(Action::Check { .. }) = cli.action {
-        return check(&source, &settings);
+        return check(&source, &settings, bind_was_set);
     }
     let log = match settings.log_file.as_deref().map(LogFile::open).transpose() {
         Ok(log) => log,
@@ -252,7 +252,7 @@ pub fn main() -> ExitCode {
 /// workers get), and `chdir`. Each failure exits with the status a start
 /// would: 2 for the settings, the user or the group; 3 for the program or
 /// `chdir`, which a start reports as "cannot boot".
-fn check(source: &Source, s: &Settings) -> ExitCode {
+fn check(source: &Source, s: &Settings, bind_was_set: bool) -> ExitCode {
     let fail = |status: u8, message: String| {
         eprintln!("drover: {message}");
         ExitCode::from(status)
@@ -293,6 +293,20 @@ fn check(source: &Source, s: &Settings) -> ExitCode {
             );
         }
     }
+    // Sockets handed in (LISTEN_FDS) that no bind would adopt: a start logs
+    // this as an error and goes on without them; the check fails on it, so
+    // that a socket unit and a config that disagree are caught before a
+    // start loses that socket's traffic.
+    let unmatched = match crate::listen::take_inherited() {
+        Ok(inherited) => crate::listen::unmatched(s, bind_was_set, inherited),
+        Err(e) => return fail(exit::FAILURE, e.to_string()),
+    };
+    if !unmatched.is_empty() {
+        for why in &unmatched {
+            eprintln!("drover: error: {why}");
+        }
+        return ExitCode::from(exit::USAGE);
+    }
     println!(
         "{}: ok ({} worker(s) running {:?}, listening on {})",
         source.origin(),
@@ -308,8 +322,9 @@ fn check(source: &Source, s: &Settings) -> ExitCode {
             .join(", ")
     );
     println!(
-        "checked: the settings, user and group, the program, chdir; \
-         not checked: binding the addresses, fd://N and LISTEN_FDS sockets, \
+        "checked: the settings, user and group, the program, chdir, \
+         and that each LISTEN_FDS socket matches a bind; \
+         not checked: binding the addresses, fd://N sockets, \
          the pidfile, log file and control socket paths, and what the workers' user may access"
     );
     ExitCode::from(exit::OK)

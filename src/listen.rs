@@ -116,6 +116,76 @@ pub type Set = Vec<(Rc<Listener>, String)>;
 pub struct Inherited {
     fd: OwnedFd,
     name: Option<String>,
+    /// Handed in by an older drover during an upgrade (not a service manager).
+    from_drover: bool,
+}
+
+impl Inherited {
+    /// For logs: "fd 3 (127.0.0.1:8000, name \"web\")".
+    fn describe(&self) -> String {
+        let fd = self.fd.as_raw_fd();
+        let addr = local_name(fd).unwrap_or_else(|| "not a named socket".into());
+        match &self.name {
+            Some(name) => format!("fd {fd} ({addr}, name {name:?})"),
+            None => format!("fd {fd} ({addr})"),
+        }
+    }
+
+    /// Whether `bind` (named `name` in `LISTEN_FDNAMES`) adopts this socket.
+    fn matches(&self, bind: &Bind, name: &str) -> bool {
+        let fd = self.fd.as_raw_fd();
+        // Port 0 ("any free port") matches the socket of the same name that
+        // an old drover bound for the same address.
+        same_address(fd, &bind.address)
+            || (self.name.as_deref() == Some(name) && any_port_matches(fd, &bind.address))
+    }
+}
+
+/// Takes the first of `inherited` that `bind` adopts.
+fn take_match(inherited: &mut [Option<Inherited>], bind: &Bind, name: &str) -> Option<Inherited> {
+    inherited
+        .iter_mut()
+        .find(|inh| inh.as_ref().is_some_and(|inh| inh.matches(bind, name)))
+        .and_then(Option::take)
+}
+
+/// Why each inherited socket that no `bind` adopts is a problem, as a start
+/// with these settings would find it (and `drover check` reports it). With no
+/// `bind` configured, every inherited socket is served.
+pub fn unmatched(
+    settings: &Settings,
+    bind_was_set: bool,
+    inherited: Vec<Inherited>,
+) -> Vec<String> {
+    if !bind_was_set {
+        return Vec::new();
+    }
+    let mut inherited: Vec<Option<Inherited>> = inherited.into_iter().map(Some).collect();
+    for (i, bind) in settings.bind.iter().enumerate() {
+        take_match(&mut inherited, bind, &bind.fd_name(i));
+    }
+    inherited
+        .into_iter()
+        .flatten()
+        .map(|inh| unmatched_message(&inh))
+        .collect()
+}
+
+fn unmatched_message(inh: &Inherited) -> String {
+    if inh.from_drover {
+        format!(
+            "the socket {} that the old drover served matches no bind: closed \
+             (it stays open until the old drover exits)",
+            inh.describe()
+        )
+    } else {
+        format!(
+            "the activated socket {} matches no bind: drover closes it, and nothing \
+             will accept its connections; add its address (or fd://N) to `bind`, \
+             or remove it from the socket unit",
+            inh.describe()
+        )
+    }
 }
 
 /// Opens the listeners `settings` asks for, reusing what is already open:
@@ -158,21 +228,21 @@ pub fn open_all(
             out.push((l.clone(), name));
             continue;
         }
-        let reuse = inherited.iter_mut().find(|inh| {
-            inh.as_ref().is_some_and(|inh| {
-                let fd = inh.fd.as_raw_fd();
-                // Port 0 ("any free port") matches the socket of the same
-                // name that an old drover bound for the same address.
-                same_address(fd, &bind.address)
-                    || (inh.name.as_ref() == Some(&name) && any_port_matches(fd, &bind.address))
-            })
-        });
-        let listener = match reuse.and_then(Option::take) {
-            Some(inh) => adopt(inh.fd, Some(bind.address.clone()))?,
-            None => open(bind, settings)?,
+        let (listener, how) = match take_match(&mut inherited, bind, &name) {
+            Some(inh) => (adopt(inh.fd, Some(bind.address.clone()))?, "inherited, "),
+            None => (open(bind, settings)?, ""),
         };
-        tracing::info!("listening on {} (fd name {name:?})", listener.shown);
+        tracing::info!("listening on {} ({how}fd name {name:?})", listener.shown);
         out.push((Rc::new(listener), name));
+    }
+    // Dropped (closed) below: a socket systemd activated for an address the
+    // config no longer has would otherwise vanish without a word.
+    for inh in inherited.into_iter().flatten() {
+        if inh.from_drover {
+            tracing::warn!("{}", unmatched_message(&inh));
+        } else {
+            tracing::error!("{}", unmatched_message(&inh));
+        }
     }
     Ok(out)
 }
@@ -442,6 +512,7 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
     let Some(fds) = fds else {
         return Ok(Vec::new());
     };
+    let from_drover = std::env::var_os("DROVER_UPGRADE_FROM").is_some();
     if pid.as_deref() != Some(&std::process::id().to_string()) {
         // Meant for another process (we were exec'd by a program that did not
         // clean up): not ours to use.
@@ -476,6 +547,7 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
             Ok(Inherited {
                 fd: unsafe { OwnedFd::from_raw_fd(fd) },
                 name,
+                from_drover,
             })
         })
         .collect()

@@ -880,7 +880,8 @@ fn check_finds_what_a_start_would_refuse_with_the_same_status() {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
     assert!(
         d.log().contains(
-            "checked: the settings, user and group, the program, chdir; not checked: binding"
+            "checked: the settings, user and group, the program, chdir, and that each \
+             LISTEN_FDS socket matches a bind; not checked: binding"
         ),
         "{}",
         d.log()
