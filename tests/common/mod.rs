@@ -21,8 +21,46 @@ pub fn drover_bin() -> &'static str {
     env!("CARGO_BIN_EXE_drover")
 }
 
+/// The reference worker, from the `hello` package of the workspace: built
+/// next to drover (same target directory and profile) by `cargo test` and
+/// `cargo nextest run`, which build the default members' test targets and
+/// hello's integration test with them. A copy missing or older than its
+/// sources (a run narrowed to drover alone, `cargo test -p drover`) stops the
+/// test with the command that builds it, rather than testing an old worker.
 pub fn hello_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_hello")
+    static HELLO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HELLO.get_or_init(|| {
+        let bin = Path::new(drover_bin()).with_file_name("hello");
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        let sources = ["workers/hello", "workers/rust/src"]
+            .iter()
+            .filter_map(|dir| newest_change(&repo().join(dir)))
+            .max();
+        match (built, sources) {
+            (Some(built), Some(sources)) if built >= sources => {}
+            (Some(_), _) => panic!(
+                "{} is older than its sources: run `cargo build -p hello` (or `cargo nextest run --workspace`)",
+                bin.display()
+            ),
+            (None, _) => panic!(
+                "{} is not built: run `cargo build -p hello` (or `cargo nextest run --workspace`)",
+                bin.display()
+            ),
+        }
+        bin.display().to_string()
+    })
+}
+
+/// The newest modification time of the files in `dir` (not below it: hello's
+/// tests/ are not part of the executable).
+fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| entry.metadata().ok())
+        .filter(|meta| meta.is_file())
+        .filter_map(|meta| meta.modified().ok())
+        .max()
 }
 
 pub fn repo() -> PathBuf {

@@ -1,4 +1,5 @@
-//! Worker SDK for [drover](https://github.com/), the pre-fork process supervisor.
+#![warn(missing_docs)]
+//! Worker SDK for [drover](https://docs.rs/drover), the pre-fork process supervisor.
 //!
 //! drover starts workers with the systemd conventions (socket activation and
 //! `sd_notify`), so this crate is small and has no dependency beyond `libc`:

@@ -37,24 +37,50 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 pub enum ListenError {
     /// The activation variables are not set: the program was not started by
     /// drover or systemd. `missing` names the variables that are absent.
-    NotActivated { missing: Vec<&'static str> },
+    NotActivated {
+        /// The names of the variables that are not set.
+        missing: Vec<&'static str>,
+    },
     /// `LISTEN_PID` names another process (`expected`), not us (`actual`): the
     /// variables were inherited from a parent and the fds are not ours.
-    WrongPid { expected: u32, actual: u32 },
+    WrongPid {
+        /// The pid in `LISTEN_PID`.
+        expected: u32,
+        /// Our own pid.
+        actual: u32,
+    },
     /// [`listeners`] already took the sockets in this process.
     AlreadyTaken,
     /// A variable has a value that cannot be understood.
     Invalid {
+        /// The variable's name.
         var: &'static str,
+        /// Its value.
         value: String,
+        /// What is wrong with it.
         reason: String,
     },
     /// An inherited fd is not an open socket.
-    Socket { fd: RawFd, error: io::Error },
+    Socket {
+        /// The descriptor number.
+        fd: RawFd,
+        /// What asking it for its socket type answered.
+        error: io::Error,
+    },
     /// An inherited fd is a socket this SDK cannot serve (not TCP or Unix stream).
-    Unsupported { fd: RawFd, reason: String },
+    Unsupported {
+        /// The descriptor number.
+        fd: RawFd,
+        /// What kind of socket it is.
+        reason: String,
+    },
     /// [`listeners_or_bind`] could not bind its development fallback address.
-    Bind { addr: String, error: io::Error },
+    Bind {
+        /// The address given to [`listeners_or_bind`].
+        addr: String,
+        /// Why binding it failed.
+        error: io::Error,
+    },
 }
 
 impl fmt::Display for ListenError {
@@ -317,7 +343,9 @@ fn set_cloexec(fd: RawFd) -> io::Result<()> {
 /// given in drover's config; `"unknown"` when none was given).
 #[derive(Debug)]
 pub enum Listener {
+    /// A TCP socket (IPv4 or IPv6) and its name.
     Tcp(TcpListener, String),
+    /// A Unix stream socket and its name.
     Unix(UnixListener, String),
 }
 
@@ -397,7 +425,9 @@ fn abstract_name(_addr: Option<&std::os::unix::net::SocketAddr>) -> String {
 /// An accepted connection on either kind of listener.
 #[derive(Debug)]
 pub enum Stream {
+    /// Accepted on a [`Listener::Tcp`].
     Tcp(TcpStream),
+    /// Accepted on a [`Listener::Unix`].
     Unix(UnixStream),
 }
 
@@ -411,6 +441,7 @@ impl Stream {
         }
     }
 
+    /// Non-blocking mode of this connection (`O_NONBLOCK`).
     pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_nonblocking(nonblocking),
@@ -418,6 +449,7 @@ impl Stream {
         }
     }
 
+    /// `SO_RCVTIMEO`: a blocking read fails with `WouldBlock` after `timeout`.
     pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(timeout),
@@ -425,6 +457,7 @@ impl Stream {
         }
     }
 
+    /// `SO_SNDTIMEO`: a blocking write fails with `WouldBlock` after `timeout`.
     pub fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(timeout),
@@ -432,6 +465,7 @@ impl Stream {
         }
     }
 
+    /// Shuts down the read half, the write half or both (`shutdown(2)`).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
@@ -439,6 +473,7 @@ impl Stream {
         }
     }
 
+    /// Another handle to the same connection (`dup(2)`).
     pub fn try_clone(&self) -> io::Result<Stream> {
         match self {
             Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),

@@ -126,10 +126,12 @@ impl Stop {
         StopBuilder::default()
     }
 
+    /// Whether a stop was asked for, and which.
     pub fn state(&self) -> StopState {
         current_state()
     }
 
+    /// A stop was asked for (graceful or quick).
     pub fn is_stopping(&self) -> bool {
         self.state() != StopState::Running
     }
