@@ -3,9 +3,15 @@
 
 mod common;
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use common::*;
+use nix::unistd::Pid;
 
 /// Two sockets handed in as systemd does (fds 3 and 4), of which the config
 /// binds only the first: the second is reported as an error, and the first
@@ -84,4 +90,439 @@ fn check_reports_an_activated_socket_that_matches_no_bind() {
     }
     .run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}
+
+/// A unit file (with its drop-ins laid over it) as `(section, key, value)`
+/// lines, in order; comments and blank lines left out.
+struct Unit(Vec<(String, String, String)>);
+
+impl Unit {
+    fn read(paths: &[&str]) -> Unit {
+        let mut lines = Vec::new();
+        for path in paths {
+            let text = std::fs::read_to_string(repo().join(path)).unwrap();
+            let mut section = String::new();
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                    continue;
+                }
+                if let Some(s) = line.strip_prefix('[') {
+                    section = s.trim_end_matches(']').to_string();
+                    continue;
+                }
+                let (k, v) = line.split_once('=').expect("KEY=VALUE");
+                lines.push((section.clone(), k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        Unit(lines)
+    }
+
+    /// The value in force: the last one given (an empty one resets).
+    fn get(&self, section: &str, key: &str) -> Option<&str> {
+        let v = self
+            .0
+            .iter()
+            .rev()
+            .find(|(s, k, _)| s == section && k == key)
+            .map(|(_, _, v)| v.as_str())?;
+        (!v.is_empty()).then_some(v)
+    }
+
+    fn service(&self, key: &str) -> &str {
+        self.get("Service", key)
+            .unwrap_or_else(|| panic!("drover.service sets no {key}="))
+    }
+
+    fn duration(&self, key: &str) -> Duration {
+        humantime::parse_duration(self.service(key)).unwrap()
+    }
+}
+
+/// A command line of the unit, with the installed paths replaced by this
+/// checkout's: the binary, and the config at /etc/drover/drover.toml.
+fn command_line(line: &str, config: &Path) -> Vec<String> {
+    line.split_whitespace()
+        .map(|w| match w {
+            "/usr/local/bin/drover" => drover_bin().to_string(),
+            "/etc/drover/drover.toml" => config.display().to_string(),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+/// The shipped config, as installed: the app from /srv/app (this checkout's
+/// workers/python), the runtime directory at `run`.
+fn installed_config(dir: &Path, run: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("deploy/systemd/drover.toml"))
+        .unwrap()
+        .replace(
+            "/srv/app",
+            &repo().join("workers/python").display().to_string(),
+        )
+        .replace("/run/drover", &run.display().to_string());
+    let path = dir.join("drover.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// What drover.service asks of systemd's sandbox, done with mount namespaces
+/// and setpriv where that can be done without systemd: RuntimeDirectory= (a
+/// writable directory, first argument), ProtectSystem=strict (everything
+/// else read-only), PrivateTmp=, ProtectHome=, PrivateDevices= (a /dev with
+/// null, zero, full, random, urandom and shm only), UMask=, User=/Group=
+/// (nobody), NoNewPrivileges= and CapabilityBoundingSet= (empty). Then it
+/// execs the rest of its arguments.
+const SANDBOX: &str = r#"set -e
+run=$1; shift
+mount --make-rprivate /
+mount --bind "$run" "$run"
+mount -o remount,bind,ro /
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mkdir /tmp/.dev
+mount --rbind /dev /tmp/.dev
+mount -t tmpfs -o mode=755 tmpfs /dev
+for n in null zero full random urandom; do
+  touch /dev/$n
+  mount --bind /tmp/.dev/$n /dev/$n
+done
+mkdir /dev/shm
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+umount -l /tmp/.dev
+rmdir /tmp/.dev
+mount -t tmpfs -o mode=755 tmpfs /root
+if [ -d /home ]; then mount -t tmpfs -o mode=755 tmpfs /home; fi
+umask "$UNIT_UMASK"
+exec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs \
+  --bounding-set=-all --inh-caps=-all "$@"
+"#;
+
+/// A notify socket the test owns, as systemd's: it tells who sent each
+/// message (SO_PASSCRED), and anyone may send to it.
+fn notify_socket(path: &Path) -> UnixDatagram {
+    use nix::sys::socket::{setsockopt, sockopt::PassCred};
+    let sock = UnixDatagram::bind(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    setsockopt(&sock, PassCred, &true).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    sock
+}
+
+/// The next message and its sender's pid; `None` after the read timeout.
+fn recv_from(sock: &UnixDatagram) -> Option<(Pid, String)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+    let mut buf = [0u8; 4096];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(UnixCredentials);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    let pid = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmCredentials(cred) => Some(Pid::from_raw(cred.pid())),
+        _ => None,
+    })?;
+    let n = msg.bytes;
+    Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
+}
+
+/// Reads messages into `seen` until one contains `needle`; returns it.
+fn recv_until(sock: &UnixDatagram, seen: &mut Vec<(Pid, String)>, needle: &str) -> String {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some((_, m)) = seen.last().filter(|(_, m)| m.contains(needle)) {
+            return m.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {needle:?}; got {seen:?}"
+        );
+        seen.extend(recv_from(sock));
+    }
+}
+
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// A port that was free a moment ago (systemd-socket-activate cannot bind
+/// port 0; a port taken meanwhile is retried by the caller).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts drover as drover.service and drover.socket would: the socket bound
+/// by `systemd-socket-activate` (which starts drover at the first
+/// connection), the service's environment (NOTIFY_SOCKET, WATCHDOG_USEC), in
+/// the sandbox its hardening options ask for. Returns drover and the address.
+fn start_as_the_unit(
+    service: &Unit,
+    socket: &Unit,
+    notify: &Path,
+    config: &Path,
+    run: &Path,
+) -> (Drover, SocketAddr) {
+    let listen = socket.get("Socket", "ListenStream").unwrap();
+    let fdname = socket.get("Socket", "FileDescriptorName").unwrap();
+    let watchdog = service.duration("WatchdogSec").as_micros();
+    for _ in 0..5 {
+        let addr: SocketAddr = listen
+            .replace(":8000", &format!(":{}", free_port()))
+            .parse()
+            .unwrap();
+        let mut args = vec![
+            "-m".to_string(),
+            "sh".into(),
+            "-c".into(),
+            SANDBOX.into(),
+            "sandbox".into(),
+            run.display().to_string(),
+            "systemd-socket-activate".into(),
+            format!("--listen={addr}"),
+            format!("--fdname={fdname}"),
+            format!("--setenv=NOTIFY_SOCKET={}", notify.display()),
+            format!("--setenv=WATCHDOG_USEC={watchdog}"),
+        ];
+        args.extend(command_line(service.service("ExecStart"), config));
+        let d = Start {
+            program: Some("unshare".into()),
+            args,
+            env: vec![("UNIT_UMASK".into(), service.service("UMask").into())],
+            ..Start::default()
+        }
+        .run();
+        let log = wait_for("systemd-socket-activate to listen", LIMIT, || {
+            let log = d.log();
+            (log.contains("Listening on") || log.contains("in use")).then_some(log)
+        });
+        if log.contains(&format!("Listening on {addr} as 3.")) {
+            return (d, addr);
+        }
+        eprintln!("retrying on another port: {log}");
+    }
+    panic!("systemd-socket-activate found no free port in 5 tries");
+}
+
+/// drover under systemd-socket-activate with the settings of the shipped
+/// units (deploy/systemd), in the sandbox of their hardening options: the
+/// connection that activates it is served, systemd hears READY=1 once every
+/// worker is ready, a reload both ways (ExecReload=drover ctl reload, and
+/// the SIGHUP of Type=notify-reload) with RELOADING=1 + MONOTONIC_USEC and
+/// READY=1, and SIGTERM to drover alone (KillMode=mixed) stops it cleanly
+/// within TimeoutStopSec with STOPPING=1. Every message comes from drover's
+/// own pid (NotifyAccess=main).
+#[test]
+fn drover_runs_as_the_shipped_systemd_units() {
+    let service = Unit::read(&["deploy/systemd/drover.service"]);
+    let reload_unit = Unit::read(&[
+        "deploy/systemd/drover.service",
+        "deploy/systemd/drover.service.d/notify-reload.conf",
+    ]);
+    let socket = Unit::read(&["deploy/systemd/drover.socket"]);
+    assert_eq!(service.service("Type"), "notify");
+    assert_eq!(reload_unit.service("Type"), "notify-reload");
+    assert_eq!(service.service("KillMode"), "mixed");
+    assert_eq!(service.service("NotifyAccess"), "main");
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // RuntimeDirectory=drover, RuntimeDirectoryMode=, owned by User=.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let mode = u32::from_str_radix(service.service("RuntimeDirectoryMode"), 8).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+    let config = installed_config(dir.path(), &run);
+    let notify_path = dir.path().join("notify");
+    let notify = notify_socket(&notify_path);
+
+    let (mut d, addr) = start_as_the_unit(&service, &socket, &notify_path, &config, &run);
+    // The first client starts drover, and waits in the socket's queue.
+    let first = std::thread::spawn(move || get(addr, "/"));
+    let mut seen = Vec::new();
+    let ready = recv_until(&notify, &mut seen, "READY=1");
+    assert!(
+        ready.contains("STATUS=4/4 workers ready, generation 1"),
+        "{ready}"
+    );
+    let first = first.join().unwrap().expect("the activating client");
+    assert_eq!(first.status, 200);
+    let log = d.log();
+    assert!(
+        log.contains(&format!(
+            "listening on {addr} (inherited, fd name \"{}\")",
+            socket.get("Socket", "FileDescriptorName").unwrap()
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("ERROR"), "{log}");
+    let workers = d.wait_workers(4);
+    // The sandbox held: workers run as User= with no capabilities.
+    for w in &workers {
+        let status = std::fs::read_to_string(format!("/proc/{w}/status")).unwrap();
+        assert!(
+            status.contains("Uid:\t65534\t65534\t65534\t65534"),
+            "{status}"
+        );
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        assert!(status.contains("CapBnd:\t0000000000000000"), "{status}");
+    }
+
+    // systemctl reload, Type=notify: ExecReload, run as User=.
+    let before = monotonic_usec();
+    let reload = command_line(service.service("ExecReload"), &config);
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(&reload)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout} {:?}", out.stderr);
+    assert!(stdout.contains("applied"), "{stdout}");
+    let reloading = recv_until(&notify, &mut seen, "RELOADING=1");
+    let usec: u64 = reloading
+        .split("MONOTONIC_USEC=")
+        .nth(1)
+        .and_then(|s| s.lines().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+    assert!(
+        (before..=monotonic_usec()).contains(&usec),
+        "MONOTONIC_USEC={usec} is not CLOCK_MONOTONIC of the reload"
+    );
+    let ready = recv_until(&notify, &mut seen, "READY=1");
+    assert!(ready.contains("generation 2"), "{ready}");
+    assert_eq!(get_ok(addr, "/").status, 200);
+
+    // systemctl reload, Type=notify-reload: systemd sends ReloadSignal.
+    let signal: Signal = reload_unit.service("ReloadSignal").parse().unwrap();
+    assert!(reload_unit.get("Service", "ExecReload").is_none());
+    d.signal(signal);
+    recv_until(&notify, &mut seen, "RELOADING=1\nMONOTONIC_USEC=");
+    let ready = recv_until(&notify, &mut seen, "READY=1");
+    assert!(ready.contains("generation 3"), "{ready}");
+    assert_eq!(get_ok(addr, "/").status, 200);
+
+    // systemctl stop: KillSignal= to drover only (KillMode=mixed).
+    let workers = d.wait_workers(4);
+    let signal: Signal = service.service("KillSignal").parse().unwrap();
+    let stopped = Instant::now();
+    d.signal(signal);
+    recv_until(&notify, &mut seen, "STOPPING=1");
+    let status = d.wait_exit(service.duration("TimeoutStopSec"));
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(stopped.elapsed() < service.duration("TimeoutStopSec"));
+    for w in workers {
+        assert!(!alive(w), "worker {w} outlived drover");
+    }
+    while let Some(m) = recv_from(&notify) {
+        seen.push(m);
+    }
+    // NotifyAccess=main: systemd would drop anyone else's messages.
+    let pid = d.pid();
+    assert!(seen.iter().all(|(p, _)| *p == pid), "{seen:?}");
+    let kinds: Vec<&str> = seen
+        .iter()
+        .filter_map(|(_, m)| {
+            ["READY=1", "RELOADING=1", "STOPPING=1"]
+                .into_iter()
+                .find(|k| m.lines().any(|l| l == *k))
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "READY=1",
+            "RELOADING=1",
+            "READY=1",
+            "RELOADING=1",
+            "READY=1",
+            "STOPPING=1"
+        ],
+        "{seen:?}"
+    );
+}
+
+/// `systemd-analyze` on the shipped units, with this checkout's binary at
+/// ExecStart: `verify` finds nothing to say (the notify-reload drop-in is
+/// only for systemd 253 or newer: older ones name exactly what they do not
+/// know), and `security --offline` rates the sandbox at most 3.0 ("OK").
+#[test]
+fn the_shipped_units_pass_systemd_analyze() {
+    let dir = tempfile::tempdir().unwrap();
+    let installed = |name: &str, parts: &[&str]| {
+        let mut text = String::new();
+        for p in parts {
+            text += &std::fs::read_to_string(repo().join("deploy/systemd").join(p)).unwrap();
+        }
+        let text = text.replace("/usr/local/bin/drover", drover_bin());
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let analyze = |args: &[&str], units: &[&PathBuf]| {
+        let out = std::process::Command::new("systemd-analyze")
+            .args(args)
+            .args(units)
+            .output()
+            .expect("systemd-analyze (Debian's systemd package; .ci/run installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let service = installed("drover.service", &["drover.service"]);
+    let socket = installed("drover.socket", &["drover.socket"]);
+    let (code, text) = analyze(&["verify", "--man=no"], &[&service, &socket]);
+    assert_eq!((code, text.as_str()), (Some(0), ""));
+
+    let version: u32 = analyze(&["--version"], &[])
+        .1
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let reload = installed(
+        "reload/drover.service",
+        &["drover.service", "drover.service.d/notify-reload.conf"],
+    );
+    let reload_socket = installed("reload/drover.socket", &["drover.socket"]);
+    let (code, text) = analyze(&["verify", "--man=no"], &[&reload, &reload_socket]);
+    assert_eq!(code, Some(0), "{text}");
+    if version >= 253 {
+        assert_eq!(text, "");
+    } else {
+        let unknown: Vec<&str> = text.lines().collect();
+        assert_eq!(unknown.len(), 2, "{text}");
+        assert!(
+            unknown[0].ends_with("Failed to parse service type, ignoring: notify-reload"),
+            "{text}"
+        );
+        assert!(
+            unknown[1].ends_with("Unknown key 'ReloadSignal' in section [Service], ignoring."),
+            "{text}"
+        );
+    }
+
+    let (_, text) = analyze(&["security", "--offline=yes", "--no-pager"], &[&service]);
+    let level: f64 = text
+        .split("Overall exposure level for drover.service: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in {text}"));
+    assert!(level <= 3.0, "exposure {level}:\n{text}");
 }
