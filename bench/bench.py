@@ -197,18 +197,18 @@ def check_wsgi_worker(ctx):
 
 
 def throughput_app(ctx):
-    """The WSGI app of the throughput scenario: workers/python/example_app.py
+    """The WSGI app of the throughput scenario: workers/python/examples/example_app.py
     when it exists and answers / with 200 under Gunicorn, else bench_app."""
-    ex = H.ROOT / "workers" / "python" / "example_app.py"
+    ex = H.EXAMPLES / "example_app.py"
     if not ex.exists():
-        return "bench_app:app", "workers/python/example_app.py does not exist yet"
+        return "bench_app:app", "workers/python/examples/example_app.py does not exist"
     s = Subject("probe", "probe", "gunicorn", "wsgi")
     s.app = "example_app:app"
     tmp = H.fresh_tmp(quiet=False)
     port = H.free_port()
     try:
         with s.start(1, port, tmp, ctx.log_path("check", "example-app"),
-                     env_extra={"PYTHONPATH": f"{H.APPS}:{H.ROOT / 'workers' / 'python'}"}) as run:
+                     env_extra={"PYTHONPATH": f"{H.APPS}:{H.EXAMPLES}"}) as run:
             ok = H.get_until_ok(port, 10)
             if ok:
                 return "example_app:app", None
@@ -531,7 +531,7 @@ def sc_throughput(ctx):
             s.app = app
             tmp = H.fresh_tmp()
             port = H.free_port()
-            env = {"PYTHONPATH": f"{H.APPS}:{H.ROOT / 'workers' / 'python'}"}
+            env = {"PYTHONPATH": f"{H.APPS}:{H.EXAMPLES}"}
             try:
                 with s.start(n, port, tmp, ctx.log_path("throughput", key, f"-{n}"), env_extra=env) as run:
                     ctx.note_command("throughput", f"{key} -w {n}", cmd_of(run))

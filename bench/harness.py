@@ -30,7 +30,9 @@ DROVER = BIN_DIR / "drover"
 HELLO = BIN_DIR / "hello"
 LOADGEN = BENCH / "loadgen" / "target" / "release" / "drover-bench-loadgen"
 APPS = BENCH / "apps"
-WSGI_WORKER = ROOT / "workers" / "python" / "drover_wsgi.py"
+# drover_wsgi, installed into the bench venv from workers/python by bench/run.
+WSGI_WORKER = VENV / "bin" / "drover-wsgi"
+EXAMPLES = ROOT / "workers" / "python" / "examples"
 TO_LISTEN_FDS = BENCH / "adapters" / "fd_to_listen_fds.sh"
 SOCKET_EXEC = BENCH / "adapters" / "socket_exec.py"
 
@@ -783,7 +785,7 @@ class Subject:
     def worker_argv(self):
         if self.worker == "hello":
             return [str(HELLO)]
-        return [str(VENV_PY), str(WSGI_WORKER), self.app]
+        return [str(WSGI_WORKER), self.app]
 
     def argv(self, n, port, tmp, settings=()):
         if self.kind == "drover":

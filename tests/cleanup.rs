@@ -15,10 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn python_dir() -> String {
-    repo().join("workers/python").display().to_string()
-}
-
 /// A plain script: `install()` with its defaults, then one cleanup function
 /// per name in $CLEANUPS, registered in that order; "hang" sleeps for an
 /// hour, the others append their name to $CLEANUP_FILE. It never looks at
@@ -72,13 +68,9 @@ fn plain_python(timeouts: &[&str], cleanups: &str) -> (Drover, tempfile::TempDir
     std::fs::write(&script, PLAIN_SCRIPT).unwrap();
     let file = dir.path().join("cleanup").display().to_string();
     let d = start(
-        &["python3", &script.display().to_string()],
+        &[&python::python(), &script.display().to_string()],
         timeouts,
-        &[
-            ("PYTHONPATH", &python_dir()),
-            ("CLEANUPS", cleanups),
-            ("CLEANUP_FILE", &file),
-        ],
+        &[("CLEANUPS", cleanups), ("CLEANUP_FILE", &file)],
     );
     (d, dir)
 }
@@ -88,14 +80,16 @@ fn hello(timeouts: &[&str], env: &[(&str, &str)]) -> Drover {
 }
 
 fn wsgi(timeouts: &[&str], cleanup_file: &str) -> Drover {
-    let wsgi = repo().join("workers/python/drover_wsgi.py");
+    let examples = python::examples_dir();
     start(
-        &["python3", &wsgi.display().to_string(), "example_app:app"],
-        timeouts,
         &[
-            ("PYTHONPATH", &python_dir()),
-            ("EXAMPLE_CLEANUP_FILE", cleanup_file),
+            &python::script("drover-wsgi"),
+            "--chdir",
+            &examples,
+            "example_app:app",
         ],
+        timeouts,
+        &[("EXAMPLE_CLEANUP_FILE", cleanup_file)],
     )
 }
 

@@ -20,10 +20,9 @@ fn rust_worker_graceful_shutdown_under_load_resets_nothing() {
 
 #[test]
 fn python_worker_graceful_shutdown_under_load_resets_nothing() {
-    let wsgi = repo().join("workers/python/drover_wsgi.py");
     let command = format!(
-        "[\"python3\", \"{}\", \"--threads\", \"8\", \"example_app:app\"]",
-        wsgi.display()
+        "[{:?}, \"--threads\", \"8\", \"example_app:app\"]",
+        python::script("drover-wsgi")
     );
     for _ in 0..ROUNDS {
         shutdown_under_load(&command, "/", 300);
@@ -33,7 +32,7 @@ fn python_worker_graceful_shutdown_under_load_resets_nothing() {
 fn shutdown_under_load(command: &str, path: &str, before: u64) {
     let config = format!(
         "bind = [\"127.0.0.1:0\"]\ncommand = {command}\nworkers = 2\nready = \"notify\"\nchdir = \"{}\"\n",
-        repo().join("workers/python").display()
+        python::examples_dir()
     );
     let mut d = Start::config(&config).run();
     d.wait_log("all 2 workers ready");

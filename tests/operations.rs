@@ -139,18 +139,14 @@ fn five_reloads_under_load_fail_no_request() {
 
 #[test]
 fn five_reloads_of_the_python_worker_under_load_fail_no_request() {
-    let wsgi = repo().join("workers/python/drover_wsgi.py");
     let command = format!(
-        "command = [\"python3\", \"{}\", \"--threads\", \"8\", \"example_app:app\"]",
-        wsgi.display()
+        "command = [{:?}, \"--threads\", \"8\", \"example_app:app\"]",
+        python::script("drover-wsgi")
     );
-    let config = hello(&format!(
-        "chdir = \"{}\"",
-        repo().join("workers/python").display()
-    ))
-    .replace(&format!("command = [\"{}\"]", hello_bin()), &command)
-    // Python boots slowly on two cores shared with 50 busy clients.
-    .replace("boot_timeout = \"5s\"", "boot_timeout = \"60s\"");
+    let config = hello(&format!("chdir = {:?}", python::examples_dir()))
+        .replace(&format!("command = [\"{}\"]", hello_bin()), &command)
+        // Python boots slowly on two cores shared with 50 busy clients.
+        .replace("boot_timeout = \"5s\"", "boot_timeout = \"60s\"");
     five_reloads_under_load(&config, "/", 500);
 }
 

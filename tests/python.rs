@@ -1,6 +1,7 @@
 //! The Python side: the SDK's unit tests (run here so that they are part of
 //! `cargo nextest run --workspace`), and drover running the Python WSGI worker
-//! (workers/python/drover_wsgi.py) with the example app, end to end.
+//! (`drover-wsgi`, installed from workers/python) with the example app, end to
+//! end. The Python comes from the tests' venv (see common/python.rs).
 
 mod common;
 
@@ -12,18 +13,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::killpg;
 
-fn python_dir() -> std::path::PathBuf {
-    repo().join("workers/python")
-}
-
 /// drover serving `app` with drover_wsgi (`wsgi_args` before the app), two
 /// workers unless `extra` (top-level TOML) says otherwise, and the example
 /// app's cleanup file at $DIR/cleanup.
 fn wsgi_config(wsgi_args: &[&str], app: &str, extra: &str) -> String {
-    let mut command = vec![
-        "python3".to_string(),
-        python_dir().join("drover_wsgi.py").display().to_string(),
-    ];
+    let mut command = vec![python::script("drover-wsgi")];
     command.extend(wsgi_args.iter().map(|s| s.to_string()));
     command.push(app.to_string());
     let command: Vec<String> = command.iter().map(|s| format!("{s:?}")).collect();
@@ -32,6 +26,7 @@ fn wsgi_config(wsgi_args: &[&str], app: &str, extra: &str) -> String {
         format!("command = [{}]", command.join(", ")),
         "ready = \"notify\"".to_string(),
         "graceful_timeout = \"10s\"".to_string(),
+        format!("chdir = {:?}", python::examples_dir()),
     ];
     if !extra.contains("workers =") {
         lines.push("workers = 2".to_string());
@@ -88,7 +83,7 @@ fn run_python_unittests(pattern: &str, only: Option<&str>) {
     if let Some(only) = only {
         args.extend(["-k", only]);
     }
-    let mut child = Command::new("python3")
+    let mut child = Command::new(python::python())
         .args(&args)
         .current_dir(repo())
         .env("TMPDIR", dir.path())
@@ -99,7 +94,7 @@ fn run_python_unittests(pattern: &str, only: Option<&str>) {
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .spawn()
-        .expect("python3 must be installed to run the Python tests");
+        .expect("the venv's python runs");
     let limit = Duration::from_secs(150);
     let began = Instant::now();
     let status = loop {
@@ -160,7 +155,7 @@ fn python_unit_tests_wsgi_server_lifecycle() {
 
 #[test]
 fn every_python_test_module_is_run() {
-    let mut found: Vec<String> = std::fs::read_dir(python_dir().join("tests"))
+    let mut found: Vec<String> = std::fs::read_dir(python::test_apps_dir())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("test_") && n.ends_with(".py"))
@@ -172,6 +167,52 @@ fn every_python_test_module_is_run() {
         found, listed,
         "add new Python test modules to PY_MODULES (and a #[test] for them)"
     );
+}
+
+/// The venv has the package as pip installed it: both modules (with their
+/// `py.typed`) come from site-packages, not from the checkout, and the
+/// console script and `python -m drover_wsgi` both run.
+#[test]
+fn the_package_is_installed_not_imported_from_the_checkout() {
+    let probe = "import os, drover_worker, drover_wsgi\n\
+                 for m in (drover_worker, drover_wsgi):\n\
+                 \x20   d = os.path.dirname(m.__file__)\n\
+                 \x20   print(d, os.path.exists(os.path.join(d, 'py.typed')))";
+    let out = Command::new(python::python())
+        .args(["-c", probe])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let src = repo().join("workers/python").display().to_string();
+    for line in text.lines() {
+        assert!(line.contains("site-packages/drover_"), "{line}");
+        assert!(
+            !line.starts_with(&src),
+            "imported from the checkout: {line}"
+        );
+        assert!(line.ends_with(" True"), "py.typed is installed: {line}");
+    }
+    assert_eq!(text.lines().count(), 2, "{text}");
+    for argv in [
+        vec![python::script("drover-wsgi"), "--help".to_string()],
+        vec![
+            python::python(),
+            "-m".into(),
+            "drover_wsgi".into(),
+            "--help".into(),
+        ],
+    ] {
+        let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{argv:?}: {help}");
+        assert!(help.contains("usage: drover-wsgi"), "{argv:?}: {help}");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -278,7 +319,7 @@ fn sigquit_is_quick_for_the_python_worker() {
 
 #[test]
 fn an_app_that_fails_to_import_stops_drover_with_status_3() {
-    let tests_dir = python_dir().join("tests").display().to_string();
+    let tests_dir = python::test_apps_dir();
     let config = wsgi_config(&["--chdir", &tests_dir], "broken_app:app", "");
     let mut d = Start::config(&config).run();
     assert_eq!(d.wait_exit(LIMIT).code(), Some(3));

@@ -14,6 +14,8 @@ pub use nix::sys::signal::Signal;
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
 
+pub mod python;
+
 /// Upper bound of any single wait in a test.
 pub const LIMIT: Duration = Duration::from_secs(20);
 

@@ -12,9 +12,9 @@ import tempfile
 import textwrap
 import time
 
-SDK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-WSGI = os.path.join(SDK_DIR, "drover_wsgi.py")
+#: The WSGI server, from the installed package (as a user runs it).
+WSGI = [sys.executable, "-m", "drover_wsgi"]
 LIMIT = 15.0
 
 
@@ -23,7 +23,9 @@ def env_with_sdk(extra=None):
     for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
                 "WATCHDOG_PID", "DROVER_GRACEFUL_TIMEOUT"):
         env.pop(var, None)
-    env["PYTHONPATH"] = os.pathsep.join([SDK_DIR, TESTS_DIR])
+    # The test apps only: drover_worker and drover_wsgi come from the
+    # installed package, never from the checkout.
+    env["PYTHONPATH"] = TESTS_DIR
     env["PYTHONUNBUFFERED"] = "1"
     if extra:
         env.update(extra)
@@ -123,7 +125,7 @@ class Worker:
         self.listener.listen(128)
         self.notify = NotifySocket()
         fd = self.listener.fileno()
-        cmd = command or [sys.executable, WSGI] + list(args) + [app]
+        cmd = command or WSGI + list(args) + [app]
         extra = {"NOTIFY_SOCKET": self.notify.path, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "main",
                  "DROVER_GRACEFUL_TIMEOUT": "10"}
         extra.update(env or {})

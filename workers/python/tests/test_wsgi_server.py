@@ -370,7 +370,7 @@ class LifecycleTest(unittest.TestCase):
             self.assertEqual(w.wait()[0], 0)
 
     def test_without_drover_it_cannot_boot(self):
-        r = subprocess.run([sys.executable, WSGI, "apps:app"], env=env_with_sdk(), cwd=os.path.dirname(__file__),
+        r = subprocess.run(WSGI + ["apps:app"], env=env_with_sdk(), cwd=os.path.dirname(__file__),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=LIMIT, universal_newlines=True)
         self.assertEqual(r.returncode, 3)
         self.assertIn("cannot boot: no listening sockets were passed", r.stderr)

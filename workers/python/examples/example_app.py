@@ -2,7 +2,7 @@
 (workers/hello), served by drover_wsgi.
 
     drover -b 127.0.0.1:8000 -w 2 --set ready=notify -- \\
-        python3 workers/python/drover_wsgi.py example_app:app
+        drover-wsgi --chdir workers/python/examples example_app:app
 
 Routes (any method; HEAD gets the headers only):
   /               200 "hello from pid N"

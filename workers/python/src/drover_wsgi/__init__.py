@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """drover_wsgi: a WSGI worker for drover (standard library only, Python 3.8+).
 
-    python3 workers/python/drover_wsgi.py [options] module:app
-    PYTHONPATH=workers/python python3 -m drover_wsgi [options] module:app
+    drover-wsgi [options] module:app
+    python -m drover_wsgi [options] module:app
 
 It serves the WSGI application ``module:app`` (``module`` alone means
 ``module:application``; ``module:make_app()`` calls a factory) on the listening
@@ -55,11 +54,7 @@ import traceback
 from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
 
-try:
-    import drover_worker as dw
-except ImportError:  # run by path from elsewhere: the SDK lives next to us
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import drover_worker as dw
+import drover_worker as dw
 
 #: Largest request head (request line and headers); more is answered 431.
 MAX_HEAD = 32 * 1024
@@ -1294,7 +1289,7 @@ def load_app(spec):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="drover_wsgi",
+        prog="drover-wsgi",
         description="Serve a WSGI application on the sockets drover passes (LISTEN_FDS).",
     )
     p.add_argument("app", help="module:app (module alone: module:application; module:factory() calls it)")
@@ -1395,5 +1390,6 @@ def _exit_now(code):
     os._exit(code)
 
 
-if __name__ == "__main__":
+def console_main():
+    """The ``drover-wsgi`` console script."""
     sys.exit(main())
