@@ -150,19 +150,63 @@ fn command_line(line: &str, config: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The shipped config, as installed: the app from /srv/app (this checkout's
-/// workers/python), the runtime directory at `run`.
+/// The shipped config, as installed: /srv/app is an app directory made here
+/// as a user makes it (see [`app_dir`]), the runtime directory is `run`.
 fn installed_config(dir: &Path, run: &Path) -> PathBuf {
     let text = std::fs::read_to_string(repo().join("deploy/systemd/drover.toml"))
         .unwrap()
-        .replace(
-            "/srv/app",
-            &repo().join("workers/python").display().to_string(),
-        )
+        .replace("/srv/app", &app_dir().display().to_string())
         .replace("/run/drover", &run.display().to_string());
     let path = dir.join("drover.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// /srv/app as a deployment has it: the example app, and a venv of the
+/// system python3 (the sandbox hides /root, where a pyenv python lives) with
+/// the drover-worker wheel, built from workers/python by the tests' venv,
+/// pip-installed offline. Under the target directory: the sandbox hides
+/// /tmp, and nobody must read it.
+fn app_dir() -> PathBuf {
+    let app = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("deploy-srv-app");
+    let _ = std::fs::remove_dir_all(&app);
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::copy(
+        repo().join("workers/python/examples/example_app.py"),
+        app.join("example_app.py"),
+    )
+    .unwrap();
+    let venv = app.join(".venv");
+    let run = |program: &Path, args: &[&str]| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program:?} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        Path::new("/usr/bin/python3"),
+        &["-m", "venv", &venv.display().to_string()],
+    );
+    let wheels = app.join("wheels");
+    let wheels = wheels.display().to_string();
+    let package = repo().join("workers/python").display().to_string();
+    let pip = ["-m", "pip", "-q", "--disable-pip-version-check"];
+    let build = ["wheel", "--no-deps", "--no-build-isolation", "-w", &wheels];
+    run(
+        Path::new(&python::python()),
+        &[&pip[..], &build[..], &[&package]].concat(),
+    );
+    let install = ["install", "--no-index", "--find-links", &wheels];
+    run(
+        &venv.join("bin/python"),
+        &[&pip[..], &install[..], &["drover-worker"]].concat(),
+    );
+    app
 }
 
 /// What drover.service asks of systemd's sandbox, done with mount namespaces
