@@ -75,3 +75,200 @@ pub fn run_on_exit(
         }
     }
 }
+
+/// The most event hooks running at once; an event beyond that runs no hook
+/// (with a warning), so a burst of events cannot fork a burst of processes.
+pub const MAX_RUNNING_HOOKS: usize = 8;
+
+/// One running event hook.
+struct RunningHook {
+    pid: Pid,
+    event: &'static str,
+    deadline: Instant,
+}
+
+/// The `event_hooks` setting at work: starts a hook's command for each event
+/// it names, without waiting; its exit is reaped by the master's loop and
+/// handed to [`EventHooks::reaped`]; at `hook_timeout` its process group is
+/// killed ([`EventHooks::enforce`]).
+#[derive(Default)]
+pub struct EventHooks {
+    /// Event name → argv.
+    commands: std::collections::BTreeMap<String, Vec<String>>,
+    timeout: Duration,
+    running: Vec<RunningHook>,
+}
+
+impl EventHooks {
+    pub fn new(
+        commands: std::collections::BTreeMap<String, Vec<String>>,
+        timeout: Duration,
+    ) -> EventHooks {
+        EventHooks {
+            commands,
+            timeout,
+            running: Vec::new(),
+        }
+    }
+
+    /// Replaces the commands (a reload); running hooks go on.
+    pub fn configure(
+        &mut self,
+        commands: std::collections::BTreeMap<String, Vec<String>>,
+        timeout: Duration,
+    ) {
+        self.commands = commands;
+        self.timeout = timeout;
+    }
+
+    /// Starts the hook for `event`, if one is set. The event is in the
+    /// hook's environment: `DROVER_EVENT` (its name), `DROVER_EVENT_JSON`
+    /// (the whole line), and each scalar field as `DROVER_EVENT_<KEY>`.
+    pub fn fire(&mut self, event: &crate::events::Event, now: Instant) {
+        let name = event.kind.name();
+        let Some(argv) = self.commands.get(name).filter(|a| !a.is_empty()) else {
+            return;
+        };
+        if self.running.len() >= MAX_RUNNING_HOOKS {
+            tracing::warn!(
+                "event hook for {name} (seq {}) not run: {MAX_RUNNING_HOOKS} hooks still running",
+                event.seq
+            );
+            return;
+        }
+        let json = serde_json::to_value(event).unwrap_or_default();
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .process_group(0)
+            .env("DROVER_EVENT", name)
+            .env("DROVER_EVENT_JSON", json.to_string());
+        for (key, value) in json.as_object().into_iter().flatten() {
+            let text = match value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                _ => continue,
+            };
+            cmd.env(format!("DROVER_EVENT_{}", key.to_uppercase()), text);
+        }
+        match cmd.spawn() {
+            Ok(child) => self.running.push(RunningHook {
+                pid: Pid::from_raw(child.id() as i32),
+                event: name,
+                deadline: now + self.timeout,
+            }),
+            Err(e) => tracing::warn!("event hook for {name}: {}: {e}", argv[0]),
+        }
+    }
+
+    /// A reaped pid: true if it was a hook (now forgotten).
+    pub fn reaped(&mut self, pid: Pid, how: &str) -> bool {
+        let Some(i) = self.running.iter().position(|h| h.pid == pid) else {
+            return false;
+        };
+        let h = self.running.swap_remove(i);
+        tracing::debug!("event hook for {} (pid {pid}) {how}", h.event);
+        true
+    }
+
+    /// The earliest hook deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.running.iter().map(|h| h.deadline).min()
+    }
+
+    /// Kills the process group of every hook past its deadline (reaped later).
+    pub fn enforce(&mut self, now: Instant) {
+        for h in self.running.iter_mut().filter(|h| h.deadline <= now) {
+            tracing::warn!(
+                "event hook for {} (pid {}) killed at its hook_timeout",
+                h.event,
+                h.pid
+            );
+            let _ = killpg(h.pid, Signal::SIGKILL);
+            // Killed: nothing more is due; its exit arrives as SIGCHLD.
+            h.deadline = now + Duration::from_secs(3600 * 24 * 365);
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Event, Kind};
+    use nix::sys::wait::{waitpid, WaitStatus};
+
+    fn event() -> Event {
+        Event {
+            seq: 3,
+            ts: "t".into(),
+            kind: Kind::SlotDegraded {
+                slot: 2,
+                failures: 5,
+            },
+        }
+    }
+
+    #[test]
+    fn a_hook_gets_the_event_in_its_environment_and_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let script = format!(
+            "echo \"$DROVER_EVENT $DROVER_EVENT_SEQ $DROVER_EVENT_SLOT $DROVER_EVENT_FAILURES\" > {}; echo \"$DROVER_EVENT_JSON\" >> {}",
+            out.display(),
+            out.display()
+        );
+        let mut hooks = EventHooks::new(
+            [(
+                "slot_degraded".to_string(),
+                vec!["sh".into(), "-c".into(), script],
+            )]
+            .into(),
+            Duration::from_secs(5),
+        );
+        hooks.fire(&event(), Instant::now());
+        assert_eq!(hooks.running(), 1);
+        let pid = hooks.running[0].pid;
+        let status = waitpid(pid, None).unwrap();
+        assert!(matches!(status, WaitStatus::Exited(_, 0)));
+        assert!(hooks.reaped(pid, "exited"));
+        assert_eq!(hooks.running(), 0);
+        let text = std::fs::read_to_string(&out).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("slot_degraded 3 2 5"));
+        let v: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(v["event"], "slot_degraded");
+    }
+
+    #[test]
+    fn a_hook_past_its_timeout_is_killed() {
+        let mut hooks = EventHooks::new(
+            [(
+                "slot_degraded".to_string(),
+                vec!["sleep".into(), "30".into()],
+            )]
+            .into(),
+            Duration::from_millis(50),
+        );
+        let start = Instant::now();
+        hooks.fire(&event(), start);
+        let deadline = hooks.next_deadline().unwrap();
+        assert!(deadline <= start + Duration::from_millis(50));
+        hooks.enforce(deadline);
+        let pid = hooks.running[0].pid;
+        let status = waitpid(pid, None).unwrap();
+        assert!(matches!(
+            status,
+            WaitStatus::Signaled(_, Signal::SIGKILL, _)
+        ));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        // Events without a hook run nothing.
+        let mut none = EventHooks::default();
+        none.fire(&event(), start);
+        assert_eq!(none.running(), 0);
+    }
+}

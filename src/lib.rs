@@ -3,12 +3,15 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod hooks;
 pub mod listen;
 pub mod logfile;
 pub mod master;
+pub mod metrics;
 pub mod notify;
 pub mod pidfile;
+pub mod readiness;
 pub mod sdnotify;
 pub mod signals;
 pub mod spawn;
