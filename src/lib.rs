@@ -1,5 +1,6 @@
 //! drover: a pre-fork process supervisor. See docs/design.md for the tour.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
