@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pidfile;
 pub mod readiness;
+pub mod scoreboard;
 pub mod sdnotify;
 pub mod signals;
 pub mod spawn;

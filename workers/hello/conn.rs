@@ -74,6 +74,8 @@ impl Conn {
                     return Ok(());
                 }
             };
+            // In progress from its head to its response (counted when dropped).
+            let _counted = shared.scoreboard.as_ref().map(|b| b.begin());
             self.consume(request.head_len, request.content_length)?;
 
             let (status, body) = handle(&request.route);

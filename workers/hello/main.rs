@@ -68,6 +68,8 @@ pub struct Shared {
     pub stop: Stop,
     /// Our pid as text, for the `X-Worker-Pid` header.
     pub pid: String,
+    /// drover's scoreboard record, when drover gave one: requests counted.
+    pub scoreboard: Option<drover_worker::Scoreboard>,
     /// Number of open connections, and a signal when it changes.
     open: Mutex<usize>,
     changed: Condvar,
@@ -123,6 +125,7 @@ fn main() {
     let shared = Arc::new(Shared {
         stop: stop.clone(),
         pid: std::process::id().to_string(),
+        scoreboard: drover_worker::Scoreboard::from_env(),
         open: Mutex::new(0),
         changed: Condvar::new(),
     });

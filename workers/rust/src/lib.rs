@@ -10,6 +10,8 @@
 //! * [`listen`]: the listening sockets passed at fd 3.. (`LISTEN_FDS`).
 //! * [`notify`](mod@notify): `READY=1`, `WATCHDOG=1`, `STATUS=…`, `STOPPING=1` to the master.
 //! * [`stop`]: SIGTERM / SIGINT / SIGQUIT turned into a flag and a pollable fd.
+//! * [`scoreboard`](mod@scoreboard): requests in progress, completed and their
+//!   latency, counted in drover's shared-memory scoreboard.
 //! * [`cleanup`]: functions that run once, last registered first, on stop,
 //!   exit and panic, bounded by the remaining grace budget.
 //!
@@ -36,10 +38,12 @@ mod log;
 pub mod cleanup;
 pub mod listen;
 pub mod notify;
+pub mod scoreboard;
 pub mod stop;
 
 pub use listen::{listeners, listeners_or_bind, ListenError, Listener, Stream};
 pub use notify::{extend_timeout, heartbeat, notify, ready, status, stopping, watchdog_interval};
+pub use scoreboard::Scoreboard;
 pub use stop::{Stop, StopState};
 
 /// Runs the cleanup registry (see [`cleanup::run`]) and then exits with `code`.
