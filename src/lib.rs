@@ -1,6 +1,7 @@
 //! drover: a pre-fork process supervisor. See docs/design.md for the tour.
 
 pub mod admin;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -8,6 +9,7 @@ pub mod events;
 pub mod hooks;
 pub mod listen;
 pub mod logfile;
+pub mod logformat;
 pub mod master;
 pub mod metrics;
 pub mod notify;

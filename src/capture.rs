@@ -1,0 +1,436 @@
+//! `capture_output`: the workers' standard output and error go through pipes
+//! into drover's log, line by line, tagged with the worker's slot and pid.
+//!
+//! Bounded so that a chatty worker can neither block nor flood the master:
+//! every pipe is read without blocking, at most [`READ_BUDGET`] bytes per pipe
+//! per turn of the loop; a line longer than [`MAX_LINE`] is cut; lines beyond
+//! a rate ([`PIPE_RATE`] per pipe, [`TOTAL_RATE`] in all, each with a burst)
+//! are dropped and counted, and the count is logged when lines flow again.
+//! drover's own lines are never dropped. All pipes sit behind one epoll
+//! descriptor, so the loop waits on one descriptor and reads only the pipes
+//! that have data.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+/// The longest line logged; the rest of a longer one is dropped.
+pub const MAX_LINE: usize = 4096;
+/// The most bytes read from one pipe per turn of the loop.
+pub const READ_BUDGET: usize = 256 * 1024;
+/// Lines per second logged from one pipe (and the burst above it).
+pub const PIPE_RATE: (f64, f64) = (200.0, 1000.0);
+/// Lines per second logged from all pipes together (and the burst).
+pub const TOTAL_RATE: (f64, f64) = (2000.0, 5000.0);
+
+/// Which of a worker's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// What the log gets from a worker's pipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output<'a> {
+    Line {
+        slot: u32,
+        pid: Pid,
+        stream: Stream,
+        text: &'a str,
+    },
+    /// Lines dropped over the rate since the last line logged.
+    Dropped {
+        slot: u32,
+        pid: Pid,
+        stream: Stream,
+        lines: u64,
+    },
+}
+
+/// Logs one [`Output`] through tracing (the master's sink).
+pub fn log(out: Output<'_>) {
+    match out {
+        Output::Line {
+            slot,
+            pid,
+            stream,
+            text,
+        } => tracing::info!(
+            target: "drover::output",
+            slot,
+            pid = pid.as_raw(),
+            stream = stream.as_str(),
+            line = text,
+            "worker {slot} (pid {pid}) {}: {text}",
+            stream.as_str()
+        ),
+        Output::Dropped {
+            slot,
+            pid,
+            stream,
+            lines,
+        } => tracing::warn!(
+            target: "drover::output",
+            slot,
+            pid = pid.as_raw(),
+            stream = stream.as_str(),
+            dropped = lines,
+            "worker {slot} (pid {pid}) {}: {lines} lines dropped (over the capture_output rate)",
+            stream.as_str()
+        ),
+    }
+}
+
+/// A pipe for one stream: (read end for drover, non-blocking; write end for
+/// the worker). Both close-on-exec: the spawn `dup2`s the write end to 1 or 2.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors, owned from here on.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(r.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    Ok((r, w))
+}
+
+/// A token bucket: `rate` per second, at most `burst` saved.
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new((rate, burst): (f64, f64), now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            rate,
+            burst,
+            last: now,
+        }
+    }
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.last = now;
+    }
+}
+
+struct Pipe {
+    fd: OwnedFd,
+    slot: u32,
+    pid: Pid,
+    stream: Stream,
+    partial: Vec<u8>,
+    /// Inside a line already cut at MAX_LINE: skip to its end.
+    skipping: bool,
+    dropped: u64,
+    bucket: Bucket,
+}
+
+/// Every capture pipe, behind one epoll descriptor.
+pub struct Capture {
+    epoll: OwnedFd,
+    pipes: HashMap<u64, Pipe>,
+    next: u64,
+    total: Bucket,
+}
+
+impl Capture {
+    pub fn new() -> io::Result<Capture> {
+        // SAFETY: a plain epoll_create1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Capture {
+            // SAFETY: a fresh descriptor, owned from here on.
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            pipes: HashMap::new(),
+            next: 0,
+            total: Bucket::new(TOTAL_RATE, Instant::now()),
+        })
+    }
+
+    /// Readable when some pipe has data (or was closed).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+
+    /// Pipes still open (a worker's, or its children's that kept them).
+    pub fn pipes(&self) -> usize {
+        self.pipes.len()
+    }
+
+    /// Reads `read` (a [`pipe`]'s read end) for the worker `pid` of `slot`.
+    pub fn add(&mut self, slot: u32, pid: Pid, stream: Stream, read: OwnedFd) -> io::Result<()> {
+        let token = self.next;
+        self.next += 1;
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: registers a descriptor we own; `ev` is valid.
+        if unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                read.as_raw_fd(),
+                &mut ev,
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        self.pipes.insert(
+            token,
+            Pipe {
+                fd: read,
+                slot,
+                pid,
+                stream,
+                partial: Vec::new(),
+                skipping: false,
+                dropped: 0,
+                bucket: Bucket::new(PIPE_RATE, Instant::now()),
+            },
+        );
+        Ok(())
+    }
+
+    /// Reads the pipes that have data (each at most [`READ_BUDGET`] bytes)
+    /// and hands every whole line to `sink`. Never blocks.
+    pub fn on_ready(&mut self, now: Instant, sink: &mut dyn FnMut(Output<'_>)) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // SAFETY: epoll_wait writes at most events.len() entries.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                0,
+            )
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        self.total.refill(now);
+        for ev in events.iter().take(n.max(0) as usize) {
+            let token = ev.u64;
+            let Some(p) = self.pipes.get_mut(&token) else {
+                continue;
+            };
+            p.bucket.refill(now);
+            let mut budget = READ_BUDGET;
+            let mut closed = false;
+            while budget > 0 {
+                // SAFETY: reads into our buffer from a descriptor we own.
+                let r = unsafe {
+                    libc::read(
+                        p.fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len().min(budget),
+                    )
+                };
+                if r > 0 {
+                    let r = r as usize;
+                    budget -= r;
+                    feed(p, &mut self.total, &buf[..r], sink);
+                    continue;
+                }
+                let err = io::Error::last_os_error();
+                if r < 0 && err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                closed = r == 0 || err.kind() != io::ErrorKind::WouldBlock;
+                break;
+            }
+            if closed {
+                if let Some(mut p) = self.pipes.remove(&token) {
+                    if !p.partial.is_empty() && !p.skipping {
+                        let line = std::mem::take(&mut p.partial);
+                        emit(&mut p, &mut self.total, &line, sink);
+                    }
+                    report_dropped(&mut p, sink);
+                    // Closing the descriptor removes it from the epoll set.
+                }
+            }
+        }
+    }
+}
+
+/// Splits `data` into lines; each whole line goes to `emit`.
+fn feed(p: &mut Pipe, total: &mut Bucket, data: &[u8], sink: &mut dyn FnMut(Output<'_>)) {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let nl = rest.iter().position(|b| *b == b'\n');
+        let (segment, more) = match nl {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        if !p.skipping {
+            let room = MAX_LINE - p.partial.len();
+            p.partial
+                .extend_from_slice(&segment[..segment.len().min(room)]);
+            if segment.len() > room {
+                let mut line = std::mem::take(&mut p.partial);
+                line.extend_from_slice(" [cut at 4096 bytes]".as_bytes());
+                emit(p, total, &line, sink);
+                p.skipping = true;
+            }
+        }
+        if nl.is_some() {
+            if !p.skipping {
+                let line = std::mem::take(&mut p.partial);
+                emit(p, total, &line, sink);
+            }
+            p.skipping = false;
+        }
+        rest = more;
+    }
+}
+
+fn emit(p: &mut Pipe, total: &mut Bucket, line: &[u8], sink: &mut dyn FnMut(Output<'_>)) {
+    if p.bucket.tokens < 1.0 || total.tokens < 1.0 {
+        p.dropped += 1;
+        return;
+    }
+    p.bucket.tokens -= 1.0;
+    total.tokens -= 1.0;
+    report_dropped(p, sink);
+    let text = String::from_utf8_lossy(line);
+    let text = text.strip_suffix('\r').unwrap_or(&text);
+    sink(Output::Line {
+        slot: p.slot,
+        pid: p.pid,
+        stream: p.stream,
+        text,
+    });
+}
+
+fn report_dropped(p: &mut Pipe, sink: &mut dyn FnMut(Output<'_>)) {
+    if p.dropped > 0 {
+        sink(Output::Dropped {
+            slot: p.slot,
+            pid: p.pid,
+            stream: p.stream,
+            lines: p.dropped,
+        });
+        p.dropped = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    #[derive(Debug, PartialEq)]
+    enum Got {
+        Line(String),
+        Dropped(u64),
+    }
+
+    fn collect(c: &mut Capture, now: Instant) -> Vec<Got> {
+        let mut got = Vec::new();
+        c.on_ready(now, &mut |o| {
+            got.push(match o {
+                Output::Line { text, slot, .. } => {
+                    assert_eq!(slot, 2);
+                    Got::Line(text.to_string())
+                }
+                Output::Dropped { lines, .. } => Got::Dropped(lines),
+            })
+        });
+        got
+    }
+
+    #[test]
+    fn lines_are_split_cut_and_the_last_one_flushed_at_the_end() {
+        let mut c = Capture::new().unwrap();
+        let (r, w) = pipe().unwrap();
+        c.add(2, Pid::from_raw(9), Stream::Stdout, r).unwrap();
+        let mut w = std::fs::File::from(w);
+        w.write_all(b"one\r\ntw").unwrap();
+        assert_eq!(
+            collect(&mut c, Instant::now()),
+            vec![Got::Line("one".into())]
+        );
+        let long = vec![b'x'; MAX_LINE + 10];
+        w.write_all(b"o\n").unwrap();
+        w.write_all(&long).unwrap();
+        w.write_all(b"\nlast").unwrap();
+        drop(w);
+        let got = collect(&mut c, Instant::now());
+        assert_eq!(got[0], Got::Line("two".into()));
+        let Got::Line(cut) = &got[1] else { panic!() };
+        assert!(cut.ends_with("[cut at 4096 bytes]") && cut.len() < MAX_LINE + 30);
+        assert_eq!(got[2], Got::Line("last".into()));
+        assert_eq!(got.len(), 3);
+        assert_eq!(c.pipes(), 0, "closed pipe forgotten");
+    }
+
+    #[test]
+    fn a_flood_is_read_in_bounded_turns_and_rate_limited() {
+        let mut c = Capture::new().unwrap();
+        let (r, w) = pipe().unwrap();
+        c.add(2, Pid::from_raw(9), Stream::Stderr, r).unwrap();
+        // 100 MB of short lines, from another thread (the worker).
+        let writer = std::thread::spawn(move || {
+            let mut w = std::fs::File::from(w);
+            let chunk = b"spam spam spam\n".repeat(4096);
+            let mut sent = 0;
+            while sent < 100 << 20 {
+                w.write_all(&chunk).unwrap();
+                sent += chunk.len();
+            }
+        });
+        let start = Instant::now();
+        let (mut lines, mut dropped, mut slowest) = (0u64, 0u64, Duration::ZERO);
+        while c.pipes() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(60), "stuck");
+            let mut fds = [nix::poll::PollFd::new(
+                c.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8));
+            let t = Instant::now();
+            for g in collect(&mut c, t) {
+                match g {
+                    Got::Line(_) => lines += 1,
+                    Got::Dropped(n) => dropped += n,
+                }
+            }
+            slowest = slowest.max(t.elapsed());
+        }
+        writer.join().unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert!(
+            lines as f64 <= PIPE_RATE.1 + PIPE_RATE.0 * secs + 1.0,
+            "{lines} lines in {secs} s"
+        );
+        assert_eq!(lines + dropped, (100u64 << 20).div_ceil(15 * 4096) * 4096);
+        // One turn reads at most READ_BUDGET bytes: milliseconds, not seconds.
+        assert!(slowest < Duration::from_millis(200), "{slowest:?}");
+    }
+}
