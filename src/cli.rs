@@ -9,6 +9,7 @@ use tracing_subscriber::filter::LevelFilter;
 use crate::config::{ConfigError, Given, Layer, Loaded, Place, Settings, Source};
 use crate::control::{self, Command};
 use crate::logfile::LogFile;
+use crate::logformat::{JsonLines, LogFormat};
 use crate::master::{self, exit};
 
 #[derive(Debug, Parser)]
@@ -230,9 +231,17 @@ pub fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(false)
         .with_max_level(level);
-    match &log {
-        Some(file) => fmt.with_writer(file.clone()).init(),
-        None => fmt.with_writer(std::io::stderr).init(),
+    match (&log, settings.log_format) {
+        (Some(file), LogFormat::Text) => fmt.with_writer(file.clone()).init(),
+        (None, LogFormat::Text) => fmt.with_writer(std::io::stderr).init(),
+        (Some(file), LogFormat::Json) => fmt
+            .event_format(JsonLines::install())
+            .with_writer(file.clone())
+            .init(),
+        (None, LogFormat::Json) => fmt
+            .event_format(JsonLines::install())
+            .with_writer(std::io::stderr)
+            .init(),
     }
     let first = Loaded {
         settings,

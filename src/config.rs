@@ -155,6 +155,8 @@ settings! {
     env: BTreeMap<String, String> = BTreeMap::new();
     /// Variables removed from the workers' environment.
     env_remove: Vec<String> = Vec::new();
+    /// drover's log lines: "text" or "json" (one object per line).
+    log_format: crate::logformat::LogFormat = crate::logformat::LogFormat::Text;
 }
 
 /// Where a value was set, for error messages.
@@ -855,6 +857,20 @@ mod tests {
         assert!(e.contains("too long"), "{e}");
         let e = err("unix_socket_mode = \"999\"");
         assert!(e.contains("octal permission bits"), "{e}");
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let l = Layer::parse("c", "log_format = \"json\"").unwrap();
+        assert_eq!(
+            l.log_format.unwrap().value,
+            crate::logformat::LogFormat::Json
+        );
+        let e = err("log_format = \"xml\"");
+        assert!(
+            e.contains("unknown variant `xml`, expected `text` or `json`"),
+            "{e}"
+        );
     }
 
     #[test]
