@@ -150,63 +150,76 @@ fn command_line(line: &str, config: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The shipped config, as installed: /srv/app is an app directory made here
-/// as a user makes it (see [`app_dir`]), the runtime directory is `run`.
-fn installed_config(dir: &Path, run: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("deploy/systemd/drover.toml"))
-        .unwrap()
-        .replace("/srv/app", &app_dir().display().to_string())
-        .replace("/run/drover", &run.display().to_string());
-    let path = dir.join("drover.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// /srv/app as a deployment has it: the example app, and a venv of the
-/// system python3 (the sandbox hides /root, where a pyenv python lives) with
-/// the drover-worker wheel, built from workers/python by the tests' venv,
-/// pip-installed offline. Under the target directory: the sandbox hides
-/// /tmp, and nobody must read it.
-fn app_dir() -> PathBuf {
-    let app = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("deploy-srv-app");
-    let _ = std::fs::remove_dir_all(&app);
-    std::fs::create_dir_all(&app).unwrap();
-    std::fs::copy(
-        repo().join("workers/python/examples/example_app.py"),
-        app.join("example_app.py"),
-    )
-    .unwrap();
-    let venv = app.join(".venv");
-    let run = |program: &Path, args: &[&str]| {
+/// The app's virtualenv as the kits install it (/srv/app/.venv): a venv of
+/// the system's python3 (a per-user one, as pyenv's under /root, is
+/// unreadable to the service's user and hidden by ProtectHome=) with the
+/// drover-worker wheel, built from a copy of workers/python (a build writes
+/// next to its sources) by the tests' venv and pip-installed offline. Made
+/// in `dir`.
+fn app_venv(dir: &Path) -> PathBuf {
+    let src = dir.join("drover-worker");
+    std::fs::create_dir(&src).unwrap();
+    for f in ["pyproject.toml", "README.md", "src"] {
+        let ok = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(repo().join("workers/python").join(f))
+            .arg(&src)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "copy workers/python/{f}");
+    }
+    let run = |program: &str, args: &[&str]| {
         let out = std::process::Command::new(program)
             .args(args)
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "{program:?} {args:?}: {}",
+            "{program} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(
-        Path::new("/usr/bin/python3"),
-        &["-m", "venv", &venv.display().to_string()],
-    );
-    let wheels = app.join("wheels");
-    let wheels = wheels.display().to_string();
-    let package = repo().join("workers/python").display().to_string();
+    let venv = dir.join("venv");
+    let (venv_s, src_s) = (venv.display().to_string(), src.display().to_string());
+    let wheels = dir.join("wheels").display().to_string();
     let pip = ["-m", "pip", "-q", "--disable-pip-version-check"];
     let build = ["wheel", "--no-deps", "--no-build-isolation", "-w", &wheels];
     run(
-        Path::new(&python::python()),
-        &[&pip[..], &build[..], &[&package]].concat(),
+        &python::python(),
+        &[&pip[..], &build[..], &[&src_s]].concat(),
     );
+    run("/usr/bin/python3", &["-m", "venv", &venv_s]);
     let install = ["install", "--no-index", "--find-links", &wheels];
+    let venv_python = venv.join("bin/python").display().to_string();
     run(
-        &venv.join("bin/python"),
+        &venv_python,
         &[&pip[..], &install[..], &["drover-worker"]].concat(),
     );
-    app
+    venv
+}
+
+/// A shipped config as installed: the app from /srv/app (this checkout's
+/// example app, in workers/python/examples) with its virtualenv `venv`, the
+/// runtime directory at `run`, and `binds` replaced.
+fn installed_config(
+    text: &str,
+    dir: &Path,
+    venv: &Path,
+    run: &Path,
+    binds: &[(&str, &str)],
+) -> PathBuf {
+    let examples = repo().join("workers/python/examples");
+    let mut text = text
+        .replace("/srv/app/.venv", &venv.display().to_string())
+        .replace("/srv/app", &examples.display().to_string())
+        .replace("/run/drover", &run.display().to_string());
+    for (from, to) in binds {
+        text = text.replace(from, to);
+    }
+    let path = dir.join("drover.toml");
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// What drover.service asks of systemd's sandbox, done with mount namespaces
@@ -389,7 +402,9 @@ fn drover_runs_as_the_shipped_systemd_units() {
     let mode = u32::from_str_radix(service.service("RuntimeDirectoryMode"), 8).unwrap();
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(mode)).unwrap();
     std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
-    let config = installed_config(dir.path(), &run);
+    let venv = app_venv(dir.path());
+    let text = std::fs::read_to_string(repo().join("deploy/systemd/drover.toml")).unwrap();
+    let config = installed_config(&text, dir.path(), &venv, &run, &[]);
     let notify_path = dir.path().join("notify");
     let notify = notify_socket(&notify_path);
 
