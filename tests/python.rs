@@ -144,6 +144,11 @@ fn python_unit_tests_http_parse() {
 }
 
 #[test]
+fn python_unit_tests_scoreboard() {
+    run_python_unittests("test_scoreboard.py", None);
+}
+
+#[test]
 fn python_unit_tests_wsgi_server_http() {
     run_python_unittests("test_wsgi_server.py", Some("ServerTest"));
 }

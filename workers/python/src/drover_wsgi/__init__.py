@@ -55,6 +55,7 @@ from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
 
 import drover_worker as dw
+from drover_worker.scoreboard import Scoreboard
 
 #: Largest request head (request line and headers); more is answered 431.
 MAX_HEAD = 32 * 1024
@@ -719,6 +720,8 @@ class Server:
             os.set_blocking(fd, False)
         self._rcvtimeo = _timeval(io_timeout)
         self.pid = os.getpid()
+        # drover's scoreboard record, if it gave one: requests are counted there.
+        self.scoreboard = Scoreboard.from_env()
 
     # -- life cycle --------------------------------------------------------
 
@@ -1154,7 +1157,19 @@ class Server:
 
     def _handle(self, conn, req):
         """Runs the app for one request; True when the connection stays open
-        (parked or pipelined), False when it was closed or handed off."""
+        (parked or pipelined), False when it was closed or handed off. The
+        request is counted in drover's scoreboard, if any, until its response
+        is sent."""
+        board = self.scoreboard
+        if board is None:
+            return self._handle_request(conn, req)
+        started = board.begin()
+        try:
+            return self._handle_request(conn, req)
+        finally:
+            board.end(started)
+
+    def _handle_request(self, conn, req):
         n = next(self.counter)
         if self.max_requests and n >= self.max_requests and not self.recycling:
             self.recycling = True
