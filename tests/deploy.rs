@@ -585,3 +585,193 @@ fn the_shipped_units_pass_systemd_analyze() {
         .unwrap_or_else(|| panic!("no exposure level in {text}"));
     assert!(level <= 3.0, "exposure {level}:\n{text}");
 }
+
+/// The Dockerfile's ENTRYPOINT (exec form), STOPSIGNAL and USER.
+struct Image {
+    entrypoint: Vec<String>,
+    stop_signal: Signal,
+    user: String,
+}
+
+impl Image {
+    fn read() -> Image {
+        let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+        let last = |word: &str| {
+            text.lines()
+                .rev()
+                .find_map(|l| l.strip_prefix(word))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("the Dockerfile has no {word}"))
+                .to_string()
+        };
+        let entrypoint = last("ENTRYPOINT ");
+        assert!(
+            entrypoint.starts_with('['),
+            "ENTRYPOINT in shell form: a shell would be PID 1 and drover would not get SIGTERM"
+        );
+        Image {
+            entrypoint: entrypoint
+                .trim_matches(['[', ']'])
+                .split(',')
+                .map(|w| w.trim().trim_matches('"').to_string())
+                .collect(),
+            stop_signal: last("STOPSIGNAL ").parse().unwrap(),
+            user: last("USER "),
+        }
+    }
+}
+
+/// The config the Kubernetes kit mounts (the ConfigMap's `drover.toml`).
+fn configmap_config() -> String {
+    let yaml = std::fs::read_to_string(repo().join("deploy/kubernetes/drover.yaml")).unwrap();
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "drover.toml: |");
+    lines.next().expect("the ConfigMap has drover.toml");
+    let mut text = String::new();
+    for l in lines.take_while(|l| l.is_empty() || l.starts_with("    ")) {
+        text += l.get(4..).unwrap_or("");
+        text.push('\n');
+    }
+    text
+}
+
+/// What a container runtime and the Kubernetes kit give drover, done with
+/// namespaces: a new PID namespace in which drover is PID 1 (unshare --fork:
+/// the namespace's first process), a read-only root file system
+/// (readOnlyRootFilesystem), writable /tmp and runtime directory (the
+/// emptyDir volumes, first argument), the image's USER with no capabilities
+/// and no new privileges. Then it execs the rest of its arguments.
+const CONTAINER: &str = r#"set -e
+run=$1; user=$2; shift 2
+mount --make-rprivate /
+mount --bind "$run" "$run"
+mount -o remount,bind,ro /
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+exec setpriv --reuid="${user%:*}" --regid="${user#*:}" --clear-groups --no-new-privs \
+  --bounding-set=-all --inh-caps=-all "$@"
+"#;
+
+/// drover as the image and the Kubernetes kit run it: PID 1 of its PID
+/// namespace, the image's ENTRYPOINT with the ConfigMap's config (the same
+/// settings as the image's own deploy/container/drover.toml), the image's
+/// user, a read-only root. It serves; STOPSIGNAL (what `docker stop` and the
+/// kubelet send) with a request in flight: the request is answered, new
+/// connections are refused, drover exits 0 and no worker is left.
+#[test]
+fn drover_runs_as_pid_1_of_the_shipped_image() {
+    let image = Image::read();
+    assert_eq!(image.entrypoint[0], "/usr/local/bin/drover");
+    assert_eq!(image.stop_signal, Signal::SIGTERM);
+    let kube = configmap_config();
+    let own = std::fs::read_to_string(repo().join("deploy/container/drover.toml")).unwrap();
+    assert_eq!(
+        toml::from_str::<toml::Table>(&kube).unwrap(),
+        toml::from_str::<toml::Table>(&own).unwrap(),
+        "the ConfigMap and deploy/container/drover.toml disagree"
+    );
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let (uid, gid) = image.user.split_once(':').unwrap();
+    std::os::unix::fs::chown(&run, uid.parse().ok(), gid.parse().ok()).unwrap();
+    let venv = app_venv(dir.path());
+    let config = installed_config(
+        &kube,
+        dir.path(),
+        &venv,
+        &run,
+        &[("0.0.0.0:8000", "127.0.0.1:0")],
+    );
+    let mut args: Vec<String> = [
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--mount-proc",
+        "sh",
+        "-c",
+        CONTAINER,
+        "container",
+    ]
+    .map(String::from)
+    .into();
+    args.push(run.display().to_string());
+    args.push(image.user.clone());
+    args.extend(command_line(&image.entrypoint.join(" "), &config));
+    let mut d = Start {
+        program: Some("unshare".into()),
+        args,
+        ..Start::default()
+    }
+    .run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    // unshare --fork waits for drover, its only child.
+    let drover = d.wait_workers(1)[0];
+    let status = std::fs::read_to_string(format!("/proc/{drover}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(nspid.ends_with("\t1"), "drover is not PID 1: {nspid}");
+    assert!(
+        status.contains(&format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}")),
+        "{status}"
+    );
+    let workers = children_of(drover);
+    assert_eq!(workers.len(), 2);
+    assert_eq!(get_ok(addr, "/").status, 200);
+
+    let slow = get_in_flight(addr, "/sleep?ms=1500");
+    nix::sys::signal::kill(drover, image.stop_signal).unwrap();
+    wait_for("new connections to be refused", LIMIT, || {
+        get(addr, "/").is_err().then_some(())
+    });
+    let resp = slow.join().unwrap().expect("the request in flight");
+    assert_eq!((resp.status, resp.body.as_str()), (200, "slept 1500 ms\n"));
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    for w in workers {
+        assert!(!alive(w), "worker {w} outlived drover");
+    }
+}
+
+/// The first `KEY: N` of the Kubernetes manifests, as a number.
+fn yaml_number(key: &str) -> u64 {
+    let yaml = std::fs::read_to_string(repo().join("deploy/kubernetes/drover.yaml")).unwrap();
+    yaml.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}: ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in deploy/kubernetes/drover.yaml"))
+}
+
+fn config_seconds(toml: &str, key: &str) -> u64 {
+    let table: toml::Table = toml::from_str(toml).unwrap();
+    let value = table[key].as_str().unwrap();
+    humantime::parse_duration(value).unwrap().as_secs()
+}
+
+/// The orchestrators' stop deadlines are the budget docs/deployment.md
+/// derives: pre-stop + graceful_timeout + hook_timeout + a 5 s margin, with
+/// the values of the config each one runs.
+#[test]
+fn the_stop_budgets_add_up() {
+    const MARGIN: u64 = 5;
+    let kube = configmap_config();
+    let prestop = yaml_number("seconds");
+    let budget = config_seconds(&kube, "graceful_timeout") + config_seconds(&kube, "hook_timeout");
+    assert_eq!(
+        yaml_number("terminationGracePeriodSeconds"),
+        prestop + budget + MARGIN
+    );
+
+    let service = Unit::read(&["deploy/systemd/drover.service"]);
+    let config = std::fs::read_to_string(repo().join("deploy/systemd/drover.toml")).unwrap();
+    let budget =
+        config_seconds(&config, "graceful_timeout") + config_seconds(&config, "hook_timeout");
+    assert_eq!(
+        service.duration("TimeoutStopSec").as_secs(),
+        budget + MARGIN
+    );
+    // The first workers may take boot_timeout; a reload waits for ExecReload.
+    assert!(
+        service.duration("TimeoutStartSec").as_secs() > config_seconds(&config, "boot_timeout")
+    );
+}
