@@ -1,9 +1,12 @@
-//! The command line: `drover [OPTIONS] [-- COMMAND...]` and `drover check`.
+//! The command line: a run (`drover [OPTIONS] [-- WORKER_COMMAND...]`),
+//! `drover check`, `drover ctl`, and the completion scripts and manual page
+//! generated from the same definitions.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
 use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::{ConfigError, Given, Layer, Loaded, Place, Settings, Source};
@@ -12,65 +15,127 @@ use crate::logfile::LogFile;
 use crate::logformat::{JsonLines, LogFormat};
 use crate::master::{self, exit};
 
+/// The config file used when none is named.
+const DISCOVERED: &str = "drover.toml";
+
+/// `drover --version`: as `rustc -V`, the commit (and its date) and the
+/// target it was built from (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("DROVER_BUILD_INFO"),
+    ")"
+);
+
+const USAGE: &str = "drover [OPTIONS] [-- <WORKER_COMMAND>...]
+       drover check [OPTIONS] [--print] [-- <WORKER_COMMAND>...]
+       drover ctl [-c FILE | --socket PATH] [--json] [--timeout DURATION] <status|reload|scale N|stop|upgrade>
+       drover completions <bash|zsh|fish|elvish|powershell>
+       drover man [ctl|check]";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "drover",
-    version,
-    about = "A pre-fork process supervisor",
-    args_conflicts_with_subcommands = false
+    version = VERSION,
+    about = "A pre-fork process supervisor: binds the sockets once, runs N workers on them, \
+             reloads without dropping a request and shuts down in stages",
+    override_usage = USAGE,
+    subcommand_value_name = "SUBCOMMAND",
+    subcommand_help_heading = "Subcommands",
+    after_help = "Settings come from defaults < the config file < DROVER_<KEY> environment \
+                  variables < the command line; `drover check --print` shows each one and where \
+                  it came from. Every key is described in docs/configuration.md."
 )]
 struct Cli {
     #[command(subcommand)]
     action: Option<Action>,
-    /// Config file (TOML). Without it, defaults and the command line only.
-    #[arg(short, long, global = true, value_name = "FILE")]
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The options of a run (and of `drover check`, which validates a run).
+#[derive(Debug, Default, Args)]
+struct RunArgs {
+    /// Config file (TOML). Without it: $DROVER_CONFIG, else ./drover.toml if
+    /// there is one, else defaults and the command line only.
+    #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on (repeatable): HOST:PORT, [V6]:PORT, unix:PATH, fd://N.
-    #[arg(short, long, global = true, value_name = "ADDR")]
+    #[arg(short, long, value_name = "ADDR")]
     bind: Vec<String>,
     /// Number of workers.
-    #[arg(short, long, global = true, value_name = "N")]
+    #[arg(short, long, value_name = "N")]
     workers: Option<String>,
-    /// Log level: error, warn, info, debug, trace (overrides RUST_LOG and the file).
-    #[arg(long, global = true, value_name = "LEVEL")]
+    /// Log level: error, warn, info, debug, trace (overrides RUST_LOG, the
+    /// environment and the file).
+    #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
     /// Where to write the master's pid.
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     pidfile: Option<String>,
     /// Any setting, as KEY=VALUE (repeatable), e.g. --set graceful_timeout=10s.
-    #[arg(short, long = "set", global = true, value_name = "KEY=VALUE")]
+    #[arg(short, long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// The worker command, after `--`.
-    #[arg(last = true, value_name = "COMMAND")]
+    /// The program the workers run and its arguments, after `--`
+    /// (instead of `command` in the config).
+    #[arg(last = true, value_name = "WORKER_COMMAND")]
     command: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Action {
-    /// Validate the configuration and exit (0 if valid, 2 if not).
+    /// Validate the configuration and exit (0 if valid, 2 if not, 3 if the
+    /// workers could not boot).
     Check {
-        /// The worker command, after `--`, as for a run.
-        #[arg(last = true, value_name = "COMMAND")]
-        command: Vec<String>,
+        /// Also print every setting as resolved, and where it came from
+        /// (default, file, environment or command line).
+        #[arg(long)]
+        print: bool,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Send a command to a running drover through its control socket; the
     /// exit status follows the verdict (0 done, 1 failed or unreachable).
-    Ctl {
-        /// Print the answer as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The control socket (default: `control_socket` of the config).
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        /// How long to wait for the answer (a reload waits for its verdict).
-        #[arg(long, default_value = "5m", value_name = "DURATION")]
-        timeout: humantime::Duration,
-        #[command(subcommand)]
-        command: CtlCommand,
+    Ctl(CtlArgs),
+    /// Print a completion script for SHELL on standard output.
+    #[command(
+        after_help = "bash:  drover completions bash > ~/.local/share/bash-completion/completions/drover
+zsh:   drover completions zsh > ~/.zfunc/_drover   (with fpath+=~/.zfunc before compinit)
+fish:  drover completions fish > ~/.config/fish/completions/drover.fish"
+    )]
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: Shell,
+    },
+    /// Print the manual page (roff) on standard output: `drover man | man -l -`.
+    Man {
+        /// The page of a subcommand (drover-ctl, drover-check) instead of drover's.
+        #[arg(value_name = "SUBCOMMAND")]
+        subcommand: Option<String>,
     },
 }
 
+/// `drover ctl`: its options may come before or after its command.
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// A config file, for its `control_socket`.
+    #[arg(short, long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The control socket (default: `control_socket` of the config).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print the answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long to wait for the answer (a reload waits for its verdict).
+    #[arg(long, global = true, default_value = "5m", value_name = "DURATION")]
+    timeout: humantime::Duration,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
 #[derive(Debug, Subcommand)]
+#[command(subcommand_value_name = "COMMAND")]
 enum CtlCommand {
     /// Master and workers: slot, pid, generation, state, uptime, restarts, RSS.
     Status,
@@ -83,6 +148,7 @@ enum CtlCommand {
     },
     /// Shut down (graceful, or quick with --quick).
     Stop {
+        /// SIGQUIT's quick stop instead of a graceful one.
         #[arg(long)]
         quick: bool,
     },
@@ -114,7 +180,40 @@ fn flag(shown: String, key_value: &str) -> Result<Layer, ConfigError> {
     }
 }
 
-impl Cli {
+impl RunArgs {
+    /// These options with those of `over` (given after a subcommand) on top.
+    fn merged(self, over: RunArgs) -> RunArgs {
+        RunArgs {
+            config: over.config.or(self.config),
+            bind: [self.bind, over.bind].concat(),
+            workers: over.workers.or(self.workers),
+            log_level: over.log_level.or(self.log_level),
+            pidfile: over.pidfile.or(self.pidfile),
+            set: [self.set, over.set].concat(),
+            command: if over.command.is_empty() {
+                self.command
+            } else {
+                over.command
+            },
+        }
+    }
+
+    /// The options given, by name, for a subcommand that takes none of them.
+    fn given(&self) -> Vec<&'static str> {
+        [
+            ("--config", self.config.is_some()),
+            ("--bind", !self.bind.is_empty()),
+            ("--workers", self.workers.is_some()),
+            ("--log-level", self.log_level.is_some()),
+            ("--pidfile", self.pidfile.is_some()),
+            ("--set", !self.set.is_empty()),
+            ("-- WORKER_COMMAND", !self.command.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
+
     /// The command line as a settings layer, over the file.
     fn source(&self) -> Result<Source, ConfigError> {
         let mut layer = Layer::default();
@@ -150,20 +249,36 @@ impl Cli {
         if let Some(p) = &self.pidfile {
             layer = layer.overlay(flag(format!("--pidfile {p}"), &format!("pidfile={p}"))?);
         }
-        let command = match &self.action {
-            Some(Action::Check { command }) if !command.is_empty() => command,
-            _ => &self.command,
-        };
+        let command = &self.command;
         if !command.is_empty() {
             layer.command = Some(Given {
                 value: command.clone(),
                 at: Place::Flag(format!("-- {}", command.join(" "))),
             });
         }
+        let env = Layer::from_env(std::env::vars())?;
+        for why in &env.ignored {
+            eprintln!("drover: warning: {why}");
+        }
         Ok(Source {
-            file: self.config.clone(),
+            file: self.config_file(),
+            env: env.layer,
             cli: layer,
         })
+    }
+
+    /// The config file: `-c FILE`, else `$DROVER_CONFIG`, else `drover.toml`
+    /// in the working directory if there is one (as Gunicorn finds
+    /// `gunicorn.conf.py`).
+    fn config_file(&self) -> Option<PathBuf> {
+        self.config
+            .clone()
+            .or_else(|| {
+                std::env::var_os("DROVER_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .or_else(|| Some(PathBuf::from(DISCOVERED)).filter(|p| p.is_file()))
     }
 }
 
@@ -173,36 +288,25 @@ pub fn main() -> ExitCode {
     // open now are our parent's, the only ones `fd://N` may name.
     crate::listen::note_open_descriptors();
     let cli = Cli::parse();
-    if let Some(Action::Ctl {
-        json,
-        socket,
-        timeout,
-        command,
-    }) = &cli.action
-    {
-        let path = match socket
-            .clone()
-            .map(Ok)
-            .or_else(|| cli.source().and_then(|s| s.control_socket()).transpose())
-        {
-            Some(Ok(path)) => path,
-            Some(Err(e)) => {
-                eprintln!("drover: {e}");
-                return ExitCode::from(exit::USAGE);
+    // For a check: whether to print the settings.
+    let (run, check_print) = match cli.action {
+        None => (cli.run, None),
+        Some(Action::Check { print, run }) => (cli.run.merged(run), Some(print)),
+        Some(Action::Ctl(ctl)) => return ctl_main(cli.run, ctl),
+        Some(Action::Completions { shell }) => {
+            if let Some(status) = refuse_run_options("completions", &cli.run) {
+                return status;
             }
-            None => {
-                eprintln!("drover ctl: no control socket: give --socket PATH, or -c a config that sets control_socket");
-                return ExitCode::from(exit::USAGE);
+            return completions(shell);
+        }
+        Some(Action::Man { subcommand }) => {
+            if let Some(status) = refuse_run_options("man", &cli.run) {
+                return status;
             }
-        };
-        return ExitCode::from(control::ctl(
-            &path,
-            &command.request(),
-            *json,
-            (*timeout).into(),
-        ));
-    }
-    let loaded = cli.source().and_then(|source| Ok((source.load()?, source)));
+            return man(subcommand.as_deref());
+        }
+    };
+    let loaded = run.source().and_then(|source| Ok((source.load()?, source)));
     let (
         Loaded {
             settings,
@@ -216,8 +320,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    if let Some(Action::Check { .. }) = cli.action {
-        return check(&source, &settings, bind_was_set);
+    if let Some(print) = check_print {
+        return check(&source, &settings, bind_was_set, print);
     }
     let log = match settings.log_file.as_deref().map(LogFile::open).transpose() {
         Ok(log) => log,
@@ -256,12 +360,121 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// A subcommand that takes none of a run's options refuses them, rather than
+/// ignoring what the user meant to say.
+fn refuse_run_options(subcommand: &str, run: &RunArgs) -> Option<ExitCode> {
+    let given = run.given();
+    if given.is_empty() {
+        return None;
+    }
+    let what = if given.len() == 1 {
+        "is not an option"
+    } else {
+        "are not options"
+    };
+    eprintln!(
+        "drover {subcommand}: {} {what} of `drover {subcommand}` (see drover {subcommand} --help)",
+        given.join(", ")
+    );
+    Some(ExitCode::from(exit::USAGE))
+}
+
+/// `drover ctl`: the control socket from --socket, else from the config's
+/// `control_socket` (-c given before or after `ctl`).
+fn ctl_main(run: RunArgs, ctl: CtlArgs) -> ExitCode {
+    let config = ctl.config.or(run.config.clone());
+    let before_ctl = RunArgs {
+        config: None,
+        ..run
+    };
+    if let Some(status) = refuse_run_options("ctl", &before_ctl) {
+        return status;
+    }
+    let from_config = || {
+        RunArgs {
+            config: config.clone(),
+            ..RunArgs::default()
+        }
+        .source()
+        .and_then(|source| source.control_socket())
+    };
+    let path = match ctl.socket.map(Ok).or_else(|| from_config().transpose()) {
+        Some(Ok(path)) => path,
+        Some(Err(e)) => {
+            eprintln!("drover: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+        None => {
+            eprintln!(
+                "drover ctl: no control socket: give --socket PATH, or -c a config that sets control_socket"
+            );
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    ExitCode::from(control::ctl(
+        &path,
+        &ctl.command.request(),
+        ctl.json,
+        ctl.timeout.into(),
+    ))
+}
+
+/// `drover completions SHELL`: generated into memory first (the generator
+/// panics on a failed write, `drover completions bash | head` being one).
+fn completions(shell: Shell) -> ExitCode {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "drover", &mut script);
+    print_out("completions", &script)
+}
+
+/// Writes `bytes` to standard output; a closed pipe is no crash.
+fn print_out(subcommand: &str, bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("drover {subcommand}: standard output: {e}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+/// `drover man [SUBCOMMAND]`: the page drover(1), or drover-SUBCOMMAND(1).
+fn man(subcommand: Option<&str>) -> ExitCode {
+    let drover = Cli::command();
+    let command = match subcommand {
+        None => drover,
+        Some(name) => {
+            match drover.find_subcommand(name) {
+                Some(sub) => {
+                    // clap names are 'static; this runs once, then the process exits.
+                    let page: &'static str = format!("drover-{name}").leak();
+                    sub.clone()
+                        .name(page)
+                        .bin_name(format!("drover {name}"))
+                        .version(VERSION)
+                }
+                None => {
+                    eprintln!("drover man: no subcommand {name:?}: expected check, ctl, completions or man");
+                    return ExitCode::from(exit::USAGE);
+                }
+            }
+        }
+    };
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command)
+        .render(&mut page)
+        .expect("rendering into memory");
+    print_out("man", &page)
+}
+
 /// `drover check`: the settings are valid, and what a start looks up before it
 /// binds anything is there: the user and group, the program (in the PATH the
 /// workers get), and `chdir`. Each failure exits with the status a start
 /// would: 2 for the settings, the user or the group; 3 for the program or
 /// `chdir`, which a start reports as "cannot boot".
-fn check(source: &Source, s: &Settings, bind_was_set: bool) -> ExitCode {
+fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> ExitCode {
     let fail = |status: u8, message: String| {
         eprintln!("drover: {message}");
         ExitCode::from(status)
@@ -316,6 +529,11 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool) -> ExitCode {
         }
         return ExitCode::from(exit::USAGE);
     }
+    if print {
+        if let Err(e) = print_settings(source) {
+            return fail(exit::USAGE, e.to_string());
+        }
+    }
     println!(
         "{}: ok ({} worker(s) running {:?}, listening on {})",
         source.origin(),
@@ -337,4 +555,25 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool) -> ExitCode {
          the pidfile, log file and control socket paths, and what the workers' user may access"
     );
     ExitCode::from(exit::OK)
+}
+
+/// `drover check --print`: every setting as TOML (a valid config file), each
+/// with where its value came from, in the order the precedence applies.
+fn print_settings(source: &Source) -> Result<(), ConfigError> {
+    println!(
+        "# settings: default < {} < environment (DROVER_<KEY>, RUST_LOG) < command line",
+        source
+            .file
+            .as_ref()
+            .map_or("no config file".into(), |f| f.display().to_string())
+    );
+    for (key, value, at) in source.explain()? {
+        let line = match value {
+            Some(value) => format!("{key} = {value}"),
+            None => format!("# {key} (unset)"),
+        };
+        let from = at.map_or("default".into(), |at| at.to_string());
+        println!("{line:<40} # {from}");
+    }
+    Ok(())
 }

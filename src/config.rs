@@ -19,16 +19,27 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
+/// The type a setting is read as: its own, or `$raw` when given.
+macro_rules! raw_type {
+    ($ty:ty) => {
+        $ty
+    };
+    ($ty:ty, $raw:ty) => {
+        $raw
+    };
+}
+
 /// Declares every setting once: its type and its default. From that list come
 /// the [`Layer`] (what one source sets, all optional, each value with where it
 /// was set) and the resolved [`Settings`] (every key has a value).
 macro_rules! settings {
-    ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr; )*) => {
-        /// The file as toml reads it: each value with its byte span.
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty $(as $raw:ty)? = $default:expr; )*) => {
+        /// The file as toml reads it: each value with its byte span (read as
+        /// `$raw` where a key accepts more forms than its type).
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct RawLayer {
-            $( #[serde(default)] $name: Option<Spanned<$ty>>, )*
+            $( #[serde(default)] $name: Option<Spanned<raw_type!($ty $(, $raw)?)>>, )*
         }
 
         /// What one source (the file, the command line) sets. Unset keys are `None`.
@@ -46,9 +57,10 @@ macro_rules! settings {
         }
 
         impl RawLayer {
+            #[allow(clippy::useless_conversion)] // most raw types are the type itself
             fn locate(self, place: impl Fn(Range<usize>) -> Place) -> Layer {
                 Layer {
-                    $( $name: self.$name.map(|v| Given { at: place(v.span()), value: v.into_inner() }), )*
+                    $( $name: self.$name.map(|v| Given { at: place(v.span()), value: v.into_inner().into() }), )*
                     bind_items: Vec::new(),
                 }
             }
@@ -75,6 +87,18 @@ macro_rules! settings {
             fn fill_defaults(self) -> Settings {
                 Settings { $( $name: self.$name.map_or_else(|| $default, |v| v.value), )* }
             }
+
+            /// Where each key was set; `None` for a default.
+            pub fn places(&self) -> Vec<(&'static str, Option<&Place>)> {
+                vec![$( (stringify!($name), self.$name.as_ref().map(|g| &g.at)), )*]
+            }
+        }
+
+        impl Settings {
+            /// Each key and its value as TOML (`None`: unset).
+            pub fn shown(&self) -> Vec<(&'static str, Option<String>)> {
+                vec![$( (stringify!($name), self.$name.toml()), )*]
+            }
         }
 
         /// Every key, in declaration order (used by docs tests).
@@ -84,7 +108,8 @@ macro_rules! settings {
 
 settings! {
     /// Addresses to listen on: `HOST:PORT`, `[V6]:PORT`, `unix:PATH`, `fd://N`.
-    bind: Vec<Bind> = vec![Bind::parse("127.0.0.1:8000").expect("default bind")];
+    /// One address alone may be written without the list.
+    bind: Vec<Bind> as OneOrMore<Bind> = vec![Bind::parse("127.0.0.1:8000").expect("default bind")];
     /// listen(2) backlog of every socket.
     backlog: Backlog = Backlog(2048);
     /// Set `IPV6_V6ONLY` on IPv6 sockets.
@@ -170,6 +195,8 @@ pub enum Place {
     },
     /// A command-line flag, shown as given: `--bind 127.0.0.1:80`.
     Flag(String),
+    /// An environment variable, by name: `DROVER_WORKERS`.
+    Env(String),
 }
 
 impl fmt::Display for Place {
@@ -181,6 +208,7 @@ impl fmt::Display for Place {
                 column,
             } => write!(f, "{origin}:{line}:{column}"),
             Place::Flag(flag) => f.write_str(flag),
+            Place::Env(name) => write!(f, "environment {name}"),
         }
     }
 }
@@ -222,7 +250,7 @@ impl Layer {
         };
         let raw: RawLayer = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             at: place(e.span().unwrap_or(0..0)),
-            message: e.message().trim_end().replace('\n', " "),
+            message: did_you_mean(e.message().trim_end()).replace('\n', " "),
         })?;
         let mut layer = raw.locate(place);
         if layer.bind.is_some() {
@@ -417,12 +445,18 @@ fn check_binds(bind: &Given<Vec<Bind>>, items: &[Place]) -> Result<(), ConfigErr
 }
 
 /// Where the settings come from: the file, re-read on every reload, and the
-/// command line, laid on top of it each time.
+/// environment (`DROVER_<KEY>`, read once at start) and the command line,
+/// laid on top of it in that order each time.
 #[derive(Debug, Clone, Default)]
 pub struct Source {
     pub file: Option<PathBuf>,
+    pub env: Layer,
     pub cli: Layer,
 }
+
+/// One setting for `drover check --print`: its key, its value as TOML
+/// (`None` if unset) and where it was set (`None` for the default).
+pub type Explained = (&'static str, Option<String>, Option<Place>);
 
 /// Settings as loaded, with what the loader needs to know about them.
 pub struct Loaded {
@@ -437,22 +471,39 @@ impl Source {
             Some(path) => Layer::read(path)?,
             None => Layer::default(),
         };
-        let layer = file.overlay(self.cli.clone());
+        let layer = self.layered(file);
         let bind_was_set = layer.bind.is_some();
-        let mut settings = layer.resolve()?;
-        // RUST_LOG sits between the file and the command line.
-        if self.cli.log_level.is_none() {
-            if let Some(level) = std::env::var("RUST_LOG")
-                .ok()
-                .and_then(|v| LogLevel::from_str(&v).ok())
-            {
-                settings.log_level = level;
-            }
-        }
+        let settings = layer.resolve()?;
         Ok(Loaded {
             settings,
             bind_was_set,
         })
+    }
+
+    /// The file's layer with the environment and the command line on top.
+    fn layered(&self, file: Layer) -> Layer {
+        file.overlay(self.env.clone()).overlay(self.cli.clone())
+    }
+
+    /// The settings with where each was set, for `drover check --print`.
+    pub fn explain(&self) -> Result<Vec<Explained>, ConfigError> {
+        let file = match &self.file {
+            Some(path) => Layer::read(path)?,
+            None => Layer::default(),
+        };
+        let layer = self.layered(file);
+        let places: Vec<Option<Place>> = layer
+            .places()
+            .into_iter()
+            .map(|(_, at)| at.cloned())
+            .collect();
+        let settings = layer.resolve()?;
+        Ok(settings
+            .shown()
+            .into_iter()
+            .zip(places)
+            .map(|((key, value), at)| (key, value, at))
+            .collect())
     }
 
     /// The control socket the settings name, without requiring the rest to
@@ -462,10 +513,7 @@ impl Source {
             Some(path) => Layer::read(path)?,
             None => Layer::default(),
         };
-        Ok(file
-            .overlay(self.cli.clone())
-            .control_socket
-            .and_then(|g| g.value))
+        Ok(self.layered(file).control_socket.and_then(|g| g.value))
     }
 
     /// Where the settings come from, for messages.
@@ -473,6 +521,234 @@ impl Source {
         self.file
             .as_ref()
             .map_or("command line".into(), |p| p.display().to_string())
+    }
+}
+
+/// `DROVER_*` variables that are not settings: the worker contract and the
+/// environment drover gives its hooks and a new master. `DROVER_CONFIG`
+/// names the config file (read by the command line).
+const NOT_SETTINGS: &[&str] = &[
+    "DROVER_CONFIG",
+    "DROVER_WORKER_ID",
+    "DROVER_GENERATION",
+    "DROVER_UPGRADE_FROM",
+    "DROVER_SERVICE_NOTIFY_SOCKET",
+    "DROVER_CAUSE",
+    "DROVER_SHUTDOWN",
+    "DROVER_KILLED",
+    "DROVER_EXIT_STATUS",
+];
+
+/// Settings whose `DROVER_<KEY>` name drover also sets for its workers: in a
+/// worker of another drover (`DROVER_WORKER_ID` is set) they are that
+/// drover's budget for this process, not settings for this one.
+const WORKER_CONTRACT_SETTINGS: &[&str] = &["graceful_timeout", "quick_timeout"];
+
+/// The settings found in the environment, and what was left out.
+#[derive(Debug, Default)]
+pub struct FromEnv {
+    pub layer: Layer,
+    /// Variables ignored, each with why (`DROVER_WORKR` is not a setting…).
+    pub ignored: Vec<String>,
+}
+
+impl Layer {
+    /// The settings given as `DROVER_<KEY>` (the key in upper case) among
+    /// `vars`, each value read as for `--set`; and `RUST_LOG` for the log
+    /// level when it is a plain level name and `DROVER_LOG_LEVEL` is not set.
+    pub fn from_env(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<FromEnv, ConfigError> {
+        let vars: BTreeMap<String, String> = vars.into_iter().collect();
+        let in_worker = vars.contains_key("DROVER_WORKER_ID");
+        let mut found = FromEnv::default();
+        for (name, value) in &vars {
+            let Some(upper) = name.strip_prefix("DROVER_") else {
+                continue;
+            };
+            let key = upper.to_ascii_lowercase();
+            if NOT_SETTINGS.contains(&name.as_str()) {
+                continue;
+            }
+            if !KEYS.contains(&key.as_str()) {
+                let near = nearest(&key, KEYS.iter().copied())
+                    .map(|k| format!(" (did you mean DROVER_{}?)", k.to_ascii_uppercase()))
+                    .unwrap_or_default();
+                found
+                    .ignored
+                    .push(format!("{name} is not a setting{near}: ignored"));
+                continue;
+            }
+            if in_worker && WORKER_CONTRACT_SETTINGS.contains(&key.as_str()) {
+                found.ignored.push(format!(
+                    "{name}={value} is ignored: DROVER_WORKER_ID is set, so it is the stop budget \
+                     of the drover this one runs under (give it as --set {key}=… instead)"
+                ));
+                continue;
+            }
+            let at = Place::Env(name.clone());
+            let layer = match Layer::parse_override(&format!("{key}={value}")) {
+                Ok(layer) => layer.placed(&at),
+                Err(ConfigError::Invalid { message, .. }) => {
+                    return Err(ConfigError::Invalid { at, message })
+                }
+                Err(other) => return Err(other),
+            };
+            found.layer = std::mem::take(&mut found.layer).overlay(layer);
+        }
+        if found.layer.log_level.is_none() {
+            if let Some(level) = vars
+                .get("RUST_LOG")
+                .and_then(|v| LogLevel::from_str(v).ok())
+            {
+                found.layer.log_level = Some(Given {
+                    value: level,
+                    at: Place::Env("RUST_LOG".into()),
+                });
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A serde "unknown field" or "unknown variant" message with the nearest of
+/// the names it expected instead of all of them, when one is near enough.
+fn did_you_mean(message: &str) -> String {
+    let mut ticked = message.split('`').skip(1).step_by(2);
+    let kind = ["unknown field", "unknown variant"]
+        .into_iter()
+        .find(|k| message.starts_with(k));
+    let (Some(kind), Some(given)) = (kind, ticked.next()) else {
+        return message.to_string();
+    };
+    match nearest(given, ticked) {
+        Some(near) => format!("{kind} `{given}` — did you mean `{near}`?"),
+        None => message.to_string(),
+    }
+}
+
+/// The candidate nearest to `word` by edit distance, if it is near enough to
+/// be a typo of it: at most one edit per three letters (rounded up).
+pub fn nearest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = word.chars().count().div_ceil(3).max(1);
+    candidates
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// A list that may be written as its one element alone (`bind = "…"`).
+pub struct OneOrMore<T>(Vec<T>);
+
+impl<T> From<OneOrMore<T>> for Vec<T> {
+    fn from(list: OneOrMore<T>) -> Vec<T> {
+        list.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMore<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = OneOrMore<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list like [\"127.0.0.1:8000\"] or one address")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(OneOrMore(items))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                T::deserialize(de::value::StrDeserializer::new(s)).map(|t| OneOrMore(vec![t]))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|t| OneOrMore(vec![t]))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// A setting's value written back as TOML, for `drover check --print`.
+pub trait Toml {
+    /// The value as TOML text; `None` when unset.
+    fn toml(&self) -> Option<String>;
+}
+
+macro_rules! toml_as {
+    ($($ty:ty => |$v:ident| $e:expr;)*) => {
+        $(impl Toml for $ty {
+            fn toml(&self) -> Option<String> {
+                let $v = self;
+                Some($e)
+            }
+        })*
+    };
+}
+
+toml_as! {
+    bool => |b| b.to_string();
+    String => |s| toml_string(s);
+    PathBuf => |p| toml_string(&p.display().to_string());
+    Backlog => |n| n.0.to_string();
+    WorkerCount => |n| n.0.to_string();
+    Count => |n| n.0.to_string();
+    Mode => |m| format!("0o{:o}", m.0);
+    Dur => |d| toml_string(&d.to_string());
+    Sig => |s| toml_string(s.0.as_str());
+    Size => |s| toml_string(&s.to_string());
+    LogLevel => |l| toml_string(&l.0.to_string().to_ascii_lowercase());
+    Ready => |r| toml_string(match r { Ready::Spawn => "spawn", Ready::Notify => "notify" });
+    Bind => |b| match &b.name {
+        None => toml_string(&b.address.to_string()),
+        Some(name) => format!(
+            "{{ address = {}, name = {} }}",
+            toml_string(&b.address.to_string()),
+            toml_string(name)
+        ),
+    };
+    BTreeMap<String, String> => |m| format!(
+        "{{ {} }}",
+        m.iter()
+            .map(|(k, v)| format!("{} = {}", toml_string(k), toml_string(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+impl<T: Toml> Toml for Vec<T> {
+    fn toml(&self) -> Option<String> {
+        let items: Vec<String> = self.iter().filter_map(Toml::toml).collect();
+        Some(format!("[{}]", items.join(", ")))
+    }
+}
+
+impl<T: Toml> Toml for Option<T> {
+    fn toml(&self) -> Option<String> {
+        self.as_ref().and_then(Toml::toml)
     }
 }
 
@@ -635,6 +911,19 @@ impl FromStr for Size {
     }
 }
 from_str_setting!(Size, "a size like \"512MiB\"");
+
+impl fmt::Display for Size {
+    /// In the largest binary unit that divides it exactly.
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let unit = [("GiB", 30), ("MiB", 20), ("KiB", 10)]
+            .into_iter()
+            .find(|(_, shift)| self.0.is_multiple_of(1 << shift));
+        match unit {
+            Some((name, shift)) => write!(f, "{}{name}", self.0 >> shift),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
 
 /// A log level name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -920,6 +1209,188 @@ mod tests {
         assert!(e.contains("unknown variant `Notify`"), "{e}");
         let e = Layer::parse_override("workers=0").unwrap_err().to_string();
         assert!(e.contains("0 is out of range"), "{e}");
+    }
+
+    #[test]
+    fn typos_suggest_the_nearest_name() {
+        assert_eq!(
+            err("worker = 3"),
+            "c.toml:1:1: unknown field `worker` — did you mean `workers`?"
+        );
+        assert_eq!(
+            err("graceful_timout = \"3s\""),
+            "c.toml:1:1: unknown field `graceful_timout` — did you mean `graceful_timeout`?"
+        );
+        assert_eq!(
+            err("ready = \"notfy\""),
+            "c.toml:1:9: unknown variant `notfy` — did you mean `notify`?"
+        );
+        assert_eq!(
+            err("bind = [{ adress = \"127.0.0.1:1\" }]"),
+            "c.toml:1:9: unknown field `adress` — did you mean `address`?"
+        );
+        // Nothing near: the whole list, as before.
+        let e = err("zzzzzz = 1");
+        assert!(
+            e.contains("unknown field `zzzzzz`, expected one of `bind`"),
+            "{e}"
+        );
+        assert_eq!(nearest("workr", KEYS.iter().copied()), Some("workers"));
+        assert_eq!(nearest("wrk", KEYS.iter().copied()), None);
+    }
+
+    #[test]
+    fn bind_may_be_one_address_without_the_list() {
+        let b = Layer::parse("c", "bind = \"127.0.0.1:8000\"")
+            .unwrap()
+            .bind
+            .unwrap();
+        assert_eq!(b.value, vec![Bind::parse("127.0.0.1:8000").unwrap()]);
+        let b = Layer::parse("c", "bind = { address = \"unix:/tmp/a\", name = \"web\" }")
+            .unwrap()
+            .bind
+            .unwrap();
+        assert_eq!(b.value[0].name.as_deref(), Some("web"));
+        assert_eq!(
+            err("bind = \"nowhere\""),
+            "c.toml:1:8: invalid address \"nowhere\": expected HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"
+        );
+        let e = err("bind = 80");
+        assert!(
+            e.starts_with("c.toml:1:8: invalid type: integer `80`, expected a list like [\"127.0.0.1:8000\"] or one address"),
+            "{e}"
+        );
+    }
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_environment_sits_between_the_file_and_the_command_line() {
+        // A name that is no setting is a warning (the environment is shared
+        // with other programs), not an error as in a file.
+        let env = Layer::from_env(vars(&[
+            ("DROVER_WORKERS", "3"),
+            ("DROVER_BIND", "127.0.0.1:9"),
+            ("DROVER_GRACEFUL_TIMEOUT", "7s"),
+            ("DROVER_WORKR", "1"),
+            ("DROVER_GENERATION", "4"),
+            ("DROVER_CONFIG", "x.toml"),
+            ("RUST_LOG", "debug"),
+            ("HOME", "/root"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            env.ignored,
+            ["DROVER_WORKR is not a setting (did you mean DROVER_WORKERS?): ignored"]
+        );
+        let source = Source {
+            file: None,
+            env: Layer::parse("c.toml", "command = [\"x\"]\nworkers = 2")
+                .unwrap()
+                .overlay(env.layer),
+            cli: Layer::parse_override("workers=5").unwrap(),
+        };
+        let explained = source.explain().unwrap();
+        let find = |key: &str| {
+            let (_, value, at) = explained.iter().find(|(k, _, _)| *k == key).unwrap();
+            (
+                value.clone().unwrap_or_default(),
+                at.as_ref().map(|p| p.to_string()),
+            )
+        };
+        assert_eq!(
+            find("workers"),
+            ("5".into(), Some("--set workers=5".into()))
+        );
+        assert_eq!(
+            find("bind"),
+            (
+                "[\"127.0.0.1:9\"]".into(),
+                Some("environment DROVER_BIND".into())
+            )
+        );
+        assert_eq!(
+            find("graceful_timeout"),
+            (
+                "\"7s\"".into(),
+                Some("environment DROVER_GRACEFUL_TIMEOUT".into())
+            )
+        );
+        assert_eq!(
+            find("log_level"),
+            ("\"debug\"".into(), Some("environment RUST_LOG".into()))
+        );
+        assert_eq!(
+            find("command"),
+            ("[\"x\"]".into(), Some("c.toml:1:11".into()))
+        );
+        assert_eq!(find("backlog"), ("2048".into(), None));
+        // DROVER_LOG_LEVEL wins over RUST_LOG; a bad value names the variable.
+        let env =
+            Layer::from_env(vars(&[("DROVER_LOG_LEVEL", "warn"), ("RUST_LOG", "debug")])).unwrap();
+        assert_eq!(
+            env.layer.log_level.unwrap().value,
+            LogLevel(tracing::Level::WARN)
+        );
+        let e = Layer::from_env(vars(&[("DROVER_WORKERS", "0")])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "environment DROVER_WORKERS: 0 is out of range: expected a number of workers from 1 to 4096"
+        );
+    }
+
+    #[test]
+    fn in_a_worker_of_another_drover_its_stop_budget_is_not_a_setting() {
+        let env = Layer::from_env(vars(&[
+            ("DROVER_WORKER_ID", "1"),
+            ("DROVER_GRACEFUL_TIMEOUT", "30"),
+            ("DROVER_QUICK_TIMEOUT", "5"),
+            ("DROVER_WORKERS", "2"),
+        ]))
+        .unwrap();
+        assert!(env.layer.graceful_timeout.is_none());
+        assert!(env.layer.quick_timeout.is_none());
+        assert_eq!(env.layer.workers.unwrap().value, WorkerCount(2));
+        assert_eq!(env.ignored.len(), 2, "{:?}", env.ignored);
+        assert!(env.ignored[0]
+            .starts_with("DROVER_GRACEFUL_TIMEOUT=30 is ignored: DROVER_WORKER_ID is set"));
+    }
+
+    #[test]
+    fn printed_settings_read_back_as_the_same_settings() {
+        let text = "bind = [\"127.0.0.1:0\", { address = \"unix:/tmp/a b\", name = \"web\" }]\n\
+                    command = [\"python3\", \"app.py\", \"--say \\\"hi\\\"\"]\n\
+                    unix_socket_mode = 0o600\nmax_memory = \"1GiB\"\ntimeout = \"1m 30s\"\n\
+                    stop_signal = \"INT\"\nready = \"notify\"\nlog_level = \"warn\"\n\
+                    env = { \"A B\" = \"1\", C = \"x\\ny\" }\nchdir = \"/srv/app\"\numask = \"027\"";
+        let source = Source {
+            file: None,
+            env: Layer::parse("c.toml", text).unwrap(),
+            cli: Layer::default(),
+        };
+        let printed: String = source
+            .explain()
+            .unwrap()
+            .into_iter()
+            .filter_map(|(key, value, _)| value.map(|v| format!("{key} = {v}\n")))
+            .collect();
+        let again = Source {
+            file: None,
+            env: Layer::parse("printed", &printed).unwrap(),
+            cli: Layer::default(),
+        };
+        let values = |s: &Source| -> Vec<Option<String>> {
+            s.explain()
+                .unwrap()
+                .into_iter()
+                .map(|(_, v, _)| v)
+                .collect()
+        };
+        assert_eq!(values(&source), values(&again), "{printed}");
     }
 
     #[test]

@@ -288,7 +288,8 @@ fn a_missing_program_cannot_boot() {
 #[test]
 fn malformed_configs_name_file_line_column_and_exit_2() {
     let cases = [
-        ("workers = 2\nworkerz = 3\n", "config.toml:2:1: unknown field `workerz`, expected one of"),
+        ("workers = 2\nworkerz = 3\n", "config.toml:2:1: unknown field `workerz` — did you mean `workers`?\n"),
+        ("workers = 2\nzzz = 3\n", "config.toml:2:1: unknown field `zzz`, expected one of"),
         ("command = [\"x\"]\nworkers = \"two\"\n", "config.toml:2:11: invalid type: string \"two\", expected a number of workers from 1 to 4096"),
         ("command = [\"x\"]\nworkers = 0\n", "config.toml:2:11: 0 is out of range"),
         ("command = [\"x\"]\n\ngraceful_timeout = \"30 parsecs\"\n", "config.toml:3:20: invalid duration \"30 parsecs\""),

@@ -164,6 +164,13 @@ impl Start {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         cmd.env_remove("RUST_LOG");
+        // Settings from the environment (DROVER_WORKERS…) of whoever runs the
+        // tests would change what the tests start; each test sets its own.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("DROVER_") {
+                cmd.env_remove(name);
+            }
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -1,0 +1,329 @@
+//! The command line as a user meets it: the version, completion scripts that
+//! the shells accept, the manual page, `drover ctl`'s options, settings from
+//! the environment and where each setting came from.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+/// `drover ARGS` run to completion (with no DROVER_* of the caller's).
+fn drover(args: &[&str], env: &[(&str, &str)], dir: Option<&std::path::Path>) -> Output {
+    let mut cmd = Command::new(drover_bin());
+    cmd.args(args).current_dir(dir.unwrap_or(&repo()));
+    cmd.env_remove("RUST_LOG");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("DROVER_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run drover")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_names_the_commit_and_the_target() {
+    let out = drover(&["--version"], &[], None);
+    let line = text(&out.stdout);
+    // drover 0.1.0 (0123456789 2026-12-04, x86_64-unknown-linux-gnu)
+    let rest = line
+        .strip_prefix(&format!("drover {} (", env!("CARGO_PKG_VERSION")))
+        .unwrap_or_else(|| panic!("{line}"));
+    let (commit, rest) = rest.split_once(' ').unwrap();
+    assert!(
+        commit.len() == 10 && commit.chars().all(|c| c.is_ascii_hexdigit()),
+        "{line}"
+    );
+    let (date, target) = rest.split_once(", ").unwrap();
+    assert_eq!(date.len(), 10, "{line}");
+    assert!(target.trim_end().ends_with(')'), "{line}");
+    assert!(target.contains("-linux-"), "{line}");
+}
+
+/// A completion script from `drover completions SHELL`, which `check` (a
+/// shell run with the script on its standard input) accepts.
+fn completions_pass(shell: &str, check: &[&str]) {
+    let out = drover(&["completions", shell], &[], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!out.stdout.is_empty());
+    let script =
+        std::env::temp_dir().join(format!("drover-completion-{}.{shell}", std::process::id()));
+    std::fs::write(&script, &out.stdout).unwrap();
+    let checked = Command::new(check[0])
+        .args(&check[1..])
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (CI installs it: .ci/run)", check[0]));
+    std::fs::remove_file(&script).ok();
+    assert!(
+        checked.status.success(),
+        "{shell} refuses the script: {}",
+        text(&checked.stderr)
+    );
+}
+
+#[test]
+fn completion_scripts_are_accepted_by_bash_zsh_and_fish() {
+    completions_pass("bash", &["bash", "-n"]);
+    completions_pass("zsh", &["zsh", "-n"]);
+    completions_pass("fish", &["fish", "--no-execute"]);
+}
+
+#[test]
+fn bash_completes_subcommands_and_options() {
+    let script = format!(
+        r#"source <("{drover}" completions bash)
+complete_line() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMP_LINE="$*"; COMP_POINT=${{#COMP_LINE}};
+  _drover drover "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"; echo "${{COMPREPLY[*]}}"; }}
+complete_line drover ctl st
+complete_line drover --wor
+complete_line drover ctl status --js"#,
+        drover = drover_bin()
+    );
+    let out = Command::new("bash").arg("-c").arg(script).output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "status stop\n--workers\n--json\n",
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn man_pages_come_from_the_same_definitions() {
+    let page = text(&drover(&["man"], &[], None).stdout);
+    assert!(page.contains(".TH drover 1"), "{page}");
+    assert!(page.contains("WORKER_COMMAND"), "{page}");
+    for option in ["\\-\\-workers", "\\-\\-set", "completions", "ctl"] {
+        assert!(page.contains(option), "{option} missing from:\n{page}");
+    }
+    let page = text(&drover(&["man", "ctl"], &[], None).stdout);
+    assert!(
+        page.contains(".TH drover\\-ctl 1") || page.contains(".TH drover-ctl 1"),
+        "{page}"
+    );
+    assert!(page.contains("\\-\\-json"), "{page}");
+    let out = drover(&["man", "nope"], &[], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "drover man: no subcommand \"nope\": expected check, ctl, completions or man\n"
+    );
+}
+
+#[test]
+fn usage_names_the_worker_command() {
+    let help = text(&drover(&["--help"], &[], None).stdout);
+    assert!(
+        help.contains("Usage: drover [OPTIONS] [-- <WORKER_COMMAND>...]\n"),
+        "{help}"
+    );
+    assert!(
+        help.contains("drover ctl [-c FILE | --socket PATH]"),
+        "{help}"
+    );
+}
+
+#[test]
+fn ctl_takes_its_options_anywhere_and_only_its_own() {
+    // Options after the command reach ctl: it tries the socket (exit 1).
+    let out = drover(
+        &[
+            "ctl",
+            "status",
+            "--json",
+            "--socket",
+            "/nonexistent/ctl.sock",
+            "--timeout",
+            "2s",
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/ctl.sock"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A run's options are refused, before or after `ctl`.
+    let out = drover(&["-w", "3", "ctl", "status"], &[], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "drover ctl: --workers is not an option of `drover ctl` (see drover ctl --help)\n"
+    );
+    let out = drover(&["ctl", "status", "-w", "3"], &[], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("unexpected argument '-w'"),
+        "{}",
+        text(&out.stderr)
+    );
+    let help = text(&drover(&["ctl", "--help"], &[], None).stdout);
+    assert!(
+        !help.contains("--workers") && !help.contains("--pidfile"),
+        "{help}"
+    );
+}
+
+#[test]
+fn ctl_status_json_after_the_command_answers_from_a_running_drover() {
+    let config = format!(
+        "bind = \"127.0.0.1:0\"\ncommand = [\"{}\"]\nworkers = 2\nready = \"notify\"\n\
+         control_socket = \"$DIR/ctl.sock\"\n",
+        hello_bin()
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let config_path = d.dir.path().join("config.toml");
+    // -c after the command: the socket comes from the config.
+    let out = drover(
+        &[
+            "ctl",
+            "status",
+            "--json",
+            "-c",
+            config_path.to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["status"]["workers"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+}
+
+#[test]
+fn settings_come_from_the_environment_between_the_file_and_the_command_line() {
+    let config = format!(
+        "bind = \"127.0.0.1:0\"\ncommand = [\"{}\"]\nworkers = 1\ngraceful_timeout = \"9s\"\nready = \"notify\"\n",
+        hello_bin()
+    );
+    // A run: DROVER_WORKERS=3 beats the file's 1.
+    let d = Start {
+        env: vec![("DROVER_WORKERS".into(), "3".into())],
+        ..Start::config(&config)
+    }
+    .run();
+    d.wait_log("all 3 workers ready");
+    drop(d);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.toml");
+    std::fs::write(&path, &config).unwrap();
+    let out = drover(
+        &["check", "--print", "-c", path.to_str().unwrap(), "-w", "4"],
+        &[
+            ("DROVER_WORKERS", "3"),
+            ("DROVER_GRACEFUL_TIMEOUT", "2s"),
+            ("DROVER_MAX_AGE", "1h"),
+            ("DROVER_WORKR", "3"),
+        ],
+        None,
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let line = |key: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key} ")))
+            .unwrap_or_else(|| panic!("{key} not in:\n{stdout}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("workers"), "workers = 4 # --workers 4");
+    assert_eq!(
+        line("graceful_timeout"),
+        "graceful_timeout = \"2s\" # environment DROVER_GRACEFUL_TIMEOUT"
+    );
+    assert_eq!(
+        line("max_age"),
+        "max_age = \"1h\" # environment DROVER_MAX_AGE"
+    );
+    assert_eq!(
+        line("ready"),
+        "ready = \"notify\" # app.toml:5:9".replace("app.toml", path.to_str().unwrap())
+    );
+    assert_eq!(line("backlog"), "backlog = 2048 # default");
+    assert_eq!(line("timeout"), "# timeout (unset) # default");
+    assert_eq!(
+        text(&out.stderr),
+        "drover: warning: DROVER_WORKR is not a setting (did you mean DROVER_WORKERS?): ignored\n"
+    );
+}
+
+#[test]
+fn a_drover_run_as_a_worker_of_another_ignores_its_stop_budget() {
+    let out = drover(
+        &["check", "--print", "--", "true"],
+        &[
+            ("DROVER_WORKER_ID", "1"),
+            ("DROVER_GENERATION", "1"),
+            ("DROVER_GRACEFUL_TIMEOUT", "7"),
+            ("DROVER_QUICK_TIMEOUT", "5"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("graceful_timeout = \"30s\""));
+    assert!(
+        text(&out.stderr).starts_with(
+            "drover: warning: DROVER_GRACEFUL_TIMEOUT=7 is ignored: DROVER_WORKER_ID is set"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_drover_toml_in_the_working_directory_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("drover.toml"),
+        "command = [\"true\"]\nworkers = 2\n",
+    )
+    .unwrap();
+    let out = drover(&["check"], &[], Some(dir.path()));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("drover.toml: ok (2 worker(s)"),
+        "{}",
+        text(&out.stdout)
+    );
+    // DROVER_CONFIG names another one; -c wins over both.
+    std::fs::write(
+        dir.path().join("other.toml"),
+        "command = [\"true\"]\nworkers = 3\n",
+    )
+    .unwrap();
+    let out = drover(
+        &["check"],
+        &[("DROVER_CONFIG", "other.toml")],
+        Some(dir.path()),
+    );
+    assert!(
+        text(&out.stdout).starts_with("other.toml: ok (3 worker(s)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = drover(
+        &["-c", "drover.toml", "check"],
+        &[("DROVER_CONFIG", "other.toml")],
+        Some(dir.path()),
+    );
+    assert!(
+        text(&out.stdout).starts_with("drover.toml: ok (2 worker(s)"),
+        "{}",
+        text(&out.stdout)
+    );
+}
