@@ -721,7 +721,9 @@ toml_as! {
     Sig => |s| toml_string(s.0.as_str());
     Size => |s| toml_string(&s.to_string());
     LogLevel => |l| toml_string(&l.0.to_string().to_ascii_lowercase());
-    Ready => |r| toml_string(match r { Ready::Spawn => "spawn", Ready::Notify => "notify" });
+    // Unit variants named in lower case (serde's rename_all = "lowercase").
+    Ready => |r| toml_string(&format!("{r:?}").to_ascii_lowercase());
+    crate::logformat::LogFormat => |f| toml_string(&format!("{f:?}").to_ascii_lowercase());
     Bind => |b| match &b.name {
         None => toml_string(&b.address.to_string()),
         Some(name) => format!(
@@ -1365,7 +1367,7 @@ mod tests {
         let text = "bind = [\"127.0.0.1:0\", { address = \"unix:/tmp/a b\", name = \"web\" }]\n\
                     command = [\"python3\", \"app.py\", \"--say \\\"hi\\\"\"]\n\
                     unix_socket_mode = 0o600\nmax_memory = \"1GiB\"\ntimeout = \"1m 30s\"\n\
-                    stop_signal = \"INT\"\nready = \"notify\"\nlog_level = \"warn\"\n\
+                    stop_signal = \"INT\"\nready = \"notify\"\nlog_level = \"warn\"\nlog_format = \"json\"\n\
                     env = { \"A B\" = \"1\", C = \"x\\ny\" }\nchdir = \"/srv/app\"\numask = \"027\"";
         let source = Source {
             file: None,
