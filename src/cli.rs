@@ -498,19 +498,25 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> Exit
     // A name was found in PATH just now; a path is only tried at exec, after
     // the chdir: look at it from there, as the worker will.
     if s.command[0].contains('/') {
-        let exe = s
-            .chdir
-            .as_deref()
-            .unwrap_or(Path::new("."))
-            .join(&s.command[0]);
+        let exe = match &s.chdir {
+            Some(dir) => dir.join(&s.command[0]),
+            None => PathBuf::from(&s.command[0]),
+        };
         let runnable =
             exe.is_file() && nix::unistd::access(&exe, nix::unistd::AccessFlags::X_OK).is_ok();
         if !runnable {
+            // The errno the exec will meet, for the same hint a start gives.
+            let errno = if exe.exists() {
+                nix::errno::Errno::EACCES
+            } else {
+                nix::errno::Errno::ENOENT
+            };
             return fail(
                 exit::CANNOT_BOOT,
                 format!(
-                    "cannot run the worker command: {}: not an executable file",
-                    exe.display()
+                    "cannot run the worker command: {}: not an executable file{}",
+                    exe.display(),
+                    crate::spawn::exec_hint(Path::new(&s.command[0]), errno, s.chdir.as_deref())
                 ),
             );
         }

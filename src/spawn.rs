@@ -161,6 +161,61 @@ impl Program {
     }
 }
 
+/// What to do about an `execve` of `program` that failed with `errno`, for
+/// the usual mistakes ("" for the others): a script that is not executable
+/// or has no `#!` line, a relative path that is not there from the workers'
+/// working directory (`workdir`, else drover's own), a `#!` interpreter that
+/// is missing. Starts with "; ", to follow the error.
+pub fn exec_hint(program: &Path, errno: Errno, workdir: Option<&Path>) -> String {
+    let shown = program.display();
+    let run_with = |interpreter: &str| {
+        format!(
+            "run it with {interpreter}: command = [\"{interpreter}\", \"{shown}\", ...] \
+             (or make it executable with a #! line)"
+        )
+    };
+    let interpreter = match program.extension().and_then(OsStr::to_str) {
+        Some("py") => Some("python3"),
+        Some("sh") => Some("sh"),
+        Some("js") => Some("node"),
+        Some("rb") => Some("ruby"),
+        Some("pl") => Some("perl"),
+        _ => None,
+    };
+    let here = || match workdir {
+        Some(dir) => format!(
+            "the workers' working directory, chdir = {:?}",
+            dir.display().to_string()
+        ),
+        None => format!(
+            "drover's working directory, {} (set chdir, or give an absolute path)",
+            std::env::current_dir().map_or("unknown".into(), |d| d.display().to_string())
+        ),
+    };
+    let full = match workdir {
+        Some(dir) if program.is_relative() => dir.join(program),
+        _ => program.to_path_buf(),
+    };
+    match errno {
+        Errno::EACCES if full.is_dir() => "; it is a directory, not a program".into(),
+        Errno::EACCES if full.is_file() => match interpreter {
+            Some(i) => format!("; it is not executable: {}", run_with(i)),
+            None => "; it is not executable: chmod +x it, or run it with its interpreter".into(),
+        },
+        Errno::ENOEXEC => match interpreter {
+            Some(i) => format!("; it has no #! line: {}", run_with(i)),
+            None => "; it is not a program this system can run (no #! line?)".into(),
+        },
+        Errno::ENOENT if full.is_file() => {
+            "; the interpreter on its #! line is missing (or the line ends with \\r)".into()
+        }
+        Errno::ENOENT if program.is_relative() => {
+            format!("; a relative command is resolved against {}", here())
+        }
+        _ => String::new(),
+    }
+}
+
 fn search_path(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
     let default = OsString::from("/usr/local/bin:/usr/bin:/bin");
     let dirs = path_var.unwrap_or(&default);
@@ -272,11 +327,13 @@ pub enum SpawnError {
     Setup(Errno),
     #[error("fork failed: {0}")]
     Fork(Errno),
-    #[error("{program}: {step} failed: {errno}")]
+    #[error("{program}: {step} failed: {errno}{hint}")]
     Child {
         program: String,
         step: &'static str,
         errno: Errno,
+        /// What to do about it, for the usual mistakes (see [`exec_hint`]).
+        hint: String,
     },
 }
 
@@ -335,6 +392,8 @@ pub struct Started {
     pub pid: Pid,
     pub report: std::os::fd::OwnedFd,
     program: String,
+    /// The child's working directory, if drover changes it (`chdir`).
+    workdir: Option<PathBuf>,
 }
 
 impl Started {
@@ -349,10 +408,16 @@ impl Started {
     }
 
     fn failed(&self, step: u8, errno: Errno) -> SpawnError {
+        let hint = if step == Step::Exec as u8 {
+            exec_hint(Path::new(&self.program), errno, self.workdir.as_deref())
+        } else {
+            String::new()
+        };
         SpawnError::Child {
             program: self.program.clone(),
             step: STEP_NAMES.get(step as usize).copied().unwrap_or("setup"),
             errno,
+            hint,
         }
     }
 }
@@ -452,6 +517,10 @@ fn start(
         pid: Pid::from_raw(pid),
         report: err_read,
         program: program.shown(),
+        workdir: program
+            .chdir
+            .as_ref()
+            .map(|c| PathBuf::from(OsStr::from_bytes(c.as_bytes()))),
     })
 }
 

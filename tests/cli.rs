@@ -327,3 +327,114 @@ fn a_drover_toml_in_the_working_directory_is_found() {
         text(&out.stdout)
     );
 }
+
+/// `drover ARGS` in `dir` until it exits: what it printed on standard error,
+/// without the time stamps and levels, and its exit status.
+fn errors_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, Vec<String>) {
+    let out = drover(args, &[], Some(dir));
+    let lines = text(&out.stderr)
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.starts_with("drover:"))
+        .map(|l| l.split_once("ERROR ").map_or(l, |(_, m)| m).to_string())
+        .collect();
+    (out.status.code(), lines)
+}
+
+#[test]
+fn a_script_that_is_not_executable_is_to_be_run_with_its_interpreter() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.py"), "print('hi')\n").unwrap();
+    let (status, errors) = errors_in(dir.path(), &["-b", "127.0.0.1:0", "--", "./app.py"]);
+    assert_eq!(status, Some(3), "{errors:?}");
+    assert_eq!(
+        errors.first().map(String::as_str),
+        Some(
+            "worker 1 cannot boot: ./app.py: execve failed: EACCES: Permission denied; it is not \
+             executable: run it with python3: command = [\"python3\", \"./app.py\", ...] (or make \
+             it executable with a #! line)"
+        ),
+        "{errors:?}"
+    );
+    // drover check says the same before anything starts.
+    let (status, errors) = errors_in(dir.path(), &["check", "--", "./app.py"]);
+    assert_eq!(status, Some(3));
+    assert_eq!(
+        errors,
+        [
+            "drover: cannot run the worker command: ./app.py: not an executable file; it is not \
+          executable: run it with python3: command = [\"python3\", \"./app.py\", ...] (or make it \
+          executable with a #! line)"
+        ]
+    );
+}
+
+#[test]
+fn a_relative_command_not_found_names_the_directory_it_was_looked_for_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let here = dir.path().canonicalize().unwrap();
+    let (status, errors) = errors_in(
+        dir.path(),
+        &["-b", "127.0.0.1:0", "--", "target/release/hello"],
+    );
+    assert_eq!(status, Some(3), "{errors:?}");
+    assert_eq!(
+        errors.first().cloned(),
+        Some(format!(
+            "worker 1 cannot boot: target/release/hello: execve failed: ENOENT: No such file or \
+             directory; a relative command is resolved against drover's working directory, {} \
+             (set chdir, or give an absolute path)",
+            here.display()
+        )),
+        "{errors:?}"
+    );
+    let (_, errors) = errors_in(
+        dir.path(),
+        &[
+            "-b",
+            "127.0.0.1:0",
+            "--set",
+            "chdir=/",
+            "--",
+            "target/release/hello",
+        ],
+    );
+    assert_eq!(
+        errors.first().map(String::as_str),
+        Some(
+            "worker 1 cannot boot: target/release/hello: execve failed: ENOENT: No such file or \
+             directory; a relative command is resolved against the workers' working directory, \
+             chdir = \"/\""
+        ),
+        "{errors:?}"
+    );
+    // A script whose #! interpreter is missing is ENOENT too, and says so.
+    let script = dir.path().join("old.py");
+    std::fs::write(&script, "#!/nonexistent/python2\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (_, errors) = errors_in(dir.path(), &["-b", "127.0.0.1:0", "--", "./old.py"]);
+    assert_eq!(
+        errors.first().map(String::as_str),
+        Some(
+            "worker 1 cannot boot: ./old.py: execve failed: ENOENT: No such file or directory; \
+             the interpreter on its #! line is missing (or the line ends with \\r)"
+        ),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn bind_as_one_string_is_one_address() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("drover.toml"),
+        "bind = \"127.0.0.1:0\"\ncommand = [\"true\"]\n",
+    )
+    .unwrap();
+    let out = drover(&["check"], &[], Some(dir.path()));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("listening on 127.0.0.1:0"),
+        "{}",
+        text(&out.stdout)
+    );
+}
