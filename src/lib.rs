@@ -19,3 +19,4 @@ pub mod scoreboard;
 pub mod sdnotify;
 pub mod signals;
 pub mod spawn;
+pub mod watch;
