@@ -16,10 +16,8 @@ ARG PYTHON_VERSION=3.12
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS drover
 WORKDIR /src
-# What the workspace needs to build drover (every member's manifest).
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-COPY workers ./workers
+# The context as .dockerignore leaves it: the workspace, build.rs, sources.
+COPY . .
 RUN cargo build --release --locked -p drover --bin drover \
     && install -m 0755 target/release/drover /usr/local/bin/drover
 
