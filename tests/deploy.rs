@@ -8,6 +8,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -774,4 +776,132 @@ fn the_stop_budgets_add_up() {
     assert!(
         service.duration("TimeoutStartSec").as_secs() > config_seconds(&config, "boot_timeout")
     );
+}
+
+/// A random delay in `[lo, hi)`, from the standard library's hasher seeds.
+fn random_between(lo: Duration, hi: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    lo + (hi - lo).mul_f64((r % 1_000_000) as f64 / 1_000_000.0)
+}
+
+/// Traffic as a load balancer sends it to a pod being taken out: clients
+/// open new connections (one request each) until [`Endpoint::remove`] has
+/// been called and its delay has passed, as an endpoint controller and
+/// kube-proxy stop routing some time after the pod got SIGTERM.
+struct Endpoint {
+    cutoff: Arc<Mutex<Option<Instant>>>,
+    threads: Vec<std::thread::JoinHandle<Outcomes>>,
+    answered: Arc<AtomicU64>,
+}
+
+impl Endpoint {
+    fn start(addr: SocketAddr, clients: usize, path: &str) -> Endpoint {
+        let cutoff = Arc::new(Mutex::new(None::<Instant>));
+        let answered = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|_| {
+                let (cutoff, answered, path) = (cutoff.clone(), answered.clone(), path.to_string());
+                std::thread::spawn(move || {
+                    let mut o = Outcomes::default();
+                    while cutoff.lock().unwrap().is_none_or(|c| Instant::now() < c) {
+                        if one_request(addr, &path, &mut o) {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    o
+                })
+            })
+            .collect();
+        Endpoint {
+            cutoff,
+            threads,
+            answered,
+        }
+    }
+
+    fn wait_answered(&self, n: u64) {
+        wait_for(&format!("{n} answered requests"), LIMIT, || {
+            (self.answered.load(Ordering::Relaxed) >= n).then_some(())
+        });
+    }
+
+    /// No new connection after `after` from now; returns every outcome.
+    fn remove(self, after: Duration) -> Outcomes {
+        *self.cutoff.lock().unwrap() = Some(Instant::now() + after);
+        let mut total = Outcomes::default();
+        for t in self.threads {
+            let o = t.join().unwrap();
+            total.ok += o.ok;
+            total.refused += o.refused;
+            total.reset += o.reset;
+            total.truncated += o.truncated;
+            total.other += o.other;
+        }
+        total
+    }
+}
+
+/// One new connection, one GET, the whole response; `true` if answered 200.
+fn one_request(addr: SocketAddr, path: &str, o: &mut Outcomes) -> bool {
+    use std::io::ErrorKind::*;
+    use std::io::{Read, Write};
+    let mut s = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ConnectionRefused => {
+            o.refused += 1;
+            // A refused client retries soon, as a proxy would elsewhere.
+            std::thread::sleep(Duration::from_millis(5));
+            return false;
+        }
+        Err(_) => {
+            o.other += 1;
+            return false;
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut raw = Vec::new();
+    let sent = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+    );
+    match sent.and_then(|_| s.read_to_end(&mut raw)) {
+        Err(e) if matches!(e.kind(), ConnectionReset | BrokenPipe | ConnectionAborted) => {
+            o.reset += 1
+        }
+        Err(_) => o.other += 1,
+        Ok(_) => match parse_response(&raw) {
+            Ok(r) if r.status == 200 => {
+                o.ok += 1;
+                return true;
+            }
+            Ok(_) => o.other += 1,
+            Err(_) => o.truncated += 1,
+        },
+    }
+    false
+}
+
+/// Without a pre-stop delay, SIGTERM closes the listener at once, and the
+/// clients the load balancer still sends (for a random 0.2–1.5 s) are
+/// refused: the flaw the pre-stop delay is for. Nothing is reset or cut.
+#[test]
+fn without_a_prestop_delay_late_clients_are_refused() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"{}\"]\nworkers = 2\nready = \"notify\"\n",
+        hello_bin()
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let lb = Endpoint::start(d.tcp_addr(), 16, "/");
+    lb.wait_answered(200);
+    d.signal(Signal::SIGTERM);
+    let after = random_between(Duration::from_millis(200), Duration::from_millis(1500));
+    let o = lb.remove(after);
+    eprintln!("endpoint removed {after:?} after SIGTERM: {o:?}");
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    assert!(o.refused > 0, "{o:?}");
+    assert_eq!((o.reset, o.truncated, o.other), (0, 0, 0), "{o:?}");
 }
