@@ -878,3 +878,136 @@ fn an_upgrade_whose_workers_never_get_ready_is_killed_in_time_and_the_old_master
     let (code, out) = ctl(&d, &["status"]);
     assert_eq!(code, 0, "control socket taken back: {out}");
 }
+
+// Each worker follows the settings of the generation it was started from.
+
+/// `drover ctl --json status` of `d`, parsed (None while it cannot answer).
+fn status_json(d: &Drover) -> Option<serde_json::Value> {
+    let (_, out) = ctl(d, &["--json", "status"]);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .ok()
+        .map(|v| v["status"].clone())
+}
+
+/// Samples `drover ctl --json status` until `reload` answers; asserts that
+/// the workers of generation 1 serve every slot in every sample (none was
+/// aborted or stopped before its successor was ready). Returns the verdict.
+fn old_generation_serves_throughout(
+    d: &Drover,
+    reload: std::thread::JoinHandle<(i32, String)>,
+    slots: usize,
+) -> (i32, String) {
+    let mut samples = 0;
+    while !reload.is_finished() {
+        let Some(s) = status_json(d) else { continue };
+        let workers = s["workers"].as_array().cloned().unwrap_or_default();
+        let serving = |w: &serde_json::Value| {
+            ["ready", "replacing"].contains(&w["state"].as_str().unwrap_or(""))
+        };
+        let old_serving = workers
+            .iter()
+            .filter(|w| w["generation"] == 1 && serving(w))
+            .count();
+        let new_ready = workers
+            .iter()
+            .filter(|w| w["generation"] == 2 && serving(w))
+            .count();
+        assert!(
+            old_serving + new_ready >= slots,
+            "a slot lost its worker during the reload: {s}"
+        );
+        let failed: Vec<_> = s["slots"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s["failures_in_a_row"] != 0)
+            .collect();
+        assert!(failed.is_empty(), "a slot failed during the reload: {s}");
+        samples += 1;
+    }
+    assert!(samples > 5, "the reload was watched ({samples} samples)");
+    reload.join().unwrap()
+}
+
+#[test]
+fn a_reload_that_removes_timeout_never_aborts_an_old_worker() {
+    // Generation 1 heartbeats (timeout = 1s); generation 2 has no timeout
+    // and takes 3 s to boot. Seen failing before each worker kept its own
+    // generation: the old workers were aborted 1 s into the reload ("missed
+    // its heartbeat (no WATCHDOG=1 for 0s)") and their slots served nothing.
+    let d = Start::config(&hello("timeout = \"1s\"")).run();
+    d.wait_log("all 2 workers ready");
+    rewrite(&d, &booting_slowly(&hello(""), "3"));
+    let reload = ctl_in_background(&d, &["reload"]);
+    let (code, out) = old_generation_serves_throughout(&d, reload, 2);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("applied: generation 2"), "{out}");
+}
+
+#[test]
+fn a_reload_that_changes_timeout_holds_each_generation_to_its_own() {
+    // Generation 1 promises a heartbeat every 6 s (hello sends one every
+    // 3 s); generation 2 every 1 s. Seen failing before the fix: the old
+    // workers were held to 1 s from their first heartbeat in the reload.
+    let slow = booting_slowly(&hello("timeout = \"1s\""), "5")
+        .replace("boot_timeout = \"5s\"", "boot_timeout = \"15s\"");
+    let d = Start::config(&hello("timeout = \"6s\"")).run();
+    d.wait_log("all 2 workers ready");
+    rewrite(&d, &slow);
+    let reload = ctl_in_background(&d, &["reload"]);
+    let (code, out) = old_generation_serves_throughout(&d, reload, 2);
+    assert_eq!(code, 0, "{out}");
+    // The new generation is held to its own 1 s: a wedged worker is aborted
+    // long before the 6 s of generation 1 would have passed.
+    let addr = d.tcp_addr();
+    let _hung = get_in_flight(addr, "/hang");
+    let hung_at = Instant::now();
+    wait_for("the wedged worker to be aborted", LIMIT, || {
+        let s = status_json(&d)?;
+        s["slots"]
+            .as_array()?
+            .iter()
+            .any(|s| s["failures_in_a_row"] != 0)
+            .then_some(())
+    });
+    let took = hung_at.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "aborted {took:?} after it wedged: not by its own generation's 1 s"
+    );
+}
+
+#[test]
+fn a_reload_that_changes_the_stop_policy_stops_old_workers_with_their_own() {
+    // Generation 1 stops on SIGINT and drains for 1 s within its 10 s
+    // graceful_timeout; generation 2 stops on SIGTERM within 300 ms. Seen
+    // failing before the fix: the old workers got SIGTERM (and would have
+    // been killed 300 ms later).
+    let config = |signal: &str, graceful: &str| {
+        with_command(
+            &hello(&format!(
+                "ready = \"spawn\"\nstop_signal = \"{signal}\"\ngraceful_timeout = \"{graceful}\""
+            ))
+            .replace("ready = \"notify\"\n", ""),
+            r#"["sh", "-c", "trap 'echo INT $$ >> $DIR/stops; sleep 1; echo done $$ >> $DIR/stops; exit 0' INT; trap 'echo TERM $$ >> $DIR/stops; exit 0' TERM; while :; do sleep 0.1; done"]"#,
+        )
+    };
+    let d = Start::config(&config("SIGINT", "10s")).run();
+    d.wait_log("all 2 workers ready");
+    let old = d.wait_workers(2);
+    rewrite(&d, &config("SIGTERM", "300ms"));
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "{out}");
+    wait_for("the old workers to exit", LIMIT, || {
+        old.iter().all(|p| !alive(*p)).then_some(())
+    });
+    let stops = read_file(&d.dir.path().join("stops"));
+    for p in &old {
+        assert!(
+            stops.contains(&format!("INT {p}\n")) && stops.contains(&format!("done {p}\n")),
+            "worker {p} was not stopped with generation 1's SIGINT and 10 s: {stops}"
+        );
+    }
+    assert!(!stops.contains("TERM"), "{stops}");
+}

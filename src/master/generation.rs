@@ -3,18 +3,30 @@
 //! next generation next to the current one; the workers say which one they
 //! belong to.
 
+use std::cell::RefCell;
+
 use crate::config::{Loaded, Settings};
 use crate::listen::{self, Inherited, Set};
 use crate::spawn::{Env, Identity, Program};
 
 use super::StartError;
 
+/// Shared (`Rc`) by the master and every worker started from it, so that
+/// each worker follows its own generation's settings to the end.
 pub struct Generation {
     pub number: u32,
     pub s: Settings,
     pub program: Program,
     pub env: Env,
-    pub listeners: Set,
+    /// Emptied when the sockets are closed (see `take_listeners`); the
+    /// workers keep their own copies.
+    pub listeners: RefCell<Set>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "generation {}", self.number)
+    }
 }
 
 impl Generation {
@@ -36,8 +48,13 @@ impl Generation {
             s,
             program,
             env,
-            listeners,
+            listeners: RefCell::new(listeners),
         })
+    }
+
+    /// The listeners, handed over to be closed (or released).
+    pub fn take_listeners(&self) -> Set {
+        std::mem::take(&mut *self.listeners.borrow_mut())
     }
 
     /// The workers' user and group as configured (to compare generations).
@@ -72,4 +89,20 @@ pub fn prepare(s: &Settings, master_switched: bool) -> Result<(Env, Program), St
         .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
         .map_err(StartError::Program)?;
     Ok((env, program))
+}
+
+/// A generation from TOML text, with no sockets, for the decision tests.
+#[cfg(test)]
+pub fn for_test(number: u32, toml: &str) -> Generation {
+    let s = crate::config::Layer::parse("test.toml", toml)
+        .and_then(|l| l.resolve())
+        .expect("a valid test config");
+    let (env, program) = prepare(&s, false).expect("a program");
+    Generation {
+        number,
+        s,
+        program,
+        env,
+        listeners: RefCell::new(Vec::new()),
+    }
 }

@@ -1,14 +1,13 @@
-//! The staged shutdown: stop accepting, ask every worker to stop, wait for
-//! them until the deadline (the loop kills what is left), then run the
-//! `on_exit` hook and pick the exit status.
+//! The staged shutdown's record, and its end: the `on_exit` hook and the
+//! exit status. Stages 1 and 2 (stop accepting, ask every worker to stop)
+//! are `Supervisor::begin_shutdown`; the deadlines kill what is left.
 
 use std::time::Instant;
 
-use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
-use super::worker::{ms, State, Why};
-use super::{exit, stop, Master};
+use super::worker::ms;
+use super::{exit, Master};
 use crate::hooks;
 
 /// Why the master is shutting down.
@@ -20,6 +19,26 @@ pub enum Cause {
     Upgrade,
 }
 
+impl Cause {
+    /// For the log: the signal's name, or what happened.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cause::Signal(name) => name,
+            Cause::CannotBoot => "a worker that cannot boot",
+            Cause::Upgrade => "upgrade",
+        }
+    }
+
+    /// For the `on_exit` hook's environment.
+    fn name(self) -> &'static str {
+        match self {
+            Cause::Signal(name) => name,
+            Cause::CannotBoot => "cannot-boot",
+            Cause::Upgrade => "upgrade",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     pub quick: bool,
@@ -29,131 +48,59 @@ pub struct Shutdown {
     pub killed: u32,
 }
 
-impl Master {
-    /// Starts a shutdown, or turns a graceful one into a quick one.
-    pub(super) fn begin_shutdown(&mut self, quick: bool, cause: Cause) {
-        let now = Instant::now();
-        let (signal, timeout) = if quick {
-            (Signal::SIGQUIT, self.gen.s.quick_timeout)
-        } else {
-            (self.gen.s.stop_signal.0, self.gen.s.graceful_timeout)
-        };
-        let why = match cause {
-            Cause::Signal(name) => name,
-            Cause::CannotBoot => "a worker that cannot boot",
-            Cause::Upgrade => "upgrade",
-        };
-        match &mut self.shutdown {
-            Some(sd) if sd.quick || !quick => {
-                info!(
-                    "{why}: already shutting down ({})",
-                    if sd.quick { "quick" } else { "graceful" }
-                );
-                return;
-            }
-            Some(sd) => {
-                sd.quick = true;
-                info!(
-                    "{why}: shutdown escalated to quick: SIGQUIT to the workers, up to {timeout}"
-                );
-            }
-            None => {
-                let kind = if quick { "quick" } else { "graceful" };
-                info!("{why}: {kind} shutdown: stage 1, stop accepting");
-                // After an upgrade the new master serves the sockets: only our
-                // copies go. Otherwise new connections are refused from now on.
-                let handover = cause == Cause::Upgrade;
-                // After an upgrade the service is the new master's (MAINPID=):
-                // it is not stopping.
-                if !handover {
-                    self.systemd.stopping();
-                }
-                // The control socket goes below: answer whoever waits on it.
-                self.answer_reload_waiters(&format!("{why}: shutting down"));
-                let mut closed = self
-                    .previous
-                    .take()
-                    .map_or(0, |p| crate::listen::close_unused(p.listeners, handover));
-                closed +=
-                    crate::listen::close_unused(std::mem::take(&mut self.gen.listeners), handover);
-                self.control = None;
-                let took = ms(now.elapsed());
-                if handover {
-                    info!("released {closed} listener(s) to the new master in {took}");
-                } else {
-                    info!("closed {closed} listener(s) in {took}");
-                }
-                self.shutdown = Some(Shutdown {
-                    quick,
-                    began: now,
-                    cause,
-                    killed: 0,
-                });
-                info!(
-                    "stage 2, drain: {} to {} worker(s), up to {timeout}",
-                    signal.as_str(),
-                    self.workers.len()
-                );
-            }
-        }
-        let deadline = now + timeout.0;
-        for w in self.workers.iter_mut() {
-            match w.state {
-                // Already stopping (retired, recycled, aborted): it keeps its
-                // own deadline, and gets SIGQUIT only to hurry it.
-                State::Stopping { deadline: own, why } => {
-                    if quick {
-                        stop(w, signal, own.min(deadline), why);
-                    }
-                }
-                _ => {
-                    // A quick stop never extends a deadline already set.
-                    let deadline = match w.deadline() {
-                        Some(d) if quick && d < deadline => d,
-                        _ => deadline,
-                    };
-                    stop(w, signal, deadline, Why::Shutdown);
-                }
-            }
-        }
-    }
+/// How a shutdown ended: what the exit hook is told, and the exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: u8,
+    pub quick: bool,
+    pub killed: u32,
+    pub cause: Cause,
+    pub began: Instant,
+}
 
-    /// After every worker is gone: the hook, and the exit status.
-    pub(super) fn finish(&mut self, sd: Shutdown) -> u8 {
-        info!(
-            "stage 3 done: all workers stopped {} after the shutdown began ({} killed)",
-            ms(sd.began.elapsed()),
-            sd.killed
-        );
-        let status = match sd.cause {
+impl Shutdown {
+    /// The exit status: 3 for a start-up failure, 4 if a worker was killed
+    /// at its deadline, else 0.
+    pub fn outcome(&self) -> Outcome {
+        let status = match self.cause {
             Cause::CannotBoot => exit::CANNOT_BOOT,
-            _ if sd.killed > 0 => exit::KILLED,
+            _ if self.killed > 0 => exit::KILLED,
             _ => exit::OK,
         };
-        if !self.gen.s.on_exit.is_empty() {
+        Outcome {
+            status,
+            quick: self.quick,
+            killed: self.killed,
+            cause: self.cause,
+            began: self.began,
+        }
+    }
+}
+
+impl Master {
+    /// After every worker is gone: the hook (stage 4), and the exit status.
+    pub(super) fn finish(&mut self, o: Outcome) -> u8 {
+        info!(
+            "stage 3 done: all workers stopped {} after the shutdown began ({} killed)",
+            ms(o.began.elapsed()),
+            o.killed
+        );
+        let s = &self.sup.current().s;
+        if !s.on_exit.is_empty() {
             let outcome = hooks::Outcome {
-                status,
-                quick: sd.quick,
-                killed: sd.killed,
-                cause: match sd.cause {
-                    Cause::Signal(name) => name,
-                    Cause::CannotBoot => "cannot-boot",
-                    Cause::Upgrade => "upgrade",
-                },
+                status: o.status,
+                quick: o.quick,
+                killed: o.killed,
+                cause: o.cause.name(),
             };
             let began = Instant::now();
-            match hooks::run_on_exit(
-                &self.gen.s.on_exit,
-                &outcome,
-                self.gen.s.hook_timeout.0,
-                &self.signals,
-            ) {
+            match hooks::run_on_exit(&s.on_exit, &outcome, s.hook_timeout.0, &self.signals) {
                 Ok(how) => info!("stage 4, on_exit hook: {how} ({})", ms(began.elapsed())),
                 Err(e) => warn!("stage 4, on_exit hook failed: {e}"),
             }
         }
         // Orphans that exited while the hook ran.
         self.reap();
-        status
+        o.status
     }
 }

@@ -1,55 +1,33 @@
-//! What the master reports about itself: a one-line summary (logs, systemd's
-//! STATUS=) and the full status for `drover ctl status`.
+//! What the master reports about itself: the full status for `drover ctl
+//! status` (the one-line summary is `Supervisor::summary`).
 
 use std::time::Instant;
 
 use serde_json::json;
 
-use super::worker::{resident_bytes, State};
-use super::{control, Master};
+use super::supervisor::{Phase, Supervisor};
+use super::worker::resident_bytes;
+use crate::control;
 
-impl Master {
-    /// One line: "3/4 workers ready, generation 2".
-    pub(super) fn summary(&self) -> String {
-        let ready = self.workers.iter().filter(|w| w.is_ready()).count();
-        let mut s = format!(
-            "{ready}/{} workers ready, generation {}",
-            self.slots.len(),
-            self.gen.number
-        );
-        if self.paused {
-            s.push_str(", paused");
-        }
-        if self.reload.is_some() {
-            s.push_str(", reloading");
-        }
-        s
-    }
-
+impl Supervisor {
     /// Master and every worker: slot, pid, generation, state, uptime,
     /// restarts, last notify status, resident memory.
-    pub(super) fn status(&self) -> control::Answer {
-        let now = Instant::now();
-        let mut workers: Vec<_> = self.workers.iter().collect();
+    pub fn status(&self, now: Instant) -> control::Answer {
+        let degraded_after = self.current().s.degraded_after.0;
+        let mut workers: Vec<_> = self.pool.workers.iter().collect();
         workers.sort_by_key(|w| (w.slot, w.started));
         let workers: Vec<_> = workers
             .into_iter()
             .map(|w| {
-                let state = match w.state {
-                    State::Booting { .. } => "booting",
-                    State::Ready { .. } if w.replace.is_some() => "replacing",
-                    State::Ready { .. } => "ready",
-                    State::Stopping { .. } => "stopping",
-                };
-                let slot = self.slots.get(w.slot as usize - 1);
+                let slot = self.pool.slots.get(w.slot as usize - 1);
                 json!({
                     "slot": w.slot,
                     "pid": w.pid.as_raw(),
-                    "generation": w.generation,
-                    "state": state,
+                    "generation": w.generation(),
+                    "state": w.state_name(),
                     "uptime_s": (now - w.started).as_secs(),
                     "restarts": slot.map_or(0, |s| s.restarts),
-                    "degraded": slot.is_some_and(|s| s.failures >= self.gen.s.degraded_after.0),
+                    "degraded": slot.is_some_and(|s| s.failures >= degraded_after),
                     "status": w.status,
                     "rss_bytes": resident_bytes(w.pid),
                 })
@@ -57,8 +35,8 @@ impl Master {
             .collect();
         // Slots, with or without a worker: a failing slot waiting out its
         // backoff has no worker to show, but is what the operator looks for.
-        let degraded_after = self.gen.s.degraded_after.0;
         let slots: Vec<_> = self
+            .pool
             .slots
             .iter()
             .enumerate()
@@ -76,10 +54,10 @@ impl Master {
             "master": {
                 "pid": std::process::id(),
                 "uptime_s": (now - self.started).as_secs(),
-                "generation": self.gen.number,
-                "workers": self.slots.len(),
-                "paused": self.paused,
-                "reloading": self.reload.is_some(),
+                "generation": self.current().number,
+                "workers": self.pool.slots.len(),
+                "paused": matches!(self.phase, Phase::Paused { .. }),
+                "reloading": self.rollout.busy(),
                 "rss_bytes": resident_bytes(nix::unistd::Pid::this()),
             },
             "workers": workers,

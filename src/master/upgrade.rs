@@ -15,8 +15,9 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
+use super::rollout::Waiters;
 use super::shutdown::Cause;
-use super::worker::{describe, ms};
+use super::worker::{describe, ms, Pace};
 use super::{control, Master};
 use crate::control::ControlSocket;
 use crate::notify::Message;
@@ -32,7 +33,7 @@ pub struct Upgrade {
     limit: Duration,
     /// drover killed the new master at its deadline: its death is ours.
     timed_out: bool,
-    waiters: Vec<control::ClientId>,
+    waiters: Waiters,
 }
 
 /// The time a new master gets on top of its workers' `boot_timeout`: its
@@ -99,34 +100,34 @@ impl Master {
             Some("drover is PID 1: its namespace would end with it, and the new master with it")
         } else if self.upgrade.is_some() {
             Some("an upgrade is already in progress")
-        } else if self.reload.is_some() {
+        } else if self.sup.rollout.busy() {
             Some("a reload is in progress")
         } else {
             None
         };
         if let Some(why) = busy {
             warn!("upgrade refused: {why}");
-            if let Some(c) = client {
-                self.reply(c, control::failure(why));
-            }
+            self.answer(Waiters::one(client), control::failure(why));
             return;
         }
         let mut argv = vec![self.exe.path.display().to_string()];
         argv.extend(self.exe.args.iter().skip(1).cloned());
         let program = match Program::new(&argv, None) {
             Ok(p) => p,
-            Err(e) => return self.upgrade_failed(client.into_iter().collect(), format!("{e}")),
+            Err(e) => return self.upgrade_failed(Waiters::one(client), format!("{e}")),
         };
         // The new master reads the config as it is now: give it the
         // boot_timeout it will apply to its workers (ours if it cannot be
         // read; the new master will then fail on it anyway).
+        let current = self.sup.current().clone();
         let boot_timeout = self
             .source
             .load()
-            .map_or(self.gen.s.boot_timeout.0, |l| l.settings.boot_timeout.0);
+            .map_or(current.s.boot_timeout.0, |l| l.settings.boot_timeout.0);
+        let listeners = current.listeners.borrow();
         let mut env = Env::inherit(&[]);
-        let names: Vec<&str> = self.gen.listeners.iter().map(|(_, n)| n.as_str()).collect();
-        env.set("LISTEN_FDS", self.gen.listeners.len().to_string());
+        let names: Vec<&str> = listeners.iter().map(|(_, n)| n.as_str()).collect();
+        env.set("LISTEN_FDS", listeners.len().to_string());
         env.set("LISTEN_FDNAMES", names.join(":"));
         env.set_child_pid("LISTEN_PID");
         env.set("NOTIFY_SOCKET", self.notify.path());
@@ -149,12 +150,8 @@ impl Master {
         if let Some(c) = self.control.as_mut() {
             c.close_listener();
         }
-        let fds: Vec<_> = self
-            .gen
-            .listeners
-            .iter()
-            .map(|(l, _)| l.fd.as_raw_fd())
-            .collect();
+        let fds: Vec<_> = listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
+        drop(listeners);
         // The new master must outlive us: no parent-death signal.
         match spawn::spawn(&program, &env, &fds, self.devnull.as_raw_fd(), false) {
             Ok(pid) => {
@@ -171,10 +168,10 @@ impl Master {
                     deadline: now + limit,
                     limit,
                     timed_out: false,
-                    waiters: client.into_iter().collect(),
+                    waiters: Waiters::one(client),
                 });
             }
-            Err(e) => self.upgrade_failed(client.into_iter().collect(), format!("{e}")),
+            Err(e) => self.upgrade_failed(Waiters::one(client), format!("{e}")),
         }
     }
 
@@ -192,14 +189,12 @@ impl Master {
         // STOPPING=1 or WATCHDOG=1 of ours may be taken for its.
         self.systemd.main_pid(u.pid.as_raw());
         self.next_watchdog = None;
-        for c in u.waiters {
-            self.reply(
-                c,
-                control::success(&format!("upgraded: new master pid {}", u.pid)),
-            );
-        }
-        self.control = None;
-        self.begin_shutdown(false, Cause::Upgrade);
+        self.answer(
+            u.waiters,
+            control::success(&format!("upgraded: new master pid {}", u.pid)),
+        );
+        self.sup
+            .begin_shutdown(Pace::Graceful, Cause::Upgrade, Instant::now());
     }
 
     pub(super) fn on_upgrade_exit(&mut self, status: WaitStatus) {
@@ -248,22 +243,34 @@ impl Master {
             .map(|u| u.deadline)
     }
 
-    fn upgrade_failed(&mut self, waiters: Vec<control::ClientId>, why: String) {
+    fn upgrade_failed(&mut self, waiters: Waiters, why: String) {
         error!("upgrade failed: {why}; this master keeps serving");
-        if let Some(path) = self.gen.s.pidfile.clone() {
+        let s = &self.sup.current().s;
+        let (pidfile, control_socket) = (s.pidfile.clone(), s.control_socket.clone());
+        if let Some(path) = pidfile {
             match Pidfile::create(&path) {
                 Ok(p) => self.pidfile = Some(p),
                 Err(e) => error!("cannot take the pidfile back: {e}"),
             }
         }
-        if let (Some(c), Some(path)) = (self.control.as_mut(), self.gen.s.control_socket.clone()) {
+        if let (Some(c), Some(path)) = (self.control.as_mut(), control_socket) {
             match ControlSocket::bind(&path) {
                 Ok(fresh) => c.take_listener(fresh),
                 Err(e) => error!("cannot take the control socket back: {e}"),
             }
         }
-        for c in waiters {
-            self.reply(c, control::failure(&format!("upgrade failed: {why}")));
+        self.answer(waiters, control::failure(&format!("upgrade failed: {why}")));
+    }
+
+    /// Answers at once (the upgrade's verdicts are the master's own, not
+    /// the supervisor's decisions).
+    fn answer(&mut self, waiters: Waiters, answer: control::Answer) {
+        for a in waiters.answer(answer) {
+            if let super::Action::AnswerClient { client, answer } = a {
+                if let Some(c) = self.control.as_mut() {
+                    c.reply(client, &answer);
+                }
+            }
         }
     }
 }

@@ -1,134 +1,328 @@
-//! One worker as the master sees it, and the words for how it ended.
+//! One worker as the master sees it: a state machine over the life of one
+//! process, bound to the generation it was started from.
+//!
+//! ```text
+//!            exec'd                 READY=1 (or exec'd, ready = "spawn")
+//!  Execing ─────────▶ Booting ─────────────────────▶ Ready
+//!     │                 │                              │
+//!     │ exec failed     │ boot deadline                │ stop (graceful, quick, abort)
+//!     ▼                 ▼                              ▼
+//!  ExecFailed        Killed ◀──── stop deadline ──── Stopping
+//! ```
+//!
+//! Each state is entered by one method of `Worker`, and carries the deadline
+//! at which the master must act on it; every setting a decision needs (the
+//! heartbeat interval, the stop signal and timeouts, the ready mode,
+//! max_age, max_memory) is read from the worker's own `Generation`.
 
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-/// Where a worker is in its life. Each state carries the instant at which the
-/// master must act on it, if any.
+use super::action::Action;
+use super::generation::Generation;
+
+/// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
-    /// Spawned, not yet ready; killed if still booting at the deadline.
-    Booting { deadline: Option<Instant> },
-    /// Serving; aborted if no heartbeat arrives by `heartbeat`.
-    Ready { heartbeat: Option<Instant> },
-    /// Asked to stop; killed if still running at the deadline.
-    Stopping { deadline: Instant, why: Why },
+    /// Forked; its exec not yet confirmed (the master reads its report).
+    /// Killed if still not ready at the boot deadline.
+    Execing { deadline: Instant },
+    /// Exec'd, no `READY=1` yet; killed if still booting at the deadline.
+    Booting { deadline: Instant },
+    /// Serving.
+    Ready(Serving),
+    /// Asked to stop; its process group is killed at the deadline.
+    Stopping { why: Stop, deadline: Instant },
+    /// Sent SIGKILL: its exit is due, nothing else.
+    Killed { kill: Kill, stopped: Option<Stop> },
+    /// Could not exec (already dealt with): its exit (127) says nothing more.
+    ExecFailed,
+}
+
+/// A serving worker's deadlines and marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Serving {
+    /// Aborted if no `WATCHDOG=1` arrives by then (its generation's `timeout`).
+    pub heartbeat: Option<Instant>,
+    /// When it reaches max_age.
+    pub recycle_at: Option<Instant>,
+    /// A successor is wanted: this worker stops once it is ready.
+    pub replace: Option<Replace>,
+    /// It sent `STOPPING=1`: an exit that follows is its own decision.
+    pub leaving: bool,
 }
 
 /// Why drover asked a worker to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Why {
+pub enum Stop {
+    /// drover is shutting down.
     Shutdown,
-    /// One worker less (SIGTTOU).
-    Retired,
-    /// Replaced by a ready successor (max_age, max_memory).
-    Recycled(&'static str),
-    /// Sent SIGABRT: it missed its heartbeat.
-    HeartbeatTimeout,
+    /// One worker less (SIGTTOU, a reload to fewer workers).
+    ScaledDown,
+    /// SIGWINCH: every worker stops, the master stays.
+    Paused,
+    /// Outdated and not even ready (an older generation still booting, or a
+    /// generation rolled back): it serves nothing.
+    Outdated,
+    /// A successor of the current generation is ready.
+    Replaced(Replace),
+    /// It missed its heartbeat: sent SIGABRT.
+    HeartbeatMissed,
 }
 
-/// Why drover sent a worker SIGKILL.
+/// Why a worker is replaced by a successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// It belongs to an older generation.
+    Reload,
+    MaxAge,
+    MaxMemory,
+    /// Of the current generation, superseded in its slot all the same.
+    Superseded,
+}
+
+impl Replace {
+    pub fn name(self) -> &'static str {
+        match self {
+            Replace::Reload => "reload",
+            Replace::MaxAge => "max_age",
+            Replace::MaxMemory => "max_memory",
+            Replace::Superseded => "replaced",
+        }
+    }
+}
+
+/// Why drover sent a worker's process group SIGKILL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kill {
     BootTimeout,
-    /// `abort_grace` after the SIGABRT of a heartbeat timeout.
+    /// `abort_grace` after the SIGABRT of a missed heartbeat.
     HeartbeatTimeout,
     /// The end of a graceful or quick stop.
     GraceExpired,
+}
+
+/// How a worker is asked to stop, each with its generation's signal and time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// `stop_signal`, `graceful_timeout`.
+    Graceful,
+    /// SIGQUIT, `quick_timeout`; never extends a deadline already set.
+    Quick,
+    /// SIGABRT, `abort_grace` (a missed heartbeat).
+    Abort,
 }
 
 #[derive(Debug)]
 pub struct Worker {
     pub slot: u32,
     pub pid: Pid,
-    pub generation: u32,
+    /// The generation it was started from: every setting it follows.
+    pub gen: Rc<Generation>,
     pub state: State,
     pub started: Instant,
-    /// When it reaches max_age, if set.
-    pub recycle_at: Option<Instant>,
-    /// Marked for replacement: a successor is started, and this worker is
-    /// stopped once the successor is ready.
-    pub replace: Option<&'static str>,
     /// The last `STATUS=` it sent.
     pub status: Option<String>,
-    /// It sent `STOPPING=1`: an exit that follows is its own decision.
-    pub said_stopping: bool,
-    pub killed: Option<Kill>,
-    /// Forked, and its exec not yet confirmed: the report pipe to read.
-    pub exec: Option<crate::spawn::Started>,
-    /// Its exec failed (already dealt with): its exit says nothing more.
-    pub exec_failed: bool,
-    /// Ready once its exec is confirmed (`ready = "spawn"` in its generation).
-    pub ready_on_exec: bool,
-    /// Its generation's heartbeat interval (`timeout`), if any.
-    pub heartbeat_every: Option<Duration>,
 }
 
 impl Worker {
-    pub fn new(
-        slot: u32,
-        pid: Pid,
-        generation: u32,
-        state: State,
-        now: Instant,
-        recycle_at: Option<Instant>,
-    ) -> Worker {
+    /// A worker just forked: execing, with its generation's boot deadline.
+    pub fn forked(slot: u32, pid: Pid, gen: Rc<Generation>, now: Instant) -> Worker {
+        let deadline = now + gen.s.boot_timeout.0;
         Worker {
             slot,
             pid,
-            generation,
-            state,
+            gen,
+            state: State::Execing { deadline },
             started: now,
-            recycle_at,
-            replace: None,
             status: None,
-            said_stopping: false,
-            killed: None,
-            exec: None,
-            exec_failed: false,
-            ready_on_exec: false,
-            heartbeat_every: None,
         }
     }
 
+    pub fn generation(&self) -> u32 {
+        self.gen.number
+    }
+
+    /// Its exec is confirmed: ready at once with `ready = "spawn"`, else
+    /// booting until `READY=1`. Returns whether it became ready.
+    pub fn execd(&mut self, now: Instant) -> bool {
+        let State::Execing { deadline } = self.state else {
+            return false;
+        };
+        if self.gen.s.ready == crate::config::Ready::Spawn {
+            self.become_ready(now);
+            true
+        } else {
+            self.state = State::Booting { deadline };
+            false
+        }
+    }
+
+    /// Enters `Ready`, with its generation's heartbeat and max_age.
+    pub fn become_ready(&mut self, now: Instant) {
+        let s = &self.gen.s;
+        let recycle_at = s
+            .max_age
+            .map(|age| self.started + age.0 + jitter(s.max_age_jitter.0, self.pid));
+        self.state = State::Ready(Serving {
+            heartbeat: s.timeout.map(|t| now + t.0),
+            recycle_at,
+            replace: None,
+            leaving: false,
+        });
+    }
+
+    /// `WATCHDOG=1`: the next heartbeat is due one interval of its own
+    /// generation from now.
+    pub fn heartbeat(&mut self, now: Instant) {
+        if let (State::Ready(s), Some(t)) = (&mut self.state, self.gen.s.timeout) {
+            s.heartbeat = Some(now + t.0);
+        }
+    }
+
+    /// The only way drover asks a worker to stop: its generation's signal
+    /// and deadline for `pace`. Returns the signal to send, or None if a
+    /// stopping worker is left alone (a graceful stop of one already
+    /// stopping).
+    pub fn stop(&mut self, pace: Pace, why: Stop, now: Instant) -> Option<Action> {
+        let s = &self.gen.s;
+        let (signal, timeout) = match pace {
+            Pace::Graceful => (s.stop_signal.0, s.graceful_timeout.0),
+            Pace::Quick => (Signal::SIGQUIT, s.quick_timeout.0),
+            Pace::Abort => (Signal::SIGABRT, s.abort_grace.0),
+        };
+        let mut deadline = now + timeout;
+        let mut why = why;
+        match self.state {
+            State::Killed { .. } | State::ExecFailed => return None,
+            // Already stopping (retired, recycled, aborted): it keeps its own
+            // reason and deadline, and is hurried only by a quick stop.
+            State::Stopping {
+                why: own,
+                deadline: d,
+            } => {
+                if pace != Pace::Quick {
+                    return None;
+                }
+                why = own;
+                deadline = deadline.min(d);
+            }
+            // A quick stop never extends a deadline already set.
+            _ if pace == Pace::Quick => {
+                if let Some(d) = self.deadline().filter(|d| *d < deadline) {
+                    deadline = d;
+                }
+            }
+            _ => {}
+        }
+        self.state = State::Stopping { why, deadline };
+        Some(Action::Signal {
+            slot: self.slot,
+            pid: self.pid,
+            signal,
+            why: super::action::SignalWhy::Stop(why),
+        })
+    }
+
+    /// SIGKILL to its process group: enters `Killed`.
+    pub fn kill(&mut self, kill: Kill) -> Action {
+        let stopped = match self.state {
+            State::Stopping { why, .. } => Some(why),
+            _ => None,
+        };
+        self.state = State::Killed { kill, stopped };
+        Action::KillGroup {
+            slot: self.slot,
+            pid: self.pid,
+            kill,
+        }
+    }
+
+    /// Asked to stop (killed since, or not).
     pub fn is_stopping(&self) -> bool {
-        matches!(self.state, State::Stopping { .. })
+        matches!(
+            self.state,
+            State::Stopping { .. }
+                | State::Killed {
+                    stopped: Some(_),
+                    ..
+                }
+        )
     }
 
     pub fn is_ready(&self) -> bool {
-        matches!(self.state, State::Ready { .. })
+        matches!(self.state, State::Ready(_))
     }
 
+    /// Started, not serving, not asked to stop: execing, booting, or on
+    /// its way out from there (killed at its boot deadline, failed to
+    /// exec). It holds its slot until it is reaped.
     pub fn is_booting(&self) -> bool {
-        matches!(self.state, State::Booting { .. })
+        matches!(
+            self.state,
+            State::Execing { .. }
+                | State::Booting { .. }
+                | State::Killed { stopped: None, .. }
+                | State::ExecFailed
+        )
+    }
+
+    pub fn is_execing(&self) -> bool {
+        matches!(self.state, State::Execing { .. })
+    }
+
+    /// Marked for replacement (or of an older generation than `current`).
+    pub fn outdated(&self, current: u32) -> bool {
+        self.generation() != current
+            || matches!(
+                self.state,
+                State::Ready(Serving {
+                    replace: Some(_),
+                    ..
+                })
+            )
     }
 
     /// The next instant at which the master must act on this worker.
     pub fn deadline(&self) -> Option<Instant> {
-        // Killed, or failed to exec: its exit is on its way, nothing is due.
-        if self.killed.is_some() || self.exec_failed {
-            return None;
-        }
         match self.state {
-            State::Booting { deadline } => deadline,
-            State::Ready { heartbeat } => {
-                let recycle = self.recycle_at.filter(|_| self.replace.is_none());
-                heartbeat.into_iter().chain(recycle).min()
+            State::Execing { deadline }
+            | State::Booting { deadline }
+            | State::Stopping { deadline, .. } => Some(deadline),
+            State::Ready(s) => {
+                let recycle = s.recycle_at.filter(|_| s.replace.is_none());
+                s.heartbeat.into_iter().chain(recycle).min()
             }
-            State::Stopping { deadline, .. } => Some(deadline),
+            State::Killed { .. } | State::ExecFailed => None,
         }
     }
 
-    /// Pushes the current deadline to at least `now + by` (`EXTEND_TIMEOUT_USEC`).
+    /// Pushes the current deadline to at least `until` (`EXTEND_TIMEOUT_USEC`).
     pub fn extend(&mut self, until: Instant) {
         match &mut self.state {
-            State::Booting { deadline: Some(d) }
-            | State::Ready { heartbeat: Some(d) }
+            State::Execing { deadline: d }
+            | State::Booting { deadline: d }
+            | State::Ready(Serving {
+                heartbeat: Some(d), ..
+            })
             | State::Stopping { deadline: d, .. } => *d = (*d).max(until),
             _ => {}
+        }
+    }
+
+    /// The state's name in `drover ctl status`.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Ready(Serving {
+                replace: Some(_), ..
+            }) => "replacing",
+            State::Ready(_) => "ready",
+            _ if self.is_booting() => "booting",
+            _ => "stopping",
         }
     }
 }
@@ -172,4 +366,35 @@ pub fn resident_bytes(pid: Pid) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     Some(pages * page)
+}
+
+/// A pseudo-random part of `max`, different for each worker, so that workers
+/// started together do not all reach max_age together.
+pub fn jitter(max: Duration, pid: Pid) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    // SplitMix64 finaliser over the pid and the clock.
+    let mut x = (pid.as_raw() as u64) ^ nanos.rotate_left(32);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    max.mul_f64((x >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let max = Duration::from_secs(10);
+        for p in 1..200 {
+            assert!(jitter(max, Pid::from_raw(p)) <= max);
+        }
+        assert_eq!(jitter(Duration::ZERO, Pid::from_raw(1)), Duration::ZERO);
+    }
 }

@@ -1,0 +1,1273 @@
+//! The decisions. The `Supervisor` holds the master's state (the pool, the
+//! rollout, the phase) and no descriptor: each event (a signal, a control
+//! request, a notify message, an exec report, a worker's exit, a passed
+//! deadline) is a method that changes that state and queues what to do as
+//! `Action`s, which `Master::carry_out` performs. So every decision can be
+//! driven and checked without a process (see the tests at the end).
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use tracing::{debug, error, info, warn};
+
+use super::action::{Action, Note, SignalWhy};
+use super::generation::Generation;
+use super::pool::Pool;
+use super::rollout::{Rollout, Settled};
+use super::shutdown::{Cause, Shutdown};
+use super::worker::{
+    describe, exit_code, ms, resident_bytes, Kill, Pace, Replace, State, Stop, Worker,
+};
+use crate::config::Ready;
+use crate::control::{self, ClientId, Command};
+use crate::notify::Message;
+use crate::signals::Event;
+
+/// The most workers drover runs (as for the `workers` setting).
+pub const MAX_WORKERS: u32 = 4096;
+
+/// Where the master is in its life.
+#[derive(Debug)]
+pub enum Phase {
+    /// Not every slot has had a ready worker yet: a worker that cannot boot
+    /// stops drover (status 3).
+    Starting,
+    Running,
+    /// SIGWINCH: workers stopped, the master and its sockets kept.
+    /// `booted`: whether start-up was over.
+    Paused {
+        booted: bool,
+    },
+    /// Stages 1–3 of the shutdown. (A pre-stop delay, serving on while load
+    /// balancers notice, would be a phase of its own before this one, with
+    /// its end as a deadline.)
+    ShuttingDown(Shutdown),
+}
+
+pub struct Supervisor {
+    pub pool: Pool,
+    pub rollout: Rollout,
+    pub phase: Phase,
+    pub started: Instant,
+    /// When resident memory is next checked (with max_memory).
+    next_memory_check: Option<Instant>,
+    /// Spawns decided this turn are dropped (out of descriptors, see
+    /// `spawn_deferred`).
+    hold_spawns: bool,
+    /// The exit was decided.
+    exited: bool,
+    /// A decision carried out after this turn's own duties calls for
+    /// another turn before waiting (a reload's generation was built).
+    again: bool,
+    out: VecDeque<Action>,
+}
+
+impl Supervisor {
+    pub fn new(first: Rc<Generation>, now: Instant) -> Supervisor {
+        let next_memory_check = first
+            .s
+            .max_memory
+            .map(|_| now + first.s.memory_check_interval.0);
+        Supervisor {
+            pool: Pool::new(first.s.workers.0 as usize),
+            rollout: Rollout::new(first),
+            phase: Phase::Starting,
+            started: now,
+            next_memory_check,
+            hold_spawns: false,
+            exited: false,
+            again: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The generation new workers are started from.
+    pub fn current(&self) -> &Rc<Generation> {
+        self.rollout.current()
+    }
+
+    /// The next thing to do, in the order decided.
+    pub fn next_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    pub fn emit(&mut self, a: Action) {
+        self.out.push_back(a);
+    }
+
+    fn emit_all(&mut self, actions: impl IntoIterator<Item = Action>) {
+        self.out.extend(actions);
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        matches!(self.phase, Phase::ShuttingDown(_))
+    }
+
+    fn paused(&self) -> bool {
+        matches!(self.phase, Phase::Paused { .. })
+    }
+
+    fn booted(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Running | Phase::Paused { booted: true } | Phase::ShuttingDown(_)
+        )
+    }
+
+    /// One turn's own duties: what is overdue, the rollout, the worker
+    /// count, and the exit once a shutdown has no worker left.
+    pub fn tick(&mut self, now: Instant) {
+        self.on_deadlines(now);
+        self.settle_rollout(now);
+        if !self.shutting_down() {
+            self.restore_worker_count(now);
+        }
+        if let Phase::ShuttingDown(sd) = &self.phase {
+            if self.pool.workers.is_empty() && !self.exited {
+                self.exited = true;
+                let outcome = sd.outcome();
+                self.emit(Action::Exit(outcome));
+            }
+        }
+    }
+
+    /// Whether to run another turn before waiting (once).
+    pub fn again(&mut self) -> bool {
+        std::mem::take(&mut self.again)
+    }
+
+    /// The nearest instant at which something is due, if any.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let running = !self.shutting_down();
+        let respawning = running && !self.paused();
+        let memory = self.next_memory_check.filter(|_| running);
+        self.pool
+            .next_deadline(respawning, now)
+            .into_iter()
+            .chain(memory)
+            .min()
+    }
+
+    // Signals and control requests.
+
+    pub fn on_signal(&mut self, event: Event, now: Instant) {
+        let name = event.signal_name();
+        match event {
+            // Reaping is the master's (it owns waitpid): see `on_exit`.
+            Event::Child => {}
+            Event::Terminate | Event::Interrupt => {
+                // The same signal again during a graceful shutdown means "hurry".
+                let quick = matches!(&self.phase, Phase::ShuttingDown(sd) if !sd.quick);
+                let pace = if quick { Pace::Quick } else { Pace::Graceful };
+                self.begin_shutdown(pace, Cause::Signal(name), now);
+            }
+            Event::Quit => self.begin_shutdown(Pace::Quick, Cause::Signal(name), now),
+            _ if self.shutting_down() => info!("{name}: ignored during shutdown"),
+            Event::AddWorker if self.paused() => self.resume(name),
+            Event::AddWorker => self.scale(self.pool.count() + 1, name),
+            Event::RemoveWorker => self.scale(self.pool.count().saturating_sub(1).max(1), name),
+            Event::Reload => self.reload(name, None),
+            Event::ReopenLogs => self.reopen_logs(),
+            Event::Upgrade => self.emit(Action::StartUpgrade { client: None }),
+            Event::StopWorkers => self.pause(name, now),
+        }
+    }
+
+    /// A request from the control socket: the same operations as the
+    /// signals, with an answer.
+    pub fn on_command(&mut self, client: ClientId, command: Command, now: Instant) {
+        let answer = |a| Action::AnswerClient { client, answer: a };
+        match command {
+            Command::Status => {
+                let status = self.status(now);
+                self.emit(answer(status));
+            }
+            _ if self.shutting_down() => self.emit(answer(control::failure("shutting down"))),
+            Command::Reload => self.reload("control: reload", Some(client)),
+            Command::Scale { workers: n } if !(1..=MAX_WORKERS).contains(&n) => {
+                self.emit(answer(control::failure(&format!(
+                    "cannot scale to {n}: from 1 to {MAX_WORKERS} workers"
+                ))));
+            }
+            Command::Scale { workers: n } => {
+                if self.paused() {
+                    self.resume("control: scale");
+                }
+                self.scale(n, "control: scale");
+                self.emit(answer(control::success(&format!("scaled to {n} workers"))));
+            }
+            Command::Stop { quick } => {
+                self.emit(answer(control::success(if quick {
+                    "quick shutdown"
+                } else {
+                    "graceful shutdown"
+                })));
+                let pace = if quick { Pace::Quick } else { Pace::Graceful };
+                self.begin_shutdown(pace, Cause::Signal("control: stop"), now);
+            }
+            Command::Upgrade => self.emit(Action::StartUpgrade {
+                client: Some(client),
+            }),
+        }
+    }
+
+    fn scale(&mut self, count: u32, why: &str) {
+        let count = count.clamp(1, MAX_WORKERS);
+        info!("{why}: {} -> {count} workers", self.pool.count());
+        self.pool.resize(count as usize);
+        let summary = self.summary();
+        self.emit(Action::NotifySystemd(Note::Status(summary)));
+    }
+
+    /// SIGUSR1: reopen our log file (after logrotate moved it) and tell the
+    /// workers to do the same.
+    fn reopen_logs(&mut self) {
+        let signals: Vec<_> = self
+            .pool
+            .workers
+            .iter()
+            .map(|w| Action::Signal {
+                slot: w.slot,
+                pid: w.pid,
+                signal: Signal::SIGUSR1,
+                why: SignalWhy::Forward,
+            })
+            .collect();
+        let forwarded = signals.len();
+        self.emit_all(signals);
+        self.emit(Action::ReopenLog { forwarded });
+    }
+
+    /// SIGWINCH: stop every worker gracefully; keep the master and the sockets.
+    fn pause(&mut self, why: &str, now: Instant) {
+        // A reload cannot settle without workers: end it, with a verdict,
+        // and answer those waiting for a queued one (HUP resumes and reloads).
+        if self.rollout.rolling() {
+            self.rollback(format!("{why} stopped the workers"), now);
+        }
+        self.cancel_queued(&format!(
+            "{why} stopped the workers; HUP resumes and reloads"
+        ));
+        self.phase = Phase::Paused {
+            booted: self.booted(),
+        };
+        info!(
+            "{why}: stopping all {} worker(s); the sockets stay open (SIGHUP or SIGTTIN resumes)",
+            self.pool.workers.len()
+        );
+        self.stop_workers(|w| !w.is_stopping(), Pace::Graceful, Stop::Paused, now);
+    }
+
+    fn resume(&mut self, why: &str) {
+        if let Phase::Paused { booted } = self.phase {
+            self.phase = if booted {
+                Phase::Running
+            } else {
+                Phase::Starting
+            };
+        }
+        info!("{why}: resuming with {} worker(s)", self.pool.count());
+    }
+
+    /// Stops the workers `which` selects, each with its generation's policy.
+    fn stop_workers(
+        &mut self,
+        which: impl Fn(&Worker) -> bool,
+        pace: Pace,
+        why: Stop,
+        now: Instant,
+    ) {
+        let stops: Vec<_> = self
+            .pool
+            .workers
+            .iter_mut()
+            .filter(|w| which(w))
+            .filter_map(|w| w.stop(pace, why, now))
+            .collect();
+        self.emit_all(stops);
+    }
+
+    // The rollout.
+
+    fn reload(&mut self, why: &str, client: Option<ClientId>) {
+        if self.paused() {
+            self.resume(why);
+        }
+        match self.rollout.request(why, client, &self.pool) {
+            Ok(()) => self.load_config(why),
+            Err(busy) => info!("{why}: {busy}; the reload starts once that is over"),
+        }
+    }
+
+    fn load_config(&mut self, why: &str) {
+        self.emit(Action::NotifySystemd(Note::Reloading));
+        self.emit(Action::LoadConfig {
+            why: why.to_string(),
+        });
+    }
+
+    /// The result of `Action::LoadConfig`: the next generation, or why there
+    /// is none. `origin` names the config for the log.
+    pub fn config_loaded(&mut self, next: Result<Generation, String>, origin: &str, now: Instant) {
+        // The notify socket belongs to the workers' user: a new user could
+        // not report ready on it, and the old workers could no longer.
+        let next = next.and_then(|n| {
+            if n.user_and_group() == self.current().user_and_group() {
+                Ok(n)
+            } else {
+                Err("`user` or `group` changed: that needs a restart or an upgrade".to_string())
+            }
+        });
+        let next = match next {
+            Ok(next) => next,
+            Err(e) => {
+                // Nothing was started and nothing changes.
+                let (why, waiters) = self.rollout.rejected();
+                error!("{why}: reload rejected, nothing changed: {e}");
+                let summary = self.summary();
+                self.emit(Action::NotifySystemd(Note::Ready(summary)));
+                self.emit_all(waiters.answer(control::failure(&format!("rejected: {e}"))));
+                return;
+            }
+        };
+        let number = next.number;
+        let (workers, surge) = (next.s.workers.0, next.s.max_surge.0);
+        if next.s.max_memory.is_some() && self.next_memory_check.is_none() {
+            self.next_memory_check = Some(now + next.s.memory_check_interval.0);
+        }
+        let slots_before = self.pool.slots.len();
+        self.pool.resize(workers as usize);
+        let why = self.rollout.begin(Rc::new(next), slots_before, now);
+        // Its workers are started by the next turn's `restore_worker_count`.
+        self.again = true;
+        info!(
+            "{why}: reloading {origin} into generation {number} ({workers} worker(s), up to {surge} replaced at a time)"
+        );
+    }
+
+    /// The new generation failed before it was ready: stop it and go back to
+    /// the previous one.
+    fn rollback(&mut self, cause: String, now: Instant) {
+        let Some((failed, slots_before, waiters)) = self.rollout.roll_back() else {
+            return;
+        };
+        warn!(
+            "reload rolled back: {cause}; generation {} keeps serving",
+            self.current().number
+        );
+        self.pool.resize(slots_before);
+        // Booting workers of the failed generation serve nothing: stop them
+        // now. Ready ones are replaced like any outdated worker.
+        let number = failed.number;
+        self.stop_workers(
+            |w| w.generation() == number && w.is_booting(),
+            Pace::Graceful,
+            Stop::Outdated,
+            now,
+        );
+        self.emit(Action::CloseListeners {
+            listeners: failed.take_listeners(),
+            handover: false,
+        });
+        self.emit_all(waiters.answer(control::failure(&format!("rolled back: {cause}"))));
+    }
+
+    /// Ends a reload that is over; starts a queued one.
+    fn settle_rollout(&mut self, now: Instant) {
+        if self.shutting_down() {
+            return;
+        }
+        match self.rollout.settle(&self.pool, now) {
+            None => {}
+            Some((Settled::Applied { old }, waiters, took)) => {
+                let current = self.current().number;
+                let took = ms(took);
+                info!("reload applied: generation {current} serves, in {took}");
+                // Sockets the new config no longer names: closed now that no
+                // current worker uses them (old workers may still drain theirs).
+                self.emit(Action::CloseListeners {
+                    listeners: old.take_listeners(),
+                    handover: false,
+                });
+                self.emit_all(waiters.answer(control::success(&format!(
+                    "applied: generation {current} in {took}"
+                ))));
+                let summary = self.summary();
+                self.emit(Action::NotifySystemd(Note::Ready(summary)));
+            }
+            Some((Settled::RolledBack, ..)) => {
+                let summary = self.summary();
+                self.emit(Action::NotifySystemd(Note::Ready(summary)));
+            }
+        }
+        if let Some(why) = self.rollout.start_queued(&self.pool) {
+            self.load_config(&why);
+        }
+    }
+
+    fn cancel_queued(&mut self, why: &str) {
+        if let Some(waiters) = self.rollout.cancel_queued() {
+            info!("queued reload cancelled: {why}");
+            self.emit_all(waiters.answer(control::failure(&format!("cancelled: {why}"))));
+        }
+    }
+
+    // Workers: spawning, exec reports, notify messages, exits.
+
+    /// Gives every slot a worker of the current generation: starts one where
+    /// a slot has none (after its backoff), or where its worker is outdated
+    /// (older generation, or marked for replacement) — at most `max_surge`
+    /// such replacements booting at once; the outdated worker keeps serving
+    /// until its successor is ready. Retires workers of removed slots.
+    fn restore_worker_count(&mut self, now: Instant) {
+        self.hold_spawns = false;
+        if self.paused() {
+            return;
+        }
+        let gen = self.current().clone();
+        // One pass over the workers, not one per slot: with a thousand
+        // workers this runs after every READY=1 of the start-up.
+        let view = self.pool.slot_view(gen.number);
+        let mut surging = view
+            .iter()
+            .filter(|v| v.current_booting && v.outdated)
+            .count() as u32;
+        let mut execing = self.pool.execing();
+        for (i, v) in view.iter().enumerate() {
+            let slot = i as u32 + 1;
+            if v.current || self.pool.slots[i].not_before.is_some_and(|t| t > now) {
+                continue;
+            }
+            // Each child on its way to exec holds a descriptor in the
+            // master: go on once some have reported (the loop wakes up for
+            // them).
+            if execing >= max_execing() {
+                break;
+            }
+            let replacing = v.outdated_ready;
+            if replacing && surging >= gen.s.max_surge.0 {
+                continue;
+            }
+            if v.outdated_booting {
+                // An outdated worker that is not even ready serves nothing: stop it.
+                self.stop_workers(
+                    |w| w.slot == slot && w.is_booting(),
+                    Pace::Graceful,
+                    Stop::Outdated,
+                    now,
+                );
+            }
+            surging += replacing as u32;
+            execing += 1;
+            self.emit(Action::Spawn {
+                slot,
+                generation: gen.clone(),
+            });
+        }
+        let count = self.pool.count();
+        let retired: Vec<_> = self
+            .pool
+            .workers
+            .iter_mut()
+            .filter(|w| w.slot > count && !w.is_stopping())
+            .filter_map(|w| {
+                let a = w.stop(Pace::Graceful, Stop::ScaledDown, now)?;
+                if let Action::Signal { signal, .. } = &a {
+                    info!(
+                        "worker {} (pid {}) retired: sending {}",
+                        w.slot,
+                        w.pid,
+                        signal.as_str()
+                    );
+                }
+                Some(a)
+            })
+            .collect();
+        self.emit_all(retired);
+    }
+
+    /// Whether a `Spawn` decided this turn still stands: a later decision
+    /// (a rollback, a shutdown, running out of descriptors) may have
+    /// superseded it.
+    pub fn wants_spawn(&self, generation: &Rc<Generation>) -> bool {
+        !self.hold_spawns
+            && Rc::ptr_eq(generation, self.current())
+            && matches!(self.phase, Phase::Starting | Phase::Running)
+    }
+
+    /// Out of descriptors or processes while other children are on their
+    /// way to exec: not this worker's fault. The rest of this turn's spawns
+    /// wait for their reports (the loop wakes up for them).
+    pub fn spawn_deferred(&mut self, slot: u32) {
+        debug!("worker {slot}: out of descriptors or processes; spawning the rest later");
+        self.hold_spawns = true;
+    }
+
+    /// A worker was forked (its exec is confirmed later: `on_exec_report`).
+    pub fn spawned(&mut self, slot: u32, generation: Rc<Generation>, pid: Pid, now: Instant) {
+        info!(
+            "worker {slot} (pid {pid}) spawned, generation {}",
+            generation.number
+        );
+        if let Some(s) = self.pool.slot(slot) {
+            // The backoff is over: without this, its past instant would
+            // stay the nearest deadline and the loop would spin.
+            s.not_before = None;
+        }
+        self.pool
+            .workers
+            .push(Worker::forked(slot, pid, generation, now));
+    }
+
+    /// A worker of `slot` could not be started (`fork`, or its exec): roll
+    /// a reload back, stop at start-up, or try again after the backoff. A
+    /// worker no longer wanted (stopping, or of a generation rolled back)
+    /// only says why.
+    pub fn spawn_failed(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        stopping: bool,
+        e: impl std::fmt::Display,
+        now: Instant,
+    ) {
+        if stopping || generation != self.current().number || self.shutting_down() {
+            info!("worker {slot} (generation {generation}) could not be spawned: {e}");
+        } else if self.rollout.rolling() {
+            self.rollback(format!("worker {slot} cannot be spawned: {e}"), now);
+        } else if !self.booted() {
+            error!("worker {slot} cannot boot: {e}");
+            self.begin_shutdown(Pace::Graceful, Cause::CannotBoot, now);
+        } else {
+            let (delay, _) = self.slot_failed(slot, now);
+            error!(
+                "worker {slot} cannot be spawned: {e}; retrying in {}",
+                ms(delay)
+            );
+        }
+    }
+
+    /// A child's exec report: it exec'd (and, with `ready = "spawn"`, is
+    /// ready), or it could not.
+    pub fn on_exec_report(&mut self, pid: Pid, report: Result<(), String>, now: Instant) {
+        let Some(w) = self.pool.get_mut(pid) else {
+            return;
+        };
+        match report {
+            Ok(()) => {
+                if w.execd(now) {
+                    self.on_ready(pid, now);
+                }
+            }
+            Err(e) => {
+                let (slot, generation, stopping) = (w.slot, w.generation(), w.is_stopping());
+                w.state = State::ExecFailed;
+                self.spawn_failed(slot, generation, stopping, e, now);
+            }
+        }
+    }
+
+    /// Messages from worker `pid` (or one of its descendants).
+    pub fn on_notify(&mut self, pid: Pid, messages: Vec<Message>, now: Instant) {
+        for m in messages {
+            let Some(w) = self.pool.get_mut(pid) else {
+                return;
+            };
+            let slot = w.slot;
+            match m {
+                Message::Ready
+                    if matches!(w.state, State::Execing { .. } | State::Booting { .. }) =>
+                {
+                    w.become_ready(now);
+                    info!("worker {slot} (pid {pid}) ready in {}", ms(now - w.started));
+                    self.on_ready(pid, now);
+                }
+                Message::Ready => debug!("worker {slot} (pid {pid}) repeated READY=1"),
+                // Its own generation's interval: a reload that changed or
+                // removed `timeout` does not change what this worker promised.
+                Message::Watchdog => w.heartbeat(now),
+                Message::ExtendTimeout(by) => {
+                    w.extend(now + by);
+                    debug!(
+                        "worker {slot} (pid {pid}) extended its deadline by {}",
+                        ms(by)
+                    );
+                }
+                Message::Status(text) => {
+                    info!("worker {slot} (pid {pid}) status: {text}");
+                    w.status = Some(text);
+                }
+                Message::Stopping => {
+                    if let State::Ready(s) = &mut w.state {
+                        s.leaving = true;
+                    }
+                    info!("worker {slot} (pid {pid}) is stopping");
+                }
+                other => debug!("worker {slot} (pid {pid}) sent {other:?}"),
+            }
+        }
+    }
+
+    /// Worker `pid` became ready. If it belongs to the current generation,
+    /// the workers it replaces (same slot: older generation, or marked for
+    /// replacement) stop now, each by its own generation's policy.
+    fn on_ready(&mut self, pid: Pid, now: Instant) {
+        let Some(w) = self.pool.get_mut(pid) else {
+            return;
+        };
+        let (slot, generation) = (w.slot, w.generation());
+        let current = self.current().number;
+        if generation == current {
+            let mut stops = Vec::new();
+            for old in self
+                .pool
+                .workers
+                .iter_mut()
+                .filter(|w| w.slot == slot && w.pid != pid && !w.is_stopping())
+            {
+                let replace = match old.state {
+                    State::Ready(s) if s.replace.is_some() => s.replace.unwrap(),
+                    _ if old.generation() != current => Replace::Reload,
+                    _ => Replace::Superseded,
+                };
+                if let Some(a) = old.stop(Pace::Graceful, Stop::Replaced(replace), now) {
+                    if let Action::Signal { signal, .. } = &a {
+                        info!(
+                            "worker {slot} (pid {}) replaced by pid {pid} ({}): sending {}",
+                            old.pid,
+                            replace.name(),
+                            signal.as_str()
+                        );
+                    }
+                    stops.push(a);
+                }
+            }
+            self.emit_all(stops);
+        }
+        self.check_booted();
+    }
+
+    fn check_booted(&mut self) {
+        if self.booted() {
+            return;
+        }
+        let ready = self.pool.ready();
+        if ready >= self.pool.slots.len() {
+            self.phase = match self.phase {
+                Phase::Paused { .. } => Phase::Paused { booted: true },
+                _ => Phase::Running,
+            };
+            info!(
+                "all {ready} workers ready {} after start",
+                ms(self.started.elapsed())
+            );
+            let summary = self.summary();
+            self.emit(Action::NotifySystemd(Note::Ready(summary)));
+        }
+    }
+
+    /// A worker exited (reaped by the master). Returns false if `pid` is no
+    /// worker.
+    pub fn on_exit(&mut self, pid: Pid, status: WaitStatus, now: Instant) -> bool {
+        let Some(w) = self.pool.remove(pid) else {
+            return false;
+        };
+        let lived = now - w.started;
+        let killed = match w.state {
+            State::Killed { kill, .. } => Some(kill),
+            _ => None,
+        };
+        let why = describe(status, killed);
+        let slot = w.slot;
+        match w.state {
+            State::ExecFailed => {
+                debug!("worker {slot} (pid {pid}), which could not exec, {why}");
+            }
+            State::Stopping { why: stop, .. }
+            | State::Killed {
+                stopped: Some(stop),
+                ..
+            } => {
+                let context = match stop {
+                    Stop::HeartbeatMissed if killed.is_none() => {
+                        " (heartbeat timeout: SIGABRT)".to_string()
+                    }
+                    Stop::HeartbeatMissed | Stop::Shutdown => String::new(),
+                    Stop::Replaced(r) => format!(" (recycled: {})", r.name()),
+                    Stop::ScaledDown | Stop::Paused | Stop::Outdated => " (retired)".to_string(),
+                };
+                info!(
+                    "worker {slot} (pid {pid}) {why}{context} after {}",
+                    ms(lived)
+                );
+            }
+            _ if self.shutting_down() => {
+                info!("worker {slot} (pid {pid}) {why} after {}", ms(lived));
+            }
+            _ if w.is_booting()
+                && self.rollout.rolling()
+                && w.generation() == self.current().number =>
+            {
+                self.rollback(
+                    format!(
+                        "worker {slot} (pid {pid}) of the new generation {why} before it was ready"
+                    ),
+                    now,
+                );
+            }
+            _ => self.on_unplanned_exit(w, status, &why, now),
+        }
+        true
+    }
+
+    /// A worker that drover did not ask to stop exited: stop at start-up if
+    /// it cannot boot, else respawn, now or after the backoff.
+    fn on_unplanned_exit(&mut self, w: Worker, status: WaitStatus, why: &str, now: Instant) {
+        let (slot, pid, lived) = (w.slot, w.pid, now - w.started);
+        if let Some(when) = self
+            .cannot_boot(&w, now)
+            .filter(|_| exit_code(status) == Some(3))
+        {
+            error!(
+                "worker {slot} (pid {pid}) cannot boot: {why} {when}; \
+                 stopping (check the worker's output above)"
+            );
+            self.begin_shutdown(Pace::Graceful, Cause::CannotBoot, now);
+            return;
+        }
+        let reset_after = self.current().s.respawn_reset_after.0;
+        let Some(s) = self.pool.slot(slot) else {
+            info!("worker {slot} (pid {pid}) {why}; its slot was removed");
+            return;
+        };
+        s.restarts += 1;
+        // A worker that served stably, or that announced its own exit after
+        // serving, is replaced at once; one that keeps failing (including
+        // at boot) waits longer each time.
+        let planned =
+            matches!(w.state, State::Ready(r) if r.leaving) && exit_code(status) == Some(0);
+        let served = !w.is_booting();
+        if planned || (served && lived >= reset_after) {
+            s.failures = 0;
+            warn!(
+                "worker {slot} (pid {pid}) {why} after {}; respawning now",
+                ms(lived)
+            );
+        } else {
+            let (delay, failures) = self.slot_failed(slot, now);
+            warn!(
+                "worker {slot} (pid {pid}) {why} after {}; respawning in {} (failure {failures} in a row)",
+                ms(lived),
+                ms(delay),
+            );
+        }
+    }
+
+    /// Whether an exit with status 3 of `w` means "cannot boot" (stop with
+    /// status 3 rather than respawn), and when it happened in words. With
+    /// `ready = "notify"`: before `READY=1`, during start-up. With
+    /// `ready = "spawn"`, where nothing is reported: within `boot_timeout`
+    /// of drover's start, in the first generation (as Gunicorn halts on its
+    /// workers' boot error), so that an app that cannot import does not
+    /// respawn forever.
+    fn cannot_boot(&self, w: &Worker, now: Instant) -> Option<String> {
+        let boot_timeout = w.gen.s.boot_timeout;
+        match w.gen.s.ready {
+            Ready::Notify => {
+                (w.is_booting() && !self.booted()).then(|| "before it reported ready".to_string())
+            }
+            Ready::Spawn => {
+                (w.generation() == 1 && !self.rollout.busy() && now - self.started < boot_timeout.0)
+                    .then(|| {
+                        format!("within boot_timeout ({boot_timeout}) of start (ready = \"spawn\")")
+                    })
+            }
+        }
+    }
+
+    /// Counts a failure of `slot` and holds its next spawn for the backoff.
+    /// Returns the delay and the number of failures in a row.
+    fn slot_failed(&mut self, slot: u32, now: Instant) -> (Duration, u32) {
+        let s = &self.rollout.current().s;
+        let (first, max, degraded) = (s.respawn_delay.0, s.respawn_max_delay.0, s.degraded_after.0);
+        let (delay, failures) = self.pool.slot_failed(slot, first, max, now);
+        if failures == degraded {
+            error!(
+                "slot {slot} is degraded: {failures} failures in a row; retrying every {} at most",
+                ms(max)
+            );
+        }
+        (delay, failures)
+    }
+
+    // Deadlines.
+
+    /// Acts on everything overdue: boot deadlines, heartbeats, max_age, stop
+    /// deadlines, the memory check.
+    fn on_deadlines(&mut self, now: Instant) {
+        let reset_after = self.current().s.respawn_reset_after.0;
+        let shutting_down = self.shutting_down();
+        let mut wedged = Vec::new();
+        let mut killed = 0;
+        let mut actions = Vec::new();
+        for w in self.pool.workers.iter_mut() {
+            if w.deadline().is_none_or(|d| d > now) {
+                continue;
+            }
+            let (slot, pid) = (w.slot, w.pid);
+            match w.state {
+                State::Execing { .. } | State::Booting { .. } => {
+                    error!(
+                        "worker {slot} (pid {pid}) did not report READY=1 within boot_timeout ({}); \
+                         killing its process group",
+                        w.gen.s.boot_timeout
+                    );
+                    actions.push(w.kill(Kill::BootTimeout));
+                }
+                State::Ready(s) if s.heartbeat.is_some_and(|h| h <= now) => {
+                    let t = w.gen.s.timeout.map_or(Duration::ZERO, |t| t.0);
+                    error!(
+                        "worker {slot} (pid {pid}) missed its heartbeat (no WATCHDOG=1 for {}): \
+                         SIGABRT, then SIGKILL in {}",
+                        humantime::format_duration(t),
+                        humantime::format_duration(w.gen.s.abort_grace.0)
+                    );
+                    // The worker may dump its state on SIGABRT; its slot is
+                    // refilled after the backoff, since it no longer serves.
+                    actions.extend(w.stop(Pace::Abort, Stop::HeartbeatMissed, now));
+                    wedged.push((slot, now - w.started >= reset_after));
+                }
+                State::Ready(ref mut s) => {
+                    // max_age: start a successor; this one stops once it is ready.
+                    info!(
+                        "worker {slot} (pid {pid}) reached max_age after {}: starting its replacement",
+                        ms(now - w.started)
+                    );
+                    s.replace = Some(Replace::MaxAge);
+                }
+                State::Stopping { why, .. } => {
+                    let cause = if why == Stop::HeartbeatMissed {
+                        Kill::HeartbeatTimeout
+                    } else {
+                        Kill::GraceExpired
+                    };
+                    warn!(
+                        "worker {slot} (pid {pid}) still running at its stop deadline; \
+                         sending SIGKILL to its process group"
+                    );
+                    killed += 1;
+                    actions.push(w.kill(cause));
+                }
+                State::Killed { .. } | State::ExecFailed => {}
+            }
+        }
+        self.emit_all(actions);
+        if let Phase::ShuttingDown(sd) = &mut self.phase {
+            sd.killed += killed;
+        }
+        // A wedged worker is a failure of its slot, like a crash: a worker that
+        // always wedges is respawned ever more slowly, and its slot degraded.
+        for (slot, stable) in wedged {
+            if stable {
+                if let Some(s) = self.pool.slot(slot) {
+                    s.failures = 0;
+                }
+            }
+            self.slot_failed(slot, now);
+        }
+        if !shutting_down && self.next_memory_check.is_some_and(|t| t <= now) {
+            self.check_memory();
+            // Disarmed once no generation alive sets max_memory.
+            let watched = self.current().s.max_memory.is_some()
+                || self
+                    .pool
+                    .workers
+                    .iter()
+                    .any(|w| w.gen.s.max_memory.is_some());
+            let interval = self.current().s.memory_check_interval.0;
+            self.next_memory_check = watched.then_some(now + interval);
+        }
+    }
+
+    /// Marks ready workers over their generation's max_memory for replacement.
+    fn check_memory(&mut self) {
+        for w in self.pool.workers.iter_mut() {
+            let (Some(limit), State::Ready(s)) = (w.gen.s.max_memory, &mut w.state) else {
+                continue;
+            };
+            if s.replace.is_some() {
+                continue;
+            }
+            let Some(rss) = resident_bytes(w.pid) else {
+                continue;
+            };
+            if rss > limit.0 {
+                info!(
+                    "worker {} (pid {}) uses {} MiB resident, over max_memory ({} MiB): starting its replacement",
+                    w.slot,
+                    w.pid,
+                    rss >> 20,
+                    limit.0 >> 20
+                );
+                s.replace = Some(Replace::MaxMemory);
+            }
+        }
+    }
+
+    // Shutdown.
+
+    /// Starts a shutdown, or turns a graceful one into a quick one.
+    pub fn begin_shutdown(&mut self, pace: Pace, cause: Cause, now: Instant) {
+        let quick = pace == Pace::Quick;
+        let s = &self.current().s;
+        let (signal, timeout) = if quick {
+            (Signal::SIGQUIT, s.quick_timeout)
+        } else {
+            (s.stop_signal.0, s.graceful_timeout)
+        };
+        let why = cause.describe();
+        match &mut self.phase {
+            Phase::ShuttingDown(sd) if sd.quick || !quick => {
+                info!(
+                    "{why}: already shutting down ({})",
+                    if sd.quick { "quick" } else { "graceful" }
+                );
+                return;
+            }
+            Phase::ShuttingDown(sd) => {
+                sd.quick = true;
+                info!(
+                    "{why}: shutdown escalated to quick: SIGQUIT to the workers, up to {timeout}"
+                );
+            }
+            _ => {
+                let kind = if quick { "quick" } else { "graceful" };
+                info!("{why}: {kind} shutdown: stage 1, stop accepting");
+                // After an upgrade the new master serves the sockets: only
+                // our copies go, and the service is the new master's
+                // (MAINPID=): it is not stopping.
+                let handover = cause == Cause::Upgrade;
+                if !handover {
+                    self.emit(Action::NotifySystemd(Note::Stopping));
+                }
+                // The control socket goes below: answer whoever waits on it.
+                let shutting = format!("{why}: shutting down");
+                let (queued, running) = self.rollout.take_waiters();
+                if let Some(queued) = queued {
+                    info!("queued reload cancelled: {shutting}");
+                    self.emit_all(
+                        queued.answer(control::failure(&format!("cancelled: {shutting}"))),
+                    );
+                }
+                self.emit_all(
+                    running.answer(control::failure(&format!("not applied: {shutting}"))),
+                );
+                let mut listeners = self
+                    .rollout
+                    .previous()
+                    .map(|p| p.take_listeners())
+                    .unwrap_or_default();
+                listeners.extend(self.current().take_listeners());
+                self.emit(Action::CloseListeners {
+                    listeners,
+                    handover,
+                });
+                self.emit(Action::CloseControl);
+                self.phase = Phase::ShuttingDown(Shutdown {
+                    quick,
+                    began: now,
+                    cause,
+                    killed: 0,
+                });
+                info!(
+                    "stage 2, drain: {} to {} worker(s), up to {timeout}",
+                    signal.as_str(),
+                    self.pool.workers.len()
+                );
+            }
+        }
+        self.stop_workers(|_| true, pace, Stop::Shutdown, now);
+    }
+
+    /// A summary in one line: "3/4 workers ready, generation 2".
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{}/{} workers ready, generation {}",
+            self.pool.ready(),
+            self.pool.slots.len(),
+            self.current().number
+        );
+        if self.paused() {
+            s.push_str(", paused");
+        }
+        if self.rollout.busy() {
+            s.push_str(", reloading");
+        }
+        s
+    }
+}
+
+/// The most children forked and not yet confirmed exec'd at once. Each holds
+/// a descriptor in the master until its report is read, and every child
+/// inherits all of them until its exec: under a tight descriptor limit,
+/// fewer (one, at worst, as a serial spawn).
+fn max_execing() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        (soft.saturating_sub(64) / 4).clamp(1, 64) as usize
+    })
+}
+
+/// The decisions, driven without a process: pids are made up, exits and
+/// exec reports are told, and the actions are read back.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::master::generation::for_test;
+
+    use crate::master::worker::Serving;
+
+    fn gen(number: u32, extra: &str) -> Generation {
+        for_test(number, &format!("command = [\"/bin/true\"]\n{extra}"))
+    }
+
+    fn pid(n: i32) -> Pid {
+        Pid::from_raw(n)
+    }
+
+    /// Every action decided so far, in words.
+    fn drain(sup: &mut Supervisor) -> Vec<String> {
+        std::iter::from_fn(|| sup.next_action())
+            .map(|a| format!("{a:?}"))
+            .collect()
+    }
+
+    /// Carries out the `Spawn`s of one turn as the master would, giving the
+    /// workers pids from `first_pid` and confirming their exec; returns the
+    /// other actions.
+    fn turn(sup: &mut Supervisor, first_pid: i32, now: Instant) -> Vec<String> {
+        sup.tick(now);
+        let mut others = Vec::new();
+        let mut next = first_pid;
+        while let Some(a) = sup.next_action() {
+            match a {
+                Action::Spawn { slot, generation } if sup.wants_spawn(&generation) => {
+                    sup.spawned(slot, generation, pid(next), now);
+                    sup.on_exec_report(pid(next), Ok(()), now);
+                    next += 1;
+                }
+                other => others.push(format!("{other:?}")),
+            }
+        }
+        others
+    }
+
+    fn has(actions: &[String], needle: &str) -> bool {
+        actions.iter().any(|a| a.contains(needle))
+    }
+
+    fn started(extra: &str, now: Instant) -> Supervisor {
+        let mut sup = Supervisor::new(Rc::new(gen(1, extra)), now);
+        let actions = turn(&mut sup, 11, now);
+        assert!(has(&actions, "Ready"), "{actions:?}");
+        assert!(matches!(sup.phase, Phase::Running));
+        sup
+    }
+
+    #[test]
+    fn a_reload_replaces_each_worker_with_its_own_generations_stop_policy() {
+        let now = Instant::now();
+        let mut sup = started(
+            "workers = 2\nmax_surge = 1\nstop_signal = \"SIGINT\"\ngraceful_timeout = \"10s\"",
+            now,
+        );
+        sup.on_command(7, Command::Reload, now);
+        assert_eq!(
+            drain(&mut sup),
+            ["notify_systemd Reloading", "load_config (control: reload)"]
+        );
+        let next = gen(2, "workers = 2\nmax_surge = 1\ngraceful_timeout = \"1s\"");
+        sup.config_loaded(Ok(next), "test.toml", now);
+        // max_surge = 1: one slot at a time; the old worker of slot 1 gets
+        // generation 1's SIGINT, with generation 1's 10 s.
+        let actions = turn(&mut sup, 21, now);
+        assert_eq!(
+            actions,
+            ["signal SIGINT to slot 1 pid 11 (Stop(Replaced(Reload)))"]
+        );
+        let old = &sup.pool.workers[sup.pool.find(pid(11)).unwrap()];
+        assert_eq!(old.deadline(), Some(now + Duration::from_secs(10)));
+        assert!(sup.on_exit(pid(11), WaitStatus::Exited(pid(11), 0), now));
+        let actions = turn(&mut sup, 22, now);
+        assert_eq!(
+            actions,
+            ["signal SIGINT to slot 2 pid 12 (Stop(Replaced(Reload)))"]
+        );
+        sup.on_exit(pid(12), WaitStatus::Exited(pid(12), 0), now);
+        let actions = turn(&mut sup, 23, now);
+        assert!(has(&actions, "close_listeners"), "{actions:?}");
+        assert!(
+            has(&actions, "answer_client 7 ok: applied: generation 2"),
+            "{actions:?}"
+        );
+        assert!(!sup.rollout.busy());
+    }
+
+    #[test]
+    fn heartbeats_follow_the_workers_own_generation() {
+        let now = Instant::now();
+        let mut sup = started("workers = 1\ntimeout = \"1s\"", now);
+        sup.on_signal(Event::Reload, now);
+        drain(&mut sup);
+        let next = gen(2, "workers = 1\nready = \"notify\"");
+        sup.config_loaded(Ok(next), "test.toml", now);
+        turn(&mut sup, 21, now);
+        // The old worker keeps its 1 s promise while its successor boots.
+        let later = now + Duration::from_millis(900);
+        sup.on_notify(pid(11), vec![Message::Watchdog], later);
+        let w = &sup.pool.workers[sup.pool.find(pid(11)).unwrap()];
+        assert_eq!(w.deadline(), Some(later + Duration::from_secs(1)));
+        let actions = turn(&mut sup, 31, now + Duration::from_millis(1500));
+        assert!(!has(&actions, "HeartbeatMissed"), "{actions:?}");
+        // The new generation has no timeout: no heartbeat deadline.
+        sup.on_notify(pid(21), vec![Message::Ready], later);
+        let w = &sup.pool.workers[sup.pool.find(pid(21)).unwrap()];
+        assert!(matches!(
+            w.state,
+            State::Ready(Serving {
+                heartbeat: None,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_new_worker_that_dies_booting_rolls_the_reload_back() {
+        let now = Instant::now();
+        let mut sup = started("workers = 2", now);
+        sup.on_command(7, Command::Reload, now);
+        drain(&mut sup);
+        let next = gen(2, "workers = 3\nready = \"notify\"");
+        sup.config_loaded(Ok(next), "test.toml", now);
+        assert_eq!(sup.pool.count(), 3);
+        turn(&mut sup, 21, now);
+        sup.on_exit(pid(21), WaitStatus::Exited(pid(21), 3), now);
+        let actions = drain(&mut sup);
+        assert_eq!(sup.current().number, 1, "generation 1 is current again");
+        assert_eq!(sup.pool.count(), 2, "the worker count before the reload");
+        assert!(has(&actions, "Stop(Outdated)"), "{actions:?}");
+        assert!(
+            has(&actions, "answer_client 7 failed: rolled back: worker 1 (pid 21) of the new generation exited with status 3"),
+            "{actions:?}"
+        );
+        // The old workers were never touched.
+        assert!(!has(&actions, "pid 11"), "{actions:?}");
+        // Once the failed generation is gone, the rollout is over.
+        for p in [22, 23] {
+            sup.on_exit(pid(p), WaitStatus::Exited(pid(p), 0), now);
+        }
+        let actions = turn(&mut sup, 31, now);
+        assert!(has(&actions, "notify_systemd Ready"), "{actions:?}");
+        assert!(!sup.rollout.busy());
+    }
+
+    #[test]
+    fn a_second_sigterm_escalates_and_the_deadline_kills() {
+        let now = Instant::now();
+        let mut sup = started(
+            "workers = 2\ngraceful_timeout = \"30s\"\nquick_timeout = \"5s\"",
+            now,
+        );
+        sup.on_signal(Event::Terminate, now);
+        let actions = drain(&mut sup);
+        assert_eq!(
+            actions,
+            [
+                "notify_systemd Stopping",
+                "close_listeners 0 (handover: false)",
+                "close_control",
+                "signal SIGTERM to slot 1 pid 11 (Stop(Shutdown))",
+                "signal SIGTERM to slot 2 pid 12 (Stop(Shutdown))",
+            ]
+        );
+        sup.on_signal(Event::Terminate, now);
+        let actions = drain(&mut sup);
+        assert_eq!(
+            actions,
+            [
+                "signal SIGQUIT to slot 1 pid 11 (Stop(Shutdown))",
+                "signal SIGQUIT to slot 2 pid 12 (Stop(Shutdown))",
+            ]
+        );
+        assert_eq!(sup.next_deadline(now), Some(now + Duration::from_secs(5)));
+        sup.on_exit(pid(11), WaitStatus::Exited(pid(11), 0), now);
+        let actions = turn(&mut sup, 0, now + Duration::from_secs(5));
+        assert_eq!(actions, ["kill_group slot 2 pid 12 (GraceExpired)"]);
+        sup.on_exit(
+            pid(12),
+            WaitStatus::Signaled(pid(12), Signal::SIGKILL, false),
+            now,
+        );
+        let actions = turn(&mut sup, 0, now + Duration::from_secs(5));
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        assert!(
+            actions[0].starts_with("exit Outcome { status: 4, quick: true, killed: 1"),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_crashing_worker_is_respawned_ever_more_slowly() {
+        let now = Instant::now();
+        let mut sup = started(
+            "workers = 1\nrespawn_delay = \"100ms\"\nrespawn_max_delay = \"400ms\"\n\
+             respawn_reset_after = \"10s\"\ndegraded_after = 3",
+            now,
+        );
+        let mut t = now;
+        let mut p = 11;
+        let mut delays = Vec::new();
+        for _ in 0..4 {
+            sup.on_exit(pid(p), WaitStatus::Exited(pid(p), 1), t);
+            let due = sup.next_deadline(t).expect("a respawn time");
+            delays.push((due - t).as_millis());
+            // Nothing is spawned before the backoff has passed.
+            assert!(turn(&mut sup, 99, t).is_empty());
+            assert!(sup.pool.workers.is_empty());
+            t = due;
+            p += 1;
+            turn(&mut sup, p, t);
+            assert!(sup.pool.has(pid(p)));
+        }
+        assert_eq!(delays, [100, 200, 400, 400]);
+        let status = sup.status(t).status.unwrap();
+        assert_eq!(status["slots"][0]["failures_in_a_row"], 4);
+        assert_eq!(status["slots"][0]["restarts"], 4);
+        assert_eq!(status["slots"][0]["degraded"], true);
+    }
+
+    #[test]
+    fn a_worker_that_cannot_boot_at_start_up_stops_drover_with_status_3() {
+        let now = Instant::now();
+        let mut sup = Supervisor::new(Rc::new(gen(1, "workers = 2\nready = \"notify\"")), now);
+        turn(&mut sup, 11, now);
+        sup.on_exit(pid(11), WaitStatus::Exited(pid(11), 3), now);
+        let actions = drain(&mut sup);
+        assert!(
+            has(&actions, "signal SIGTERM to slot 2 pid 12 (Stop(Shutdown))"),
+            "{actions:?}"
+        );
+        sup.on_exit(pid(12), WaitStatus::Exited(pid(12), 0), now);
+        let actions = turn(&mut sup, 0, now);
+        assert!(
+            actions[0].starts_with("exit Outcome { status: 3"),
+            "{actions:?}"
+        );
+    }
+}
