@@ -781,9 +781,14 @@ fn the_stop_budgets_add_up() {
 /// A random delay in `[lo, hi)`, from the standard library's hasher seeds.
 fn random_between(lo: Duration, hi: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
-    let r = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::UNIX_EPOCH
+            .elapsed()
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let r = h.finish();
     lo + (hi - lo).mul_f64((r % 1_000_000) as f64 / 1_000_000.0)
 }
 
@@ -793,7 +798,7 @@ fn random_between(lo: Duration, hi: Duration) -> Duration {
 /// kube-proxy stop routing some time after the pod got SIGTERM.
 struct Endpoint {
     cutoff: Arc<Mutex<Option<Instant>>>,
-    threads: Vec<std::thread::JoinHandle<Outcomes>>,
+    threads: Vec<std::thread::JoinHandle<(Outcomes, Refusals)>>,
     answered: Arc<AtomicU64>,
 }
 
@@ -806,12 +811,17 @@ impl Endpoint {
                 let (cutoff, answered, path) = (cutoff.clone(), answered.clone(), path.to_string());
                 std::thread::spawn(move || {
                     let mut o = Outcomes::default();
+                    let mut refusals = Refusals::default();
                     while cutoff.lock().unwrap().is_none_or(|c| Instant::now() < c) {
+                        let (refused, began) = (o.refused, Instant::now());
                         if one_request(addr, &path, &mut o) {
                             answered.fetch_add(1, Ordering::Relaxed);
                         }
+                        if o.refused > refused {
+                            refusals.add(began.elapsed());
+                        }
                     }
-                    o
+                    (o, refusals)
                 })
             })
             .collect();
@@ -828,19 +838,41 @@ impl Endpoint {
         });
     }
 
-    /// No new connection after `after` from now; returns every outcome.
-    fn remove(self, after: Duration) -> Outcomes {
+    /// No new connection after `after` from now; returns every outcome,
+    /// and how long the refused attempts took.
+    fn remove(self, after: Duration) -> (Outcomes, Refusals) {
         *self.cutoff.lock().unwrap() = Some(Instant::now() + after);
         let mut total = Outcomes::default();
+        let mut refusals = Refusals::default();
         for t in self.threads {
-            let o = t.join().unwrap();
+            let (o, r) = t.join().unwrap();
+            refusals.slowest = refusals.slowest.max(r.slowest);
+            refusals.after_a_retransmission += r.after_a_retransmission;
             total.ok += o.ok;
             total.refused += o.refused;
             total.reset += o.reset;
             total.truncated += o.truncated;
             total.other += o.other;
         }
-        total
+        (total, refusals)
+    }
+}
+
+/// How long refused connection attempts took.
+#[derive(Debug, Default, Clone, Copy)]
+struct Refusals {
+    slowest: Duration,
+    /// Refused only after the client's SYN was dropped and sent again
+    /// (Linux's first retransmission comes after 1 s).
+    after_a_retransmission: u64,
+}
+
+impl Refusals {
+    fn add(&mut self, took: Duration) {
+        self.slowest = self.slowest.max(took);
+        if took >= Duration::from_millis(900) {
+            self.after_a_retransmission += 1;
+        }
     }
 }
 
@@ -899,8 +931,8 @@ fn without_a_prestop_delay_late_clients_are_refused() {
     lb.wait_answered(200);
     d.signal(Signal::SIGTERM);
     let after = random_between(Duration::from_millis(200), Duration::from_millis(1500));
-    let o = lb.remove(after);
-    eprintln!("endpoint removed {after:?} after SIGTERM: {o:?}");
+    let (o, refusals) = lb.remove(after);
+    eprintln!("endpoint removed {after:?} after SIGTERM: {o:?}, {refusals:?}");
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
     assert!(o.refused > 0, "{o:?}");
     assert_eq!((o.reset, o.truncated, o.other), (0, 0, 0), "{o:?}");
