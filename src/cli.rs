@@ -76,6 +76,10 @@ struct RunArgs {
     /// Any setting, as KEY=VALUE (repeatable), e.g. --set graceful_timeout=10s.
     #[arg(short, long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Development mode: reload when the app's files change (the workers'
+    /// working directory, or reload_paths and reload_extra_files).
+    #[arg(long)]
+    reload: bool,
     /// The program the workers run and its arguments, after `--`
     /// (instead of `command` in the config).
     #[arg(last = true, value_name = "WORKER_COMMAND")]
@@ -190,6 +194,7 @@ impl RunArgs {
             log_level: over.log_level.or(self.log_level),
             pidfile: over.pidfile.or(self.pidfile),
             set: [self.set, over.set].concat(),
+            reload: self.reload || over.reload,
             command: if over.command.is_empty() {
                 self.command
             } else {
@@ -207,6 +212,7 @@ impl RunArgs {
             ("--log-level", self.log_level.is_some()),
             ("--pidfile", self.pidfile.is_some()),
             ("--set", !self.set.is_empty()),
+            ("--reload", self.reload),
             ("-- WORKER_COMMAND", !self.command.is_empty()),
         ]
         .into_iter()
@@ -245,6 +251,12 @@ impl RunArgs {
                 format!("--log-level {level}"),
                 &format!("log_level={level}"),
             )?);
+        }
+        if self.reload {
+            layer.reload = Some(Given {
+                value: true,
+                at: Place::Flag("--reload".into()),
+            });
         }
         if let Some(p) = &self.pidfile {
             layer = layer.overlay(flag(format!("--pidfile {p}"), &format!("pidfile={p}"))?);
@@ -494,6 +506,10 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> Exit
                 ),
             );
         }
+    }
+    // --reload: what a start would watch can be watched.
+    if let Err(e) = crate::watch::from_settings(s) {
+        return fail(exit::USAGE, e.to_string());
     }
     // A name was found in PATH just now; a path is only tried at exec, after
     // the chdir: look at it from there, as the worker will.

@@ -162,6 +162,13 @@ settings! {
     chdir: Option<PathBuf> = None;
     /// During a reload, at most this many new workers boot at once.
     max_surge: Count = Count(1);
+    /// Development mode: reload (as SIGHUP does) when the app's files change.
+    reload: bool = false;
+    /// With `reload`: directories watched with everything below them; none
+    /// means the workers' working directory (`chdir`, else drover's).
+    reload_paths: Vec<PathBuf> = Vec::new();
+    /// With `reload`: more files watched (a config the app reads, say).
+    reload_extra_files: Vec<PathBuf> = Vec::new();
     /// The control socket (JSON lines, mode 0600); none if unset.
     control_socket: Option<PathBuf> = None;
     /// drover's own log file (reopened on SIGUSR1); stderr if unset.

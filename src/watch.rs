@@ -247,12 +247,72 @@ impl Watcher {
             return None;
         }
         self.pending = None;
-        Some(std::mem::take(&mut self.changed).into_iter().collect())
+        // Name what is there now: an editor's or sed's temporary file came
+        // and went; if nothing is left, the change was a deletion.
+        let changed = std::mem::take(&mut self.changed);
+        let there: Vec<PathBuf> = changed.iter().filter(|p| p.exists()).cloned().collect();
+        Some(if there.is_empty() {
+            changed.into_iter().collect()
+        } else {
+            there
+        })
     }
 
     /// How many directories are watched.
     pub fn directories(&self) -> usize {
         self.watches.len()
+    }
+}
+
+/// The watcher `--reload` asks for, if it does: `reload_paths` (else the
+/// workers' working directory) and `reload_extra_files`, logged.
+pub fn from_settings(s: &crate::config::Settings) -> Result<Option<Watcher>, WatchError> {
+    if !s.reload {
+        return Ok(None);
+    }
+    let dirs = if s.reload_paths.is_empty() {
+        vec![s.chdir.clone().unwrap_or_else(|| PathBuf::from("."))]
+    } else {
+        s.reload_paths.clone()
+    };
+    let watcher = Watcher::new(&dirs, &s.reload_extra_files)?;
+    let shown = |paths: &[PathBuf]| {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let extra = if s.reload_extra_files.is_empty() {
+        String::new()
+    } else {
+        format!(" and {}", shown(&s.reload_extra_files))
+    };
+    tracing::info!(
+        "--reload: watching {}{extra} ({} directories); a change reloads",
+        shown(&dirs),
+        watcher.directories()
+    );
+    if s.ready == crate::config::Ready::Spawn {
+        tracing::warn!(
+            "--reload with ready = \"spawn\": new workers count as ready once exec'd, so an \
+             edit that breaks the app replaces the serving workers anyway; ready = \"notify\" \
+             (which drover-wsgi speaks) keeps them until the new ones are ready"
+        );
+    }
+    Ok(Some(watcher))
+}
+
+/// The changed paths, for the log: `app.py`, `a.py, b.py and more`.
+pub fn describe(changed: &[PathBuf]) -> String {
+    let mut names: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+    if names.len() >= NAMED {
+        names.push("more".into());
+    }
+    match names.len() {
+        0 => "a file".into(),
+        1 => names.remove(0),
+        n => format!("{} and {}", names[..n - 1].join(", "), names[n - 1]),
     }
 }
 

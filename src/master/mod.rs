@@ -85,13 +85,15 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
 }
 
 impl StartError {
     pub fn exit_status(&self) -> u8 {
         match self {
             StartError::Program(_) => exit::CANNOT_BOOT,
-            StartError::Identity(_) => exit::USAGE,
+            StartError::Identity(_) | StartError::Watch(_) => exit::USAGE,
             _ => exit::FAILURE,
         }
     }
@@ -122,6 +124,8 @@ pub struct Master {
     /// `master_as_user`: the master switched to the workers' user at start.
     master_switched: bool,
     exe: upgrade::Exe,
+    /// `--reload`: the app's files, watched.
+    watch: Option<crate::watch::Watcher>,
 }
 
 /// Starts drover: binds, spawns the workers and supervises them until
@@ -163,6 +167,8 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     };
     // 8. The workers' standard input.
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
+    // 8b. `--reload`: the app's files, watched from the loop.
+    let watch = crate::watch::from_settings(&gen.s)?;
     // 9. Everything privileged is done: sockets bound, files created.
     let master_switched = gen.s.master_as_user && gen.program.identity.is_some();
     if master_switched {
@@ -185,6 +191,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         upgrade: None,
         master_switched,
         exe,
+        watch,
     };
     let outcome = master.run_loop();
     let status = master.finish(outcome);
@@ -275,6 +282,11 @@ impl Master {
             .into_iter()
             .chain(self.next_watchdog)
             .chain(self.upgrade_deadline())
+            .chain(
+                self.watch
+                    .as_ref()
+                    .and_then(crate::watch::Watcher::deadline),
+            )
             .min()
     }
 
@@ -286,8 +298,8 @@ impl Master {
     }
 
     /// Blocks until a signal, a notify message, a control request, an exec
-    /// report, or `timeout`. (Another source — an admin listener, a file
-    /// watcher — adds its descriptor here and its reading to `read_events`.)
+    /// report, a change under `--reload`, or `timeout`. (Another source adds
+    /// its descriptor here and its reading to `read_events`.)
     fn wait(&self, timeout: Option<Duration>) {
         let timeout = match timeout {
             None => PollTimeout::NONE,
@@ -303,6 +315,9 @@ impl Master {
         ];
         if let Some(c) = &self.control {
             fds.extend(c.poll_fds());
+        }
+        if let Some(w) = &self.watch {
+            fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
         }
         fds.extend(
             self.exec_reports
@@ -353,6 +368,15 @@ impl Master {
             .unwrap_or_default();
         for (client, command) in requests {
             self.sup.on_command(client, command, now);
+        }
+        // `--reload`: changes are read as they come, and acted on once the
+        // files have been quiet (the debounce deadline woke us then).
+        let changed = self.watch.as_mut().and_then(|w| {
+            w.read(now);
+            w.take_due(now)
+        });
+        if let Some(changed) = changed {
+            self.sup.on_files_changed(&crate::watch::describe(&changed));
         }
     }
 

@@ -177,6 +177,17 @@ impl Supervisor {
         }
     }
 
+    /// `--reload`: the watched files (`what`) changed and have been quiet
+    /// since: the same reload as SIGHUP.
+    pub fn on_files_changed(&mut self, what: &str) {
+        let why = format!("--reload: {what} changed");
+        if self.shutting_down() {
+            info!("{why}: ignored during shutdown");
+        } else {
+            self.reload(&why, None);
+        }
+    }
+
     /// A request from the control socket: the same operations as the
     /// signals, with an answer.
     pub fn on_command(&mut self, client: ClientId, command: Command, now: Instant) {
