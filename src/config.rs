@@ -257,7 +257,7 @@ impl Layer {
         };
         let raw: RawLayer = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             at: place(e.span().unwrap_or(0..0)),
-            message: did_you_mean(e.message().trim_end()).replace('\n', " "),
+            message: with_hint(e.message().trim_end()).replace('\n', " "),
         })?;
         let mut layer = raw.locate(place);
         if layer.bind.is_some() {
@@ -616,6 +616,31 @@ impl Layer {
         }
         Ok(found)
     }
+}
+
+/// A serde message with what to write instead, for the usual slips: a name
+/// near a known one, a string where a list is expected, a quoted number.
+fn with_hint(message: &str) -> String {
+    // `invalid type: string "app", expected a sequence`
+    if let Some(rest) = message.strip_prefix("invalid type: string ") {
+        if let Some(value) = rest.strip_suffix(", expected a sequence") {
+            // A command line written as one string: its words, one per item.
+            let words: Vec<String> = value
+                .trim_matches('"')
+                .split_whitespace()
+                .map(toml_string)
+                .collect();
+            return format!("{message}: write a list, like [{}]", words.join(", "));
+        }
+        if let Some((value, expected)) = rest.split_once(", expected ") {
+            let digits = value.trim_matches('"');
+            let numeric = expected.contains("from ") && digits.parse::<i64>().is_ok();
+            if numeric {
+                return format!("{message}: write the number without quotes, like {digits}");
+            }
+        }
+    }
+    did_you_mean(message)
 }
 
 /// A serde "unknown field" or "unknown variant" message with the nearest of
@@ -1246,6 +1271,30 @@ mod tests {
         );
         assert_eq!(nearest("workr", KEYS.iter().copied()), Some("workers"));
         assert_eq!(nearest("wrk", KEYS.iter().copied()), None);
+    }
+
+    #[test]
+    fn a_string_for_a_list_or_a_quoted_number_says_what_to_write() {
+        assert_eq!(
+            err("command = \"./app --port 80\""),
+            "c.toml:1:11: invalid type: string \"./app --port 80\", expected a sequence: \
+             write a list, like [\"./app\", \"--port\", \"80\"]"
+        );
+        assert_eq!(
+            err("env_remove = \"DEBUG\""),
+            "c.toml:1:14: invalid type: string \"DEBUG\", expected a sequence: write a list, \
+             like [\"DEBUG\"]"
+        );
+        assert_eq!(
+            err("workers = \"4\""),
+            "c.toml:1:11: invalid type: string \"4\", expected a number of workers from 1 to \
+             4096: write the number without quotes, like 4"
+        );
+        let e = err("workers = \"four\"");
+        assert!(
+            e.ends_with("expected a number of workers from 1 to 4096"),
+            "{e}"
+        );
     }
 
     #[test]
