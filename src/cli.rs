@@ -158,6 +158,9 @@ enum CtlCommand {
     },
     /// Binary upgrade; waits until the new master is ready or has failed.
     Upgrade,
+    /// Exit 0 only when drover should receive traffic: every slot has a
+    /// ready worker and drover is not paused or stopping (a readiness probe).
+    Ready,
 }
 
 impl CtlCommand {
@@ -168,6 +171,7 @@ impl CtlCommand {
             CtlCommand::Scale { count } => Command::Scale { workers: *count },
             CtlCommand::Stop { quick } => Command::Stop { quick: *quick },
             CtlCommand::Upgrade => Command::Upgrade,
+            CtlCommand::Ready => Command::Ready,
         }
     }
 }

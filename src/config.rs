@@ -130,6 +130,8 @@ settings! {
     graceful_timeout: Dur = Dur(Duration::from_secs(30));
     /// How long a quick stop may take before SIGKILL.
     quick_timeout: Dur = Dur(Duration::from_secs(5));
+    /// On SIGTERM, how long to keep serving (not ready) before stopping.
+    prestop_delay: Dur = Dur(Duration::ZERO);
     /// First delay before respawning a worker that failed quickly.
     respawn_delay: Dur = Dur(Duration::from_millis(100));
     /// Upper bound of the exponential respawn delay.

@@ -3,7 +3,7 @@
 //! request per connection, one answer, then the master closes it. A reload's
 //! answer waits for its verdict.
 //!
-//! Request: `{"command": "status" | "reload" | "upgrade"}`,
+//! Request: `{"command": "status" | "reload" | "upgrade" | "ready"}`,
 //! `{"command": "scale", "workers": N}`, `{"command": "stop", "quick": false}`.
 //! Answer: `{"ok": bool, "message": "...", "status": {...}}` (status only for
 //! `status`).
@@ -33,6 +33,8 @@ pub enum Command {
         quick: bool,
     },
     Upgrade,
+    /// Whether drover should receive traffic (what `/readyz` answers).
+    Ready,
 }
 
 /// The master's answer.
@@ -254,10 +256,10 @@ fn readable(a: &Answer) -> String {
         m["generation"],
         m["workers"],
         if m["paused"] == true { ", paused" } else { "" },
-        if m["reloading"] == true {
-            ", reloading"
-        } else {
-            ""
+        match (m["reloading"] == true, m["prestop_left_ms"].as_u64()) {
+            (_, Some(left)) => format!(", pre-stop: shutting down in {left} ms"),
+            (true, None) => ", reloading".to_string(),
+            (false, None) => String::new(),
         },
     ));
     out.push_str(&format!(

@@ -656,7 +656,8 @@ exec setpriv --reuid="${user%:*}" --regid="${user#*:}" --clear-groups --no-new-p
 /// namespace, the image's ENTRYPOINT with the ConfigMap's config (the same
 /// settings as the image's own deploy/container/drover.toml), the image's
 /// user, a read-only root. It serves; STOPSIGNAL (what `docker stop` and the
-/// kubelet send) with a request in flight: the request is answered, new
+/// kubelet send) with a request in flight: drover serves on for the
+/// ConfigMap's pre-stop delay (5 s), then the request is answered, new
 /// connections are refused, drover exits 0 and no worker is left.
 #[test]
 fn drover_runs_as_pid_1_of_the_shipped_image() {
@@ -665,8 +666,15 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
     assert_eq!(image.stop_signal, Signal::SIGTERM);
     let kube = configmap_config();
     let own = std::fs::read_to_string(repo().join("deploy/container/drover.toml")).unwrap();
+    // The same settings, but for the pre-stop delay a plain container has
+    // no load balancer to wait for.
+    let mut kube_table = toml::from_str::<toml::Table>(&kube).unwrap();
     assert_eq!(
-        toml::from_str::<toml::Table>(&kube).unwrap(),
+        kube_table.remove("prestop_delay").unwrap().as_str(),
+        Some("5s")
+    );
+    assert_eq!(
+        kube_table,
         toml::from_str::<toml::Table>(&own).unwrap(),
         "the ConfigMap and deploy/container/drover.toml disagree"
     );
@@ -723,13 +731,19 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
     assert_eq!(get_ok(addr, "/").status, 200);
 
     let slow = get_in_flight(addr, "/sleep?ms=1500");
+    let stopped = Instant::now();
     nix::sys::signal::kill(drover, image.stop_signal).unwrap();
+    // The pre-stop delay: still serving.
+    d.wait_log("SIGTERM: pre-stop: serving for 5s more");
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    assert!(stopped.elapsed() < Duration::from_secs(5));
     wait_for("new connections to be refused", LIMIT, || {
         get(addr, "/").is_err().then_some(())
     });
     let resp = slow.join().unwrap().expect("the request in flight");
     assert_eq!((resp.status, resp.body.as_str()), (200, "slept 1500 ms\n"));
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    assert!(stopped.elapsed() >= Duration::from_secs(5));
     for w in workers {
         assert!(!alive(w), "worker {w} outlived drover");
     }
@@ -757,7 +771,7 @@ fn config_seconds(toml: &str, key: &str) -> u64 {
 fn the_stop_budgets_add_up() {
     const MARGIN: u64 = 5;
     let kube = configmap_config();
-    let prestop = yaml_number("seconds");
+    let prestop = config_seconds(&kube, "prestop_delay");
     let budget = config_seconds(&kube, "graceful_timeout") + config_seconds(&kube, "hook_timeout");
     assert_eq!(
         yaml_number("terminationGracePeriodSeconds"),
@@ -936,4 +950,161 @@ fn without_a_prestop_delay_late_clients_are_refused() {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
     assert!(o.refused > 0, "{o:?}");
     assert_eq!((o.reset, o.truncated, o.other), (0, 0, 0), "{o:?}");
+}
+
+/// `drover ctl ARGS` against `d`'s control socket ($DIR/ctl.sock):
+/// (exit status, standard output).
+fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(drover_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(d.dir.path().join("ctl.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn hello_config(extra: &str) -> String {
+    format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"{}\"]\nworkers = 2\nready = \"notify\"\n\
+         control_socket = \"$DIR/ctl.sock\"\n{extra}\n",
+        hello_bin()
+    )
+}
+
+/// With `prestop_delay = "2s"`, SIGTERM leaves drover serving while the
+/// load balancer still sends (a random 0.2–1.5 s): no client is refused and
+/// none fails. Meanwhile drover is not ready (`ctl ready` exits 1 with
+/// "pre-stop") and says so in `ctl status` and the log; after the delay the
+/// graceful shutdown runs as usual and drover exits 0.
+#[test]
+fn with_a_prestop_delay_late_clients_are_all_answered() {
+    let mut d = Start::config(&hello_config("prestop_delay = \"2s\"")).run();
+    d.wait_log("all 2 workers ready");
+    let (code, out) = ctl(&d, &["ready"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "ok: ready: 2/2 workers ready, generation 1")
+    );
+    let lb = Endpoint::start(d.tcp_addr(), 16, "/");
+    lb.wait_answered(200);
+    let sigterm = Instant::now();
+    d.signal(Signal::SIGTERM);
+    d.wait_log("SIGTERM: pre-stop: serving for 2s more");
+    let (code, out) = ctl(&d, &["ready"]);
+    assert_eq!(
+        (code, out.trim()),
+        (1, "failed: not ready: pre-stop: shutting down soon")
+    );
+    let (code, out) = ctl(&d, &["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("2/2 workers ready, generation 1, pre-stop"),
+        "{out}"
+    );
+    assert!(out.contains(", pre-stop: shutting down in "), "{out}");
+    let after = random_between(Duration::from_millis(200), Duration::from_millis(1500));
+    let (o, _) = lb.remove(after.saturating_sub(sigterm.elapsed()));
+    eprintln!("endpoint removed {after:?} after SIGTERM: {o:?}");
+    assert!(
+        sigterm.elapsed() < Duration::from_secs(2),
+        "the load balancer was slower than the delay: nothing was tested"
+    );
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    assert!(sigterm.elapsed() >= Duration::from_secs(2));
+    assert_eq!(
+        (o.refused, o.reset, o.truncated, o.other),
+        (0, 0, 0, 0),
+        "{o:?}"
+    );
+    assert!(o.ok > 200, "{o:?}");
+    let log = d.log();
+    let over = log
+        .find("pre-stop delay over")
+        .expect("the delay's end logged");
+    let stage1 = log.find("SIGTERM: graceful shutdown: stage 1").unwrap();
+    assert!(over < stage1, "{log}");
+}
+
+/// The delay is for SIGTERM only: a second SIGTERM, SIGINT or SIGQUIT ends
+/// it at once, and SIGINT (Ctrl+C) or `ctl stop` alone never starts it.
+#[test]
+fn a_second_signal_or_another_stop_skips_the_prestop_delay() {
+    for (first, second, expect) in [
+        (
+            Some(Signal::SIGTERM),
+            Some(Signal::SIGTERM),
+            "SIGTERM: graceful shutdown: stage 1",
+        ),
+        (
+            Some(Signal::SIGTERM),
+            Some(Signal::SIGQUIT),
+            "SIGQUIT: quick shutdown: stage 1",
+        ),
+        (
+            Some(Signal::SIGINT),
+            None,
+            "SIGINT: graceful shutdown: stage 1",
+        ),
+        (None, None, "control: stop: graceful shutdown: stage 1"),
+    ] {
+        let mut d = Start::config(&hello_config("prestop_delay = \"30s\"")).run();
+        d.wait_log("all 2 workers ready");
+        let began = Instant::now();
+        match first {
+            Some(sig) => d.signal(sig),
+            None => assert_eq!(ctl(&d, &["stop"]).0, 0),
+        }
+        if let Some(sig) = second {
+            d.wait_log("pre-stop: serving for 30s more");
+            d.signal(sig);
+        }
+        assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+        assert!(began.elapsed() < Duration::from_secs(10));
+        let log = d.log();
+        assert!(log.contains(expect), "{log}");
+        assert_eq!(
+            log.contains("pre-stop delay cut short"),
+            second.is_some(),
+            "{log}"
+        );
+    }
+}
+
+/// `drover ctl ready` exits 0 only when every slot has a ready worker and
+/// drover is neither paused nor stopping, with the reason otherwise.
+#[test]
+fn ctl_ready_is_a_readiness_probe() {
+    // A worker that never reports READY=1: booting for good.
+    let config = "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"exec sleep 60\"]\n\
+                  ready = \"notify\"\nboot_timeout = \"60s\"\ncontrol_socket = \"$DIR/ctl.sock\"\n";
+    let d = Start::config(config).run();
+    d.wait_workers(1);
+    let (code, out) = wait_for("the control socket", LIMIT, || {
+        let (code, out) = ctl(&d, &["ready"]);
+        (!out.is_empty()).then_some((code, out))
+    });
+    assert_eq!(
+        (code, out.trim()),
+        (
+            1,
+            "failed: not ready: booting: 0/1 slots have a ready worker, 1 needed"
+        )
+    );
+    drop(d);
+
+    let d = Start::config(&hello_config("")).run();
+    d.wait_log("all 2 workers ready");
+    assert_eq!(ctl(&d, &["ready"]).0, 0);
+    d.signal(Signal::SIGWINCH);
+    d.wait_log("SIGWINCH: stopping all 2 worker(s)");
+    let (code, out) = ctl(&d, &["ready"]);
+    assert_eq!(
+        (code, out.trim()),
+        (1, "failed: not ready: paused: workers stopped (SIGWINCH)")
+    );
 }

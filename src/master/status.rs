@@ -57,6 +57,11 @@ impl Supervisor {
                 "generation": self.current().number,
                 "workers": self.pool.slots.len(),
                 "paused": matches!(self.phase, Phase::Paused { .. }),
+                "phase": self.phase.name(),
+                "prestop_left_ms": match self.phase {
+                    Phase::PreStop { until, .. } => Some(until.saturating_duration_since(now).as_millis() as u64),
+                    _ => None,
+                },
                 "reloading": self.rollout.busy(),
                 "rss_bytes": resident_bytes(nix::unistd::Pid::this()),
             },

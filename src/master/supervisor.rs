@@ -25,6 +25,7 @@ use super::worker::{
 use crate::config::Ready;
 use crate::control::{self, ClientId, Command};
 use crate::notify::Message;
+use crate::readiness;
 use crate::signals::Event;
 
 /// The most workers drover runs (as for the `workers` setting).
@@ -42,10 +43,27 @@ pub enum Phase {
     Paused {
         booted: bool,
     },
-    /// Stages 1–3 of the shutdown. (A pre-stop delay, serving on while load
-    /// balancers notice, would be a phase of its own before this one, with
-    /// its end as a deadline.)
+    /// SIGTERM with `prestop_delay`: serving on, not ready, while load
+    /// balancers stop sending; the shutdown begins `until`.
+    PreStop {
+        until: Instant,
+        cause: Cause,
+    },
+    /// Stages 1–3 of the shutdown.
     ShuttingDown(Shutdown),
+}
+
+impl Phase {
+    /// For `drover ctl status`: starting, running, paused, pre-stop, draining.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Paused { .. } => "paused",
+            Phase::PreStop { .. } => "pre-stop",
+            Phase::ShuttingDown(_) => "draining",
+        }
+    }
 }
 
 pub struct Supervisor {
@@ -111,16 +129,57 @@ impl Supervisor {
         matches!(self.phase, Phase::Paused { .. })
     }
 
+    /// Shutting down, or about to (the pre-stop delay): no reload, scaling
+    /// or upgrade any more.
+    fn stopping(&self) -> bool {
+        matches!(self.phase, Phase::PreStop { .. } | Phase::ShuttingDown(_))
+    }
+
     fn booted(&self) -> bool {
         matches!(
             self.phase,
-            Phase::Running | Phase::Paused { booted: true } | Phase::ShuttingDown(_)
+            Phase::Running
+                | Phase::Paused { booted: true }
+                | Phase::PreStop { .. }
+                | Phase::ShuttingDown(_)
         )
+    }
+
+    /// Whether drover should receive traffic, and why not: the one decision
+    /// behind `drover ctl ready` (and the admin endpoint's `/readyz`).
+    pub fn readiness(&self) -> Result<(), readiness::NotReady> {
+        let phase = match self.phase {
+            Phase::Starting => readiness::Phase::Starting,
+            Phase::Running => readiness::Phase::Running,
+            Phase::Paused { .. } => readiness::Phase::Paused,
+            Phase::PreStop { .. } => readiness::Phase::PreStop,
+            Phase::ShuttingDown(_) => readiness::Phase::Draining,
+        };
+        let ready_slots = (1..=self.pool.slots.len() as u32)
+            .filter(|slot| {
+                self.pool
+                    .workers
+                    .iter()
+                    .any(|w| w.slot == *slot && w.is_ready())
+            })
+            .count() as u32;
+        readiness::readiness(&readiness::View {
+            phase,
+            slots: self.pool.slots.len() as u32,
+            ready_slots,
+            share: 1.0,
+        })
     }
 
     /// One turn's own duties: what is overdue, the rollout, the worker
     /// count, and the exit once a shutdown has no worker left.
     pub fn tick(&mut self, now: Instant) {
+        if let Phase::PreStop { until, cause } = self.phase {
+            if now >= until {
+                info!("pre-stop delay over");
+                self.begin_shutdown(Pace::Graceful, cause, now);
+            }
+        }
         self.on_deadlines(now);
         self.settle_rollout(now);
         if !self.shutting_down() {
@@ -145,10 +204,15 @@ impl Supervisor {
         let running = !self.shutting_down();
         let respawning = running && !self.paused();
         let memory = self.next_memory_check.filter(|_| running);
+        let prestop = match self.phase {
+            Phase::PreStop { until, .. } => Some(until),
+            _ => None,
+        };
         self.pool
             .next_deadline(respawning, now)
             .into_iter()
             .chain(memory)
+            .chain(prestop)
             .min()
     }
 
@@ -159,6 +223,7 @@ impl Supervisor {
         match event {
             // Reaping is the master's (it owns waitpid): see `on_exit`.
             Event::Child => {}
+            Event::Terminate if self.begin_prestop(name, now) => {}
             Event::Terminate | Event::Interrupt => {
                 // The same signal again during a graceful shutdown means "hurry".
                 let quick = matches!(&self.phase, Phase::ShuttingDown(sd) if !sd.quick);
@@ -166,7 +231,7 @@ impl Supervisor {
                 self.begin_shutdown(pace, Cause::Signal(name), now);
             }
             Event::Quit => self.begin_shutdown(Pace::Quick, Cause::Signal(name), now),
-            _ if self.shutting_down() => info!("{name}: ignored during shutdown"),
+            _ if self.stopping() => info!("{name}: ignored during shutdown"),
             Event::AddWorker if self.paused() => self.resume(name),
             Event::AddWorker => self.scale(self.pool.count() + 1, name),
             Event::RemoveWorker => self.scale(self.pool.count().saturating_sub(1).max(1), name),
@@ -197,7 +262,23 @@ impl Supervisor {
                 let status = self.status(now);
                 self.emit(answer(status));
             }
-            _ if self.shutting_down() => self.emit(answer(control::failure("shutting down"))),
+            Command::Ready => {
+                let verdict = match self.readiness() {
+                    Ok(()) => control::success(&format!("ready: {}", self.summary())),
+                    Err(why) => control::failure(&format!("not ready: {why}")),
+                };
+                self.emit(answer(verdict));
+            }
+            Command::Stop { quick } => {
+                self.emit(answer(control::success(if quick {
+                    "quick shutdown"
+                } else {
+                    "graceful shutdown"
+                })));
+                let pace = if quick { Pace::Quick } else { Pace::Graceful };
+                self.begin_shutdown(pace, Cause::Signal("control: stop"), now);
+            }
+            _ if self.stopping() => self.emit(answer(control::failure("shutting down"))),
             Command::Reload => self.reload("control: reload", Some(client)),
             Command::Scale { workers: n } if !(1..=MAX_WORKERS).contains(&n) => {
                 self.emit(answer(control::failure(&format!(
@@ -210,15 +291,6 @@ impl Supervisor {
                 }
                 self.scale(n, "control: scale");
                 self.emit(answer(control::success(&format!("scaled to {n} workers"))));
-            }
-            Command::Stop { quick } => {
-                self.emit(answer(control::success(if quick {
-                    "quick shutdown"
-                } else {
-                    "graceful shutdown"
-                })));
-                let pace = if quick { Pace::Quick } else { Pace::Graceful };
-                self.begin_shutdown(pace, Cause::Signal("control: stop"), now);
             }
             Command::Upgrade => self.emit(Action::StartUpgrade {
                 client: Some(client),
@@ -507,7 +579,10 @@ impl Supervisor {
     pub fn wants_spawn(&self, generation: &Rc<Generation>) -> bool {
         !self.hold_spawns
             && Rc::ptr_eq(generation, self.current())
-            && matches!(self.phase, Phase::Starting | Phase::Running)
+            && matches!(
+                self.phase,
+                Phase::Starting | Phase::Running | Phase::PreStop { .. }
+            )
     }
 
     /// Out of descriptors or processes while other children are on their
@@ -931,6 +1006,27 @@ impl Supervisor {
 
     // Shutdown.
 
+    /// SIGTERM with a `prestop_delay`, while running: serve on, not ready,
+    /// and begin the shutdown when the delay is over. Returns false (the
+    /// shutdown begins now) with no delay, when drover is not serving
+    /// (starting, paused) or is already stopping.
+    fn begin_prestop(&mut self, name: &'static str, now: Instant) -> bool {
+        let delay = self.current().s.prestop_delay;
+        if delay.0.is_zero() || !matches!(self.phase, Phase::Running) {
+            return false;
+        }
+        info!(
+            "{name}: pre-stop: serving for {delay} more while load balancers stop sending \
+             (not ready), then a graceful shutdown"
+        );
+        self.emit(Action::NotifySystemd(Note::Stopping));
+        self.phase = Phase::PreStop {
+            until: now + delay.0,
+            cause: Cause::Signal(name),
+        };
+        true
+    }
+
     /// Starts a shutdown, or turns a graceful one into a quick one.
     pub fn begin_shutdown(&mut self, pace: Pace, cause: Cause, now: Instant) {
         let quick = pace == Pace::Quick;
@@ -957,12 +1053,22 @@ impl Supervisor {
             }
             _ => {
                 let kind = if quick { "quick" } else { "graceful" };
+                // A signal (or a stop) during the pre-stop delay ends it.
+                let prestop = match self.phase {
+                    Phase::PreStop { until, .. } if until > now => {
+                        info!("{why}: pre-stop delay cut short, {} early", ms(until - now));
+                        true
+                    }
+                    Phase::PreStop { .. } => true,
+                    _ => false,
+                };
                 info!("{why}: {kind} shutdown: stage 1, stop accepting");
                 // After an upgrade the new master serves the sockets: only
                 // our copies go, and the service is the new master's
-                // (MAINPID=): it is not stopping.
+                // (MAINPID=): it is not stopping. After a pre-stop delay,
+                // systemd was told already.
                 let handover = cause == Cause::Upgrade;
-                if !handover {
+                if !handover && !prestop {
                     self.emit(Action::NotifySystemd(Note::Stopping));
                 }
                 // The control socket goes below: answer whoever waits on it.
@@ -1017,6 +1123,9 @@ impl Supervisor {
         }
         if self.rollout.busy() {
             s.push_str(", reloading");
+        }
+        if matches!(self.phase, Phase::PreStop { .. }) {
+            s.push_str(", pre-stop");
         }
         s
     }
