@@ -246,7 +246,7 @@ impl Supervisor {
     /// since: the same reload as SIGHUP.
     pub fn on_files_changed(&mut self, what: &str) {
         let why = format!("--reload: {what} changed");
-        if self.shutting_down() {
+        if self.stopping() {
             info!("{why}: ignored during shutdown");
         } else {
             self.reload(&why, None);
