@@ -2,17 +2,17 @@
 
 import unittest
 
-from drover_wsgi import HTTPError, MAX_HEAD, parse_request, split_target
+from drover_wsgi.http import HTTPError, Limits, parse_chunk_size, parse_request, split_target
 
 
-def parse(raw):
-    return parse_request(raw)
+def parse(raw, limits=None):
+    return parse_request(raw) if limits is None else parse_request(raw, limits)
 
 
 class ParseTest(unittest.TestCase):
-    def assertStatus(self, raw, status):
+    def assertStatus(self, raw, status, limits=None):
         with self.assertRaises(HTTPError) as cm:
-            parse(raw)
+            parse(raw, limits)
         self.assertEqual(cm.exception.status, status, cm.exception.reason)
 
     def test_a_simple_request(self):
@@ -46,9 +46,10 @@ class ParseTest(unittest.TestCase):
         self.assertEqual(req.headers["HTTP_ACCEPT"], "a, b")
         self.assertEqual(req.headers["HTTP_COOKIE"], "c=1; d=2")
 
-    def test_headers_with_underscores_are_dropped(self):
+    def test_headers_with_underscores_are_kept_aside(self):
         req, _ = parse(b"GET / HTTP/1.1\r\nHost: x\r\nX_Forwarded_For: evil\r\nX-Forwarded-For: good\r\n\r\n")
         self.assertEqual(req.headers["HTTP_X_FORWARDED_FOR"], "good")
+        self.assertEqual(req.underscored, {"X_FORWARDED_FOR": "evil"})
 
     def test_keep_alive_rules(self):
         def ka(raw):
@@ -85,7 +86,10 @@ class ParseTest(unittest.TestCase):
         self.assertEqual(req.content_length, 5)
 
     def test_transfer_encodings(self):
-        self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411)
+        req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n")
+        self.assertTrue(req.chunked)
+        self.assertEqual(req.content_length, 0)
+        self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400)
         self.assertStatus(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400)
@@ -95,10 +99,42 @@ class ParseTest(unittest.TestCase):
         self.assertTrue(req.expect_continue)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: something\r\n\r\n", 417)
 
-    def test_head_size_limit(self):
-        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431)
-        self.assertStatus(b"GET /" + b"a" * (MAX_HEAD + 10), 431)
-        self.assertIsNone(parse(b"GET /" + b"a" * (MAX_HEAD - 100)))
+    def test_gunicorns_limits_and_answers(self):
+        # limit_request_line (4094): the request line without its CRLF; a 400.
+        line = b"GET /" + b"a" * (4094 - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+        self.assertEqual(len(line), 4094)
+        self.assertIsNotNone(parse(line + b"\r\nHost: x\r\n\r\n"))
+        self.assertStatus(line.replace(b"GET /", b"GET /a") + b"\r\nHost: x\r\n\r\n", 400)
+        self.assertStatus(b"GET /" + b"a" * 5000, 400)  # refused before the head ends
+        # limit_request_fields (100): a 431.
+        fields = b"".join(b"X-%d: v\r\n" % i for i in range(99))
+        self.assertIsNotNone(parse(b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n"))
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX-a: b\r\n" + fields + b"\r\n", 431)
+        # limit_request_field_size (8190, with the CRLF): a 431.
+        value = b"v" * (8190 - len(b"X: \r\n"))
+        self.assertIsNotNone(parse(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + value + b"\r\n\r\n"))
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: v" + value + b"\r\n\r\n", 431)
+        # A head that cannot end within the limits is refused before its end.
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 200000, 431)
+
+    def test_limits_are_settable_and_zero_means_gunicorns_maximum(self):
+        small = Limits(request_line=20, request_fields=2, request_field_size=20)
+        self.assertStatus(b"GET /aaaaaaaaaaaaaaaaa HTTP/1.1\r\nHost: x\r\n\r\n", 400, small)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\nC: d\r\n\r\n", 431, small)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxx\r\n\r\n", 431, small)
+        unlimited = Limits(0, 0, 0)
+        self.assertEqual((unlimited.request_line, unlimited.request_fields), (8190, 32768))
+        self.assertIsNotNone(parse(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"v" * 100000 + b"\r\n\r\n", unlimited))
+        with self.assertRaises(ValueError):
+            Limits(-1)
+
+    def test_chunk_size_lines(self):
+        self.assertEqual(parse_chunk_size(b"1a"), 26)
+        self.assertEqual(parse_chunk_size(b"0"), 0)
+        self.assertEqual(parse_chunk_size(b"A;name=value"), 10)
+        for bad in (b"", b"x", b"-1", b"0x10", b"1 2", b"1" * 17):
+            with self.assertRaises(HTTPError):
+                parse_chunk_size(bad)
 
     def test_split_target(self):
         self.assertEqual(split_target(b"/a%20b/c%2Fd?x=%20&y"), ("/a b/c/d", "x=%20&y"))

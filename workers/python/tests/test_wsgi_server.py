@@ -164,9 +164,10 @@ class ServerTest(unittest.TestCase):
         for raw, status in [
             (b"GARBAGE\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+            (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+            (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 400),
             (b"GET / HTTP/3.0\r\nHost: t\r\n\r\n", 505),
-            (b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"a" * 40000 + b"\r\n\r\n", 431),
+            (b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
         ]:
             with Client(self.w) as c:
                 c.send(raw)

@@ -60,6 +60,7 @@ __all__ = [
     "listeners_or_bind",
     "notify",
     "ready",
+    "will_notify",
     "heartbeat",
     "status",
     "stopping",
@@ -286,6 +287,15 @@ def notify(state):
 def ready():
     """READY=1: the worker accepts; drover counts it as booted."""
     return notify("READY=1")
+
+
+def will_notify():
+    """X_DROVER_WILL_NOTIFY=1: sent early (before a slow import), it tells
+    drover that this worker will send READY=1 itself when it accepts, so that
+    drover can wait for it without ``ready = "notify"`` in its config. A
+    proposed extension of the protocol (docs/protocol.md); drover versions
+    that do not know it ignore it."""
+    return notify("X_DROVER_WILL_NOTIFY=1")
 
 
 def heartbeat():

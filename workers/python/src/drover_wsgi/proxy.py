@@ -1,0 +1,116 @@
+"""Behind a proxy: which peers may say the request came over HTTPS, with
+Gunicorn's settings and meaning.
+
+* ``forwarded_allow_ips`` (default ``$FORWARDED_ALLOW_IPS``, else
+  ``127.0.0.1,::1``): addresses or CIDR networks, comma separated, or ``*``.
+  Only these peers' ``secure_scheme_headers`` and ``forwarder_headers`` are
+  believed. A Unix-socket peer is always trusted (it has no address to check;
+  Gunicorn does the same).
+* ``secure_scheme_headers`` (default ``X-FORWARDED-PROTOCOL=ssl``,
+  ``X-FORWARDED-PROTO=https``, ``X-FORWARDED-SSL=on``): a header with its
+  value makes ``wsgi.url_scheme`` "https"; present with another value, "http";
+  two of them that disagree make the request a 400.
+* ``forwarder_headers`` (default ``SCRIPT_NAME,PATH_INFO``): header names with
+  an underscore that a trusted proxy may set. ``SCRIPT_NAME`` becomes the
+  environ's ``SCRIPT_NAME`` (and is cut from the front of ``PATH_INFO``);
+  others become ``HTTP_<NAME>``. From anyone else, such headers are dropped.
+
+``X-Forwarded-For`` and ``X-Forwarded-Host`` are passed on as
+``HTTP_X_FORWARDED_FOR`` and ``HTTP_X_FORWARDED_HOST`` and change nothing
+else, as in Gunicorn: ``REMOTE_ADDR`` is the peer's address (log the header
+with ``%({x-forwarded-for}i)s``, or let a middleware such as Werkzeug's
+ProxyFix read it).
+"""
+
+import ipaddress
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from .http import HTTPError
+
+DEFAULT_SECURE_SCHEME_HEADERS = {"X-FORWARDED-PROTOCOL": "ssl", "X-FORWARDED-PROTO": "https", "X-FORWARDED-SSL": "on"}
+DEFAULT_FORWARDER_HEADERS = "SCRIPT_NAME,PATH_INFO"
+
+_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def default_allow_ips() -> str:
+    return os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+
+def parse_allow_ips(text: str) -> Tuple[bool, List[_Network]]:
+    """(everyone, networks) from a forwarded_allow_ips value; ValueError names
+    the entry that is neither an address nor a network."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if "*" in items:
+        return True, []
+    nets = []
+    for item in items:
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError("forwarded_allow_ips: %r is not an IP address or network" % item) from None
+    return False, nets
+
+
+def parse_scheme_headers(text: str) -> Dict[str, str]:
+    """``NAME=VALUE,NAME=VALUE`` (or "" for none) as Gunicorn's dict."""
+    out = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError("secure_scheme_headers: %r is not NAME=VALUE" % item)
+        out[name.strip().upper()] = value.strip()
+    return out
+
+
+class Proxy:
+    """The trust settings, prepared for a lookup per request."""
+
+    def __init__(self, allow_ips: Optional[str] = None,
+                 secure_scheme_headers: Optional[Dict[str, str]] = None,
+                 forwarder_headers: str = DEFAULT_FORWARDER_HEADERS) -> None:
+        self.everyone, self.networks = parse_allow_ips(default_allow_ips() if allow_ips is None else allow_ips)
+        headers = DEFAULT_SECURE_SCHEME_HEADERS if secure_scheme_headers is None else secure_scheme_headers
+        # As environ keys: X-FORWARDED-PROTO -> HTTP_X_FORWARDED_PROTO.
+        self.secure: Sequence[Tuple[str, str]] = [
+            ("HTTP_" + name.upper().replace("-", "_"), value) for name, value in headers.items()]
+        self.forwarders = {n.strip().upper() for n in forwarder_headers.split(",") if n.strip()}
+        self._cache: Dict[str, bool] = {}
+
+    def trusts(self, peer: Any) -> bool:
+        """Whether the peer (an accept() address) may set the headers."""
+        if not isinstance(peer, tuple):
+            return True  # a Unix socket: no address to check
+        if self.everyone:
+            return True
+        ip = peer[0]
+        known = self._cache.get(ip)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(ip.split("%", 1)[0])
+            except ValueError:
+                known = False
+            else:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    addr = addr.ipv4_mapped
+                known = any(addr in net for net in self.networks)
+            if len(self._cache) < 4096:
+                self._cache[ip] = known
+        return known
+
+    def scheme(self, headers: Dict[str, str]) -> Optional[str]:
+        """"https", "http", or None when no secure scheme header is present
+        (from a trusted peer). Raises HTTPError(400) when two disagree."""
+        found = None
+        for key, value in self.secure:
+            sent = headers.get(key)
+            if sent is None:
+                continue
+            scheme = "https" if sent == value else "http"
+            if found is not None and found != scheme:
+                raise HTTPError(400, "the secure scheme headers disagree")
+            found = scheme
+        return found

@@ -1,0 +1,298 @@
+"""drover_wsgi's production features, end to end without drover: the access
+log, the proxy settings, Unix-socket peers, chunked request bodies with
+Expect: 100-continue, and the timeouts against slow clients."""
+
+import json
+import os
+import re
+import signal
+import socket
+import tempfile
+import time
+import unittest
+
+from tests.helpers import Client, Worker, request
+
+GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+def get(path, extra=b""):
+    return b"GET " + path.encode() + b" HTTP/1.1\r\nHost: test\r\n" + extra + b"\r\n"
+
+
+def stop(w):
+    w.signal(signal.SIGTERM)
+    code, err = w.wait()
+    assert code == 0, err
+    return err
+
+
+class AccessLogTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.dir.name, "access.log")
+
+    def tearDown(self):
+        self.dir.cleanup()
+
+    def lines(self):
+        with open(self.path) as f:
+            return f.read().splitlines()
+
+    def test_off_by_default(self):
+        with Worker("apps:app") as w:
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+            err = stop(w)
+        self.assertNotIn("GET /pid", err)
+
+    def test_combined_to_a_file_with_gunicorns_atoms(self):
+        with Worker("apps:app", args=["--access-logfile", self.path]) as w:
+            request(w, b"GET /pid?x=1 HTTP/1.1\r\nHost: t\r\nReferer: http://r/\r\nUser-Agent: ua/1\r\n"
+                       b"Authorization: Basic dXNlcjpwdw==\r\n\r\n")
+            request(w, get("/nope"))
+            stop(w)
+        # (Written after each response, by two threads: in either order.)
+        first, second = sorted(self.lines(), key=lambda line: "/nope" in line)
+        m = re.fullmatch(r'127\.0\.0\.1 - user \[(\d\d/\w\w\w/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] '
+                         r'"GET /pid\?x=1 HTTP/1\.1" 200 (\d+) "http://r/" "ua/1"', first)
+        self.assertIsNotNone(m, first)
+        self.assertGreater(int(m.group(2)), 0)
+        self.assertRegex(second, r'^127\.0\.0\.1 - - \[.*\] "GET /nope HTTP/1\.1" 404 \d+ "-" "-"$')
+
+    def test_common_and_custom_formats_and_request_time(self):
+        fmt = '%(s)s %(m)s %(U)s %(q)s %(H)s %(B)s %(L)s %(M)s %(D)s %(T)s %(p)s %({x-id}i)s %({content-type}o)s %({remote_addr}e)s %(zz)s'
+        with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", fmt]) as w:
+            request(w, get("/sleep?ms=250", b"X-Id: abc\r\n"))
+            pid = w.proc.pid
+            stop(w)
+        (line,) = self.lines()
+        f = line.split(" ")
+        self.assertEqual(f[:5], ["200", "GET", "/sleep", "ms=250", "HTTP/1.1"], line)
+        self.assertGreater(int(f[5]), 0)
+        seconds, ms, us, whole = float(f[6]), int(f[7]), int(f[8]), int(f[9])
+        self.assertTrue(0.25 <= seconds < 5, line)
+        self.assertTrue(250 <= ms < 5000 and 250000 <= us < 5000000 and whole == int(seconds), line)
+        self.assertEqual(f[10:], ["<%d>" % pid, "abc", "text/plain", "127.0.0.1", "-"])
+        with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", "common"]) as w:
+            request(w, get("/pid"))
+            stop(w)
+        self.assertRegex(self.lines()[1], r'^127\.0\.0\.1 - - \[.*\] "GET /pid HTTP/1\.1" 200 \d+$')
+
+    def test_to_standard_output_or_error(self):
+        with Worker("apps:app", args=["--access-logfile", "-"]) as w:
+            request(w, get("/pid"))
+            w.signal(signal.SIGTERM)
+            out, err = w.proc.communicate(timeout=15)
+        self.assertIn('"GET /pid HTTP/1.1" 200', out)
+        self.assertNotIn('"GET /pid', err)
+        with Worker("apps:app", args=["--access-logfile", "stderr"]) as w:
+            request(w, get("/pid"))
+            err = stop(w)
+        self.assertIn('"GET /pid HTTP/1.1" 200', err)
+
+    def test_errors_are_logged_too(self):
+        with Worker("apps:app", args=["--access-logfile", self.path]) as w:
+            request(w, get("/error"))
+            stop(w)
+        self.assertRegex(self.lines()[0], r'"GET /error HTTP/1\.1" 500 - ')
+
+    def test_a_bad_format_cannot_boot(self):
+        with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", "%(h"], ready=False) as w:
+            code, err = w.wait()
+        self.assertEqual(code, 3)
+        self.assertIn("invalid access log format", err)
+
+    def test_sigusr1_reopens_the_file(self):
+        with Worker("apps:app", args=["--access-logfile", self.path]) as w:
+            request(w, get("/pid"))
+            deadline = time.monotonic() + 10  # the line is written after the response
+            while not (os.path.exists(self.path) and self.lines()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.rename(self.path, self.path + ".1")
+            w.signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not os.path.exists(self.path) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            request(w, get("/pid?after"))
+            stop(w)
+        self.assertIn("/pid?after", self.lines()[0])
+        with open(self.path + ".1") as f:
+            self.assertNotIn("after", f.read())
+
+
+class ProxyTest(unittest.TestCase):
+    def env(self, w, extra=b"", path="/environ"):
+        status, _, body = request(w, get(path, extra))
+        self.assertEqual(status, 200, body)
+        return json.loads(body)
+
+    def test_secure_scheme_headers_from_a_trusted_peer(self):
+        with Worker("apps:app") as w:  # default: 127.0.0.1 and ::1 are trusted
+            self.assertEqual(self.env(w)["wsgi.url_scheme"], "http")
+            self.assertEqual(self.env(w, b"X-Forwarded-Proto: https\r\n")["wsgi.url_scheme"], "https")
+            self.assertEqual(self.env(w, b"X-Forwarded-Ssl: on\r\n")["wsgi.url_scheme"], "https")
+            self.assertEqual(self.env(w, b"X-Forwarded-Proto: http\r\n")["wsgi.url_scheme"], "http")
+            status, _, body = request(w, get("/environ", b"X-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off\r\n"))
+            self.assertEqual(status, 400, body)
+            env = self.env(w, b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Host: example.org\r\n")
+            self.assertEqual(env["REMOTE_ADDR"], "127.0.0.1")  # as gunicorn: the peer, not the header
+            self.assertEqual(env["headers"]["HTTP_X_FORWARDED_FOR"], "203.0.113.9")
+            self.assertEqual(env["headers"]["HTTP_X_FORWARDED_HOST"], "example.org")
+            env = self.env(w, b"SCRIPT_NAME: /app\r\n", "/app/environ")  # a forwarder header
+            self.assertEqual((env["SCRIPT_NAME"], env["PATH_INFO"]), ("/app", "/environ"))
+            stop(w)
+
+    def test_untrusted_peers_cannot_claim_https(self):
+        for allowed in ("10.0.0.1", "192.168.0.0/16,::2"):
+            with Worker("apps:app", args=["--forwarded-allow-ips", allowed]) as w:
+                env = self.env(w, b"X-Forwarded-Proto: https\r\nX_Forwarded_Proto: https\r\n")
+                self.assertEqual(env["wsgi.url_scheme"], "http")
+                self.assertNotIn("HTTP_X_FORWARDED_PROTO_", env["headers"])
+                self.assertEqual(self.env(w, b"SCRIPT_NAME: /app\r\n")["SCRIPT_NAME"], "")
+                stop(w)
+        with Worker("apps:app", args=["--forwarded-allow-ips", "127.0.0.0/8"]) as w:
+            self.assertEqual(self.env(w, b"X-Forwarded-Proto: https\r\n")["wsgi.url_scheme"], "https")
+            stop(w)
+
+    def test_the_environment_variable_and_custom_headers(self):
+        with Worker("apps:app", env={"FORWARDED_ALLOW_IPS": "10.9.9.9"},
+                    args=["--secure-scheme-headers", "X-SCHEME=secure"]) as w:
+            self.assertEqual(self.env(w, b"X-Scheme: secure\r\n")["wsgi.url_scheme"], "http")
+            stop(w)
+        with Worker("apps:app", env={"FORWARDED_ALLOW_IPS": "*"},
+                    args=["--secure-scheme-headers", "X-SCHEME=secure"]) as w:
+            self.assertEqual(self.env(w, b"X-Scheme: secure\r\n")["wsgi.url_scheme"], "https")
+            self.assertEqual(self.env(w, b"X-Forwarded-Proto: https\r\n")["wsgi.url_scheme"], "http")
+            stop(w)
+
+    def test_a_bad_setting_is_named(self):
+        with Worker("apps:app", args=["--forwarded-allow-ips", "10.0.0.300"], ready=False) as w:
+            code, err = w.wait()
+        self.assertEqual(code, 2)
+        self.assertIn("'10.0.0.300' is not an IP address or network", err)
+
+    def test_unix_peers_are_trusted_and_named_as_gunicorn_does(self):
+        with Worker("apps:app", family=socket.AF_UNIX) as w:
+            # An unnamed peer: REMOTE_ADDR is "", and no REMOTE_PORT.
+            env = self.env(w, b"X-Forwarded-Proto: https\r\n")
+            self.assertEqual((env["REMOTE_ADDR"], env["wsgi.url_scheme"]), ("", "https"))
+            # A peer bound to a path: that path.
+            path = os.path.join(os.path.dirname(w.addr), "client.sock")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(path)
+            s.settimeout(10)
+            s.connect(w.addr)
+            s.sendall(get("/environ"))
+            data = b""
+            while b"}" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            s.close()
+            self.assertEqual(json.loads(data.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"], path)
+            stop(w)
+
+
+class BodyTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.w = Worker("apps:app", args=["--threads", "2"])
+
+    @classmethod
+    def tearDownClass(cls):
+        stop(cls.w)
+        cls.w.close()
+
+    def post(self, body, extra=b"", path="/environ"):
+        return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n" + extra
+                + b"\r\n" + body)
+
+    def test_chunked_bodies(self):
+        status, _, out = request(self.w, self.post(b"5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: t\r\n\r\n"))
+        self.assertEqual(status, 200, out)
+        env = json.loads(out)
+        self.assertEqual(env["body"], "hello world!")
+        self.assertIsNone(env["CONTENT_LENGTH"])
+        # readline() across chunks, and the connection carries on afterwards.
+        with Client(self.w) as c:
+            c.send(self.post(b"3\r\na\nb\r\n4\r\n\ncd\n\r\n0\r\n\r\n", path="/lines"))
+            self.assertEqual(json.loads(c.response()[2]), ["a\n", "b\n", "cd\n"])
+            c.send(get("/pid"))
+            self.assertEqual(c.response()[0], 200)
+
+    def test_a_chunked_body_sent_in_pieces_after_100_continue(self):
+        with Client(self.w) as c:
+            c.send(self.post(b"", b"Expect: 100-continue\r\n"))
+            self.assertEqual(c.response(head_only=True)[0], 100)
+            for piece in (b"4\r\nab", b"cd\r", b"\n0\r", b"\n\r\n"):
+                c.send(piece)
+                time.sleep(0.02)
+            status, _, out = c.response()
+            self.assertEqual((status, json.loads(out)["body"]), (200, "abcd"))
+
+    def test_malformed_chunked_bodies_are_400(self):
+        for body in (b"zz\r\nab\r\n0\r\n\r\n", b"2\r\nabc\r\n0\r\n\r\n", b"2\r\nab\r\n" + b"1" * 5000):
+            with Client(self.w) as c:
+                c.send(self.post(body))
+                status, headers, out = c.response()
+                self.assertEqual((status, headers.get("connection")), (400, "close"), (body, out))
+
+    def test_the_app_may_leave_a_chunked_body_unread(self):
+        with Client(self.w) as c:
+            c.send(self.post(b"5\r\nhello\r\n0\r\n\r\n", path="/partial"))
+            self.assertEqual(c.response()[2], b"hel")
+            c.send(get("/pid"))
+            self.assertEqual(c.response()[0], 200)
+
+
+class SlowClientTest(unittest.TestCase):
+    """A slow client (slowloris) cannot hold the only thread past the
+    header and body timeouts: it gets a 408 and the next client is served."""
+
+    def test_a_slow_head(self):
+        with Worker("apps:app", args=["--threads", "1", "--header-timeout", "0.6"]) as w:
+            slow = Client(w)
+            began = time.monotonic()
+            slow.send(b"GET /pid HTTP/1.1\r\n")
+            for _ in range(20):  # a byte every 0.1 s: each read is in time, the head is not
+                try:
+                    slow.send(b"X")
+                except OSError:
+                    break
+                time.sleep(0.1)
+            status, headers, _ = slow.response()
+            self.assertEqual((status, headers.get("connection")), (408, "close"))
+            self.assertLess(time.monotonic() - began, 2.0)
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+            slow.close()
+            stop(w)
+
+    def test_a_slow_body(self):
+        args = ["--threads", "1", "--body-timeout", "0.6", "--body-min-rate", "0"]
+        with Worker("apps:app", args=args) as w:
+            slow = Client(w)
+            began = time.monotonic()
+            slow.send(b"POST /environ HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+            status, headers, _ = slow.response()
+            self.assertEqual((status, headers.get("connection")), (408, "close"))
+            self.assertLess(time.monotonic() - began, 2.0)
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+            slow.close()
+            stop(w)
+
+    def test_a_body_that_keeps_coming_at_the_minimum_rate_gets_more_time(self):
+        args = ["--threads", "1", "--body-timeout", "0.5", "--body-min-rate", "10"]
+        with Worker("apps:app", args=args) as w:
+            with Client(w) as c:
+                c.send(b"POST /environ HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\n\r\n")
+                for _ in range(4):  # 10 bytes (1 s more) every 0.3 s: 1.2 s in all
+                    time.sleep(0.3)
+                    c.send(b"0123456789")
+                status, _, out = c.response()
+                self.assertEqual((status, len(json.loads(out)["body"])), (200, 40))
+            stop(w)
+
+
+if __name__ == "__main__":
+    unittest.main()
