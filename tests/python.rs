@@ -61,6 +61,7 @@ const PY_MODULES: &[&str] = &[
     "test_http_parse.py",
     "test_wsgi_server.py",
     "test_production.py",
+    "test_scoreboard.py",
 ];
 
 /// `python3 -m unittest discover -s workers/python/tests -t workers/python -p
