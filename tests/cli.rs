@@ -438,3 +438,61 @@ fn bind_as_one_string_is_one_address() {
         text(&out.stdout)
     );
 }
+
+/// What `cargo install --path .` installs is the drover package's binaries:
+/// `drover` alone (the reference worker is a package of its own, not
+/// published).
+#[test]
+fn the_drover_package_installs_drover_only() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let package = |name: &str| {
+        meta["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no package {name}"))
+            .clone()
+    };
+    let bins: Vec<String> = package("drover")["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(bins, ["drover"]);
+    assert_eq!(package("hello")["publish"], serde_json::json!([]));
+    for name in ["drover", "drover-worker"] {
+        let p = package(name);
+        for field in [
+            "description",
+            "license",
+            "documentation",
+            "readme",
+            "rust_version",
+        ] {
+            assert!(p[field].is_string(), "{name} has no {field}");
+        }
+        assert!(
+            !p["keywords"].as_array().unwrap().is_empty(),
+            "{name}: keywords"
+        );
+        assert!(
+            !p["categories"].as_array().unwrap().is_empty(),
+            "{name}: categories"
+        );
+    }
+}
