@@ -127,7 +127,10 @@ impl Program {
         let path = if name.contains('/') {
             PathBuf::from(name)
         } else {
-            search_path(name, path_var).ok_or_else(|| SpawnError::NotFound(name.clone()))?
+            search_path(name, path_var).ok_or_else(|| SpawnError::NotFound {
+                name: name.clone(),
+                hint: String::new(),
+            })?
         };
         Ok(Program {
             path: cstring(path.as_os_str().as_bytes())?,
@@ -158,6 +161,31 @@ impl Program {
 
     pub fn shown(&self) -> String {
         self.path.to_string_lossy().into_owned()
+    }
+}
+
+impl SpawnError {
+    /// A name not found in `PATH` that is a file in the workers' working
+    /// directory (`workdir`, else drover's) was meant as that file: say how
+    /// to name it (a name without '/' is only looked up in `PATH`).
+    pub fn looked_up_from(self, workdir: Option<&Path>) -> SpawnError {
+        let SpawnError::NotFound { name, .. } = self else {
+            return self;
+        };
+        let file = workdir.unwrap_or(Path::new(".")).join(&name);
+        let hint = if file.is_file() {
+            let run = match exec_hint(Path::new(&format!("./{name}")), Errno::EACCES, workdir) {
+                hint if access(&file, AccessFlags::X_OK).is_err() && !hint.is_empty() => hint,
+                _ => String::new(),
+            };
+            format!(
+                "; {name} in the working directory is named \"./{name}\" (a name without '/' \
+                 is looked up in PATH only){run}"
+            )
+        } else {
+            String::new()
+        };
+        SpawnError::NotFound { name, hint }
     }
 }
 
@@ -317,8 +345,12 @@ impl Env {
 pub enum SpawnError {
     #[error("the worker command is empty")]
     Empty,
-    #[error("{0:?}: command not found in PATH")]
-    NotFound(String),
+    #[error("{name:?}: command not found in PATH{hint}")]
+    NotFound {
+        name: String,
+        /// Set by [`SpawnError::looked_up_from`].
+        hint: String,
+    },
     #[error("{0:?} contains a NUL byte")]
     Nul(String),
     #[error("{0}")]

@@ -496,3 +496,21 @@ fn the_drover_package_installs_drover_only() {
         );
     }
 }
+
+#[test]
+fn a_file_named_without_its_directory_is_not_looked_up_there() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app.py"), "print('hi')\n").unwrap();
+    let (status, errors) = errors_in(dir.path(), &["-b", "127.0.0.1:0", "--", "app.py"]);
+    assert_eq!(status, Some(3), "{errors:?}");
+    assert_eq!(
+        errors.first().map(String::as_str),
+        Some(
+            "cannot run the worker command: \"app.py\": command not found in PATH; app.py in the \
+             working directory is named \"./app.py\" (a name without '/' is looked up in PATH \
+             only); it is not executable: run it with python3: command = [\"python3\", \
+             \"./app.py\", ...] (or make it executable with a #! line)"
+        ),
+        "{errors:?}"
+    );
+}

@@ -87,7 +87,7 @@ pub fn prepare(s: &Settings, master_switched: bool) -> Result<(Env, Program), St
         .filter(|_| !master_switched);
     let program = Program::new(&s.command, env.get("PATH"))
         .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
-        .map_err(StartError::Program)?;
+        .map_err(|e| StartError::Program(e.looked_up_from(s.chdir.as_deref())))?;
     Ok((env, program))
 }
 
