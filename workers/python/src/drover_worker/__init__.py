@@ -80,6 +80,8 @@ __all__ = [
     "reserve",
     "graceful_timeout",
     "quick_timeout",
+    "before_fork",
+    "after_fork",
 ]
 
 #: The first inherited listening fd (SD_LISTEN_FDS_START).
@@ -813,3 +815,6 @@ def _at_exit():
 
 
 atexit.register(_at_exit)
+
+# Preload hooks, as drover_worker.before_fork / drover_worker.after_fork.
+from drover_worker.preload import after_fork, before_fork  # noqa: E402

@@ -31,6 +31,7 @@ import threading
 from typing import Any, Callable, List, Optional
 
 import drover_worker as dw
+from drover_worker import preload
 
 from .accesslog import COMBINED, AccessLog
 from .http import DEFAULT_LIMITS, MAX_HEAD, HTTPError, Limits, Request, parse_request, split_target
@@ -138,8 +139,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.path.insert(0, cwd)
     faulthandler.enable()  # SIGABRT (drover's liveness timeout) dumps every thread's stack
     # Early, so that a stop during the import is not lost; again after the
-    # import, so that handlers the app installed are chained, not lost.
-    dw.install(exit_on_stop=False)  # we drain, then run the registry ourselves
+    # import, so that handlers the app installed are chained, not lost. (A
+    # preload template handles stops itself: it just exits.)
+    if not preload.active():
+        dw.install(exit_on_stop=False)  # we drain, then run the registry ourselves
     try:
         socks = dw.listeners_or_bind(args.bind) if args.bind else dw.listeners()
         if not socks:
@@ -158,7 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             log("cannot boot: access log: %s" % e)
             return 3
     try:
-        app = load_app(args.app)
+        # With preload = true, this process is the template: it loads the app
+        # once and returns here only in the workers it forks.
+        app = preload.run(lambda: load_app(args.app))
     except BaseException:
         import traceback
 

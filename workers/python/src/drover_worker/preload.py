@@ -1,0 +1,514 @@
+"""drover_worker.preload: the template side of drover's preload protocol.
+
+With ``preload = true``, drover starts the worker command once per generation
+as a *template* (``DROVER_TEMPLATE_FD`` is set): it loads the application once
+and then forks the workers on drover's request, so that they share its memory
+copy-on-write and a new worker costs a fork instead of an import. The protocol
+is in drover's docs/protocol.md ("Preload: the template").
+
+A worker program hooks in with one call around the code that loads the app::
+
+    from drover_worker import preload
+    app = preload.run(lambda: load_my_app())
+    # from here on: a worker (forked from the template, or started normally)
+
+:func:`run` returns ``load()``'s result in every forked worker; in the
+template it never returns. Without ``DROVER_TEMPLATE_FD`` it just calls
+``load()``, so the same program works with and without preload.
+
+What the template does for you:
+
+* the garbage collector is off while the app loads and frozen
+  (``gc.freeze()``) before each fork, so the workers do not dirty the shared
+  pages by collecting; each worker turns it on again;
+* it refuses to fork while it runs more than one thread (a fork copies only
+  the calling thread; a lock another thread held stays locked in the child),
+  with a message naming the threads, and exits with status 3;
+* it warns about sockets the application opened before the fork (a database
+  connection shared by every worker is corrupted by the first two that use it);
+* it forks twice, so that the worker is re-parented to drover, which then
+  supervises it like any worker; the worker gets its own process group, its
+  ``LISTEN_PID``/``WATCHDOG_PID`` and ``DROVER_*`` variables, the signal
+  handling the program had before the template took over, an empty signal
+  mask, and ``PR_SET_PDEATHSIG`` once drover is its parent;
+* hooks: functions decorated with :func:`before_fork` run in the template
+  before each fork (close what must not be shared); :func:`after_fork` ones
+  run in each new worker (reconnect, reseed, start threads). ``random`` is
+  reseeded in every worker.
+
+Standard library only.
+"""
+
+import gc
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+import drover_worker as _dw
+
+__all__ = ["TEMPLATE_FD_VAR", "active", "run", "before_fork", "after_fork", "threads_besides_main"]
+
+#: The variable naming the template's end of its channel to drover.
+TEMPLATE_FD_VAR = "DROVER_TEMPLATE_FD"
+#: The largest message on the channel, either way.
+MAX_MESSAGE = 4096
+#: How long a worker waits to be re-parented to drover after the fork.
+REPARENT_LIMIT = 5.0
+
+_PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+_before: list = []
+_after: list = []
+
+
+def before_fork(fn):
+    """Decorator: ``fn()`` runs in the template before each fork. Close what
+    the workers must not share there (database connections, clients with
+    sockets). An exception is logged and the fork goes on."""
+    _before.append(_check_callable(fn))
+    return fn
+
+
+def after_fork(fn):
+    """Decorator: ``fn()`` runs in each forked worker before the program
+    continues (reconnect, reseed a random generator, start threads). An
+    exception is logged and the worker goes on."""
+    _after.append(_check_callable(fn))
+    return fn
+
+
+def _check_callable(fn):
+    if not callable(fn):
+        raise TypeError("a fork hook must be callable, not %r" % (fn,))
+    return fn
+
+
+def active():
+    """True in a template: drover started this process with ``preload = true``."""
+    return bool(os.environ.get(TEMPLATE_FD_VAR))
+
+
+def _log(message):
+    _dw._log("preload: " + message)
+
+
+def run(load):
+    """Calls ``load()`` and returns its result in every worker.
+
+    In a template (``DROVER_TEMPLATE_FD`` set), after ``load()`` this process
+    serves drover's fork requests and never returns: each forked worker
+    returns ``load()``'s result. If ``load()`` raises, the template prints the
+    traceback and exits with status 3 ("cannot boot"); so it does when it runs
+    more than one thread. Outside a template, ``run(load)`` is ``load()``.
+
+    Must be called from the main thread.
+    """
+    value = os.environ.get(TEMPLATE_FD_VAR)
+    if not value:
+        return load()
+    try:
+        fd = int(value)
+        if fd < 3:
+            raise ValueError
+    except ValueError:
+        _log("cannot boot: invalid %s=%r: not a file descriptor above 2" % (TEMPLATE_FD_VAR, value))
+        _exit(3)
+    return Template(fd).run(load)
+
+
+class _Stop(BaseException):
+    """A stop signal reached the template."""
+
+
+class Template:
+    """One template process: the channel to drover and the fork loop."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.drover = os.getppid()
+        self.forked = 0
+        self.worker_signals = {}
+        # Loaded here, once, so that the workers share it (and only templates
+        # pay for importing ctypes).
+        import ctypes
+
+        self.prctl = ctypes.CDLL(None, use_errno=True).prctl
+        self.get_errno = ctypes.get_errno
+
+    def run(self, load):
+        # Stop signals end the template at once: it holds nothing to clean up,
+        # and the application's cleanup belongs to the workers.
+        before = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, _on_stop)
+        try:
+            self.chan = socket.socket(fileno=self.fd)
+        except OSError as e:
+            _log("cannot boot: %s=%d is not drover's channel: %s" % (TEMPLATE_FD_VAR, self.fd, e))
+            _exit(3)
+        self.chan.set_inheritable(False)
+        # Collecting during the import would only find garbage that a worker
+        # may as well never see; not collecting keeps the heap compact.
+        gc.disable()
+        try:
+            result = load()
+        except _Stop:
+            _exit(0)
+        except SystemExit as e:
+            _log("cannot boot: the application exited while loading (status %r)" % (e.code,))
+            _exit(3)
+        except BaseException:
+            _write(traceback.format_exc())
+            _log("cannot boot: the application could not be loaded in the template (traceback above)")
+            _exit(3)
+        # A handler the application installed while loading is its own and
+        # stays; where ours is still in place the worker gets what was there.
+        for sig in _STOP_SIGNALS:
+            current = signal.getsignal(sig)
+            self.worker_signals[sig] = before[sig] if current is _on_stop else current
+        refusal = _thread_refusal()
+        if refusal:
+            _log("cannot boot: " + refusal)
+            _exit(3)
+        try:
+            self.send("READY=1")
+            _log("ready to fork (pid %d)" % os.getpid())
+            while True:
+                fields = self.receive()
+                if fields is None:
+                    _exit(0)  # drover closed the channel: the generation is over
+                request = fields.get("FORK")
+                if request is None:
+                    continue
+                result_in_worker = self.fork_one(request[0], fields.get("ENV", []))
+                if result_in_worker:
+                    return result
+        except _Stop:
+            _exit(0)
+        except OSError as e:
+            _log("the channel to drover failed: %s; exiting" % e)
+            _exit(1)
+
+    # -- the channel ------------------------------------------------------
+
+    def send(self, text):
+        self.chan.send(text.encode("utf-8", "replace")[:MAX_MESSAGE])
+
+    def receive(self):
+        """The next message as ``{key: [values]}``, or None at end of file."""
+        while True:
+            data = self.chan.recv(MAX_MESSAGE)
+            if not data:
+                return None
+            fields = parse_message(data)
+            if fields:
+                return fields
+
+    # -- one fork ---------------------------------------------------------
+
+    def fork_one(self, request, env):
+        """Serves one FORK request. Returns True in the new worker."""
+        for fn in _before:
+            _call_hook("before_fork", fn)
+        if self.forked == 0:
+            for line in open_sockets(self.fd):
+                _log("warning: " + line)
+        refusal = _thread_refusal()
+        if refusal:
+            self.send("FAILED=%s\nERROR=%s" % (request, refusal))
+            _log("cannot fork: " + refusal)
+            _exit(3)
+        try:
+            pid = self.double_fork(request, env)
+        except OSError as e:
+            self.send("FAILED=%s\nERROR=cannot fork: %s" % (request, e.strerror or e))
+            return False
+        if pid is None:
+            return True
+        self.forked += 1
+        self.send("FORKED=%s\nPID=%d" % (request, pid))
+        return False
+
+    def double_fork(self, request, env):
+        """Forks the worker through an intermediate child that exits at once,
+        so the worker is re-parented to drover. Returns the worker's pid in the
+        template and None in the worker; raises OSError if a fork failed."""
+        r, w = os.pipe()
+        # No signal may run a template handler in a child before it has
+        # restored the worker's; the worker unblocks them once set up.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        gc.freeze()  # what the template has stays out of the workers' collections
+        try:
+            middle = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            os.close(r)
+            os.close(w)
+            raise
+        if middle == 0:
+            try:
+                os.close(r)
+                me = os.getpid()
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    os.write(w, b"E%d" % e.errno)
+                    os._exit(1)
+                if pid == 0:
+                    os.close(w)
+                    self.become_worker(request, env, me)
+                    return None
+                os.write(w, b"%d" % pid)
+            except BaseException:
+                pass
+            os._exit(0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(w)
+        try:
+            data = _read_all(r)
+        finally:
+            os.close(r)
+            _reap(middle)
+        if data.startswith(b"E"):
+            errno = int(data[1:] or 0)
+            raise OSError(errno, os.strerror(errno))
+        if not data:
+            raise OSError(0, "the intermediate child died before forking")
+        return int(data)
+
+    def become_worker(self, request, env, middle):
+        """In the new worker: everything an exec'd worker would have had."""
+        try:
+            os.setpgid(0, 0)
+            try:
+                self.chan.close()
+            except OSError:
+                pass
+            environ = os.environ
+            environ.pop(TEMPLATE_FD_VAR, None)
+            for item in env:
+                name, sep, val = item.partition("=")
+                if sep and name:
+                    environ[name] = val
+            me = str(os.getpid())
+            for name in ("LISTEN_PID", "WATCHDOG_PID"):
+                if name in environ:
+                    environ[name] = me
+            for sig, handler in self.worker_signals.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+            self.await_drover(middle)
+            _reset_sdk_after_fork()
+            gc.enable()
+            random.seed()
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        except BaseException:
+            _write(traceback.format_exc())
+            _log("worker setup after the fork failed (traceback above)")
+            os._exit(1)
+        for fn in _after:
+            _call_hook("after_fork", fn)
+        try:
+            _dw.notify("DROVER_FORKED=%s" % request)
+        except OSError as e:
+            _log("cannot send DROVER_FORKED to drover: %s" % e)
+
+    def await_drover(self, middle):
+        """Waits until the intermediate child has exited and drover is our
+        parent, then asks for SIGKILL when drover dies. Exits if it is not."""
+        deadline = time.monotonic() + REPARENT_LIMIT
+        while True:
+            parent = os.getppid()
+            if parent != middle:
+                break
+            if time.monotonic() > deadline:
+                _log("worker not re-parented to drover within %.0f s; exiting" % REPARENT_LIMIT)
+                os._exit(1)
+            time.sleep(0.0002)
+        if parent != self.drover:
+            _log("worker re-parented to pid %d instead of drover (pid %d): drover must be a child "
+                 "subreaper (it is while preload is on) and alive; exiting" % (parent, self.drover))
+            os._exit(1)
+        # Only now: the parent-death signal fires when the *parent* exits,
+        # and until a moment ago that was the intermediate child.
+        if self.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            err = self.get_errno()
+            _log("prctl(PR_SET_PDEATHSIG) failed: %s; exiting" % os.strerror(err))
+            os._exit(1)
+        if os.getppid() != self.drover:
+            os._exit(1)  # drover died before the signal was armed
+
+
+def _on_stop(signum, frame):
+    raise _Stop()
+
+
+def parse_message(data):
+    """``KEY=VALUE`` lines → ``{key: [values in order]}``; other lines ignored."""
+    fields = {}
+    for line in data.decode("utf-8", "replace").split("\n"):
+        key, sep, val = line.partition("=")
+        if sep and key:
+            fields.setdefault(key, []).append(val)
+    return fields
+
+
+def threads_besides_main():
+    """Descriptions of the threads of this process other than the calling
+    one: Python threads by name, others by their kernel name (``comm``)."""
+    me = threading.get_native_id() if hasattr(threading, "get_native_id") else None
+    named = {}
+    for t in threading.enumerate():
+        tid = getattr(t, "native_id", None)
+        if t is not threading.current_thread():
+            named[tid] = "%r%s" % (t.name, " (daemon)" if t.daemon else "")
+    found = []
+    try:
+        tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
+    except OSError:
+        return list(named.values())
+    for tid in tids:
+        if tid == me or tid == os.getpid():
+            continue
+        if tid in named:
+            found.append("Python thread %s" % named.pop(tid))
+            continue
+        try:
+            with open("/proc/self/task/%d/comm" % tid) as f:
+                comm = f.read().strip()
+        except OSError:
+            continue  # ended meanwhile
+        found.append("native thread %r (tid %d, not started by the threading module)" % (comm, tid))
+    return found
+
+
+def _thread_refusal():
+    others = threads_besides_main()
+    if not others:
+        return None
+    return (
+        "refusing to fork: the template runs %d thread(s) besides the main thread: %s. "
+        "A fork copies only the calling thread, and a lock another thread held stays locked "
+        "forever in the worker. Start threads in an after_fork hook (or when the first request "
+        "comes), not while the application is imported" % (len(others), "; ".join(others))
+    )
+
+
+def open_sockets(channel_fd):
+    """Warnings for sockets open in this process other than the listeners
+    (fds 3 up to the channel) and the channel itself."""
+    warnings = []
+    try:
+        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    except OSError:
+        return warnings
+    for fd in fds:
+        if fd <= 2 or 3 <= fd <= channel_fd:
+            continue
+        try:
+            if not os.readlink("/proc/self/fd/%d" % fd).startswith("socket:"):
+                continue
+        except OSError:
+            continue
+        warnings.append(
+            "fd %d is a socket the application opened before the fork (%s): every worker "
+            "shares it, and two that use it at once corrupt each other's data. Close it in a "
+            "@drover_worker.before_fork hook and open it in @drover_worker.after_fork (for "
+            "example a database connection)" % (fd, _describe_fd(fd))
+        )
+    return warnings
+
+
+def _describe_fd(fd):
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "?"
+    try:
+        dgram = s.type == socket.SOCK_DGRAM
+        kind = {
+            socket.AF_INET: "udp" if dgram else "tcp",
+            socket.AF_INET6: "udp6" if dgram else "tcp6",
+            socket.AF_UNIX: "unix datagram" if dgram else "unix",
+        }.get(s.family, str(s.family))
+        try:
+            peer = " -> %s" % (_addr(s.getpeername()),)
+        except OSError:
+            peer = ""
+        try:
+            local = _addr(s.getsockname())
+        except OSError:
+            local = "?"
+        return "%s %s%s" % (kind, local, peer)
+    finally:
+        s.close()
+
+
+def _addr(addr):
+    if isinstance(addr, tuple):
+        return "%s:%d" % (addr[0], addr[1])
+    if isinstance(addr, bytes):
+        return "@" + addr[1:].decode("utf-8", "replace") if addr[:1] == b"\0" else addr.decode()
+    return addr or "(unnamed)"
+
+
+def _reset_sdk_after_fork():
+    """The SDK's stop pipe, if the template made one, is shared with every
+    other worker: each worker gets its own."""
+    pipe = _dw._pipe
+    if pipe is not None:
+        _dw._pipe = None
+        for fd in pipe:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _call_hook(kind, fn):
+    try:
+        fn()
+    except Exception:
+        _write(traceback.format_exc())
+        _log("%s hook %s failed (traceback above); going on" % (kind, getattr(fn, "__qualname__", fn)))
+
+
+def _read_all(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 64)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _reap(pid):
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+def _write(text):
+    _dw._write_stderr(text)
+
+
+def _exit(code):
+    """Leaves the template without running atexit handlers or the cleanup
+    registry: those belong to the workers."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
