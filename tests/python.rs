@@ -62,6 +62,7 @@ const PY_MODULES: &[&str] = &[
     "test_wsgi_server.py",
     "test_production.py",
     "test_scoreboard.py",
+    "test_preload.py",
 ];
 
 /// `python3 -m unittest discover -s workers/python/tests -t workers/python -p
@@ -153,6 +154,11 @@ fn python_unit_tests_scoreboard() {
 #[test]
 fn python_unit_tests_wsgi_server_http() {
     run_python_unittests("test_wsgi_server.py", Some("ServerTest"));
+}
+
+#[test]
+fn python_unit_tests_preload() {
+    run_python_unittests("test_preload.py", None);
 }
 
 #[test]
