@@ -175,6 +175,9 @@ settings! {
     control_socket: Option<PathBuf> = None;
     /// drover's own log file (reopened on SIGUSR1); stderr if unset.
     log_file: Option<PathBuf> = None;
+    /// Start the worker command once per generation as a template that
+    /// loads the app and forks the workers (docs/protocol.md, "Preload").
+    preload: bool = false;
     /// Become a child subreaper; unset means "when PID 1".
     subreaper: bool = std::process::id() == 1;
     /// Where to write the master's pid.

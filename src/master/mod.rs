@@ -17,6 +17,7 @@ mod rollout;
 mod shutdown;
 mod status;
 mod supervisor;
+mod template;
 mod upgrade;
 mod worker;
 
@@ -118,6 +119,8 @@ pub struct Master {
     devnull: File,
     /// Children forked and not yet confirmed exec'd: their report pipes.
     exec_reports: Vec<spawn::Started>,
+    /// `preload`: the templates the workers are forked from.
+    templates: template::Templates,
     upgrade: Option<upgrade::Upgrade>,
     /// When WATCHDOG=1 is next due to our service manager.
     next_watchdog: Option<Instant>,
@@ -188,6 +191,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         pidfile,
         devnull,
         exec_reports: Vec::new(),
+        templates: template::Templates::default(),
         upgrade: None,
         master_switched,
         exe,
@@ -259,6 +263,7 @@ impl Master {
             self.settle_upgrade(now);
             self.feed_watchdog(now);
             self.sup.tick(now);
+            self.tend_templates(now);
             if let Some(outcome) = self.carry_out() {
                 return outcome;
             }
@@ -287,6 +292,7 @@ impl Master {
                     .as_ref()
                     .and_then(crate::watch::Watcher::deadline),
             )
+            .chain(self.templates.next_deadline(self.template_wanted()))
             .min()
     }
 
@@ -324,6 +330,7 @@ impl Master {
                 .iter()
                 .map(|e| PollFd::new(e.report.as_fd(), PollFlags::POLLIN)),
         );
+        fds.extend(self.templates.poll_fds());
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => {
@@ -340,6 +347,7 @@ impl Master {
         // Exec reports first: a child that could not exec is known as such
         // before its exit (status 127) is reaped.
         self.read_exec_reports(now);
+        self.read_templates(now);
         // Messages next: a worker's last words (STOPPING=1) are heard before
         // its exit is reaped and its pid forgotten.
         while let Some((sender, messages)) = self.notify.recv() {
@@ -350,6 +358,13 @@ impl Master {
             let pool = &self.sup.pool;
             match notify::descends_from(sender, |p| pool.has(p)) {
                 Some(pid) => self.sup.on_notify(pid, messages, now),
+                None if template::forked_unknown(&messages) => {
+                    // Forked by a template that was given up before it
+                    // answered: no slot counts on it, and it must not serve
+                    // unsupervised.
+                    warn!("pid {sender} was forked by a template given up before it answered; killing it");
+                    let _ = killpg(sender, Signal::SIGKILL);
+                }
                 None => debug!(
                     "notify message from pid {sender} ignored: not a worker or a descendant of one"
                 ),
@@ -444,7 +459,29 @@ impl Master {
             return;
         }
         let now = Instant::now();
+        if generation.s.preload {
+            return self.fork_from_template(slot, generation, now);
+        }
+        let (env, fds) = self.worker_env(&generation, slot);
         let g = &generation;
+        // The exec is confirmed later, from the loop (`read_exec_reports`):
+        // meanwhile the next worker can be forked while this one execs.
+        match spawn::spawn_async(&g.program, &env, &fds, self.devnull.as_raw_fd()) {
+            Ok(started) => {
+                self.sup.spawned(slot, generation.clone(), started.pid, now);
+                self.exec_reports.push(started);
+            }
+            Err(
+                spawn::SpawnError::Setup(Errno::EMFILE | Errno::ENFILE)
+                | spawn::SpawnError::Fork(Errno::EAGAIN),
+            ) if !self.exec_reports.is_empty() => self.sup.spawn_deferred(slot),
+            Err(e) => self.sup.spawn_failed(slot, g.number, false, e, now),
+        }
+    }
+
+    /// The environment and listener descriptors of a worker of `g` in `slot`
+    /// (slot 0: a template).
+    fn worker_env(&self, g: &Generation, slot: u32) -> (spawn::Env, Vec<RawFd>) {
         let listeners = g.listeners.borrow();
         let mut env = g.env.clone();
         let names: Vec<&str> = listeners.iter().map(|(_, name)| name.as_str()).collect();
@@ -467,20 +504,7 @@ impl Master {
             env.set_child_pid("WATCHDOG_PID");
         }
         let fds: Vec<RawFd> = listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
-        drop(listeners);
-        // The exec is confirmed later, from the loop (`read_exec_reports`):
-        // meanwhile the next worker can be forked while this one execs.
-        match spawn::spawn_async(&g.program, &env, &fds, self.devnull.as_raw_fd()) {
-            Ok(started) => {
-                self.sup.spawned(slot, generation.clone(), started.pid, now);
-                self.exec_reports.push(started);
-            }
-            Err(
-                spawn::SpawnError::Setup(Errno::EMFILE | Errno::ENFILE)
-                | spawn::SpawnError::Fork(Errno::EAGAIN),
-            ) if !self.exec_reports.is_empty() => self.sup.spawn_deferred(slot),
-            Err(e) => self.sup.spawn_failed(slot, g.number, false, e, now),
-        }
+        (env, fds)
     }
 
     /// `Action::LoadConfig`: read the config again and build the next
@@ -569,6 +593,8 @@ impl Master {
             let slot = self.sup.pool.workers[self.sup.pool.find(pid).expect("has")].slot;
             sweep_group(slot, pid);
             self.sup.on_exit(pid, status, now);
+        } else if self.templates.has(pid) {
+            self.on_template_exit(pid, status, now);
         } else if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
             self.on_upgrade_exit(status);
         } else {

@@ -593,6 +593,37 @@ impl Supervisor {
         self.hold_spawns = true;
     }
 
+    /// `preload`: the generation's template is not ready to fork yet. This
+    /// turn's spawns wait; the loop wakes up when it is ready.
+    pub fn spawn_waits(&mut self) {
+        self.hold_spawns = true;
+    }
+
+    /// The template of `generation` failed before it was ready to fork, as
+    /// `cause` says (`cannot_boot`: it exited with status 3). As for a
+    /// worker that cannot boot: a reload rolls back, start-up stops drover
+    /// (status 3). Returns false if a new template should be tried (after
+    /// the backoff).
+    pub fn template_failed(
+        &mut self,
+        generation: u32,
+        cannot_boot: bool,
+        cause: &str,
+        now: Instant,
+    ) -> bool {
+        if generation != self.current().number || self.shutting_down() {
+            info!("{cause}");
+        } else if self.rollout.rolling() {
+            self.rollback(cause.to_string(), now);
+        } else if cannot_boot && !self.booted() {
+            error!("{cause}: cannot boot; stopping (check its output above)");
+            self.begin_shutdown(Pace::Graceful, Cause::CannotBoot, now);
+        } else {
+            return false;
+        }
+        true
+    }
+
     /// A worker was forked (its exec is confirmed later: `on_exec_report`).
     pub fn spawned(&mut self, slot: u32, generation: Rc<Generation>, pid: Pid, now: Instant) {
         info!(

@@ -1,0 +1,329 @@
+//! `preload = true` end to end: the real drover, drover-wsgi from the tests'
+//! venv as the template, an app written by each test into its own
+//! directory, real requests and signals.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The app: answers "VERSION pid=N" (N: the serving process, read per
+/// request: a pid read at import would be the template's), `/sleep?ms=N`,
+/// and appends "cleanup pid=N" to $APP_CLEANUP_FILE at its cleanup.
+/// `extra` is code run at import.
+fn write_app(dir: &Path, version: &str, extra: &str) {
+    let code = format!(
+        r#"import os, time
+import drover_worker
+
+VERSION = {version:?}
+{extra}
+
+@drover_worker.on_exit("app-cleanup")
+def _cleanup():
+    with open(os.environ["APP_CLEANUP_FILE"], "a") as f:
+        f.write("cleanup pid=%d\n" % os.getpid())
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/sleep":
+        time.sleep(int(environ["QUERY_STRING"].partition("=")[2]) / 1000)
+    body = ("%s pid=%d\n" % (VERSION, os.getpid())).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"#
+    );
+    std::fs::write(dir.join("preload_app.py"), code).unwrap();
+}
+
+/// drover with `workers` preloaded drover-wsgi workers serving the app in
+/// `app_dir`. `extra` is more top-level TOML.
+fn start(app_dir: &Path, workers: u32, extra: &str) -> Drover {
+    let toml = format!(
+        r#"bind = "127.0.0.1:0"
+command = [{wsgi:?}, "--chdir", {dir:?}, "preload_app:app"]
+workers = {workers}
+ready = "notify"
+preload = true
+graceful_timeout = "10s"
+{extra}
+
+[env]
+APP_CLEANUP_FILE = "{dir}/cleanup"
+PYTHONDONTWRITEBYTECODE = "1"
+"#,
+        wsgi = python::script("drover-wsgi"),
+        dir = app_dir.display(),
+    );
+    Start::config(&toml).run()
+}
+
+/// The pid in each "NEEDLE (pid N)" of the log, in order.
+fn pids_after(log: &str, needle: &str) -> Vec<Pid> {
+    log.lines()
+        .filter_map(|l| l.split(needle).nth(1))
+        .filter_map(|rest| rest.strip_prefix(" (pid ")?.split(')').next()?.parse().ok())
+        .map(Pid::from_raw)
+        .collect()
+}
+
+fn template_pids(d: &Drover) -> Vec<Pid> {
+    pids_after(&d.log(), "template of generation 1")
+}
+
+/// Process group id, from /proc/PID/stat.
+fn pgid(pid: Pid) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 2..].split(' ').nth(2)?.parse().ok()
+}
+
+/// The pid named in a response body "VERSION pid=N".
+fn served_by(body: &str) -> (String, i32) {
+    let (version, pid) = body.trim().split_once(" pid=").expect("VERSION pid=N");
+    (version.to_string(), pid.parse().unwrap())
+}
+
+fn cleanup_pids(dir: &Path) -> Vec<i32> {
+    let mut pids: Vec<i32> = read_file(&dir.join("cleanup"))
+        .lines()
+        .filter_map(|l| l.strip_prefix("cleanup pid=")?.parse().ok())
+        .collect();
+    pids.sort();
+    pids
+}
+
+#[test]
+fn preloaded_workers_are_drovers_children_in_their_own_groups() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    let d = start(app.path(), 3, "");
+    let log = d.wait_log("all 3 workers ready");
+    let template = pids_after(&log, "template of generation 1")[0];
+    let workers: Vec<Pid> = (1..=3)
+        .map(|slot| pids_after(&log, &format!("worker {slot}"))[0])
+        .collect();
+    for w in &workers {
+        let (_, ppid) = stat(*w).expect("worker alive");
+        assert_eq!(ppid, d.pid().as_raw(), "worker {w} is drover's child");
+        assert_eq!(pgid(*w), Some(w.as_raw()), "worker {w} leads its own group");
+    }
+    assert_eq!(stat(template).unwrap().1, d.pid().as_raw());
+    assert_eq!(pgid(template), Some(template.as_raw()));
+    let mut children = d.children();
+    children.sort();
+    let mut expected = workers.clone();
+    expected.push(template);
+    expected.sort();
+    assert_eq!(
+        children, expected,
+        "drover's children: the workers and the template"
+    );
+    for _ in 0..10 {
+        let (version, pid) = served_by(&get_ok(d.tcp_addr(), "/").body);
+        assert_eq!(version, "v1");
+        assert!(
+            workers.contains(&Pid::from_raw(pid)),
+            "served by a worker, not the template"
+        );
+    }
+}
+
+#[test]
+fn killed_worker_and_killed_template_are_replaced_while_serving() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    let d = start(app.path(), 2, "");
+    let log = d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let victim = pids_after(&log, "worker 1")[0];
+    let other = pids_after(&log, "worker 2")[0];
+
+    kill(victim, Signal::SIGKILL).unwrap();
+    let replacement = wait_for("a replacement in slot 1", LIMIT, || {
+        pids_after(&d.log(), "worker 1")
+            .into_iter()
+            .find(|p| *p != victim && d.log().contains(&format!("worker 1 (pid {p}) ready")))
+    });
+    assert!(
+        d.log().contains(&format!(
+            "worker 1 (pid {replacement}) spawned, generation 1"
+        )),
+        "{}",
+        d.log()
+    );
+    assert_eq!(stat(replacement).unwrap().1, d.pid().as_raw());
+    // Only two template lines: the replacement was forked, not a new template's.
+    assert_eq!(
+        template_pids(&d)
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        1
+    );
+
+    let template = template_pids(&d)[0];
+    kill(template, Signal::SIGKILL).unwrap();
+    d.wait_log(&format!(
+        "template of generation 1 (pid {template}) killed by SIGKILL"
+    ));
+    // The workers keep serving; a new template starts and becomes ready.
+    let serving: std::collections::BTreeSet<i32> = (0..20)
+        .map(|_| served_by(&get_ok(addr, "/").body).1)
+        .collect();
+    assert!(
+        serving.is_subset(&[replacement.as_raw(), other.as_raw()].into()),
+        "{serving:?}"
+    );
+    let new_template = wait_for("a new template ready", LIMIT, || {
+        template_pids(&d)
+            .into_iter()
+            .find(|p| *p != template && d.log().contains(&format!("(pid {p}) ready to fork")))
+    });
+    // And the next worker is forked from it.
+    kill(other, Signal::SIGKILL).unwrap();
+    wait_for("slot 2 forked again", LIMIT, || {
+        pids_after(&d.log(), "worker 2")
+            .into_iter()
+            .find(|p| *p != other && d.log().contains(&format!("worker 2 (pid {p}) ready")))
+    });
+    assert!(alive(new_template));
+}
+
+#[test]
+fn sigkill_of_drover_leaves_no_worker_and_no_template() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    let mut d = start(app.path(), 3, "");
+    d.wait_log("all 3 workers ready");
+    let everyone = d.children();
+    assert_eq!(everyone.len(), 4, "3 workers and the template");
+    d.signal(Signal::SIGKILL);
+    let killed_at = Instant::now();
+    d.wait_exit_only(LIMIT);
+    wait_for(
+        "no worker or template alive",
+        Duration::from_secs(1),
+        || everyone.iter().all(|p| !alive(*p)).then_some(()),
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn hup_loads_changed_code_with_no_failed_request() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    let d = start(app.path(), 2, "max_surge = 2");
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let load = Load::start(addr, 4, "/sleep?ms=5");
+    wait_answered(&load, 20);
+    write_app(app.path(), "v2-new-code", "");
+    d.signal(Signal::SIGHUP);
+    d.wait_log("reload applied: generation 2 serves");
+    let answered = load.answered.load(std::sync::atomic::Ordering::Relaxed);
+    wait_answered(&load, answered + 20);
+    let outcomes = load.finish();
+    assert_eq!(
+        outcomes,
+        Outcomes {
+            ok: outcomes.ok,
+            ..Outcomes::default()
+        },
+        "every request answered: {outcomes:?}"
+    );
+    for _ in 0..10 {
+        assert_eq!(served_by(&get_ok(addr, "/").body).0, "v2-new-code");
+    }
+    // The old template leaves with its generation.
+    let old = template_pids(&d)[0];
+    d.wait_log(&format!(
+        "template of generation 1 (pid {old}) exited with status 0 (retired)"
+    ));
+    assert!(d.log().contains("template of generation 2"), "{}", d.log());
+}
+
+#[test]
+fn hup_with_an_app_that_cannot_import_rolls_back() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    let d = start(app.path(), 2, "");
+    d.wait_log("all 2 workers ready");
+    write_app(app.path(), "v2", "raise ImportError('broken on purpose')");
+    d.signal(Signal::SIGHUP);
+    let log = d.wait_log("reload rolled back");
+    assert!(log.contains("broken on purpose"), "{log}");
+    assert!(
+        log.contains("the template of generation 2") && log.contains("exited with status 3"),
+        "{log}"
+    );
+    for _ in 0..10 {
+        assert_eq!(served_by(&get_ok(d.tcp_addr(), "/").body).0, "v1");
+    }
+}
+
+#[test]
+fn a_thread_started_at_import_is_refused_and_drover_exits_3() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(
+        app.path(),
+        "v1",
+        "import threading\nthreading.Thread(target=time.sleep, args=(60,), name='metrics-pusher', daemon=True).start()",
+    );
+    let mut d = start(app.path(), 2, "");
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("refusing to fork: the template runs 1 thread(s) besides the main thread")
+            && log.contains("'metrics-pusher'"),
+        "{log}"
+    );
+    assert!(log.contains("cannot boot"), "{log}");
+    assert!(
+        !log.contains("spawned, generation"),
+        "no worker was forked: {log}"
+    );
+}
+
+fn stop_under_load_runs_every_cleanup(sig: Signal) {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    let mut d = start(app.path(), 3, "");
+    d.wait_log("all 3 workers ready");
+    let workers: Vec<i32> = (1..=3)
+        .map(|slot| pids_after(&d.log(), &format!("worker {slot}"))[0].as_raw())
+        .collect();
+    let load = Load::start(d.tcp_addr(), 4, "/sleep?ms=20");
+    wait_answered(&load, 20);
+    d.signal(sig);
+    let status = d.wait_exit(LIMIT);
+    let outcomes = load.finish();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    // Once drover stops accepting, connections are refused; none is lost.
+    assert_eq!(
+        (outcomes.reset, outcomes.truncated, outcomes.other),
+        (0, 0, 0),
+        "{outcomes:?}"
+    );
+    let mut expected = workers.clone();
+    expected.sort();
+    assert_eq!(
+        cleanup_pids(app.path()),
+        expected,
+        "each worker's cleanup ran once, the template's never"
+    );
+}
+
+#[test]
+fn sigterm_under_load_runs_every_workers_cleanup() {
+    stop_under_load_runs_every_cleanup(Signal::SIGTERM);
+}
+
+#[test]
+fn sigint_under_load_runs_every_workers_cleanup() {
+    stop_under_load_runs_every_cleanup(Signal::SIGINT);
+}
