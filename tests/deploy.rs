@@ -288,11 +288,12 @@ fn recv_from(sock: &UnixDatagram) -> Option<(Pid, String)> {
     Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
 }
 
-/// Reads messages into `seen` until one contains `needle`; returns it.
+/// Reads messages into `seen` until a new one contains `needle`; returns it.
 fn recv_until(sock: &UnixDatagram, seen: &mut Vec<(Pid, String)>, needle: &str) -> String {
     let deadline = Instant::now() + LIMIT;
+    let from = seen.len();
     loop {
-        if let Some((_, m)) = seen.last().filter(|(_, m)| m.contains(needle)) {
+        if let Some((_, m)) = seen[from..].iter().find(|(_, m)| m.contains(needle)) {
             return m.clone();
         }
         assert!(
@@ -1107,4 +1108,60 @@ fn ctl_ready_is_a_readiness_probe() {
         (code, out.trim()),
         (1, "failed: not ready: paused: workers stopped (SIGWINCH)")
     );
+}
+
+/// What systemd hears beyond start, reload and stop: `STATUS=` follows the
+/// workers (after a scale-up, the new worker's readiness is reported, not
+/// left at "2/3"), and a reload that fails says so with its `READY=1`
+/// (the old generation serves, so the service is ready, but its status
+/// names the failure until a reload is applied).
+#[test]
+fn systemd_hears_the_status_after_a_scale_up_and_a_failed_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = notify_socket(&path);
+    let start = Start {
+        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..Start::config(&hello_config(""))
+    };
+    let d = start.run();
+    let mut seen = Vec::new();
+    recv_until(&sock, &mut seen, "READY=1");
+    let (code, out) = ctl(&d, &["scale", "3"]);
+    assert_eq!(code, 0, "{out}");
+    recv_until(&sock, &mut seen, "STATUS=3/3 workers ready, generation 1");
+
+    // A rejected reload: the file does not parse.
+    let config = d.dir.path().join("config.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}\nworkers = \"many\"\n")).unwrap();
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 1, "{out}");
+    let ready = recv_until(&sock, &mut seen, "READY=1");
+    assert!(
+        ready.contains("STATUS=3/3 workers ready, generation 1; last reload rejected: "),
+        "{ready}"
+    );
+    // A rolled-back one: the new workers cannot boot.
+    std::fs::write(&config, good.replace(hello_bin(), "/bin/false")).unwrap();
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    let ready = recv_until(&sock, &mut seen, "READY=1");
+    assert!(
+        ready.contains("generation 1; last reload rolled back: "),
+        "{ready}"
+    );
+    let (_, out) = ctl(&d, &["status"]);
+    assert!(out.contains("; last reload rolled back: "), "{out}");
+    // An applied reload clears it.
+    std::fs::write(&config, &good).unwrap();
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "{out}");
+    let ready = recv_until(&sock, &mut seen, "READY=1");
+    assert!(
+        ready.contains("STATUS=2/2 workers ready, generation "),
+        "{ready}"
+    );
+    assert!(!ready.contains("last reload"), "{ready}");
 }

@@ -78,6 +78,12 @@ pub struct Supervisor {
     hold_spawns: bool,
     /// The exit was decided.
     exited: bool,
+    /// The last `STATUS=` told to our service manager, to tell it again
+    /// only when the summary changes.
+    reported: Option<String>,
+    /// Why the last reload failed (rejected or rolled back), until one is
+    /// applied: part of the summary.
+    reload_failed: Option<String>,
     /// A decision carried out after this turn's own duties calls for
     /// another turn before waiting (a reload's generation was built).
     again: bool,
@@ -98,6 +104,8 @@ impl Supervisor {
             next_memory_check,
             hold_spawns: false,
             exited: false,
+            reported: None,
+            reload_failed: None,
             again: false,
             out: VecDeque::new(),
         }
@@ -114,6 +122,9 @@ impl Supervisor {
     }
 
     pub fn emit(&mut self, a: Action) {
+        if let Action::NotifySystemd(Note::Ready(s) | Note::Status(s)) = &a {
+            self.reported = Some(s.clone());
+        }
         self.out.push_back(a);
     }
 
@@ -185,12 +196,27 @@ impl Supervisor {
         if !self.shutting_down() {
             self.restore_worker_count(now);
         }
+        self.report_status();
         if let Phase::ShuttingDown(sd) = &self.phase {
             if self.pool.workers.is_empty() && !self.exited {
                 self.exited = true;
                 let outcome = sd.outcome();
                 self.emit(Action::Exit(outcome));
             }
+        }
+    }
+
+    /// Tells the service manager the summary when it changed since the last
+    /// `STATUS=` (a worker became ready after a scale-up, one died), once
+    /// start-up is over and until the shutdown. Not during a reload: its
+    /// verdict comes with `READY=1` and the summary.
+    fn report_status(&mut self) {
+        if !self.booted() || self.shutting_down() || self.rollout.busy() {
+            return;
+        }
+        let summary = self.summary();
+        if self.reported.as_ref() != Some(&summary) {
+            self.emit(Action::NotifySystemd(Note::Status(summary)));
         }
     }
 
@@ -411,6 +437,7 @@ impl Supervisor {
                 // Nothing was started and nothing changes.
                 let (why, waiters) = self.rollout.rejected();
                 error!("{why}: reload rejected, nothing changed: {e}");
+                self.reload_failed = Some(format!("reload rejected: {e}"));
                 let summary = self.summary();
                 self.emit(Action::NotifySystemd(Note::Ready(summary)));
                 self.emit_all(waiters.answer(control::failure(&format!("rejected: {e}"))));
@@ -442,6 +469,7 @@ impl Supervisor {
             "reload rolled back: {cause}; generation {} keeps serving",
             self.current().number
         );
+        self.reload_failed = Some(format!("reload rolled back: {cause}"));
         self.pool.resize(slots_before);
         // Booting workers of the failed generation serve nothing: stop them
         // now. Ready ones are replaced like any outdated worker.
@@ -470,6 +498,7 @@ impl Supervisor {
                 let current = self.current().number;
                 let took = ms(took);
                 info!("reload applied: generation {current} serves, in {took}");
+                self.reload_failed = None;
                 // Sockets the new config no longer names: closed now that no
                 // current worker uses them (old workers may still drain theirs).
                 self.emit(Action::CloseListeners {
@@ -1158,6 +1187,11 @@ impl Supervisor {
         if matches!(self.phase, Phase::PreStop { .. }) {
             s.push_str(", pre-stop");
         }
+        if let Some(failed) = &self.reload_failed {
+            // STATUS= is one line.
+            s.push_str("; last ");
+            s.push_str(&failed.replace('\n', " "));
+        }
         s
     }
 }
@@ -1388,8 +1422,15 @@ mod tests {
             sup.on_exit(pid(p), WaitStatus::Exited(pid(p), 1), t);
             let due = sup.next_deadline(t).expect("a respawn time");
             delays.push((due - t).as_millis());
-            // Nothing is spawned before the backoff has passed.
-            assert!(turn(&mut sup, 99, t).is_empty());
+            // Nothing is spawned before the backoff has passed (systemd
+            // may be told the new summary).
+            let actions = turn(&mut sup, 99, t);
+            assert!(
+                actions
+                    .iter()
+                    .all(|a| a.starts_with("notify_systemd Status(\"0/1 workers ready")),
+                "{actions:?}"
+            );
             assert!(sup.pool.workers.is_empty());
             t = due;
             p += 1;
