@@ -192,8 +192,16 @@ settings! {
     env: BTreeMap<String, String> = BTreeMap::new();
     /// Variables removed from the workers' environment.
     env_remove: Vec<String> = Vec::new();
+    /// The admin endpoint (/livez, /readyz, /metrics): HOST:PORT or unix:PATH; none if unset.
+    admin_bind: Option<AdminBind> = None;
+    /// The share of slots that must have a ready worker for /readyz to answer 200.
+    ready_share: Share = Share(1.0);
     /// drover's log lines: "text" or "json" (one object per line).
     log_format: crate::logformat::LogFormat = crate::logformat::LogFormat::Text;
+    /// Workers' stdout and stderr go through drover into its log, line by line.
+    capture_output: bool = false;
+    /// Event name → argv run when that event happens (bounded by hook_timeout).
+    event_hooks: EventHooks = EventHooks::default();
 }
 
 /// Where a value was set, for error messages.
@@ -1022,6 +1030,90 @@ macro_rules! bounded_setting {
     };
 }
 
+/// Where the admin endpoint listens (`admin_bind`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminBind(pub crate::admin::AdminAddr);
+
+impl FromStr for AdminBind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::admin::parse_addr(s).map(AdminBind)
+    }
+}
+
+from_str_setting!(
+    AdminBind,
+    "an address like \"127.0.0.1:9100\", \"[::1]:9100\" or \"unix:/run/drover-admin.sock\""
+);
+
+/// A share of the slots, in (0, 1] (`ready_share`): `"all"`, a number like
+/// `0.5`, or a percentage like `"50%"`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share(pub f64);
+
+impl<'de> Deserialize<'de> for Share {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Share;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"all\", a share like 0.5, or a percentage like \"50%\"")
+            }
+            fn visit_f64<E: de::Error>(self, x: f64) -> Result<Share, E> {
+                if x > 0.0 && x <= 1.0 {
+                    Ok(Share(x))
+                } else {
+                    Err(E::custom(format!(
+                        "{x} is out of range: expected a share above 0 and at most 1"
+                    )))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Share, E> {
+                self.visit_f64(n as f64)
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Share, E> {
+                self.visit_f64(n as f64)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Share, E> {
+                if s == "all" {
+                    return Ok(Share(1.0));
+                }
+                match s.strip_suffix('%').map(|p| p.trim().parse::<f64>()) {
+                    Some(Ok(p)) => self.visit_f64(p / 100.0),
+                    _ => Err(E::custom(format!(
+                        "invalid share {s:?}: expected \"all\", a number like 0.5, or \"50%\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `event_hooks`: event name → the argv to run for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventHooks(pub BTreeMap<String, Vec<String>>);
+
+impl<'de> Deserialize<'de> for EventHooks {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<String, Vec<String>>::deserialize(d)?;
+        for (name, argv) in &map {
+            if !crate::events::NAMES.contains(&name.as_str()) {
+                return Err(de::Error::custom(format!(
+                    "unknown event {name:?}: expected one of {}",
+                    crate::events::NAMES.join(", ")
+                )));
+            }
+            if argv.is_empty() {
+                return Err(de::Error::custom(format!(
+                    "the hook for {name} is empty: expected an argv like [\"/usr/local/bin/notify\", \"--quiet\"]"
+                )));
+            }
+        }
+        Ok(EventHooks(map))
+    }
+}
+
 bounded_setting!(WorkerCount, 1, 4096, "a number of workers");
 bounded_setting!(Count, 1, 1_000_000, "a count");
 bounded_setting!(Backlog, 1, 65535, "a listen backlog");
@@ -1185,6 +1277,47 @@ mod tests {
         assert!(e.contains("too long"), "{e}");
         let e = err("unix_socket_mode = \"999\"");
         assert!(e.contains("octal permission bits"), "{e}");
+    }
+
+    #[test]
+    fn observability_settings() {
+        let l = Layer::parse(
+            "c",
+            "command = [\"x\"]\nadmin_bind = \"127.0.0.1:9100\"\nready_share = \"50%\"\nlog_format = \"json\"\n\
+             capture_output = true\n[event_hooks]\nworker_exited = [\"logger\", \"x\"]\n",
+        )
+        .unwrap();
+        let s = l.resolve().unwrap();
+        assert_eq!(
+            s.admin_bind,
+            Some(AdminBind(crate::admin::AdminAddr::Tcp(
+                "127.0.0.1:9100".parse().unwrap()
+            )))
+        );
+        assert_eq!(s.ready_share, Share(0.5));
+        assert_eq!(s.log_format, crate::logformat::LogFormat::Json);
+        assert!(s.capture_output);
+        assert_eq!(s.event_hooks.0["worker_exited"], vec!["logger", "x"]);
+        let l = Layer::parse("c", "ready_share = 0.25").unwrap();
+        assert_eq!(l.ready_share.unwrap().value, Share(0.25));
+        let l = Layer::parse("c", "ready_share = 1").unwrap();
+        assert_eq!(l.ready_share.unwrap().value, Share(1.0));
+        let e = err("ready_share = 0");
+        assert!(e.contains("out of range"), "{e}");
+        let e = err("ready_share = \"most\"");
+        assert!(
+            e.starts_with("c.toml:1:15:") && e.contains("invalid share"),
+            "{e}"
+        );
+        let e = err("admin_bind = \"fd://3\"");
+        assert!(e.contains("not fd://N"), "{e}");
+        let e = err("log_format = \"xml\"");
+        assert!(e.contains("unknown variant `xml`"), "{e}");
+        let e = err("[event_hooks]\nworker_died = [\"x\"]");
+        assert!(e.contains("unknown event \"worker_died\""), "{e}");
+        assert!(e.contains("worker_exited"), "{e}");
+        let e = err("[event_hooks]\npaused = []");
+        assert!(e.contains("is empty"), "{e}");
     }
 
     #[test]
