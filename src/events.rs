@@ -441,6 +441,61 @@ impl Bus {
     }
 }
 
+/// `drover ctl events`: asks the master at `path` for its events and prints
+/// each as one JSON line, as it comes, until drover exits (status 0), the
+/// subscription is refused or dropped for reading too slowly (status 1), or
+/// the user interrupts. With `json`, the control answer that opens the
+/// stream is printed first, as `ctl --json` prints answers.
+pub fn follow(path: &std::path::Path, json: bool) -> u8 {
+    use std::io::BufRead;
+    let stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("drover ctl: {}: {e}", path.display());
+            return 1;
+        }
+    };
+    if (&stream).write_all(b"{\"command\":\"events\"}\n").is_err() {
+        eprintln!(
+            "drover ctl: {}: the master closed the connection",
+            path.display()
+        );
+        return 1;
+    }
+    let mut lines = io::BufReader::new(stream).lines();
+    let answer: serde_json::Value = match lines.next() {
+        Some(Ok(line)) => serde_json::from_str(&line).unwrap_or_default(),
+        _ => {
+            eprintln!("drover ctl: {}: no answer", path.display());
+            return 1;
+        }
+    };
+    if answer["ok"] != true {
+        eprintln!(
+            "drover ctl: {}",
+            answer["message"].as_str().unwrap_or("refused")
+        );
+        return 1;
+    }
+    let out = io::stdout();
+    if json {
+        let _ = writeln!(out.lock(), "{answer}");
+    }
+    for line in lines.map_while(Result::ok) {
+        let dropped = line.starts_with("{\"event\":\"dropped\"");
+        let mut o = out.lock();
+        // A reader that went away (a closed pipe): stop quietly.
+        if writeln!(o, "{line}").and_then(|_| o.flush()).is_err() {
+            return 0;
+        }
+        if dropped {
+            eprintln!("drover ctl: dropped by drover: this reader was too slow");
+            return 1;
+        }
+    }
+    0
+}
+
 /// Tells a subscriber why it is cut off (if its socket takes one more line)
 /// and closes it.
 fn drop_slow(s: &mut Subscriber, seq: u64) {

@@ -13,6 +13,7 @@ pub mod logformat;
 pub mod master;
 pub mod metrics;
 pub mod notify;
+pub mod observe;
 pub mod pidfile;
 pub mod readiness;
 pub mod scoreboard;

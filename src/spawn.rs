@@ -383,9 +383,10 @@ enum Step {
     Gid,
     Uid,
     Exec,
+    Output,
 }
 
-const STEP_NAMES: [&str; 10] = [
+const STEP_NAMES: [&str; 11] = [
     "setpgid (own process group)",
     "prctl(PR_SET_PDEATHSIG)",
     "redirecting stdin from /dev/null",
@@ -396,6 +397,7 @@ const STEP_NAMES: [&str; 10] = [
     "setgid",
     "setuid",
     "execve",
+    "redirecting stdout and stderr to drover (capture_output)",
 ];
 
 /// Starts one worker: `program` with `env`, the `listeners` at fds 3.., stdin
@@ -407,7 +409,7 @@ pub fn spawn(
     devnull: RawFd,
     die_with_parent: bool,
 ) -> Result<Pid, SpawnError> {
-    let started = start(program, env, listeners, devnull, die_with_parent)?;
+    let started = start(program, env, listeners, devnull, die_with_parent, None)?;
     match read_report(started.report.as_raw_fd()) {
         Report::Failed(step, errno) => Err(started.failed(step, errno)),
         // A blocking read ends with the report or at exec.
@@ -462,7 +464,19 @@ pub fn spawn_async(
     listeners: &[RawFd],
     devnull: RawFd,
 ) -> Result<Started, SpawnError> {
-    let started = start(program, env, listeners, devnull, true)?;
+    spawn_async_with_output(program, env, listeners, devnull, None)
+}
+
+/// [`spawn_async`], with the worker's standard output and error on `output`
+/// (the write ends of the `capture_output` pipes) instead of drover's.
+pub fn spawn_async_with_output(
+    program: &Program,
+    env: &Env,
+    listeners: &[RawFd],
+    devnull: RawFd,
+    output: Option<(RawFd, RawFd)>,
+) -> Result<Started, SpawnError> {
+    let started = start(program, env, listeners, devnull, true, output)?;
     nix::fcntl::fcntl(
         &started.report,
         nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
@@ -477,6 +491,7 @@ fn start(
     listeners: &[RawFd],
     devnull: RawFd,
     die_with_parent: bool,
+    output: Option<(RawFd, RawFd)>,
 ) -> Result<Started, SpawnError> {
     // Everything the child touches is allocated here, before the fork.
     let mut entries = env.entries.clone();
@@ -521,6 +536,7 @@ fn start(
         umask: program.umask,
         identity: program.identity.as_ref(),
         die_with_parent,
+        output,
     };
 
     // Block every signal across the fork so that none runs the master's
@@ -608,6 +624,8 @@ struct ChildPlan<'a> {
     umask: Option<libc::mode_t>,
     identity: Option<&'a Identity>,
     die_with_parent: bool,
+    /// Standard output and error (capture_output), else drover's own.
+    output: Option<(RawFd, RawFd)>,
 }
 
 /// The child between fork and exec. Only async-signal-safe calls.
@@ -639,6 +657,13 @@ unsafe fn run_child(p: &ChildPlan) -> ! {
 
     if libc::dup2(p.devnull, 0) < 0 {
         fail(report, Step::Stdin);
+    }
+    // The capture pipes' write ends are close-on-exec; dup2 clears it on 1
+    // and 2. (They are above 2: the master's own 0 to 2 are open.)
+    if let Some((out, err)) = p.output {
+        if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
+            fail(report, Step::Output);
+        }
     }
     // Listeners to 3, 4, ...: first copy them (and the report pipe) above the
     // target range so that no dup2 below overwrites a source still needed.
