@@ -891,6 +891,43 @@ def summarize_trace(path, self_ms):
     }
 
 
+def sc_observe(ctx):
+    """The admin endpoint's cost (drover + hello only): with admin_bind set and
+    N = 128 workers, (1) wake-ups of the idle, unscraped master over a window;
+    (2) the master's CPU time per GET /metrics, over a series of scrapes."""
+    s = SUBJECTS["drover-hello"]
+    window = 1.0 if ctx.quick else 5.0
+    n, scrapes = 128, 50 if ctx.quick else 200
+    tmp = H.fresh_tmp()
+    port, admin = H.free_port(), H.free_port()
+    row = {"workers": n, "window_s": window, "scrapes": scrapes}
+    try:
+        with s.start(n, port, tmp, ctx.log_path("observe", s.key),
+                     settings=(f'admin_bind="127.0.0.1:{admin}"',)) as run:
+            ctx.note_command("observe", s.key, cmd_of(run))
+            s.wait_ready(run, n, port, 120)
+            first = H.http_get(admin, "/metrics")
+            if first["outcome"] != "ok":
+                raise Unavailable(f"GET /metrics: {first['outcome']}")
+            time.sleep(1.0)
+            c0 = H.context_switches(run.pid)
+            time.sleep(window)
+            row["idle_wakeups"] = H.context_switches(run.pid) - c0
+            cpu0 = H.cpu_ns(run.pid)
+            t0 = time.monotonic()
+            for _ in range(scrapes):
+                r = H.http_get(admin, "/metrics")
+                if r["outcome"] != "ok":
+                    raise Unavailable(f"GET /metrics: {r['outcome']}")
+            row["scrape_wall_ms"] = round((time.monotonic() - t0) * 1000 / scrapes, 3)
+            row["scrape_cpu_ms"] = round((H.cpu_ns(run.pid) - cpu0) / 1e6 / scrapes, 3)
+    except Unavailable as e:
+        row["error"] = str(e)
+    say(f"observe: {n} workers, idle wake-ups {row.get('idle_wakeups')} in {window} s, "
+        f"scrape CPU {row.get('scrape_cpu_ms')} ms", row.get("error", ""))
+    return {"rows": [row]}
+
+
 SCENARIOS = [
     ("startup", sc_startup),
     ("stop_term", lambda ctx: sc_stop_inflight(ctx, "term")),
@@ -901,6 +938,7 @@ SCENARIOS = [
     ("reload", sc_reload),
     ("kill_master", sc_kill_master),
     ("diagnose", sc_diagnose),
+    ("observe", sc_observe),
 ]
 
 

@@ -356,6 +356,7 @@ def render(res, charts_rel, outdir):
     sec_reload(sc.get("reload"), charts_rel, cmds, L)
     sec_kill_master(sc.get("kill_master"), cmds, L)
     sec_diagnose(sc.get("diagnose"), sc.get("footprint"), cmds, L)
+    sec_observe(sc.get("observe"), cmds, L)
     return "\n".join(L) + "\n"
 
 
@@ -592,6 +593,28 @@ def sec_footprint(s, cmds, L):
     w(f"Window: {s['rows'][0].get('window_s', '?')} s each.")
     w("")
     commands(cmds, "footprint", L)
+
+
+def sec_observe(s, cmds, L):
+    w = L.append
+    w("## The admin endpoint's cost")
+    w("")
+    w("drover + hello with `admin_bind` set and 128 workers: wake-ups (context switches) of the idle "
+      "master while nobody scrapes, over the window; then the master's CPU time (schedstat) over a "
+      "series of `GET /metrics`, per scrape (the targets: zero wake-ups, at most 1 ms per scrape).")
+    w("")
+    if crashed(s, L):
+        return
+    w("| workers | idle wake-ups | window, s | scrapes | master CPU per scrape, ms | wall per scrape, ms |")
+    w("|---:|---:|---:|---:|---:|---:|")
+    for r in s["rows"]:
+        if r.get("error"):
+            w(f"| {r['workers']} | not available ({escape(r['error'])}) | | | | |")
+            continue
+        w(f"| {r['workers']} | {r['idle_wakeups']} | {r['window_s']} | {r['scrapes']} | "
+          f"{r['scrape_cpu_ms']} | {r['scrape_wall_ms']} |")
+    w("")
+    commands(cmds, "observe", L)
 
 
 def sec_throughput(s, cmds, L):
