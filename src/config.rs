@@ -769,6 +769,15 @@ toml_as! {
     // Unit variants named in lower case (serde's rename_all = "lowercase").
     Ready => |r| toml_string(&format!("{r:?}").to_ascii_lowercase());
     crate::logformat::LogFormat => |f| toml_string(&format!("{f:?}").to_ascii_lowercase());
+    AdminBind => |a| toml_string(&a.0.to_string());
+    Share => |s| if s.0 == 1.0 { toml_string("all") } else { s.0.to_string() };
+    EventHooks => |h| format!(
+        "{{ {} }}",
+        h.0.iter()
+            .map(|(k, argv)| format!("{} = {}", toml_string(k), argv.toml().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Bind => |b| match &b.name {
         None => toml_string(&b.address.to_string()),
         Some(name) => format!(
