@@ -150,3 +150,377 @@ fn the_exposition_parses_with_prometheus_client() {
         .unwrap();
     assert_eq!(boot_count.4.parse::<f64>().unwrap(), 1.0);
 }
+
+// ---------------------------------------------------------------------------
+// The admin endpoint, events and captured output of a running drover.
+
+/// hello workers that wait for `$DIR/go` to exist before they exec (so a
+/// test decides when they boot), an admin endpoint on a Unix socket, a
+/// control socket. `extra` is more TOML.
+fn gated(extra: &str) -> String {
+    format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\nboot_timeout = \"20s\"\n\
+         command = [\"sh\", \"-c\", \"while [ ! -e $DIR/go ]; do sleep 0.02; done; exec {}\"]\n\
+         control_socket = \"$DIR/ctl.sock\"\nadmin_bind = \"unix:$DIR/admin.sock\"\n\
+         respawn_delay = \"50ms\"\n{extra}\n",
+        hello_bin()
+    )
+}
+
+fn go(d: &Drover, on: bool) {
+    let path = d.dir.path().join("go");
+    if on {
+        std::fs::write(path, "").unwrap();
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// One GET on the admin endpoint (Unix socket `$DIR/admin.sock`).
+fn admin(d: &Drover, path: &str) -> Response {
+    let s = std::os::unix::net::UnixStream::connect(d.dir.path().join("admin.sock"))
+        .expect("admin socket");
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    get_over(s, path).unwrap()
+}
+
+/// Waits until `/readyz` answers `status` with a body that starts with `word`.
+fn wait_readyz(d: &Drover, status: u16, word: &str) -> String {
+    wait_for(&format!("/readyz {status} {word}"), LIMIT, || {
+        let r = admin(d, "/readyz");
+        (r.status == status && r.body.starts_with(word)).then_some(r.body)
+    })
+}
+
+/// `drover ctl events` running in the background, its lines collected.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Follower {
+    fn start(d: &Drover) -> Follower {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(drover_bin())
+            .args(["ctl", "--socket"])
+            .arg(d.dir.path().join("ctl.sock"))
+            .args(["events", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+                sink.lock().unwrap().push(v);
+            }
+        });
+        let f = Follower { child, lines };
+        // Subscribed once the answer line is there.
+        wait_for("the events answer", LIMIT, || {
+            f.lines.lock().unwrap().first().map(|a| {
+                assert_eq!(a["ok"], true, "{a}");
+            })
+        });
+        f
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.lines.lock().unwrap()[1..].to_vec()
+    }
+
+    /// Waits for an event with `name` for which `pred` holds.
+    fn wait(&self, name: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_for(&format!("event {name}"), LIMIT, || {
+            self.events()
+                .into_iter()
+                .find(|e| e["event"] == name && pred(e))
+        })
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one sample of a scrape, by sample name and labels.
+fn sample(
+    samples: &[(String, String, String, serde_json::Value, String)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    samples
+        .iter()
+        .find(|s| s.2 == name && labels.iter().all(|(k, v)| s.3[*k] == *v))
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+        .4
+        .parse()
+        .unwrap()
+}
+
+/// /readyz through a start-up, a degradation, a pause and a shutdown, as a
+/// load balancer sees it; /livez all along.
+#[test]
+fn readyz_through_boot_degradation_pause_and_shutdown() {
+    let mut d = Start::config(&gated("graceful_timeout = \"10s\"")).run();
+    wait_for("the admin socket", LIMIT, || {
+        d.dir.path().join("admin.sock").exists().then_some(())
+    });
+    let body = wait_readyz(&d, 503, "booting");
+    assert!(
+        body.starts_with("booting: 0/2 slots have a ready worker"),
+        "{body}"
+    );
+    assert_eq!(admin(&d, "/livez").status, 200);
+    go(&d, true);
+    wait_readyz(&d, 200, "ready");
+    // A worker dies and its replacement cannot boot: degraded.
+    go(&d, false);
+    let victim = d.wait_workers(2)[0];
+    nix::sys::signal::kill(victim, Signal::SIGKILL).unwrap();
+    let body = wait_readyz(&d, 503, "degraded");
+    assert!(body.starts_with("degraded: 1/2 slots"), "{body}");
+    go(&d, true);
+    wait_readyz(&d, 200, "ready");
+    // SIGWINCH pauses; SIGTTIN resumes.
+    d.signal(Signal::SIGWINCH);
+    wait_readyz(&d, 503, "paused");
+    d.signal(Signal::SIGTTIN);
+    wait_readyz(&d, 200, "ready");
+    // A shutdown with a request in flight: the endpoint says "draining"
+    // until drover exits.
+    let addr = d.tcp_addr();
+    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=1500"));
+    // In flight: the scoreboard says a worker is busy.
+    wait_for("the request in flight", LIMIT, || {
+        let m = parse_metrics(&admin(&d, "/metrics").body);
+        let busy: f64 = m
+            .iter()
+            .filter(|s| s.2 == "drover_worker_busy")
+            .map(|s| s.4.parse::<f64>().unwrap())
+            .sum();
+        (busy >= 1.0).then_some(())
+    });
+    d.signal(Signal::SIGTERM);
+    wait_readyz(&d, 503, "draining");
+    assert_eq!(admin(&d, "/livez").status, 200);
+    assert_eq!(slow.join().unwrap().unwrap().status, 200);
+    assert!(d.wait_exit(LIMIT).success());
+    assert!(
+        !d.dir.path().join("admin.sock").exists(),
+        "socket removed at exit"
+    );
+}
+
+/// Scripted incidents — a crash, a heartbeat kill, a rolled-back reload, a
+/// scale-up — as the event stream and the metrics tell them.
+#[test]
+fn events_and_metrics_after_incidents() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\ncommand = [\"{}\"]\n\
+         control_socket = \"$DIR/ctl.sock\"\nadmin_bind = \"unix:$DIR/admin.sock\"\n\
+         timeout = \"1s\"\nabort_grace = \"200ms\"\nrespawn_delay = \"50ms\"\nboot_timeout = \"5s\"\n",
+        hello_bin()
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let events = Follower::start(&d);
+    let addr = d.tcp_addr();
+    // 1. A crash: the worker exits with status 1 mid-request.
+    let crashed = get(addr, "/").unwrap().worker_pid();
+    let _ = get(addr, "/crash");
+    let e = events.wait("worker_exited", |e| e["cause"] == "crash");
+    assert_eq!(e["status"], 1);
+    // 2. A heartbeat kill: a wedged worker stops its heartbeats.
+    let _wedged = std::thread::spawn(move || get(addr, "/hang"));
+    let e = events.wait("worker_aborted", |_| true);
+    let aborted = e["pid"].clone();
+    let e = events.wait("worker_exited", |e| e["pid"] == aborted);
+    assert_eq!(e["cause"], "heartbeat_timeout", "{e}");
+    // 3. A reload whose new workers cannot boot: rolled back.
+    let path = d.dir.path().join("config.toml");
+    let broken = read_file(&path).replace(
+        &format!("command = [\"{}\"]", hello_bin()),
+        "command = [\"sh\", \"-c\", \"exit 1\"]",
+    );
+    std::fs::write(&path, broken).unwrap();
+    d.signal(Signal::SIGHUP);
+    events.wait("reload_begun", |e| e["generation"] == 2);
+    let e = events.wait("reload_rolled_back", |_| true);
+    assert!(
+        e["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 1"),
+        "{e}"
+    );
+    // 4. A scale-up.
+    std::fs::write(
+        &path,
+        config.replace("$DIR", &d.dir.path().display().to_string()),
+    )
+    .unwrap();
+    d.signal(Signal::SIGTTIN);
+    events.wait("scaled", |e| e["from"] == 2 && e["to"] == 3);
+    events.wait("worker_ready", |e| e["slot"] == 3);
+    // The sequence has no gap and no repeat; times are ordered.
+    let all = events.events();
+    for pair in all.windows(2) {
+        assert_eq!(
+            pair[1]["seq"].as_u64(),
+            pair[0]["seq"].as_u64().map(|n| n + 1)
+        );
+        assert!(pair[0]["ts"].as_str() <= pair[1]["ts"].as_str());
+    }
+    assert!(all
+        .iter()
+        .any(|e| e["event"] == "worker_exited" && e["pid"] == crashed));
+    // The same story in the metrics, parsed by the reference parser.
+    let scrape = admin(&d, "/metrics");
+    assert_eq!(
+        scrape.header("Content-Type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let m = parse_metrics(&scrape.body);
+    assert!(sample(&m, "drover_worker_exits_total", &[("cause", "crash")]) >= 1.0);
+    assert!(
+        sample(
+            &m,
+            "drover_worker_exits_total",
+            &[("cause", "heartbeat_timeout")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sample(&m, "drover_reloads_total", &[("outcome", "rolled_back")]),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "drover_reloads_total", &[("outcome", "applied")]),
+        0.0
+    );
+    assert_eq!(sample(&m, "drover_workers_desired", &[]), 3.0);
+    assert!(sample(&m, "drover_worker_starts_total", &[]) >= 5.0);
+    assert_eq!(
+        sample(
+            &m,
+            "drover_workers",
+            &[("state", "ready"), ("generation", "1")]
+        ),
+        3.0
+    );
+    assert!(sample(&m, "drover_worker_boot_seconds_count", &[]) >= 5.0);
+    assert_eq!(
+        sample(&m, "drover_listen_queue_length", &[("listener", "bind0")]),
+        0.0
+    );
+    assert!(sample(&m, "drover_listen_queue_max", &[("listener", "bind0")]) >= 1.0);
+    // hello fills the scoreboard: every request so far is counted, in its slot.
+    let requests: f64 = m
+        .iter()
+        .filter(|s| s.2 == "drover_requests_total")
+        .map(|s| s.4.parse::<f64>().unwrap())
+        .sum();
+    assert!(requests >= 1.0, "requests counted: {requests}");
+    assert!(m
+        .iter()
+        .any(|s| s.2 == "drover_request_duration_seconds_bucket"));
+    assert!(sample(&m, "drover_worker_resident_memory_bytes", &[("slot", "3")]) > 0.0);
+}
+
+/// An event hook runs with the event in its environment, without drover
+/// waiting for it.
+#[test]
+fn an_event_hook_runs_with_the_event_in_its_environment() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\ncommand = [\"{}\"]\n\
+         control_socket = \"$DIR/ctl.sock\"\nrespawn_delay = \"50ms\"\n\
+         [event_hooks]\nworker_exited = [\"sh\", \"-c\", \"sleep 0.2; echo $DROVER_EVENT $DROVER_EVENT_SLOT $DROVER_EVENT_CAUSE >> $DIR/hook.log\"]\n",
+        hello_bin()
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let victim = d.wait_workers(1)[0];
+    nix::sys::signal::kill(victim, Signal::SIGKILL).unwrap();
+    // drover respawns while the hook still sleeps.
+    d.wait_log_count("ready in", 2);
+    let log = wait_for("the hook's line", LIMIT, || {
+        let text = std::fs::read_to_string(d.dir.path().join("hook.log")).ok()?;
+        (!text.is_empty()).then_some(text)
+    });
+    assert_eq!(log, "worker_exited 1 signal\n");
+}
+
+/// capture_output: workers' lines in drover's log with slot and pid; a
+/// 100 MB burst neither blocks drover nor drowns its own lines.
+#[test]
+fn captured_output_is_tagged_and_bounded() {
+    let config = "bind = [\"127.0.0.1:0\"]\nworkers = 1\ncapture_output = true\n\
+         control_socket = \"$DIR/ctl.sock\"\n\
+         command = [\"sh\", \"-c\", \"echo out-line; echo err-line >&2; \
+         test -e $DIR/flood && yes spam-spam-spam | head -c 100000000; exec sleep 60\"]\n";
+    let mut d = Start::config(config).run();
+    let log = d.wait_log("stderr: err-line");
+    let pid = d.wait_workers(1)[0];
+    assert!(
+        log.contains(&format!("worker 1 (pid {pid}) stdout: out-line")),
+        "{log}"
+    );
+    // Now a flood: the next worker writes 100 MB of lines.
+    std::fs::write(d.dir.path().join("flood"), "").unwrap();
+    nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
+    d.wait_log_count("stdout: spam-spam-spam", 10);
+    // drover answers at once while the flood goes on, and says so in its log.
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(drover_bin())
+        .args(["ctl", "--socket"])
+        .arg(d.dir.path().join("ctl.sock"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    d.signal(Signal::SIGTTIN);
+    d.wait_log("SIGTTIN: 1 -> 2 workers");
+    d.wait_log("lines dropped (over the capture_output rate)");
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success());
+    let log = d.log();
+    let spam = log.matches("spam-spam-spam").count();
+    assert!(
+        spam < 20_000,
+        "the rate bounds the flood: {spam} lines logged"
+    );
+    assert!(log.contains("exiting with status 0"));
+}
+
+/// With the admin endpoint configured (and an event subscriber connected),
+/// an idle master still sleeps: zero wake-ups.
+#[test]
+fn an_idle_master_with_the_admin_endpoint_does_not_wake_up() {
+    let d = Start::config(&gated("")).run();
+    go(&d, true);
+    d.wait_log("all 2 workers ready");
+    let _events = Follower::start(&d);
+    assert_eq!(admin(&d, "/readyz").status, 200);
+    let switches = || {
+        let s = read_file(std::path::Path::new(&format!("/proc/{}/status", d.pid())));
+        s.lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = switches();
+    // A measurement window, not a synchronisation: nothing should happen in it.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(switches(), before, "the idle master woke up");
+}
