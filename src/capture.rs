@@ -60,37 +60,40 @@ pub enum Output<'a> {
     },
 }
 
-/// Logs one [`Output`] through tracing (the master's sink).
+/// Logs one [`Output`] through tracing (the master's sink). The fields
+/// (slot, pid, stream) are for the JSON log; the text log has them in words.
 pub fn log(out: Output<'_>) {
+    let json = crate::logformat::is_json();
     match out {
         Output::Line {
             slot,
             pid,
             stream,
             text,
-        } => tracing::info!(
-            target: "drover::output",
-            slot,
-            pid = pid.as_raw(),
-            stream = stream.as_str(),
-            line = text,
-            "worker {slot} (pid {pid}) {}: {text}",
-            stream.as_str()
-        ),
+        } => {
+            let stream = stream.as_str();
+            if json {
+                tracing::info!(target: "drover::output", slot, pid = pid.as_raw(), stream, line = text);
+            } else {
+                tracing::info!(target: "drover::output", "worker {slot} (pid {pid}) {stream}: {text}");
+            }
+        }
         Output::Dropped {
             slot,
             pid,
             stream,
             lines,
-        } => tracing::warn!(
-            target: "drover::output",
-            slot,
-            pid = pid.as_raw(),
-            stream = stream.as_str(),
-            dropped = lines,
-            "worker {slot} (pid {pid}) {}: {lines} lines dropped (over the capture_output rate)",
-            stream.as_str()
-        ),
+        } => {
+            let stream = stream.as_str();
+            let msg = format!(
+                "worker {slot} (pid {pid}) {stream}: {lines} lines dropped (over the capture_output rate)"
+            );
+            if json {
+                tracing::warn!(target: "drover::output", slot, pid = pid.as_raw(), stream, dropped = lines, "{msg}");
+            } else {
+                tracing::warn!(target: "drover::output", "{msg}");
+            }
+        }
     }
 }
 

@@ -82,6 +82,12 @@ impl NotifySocket {
         })
     }
 
+    /// The private directory the socket is in (0700, the workers' user's):
+    /// the scoreboard goes there too.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     /// The value of `NOTIFY_SOCKET` for workers.
     pub fn path(&self) -> &Path {
         &self.path

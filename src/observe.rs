@@ -46,6 +46,8 @@ pub struct Observer {
     hooks: EventHooks,
     pub counters: Counters,
     scoreboard: Option<Scoreboard>,
+    /// Worker pid → its scoreboard record.
+    records: std::collections::HashMap<Pid, u32>,
     capture: Option<Capture>,
     capture_output: bool,
 }
@@ -62,6 +64,7 @@ impl Observer {
             hooks: EventHooks::default(),
             counters: Counters::default(),
             scoreboard,
+            records: std::collections::HashMap::new(),
             capture: None,
             capture_output: false,
         };
@@ -166,7 +169,10 @@ impl Observer {
 
     /// The worker was forked with `io`: its pipes are read from now on
     /// (our copies of the write ends are closed here).
-    pub fn worker_started(&mut self, slot: u32, pid: Pid, io: WorkerIo) -> Option<u32> {
+    pub fn worker_started(&mut self, slot: u32, pid: Pid, io: WorkerIo) {
+        if let Some(i) = io.record {
+            self.records.insert(pid, i);
+        }
         if let (Some([(out, _), (err, _)]), Some(c)) = (io.pipes, self.capture.as_mut()) {
             for (read, stream) in [
                 (out, capture::Stream::Stdout),
@@ -180,18 +186,19 @@ impl Observer {
                 }
             }
         }
-        io.record
     }
 
     /// A spawn that did not happen: the record goes back.
     pub fn worker_not_started(&mut self, io: WorkerIo) {
-        self.worker_gone(io.record);
+        if let (Some(sb), Some(i)) = (&mut self.scoreboard, io.record) {
+            sb.release(i);
+        }
     }
 
     /// A worker is reaped: its scoreboard record is folded into its slot's
     /// totals and freed.
-    pub fn worker_gone(&mut self, record: Option<u32>) {
-        if let (Some(sb), Some(i)) = (&mut self.scoreboard, record) {
+    pub fn worker_gone(&mut self, pid: Pid) {
+        if let (Some(sb), Some(i)) = (&mut self.scoreboard, self.records.remove(&pid)) {
             sb.release(i);
         }
     }

@@ -380,8 +380,18 @@ fn events_and_metrics_after_incidents() {
     assert!(all
         .iter()
         .any(|e| e["event"] == "worker_exited" && e["pid"] == crashed));
-    // The same story in the metrics, parsed by the reference parser.
-    let scrape = admin(&d, "/metrics");
+    // The same story in the metrics, parsed by the reference parser, once
+    // the three slots serve again.
+    let scrape = wait_for("three ready workers in the metrics", LIMIT, || {
+        let r = admin(&d, "/metrics");
+        let m = parse_metrics(&r.body);
+        (sample(
+            &m,
+            "drover_workers",
+            &[("state", "ready"), ("generation", "1")],
+        ) == 3.0)
+            .then_some(r)
+    });
     assert_eq!(
         scrape.header("Content-Type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
@@ -462,7 +472,8 @@ fn captured_output_is_tagged_and_bounded() {
     let config = "bind = [\"127.0.0.1:0\"]\nworkers = 1\ncapture_output = true\n\
          control_socket = \"$DIR/ctl.sock\"\n\
          command = [\"sh\", \"-c\", \"echo out-line; echo err-line >&2; \
-         test -e $DIR/flood && yes spam-spam-spam | head -c 100000000; exec sleep 60\"]\n";
+         if test -e $DIR/flood; then yes spam-spam-spam | head -n 6666667; sleep 1; echo flood-done; fi; \
+         exec sleep 60\"]\n";
     let mut d = Start::config(config).run();
     let log = d.wait_log("stderr: err-line");
     let pid = d.wait_workers(1)[0];
@@ -470,31 +481,54 @@ fn captured_output_is_tagged_and_bounded() {
         log.contains(&format!("worker 1 (pid {pid}) stdout: out-line")),
         "{log}"
     );
-    // Now a flood: the next worker writes 100 MB of lines.
+    // Now a flood: the next worker writes 100 MB of lines at once.
     std::fs::write(d.dir.path().join("flood"), "").unwrap();
     nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
     d.wait_log_count("stdout: spam-spam-spam", 10);
-    // drover answers at once while the flood goes on, and says so in its log.
-    let start = std::time::Instant::now();
-    let out = std::process::Command::new(drover_bin())
-        .args(["ctl", "--socket"])
-        .arg(d.dir.path().join("ctl.sock"))
-        .arg("status")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(
-        start.elapsed() < std::time::Duration::from_secs(2),
-        "{:?}",
+    // While it lasts, drover answers at once and logs what it does.
+    let ctl = |args: &[&str]| {
+        let start = std::time::Instant::now();
+        let out = std::process::Command::new(drover_bin())
+            .args(["ctl", "--socket"])
+            .arg(d.dir.path().join("ctl.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
         start.elapsed()
-    );
+    };
+    let mut slowest = std::time::Duration::ZERO;
+    let began = std::time::Instant::now();
+    while !d.log().contains("stdout: flood-done") {
+        assert!(began.elapsed() < LIMIT, "the flood did not end");
+        slowest = slowest.max(ctl(&["status"]));
+        assert!(d.log().len() < 50 << 20, "the log is flooded");
+    }
+    assert!(slowest < std::time::Duration::from_secs(1), "{slowest:?}");
+    std::fs::remove_file(d.dir.path().join("flood")).unwrap();
     d.signal(Signal::SIGTTIN);
     d.wait_log("SIGTTIN: 1 -> 2 workers");
-    d.wait_log("lines dropped (over the capture_output rate)");
+    d.wait_log("worker 2 (pid");
+    d.wait_log_count("stderr: err-line", 3);
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(LIMIT).success());
     let log = d.log();
     let spam = log.matches("spam-spam-spam").count();
+    let dropped: u64 = log
+        .lines()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)?
+                .strip_suffix(" lines dropped (over the capture_output rate)")
+        })
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    // 100 MB of 15-byte lines: every one logged or counted as dropped.
+    assert_eq!(
+        spam as u64 + dropped,
+        100_000_000u64.div_ceil(15),
+        "{spam} logged"
+    );
     assert!(
         spam < 20_000,
         "the rate bounds the flood: {spam} lines logged"
