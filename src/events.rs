@@ -421,6 +421,21 @@ impl Bus {
             .collect()
     }
 
+    /// At exit: gives each subscriber up to `limit` to take what is pending
+    /// (the last events, `exiting` among them), then closes it.
+    pub fn close(&mut self, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        for mut s in self.subscribers.drain(..) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if s.pending.is_empty() || left.is_zero() {
+                continue;
+            }
+            let _ = s.stream.set_nonblocking(false);
+            let _ = s.stream.set_write_timeout(Some(left));
+            let _ = s.stream.write_all(&s.pending);
+        }
+    }
+
     /// After a wait: writes pending bytes, forgets readers that left.
     pub fn on_ready(&mut self) {
         self.subscribers.retain_mut(|s| {

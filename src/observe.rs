@@ -114,6 +114,11 @@ impl Observer {
         }
     }
 
+    /// At exit: the subscribers get what is pending (at most 100 ms in all).
+    pub fn close(&mut self) {
+        self.bus.close(std::time::Duration::from_millis(100));
+    }
+
     /// What to wait on: subscribers, and the capture pipes (one epoll fd).
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
         let mut fds = self.bus.poll_fds();
