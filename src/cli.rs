@@ -161,6 +161,9 @@ enum CtlCommand {
     /// Exit 0 only when drover should receive traffic: every slot has a
     /// ready worker and drover is not paused or stopping (a readiness probe).
     Ready,
+    /// Print the master's events, one JSON object per line, as they happen,
+    /// until drover exits or this is interrupted.
+    Events,
 }
 
 impl CtlCommand {
@@ -172,6 +175,7 @@ impl CtlCommand {
             CtlCommand::Stop { quick } => Command::Stop { quick: *quick },
             CtlCommand::Upgrade => Command::Upgrade,
             CtlCommand::Ready => Command::Ready,
+            CtlCommand::Events => Command::Events,
         }
     }
 }
@@ -427,6 +431,9 @@ fn ctl_main(run: RunArgs, ctl: CtlArgs) -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
+    if let CtlCommand::Events = ctl.command {
+        return ExitCode::from(crate::events::follow(&path, ctl.json));
+    }
     ExitCode::from(control::ctl(
         &path,
         &ctl.command.request(),

@@ -35,6 +35,8 @@ pub enum Command {
     Upgrade,
     /// Whether drover should receive traffic (what `/readyz` answers).
     Ready,
+    /// Stay connected and receive the event stream (see `crate::events`).
+    Events,
 }
 
 /// The master's answer.
@@ -185,6 +187,12 @@ impl ControlSocket {
             self.reply(id, &failure(&why));
         }
         requests
+    }
+
+    /// Hands a client's connection over (an events subscriber): the control
+    /// socket forgets it.
+    pub fn take_client(&mut self, id: ClientId) -> Option<UnixStream> {
+        self.clients.remove(&id).map(|c| c.stream)
     }
 
     /// Sends the answer and closes the connection.

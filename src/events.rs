@@ -193,8 +193,9 @@ pub enum Kind {
     UpgradeFailed {
         reason: String,
     },
-    /// A shutdown stage: 1 stop accepting, 2 stop workers, 3 all workers
-    /// gone, 4 the on_exit hook (see docs/signals.md).
+    /// A shutdown stage: 0 the pre-stop delay begins (`prestop_delay`), 1
+    /// stop accepting, 2 stop workers, 3 all workers gone, 4 the on_exit
+    /// hook (see docs/signals.md).
     Shutdown {
         stage: u8,
         quick: bool,

@@ -558,3 +558,19 @@ fn an_idle_master_with_the_admin_endpoint_does_not_wake_up() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(switches(), before, "the idle master woke up");
 }
+
+/// With a pre-stop delay, SIGTERM makes /readyz answer "pre-stop" while
+/// the workers still serve; the metrics say not ready.
+#[test]
+fn readyz_says_pre_stop_during_the_delay() {
+    let mut d = Start::config(&gated("prestop_delay = \"2s\"")).run();
+    go(&d, true);
+    wait_readyz(&d, 200, "ready");
+    d.signal(Signal::SIGTERM);
+    let body = wait_readyz(&d, 503, "pre-stop");
+    assert_eq!(body, "pre-stop: shutting down soon\n");
+    assert_eq!(get(d.tcp_addr(), "/").unwrap().status, 200, "still serving");
+    let m = parse_metrics(&admin(&d, "/metrics").body);
+    assert_eq!(sample(&m, "drover_ready", &[]), 0.0);
+    assert!(d.wait_exit(LIMIT).success());
+}

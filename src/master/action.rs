@@ -49,6 +49,8 @@ pub enum Action {
     ReopenLog { forwarded: usize },
     /// Every worker is gone after a shutdown: run the exit hook and exit.
     Exit(super::shutdown::Outcome),
+    /// Tell the world: the event stream, its hooks, the metrics, the JSON log.
+    Publish(crate::events::Kind),
 }
 
 /// Why a worker is sent a signal.
@@ -87,6 +89,7 @@ impl Action {
             Action::StartUpgrade { .. } => "start_upgrade",
             Action::ReopenLog { .. } => "reopen_log",
             Action::Exit(_) => "exit",
+            Action::Publish(_) => "publish",
         }
     }
 }
@@ -130,6 +133,7 @@ impl std::fmt::Debug for Action {
             Action::StartUpgrade { client } => write!(f, "start_upgrade {client:?}"),
             Action::ReopenLog { forwarded } => write!(f, "reopen_log (forwarded to {forwarded})"),
             Action::Exit(o) => write!(f, "exit {o:?}"),
+            Action::Publish(k) => write!(f, "publish {}", k.name()),
         }
     }
 }

@@ -19,6 +19,7 @@ mod status;
 mod supervisor;
 mod template;
 mod upgrade;
+mod view;
 mod worker;
 
 use std::fs::File;
@@ -88,6 +89,11 @@ pub enum StartError {
     },
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
+    #[error("admin_bind {addr}: {source}")]
+    Admin {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 impl StartError {
@@ -129,6 +135,10 @@ pub struct Master {
     exe: upgrade::Exe,
     /// `--reload`: the app's files, watched.
     watch: Option<crate::watch::Watcher>,
+    /// The admin endpoint (`admin_bind`).
+    admin: Option<crate::admin::Admin>,
+    /// Events, metrics' counters, the scoreboard, captured output.
+    obs: crate::observe::Observer,
 }
 
 /// Starts drover: binds, spawns the workers and supervises them until
@@ -172,6 +182,10 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
     // 8b. `--reload`: the app's files, watched from the loop.
     let watch = crate::watch::from_settings(&gen.s)?;
+    // 8b. What the master shows the world: the admin endpoint, the events,
+    // the scoreboard (in the notify socket's private directory).
+    let admin = bind_admin(&gen.s)?;
+    let obs = crate::observe::Observer::new(&gen.s, notify.dir(), gen.owner());
     // 9. Everything privileged is done: sockets bound, files created.
     let master_switched = gen.s.master_as_user && gen.program.identity.is_some();
     if master_switched {
@@ -196,14 +210,40 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         master_switched,
         exe,
         watch,
+        admin,
+        obs,
     };
+    let first = master.sup.current().clone();
+    master.obs.publish(crate::events::Kind::Started {
+        pid: std::process::id(),
+        workers: first.s.workers.0,
+        generation: first.number,
+    });
     let outcome = master.run_loop();
     let status = master.finish(outcome);
+    master.obs.publish(crate::events::Kind::Exiting { status });
+    master.obs.close();
     info!(
         "exiting with status {status} after {}",
         ms(started.elapsed())
     );
     Ok(status)
+}
+
+/// Binds the admin endpoint, if `admin_bind` is set.
+fn bind_admin(s: &crate::config::Settings) -> Result<Option<crate::admin::Admin>, StartError> {
+    let Some(addr) = &s.admin_bind else {
+        return Ok(None);
+    };
+    let admin = crate::admin::Admin::bind(&addr.0).map_err(|source| StartError::Admin {
+        addr: addr.0.to_string(),
+        source,
+    })?;
+    let shown = admin
+        .local_addr()
+        .map_or(addr.0.to_string(), |a| a.to_string());
+    info!("admin endpoint on {shown}: /livez, /readyz, /metrics");
+    Ok(Some(admin))
 }
 
 fn become_subreaper() -> Result<(), StartError> {
@@ -293,6 +333,8 @@ impl Master {
                     .and_then(crate::watch::Watcher::deadline),
             )
             .chain(self.templates.next_deadline(self.template_wanted()))
+            .chain(self.admin.as_ref().and_then(|a| a.next_deadline()))
+            .chain(self.obs.next_deadline())
             .min()
     }
 
@@ -331,6 +373,10 @@ impl Master {
                 .map(|e| PollFd::new(e.report.as_fd(), PollFlags::POLLIN)),
         );
         fds.extend(self.templates.poll_fds());
+        if let Some(a) = &self.admin {
+            fds.extend(a.poll_fds());
+        }
+        fds.extend(self.obs.poll_fds());
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => {
@@ -382,6 +428,13 @@ impl Master {
             .map(ControlSocket::read_requests)
             .unwrap_or_default();
         for (client, command) in requests {
+            if command == control::Command::Events {
+                // A subscriber: its connection goes to the event stream.
+                if let Some(stream) = self.control.as_mut().and_then(|c| c.take_client(client)) {
+                    self.obs.subscribe(stream);
+                }
+                continue;
+            }
             self.sup.on_command(client, command, now);
         }
         // `--reload`: changes are read as they come, and acted on once the
@@ -392,6 +445,16 @@ impl Master {
         });
         if let Some(changed) = changed {
             self.sup.on_files_changed(&crate::watch::describe(&changed));
+        }
+        // Subscribers, captured output, hooks; then the admin endpoint,
+        // which answers from what the master knows now.
+        self.obs.on_ready(now);
+        if let Some(admin) = &mut self.admin {
+            let view = view::View {
+                sup: &self.sup,
+                obs: &self.obs,
+            };
+            admin.on_ready(now, &view);
         }
     }
 
@@ -416,9 +479,17 @@ impl Master {
             tracing::trace!(action = action.name(), "{action:?}");
             match action {
                 Action::Spawn { slot, generation } => self.spawn(slot, generation),
-                Action::Signal { pid, signal, .. } => {
+                Action::Signal {
+                    slot,
+                    pid,
+                    signal,
+                    why,
+                } => {
                     if let Err(e) = kill(pid, signal) {
                         debug!("kill({pid}, {}) failed: {e}", signal.as_str());
+                    }
+                    if let action::SignalWhy::Stop(stop) = why {
+                        self.publish_stop(slot, pid, signal, stop);
                     }
                 }
                 Action::KillGroup { pid, .. } => {
@@ -447,6 +518,9 @@ impl Master {
                 Action::StartUpgrade { client } => self.begin_upgrade(client),
                 Action::ReopenLog { forwarded } => self.reopen_log(forwarded),
                 Action::Exit(outcome) => return Some(outcome),
+                Action::Publish(kind) => {
+                    self.obs.publish(kind);
+                }
             }
         }
         None
@@ -462,20 +536,33 @@ impl Master {
         if generation.s.preload {
             return self.fork_from_template(slot, generation, now);
         }
-        let (env, fds) = self.worker_env(&generation, slot);
+        let (mut env, fds) = self.worker_env(&generation, slot);
         let g = &generation;
+        // Its scoreboard record and, with capture_output, its output pipes.
+        let io = self.obs.prepare_worker(slot);
+        for (k, v) in &io.env {
+            env.set(k, v);
+        }
         // The exec is confirmed later, from the loop (`read_exec_reports`):
         // meanwhile the next worker can be forked while this one execs.
-        match spawn::spawn_async(&g.program, &env, &fds, self.devnull.as_raw_fd()) {
+        let devnull = self.devnull.as_raw_fd();
+        match spawn::spawn_async_with_output(&g.program, &env, &fds, devnull, io.output()) {
             Ok(started) => {
+                self.obs.worker_started(slot, started.pid, io);
                 self.sup.spawned(slot, generation.clone(), started.pid, now);
                 self.exec_reports.push(started);
             }
             Err(
                 spawn::SpawnError::Setup(Errno::EMFILE | Errno::ENFILE)
                 | spawn::SpawnError::Fork(Errno::EAGAIN),
-            ) if !self.exec_reports.is_empty() => self.sup.spawn_deferred(slot),
-            Err(e) => self.sup.spawn_failed(slot, g.number, false, e, now),
+            ) if !self.exec_reports.is_empty() => {
+                self.obs.worker_not_started(io);
+                self.sup.spawn_deferred(slot)
+            }
+            Err(e) => {
+                self.obs.worker_not_started(io);
+                self.sup.spawn_failed(slot, g.number, false, e, now)
+            }
         }
     }
 
@@ -512,6 +599,7 @@ impl Master {
     fn load_config(&mut self) {
         let number = self.sup.rollout.next_number();
         let current = self.sup.current().clone();
+        let before = current.clone();
         let next = self
             .source
             .load()
@@ -528,6 +616,14 @@ impl Master {
             });
         self.sup
             .config_loaded(next, &self.source.origin(), Instant::now());
+        // Hooks and capture_output follow the generation new workers start from.
+        let current = self.sup.current().clone();
+        self.obs.configure(&current.s);
+        if current.number == number && current.s.admin_bind != before.s.admin_bind {
+            warn!(
+                "admin_bind changed: the endpoint stays where it is until the next start or upgrade"
+            );
+        }
     }
 
     fn close_listeners(&mut self, listeners: listen::Set, handover: bool) {
@@ -593,14 +689,44 @@ impl Master {
             let slot = self.sup.pool.workers[self.sup.pool.find(pid).expect("has")].slot;
             sweep_group(slot, pid);
             self.sup.on_exit(pid, status, now);
+            self.obs.worker_gone(pid);
         } else if self.templates.has(pid) {
             self.on_template_exit(pid, status, now);
         } else if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
             self.on_upgrade_exit(status);
-        } else {
+        } else if !self.obs.reaped(pid, &describe(status, None)) {
             // An orphan re-parented to us (subreaper or PID 1).
             debug!("reaped pid {pid}: {}", describe(status, None));
         }
+    }
+}
+
+impl Master {
+    /// A stop drover sent a worker, as an event.
+    fn publish_stop(&mut self, slot: u32, pid: Pid, signal: Signal, stop: worker::Stop) {
+        let generation = self
+            .sup
+            .pool
+            .workers
+            .iter()
+            .find(|w| w.pid == pid)
+            .map_or(0, |w| w.generation());
+        let pid = pid.as_raw();
+        let kind = match stop {
+            worker::Stop::HeartbeatMissed => crate::events::Kind::WorkerAborted {
+                slot,
+                pid,
+                generation,
+            },
+            _ => crate::events::Kind::WorkerStopping {
+                slot,
+                pid,
+                generation,
+                reason: stop.name().to_string(),
+                signal: signal.as_str().to_string(),
+            },
+        };
+        self.obs.publish(kind);
     }
 }
 

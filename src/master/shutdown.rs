@@ -85,6 +85,11 @@ impl Master {
             ms(o.began.elapsed()),
             o.killed
         );
+        self.obs.publish(crate::events::Kind::Shutdown {
+            stage: 3,
+            quick: o.quick,
+            cause: o.cause.describe().to_string(),
+        });
         let s = &self.sup.current().s;
         if !s.on_exit.is_empty() {
             let outcome = hooks::Outcome {
@@ -93,6 +98,11 @@ impl Master {
                 killed: o.killed,
                 cause: o.cause.name(),
             };
+            self.obs.publish(crate::events::Kind::Shutdown {
+                stage: 4,
+                quick: o.quick,
+                cause: o.cause.describe().to_string(),
+            });
             let began = Instant::now();
             match hooks::run_on_exit(&s.on_exit, &outcome, s.hook_timeout.0, &self.signals) {
                 Ok(how) => info!("stage 4, on_exit hook: {how} ({})", ms(began.elapsed())),

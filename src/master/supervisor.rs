@@ -24,9 +24,39 @@ use super::worker::{
 };
 use crate::config::Ready;
 use crate::control::{self, ClientId, Command};
+use crate::events::{ExitCause, Kind};
 use crate::notify::Message;
 use crate::readiness;
 use crate::signals::Event;
+
+/// Why a worker's process ended, for the events and the metrics: what
+/// drover did to it first, then how it exited.
+fn exit_cause(state: &State, status: WaitStatus) -> ExitCause {
+    let (killed, stopped) = match *state {
+        State::Killed { kill, stopped } => (Some(kill), stopped),
+        State::Stopping { why, .. } => (None, Some(why)),
+        State::ExecFailed => return ExitCause::ExecFailed,
+        _ => (None, None),
+    };
+    let leaving = matches!(state, State::Ready(r) if r.leaving);
+    match (killed, stopped) {
+        (Some(Kill::BootTimeout), _) => ExitCause::BootTimeout,
+        (Some(Kill::HeartbeatTimeout), _) | (_, Some(Stop::HeartbeatMissed)) => {
+            ExitCause::HeartbeatTimeout
+        }
+        (Some(Kill::GraceExpired), _) => ExitCause::KilledAtDeadline,
+        (_, Some(Stop::Replaced(Replace::MaxAge))) => ExitCause::RecycledMaxAge,
+        (_, Some(Stop::Replaced(Replace::MaxMemory))) => ExitCause::RecycledMaxMemory,
+        // Asked to stop, it stopped: by exiting, or of the signal it was sent.
+        (_, Some(_)) if !matches!(status, WaitStatus::Exited(_, c) if c != 0) => ExitCause::Clean,
+        _ => match status {
+            WaitStatus::Exited(_, 0) if leaving => ExitCause::RecycledMaxRequests,
+            WaitStatus::Exited(_, 0) => ExitCause::Clean,
+            WaitStatus::Signaled(..) => ExitCause::Signal,
+            _ => ExitCause::Crash,
+        },
+    }
+}
 
 /// The most workers drover runs (as for the `workers` setting).
 pub const MAX_WORKERS: u32 = 4096;
@@ -166,19 +196,18 @@ impl Supervisor {
             Phase::PreStop { .. } => readiness::Phase::PreStop,
             Phase::ShuttingDown(_) => readiness::Phase::Draining,
         };
-        let ready_slots = (1..=self.pool.slots.len() as u32)
-            .filter(|slot| {
-                self.pool
-                    .workers
-                    .iter()
-                    .any(|w| w.slot == *slot && w.is_ready())
-            })
-            .count() as u32;
+        // One pass over the workers: this runs for every probe.
+        let mut ready = vec![false; self.pool.slots.len()];
+        for w in self.pool.workers.iter().filter(|w| w.is_ready()) {
+            if let Some(r) = ready.get_mut(w.slot as usize - 1) {
+                *r = true;
+            }
+        }
         readiness::readiness(&readiness::View {
             phase,
             slots: self.pool.slots.len() as u32,
-            ready_slots,
-            share: 1.0,
+            ready_slots: ready.iter().filter(|r| **r).count() as u32,
+            share: self.current().s.ready_share.0,
         })
     }
 
@@ -321,13 +350,24 @@ impl Supervisor {
             Command::Upgrade => self.emit(Action::StartUpgrade {
                 client: Some(client),
             }),
+            // The master hands such a client to the event stream before it
+            // gets here.
+            Command::Events => self.emit(answer(control::failure("no event stream here"))),
         }
     }
 
     fn scale(&mut self, count: u32, why: &str) {
         let count = count.clamp(1, MAX_WORKERS);
-        info!("{why}: {} -> {count} workers", self.pool.count());
+        let from = self.pool.count();
+        info!("{why}: {from} -> {count} workers");
         self.pool.resize(count as usize);
+        if from != count {
+            self.emit(Action::Publish(Kind::Scaled {
+                from,
+                to: count,
+                trigger: why.to_string(),
+            }));
+        }
         let summary = self.summary();
         self.emit(Action::NotifySystemd(Note::Status(summary)));
     }
@@ -364,6 +404,9 @@ impl Supervisor {
         self.phase = Phase::Paused {
             booted: self.booted(),
         };
+        self.emit(Action::Publish(Kind::Paused {
+            trigger: why.to_string(),
+        }));
         info!(
             "{why}: stopping all {} worker(s); the sockets stay open (SIGHUP or SIGTTIN resumes)",
             self.pool.workers.len()
@@ -380,6 +423,9 @@ impl Supervisor {
             };
         }
         info!("{why}: resuming with {} worker(s)", self.pool.count());
+        self.emit(Action::Publish(Kind::Resumed {
+            trigger: why.to_string(),
+        }));
     }
 
     /// Stops the workers `which` selects, each with its generation's policy.
@@ -438,6 +484,7 @@ impl Supervisor {
                 let (why, waiters) = self.rollout.rejected();
                 error!("{why}: reload rejected, nothing changed: {e}");
                 self.reload_failed = Some(format!("reload rejected: {e}"));
+                self.emit(Action::Publish(Kind::ReloadRejected { reason: e.clone() }));
                 let summary = self.summary();
                 self.emit(Action::NotifySystemd(Note::Ready(summary)));
                 self.emit_all(waiters.answer(control::failure(&format!("rejected: {e}"))));
@@ -452,6 +499,10 @@ impl Supervisor {
         let slots_before = self.pool.slots.len();
         self.pool.resize(workers as usize);
         let why = self.rollout.begin(Rc::new(next), slots_before, now);
+        self.emit(Action::Publish(Kind::ReloadBegun {
+            generation: number,
+            trigger: why.to_string(),
+        }));
         // Its workers are started by the next turn's `restore_worker_count`.
         self.again = true;
         info!(
@@ -470,6 +521,10 @@ impl Supervisor {
             self.current().number
         );
         self.reload_failed = Some(format!("reload rolled back: {cause}"));
+        self.emit(Action::Publish(Kind::ReloadRolledBack {
+            generation: failed.number,
+            reason: cause.clone(),
+        }));
         self.pool.resize(slots_before);
         // Booting workers of the failed generation serve nothing: stop them
         // now. Ready ones are replaced like any outdated worker.
@@ -499,6 +554,9 @@ impl Supervisor {
                 let took = ms(took);
                 info!("reload applied: generation {current} serves, in {took}");
                 self.reload_failed = None;
+                self.emit(Action::Publish(Kind::ReloadApplied {
+                    generation: current,
+                }));
                 // Sockets the new config no longer names: closed now that no
                 // current worker uses them (old workers may still drain theirs).
                 self.emit(Action::CloseListeners {
@@ -664,6 +722,11 @@ impl Supervisor {
             // stay the nearest deadline and the loop would spin.
             s.not_before = None;
         }
+        self.emit(Action::Publish(Kind::WorkerSpawned {
+            slot,
+            pid: pid.as_raw(),
+            generation: generation.number,
+        }));
         self.pool
             .workers
             .push(Worker::forked(slot, pid, generation, now));
@@ -766,6 +829,13 @@ impl Supervisor {
             return;
         };
         let (slot, generation) = (w.slot, w.generation());
+        let seconds = (now - w.started).as_secs_f64();
+        self.emit(Action::Publish(Kind::WorkerReady {
+            slot,
+            pid: pid.as_raw(),
+            generation,
+            seconds,
+        }));
         let current = self.current().number;
         if generation == current {
             let mut stops = Vec::new();
@@ -811,6 +881,10 @@ impl Supervisor {
                 "all {ready} workers ready {} after start",
                 ms(self.started.elapsed())
             );
+            self.emit(Action::Publish(Kind::AllReady {
+                workers: ready as u32,
+                generation: self.current().number,
+            }));
             let summary = self.summary();
             self.emit(Action::NotifySystemd(Note::Ready(summary)));
         }
@@ -829,6 +903,18 @@ impl Supervisor {
         };
         let why = describe(status, killed);
         let slot = w.slot;
+        self.emit(Action::Publish(Kind::WorkerExited {
+            slot,
+            pid: pid.as_raw(),
+            generation: w.generation(),
+            cause: exit_cause(&w.state, status),
+            status: exit_code(status),
+            signal: match status {
+                WaitStatus::Signaled(_, sig, _) => Some(sig.as_str().to_string()),
+                _ => None,
+            },
+            description: why.clone(),
+        }));
         match w.state {
             State::ExecFailed => {
                 debug!("worker {slot} (pid {pid}), which could not exec, {why}");
@@ -942,6 +1028,7 @@ impl Supervisor {
         let (first, max, degraded) = (s.respawn_delay.0, s.respawn_max_delay.0, s.degraded_after.0);
         let (delay, failures) = self.pool.slot_failed(slot, first, max, now);
         if failures == degraded {
+            self.emit(Action::Publish(Kind::SlotDegraded { slot, failures }));
             error!(
                 "slot {slot} is degraded: {failures} failures in a row; retrying every {} at most",
                 ms(max)
@@ -1080,6 +1167,11 @@ impl Supervisor {
              (not ready), then a graceful shutdown"
         );
         self.emit(Action::NotifySystemd(Note::Stopping));
+        self.emit(Action::Publish(Kind::Shutdown {
+            stage: 0,
+            quick: false,
+            cause: name.to_string(),
+        }));
         self.phase = Phase::PreStop {
             until: now + delay.0,
             cause: Cause::Signal(name),
@@ -1110,6 +1202,11 @@ impl Supervisor {
                 info!(
                     "{why}: shutdown escalated to quick: SIGQUIT to the workers, up to {timeout}"
                 );
+                self.emit(Action::Publish(Kind::Shutdown {
+                    stage: 2,
+                    quick: true,
+                    cause: why.to_string(),
+                }));
             }
             _ => {
                 let kind = if quick { "quick" } else { "graceful" };
@@ -1123,6 +1220,11 @@ impl Supervisor {
                     _ => false,
                 };
                 info!("{why}: {kind} shutdown: stage 1, stop accepting");
+                self.emit(Action::Publish(Kind::Shutdown {
+                    stage: 1,
+                    quick,
+                    cause: why.to_string(),
+                }));
                 // After an upgrade the new master serves the sockets: only
                 // our copies go, and the service is the new master's
                 // (MAINPID=): it is not stopping. After a pre-stop delay,
@@ -1165,6 +1267,11 @@ impl Supervisor {
                     signal.as_str(),
                     self.pool.workers.len()
                 );
+                self.emit(Action::Publish(Kind::Shutdown {
+                    stage: 2,
+                    quick,
+                    cause: why.to_string(),
+                }));
             }
         }
         self.stop_workers(|_| true, pace, Stop::Shutdown, now);
@@ -1227,9 +1334,22 @@ mod tests {
     }
 
     /// Every action decided so far, in words.
+    /// The actions decided so far, but the events published (see
+    /// `published` for those).
     fn drain(sup: &mut Supervisor) -> Vec<String> {
         std::iter::from_fn(|| sup.next_action())
+            .filter(|a| !matches!(a, Action::Publish(_)))
             .map(|a| format!("{a:?}"))
+            .collect()
+    }
+
+    /// The events published among the actions decided so far.
+    fn published(sup: &mut Supervisor) -> Vec<Kind> {
+        std::iter::from_fn(|| sup.next_action())
+            .filter_map(|a| match a {
+                Action::Publish(k) => Some(k),
+                _ => None,
+            })
             .collect()
     }
 
@@ -1247,6 +1367,7 @@ mod tests {
                     sup.on_exec_report(pid(next), Ok(()), now);
                     next += 1;
                 }
+                Action::Publish(_) => {}
                 other => others.push(format!("{other:?}")),
             }
         }
@@ -1461,5 +1582,59 @@ mod tests {
             actions[0].starts_with("exit Outcome { status: 3"),
             "{actions:?}"
         );
+    }
+
+    /// What an operator reads in the event stream: a crash with its cause
+    /// and status, the slot degraded, a reload rolled back with its reason.
+    #[test]
+    fn decisions_are_published_as_events() {
+        let now = Instant::now();
+        let mut sup = started("workers = 1\ndegraded_after = 1", now);
+        sup.on_exit(pid(11), WaitStatus::Exited(pid(11), 1), now);
+        let events = published(&mut sup);
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                Kind::WorkerExited {
+                    slot: 1,
+                    pid: 11,
+                    cause: ExitCause::Crash,
+                    status: Some(1),
+                    ..
+                }
+            )),
+            "{events:?}"
+        );
+        assert!(
+            events.contains(&Kind::SlotDegraded {
+                slot: 1,
+                failures: 1
+            }),
+            "{events:?}"
+        );
+        // A reload whose new worker dies booting: begun, then rolled back.
+        let t = now + Duration::from_secs(60);
+        turn(&mut sup, 12, t);
+        sup.on_command(7, Command::Reload, t);
+        drain(&mut sup);
+        sup.config_loaded(
+            Ok(gen(2, "workers = 1\nready = \"notify\"")),
+            "test.toml",
+            t,
+        );
+        assert_eq!(
+            published(&mut sup),
+            [Kind::ReloadBegun {
+                generation: 2,
+                trigger: "control: reload".into()
+            }]
+        );
+        let actions = turn(&mut sup, 21, t);
+        assert!(actions.is_empty(), "{actions:?}");
+        sup.on_exit(pid(21), WaitStatus::Exited(pid(21), 2), t);
+        let events = published(&mut sup);
+        assert!(events.iter().any(|e| matches!(e,
+            Kind::ReloadRolledBack { generation: 2, reason } if reason.contains("exited with status 2"))),
+            "{events:?}");
     }
 }

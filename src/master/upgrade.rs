@@ -150,6 +150,8 @@ impl Master {
         if let Some(c) = self.control.as_mut() {
             c.close_listener();
         }
+        // And the admin endpoint's address: the new master binds it.
+        self.admin = None;
         let fds: Vec<_> = listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
         drop(listeners);
         // The new master must outlive us: no parent-death signal.
@@ -162,6 +164,8 @@ impl Master {
                     self.exe.path.display(),
                     humantime::format_duration(limit)
                 );
+                self.obs
+                    .publish(crate::events::Kind::UpgradeBegun { pid: pid.as_raw() });
                 self.upgrade = Some(Upgrade {
                     pid,
                     began: now,
@@ -188,6 +192,9 @@ impl Master {
         // From now on the new master speaks to the service manager: no
         // STOPPING=1 or WATCHDOG=1 of ours may be taken for its.
         self.systemd.main_pid(u.pid.as_raw());
+        self.obs.publish(crate::events::Kind::UpgradeApplied {
+            pid: u.pid.as_raw(),
+        });
         self.next_watchdog = None;
         self.answer(
             u.waiters,
@@ -245,6 +252,15 @@ impl Master {
 
     fn upgrade_failed(&mut self, waiters: Waiters, why: String) {
         error!("upgrade failed: {why}; this master keeps serving");
+        self.obs.publish(crate::events::Kind::UpgradeFailed {
+            reason: why.clone(),
+        });
+        if self.admin.is_none() {
+            match super::bind_admin(&self.sup.current().s) {
+                Ok(admin) => self.admin = admin,
+                Err(e) => error!("cannot take the admin endpoint back: {e}"),
+            }
+        }
         let s = &self.sup.current().s;
         let (pidfile, control_socket) = (s.pidfile.clone(), s.control_socket.clone());
         if let Some(path) = pidfile {

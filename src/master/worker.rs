@@ -85,6 +85,20 @@ pub enum Replace {
     Superseded,
 }
 
+impl Stop {
+    /// The `reason` of a `worker_stopping` event.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stop::Shutdown => "shutdown",
+            Stop::ScaledDown => "retired",
+            Stop::Paused => "paused",
+            Stop::Outdated => "outdated",
+            Stop::Replaced(r) => r.name(),
+            Stop::HeartbeatMissed => "heartbeat_timeout",
+        }
+    }
+}
+
 impl Replace {
     pub fn name(self) -> &'static str {
         match self {
