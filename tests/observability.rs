@@ -178,8 +178,11 @@ fn go(d: &Drover, on: bool) {
 
 /// One GET on the admin endpoint (Unix socket `$DIR/admin.sock`).
 fn admin(d: &Drover, path: &str) -> Response {
-    let s = std::os::unix::net::UnixStream::connect(d.dir.path().join("admin.sock"))
-        .expect("admin socket");
+    // drover may still be starting: the socket appears once it has bound it.
+    let socket = d.dir.path().join("admin.sock");
+    let s = wait_for("the admin socket", LIMIT, || {
+        std::os::unix::net::UnixStream::connect(&socket).ok()
+    });
     s.set_read_timeout(Some(LIMIT)).unwrap();
     get_over(s, path).unwrap()
 }
@@ -268,9 +271,6 @@ fn sample(
 #[test]
 fn readyz_through_boot_degradation_pause_and_shutdown() {
     let mut d = Start::config(&gated("graceful_timeout = \"10s\"")).run();
-    wait_for("the admin socket", LIMIT, || {
-        d.dir.path().join("admin.sock").exists().then_some(())
-    });
     let body = wait_readyz(&d, 503, "booting");
     assert!(
         body.starts_with("booting: 0/2 slots have a ready worker"),
