@@ -272,6 +272,38 @@ class SignalTest(unittest.TestCase):
         # The chained handler runs in our callback, before the coroutine resumes.
         self.assertEqual(out, "app handler\nstop graceful True\ncleanup ran\n")
 
+    def test_install_asyncio_chains_loop_handlers_added_before_and_after(self):
+        # The bug of issue 13: a handler from loop.add_signal_handler (as
+        # aiohttp's run_app installs) was replaced, so the app never stopped.
+        p = start(code="""
+            import asyncio, signal, drover_worker as dw
+            async def main():
+                loop = asyncio.get_running_loop()
+                app_stop = asyncio.Event()
+                def app_handler(name):
+                    print("app handler", name, flush=True)
+                    app_stop.set()
+                loop.add_signal_handler(signal.SIGTERM, app_handler, "before")
+                dw.install_asyncio()
+                dw.install_asyncio()  # again: still one call each
+                loop.add_signal_handler(signal.SIGINT, app_handler, "after")
+                loop.add_signal_handler(signal.SIGQUIT, app_handler, "removed")
+                print("ready, removed", loop.remove_signal_handler(signal.SIGQUIT), flush=True)
+                await app_stop.wait()
+                app_stop.clear()
+                print("stop", dw.stop_kind(), "second", flush=True)
+                await app_stop.wait()
+                print("again", dw.stop_kind(), flush=True)
+            asyncio.run(main())
+        """)
+        self.assertEqual(wait_line(p, "ready"), ["ready, removed True\n"])
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(wait_line(p, "second"), ["app handler before\n", "stop graceful second\n"])
+        p.send_signal(signal.SIGINT)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "app handler after\nagain graceful\n")
+
     def test_after_asyncio_run_a_second_signal_does_not_kill_the_cleanup(self):
         # asyncio.run() closes its loop, which resets the signals it handled
         # to their default action; the registry runs after that, at exit.

@@ -513,8 +513,16 @@ _loop_signals = {}
 def install_asyncio(loop=None, sigint=True, quick_signal=signal.SIGQUIT):
     """The asyncio variant of :func:`install`: ``loop.add_signal_handler`` for
     the same signals. Returns an ``asyncio.Event`` set at the first stop (the
-    threading :data:`stop_event` and :func:`stop_kind` are updated too). A
-    Python-level handler installed before is called after ours, from the loop.
+    threading :data:`stop_event` and :func:`stop_kind` are updated too).
+
+    Handlers are chained, not replaced: after ours, the loop calls the
+    handler the application had for the signal, whether it was installed with
+    ``loop.add_signal_handler`` (as aiohttp's ``run_app`` does) or with
+    ``signal.signal``; and one the application adds with
+    ``loop.add_signal_handler`` after this call is chained behind ours too
+    (``loop.remove_signal_handler`` removes it again). On a loop that does not
+    expose its handlers (uvloop), handlers installed with
+    ``loop.add_signal_handler`` before this call are replaced.
 
     Call it from a coroutine running on ``loop`` (default: the running loop).
     """
@@ -527,21 +535,78 @@ def install_asyncio(loop=None, sigint=True, quick_signal=signal.SIGQUIT):
     if sigint:
         wanted.insert(1, (signal.SIGINT, "graceful"))
     _pipe_fds()
+    chain = _LoopChain.of(loop)
 
-    def on_signal(signum, kind, previous):
+    def on_signal(signum, kind):
         request_stop(kind)
         event.set()
-        if previous is not None:
-            previous(signum, None)
+        chain.call_next(signum)
 
+    on_signal.__drover_worker__ = True
     for signum, kind in wanted:
         current = signal.getsignal(signum)
         if signum == signal.SIGINT and current == signal.SIG_IGN:
             continue
-        previous = current if _is_chainable(current) else None
-        loop.add_signal_handler(signum, on_signal, signum, kind, previous)
+        chain.take_previous(signum, current)
+        chain.add(signum, on_signal, signum, kind)
         _loop_signals[signum] = kind
     return event
+
+
+class _LoopChain:
+    """The application's handlers for the signals we handle on one loop,
+    called after ours: {signum: (callback, args)}. It wraps the loop's
+    ``add_signal_handler``/``remove_signal_handler`` so that a handler added
+    later joins the chain instead of replacing ours."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.next = {}
+        self.ours = set()
+        self._add = loop.add_signal_handler
+        self._remove = loop.remove_signal_handler
+        try:
+            loop.add_signal_handler = self._app_add
+            loop.remove_signal_handler = self._app_remove
+            loop._drover_worker_chain = self
+        except (AttributeError, TypeError):
+            pass  # a loop type without instance attributes: no wrapping
+
+    @classmethod
+    def of(cls, loop):
+        chain = getattr(loop, "_drover_worker_chain", None)
+        return chain if chain is not None else cls(loop)
+
+    def take_previous(self, signum, current):
+        """Remembers the handler the application has now, if any."""
+        if signum in self.ours:
+            return  # installed by an earlier call: the chain is up to date
+        handles = getattr(self.loop, "_signal_handlers", None)
+        handle = handles.get(signum) if isinstance(handles, dict) else None
+        if handle is not None and not getattr(handle._callback, "__drover_worker__", False):
+            self.next[signum] = (handle._callback, handle._args)
+        elif _is_chainable(current) and getattr(current, "__name__", "") != "_sighandler_noop":
+            self.next[signum] = (current, (signum, None))  # a signal.signal handler
+
+    def add(self, signum, callback, *args):
+        self.ours.add(signum)
+        self._add(signum, callback, *args)
+
+    def call_next(self, signum):
+        entry = self.next.get(signum)
+        if entry is not None:
+            entry[0](*entry[1])
+
+    def _app_add(self, signum, callback, *args):
+        if signum in self.ours:
+            self.next[signum] = (callback, args)
+            return None
+        return self._add(signum, callback, *args)
+
+    def _app_remove(self, signum):
+        if signum in self.ours:
+            return self.next.pop(signum, None) is not None
+        return self._remove(signum)
 
 
 # ---------------------------------------------------------------------------
