@@ -1,0 +1,207 @@
+"""Run an ASGI app under uvicorn as a drover worker.
+
+    python -m drover_worker.uvicorn [options] module:app
+    drover-uvicorn [options] module:app
+
+What ``uvicorn --fd 3`` lacks under drover, this adds:
+
+* it serves on the sockets drover passes (``LISTEN_FDS``, every one of them,
+  TCP or Unix), not on a socket uvicorn binds;
+* ``X_DROVER_WILL_NOTIFY=1`` before the import (docs/protocol.md), and
+  ``READY=1`` once the app is imported, its lifespan startup has completed
+  and the sockets accept: drover's ``ready = "notify"`` (and a reload) waits
+  for real readiness;
+* an app that cannot be imported (any exception, or no such attribute) exits
+  with status 3, "cannot boot", so that drover stops instead of respawning it
+  forever; a failed lifespan startup exits 3 too (uvicorn's own status);
+* SIGTERM and SIGINT: uvicorn's graceful shutdown (stop accepting, finish
+  in-flight requests, lifespan shutdown), bounded by the SDK's drain deadline
+  (``drover_worker.drain_deadline()``): requests still running then are
+  cancelled, so that the rest of the budget is the cleanup's. SIGQUIT: a
+  quick stop (uvicorn's force exit: no waiting, no lifespan shutdown);
+* then the SDK's cleanup registry runs (``drover_worker.on_exit``), and the
+  process exits 0;
+* ``WATCHDOG=1`` from the event loop when drover's ``timeout`` is set, so a
+  blocked loop is caught.
+
+Uvicorn must be installed (``pip install uvicorn``); this package does not
+depend on it. Options not listed here are uvicorn's defaults.
+"""
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any, List, Optional
+
+import drover_worker as dw
+
+#: Uvicorn's own status for a failed startup, and drover's "cannot boot".
+CANNOT_BOOT = 3
+
+
+def _log(message: str) -> None:
+    sys.stderr.write("drover_worker.uvicorn[%d]: %s\n" % (os.getpid(), message))
+    sys.stderr.flush()
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="drover-uvicorn",
+        description="Serve an ASGI application with uvicorn on the sockets drover passes (LISTEN_FDS).",
+    )
+    p.add_argument("app", help="module:app, as uvicorn's")
+    p.add_argument("--factory", action="store_true", help="the app is a factory: call it (as uvicorn's --factory)")
+    p.add_argument("--lifespan", choices=["auto", "on", "off"], default="auto", help="as uvicorn's (default auto)")
+    p.add_argument("--loop", default="auto", help="as uvicorn's: auto, asyncio or uvloop (default auto)")
+    p.add_argument("--http", default="auto", help="as uvicorn's: auto, h11 or httptools (default auto)")
+    p.add_argument("--ws", default="auto", help="as uvicorn's (default auto)")
+    p.add_argument("--log-level", default=None, help="as uvicorn's (default info)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="as uvicorn's")
+    p.add_argument("--proxy-headers", dest="proxy_headers", action="store_true", default=True,
+                   help="as uvicorn's (the default)")
+    p.add_argument("--no-proxy-headers", dest="proxy_headers", action="store_false", help="as uvicorn's")
+    p.add_argument("--forwarded-allow-ips", default=None, help="as uvicorn's")
+    p.add_argument("--root-path", default="", help="as uvicorn's")
+    p.add_argument("--timeout-keep-alive", type=int, default=5, help="as uvicorn's (default 5)")
+    p.add_argument("--limit-concurrency", type=int, default=None, help="as uvicorn's")
+    p.add_argument("--limit-max-requests", type=int, default=None,
+                   help="as uvicorn's: exit after this many requests (drover starts a replacement at once)")
+    p.add_argument("--chdir", help="change to this directory (and import from it) before loading the app")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        dw.will_notify()
+    except OSError as e:
+        _log("cannot tell drover that READY=1 will follow: %s" % e)
+    if args.chdir:
+        os.chdir(args.chdir)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as uvicorn and gunicorn do
+    # The SDK's handlers first: a stop during the import is not lost, SIGQUIT
+    # does not kill us, and the handlers uvicorn restores when it returns
+    # (and the signal it then raises again) are ours, not the default action.
+    dw.install(exit_on_stop=False)
+    try:
+        socks = dw.listeners()
+    except dw.ListenError as e:
+        _log("cannot boot: %s" % e)
+        return CANNOT_BOOT
+    try:
+        import uvicorn
+    except ImportError:
+        _log("cannot boot: uvicorn is not installed (pip install uvicorn)")
+        return CANNOT_BOOT
+    config = uvicorn.Config(
+        args.app, factory=args.factory, lifespan=args.lifespan, loop=args.loop, http=args.http, ws=args.ws,
+        log_level=args.log_level, access_log=args.access_log, proxy_headers=args.proxy_headers,
+        forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path,
+        timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
+        limit_max_requests=args.limit_max_requests,
+    )
+    try:
+        config.load()
+    except BaseException:  # uvicorn's own import error is a SystemExit(1)
+        sys.stderr.write(traceback.format_exc())
+        _log("cannot boot: cannot load the application %r (traceback above)" % args.app)
+        return CANNOT_BOOT
+    if dw.stop_kind() is not None:
+        return _stopped_before_start()
+    server = _server_class(uvicorn.Server)(config)
+    _quick_on_sigquit(server)
+    try:
+        server.run(sockets=list(socks))
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            _log("cannot boot: the application's startup failed (status %s)" % e.code)
+            return CANNOT_BOOT if e.code == CANNOT_BOOT else int(e.code) if isinstance(e.code, int) else 1
+        raise
+    if not server.started:
+        _log("cannot boot: the server did not start")
+        return CANNOT_BOOT
+    if server.limit_max_requests is not None and dw.stop_kind() is None:
+        dw.stopping()  # --limit-max-requests: replaced at once, not a crash
+    dw.run_cleanup()
+    _log("stopped")
+    return 0
+
+
+def _stopped_before_start() -> int:
+    _log("stopped before the server started")
+    dw.run_cleanup()
+    return 0
+
+
+def _server_class(base: Any) -> Any:
+    class DroverServer(base):  # type: ignore[misc,valid-type]
+        """uvicorn's Server, telling drover what happens."""
+
+        async def startup(self, sockets: Optional[List[Any]] = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.should_exit:
+                return
+            _log("ready: serving %s" % ", ".join(dw._describe(s) for s in sockets or []))
+            try:
+                dw.ready()
+            except OSError as e:
+                _log("cannot send READY=1: %s" % e)
+            interval = dw.watchdog_interval()
+            if interval:
+                self._drover_beat = asyncio.ensure_future(_heartbeats(interval))
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn's handler while it serves: the SDK's bookkeeping (the
+            # stop's time and kind, for the budget) and the drain's bound.
+            dw.request_stop("graceful")
+            self.config.timeout_graceful_shutdown = max(0.1, dw.drain_deadline() - time.monotonic())
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: Optional[List[Any]] = None) -> None:
+            try:
+                dw.stopping()
+            except OSError:
+                pass
+            if self.config.timeout_graceful_shutdown is None:
+                self.config.timeout_graceful_shutdown = max(0.1, dw.drain_deadline() - time.monotonic())
+            await super().shutdown(sockets=sockets)
+
+    return DroverServer
+
+
+def _quick_on_sigquit(server: Any) -> None:
+    """SIGQUIT (a quick stop, or drover's escalation): the SDK's handler,
+    then uvicorn's force exit."""
+    previous = signal.getsignal(signal.SIGQUIT)
+
+    def quick(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        server.should_exit = True
+        server.force_exit = True
+        server.config.timeout_graceful_shutdown = 0.1
+
+    signal.signal(signal.SIGQUIT, quick)
+
+
+async def _heartbeats(interval: float) -> None:
+    while True:
+        try:
+            dw.heartbeat()
+        except OSError as e:
+            _log("cannot send WATCHDOG=1: %s" % e)
+        await asyncio.sleep(interval / 2)
+
+
+def console_main() -> None:
+    """The ``drover-uvicorn`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
