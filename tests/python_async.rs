@@ -117,7 +117,7 @@ fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
 /// Latencies of GET / from `clients` threads until `stop` is set.
 struct Sampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<Vec<(Instant, Duration, bool)>>>,
+    threads: Vec<std::thread::JoinHandle<Vec<(Instant, Duration, Option<String>)>>>,
 }
 
 impl Sampler {
@@ -130,8 +130,12 @@ impl Sampler {
                     let mut out = Vec::new();
                     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                         let began = Instant::now();
-                        let ok = matches!(get(addr, "/"), Ok(r) if r.status == 200);
-                        out.push((began, began.elapsed(), ok));
+                        let error = match get(addr, "/") {
+                            Ok(r) if r.status == 200 => None,
+                            Ok(r) => Some(format!("status {}", r.status)),
+                            Err(e) => Some(e.to_string()),
+                        };
+                        out.push((began, began.elapsed(), error));
                     }
                     out
                 })
@@ -140,7 +144,7 @@ impl Sampler {
         Sampler { stop, threads }
     }
 
-    fn finish(self) -> Vec<(Instant, Duration, bool)> {
+    fn finish(self) -> Vec<(Instant, Duration, Option<String>)> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.threads
             .into_iter()
@@ -182,11 +186,11 @@ fn fastapi_under_the_uvicorn_launcher_reloads_under_load_with_no_failure() {
     let reloads_ended = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let samples = sampler.finish();
-    let failed = samples.iter().filter(|s| !s.2).count();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} failed\n{}",
+    let failed: Vec<&String> = samples.iter().filter_map(|s| s.2.as_ref()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}\n{}",
+        failed.len(),
         samples.len(),
         d.log()
     );

@@ -41,6 +41,9 @@ import drover_worker as dw
 
 #: Uvicorn's own status for a failed startup, and drover's "cannot boot".
 CANNOT_BOOT = 3
+#: On a graceful stop, how long a connection accepted just before may take
+#: to send its request.
+FIRST_BYTE_GRACE = 1.0
 
 
 def _log(message: str) -> None:
@@ -169,7 +172,24 @@ def _server_class(base: Any) -> Any:
                 pass
             if self.config.timeout_graceful_shutdown is None:
                 self.config.timeout_graceful_shutdown = max(0.1, dw.drain_deadline() - time.monotonic())
+            if not self.force_exit:
+                await self._let_fresh_requests_in()
             await super().shutdown(sockets=sockets)
+
+        async def _let_fresh_requests_in(self) -> None:
+            """Stops accepting, then waits (up to FIRST_BYTE_GRACE) until each
+            connection accepted just before has its request in: uvicorn's
+            shutdown closes a connection with no request in progress, and the
+            client whose request was on its way would see a reset."""
+            for server in getattr(self, "servers", []):
+                server.close()
+            deadline = time.monotonic() + min(FIRST_BYTE_GRACE, dw.remaining_budget() / 4)
+            while time.monotonic() < deadline:
+                fresh = [c for c in self.server_state.connections
+                         if getattr(c, "cycle", False) is None and not getattr(c, "transport").is_closing()]
+                if not fresh:
+                    return
+                await asyncio.sleep(0.01)
 
     return DroverServer
 
