@@ -114,10 +114,13 @@ fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
     )
 }
 
+/// One GET: when it began, how long it took, and why it failed (if it did).
+type Sample = (Instant, Duration, Option<String>);
+
 /// Latencies of GET / from `clients` threads until `stop` is set.
 struct Sampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<Vec<(Instant, Duration, Option<String>)>>>,
+    threads: Vec<std::thread::JoinHandle<Vec<Sample>>>,
 }
 
 impl Sampler {
@@ -144,7 +147,7 @@ impl Sampler {
         Sampler { stop, threads }
     }
 
-    fn finish(self) -> Vec<(Instant, Duration, Option<String>)> {
+    fn finish(self) -> Vec<Sample> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.threads
             .into_iter()
