@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::unistd::Pid;
 
+use common::python;
+
 /// Two sockets handed in as systemd does (fds 3 and 4), of which the config
 /// binds only the first: the second is reported as an error, and the first
 /// is served and logged as inherited.
@@ -1164,4 +1166,60 @@ fn systemd_hears_the_status_after_a_scale_up_and_a_failed_reload() {
         "{ready}"
     );
     assert!(!ready.contains("last reload"), "{ready}");
+}
+
+/// One keep-alive GET on `s`: the response's status and whether it ends the
+/// connection (`Connection: close`).
+fn get_keep_alive(s: &mut std::net::TcpStream, path: &str) -> (u16, bool) {
+    use std::io::{Read, Write};
+    write!(s, "GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed before a response");
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.contains("connection: close"))
+}
+
+/// During the pre-stop delay the workers are told (SIGWINCH) to end
+/// keep-alive: a client on a kept-alive connection gets its next answer with
+/// `Connection: close`, while drover still serves; the Rust reference
+/// worker and drover-wsgi both do.
+#[test]
+fn during_the_prestop_delay_workers_end_keep_alive() {
+    let wsgi = format!("[{:?}, \"example_app:app\"]", python::script("drover-wsgi"));
+    for command in [format!("[\"{}\"]", hello_bin()), wsgi] {
+        let config = format!(
+            "bind = [\"127.0.0.1:0\"]\ncommand = {command}\nworkers = 1\nready = \"notify\"\n\
+             chdir = \"{}\"\nprestop_delay = \"5s\"\n",
+            python::examples_dir()
+        );
+        let mut d = Start::config(&config).run();
+        d.wait_log("all 1 workers ready");
+        let mut s = std::net::TcpStream::connect(d.tcp_addr()).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        assert_eq!(get_keep_alive(&mut s, "/"), (200, false));
+        let sigterm = Instant::now();
+        d.signal(Signal::SIGTERM);
+        d.wait_log("SIGTERM: pre-stop: serving for 5s more");
+        // The notice reaches the worker soon after: until then the
+        // connection stays open, and every answer is a 200.
+        wait_for("an answer with Connection: close", LIMIT, || {
+            let (status, close) = get_keep_alive(&mut s, "/");
+            assert_eq!(status, 200);
+            close.then_some(())
+        });
+        assert!(sigterm.elapsed() < Duration::from_secs(5), "{command}");
+        assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    }
 }

@@ -59,6 +59,8 @@ pub enum SignalWhy {
     Stop(Stop),
     /// SIGUSR1 passed on: reopen your logs.
     Forward,
+    /// SIGWINCH: drover's pre-stop delay began; end keep-alive.
+    PreStop,
 }
 
 /// A message to our own service manager.

@@ -1172,6 +1172,22 @@ impl Supervisor {
             quick: false,
             cause: name.to_string(),
         }));
+        // The workers serve on, but should end keep-alive: an idle
+        // connection left at the stop is one its client may reuse as the
+        // worker closes it.
+        let notices: Vec<_> = self
+            .pool
+            .workers
+            .iter()
+            .filter(|w| !w.is_stopping())
+            .map(|w| Action::Signal {
+                slot: w.slot,
+                pid: w.pid,
+                signal: Signal::SIGWINCH,
+                why: SignalWhy::PreStop,
+            })
+            .collect();
+        self.emit_all(notices);
         self.phase = Phase::PreStop {
             until: now + delay.0,
             cause: Cause::Signal(name),

@@ -80,8 +80,11 @@ impl Conn {
 
             let (status, body) = handle(&request.route);
             // A request that was in progress when the stop came is answered,
-            // then the connection is closed.
-            let keep_alive = request.keep_alive && !shared.stop.is_stopping();
+            // then the connection is closed; so is one during drover's
+            // pre-stop delay, so that no idle connection is left for the stop.
+            let keep_alive = request.keep_alive
+                && !shared.stop.is_stopping()
+                && !drover_worker::prestop::noticed();
             let framing = Framing {
                 keep_alive,
                 http10: request.http10,

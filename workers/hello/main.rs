@@ -90,6 +90,8 @@ fn main() {
     // (terminate) would be wrong.
     // SAFETY: setting a signal to SIG_IGN.
     unsafe { libc::signal(libc::SIGUSR1, libc::SIG_IGN) };
+    // drover's pre-stop delay: serve on, but end keep-alive.
+    drover_worker::prestop::watch();
 
     let listeners = match drover_worker::listeners() {
         Ok(listeners) if listeners.is_empty() => cannot_boot("no listening sockets (LISTEN_FDS=0)"),

@@ -10,6 +10,7 @@
 //! * [`listen`]: the listening sockets passed at fd 3.. (`LISTEN_FDS`).
 //! * [`notify`](mod@notify): `READY=1`, `WATCHDOG=1`, `STATUS=…`, `STOPPING=1` to the master.
 //! * [`stop`]: SIGTERM / SIGINT / SIGQUIT turned into a flag and a pollable fd.
+//! * [`prestop`]: drover's pre-stop notice (SIGWINCH): end keep-alive.
 //! * [`scoreboard`](mod@scoreboard): requests in progress, completed and their
 //!   latency, counted in drover's shared-memory scoreboard.
 //! * [`cleanup`]: functions that run once, last registered first, on stop,
@@ -38,6 +39,7 @@ mod log;
 pub mod cleanup;
 pub mod listen;
 pub mod notify;
+pub mod prestop;
 pub mod scoreboard;
 pub mod stop;
 

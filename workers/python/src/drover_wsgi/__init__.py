@@ -180,6 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     io_timeout=args.io_timeout, max_requests=max_requests, limits=args.limits,
                     proxy=args.proxy, access_log=access_log, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout, body_min_rate=args.body_min_rate)
+    _on_sigwinch(server)
     server.start()
     interval = dw.watchdog_interval()
     if interval:
@@ -227,6 +228,20 @@ def _on_sigusr1(access_log: Optional[AccessLog]) -> None:
             log("cannot reopen the access log: %s" % e)
 
     signal.signal(signal.SIGUSR1, reopen)
+
+
+def _on_sigwinch(server: Server) -> None:
+    """drover sends SIGWINCH when its pre-stop delay begins (SIGTERM with
+    ``prestop_delay``): serve on, but answer with ``Connection: close`` so
+    that no idle keep-alive connection is left when the stop comes. A
+    handler the app installed is left alone."""
+    if signal.getsignal(signal.SIGWINCH) != signal.SIG_DFL:
+        return
+
+    def wind_down(signum: int, frame: Any) -> None:
+        server.winding_down = True
+
+    signal.signal(signal.SIGWINCH, wind_down)
 
 
 def _exit_now(code: int) -> None:

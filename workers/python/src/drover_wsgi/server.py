@@ -524,6 +524,7 @@ class Response:
         keep = (
             req.keep_alive and not self.app_close and self.mode != "close"
             and self.server.state is _RUNNING and self.server.keep_going()
+            and not self.server.winding_down
         )
         self.keep = keep and self.inp.discardable()
         parts = ["HTTP/1.1 ", self.status, "\r\nDate: ", http_date(), "\r\n", self.header_text]
@@ -651,6 +652,8 @@ class Server:
         self.taken = 0  # connections taken from the queue during the stop
         self.counter = itertools.count(1)
         self.recycling = False
+        # drover's pre-stop delay began (SIGWINCH): serve on, end keep-alive.
+        self.winding_down = False
         base = {
             "SCRIPT_NAME": "",
             "wsgi.version": (1, 0),
