@@ -32,6 +32,33 @@ fn json_logs_have_stable_keys() {
         assert!(v["msg"].is_string());
     }
     assert!(log.contains("\"msg\":\"exiting with status 0 after "));
+    // Every event is a line too, its keys at the top level.
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("event").is_some())
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    for name in [
+        "started",
+        "worker_spawned",
+        "worker_ready",
+        "all_ready",
+        "shutdown",
+        "worker_exited",
+    ] {
+        assert!(names.contains(&name), "{name} not in {names:?}");
+    }
+    let spawned = events
+        .iter()
+        .find(|e| e["event"] == "worker_spawned")
+        .unwrap();
+    assert_eq!(spawned["msg"], "worker_spawned");
+    assert_eq!(spawned["slot"], 1);
+    assert!(spawned["seq"].as_u64().unwrap() >= 2);
 }
 
 /// Parses a Prometheus text exposition with `prometheus_client`'s parser (the
@@ -573,4 +600,58 @@ fn readyz_says_pre_stop_during_the_delay() {
     let m = parse_metrics(&admin(&d, "/metrics").body);
     assert_eq!(sample(&m, "drover_ready", &[]), 0.0);
     assert!(d.wait_exit(LIMIT).success());
+}
+
+/// A binary upgrade as the event stream and the admin endpoint tell it: a
+/// failed one is rolled back (counted, the endpoint taken back); a good one
+/// is begun and applied, and the new master serves the endpoint.
+#[test]
+fn upgrades_in_the_events_and_the_admin_endpoint() {
+    let config = gated("pidfile = \"$DIR/drover.pid\"");
+    let d = Start::config(&config).run();
+    go(&d, true);
+    wait_readyz(&d, 200, "ready");
+    let events = Follower::start(&d);
+    // The new master finds the config broken and exits 2.
+    let path = d.dir.path().join("config.toml");
+    let good = read_file(&path);
+    std::fs::write(&path, format!("{good}\nworkers = \"broken\"\n")).unwrap();
+    d.signal(Signal::SIGUSR2);
+    events.wait("upgrade_begun", |_| true);
+    let e = events.wait("upgrade_failed", |_| true);
+    assert!(
+        e["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 2"),
+        "{e}"
+    );
+    let m = parse_metrics(&admin(&d, "/metrics").body);
+    assert_eq!(
+        sample(&m, "drover_upgrades_total", &[("outcome", "rolled_back")]),
+        1.0
+    );
+    // Now a good one.
+    std::fs::write(&path, &good).unwrap();
+    d.signal(Signal::SIGUSR2);
+    let e = events.wait("upgrade_applied", |_| true);
+    let new = nix::unistd::Pid::from_raw(e["pid"].as_i64().unwrap() as i32);
+    struct KillOnDrop(nix::unistd::Pid);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
+        }
+    }
+    let _new = KillOnDrop(new);
+    events.wait("shutdown", |e| e["cause"] == "upgrade" && e["stage"] == 1);
+    events.wait("exiting", |e| e["status"] == 0);
+    // The new master's endpoint: ready, generation 1 of its own.
+    let body = wait_readyz(&d, 200, "ready");
+    assert_eq!(body, "ready\n");
+    let m = parse_metrics(&admin(&d, "/metrics").body);
+    assert_eq!(sample(&m, "drover_workers_desired", &[]), 2.0);
+    nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
 }
