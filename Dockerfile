@@ -46,7 +46,8 @@ RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonex
     && chown app:app /run/drover
 USER 10001:10001
 WORKDIR /srv/app
-EXPOSE 8000
+# The app, and drover's admin endpoint (/livez, /readyz, /metrics).
+EXPOSE 8000 9100
 # drover is PID 1 and receives the signals itself (exec form, no shell):
 # SIGTERM is its graceful staged shutdown, and as PID 1 it reaps orphans
 # (`subreaper` is on by default when drover is PID 1).

@@ -694,7 +694,10 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
         dir.path(),
         &venv,
         &run,
-        &[("0.0.0.0:8000", "127.0.0.1:0")],
+        &[
+            ("0.0.0.0:8000", "127.0.0.1:0"),
+            ("0.0.0.0:9100", "127.0.0.1:0"),
+        ],
     );
     let mut args: Vec<String> = [
         "--pid",
@@ -720,6 +723,22 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
     .run();
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
+    // The probes' endpoint, as the manifests name it.
+    let admin: SocketAddr = d
+        .wait_log("admin endpoint on ")
+        .split("admin endpoint on ")
+        .nth(1)
+        .and_then(|s| {
+            s.split(':')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(":")
+                .parse()
+                .ok()
+        })
+        .expect("the admin endpoint's address");
+    assert_eq!(get_ok(admin, "/livez").status, 200);
+    assert_eq!(get_ok(admin, "/readyz").status, 200);
     // unshare --fork waits for drover, its only child.
     let drover = d.wait_workers(1)[0];
     let status = std::fs::read_to_string(format!("/proc/{drover}/status")).unwrap();
@@ -736,9 +755,14 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
     let slow = get_in_flight(addr, "/sleep?ms=1500");
     let stopped = Instant::now();
     nix::sys::signal::kill(drover, image.stop_signal).unwrap();
-    // The pre-stop delay: still serving.
+    // The pre-stop delay: still serving, and the readiness probe fails.
     d.wait_log("SIGTERM: pre-stop: serving for 5s more");
     assert_eq!(get(addr, "/").unwrap().status, 200);
+    let readyz = get(admin, "/readyz").unwrap();
+    assert_eq!(
+        (readyz.status, readyz.body.trim()),
+        (503, "pre-stop: shutting down soon")
+    );
     assert!(stopped.elapsed() < Duration::from_secs(5));
     wait_for("new connections to be refused", LIMIT, || {
         get(addr, "/").is_err().then_some(())
