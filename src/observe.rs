@@ -149,8 +149,9 @@ impl Observer {
     }
 
     /// Prepares what a worker of `slot` gets: its scoreboard record and,
-    /// with capture_output, its pipes.
-    pub fn prepare_worker(&mut self, slot: u32) -> WorkerIo {
+    /// with capture_output and `pipes` (an exec'd worker; one forked from a
+    /// template keeps the template's output), its pipes.
+    pub fn prepare_worker(&mut self, slot: u32, pipes: bool) -> WorkerIo {
         let mut io = WorkerIo::default();
         if let Some(sb) = &mut self.scoreboard {
             if let Some(i) = sb.claim(slot) {
@@ -161,7 +162,7 @@ impl Observer {
                 io.record = Some(i);
             }
         }
-        if self.capture_output && self.capture.is_some() {
+        if pipes && self.capture_output && self.capture.is_some() {
             match (capture::pipe(), capture::pipe()) {
                 (Ok(out), Ok(err)) => io.pipes = Some([out, err]),
                 (Err(e), _) | (_, Err(e)) => {

@@ -655,3 +655,36 @@ fn upgrades_in_the_events_and_the_admin_endpoint() {
         (!alive(new)).then_some(())
     });
 }
+
+/// drover-wsgi counts its requests in the scoreboard: exec'd, and forked
+/// from a preloaded template (its record comes with the fork request).
+#[test]
+fn python_workers_fill_the_scoreboard() {
+    for preload in [false, true] {
+        let config = format!(
+            "bind = \"127.0.0.1:0\"\nworkers = 2\nready = \"notify\"\npreload = {preload}\n\
+             command = [{wsgi:?}, \"--chdir\", {dir:?}, \"apps:app\"]\n\
+             admin_bind = \"unix:$DIR/admin.sock\"\n",
+            wsgi = python::script("drover-wsgi"),
+            dir = python::test_apps_dir(),
+        );
+        let mut d = Start::config(&config).run();
+        d.wait_log("all 2 workers ready");
+        let addr = d.tcp_addr();
+        for _ in 0..10 {
+            assert_eq!(get(addr, "/environ").unwrap().status, 200);
+        }
+        let m = parse_metrics(&admin(&d, "/metrics").body);
+        let total = |name: &str| -> f64 {
+            m.iter()
+                .filter(|s| s.2 == name)
+                .map(|s| s.4.parse::<f64>().unwrap())
+                .sum()
+        };
+        assert_eq!(total("drover_requests_total"), 10.0, "preload = {preload}");
+        assert_eq!(total("drover_worker_busy"), 0.0);
+        assert_eq!(total("drover_request_duration_seconds_count"), 10.0);
+        d.signal(Signal::SIGTERM);
+        assert!(d.wait_exit(LIMIT).success());
+    }
+}

@@ -539,7 +539,7 @@ impl Master {
         let (mut env, fds) = self.worker_env(&generation, slot);
         let g = &generation;
         // Its scoreboard record and, with capture_output, its output pipes.
-        let io = self.obs.prepare_worker(slot);
+        let io = self.obs.prepare_worker(slot, true);
         for (k, v) in &io.env {
             env.set(k, v);
         }

@@ -283,7 +283,13 @@ impl Templates {
     /// waits for its answer (at most `FORK_TIMEOUT`). Returns the worker's
     /// pid. A template that died or hung is given up (the caller kills a
     /// hung one: see `ForkError::Lost`).
-    pub fn fork(&mut self, generation: u32, slot: u32) -> Result<Pid, ForkError> {
+    /// `env` is more of the worker's environment (its scoreboard record).
+    pub fn fork(
+        &mut self,
+        generation: u32,
+        slot: u32,
+        env: &[(String, String)],
+    ) -> Result<Pid, ForkError> {
         let Some(t) = self
             .list
             .iter_mut()
@@ -293,8 +299,11 @@ impl Templates {
         };
         let id = t.next_request;
         t.next_request += 1;
-        let request =
+        let mut request =
             format!("FORK={id}\nENV=DROVER_WORKER_ID={slot}\nENV=DROVER_GENERATION={generation}");
+        for (k, v) in env {
+            request.push_str(&format!("\nENV={k}={v}"));
+        }
         let result = t.exchange(id, &request);
         if let Err(ForkError::Lost(_)) = &result {
             t.give_up(if t.chan.is_some() {
@@ -440,7 +449,7 @@ impl Master {
     pub(super) fn fork_from_template(&mut self, slot: u32, gen: Rc<Generation>, now: Instant) {
         let template = self.templates.of(gen.number).map(|t| (t.pid, t.state));
         match template {
-            Some((pid, State::Ready)) => match self.templates.fork(gen.number, slot) {
+            Some((pid, State::Ready)) => match self.fork_with_record(gen.number, slot) {
                 Ok(worker) => {
                     self.sup.spawned(slot, gen, worker, now);
                     // Forked is as far as exec'd: booting, or ready with
@@ -462,6 +471,21 @@ impl Master {
             },
             // Booting, or none yet (`tend_templates` starts it).
             _ => self.sup.spawn_waits(),
+        }
+    }
+
+    /// Forks a worker from the template, with its scoreboard record.
+    fn fork_with_record(&mut self, generation: u32, slot: u32) -> Result<Pid, ForkError> {
+        let io = self.obs.prepare_worker(slot, false);
+        match self.templates.fork(generation, slot, &io.env) {
+            Ok(pid) => {
+                self.obs.worker_started(slot, pid, io);
+                Ok(pid)
+            }
+            Err(e) => {
+                self.obs.worker_not_started(io);
+                Err(e)
+            }
         }
     }
 
