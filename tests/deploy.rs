@@ -1010,7 +1010,24 @@ fn hello_config(extra: &str) -> String {
 /// graceful shutdown runs as usual and drover exits 0.
 #[test]
 fn with_a_prestop_delay_late_clients_are_all_answered() {
-    let mut d = Start::config(&hello_config("prestop_delay = \"2s\"")).run();
+    prestop_under_load(&hello_config("prestop_delay = \"2s\""));
+}
+
+/// The same with drover-wsgi workers.
+#[test]
+fn with_a_prestop_delay_late_clients_of_drover_wsgi_are_all_answered() {
+    let wsgi = format!(
+        "[{:?}, \"example_app:app\"]\nchdir = \"{}\"",
+        python::script("drover-wsgi"),
+        python::examples_dir()
+    );
+    let config =
+        hello_config("prestop_delay = \"2s\"").replace(&format!("[\"{}\"]", hello_bin()), &wsgi);
+    prestop_under_load(&config);
+}
+
+fn prestop_under_load(config: &str) {
+    let mut d = Start::config(config).run();
     d.wait_log("all 2 workers ready");
     let (code, out) = ctl(&d, &["ready"]);
     assert_eq!(
