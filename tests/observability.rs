@@ -656,6 +656,14 @@ fn upgrades_in_the_events_and_the_admin_endpoint() {
     });
 }
 
+/// The sum of a sample over every label set.
+fn total(m: &[(String, String, String, serde_json::Value, String)], name: &str) -> f64 {
+    m.iter()
+        .filter(|s| s.2 == name)
+        .map(|s| s.4.parse::<f64>().unwrap())
+        .sum()
+}
+
 /// drover-wsgi counts its requests in the scoreboard: exec'd, and forked
 /// from a preloaded template (its record comes with the fork request).
 #[test]
@@ -674,16 +682,18 @@ fn python_workers_fill_the_scoreboard() {
         for _ in 0..10 {
             assert_eq!(get(addr, "/environ").unwrap().status, 200);
         }
-        let m = parse_metrics(&admin(&d, "/metrics").body);
-        let total = |name: &str| -> f64 {
-            m.iter()
-                .filter(|s| s.2 == name)
-                .map(|s| s.4.parse::<f64>().unwrap())
-                .sum()
-        };
-        assert_eq!(total("drover_requests_total"), 10.0, "preload = {preload}");
-        assert_eq!(total("drover_worker_busy"), 0.0);
-        assert_eq!(total("drover_request_duration_seconds_count"), 10.0);
+        // A request is counted once its response is sent: a moment after
+        // the client has it.
+        let m = wait_for("10 requests counted", LIMIT, || {
+            let m = parse_metrics(&admin(&d, "/metrics").body);
+            (total(&m, "drover_request_duration_seconds_count") == 10.0).then_some(m)
+        });
+        assert_eq!(
+            total(&m, "drover_requests_total"),
+            10.0,
+            "preload = {preload}"
+        );
+        assert_eq!(total(&m, "drover_worker_busy"), 0.0);
         d.signal(Signal::SIGTERM);
         assert!(d.wait_exit(LIMIT).success());
     }
