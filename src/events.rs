@@ -190,6 +190,11 @@ pub enum Kind {
     UpgradeApplied {
         pid: i32,
     },
+    /// An upgrade was refused before anything started (drover is PID 1, a
+    /// reload or another upgrade is under way).
+    UpgradeRejected {
+        reason: String,
+    },
     UpgradeFailed {
         reason: String,
     },
@@ -228,6 +233,7 @@ impl Kind {
             Kind::Resumed { .. } => "resumed",
             Kind::UpgradeBegun { .. } => "upgrade_begun",
             Kind::UpgradeApplied { .. } => "upgrade_applied",
+            Kind::UpgradeRejected { .. } => "upgrade_rejected",
             Kind::UpgradeFailed { .. } => "upgrade_failed",
             Kind::Shutdown { .. } => "shutdown",
             Kind::Exiting { .. } => "exiting",
@@ -254,6 +260,7 @@ pub const NAMES: &[&str] = &[
     "resumed",
     "upgrade_begun",
     "upgrade_applied",
+    "upgrade_rejected",
     "upgrade_failed",
     "shutdown",
     "exiting",
@@ -566,7 +573,7 @@ mod tests {
         assert_eq!(v["cause"], "heartbeat_timeout");
         assert!(v.get("status").is_none());
         assert!(NAMES.contains(&k.name()));
-        assert_eq!(NAMES.len(), 20);
+        assert_eq!(NAMES.len(), 21);
     }
 
     #[test]

@@ -183,6 +183,7 @@ impl Counters {
             Kind::UpgradeApplied { .. } => self.upgrades[outcome(Outcome::Applied)] += 1,
             // The old master goes on serving: the upgrade is rolled back.
             Kind::UpgradeFailed { .. } => self.upgrades[outcome(Outcome::RolledBack)] += 1,
+            Kind::UpgradeRejected { .. } => self.upgrades[outcome(Outcome::Rejected)] += 1,
             _ => {}
         }
     }
@@ -708,6 +709,11 @@ mod tests {
         assert_eq!(c.worker_starts, 1);
         assert_eq!(c.exits[1], 1);
         assert_eq!(c.reloads, [0, 1, 0]);
+        c.observe(&Kind::UpgradeRejected {
+            reason: "a reload is in progress".into(),
+        });
+        c.observe(&Kind::UpgradeFailed { reason: "x".into() });
+        assert_eq!(c.upgrades, [0, 1, 1]);
         assert_eq!(c.spawn_to_ready.count(), 1);
     }
 

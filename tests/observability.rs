@@ -603,8 +603,9 @@ fn readyz_says_pre_stop_during_the_delay() {
 }
 
 /// A binary upgrade as the event stream and the admin endpoint tell it: a
-/// failed one is rolled back (counted, the endpoint taken back); a good one
-/// is begun and applied, and the new master serves the endpoint.
+/// failed one is rolled back (counted, the endpoint taken back); one asked
+/// for during another is rejected; a good one is begun and
+/// applied, and the new master serves the endpoint.
 #[test]
 fn upgrades_in_the_events_and_the_admin_endpoint() {
     let config = gated("pidfile = \"$DIR/drover.pid\"");
@@ -631,9 +632,26 @@ fn upgrades_in_the_events_and_the_admin_endpoint() {
         sample(&m, "drover_upgrades_total", &[("outcome", "rolled_back")]),
         1.0
     );
-    // Now a good one.
+    // Now a good one, whose workers wait for `go`: meanwhile a second
+    // upgrade is refused.
     std::fs::write(&path, &good).unwrap();
+    go(&d, false);
     d.signal(Signal::SIGUSR2);
+    wait_for("the second upgrade_begun", LIMIT, || {
+        (events
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "upgrade_begun")
+            .count()
+            == 2)
+            .then_some(())
+    });
+    d.signal(Signal::SIGUSR2);
+    let e = events.wait("upgrade_rejected", |_| true);
+    assert_eq!(e["reason"], "an upgrade is already in progress");
+    // (The endpoint is the new master's now: the old one gave up its
+    // address when the upgrade began.)
+    go(&d, true);
     let e = events.wait("upgrade_applied", |_| true);
     let new = nix::unistd::Pid::from_raw(e["pid"].as_i64().unwrap() as i32);
     struct KillOnDrop(nix::unistd::Pid);

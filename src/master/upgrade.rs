@@ -107,6 +107,9 @@ impl Master {
         };
         if let Some(why) = busy {
             warn!("upgrade refused: {why}");
+            self.obs.publish(crate::events::Kind::UpgradeRejected {
+                reason: why.to_string(),
+            });
             self.answer(Waiters::one(client), control::failure(why));
             return;
         }
