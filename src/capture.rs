@@ -235,6 +235,10 @@ impl Capture {
                 0,
             )
         };
+        if n <= 0 {
+            return;
+        }
+        // Only when a pipe has data: this runs at every turn of the loop.
         let mut buf = vec![0u8; 64 * 1024];
         self.total.refill(now);
         for ev in events.iter().take(n.max(0) as usize) {
