@@ -319,6 +319,23 @@ fn readyz_through_boot_degradation_pause_and_shutdown() {
     wait_readyz(&d, 503, "paused");
     d.signal(Signal::SIGTTIN);
     wait_readyz(&d, 200, "ready");
+    // A scale-up is no degradation: ready while the new slot's worker boots.
+    go(&d, false);
+    d.signal(Signal::SIGTTIN);
+    d.wait_log("worker 3 (pid");
+    assert_eq!(admin(&d, "/readyz").body, "ready\n");
+    go(&d, true);
+    wait_for("worker 3 ready", LIMIT, || {
+        d.log().contains("worker 3 (pid").then_some(())?;
+        let m = parse_metrics(&admin(&d, "/metrics").body);
+        (total(&m, "drover_workers") >= 3.0
+            && sample(
+                &m,
+                "drover_workers",
+                &[("state", "ready"), ("generation", "1")],
+            ) == 3.0)
+            .then_some(())
+    });
     // A shutdown with a request in flight: the endpoint says "draining"
     // until drover exits.
     let addr = d.tcp_addr();

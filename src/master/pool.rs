@@ -19,6 +19,9 @@ pub struct Slot {
     /// own (crash, kill, max_requests); replacements drover asked for
     /// (reload, recycling) do not count.
     pub restarts: u32,
+    /// A worker has been ready in this slot: losing it is a degradation
+    /// (a slot added by a scale-up or a reload is not, while it boots).
+    pub served: bool,
 }
 
 /// What serves one slot (see `Pool::slot_view`).

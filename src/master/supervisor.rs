@@ -196,8 +196,16 @@ impl Supervisor {
             Phase::PreStop { .. } => readiness::Phase::PreStop,
             Phase::ShuttingDown(_) => readiness::Phase::Draining,
         };
-        // One pass over the workers: this runs for every probe.
-        let mut ready = vec![false; self.pool.slots.len()];
+        // One pass over the workers: this runs for every probe. Once
+        // started, a slot that never had a ready worker (added by a scale-up
+        // or a reload, still booting) does not make drover degraded.
+        let booted = !matches!(self.phase, Phase::Starting);
+        let mut ready: Vec<bool> = self
+            .pool
+            .slots
+            .iter()
+            .map(|s| booted && !s.served)
+            .collect();
         for w in self.pool.workers.iter().filter(|w| w.is_ready()) {
             if let Some(r) = ready.get_mut(w.slot as usize - 1) {
                 *r = true;
@@ -830,6 +838,9 @@ impl Supervisor {
         };
         let (slot, generation) = (w.slot, w.generation());
         let seconds = (now - w.started).as_secs_f64();
+        if let Some(s) = self.pool.slot(slot) {
+            s.served = true;
+        }
         self.emit(Action::Publish(Kind::WorkerReady {
             slot,
             pid: pid.as_raw(),
