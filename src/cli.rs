@@ -158,8 +158,9 @@ enum CtlCommand {
     },
     /// Binary upgrade; waits until the new master is ready or has failed.
     Upgrade,
-    /// Exit 0 only when drover should receive traffic: every slot has a
-    /// ready worker and drover is not paused or stopping (a readiness probe).
+    /// Exit 0 only when drover should receive traffic: enough slots have a
+    /// ready worker (ready_share) and drover is not paused or stopping (a
+    /// readiness probe; the same decision as the admin endpoint's /readyz).
     Ready,
     /// Print the master's events, one JSON object per line, as they happen,
     /// until drover exits or this is interrupted.
