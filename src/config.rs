@@ -121,7 +121,10 @@ settings! {
     /// How many workers to run.
     workers: WorkerCount = WorkerCount(1);
     /// When a worker counts as ready.
-    ready: Ready = Ready::Spawn;
+    ready: Ready = Ready::Auto;
+    /// With `ready = "auto"`: how long after its exec a worker has to say
+    /// that it speaks the notify protocol before it counts as ready.
+    announce_timeout: Dur = Dur(Duration::from_secs(1));
     /// How long a worker may take to report `READY=1`.
     boot_timeout: Dur = Dur(Duration::from_secs(30));
     /// The signal that asks a worker to stop gracefully.
@@ -1003,6 +1006,21 @@ pub enum Ready {
     Spawn,
     /// Ready once it sends `READY=1` to `NOTIFY_SOCKET`.
     Notify,
+    /// As `Notify` for a worker that sends anything to `NOTIFY_SOCKET`
+    /// within `announce_timeout` of its exec (`X_DROVER_WILL_NOTIFY=1`
+    /// before a slow boot), as `Spawn` (from then) for one that says nothing.
+    Auto,
+}
+
+impl Ready {
+    /// The value as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ready::Spawn => "spawn",
+            Ready::Notify => "notify",
+            Ready::Auto => "auto",
+        }
+    }
 }
 
 /// A bounded whole number, for counts that must stay in a sane range.

@@ -271,7 +271,7 @@ fn exit_3_at_start_without_the_notify_protocol_stops_drover_too() {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
     let log = d.log();
     assert!(
-        log.contains("cannot boot: exited with status 3 within boot_timeout (30s) of start (ready = \"spawn\")"),
+        log.contains("cannot boot: exited with status 3 within boot_timeout (30s) of start (ready = \"auto\")"),
         "{log}"
     );
 }
@@ -1035,5 +1035,132 @@ fn a_unix_socket_drover_cannot_connect_to_is_left_alone() {
         std::fs::metadata(&path).map(|m| m.ino()).ok(),
         Some(inode),
         "the live socket file is still there"
+    );
+}
+
+/// How long drover says a worker took to be ready, from "worker N (pid P) ready in X ms".
+fn ready_in_ms(log: &str, slot: u32) -> f64 {
+    let needle = format!("worker {slot} (pid ");
+    let line = log
+        .lines()
+        .find(|l| l.contains(&needle) && l.contains(") ready in "))
+        .unwrap_or_else(|| panic!("no ready line for worker {slot}: {log}"));
+    let rest = &line[line.find(") ready in ").unwrap() + ") ready in ".len()..];
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// A worker that announces itself, boots for 2 s, then sends READY=1 and
+/// sleeps (it serves nothing: readiness is what is tested).
+const ANNOUNCING_WORKER: &str = "import os, socket, time\n\
+p = os.environ['NOTIFY_SOCKET']\n\
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+s.sendto(b'X_DROVER_WILL_NOTIFY=1', p)\n\
+time.sleep(2)\n\
+s.sendto(b'READY=1', p)\n\
+time.sleep(600)\n";
+
+#[test]
+fn by_default_a_worker_that_announces_itself_is_ready_at_ready_1() {
+    // No `ready` setting: the default, "auto".
+    let d = Start::args(&[
+        "-w",
+        "2",
+        "-b",
+        "127.0.0.1:0",
+        "--",
+        "python3",
+        "-c",
+        ANNOUNCING_WORKER,
+    ])
+    .run();
+    let log = d.wait_log("all 2 workers ready");
+    for slot in [1, 2] {
+        let t = ready_in_ms(&log, slot);
+        assert!(
+            t >= 2000.0,
+            "worker {slot} counted ready before its READY=1 ({t} ms): {log}"
+        );
+    }
+    assert!(!log.contains("sent nothing to NOTIFY_SOCKET"), "{log}");
+}
+
+#[test]
+fn by_default_a_silent_worker_is_ready_after_announce_timeout() {
+    let d = Start::args(&[
+        "-w",
+        "2",
+        "-b",
+        "127.0.0.1:0",
+        "--set",
+        "announce_timeout=300ms",
+        "--",
+        "sleep",
+        "600",
+    ])
+    .run();
+    let log = d.wait_log("all 2 workers ready");
+    for slot in [1, 2] {
+        let t = ready_in_ms(&log, slot);
+        assert!(
+            t >= 300.0,
+            "worker {slot} counted ready before announce_timeout ({t} ms): {log}"
+        );
+    }
+    assert!(
+        log.contains("sent nothing to NOTIFY_SOCKET within announce_timeout, 300ms: ready = \"auto\" counts it as spawned"),
+        "{log}"
+    );
+}
+
+#[test]
+fn by_default_an_announced_worker_that_exits_3_before_ready_cannot_boot() {
+    let worker = "import os, socket, sys\n\
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+s.sendto(b'X_DROVER_WILL_NOTIFY=1', os.environ['NOTIFY_SOCKET'])\n\
+sys.exit(3)\n";
+    let mut d = Start::args(&[
+        "-w",
+        "2",
+        "-b",
+        "127.0.0.1:0",
+        "--",
+        "python3",
+        "-c",
+        worker,
+    ])
+    .run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
+    let log = d.log();
+    assert!(
+        log.contains("cannot boot: exited with status 3 before it reported ready"),
+        "{log}"
+    );
+}
+
+#[test]
+fn ready_spawn_still_counts_a_worker_ready_at_its_exec() {
+    let d = Start::args(&[
+        "-w",
+        "1",
+        "-b",
+        "127.0.0.1:0",
+        "--set",
+        "ready=spawn",
+        "--",
+        "python3",
+        "-c",
+        ANNOUNCING_WORKER,
+    ])
+    .run();
+    let log = d.wait_log("all 1 workers ready");
+    let line = log
+        .lines()
+        .find(|l| l.contains("all 1 workers ready "))
+        .unwrap();
+    let rest = &line[line.find("ready ").unwrap() + "ready ".len()..];
+    let t: f64 = rest.split(' ').next().unwrap().parse().unwrap();
+    assert!(
+        t < 2000.0,
+        "ready = spawn waited for READY=1 ({t} ms): {log}"
     );
 }

@@ -795,6 +795,9 @@ impl Supervisor {
                 return;
             };
             let slot = w.slot;
+            if !matches!(m, Message::Ready) && w.announced() {
+                debug!("worker {slot} (pid {pid}) speaks the notify protocol: ready at READY=1");
+            }
             match m {
                 Message::Ready
                     if matches!(w.state, State::Execing { .. } | State::Booting { .. }) =>
@@ -1020,13 +1023,17 @@ impl Supervisor {
     fn cannot_boot(&self, w: &Worker, now: Instant) -> Option<String> {
         let boot_timeout = w.gen.s.boot_timeout;
         match w.gen.s.ready {
-            Ready::Notify => {
+            Ready::Notify | Ready::Auto if w.held_to_ready() => {
                 (w.is_booting() && !self.booted()).then(|| "before it reported ready".to_string())
             }
-            Ready::Spawn => {
+            Ready::Notify => None,
+            Ready::Spawn | Ready::Auto => {
                 (w.generation() == 1 && !self.rollout.busy() && now - self.started < boot_timeout.0)
                     .then(|| {
-                        format!("within boot_timeout ({boot_timeout}) of start (ready = \"spawn\")")
+                        format!(
+                            "within boot_timeout ({boot_timeout}) of start (ready = \"{}\")",
+                            w.gen.s.ready.name()
+                        )
                     })
             }
         }
@@ -1058,12 +1065,25 @@ impl Supervisor {
         let mut wedged = Vec::new();
         let mut killed = 0;
         let mut actions = Vec::new();
+        let mut presumed_ready = Vec::new();
         for w in self.pool.workers.iter_mut() {
             if w.deadline().is_none_or(|d| d > now) {
                 continue;
             }
             let (slot, pid) = (w.slot, w.pid);
             match w.state {
+                State::Booting { .. } if w.silent_past(now) => {
+                    // ready = "auto": nothing said on the notify socket, so
+                    // a program that does not speak the protocol.
+                    w.become_ready(now);
+                    info!(
+                        "worker {slot} (pid {pid}) ready in {} (sent nothing to NOTIFY_SOCKET \
+                         within announce_timeout, {}: ready = \"auto\" counts it as spawned)",
+                        ms(now - w.started),
+                        w.gen.s.announce_timeout
+                    );
+                    presumed_ready.push(pid);
+                }
                 State::Execing { .. } | State::Booting { .. } => {
                     error!(
                         "worker {slot} (pid {pid}) did not report READY=1 within boot_timeout ({}); \
@@ -1110,6 +1130,9 @@ impl Supervisor {
             }
         }
         self.emit_all(actions);
+        for pid in presumed_ready {
+            self.on_ready(pid, now);
+        }
         if let Phase::ShuttingDown(sd) = &mut self.phase {
             sd.killed += killed;
         }

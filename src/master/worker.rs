@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 
 use super::action::Action;
 use super::generation::Generation;
+use crate::config::Ready;
 
 /// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +33,12 @@ pub enum State {
     /// Killed if still not ready at the boot deadline.
     Execing { deadline: Instant },
     /// Exec'd, no `READY=1` yet; killed if still booting at the deadline.
-    Booting { deadline: Instant },
+    /// With `ready = "auto"`, until it has said something on the notify
+    /// socket: counted as ready at `announce_by` if it still has not.
+    Booting {
+        deadline: Instant,
+        announce_by: Option<Instant>,
+    },
     /// Serving.
     Ready(Serving),
     /// Asked to stop; its process group is killed at the deadline.
@@ -167,12 +173,49 @@ impl Worker {
         let State::Execing { deadline } = self.state else {
             return false;
         };
-        if self.gen.s.ready == crate::config::Ready::Spawn {
-            self.become_ready(now);
-            true
-        } else {
-            self.state = State::Booting { deadline };
-            false
+        let announce_by = match self.gen.s.ready {
+            Ready::Spawn => {
+                self.become_ready(now);
+                return true;
+            }
+            Ready::Notify => None,
+            Ready::Auto => Some(now + self.gen.s.announce_timeout.0),
+        };
+        self.state = State::Booting {
+            deadline,
+            announce_by,
+        };
+        false
+    }
+
+    /// It said something on the notify socket: with `ready = "auto"`, it
+    /// speaks the protocol, so it is held to `READY=1` from now on.
+    pub fn announced(&mut self) -> bool {
+        match &mut self.state {
+            State::Booting { announce_by, .. } => announce_by.take().is_some(),
+            _ => false,
+        }
+    }
+
+    /// Whether it is booting silently past its `announce_timeout`
+    /// (`ready = "auto"`): a program that does not speak the protocol.
+    pub fn silent_past(&self, now: Instant) -> bool {
+        matches!(self.state, State::Booting { announce_by: Some(t), .. } if t <= now)
+    }
+
+    /// Whether it has ever been held to `READY=1` (not a silent worker under
+    /// `ready = "auto"`, nor `ready = "spawn"`).
+    pub fn held_to_ready(&self) -> bool {
+        match self.gen.s.ready {
+            Ready::Spawn => false,
+            Ready::Notify => true,
+            Ready::Auto => matches!(
+                self.state,
+                State::Booting {
+                    announce_by: None,
+                    ..
+                }
+            ),
         }
     }
 
@@ -304,9 +347,11 @@ impl Worker {
     /// The next instant at which the master must act on this worker.
     pub fn deadline(&self) -> Option<Instant> {
         match self.state {
-            State::Execing { deadline }
-            | State::Booting { deadline }
-            | State::Stopping { deadline, .. } => Some(deadline),
+            State::Execing { deadline } | State::Stopping { deadline, .. } => Some(deadline),
+            State::Booting {
+                deadline,
+                announce_by,
+            } => Some(announce_by.map_or(deadline, |a| a.min(deadline))),
             State::Ready(s) => {
                 let recycle = s.recycle_at.filter(|_| s.replace.is_none());
                 s.heartbeat.into_iter().chain(recycle).min()
@@ -319,7 +364,7 @@ impl Worker {
     pub fn extend(&mut self, until: Instant) {
         match &mut self.state {
             State::Execing { deadline: d }
-            | State::Booting { deadline: d }
+            | State::Booting { deadline: d, .. }
             | State::Ready(Serving {
                 heartbeat: Some(d), ..
             })
