@@ -1375,8 +1375,18 @@ mod tests {
 
     use crate::master::worker::Serving;
 
+    /// A generation of `extra` settings; `ready = "spawn"` unless `extra`
+    /// says otherwise, so that a confirmed exec is a ready worker.
     fn gen(number: u32, extra: &str) -> Generation {
-        for_test(number, &format!("command = [\"/bin/true\"]\n{extra}"))
+        let ready = if extra.contains("ready =") {
+            ""
+        } else {
+            "ready = \"spawn\"\n"
+        };
+        for_test(
+            number,
+            &format!("command = [\"/bin/true\"]\n{ready}{extra}"),
+        )
     }
 
     fn pid(n: i32) -> Pid {
@@ -1686,5 +1696,35 @@ mod tests {
         assert!(events.iter().any(|e| matches!(e,
             Kind::ReloadRolledBack { generation: 2, reason } if reason.contains("exited with status 2"))),
             "{events:?}");
+    }
+
+    #[test]
+    fn ready_auto_holds_an_announced_worker_to_ready_1_and_counts_a_silent_one_as_spawned() {
+        let now = Instant::now();
+        let mut sup = Supervisor::new(
+            Rc::new(gen(
+                1,
+                "workers = 2\nready = \"auto\"\nannounce_timeout = \"1s\"",
+            )),
+            now,
+        );
+        turn(&mut sup, 11, now);
+        assert_eq!(sup.pool.ready(), 0, "nobody is ready at its exec");
+        // Worker 11 announces itself; 12 says nothing.
+        let later = now + Duration::from_millis(100);
+        sup.on_notify(
+            pid(11),
+            vec![Message::Other("X_DROVER_WILL_NOTIFY=1".into())],
+            later,
+        );
+        let past = now + Duration::from_millis(1001);
+        turn(&mut sup, 20, past);
+        assert_eq!(sup.pool.ready(), 1, "the silent worker counts as ready");
+        assert!(sup.pool.get_mut(pid(12)).unwrap().is_ready());
+        assert!(!sup.pool.get_mut(pid(11)).unwrap().is_ready());
+        assert!(matches!(sup.phase, Phase::Starting));
+        sup.on_notify(pid(11), vec![Message::Ready], past);
+        assert_eq!(sup.pool.ready(), 2);
+        assert!(matches!(sup.phase, Phase::Running));
     }
 }
