@@ -192,7 +192,7 @@ settings! {
     /// How long the on_exit hook may run before it is killed.
     hook_timeout: Dur = Dur(Duration::from_secs(10));
     /// Variables added to the workers' environment.
-    env: BTreeMap<String, String> = BTreeMap::new();
+    env: EnvVars = EnvVars::default();
     /// Variables removed from the workers' environment.
     env_remove: Vec<String> = Vec::new();
     /// The admin endpoint (/livez, /readyz, /metrics): HOST:PORT or unix:PATH; none if unset.
@@ -293,7 +293,7 @@ impl Layer {
     /// Reads and parses a config file.
     pub fn read(path: &Path) -> Result<Layer, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_config_text(path).map_err(|source| ConfigError::Read {
             path: shown.clone(),
             source,
         })?;
@@ -789,6 +789,7 @@ toml_as! {
             toml_string(name)
         ),
     };
+    EnvVars => |m| m.0.toml()?;
     BTreeMap<String, String> => |m| format!(
         "{{ {} }}",
         m.iter()
@@ -808,6 +809,56 @@ impl<T: Toml> Toml for Vec<T> {
 impl<T: Toml> Toml for Option<T> {
     fn toml(&self) -> Option<String> {
         self.as_ref().and_then(Toml::toml)
+    }
+}
+
+/// The most a config file may hold: far more than any real one, little
+/// enough that a wrong path (a log, a disk image) is refused, not loaded.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A config file's text. Only a regular file is read: a FIFO or a device
+/// would block the master (a reload runs in its loop) or never end. The
+/// open itself does not block (`O_NONBLOCK`), and the check is made on the
+/// opened file, so the path cannot change in between.
+fn read_config_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(format!(
+            "not a regular file (a {}): expected a TOML file",
+            file_kind(&meta.file_type())
+        )));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{} bytes: a config file may have at most {MAX_CONFIG_BYTES} bytes",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
     }
 }
 
@@ -893,12 +944,106 @@ impl FromStr for Sig {
         } else {
             format!("SIG{upper}")
         };
-        Signal::from_str(&full).map(Sig).map_err(|_| {
+        let signal = Signal::from_str(&full).map_err(|_| {
             format!("unknown signal {s:?}: expected a name like \"SIGTERM\" or \"INT\"")
-        })
+        })?;
+        if !stops_gracefully(signal) {
+            return Err(format!(
+                "{} cannot be a stop signal: {}; expected one whose default action \
+                 ends the process and that it can catch, like \"SIGTERM\" or \"SIGINT\"",
+                signal.as_str(),
+                match signal {
+                    Signal::SIGKILL => "it cannot be caught, so no worker could stop gracefully",
+                    Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU =>
+                        "by default it suspends the process instead of ending it",
+                    _ => "by default it is ignored",
+                }
+            ));
+        }
+        Ok(Sig(signal))
     }
 }
+
+/// Whether a worker that does not handle `signal` is ended by it, and one
+/// that does can: a stop signal that suspends or is ignored by default
+/// would leave the worker running until its deadline, and SIGKILL leaves
+/// no graceful stop at all.
+fn stops_gracefully(signal: Signal) -> bool {
+    !matches!(
+        signal,
+        Signal::SIGKILL
+            | Signal::SIGSTOP
+            | Signal::SIGTSTP
+            | Signal::SIGTTIN
+            | Signal::SIGTTOU
+            | Signal::SIGCHLD
+            | Signal::SIGCONT
+            | Signal::SIGURG
+            | Signal::SIGWINCH
+    )
+}
 from_str_setting!(Sig, "a signal name like \"SIGTERM\"");
+
+/// The `env` table: names a process environment can hold (not empty, no
+/// `=`, no NUL) and values without NUL, which `execve` would cut short.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvVars(pub BTreeMap<String, String>);
+
+impl<'a> IntoIterator for &'a EnvVars {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// A checked `env` name (its error carries the name's position).
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct EnvName(String);
+
+impl<'de> Deserialize<'de> for EnvName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        if name.is_empty() {
+            return Err(de::Error::custom(
+                "`env`: a variable name is empty: expected a name like \"APP_MODE\"",
+            ));
+        }
+        if let Some(c) = name.chars().find(|c| *c == '=' || *c == '\0') {
+            return Err(de::Error::custom(format!(
+                "`env`: the variable name {name:?} contains {c:?}, which no environment \
+                 variable name can hold"
+            )));
+        }
+        Ok(EnvName(name))
+    }
+}
+
+/// A checked `env` value.
+struct EnvValue(String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = String::deserialize(d)?;
+        if value.contains('\0') {
+            return Err(de::Error::custom(format!(
+                "`env`: the value {value:?} contains a NUL character, which would cut it short"
+            )));
+        }
+        Ok(EnvValue(value))
+    }
+}
+
+impl<'de> Deserialize<'de> for EnvVars {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<EnvName, EnvValue>::deserialize(d)?;
+        Ok(EnvVars(
+            map.into_iter()
+                .map(|(k, v)| (k.0, v.0))
+                .collect(),
+        ))
+    }
+}
 
 /// Unix permission bits written in octal, like `"0660"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1614,6 +1759,52 @@ mod tests {
                 .collect()
         };
         assert_eq!(values(&source), values(&again), "{printed}");
+    }
+
+    #[test]
+    fn stop_signals_must_end_a_worker_that_can_catch_them() {
+        for bad in ["SIGSTOP", "KILL", "SIGCHLD", "TSTP", "SIGTTIN", "SIGTTOU", "CONT", "URG", "WINCH"] {
+            let e = err(&format!("\nstop_signal = \"{bad}\""));
+            assert!(e.starts_with("c.toml:2:15: SIG"), "{bad}: {e}");
+            assert!(e.contains("cannot be a stop signal"), "{bad}: {e}");
+        }
+        for good in ["SIGTERM", "INT", "SIGQUIT", "HUP", "USR1", "SIGUSR2", "ALRM", "PWR"] {
+            Layer::parse("c", &format!("stop_signal = \"{good}\"")).unwrap();
+        }
+    }
+
+    #[test]
+    fn env_names_and_values_must_fit_an_environment() {
+        for (text, at, why) in [
+            ("env = { \"\" = \"x\" }", "c.toml:2:", "a variable name is empty"),
+            ("env = { \"A=B\" = \"x\" }", "c.toml:2:", "contains '='"),
+            ("[env]\nOK = \"1\"\n\"A=B\" = \"x\"", "c.toml:4:", "contains '='"),
+            ("env = { A = \"x\\u0000y\" }", "c.toml:2:", "contains a NUL"),
+            ("env = { \"A\\u0000\" = \"x\" }", "c.toml:2:", "contains '\\0'"),
+        ] {
+            let e = err(&format!("\n{text}"));
+            assert!(e.starts_with(at) && e.contains(why), "{text}: {e}");
+        }
+        let l = Layer::parse("c", "[env]\nA = \"1\"\nB = \"\"").unwrap();
+        assert_eq!(l.env.unwrap().value.0.len(), 2);
+    }
+
+    #[test]
+    fn only_a_regular_file_is_read_as_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // On the old code this blocked for good: no writer ever opens the FIFO.
+        let e = Layer::read(&fifo).unwrap_err().to_string();
+        assert!(e.ends_with("fifo.toml: cannot read: not a regular file (a FIFO): expected a TOML file"), "{e}");
+        let e = Layer::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file (a directory)"), "{e}");
+        let e = Layer::read(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("(a character device)"), "{e}");
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, "#".repeat(MAX_CONFIG_BYTES as usize + 1)).unwrap();
+        let e = Layer::read(&big).unwrap_err().to_string();
+        assert!(e.contains("at most 1048576 bytes"), "{e}");
     }
 
     #[test]
