@@ -1037,11 +1037,7 @@ impl<'de> Deserialize<'de> for EnvValue {
 impl<'de> Deserialize<'de> for EnvVars {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let map = BTreeMap::<EnvName, EnvValue>::deserialize(d)?;
-        Ok(EnvVars(
-            map.into_iter()
-                .map(|(k, v)| (k.0, v.0))
-                .collect(),
-        ))
+        Ok(EnvVars(map.into_iter().map(|(k, v)| (k.0, v.0)).collect()))
     }
 }
 
@@ -1763,12 +1759,16 @@ mod tests {
 
     #[test]
     fn stop_signals_must_end_a_worker_that_can_catch_them() {
-        for bad in ["SIGSTOP", "KILL", "SIGCHLD", "TSTP", "SIGTTIN", "SIGTTOU", "CONT", "URG", "WINCH"] {
+        for bad in [
+            "SIGSTOP", "KILL", "SIGCHLD", "TSTP", "SIGTTIN", "SIGTTOU", "CONT", "URG", "WINCH",
+        ] {
             let e = err(&format!("\nstop_signal = \"{bad}\""));
             assert!(e.starts_with("c.toml:2:15: SIG"), "{bad}: {e}");
             assert!(e.contains("cannot be a stop signal"), "{bad}: {e}");
         }
-        for good in ["SIGTERM", "INT", "SIGQUIT", "HUP", "USR1", "SIGUSR2", "ALRM", "PWR"] {
+        for good in [
+            "SIGTERM", "INT", "SIGQUIT", "HUP", "USR1", "SIGUSR2", "ALRM", "PWR",
+        ] {
             Layer::parse("c", &format!("stop_signal = \"{good}\"")).unwrap();
         }
     }
@@ -1776,11 +1776,23 @@ mod tests {
     #[test]
     fn env_names_and_values_must_fit_an_environment() {
         for (text, at, why) in [
-            ("env = { \"\" = \"x\" }", "c.toml:2:", "a variable name is empty"),
+            (
+                "env = { \"\" = \"x\" }",
+                "c.toml:2:",
+                "a variable name is empty",
+            ),
             ("env = { \"A=B\" = \"x\" }", "c.toml:2:", "contains '='"),
-            ("[env]\nOK = \"1\"\n\"A=B\" = \"x\"", "c.toml:4:", "contains '='"),
+            (
+                "[env]\nOK = \"1\"\n\"A=B\" = \"x\"",
+                "c.toml:4:",
+                "contains '='",
+            ),
             ("env = { A = \"x\\u0000y\" }", "c.toml:2:", "contains a NUL"),
-            ("env = { \"A\\u0000\" = \"x\" }", "c.toml:2:", "contains '\\0'"),
+            (
+                "env = { \"A\\u0000\" = \"x\" }",
+                "c.toml:2:",
+                "contains '\\0'",
+            ),
         ] {
             let e = err(&format!("\n{text}"));
             assert!(e.starts_with(at) && e.contains(why), "{text}: {e}");
@@ -1796,7 +1808,12 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         // On the old code this blocked for good: no writer ever opens the FIFO.
         let e = Layer::read(&fifo).unwrap_err().to_string();
-        assert!(e.ends_with("fifo.toml: cannot read: not a regular file (a FIFO): expected a TOML file"), "{e}");
+        assert!(
+            e.ends_with(
+                "fifo.toml: cannot read: not a regular file (a FIFO): expected a TOML file"
+            ),
+            "{e}"
+        );
         let e = Layer::read(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a regular file (a directory)"), "{e}");
         let e = Layer::read(Path::new("/dev/zero")).unwrap_err().to_string();

@@ -9,12 +9,15 @@
 //! `status`).
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
 
 use nix::poll::{PollFd, PollFlags};
 use serde::{Deserialize, Serialize};
@@ -64,23 +67,107 @@ pub fn failure(message: &str) -> Answer {
     }
 }
 
+impl Command {
+    /// The fields each command takes besides `command`.
+    fn fields(name: &str) -> Option<&'static [&'static str]> {
+        Some(match name {
+            "status" | "reload" | "upgrade" | "ready" | "events" => &[],
+            "scale" => &["workers"],
+            "stop" => &["quick"],
+            _ => return None,
+        })
+    }
+
+    /// Parses one request line strictly: a field the command does not take
+    /// is an error for every command (`{"command":"reload","dry_run":true}`
+    /// must not reload), as is an unknown command or a missing field.
+    pub fn parse(line: &[u8]) -> Result<Command, String> {
+        let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        let Some(object) = value.as_object() else {
+            return Err("expected a JSON object like {\"command\": \"status\"}".into());
+        };
+        let name = match object.get("command") {
+            Some(serde_json::Value::String(name)) => name.as_str(),
+            Some(_) => return Err("`command` must be a string".into()),
+            None => return Err("missing field `command`".into()),
+        };
+        let Some(fields) = Command::fields(name) else {
+            return Err(format!(
+                "unknown command {name:?}: expected status, reload, scale, stop, upgrade, \
+                 ready or events"
+            ));
+        };
+        if let Some(extra) = object
+            .keys()
+            .find(|k| *k != "command" && !fields.contains(&k.as_str()))
+        {
+            let expected = match fields {
+                [] => "it takes no other field".to_string(),
+                f => format!(
+                    "it takes {}",
+                    f.iter()
+                        .map(|f| format!("`{f}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            return Err(format!(
+                "unknown field `{extra}` for command \"{name}\": {expected}"
+            ));
+        }
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+}
+
 /// Identifies a connected client until it is answered.
 pub type ClientId = u64;
+
+/// The longest request line: a request is a few dozen bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// The most clients connected at once; one more is told so and closed.
+pub const MAX_CLIENTS: usize = 64;
+/// How long a client may take to send its request, and to take each part
+/// of its answer, before it is dropped. A client waiting for a verdict (a
+/// reload, an upgrade) has no limit: the master answers it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Phase {
+    /// Reading the request line.
+    Asking,
+    /// A complete request was read: waiting for the master's answer.
+    Waiting,
+    /// Sending the answer: `sent` bytes of `out` are gone.
+    Answering { out: Vec<u8>, sent: usize },
+}
 
 struct Client {
     stream: UnixStream,
     buf: Vec<u8>,
-    /// A complete request was read: waiting for the master's answer.
-    asked: bool,
+    phase: Phase,
+    /// When it is dropped unless it makes progress (not while `Waiting`).
+    deadline: Instant,
 }
 
 /// The master's end.
+///
+/// Nothing here blocks: requests are read and answers written as the
+/// sockets allow, each client with its own buffer and deadline. A timer
+/// descriptor among `poll_fds` wakes the loop for the nearest deadline.
 pub struct ControlSocket {
     /// `None` while a new master (upgrade) holds the path.
     listener: Option<UnixListener>,
     path: PathBuf,
     clients: HashMap<ClientId, Client>,
     next_id: ClientId,
+    /// A descriptor kept open to be given up when `accept` fails for want
+    /// of descriptors: the pending client is then taken, told why and
+    /// closed, instead of waking the loop again and again.
+    spare: Option<File>,
+    timer: OwnedFd,
+    /// What the timer is set to.
+    armed: Option<Instant>,
+    /// Clients refused or dropped, for the log (one line per power of two).
+    refused: u64,
 }
 
 impl ControlSocket {
@@ -100,6 +187,10 @@ impl ControlSocket {
             path: path.to_path_buf(),
             clients: HashMap::new(),
             next_id: 0,
+            spare: File::open("/dev/null").ok(),
+            timer: timerfd()?,
+            armed: None,
+            refused: 0,
         })
     }
 
@@ -116,76 +207,81 @@ impl ControlSocket {
         self.listener = fresh.listener.take();
     }
 
-    /// What to wait on: the listener and the clients still sending.
+    /// What to wait on: the listener (unless the clients are at their cap),
+    /// the clients still sending (readable) or being answered (writable),
+    /// and the timer of the nearest client deadline.
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
-        let clients = self
-            .clients
-            .values()
-            .filter(|c| !c.asked)
-            .map(|c| c.stream.as_fd());
-        self.listener
+        let listener = self
+            .listener
             .iter()
-            .map(|l| l.as_fd())
-            .chain(clients)
-            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
-            .collect()
+            .filter(|_| self.clients.len() < MAX_CLIENTS)
+            .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        let clients = self.clients.values().filter_map(|c| match c.phase {
+            Phase::Asking => Some(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
+            Phase::Answering { .. } => Some(PollFd::new(c.stream.as_fd(), PollFlags::POLLOUT)),
+            Phase::Waiting => None,
+        });
+        let timer = self
+            .armed
+            .map(|_| PollFd::new(self.timer.as_fd(), PollFlags::POLLIN));
+        listener.chain(clients).chain(timer).collect()
     }
 
-    /// Accepts new clients and returns every complete request. A malformed
-    /// request is answered at once.
+    /// Accepts new clients, sends what answers the sockets take, drops the
+    /// clients past their deadline, and returns every complete request. A
+    /// malformed request is answered at once.
     pub fn read_requests(&mut self) -> Vec<(ClientId, Command)> {
-        while let Some(Ok((stream, _))) = self.listener.as_ref().map(|l| l.accept()) {
-            if stream.set_nonblocking(true).is_ok() {
-                self.clients.insert(
-                    self.next_id,
-                    Client {
-                        stream,
-                        buf: Vec::new(),
-                        asked: false,
-                    },
-                );
-                self.next_id += 1;
-            }
-        }
+        let now = Instant::now();
+        self.accept(now);
         let mut requests = Vec::new();
         let mut bad = Vec::new();
         let mut gone = Vec::new();
-        for (&id, c) in self.clients.iter_mut().filter(|(_, c)| !c.asked) {
-            let mut chunk = [0u8; 1024];
-            loop {
-                match c.stream.read(&mut chunk) {
-                    Ok(0) => {
+        for (&id, c) in self.clients.iter_mut() {
+            match &c.phase {
+                Phase::Asking => match read_line(c) {
+                    Ok(None) if c.deadline <= now => {
+                        debug!("control client {id}: no request in {IDLE_TIMEOUT:?}: dropped");
                         gone.push(id);
-                        break;
                     }
-                    Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                    Ok(None) => {}
+                    Ok(Some(Ok(cmd))) => {
+                        c.phase = Phase::Waiting;
+                        requests.push((id, cmd));
+                    }
+                    Ok(Some(Err(why))) => {
+                        c.phase = Phase::Waiting;
+                        bad.push((id, format!("bad request: {why}")));
+                    }
+                    Err(_) => gone.push(id),
+                },
+                Phase::Answering { .. } => match send(c, now) {
+                    Ok(true) => gone.push(id),
+                    Ok(false) if c.deadline <= now => {
+                        if let Phase::Answering { out, sent } = &c.phase {
+                            warn!(
+                                "control client {id} did not read its answer for {IDLE_TIMEOUT:?}: \
+                                 closed after {sent} of {} bytes",
+                                out.len()
+                            );
+                        }
                         gone.push(id);
-                        break;
                     }
-                }
-            }
-            if let Some(end) = c.buf.iter().position(|b| *b == b'\n') {
-                c.asked = true;
-                match serde_json::from_slice::<Command>(&c.buf[..end]) {
-                    Ok(cmd) => requests.push((id, cmd)),
-                    Err(e) => bad.push((id, format!("bad request: {e}"))),
-                }
-            } else if c.buf.len() > 64 * 1024 {
-                c.asked = true;
-                bad.push((id, "bad request: no newline in 64 KiB".into()));
+                    Ok(false) => {}
+                    Err(e) => {
+                        debug!("control client {id} left before its whole answer: {e}");
+                        gone.push(id);
+                    }
+                },
+                Phase::Waiting => {}
             }
         }
         for id in gone {
-            if self.clients.get(&id).is_some_and(|c| !c.asked) {
-                self.clients.remove(&id);
-            }
+            self.clients.remove(&id);
         }
         for (id, why) in bad {
             self.reply(id, &failure(&why));
         }
+        self.arm();
         requests
     }
 
@@ -195,24 +291,214 @@ impl ControlSocket {
         self.clients.remove(&id).map(|c| c.stream)
     }
 
-    /// Sends the answer and closes the connection.
+    /// Queues the answer and sends what the socket takes now; the rest goes
+    /// out from the loop as the client reads. The connection is closed once
+    /// the answer is sent.
     pub fn reply(&mut self, id: ClientId, answer: &Answer) {
-        let Some(c) = self.clients.remove(&id) else {
+        let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        let mut line = serde_json::to_vec(answer).unwrap_or_default();
+        let mut out = serde_json::to_vec(answer).unwrap_or_default();
+        out.push(b'\n');
+        let now = Instant::now();
+        c.phase = Phase::Answering { out, sent: 0 };
+        c.deadline = now + IDLE_TIMEOUT;
+        if !matches!(send(c, now), Ok(false)) {
+            self.clients.remove(&id);
+        }
+        self.arm();
+    }
+
+    /// Takes every pending connection. Past the client cap, or out of
+    /// descriptors, a client is told why and closed at once.
+    fn accept(&mut self, now: Instant) {
+        while let Some(listener) = &self.listener {
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Give up the spare descriptor for this client, then take it back.
+                    let Some(spare) = self.spare.take() else {
+                        return;
+                    };
+                    drop(spare);
+                    let taken = listener.accept();
+                    self.spare = File::open("/dev/null").ok();
+                    match taken {
+                        Ok((stream, _)) => {
+                            self.refuse(stream, "drover is out of file descriptors");
+                            continue;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if self.clients.len() >= MAX_CLIENTS {
+                self.refuse(
+                    stream,
+                    &format!("too many control clients ({MAX_CLIENTS}): try again"),
+                );
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            self.clients.insert(
+                self.next_id,
+                Client {
+                    stream,
+                    buf: Vec::new(),
+                    phase: Phase::Asking,
+                    deadline: now + IDLE_TIMEOUT,
+                },
+            );
+            self.next_id += 1;
+        }
+    }
+
+    /// Tells a client it cannot be served (as far as its socket takes it
+    /// without waiting) and closes it.
+    fn refuse(&mut self, stream: UnixStream, why: &str) {
+        self.refused += 1;
+        if self.refused.is_power_of_two() {
+            warn!(
+                "control socket: {why}: client refused ({} so far)",
+                self.refused
+            );
+        }
+        let _ = stream.set_nonblocking(true);
+        let mut line = serde_json::to_vec(&failure(why)).unwrap_or_default();
         line.push(b'\n');
-        // Answers are small; a client that does not read them loses them
-        // rather than blocking the master for long.
-        let _ = c.stream.set_nonblocking(false);
-        let _ = c.stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ = (&c.stream).write_all(&line);
+        let _ = (&stream).write(&line);
+    }
+
+    /// Sets the timer to the nearest deadline of a client not waiting for
+    /// the master.
+    fn arm(&mut self) {
+        let next = self
+            .clients
+            .values()
+            .filter(|c| !matches!(c.phase, Phase::Waiting))
+            .map(|c| c.deadline)
+            .min();
+        if next == self.armed {
+            return;
+        }
+        self.armed = next;
+        // Round up to the millisecond, and never 0 (which would disarm it).
+        let after = next.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: a timer descriptor we own, and a valid itimerspec.
+        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        // Whatever expiry was pending is stale now.
+        let mut ticks = [0u8; 8];
+        let _ = nix::unistd::read(&self.timer, &mut ticks);
     }
 }
 
+/// Reads what the client sent, up to the request cap: `Some` once a line is
+/// complete (or the cap is passed), `None` while more is to come.
+fn read_line(c: &mut Client) -> io::Result<Option<Result<Command, String>>> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = c.buf.iter().position(|b| *b == b'\n') {
+            return Ok(Some(Command::parse(&c.buf[..end])));
+        }
+        if c.buf.len() > MAX_REQUEST {
+            return Ok(Some(Err(format!(
+                "no newline in the first {MAX_REQUEST} bytes"
+            ))));
+        }
+        // Never more than one byte past the cap is kept.
+        let room = (MAX_REQUEST + 1 - c.buf.len()).min(chunk.len());
+        match c.stream.read(&mut chunk[..room]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends what the socket takes of the answer: true once all of it is sent.
+/// Progress moves the client's deadline.
+fn send(c: &mut Client, now: Instant) -> io::Result<bool> {
+    let Phase::Answering { out, sent } = &mut c.phase else {
+        return Ok(false);
+    };
+    while *sent < out.len() {
+        match (&c.stream).write(&out[*sent..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                *sent += n;
+                c.deadline = now + IDLE_TIMEOUT;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn timerfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the descriptor is ours on success.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl Drop for ControlSocket {
+    /// Answers already given are sent out if the clients take them within
+    /// a short bound (at shutdown, the answer to `stop` itself); the rest
+    /// is said in the log, not lost silently.
     fn drop(&mut self) {
         self.close_listener();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            let now = Instant::now();
+            self.clients.retain(|_, c| {
+                matches!(c.phase, Phase::Answering { .. }) && matches!(send(c, now), Ok(false))
+            });
+            if self.clients.is_empty() || now >= deadline {
+                break;
+            }
+            let mut fds: Vec<PollFd> = self
+                .clients
+                .values()
+                .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLOUT))
+                .collect();
+            let left = deadline.saturating_duration_since(now).as_millis() as u16;
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(left.max(1)));
+        }
+        if !self.clients.is_empty() {
+            warn!(
+                "control socket closed with {} answer(s) not fully read by their clients",
+                self.clients.len()
+            );
+        }
     }
 }
 
@@ -308,11 +594,42 @@ mod tests {
 
     #[test]
     fn requests_parse_strictly() {
-        let c: Command = serde_json::from_str(r#"{"command":"scale","workers":3}"#).unwrap();
+        let c = Command::parse(br#"{"command":"scale","workers":3}"#).unwrap();
         assert_eq!(c, Command::Scale { workers: 3 });
-        let c: Command = serde_json::from_str(r#"{"command":"stop"}"#).unwrap();
+        let c = Command::parse(br#"{"command":"stop"}"#).unwrap();
         assert_eq!(c, Command::Stop { quick: false });
-        assert!(serde_json::from_str::<Command>(r#"{"command":"explode"}"#).is_err());
-        assert!(serde_json::from_str::<Command>(r#"{"command":"scale"}"#).is_err());
+        assert_eq!(
+            Command::parse(br#"{"command":"status"}"#),
+            Ok(Command::Status)
+        );
+        for (line, why) in [
+            (r#"{"command":"explode"}"#, "unknown command \"explode\""),
+            (r#"{"command":"scale"}"#, "missing field `workers`"),
+            // Ignored before: this one reloaded for real.
+            (
+                r#"{"command":"reload","dry_run":true}"#,
+                "unknown field `dry_run` for command \"reload\": it takes no other field",
+            ),
+            (
+                r#"{"command":"status","verbose":1}"#,
+                "unknown field `verbose`",
+            ),
+            (r#"{"command":"upgrade","x":null}"#, "unknown field `x`"),
+            (
+                r#"{"command":"stop","quick":true,"now":true}"#,
+                "unknown field `now` for command \"stop\": it takes `quick`",
+            ),
+            (
+                r#"{"command":"scale","workers":2,"quick":true}"#,
+                "unknown field `quick`",
+            ),
+            (r#"["status"]"#, "expected a JSON object"),
+            (r#"{"command":7}"#, "`command` must be a string"),
+            (r#"{"workers":7}"#, "missing field `command`"),
+            (r#"{"command":"scale","workers":-1}"#, "invalid value"),
+        ] {
+            let e = Command::parse(line.as_bytes()).unwrap_err();
+            assert!(e.contains(why), "{line}: {e}");
+        }
     }
 }

@@ -27,6 +27,15 @@ pub enum Message {
     Other(String),
 }
 
+/// The largest datagram drover reads, as systemd does. A longer one is
+/// refused whole, with a warning: reading part of it would silently lose
+/// the lines after the cut (a `READY=1` after a long `STATUS=`).
+pub const MAX_DATAGRAM: usize = 4096;
+
+/// The most of a `STATUS=` text drover keeps (and logs); the rest is
+/// replaced by a note of how much was dropped.
+pub const MAX_STATUS: usize = 256;
+
 /// Parses one datagram: newline-separated `KEY=VALUE` assignments.
 pub fn parse(datagram: &[u8]) -> Vec<Message> {
     String::from_utf8_lossy(datagram)
@@ -37,14 +46,32 @@ pub fn parse(datagram: &[u8]) -> Vec<Message> {
             Some(("STOPPING", "1")) => Message::Stopping,
             Some(("RELOADING", "1")) => Message::Reloading,
             Some(("WATCHDOG", "1")) => Message::Watchdog,
-            Some(("STATUS", text)) => Message::Status(text.to_string()),
+            Some(("STATUS", text)) => Message::Status(loggable(text, MAX_STATUS)),
             Some(("EXTEND_TIMEOUT_USEC", n)) => match n.parse() {
                 Ok(us) => Message::ExtendTimeout(Duration::from_micros(us)),
-                Err(_) => Message::Other(line.to_string()),
+                Err(_) => Message::Other(loggable(line, MAX_STATUS)),
             },
-            _ => Message::Other(line.to_string()),
+            _ => Message::Other(loggable(line, MAX_STATUS)),
         })
         .collect()
+}
+
+/// `text` made safe for a log line: control characters (a terminal escape,
+/// a carriage return) replaced, and cut at `max` bytes with a note of what
+/// was dropped.
+pub fn loggable(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out: String = text[..end]
+        .chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if end < text.len() {
+        out.push_str(&format!("... ({} more bytes dropped)", text.len() - end));
+    }
+    out
 }
 
 /// The master's end: a bound socket in a 0700 directory removed on drop.
@@ -52,6 +79,8 @@ pub struct NotifySocket {
     sock: UnixDatagram,
     path: PathBuf,
     _dir: tempfile::TempDir,
+    /// Datagrams refused for their size.
+    oversized: std::cell::Cell<u64>,
 }
 
 impl NotifySocket {
@@ -79,6 +108,7 @@ impl NotifySocket {
             sock,
             path,
             _dir: dir,
+            oversized: Default::default(),
         })
     }
 
@@ -94,14 +124,17 @@ impl NotifySocket {
     }
 
     /// The next datagram and its sender's pid, or `None` when there is none.
+    /// A datagram over [`MAX_DATAGRAM`] bytes yields no message and a warning.
     pub fn recv(&self) -> Option<(Pid, Vec<Message>)> {
         loop {
-            // systemd accepts notify datagrams of up to 4 KiB of text, more
-            // with file descriptors; STATUS lines stay far below this.
-            let mut buf = [0u8; 16384];
+            let mut buf = [0u8; MAX_DATAGRAM];
             let mut iov = [IoSliceMut::new(&mut buf)];
+            // Room for the credentials only: descriptors sent along
+            // (FDSTORE=1) do not fit, and the kernel closes them
+            // (MSG_CTRUNC), so a sender cannot use up our descriptors.
             let mut cmsg = nix::cmsg_space!(UnixCredentials);
-            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+            // MSG_TRUNC: the datagram's real length, even when cut.
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_TRUNC;
             let (bytes, pid) =
                 match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
                     Ok(msg) => {
@@ -109,7 +142,6 @@ impl NotifySocket {
                         for c in msg.cmsgs().into_iter().flatten() {
                             match c {
                                 ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
-                                // Descriptors (FDSTORE=1) are not kept: close them.
                                 ControlMessageOwned::ScmRights(fds) => {
                                     fds.into_iter().for_each(|fd| {
                                         // SAFETY: the kernel just gave us these descriptors.
@@ -125,7 +157,25 @@ impl NotifySocket {
                     Err(_) => return None,
                 };
             let Some(pid) = pid else { continue };
-            return Some((Pid::from_raw(pid), parse(&buf[..bytes])));
+            let pid = Pid::from_raw(pid);
+            if bytes > MAX_DATAGRAM {
+                self.oversized(pid, bytes);
+                return Some((pid, Vec::new()));
+            }
+            return Some((pid, parse(&buf[..bytes])));
+        }
+    }
+
+    /// Says that a datagram was refused, for the first few and then for
+    /// every power of two, so that a flood does not flood the log.
+    fn oversized(&self, pid: Pid, bytes: usize) {
+        let n = self.oversized.get() + 1;
+        self.oversized.set(n);
+        if n <= 8 || n.is_power_of_two() {
+            tracing::warn!(
+                "notify datagram of {bytes} bytes from pid {pid} ignored whole: \
+                 over the {MAX_DATAGRAM}-byte limit ({n} so far)"
+            );
         }
     }
 }
@@ -185,6 +235,34 @@ mod tests {
         assert_eq!(pid.as_raw() as u32, std::process::id());
         assert_eq!(msgs, vec![Message::Ready, Message::Status("hi".into())]);
         assert!(n.recv().is_none());
+    }
+
+    #[test]
+    fn an_oversized_datagram_is_refused_whole_and_the_next_is_read() {
+        let n = NotifySocket::open(None).unwrap();
+        let c = UnixDatagram::unbound().unwrap();
+        // The old code read 16384 bytes of this and lost its READY=1 silently.
+        let long = format!("STATUS={}\nREADY=1", "x".repeat(20_000));
+        c.send_to(long.as_bytes(), n.path()).unwrap();
+        let fits = format!("STATUS={}\nREADY=1", "y".repeat(MAX_DATAGRAM - 16));
+        c.send_to(fits.as_bytes(), n.path()).unwrap();
+        assert_eq!(n.recv().unwrap().1, vec![]);
+        let msgs = n.recv().unwrap().1;
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert_eq!(msgs[1], Message::Ready);
+        assert!(n.recv().is_none());
+    }
+
+    #[test]
+    fn status_text_is_cut_and_cleaned_for_the_log() {
+        let m = parse(format!("STATUS={}", "é".repeat(300)).as_bytes());
+        let Message::Status(text) = &m[0] else {
+            panic!("{m:?}")
+        };
+        assert!(text.len() <= MAX_STATUS + 40, "{}", text.len());
+        assert!(text.ends_with("... (344 more bytes dropped)"), "{text}");
+        let m = parse(b"STATUS=a\x1b[2Jb\rc");
+        assert_eq!(m, vec![Message::Status("a\u{fffd}[2Jb\u{fffd}c".into())]);
     }
 
     #[test]
