@@ -358,14 +358,14 @@ pub fn main() -> ExitCode {
         .with_max_level(level);
     match (&log, settings.log_format) {
         (Some(file), LogFormat::Text) => fmt.with_writer(file.clone()).init(),
-        (None, LogFormat::Text) => fmt.with_writer(std::io::stderr).init(),
+        (None, LogFormat::Text) => fmt.with_writer(crate::logfile::Stderr::open()).init(),
         (Some(file), LogFormat::Json) => fmt
             .event_format(JsonLines::install())
             .with_writer(file.clone())
             .init(),
         (None, LogFormat::Json) => fmt
             .event_format(JsonLines::install())
-            .with_writer(std::io::stderr)
+            .with_writer(crate::logfile::Stderr::open())
             .init(),
     }
     let first = Loaded {

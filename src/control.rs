@@ -207,14 +207,13 @@ impl ControlSocket {
         self.listener = fresh.listener.take();
     }
 
-    /// What to wait on: the listener (unless the clients are at their cap),
-    /// the clients still sending (readable) or being answered (writable),
+    /// What to wait on: the listener, the clients still sending (readable) or being answered (writable),
     /// and the timer of the nearest client deadline.
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
+        // Past the cap too: a client over it is told so at once.
         let listener = self
             .listener
             .iter()
-            .filter(|_| self.clients.len() < MAX_CLIENTS)
             .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN));
         let clients = self.clients.values().filter_map(|c| match c.phase {
             Phase::Asking => Some(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
@@ -232,6 +231,10 @@ impl ControlSocket {
     /// malformed request is answered at once.
     pub fn read_requests(&mut self) -> Vec<(ClientId, Command)> {
         let now = Instant::now();
+        if self.armed.is_some_and(|t| t <= now) {
+            // The timer went off: set it afresh below.
+            self.armed = None;
+        }
         self.accept(now);
         let mut requests = Vec::new();
         let mut bad = Vec::new();
@@ -321,15 +324,22 @@ impl ControlSocket {
                         return;
                     };
                     drop(spare);
+                    // (accept fails with EMFILE before it looks for a
+                    // client: there may be none.)
                     let taken = listener.accept();
-                    self.spare = File::open("/dev/null").ok();
-                    match taken {
+                    let refused = match taken {
                         Ok((stream, _)) => {
+                            // Closed before the spare is taken back.
                             self.refuse(stream, "drover is out of file descriptors");
-                            continue;
+                            true
                         }
-                        Err(_) => return,
+                        Err(_) => false,
+                    };
+                    self.spare = File::open("/dev/null").ok();
+                    if refused && self.spare.is_some() {
+                        continue;
                     }
+                    return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
@@ -371,6 +381,7 @@ impl ControlSocket {
         let mut line = serde_json::to_vec(&failure(why)).unwrap_or_default();
         line.push(b'\n');
         let _ = (&stream).write(&line);
+        discard_input(&stream);
     }
 
     /// Sets the timer to the nearest deadline of a client not waiting for
@@ -430,6 +441,21 @@ fn read_line(c: &mut Client) -> io::Result<Option<Result<Command, String>>> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads and drops what the client already sent (up to the request cap):
+/// closing a Unix socket with unread input resets it, and its client would
+/// get an error instead of the end of the answer.
+fn discard_input(mut stream: &UnixStream) {
+    let mut chunk = [0u8; 4096];
+    let mut left = MAX_REQUEST;
+    while left > 0 {
+        match stream.read(&mut chunk) {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => return,
         }
     }
 }

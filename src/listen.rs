@@ -54,6 +54,88 @@ const DROP_SYNS: [socket2::SockFilter; 4] = [
 /// BPF for any other listener: drop everything.
 const DROP_ALL: [socket2::SockFilter; 1] = [socket2::SockFilter::new(0x06, 0, 0, 0)];
 
+/// Says at start-up, once, when stage 1 will not be able to attach its
+/// filter to a TCP socket: on kernels that require `CAP_NET_ADMIN` for it,
+/// in a master that will not have it then (it has none now, or it gives up
+/// root with `master_as_user`). See docs/signals.md.
+fn warn_if_stage_one_is_unprivileged(s: &Settings) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let switching = s.master_as_user && s.user.is_some();
+        if (switching || !has_net_admin()) && filter_needs_net_admin() {
+            tracing::warn!(
+                "this kernel lets only CAP_NET_ADMIN attach a socket filter to a TCP socket, \
+                 and drover will not have it at shutdown: stage 1 will cut the listen backlog \
+                 to its minimum instead of refusing new connections, and one at a time can \
+                 still get in (docs/signals.md, \"Stage 1 without privileges\")"
+            );
+        }
+    });
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+
+/// The capability header and sets of capget(2)/capset(2), version 3.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn capabilities() -> Option<[CapData; 2]> {
+    let mut head = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget with a valid header and room for two sets (version 3).
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut head, data.as_mut_ptr()) };
+    (r == 0).then_some(data)
+}
+
+fn set_capabilities(data: &[CapData; 2]) -> bool {
+    let mut head = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    // SAFETY: capset of this thread with a valid header and two sets.
+    unsafe { libc::syscall(libc::SYS_capset, &mut head, data.as_ptr()) == 0 }
+}
+
+fn has_net_admin() -> bool {
+    capabilities().is_some_and(|c| c[0].effective & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// Whether attaching a filter to a TCP socket fails without
+/// `CAP_NET_ADMIN`: tried on a throwaway socket, with the capability taken
+/// out of the effective set for the moment if we have it.
+fn filter_needs_net_admin() -> bool {
+    let Some(caps) = capabilities() else {
+        return false;
+    };
+    let mut without = caps;
+    without[0].effective &= !(1 << CAP_NET_ADMIN);
+    let dropped = caps[0].effective != without[0].effective;
+    if dropped && !set_capabilities(&without) {
+        return false;
+    }
+    let refused = Socket::new(Domain::IPV4, Type::STREAM, None).is_ok_and(|sock| {
+        sock.attach_filter(&DROP_ALL)
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EPERM))
+    });
+    if dropped {
+        set_capabilities(&caps);
+    }
+    refused
+}
+
 impl Listener {
     /// Closes our copy without touching the socket: for a socket another
     /// process (a newer drover) goes on serving.
@@ -83,11 +165,33 @@ impl Listener {
                 Ok(socket2::Domain::IPV4) | Ok(socket2::Domain::IPV6)
             );
             let filter = if tcp { &DROP_SYNS[..] } else { &DROP_ALL[..] };
-            if let Err(e) = sock.attach_filter(filter) {
-                tracing::warn!(
+            match sock.attach_filter(filter) {
+                Ok(()) => {}
+                // Some kernels let only CAP_NET_ADMIN attach a filter to a
+                // TCP socket (docs/signals.md). The next best thing: a
+                // backlog of 0, so that a SYN is dropped whenever a
+                // connection waits in the queue, and at most one at a time
+                // gets in while the workers close.
+                Err(e) if tcp && e.raw_os_error() == Some(libc::EPERM) => {
+                    // SAFETY: listen(2) on a socket we hold; on a listening
+                    // socket it only changes the backlog.
+                    let cut = unsafe { libc::listen(self.fd.as_raw_fd(), 0) } == 0;
+                    tracing::warn!(
+                        "{}: cannot refuse new connections before closing: {e} \
+                         (a socket filter on TCP needs CAP_NET_ADMIN here); {}",
+                        self.shown,
+                        if cut {
+                            "cut the listen backlog to its minimum instead: \
+                             at most one new connection at a time can still get in"
+                        } else {
+                            "new connections can still get in until the workers close"
+                        }
+                    );
+                }
+                Err(e) => tracing::warn!(
                     "{}: cannot refuse new connections before closing: {e}",
                     self.shown
-                );
+                ),
             }
         }
         // Dropping closes our copy and removes the socket file.
@@ -274,6 +378,7 @@ fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
     match &bind.address {
         Address::Tcp(addr) => {
             let sock = tcp(*addr, s.ipv6_only, s.backlog.0 as i32).map_err(fail)?;
+            warn_if_stage_one_is_unprivileged(s);
             let local = sock.local_addr().ok().and_then(|a| a.as_socket());
             Ok(Listener {
                 shown: local.map_or(shown.clone(), |a| a.to_string()),
