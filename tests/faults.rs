@@ -185,9 +185,9 @@ fn slow_and_absent_readers_of_a_big_status_neither_stall_the_master_nor_lose_it(
     ))
     .run();
     d.wait_log(&format!("all {workers} workers ready"));
-    // 30 clients that ask and never read.
+    // 60 clients that ask and never read (the old code gave each 100 ms).
     let mut deaf = Vec::new();
-    for _ in 0..30 {
+    for _ in 0..60 {
         let mut c = UnixStream::connect(sock(&d)).unwrap();
         c.write_all(b"{\"command\":\"status\"}\n").unwrap();
         deaf.push(c);
@@ -212,7 +212,7 @@ fn slow_and_absent_readers_of_a_big_status_neither_stall_the_master_nor_lose_it(
     let quick = status(&d);
     assert_eq!(quick["ok"], true);
     assert!(
-        t.elapsed() < Duration::from_secs(2),
+        t.elapsed() < Duration::from_secs(3),
         "status took {:?}",
         t.elapsed()
     );
@@ -228,12 +228,12 @@ fn slow_and_absent_readers_of_a_big_status_neither_stall_the_master_nor_lose_it(
         Some(workers as usize)
     );
     eprintln!("the slow reader got {} bytes whole", answer.len());
-    // Signals are acted on at once although 30 answers wait to be read.
+    // Signals are acted on at once although 60 answers wait to be read.
     let t = Instant::now();
     d.signal(Signal::SIGTERM);
     d.wait_log("graceful shutdown: stage 1");
     assert!(
-        t.elapsed() < Duration::from_secs(1),
+        t.elapsed() < Duration::from_secs(3),
         "SIGTERM took {:?}",
         t.elapsed()
     );
