@@ -60,16 +60,14 @@ pub fn parse(datagram: &[u8]) -> Vec<Message> {
 /// a carriage return) replaced, and cut at `max` bytes with a note of what
 /// was dropped.
 pub fn loggable(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut out: String = text[..end]
-        .chars()
-        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
-        .collect();
-    if end < text.len() {
-        out.push_str(&format!("... ({} more bytes dropped)", text.len() - end));
+    let mut out = String::with_capacity(text.len().min(max));
+    for (i, c) in text.char_indices() {
+        let c = if c.is_control() { '\u{fffd}' } else { c };
+        if out.len() + c.len_utf8() > max {
+            out.push_str(&format!("... ({} more bytes dropped)", text.len() - i));
+            break;
+        }
+        out.push(c);
     }
     out
 }
