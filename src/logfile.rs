@@ -61,7 +61,9 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFile {
 /// The master gets its own open file description of a pipe or terminal
 /// (through `/proc/self/fd/2`), made non-blocking: setting `O_NONBLOCK` on
 /// the one it inherited would change it for the workers and the parent that
-/// share it. A socket (systemd's journal) is written with `MSG_DONTWAIT`.
+/// share it. A pipe is widened to 1 MiB so that a reader that is only slow
+/// loses nothing. A socket (systemd's journal) is written with
+/// `MSG_DONTWAIT`.
 #[derive(Clone)]
 pub struct Stderr(Arc<StderrInner>);
 
@@ -87,7 +89,12 @@ impl Stderr {
                 .write(true)
                 .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
                 .open(fd2)
-                .map_or(How::Plain, How::Own),
+                .map_or(How::Plain, |f| {
+                    if t.is_fifo() {
+                        widen(&f);
+                    }
+                    How::Own(f)
+                }),
             _ => How::Plain,
         };
         Stderr(Arc::new(StderrInner {
@@ -100,6 +107,21 @@ impl Stderr {
     pub fn dropped(&self) -> u64 {
         self.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// A pipe's capacity raised (best effort) to what an unprivileged process
+/// may set, 1 MiB by default instead of 64 KiB: a burst of log lines (the
+/// start-up of a thousand workers) then waits there for a reader that is
+/// only slow, rather than being dropped.
+fn widen(pipe: &File) {
+    use std::os::fd::AsRawFd;
+    let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::c_int>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    // SAFETY: fcntl on a pipe we hold; failure leaves it as it was.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, max) };
 }
 
 impl StderrInner {

@@ -207,12 +207,15 @@ fn slow_and_absent_readers_of_a_big_status_neither_stall_the_master_nor_lose_it(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Meanwhile another client is answered at once.
+    // Meanwhile another client is answered as soon as the master has built
+    // the answers asked before it (60 statuses of 1,100 workers: up to 4 s
+    // on a loaded machine). The old code also blocked 100 ms on each deaf
+    // client: over 6 s more.
     let t = Instant::now();
     let quick = status(&d);
     assert_eq!(quick["ok"], true);
     assert!(
-        t.elapsed() < Duration::from_secs(3),
+        t.elapsed() < Duration::from_secs(8),
         "status took {:?}",
         t.elapsed()
     );
