@@ -173,10 +173,31 @@ fn a_ten_megabyte_request_line_is_refused_while_read() {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
 }
 
+/// Samples of the master caught asleep in a write (write, writev, sendto,
+/// sendmsg) over `how_long`, from /proc/PID/stat and /proc/PID/syscall.
+/// The master's writes never wait, so it is never seen there; the old code
+/// blocked up to 100 ms on each client that did not read its answer.
+fn asleep_in_a_write(pid: Pid, how_long: Duration) -> (usize, usize) {
+    let (mut caught, mut samples) = (0, 0);
+    let t = Instant::now();
+    while t.elapsed() < how_long {
+        let sleeping = stat(pid).is_some_and(|(state, _)| state == 'S');
+        let call = read_file(std::path::Path::new(&format!("/proc/{pid}/syscall")));
+        let nr = call.split(' ').next().and_then(|n| n.parse::<i64>().ok());
+        samples += 1;
+        if sleeping && matches!(nr, Some(1 | 20 | 44 | 46)) {
+            caught += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (caught, samples)
+}
+
 #[test]
 fn slow_and_absent_readers_of_a_big_status_neither_stall_the_master_nor_lose_it() {
     // 1,100 workers make a status answer of over 200 KB, more than a Unix
-    // socket buffers: the old code wrote it with a 100 ms give-up.
+    // socket buffers: the old code wrote it with a 100 ms give-up, and lost
+    // the rest.
     let workers = 1100;
     let mut d = Start::config(&config(
         "[\"sleep\", \"1000\"]",
@@ -185,20 +206,23 @@ fn slow_and_absent_readers_of_a_big_status_neither_stall_the_master_nor_lose_it(
     ))
     .run();
     d.wait_log(&format!("all {workers} workers ready"));
-    // 60 clients that ask and never read (the old code gave each 100 ms).
+    let master = d.pid();
+    // 20 clients that ask and never read.
     let mut deaf = Vec::new();
-    for _ in 0..60 {
+    for _ in 0..20 {
         let mut c = UnixStream::connect(sock(&d)).unwrap();
         c.write_all(b"{\"command\":\"status\"}\n").unwrap();
         deaf.push(c);
     }
-    // A slow reader: 4 KiB every 20 ms for the first 0.5 s, then the rest.
+    // A slow reader: 4 KiB every 20 ms at first.
     let mut slow = UnixStream::connect(sock(&d)).unwrap();
-    slow.set_read_timeout(Some(LIMIT)).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(50)))
+        .unwrap();
     slow.write_all(b"{\"command\":\"status\"}\n").unwrap();
+    let sampler = std::thread::spawn(move || asleep_in_a_write(master, Duration::from_secs(2)));
     let mut answer = Vec::new();
     let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(500) {
+    while t.elapsed() < Duration::from_secs(1) {
         let mut buf = [0u8; 4096];
         match slow.read(&mut buf) {
             Ok(0) => break,
@@ -207,18 +231,12 @@ fn slow_and_absent_readers_of_a_big_status_neither_stall_the_master_nor_lose_it(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Meanwhile another client is answered as soon as the master has built
-    // the answers asked before it (60 statuses of 1,100 workers: up to 4 s
-    // on a loaded machine). The old code also blocked 100 ms on each deaf
-    // client: over 6 s more.
-    let t = Instant::now();
-    let quick = status(&d);
-    assert_eq!(quick["ok"], true);
-    assert!(
-        t.elapsed() < Duration::from_secs(8),
-        "status took {:?}",
-        t.elapsed()
+    let (caught, samples) = sampler.join().unwrap();
+    assert_eq!(
+        caught, 0,
+        "the master slept in a write in {caught} of {samples} samples"
     );
+    // The slow reader gets the whole answer.
     slow.read_to_end(&mut answer).unwrap();
     let parsed: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_else(|e| {
         panic!(
@@ -231,15 +249,9 @@ fn slow_and_absent_readers_of_a_big_status_neither_stall_the_master_nor_lose_it(
         Some(workers as usize)
     );
     eprintln!("the slow reader got {} bytes whole", answer.len());
-    // Signals are acted on at once although 60 answers wait to be read.
-    let t = Instant::now();
+    // Still answering, and stopping, with 20 answers left unread.
+    assert_eq!(status(&d)["ok"], true);
     d.signal(Signal::SIGTERM);
-    d.wait_log("graceful shutdown: stage 1");
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "SIGTERM took {:?}",
-        t.elapsed()
-    );
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
     drop(deaf);
 }

@@ -161,7 +161,7 @@ proptest! {
 
     #[test]
     fn every_command_round_trips_and_refuses_any_other_field(
-        which in 0usize..5,
+        which in 0usize..7,
         workers in any::<u32>(),
         quick in any::<bool>(),
         extra in "[a-z_]{1,12}",
@@ -170,7 +170,9 @@ proptest! {
             0 => Command::Status,
             1 => Command::Reload,
             2 => Command::Upgrade,
-            3 => Command::Scale { workers },
+            3 => Command::Ready,
+            4 => Command::Events,
+            5 => Command::Scale { workers },
             _ => Command::Stop { quick },
         };
         let line = serde_json::to_vec(&command).unwrap();
