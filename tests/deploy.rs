@@ -236,9 +236,12 @@ fn installed_config(
 const SANDBOX: &str = r#"set -e
 run=$1; shift
 mount --make-rprivate /
+cover /tmp 1777
+cover /root 755
+cover /home 755
 mount --bind "$run" "$run"
+mount -o remount,bind,rw "$run"
 mount -o remount,bind,ro /
-mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir /tmp/.dev
 mount --rbind /dev /tmp/.dev
 mount -t tmpfs -o mode=755 tmpfs /dev
@@ -250,12 +253,48 @@ mkdir /dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 umount -l /tmp/.dev
 rmdir /tmp/.dev
-mount -t tmpfs -o mode=755 tmpfs /root
-if [ -d /home ]; then mount -t tmpfs -o mode=755 tmpfs /home; fi
 umask "$UNIT_UMASK"
 exec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs \
   --bounding-set=-all --inh-caps=-all "$@"
 "#;
+
+/// Shell function for the sandboxes: `cover DIR MODE` mounts an empty tmpfs
+/// on DIR (PrivateTmp=, ProtectHome=) but keeps visible, read-only, the
+/// paths of `$KEEP` (colon-separated) under it: this checkout and the
+/// tests' files, wherever they are (a clone in /tmp, a home directory).
+const COVER: &str = r#"
+cover() {
+  dir=$1
+  [ -d "$dir" ] || return 0
+  exec 9<"$dir"
+  mount -t tmpfs -o mode="$2" tmpfs "$dir"
+  old_ifs=$IFS
+  IFS=:
+  for p in $KEEP; do
+    case "$p/" in
+      "$dir"/*)
+        mkdir -p "$p"
+        mount --no-canonicalize --rbind "/proc/self/fd/9/${p#"$dir"/}" "$p"
+        mount -o remount,bind,ro "$p" ;;
+    esac
+  done
+  IFS=$old_ifs
+  exec 9<&-
+}
+"#;
+
+/// What the sandboxes must keep visible: the checkout, the build and the
+/// tests' own files.
+fn keep() -> String {
+    let bin = Path::new(drover_bin()).parent().unwrap();
+    [
+        repo().as_path(),
+        bin,
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+    ]
+    .map(|p| p.display().to_string())
+    .join(":")
+}
 
 /// A notify socket the test owns, as systemd's: it tells who sent each
 /// message (SO_PASSCRED), and anyone may send to it.
@@ -349,7 +388,7 @@ fn start_as_the_unit(
             "-m".to_string(),
             "sh".into(),
             "-c".into(),
-            SANDBOX.into(),
+            format!("{COVER}{SANDBOX}"),
             "sandbox".into(),
             run.display().to_string(),
             "systemd-socket-activate".into(),
@@ -362,7 +401,10 @@ fn start_as_the_unit(
         let d = Start {
             program: Some("unshare".into()),
             args,
-            env: vec![("UNIT_UMASK".into(), service.service("UMask").into())],
+            env: vec![
+                ("UNIT_UMASK".into(), service.service("UMask").into()),
+                ("KEEP".into(), keep()),
+            ],
             ..Start::default()
         }
         .run();
@@ -648,9 +690,10 @@ fn configmap_config() -> String {
 const CONTAINER: &str = r#"set -e
 run=$1; user=$2; shift 2
 mount --make-rprivate /
+cover /tmp 1777
 mount --bind "$run" "$run"
+mount -o remount,bind,rw "$run"
 mount -o remount,bind,ro /
-mount -t tmpfs -o mode=1777 tmpfs /tmp
 exec setpriv --reuid="${user%:*}" --regid="${user#*:}" --clear-groups --no-new-privs \
   --bounding-set=-all --inh-caps=-all "$@"
 "#;
@@ -707,7 +750,7 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
         "--mount-proc",
         "sh",
         "-c",
-        CONTAINER,
+        &format!("{COVER}{CONTAINER}"),
         "container",
     ]
     .map(String::from)
@@ -718,6 +761,7 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
     let mut d = Start {
         program: Some("unshare".into()),
         args,
+        env: vec![("KEEP".into(), keep())],
         ..Start::default()
     }
     .run();
