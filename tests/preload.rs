@@ -327,3 +327,28 @@ fn sigterm_under_load_runs_every_workers_cleanup() {
 fn sigint_under_load_runs_every_workers_cleanup() {
     stop_under_load_runs_every_cleanup(Signal::SIGINT);
 }
+
+#[test]
+fn a_worker_that_knows_nothing_of_preload_is_named_and_drover_exits_3() {
+    // hello sends READY=1 on NOTIFY_SOCKET as any worker does: it is no template.
+    let mut d = Start::args(&[
+        "-w",
+        "2",
+        "-b",
+        "127.0.0.1:0",
+        "--set",
+        "ready=notify",
+        "--set",
+        "preload=true",
+        "--",
+        hello_bin(),
+    ])
+    .run();
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("the worker command of generation 1 does not implement preload: it sent READY=1 on NOTIFY_SOCKET"),
+        "{log}"
+    );
+}

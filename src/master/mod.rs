@@ -401,6 +401,12 @@ impl Master {
                 self.on_upgrade_notify(messages);
                 continue;
             }
+            if self.templates.has(sender) {
+                if let Some(pid) = self.templates.on_notify(sender, &messages) {
+                    let _ = killpg(pid, Signal::SIGKILL);
+                }
+                continue;
+            }
             let pool = &self.sup.pool;
             match notify::descends_from(sender, |p| pool.has(p)) {
                 Some(pid) => self.sup.on_notify(pid, messages, now),

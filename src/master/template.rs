@@ -58,6 +58,9 @@ pub enum Gone {
     Hung,
     /// It closed the channel (it is exiting).
     Closed,
+    /// It sent `READY=1` on the notify socket instead of the channel: the
+    /// worker command does not implement the template protocol. Killed.
+    NotATemplate,
 }
 
 pub struct Template {
@@ -245,6 +248,22 @@ impl Templates {
             })
             .chain(self.not_before.filter(|_| waiting))
             .min()
+    }
+
+    /// A template spoke on the notify socket. `READY=1` there, while it
+    /// should be loading, means the command is an ordinary worker that knows
+    /// nothing of preload: it is given up, to be killed. Returns its pid then.
+    pub fn on_notify(&mut self, pid: Pid, messages: &[crate::notify::Message]) -> Option<Pid> {
+        let t = self.list.iter_mut().find(|t| t.pid == pid)?;
+        let ready = messages
+            .iter()
+            .any(|m| matches!(m, crate::notify::Message::Ready));
+        if !(ready && matches!(t.state, State::Booting { .. })) {
+            debug!("template (pid {pid}) sent {messages:?} on the notify socket");
+            return None;
+        }
+        t.give_up(Gone::NotATemplate);
+        Some(pid)
     }
 
     /// Templates past their boot deadline: killed (process group).
@@ -566,6 +585,18 @@ impl Master {
         match t.state {
             State::Gone(Gone::Retired) => {
                 info!("template of generation {n} (pid {pid}) {how} (retired) after {lived}");
+            }
+            State::Gone(Gone::NotATemplate) => {
+                let cause = format!(
+                    "the worker command of generation {n} does not implement preload: it sent \
+                     READY=1 on NOTIFY_SOCKET instead of on its DROVER_TEMPLATE_FD channel (pid {pid} \
+                     {how}); set preload = false, or run a template-aware worker such as drover-wsgi \
+                     (docs/protocol.md, \"Preload: the template\")"
+                );
+                if !self.sup.template_failed(n, true, &cause, now) {
+                    let delay = self.templates.failed(&t.gen, now);
+                    error!("{cause}; trying again in {}", ms(delay));
+                }
             }
             State::Booting { .. } | State::Gone(Gone::BootTimeout) => {
                 let cause = format!(
