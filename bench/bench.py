@@ -928,6 +928,159 @@ def sc_observe(ctx):
     return {"rows": [row]}
 
 
+# --------------------------------------------------------------------------
+# Preload: drover's template against exec'd workers and Gunicorn's --preload
+
+
+PRELOAD_SUBJECTS = [
+    # key, label, kind, extra settings (drover) or options (Gunicorn)
+    ("drover-wsgi", "drover + drover_wsgi", "drover", []),
+    ("drover-preload", "drover + drover_wsgi, preload = true", "drover", ["preload=true"]),
+    ("gunicorn", "Gunicorn (sync)", "gunicorn", []),
+    ("gunicorn-preload", "Gunicorn (sync) --preload", "gunicorn", ["--preload"]),
+]
+
+
+def django_project():
+    """A default Django project (django-admin startproject benchsite), with
+    ALLOWED_HOSTS = ["*"] so that the probes' Host header is accepted.
+    Returns its directory (for PYTHONPATH)."""
+    d = Path(H.fresh_tmp(quiet=False)) / "django"
+    d.mkdir()
+    subprocess.run([str(H.VENV / "bin" / "django-admin"), "startproject", "benchsite", str(d)],
+                   check=True, capture_output=True, timeout=60)
+    settings = d / "benchsite" / "settings.py"
+    settings.write_text(settings.read_text().replace("ALLOWED_HOSTS = []", 'ALLOWED_HOSTS = ["*"]'))
+    return d
+
+
+def preload_subject(key, label, kind, extra, app):
+    s = Subject(key, label, kind, "wsgi")
+    s.app = app
+    s.extra = list(extra)
+    s.ready_mode = "notify"
+    return s
+
+
+def tree_pss_kb(root):
+    """Total PSS (kB) of root and every descendant: master, template, workers."""
+    return sum(H.smaps_rollup(p).get("Pss", 0) for p in [root] + H.descendants(root))
+
+
+def template_pid(run):
+    hit = run.wait_line(r"template of generation \d+ \(pid (\d+)\) ready to fork", 0)
+    return int(hit[1].group(1)) if hit else None
+
+
+def preload_startup_once(ctx, s, n, env_extra, app_key, warm):
+    """Start, time to n distinct workers answering; with `warm`, then 200
+    requests and the total PSS; SIGTERM."""
+    tmp = H.fresh_tmp()
+    port = H.free_port()
+    out = {}
+    timeout = 240 if n >= 128 else 90
+    try:
+        with s.start(n, port, tmp, ctx.log_path("preload", f"{app_key}-{s.key}", f"-{n}"),
+                     env_extra=env_extra) as run:
+            ctx.note_command("preload", f"{app_key} {s.key}", cmd_of(run))
+            r = H.distinct_pids(port, n, timeout, stop=run.exited)
+            if r["t_all"] is None:
+                raise Unavailable(f"only {len(r['pids'])} of {n} distinct workers answered in {timeout}s: "
+                                  + " | ".join(run.output(last=3)))
+            out["pids_ms"] = ms(r["t_all"] - run.t0)
+            out["first_ms"] = ms(r["t_first"] - run.t0) if r["t_first"] else None
+            if s.kind == "drover":
+                hit = run.wait_line(r"all (\d+) workers ready ([\d.]+) ms after start", 5)
+                out["log_ms"] = float(hit[1].group(2)) if hit else None
+            if warm:
+                for _ in range(200):
+                    H.http_get(port, "/", timeout=10)
+                time.sleep(0.5)
+                out["pss_kb"] = tree_pss_kb(run.pid)
+                out["processes"] = 1 + len(H.descendants(run.pid))
+            run.signal(signal.SIGTERM)
+            run.wait_exit(now(), 60)
+    except Unavailable as e:
+        out["error"] = str(e)
+    return out
+
+
+def preload_kill_once(ctx, s, env_extra, app_key, kills):
+    """One worker; kill -9 it (after 1.1 s, past respawn_reset_after=1s for
+    drover) until a 200 from a new pid, `kills` times."""
+    tmp = H.fresh_tmp()
+    port = H.free_port()
+    samples = []
+    settings = ["respawn_reset_after=1s"] if s.kind == "drover" else []
+    try:
+        with s.start(1, port, tmp, ctx.log_path("preload-kill", f"{app_key}-{s.key}"),
+                     settings=settings, env_extra=env_extra) as run:
+            ctx.note_command("preload_kill", f"{app_key} {s.key}", cmd_of(run))
+            s.wait_ready(run, 1, port, 90)
+            for _ in range(kills):
+                time.sleep(1.1)
+                template = template_pid(run)
+                ws = [p for p in run.workers() if p != template and H.proc_stat(p)
+                      and H.proc_stat(p)[1] == run.pid]
+                if len(ws) != 1:
+                    samples.append({"error": f"{len(ws)} worker processes, expected 1"})
+                    continue
+                victim = ws[0]
+                t = now()
+                os.kill(victim, signal.SIGKILL)
+                done = None
+                failed = 0
+                while now() - t < 30:
+                    r = H.http_get(port, "/", timeout=30)
+                    if r["outcome"] == "ok" and r["pid"] and r["pid"] != victim:
+                        done = now() - t
+                        break
+                    failed += 1
+                samples.append({"replaced_ms": ms(done), "failed_requests": failed})
+            run.signal(signal.SIGTERM)
+            run.wait_exit(now(), 60)
+    except Unavailable as e:
+        samples.append({"error": str(e)})
+    return samples
+
+
+def sc_preload(ctx):
+    """drover with and without preload, Gunicorn with and without --preload,
+    on a Flask-sized app and a default Django project: time to N workers
+    serving, kill -9 to a replacement serving, total PSS after a warm-up."""
+    if SUBJECTS["drover-wsgi"].unavailable:
+        return {"rows": [], "unavailable": SUBJECTS["drover-wsgi"].unavailable}
+    apps = [("flask", "flask_app:app", {}),
+            ("django", "django_app:app", {"PYTHONPATH": f"{H.APPS}:{django_project()}"})]
+    ns = [4, 32] if ctx.quick else [4, 32, 128]
+    rows = []
+    for app_key, app, env_extra in apps:
+        for key, label, kind, extra in PRELOAD_SUBJECTS:
+            s = preload_subject(key, label, kind, extra, app)
+            for n in ns:
+                reps = 1 if (ctx.quick or n >= 128) else min(ctx.reps, 2)
+                samples = [preload_startup_once(ctx, s, n, env_extra, app_key, warm=True)
+                           for _ in range(reps)]
+                row = {"app": app_key, "subject": key, "label": label, "n": n, "samples": samples,
+                       "pids_ms": stats([x.get("pids_ms") for x in samples]),
+                       "log_ms": stats([x.get("log_ms") for x in samples]),
+                       "pss_kb": stats([x.get("pss_kb") for x in samples]),
+                       "errors": [x["error"] for x in samples if x.get("error")]}
+                say(f"preload {app_key} {key} N={n}: serving in {med(row['pids_ms'])} ms, "
+                    f"PSS {med(row['pss_kb'])} kB", row["errors"][:1] or "")
+                rows.append(row)
+            kills = 1 if ctx.quick else 3
+            samples = preload_kill_once(ctx, s, env_extra, app_key, kills)
+            row = {"app": app_key, "subject": key, "label": label, "n": "kill", "samples": samples,
+                   "replaced_ms": stats([x.get("replaced_ms") for x in samples if "error" not in x]),
+                   "failed_requests": sum(x.get("failed_requests", 0) for x in samples),
+                   "errors": [x["error"] for x in samples if x.get("error")]}
+            say(f"preload {app_key} {key} kill -9: replacement serving in {med(row['replaced_ms'])} ms",
+                row["errors"][:1] or "")
+            rows.append(row)
+    return {"rows": rows}
+
+
 SCENARIOS = [
     ("startup", sc_startup),
     ("stop_term", lambda ctx: sc_stop_inflight(ctx, "term")),
@@ -939,6 +1092,7 @@ SCENARIOS = [
     ("kill_master", sc_kill_master),
     ("diagnose", sc_diagnose),
     ("observe", sc_observe),
+    ("preload", sc_preload),
 ]
 
 

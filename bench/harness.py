@@ -781,6 +781,8 @@ class Subject:
         self.unavailable = None  # reason, once known
         self.ready_mode = "notify"  # drover only
         self.app = "bench_app:app"
+        # More drover settings (--set) or Gunicorn options: the preload variants.
+        self.extra = []
 
     def worker_argv(self):
         if self.worker == "hello":
@@ -790,12 +792,12 @@ class Subject:
     def argv(self, n, port, tmp, settings=()):
         if self.kind == "drover":
             a = [str(DROVER), "-w", str(n), "-b", f"127.0.0.1:{port}", "--set", f"ready={self.ready_mode}"]
-            for s in settings:
+            for s in list(settings) + self.extra:
                 a += ["--set", s]
             return a + ["--"] + self.worker_argv()
         if self.kind == "gunicorn":
             return [str(VENV / "bin" / "gunicorn"), "--worker-class", "sync", "-w", str(n),
-                    "-b", f"127.0.0.1:{port}", "--chdir", str(APPS), "--log-level", "info", self.app]
+                    "-b", f"127.0.0.1:{port}", "--chdir", str(APPS), "--log-level", "info"] + self.extra + [self.app]
         if self.kind == "circus":
             ini = Path(tmp) / "circus.ini"
             cmd = shlex.join([str(TO_LISTEN_FDS), "FD"] + self.worker_argv()).replace(" FD ", " $(circus.sockets.web) ", 1)

@@ -357,6 +357,7 @@ def render(res, charts_rel, outdir):
     sec_kill_master(sc.get("kill_master"), cmds, L)
     sec_diagnose(sc.get("diagnose"), sc.get("footprint"), cmds, L)
     sec_observe(sc.get("observe"), cmds, L)
+    sec_preload(sc.get("preload"), cmds, L)
     return "\n".join(L) + "\n"
 
 
@@ -982,3 +983,52 @@ def limits(res, rows, L):
         for n in notes:
             w(f"- {n}")
         w("")
+
+
+def sec_preload(s, cmds, L):
+    w = L.append
+    w("## Preload: workers forked from a template")
+    w("")
+    w("drover + drover_wsgi without and with `preload = true` (the app imported once per generation by a "
+      "template, the workers forked from it), against Gunicorn's sync workers without and with `--preload`, "
+      "on two apps: `bench/apps/flask_app.py` (Flask) and a default Django project "
+      "(`django-admin startproject`, `bench/apps/django_app.py` adds `X-Worker-Pid`). *Serving*: from the "
+      "exec of the master until N distinct workers have answered the probe (the start-up scenario's "
+      "distinct-pid measure, the same for all four). *PSS*: after those N answered and 200 more requests, "
+      "the sum of `Pss` in `/proc/PID/smaps_rollup` of the master and all its descendants (template and "
+      "workers included). *kill -9*: one worker, killed after 1.1 s, until a 200 from a new pid. "
+      "Targets: 128 preloaded workers serving in ≤ 1 s; a replacement serving in ≤ 10 ms; PSS at most "
+      "Gunicorn `--preload`'s for the same app and N.")
+    w("")
+    if crashed(s, L):
+        return
+    rows = s.get("rows", [])
+    subjects = []
+    for r in rows:
+        if (r["subject"], r["label"]) not in subjects:
+            subjects.append((r["subject"], r["label"]))
+    ns = sorted({r["n"] for r in rows if r["n"] != "kill"})
+    for app in sorted({r["app"] for r in rows}, key=lambda a: (a != "flask", a)):
+        by = {(r["subject"], r["n"]): r for r in rows if r["app"] == app}
+        w(f"### {app}")
+        w("")
+        w("| subject | " + " | ".join(f"N={n}: serving, ms | N={n}: PSS, MiB" for n in ns)
+          + " | kill -9 → serving, ms |")
+        w("|---|" + "---:|---:|" * len(ns) + "---:|")
+        for key, lab in subjects:
+            cells = []
+            for n in ns:
+                r = by.get((key, n))
+                pss = r and r["pss_kb"]
+                cells.append(rng(r["pids_ms"], 0) if r else "—")
+                cells.append(rng({k: (v / 1024 if isinstance(v, (int, float)) and k in ("median", "min", "max")
+                                      else v) for k, v in pss.items()}, 1) if pss else "—")
+            k = by.get((key, "kill"))
+            cells.append(rng(k["replaced_ms"], 1) if k else "—")
+            w(f"| {lab} | " + " | ".join(cells) + " |")
+        w("")
+        for (key, n), r in by.items():
+            for e in r.get("errors", [])[:1]:
+                w(f"- {key} N={n}: {escape(e)}")
+        w("")
+    commands(cmds, "preload", L)
