@@ -130,6 +130,20 @@ fn preloaded_workers_are_drovers_children_in_their_own_groups() {
             "served by a worker, not the template"
         );
     }
+    // One more (SIGTTIN): forked from the same template, a child of drover too.
+    d.signal(Signal::SIGTTIN);
+    let log = d.wait_log("worker 4 (pid ");
+    let fourth = pids_after(&log, "worker 4")[0];
+    d.wait_log(&format!("worker 4 (pid {fourth}) ready"));
+    assert_eq!(stat(fourth).unwrap().1, d.pid().as_raw());
+    assert_eq!(pgid(fourth), Some(fourth.as_raw()));
+    assert_eq!(
+        template_pids(&d)
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -351,4 +365,43 @@ fn a_worker_that_knows_nothing_of_preload_is_named_and_drover_exits_3() {
         log.contains("the worker command of generation 1 does not implement preload: it sent READY=1 on NOTIFY_SOCKET"),
         "{log}"
     );
+}
+
+#[test]
+fn a_template_that_does_not_answer_is_killed_and_replaced() {
+    // A template that says it is ready, then never answers a fork request.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("mute_template.py");
+    std::fs::write(
+        &script,
+        "import os, socket, time\n\
+         chan = socket.socket(fileno=int(os.environ['DROVER_TEMPLATE_FD']))\n\
+         chan.send(b'READY=1')\n\
+         time.sleep(60)\n",
+    )
+    .unwrap();
+    let d = Start::args(&[
+        "-w",
+        "1",
+        "-b",
+        "127.0.0.1:0",
+        "--set",
+        "preload=true",
+        "--",
+        &python::python(),
+        &script.display().to_string(),
+    ])
+    .run();
+    let log = d.wait_log("no answer to a fork request within 5000.0 ms; killing it");
+    let first = pids_after(&log, "template of generation 1")[0];
+    d.wait_log(&format!(
+        "template of generation 1 (pid {first}) killed by SIGKILL"
+    ));
+    // Replaced after the backoff, and asked again.
+    wait_for("a second template", LIMIT, || {
+        pids_after(&d.log(), "template of generation 1")
+            .into_iter()
+            .find(|p| *p != first)
+    });
+    assert!(!alive(first));
 }

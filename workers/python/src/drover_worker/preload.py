@@ -134,6 +134,9 @@ class Template:
         self.drover = os.getppid()
         self.forked = 0
         self.worker_signals = {}
+        # Intermediate children not yet reaped: reaped without waiting, so
+        # that the answer to drover does not wait for their exit.
+        self.middles = []
         # Loaded here, once, so that the workers share it (and only templates
         # pay for importing ctypes).
         import ctypes
@@ -180,6 +183,7 @@ class Template:
             self.send("READY=1")
             _log("ready to fork (pid %d)" % os.getpid())
             while True:
+                self.reap_middles()
                 fields = self.receive()
                 if fields is None:
                     _exit(0)  # drover closed the channel: the generation is over
@@ -258,29 +262,43 @@ class Template:
                 try:
                     pid = os.fork()
                 except OSError as e:
-                    os.write(w, b"E%d" % e.errno)
+                    os.write(w, b"E%d\n" % e.errno)
                     os._exit(1)
                 if pid == 0:
                     os.close(w)
                     self.become_worker(request, env, me)
                     return None
-                os.write(w, b"%d" % pid)
+                os.write(w, b"%d\n" % pid)
             except BaseException:
                 pass
             os._exit(0)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(w)
         try:
-            data = _read_all(r)
+            data = _read_line(r)
         finally:
             os.close(r)
-            _reap(middle)
+        self.middles.append(middle)
+        self.reap_middles()
         if data.startswith(b"E"):
             errno = int(data[1:] or 0)
             raise OSError(errno, os.strerror(errno))
         if not data:
             raise OSError(0, "the intermediate child died before forking")
         return int(data)
+
+    def reap_middles(self):
+        """Reaps the intermediate children that have exited (they exit at
+        once; one still exiting is reaped next time)."""
+        left = []
+        for pid in self.middles:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done == 0:
+                left.append(pid)
+        self.middles = left
 
     def become_worker(self, request, env, middle):
         """In the new worker: everything an exec'd worker would have had."""
@@ -479,24 +497,16 @@ def _call_hook(kind, fn):
         _log("%s hook %s failed (traceback above); going on" % (kind, getattr(fn, "__qualname__", fn)))
 
 
-def _read_all(fd):
-    chunks = []
-    while True:
+def _read_line(fd):
+    """Up to the first newline (the intermediate child writes its one line in
+    one write), or what there is at end of file."""
+    data = b""
+    while not data.endswith(b"\n"):
         chunk = os.read(fd, 64)
         if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
-def _reap(pid):
-    while True:
-        try:
-            os.waitpid(pid, 0)
-            return
-        except ChildProcessError:
-            return
-        except InterruptedError:
-            continue
+            break
+        data += chunk
+    return data.strip()
 
 
 def _write(text):
