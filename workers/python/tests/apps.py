@@ -32,7 +32,7 @@ def app(environ, start_response):
         body = json.dumps(out).encode()
         return _text(start_response, "200 OK", body, [("Content-Type", "application/json")])
     if path == "/lines":
-        lines = [l.decode() for l in environ["wsgi.input"]]
+        lines = [line.decode() for line in environ["wsgi.input"]]
         return _text(start_response, "200 OK", json.dumps(lines).encode())
     if path == "/partial":
         # Reads 3 bytes of the body and leaves the rest.

@@ -37,7 +37,7 @@ def run_script(code, env=None, timeout=LIMIT):
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env_with_sdk(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        timeout=timeout, universal_newlines=True,
+        timeout=timeout, text=True,
     )
 
 
@@ -154,7 +154,7 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             _, err = self.proc.communicate()
-            raise AssertionError("worker still running after %ss; stderr:\n%s" % (timeout, err))
+            raise AssertionError("worker still running after %ss; stderr:\n%s" % (timeout, err)) from None
         return self.proc.returncode, err
 
     def close(self):

@@ -36,7 +36,7 @@ def run_with_fds(socks, env, pid_expr="$$"):
     cmd = ["sh", "-c", 'LISTEN_PID=%s exec "$@" %s' % (pid_expr, redirs), "sh",
            sys.executable, "-c", textwrap.dedent(PROBE)]
     r = subprocess.run(cmd, env=env_with_sdk(env), pass_fds=[s.fileno() for s in socks],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=LIMIT, universal_newlines=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=LIMIT, text=True)
     import json
     return r.returncode, json.loads(r.stdout or "{}"), r.stderr
 

@@ -200,7 +200,7 @@ class FakeDrover:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError("template still running after %ss: %s" % (timeout, self.stderr()))
+            raise AssertionError("template still running after %ss: %s" % (timeout, self.stderr())) from None
         return self.proc.returncode, _read(self.out), _read(self.err)
 
     def stderr(self):

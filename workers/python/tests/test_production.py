@@ -60,7 +60,8 @@ class AccessLogTest(unittest.TestCase):
         self.assertRegex(second, r'^127\.0\.0\.1 - - \[.*\] "GET /nope HTTP/1\.1" 404 \d+ "-" "-"$')
 
     def test_common_and_custom_formats_and_request_time(self):
-        fmt = '%(s)s %(m)s %(U)s %(q)s %(H)s %(B)s %(L)s %(M)s %(D)s %(T)s %(p)s %({x-id}i)s %({content-type}o)s %({remote_addr}e)s %(zz)s'
+        fmt = ('%(s)s %(m)s %(U)s %(q)s %(H)s %(B)s %(L)s %(M)s %(D)s %(T)s %(p)s '
+               '%({x-id}i)s %({content-type}o)s %({remote_addr}e)s %(zz)s')
         with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", fmt]) as w:
             request(w, get("/sleep?ms=250", b"X-Id: abc\r\n"))
             pid = w.proc.pid

@@ -297,6 +297,8 @@ class SignalTest(unittest.TestCase):
                 await app_stop.wait()
                 print("again", calls, flush=True)
             asyncio.run(main())
+            # Closing the loop removed every handler it had, ours included.
+            print("closed", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)
         """)
         self.assertEqual(wait_line(p, "ready"), ["ready, removed True\n"])
         p.send_signal(signal.SIGTERM)
@@ -304,7 +306,7 @@ class SignalTest(unittest.TestCase):
         p.send_signal(signal.SIGINT)
         code, out, err = finish(self, p)
         self.assertEqual(code, 0, err)
-        self.assertEqual(out, "again ['before', 'after']\n")
+        self.assertEqual(out, "again ['before', 'after']\nclosed True\n")
 
     def test_after_asyncio_run_a_second_signal_does_not_kill_the_cleanup(self):
         # asyncio.run() closes its loop, which resets the signals it handled

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import unittest
@@ -338,7 +337,7 @@ class LifecycleTest(unittest.TestCase):
         with Worker("apps:app", args=["--max-requests", "3", "--max-requests-jitter", "0"],
                     env={"APPS_CLEANUP_FILE": self.tmp}) as w:
             with Client(w) as c:
-                for i in range(2):
+                for _ in range(2):
                     c.send(get("/pid"))
                     self.assertNotIn("connection", c.response()[1])
                 c.send(get("/pid"))
@@ -372,7 +371,7 @@ class LifecycleTest(unittest.TestCase):
 
     def test_without_drover_it_cannot_boot(self):
         r = subprocess.run(WSGI + ["apps:app"], env=env_with_sdk(), cwd=os.path.dirname(__file__),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=LIMIT, universal_newlines=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=LIMIT, text=True)
         self.assertEqual(r.returncode, 3)
         self.assertIn("cannot boot: no listening sockets were passed", r.stderr)
 

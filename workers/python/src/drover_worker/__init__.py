@@ -51,6 +51,12 @@ import sys
 import threading
 import time
 import traceback
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
+
+if TYPE_CHECKING:
+    import asyncio
+
+F = TypeVar("F", bound=Callable[[], Any])
 
 __all__ = [
     "ListenError",
@@ -92,13 +98,13 @@ DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_QUICK_TIMEOUT = 5.0
 
 
-def _log(message):
+def _log(message: str) -> None:
     """One line on stderr (newlines inside become spaces), one write call."""
     text = "drover_worker[%d]: %s\n" % (os.getpid(), message.replace("\n", " "))
     _write_stderr(text)
 
 
-def _write_stderr(text):
+def _write_stderr(text: str) -> None:
     try:
         sys.stderr.write(text)
         sys.stderr.flush()
@@ -122,15 +128,15 @@ class ListenError(Exception):
 class Listener(socket.socket):
     """A ``socket.socket`` with the ``name`` drover (``LISTEN_FDNAMES``) gave it."""
 
-    def __init__(self, fileno, name):
+    def __init__(self, fileno: int, name: str) -> None:
         super().__init__(fileno=fileno)
         self.name = name
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Listener %r fd=%d %s>" % (self.name, self.fileno(), _describe(self))
 
 
-def _describe(sock):
+def _describe(sock: socket.socket) -> str:
     try:
         addr = sock.getsockname()
     except OSError:
@@ -144,7 +150,8 @@ def _describe(sock):
     return "%s:%d" % (addr[0], addr[1])
 
 
-def parse_activation(listen_fds, listen_pid, listen_fdnames, pid):
+def parse_activation(listen_fds: Optional[str], listen_pid: Optional[str], listen_fdnames: Optional[str],
+                     pid: int) -> List[str]:
     """Checks the activation variables' values (None when unset) against our
     ``pid`` and returns one name per fd. Pure: touches no descriptor."""
     missing = [n for n, v in (("LISTEN_FDS", listen_fds), ("LISTEN_PID", listen_pid)) if v is None]
@@ -154,6 +161,7 @@ def parse_activation(listen_fds, listen_pid, listen_fdnames, pid):
             "under drover (or systemd socket activation), which binds the sockets and "
             "passes them at fd 3 and up" % " and ".join(missing)
         )
+    assert listen_pid is not None and listen_fds is not None
     try:
         expected = int(listen_pid.strip())
     except ValueError:
@@ -182,10 +190,10 @@ def parse_activation(listen_fds, listen_pid, listen_fdnames, pid):
 
 
 _listen_lock = threading.Lock()
-_taken = None
+_taken: Optional[List[Listener]] = None
 
 
-def listeners():
+def listeners() -> List[Listener]:
     """The listening sockets passed by drover (or systemd), as :class:`Listener`
     objects (``socket.socket`` with a ``name``), fd 3 first.
 
@@ -205,7 +213,7 @@ def listeners():
         names = parse_activation(
             env.get("LISTEN_FDS"), env.get("LISTEN_PID"), env.get("LISTEN_FDNAMES"), os.getpid()
         )
-        socks = []
+        socks: List[Listener] = []
         for i, name in enumerate(names):
             fd = LISTEN_FDS_START + i
             try:
@@ -223,15 +231,15 @@ def listeners():
         return list(socks)
 
 
-def listeners_by_name():
+def listeners_by_name() -> Dict[str, List[Listener]]:
     """``{name: [Listener, ...]}`` (names may repeat, as under systemd)."""
-    by_name = {}
+    by_name: Dict[str, List[Listener]] = {}
     for sock in listeners():
         by_name.setdefault(sock.name, []).append(sock)
     return by_name
 
 
-def listeners_or_bind(address):
+def listeners_or_bind(address: str) -> List[Listener]:
     """:func:`listeners` when started by drover; otherwise, for development,
     binds ``address`` ("host:port", "[v6]:port" or "unix:/path") and returns it
     as the only listener (named "fallback"). A LISTEN_PID mismatch still raises."""
@@ -268,7 +276,7 @@ def listeners_or_bind(address):
 # ---------------------------------------------------------------------------
 
 
-def notify(state):
+def notify(state: Union[str, bytes]) -> bool:
     """Sends ``state`` ("KEY=VALUE", or several lines) as one datagram to
     ``$NOTIFY_SOCKET`` (an absolute path, or "@name" for Linux's abstract
     namespace). Returns False when ``NOTIFY_SOCKET`` is unset or empty, True
@@ -286,12 +294,12 @@ def notify(state):
     return True
 
 
-def ready():
+def ready() -> bool:
     """READY=1: the worker accepts; drover counts it as booted."""
     return notify("READY=1")
 
 
-def will_notify():
+def will_notify() -> bool:
     """X_DROVER_WILL_NOTIFY=1: sent early (before a slow import), it tells
     drover that this worker will send READY=1 itself when it accepts, so that
     drover can wait for it without ``ready = "notify"`` in its config. A
@@ -300,28 +308,28 @@ def will_notify():
     return notify("X_DROVER_WILL_NOTIFY=1")
 
 
-def heartbeat():
+def heartbeat() -> bool:
     """WATCHDOG=1: the worker is alive (send it at half of :func:`watchdog_interval`)."""
     return notify("WATCHDOG=1")
 
 
-def status(text):
+def status(text: object) -> bool:
     """STATUS=<text>: a free-form line shown in drover's log."""
     return notify("STATUS=" + str(text).replace("\n", " "))
 
 
-def stopping():
+def stopping() -> bool:
     """STOPPING=1: the worker is going away on its own (e.g. after max requests):
     drover replaces it at once instead of treating the exit as a crash."""
     return notify("STOPPING=1")
 
 
-def extend_timeout(seconds):
+def extend_timeout(seconds: float) -> bool:
     """EXTEND_TIMEOUT_USEC: asks for more time for the current phase."""
     return notify("EXTEND_TIMEOUT_USEC=%d" % int(seconds * 1_000_000))
 
 
-def watchdog_interval():
+def watchdog_interval() -> Optional[float]:
     """The heartbeat interval drover expects (``WATCHDOG_USEC``, in seconds), or
     None when no heartbeat is expected (or ``WATCHDOG_PID`` names another process)."""
     usec = os.environ.get("WATCHDOG_USEC")
@@ -354,11 +362,11 @@ class _StopEvent(threading.Event):
     cannot be lost between the check and the wait. It is never cleared.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._cond = threading.Condition(threading.RLock())
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: Optional[float] = None) -> bool:
         if threading.current_thread() is not threading.main_thread():
             return super().wait(timeout)
         import select
@@ -371,28 +379,28 @@ class _StopEvent(threading.Event):
             select.select([_pipe_fds()[0]], [], [], left)
         return self.is_set()
 
-    def set(self):
+    def set(self) -> None:
         try:
             os.write(_pipe_fds()[1], b"x")
         except OSError:
             pass  # full: it is readable already
         super().set()
 
-    def clear(self):
+    def clear(self) -> None:
         raise RuntimeError("the stop event is never cleared")
 
 
 #: Set (never cleared) once a stop has been requested, by a signal or by
 #: :func:`request_stop`. Safe to wait on from any thread.
 stop_event = _StopEvent()
-_stop_kind = None
-_stop_time = None
-_quick_time = None
-_pipe = None
+_stop_kind: Optional[str] = None
+_stop_time: Optional[float] = None
+_quick_time: Optional[float] = None
+_pipe: Optional[Tuple[int, int]] = None
 _pipe_lock = threading.Lock()
 
 
-def _pipe_fds():
+def _pipe_fds() -> Tuple[int, int]:
     global _pipe
     if _pipe is None:
         with _pipe_lock:
@@ -404,13 +412,13 @@ def _pipe_fds():
     return _pipe
 
 
-def stop_fd():
+def stop_fd() -> int:
     """A file descriptor that becomes readable at the first stop request and
     stays readable (never read it): watch it with select/poll next to sockets."""
     return _pipe_fds()[0]
 
 
-def stop_kind():
+def stop_kind() -> Optional[str]:
     """None (running), "graceful" (SIGTERM/SIGINT) or "quick" (SIGQUIT).
     A stop is never downgraded: quick wins over graceful."""
     if _stop_kind is None and stop_event.is_set():
@@ -418,12 +426,12 @@ def stop_kind():
     return _stop_kind
 
 
-def stop_requested_at():
+def stop_requested_at() -> Optional[float]:
     """``time.monotonic()`` of the first stop request, or None."""
     return _stop_time
 
 
-def request_stop(kind="graceful"):
+def request_stop(kind: str = "graceful") -> None:
     """Asks for a stop from the program, as the signals do. Any thread."""
     global _stop_kind, _stop_time, _quick_time
     if kind not in ("graceful", "quick"):
@@ -438,18 +446,18 @@ def request_stop(kind="graceful"):
     stop_event.set()
 
 
-def _is_chainable(handler):
+def _is_chainable(handler: Any) -> bool:
     return callable(handler) and handler is not signal.default_int_handler
 
 
-_installed = {}  # signum -> our handler function currently installed
+_installed: Dict[int, Any] = {}  # signum -> our handler function currently installed
 _install_lock = threading.Lock()
 _exit_on_stop = False  # as the last install() said
 _exit_raised = False
 
 
-def _make_handler(kind, previous):
-    def handler(signum, frame):
+def _make_handler(kind: str, previous: Optional[Callable[..., Any]]) -> Callable[[int, Any], None]:
+    def handler(signum: int, frame: Any) -> None:
         global _exit_raised
         request_stop(kind)
         if previous is not None:
@@ -460,11 +468,11 @@ def _make_handler(kind, previous):
             _exit_raised = True
             raise SystemExit(0)
 
-    handler.__drover_worker__ = True
+    handler.__drover_worker__ = True  # type: ignore[attr-defined]
     return handler
 
 
-def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=True):
+def install(sigint: bool = True, quick_signal: int = signal.SIGQUIT, exit_on_stop: bool = True) -> threading.Event:
     """Handles SIGTERM (graceful stop), SIGINT (graceful; left alone with
     ``sigint=False``) and ``quick_signal`` (quick stop; SIGQUIT by default) by
     setting :data:`stop_event`. Returns :data:`stop_event`.
@@ -499,7 +507,7 @@ def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=True):
                 continue  # ours, still in place
             if signum == signal.SIGINT and current == signal.SIG_IGN:
                 continue  # started in the background: Ctrl+C is not for us
-            previous = current if _is_chainable(current) else None
+            previous = current if callable(current) and _is_chainable(current) else None
             handler = _make_handler(kind, previous)
             signal.signal(signum, handler)
             _installed[signum] = handler
@@ -507,10 +515,11 @@ def install(sigint=True, quick_signal=signal.SIGQUIT, exit_on_stop=True):
 
 
 # Signals handled through an asyncio loop: {signum: "graceful" | "quick"}.
-_loop_signals = {}
+_loop_signals: Dict[int, str] = {}
 
 
-def install_asyncio(loop=None, sigint=True, quick_signal=signal.SIGQUIT):
+def install_asyncio(loop: Optional["asyncio.AbstractEventLoop"] = None, sigint: bool = True,
+                    quick_signal: int = signal.SIGQUIT) -> "asyncio.Event":
     """The asyncio variant of :func:`install`: ``loop.add_signal_handler`` for
     the same signals. Returns an ``asyncio.Event`` set at the first stop (the
     threading :data:`stop_event` and :func:`stop_kind` are updated too).
@@ -537,12 +546,12 @@ def install_asyncio(loop=None, sigint=True, quick_signal=signal.SIGQUIT):
     _pipe_fds()
     chain = _LoopChain.of(loop)
 
-    def on_signal(signum, kind):
+    def on_signal(signum: int, kind: str) -> None:
         request_stop(kind)
         event.set()
         chain.call_next(signum)
 
-    on_signal.__drover_worker__ = True
+    on_signal.__drover_worker__ = True  # type: ignore[attr-defined]
     for signum, kind in wanted:
         current = signal.getsignal(signum)
         if signum == signal.SIGINT and current == signal.SIG_IGN:
@@ -559,10 +568,10 @@ class _LoopChain:
     ``add_signal_handler``/``remove_signal_handler`` so that a handler added
     later joins the chain instead of replacing ours."""
 
-    def __init__(self, loop):
+    def __init__(self, loop: Any) -> None:
         self.loop = loop
-        self.next = {}
-        self.ours = set()
+        self.next: Dict[int, Tuple[Callable[..., Any], Tuple[Any, ...]]] = {}
+        self.ours: Set[int] = set()
         self._add = loop.add_signal_handler
         self._remove = loop.remove_signal_handler
         try:
@@ -573,11 +582,11 @@ class _LoopChain:
             pass  # a loop type without instance attributes: no wrapping
 
     @classmethod
-    def of(cls, loop):
+    def of(cls, loop: Any) -> "_LoopChain":
         chain = getattr(loop, "_drover_worker_chain", None)
         return chain if chain is not None else cls(loop)
 
-    def take_previous(self, signum, current):
+    def take_previous(self, signum: int, current: Any) -> None:
         """Remembers the handler the application has now, if any."""
         if signum in self.ours:
             return  # installed by an earlier call: the chain is up to date
@@ -588,25 +597,27 @@ class _LoopChain:
         elif _is_chainable(current) and getattr(current, "__name__", "") != "_sighandler_noop":
             self.next[signum] = (current, (signum, None))  # a signal.signal handler
 
-    def add(self, signum, callback, *args):
+    def add(self, signum: int, callback: Callable[..., Any], *args: Any) -> None:
         self.ours.add(signum)
         self._add(signum, callback, *args)
 
-    def call_next(self, signum):
+    def call_next(self, signum: int) -> None:
         entry = self.next.get(signum)
         if entry is not None:
             entry[0](*entry[1])
 
-    def _app_add(self, signum, callback, *args):
+    def _app_add(self, signum: int, callback: Callable[..., Any], *args: Any) -> None:
         if signum in self.ours:
             self.next[signum] = (callback, args)
-            return None
-        return self._add(signum, callback, *args)
+            return
+        self._add(signum, callback, *args)
 
-    def _app_remove(self, signum):
-        if signum in self.ours:
+    def _app_remove(self, signum: int) -> bool:
+        # A closed loop removes its handlers (asyncio.run's end): all of them.
+        if signum in self.ours and not self.loop.is_closed():
             return self.next.pop(signum, None) is not None
-        return self._remove(signum)
+        self.ours.discard(signum)
+        return bool(self._remove(signum))
 
 
 # ---------------------------------------------------------------------------
@@ -614,12 +625,12 @@ class _LoopChain:
 # ---------------------------------------------------------------------------
 
 _reg_lock = threading.Condition(threading.Lock())
-_entries = []  # [(name, fn)]
+_entries: List[Tuple[str, Callable[[], Any]]] = []
 _phase = "open"  # -> "running" -> "done"
 _local = threading.local()
 
 
-def register(name, fn):
+def register(name: str, fn: F) -> F:
     """Registers ``fn()`` to run at cleanup under ``name`` (used in log lines).
     Any thread. Registering once cleanup has started is logged and ignored."""
     if not callable(fn):
@@ -632,7 +643,7 @@ def register(name, fn):
     return fn
 
 
-def on_exit(fn=None, name=None):
+def on_exit(fn: Union[F, str, None] = None, name: Optional[str] = None) -> Any:
     """Registers a cleanup function; usable as ``@on_exit``, ``@on_exit("name")``,
     ``@on_exit(name="name")`` or ``on_exit(fn, name="name")``. Returns the
     function unchanged. The default name is the function's qualified name."""
@@ -643,21 +654,21 @@ def on_exit(fn=None, name=None):
     return register(name if name is not None else _default_name(fn), fn)
 
 
-def _default_name(fn):
+def _default_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
-def graceful_timeout(value=None):
+def graceful_timeout(value: Optional[str] = None) -> float:
     """``DROVER_GRACEFUL_TIMEOUT`` in seconds (a decimal; default 30)."""
     return _seconds("DROVER_GRACEFUL_TIMEOUT", value, DEFAULT_GRACEFUL_TIMEOUT)
 
 
-def quick_timeout(value=None):
+def quick_timeout(value: Optional[str] = None) -> float:
     """``DROVER_QUICK_TIMEOUT`` in seconds (a decimal; default 5)."""
     return _seconds("DROVER_QUICK_TIMEOUT", value, DEFAULT_QUICK_TIMEOUT)
 
 
-def _seconds(var, value, default):
+def _seconds(var: str, value: Optional[str], default: float) -> float:
     if value is None:
         value = os.environ.get(var)
     if value is None or value.strip() == "":
@@ -672,17 +683,18 @@ def _seconds(var, value, default):
         return default
 
 
-def reserve(timeout):
+def reserve(timeout: float) -> float:
     """The part of a stop timeout kept back for the delivery of the signal and
     the exit: max(0.25 s, 5 %), at most half of ``timeout`` (seconds)."""
     return min(max(0.25, timeout * 0.05), timeout / 2)
 
 
-def _time_left(graceful, quick, since_stop, since_quick):
+def _time_left(graceful: float, quick: float, since_stop: Optional[float],
+               since_quick: Optional[float]) -> Tuple[float, float]:
     """(drain, cleanup) seconds left, from the timeouts and the seconds since
     the first stop request and the first quick one (None: not yet). Pure."""
 
-    def left(timeout, since):
+    def left(timeout: float, since: float) -> Tuple[float, float]:
         usable = timeout - reserve(timeout)
         return max(0.0, usable * 0.8 - since), max(0.0, usable - since)
 
@@ -693,13 +705,16 @@ def _time_left(graceful, quick, since_stop, since_quick):
     return drain, cleanup
 
 
-def _left_now():
+def _left_now() -> Tuple[float, float]:
     now = time.monotonic()
-    since = lambda t: None if t is None else now - t  # noqa: E731
+
+    def since(t: Optional[float]) -> Optional[float]:
+        return None if t is None else now - t
+
     return _time_left(graceful_timeout(), quick_timeout(), since(_stop_time), since(_quick_time))
 
 
-def remaining_budget():
+def remaining_budget() -> float:
     """The cleanup budget left now, in seconds: the time until drover's stop
     deadline, less the :func:`reserve`. The deadline is
     :func:`graceful_timeout` after the first stop request (now, if there was
@@ -708,7 +723,7 @@ def remaining_budget():
     return _left_now()[1]
 
 
-def drain_deadline():
+def drain_deadline() -> float:
     """When (``time.monotonic()``) a server should abandon in-flight requests
     so that the cleanup keeps its share: 4/5 of the way from the stop request
     to the end of :func:`remaining_budget` (for a quick stop, from the quick
@@ -717,7 +732,7 @@ def drain_deadline():
     return time.monotonic() + _left_now()[0]
 
 
-def run_cleanup(budget=None):
+def run_cleanup(budget: Optional[float] = None) -> bool:
     """Runs the registry once (last registered first), bounded by ``budget``
     seconds (default :func:`remaining_budget`, which also shrinks if the stop
     escalates to quick meanwhile). Later calls do nothing; a call from another
@@ -737,7 +752,7 @@ def run_cleanup(budget=None):
         entries = list(_entries)
         del _entries[:]
     follow = budget is None
-    if follow:
+    if budget is None:
         budget = remaining_budget()
     try:
         return _run_entries(entries, budget, follow)
@@ -752,7 +767,7 @@ class _BudgetExceeded(BaseException):
     budget, when the registry runs on the main thread."""
 
 
-def _call(name, fn):
+def _call(name: str, fn: Callable[[], Any]) -> None:
     try:
         fn()
     except _BudgetExceeded:
@@ -762,7 +777,7 @@ def _call(name, fn):
         _write_stderr("drover_worker[%d]: cleanup %r failed:\n%s" % (os.getpid(), name, text))
 
 
-def _ran_out(budget, current, skipped, what="abandoned it"):
+def _ran_out(budget: float, current: Optional[str], skipped: List[str], what: str = "abandoned it") -> None:
     skipped_text = "; not started: %s" % ", ".join(skipped) if skipped else ""
     if current is not None:
         _log("cleanup budget of %.1fs ran out while %r was still running; %s%s"
@@ -771,15 +786,15 @@ def _ran_out(budget, current, skipped, what="abandoned it"):
         _log("cleanup budget of %.1fs ran out%s" % (budget, skipped_text))
 
 
-def _run_entries(entries, budget, follow=False):
+def _run_entries(entries: List[Tuple[str, Callable[[], Any]]], budget: float, follow: bool = False) -> bool:
     if not entries:
         return True
     todo = list(reversed(entries))  # last registered first
-    state = {"current": None, "next": 0}
+    state: Dict[str, Any] = {"current": None, "next": 0}
     lock = threading.Lock()
     finished = threading.Event()
 
-    def helper():
+    def helper() -> None:
         _local.in_cleanup = True
         while True:
             with lock:
@@ -816,7 +831,8 @@ def _run_entries(entries, budget, follow=False):
     return False
 
 
-def _run_on_this_thread(todo, start, budget, follow, why):
+def _run_on_this_thread(todo: List[Tuple[str, Callable[[], Any]]], start: float, budget: float, follow: bool,
+                        why: BaseException) -> bool:
     """The registry on the calling thread. On the main thread the budget is
     still enforced: SIGALRM (every 50 ms from the budget's end, in case a
     function swallows the exception) raises :class:`_BudgetExceeded` in the
@@ -832,9 +848,9 @@ def _run_on_this_thread(todo, start, budget, follow, why):
         return True
     _log("cannot start the cleanup thread (%s); running cleanup on the main thread, "
          "with SIGALRM at the end of the budget" % why)
-    box = {"deadline": start + budget, "current": None, "next": 0}
+    box: Dict[str, Any] = {"deadline": start + budget, "current": None, "next": 0}
 
-    def on_alarm(signum, frame):
+    def on_alarm(signum: int, frame: Any) -> None:
         now = time.monotonic()
         if follow:
             box["deadline"] = min(box["deadline"], now + remaining_budget())
@@ -868,15 +884,22 @@ def _run_on_this_thread(todo, start, budget, follow, why):
     return False
 
 
-def _at_exit():
+def _at_exit() -> None:
     # asyncio.run() closes its loop, and closing puts the default action back
     # for every signal install_asyncio() handled: a second stop signal (drover
     # escalates with SIGQUIT) would then kill us in the middle of the
     # registry. Take them back for its run: a stop request, nothing more.
     for signum, kind in _loop_signals.items():
         if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(signum, lambda _s, _f, kind=kind: request_stop(kind))
+            signal.signal(signum, _stop_request_handler(kind))
     run_cleanup()
+
+
+def _stop_request_handler(kind: str) -> Callable[[int, Any], None]:
+    def handler(signum: int, frame: Any) -> None:
+        request_stop(kind)
+
+    return handler
 
 
 atexit.register(_at_exit)

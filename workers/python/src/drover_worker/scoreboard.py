@@ -13,6 +13,8 @@ threads of one process serialize their updates with a lock (Python has no
 atomic add), so drover reads whole values.
 """
 
+from __future__ import annotations  # X | None in signatures on Python 3.8 and 3.9
+
 import mmap
 import os
 import threading
@@ -56,7 +58,7 @@ class Scoreboard:
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None
-    ) -> Optional["Scoreboard"]:
+    ) -> Optional[Scoreboard]:
         """The record drover gave this worker, or None (no record, a file
         this SDK does not understand, or one it cannot open)."""
         env = os.environ if environ is None else environ

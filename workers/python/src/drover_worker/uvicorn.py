@@ -142,7 +142,7 @@ def _stopped_before_start() -> int:
 
 
 def _server_class(base: Any) -> Any:
-    class DroverServer(base):  # type: ignore[misc,valid-type]
+    class DroverServer(base):
         """uvicorn's Server, telling drover what happens."""
 
         async def startup(self, sockets: Optional[List[Any]] = None) -> None:
@@ -186,7 +186,7 @@ def _server_class(base: Any) -> Any:
             deadline = time.monotonic() + min(FIRST_BYTE_GRACE, dw.remaining_budget() / 4)
             while time.monotonic() < deadline:
                 fresh = [c for c in self.server_state.connections
-                         if getattr(c, "cycle", False) is None and not getattr(c, "transport").is_closing()]
+                         if getattr(c, "cycle", False) is None and not c.transport.is_closing()]
                 if not fresh:
                     return
                 await asyncio.sleep(0.01)

@@ -36,12 +36,19 @@ import sys
 import threading
 import time
 import traceback
+from typing import Any, Deque, Dict, List
 
 import drover_worker as dw
 from drover_worker.scoreboard import Scoreboard
 
 from .http import (
-    DEFAULT_LIMITS, HTTPError, parse_chunk_size, parse_request, split_target, error_response, http_date,
+    DEFAULT_LIMITS,
+    HTTPError,
+    error_response,
+    http_date,
+    parse_chunk_size,
+    parse_request,
+    split_target,
 )
 from .proxy import Proxy
 
@@ -252,7 +259,8 @@ class Input:
         return data
 
     def readlines(self, hint=-1):
-        lines, total = [], 0
+        lines: List[bytes] = []
+        total = 0
         while True:
             line = self.readline()
             if not line:
@@ -670,12 +678,12 @@ class Server:
         self.epoll = type(self.sel).__name__ == "EpollSelector"
         self.leader = threading.Condition(threading.Lock())  # held by the polling thread
         self.mu = threading.Lock()  # guards the selector's connections, the timers, state
-        self.pending = collections.deque()
+        self.pending: Deque[Any] = collections.deque()
         self.state = _RUNNING
         self.stop_seen = False
         self.stop_kind = None
         self.first_byte_deadline = 0.0
-        self.timers = {  # OrderedDicts fd -> Conn, in deadline order (one timeout each)
+        self.timers: Dict[str, collections.OrderedDict[int, Conn]] = {  # fd -> Conn, in deadline order (one timeout each)
             "fresh": collections.OrderedDict(),
             "idle": collections.OrderedDict(),
             "linger": collections.OrderedDict(),
@@ -743,7 +751,7 @@ class Server:
             self.stop_seen = True
             with self.mu:
                 self.state = _STOPPING
-                parked = []
+                parked: List[Conn] = []
                 for name in ("fresh", "idle"):
                     parked.extend(self.timers[name].values())
                     self.timers[name].clear()
@@ -981,7 +989,7 @@ class Server:
     def _expire(self, now):
         with self.mu:
             expired = []
-            for name, timer in self.timers.items():
+            for timer in self.timers.values():
                 while timer:
                     conn = next(iter(timer.values()))
                     if conn.deadline > now:
@@ -1196,6 +1204,7 @@ class Server:
             conn.sendall(error_response(e.status, e.reason))
             self._start_linger(conn)
             return False
+        inp: Input
         if req.chunked:
             inp = ChunkedInput(conn, req.expect_continue, self.body_timeout, self.body_min_rate)
         else:
