@@ -1081,6 +1081,62 @@ def sc_preload(ctx):
     return {"rows": rows}
 
 
+def sc_accesslog(ctx):
+    """drover + drover_wsgi with its access log on (Gunicorn's combined format,
+    to a file) against Gunicorn's gthread worker, with and without its access
+    log: wrk with keep-alive, 2 workers of 4 threads each."""
+    secs = 1 if ctx.quick else 3
+    app, why = throughput_app(ctx)
+    fmt = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+    gthread = ["--worker-class", "gthread", "--threads", "4"]
+    variants = [
+        ("drover-wsgi", "drover + drover_wsgi, no access log", "drover", [], False),
+        ("drover-wsgi-log", "drover + drover_wsgi, access log", "drover", [], True),
+        ("gunicorn-gthread", "Gunicorn gthread, no access log", "gunicorn", gthread, False),
+        ("gunicorn-gthread-log", "Gunicorn gthread, access log", "gunicorn", gthread, True),
+    ]
+    samples = {}
+    for rep in range(ctx.reps):
+        for key, label, kind, extra, logged in variants:
+            s = Subject(key, label, kind, "wsgi")
+            s.app = app
+            tmp = H.fresh_tmp()
+            port = H.free_port()
+            log = str(Path(tmp) / "access.log")
+            s.extra = list(extra) + (["--access-logfile", log, "--access-logformat", fmt]
+                                     if logged and kind == "gunicorn" else [])
+            s.worker_extra = ["--threads", "4"] + (["--access-logfile", log] if logged else [])
+            try:
+                with s.start(2, port, tmp, ctx.log_path("accesslog", key, ""),
+                             env_extra={"PYTHONPATH": f"{H.APPS}:{H.EXAMPLES}"}) as run:
+                    ctx.note_command("accesslog", key, cmd_of(run))
+                    s.wait_ready(run, 2, port, 60)
+                    time.sleep(0.2)
+                    r, cmd = H.run_wrk(port, 2, 50, secs)
+                    ctx.note_command("accesslog", "wrk", cmd.replace(str(port), "PORT"))
+                    r.pop("raw", None) if r.get("rps") else None
+                    lines = sum(1 for _ in open(log)) if logged and os.path.exists(log) else None
+                    r["log_lines"] = lines
+            except Unavailable as e:
+                r = {"error": str(e)}
+            samples.setdefault(key, []).append(r)
+            say(f"accesslog {key} rep {rep + 1}: {r.get('rps')} req/s, p99 {r.get('p99_ms')} ms, "
+                f"errors {r.get('errors')}, log lines {r.get('log_lines')}", r.get("error", ""))
+    rows = []
+    for key, label, _, _, _ in variants:
+        sm = samples.get(key, [])
+        rows.append({"subject": key, "label": label, "samples": sm, "rps": stats([x.get("rps") for x in sm]),
+                     "p99_ms": stats([x.get("p99_ms") for x in sm])})
+    by = {r["subject"]: r["rps"] and r["rps"].get("median") for r in rows}
+    ratio = None
+    if by.get("drover-wsgi-log") and by.get("gunicorn-gthread"):
+        ratio = by["drover-wsgi-log"] / by["gunicorn-gthread"]
+    say(f"accesslog: drover_wsgi with its access log / Gunicorn gthread without: {ratio and round(ratio, 2)}x "
+        "(target >= 2x)")
+    return {"rows": rows, "wsgi_app": app, "wsgi_app_note": why, "seconds": secs,
+            "ratio_log_vs_gthread": ratio}
+
+
 SCENARIOS = [
     ("startup", sc_startup),
     ("stop_term", lambda ctx: sc_stop_inflight(ctx, "term")),
@@ -1093,6 +1149,7 @@ SCENARIOS = [
     ("diagnose", sc_diagnose),
     ("observe", sc_observe),
     ("preload", sc_preload),
+    ("accesslog", sc_accesslog),
 ]
 
 

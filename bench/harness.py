@@ -783,11 +783,12 @@ class Subject:
         self.app = "bench_app:app"
         # More drover settings (--set) or Gunicorn options: the preload variants.
         self.extra = []
+        self.worker_extra = []  # options of drover-wsgi, before the app
 
     def worker_argv(self):
         if self.worker == "hello":
             return [str(HELLO)]
-        return [str(WSGI_WORKER), self.app]
+        return [str(WSGI_WORKER)] + self.worker_extra + [self.app]
 
     def argv(self, n, port, tmp, settings=()):
         if self.kind == "drover":

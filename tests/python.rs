@@ -61,6 +61,7 @@ const PY_MODULES: &[&str] = &[
     "test_http_parse.py",
     "test_wsgi_server.py",
     "test_production.py",
+    "test_conformance.py",
     "test_scoreboard.py",
     "test_preload.py",
 ];
@@ -169,6 +170,11 @@ fn python_unit_tests_wsgi_server_lifecycle() {
 #[test]
 fn python_unit_tests_production_features() {
     run_python_unittests("test_production.py", None);
+}
+
+#[test]
+fn python_unit_tests_http_conformance() {
+    run_python_unittests("test_conformance.py", None);
 }
 
 #[test]
