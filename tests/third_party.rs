@@ -1,0 +1,333 @@
+//! Third-party Python servers as drover workers, as docs/workers.md shows
+//! them: uWSGI (from the tests' venv, see requirements-dev.txt) serving the
+//! example app on drover's socket, held to its READY=1, reloaded under load
+//! and stopped gracefully.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The uWSGI worker of docs/workers.md: one uWSGI process per drover worker
+/// (no uWSGI master: drover is the supervisor), serving the socket of
+/// systemd activation (`LISTEN_FDS`) with `protocol` (`http`: one request
+/// per connection; `http11`: keep-alive), four threads, and SIGHUP as the
+/// graceful stop (uWSGI's SIGTERM ends a worker at once). `wsgi_file` is
+/// run from the example app's directory; `extra` adds keys.
+fn uwsgi(protocol: &str, wsgi_file: &str, extra: &str) -> String {
+    let command = [
+        python::script("uwsgi"),
+        "--protocol".into(),
+        protocol.into(),
+        "--wsgi-file".into(),
+        wsgi_file.into(),
+        "--callable".into(),
+        "app".into(),
+        "--threads".into(),
+        "4".into(),
+        "--pythonpath".into(),
+        python::examples_dir(),
+        "--disable-logging".into(),
+    ];
+    let command: Vec<String> = command.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [{}]\nworkers = 2\nstop_signal = \"SIGHUP\"\n\
+         graceful_timeout = \"10s\"\nchdir = {:?}\ncontrol_socket = \"$DIR/ctl.sock\"\n{extra}\n\
+         [env]\nEXAMPLE_CLEANUP_FILE = \"$DIR/cleanup\"\n",
+        command.join(", "),
+        python::examples_dir(),
+    )
+}
+
+fn example(extra: &str) -> String {
+    uwsgi("http", "example_app.py", extra)
+}
+
+/// `drover ctl ARGS` against `d`'s control socket: (exit status, stdout).
+fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
+    let out = Command::new(drover_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(d.dir.path().join("ctl.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn uwsgi_serves_on_drovers_socket() {
+    let d = Start::config(&example("")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let addr = d.tcp_addr();
+    let r = get_ok(addr, "/");
+    let pid = r.worker_pid();
+    assert_eq!(r.body, format!("hello from pid {pid}\n"));
+    assert!(
+        workers.iter().any(|w| w.as_raw() == pid),
+        "{pid} is one of drover's workers {workers:?}: uWSGI runs in the worker process"
+    );
+    assert_eq!(get_ok(addr, "/sleep?ms=10").body, "slept 10 ms\n");
+    let log = d.log();
+    assert!(
+        log.contains("SystemD socket activation detected"),
+        "uWSGI took drover's socket: {log}"
+    );
+    assert!(!log.contains("epoll_ctl()"), "one socket, once: {log}");
+}
+
+/// `--protocol http11`: keep-alive, and a kept-alive connection stays with
+/// the thread that served it.
+#[test]
+fn uwsgi_http11_keeps_connections_alive() {
+    let d = Start::config(&uwsgi("http11", "example_app.py", "")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    get_ok(addr, "/");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        write!(s, "GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let r = read_response(&mut s);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("Connection"), None, "kept alive: {r:?}");
+        pids.push(r.worker_pid());
+    }
+    assert_eq!(pids[0], pids[1], "one connection, one worker");
+}
+
+/// One response read by its Content-Length from a kept-alive connection.
+fn read_response(s: &mut TcpStream) -> Response {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "the connection stays open");
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).to_string();
+    let len: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find_map(|(k, v)| k.eq_ignore_ascii_case("content-length").then_some(v))
+        .expect("Content-Length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    raw.extend(body);
+    parse_response(&raw).unwrap()
+}
+
+/// The default `ready = "auto"`: uWSGI says `STATUS=initializing uWSGI` at
+/// once, so drover holds it to its READY=1, which it sends once the app is
+/// loaded (here after a 2 s import).
+#[test]
+fn uwsgi_is_ready_at_its_ready_1_after_the_app_loaded() {
+    let app = repo().join("tests/workers/slow_import_app.py");
+    let d = Start::config(&uwsgi("http", &app.display().to_string(), "")).run();
+    let started = Instant::now();
+    d.wait_log("all 2 workers ready");
+    let waited = started.elapsed();
+    let log = d.log();
+    assert!(
+        waited >= Duration::from_millis(2000),
+        "ready after {waited:?}, before the app's 2 s import ended: {log}"
+    );
+    assert!(!log.contains("sent nothing to NOTIFY_SOCKET"), "{log}");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
+/// A reload (new uWSGI workers, ready, then SIGHUP to the old ones) under
+/// steady load: every request is answered, none refused or reset.
+#[test]
+fn uwsgi_reloads_under_load_without_a_failed_request() {
+    let d = Start::config(&example("")).run();
+    d.wait_log("all 2 workers ready");
+    let before = d.wait_workers(2);
+    let addr = d.tcp_addr();
+    let load = Load::start(addr, 16, "/sleep?ms=5");
+    wait_answered(&load, 200);
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "{out}\n{}", d.log());
+    // Some load on the new generation alone.
+    let served = load.answered.load(std::sync::atomic::Ordering::Relaxed);
+    wait_answered(&load, served + 200);
+    let o = load.finish();
+    eprintln!("outcomes: {o:?}");
+    let after = d.wait_workers(2);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "a new generation serves: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        (o.refused, o.reset, o.truncated, o.other),
+        (0, 0, 0, 0),
+        "{o:?}\n{}",
+        d.log()
+    );
+}
+
+/// SIGTERM to drover: the uWSGI workers get SIGHUP (`stop_signal`), finish
+/// the request in flight, run the app's `drover_worker.on_exit` (Python's
+/// atexit), exit, and drover exits 0.
+#[test]
+fn uwsgi_stops_gracefully_with_a_request_in_flight() {
+    let mut d = Start::config(&example("")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let workers = d.wait_workers(2);
+    let slow = get_in_flight(addr, "/sleep?ms=2500");
+    d.signal(Signal::SIGTERM);
+    assert!(
+        !slow.is_finished(),
+        "the request ended before the stop was sent: nothing was tested"
+    );
+    let resp = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request gets its full response");
+    assert_eq!((resp.status, resp.body.as_str()), (200, "slept 2500 ms\n"));
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    for w in &workers {
+        assert!(!alive(*w), "worker {w} is gone");
+    }
+    assert!(
+        log.contains("graceful shutdown: stage 1, stop accepting"),
+        "{log}"
+    );
+    assert!(
+        log.contains("(0 killed)"),
+        "the workers exited by themselves: {log}"
+    );
+    let cleanup = read_file(&d.dir.path().join("cleanup"));
+    for w in &workers {
+        assert!(
+            cleanup.contains(&format!("cleanup pid={w}\n")),
+            "{w} ran drover_worker.on_exit: {cleanup:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Granian, through the SDK's launcher (drover-granian)
+// ---------------------------------------------------------------------------
+
+/// drover-granian serving `app` (importable from the example app's
+/// directory or tests/workers) with its defaults: 4 threads, drover's
+/// default stop signal; `extra` adds keys.
+fn granian(app: &str, extra: &str) -> String {
+    format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [{:?}, {app:?}]\nworkers = 2\n\
+         graceful_timeout = \"10s\"\nchdir = {:?}\ncontrol_socket = \"$DIR/ctl.sock\"\n{extra}\n\
+         [env]\nEXAMPLE_CLEANUP_FILE = \"$DIR/cleanup\"\nPYTHONPATH = {:?}\n",
+        python::script("drover-granian"),
+        python::examples_dir(),
+        repo().join("tests/workers").display().to_string(),
+    )
+}
+
+#[test]
+fn granian_serves_on_drovers_socket_once_the_app_is_imported() {
+    let d = Start::config(&granian("slow_import_app:app", "")).run();
+    let started = Instant::now();
+    d.wait_log("all 2 workers ready");
+    let waited = started.elapsed();
+    let log = d.log();
+    assert!(
+        waited >= Duration::from_millis(2000),
+        "ready after {waited:?}, before the app's 2 s import ended: {log}"
+    );
+    let workers = d.wait_workers(2);
+    let addr = d.tcp_addr();
+    let r = get_ok(addr, "/");
+    let pid = r.worker_pid();
+    assert_eq!(r.body, format!("hello from pid {pid}\n"));
+    assert!(
+        workers.iter().any(|w| w.as_raw() == pid),
+        "{pid} is one of drover's workers {workers:?}"
+    );
+    assert!(log.contains("with Granian (4 threads)"), "{log}");
+    // Keep-alive: two requests on one connection, one worker.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        write!(s, "GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let r = read_response(&mut s);
+        assert_eq!(r.status, 200);
+        pids.push(r.worker_pid());
+    }
+    assert_eq!(pids[0], pids[1], "one connection, one worker");
+}
+
+#[test]
+fn granian_reloads_under_load_without_a_failed_request() {
+    let d = Start::config(&granian("example_app:app", "")).run();
+    d.wait_log("all 2 workers ready");
+    let before = d.wait_workers(2);
+    let addr = d.tcp_addr();
+    let load = Load::start(addr, 16, "/sleep?ms=5");
+    wait_answered(&load, 200);
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "{out}\n{}", d.log());
+    let served = load.answered.load(std::sync::atomic::Ordering::Relaxed);
+    wait_answered(&load, served + 200);
+    let o = load.finish();
+    eprintln!("outcomes: {o:?}");
+    let after = d.wait_workers(2);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "a new generation serves: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        (o.refused, o.reset, o.truncated, o.other),
+        (0, 0, 0, 0),
+        "{o:?}\n{}",
+        d.log()
+    );
+}
+
+/// The shared graceful-stop check (the request in flight is answered, new
+/// connections are refused meanwhile, drover exits 0), and each worker
+/// exited 0 after running its cleanup registry.
+#[test]
+fn granian_stops_gracefully_with_a_request_in_flight() {
+    let start = Start::config(&granian("example_app:app", ""));
+    let (d, workers) = stop_with_request_in_flight(start, |d| d.signal(Signal::SIGTERM));
+    let log = d.log();
+    let cleanup = read_file(&d.dir.path().join("cleanup"));
+    for w in &workers {
+        assert!(
+            log.contains(&format!("(pid {w}) exited with status 0")),
+            "{log}"
+        );
+        assert!(
+            cleanup.contains(&format!("cleanup pid={w}\n")),
+            "{w} ran its registry: {cleanup:?}"
+        );
+    }
+}
+
+#[test]
+fn granian_with_an_app_that_cannot_be_imported_stops_drover_with_status_3() {
+    let mut d = Start::config(&granian("no_such_module:app", "")).run();
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("cannot boot: cannot load the application 'no_such_module:app'"),
+        "{log}"
+    );
+}
