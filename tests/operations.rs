@@ -390,8 +390,10 @@ fn a_hup_right_after_a_reload_waits_for_the_old_generation_to_drain() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
     d.wait_workers(2);
-    // An old worker keeps draining a request for a second after the reload.
-    let slow = get_in_flight(d.tcp_addr(), "/sleep?ms=1000");
+    // An old worker keeps draining a request after the reload: long enough
+    // that the reload's verdict and the HUP come before it ends, even on a
+    // loaded machine (1 s was not, in a CI run at load average 50).
+    let slow = get_in_flight(d.tcp_addr(), "/sleep?ms=5000");
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 0, "{out}");
     d.signal(Signal::SIGHUP);
