@@ -110,6 +110,9 @@ fn a_second_sigterm_escalates_to_quick() {
     let began = Instant::now();
     d.signal(Signal::SIGTERM);
     d.wait_log("stage 2, drain");
+    // A deliberate second one: after the 1 s in which a repeat is taken as
+    // the same request (tests/faults.rs).
+    std::thread::sleep(Duration::from_millis(1100));
     d.signal(Signal::SIGTERM);
     d.wait_log("shutdown escalated to quick");
     let status = d.wait_exit(LIMIT);

@@ -895,3 +895,61 @@ fn wait_settled_at(master: Pid, d: &Drover, n: usize) {
         panic!("not settled: {last}\nchildren: {:?}", children_of(master));
     }
 }
+
+#[test]
+fn a_stop_signal_delivered_twice_at_once_does_not_escalate() {
+    // As GNU timeout does: SIGTERM to drover, and to its process group.
+    let start = Start {
+        own_group: true,
+        ..Start::config(&config(
+            &hello_cmd(),
+            2,
+            "ready = \"notify\"\ngraceful_timeout = \"20s\"\nquick_timeout = \"2s\"",
+        ))
+    };
+    let mut d = start.run();
+    d.wait_log("all 2 workers ready");
+    // A request that holds the graceful stop for 1.5 s: a quick stop would
+    // cut it off.
+    let slow = get_in_flight(d.tcp_addr(), "/sleep?ms=1500");
+    d.signal(Signal::SIGTERM);
+    nix::sys::signal::killpg(d.pid(), Signal::SIGTERM).unwrap();
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    // The old code: "shutdown escalated to quick" 0.2 ms after the first.
+    assert!(!log.contains("escalated"), "{log}");
+    assert!(log.contains("SIGTERM again within 1000.0 ms"), "{log}");
+    assert_eq!(slow.join().unwrap().unwrap().status, 200);
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_worker_that_keeps_extending_cannot_lengthen_a_quick_stop() {
+    // Ignores TERM and QUIT, and asks for 10 s more every 50 ms.
+    let script = "import os,signal,socket,time\n\
+        signal.signal(signal.SIGTERM,signal.SIG_IGN)\n\
+        signal.signal(signal.SIGQUIT,signal.SIG_IGN)\n\
+        s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
+        a=os.environ['NOTIFY_SOCKET']\n\
+        s.sendto(b'READY=1',a)\n\
+        while True:\n    s.sendto(b'EXTEND_TIMEOUT_USEC=10000000',a)\n    time.sleep(0.05)\n";
+    let command = format!(
+        "[\"/usr/bin/python3\", \"-c\", {}]",
+        serde_json::to_string(script).unwrap()
+    );
+    let extra = "ready = \"notify\"\ngraceful_timeout = \"30s\"\nquick_timeout = \"2s\"";
+    let mut d = Start::config(&config(&command, 2, extra)).run();
+    d.wait_log("all 2 workers ready");
+    // Some extensions while serving (they move the heartbeat, if any).
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    d.signal(Signal::SIGQUIT);
+    let status = d.wait_exit(LIMIT);
+    let took = t.elapsed();
+    // The old code: over 22 s with quick_timeout = 2s.
+    assert!(
+        took < Duration::from_secs(5),
+        "the quick stop took {took:?}"
+    );
+    assert_eq!(status.code(), Some(4), "workers killed at the deadline");
+}

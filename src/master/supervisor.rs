@@ -96,6 +96,11 @@ impl Phase {
     }
 }
 
+/// A stop signal repeated within this much of the one that began a graceful
+/// shutdown is the same request, not a second one: it does not escalate
+/// (docs/signals.md).
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(1);
+
 pub struct Supervisor {
     pub pool: Pool,
     pub rollout: Rollout,
@@ -287,6 +292,13 @@ impl Supervisor {
             // Reaping is the master's (it owns waitpid): see `on_exit`.
             Event::Child => {}
             Event::Terminate if self.begin_prestop(name, now) => {}
+            Event::Terminate | Event::Interrupt if self.repeats_the_stop(name, now) => {
+                info!(
+                    "{name} again within {} of the one that began the shutdown: \
+                     the same request (send it again later to hurry)",
+                    ms(REPEAT_WINDOW)
+                );
+            }
             Event::Terminate | Event::Interrupt => {
                 // The same signal again during a graceful shutdown means "hurry".
                 let quick = matches!(&self.phase, Phase::ShuttingDown(sd) if !sd.quick);
@@ -303,6 +315,17 @@ impl Supervisor {
             Event::Upgrade => self.emit(Action::StartUpgrade { client: None }),
             Event::StopWorkers => self.pause(name, now),
         }
+    }
+
+    /// Whether `name` is the signal that began the graceful shutdown under
+    /// way, again within [`REPEAT_WINDOW`]: one request delivered twice
+    /// (GNU `timeout`, or anything that signals both a process and its
+    /// group), not a second one asking to hurry.
+    fn repeats_the_stop(&self, name: &'static str, now: Instant) -> bool {
+        matches!(&self.phase, Phase::ShuttingDown(sd)
+            if !sd.quick
+                && sd.cause == Cause::Signal(name)
+                && now.saturating_duration_since(sd.began) < REPEAT_WINDOW)
     }
 
     /// `--reload`: the watched files (`what`) changed and have been quiet
@@ -810,13 +833,18 @@ impl Supervisor {
                 // Its own generation's interval: a reload that changed or
                 // removed `timeout` does not change what this worker promised.
                 Message::Watchdog => w.heartbeat(now),
-                Message::ExtendTimeout(by) => {
-                    w.extend(now + by);
-                    debug!(
-                        "worker {slot} (pid {pid}) extended its deadline by {}",
+                Message::ExtendTimeout(by) => match w.extend(by, now) {
+                    Some(d) => debug!(
+                        "worker {slot} (pid {pid}) asked for {} more: deadline in {}",
+                        ms(by),
+                        ms(d.saturating_duration_since(now))
+                    ),
+                    None => debug!(
+                        "worker {slot} (pid {pid}) asked for {} more: not extended \
+                         (a quick stop, an abort, or no deadline)",
                         ms(by)
-                    );
-                }
+                    ),
+                },
                 Message::Status(text) => {
                     info!("worker {slot} (pid {pid}) status: {text}");
                     w.status = Some(text);
@@ -1544,6 +1572,44 @@ mod tests {
     }
 
     #[test]
+    fn extensions_lengthen_a_graceful_stop_up_to_the_maximum_and_never_a_quick_one() {
+        use super::super::worker::MAX_EXTENSION;
+        let now = Instant::now();
+        let mut sup = started(
+            "workers = 1\ngraceful_timeout = \"10s\"\nquick_timeout = \"2s\"",
+            now,
+        );
+        sup.on_signal(Event::Terminate, now);
+        drain(&mut sup);
+        let extend = |sup: &mut Supervisor, secs: u64, at: Instant| {
+            let by = Duration::from_secs(secs);
+            sup.on_notify(pid(11), vec![Message::ExtendTimeout(by)], at);
+            sup.next_deadline(at)
+        };
+        // A graceful stop: lengthened, up to the maximum past its deadline.
+        assert_eq!(
+            extend(&mut sup, 20, now),
+            Some(now + Duration::from_secs(20))
+        );
+        let cap = now + Duration::from_secs(10) + MAX_EXTENSION;
+        assert_eq!(
+            extend(&mut sup, 3600, now + Duration::from_secs(15)),
+            Some(cap)
+        );
+        assert_eq!(
+            extend(&mut sup, 3600, now + Duration::from_secs(200)),
+            Some(cap)
+        );
+        // Hurried (after the repeat window): the quick deadline holds.
+        let later = now + Duration::from_secs(2);
+        sup.on_signal(Event::Terminate, later);
+        drain(&mut sup);
+        let quick = later + Duration::from_secs(2);
+        assert_eq!(sup.next_deadline(later), Some(quick));
+        assert_eq!(extend(&mut sup, 60, later), Some(quick));
+    }
+
+    #[test]
     fn a_second_sigterm_escalates_and_the_deadline_kills() {
         let now = Instant::now();
         let mut sup = started(
@@ -1562,6 +1628,12 @@ mod tests {
                 "signal SIGTERM to slot 2 pid 12 (Stop(Shutdown))",
             ]
         );
+        // The same signal again at once (GNU timeout, a signal to the
+        // process and its group): the same request.
+        sup.on_signal(Event::Terminate, now + Duration::from_millis(1));
+        assert_eq!(drain(&mut sup), Vec::<String>::new());
+        // Once the window has passed, a deliberate second one hurries.
+        let now = now + REPEAT_WINDOW;
         sup.on_signal(Event::Terminate, now);
         let actions = drain(&mut sup);
         assert_eq!(

@@ -26,6 +26,10 @@ use super::action::Action;
 use super::generation::Generation;
 use crate::config::Ready;
 
+/// The most `EXTEND_TIMEOUT_USEC` can add to a deadline drover set
+/// (docs/protocol.md).
+pub const MAX_EXTENSION: Duration = Duration::from_secs(300);
+
 /// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -42,7 +46,13 @@ pub enum State {
     /// Serving.
     Ready(Serving),
     /// Asked to stop; its process group is killed at the deadline.
-    Stopping { why: Stop, deadline: Instant },
+    /// `EXTEND_TIMEOUT_USEC` may move the deadline up to `limit`; a quick
+    /// stop or an abort has none.
+    Stopping {
+        why: Stop,
+        deadline: Instant,
+        limit: Option<Instant>,
+    },
     /// Sent SIGKILL: its exit is due, nothing else.
     Killed { kill: Kill, stopped: Option<Stop> },
     /// Could not exec (already dealt with): its exit (127) says nothing more.
@@ -261,6 +271,7 @@ impl Worker {
             State::Stopping {
                 why: own,
                 deadline: d,
+                ..
             } => {
                 if pace != Pace::Quick {
                     return None;
@@ -276,7 +287,13 @@ impl Worker {
             }
             _ => {}
         }
-        self.state = State::Stopping { why, deadline };
+        // Only a graceful stop may be extended, and not for ever.
+        let limit = (pace == Pace::Graceful).then(|| deadline + MAX_EXTENSION);
+        self.state = State::Stopping {
+            why,
+            deadline,
+            limit,
+        };
         Some(Action::Signal {
             slot: self.slot,
             pid: self.pid,
@@ -360,16 +377,35 @@ impl Worker {
         }
     }
 
-    /// Pushes the current deadline to at least `until` (`EXTEND_TIMEOUT_USEC`).
-    pub fn extend(&mut self, until: Instant) {
+    /// `EXTEND_TIMEOUT_USEC`: pushes the current deadline to at least `by`
+    /// from now, within [`MAX_EXTENSION`] past the deadline drover set (a
+    /// boot: `boot_timeout` after the spawn; a graceful stop: its
+    /// `graceful_timeout`; a heartbeat: from now). A quick stop or an abort
+    /// is never extended. Returns the deadline now in force, or None if the
+    /// state has none this message may move.
+    pub fn extend(&mut self, by: Duration, now: Instant) -> Option<Instant> {
+        let until = now + by.min(MAX_EXTENSION);
+        let boot_limit = self.started + self.gen.s.boot_timeout.0 + MAX_EXTENSION;
         match &mut self.state {
-            State::Execing { deadline: d }
-            | State::Booting { deadline: d, .. }
-            | State::Ready(Serving {
+            State::Execing { deadline: d } | State::Booting { deadline: d, .. } => {
+                *d = (*d).max(until.min(boot_limit));
+                Some(*d)
+            }
+            State::Ready(Serving {
                 heartbeat: Some(d), ..
-            })
-            | State::Stopping { deadline: d, .. } => *d = (*d).max(until),
-            _ => {}
+            }) => {
+                *d = (*d).max(until);
+                Some(*d)
+            }
+            State::Stopping {
+                deadline: d,
+                limit: Some(limit),
+                ..
+            } => {
+                *d = (*d).max(until.min(*limit));
+                Some(*d)
+            }
+            _ => None,
         }
     }
 
