@@ -953,3 +953,36 @@ fn a_worker_that_keeps_extending_cannot_lengthen_a_quick_stop() {
     );
     assert_eq!(status.code(), Some(4), "workers killed at the deadline");
 }
+
+#[test]
+fn a_status_flood_is_logged_at_ten_lines_a_second_with_what_was_dropped() {
+    let script = "import os,socket,time\n\
+        s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
+        a=os.environ['NOTIFY_SOCKET']\n\
+        s.sendto(b'READY=1',a)\n\
+        for i in range(5000):\n    s.sendto(b'STATUS=busy %d' % i,a)\n\
+        time.sleep(1.2)\n\
+        s.sendto(b'STATUS=after the flood',a)\n\
+        time.sleep(1000)\n";
+    let command = format!(
+        "[\"/usr/bin/python3\", \"-c\", {}]",
+        serde_json::to_string(script).unwrap()
+    );
+    let mut d = Start::config(&config(&command, 1, "ready = \"notify\"")).run();
+    let log = d.wait_log("status: after the flood");
+    let logged = log.matches("status: busy").count();
+    eprintln!("{logged} of 5,000 status lines logged");
+    // The old code logged all 5,000 (two workers wrote 863 MB in 5 s).
+    assert!(logged <= 30, "{logged} status lines logged");
+    assert!(
+        log.contains("earlier status line(s) not logged: over 10 a second)"),
+        "{log}"
+    );
+    // `ctl status` still shows the latest.
+    assert_eq!(
+        status(&d)["status"]["workers"][0]["status"],
+        "after the flood"
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+}

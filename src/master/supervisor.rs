@@ -21,6 +21,7 @@ use super::rollout::{Rollout, Settled};
 use super::shutdown::{Cause, Shutdown};
 use super::worker::{
     describe, exit_code, ms, resident_bytes, Kill, Pace, Replace, State, Stop, Worker,
+    STATUS_LINES_PER_SECOND,
 };
 use crate::config::Ready;
 use crate::control::{self, ClientId, Command};
@@ -846,7 +847,14 @@ impl Supervisor {
                     ),
                 },
                 Message::Status(text) => {
-                    info!("worker {slot} (pid {pid}) status: {text}");
+                    match w.status_log.take(now) {
+                        Some(0) => info!("worker {slot} (pid {pid}) status: {text}"),
+                        Some(n) => info!(
+                            "worker {slot} (pid {pid}) status: {text} \
+                             ({n} earlier status line(s) not logged: over {STATUS_LINES_PER_SECOND} a second)"
+                        ),
+                        None => {}
+                    }
                     w.status = Some(text);
                 }
                 Message::Stopping => {

@@ -157,6 +157,40 @@ pub struct Worker {
     pub started: Instant,
     /// The last `STATUS=` it sent.
     pub status: Option<String>,
+    /// How much of its `STATUS=` the log took this second.
+    pub status_log: LogBudget,
+}
+
+/// The most `STATUS=` lines of one worker logged in a second; the rest are
+/// counted, and the count logged with the next line let through.
+pub const STATUS_LINES_PER_SECOND: u32 = 10;
+
+/// A per-second budget of log lines.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogBudget {
+    second: Option<Instant>,
+    used: u32,
+    dropped: u64,
+}
+
+impl LogBudget {
+    /// Whether a line may be logged now; `Some(n)` with the lines dropped
+    /// since the last one logged, to say so.
+    pub fn take(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .second
+            .is_none_or(|s| now.saturating_duration_since(s) >= Duration::from_secs(1))
+        {
+            self.second = Some(now);
+            self.used = 0;
+        }
+        if self.used >= STATUS_LINES_PER_SECOND {
+            self.dropped += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.dropped))
+    }
 }
 
 impl Worker {
@@ -170,6 +204,7 @@ impl Worker {
             state: State::Execing { deadline },
             started: now,
             status: None,
+            status_log: LogBudget::default(),
         }
     }
 
