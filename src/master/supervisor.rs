@@ -517,8 +517,7 @@ impl Supervisor {
                 error!("{why}: reload rejected, nothing changed: {e}");
                 self.reload_failed = Some(format!("reload rejected: {e}"));
                 self.emit(Action::Publish(Kind::ReloadRejected { reason: e.clone() }));
-                let summary = self.summary();
-                self.emit(Action::NotifySystemd(Note::Ready(summary)));
+                self.ready_again();
                 self.emit_all(waiters.answer(control::failure(&format!("rejected: {e}"))));
                 return;
             }
@@ -598,13 +597,9 @@ impl Supervisor {
                 self.emit_all(waiters.answer(control::success(&format!(
                     "applied: generation {current} in {took}"
                 ))));
-                let summary = self.summary();
-                self.emit(Action::NotifySystemd(Note::Ready(summary)));
+                self.ready_again();
             }
-            Some((Settled::RolledBack, ..)) => {
-                let summary = self.summary();
-                self.emit(Action::NotifySystemd(Note::Ready(summary)));
-            }
+            Some((Settled::RolledBack, ..)) => self.ready_again(),
         }
         if let Some(why) = self.rollout.start_queued(&self.pool) {
             self.load_config(&why);
@@ -915,6 +910,20 @@ impl Supervisor {
             self.emit_all(stops);
         }
         self.check_booted();
+    }
+
+    /// A reload is over (applied, rejected or rolled back): `READY=1` again
+    /// for our service manager, or for the old master of an upgrade, which
+    /// takes it as "every worker booted" and retires. Before start-up is
+    /// over that would be a lie: only the status then, and `READY=1` once
+    /// every worker is ready (`check_booted`).
+    fn ready_again(&mut self) {
+        let summary = self.summary();
+        if self.booted() {
+            self.emit(Action::NotifySystemd(Note::Ready(summary)));
+        } else {
+            self.emit(Action::NotifySystemd(Note::Status(summary)));
+        }
     }
 
     fn check_booted(&mut self) {
@@ -1615,6 +1624,26 @@ mod tests {
         let quick = later + Duration::from_secs(2);
         assert_eq!(sup.next_deadline(later), Some(quick));
         assert_eq!(extend(&mut sup, 60, later), Some(quick));
+    }
+
+    #[test]
+    fn a_reload_rejected_before_every_worker_booted_does_not_say_ready() {
+        let now = Instant::now();
+        let mut sup = Supervisor::new(Rc::new(gen(1, "workers = 2\nready = \"notify\"")), now);
+        let actions = turn(&mut sup, 11, now);
+        assert!(!has(&actions, "Ready"), "{actions:?}");
+        // A new master of an upgrade told to reload while its workers boot:
+        // the old code said READY=1 here, and the old master retired.
+        sup.on_signal(Event::Reload, now);
+        drain(&mut sup);
+        sup.config_loaded(Err("test.toml:1:1: broken".into()), "test.toml", now);
+        let actions = drain(&mut sup);
+        assert!(!has(&actions, "notify_systemd Ready"), "{actions:?}");
+        assert!(has(&actions, "notify_systemd Status"), "{actions:?}");
+        sup.on_notify(pid(11), vec![Message::Ready], now);
+        assert!(!has(&drain(&mut sup), "notify_systemd Ready"));
+        sup.on_notify(pid(12), vec![Message::Ready], now);
+        assert!(has(&drain(&mut sup), "notify_systemd Ready"));
     }
 
     #[test]
