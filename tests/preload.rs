@@ -393,6 +393,9 @@ fn a_template_that_does_not_answer_is_killed_and_replaced() {
     ])
     .run();
     let log = d.wait_log("no answer to a fork request within 5000.0 ms; killing it");
+    d.wait_log(
+        "worker 1: its fork request got no answer; respawning in 100.0 ms (failure 1 in a row)",
+    );
     let first = pids_after(&log, "template of generation 1")[0];
     d.wait_log(&format!(
         "template of generation 1 (pid {first}) killed by SIGKILL"
@@ -404,4 +407,48 @@ fn a_template_that_does_not_answer_is_killed_and_replaced() {
             .find(|p| *p != first)
     });
     assert!(!alive(first));
+}
+
+#[test]
+fn max_requests_recycling_forks_from_the_template() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    // drover-wsgi recycles its worker every 3 requests (STOPPING=1, exit 0).
+    let toml = format!(
+        r#"bind = "127.0.0.1:0"
+command = [{wsgi:?}, "--chdir", {dir:?}, "--max-requests", "3", "preload_app:app"]
+workers = 1
+ready = "notify"
+preload = true
+
+[env]
+APP_CLEANUP_FILE = "{dir}/cleanup"
+"#,
+        wsgi = python::script("drover-wsgi"),
+        dir = app.path().display(),
+    );
+    let d = Start::config(&toml).run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        // A recycled worker drains and exits; its successor takes the queue.
+        served.insert(served_by(&get_ok(addr, "/").body).1);
+    }
+    assert!(served.len() >= 3, "recycled every 3 requests: {served:?}");
+    let log = d.log();
+    for pid in &served {
+        assert!(
+            log.contains(&format!("(pid {pid}) spawned, generation 1")),
+            "{log}"
+        );
+    }
+    assert_eq!(
+        template_pids(&d)
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        1,
+        "every worker forked from the one template: {log}"
+    );
 }

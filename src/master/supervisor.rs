@@ -713,6 +713,16 @@ impl Supervisor {
         self.hold_spawns = true;
     }
 
+    /// A fork request for `slot` got no answer (its template died or hung):
+    /// a failure of the slot, which waits for its backoff.
+    pub fn fork_lost(&mut self, slot: u32, now: Instant) {
+        let (delay, failures) = self.slot_failed(slot, now);
+        warn!(
+            "worker {slot}: its fork request got no answer; respawning in {} (failure {failures} in a row)",
+            ms(delay)
+        );
+    }
+
     /// The template of `generation` failed before it was ready to fork, as
     /// `cause` says (`cannot_boot`: it exited with status 3). As for a
     /// worker that cannot boot: a reload rolls back, start-up stops drover

@@ -485,6 +485,10 @@ impl Master {
                         gen.number
                     );
                     let _ = killpg(pid, Signal::SIGKILL);
+                    // The worker it may have forked is unknown to us (killed
+                    // if it speaks, reaped as an orphan if it dies): the
+                    // slot counts a failed spawn, and waits for its backoff.
+                    self.sup.fork_lost(slot, now);
                     self.sup.spawn_waits();
                 }
             },
