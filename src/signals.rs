@@ -55,6 +55,11 @@ impl Event {
             .map(|(_, e)| *e)
     }
 
+    /// The signal this event comes from.
+    pub fn signal(self) -> Option<Raw> {
+        TABLE.iter().find(|(_, e)| *e == self).map(|(s, _)| *s)
+    }
+
     /// The signal's name, for logs.
     pub fn signal_name(self) -> &'static str {
         TABLE

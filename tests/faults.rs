@@ -986,3 +986,74 @@ fn a_status_flood_is_logged_at_ten_lines_a_second_with_what_was_dropped() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
 }
+
+/// The pid in "upgrade: started PATH as pid N;".
+fn new_master_pid(log: &str) -> Pid {
+    let rest = log.split("as pid ").nth(1).expect("the upgrade line");
+    Pid::from_raw(rest.split(';').next().unwrap().parse().unwrap())
+}
+
+#[test]
+fn a_stop_early_in_an_upgrade_cancels_it_and_both_masters_stop() {
+    let mut d = Start::config(&config(&hello_cmd(), 2, "ready = \"notify\"")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    // The new master's workers take 3 s to boot.
+    let slow = config(
+        &format!("[\"sh\", \"-c\", \"sleep 3; exec {}\"]", hello_bin()),
+        2,
+        "ready = \"notify\"",
+    );
+    std::fs::write(
+        d.dir.path().join("config.toml"),
+        slow.replace("$DIR", &d.dir.path().display().to_string()),
+    )
+    .unwrap();
+    d.signal(Signal::SIGUSR2);
+    let log = d.wait_log("upgrade: started");
+    let new = new_master_pid(&log);
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+    // The old code: the new master went on alone, its socket dropping SYNs.
+    wait_for("the new master to stop", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+    let log = d.log();
+    assert!(
+        log.contains("SIGTERM: upgrade cancelled: the new master"),
+        "{log}"
+    );
+    // Nothing listens any more: refused at once, not left to time out.
+    let refused =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind());
+    assert_eq!(
+        refused.err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_stop_late_in_an_upgrade_leaves_the_new_master_serving() {
+    let mut d = Start::config(&config(&hello_cmd(), 2, "ready = \"notify\"")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    d.signal(Signal::SIGUSR2);
+    let log = d.wait_log("; retiring this one");
+    let new = new_master_pid(&log);
+    d.signal(Signal::SIGTERM);
+    assert!(matches!(d.wait_exit_only(LIMIT).code(), Some(0 | 4)));
+    // The new master serves, for well over a second: no SYN is dropped.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        assert!(s.is_ok(), "connect after the late stop: {s:?}");
+        assert_eq!(get(addr, "/").unwrap().status, 200);
+    }
+    assert!(alive(new));
+    nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+}

@@ -220,6 +220,8 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         generation: first.number,
     });
     let outcome = master.run_loop();
+    let limit = master.sup.current().s.graceful_timeout.0;
+    master.reap_cancelled_upgrade(limit);
     let status = master.finish(outcome);
     master.obs.publish(crate::events::Kind::Exiting { status });
     master.obs.close();
@@ -425,6 +427,12 @@ impl Master {
         for event in self.signals.drain() {
             match event {
                 Event::Child => self.reap(),
+                Event::Terminate | Event::Interrupt | Event::Quit => {
+                    if let Some(signal) = event.signal() {
+                        self.cancel_upgrade(signal);
+                    }
+                    self.sup.on_signal(event, now)
+                }
                 _ => self.sup.on_signal(event, now),
             }
         }

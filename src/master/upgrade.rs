@@ -33,6 +33,9 @@ pub struct Upgrade {
     limit: Duration,
     /// drover killed the new master at its deadline: its death is ours.
     timed_out: bool,
+    /// A stop arrived before the new master was ready: it was told to stop
+    /// too, and its `READY=1` no longer hands anything over.
+    cancelled: bool,
     waiters: Waiters,
 }
 
@@ -175,6 +178,7 @@ impl Master {
                     deadline: now + limit,
                     limit,
                     timed_out: false,
+                    cancelled: false,
                     waiters: Waiters::one(client),
                 });
             }
@@ -182,8 +186,77 @@ impl Master {
         }
     }
 
+    /// A stop (SIGTERM, SIGINT, SIGQUIT) during an upgrade. Before the new
+    /// master is ready, the upgrade is cancelled: the new master is given
+    /// the same signal (its sockets are inherited, so it attaches no filter)
+    /// and this master stops as usual. After, this master is already
+    /// retiring and the new one serves: nothing to cancel (docs/operations.md).
+    pub(super) fn cancel_upgrade(&mut self, signal: Signal) {
+        let Some(u) = self.upgrade.as_mut().filter(|u| !u.cancelled) else {
+            return;
+        };
+        u.cancelled = true;
+        let (pid, waiters) = (u.pid, std::mem::take(&mut u.waiters));
+        warn!(
+            "{}: upgrade cancelled: the new master (pid {pid}) was not ready yet; \
+             sending it {} and stopping this one",
+            signal.as_str(),
+            signal.as_str()
+        );
+        let _ = kill(pid, signal);
+        self.obs.publish(crate::events::Kind::UpgradeFailed {
+            reason: format!("cancelled by {}", signal.as_str()),
+        });
+        self.answer(
+            waiters,
+            control::failure(&format!(
+                "upgrade cancelled by {}: both masters stop",
+                signal.as_str()
+            )),
+        );
+    }
+
+    /// At exit, a cancelled upgrade's new master is waited for (it stops
+    /// its own workers), for at most `limit`, then killed: no master of
+    /// ours outlives this one.
+    pub(super) fn reap_cancelled_upgrade(&mut self, limit: Duration) {
+        if !self.upgrade.as_ref().is_some_and(|u| u.cancelled) {
+            return;
+        }
+        let Some(u) = self.upgrade.take() else { return };
+        let deadline = Instant::now() + limit;
+        loop {
+            match nix::sys::wait::waitpid(u.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    warn!(
+                        "upgrade: the new master (pid {}) did not stop in time: SIGKILL",
+                        u.pid
+                    );
+                    let _ = kill(u.pid, Signal::SIGKILL);
+                    let _ = nix::sys::wait::waitpid(u.pid, None);
+                    return;
+                }
+                Ok(status) => {
+                    info!(
+                        "upgrade: the new master (pid {}) {}",
+                        u.pid,
+                        describe(status, None)
+                    );
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
     pub(super) fn on_upgrade_notify(&mut self, messages: Vec<Message>) {
         if !messages.contains(&Message::Ready) {
+            return;
+        }
+        if self.upgrade.as_ref().is_some_and(|u| u.cancelled) {
             return;
         }
         let Some(u) = self.upgrade.take() else { return };
@@ -209,6 +282,14 @@ impl Master {
 
     pub(super) fn on_upgrade_exit(&mut self, status: WaitStatus) {
         let Some(u) = self.upgrade.take() else { return };
+        if u.cancelled {
+            info!(
+                "upgrade: the new master (pid {}) {}",
+                u.pid,
+                describe(status, None)
+            );
+            return;
+        }
         let why = if u.timed_out {
             format!(
                 "the new master (pid {}) was not ready within {} (its workers' boot_timeout + {}); drover killed it",
