@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as H  # noqa: E402
+import peers  # noqa: E402
 import report  # noqa: E402
 from harness import Subject, Unavailable, now, ms  # noqa: E402
 
@@ -1150,6 +1151,7 @@ SCENARIOS = [
     ("observe", sc_observe),
     ("preload", sc_preload),
     ("accesslog", sc_accesslog),
+    ("peers", peers.sc_peers),
 ]
 
 

@@ -9,6 +9,8 @@ import os
 from html import escape
 from pathlib import Path
 
+import peers
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 CHARTS = ROOT / "bench" / "charts"
@@ -358,6 +360,9 @@ def render(res, charts_rel, outdir):
     sec_diagnose(sc.get("diagnose"), sc.get("footprint"), cmds, L)
     sec_observe(sc.get("observe"), cmds, L)
     sec_preload(sc.get("preload"), cmds, L)
+    if sc.get("peers"):
+        peers.render(sc["peers"], L)
+        commands(cmds, "peers", L)
     return "\n".join(L) + "\n"
 
 

@@ -1,0 +1,260 @@
+"""The peers scenario: drover_wsgi side by side with the fastest Python
+servers, in one run (issue 17's measurements).
+
+Every subject serves the same app with 2 processes (and 4 threads where the
+server has threads): drover + drover_wsgi, drover + uWSGI, drover + Granian
+(drover-granian), Gunicorn gthread (its own master), drover + bjoern (one
+thread per process). Three loads: bench_app's `/` with keep-alive, the same
+with `Connection: close`, and the Flask app's `/` with keep-alive; each with
+`wrk -t2 -c16`. Each round runs every (load, subject) pair, the subjects in
+a rotating order, so that a drift of the shared machine does not always hit
+the same one. Measured: requests/s, p99, and CPU per request (the CPU time of
+the subject's whole process tree during the wrk run, divided by its
+requests).
+"""
+
+import shlex
+import socket
+import subprocess
+import time
+
+import harness as H
+
+
+def say(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+THREADS = 4
+WORKERS = 2
+CONNS = 16
+LOADS = [
+    ("hello-keepalive", "bench_app:app", False),
+    ("hello-close", "bench_app:app", True),
+    ("flask-keepalive", "flask_app:app", False),
+]
+SUBJECTS = ["drover-wsgi", "drover-uwsgi", "drover-granian", "gunicorn-gthread", "drover-bjoern"]
+LABELS = {
+    "drover-wsgi": "drover + drover_wsgi",
+    "drover-uwsgi": "drover + uWSGI",
+    "drover-granian": "drover + Granian",
+    "gunicorn-gthread": "Gunicorn (gthread)",
+    "drover-bjoern": "drover + bjoern",
+}
+#: What a subject needs in the bench venv, to say "not installed".
+NEEDS = {
+    "drover-uwsgi": ("uwsgi", "uWSGI"),
+    "drover-granian": ("granian", "granian"),
+    "gunicorn-gthread": ("gunicorn", "gunicorn"),
+    "drover-bjoern": ("bjoern", "bjoern"),
+}
+
+
+def _drover(port, ready, settings, worker):
+    argv = [str(H.DROVER), "-w", str(WORKERS), "-b", f"127.0.0.1:{port}", "--set", f"ready={ready}"]
+    for s in settings:
+        argv += ["--set", s]
+    return argv + ["--"] + worker
+
+
+def argv_of(key, app, port, close):
+    bin_ = H.VENV / "bin"
+    if key == "drover-wsgi":
+        return _drover(port, "notify", [], [str(H.WSGI_WORKER), "--threads", str(THREADS), app])
+    if key == "drover-uwsgi":
+        # uWSGI's http11 ignores a client's Connection: close (docs/workers.md):
+        # the close load gets its http protocol, which closes every connection.
+        proto = "http" if close else "http11"
+        return _drover(port, "notify", ["stop_signal=SIGHUP"], [
+            str(bin_ / "uwsgi"), "--protocol", proto, "--module", app, "--pythonpath", str(H.APPS),
+            "--threads", str(THREADS), "--disable-logging"])
+    if key == "drover-granian":
+        return _drover(port, "notify", [], [str(bin_ / "drover-granian"), "--blocking-threads", str(THREADS), app])
+    if key == "gunicorn-gthread":
+        return [str(bin_ / "gunicorn"), "--worker-class", "gthread", "-w", str(WORKERS), "--threads", str(THREADS),
+                "-b", f"127.0.0.1:{port}", "--chdir", str(H.APPS), "--log-level", "warning", app]
+    if key == "drover-bjoern":
+        return _drover(port, "spawn", [], [str(H.VENV_PY), str(H.BENCH / "adapters" / "bjoern_worker.py"), app])
+    raise ValueError(key)
+
+
+def not_installed(key):
+    need = NEEDS.get(key)
+    if need is None:
+        return None
+    module, dist = need
+    if key == "drover-uwsgi":
+        ok = (H.VENV / "bin" / "uwsgi").exists()
+    else:
+        ok = subprocess.run([str(H.VENV_PY), "-c", f"import {module}"], capture_output=True).returncode == 0
+    return None if ok else f"{dist} is not installed in bench/.venv (bench/requirements*.txt)"
+
+
+def probe(port, path="/"):
+    """One GET; True on a 200. Reads the response by its Content-Length, not
+    to the close: uWSGI's http11 keeps the connection open whatever we ask."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return False
+                data += chunk
+            return data.split(b" ", 2)[1] == b"200"
+    except OSError:
+        return False
+
+
+def wait_serving(run, port, timeout=60):
+    deadline = H.now() + timeout
+    if run.argv[0] == str(H.DROVER) and not run.wait_line(r"all (\d+) workers ready", timeout):
+        raise H.Unavailable("drover did not log 'all workers ready': " + " | ".join(run.output(last=4)))
+    # Every process answering (Gunicorn's workers import the app after its
+    # master is up): a few answers in a row from the whole tree.
+    ok = 0
+    while ok < 20:
+        if run.exited() or H.now() > deadline:
+            raise H.Unavailable("not serving: " + " | ".join(run.output(last=4)))
+        ok = ok + 1 if probe(port) else 0
+        if not ok:
+            time.sleep(0.05)
+    time.sleep(0.3)
+
+
+def tree_cpu_ns(root):
+    return sum(H.cpu_ns(p) or 0 for p in [root] + H.descendants(root))
+
+
+def run_wrk(port, secs, close):
+    argv = ["wrk", "-t2", f"-c{CONNS}", f"-d{secs}s", "--latency", "--timeout", "5s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://127.0.0.1:{port}/")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 30)
+    return H.parse_wrk(p.stdout), shlex.join(argv)
+
+
+def measure(ctx, key, load, app, close, secs):
+    tmp = H.fresh_tmp()
+    port = H.free_port()
+    env = H.base_env(tmp, {"PYTHONPATH": f"{H.APPS}:{H.EXAMPLES}"})
+    argv = argv_of(key, app, port, close)
+    with H.Running(None, argv, env, cwd=H.APPS, log_path=ctx.log_path("peers", key, "-" + load)) as run:
+        ctx.note_command("peers", f"{key} ({load})", shlex.join(run.argv))
+        wait_serving(run, port)
+        before = tree_cpu_ns(run.pid)
+        r, cmd = run_wrk(port, secs, close)
+        cpu = tree_cpu_ns(run.pid) - before
+        ctx.note_command("peers", f"wrk ({load})", cmd.replace(str(port), "PORT"))
+    r.pop("raw", None)
+    if r.get("requests"):
+        r["cpu_us_per_req"] = round(cpu / 1000 / r["requests"], 2)
+    return r
+
+
+def sc_peers(ctx):
+    secs = 2 if ctx.quick else 5
+    missing = {k: why for k in SUBJECTS if (why := not_installed(k))}
+    rounds = []
+    for rnd in range(ctx.reps):
+        shift = rnd % len(SUBJECTS)
+        order = [k for k in SUBJECTS[shift:] + SUBJECTS[:shift] if k not in missing]
+        this = {}
+        for load, app, close in LOADS:
+            for key in order:
+                try:
+                    r = measure(ctx, key, load, app, close, secs)
+                except H.Unavailable as e:
+                    r = {"error": str(e)}
+                this.setdefault(load, {})[key] = r
+                say(f"peers round {rnd + 1} {load} {key}: {r.get('rps')} req/s, p99 {r.get('p99_ms')} ms, "
+                      f"{r.get('cpu_us_per_req')} us CPU/req, errors {r.get('errors')}", r.get("error", ""))
+        rounds.append({"order": order, "loads": this})
+    return {"rounds": rounds, "seconds": secs, "conns": CONNS, "threads": THREADS, "workers": WORKERS,
+            "subjects": SUBJECTS, "labels": LABELS, "loads": [x[0] for x in LOADS], "not_installed": missing,
+            "versions": versions()}
+
+
+def versions():
+    out = {}
+    for dist in ("uWSGI", "granian", "gunicorn", "bjoern", "flask"):
+        p = subprocess.run([str(H.VENV_PY), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+                           capture_output=True, text=True)
+        out[dist] = p.stdout.strip() if p.returncode == 0 else None
+    return out
+
+
+# --------------------------------------------------------------------------
+# The report's section
+
+
+def _med(values):
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return None
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def render(s, L):
+    w = L.append
+    w("## Peers: drover_wsgi and the fastest Python servers")
+    w("")
+    if not s or s.get("crashed"):
+        w("Not run." if not s else "The scenario crashed: see the run's output.")
+        w("")
+        return
+    vers = s.get("versions", {})
+    w(f"`wrk -t2 -c{s['conns']} -d{s['seconds']}s --latency` on `/`, {s['workers']} processes per subject, "
+      f"{s['threads']} threads where the server has threads; {len(s['rounds'])} round(s), the subjects in a "
+      "rotating order in each. CPU per request is the CPU time of the subject's whole process tree during "
+      "the wrk run divided by its requests (wrk's own CPU is not counted). Versions: "
+      + ", ".join(f"{k} {v}" for k, v in vers.items() if v) + ".")
+    w("")
+    for key, why in s.get("not_installed", {}).items():
+        w(f"- {s['labels'][key]}: not available ({why}).")
+    if s.get("not_installed"):
+        w("")
+    w("uWSGI serves the keep-alive loads with `--protocol http11` and the `Connection: close` load with "
+      "`--protocol http` (its http11 does not honour a client's close); bjoern has one thread per process "
+      "and no graceful stop (`bench/adapters/bjoern_worker.py`). uWSGI's http protocol closes the connection "
+      "after each response without saying `Connection: close`, so wrk counts a read error (the close) after "
+      "each complete response of that row: its errors there are not failed requests.")
+    w("")
+    for load in s["loads"]:
+        w(f"### {load}")
+        w("")
+        w("| subject | requests/s (median) | vs drover_wsgi | p99, ms | CPU µs/request | errors | per round, req/s |")
+        w("|---|---:|---:|---:|---:|---:|---|")
+        per = {}
+        for rnd in s["rounds"]:
+            for key, r in rnd["loads"].get(load, {}).items():
+                per.setdefault(key, []).append(r)
+        base = _med([r.get("rps") for r in per.get("drover-wsgi", [])])
+        for key in s["subjects"]:
+            rs = per.get(key)
+            if not rs:
+                continue
+            rps = _med([r.get("rps") for r in rs])
+            errs = [r.get("error") for r in rs if r.get("error")]
+            vs = f"{rps / base:.2f}×" if rps and base else ""
+            p99 = _med([r.get("p99_ms") for r in rs])
+            cpu = _med([r.get("cpu_us_per_req") for r in rs])
+            w(f"| {s['labels'][key]} | {f'{rps:,.0f}' if rps else 'failed: ' + '; '.join(errs)[:120]} | {vs} | "
+              f"{f'{p99:.2f}' if p99 is not None else ''} | {f'{cpu:.1f}' if cpu is not None else ''} | "
+              f"{sum(r.get('errors') or 0 for r in rs)} | "
+              + ", ".join(f"{r['rps']:,.0f}" if r.get("rps") else "—" for r in rs) + " |")
+        w("")
+        # Per-round ratios against the faster of uWSGI and Granian.
+        ratios = []
+        for rnd in s["rounds"]:
+            rl = rnd["loads"].get(load, {})
+            mine = (rl.get("drover-wsgi") or {}).get("rps")
+            peers = [x for x in ((rl.get(k) or {}).get("rps") for k in ("drover-uwsgi", "drover-granian")) if x]
+            if mine and peers:
+                ratios.append(mine / max(peers))
+        if ratios:
+            w("drover_wsgi against the faster of uWSGI and Granian, per round: "
+              + ", ".join(f"{x:.2f}×" for x in ratios) + ".")
+            w("")
