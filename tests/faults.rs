@@ -1057,3 +1057,66 @@ fn a_stop_late_in_an_upgrade_leaves_the_new_master_serving() {
         (!alive(new)).then_some(())
     });
 }
+
+#[test]
+fn with_subreaper_a_workers_setsid_daemon_is_ended_at_shutdown() {
+    // Each worker leaves a daemon in its own session, holding the sockets.
+    let worker = format!(
+        "[\"sh\", \"-c\", \"setsid sleep 1000 & echo $! >> $DIR/orphans; exec {}\"]",
+        hello_bin()
+    );
+    let extra = "ready = \"notify\"\nsubreaper = true\nquick_timeout = \"2s\"";
+    let mut d = Start::config(&config(&worker, 2, extra)).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let path = d.dir.path().join("orphans");
+    let orphans: Vec<Pid> = wait_for("the daemons' pids", LIMIT, || {
+        let pids: Vec<Pid> = read_file(&path)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .map(Pid::from_raw)
+            .collect();
+        (pids.len() == 2).then_some(pids)
+    });
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    // The old code: the daemons outlived drover and kept the port.
+    for p in &orphans {
+        assert!(!alive(*p), "daemon {p} outlived drover: {}", d.log());
+    }
+    assert!(
+        d.log().contains("2 process(es) left by workers"),
+        "{}",
+        d.log()
+    );
+    let refused =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind());
+    assert_eq!(refused.err(), Some(std::io::ErrorKind::ConnectionRefused));
+}
+
+#[test]
+fn without_subreaper_a_workers_setsid_daemon_is_reported_at_exit() {
+    let worker = format!(
+        "[\"sh\", \"-c\", \"setsid sleep 1000 & echo $! >> $DIR/orphans; exec {}\"]",
+        hello_bin()
+    );
+    let mut d = Start::config(&config(&worker, 1, "ready = \"notify\"\nsubreaper = false")).run();
+    d.wait_log("all 1 workers ready");
+    let path = d.dir.path().join("orphans");
+    let daemon: Pid = wait_for("the daemon's pid", LIMIT, || {
+        read_file(&path).trim().parse().ok().map(Pid::from_raw)
+    });
+    d.signal(Signal::SIGTERM);
+    // (The daemon keeps drover's output open: wait for the exit only.)
+    let code = d.wait_exit_only(LIMIT).code();
+    let log = d.wait_log("outlive drover");
+    // Ours to end: the test started it.
+    let _ = nix::sys::signal::kill(daemon, Signal::SIGKILL);
+    assert_eq!(code, Some(0));
+    assert!(
+        log.contains(&format!(
+            "1 process(es) started by workers outlive drover (pid {daemon})"
+        )),
+        "{log}"
+    );
+}

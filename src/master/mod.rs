@@ -45,7 +45,7 @@ use crate::signals::{Event, SignalPipe};
 use crate::spawn;
 use action::{Action, Note};
 use generation::Generation;
-use shutdown::Outcome;
+use shutdown::{Cause, Outcome};
 use supervisor::Supervisor;
 use worker::{describe, ms};
 
@@ -222,6 +222,12 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let outcome = master.run_loop();
     let limit = master.sup.current().s.graceful_timeout.0;
     master.reap_cancelled_upgrade(limit);
+    end_orphans(master.sup.current().s.quick_timeout.0);
+    if outcome.cause != Cause::Upgrade {
+        // (After an upgrade the new master, started with our socket in
+        // its environment, goes on: it is no escapee.)
+        report_escaped(master.notify.path());
+    }
     let status = master.finish(outcome);
     master.obs.publish(crate::events::Kind::Exiting { status });
     master.obs.close();
@@ -246,6 +252,119 @@ fn bind_admin(s: &crate::config::Settings) -> Result<Option<crate::admin::Admin>
         .map_or(addr.0.to_string(), |a| a.to_string());
     info!("admin endpoint on {shown}: /livez, /readyz, /metrics");
     Ok(Some(admin))
+}
+
+/// At the end of a shutdown, as a child subreaper: the processes left to
+/// us (a worker's `setsid()` daemon, re-parented here when the worker
+/// exited) get SIGTERM and `limit` to exit, then SIGKILL, and are reaped,
+/// so that none outlives drover holding a copy of its sockets. Without
+/// the subreaper they were re-parented elsewhere, beyond drover's reach.
+fn end_orphans(limit: Duration) {
+    let mut flag: libc::c_int = 0;
+    // SAFETY: plain prctl with a pointer to an int.
+    let subreaper =
+        unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut flag) } == 0 && flag != 0;
+    let me = nix::unistd::getpid();
+    let orphans = children_of(me);
+    if !subreaper || orphans.is_empty() {
+        return;
+    }
+    let list = |pids: &[Pid]| {
+        pids.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    warn!(
+        "stage 3: {} process(es) left by workers (pid {}): SIGTERM, up to {}",
+        orphans.len(),
+        list(&orphans),
+        ms(limit)
+    );
+    for p in &orphans {
+        let _ = kill(*p, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + limit;
+    let mut left = orphans;
+    while !left.is_empty() {
+        while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            match status.pid() {
+                Some(pid) => left.retain(|p| *p != pid),
+                None => break,
+            }
+        }
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                "stage 3: SIGKILL to {} process(es) still running (pid {})",
+                left.len(),
+                list(&left)
+            );
+            for p in &left {
+                let _ = kill(*p, Signal::SIGKILL);
+                let _ = waitpid(*p, None);
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    info!("stage 3: the processes left by workers have exited");
+}
+
+/// Says which processes started by our workers outlive them, found by the
+/// `NOTIFY_SOCKET` drover gave the workers (a path unique to this drover)
+/// in their environment: only those whose environment we may read (our
+/// user's, or any as root), and only while they have not changed it.
+fn report_escaped(notify: &std::path::Path) {
+    let needle = [
+        b"NOTIFY_SOCKET=".as_slice(),
+        notify.as_os_str().as_encoded_bytes(),
+        b"\0",
+    ]
+    .concat();
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let escaped: Vec<String> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle))
+        })
+        .map(|pid| pid.to_string())
+        .collect();
+    if !escaped.is_empty() {
+        warn!(
+            "{} process(es) started by workers outlive drover (pid {}): set subreaper = true \
+             for drover to end them at shutdown",
+            escaped.len(),
+            escaped.join(", ")
+        );
+    }
+}
+
+/// Our live children, from /proc (the orphans given to us have no record
+/// elsewhere).
+fn children_of(parent: Pid) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+                let mut f = after.split(' ');
+                let state = f.next();
+                let ppid = f.next().and_then(|p| p.parse::<i32>().ok());
+                state != Some("Z") && ppid == Some(parent.as_raw())
+            })
+        })
+        .map(Pid::from_raw)
+        .collect()
 }
 
 fn become_subreaper() -> Result<(), StartError> {
