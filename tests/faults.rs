@@ -613,10 +613,19 @@ fn descriptors_and_memory_stay_flat_over_200_reloads_and_1000_respawns() {
     let extra = "ready = \"spawn\"\nrespawn_delay = \"1ms\"\nrespawn_max_delay = \"1ms\"";
     let mut d = Start::config(&config("[\"true\"]", 4, extra)).run();
     let master = d.pid();
+    // Measured while paused (SIGWINCH): with no spawn on its way, no
+    // descriptor is in flight.
+    let paused = |d: &Drover| {
+        d.signal(Signal::SIGWINCH);
+        wait_for("no worker", LIMIT, || d.children().is_empty().then_some(()));
+        let figures = (settled_fds(master), rss_kib(master));
+        d.signal(Signal::SIGTTIN);
+        figures
+    };
     d.wait_log_count("spawned, generation 1", 200);
-    let (fds_before, rss_before) = (settled_fds(master), rss_kib(master));
+    let (fds_before, rss_before) = paused(&d);
     d.wait_log_count("spawned, generation 1", 1200);
-    let (fds_respawns, rss_respawns) = (settled_fds(master), rss_kib(master));
+    let (fds_respawns, rss_respawns) = paused(&d);
     eprintln!(
         "1,000 respawns: fds {fds_before} -> {fds_respawns}, RSS {rss_before} -> {rss_respawns} KiB"
     );
