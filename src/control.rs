@@ -557,9 +557,17 @@ fn ask(path: &Path, command: &Command, wait: Duration) -> io::Result<Answer> {
     stream.set_read_timeout(Some(wait))?;
     let mut line = serde_json::to_vec(command)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
+    // A master that refuses us (too many clients, out of descriptors) may
+    // answer and close before it reads the request: its answer says why,
+    // so read it even when the write or the end of the read fails.
+    let sent = stream.write_all(&line);
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    if answer.is_empty() {
+        sent?;
+        read?;
+    }
+    let answer = String::from_utf8_lossy(&answer);
     serde_json::from_str(answer.trim())
         .map_err(|e| io::Error::other(format!("unreadable answer {answer:?}: {e}")))
 }
