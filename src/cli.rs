@@ -352,10 +352,14 @@ pub fn main() -> ExitCode {
         }
     };
     let level = LevelFilter::from_level(settings.log_level.0);
+    // A line that cannot be written (a full disk under log_file) is lost:
+    // tracing's report of it goes to standard error with eprintln!, which
+    // panics when that fails too, and the master would die with its workers.
     let fmt = tracing_subscriber::fmt()
         .with_target(false)
         .with_ansi(false)
-        .with_max_level(level);
+        .with_max_level(level)
+        .log_internal_errors(false);
     match (&log, settings.log_format) {
         (Some(file), LogFormat::Text) => fmt.with_writer(file.clone()).init(),
         (None, LogFormat::Text) => fmt.with_writer(crate::logfile::Stderr::open()).init(),

@@ -469,6 +469,57 @@ fn usr1_reopens_the_log_file_and_reaches_the_workers() {
 }
 
 #[test]
+fn a_log_file_that_cannot_be_written_does_not_stop_drover() {
+    // The disk under log_file is full, and standard error fails too
+    // (/dev/full for both): the lines are lost, but drover serves and stops
+    // gracefully. It used to panic at its first line (status 101), and its
+    // workers died with it (SIGKILL as their parent-death signal).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cleanup = tempfile::tempdir().unwrap();
+    let cleanup_file = cleanup.path().join("cleanup");
+    let start = Start {
+        program: Some("sh".into()),
+        pass: vec![(listener.into(), 3)],
+        env: vec![(
+            "HELLO_CLEANUP_FILE".into(),
+            cleanup_file.display().to_string(),
+        )],
+        ..Start::args(&[
+            "-c",
+            "exec \"$0\" \"$@\" 2>/dev/full",
+            drover_bin(),
+            "-w",
+            "2",
+            "-b",
+            "fd://3",
+            "--set",
+            "ready=notify",
+            "--set",
+            "log_file=/dev/full",
+            "--",
+            hello_bin(),
+        ])
+    };
+    let mut d = start.run();
+    wait_for("an answer from a worker", LIMIT, || {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            panic!("drover exited while starting: {status}");
+        }
+        get(addr, "/").ok().filter(|r| r.status == 200)
+    });
+    d.wait_workers(2);
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "drover's exit status");
+    assert_eq!(
+        read_file(&cleanup_file).lines().count(),
+        2,
+        "both workers ran their cleanup"
+    );
+}
+
+#[test]
 fn usr1_is_delivered_to_every_worker() {
     // Workers that note each SIGUSR1 they get, with their pid.
     let noting = with_command(
