@@ -984,6 +984,38 @@ fn old_generation_serves_throughout(
 }
 
 #[test]
+fn a_degraded_slot_recovers_once_its_worker_has_served_respawn_reset_after() {
+    // Two crashes in a row degrade the slot; its next worker serves. Seen
+    // failing before: the slot stayed "degraded: 2 failures in a row" for as
+    // long as that worker served (the count was reset only when it exited).
+    let config =
+        hello("degraded_after = 2\nrespawn_delay = \"100ms\"\nrespawn_reset_after = \"4s\"")
+            .replace("workers = 2", "workers = 1");
+    let d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    for _ in 0..2 {
+        let before = worker_pids(&d);
+        let _ = get(addr, "/crash");
+        wait_for("a new worker serving", LIMIT, || {
+            get(addr, "/")
+                .ok()
+                .filter(|r| r.status == 200 && !before.contains(&Pid::from_raw(r.worker_pid())))
+        });
+    }
+    let slot = |d: &Drover| status_json(d).map(|s| s["slots"][0].clone());
+    let degraded = slot(&d).expect("a status");
+    assert_eq!(degraded["degraded"], true, "{degraded}");
+    assert_eq!(degraded["failures_in_a_row"], 2, "{degraded}");
+    let recovered = wait_for("the slot to recover", LIMIT, || {
+        slot(&d).filter(|s| s["degraded"] == false)
+    });
+    assert_eq!(recovered["failures_in_a_row"], 0, "{recovered}");
+    let (_, text) = ctl(&d, &["status"]);
+    assert!(!text.contains("degraded"), "{text}");
+}
+
+#[test]
 fn a_reload_that_removes_timeout_never_aborts_an_old_worker() {
     // Generation 1 heartbeats (timeout = 1s); generation 2 has no timeout
     // and takes 3 s to boot. Seen failing before each worker kept its own

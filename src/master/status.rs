@@ -20,6 +20,7 @@ impl Supervisor {
             .into_iter()
             .map(|w| {
                 let slot = self.pool.slots.get(w.slot as usize - 1);
+                let failures = slot.map_or(0, |_| self.failures_now(w.slot, now));
                 json!({
                     "slot": w.slot,
                     "pid": w.pid.as_raw(),
@@ -27,7 +28,7 @@ impl Supervisor {
                     "state": w.state_name(),
                     "uptime_s": (now - w.started).as_secs(),
                     "restarts": slot.map_or(0, |s| s.restarts),
-                    "degraded": slot.is_some_and(|s| s.failures >= degraded_after),
+                    "degraded": failures >= degraded_after,
                     "status": w.status,
                     "rss_bytes": resident_bytes(w.pid),
                 })
@@ -41,11 +42,12 @@ impl Supervisor {
             .iter()
             .enumerate()
             .map(|(i, s)| {
+                let failures = self.failures_now(i as u32 + 1, now);
                 json!({
                     "slot": i + 1,
                     "restarts": s.restarts,
-                    "failures_in_a_row": s.failures,
-                    "degraded": s.failures >= degraded_after,
+                    "failures_in_a_row": failures,
+                    "degraded": failures >= degraded_after,
                     "respawn_in_ms": s.not_before.map(|t| t.saturating_duration_since(now).as_millis() as u64),
                 })
             })
@@ -72,6 +74,23 @@ impl Supervisor {
             ok: true,
             message: self.summary(),
             status: Some(status),
+        }
+    }
+
+    /// A slot's failures in a row as its next exit would find them: none
+    /// once its ready worker has run `respawn_reset_after` (the count is
+    /// reset when that worker exits; until then the slot serves, it is not
+    /// degraded).
+    fn failures_now(&self, slot: u32, now: Instant) -> u32 {
+        let reset_after = self.current().s.respawn_reset_after.0;
+        let stable = self
+            .pool
+            .workers
+            .iter()
+            .any(|w| w.slot == slot && w.is_ready() && now - w.started >= reset_after);
+        match self.pool.slots.get(slot as usize - 1) {
+            Some(s) if !stable => s.failures,
+            _ => 0,
         }
     }
 }
