@@ -538,15 +538,15 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> Exit
             exe.is_file() && nix::unistd::access(&exe, nix::unistd::AccessFlags::X_OK).is_ok();
         if !runnable {
             // The errno the exec will meet, for the same hint a start gives.
-            let errno = if exe.exists() {
-                nix::errno::Errno::EACCES
+            let (errno, what) = if exe.exists() {
+                (nix::errno::Errno::EACCES, "not an executable file")
             } else {
-                nix::errno::Errno::ENOENT
+                (nix::errno::Errno::ENOENT, "no such file")
             };
             return fail(
                 exit::CANNOT_BOOT,
                 format!(
-                    "cannot run the worker command: {}: not an executable file{}",
+                    "cannot run the worker command: {}: {what}{}",
                     exe.display(),
                     crate::spawn::exec_hint(Path::new(&s.command[0]), errno, s.chdir.as_deref())
                 ),

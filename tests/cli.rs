@@ -423,6 +423,24 @@ fn a_relative_command_not_found_names_the_directory_it_was_looked_for_in() {
 }
 
 #[test]
+fn check_says_a_missing_command_is_missing() {
+    // It said "not an executable file" for a file that is not there.
+    let dir = tempfile::tempdir().unwrap();
+    let here = dir.path().canonicalize().unwrap();
+    let out = drover(&["check", "--", "./nothere.py"], &[], Some(&here));
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(
+        text(&out.stderr).trim_end(),
+        format!(
+            "drover: cannot run the worker command: ./nothere.py: no such file; a relative \
+             command is resolved against drover's working directory, {} (set chdir, or give an \
+             absolute path)",
+            here.display()
+        )
+    );
+}
+
+#[test]
 fn bind_as_one_string_is_one_address() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
