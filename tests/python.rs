@@ -342,6 +342,42 @@ fn sigquit_is_quick_for_the_python_worker() {
 }
 
 #[test]
+fn a_wrong_command_line_stops_drover_with_status_3() {
+    // argparse's usage error was status 2, which drover took for a crash
+    // and respawned forever; for each launcher, with the default ready mode.
+    for launcher in ["drover-wsgi", "drover-uvicorn", "drover-granian"] {
+        let program = python::script(launcher);
+        let mut d = Start::args(&[
+            "-w",
+            "2",
+            "-b",
+            "127.0.0.1:0",
+            "--",
+            &program,
+            "--bogus",
+            "x:app",
+        ])
+        .run();
+        assert_eq!(
+            d.wait_exit(LIMIT).code(),
+            Some(3),
+            "{launcher}: {}",
+            d.log()
+        );
+        let log = d.log();
+        assert!(
+            log.contains("error: unrecognized arguments: --bogus"),
+            "{log}"
+        );
+        assert!(log.contains("cannot boot: exited with status 3"), "{log}");
+        assert!(
+            log.matches("spawned").count() <= 2,
+            "no respawn loop: {log}"
+        );
+    }
+}
+
+#[test]
 fn an_app_that_fails_to_import_stops_drover_with_status_3() {
     let tests_dir = python::test_apps_dir();
     let config = wsgi_config(&["--chdir", &tests_dir], "broken_app:app", "");

@@ -169,7 +169,7 @@ class ProxyTest(unittest.TestCase):
     def test_a_bad_setting_is_named(self):
         with Worker("apps:app", args=["--forwarded-allow-ips", "10.0.0.300"], ready=False) as w:
             code, err = w.wait()
-        self.assertEqual(code, 2)
+        self.assertEqual(code, 3)  # a usage error: "cannot boot", never respawned
         self.assertIn("'10.0.0.300' is not an IP address or network", err)
 
     def test_unix_peers_are_trusted_and_named_as_gunicorn_does(self):

@@ -43,6 +43,7 @@ registry keeps at least a fifth of it.
 Log lines go to stderr, prefixed ``drover_worker[<pid>]:``.
 """
 
+import argparse
 import atexit
 import os
 import signal
@@ -51,7 +52,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Set, Tuple, TypeVar, Union
 
 if TYPE_CHECKING:
     import asyncio
@@ -903,6 +904,16 @@ def _stop_request_handler(kind: str) -> Callable[[int, Any], None]:
 
 
 atexit.register(_at_exit)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for a worker's command line: a usage error exits with status
+    3, "cannot boot", so that drover stops at start-up (or rolls a reload
+    back) instead of respawning a worker whose command line is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(3, "%s: error: %s\n" % (self.prog, message))
 
 # Preload hooks, as drover_worker.before_fork / drover_worker.after_fork.
 from drover_worker.preload import after_fork, before_fork  # noqa: E402

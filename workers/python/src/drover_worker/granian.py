@@ -48,7 +48,7 @@ def _log(message: str) -> None:
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = dw.ArgumentParser(
         prog="drover-granian",
         description="Serve a WSGI application with Granian on the socket drover passes (fd 3).",
     )

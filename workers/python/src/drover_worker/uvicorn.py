@@ -52,7 +52,7 @@ def _log(message: str) -> None:
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = dw.ArgumentParser(
         prog="drover-uvicorn",
         description="Serve an ASGI application with uvicorn on the sockets drover passes (LISTEN_FDS).",
     )
@@ -74,6 +74,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--limit-max-requests", type=int, default=None,
                    help="as uvicorn's: exit after this many requests (drover starts a replacement at once)")
     p.add_argument("--chdir", help="change to this directory (and import from it) before loading the app")
+    p.add_argument("--app-dir", help="import the app from this directory (put first on sys.path, as uvicorn's --app-dir)")
     return p.parse_args(argv)
 
 
@@ -87,6 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.chdir(args.chdir)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as uvicorn and gunicorn do
+    if args.app_dir:
+        sys.path.insert(0, os.path.abspath(args.app_dir))
     # The SDK's handlers first: a stop during the import is not lost, SIGQUIT
     # does not kill us, and the handlers uvicorn restores when it returns
     # (and the signal it then raises again) are ours, not the default action.

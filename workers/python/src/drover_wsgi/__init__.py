@@ -69,7 +69,7 @@ def _seconds(text: str) -> Optional[float]:
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = dw.ArgumentParser(
         prog="drover-wsgi",
         description="Serve a WSGI application on the sockets drover passes (LISTEN_FDS).",
     )
