@@ -465,9 +465,9 @@ impl Bus {
 }
 
 /// `drover ctl events`: asks the master at `path` for its events and prints
-/// each as one JSON line, as it comes, until drover exits (status 0), the
-/// subscription is refused or dropped for reading too slowly (status 1), or
-/// the user interrupts. With `json`, the control answer that opens the
+/// each as one JSON line, as it comes, until drover exits (status 0, after
+/// its `exiting` event), the subscription is refused, dropped for reading
+/// too slowly or cut (status 1), or the user interrupts. With `json`, the control answer that opens the
 /// stream is printed first, as `ctl --json` prints answers.
 pub fn follow(path: &std::path::Path, json: bool) -> u8 {
     use std::io::BufRead;
@@ -504,8 +504,13 @@ pub fn follow(path: &std::path::Path, json: bool) -> u8 {
     if json {
         let _ = writeln!(out.lock(), "{answer}");
     }
+    // drover's last event is `exiting`: a stream that ends without it was
+    // cut (dropped with no room left for the notice, or drover killed).
+    let mut exited = false;
     for line in lines.map_while(Result::ok) {
         let dropped = line.starts_with("{\"event\":\"dropped\"");
+        exited =
+            serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|v| v["event"] == "exiting");
         let mut o = out.lock();
         // A reader that went away (a closed pipe): stop quietly.
         if writeln!(o, "{line}").and_then(|_| o.flush()).is_err() {
@@ -516,7 +521,14 @@ pub fn follow(path: &std::path::Path, json: bool) -> u8 {
             return 1;
         }
     }
-    0
+    if exited {
+        return 0;
+    }
+    eprintln!(
+        "drover ctl: the event stream ended before drover exited: this reader \
+         was dropped as too slow, or drover was killed"
+    );
+    1
 }
 
 /// Tells a subscriber why it is cut off (if its socket takes one more line)

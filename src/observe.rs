@@ -77,6 +77,13 @@ impl Observer {
         self.hooks
             .configure(s.event_hooks.0.clone(), s.hook_timeout.0);
         self.capture_output = s.capture_output;
+        if s.capture_output && s.preload {
+            // Not built yet: say so, rather than leave raw worker lines in the log.
+            warn!(
+                "capture_output does not apply with preload = true yet: the template and the \
+                 workers forked from it write to drover's own standard output and error"
+            );
+        }
         if s.capture_output && self.capture.is_none() {
             match Capture::new() {
                 Ok(c) => self.capture = Some(c),

@@ -733,3 +733,83 @@ fn python_workers_fill_the_scoreboard() {
         assert!(d.wait_exit(LIMIT).success());
     }
 }
+
+/// A `drover ctl events` that stops reading (SIGSTOP) while drover keeps
+/// deciding: the master does not stall (it keeps answering), drops the
+/// reader, and the reader, once it runs again, exits with status 1 and says
+/// why, even when its socket had no room left for the `dropped` notice (it
+/// exited 0, as after drover's own exit, before).
+#[test]
+fn a_stuck_events_reader_is_dropped_and_exits_1() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    let mut d = Start::config(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"spawn\"\n\
+         command = [\"sleep\", \"60\"]\ncontrol_socket = \"$DIR/ctl.sock\"\n",
+    )
+    .run();
+    d.wait_log("all 2 workers ready");
+    let socket = d.dir.path().join("ctl.sock");
+    let out = std::fs::File::create(d.dir.path().join("events.out")).unwrap();
+    let mut reader = Command::new(drover_bin())
+        .args(["ctl", "--socket"])
+        .arg(&socket)
+        .arg("events")
+        .stdout(out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reader_pid = nix::unistd::Pid::from_raw(reader.id() as i32);
+    // Subscribed once it prints an event: scale until it has one.
+    let scale = |n: usize| {
+        let s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        writeln!(&s, "{{\"command\":\"scale\",\"workers\":{n}}}").unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(&s).read_line(&mut answer).unwrap();
+        assert!(answer.contains("\"ok\":true"), "{answer}");
+    };
+    wait_for("the reader's first event", LIMIT, || {
+        scale(3);
+        scale(2);
+        (read_file(&d.dir.path().join("events.out")).contains("\"scaled\"")).then_some(())
+    });
+    nix::sys::signal::kill(reader_pid, Signal::SIGSTOP).unwrap();
+    // Scale up and down until drover drops the stopped reader; every answer
+    // comes back (the master is not stalled by it).
+    wait_for(
+        "the stuck reader dropped",
+        std::time::Duration::from_secs(60),
+        || {
+            scale(8);
+            scale(2);
+            d.log().contains("a subscriber fell").then_some(())
+        },
+    );
+    nix::sys::signal::kill(reader_pid, Signal::SIGCONT).unwrap();
+    let status = wait_for("the reader's exit", LIMIT, || reader.try_wait().unwrap());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut reader.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "stderr: {err}");
+    assert!(
+        err.contains("too slow"),
+        "the reader says why it stopped: {err}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success());
+}
+
+/// capture_output with preload = true does not capture (not yet built): drover
+/// says so at start instead of leaving raw worker lines in a JSON log
+/// unexplained (it said nothing before).
+#[test]
+fn capture_output_with_preload_is_a_warning() {
+    let mut d = Start::config(
+        "bind = [\"127.0.0.1:0\"]\npreload = true\ncapture_output = true\n\
+         command = [\"sleep\", \"60\"]\nboot_timeout = \"30s\"\n",
+    )
+    .run();
+    d.wait_log("capture_output does not apply with preload = true");
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(LIMIT);
+}
