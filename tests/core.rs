@@ -854,7 +854,7 @@ fn check_finds_what_a_start_would_refuse_with_the_same_status() {
         (
             "command = [\"./nonexistent-xyz\"]\nchdir = \"/\"".to_string(),
             3,
-            "cannot run the worker command: /./nonexistent-xyz: not an executable file",
+            "cannot run the worker command: /./nonexistent-xyz: no such file",
         ),
         (
             format!(
