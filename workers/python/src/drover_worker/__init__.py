@@ -303,10 +303,25 @@ def ready() -> bool:
 def will_notify() -> bool:
     """X_DROVER_WILL_NOTIFY=1: sent early (before a slow import), it tells
     drover that this worker will send READY=1 itself when it accepts, so that
-    drover can wait for it without ``ready = "notify"`` in its config. A
-    proposed extension of the protocol (docs/protocol.md); drover versions
-    that do not know it ignore it."""
+    drover, under its default ``ready = "auto"``, waits for it
+    (docs/protocol.md); drover versions that do not know it ignore it."""
     return notify("X_DROVER_WILL_NOTIFY=1")
+
+
+def begin_launch(chdir: Optional[str], log: Callable[[str], None]) -> None:
+    """What every launcher (drover-wsgi, drover-uvicorn, drover-granian)
+    does first, before its slow import: say that READY=1 will follow, change
+    to ``chdir``, and import from the working directory (as gunicorn and
+    uvicorn do)."""
+    try:
+        will_notify()
+    except OSError as e:
+        log("cannot tell drover that READY=1 will follow: %s" % e)
+    if chdir:
+        os.chdir(chdir)
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def heartbeat() -> bool:

@@ -66,14 +66,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        dw.will_notify()
-    except OSError as e:
-        _log("cannot tell drover that READY=1 will follow: %s" % e)
-    if args.chdir:
-        os.chdir(args.chdir)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    dw.begin_launch(args.chdir, _log)
     dw.install(exit_on_stop=False)
     try:
         socks = dw.listeners()

@@ -80,14 +80,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        dw.will_notify()
-    except OSError as e:
-        _log("cannot tell drover that READY=1 will follow: %s" % e)
-    if args.chdir:
-        os.chdir(args.chdir)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as uvicorn and gunicorn do
+    dw.begin_launch(args.chdir, _log)
     if args.app_dir:
         sys.path.insert(0, os.path.abspath(args.app_dir))
     # The SDK's handlers first: a stop during the import is not lost, SIGQUIT

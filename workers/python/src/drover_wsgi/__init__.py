@@ -128,15 +128,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Before the import (which may be slow): drover may wait for READY=1.
-    try:
-        dw.will_notify()
-    except OSError as e:
-        log("cannot tell drover that READY=1 will follow: %s" % e)
-    if args.chdir:
-        os.chdir(args.chdir)
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    dw.begin_launch(args.chdir, log)
     faulthandler.enable()  # SIGABRT (drover's liveness timeout) dumps every thread's stack
     # Early, so that a stop during the import is not lost; again after the
     # import, so that handlers the app installed are chained, not lost. (A
