@@ -603,6 +603,78 @@ fn an_idle_master_with_the_admin_endpoint_does_not_wake_up() {
     assert_eq!(switches(), before, "the idle master woke up");
 }
 
+/// After a pause (SIGWINCH), every way to resume (SIGTTIN, SIGHUP, `ctl
+/// scale`, `ctl reload`) makes drover boot again: /readyz and `ctl ready`
+/// say "booting" while the new workers boot, as at start-up, not
+/// "degraded" (which is for a slot that lost its worker).
+#[test]
+fn after_a_pause_readyz_says_booting_until_the_workers_are_back() {
+    let mut d = Start::config(&gated("")).run();
+    go(&d, true);
+    wait_readyz(&d, 200, "ready");
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(drover_bin())
+            .args(["ctl", "--socket"])
+            .arg(d.dir.path().join("ctl.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), text)
+    };
+    type Resume<'a> = Box<dyn Fn() + 'a>;
+    let ways: [(&str, Resume); 4] = [
+        ("SIGTTIN", Box::new(|| d.signal(Signal::SIGTTIN))),
+        ("SIGHUP", Box::new(|| d.signal(Signal::SIGHUP))),
+        (
+            "ctl scale",
+            Box::new(|| assert_eq!(ctl(&["scale", "2"]).0, Some(0))),
+        ),
+        (
+            "ctl reload",
+            // Answered once the reload is applied: in the background.
+            Box::new(|| {
+                let socket = d.dir.path().join("ctl.sock");
+                std::thread::spawn(move || {
+                    std::process::Command::new(drover_bin())
+                        .args(["ctl", "--socket"])
+                        .arg(socket)
+                        .arg("reload")
+                        .output()
+                });
+            }),
+        ),
+    ];
+    for (way, resume) in ways {
+        d.signal(Signal::SIGWINCH);
+        wait_readyz(&d, 503, "paused");
+        wait_for("the paused workers to exit", LIMIT, || {
+            d.children().is_empty().then_some(())
+        });
+        go(&d, false);
+        resume();
+        // The workers are spawned and wait for `go`: drover is booting.
+        wait_for(&format!("{way}: two workers again"), LIMIT, || {
+            (d.children().len() == 2).then_some(())
+        });
+        let body = wait_readyz(&d, 503, "booting");
+        assert!(
+            body.starts_with("booting: 0/2 slots have a ready worker"),
+            "{way}: {body}"
+        );
+        let (code, answer) = ctl(&["ready"]);
+        assert_eq!(code, Some(1), "{way}: {answer}");
+        assert!(
+            answer.starts_with("failed: not ready: booting: 0/2"),
+            "{way}: {answer}"
+        );
+        go(&d, true);
+        wait_readyz(&d, 200, "ready");
+    }
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+}
+
 /// With a pre-stop delay, SIGTERM makes /readyz answer "pre-stop" while
 /// the workers still serve; the metrics say not ready.
 #[test]

@@ -123,6 +123,10 @@ pub struct Supervisor {
     /// A decision carried out after this turn's own duties calls for
     /// another turn before waiting (a reload's generation was built).
     again: bool,
+    /// Resumed after a pause that stopped every worker: the slots boot
+    /// again, as at start-up, until each has a ready worker. Readiness
+    /// says `booting` meanwhile, not `degraded` (nothing crashed).
+    rebooting: bool,
     out: VecDeque<Action>,
 }
 
@@ -143,6 +147,7 @@ impl Supervisor {
             reported: None,
             reload_failed: None,
             again: false,
+            rebooting: false,
             out: VecDeque::new(),
         }
     }
@@ -195,26 +200,35 @@ impl Supervisor {
     /// Whether drover should receive traffic, and why not: the one decision
     /// behind `drover ctl ready` (and the admin endpoint's `/readyz`).
     pub fn readiness(&self) -> Result<(), readiness::NotReady> {
+        // One pass over the workers: this runs for every probe.
+        let mut ready = vec![false; self.pool.slots.len()];
+        for w in self.pool.workers.iter().filter(|w| w.is_ready()) {
+            if let Some(r) = ready.get_mut(w.slot as usize - 1) {
+                *r = true;
+            }
+        }
+        // A slot without a ready worker that had one (since the start, or
+        // since a resume) is a degradation; one that never had is booting.
+        let lost = self
+            .pool
+            .slots
+            .iter()
+            .zip(&ready)
+            .any(|(s, r)| s.served && !r);
         let phase = match self.phase {
             Phase::Starting => readiness::Phase::Starting,
+            // Resumed after a pause: the slots boot again, as at start-up.
+            Phase::Running if self.rebooting && !lost => readiness::Phase::Starting,
             Phase::Running => readiness::Phase::Running,
             Phase::Paused { .. } => readiness::Phase::Paused,
             Phase::PreStop { .. } => readiness::Phase::PreStop,
             Phase::ShuttingDown(_) => readiness::Phase::Draining,
         };
-        // One pass over the workers: this runs for every probe. Once
-        // started, a slot that never had a ready worker (added by a scale-up
-        // or a reload, still booting) does not make drover degraded.
-        let booted = !matches!(self.phase, Phase::Starting);
-        let mut ready: Vec<bool> = self
-            .pool
-            .slots
-            .iter()
-            .map(|s| booted && !s.served)
-            .collect();
-        for w in self.pool.workers.iter().filter(|w| w.is_ready()) {
-            if let Some(r) = ready.get_mut(w.slot as usize - 1) {
-                *r = true;
+        // Once started, a slot that never had a ready worker (added by a
+        // scale-up or a reload, still booting) does not make drover degraded.
+        if !matches!(self.phase, Phase::Starting) && !self.rebooting {
+            for (r, s) in ready.iter_mut().zip(&self.pool.slots) {
+                *r |= !s.served;
             }
         }
         readiness::readiness(&readiness::View {
@@ -436,6 +450,10 @@ impl Supervisor {
         self.phase = Phase::Paused {
             booted: self.booted(),
         };
+        // No slot serves now: after a resume, each boots again.
+        for s in self.pool.slots.iter_mut() {
+            s.served = false;
+        }
         self.emit(Action::Publish(Kind::Paused {
             trigger: why.to_string(),
         }));
@@ -446,6 +464,9 @@ impl Supervisor {
         self.stop_workers(|w| !w.is_stopping(), Pace::Graceful, Stop::Paused, now);
     }
 
+    /// Every way out of a pause (SIGTTIN, a reload, `ctl scale`): the
+    /// workers start again, and until every slot has a ready one drover is
+    /// booting, as at start-up.
     fn resume(&mut self, why: &str) {
         if let Phase::Paused { booted } = self.phase {
             self.phase = if booted {
@@ -453,6 +474,7 @@ impl Supervisor {
             } else {
                 Phase::Starting
             };
+            self.rebooting = booted;
         }
         info!("{why}: resuming with {} worker(s)", self.pool.count());
         self.emit(Action::Publish(Kind::Resumed {
@@ -918,6 +940,9 @@ impl Supervisor {
                 }
             }
             self.emit_all(stops);
+        }
+        if self.rebooting && self.pool.slots.iter().all(|s| s.served) {
+            self.rebooting = false;
         }
         self.check_booted();
     }
@@ -1845,5 +1870,92 @@ mod tests {
         sup.on_notify(pid(11), vec![Message::Ready], past);
         assert_eq!(sup.pool.ready(), 2);
         assert!(matches!(sup.phase, Phase::Running));
+    }
+
+    /// Two workers with `ready = "notify"`, both ready (pids 11, 12).
+    fn running_notify(now: Instant) -> Supervisor {
+        let mut sup = Supervisor::new(Rc::new(gen(1, "workers = 2\nready = \"notify\"")), now);
+        turn(&mut sup, 11, now);
+        sup.on_notify(pid(11), vec![Message::Ready], now);
+        sup.on_notify(pid(12), vec![Message::Ready], now);
+        drain(&mut sup);
+        assert!(matches!(sup.phase, Phase::Running));
+        sup
+    }
+
+    fn readiness_word(sup: &Supervisor) -> &'static str {
+        sup.readiness().err().map_or("ready", |e| e.word())
+    }
+
+    #[test]
+    fn after_a_pause_every_way_to_resume_boots_again_not_degraded() {
+        let now = Instant::now();
+        type Resume = fn(&mut Supervisor, Instant);
+        let ways: [(&str, Resume); 4] = [
+            ("SIGTTIN", |sup, now| sup.on_signal(Event::AddWorker, now)),
+            ("SIGHUP", |sup, now| {
+                sup.on_signal(Event::Reload, now);
+                sup.config_loaded(
+                    Ok(gen(2, "workers = 2\nready = \"notify\"")),
+                    "test.toml",
+                    now,
+                );
+            }),
+            ("ctl reload", |sup, now| {
+                sup.on_command(7, Command::Reload, now);
+                sup.config_loaded(
+                    Ok(gen(2, "workers = 2\nready = \"notify\"")),
+                    "test.toml",
+                    now,
+                );
+            }),
+            ("ctl scale", |sup, now| {
+                sup.on_command(7, Command::Scale { workers: 2 }, now)
+            }),
+        ];
+        for (way, resume) in ways {
+            let mut sup = running_notify(now);
+            sup.on_signal(Event::StopWorkers, now);
+            assert_eq!(readiness_word(&sup), "paused", "{way}");
+            for p in [11, 12] {
+                sup.on_exit(pid(p), WaitStatus::Exited(pid(p), 0), now);
+            }
+            turn(&mut sup, 20, now);
+            assert!(sup.pool.workers.is_empty(), "{way}: paused, none started");
+            resume(&mut sup, now);
+            turn(&mut sup, 21, now);
+            assert_eq!(sup.pool.workers.len(), 2, "{way}: both slots boot");
+            // The old code said "degraded" here: the slots had served before.
+            let e = sup.readiness().unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "booting: 0/2 slots have a ready worker, 2 needed",
+                "{way}"
+            );
+            sup.on_notify(pid(21), vec![Message::Ready], now);
+            assert_eq!(readiness_word(&sup), "booting", "{way}");
+            sup.on_notify(pid(22), vec![Message::Ready], now);
+            assert_eq!(readiness_word(&sup), "ready", "{way}");
+            // Booted again: a slot that loses its worker now is degraded.
+            sup.on_exit(pid(21), WaitStatus::Exited(pid(21), 1), now);
+            assert_eq!(readiness_word(&sup), "degraded", "{way}");
+        }
+    }
+
+    #[test]
+    fn a_slot_that_served_since_the_resume_and_lost_its_worker_is_degraded() {
+        let now = Instant::now();
+        let mut sup = running_notify(now);
+        sup.on_signal(Event::StopWorkers, now);
+        for p in [11, 12] {
+            sup.on_exit(pid(p), WaitStatus::Exited(pid(p), 0), now);
+        }
+        sup.on_signal(Event::AddWorker, now);
+        turn(&mut sup, 21, now);
+        sup.on_notify(pid(21), vec![Message::Ready], now);
+        assert_eq!(readiness_word(&sup), "booting");
+        // Slot 1 served since the resume, and crashed: that is no boot.
+        sup.on_exit(pid(21), WaitStatus::Exited(pid(21), 1), now);
+        assert_eq!(readiness_word(&sup), "degraded");
     }
 }
