@@ -1308,3 +1308,46 @@ fn during_the_prestop_delay_workers_end_keep_alive() {
         assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
     }
 }
+
+/// A worker that boots during the pre-stop delay (here the successor of one
+/// that was killed) gets the same notice as those serving when it began:
+/// its keep-alive clients are answered with `Connection: close` well before
+/// the delay ends. The old code sent the notice only to the workers serving
+/// when the delay began: the successor kept every connection alive until
+/// stage 1.
+#[test]
+fn a_worker_respawned_during_the_prestop_delay_ends_keep_alive_too() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"{}\"]\nworkers = 1\nready = \"notify\"\n\
+         prestop_delay = \"8s\"\nrespawn_delay = \"50ms\"\n",
+        hello_bin()
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let first = d.wait_workers(1)[0];
+    let sigterm = Instant::now();
+    d.signal(Signal::SIGTERM);
+    d.wait_log("SIGTERM: pre-stop: serving for 8s more");
+    nix::sys::signal::kill(first, Signal::SIGKILL).unwrap();
+    let successor = wait_for("the successor", LIMIT, || {
+        d.children().into_iter().find(|p| *p != first)
+    });
+    d.wait_log(&format!("worker 1 (pid {successor}) ready in"));
+    let mut s = std::net::TcpStream::connect(d.tcp_addr()).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    // The notice follows READY=1 closely: until it arrives the connection
+    // stays open, and every answer is a 200.
+    wait_for("an answer with Connection: close", LIMIT, || {
+        let (status, close) = get_keep_alive(&mut s, "/");
+        assert_eq!(status, 200);
+        close.then_some(())
+    });
+    assert!(
+        !d.log().contains("stage 1") && sigterm.elapsed() < Duration::from_secs(8),
+        "Connection: close came only with the shutdown ({:?} after SIGTERM)",
+        sigterm.elapsed()
+    );
+    // A second SIGTERM cuts the delay short.
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}

@@ -904,6 +904,9 @@ impl Supervisor {
         };
         let (slot, generation) = (w.slot, w.generation());
         let seconds = (now - w.started).as_secs_f64();
+        // Booted or respawned during the pre-stop delay: it gets the same
+        // notice as those that were serving when the delay began.
+        let notice = matches!(self.phase, Phase::PreStop { .. }).then(|| prestop_notice(w));
         if let Some(s) = self.pool.slot(slot) {
             s.served = true;
         }
@@ -913,6 +916,7 @@ impl Supervisor {
             generation,
             seconds,
         }));
+        self.emit_all(notice);
         let current = self.current().number;
         if generation == current {
             let mut stops = Vec::new();
@@ -1288,18 +1292,14 @@ impl Supervisor {
         }));
         // The workers serve on, but should end keep-alive: an idle
         // connection left at the stop is one its client may reuse as the
-        // worker closes it.
+        // worker closes it. Those not ready yet are told when they are
+        // (`on_ready`): a worker that has not set up its handler could miss it.
         let notices: Vec<_> = self
             .pool
             .workers
             .iter()
-            .filter(|w| !w.is_stopping())
-            .map(|w| Action::Signal {
-                slot: w.slot,
-                pid: w.pid,
-                signal: Signal::SIGWINCH,
-                why: SignalWhy::PreStop,
-            })
+            .filter(|w| w.is_ready())
+            .map(prestop_notice)
             .collect();
         self.emit_all(notices);
         self.phase = Phase::PreStop {
@@ -1430,6 +1430,17 @@ impl Supervisor {
             s.push_str(&failed.replace('\n', " "));
         }
         s
+    }
+}
+
+/// SIGWINCH to a serving worker during the pre-stop delay: the stop is
+/// coming, end keep-alive (docs/protocol.md).
+fn prestop_notice(w: &Worker) -> Action {
+    Action::Signal {
+        slot: w.slot,
+        pid: w.pid,
+        signal: Signal::SIGWINCH,
+        why: SignalWhy::PreStop,
     }
 }
 
@@ -1874,7 +1885,12 @@ mod tests {
 
     /// Two workers with `ready = "notify"`, both ready (pids 11, 12).
     fn running_notify(now: Instant) -> Supervisor {
-        let mut sup = Supervisor::new(Rc::new(gen(1, "workers = 2\nready = \"notify\"")), now);
+        running_notify_with("", now)
+    }
+
+    fn running_notify_with(extra: &str, now: Instant) -> Supervisor {
+        let settings = format!("workers = 2\nready = \"notify\"\n{extra}");
+        let mut sup = Supervisor::new(Rc::new(gen(1, &settings)), now);
         turn(&mut sup, 11, now);
         sup.on_notify(pid(11), vec![Message::Ready], now);
         sup.on_notify(pid(12), vec![Message::Ready], now);
@@ -1957,5 +1973,37 @@ mod tests {
         // Slot 1 served since the resume, and crashed: that is no boot.
         sup.on_exit(pid(21), WaitStatus::Exited(pid(21), 1), now);
         assert_eq!(readiness_word(&sup), "degraded");
+    }
+
+    #[test]
+    fn a_worker_ready_during_the_prestop_delay_gets_the_notice_too() {
+        let now = Instant::now();
+        let mut sup = running_notify_with("prestop_delay = \"5s\"\nrespawn_delay = \"1ms\"", now);
+        sup.on_signal(Event::Terminate, now);
+        let actions = drain(&mut sup);
+        assert!(
+            has(&actions, "signal SIGWINCH to slot 1 pid 11"),
+            "{actions:?}"
+        );
+        assert!(
+            has(&actions, "signal SIGWINCH to slot 2 pid 12"),
+            "{actions:?}"
+        );
+        // Worker 11 crashes; its successor boots during the delay: no
+        // notice while it boots (it may not handle SIGWINCH yet), one when
+        // it is ready. The old code never sent it one.
+        sup.on_exit(pid(11), WaitStatus::Exited(pid(11), 1), now);
+        let later = now + Duration::from_millis(10);
+        let actions = turn(&mut sup, 21, later);
+        assert!(!has(&actions, "SIGWINCH"), "{actions:?}");
+        assert!(sup.pool.has(pid(21)));
+        sup.on_notify(pid(21), vec![Message::Ready], later);
+        assert_eq!(
+            drain(&mut sup),
+            ["signal SIGWINCH to slot 1 pid 21 (PreStop)"]
+        );
+        // A repeated READY=1 is no second notice.
+        sup.on_notify(pid(21), vec![Message::Ready], later);
+        assert!(drain(&mut sup).is_empty());
     }
 }
