@@ -130,6 +130,9 @@ class ConformanceTest(unittest.TestCase):
             b"g\r\nhello\r\n0\r\n\r\n",  # not hexadecimal
             b"5\r\nhello world\r\n0\r\n\r\n",  # more data than the size
             b"ffffffffffffffffff\r\n",  # an absurd size
+            b"2;\r\naa\r\n0\r\n\r\n",  # an empty extension
+            b"2 \r\naa\r\n0\r\n\r\n",  # whitespace after the size
+            b" 2\r\naa\r\n0\r\n\r\n",  # whitespace before it
         ):
             self.refused(post_chunked(body))
 
@@ -146,6 +149,14 @@ class ConformanceTest(unittest.TestCase):
             b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # two Hosts
             b"GET /a b HTTP/1.1\r\nHost: t\r\n\r\n",  # space in the target
             b"G@T / HTTP/1.1\r\nHost: t\r\n\r\n",  # not a token
+            b"GET /caf\xe9 HTTP/1.1\r\nHost: t\r\n\r\n",  # a target that is not UTF-8
+            b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\rb\r\n\r\n",  # CR in a value
+            # Bare LF line ends (llhttp's strict mode refuses them), and
+            # before the head ends: a client that sends only LFs is answered.
+            b"GET /pid HTTP/1.1\nHost: t\n\n",
+            b"GET /pid HTTP/1.1\r\nHost: t\nX-A: b\r\n\r\n",
+            b"GET /pid HTTP/1.1\r\nHost: t\r\n\n",
+            b"GET /pid HTTP/1.1\nHost: t\n",
         ):
             self.refused(raw)
         self.refused(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505)

@@ -30,10 +30,23 @@ class ParseTest(unittest.TestCase):
         self.assertIsNone(parse(b"GET / HTTP/1.1\r\nHost: x\r\n"))
         self.assertIsNone(parse(b"GET / HTTP/1.1\r\nHost: x\r\n\r"))
 
-    def test_leading_empty_lines_and_bare_lf(self):
-        req, used = parse(b"\r\n\r\nGET / HTTP/1.1\nHost: x\n\n")
+    def test_leading_empty_lines(self):
+        req, used = parse(b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(req.headers["HTTP_HOST"], "x")
-        self.assertEqual(used, len(b"\r\n\r\nGET / HTTP/1.1\nHost: x\n\n"))
+        self.assertEqual(used, len(b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+
+    def test_bare_lf_is_refused_wherever_it_is(self):
+        # As llhttp's strict mode (and drover-h1) do: a peer that takes a bare
+        # LF for a line end and one that does not would read different heads.
+        self.assertStatus(b"GET / HTTP/1.1\nHost: x\n\n", 400)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\n\r\n", 400)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\n\n", 400)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\nb\r\n\r\n", 400)
+        # As soon as it is in, without waiting for the head's end...
+        self.assertStatus(b"GET / HTTP/1.1\nHost", 400)
+        # ... but after the lines before it: the first line at fault decides.
+        self.assertStatus(b"GET / HTTP/2.0\r\nHost: x\n", 505)
+        self.assertStatus(b"GET / HTTP/1.1\r\nX: " + b"v" * 9000 + b"\n", 431)
 
     def test_content_type_and_length_have_no_http_prefix(self):
         req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n")
@@ -66,6 +79,8 @@ class ParseTest(unittest.TestCase):
         self.assertStatus(b"GET / HTTP/1.1 \r\nHost: x\r\n\r\n", 400)
         self.assertStatus(b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n", 400)
         self.assertStatus(b"GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+        self.assertStatus(b"GET /caf\xe9 HTTP/1.1\r\nHost: x\r\n\r\n", 400)  # not UTF-8
+        self.assertEqual(parse("GET /café HTTP/1.1\r\nHost: x\r\n\r\n".encode())[0].target, "/café".encode())
         self.assertStatus(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505)
         self.assertStatus(b"GET / FTP/1.1\r\nHost: x\r\n\r\n", 400)
         self.assertStatus(b"GET / HTTP/1.1\r\n\r\n", 400)  # no Host
@@ -75,12 +90,16 @@ class ParseTest(unittest.TestCase):
         self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nNo colon\r\n\r\n", 400)
         self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", 400)
         self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n", 400)
-        self.assertStatus(b"GET / HTTP/1.1\nHost: x\r\nX: a\nb\r\n\r\n", 400)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x7fb\r\n\r\n", 400)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\r\n\r\n", 400)
 
     def test_content_length_smuggling_is_refused(self):
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\n", 400)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1,1\r\n\r\n", 400)
+        self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551616\r\n\r\n", 400)
+        req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n")
+        self.assertEqual(req.content_length, 2**64 - 1)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400)
         req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
         self.assertEqual(req.content_length, 5)
@@ -92,6 +111,9 @@ class ParseTest(unittest.TestCase):
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400)
+        # Only SP and HTAB are whitespace around a coding (str.strip() took
+        # a NO-BREAK SPACE for one, and "\xa0chunked" for chunked).
+        self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \xa0chunked\r\n\r\n", 400)
         self.assertStatus(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400)
 
     def test_expect(self):
@@ -106,6 +128,7 @@ class ParseTest(unittest.TestCase):
         self.assertIsNotNone(parse(line + b"\r\nHost: x\r\n\r\n"))
         self.assertStatus(line.replace(b"GET /", b"GET /a") + b"\r\nHost: x\r\n\r\n", 400)
         self.assertStatus(b"GET /" + b"a" * 5000, 400)  # refused before the head ends
+        self.assertIsNone(parse(line + b"\r"))  # its CR came alone: not over the limit
         # limit_request_fields (100): a 431.
         fields = b"".join(b"X-%d: v\r\n" % i for i in range(99))
         self.assertIsNotNone(parse(b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n"))
@@ -114,8 +137,23 @@ class ParseTest(unittest.TestCase):
         value = b"v" * (8190 - len(b"X: \r\n"))
         self.assertIsNotNone(parse(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + value + b"\r\n\r\n"))
         self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: v" + value + b"\r\n\r\n", 431)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: v" + value, 431)  # before its end
         # A head that cannot end within the limits is refused before its end.
         self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 200000, 431)
+
+    def test_the_first_line_at_fault_decides(self):
+        # Each line is checked in order, for its limits, then its line end,
+        # then its syntax, so that a head fed in pieces gets the answer the
+        # whole gets (and the native parser's, drover-h1).
+        fields = b"".join(b"X-%d: v\r\n" % i for i in range(200))
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nBad line\r\n" + fields + b"\r\n", 400)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"Bad line\r\n\r\n", 431)
+        self.assertStatus(b"G(T / HTTP/2.0\r\nHost: x\r\n\r\n", 505)
+        self.assertStatus(b"G(T / HTTP/1.1\r\nX: " + b"v" * 9000 + b"\r\n\r\n", 400)
+        self.assertStatus(b"GET / HTTP/1.1\r\nX: " + b"v" * 9000 + b"\r\nBad line\r\n\r\n", 431)
+        # Incomplete: the limit of the last line is checked after the lines before it.
+        self.assertStatus(b"GET / HTTP/1.1\r\nBad line\r\nX: " + b"v" * 9000, 400)
+        self.assertIsNone(parse(b"GET / HTTP/1.1\r\nBad line\r\nX: v"))  # not checked till then
 
     def test_limits_are_settable_and_zero_means_gunicorns_maximum(self):
         small = Limits(request_line=20, request_fields=2, request_field_size=20)
@@ -132,7 +170,12 @@ class ParseTest(unittest.TestCase):
         self.assertEqual(parse_chunk_size(b"1a"), 26)
         self.assertEqual(parse_chunk_size(b"0"), 0)
         self.assertEqual(parse_chunk_size(b"A;name=value"), 10)
-        for bad in (b"", b"x", b"-1", b"0x10", b"1 2", b"1" * 17):
+        self.assertEqual(parse_chunk_size(b"ffffffffffffffff"), 2**64 - 1)
+        self.assertEqual(parse_chunk_size(b"2 ; a = b ;c;d=\"x;\\\"y\""), 2)  # BWS, quoted-string
+        # RFC 9112 7.1.1, as llhttp reads it: no empty extension ("2;"), no
+        # padding around the size, no BWS at the end.
+        for bad in (b"", b"x", b"-1", b"+1", b"0x10", b"1 2", b"1" * 17, b"2;", b"2; ", b"2;;a", b" 2", b"2 ",
+                    b"2\t", b"2;a ", b"2;a=", b"2;=b", b"2;a=b c", b'2;a="b', b'2;a="b"c', b"2;a@"):
             with self.assertRaises(HTTPError):
                 parse_chunk_size(bad)
 

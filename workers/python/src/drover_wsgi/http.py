@@ -20,6 +20,8 @@ MAX_REQUEST_LINE = 8190
 MAX_HEADERS = 32768
 #: The largest request head accepted whatever the limits say (a sanity bound).
 MAX_HEAD = 1024 * 1024
+#: The largest Content-Length (a u64, as llhttp and the native parser take).
+MAX_CONTENT_LENGTH = 2**64 - 1
 
 
 class HTTPError(Exception):
@@ -54,7 +56,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"[^\x00-\x20\x7f]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
-_LF_END = re.compile(rb"\n\r?\n")
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*"
+                         % (_TOKEN.pattern, _TOKEN.pattern, _QUOTED))
 _KEYS = {b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
 _KEYS_MAX = 512
 
@@ -84,57 +88,106 @@ class Request:
         self.underscored = underscored
 
 
-def _lines(buf: bytes, limits: Limits) -> Optional[Tuple[List[bytes], int]]:
-    """The head's lines (CRLF or bare LF) and its length, or None when
-    incomplete. Empty lines before the request line are skipped."""
-    start = 0
-    if buf[:1] in (b"\r", b"\n"):
-        start = len(buf) - len(buf.lstrip(b"\r\n"))
-    end = buf.find(b"\r\n\r\n", start)
-    if end >= 0:
-        used = end + 4
-        lines = buf[start:end].split(b"\r\n")
-    else:
-        m = _LF_END.search(buf, start)
-        if m is None:
-            _check_incomplete(buf, start, limits)
-            return None
-        used = m.end()
-        lines = [ln[:-1] if ln[-1:] == b"\r" else ln for ln in buf[start:m.start()].split(b"\n")]
-    if used - start > limits.max_head:
-        raise HTTPError(431, "request head larger than %d bytes" % limits.max_head)
-    return lines, used
-
-
-def _check_incomplete(buf: bytes, start: int, limits: Limits) -> None:
-    """Refuses an incomplete head that is already past a limit, so that a
-    client cannot make us buffer without end."""
-    line_end = buf.find(b"\n", start)
-    line_len = (line_end if line_end >= 0 else len(buf)) - start
-    if line_end >= 0 and buf[line_end - 1:line_end] == b"\r":
-        line_len -= 1
-    if line_len > limits.request_line:
-        raise HTTPError(400, "request line longer than %d bytes (limit_request_line)" % limits.request_line)
-    if len(buf) - start > limits.max_head:
-        raise HTTPError(431, "request head larger than %d bytes" % limits.max_head)
-
-
 def parse_request(buf: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[Tuple[Request, int]]:
     """Parses the request head at the start of ``buf``.
 
     Returns None when the head is not complete yet, else ``(request, used)``
     where ``used`` is the number of bytes of the head. Raises HTTPError for a
-    malformed, unsupported or too large head.
+    malformed, unsupported or too large head: the first line at fault decides
+    the answer, each line checked for its limits, its CRLF, then its syntax
+    (as drover-h1, the native parser, does; docs/http-parser.md).
     """
-    found = _lines(buf, limits)
-    if found is None:
+    start = 0
+    if buf[:1] in (b"\r", b"\n"):
+        # Empty lines before the request line are skipped (RFC 9112 2.2).
+        start = len(buf) - len(buf.lstrip(b"\r\n"))
+    end = buf.find(b"\r\n\r\n", start)
+    stop = end + 2 if end >= 0 else len(buf)
+    if buf.count(b"\n", start, stop) != buf.count(b"\r\n", start, stop):
+        lf = _bare_lf(buf, start, stop)
+        _refuse(buf, start, lf, lf + 1, limits, HTTPError(400, "a line ends in a bare LF, not CRLF"))
+    if end < 0:
+        _check_incomplete(buf, start, limits)
         return None
-    lines, used = found
-    if len(lines[0]) > limits.request_line:
+    used = end + 4
+    request = _parse_lines(buf[start:end].split(b"\r\n"), used - start, limits)
+    return None if request is None else (request, used)  # never None: not partial
+
+
+def _bare_lf(buf: bytes, start: int, stop: int) -> int:
+    """The position of the first LF without a CR before it."""
+    lf = buf.find(b"\n", start, stop)
+    while buf[lf - 1] == 13:
+        lf = buf.find(b"\n", lf + 1, stop)
+    return lf
+
+
+def _check_incomplete(buf: bytes, start: int, limits: Limits) -> None:
+    """Refuses an incomplete head whose last line, or the head itself, is
+    already past a limit, so that a client cannot make us buffer without end."""
+    lf = buf.rfind(b"\n", start)
+    line_start = start if lf < 0 else lf + 1
+    line_end = len(buf)
+    if line_end > line_start and buf[-1] == 13:
+        line_end -= 1  # may be the CR of the line's CRLF
+    n = line_end - line_start
+    if lf < 0:
+        over = n > limits.request_line
+    else:
+        over = n > 0 and (n + 2 > limits.request_field_size
+                          or buf.count(b"\n", start, lf) + 1 > limits.request_fields)
+    if over or len(buf) - start > limits.max_head:
+        _refuse(buf, start, line_end, len(buf), limits,
+                HTTPError(431, "request head larger than %d bytes" % limits.max_head))
+
+
+def _refuse(buf: bytes, start: int, stop: int, size: int, limits: Limits, error: HTTPError) -> None:
+    """Raises the error of the first line at fault in ``buf[start:stop]``,
+    whose last line is not complete (``size``: where the head's bytes so far
+    end), or ``error`` if none is."""
+    _parse_lines(buf[start:stop].split(b"\r\n"), size - start, limits, partial=True)
+    raise error
+
+
+def _parse_lines(lines: List[bytes], size: int, limits: Limits, partial: bool = False) -> Optional[Request]:
+    """The request of a head's lines (without CRLF and the final empty line;
+    ``size``: the head's bytes). With ``partial``, the last line is not
+    complete: it is checked for the limits only, and nothing is returned."""
+    first = lines[0]
+    if len(first) > limits.request_line:
         raise HTTPError(400, "request line longer than %d bytes (limit_request_line)" % limits.request_line)
-    if len(lines) - 1 > limits.request_fields:
-        raise HTTPError(431, "more than %d header fields (limit_request_fields)" % limits.request_fields)
-    parts = lines[0].split(b" ")
+    last = len(lines) - 1
+    if partial and last == 0:
+        return None
+    method, target, http10 = _request_line(first)
+    head = _Head()
+    fields = limits.request_fields
+    field_size = limits.request_field_size
+    # The head's size so far matters only when MAX_HEAD caps max_head below
+    # what the other limits allow.
+    offset = len(first) + 2 if size > limits.max_head else -1
+    for i in range(1, len(lines)):
+        line = lines[i]
+        if line:
+            if i > fields:
+                raise HTTPError(431, "more than %d header fields (limit_request_fields)" % fields)
+            if len(line) + 2 > field_size:
+                raise HTTPError(431, "a header field longer than %d bytes (limit_request_field_size)" % field_size)
+        if offset >= 0:
+            offset = size if partial and i == last else offset + len(line) + 2
+            if offset > limits.max_head:
+                raise HTTPError(431, "request head larger than %d bytes" % limits.max_head)
+        if partial and i == last:
+            return None
+        head.add(line)
+    if size > limits.max_head:
+        raise HTTPError(431, "request head larger than %d bytes" % limits.max_head)
+    return head.request(method.decode("ascii"), target, http10)
+
+
+def _request_line(line: bytes) -> Tuple[bytes, bytes, bool]:
+    """(method, target, http10) of a request line."""
+    parts = line.split(b" ")
     if len(parts) != 3:
         raise HTTPError(400, "malformed request line")
     method, target, version = parts
@@ -148,16 +201,17 @@ def parse_request(buf: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[Tuple
         raise HTTPError(400, "malformed request line")
     if _TOKEN.fullmatch(method) is None:
         raise HTTPError(400, "malformed method")
-    if _TARGET.fullmatch(target) is None:
+    if _TARGET.fullmatch(target) is None or not (target.isascii() or _is_utf8(target)):
         raise HTTPError(400, "malformed request target")
-    head = _Head()
-    field_size = limits.request_field_size
-    for i in range(1, len(lines)):
-        line = lines[i]
-        if len(line) + 2 > field_size:
-            raise HTTPError(431, "a header field longer than %d bytes (limit_request_field_size)" % field_size)
-        head.add(line)
-    return head.request(method.decode("ascii"), target, http10), used
+    return method, target, http10
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _Head:
@@ -199,9 +253,12 @@ class _Head:
         if key == "CONTENT_LENGTH":
             if not value.isdigit():
                 raise HTTPError(400, "invalid Content-Length")
-            if self.content_length is not None and int(value) != self.content_length:
+            length = int(value)
+            if length > MAX_CONTENT_LENGTH:
+                raise HTTPError(400, "Content-Length too large")
+            if self.content_length is not None and length != self.content_length:
                 raise HTTPError(400, "conflicting Content-Length headers")
-            self.content_length = int(value)
+            self.content_length = length
             headers[key] = str(self.content_length)
             return
         if key == "HTTP_TRANSFER_ENCODING":
@@ -233,7 +290,7 @@ class _Head:
                 raise HTTPError(400, "both Transfer-Encoding and Content-Length")
             if http10:
                 raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            codings = [c.strip().lower() for c in self.te.split(",")]
+            codings = [c.strip(" \t").lower() for c in self.te.split(",")]
             if codings[-1] != "chunked":
                 raise HTTPError(400, "Transfer-Encoding does not end in chunked")
             if codings.count("chunked") > 1:
@@ -242,7 +299,7 @@ class _Head:
                 raise HTTPError(501, "unsupported Transfer-Encoding")
             chunked = True
         if self.connection is not None:
-            tokens = [t.strip().lower() for t in self.connection.split(",")]
+            tokens = [t.strip(" \t").lower() for t in self.connection.split(",")]
             keep_alive = "close" not in tokens and (not http10 or "keep-alive" in tokens)
         else:
             keep_alive = not http10
@@ -256,12 +313,15 @@ class _Head:
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """The size on a chunk-size line (without its line end); extensions after
-    ";" are ignored. Raises HTTPError(400) when malformed."""
-    size = line.split(b";", 1)[0].strip(b" \t")
-    if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+    """The size on a chunk-size line (without its CRLF): at most 16 hex
+    digits, then extensions (``;name`` or ``;name=value``, BWS around ``;``
+    and ``=``; RFC 9112 7.1.1), which are ignored. Raises HTTPError(400)
+    otherwise: ``2;`` (no extension name), `` 2`` and ``2 `` (padding) too, as
+    llhttp refuses them."""
+    m = _CHUNK_SIZE.fullmatch(line)
+    if m is None:
         raise HTTPError(400, "invalid chunk size line %r" % line[:40])
-    return int(size, 16)
+    return int(m.group(1), 16)
 
 
 def split_target(target: bytes) -> Tuple[str, str]:

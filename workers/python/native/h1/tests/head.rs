@@ -429,3 +429,32 @@ fn errors_name_status_and_reason() {
         (400, "Bad Request", "more than one Host header")
     );
 }
+
+#[test]
+fn the_first_line_at_fault_decides() {
+    // Each line is checked in order: its limits, its line end, its syntax
+    // (as test_http_parse.py's test of the same name checks http.py).
+    let of = |parts: &[&[u8]]| status(&parts.concat());
+    let fields: Vec<u8> = (0..200)
+        .flat_map(|i| format!("X-{i}: v\r\n").into_bytes())
+        .collect();
+    let v9000 = &[b'v'; 9000][..];
+    let get = &b"GET / HTTP/1.1\r\n"[..];
+    assert_eq!(
+        of(&[get, b"Host: x\r\nBad line\r\n", &fields, b"\r\n"]),
+        400
+    );
+    assert_eq!(
+        of(&[get, b"Host: x\r\n", &fields, b"Bad line\r\n\r\n"]),
+        431
+    );
+    assert_eq!(of(&[b"G(T / HTTP/2.0\r\nHost: x\r\n\r\n"]), 505);
+    assert_eq!(of(&[b"G(T / HTTP/1.1\r\nX: ", v9000, b"\r\n\r\n"]), 400);
+    assert_eq!(of(&[get, b"X: ", v9000, b"\r\nBad line\r\n\r\n"]), 431);
+    assert_eq!(of(&[get, b"Bad line\r\nX: ", v9000]), 400);
+    assert_eq!(of(&[b"GET / HTTP/2.0\r\nHost: x\n"]), 505);
+    assert_eq!(of(&[get, b"X: ", v9000, b"\n"]), 431);
+    // The native parser refuses a complete bad line at once (http.py waits
+    // for the head's end or a limit: the answer is the same, later).
+    assert_eq!(of(&[get, b"Bad line\r\nX: v"]), 400);
+}
