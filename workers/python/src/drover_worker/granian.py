@@ -40,6 +40,11 @@ import drover_worker as dw
 CANNOT_BOOT = 3
 #: The Granian versions this launcher was tested with (tests/third_party.rs).
 TESTED = ("2.8.9",)
+#: Granian's backpressure bounds the open connections of a worker (it holds a
+#: permit from accept to close), not the requests in flight: a keep-alive
+#: connection past it waits unserved. The default is Granian's own for one
+#: worker process: its listen backlog (1024) over its worker count.
+BACKPRESSURE = 1024
 
 
 def _log(message: str) -> None:
@@ -56,8 +61,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--blocking-threads", type=int, default=4,
                    help="Python threads that run the app (Granian's --blocking-threads; default 4)")
     p.add_argument("--runtime-threads", type=int, default=1, help="Rust I/O threads (as Granian's; default 1)")
-    p.add_argument("--backpressure", type=int, default=None,
-                   help="requests in flight at most (as Granian's; default 2 x blocking threads)")
+    p.add_argument("--backpressure", type=int, default=BACKPRESSURE,
+                   help="connections this process serves at once; more wait in the listen queue "
+                        "(Granian's --backpressure; default %d)" % BACKPRESSURE)
     p.add_argument("--chdir", help="change to this directory (and import from it) before loading the app")
     p.add_argument("--untested-granian", action="store_true",
                    help="run with a Granian version other than %s" % ", ".join(TESTED))
@@ -129,7 +135,12 @@ def _serve(granian: Any, app: Any, sock: Any, args: argparse.Namespace) -> bool:
     deadline came first."""
     core = granian.core
     threads = max(1, args.blocking_threads)
-    backpressure = args.backpressure or 2 * threads
+    backpressure = max(1, args.backpressure)
+    # Granian never sets TCP_NODELAY on a connection: its own listener has it,
+    # and accepted sockets inherit it. drover's listener does not, and when a
+    # streamed body's first chunk is not ready as the headers go out, the body
+    # waited for the client's delayed ACK (Nagle; ~40 ms a response under load).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # What Granian's own worker process builds (granian/server/mp.py,
     # _spawn_wsgi_worker), with drover's socket instead of Granian's.
     holder = core.SocketHolder(sock.fileno(), False, 1024)
