@@ -7,7 +7,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use drover_worker::Stream;
+use drover_worker::{cleanup, StopState, Stream};
 
 use crate::http::{self, Framing, Parse, Route, MAX_HEAD};
 use crate::Shared;
@@ -16,8 +16,9 @@ use crate::Shared;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for the rest of a request (or for the client to take a response).
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// After a stop, how long a new connection may take to send its first request.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+/// After a stop, how long a connection may take to send its next request
+/// (its first, or the next one on a kept-alive connection).
+const STOP_GRACE: Duration = Duration::from_secs(1);
 /// After the last response, how long to read and discard what the client still
 /// sends, so that closing does not reset the connection under the response.
 const LINGER: Duration = Duration::from_secs(1);
@@ -51,14 +52,25 @@ struct Conn {
 /// Why a connection ended without a final response: just close.
 struct Closed;
 
+/// What came of waiting for a request.
+enum Wait {
+    /// It is here (at least its first bytes).
+    Request,
+    /// None came in time after a stop: close, gracefully.
+    Stopped,
+}
+
 impl Conn {
-    /// Returns `Ok` when a response with `Connection: close` was sent (then
-    /// the caller lingers), `Err(Closed)` when the connection simply ends.
+    /// Returns `Ok` when the connection is to be closed gracefully (after a
+    /// response with `Connection: close`, or when a stop found it idle):
+    /// then the caller lingers. `Err(Closed)` when it simply ends.
     fn run(&mut self, shared: &Shared) -> Result<(), Closed> {
         let mut first = true;
         loop {
             if self.len == 0 {
-                self.wait_for_request(shared, first)?;
+                if let Wait::Stopped = self.wait_for_request(shared, first)? {
+                    return Ok(());
+                }
             }
             first = false;
             let request = match self.read_head()? {
@@ -97,34 +109,43 @@ impl Conn {
         }
     }
 
-    /// Between requests: waits for the client or for a stop. An idle
-    /// connection is closed at once when the worker stops; if the client's
-    /// next request is already here, it is served (and answered with close).
-    /// A new connection is different: it was accepted, so its client expects
-    /// an answer; its first request is awaited for up to [`FIRST_REQUEST_GRACE`]
-    /// after a stop (closing it earlier would reset the request in flight).
-    fn wait_for_request(&self, shared: &Shared, first: bool) -> Result<(), Closed> {
-        let deadline = Instant::now() + IDLE_TIMEOUT;
-        let mut stop_seen: Option<Instant> = None;
+    /// Between requests: waits for the client's next request, or for a
+    /// stop. After a stop a connection still gets [`STOP_GRACE`] (never past
+    /// the drain deadline) to send its request, which is served and
+    /// answered with `Connection: close`. A new connection was accepted, so
+    /// its client expects an answer; a kept-alive client sends its next
+    /// request the moment it has the last response, and closing under it
+    /// would fail that request (the close crosses it on the wire). Only a
+    /// quick stop closes an idle kept-alive connection at once. Either way
+    /// the close is graceful ([`Wait::Stopped`]: the caller lingers).
+    fn wait_for_request(&self, shared: &Shared, first: bool) -> Result<Wait, Closed> {
+        let idle_until = Instant::now() + IDLE_TIMEOUT;
+        let mut grace_until: Option<Instant> = None;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Closed);
-            }
-            let (stop_fd, slice) = if first {
-                (-1, left.min(Duration::from_millis(100)))
-            } else {
-                (shared.stop.fd(), left)
-            };
-            match poll2(self.stream.as_raw_fd(), stop_fd, slice) {
-                Ready::First => return Ok(()),
-                Ready::Second => return Err(Closed),
-                Ready::Nothing if first && shared.stop.is_stopping() => {
-                    if stop_seen.get_or_insert_with(Instant::now).elapsed() >= FIRST_REQUEST_GRACE {
-                        return Err(Closed);
-                    }
+            if grace_until.is_none() && shared.stop.is_stopping() {
+                let quick = shared.stop.state() == StopState::Quick;
+                if quick && !first {
+                    return Ok(Wait::Stopped);
                 }
-                Ready::Nothing => {}
+                grace_until = Some((Instant::now() + STOP_GRACE).min(cleanup::drain_deadline()));
+            }
+            let until = grace_until.unwrap_or(idle_until).min(idle_until);
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return match grace_until {
+                    Some(_) => Ok(Wait::Stopped),
+                    None => Err(Closed),
+                };
+            }
+            // Once stopping, the stop fd stays readable: only the client counts.
+            let stop_fd = if grace_until.is_some() {
+                -1
+            } else {
+                shared.stop.fd()
+            };
+            match poll2(self.stream.as_raw_fd(), stop_fd, left) {
+                Ready::First => return Ok(Wait::Request),
+                Ready::Second | Ready::Nothing => {}
             }
         }
     }

@@ -6,7 +6,12 @@
 //! accepts, heartbeats when asked to (`WATCHDOG_USEC`), and on SIGTERM/SIGINT
 //! takes what is already queued on its listeners, stops accepting, finishes
 //! in-flight requests until the SDK's drain deadline (4/5 of the grace budget;
-//! the rest is the cleanup's), runs its cleanup registry and exits 0. On
+//! the rest is the cleanup's), runs its cleanup registry and exits 0. Every
+//! answer from the stop on says `Connection: close`; a connection idle at the
+//! stop (kept alive, or new) gets 1 s more to send its request, which is
+//! served, and is then closed without a reset (half-close, then read and
+//! drop), so that a client that sends its next request as the stop comes is
+//! answered rather than cut off. On
 //! SIGQUIT it stops accepting and waits at most about a second (and never past
 //! the drain deadline) before cleanup and exit.
 //!
