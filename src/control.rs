@@ -609,6 +609,24 @@ fn readable(a: &Answer) -> String {
             w["status"].as_str().unwrap_or("")
         ));
     }
+    // Preload templates: not workers (no slot, no request), one line each.
+    for t in status["templates"].as_array().into_iter().flatten() {
+        let state = t["state"].as_str().unwrap_or("?");
+        let restarts = n(&t["restarts"]);
+        out.push_str(&match t["pid"].as_u64() {
+            Some(pid) => format!(
+                "\ntemplate of generation {} (pid {pid}): {state}, up {}s, {restarts} restart(s), {} MiB",
+                n(&t["generation"]),
+                n(&t["uptime_s"]),
+                n(&t["rss_bytes"]) >> 20,
+            ),
+            None => format!(
+                "\ntemplate of generation {}: {state}, next start in {} ms, {restarts} restart(s)",
+                n(&t["generation"]),
+                n(&t["start_in_ms"]),
+            ),
+        });
+    }
     for s in status["slots"].as_array().into_iter().flatten() {
         if s["degraded"] == true {
             out.push_str(&format!(

@@ -152,6 +152,34 @@ pub enum Kind {
         /// As the log says it: "killed by SIGKILL (boot timeout)".
         description: String,
     },
+    /// A preload template was started (`preload = true`): it loads the
+    /// application, then forks the workers of its generation.
+    TemplateSpawned {
+        pid: i32,
+        generation: u32,
+    },
+    /// It is ready to fork.
+    TemplateReady {
+        pid: i32,
+        generation: u32,
+        /// From spawn to ready.
+        seconds: f64,
+    },
+    /// A template's process ended. `cause`: `retired` (its generation has no
+    /// worker left), `boot_failed` (it exited before it was ready to fork),
+    /// `boot_timeout`, `hung` (it did not answer a fork request: killed),
+    /// `not_a_template` (the command does not speak the template protocol:
+    /// killed), `exited` (on its own, after it was ready).
+    TemplateExited {
+        pid: i32,
+        generation: u32,
+        cause: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        description: String,
+    },
     /// A slot failed `degraded_after` times in a row.
     SlotDegraded {
         slot: u32,
@@ -223,6 +251,9 @@ impl Kind {
             Kind::WorkerStopping { .. } => "worker_stopping",
             Kind::WorkerAborted { .. } => "worker_aborted",
             Kind::WorkerExited { .. } => "worker_exited",
+            Kind::TemplateSpawned { .. } => "template_spawned",
+            Kind::TemplateReady { .. } => "template_ready",
+            Kind::TemplateExited { .. } => "template_exited",
             Kind::SlotDegraded { .. } => "slot_degraded",
             Kind::ReloadBegun { .. } => "reload_begun",
             Kind::ReloadApplied { .. } => "reload_applied",
@@ -250,6 +281,9 @@ pub const NAMES: &[&str] = &[
     "worker_stopping",
     "worker_aborted",
     "worker_exited",
+    "template_spawned",
+    "template_ready",
+    "template_exited",
     "slot_degraded",
     "reload_begun",
     "reload_applied",
@@ -585,7 +619,30 @@ mod tests {
         assert_eq!(v["cause"], "heartbeat_timeout");
         assert!(v.get("status").is_none());
         assert!(NAMES.contains(&k.name()));
-        assert_eq!(NAMES.len(), 21);
+        assert_eq!(NAMES.len(), 24);
+        for k in [
+            Kind::TemplateSpawned {
+                pid: 5,
+                generation: 1,
+            },
+            Kind::TemplateReady {
+                pid: 5,
+                generation: 1,
+                seconds: 0.2,
+            },
+            Kind::TemplateExited {
+                pid: 5,
+                generation: 1,
+                cause: "exited".into(),
+                status: None,
+                signal: Some("SIGKILL".into()),
+                description: "killed by SIGKILL".into(),
+            },
+        ] {
+            let v = serde_json::to_value(&k).unwrap();
+            assert_eq!(v["event"], k.name());
+            assert!(NAMES.contains(&k.name()));
+        }
     }
 
     #[test]

@@ -145,6 +145,8 @@ pub const BOOT_BUCKETS: &[f64] = &[
 #[derive(Debug, Clone)]
 pub struct Counters {
     pub worker_starts: u64,
+    /// Preload templates started.
+    pub template_starts: u64,
     pub exits: [u64; ExitCause::ALL.len()],
     pub reloads: [u64; Outcome::ALL.len()],
     pub upgrades: [u64; Outcome::ALL.len()],
@@ -156,6 +158,7 @@ impl Default for Counters {
     fn default() -> Self {
         Counters {
             worker_starts: 0,
+            template_starts: 0,
             exits: [0; ExitCause::ALL.len()],
             reloads: [0; Outcome::ALL.len()],
             upgrades: [0; Outcome::ALL.len()],
@@ -171,6 +174,7 @@ impl Counters {
         let outcome = |o: Outcome| Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0);
         match kind {
             Kind::WorkerSpawned { .. } => self.worker_starts += 1,
+            Kind::TemplateSpawned { .. } => self.template_starts += 1,
             Kind::WorkerReady { seconds, .. } => self.spawn_to_ready.observe(*seconds),
             Kind::WorkerExited { cause, .. } => {
                 let i = ExitCause::ALL.iter().position(|c| c == cause).unwrap_or(0);
@@ -392,6 +396,9 @@ pub struct Snapshot<'a> {
     /// The worker count wanted.
     pub slots: u32,
     pub ready: bool,
+    /// With `preload`: whether the current generation's template is ready
+    /// to fork. None without preload.
+    pub template_up: Option<bool>,
     pub workers: Vec<WorkerSample>,
     pub listeners: Vec<ListenerSample<'a>>,
     pub counters: &'a Counters,
@@ -446,6 +453,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
         f64::from(u8::from(s.ready)),
     );
     workers_by_state(&mut t, s);
+    if let Some(up) = s.template_up {
+        t.single(
+            "drover_template_up",
+            "gauge",
+            "With preload: 1 when the current generation's template is ready to fork, else 0.",
+            f64::from(u8::from(up)),
+        );
+    }
     counters(&mut t, s.counters);
     listeners(&mut t, &s.listeners);
     memory(&mut t, &s.workers);
@@ -487,6 +502,12 @@ fn counters(t: &mut Text, c: &Counters) {
         "counter",
         "Worker processes started.",
         c.worker_starts as f64,
+    );
+    t.single(
+        "drover_template_starts_total",
+        "counter",
+        "Preload template processes started.",
+        c.template_starts as f64,
     );
     t.family(
         "drover_worker_exits_total",

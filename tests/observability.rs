@@ -119,6 +119,7 @@ fn the_exposition_parses_with_prometheus_client() {
         generation: 2,
         slots: 2,
         ready: true,
+        template_up: Some(true),
         workers: vec![WorkerSample {
             slot: 1,
             pid: std::process::id() as i32,
@@ -152,6 +153,8 @@ fn the_exposition_parses_with_prometheus_client() {
         ("drover_uptime_seconds", "gauge"),
         ("drover_workers", "gauge"),
         ("drover_worker_starts", "counter"),
+        ("drover_template_up", "gauge"),
+        ("drover_template_starts", "counter"),
         ("drover_worker_exits", "counter"),
         ("drover_reloads", "counter"),
         ("drover_upgrades", "counter"),

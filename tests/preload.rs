@@ -452,3 +452,174 @@ APP_CLEANUP_FILE = "{dir}/cleanup"
         "every worker forked from the one template: {log}"
     );
 }
+
+/// `drover ctl` with `args` on the control socket in `$DIR`: its exit
+/// status and standard output.
+fn ctl(d: &Drover, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(drover_bin())
+        .args(["ctl", "--socket"])
+        .arg(d.dir.path().join("ctl.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code(), text)
+}
+
+/// The templates in `drover ctl --json status`.
+fn templates(d: &Drover) -> Vec<serde_json::Value> {
+    let (code, out) = ctl(d, &["--json", "status"]);
+    assert_eq!(code, Some(0), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    let templates = v["status"]["templates"].as_array().expect(&out).clone();
+    for w in v["status"]["workers"].as_array().unwrap() {
+        assert!(
+            templates.iter().all(|t| t["pid"] != w["pid"]),
+            "the template is no worker: {v}"
+        );
+    }
+    templates
+}
+
+/// A sample's value in `/metrics` on the admin socket in `$DIR`.
+fn metric(d: &Drover, name: &str) -> f64 {
+    let s = std::os::unix::net::UnixStream::connect(d.dir.path().join("admin.sock")).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let body = get_over(s, "/metrics").unwrap().body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+/// The preload template as an operator sees it: its pid, state and
+/// restarts in `drover ctl status` (a `templates` entry, not a worker), in
+/// /metrics (`drover_template_up`, `drover_template_starts_total`) and in
+/// `drover ctl events` (`template_spawned`, `template_ready`,
+/// `template_exited`), through a kill, the backoff and its replacement.
+/// Before, none of it showed the template at all.
+#[test]
+fn the_template_is_in_status_metrics_and_events() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    let mut d = start(
+        app.path(),
+        1,
+        "control_socket = \"$DIR/ctl.sock\"\nadmin_bind = \"unix:$DIR/admin.sock\"\n\
+         respawn_delay = \"1500ms\"",
+    );
+    d.wait_log("all 1 workers ready");
+    let template = template_pids(&d)[0];
+    let t = &templates(&d)[0];
+    assert_eq!(
+        (&t["generation"], &t["pid"], &t["state"], &t["restarts"]),
+        (
+            &1.into(),
+            &template.as_raw().into(),
+            &"ready".into(),
+            &0.into()
+        ),
+        "{t}"
+    );
+    assert!(t["rss_bytes"].as_u64().unwrap() > 0, "{t}");
+    let (_, readable) = ctl(&d, &["status"]);
+    assert!(
+        readable.contains(&format!(
+            "template of generation 1 (pid {template}): ready, up "
+        )),
+        "{readable}"
+    );
+    assert_eq!(metric(&d, "drover_template_up"), 1.0);
+    assert_eq!(metric(&d, "drover_template_starts_total"), 1.0);
+
+    // The events from now on, in a file.
+    let events_out = d.dir.path().join("events.out");
+    let mut follower = std::process::Command::new(drover_bin())
+        .args(["ctl", "--socket"])
+        .arg(d.dir.path().join("ctl.sock"))
+        .arg("events")
+        .stdout(std::fs::File::create(&events_out).unwrap())
+        .spawn()
+        .unwrap();
+    let events = || -> Vec<serde_json::Value> {
+        read_file(&events_out)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect(l))
+            .collect()
+    };
+    // Subscribed once a request after it shows up: a scale to the same count.
+    wait_for("the follower subscribed", LIMIT, || {
+        ctl(&d, &["scale", "2"]);
+        ctl(&d, &["scale", "1"]);
+        events()
+            .iter()
+            .any(|e| e["event"] == "scaled")
+            .then_some(())
+    });
+
+    kill(template, Signal::SIGKILL).unwrap();
+    // Dead, with no pid, until its backoff is over.
+    let dead = wait_for("the template reported dead", LIMIT, || {
+        templates(&d).into_iter().find(|t| t["state"] == "dead")
+    });
+    assert!(dead["pid"].is_null(), "{dead}");
+    assert!(dead["start_in_ms"].as_u64().unwrap() > 0, "{dead}");
+    assert_eq!(metric(&d, "drover_template_up"), 0.0);
+    let (_, readable) = ctl(&d, &["status"]);
+    assert!(
+        readable.contains("template of generation 1: dead, next start in "),
+        "{readable}"
+    );
+    // Then a new one, ready, counted as a restart.
+    let t = wait_for("a new template ready", LIMIT, || {
+        templates(&d)
+            .into_iter()
+            .find(|t| t["state"] == "ready" && t["pid"] != template.as_raw())
+    });
+    assert_eq!(t["restarts"], 1, "{t}");
+    let new_template = t["pid"].as_i64().unwrap();
+    assert_eq!(metric(&d, "drover_template_up"), 1.0);
+    assert_eq!(metric(&d, "drover_template_starts_total"), 2.0);
+    let seen = wait_for("the template events", LIMIT, || {
+        let e = events();
+        e.iter()
+            .any(|e| e["event"] == "template_ready" && e["pid"] == new_template)
+            .then_some(e)
+    });
+    let find = |name: &str| {
+        seen.iter()
+            .find(|e| e["event"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {seen:?}"))
+            .clone()
+    };
+    let exited = find("template_exited");
+    assert_eq!(
+        (
+            &exited["pid"],
+            &exited["generation"],
+            &exited["cause"],
+            &exited["signal"]
+        ),
+        (
+            &template.as_raw().into(),
+            &1.into(),
+            &"exited".into(),
+            &"SIGKILL".into()
+        ),
+        "{exited}"
+    );
+    let spawned = find("template_spawned");
+    assert_eq!(spawned["pid"], new_template, "{spawned}");
+    assert!(find("template_ready")["seconds"].as_f64().unwrap() > 0.0);
+
+    // At the stop, the template retires.
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    let _ = follower.wait();
+    let retired = events()
+        .into_iter()
+        .find(|e| e["event"] == "template_exited" && e["pid"] == new_template)
+        .expect("the new template's exit");
+    assert_eq!(retired["cause"], "retired", "{retired}");
+}

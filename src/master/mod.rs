@@ -561,14 +561,21 @@ impl Master {
             .map(ControlSocket::read_requests)
             .unwrap_or_default();
         for (client, command) in requests {
-            if command == control::Command::Events {
-                // A subscriber: its connection goes to the event stream.
-                if let Some(stream) = self.control.as_mut().and_then(|c| c.take_client(client)) {
-                    self.obs.subscribe(stream);
+            match command {
+                control::Command::Events => {
+                    // A subscriber: its connection goes to the event stream.
+                    if let Some(stream) = self.control.as_mut().and_then(|c| c.take_client(client))
+                    {
+                        self.obs.subscribe(stream);
+                    }
                 }
-                continue;
+                // The supervisor's, with the templates, which are ours.
+                control::Command::Status => {
+                    let answer = self.status(now);
+                    self.sup.emit(Action::AnswerClient { client, answer });
+                }
+                command => self.sup.on_command(client, command, now),
             }
-            self.sup.on_command(client, command, now);
         }
         // `--reload`: changes are read as they come, and acted on once the
         // files have been quiet (the debounce deadline woke us then).
@@ -586,6 +593,7 @@ impl Master {
             let view = view::View {
                 sup: &self.sup,
                 obs: &self.obs,
+                templates: &self.templates,
             };
             admin.on_ready(now, &view);
         }

@@ -7,7 +7,22 @@ use serde_json::json;
 
 use super::supervisor::{Phase, Supervisor};
 use super::worker::resident_bytes;
+use super::Master;
 use crate::control;
+
+impl Master {
+    /// The supervisor's status, with the preload templates (not workers:
+    /// they serve no request and hold no slot).
+    pub(super) fn status(&self, now: Instant) -> control::Answer {
+        let mut answer = self.sup.status(now);
+        let current = self.sup.current();
+        let preloading = (current.s.preload && !self.sup.shutting_down()).then_some(current.number);
+        if let Some(status) = answer.status.as_mut() {
+            status["templates"] = self.templates.status(preloading, now).into();
+        }
+        answer
+    }
+}
 
 impl Supervisor {
     /// Master and every worker: slot, pid, generation, state, uptime,

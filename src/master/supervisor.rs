@@ -359,10 +359,6 @@ impl Supervisor {
     pub fn on_command(&mut self, client: ClientId, command: Command, now: Instant) {
         let answer = |a| Action::AnswerClient { client, answer: a };
         match command {
-            Command::Status => {
-                let status = self.status(now);
-                self.emit(answer(status));
-            }
             Command::Ready => {
                 let verdict = match self.readiness() {
                     Ok(()) => control::success(&format!("ready: {}", self.summary())),
@@ -396,9 +392,11 @@ impl Supervisor {
             Command::Upgrade => self.emit(Action::StartUpgrade {
                 client: Some(client),
             }),
-            // The master hands such a client to the event stream before it
-            // gets here.
-            Command::Events => self.emit(answer(control::failure("no event stream here"))),
+            // The master answers these itself (the event stream, the
+            // templates) before it gets here.
+            Command::Events | Command::Status => {
+                self.emit(answer(control::failure("answered by the master")))
+            }
         }
     }
 

@@ -24,8 +24,9 @@ use tracing::error;
 
 use super::generation::Generation;
 use super::pool::backoff;
-use super::worker::{describe, exit_code, ms};
+use super::worker::{describe, exit_code, ms, resident_bytes};
 use super::Master;
+use crate::events::Kind;
 use crate::spawn;
 
 /// How long a template may take to answer a fork request before it is
@@ -45,6 +46,20 @@ pub enum State {
     /// Not used any more: its channel is closed (it exits on its own), or it
     /// was killed. Its exit is due.
     Gone(Gone),
+}
+
+impl State {
+    /// For `drover ctl status`: booting, ready, retiring (its channel
+    /// closed, it exits), dead (killed, or exiting on its own: a new one
+    /// starts after the backoff).
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Booting { .. } => "booting",
+            State::Ready => "ready",
+            State::Gone(Gone::Retired) => "retiring",
+            State::Gone(_) => "dead",
+        }
+    }
 }
 
 /// Why drover gave up a template.
@@ -70,6 +85,8 @@ pub struct Template {
     chan: Option<OwnedFd>,
     pub state: State,
     pub started: Instant,
+    /// Templates of its generation started before it.
+    pub restarts: u32,
     next_request: u64,
 }
 
@@ -90,6 +107,8 @@ pub struct Templates {
     failures: u32,
     not_before: Option<Instant>,
     subreaper: bool,
+    /// The generation of the last template started, and its restarts.
+    last_start: Option<(u32, u32)>,
 }
 
 /// A template's channel said something.
@@ -178,15 +197,71 @@ impl Templates {
             gen.number
         );
         let deadline = now + gen.s.boot_timeout.0;
+        let restarts = match self.last_start {
+            Some((g, r)) if g == gen.number => r + 1,
+            _ => 0,
+        };
+        self.last_start = Some((gen.number, restarts));
         self.list.push(Template {
             gen,
             pid,
             chan: Some(ours),
             state: State::Booting { deadline },
             started: now,
+            restarts,
             next_request: 1,
         });
         Ok(pid)
+    }
+
+    /// How many times the template of `generation` was started again
+    /// (after one died or was killed).
+    fn restarts_of(&self, generation: u32) -> u32 {
+        match self.last_start {
+            Some((g, r)) if g == generation => r,
+            _ => 0,
+        }
+    }
+
+    /// Whether the template of `generation` is ready to fork.
+    pub fn up(&self, generation: u32) -> bool {
+        self.list
+            .iter()
+            .any(|t| t.gen.number == generation && t.state == State::Ready)
+    }
+
+    /// For `drover ctl status`: each template, and, when `current` preloads
+    /// and has none (it died: a new one starts after the backoff), an entry
+    /// that says so, without a pid.
+    pub fn status(&self, current: Option<u32>, now: Instant) -> Vec<serde_json::Value> {
+        let mut list: Vec<&Template> = self.list.iter().collect();
+        list.sort_by_key(|t| t.gen.number);
+        let mut out: Vec<_> = list
+            .into_iter()
+            .map(|t| {
+                serde_json::json!({
+                    "generation": t.gen.number,
+                    "pid": t.pid.as_raw(),
+                    "state": t.state.name(),
+                    "uptime_s": (now - t.started).as_secs(),
+                    "restarts": t.restarts,
+                    "rss_bytes": resident_bytes(t.pid),
+                    "start_in_ms": null,
+                })
+            })
+            .collect();
+        if let Some(g) = current.filter(|g| self.of(*g).is_none()) {
+            out.push(serde_json::json!({
+                "generation": g,
+                "pid": null,
+                "state": "dead",
+                "uptime_s": null,
+                "restarts": self.restarts_of(g),
+                "rss_bytes": null,
+                "start_in_ms": self.not_before.map_or(0, |t| t.saturating_duration_since(now).as_millis() as u64),
+            }));
+        }
+        out
     }
 
     /// Descriptors to wait on: the channels of templates not yet ready
@@ -389,6 +464,18 @@ impl Template {
     }
 }
 
+/// Why a template's process ended, for its `template_exited` event.
+fn exit_cause(state: State) -> &'static str {
+    match state {
+        State::Gone(Gone::Retired) => "retired",
+        State::Booting { .. } => "boot_failed",
+        State::Gone(Gone::BootTimeout) => "boot_timeout",
+        State::Gone(Gone::Hung) => "hung",
+        State::Gone(Gone::NotATemplate) => "not_a_template",
+        State::Ready | State::Gone(Gone::Closed) => "exited",
+    }
+}
+
 /// The answer to request `id` in a message, if it is one.
 fn answer_to(id: u64, fields: &[(String, String)]) -> Option<Result<Pid, ForkError>> {
     let get = |key: &str| {
@@ -522,6 +609,16 @@ impl Master {
             fds.push(theirs);
             spawn::spawn(program, &env, &fds, devnull, true).map_err(|e| e.to_string())
         });
+        let started = match started {
+            Ok(pid) => {
+                self.obs.publish(Kind::TemplateSpawned {
+                    pid: pid.as_raw(),
+                    generation: gen.number,
+                });
+                Ok(pid)
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = started {
             let cause = format!(
                 "the template of generation {} cannot be spawned: {e}",
@@ -542,10 +639,17 @@ impl Master {
                     pid,
                     generation,
                     took,
-                } => info!(
-                    "template of generation {generation} (pid {pid}) ready to fork in {}",
-                    ms(took)
-                ),
+                } => {
+                    info!(
+                        "template of generation {generation} (pid {pid}) ready to fork in {}",
+                        ms(took)
+                    );
+                    self.obs.publish(Kind::TemplateReady {
+                        pid: pid.as_raw(),
+                        generation,
+                        seconds: took.as_secs_f64(),
+                    });
+                }
                 Heard::Closed { pid } => {
                     debug!("template (pid {pid}) closed its channel")
                 }
@@ -586,6 +690,17 @@ impl Master {
         };
         let (n, lived) = (t.gen.number, ms(now - t.started));
         let how = describe(status, None);
+        self.obs.publish(Kind::TemplateExited {
+            pid: pid.as_raw(),
+            generation: n,
+            cause: exit_cause(t.state).to_string(),
+            status: exit_code(status),
+            signal: match status {
+                WaitStatus::Signaled(_, sig, _) => Some(sig.as_str().to_string()),
+                _ => None,
+            },
+            description: how.clone(),
+        });
         match t.state {
             State::Gone(Gone::Retired) => {
                 info!("template of generation {n} (pid {pid}) {how} (retired) after {lived}");
@@ -680,6 +795,7 @@ mod tests {
             chan: Some(ours),
             state: State::Ready,
             started: Instant::now(),
+            restarts: 0,
             next_request: 1,
         };
         assert_eq!(

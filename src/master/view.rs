@@ -5,6 +5,7 @@ use std::os::fd::AsFd;
 use std::time::SystemTime;
 
 use super::supervisor::Supervisor;
+use super::template::Templates;
 use crate::admin::Observe;
 use crate::metrics::{self, ListenerSample, Snapshot, WorkerSample};
 use crate::observe::Observer;
@@ -14,6 +15,7 @@ use crate::readiness::NotReady;
 pub struct View<'a> {
     pub sup: &'a Supervisor,
     pub obs: &'a Observer,
+    pub templates: &'a Templates,
 }
 
 impl Observe for View<'_> {
@@ -44,6 +46,7 @@ impl Observe for View<'_> {
             generation: current.number,
             slots: sup.pool.count(),
             ready: self.readiness().is_ok(),
+            template_up: current.s.preload.then(|| self.templates.up(current.number)),
             workers,
             listeners: listeners
                 .iter()
