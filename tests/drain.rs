@@ -81,13 +81,13 @@ fn hello_answers_a_kept_alive_request_sent_just_after_the_stop() {
     d.signal(Signal::SIGTERM);
     d.wait_log("stopping (graceful)");
     // A worker that closes idle connections at the stop has done so by now:
-    // watch for the end of the stream for 300 ms (hello now gives the client
+    // watch for the end of the stream for 200 ms (hello now gives the client
     // 1 s to send its request).
     let mut fds = [nix::poll::PollFd::new(
         std::os::fd::AsFd::as_fd(&s),
         nix::poll::PollFlags::POLLIN,
     )];
-    let closed = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(300u16)).unwrap() > 0;
+    let closed = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16)).unwrap() > 0;
     // Sent either way: a client does not know.
     let sent = s.write_all(request);
     let second = read_response(&mut s);

@@ -507,7 +507,7 @@ fn the_template_is_in_status_metrics_and_events() {
         app.path(),
         1,
         "control_socket = \"$DIR/ctl.sock\"\nadmin_bind = \"unix:$DIR/admin.sock\"\n\
-         respawn_delay = \"1500ms\"",
+         respawn_delay = \"2s\"",
     );
     d.wait_log("all 1 workers ready");
     let template = template_pids(&d)[0];
