@@ -458,3 +458,34 @@ fn the_first_line_at_fault_decides() {
     // for the head's end or a limit: the answer is the same, later).
     assert_eq!(of(&[get, b"Bad line\r\nX: v"]), 400);
 }
+
+#[test]
+fn every_byte_at_every_place_of_a_long_value() {
+    // Values are checked eight bytes at a time: each byte, at each place.
+    for byte in 0..=255u8 {
+        for at in 0..24 {
+            let mut value = b"abcdefghijklmnopqrstuvwx".to_vec();
+            value[at] = byte;
+            let raw = [
+                &b"GET / HTTP/1.1\r\nHost: x\r\nX: "[..],
+                &value,
+                b"\r\n\r\n",
+            ]
+            .concat();
+            let valid = byte == b'\t' || (byte >= b' ' && byte != 0x7f);
+            match parse_head(&raw, &Limits::default()) {
+                Ok(Some((head, _))) if valid => {
+                    let trimmed = value.trim_ascii_start().trim_ascii_end();
+                    let trimmed = if byte == b'\t' || byte == b' ' {
+                        trimmed
+                    } else {
+                        &value[..]
+                    };
+                    assert_eq!(head.headers[1].1, trimmed, "{byte:#x} at {at}");
+                }
+                Err(e) if !valid => assert_eq!(e.status, 400, "{byte:#x} at {at}"),
+                other => panic!("{byte:#x} at {at}: {other:?}"),
+            }
+        }
+    }
+}
