@@ -140,6 +140,9 @@ class ParseTest(unittest.TestCase):
         self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\nX: v" + value, 431)  # before its end
         # A head that cannot end within the limits is refused before its end.
         self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 200000, 431)
+        # So are empty lines before the request line, past the size of a head.
+        self.assertIsNone(parse(b"\r\n" * 400000))
+        self.assertStatus(b"\r\n" * 500000, 431)
 
     def test_the_first_line_at_fault_decides(self):
         # Each line is checked in order, for its limits, then its line end,

@@ -99,8 +99,11 @@ def parse_request(buf: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[Tuple
     """
     start = 0
     if buf[:1] in (b"\r", b"\n"):
-        # Empty lines before the request line are skipped (RFC 9112 2.2).
+        # Empty lines before the request line are skipped (RFC 9112 2.2), up
+        # to the size of a head: a client cannot make us buffer them either.
         start = len(buf) - len(buf.lstrip(b"\r\n"))
+        if start > limits.max_head:
+            raise HTTPError(431, "more than %d bytes of empty lines before the request line" % limits.max_head)
     end = buf.find(b"\r\n\r\n", start)
     stop = end + 2 if end >= 0 else len(buf)
     if buf.count(b"\n", start, stop) != buf.count(b"\r\n", start, stop):

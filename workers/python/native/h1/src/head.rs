@@ -24,10 +24,24 @@ use crate::{Effective, Error, Framing, Head, Limits, Version};
 pub fn parse_head<'a>(buf: &'a [u8], limits: &Limits) -> Result<Option<(Head<'a>, usize)>, Error> {
     let limits = limits.effective();
     // RFC 9112 section 2.2: empty lines before the request line are skipped
-    // (any CR and LF, as the Python parser strips them).
-    let Some(start) = buf.iter().position(|&b| b != b'\r' && b != b'\n') else {
+    // (any CR and LF, as the Python parser strips them), up to the size of
+    // a head: a client cannot make us buffer them without end either.
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    if start > limits.max_head {
+        return Err(Error::new(
+            431,
+            format!(
+                "more than {} bytes of empty lines before the request line",
+                limits.max_head
+            ),
+        ));
+    }
+    if start == buf.len() {
         return Ok(None);
-    };
+    }
     let mut pos = start;
     let mut line_no = 0;
     let mut request: Option<RequestLine<'a>> = None;

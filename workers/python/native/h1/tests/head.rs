@@ -357,6 +357,12 @@ fn gunicorns_limits_and_answers() {
         status(&[&b"GET / HTTP/1.1\r\nHost: x\r\n"[..], &many].concat()),
         431
     );
+    // So are empty lines before the request line, past the size of a head.
+    assert_eq!(
+        parse_head(&b"\r\n".repeat(400_000), &Limits::default()),
+        Ok(None)
+    );
+    assert_eq!(status(&b"\r\n".repeat(500_000)), 431);
 }
 
 #[test]
