@@ -100,6 +100,12 @@ class ParseTest(unittest.TestCase):
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551616\r\n\r\n", 400)
         req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n")
         self.assertEqual(req.content_length, 2**64 - 1)
+        # Past int()'s 4300 digits: a 400 (it was a ValueError), leading zeros taken.
+        self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400)
+        req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"0" * 5000 + b"5\r\n\r\n")
+        self.assertEqual(req.content_length, 5)
+        req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 000\r\n\r\n")
+        self.assertEqual(req.content_length, 0)
         self.assertStatus(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400)
         req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
         self.assertEqual(req.content_length, 5)

@@ -256,7 +256,10 @@ class _Head:
         if key == "CONTENT_LENGTH":
             if not value.isdigit():
                 raise HTTPError(400, "invalid Content-Length")
-            length = int(value)
+            # Without its leading zeros: int() refuses more than 4300 digits
+            # with a ValueError (CPython's int_max_str_digits).
+            digits = value.lstrip(b"0")
+            length = int(digits) if 0 < len(digits) <= 20 else (MAX_CONTENT_LENGTH + 1 if digits else 0)
             if length > MAX_CONTENT_LENGTH:
                 raise HTTPError(400, "Content-Length too large")
             if self.content_length is not None and length != self.content_length:
