@@ -2,7 +2,8 @@
 servers, in one run (issue 17's measurements).
 
 Every subject serves the same app with 2 processes (and 4 threads where the
-server has threads): drover + drover_wsgi, drover + uWSGI, drover + Granian
+server has threads): drover + drover_wsgi with its native core and with its
+pure-Python core, drover + uWSGI, drover + Granian
 (drover-granian), Gunicorn gthread (its own master), drover + bjoern (one
 thread per process). Three loads: bench_app's `/` with keep-alive, the same
 with `Connection: close`, and the Flask app's `/` with keep-alive; each with
@@ -32,9 +33,10 @@ LOADS = [
     ("hello-close", "bench_app:app", True),
     ("flask-keepalive", "flask_app:app", False),
 ]
-SUBJECTS = ["drover-wsgi", "drover-uwsgi", "drover-granian", "gunicorn-gthread", "drover-bjoern"]
+SUBJECTS = ["drover-wsgi-native", "drover-wsgi", "drover-uwsgi", "drover-granian", "gunicorn-gthread", "drover-bjoern"]
 LABELS = {
-    "drover-wsgi": "drover + drover_wsgi",
+    "drover-wsgi-native": "drover + drover_wsgi (native core)",
+    "drover-wsgi": "drover + drover_wsgi (pure Python)",
     "drover-uwsgi": "drover + uWSGI",
     "drover-granian": "drover + Granian",
     "gunicorn-gthread": "Gunicorn (gthread)",
@@ -42,6 +44,7 @@ LABELS = {
 }
 #: What a subject needs in the bench venv, to say "not installed".
 NEEDS = {
+    "drover-wsgi-native": ("drover_wsgi_native", "drover-wsgi-native"),
     "drover-uwsgi": ("uwsgi", "uWSGI"),
     "drover-granian": ("granian", "granian"),
     "gunicorn-gthread": ("gunicorn", "gunicorn"),
@@ -58,8 +61,9 @@ def _drover(port, ready, settings, worker):
 
 def argv_of(key, app, port, close):
     bin_ = H.VENV / "bin"
-    if key == "drover-wsgi":
-        return _drover(port, "notify", [], [str(H.WSGI_WORKER), "--threads", str(THREADS), app])
+    if key in ("drover-wsgi", "drover-wsgi-native"):
+        core = "native" if key == "drover-wsgi-native" else "python"
+        return _drover(port, "notify", [], [str(H.WSGI_WORKER), "--core", core, "--threads", str(THREADS), app])
     if key == "drover-uwsgi":
         # uWSGI's http11 ignores a client's Connection: close (docs/workers.md):
         # the close load gets its http protocol, which closes every connection.
@@ -225,7 +229,8 @@ def render(s, L):
     for load in s["loads"]:
         w(f"### {load}")
         w("")
-        w("| subject | requests/s (median) | vs drover_wsgi | p99, ms | CPU µs/request | errors | per round, req/s |")
+        w("| subject | requests/s (median) | vs drover_wsgi (pure Python) | p99, ms | CPU µs/request | errors "
+          "| per round, req/s |")
         w("|---|---:|---:|---:|---:|---:|---|")
         per = {}
         for rnd in s["rounds"]:
@@ -246,15 +251,21 @@ def render(s, L):
               f"{sum(r.get('errors') or 0 for r in rs)} | "
               + ", ".join(f"{r['rps']:,.0f}" if r.get("rps") else "—" for r in rs) + " |")
         w("")
-        # Per-round ratios against the faster of uWSGI and Granian.
-        ratios = []
-        for rnd in s["rounds"]:
-            rl = rnd["loads"].get(load, {})
-            mine = (rl.get("drover-wsgi") or {}).get("rps")
-            peers = [x for x in ((rl.get(k) or {}).get("rps") for k in ("drover-uwsgi", "drover-granian")) if x]
-            if mine and peers:
-                ratios.append(mine / max(peers))
-        if ratios:
-            w("drover_wsgi against the faster of uWSGI and Granian, per round: "
-              + ", ".join(f"{x:.2f}×" for x in ratios) + ".")
-            w("")
+        # Per-round ratios against the faster of uWSGI and Granian (requests/s),
+        # and against uWSGI (p99).
+        for key in ("drover-wsgi-native", "drover-wsgi"):
+            ratios, tails = [], []
+            for rnd in s["rounds"]:
+                rl = rnd["loads"].get(load, {})
+                mine = rl.get(key) or {}
+                peers = [x for x in ((rl.get(k) or {}).get("rps") for k in ("drover-uwsgi", "drover-granian")) if x]
+                if mine.get("rps") and peers:
+                    ratios.append(mine["rps"] / max(peers))
+                uwsgi_p99 = (rl.get("drover-uwsgi") or {}).get("p99_ms")
+                if mine.get("p99_ms") and uwsgi_p99:
+                    tails.append(mine["p99_ms"] / uwsgi_p99)
+            if ratios:
+                w(f"{s['labels'][key]} against the faster of uWSGI and Granian, per round: "
+                  + ", ".join(f"{x:.2f}×" for x in ratios) + "; its p99 against uWSGI's: "
+                  + ", ".join(f"{x:.2f}×" for x in tails) + ".")
+                w("")

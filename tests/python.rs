@@ -13,6 +13,25 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::killpg;
 
+/// Two tests of `$name(core)`, `$name::python` and `$name::native`: the
+/// tests of drover_wsgi's behaviour run with each of its cores (`--core`).
+/// `auto` (what a user gets, and what the other test files run) is native
+/// when the venv has it, which .ci/python-env installs.
+macro_rules! with_each_core {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn python() {
+                super::$name("python");
+            }
+            #[test]
+            fn native() {
+                super::$name("native");
+            }
+        }
+    )*};
+}
+
 /// drover serving `app` with drover_wsgi (`wsgi_args` before the app), two
 /// workers unless `extra` (top-level TOML) says otherwise, and the example
 /// app's cleanup file at $DIR/cleanup.
@@ -37,8 +56,8 @@ fn wsgi_config(wsgi_args: &[&str], app: &str, extra: &str) -> String {
     )
 }
 
-fn example(extra: &str) -> String {
-    wsgi_config(&[], "example_app:app", extra)
+fn example(core: &str, extra: &str) -> String {
+    wsgi_config(&["--core", core], "example_app:app", extra)
 }
 
 fn cleanup_lines(d: &Drover) -> Vec<String> {
@@ -70,6 +89,12 @@ const PY_MODULES: &[&str] = &[
 /// <pattern> [-k <only>]` from the repository root; fails with its output
 /// unless it passes.
 fn run_python_unittests(pattern: &str, only: Option<&str>) {
+    run_python_unittests_with(pattern, only, "auto");
+}
+
+/// The same with drover_wsgi's `core` (DROVER_WSGI_CORE for the workers the
+/// tests start).
+fn run_python_unittests_with(pattern: &str, only: Option<&str>, core: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("out");
     let out = std::fs::File::create(&out_path).unwrap();
@@ -91,6 +116,7 @@ fn run_python_unittests(pattern: &str, only: Option<&str>) {
         .args(&args)
         .current_dir(repo())
         .env("TMPDIR", dir.path())
+        .env("DROVER_WSGI_CORE", core)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
@@ -119,7 +145,7 @@ fn run_python_unittests(pattern: &str, only: Option<&str>) {
                 .lines()
                 .find(|l| l.starts_with("Ran "))
                 .unwrap_or("?");
-            eprintln!("{pattern}: {ran}");
+            eprintln!("{pattern} ({core} core): {ran}");
             assert!(!ran.starts_with("Ran 0 "), "no Python test ran:\n{output}");
         }
         Some(s) => panic!("Python tests {pattern} failed ({s}):\n{output}"),
@@ -152,30 +178,30 @@ fn python_unit_tests_scoreboard() {
     run_python_unittests("test_scoreboard.py", None);
 }
 
-#[test]
-fn python_unit_tests_wsgi_server_http() {
-    run_python_unittests("test_wsgi_server.py", Some("ServerTest"));
+fn python_unit_tests_wsgi_server_http(core: &str) {
+    run_python_unittests_with("test_wsgi_server.py", Some("ServerTest"), core);
 }
+with_each_core!(python_unit_tests_wsgi_server_http);
 
-#[test]
-fn python_unit_tests_preload() {
-    run_python_unittests("test_preload.py", None);
+fn python_unit_tests_preload(core: &str) {
+    run_python_unittests_with("test_preload.py", None, core);
 }
+with_each_core!(python_unit_tests_preload);
 
-#[test]
-fn python_unit_tests_wsgi_server_lifecycle() {
-    run_python_unittests("test_wsgi_server.py", Some("LifecycleTest"));
+fn python_unit_tests_wsgi_server_lifecycle(core: &str) {
+    run_python_unittests_with("test_wsgi_server.py", Some("LifecycleTest"), core);
 }
+with_each_core!(python_unit_tests_wsgi_server_lifecycle);
 
-#[test]
-fn python_unit_tests_production_features() {
-    run_python_unittests("test_production.py", None);
+fn python_unit_tests_production_features(core: &str) {
+    run_python_unittests_with("test_production.py", None, core);
 }
+with_each_core!(python_unit_tests_production_features);
 
-#[test]
-fn python_unit_tests_http_conformance() {
-    run_python_unittests("test_conformance.py", None);
+fn python_unit_tests_http_conformance(core: &str) {
+    run_python_unittests_with("test_conformance.py", None, core);
 }
+with_each_core!(python_unit_tests_http_conformance);
 
 #[test]
 fn every_python_test_module_is_run() {
@@ -243,9 +269,8 @@ fn the_package_is_installed_not_imported_from_the_checkout() {
 // drover + drover_wsgi + example_app
 // ---------------------------------------------------------------------------
 
-#[test]
-fn the_example_app_answers_with_its_pid() {
-    let d = Start::config(&example("")).run();
+fn the_example_app_answers_with_its_pid(core: &str) {
+    let d = Start::config(&example(core, "")).run();
     d.wait_log("all 2 workers ready");
     let workers = d.wait_workers(2);
     let addr = d.tcp_addr();
@@ -266,7 +291,18 @@ fn the_example_app_answers_with_its_pid() {
         "the worker's log reaches drover's: {}",
         d.log()
     );
+    let line = match core {
+        "native" => "native core (drover_wsgi_native ",
+        _ => "pure-Python core (--core python)",
+    };
+    assert_eq!(
+        d.log().matches(line).count(),
+        2,
+        "one line per worker says which core runs: {}",
+        d.log()
+    );
 }
+with_each_core!(the_example_app_answers_with_its_pid);
 
 /// A shutdown with a slow request in flight (see the common harness), and
 /// each Python worker's cleanup registry ran.
@@ -292,25 +328,26 @@ fn graceful_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) {
     assert!(log.contains("stopping (graceful)"), "{log}");
 }
 
-#[test]
-fn sigterm_drains_the_python_worker_and_runs_its_cleanup() {
-    graceful_with_request_in_flight(Start::config(&example("")), |d| d.signal(Signal::SIGTERM));
+fn sigterm_drains_the_python_worker_and_runs_its_cleanup(core: &str) {
+    graceful_with_request_in_flight(Start::config(&example(core, "")), |d| {
+        d.signal(Signal::SIGTERM)
+    });
 }
+with_each_core!(sigterm_drains_the_python_worker_and_runs_its_cleanup);
 
-#[test]
-fn ctrl_c_stops_the_python_workers_gracefully() {
+fn ctrl_c_stops_the_python_workers_gracefully(core: &str) {
     let start = Start {
         own_group: true,
-        ..Start::config(&example(""))
+        ..Start::config(&example(core, ""))
     };
     // As a terminal does: SIGINT to the whole foreground process group. The
     // workers are in their own groups: only drover gets it, and it drains.
     graceful_with_request_in_flight(start, |d| killpg(d.pid(), Signal::SIGINT).unwrap());
 }
+with_each_core!(ctrl_c_stops_the_python_workers_gracefully);
 
-#[test]
-fn sigquit_is_quick_for_the_python_worker() {
-    let mut d = Start::config(&example("quick_timeout = \"5s\"")).run();
+fn sigquit_is_quick_for_the_python_worker(core: &str) {
+    let mut d = Start::config(&example(core, "quick_timeout = \"5s\"")).run();
     d.wait_log("all 2 workers ready");
     d.wait_workers(2);
     // A request that would hold a graceful stop for a minute.
@@ -340,6 +377,7 @@ fn sigquit_is_quick_for_the_python_worker() {
         "the abandoned request gets no response"
     );
 }
+with_each_core!(sigquit_is_quick_for_the_python_worker);
 
 #[test]
 fn a_wrong_command_line_stops_drover_with_status_3() {
@@ -403,10 +441,16 @@ fn an_app_that_fails_to_import_stops_drover_with_status_3() {
     );
 }
 
-#[test]
-fn max_requests_recycles_the_worker() {
+fn max_requests_recycles_the_worker(core: &str) {
     let config = wsgi_config(
-        &["--max-requests", "5", "--max-requests-jitter", "0"],
+        &[
+            "--core",
+            core,
+            "--max-requests",
+            "5",
+            "--max-requests-jitter",
+            "0",
+        ],
         "example_app:app",
         "workers = 1",
     );
@@ -447,6 +491,7 @@ fn max_requests_recycles_the_worker() {
             .then_some(())
     });
 }
+with_each_core!(max_requests_recycles_the_worker);
 
 /// Reads one response with a Content-Length body from a kept-alive stream.
 fn read_one(s: &mut TcpStream) -> Response {
@@ -475,9 +520,8 @@ fn read_one(s: &mut TcpStream) -> Response {
     parse_response(&raw).unwrap()
 }
 
-#[test]
-fn keep_alive_and_an_idle_connection_at_shutdown() {
-    let mut d = Start::config(&example("")).run();
+fn keep_alive_and_an_idle_connection_at_shutdown(core: &str) {
+    let mut d = Start::config(&example(core, "")).run();
     d.wait_log("all 2 workers ready");
     let addr: SocketAddr = d.tcp_addr();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
@@ -497,10 +541,10 @@ fn keep_alive_and_an_idle_connection_at_shutdown() {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
     assert_eq!(cleanup_lines(&d).len(), 2);
 }
+with_each_core!(keep_alive_and_an_idle_connection_at_shutdown);
 
-#[test]
-fn graceful_shutdown_under_load_resets_nothing() {
-    let mut d = Start::config(&example("")).run();
+fn graceful_shutdown_under_load_resets_nothing(core: &str) {
+    let mut d = Start::config(&example(core, "")).run();
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
     let load = Load::start(addr, 50, "/sleep?ms=5");
@@ -520,6 +564,7 @@ fn graceful_shutdown_under_load_resets_nothing() {
     assert_eq!((o.reset, o.truncated, o.other), (0, 0, 0), "{o:?}");
     assert_eq!(cleanup_lines(&d).len(), 2);
 }
+with_each_core!(graceful_shutdown_under_load_resets_nothing);
 
 /// The bug of issue 13: on a graceful stop with a full listen queue, one
 /// worker took every queued connection and abandoned what its threads could
@@ -528,10 +573,9 @@ fn graceful_shutdown_under_load_resets_nothing() {
 /// request of the usual duration fits before its deadline, and leaves the
 /// rest to the others: 64 clients, 1 s requests, 4 workers of 4 threads (16
 /// in flight, 48 queued), graceful_timeout 5 s: every request is answered.
-#[test]
-fn a_graceful_stop_with_a_full_queue_serves_every_accepted_request() {
+fn a_graceful_stop_with_a_full_queue_serves_every_accepted_request(core: &str) {
     let config = wsgi_config(
-        &[],
+        &["--core", core],
         "example_app:app",
         "workers = 4\ngraceful_timeout = \"5s\"",
     )
@@ -601,3 +645,4 @@ fn a_graceful_stop_with_a_full_queue_serves_every_accepted_request() {
         "{taken:?}: {log}"
     );
 }
+with_each_core!(a_graceful_stop_with_a_full_queue_serves_every_accepted_request);

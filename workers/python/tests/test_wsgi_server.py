@@ -375,6 +375,43 @@ class LifecycleTest(unittest.TestCase):
         self.assertEqual(r.returncode, 3)
         self.assertIn("cannot boot: no listening sockets were passed", r.stderr)
 
+    def test_one_line_says_which_core_runs(self):
+        # auto: the native core when it can be imported (.ci/python-env installs it).
+        with Worker("apps:app", env={"DROVER_WSGI_CORE": "auto"}) as w:
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+            w.signal(signal.SIGTERM)
+            code, err = w.wait()
+        self.assertEqual(code, 0, err)
+        self.assertEqual(err.count(" core ("), 1, err)
+        self.assertIn("native core (drover_wsgi_native ", err)
+        with Worker("apps:app", args=["--core", "python"]) as w:
+            w.signal(signal.SIGTERM)
+            code, err = w.wait()
+        self.assertIn("pure-Python core (--core python)", err)
+
+    def test_without_the_native_core_auto_falls_back_and_native_cannot_boot(self):
+        # A module of that name that is "not installed", first on the path.
+        shim = os.path.join(os.path.dirname(self.tmp), "shim-%d" % os.getpid())
+        os.makedirs(shim, exist_ok=True)
+        with open(os.path.join(shim, "drover_wsgi_native.py"), "w") as f:
+            f.write("raise ModuleNotFoundError(\"No module named 'drover_wsgi_native'\", name='drover_wsgi_native')\n")
+        path = shim + os.pathsep + os.path.dirname(os.path.abspath(__file__))
+        with Worker("apps:app", env={"PYTHONPATH": path, "DROVER_WSGI_CORE": "auto"}) as w:
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+            w.signal(signal.SIGTERM)
+            code, err = w.wait()
+        self.assertEqual(code, 0, err)
+        self.assertIn("pure-Python core (drover_wsgi_native is not installed; "
+                      "pip install 'drover-worker[native]')", err)
+        with Worker("apps:app", args=["--core", "native"], env={"PYTHONPATH": path}, ready=False) as w:
+            code, err = w.wait()
+        self.assertEqual(code, 3, err)
+        self.assertIn("cannot boot: --core native: drover_wsgi_native is not installed", err)
+        with Worker("apps:app", env={"DROVER_WSGI_CORE": "rust"}, ready=False) as w:
+            code, err = w.wait()
+        self.assertEqual(code, 3, err)
+        self.assertIn("DROVER_WSGI_CORE=rust: choose from auto, native, python", err)
+
     def test_a_stop_during_the_import_is_not_lost(self):
         # An app whose import takes a while; the stop comes in the middle of it.
         tmpdir = os.path.dirname(self.tmp)

@@ -14,9 +14,15 @@ stop. The current directory is put first on ``sys.path`` (as gunicorn does).
 Before it imports the app it tells drover that READY=1 will follow
 (``X_DROVER_WILL_NOTIFY=1``, see docs/protocol.md).
 
+``--core`` picks the server core: ``native`` (the ``drover_wsgi_native``
+extension module, ``pip install 'drover-worker[native]'``), ``python`` (pure
+Python) or ``auto`` (the default): native when it can be imported. One log
+line at start says which runs (docs/drover-wsgi-native.md).
+
 The modules: :mod:`drover_wsgi.http` (request parsing and its limits),
 :mod:`drover_wsgi.server` (connections, bodies, responses, the pool and its
-stop), :mod:`drover_wsgi.accesslog`, :mod:`drover_wsgi.proxy`.
+stop), :mod:`drover_wsgi.native` (the native core's adapter),
+:mod:`drover_wsgi.accesslog`, :mod:`drover_wsgi.proxy`.
 """
 
 import argparse
@@ -28,7 +34,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import drover_worker as dw
 from drover_worker import preload
@@ -66,6 +72,26 @@ def _seconds(text: str) -> Optional[float]:
     if value < 0:
         raise argparse.ArgumentTypeError("must not be negative")
     return None if value == 0 else value
+
+
+CORES = ("auto", "native", "python")
+NATIVE_HINT = "pip install 'drover-worker[native]'"
+
+
+def choose_core(choice: str) -> Tuple[Optional[Callable[..., Any]], str]:
+    """The server class for ``--core`` and the start-up line that says which
+    core runs (and, for the fallback, why); (None, why) when ``--core native``
+    cannot be had."""
+    if choice == "python":
+        return Server, "pure-Python core (--core python)"
+    from . import native
+
+    module, why = native.load()
+    if module is not None:
+        return native.NativeServer, "native core (drover_wsgi_native %s)" % module.__version__
+    if choice == "native":
+        return None, "--core native: %s (%s)" % (why, NATIVE_HINT)
+    return Server, "pure-Python core (%s; %s)" % (why, NATIVE_HINT)
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -106,6 +132,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         "X-FORWARDED-SSL=on; '' for none)")
     p.add_argument("--forwarder-headers", default=DEFAULT_FORWARDER_HEADERS,
                    help="header names with '_' a trusted proxy may set (default SCRIPT_NAME,PATH_INFO)")
+    p.add_argument("--core", default=None, metavar="{auto,native,python}",
+                   help="the server core: native (drover_wsgi_native, pip install 'drover-worker[native]'), "
+                        "python (pure Python) or auto: native when it can be imported (default $DROVER_WSGI_CORE or auto)")
     p.add_argument("--chdir", help="change to this directory (and import from it) before loading the app")
     p.add_argument("--bind", help="development only: bind this address when not started by drover (host:port or unix:/path)")
     args = p.parse_args(argv)
@@ -115,6 +144,12 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         p.error("--max-requests and --max-requests-jitter must not be negative")
     if args.body_min_rate < 0:
         p.error("--body-min-rate must not be negative")
+    if args.core is None:
+        args.core = os.environ.get("DROVER_WSGI_CORE") or "auto"
+        if args.core not in CORES:
+            p.error("DROVER_WSGI_CORE=%s: choose from %s" % (args.core, ", ".join(CORES)))
+    elif args.core not in CORES:
+        p.error("--core %s: choose from %s" % (args.core, ", ".join(CORES)))
     try:
         args.limits = Limits(args.limit_request_line, args.limit_request_fields, args.limit_request_field_size)
         scheme_headers = None if args.secure_scheme_headers is None else parse_scheme_headers(args.secure_scheme_headers)
@@ -145,6 +180,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (dw.ListenError, OSError) as e:
         log("cannot boot: %s" % e)
         return 3
+    server_class, core_line = choose_core(args.core)
+    if server_class is None:
+        log("cannot boot: %s" % core_line)
+        return 3
+    log(core_line)
     access_log = None
     if args.access_logfile:
         try:
@@ -168,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     max_requests = args.max_requests
     if max_requests and args.max_requests_jitter:
         max_requests += random.randint(0, args.max_requests_jitter)
-    server = Server(app, socks, threads=args.threads, keepalive=args.keepalive,
+    server = server_class(app, socks, threads=args.threads, keepalive=args.keepalive,
                     io_timeout=args.io_timeout, max_requests=max_requests, limits=args.limits,
                     proxy=args.proxy, access_log=access_log, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout, body_min_rate=args.body_min_rate)
@@ -222,7 +262,7 @@ def _on_sigusr1(access_log: Optional[AccessLog]) -> None:
     signal.signal(signal.SIGUSR1, reopen)
 
 
-def _on_sigwinch(server: Server) -> None:
+def _on_sigwinch(server: Any) -> None:
     """drover sends SIGWINCH when its pre-stop delay begins (SIGTERM with
     ``prestop_delay``): serve on, but answer with ``Connection: close`` so
     that no idle keep-alive connection is left when the stop comes. A

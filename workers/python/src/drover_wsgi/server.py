@@ -615,6 +615,21 @@ class Response:
 # ---------------------------------------------------------------------------
 
 
+def base_environ(nthreads):
+    """The environ entries every request starts with (the listener's come next)."""
+    return {
+        "SCRIPT_NAME": "",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": nthreads > 1,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+    }
+
+
 class ListenerInfo:
     """A listener and the environ entries that come from it."""
 
@@ -662,17 +677,7 @@ class Server:
         self.recycling = False
         # drover's pre-stop delay began (SIGWINCH): serve on, end keep-alive.
         self.winding_down = False
-        base = {
-            "SCRIPT_NAME": "",
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": self.nthreads > 1,
-            "wsgi.multiprocess": True,
-            "wsgi.run_once": False,
-            "wsgi.input_terminated": True,
-            "wsgi.file_wrapper": FileWrapper,
-        }
+        base = base_environ(self.nthreads)
         self.listeners = [ListenerInfo(s, getattr(s, "name", "unknown"), base) for s in socks]
         self.sel = selectors.DefaultSelector()
         self.epoll = type(self.sel).__name__ == "EpollSelector"
@@ -1259,21 +1264,8 @@ class Server:
             if scheme is not None:
                 environ["wsgi.url_scheme"] = scheme
             if req.underscored:
-                self._forwarded(environ, req.underscored, path)
+                forwarded(self.proxy, environ, req.underscored, path)
         return environ
-
-    def _forwarded(self, environ, fields, path):
-        """The forwarder_headers a trusted proxy sent (SCRIPT_NAME...)."""
-        allowed = self.proxy.forwarders
-        for name, value in fields.items():
-            if name not in allowed:
-                continue
-            environ["HTTP_" + name.replace("-", "_")] = value
-            if name == "SCRIPT_NAME" and value:
-                if not path.startswith(value):
-                    raise HTTPError(500, "the request path %r does not start with SCRIPT_NAME %r" % (path, value))
-                environ["SCRIPT_NAME"] = value
-                environ["PATH_INFO"] = path[len(value):]
 
     def _finished(self, environ, resp, started):
         """After a response: the service time's moving average (what the
@@ -1338,6 +1330,21 @@ class Server:
         for chunk in result:
             write(chunk)
         resp.finish()
+
+
+def forwarded(proxy, environ, fields, path):
+    """The forwarder_headers a trusted proxy sent (SCRIPT_NAME...), into the
+    environ; HTTPError(500) when SCRIPT_NAME is not a prefix of the path."""
+    allowed = proxy.forwarders
+    for name, value in fields.items():
+        if name not in allowed:
+            continue
+        environ["HTTP_" + name.replace("-", "_")] = value
+        if name == "SCRIPT_NAME" and value:
+            if not path.startswith(value):
+                raise HTTPError(500, "the request path %r does not start with SCRIPT_NAME %r" % (path, value))
+            environ["SCRIPT_NAME"] = value
+            environ["PATH_INFO"] = path[len(value):]
 
 
 def _cause(error, kind):

@@ -1,0 +1,852 @@
+//! One request with the GIL held: the WSGI environ, the app call,
+//! `start_response`, the iteration of the result and the response framing
+//! (ported from drover_wsgi/server.py's Response). The response is collected
+//! and written by the caller with the GIL released; only a streamed body
+//! (chunked, or delimited by the close) is written as it comes.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyAssertionError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::{ffi, intern};
+
+use crate::input::Input;
+use crate::pool::{Peer, Shared};
+use crate::sock;
+use crate::util::{error_response, log, split_target, with_http_date};
+use crate::ClientGone;
+
+/// What the connection does after the response is written.
+pub enum After {
+    /// Serve the next request (pipelined, or wait for it: park).
+    Continue,
+    /// Close now: the client asked for it and nothing more will come.
+    Close,
+    /// Close without a reset.
+    Linger,
+}
+
+pub struct Outcome {
+    /// Bytes to write, with the GIL released.
+    pub out: Vec<u8>,
+    pub after: After,
+}
+
+pub enum BodyPlan {
+    Empty,
+    InMemory(Vec<u8>),
+    /// Read by wsgi.input from the socket as the app reads.
+    Stream,
+    /// The small body did not arrive in time (408).
+    TimedOut,
+}
+
+pub struct ConnView<'a> {
+    pub fd: RawFd,
+    pub listener: usize,
+    pub peer: &'a Peer,
+    pub trusted: bool,
+}
+
+/// A coalesced write is flushed past this size.
+const FLUSH_AT: usize = 64 * 1024;
+
+pub fn handle(
+    py: Python<'_>,
+    sh: &Arc<Shared>,
+    view: &ConnView<'_>,
+    head: &drover_h1::Head<'_>,
+    rest: &mut Vec<u8>,
+    plan: BodyPlan,
+) -> Outcome {
+    sh.count_request();
+    let environ = match environ(py, sh, view, head) {
+        Ok(e) => e,
+        Err(Refusal::Http(status, why)) => return refused(status, &why),
+        Err(Refusal::Py(e)) => {
+            e.restore(py);
+            unsafe { ffi::PyErr_Print() };
+            return refused(500, "internal error");
+        }
+    };
+    let http10 = head.version == drover_h1::Version::Http10;
+    let streaming = matches!(plan, BodyPlan::Stream);
+    let timed_out = matches!(plan, BodyPlan::TimedOut);
+    let input = match plan {
+        BodyPlan::Empty | BodyPlan::TimedOut => Input::empty(),
+        BodyPlan::InMemory(body) => Input::in_memory(body),
+        BodyPlan::Stream => Input::streaming(
+            view.fd,
+            std::mem::take(rest),
+            match head.framing {
+                drover_h1::Framing::Length(n) => Some(n),
+                _ => None,
+            },
+            &sh.set.limits,
+            head.expect_continue,
+            sh.set.body_timeout,
+            sh.set.body_min_rate,
+            sh.set.io_timeout,
+        ),
+    };
+    let input = Py::new(py, input).expect("an Input object");
+    let resp = Response {
+        sh: sh.clone(),
+        fd: view.fd,
+        io_timeout: sh.set.io_timeout,
+        is_head: head.method == "HEAD",
+        http10,
+        keep_alive: head.keep_alive,
+        server_keeps: false,
+        status: None,
+        code: 0,
+        header_text: Vec::new(),
+        app_length: None,
+        app_close: false,
+        headers: None,
+        sent: false,
+        mode: Mode::None,
+        left: 0,
+        keep: false,
+        body_ok: true,
+        body_bytes: 0,
+        out: Vec::new(),
+        input: Some(input.clone_ref(py)),
+    };
+    let resp = Py::new(py, StartResponse { r: resp }).expect("a start_response object");
+    let _ = environ.set_item(intern!(py, "wsgi.input"), input.bind(py));
+    let started = Instant::now();
+    let result = if timed_out {
+        Err(crate::BodyTimeout::new_err(
+            "the request body did not arrive in time",
+        ))
+    } else {
+        call_app(py, sh, &environ, &resp)
+    };
+    let took = started.elapsed().as_secs_f64();
+    let mut inp = input.bind(py).borrow_mut();
+    let mut sr = resp.bind(py).borrow_mut();
+    let r = &mut sr.r;
+    r.input = None;
+    let outcome = match result {
+        Ok(()) => {
+            sh.note_service_time(took);
+            if let Some(access) = &sh.hooks.access {
+                let status = r
+                    .status
+                    .as_ref()
+                    .map_or("-".to_string(), |s| s[..3].to_string());
+                let sent = if r.sent { Some(r.body_bytes) } else { None };
+                let headers = r.headers.as_ref().map_or_else(
+                    || PyTuple::empty(py).into_any().unbind(),
+                    |h| h.clone_ref(py),
+                );
+                if let Err(e) = access.call1(py, (&environ, status, sent, headers, took)) {
+                    e.print(py);
+                }
+            }
+            let keep = r.keep && inp.discard(py);
+            let after = if keep {
+                After::Continue
+            } else if !head.keep_alive
+                && inp.finished()
+                && r.body_ok
+                && (!streaming || inp.finished())
+            {
+                After::Close
+            } else {
+                After::Linger
+            };
+            Outcome {
+                out: std::mem::take(&mut r.out),
+                after,
+            }
+        }
+        Err(e) if e.is_instance_of::<ClientGone>(py) => Outcome {
+            out: Vec::new(),
+            after: After::Close,
+        },
+        Err(e) => failed(py, sh, &environ, head, r, e, took),
+    };
+    r.fd = -1;
+    let leftover = inp.detach();
+    if streaming {
+        *rest = leftover;
+    }
+    // Close after the whole body only when nothing else arrived (the next
+    // request would be lost).
+    match outcome.after {
+        After::Close if !rest.is_empty() => Outcome {
+            out: outcome.out,
+            after: After::Linger,
+        },
+        _ => outcome,
+    }
+}
+
+fn refused(status: u16, why: &str) -> Outcome {
+    Outcome {
+        out: error_response(status, why),
+        after: After::Linger,
+    }
+}
+
+/// The app raised (or its read of the body failed): 400 for a bad chunked
+/// body, 408 for a body that stopped coming, else 500 (logged with the
+/// traceback, by the Python hook); after a head was sent, the connection
+/// just ends.
+fn failed(
+    py: Python<'_>,
+    sh: &Shared,
+    environ: &Bound<'_, PyDict>,
+    head: &drover_h1::Head<'_>,
+    r: &mut Response,
+    error: PyErr,
+    took: f64,
+) -> Outcome {
+    let raw_uri = environ.get_item(intern!(py, "RAW_URI")).ok().flatten();
+    let (status, why): (u16, String) = match sh
+        .hooks
+        .failed
+        .call1(py, (error.into_value(py), head.method, raw_uri))
+        .and_then(|v| v.extract(py))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            e.print(py);
+            (500, "the application failed; see the worker's log".into())
+        }
+    };
+    if r.sent {
+        // Mid-body: what was sent goes out, then the connection ends early.
+        return Outcome {
+            out: std::mem::take(&mut r.out),
+            after: After::Close,
+        };
+    }
+    if let Some(access) = &sh.hooks.access {
+        if let Err(e) = access.call1(
+            py,
+            (
+                environ,
+                status.to_string(),
+                py.None(),
+                PyList::empty(py),
+                took,
+            ),
+        ) {
+            e.print(py);
+        }
+    }
+    Outcome {
+        out: error_response(status, &why),
+        after: After::Linger,
+    }
+}
+
+fn call_app(
+    py: Python<'_>,
+    sh: &Shared,
+    environ: &Bound<'_, PyDict>,
+    resp: &Py<StartResponse>,
+) -> PyResult<()> {
+    let result = sh.hooks.app.bind(py).call1((environ, resp.bind(py)))?;
+    let sent = send_result(py, resp, &result);
+    let closed = match result.getattr_opt(intern!(py, "close")) {
+        Ok(Some(close)) => close.call0().map(|_| ()),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    sent.and(closed)
+}
+
+fn send_result(
+    py: Python<'_>,
+    resp: &Py<StartResponse>,
+    result: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let mut sr = resp.bind(py).borrow_mut();
+    if sr.r.sent {
+        // The app used write(): the body is streamed.
+        drop(sr);
+        for chunk in result.try_iter()? {
+            let chunk = chunk?;
+            resp.bind(py).borrow_mut().r.write(py, &chunk)?;
+        }
+        return resp.bind(py).borrow_mut().r.finish(py);
+    }
+    if let Ok(list) = result.cast_exact::<PyList>() {
+        return sr.r.send_whole_seq(py, list.iter());
+    }
+    if let Ok(tuple) = result.cast_exact::<PyTuple>() {
+        return sr.r.send_whole_seq(py, tuple.iter());
+    }
+    let one = result.len().ok() == Some(1) && sr.r.status.is_some();
+    drop(sr);
+    let mut iter = result.try_iter()?;
+    if one {
+        if let Some(chunk) = iter.next() {
+            let chunk = chunk?;
+            let bytes = to_bytes(py, &chunk)?;
+            return resp
+                .bind(py)
+                .borrow_mut()
+                .r
+                .send_whole(py, bytes.as_bytes());
+        }
+        iter = result.try_iter()?;
+    }
+    for chunk in iter {
+        let chunk = chunk?;
+        resp.bind(py).borrow_mut().r.write(py, &chunk)?;
+    }
+    resp.bind(py).borrow_mut().r.finish(py)
+}
+
+fn to_bytes<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    if let Ok(b) = data.cast_exact::<PyBytes>() {
+        return Ok(b.clone());
+    }
+    let name = data.get_type().name()?.to_string();
+    if name == "bytearray" || name == "memoryview" {
+        return Ok(py
+            .get_type::<PyBytes>()
+            .call1((data,))?
+            .cast_into::<PyBytes>()?);
+    }
+    Err(PyTypeError::new_err(format!(
+        "response body chunks must be bytes, not {name}"
+    )))
+}
+
+// -- the environ -------------------------------------------------------------------
+
+enum Refusal {
+    Http(u16, String),
+    Py(PyErr),
+}
+
+impl From<PyErr> for Refusal {
+    fn from(e: PyErr) -> Refusal {
+        Refusal::Py(e)
+    }
+}
+
+/// A str from bytes read as latin-1 (PEP 3333's "native strings").
+fn latin1<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyString> {
+    if b.is_ascii() {
+        return PyString::new(py, unsafe { std::str::from_utf8_unchecked(b) });
+    }
+    unsafe {
+        let p = ffi::PyUnicode_DecodeLatin1(
+            b.as_ptr().cast(),
+            b.len() as ffi::Py_ssize_t,
+            std::ptr::null(),
+        );
+        Bound::from_owned_ptr(py, p).cast_into_unchecked()
+    }
+}
+
+fn method<'py>(py: Python<'py>, m: &str) -> Bound<'py, PyString> {
+    match m {
+        "GET" => intern!(py, "GET").clone(),
+        "POST" => intern!(py, "POST").clone(),
+        "HEAD" => intern!(py, "HEAD").clone(),
+        _ => PyString::new(py, m),
+    }
+}
+
+/// The environ key of a header name ("X-Foo" -> "HTTP_X_FOO"), interned and
+/// cached by the name in lower case.
+fn header_key<'py>(py: Python<'py>, sh: &Shared, lower: &[u8]) -> Bound<'py, PyString> {
+    let mut keys = sh.keys.lock().unwrap();
+    if let Some(k) = keys.get(lower) {
+        return k.bind(py).clone();
+    }
+    let mut key = String::with_capacity(lower.len() + 5);
+    key.push_str("HTTP_");
+    for &c in lower {
+        key.push(if c == b'-' {
+            '_'
+        } else {
+            c.to_ascii_uppercase() as char
+        });
+    }
+    let k = PyString::intern(py, &key);
+    if keys.len() < 512 {
+        keys.insert(lower.to_vec(), k.clone().unbind());
+    }
+    k
+}
+
+fn environ<'py>(
+    py: Python<'py>,
+    sh: &Shared,
+    view: &ConnView<'_>,
+    head: &drover_h1::Head<'_>,
+) -> Result<Bound<'py, PyDict>, Refusal> {
+    let env = sh.listeners[view.listener].base.bind(py).copy()?;
+    let target = head.target.as_bytes();
+    let (path, query) = split_target(target).map_err(|why| Refusal::Http(400, why.into()))?;
+    env.set_item(intern!(py, "REQUEST_METHOD"), method(py, head.method))?;
+    let path = latin1(py, &path);
+    env.set_item(intern!(py, "PATH_INFO"), &path)?;
+    env.set_item(intern!(py, "QUERY_STRING"), latin1(py, query))?;
+    let raw = latin1(py, target);
+    env.set_item(intern!(py, "RAW_URI"), &raw)?;
+    env.set_item(intern!(py, "REQUEST_URI"), &raw)?;
+    let protocol = match head.version {
+        drover_h1::Version::Http10 => intern!(py, "HTTP/1.0"),
+        drover_h1::Version::Http11 => intern!(py, "HTTP/1.1"),
+    };
+    env.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
+    match view.peer {
+        Peer::Inet(ip, port) => {
+            env.set_item(intern!(py, "REMOTE_ADDR"), ip.to_string())?;
+            env.set_item(intern!(py, "REMOTE_PORT"), port.to_string())?;
+        }
+        Peer::Unix(path) => env.set_item(intern!(py, "REMOTE_ADDR"), latin1(py, path))?,
+    }
+    let mut underscored: Option<Bound<'py, PyDict>> = None;
+    let mut lower = Vec::with_capacity(64);
+    for (name, value) in &head.headers {
+        lower.clear();
+        lower.extend(name.bytes().map(|c| c.to_ascii_lowercase()));
+        let key = match lower.as_slice() {
+            b"content-length" => {
+                if let drover_h1::Framing::Length(n) = head.framing {
+                    env.set_item(intern!(py, "CONTENT_LENGTH"), n.to_string())?;
+                }
+                continue;
+            }
+            b"content-type" => intern!(py, "CONTENT_TYPE").clone(),
+            _ if lower.contains(&b'_') => {
+                // "X_Foo" would land on the same key as "X-Foo": kept aside,
+                // as gunicorn's header_map = "drop" does.
+                let fields = underscored.get_or_insert_with(|| PyDict::new(py));
+                fields.set_item(name.to_ascii_uppercase(), latin1(py, value))?;
+                continue;
+            }
+            _ => header_key(py, sh, &lower),
+        };
+        let value = latin1(py, value);
+        match env.get_item(&key)? {
+            None => env.set_item(&key, value)?,
+            Some(old) => {
+                let sep = if lower.as_slice() == b"cookie" {
+                    "; "
+                } else {
+                    ", "
+                };
+                let old = old.cast_into::<PyString>().map_err(PyErr::from)?;
+                let joined = format!("{}{}{}", old.to_str()?, sep, value.to_str()?);
+                env.set_item(&key, joined)?;
+            }
+        }
+    }
+    if view.trusted {
+        let mut secure = false;
+        for key in &sh.hooks.secure_keys {
+            if env.contains(key.bind(py))? {
+                secure = true;
+                break;
+            }
+        }
+        if secure {
+            match sh.hooks.scheme.call1(py, (&env,)) {
+                Ok(scheme) if !scheme.is_none(py) => {
+                    env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?
+                }
+                Ok(_) => {}
+                Err(e) => return Err(http_error(py, e)),
+            }
+        }
+        if let Some(fields) = underscored {
+            if let Err(e) = sh.hooks.forwarded.call1(py, (&env, fields, path)) {
+                return Err(http_error(py, e));
+            }
+        }
+    }
+    Ok(env)
+}
+
+/// An HTTPError a Python hook raised (its status and reason), or another error.
+fn http_error(py: Python<'_>, e: PyErr) -> Refusal {
+    let v = e.value(py);
+    match (
+        v.getattr("status").and_then(|s| s.extract::<u16>()),
+        v.getattr("reason").and_then(|s| s.extract::<String>()),
+    ) {
+        (Ok(status), Ok(reason)) => Refusal::Http(status, reason),
+        _ => Refusal::Py(e),
+    }
+}
+
+// -- the response -------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    None,
+    Length,
+    Chunked,
+    Close,
+}
+
+/// One response: what start_response was given, the framing, the bytes not
+/// yet written.
+pub struct Response {
+    sh: Arc<Shared>,
+    fd: RawFd,
+    io_timeout: Duration,
+    is_head: bool,
+    http10: bool,
+    keep_alive: bool,
+    server_keeps: bool,
+    status: Option<String>,
+    code: u16,
+    header_text: Vec<u8>,
+    app_length: Option<u64>,
+    app_close: bool,
+    headers: Option<Py<PyAny>>,
+    sent: bool,
+    mode: Mode,
+    left: u64,
+    keep: bool,
+    body_ok: bool,
+    body_bytes: u64,
+    out: Vec<u8>,
+    input: Option<Py<Input>>,
+}
+
+fn no_body_code(code: u16) -> bool {
+    code == 204 || code == 304
+}
+
+impl Response {
+    fn start(
+        &mut self,
+        py: Python<'_>,
+        status: &Bound<'_, PyAny>,
+        headers: &Bound<'_, PyAny>,
+        exc_info: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        if let Some(exc) = exc_info.filter(|e| !e.is_none()) {
+            if self.sent {
+                let value = exc.get_item(1)?;
+                let tb = exc.get_item(2)?;
+                let err = value.call_method1(intern!(py, "with_traceback"), (tb,))?;
+                return Err(PyErr::from_value(err));
+            }
+        } else if self.status.is_some() {
+            return Err(PyAssertionError::new_err(
+                "start_response() called a second time without exc_info",
+            ));
+        }
+        let Ok(status) = status.cast::<PyString>() else {
+            return Err(PyTypeError::new_err(format!(
+                "status must be a str, not {}",
+                status.get_type().name()?
+            )));
+        };
+        let text = status.to_str()?;
+        let b = text.as_bytes();
+        if b.len() < 4
+            || !b[..3].iter().all(u8::is_ascii_digit)
+            || b[3] != b' '
+            || text.contains(['\n', '\r'])
+        {
+            return Err(PyValueError::new_err(format!(
+                "malformed status {}",
+                status.repr()?
+            )));
+        }
+        let mut lines = Vec::with_capacity(128);
+        let mut length = None;
+        let mut close = false;
+        for item in headers.try_iter()? {
+            let item = item?;
+            let (name, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
+            let (Ok(name), Ok(value)) = (name.cast::<PyString>(), value.cast::<PyString>()) else {
+                return Err(PyTypeError::new_err(format!(
+                    "header names and values must be str: {}",
+                    item.repr()?
+                )));
+            };
+            let (n, v) = (name.to_str()?, value.to_str()?);
+            if v.contains(['\n', '\r']) || n.contains(['\n', '\r', ':']) {
+                return Err(PyValueError::new_err(format!(
+                    "invalid header {}",
+                    item.repr()?
+                )));
+            }
+            let lname = n.to_ascii_lowercase();
+            match lname.as_str() {
+                "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer"
+                | "upgrade" | "proxy-connection" => {
+                    if lname == "connection" && v.to_ascii_lowercase().contains("close") {
+                        close = true;
+                    }
+                    continue; // the server frames the response and manages the connection
+                }
+                "content-length" => {
+                    length = Some(v.trim().parse::<u64>().map_err(|_| {
+                        PyValueError::new_err(format!("invalid Content-Length {v:?}"))
+                    })?);
+                    continue;
+                }
+                _ => {}
+            }
+            for part in [n, ": ", v, "\r\n"] {
+                push_latin1(&mut lines, part)?;
+            }
+        }
+        push_latin1(&mut Vec::new(), text)?;
+        self.status = Some(text.to_string());
+        self.code = text[..3].parse().unwrap_or(500);
+        self.headers = Some(headers.clone().unbind());
+        self.header_text = lines;
+        self.app_length = length;
+        self.app_close = close;
+        Ok(())
+    }
+
+    /// The response head; `body` is the whole body when known, else None
+    /// (streaming). Decides the framing and whether to keep the connection.
+    fn head(
+        &mut self,
+        py: Python<'_>,
+        body: Option<&[u8]>,
+        server_keeps: bool,
+    ) -> PyResult<Vec<u8>> {
+        let Some(status) = &self.status else {
+            return Err(PyAssertionError::new_err(
+                "the application did not call start_response()",
+            ));
+        };
+        let code = self.code;
+        let no_body = self.is_head || no_body_code(code) || code < 200;
+        let mut length = self.app_length;
+        if no_body {
+            self.mode = Mode::None;
+            if let (None, Some(body)) = (length, body) {
+                if !body.is_empty() && self.is_head && !no_body_code(code) && code >= 200 {
+                    length = Some(body.len() as u64);
+                }
+            }
+        } else if let Some(body) = body {
+            self.mode = Mode::Length;
+            let n = *length.get_or_insert(body.len() as u64);
+            self.left = n;
+        } else if let Some(n) = length {
+            self.mode = Mode::Length;
+            self.left = n;
+        } else if !self.http10 {
+            self.mode = Mode::Chunked;
+        } else {
+            self.mode = Mode::Close;
+        }
+        let discardable = self
+            .input
+            .as_ref()
+            .is_none_or(|i| i.bind(py).borrow().discardable());
+        self.keep = self.keep_alive
+            && !self.app_close
+            && self.mode != Mode::Close
+            && server_keeps
+            && discardable;
+        let mut h = Vec::with_capacity(96 + self.header_text.len());
+        h.extend_from_slice(b"HTTP/1.1 ");
+        push_latin1(&mut h, status)?;
+        h.extend_from_slice(b"\r\nDate: ");
+        with_http_date(|d| h.extend_from_slice(d.as_bytes()));
+        h.extend_from_slice(b"\r\n");
+        h.extend_from_slice(&self.header_text);
+        if let (Some(n), false) = (length, no_body_code(code) || code < 200) {
+            h.extend_from_slice(format!("Content-Length: {n}\r\n").as_bytes());
+        }
+        if self.mode == Mode::Chunked {
+            h.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        if !self.keep {
+            h.extend_from_slice(b"Connection: close\r\n");
+        } else if self.http10 {
+            h.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        h.extend_from_slice(b"\r\n");
+        self.sent = true;
+        Ok(h)
+    }
+
+    /// The whole body of a list or tuple result.
+    fn send_whole_seq<'py>(
+        &mut self,
+        py: Python<'py>,
+        items: impl ExactSizeIterator<Item = Bound<'py, PyAny>>,
+    ) -> PyResult<()> {
+        let mut items = items;
+        if items.len() == 1 {
+            let body = to_bytes(py, &items.next().unwrap())?;
+            return self.send_whole(py, body.as_bytes());
+        }
+        let mut body = Vec::new();
+        for item in items {
+            let Ok(b) = item.cast::<PyBytes>() else {
+                let b = to_bytes(py, &item)?;
+                body.extend_from_slice(b.as_bytes());
+                continue;
+            };
+            body.extend_from_slice(b.as_bytes());
+        }
+        self.send_whole(py, &body)
+    }
+
+    /// The head and the whole `body`, to be written after the GIL is released.
+    fn send_whole(&mut self, py: Python<'_>, body: &[u8]) -> PyResult<()> {
+        self.server_keeps = self.server_keeps_now(py);
+        let head = self.head(py, Some(body), self.server_keeps)?;
+        self.out.extend_from_slice(&head);
+        if self.mode == Mode::None {
+            return Ok(());
+        }
+        let mut body = body;
+        if body.len() as u64 > self.left {
+            log(&format!(
+                "the application sent {} bytes for Content-Length {}; truncated",
+                body.len(),
+                self.left
+            ));
+            body = &body[..self.left as usize];
+            self.keep = false;
+        } else if (body.len() as u64) < self.left {
+            self.keep = false;
+            self.body_ok = false;
+        }
+        self.left -= body.len() as u64;
+        self.body_bytes += body.len() as u64;
+        self.out.extend_from_slice(body);
+        Ok(())
+    }
+
+    fn server_keeps_now(&self, _py: Python<'_>) -> bool {
+        self.sh.keeps_connections()
+    }
+
+    /// A chunk of the body (the WSGI write callable, also used for iterated
+    /// bodies). The head goes with the first chunk. A chunked or
+    /// close-delimited body is written at once; a Content-Length one is
+    /// coalesced (up to FLUSH_AT) and written after the app.
+    fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = to_bytes(py, data)?;
+        let mut data = data.as_bytes();
+        if data.is_empty() {
+            return Ok(());
+        }
+        if !self.sent {
+            self.server_keeps = self.server_keeps_now(py);
+            let head = self.head(py, None, self.server_keeps)?;
+            self.out.extend_from_slice(&head);
+        }
+        if self.mode != Mode::None {
+            self.body_bytes += data.len() as u64;
+        }
+        match self.mode {
+            Mode::Chunked => {
+                self.out
+                    .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                self.out.extend_from_slice(data);
+                self.out.extend_from_slice(b"\r\n");
+                self.flush(py)
+            }
+            Mode::Length => {
+                if data.len() as u64 > self.left {
+                    log("the application sent more than its Content-Length; truncated");
+                    data = &data[..self.left as usize];
+                    self.keep = false;
+                }
+                self.left -= data.len() as u64;
+                self.out.extend_from_slice(data);
+                if self.out.len() >= FLUSH_AT {
+                    self.flush(py)?;
+                }
+                Ok(())
+            }
+            Mode::Close => {
+                self.out.extend_from_slice(data);
+                self.flush(py)
+            }
+            Mode::None => Ok(()),
+        }
+    }
+
+    /// After the last chunk of a streamed body.
+    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+        if !self.sent {
+            return self.send_whole(py, b"");
+        }
+        if self.mode == Mode::Chunked {
+            self.out.extend_from_slice(b"0\r\n\r\n");
+        } else if self.mode == Mode::Length && self.left > 0 {
+            self.keep = false; // short: the client sees the connection close early
+            self.body_ok = false;
+        }
+        Ok(())
+    }
+
+    /// Writes what is collected, with the GIL released.
+    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.fd < 0 {
+            return Err(ClientGone::new_err(
+                "the request is over: nothing more can be sent",
+            ));
+        }
+        let (fd, timeout, out) = (self.fd, self.io_timeout, &self.out);
+        let sent = py.detach(|| sock::send_all(fd, &[out], timeout));
+        self.out.clear();
+        sent.map_err(|e| ClientGone::new_err(e.text().to_string()))
+    }
+}
+
+fn push_latin1(out: &mut Vec<u8>, s: &str) -> PyResult<()> {
+    if s.is_ascii() {
+        out.extend_from_slice(s.as_bytes());
+        return Ok(());
+    }
+    for c in s.chars() {
+        let c = c as u32;
+        if c > 255 {
+            return Err(PyValueError::new_err(format!(
+                "{s:?} cannot be encoded as latin-1"
+            )));
+        }
+        out.push(c as u8);
+    }
+    Ok(())
+}
+
+/// `start_response` (and, returned by it, `write`) of one request.
+#[pyclass(module = "drover_wsgi_native")]
+pub struct StartResponse {
+    r: Response,
+}
+
+#[pymethods]
+impl StartResponse {
+    #[pyo3(signature = (status, headers, exc_info=None))]
+    fn __call__<'py>(
+        slf: Bound<'py, Self>,
+        status: &Bound<'py, PyAny>,
+        headers: &Bound<'py, PyAny>,
+        exc_info: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        slf.borrow_mut().r.start(py, status, headers, exc_info)?;
+        slf.getattr(intern!(py, "write"))
+    }
+
+    fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.r.write(py, data)
+    }
+}

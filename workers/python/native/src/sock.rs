@@ -1,0 +1,174 @@
+//! Socket I/O on raw descriptors: non-blocking sockets, waits bounded with
+//! poll(2). Errors that end a connection are `Gone`.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+/// Why a connection cannot go on.
+#[derive(Debug)]
+pub enum Gone {
+    /// Closed by the client (EOF) or an error (reset...).
+    Closed(String),
+    /// No bytes (or no room to write) in time.
+    Timeout(String),
+}
+
+impl Gone {
+    pub fn text(&self) -> &str {
+        match self {
+            Gone::Closed(s) | Gone::Timeout(s) => s,
+        }
+    }
+}
+
+/// Waits until `fd` is ready for `events` (POLLIN/POLLOUT), at most `timeout`:
+/// Ok(false) on a timeout.
+pub fn wait(fd: RawFd, events: i16, timeout: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32
+            + i32::from(!left.subsec_nanos().is_multiple_of(1_000_000));
+        let mut p = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(n > 0);
+    }
+}
+
+/// Reads what is there into the spare room of `buf` (grown when short):
+/// Ok(None) when nothing is there, Ok(Some(0)) at EOF.
+pub fn recv_nowait(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(buf.len().max(16384));
+    }
+    let spare = buf.spare_capacity_mut();
+    loop {
+        let n = unsafe {
+            libc::recv(
+                fd,
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            unsafe { buf.set_len(buf.len() + n as usize) };
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Reads more bytes into `buf`, waiting at most `io_timeout` for them and
+/// never past `until`: the number read (never 0), or why not.
+pub fn recv_blocking(
+    fd: RawFd,
+    buf: &mut Vec<u8>,
+    until: Option<Instant>,
+    io_timeout: Duration,
+) -> Result<usize, Gone> {
+    loop {
+        match recv_nowait(fd, buf) {
+            Ok(Some(0)) => return Err(Gone::Closed("closed by the client".into())),
+            Ok(Some(n)) => return Ok(n),
+            Ok(None) => {}
+            Err(e) => return Err(Gone::Closed(e.to_string())),
+        }
+        let mut wait_for = io_timeout;
+        if let Some(until) = until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Gone::Timeout("the request did not arrive in time".into()));
+            }
+            wait_for = wait_for.min(left);
+        }
+        match wait(fd, libc::POLLIN, wait_for) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Gone::Timeout(format!(
+                    "no bytes from the client for {:.1}s",
+                    wait_for.as_secs_f64()
+                )))
+            }
+            Err(e) => return Err(Gone::Closed(e.to_string())),
+        }
+    }
+}
+
+/// Writes all of `parts` (writev), waiting at most `io_timeout` at a time
+/// for room.
+pub fn send_all(fd: RawFd, parts: &[&[u8]], io_timeout: Duration) -> Result<(), Gone> {
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    while !parts.is_empty() {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .take(64)
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut _,
+                iov_len: p.len(),
+            })
+            .collect();
+        let msg = libc::msghdr {
+            msg_name: std::ptr::null_mut(),
+            msg_namelen: 0,
+            msg_iov: iov.as_ptr() as *mut _,
+            msg_iovlen: iov.len(),
+            msg_control: std::ptr::null_mut(),
+            msg_controllen: 0,
+            msg_flags: 0,
+        };
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => match wait(fd, libc::POLLOUT, io_timeout) {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        return Err(Gone::Timeout(
+                            "the client took no bytes for the I/O timeout".into(),
+                        ))
+                    }
+                    Err(e) => return Err(Gone::Closed(e.to_string())),
+                },
+                _ => return Err(Gone::Closed(e.to_string())),
+            }
+        }
+        let mut n = n as usize;
+        while n > 0 {
+            if n >= parts[0].len() {
+                n -= parts[0].len();
+                parts.remove(0);
+            } else {
+                parts[0] = &parts[0][n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn close(fd: RawFd) {
+    unsafe { libc::close(fd) };
+}
+
+pub fn shutdown_write(fd: RawFd) -> bool {
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) == 0 }
+}
