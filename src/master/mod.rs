@@ -264,9 +264,11 @@ fn end_orphans(limit: Duration) {
     // SAFETY: plain prctl with a pointer to an int.
     let subreaper =
         unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut flag) } == 0 && flag != 0;
-    let me = nix::unistd::getpid();
-    let orphans = children_of(me);
-    if !subreaper || orphans.is_empty() {
+    if !subreaper {
+        return; // orphans went to init, not to us: nothing to scan /proc for
+    }
+    let orphans = children_of(nix::unistd::getpid());
+    if orphans.is_empty() {
         return;
     }
     let list = |pids: &[Pid]| {
@@ -321,7 +323,6 @@ fn report_escaped(notify: &std::path::Path) {
     let needle = [
         b"NOTIFY_SOCKET=".as_slice(),
         notify.as_os_str().as_encoded_bytes(),
-        b"\0",
     ]
     .concat();
     let me = std::process::id();
@@ -333,7 +334,9 @@ fn report_escaped(notify: &std::path::Path) {
         .filter(|pid| *pid != me)
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle))
+                // Whole variables only: one pass over each environment, not
+                // a comparison at every byte (this runs at every exit).
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle))
         })
         .map(|pid| pid.to_string())
         .collect();
