@@ -1,10 +1,11 @@
 //! The HTTP/1.1 request parser of drover_wsgi's native core: the request head
 //! ([`parse_head`]) and the chunked request body ([`ChunkedDecoder`]).
 //!
-//! It answers exactly as the pure-Python parser (`drover_wsgi/http.py`) does,
-//! input for input, and refuses what could smuggle a request past a proxy
-//! (RFC 9112 section 11.2) the way llhttp's strict mode does. The policy, case
-//! by case, is in docs/http-parser.md.
+//! It gives the answers of the pure-Python parser (`drover_wsgi/http.py`),
+//! input for input (it may refuse an incomplete head sooner: tests/
+//! differential.rs runs both), and refuses what could smuggle a request past
+//! a proxy (RFC 9112 section 11.2) the way llhttp's strict mode does. The
+//! policy, case by case, is in docs/http-parser.md.
 //!
 //! Zero copy: a [`Head`] borrows the method, target, header names and values
 //! from the buffer; the one allocation per request is the headers' `Vec`.
