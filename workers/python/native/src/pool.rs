@@ -860,9 +860,19 @@ fn sweeper(sh: Arc<Shared>) {
 
 /// Serves requests on `conn` until it is parked, closed or lingering.
 fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
+    // After a response, a connection with nothing buffered is parked without
+    // a read: its next request is queued behind the events already ready
+    // (other connections'), so a client that answers fast cannot keep the
+    // thread to itself. A pipelined request already read is served at once.
+    let mut served = false;
     loop {
         if conn.buf.is_empty() {
-            match sock::recv_nowait(conn.fd, &mut conn.buf) {
+            let got = if served {
+                Ok(None)
+            } else {
+                sock::recv_nowait(conn.fd, &mut conn.buf)
+            };
+            match got {
                 Ok(Some(0)) | Err(_) => return, // closed by the client
                 Ok(Some(_)) => {
                     if sh.state() != RUNNING && sh.quick.load(Acquire) && conn.requests > 0 {
@@ -879,11 +889,22 @@ fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
                         Ok(()) | Err(None) => return,
                         Err(Some(back)) => conn = back,
                     }
-                    if !wait_while_stopping(sh, &mut conn) {
-                        return sh.start_linger(conn);
-                    }
-                    if conn.buf.is_empty() {
-                        return; // closed by the client
+                    // Stopping: a request already here is served (then the
+                    // connection closes); else see wait_while_stopping.
+                    match sock::recv_nowait(conn.fd, &mut conn.buf) {
+                        Ok(Some(0)) | Err(_) => return,
+                        Ok(Some(_)) if sh.quick.load(Acquire) && conn.requests > 0 => {
+                            return sh.start_linger(conn)
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            if !wait_while_stopping(sh, &mut conn) {
+                                return sh.start_linger(conn);
+                            }
+                            if conn.buf.is_empty() {
+                                return; // closed by the client
+                            }
+                        }
                     }
                 }
             }
@@ -935,7 +956,10 @@ fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
             conn.buf = rest;
         }
         match outcome.after {
-            After::Continue => continue,
+            After::Continue => {
+                served = true;
+                continue;
+            }
             After::Close => return,
             After::Linger => return sh.start_linger(conn),
         }
