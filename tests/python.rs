@@ -7,11 +7,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nix::sys::signal::killpg;
+use nix::sys::signal::{kill, killpg};
+use nix::unistd::Pid;
 
 /// Two tests of `$name(core)`, `$name::python` and `$name::native`: the
 /// tests of drover_wsgi's behaviour run with each of its cores (`--core`).
@@ -646,3 +648,127 @@ fn a_graceful_stop_with_a_full_queue_serves_every_accepted_request(core: &str) {
     );
 }
 with_each_core!(a_graceful_stop_with_a_full_queue_serves_every_accepted_request);
+
+/// The defect of issue 13's user trial: with `--max-requests`, a stop that
+/// finds every worker either recycling (listeners closed) or still booting
+/// reset the connections queued meanwhile. drover's SIGTERM reached the
+/// booting worker before it had any handler, it died, and with it the last
+/// copy of the listener. Now a worker booting while none serves gets its
+/// stop once it is ready, and drains the queue. The replacement here boots
+/// behind a shell's `sleep` (a slow interpreter start): on the old code its
+/// SIGTERM killed the shell and every queued client saw a reset.
+#[test]
+fn a_stop_while_the_only_worker_boots_serves_the_queued_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow");
+    // The first worker recycles after 1 request; its successor sleeps
+    // before its exec, then serves up to 1000.
+    let script = r#"if [ -e "$SLOW" ]; then sleep 2; exec "$0" --max-requests 1000 "$@"; fi; exec "$0" --max-requests 1 "$@""#;
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\ngraceful_timeout = \"10s\"\n\
+         chdir = {:?}\ncommand = [\"/bin/sh\", \"-c\", {script:?}, {:?}, \"--max-requests-jitter\", \"0\", \"example_app:app\"]\n",
+        python::examples_dir(),
+        python::script("drover-wsgi"),
+    );
+    let mut start = Start::config(&config);
+    start.env = vec![("SLOW".into(), slow.display().to_string())];
+    let mut d = start.run();
+    d.wait_log("all 1 workers ready");
+    let first = d.wait_workers(1)[0].as_raw();
+    std::fs::write(&slow, "").unwrap();
+    let addr = d.tcp_addr();
+    assert_eq!(get_ok(addr, "/").worker_pid(), first);
+    d.wait_log(&format!("worker 1 (pid {first}) exited with status 0"));
+    d.wait_log_count("spawned", 2);
+    let queued: Vec<_> = (0..3)
+        .map(|_| {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(LIMIT)).unwrap();
+            std::thread::spawn(move || get_over(s, "/"))
+        })
+        .collect();
+    wait_for("3 connections queued", LIMIT, || {
+        listen_queues(addr).filter(|q| q.1 >= 3)
+    });
+    let log = d.log();
+    assert_eq!(
+        log.matches("ready in").count(),
+        1,
+        "the successor is still booting: {log}"
+    );
+    d.signal(Signal::SIGTERM);
+    for q in queued {
+        let r = q.join().unwrap();
+        let log = d.log();
+        let r = r.unwrap_or_else(|e| panic!("a queued request failed: {e}\n{log}"));
+        assert_eq!(r.status, 200, "{log}");
+        assert_ne!(r.worker_pid(), first, "{log}");
+    }
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("ready during the shutdown: sending SIGTERM"),
+        "{log}"
+    );
+}
+
+/// The kernel hands a signal sent to a process to any of its threads that
+/// does not block it; drover_wsgi's handler (which records the stop) runs in
+/// the main thread only, when it runs bytecode. A SIGTERM taken by one of
+/// its pool threads (sent here with tgkill, as the kernel may choose) stops
+/// the worker as one taken by the main thread does: on the old code the main
+/// thread slept on in select, and a stop waited for drover's SIGKILL. (The
+/// native core's threads block the stop signals: the kernel never picks
+/// them, which is checked instead.)
+fn drover_wsgi_stops_when_a_pool_thread_takes_the_stop_signal(core: &str) {
+    let mut d = Start::config(&example(core, "workers = 1")).run();
+    d.wait_log("all 1 workers ready");
+    let pid = d.wait_workers(1)[0].as_raw();
+    // (tid, whether it blocks SIGTERM) of each thread but the main one.
+    let others = wait_for("the pool threads", LIMIT, || {
+        let tids: Vec<(i32, bool)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|t| *t != pid)
+            .map(|t| {
+                let status = read_file(Path::new(&format!("/proc/{pid}/task/{t}/status")));
+                let blocked = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("SigBlk:"))
+                    .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                    .unwrap_or(0);
+                (t, blocked & (1 << (libc::SIGTERM - 1)) != 0)
+            })
+            .collect();
+        (tids.len() >= 4).then_some(tids)
+    });
+    let began = Instant::now();
+    match others.iter().find(|(_, blocks)| !blocks) {
+        Some((tid, _)) => {
+            // SAFETY: tgkill has no memory effects; the ids are the worker's.
+            let sent = unsafe { libc::syscall(libc::SYS_tgkill, pid, *tid, libc::SIGTERM) };
+            assert_eq!(sent, 0, "tgkill: {}", std::io::Error::last_os_error());
+        }
+        None if core == "native" => kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap(),
+        None => panic!("the pool threads block SIGTERM: {others:?}"),
+    }
+    wait_for("the worker to stop", Duration::from_secs(10), || {
+        d.log()
+            .contains(&format!("worker 1 (pid {pid}) exited with status 0"))
+            .then_some(())
+    });
+    let log = d.log();
+    assert!(
+        log.contains(&format!("drover_wsgi[{pid}]: stopping (graceful)")),
+        "{log}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}
+with_each_core!(drover_wsgi_stops_when_a_pool_thread_takes_the_stop_signal);

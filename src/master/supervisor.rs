@@ -901,6 +901,21 @@ impl Supervisor {
             return;
         };
         let (slot, generation) = (w.slot, w.generation());
+        if let Phase::ShuttingDown(sd) = &self.phase {
+            // Booting at stage 2 while nothing served: its stop comes now,
+            // by the deadline the others got.
+            let until = sd.began + w.gen.s.graceful_timeout.0;
+            let stop = w.stop(Pace::Graceful, Stop::Shutdown, now);
+            w.cap_deadline(until);
+            if let Some(Action::Signal { signal, .. }) = &stop {
+                info!(
+                    "worker {slot} (pid {pid}) ready during the shutdown: sending {}",
+                    signal.as_str()
+                );
+            }
+            self.emit_all(stop);
+            return;
+        }
         let seconds = (now - w.started).as_secs_f64();
         // Booted or respawned during the pre-stop delay: it gets the same
         // notice as those that were serving when the delay began.
@@ -1166,6 +1181,14 @@ impl Supervisor {
                     );
                     presumed_ready.push(pid);
                 }
+                State::Execing { .. } | State::Booting { .. } if shutting_down => {
+                    warn!(
+                        "worker {slot} (pid {pid}) still booting at the shutdown's deadline; \
+                         sending SIGKILL to its process group"
+                    );
+                    killed += 1;
+                    actions.push(w.kill(Kill::GraceExpired));
+                }
                 State::Execing { .. } | State::Booting { .. } => {
                     error!(
                         "worker {slot} (pid {pid}) did not report READY=1 within boot_timeout ({}); \
@@ -1402,7 +1425,28 @@ impl Supervisor {
                 }));
             }
         }
-        self.stop_workers(|_| true, pace, Stop::Shutdown, now);
+        // A worker still booting while no other one serves may hold the last
+        // copy of the listeners, with connections queued on them: stopped now
+        // (before its stop handlers even exist), its exit would reset them.
+        // So it gets its stop once it is ready, within this shutdown's
+        // deadline, and drains the queue then (docs/signals.md).
+        let defer = pace == Pace::Graceful
+            && matches!(cause, Cause::Signal(_))
+            && !self.pool.workers.iter().any(|w| w.is_serving());
+        let until = now + timeout.0;
+        let stops: Vec<_> = self
+            .pool
+            .workers
+            .iter_mut()
+            .filter_map(|w| {
+                if defer && w.is_booting() {
+                    w.cap_deadline(until);
+                    return None;
+                }
+                w.stop(pace, Stop::Shutdown, now)
+            })
+            .collect();
+        self.emit_all(stops);
     }
 
     /// A summary in one line: "3/4 workers ready, generation 2".

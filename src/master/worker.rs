@@ -380,6 +380,23 @@ impl Worker {
         )
     }
 
+    /// Ready, and not on its way out by its own decision (`STOPPING=1`,
+    /// e.g. recycling after max_requests): it takes from the listeners.
+    pub fn is_serving(&self) -> bool {
+        matches!(self.state, State::Ready(s) if !s.leaving)
+    }
+
+    /// Brings its boot or stop deadline forward to `until` (never later).
+    pub fn cap_deadline(&mut self, until: Instant) {
+        match &mut self.state {
+            State::Execing { deadline } | State::Booting { deadline, .. } => {
+                *deadline = (*deadline).min(until);
+            }
+            State::Stopping { deadline, .. } => *deadline = (*deadline).min(until),
+            _ => {}
+        }
+    }
+
     pub fn is_execing(&self) -> bool {
         matches!(self.state, State::Execing { .. })
     }

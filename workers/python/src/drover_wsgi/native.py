@@ -11,7 +11,6 @@ the stop's timing (drover_worker's deadlines). See docs/drover-wsgi-native.md.
 """
 
 import os
-import select
 import time
 import traceback
 from typing import Any, Optional, Tuple
@@ -20,7 +19,17 @@ import drover_worker as dw
 
 from .http import DEFAULT_LIMITS
 from .proxy import Proxy
-from .server import FIRST_BYTE_GRACE, LINGER, QUICK_DRAIN, ListenerInfo, _cause, base_environ, forwarded, log
+from .server import (
+    FIRST_BYTE_GRACE,
+    LINGER,
+    QUICK_DRAIN,
+    ListenerInfo,
+    _cause,
+    base_environ,
+    forwarded,
+    log,
+    wait_for_stop,
+)
 
 #: The drover_wsgi_native interface this module drives.
 API = 1
@@ -117,21 +126,10 @@ class NativeServer:
         self.core.start()
 
     def wait_for_stop(self):
-        """Blocks the main thread until a stop signal or a recycle; returns the kind.
-
-        The wait is bounded: a signal that arrives while a pool thread takes
-        the GIL can leave CPython's "signals pending" flag set and its eval
-        breaker cleared (seen: SIGTERM caught, its Python handler never run,
-        the main thread asleep in select()); the main thread's next return
-        from a wait with the GIL released runs the handler."""
-        fds = [dw.stop_fd(), self.ctrl_r]
-        while True:
-            kind = dw.stop_kind()
-            if kind is not None:
-                return kind
-            if self.core.recycling:
-                return "recycle"
-            select.select(fds, [], [], 0.5)
+        """Blocks the main thread until a stop signal or a recycle; returns
+        the kind (server.wait_for_stop: woken whichever thread takes the
+        signal, and bounded)."""
+        return wait_for_stop(self.ctrl_r, lambda: self.core.recycling)
 
     def stop(self, kind):
         """Stops accepting new work (on a graceful stop the threads drain the

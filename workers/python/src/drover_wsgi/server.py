@@ -30,6 +30,7 @@ import itertools
 import os
 import select
 import selectors
+import signal
 import socket
 import struct
 import sys
@@ -734,19 +735,16 @@ class Server:
 
     def wait_for_stop(self):
         """Blocks the main thread until a stop signal or a recycle; returns the kind."""
-        fds = [dw.stop_fd(), self.ctrl_r]
-        while True:
-            kind = dw.stop_kind()
-            if kind is not None:
-                return kind
-            if self.recycling:
-                return "recycle"
-            select.select(fds, [], [])
+        return wait_for_stop(self.ctrl_r, lambda: self.recycling)
 
     def stop(self, kind):
         """The stop procedure (main thread): stop accepting new work (on a
         graceful stop, the listen queue is drained by the rule in the module's
         docstring), then drain. Returns True when every thread finished."""
+        if kind == "recycle" and dw.stop_kind() is not None:
+            # A stop signal came with the recycle: no successor will take
+            # what is queued, so this is a stop (the queue is drained).
+            kind = dw.stop_kind()
         self.stop_kind = kind
         now = time.monotonic()
         self.first_byte_deadline = now + min(FIRST_BYTE_GRACE, dw.remaining_budget())
@@ -1345,6 +1343,41 @@ def forwarded(proxy, environ, fields, path):
                 raise HTTPError(500, "the request path %r does not start with SCRIPT_NAME %r" % (path, value))
             environ["SCRIPT_NAME"] = value
             environ["PATH_INFO"] = path[len(value):]
+
+
+def wait_for_stop(ctrl_r, recycling):
+    """The main thread's wait for a stop signal ("graceful" or "quick") or a
+    recycle (``ctrl_r`` readable, ``recycling()`` true); returns the kind.
+
+    The kernel may hand a signal sent to the process to any thread that
+    does not block it, a pool thread as well; its Python handler (which
+    records the stop) runs only in the main thread, once it runs bytecode
+    again. The wake-up fd, written by the C-level handler whichever thread
+    takes the signal, ends the select for that: without it, the stop waited
+    for drover's SIGKILL. The wait is bounded as well: a pending handler also
+    runs once this thread takes the GIL back after a wait."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    try:
+        fds = [dw.stop_fd(), ctrl_r, wake_r]
+        while True:
+            kind = dw.stop_kind()
+            if kind is not None:
+                return kind
+            if recycling():
+                return "recycle"
+            readable, _, _ = select.select(fds, [], [], 0.5)
+            if wake_r in readable:
+                try:
+                    os.read(wake_r, 4096)
+                except OSError:
+                    pass
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def _cause(error, kind):
