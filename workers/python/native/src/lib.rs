@@ -8,6 +8,7 @@ mod exchange;
 mod input;
 mod pool;
 mod sock;
+mod turn;
 mod util;
 
 use std::sync::Arc;

@@ -205,6 +205,7 @@ pub struct Shared {
     /// Header name (lower case) -> its environ key (HTTP_...), interned.
     pub keys: Mutex<HashMap<Vec<u8>, Py<PyString>>>,
     pub scoreboard: Option<Scoreboard>,
+    turns: crate::turn::Turns,
 }
 
 struct Drain {
@@ -268,6 +269,7 @@ impl Shared {
             swept_out: AtomicBool::new(false),
             keys: Mutex::new(HashMap::new()),
             scoreboard: Scoreboard::from_env(),
+            turns: Default::default(),
         })
     }
 
@@ -942,7 +944,11 @@ fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
             peer: &conn.peer,
             trusted: conn.trusted,
         };
-        let outcome = Python::attach(|py| exchange::handle(py, sh, &view, &head, &mut rest, plan));
+        sh.turns.wait();
+        let outcome = Python::attach(|py| {
+            sh.turns.pass();
+            exchange::handle(py, sh, &view, &head, &mut rest, plan)
+        });
         drop(head);
         if !outcome.out.is_empty()
             && sock::send_all(conn.fd, &[&outcome.out], sh.set.io_timeout).is_err()
