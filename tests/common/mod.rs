@@ -55,7 +55,7 @@ pub fn hello_bin() -> &'static str {
 
 /// The newest modification time of the files in `dir` (not below it: hello's
 /// tests/ are not part of the executable).
-fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
+pub fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
     std::fs::read_dir(dir)
         .ok()?
         .flatten()

@@ -75,6 +75,23 @@ fn check_fresh(venv: &Path) {
     }
     let mut stale = Vec::new();
     compare(&src, &src, &site, &mut stale);
+    // The native core, when installed: built after its sources last changed.
+    let native = site.join("drover_wsgi_native");
+    let built = std::fs::read_dir(&native).ok().and_then(|d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".so"))
+            .filter_map(|e| e.metadata().ok()?.modified().ok())
+            .max()
+    });
+    let sources = ["workers/python/native/src", "workers/python/native/h1/src"]
+        .iter()
+        .filter_map(|dir| super::newest_change(&repo().join(dir)))
+        .max();
+    if let (Some(built), Some(sources)) = (built, sources) {
+        if built < sources {
+            stale.push("drover_wsgi_native (older than workers/python/native)".to_string());
+        }
+    }
     assert!(
         stale.is_empty(),
         "the drover-worker package installed in {} is not workers/python/src ({} differ): \
