@@ -167,7 +167,27 @@ fn p99(mut samples: Vec<Duration>) -> Duration {
 /// noted in docs/workers.md, not asserted: the machine is shared).
 #[test]
 fn fastapi_under_the_uvicorn_launcher_reloads_under_load_with_no_failure() {
-    let d = fastapi("integration.fastapi_app:app", "", &[]);
+    reloads_under_load("");
+}
+
+/// The same with `preload = true`: one template per generation imports the
+/// app, and the workers are forked from it, so that a reload costs one
+/// import instead of one per worker.
+#[test]
+fn fastapi_with_preload_reloads_under_load_with_no_failure() {
+    let log = reloads_under_load("preload = true");
+    for generation in 2..=4 {
+        assert!(
+            log.contains(&format!("template of generation {generation}")),
+            "{log}"
+        );
+    }
+}
+
+/// Three reloads under the load of 8 clients: none fails; the latencies
+/// with and without reloads are printed. Returns drover's log.
+fn reloads_under_load(extra: &str) -> String {
+    let d = fastapi("integration.fastapi_app:app", extra, &[]);
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
     let log = d.log();
@@ -215,6 +235,7 @@ fn fastapi_under_the_uvicorn_launcher_reloads_under_load_with_no_failure() {
         reloads_ended - reloads_began,
         p99(during.clone()),
     );
+    d.log()
 }
 
 /// An app that cannot be imported stops drover with status 3 (the launcher

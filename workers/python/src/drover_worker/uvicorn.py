@@ -22,7 +22,9 @@ What ``uvicorn --fd 3`` lacks under drover, this adds:
 * then the SDK's cleanup registry runs (``drover_worker.on_exit``), and the
   process exits 0;
 * ``WATCHDOG=1`` from the event loop when drover's ``timeout`` is set, so a
-  blocked loop is caught.
+  blocked loop is caught;
+* ``preload = true``: the app is imported once per generation by a template
+  (``drover_worker.preload``) and the workers are forked from it.
 
 Uvicorn must be installed (``pip install uvicorn``); this package does not
 depend on it. Options not listed here are uvicorn's defaults.
@@ -38,6 +40,7 @@ import traceback
 from typing import Any, List, Optional
 
 import drover_worker as dw
+from drover_worker import preload
 
 #: Uvicorn's own status for a failed startup, and drover's "cannot boot".
 CANNOT_BOOT = 3
@@ -86,7 +89,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # The SDK's handlers first: a stop during the import is not lost, SIGQUIT
     # does not kill us, and the handlers uvicorn restores when it returns
     # (and the signal it then raises again) are ours, not the default action.
-    dw.install(exit_on_stop=False)
+    # (A preload template handles stops itself: it just exits.)
+    if not preload.active():  # type: ignore[no-untyped-call]
+        dw.install(exit_on_stop=False)
     try:
         socks = dw.listeners()
     except dw.ListenError as e:
@@ -105,11 +110,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         limit_max_requests=args.limit_max_requests,
     )
     try:
-        config.load()
+        # With preload = true this process is the template: it imports the
+        # app once per generation and returns here only in the workers it
+        # forks (a reload then imports once, not once per worker).
+        preload.run(config.load)  # type: ignore[no-untyped-call]
     except BaseException:  # uvicorn's own import error is a SystemExit(1)
         sys.stderr.write(traceback.format_exc())
         _log("cannot boot: cannot load the application %r (traceback above)" % args.app)
         return CANNOT_BOOT
+    dw.install(exit_on_stop=False)  # a forked worker's; again, harmless, otherwise
     if dw.stop_kind() is not None:
         return _stopped_before_start()
     server = _server_class(uvicorn.Server)(config)
