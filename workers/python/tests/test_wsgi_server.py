@@ -402,7 +402,7 @@ class LifecycleTest(unittest.TestCase):
             code, err = w.wait()
         self.assertEqual(code, 0, err)
         self.assertIn("pure-Python core (drover_wsgi_native is not installed; "
-                      "pip install 'drover-worker[native]')", err)
+                      "build it from drover's source: pip install ./workers/python/native (CPython 3.10+, cargo))", err)
         with Worker("apps:app", args=["--core", "native"], env={"PYTHONPATH": path}, ready=False) as w:
             code, err = w.wait()
         self.assertEqual(code, 3, err)
@@ -411,6 +411,27 @@ class LifecycleTest(unittest.TestCase):
             code, err = w.wait()
         self.assertEqual(code, 3, err)
         self.assertIn("DROVER_WSGI_CORE=rust: choose from auto, native, python", err)
+
+    def test_a_native_module_that_raises_at_import_falls_back(self):
+        # Not an ImportError (a broken build or install can raise anything):
+        # auto still serves with the pure-Python core, --core native exits 3.
+        shim = os.path.join(os.path.dirname(self.tmp), "shim-raises-%d" % os.getpid())
+        os.makedirs(shim, exist_ok=True)
+        with open(os.path.join(shim, "drover_wsgi_native.py"), "w") as f:
+            f.write("raise RuntimeError('broken on purpose')\n")
+        path = shim + os.pathsep + os.path.dirname(os.path.abspath(__file__))
+        with Worker("apps:app", env={"PYTHONPATH": path, "DROVER_WSGI_CORE": "auto"}) as w:
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+            w.signal(signal.SIGTERM)
+            code, err = w.wait()
+        self.assertEqual(code, 0, err)
+        self.assertIn("pure-Python core (drover_wsgi_native cannot be imported: "
+                      "RuntimeError: broken on purpose; ", err)
+        with Worker("apps:app", args=["--core", "native"], env={"PYTHONPATH": path}, ready=False) as w:
+            code, err = w.wait()
+        self.assertEqual(code, 3, err)
+        self.assertIn("cannot boot: --core native: drover_wsgi_native cannot be imported: "
+                      "RuntimeError: broken on purpose", err)
 
     def test_a_stop_during_the_import_is_not_lost(self):
         # An app whose import takes a while; the stop comes in the middle of it.

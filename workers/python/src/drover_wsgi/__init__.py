@@ -15,7 +15,7 @@ Before it imports the app it tells drover that READY=1 will follow
 (``X_DROVER_WILL_NOTIFY=1``, see docs/protocol.md).
 
 ``--core`` picks the server core: ``native`` (the ``drover_wsgi_native``
-extension module, ``pip install 'drover-worker[native]'``), ``python`` (pure
+extension module, ``pip install ./workers/python/native``), ``python`` (pure
 Python) or ``auto`` (the default): native when it can be imported. One log
 line at start says which runs (docs/drover-wsgi-native.md).
 
@@ -75,7 +75,8 @@ def _seconds(text: str) -> Optional[float]:
 
 
 CORES = ("auto", "native", "python")
-NATIVE_HINT = "pip install 'drover-worker[native]'"
+# drover-wsgi-native is not on a package index: it is built from drover's source.
+NATIVE_HINT = "build it from drover's source: pip install ./workers/python/native (CPython 3.10+, cargo)"
 
 
 def choose_core(choice: str) -> Tuple[Optional[Callable[..., Any]], str]:
@@ -133,7 +134,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--forwarder-headers", default=DEFAULT_FORWARDER_HEADERS,
                    help="header names with '_' a trusted proxy may set (default SCRIPT_NAME,PATH_INFO)")
     p.add_argument("--core", default=None, metavar="{auto,native,python}",
-                   help="the server core: native (drover_wsgi_native, pip install 'drover-worker[native]'), "
+                   help="the server core: native (drover_wsgi_native, pip install ./workers/python/native), "
                         "python (pure Python) or auto: native when it can be imported (default $DROVER_WSGI_CORE or auto)")
     p.add_argument("--chdir", help="change to this directory (and import from it) before loading the app")
     p.add_argument("--bind", help="development only: bind this address when not started by drover (host:port or unix:/path)")

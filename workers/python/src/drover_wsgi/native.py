@@ -1,6 +1,6 @@
 """The native core: drover_wsgi's server with its connections, parsing,
 framing and thread pool in Rust (the ``drover_wsgi_native`` extension module,
-distribution ``drover-wsgi-native``, ``pip install 'drover-worker[native]'``).
+distribution ``drover-wsgi-native``, ``pip install ./workers/python/native``).
 
 :class:`NativeServer` has the interface of :class:`drover_wsgi.server.Server`
 that ``drover_wsgi.main`` drives (start, wait_for_stop, stop,
@@ -48,6 +48,8 @@ def load() -> Tuple[Any, Optional[str]]:
         return None, "drover_wsgi_native cannot be imported: %s" % e
     except ImportError as e:
         return None, "drover_wsgi_native cannot be imported: %s" % e
+    except Exception as e:  # a broken build or install can raise anything: still fall back
+        return None, "drover_wsgi_native cannot be imported: %s: %s" % (type(e).__name__, e)
     if getattr(native, "API", None) != API:
         return None, "drover_wsgi_native %s does not fit this drover_wsgi (interface %s, expected %s)" % (
             getattr(native, "__version__", "?"), getattr(native, "API", "?"), API)
