@@ -774,14 +774,20 @@ fn total(m: &[(String, String, String, serde_json::Value, String)], name: &str) 
         .sum()
 }
 
-/// drover-wsgi counts its requests in the scoreboard: exec'd, and forked
-/// from a preloaded template (its record comes with the fork request).
+/// drover-wsgi counts its requests in the scoreboard, with each of its
+/// cores: exec'd, and forked from a preloaded template (its record comes
+/// with the fork request).
 #[test]
 fn python_workers_fill_the_scoreboard() {
-    for preload in [false, true] {
+    for (core, preload) in [
+        ("python", false),
+        ("python", true),
+        ("native", false),
+        ("native", true),
+    ] {
         let config = format!(
             "bind = \"127.0.0.1:0\"\nworkers = 2\nready = \"notify\"\npreload = {preload}\n\
-             command = [{wsgi:?}, \"--chdir\", {dir:?}, \"apps:app\"]\n\
+             command = [{wsgi:?}, \"--core\", {core:?}, \"--chdir\", {dir:?}, \"apps:app\"]\n\
              admin_bind = \"unix:$DIR/admin.sock\"\n",
             wsgi = python::script("drover-wsgi"),
             dir = python::test_apps_dir(),
@@ -801,7 +807,7 @@ fn python_workers_fill_the_scoreboard() {
         assert_eq!(
             total(&m, "drover_requests_total"),
             10.0,
-            "preload = {preload}"
+            "{core} core, preload = {preload}"
         );
         assert_eq!(total(&m, "drover_worker_busy"), 0.0);
         d.signal(Signal::SIGTERM);
