@@ -772,3 +772,34 @@ fn drover_wsgi_stops_when_a_pool_thread_takes_the_stop_signal(core: &str) {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
 with_each_core!(drover_wsgi_stops_when_a_pool_thread_takes_the_stop_signal);
+
+/// A client of a kept-alive connection sends its next request just as the
+/// stop comes (wrk does so the instant it has a response; a reload or a
+/// --max-requests recycle under keep-alive load): it must be answered
+/// (Connection: close), not see the end of the stream. hello does so
+/// (tests/drain.rs); drover_wsgi closed an idle kept-alive connection at
+/// once, so wrk counted read errors at every reload and recycle.
+fn a_kept_alive_request_sent_just_after_the_stop_is_answered(core: &str) {
+    let mut d = Start::config(&example(core, "workers = 1")).run();
+    d.wait_log("all 1 workers ready");
+    let mut s = TcpStream::connect_timeout(&d.tcp_addr(), Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let first = read_one(&mut s);
+    assert_eq!((first.status, first.header("Connection")), (200, None));
+    d.signal(Signal::SIGTERM);
+    d.wait_log("stopping (graceful)");
+    // Sent either way: a client does not know of the stop.
+    let sent = write!(s, "GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut raw = Vec::new();
+    let read = s.read_to_end(&mut raw);
+    let second = parse_response(&raw);
+    assert!(
+        sent.is_ok() && read.is_ok() && second.as_ref().is_ok_and(|r| r.status == 200),
+        "closed under the client: write {sent:?}, read {read:?}, got {:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert_eq!(second.unwrap().header("Connection"), Some("close"));
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}
+with_each_core!(a_kept_alive_request_sent_just_after_the_stop_is_answered);

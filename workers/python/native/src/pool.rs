@@ -485,15 +485,13 @@ impl Shared {
             self.epoll(libc::EPOLL_CTL_DEL, conn.fd, 0, 0);
             conn.registered = false;
             conn.deadline = first_byte;
-            let readable = sock::wait(conn.fd, libc::POLLIN, Duration::ZERO).unwrap_or(false);
             if kind == StopKind::Quick {
                 self.start_linger(conn);
-            } else if readable || !conn.buf.is_empty() || conn.requests == 0 {
-                // A request is here (serve it, then close), or the connection
-                // never sent one: it may be on its way.
-                self.pending.lock().unwrap().push_back(conn);
             } else {
-                self.start_linger(conn); // idle keep-alive: close
+                // A request is here (serve it, then close), or may be on its
+                // way: a client of a kept-alive connection may send its next
+                // one as the stop comes (wrk does, at every reload).
+                self.pending.lock().unwrap().push_back(conn);
             }
         }
         if kind == StopKind::Graceful {
@@ -1010,12 +1008,13 @@ fn body_plan(
     }
 }
 
-/// During a stop, a connection with nothing to read yet: one that never sent
-/// a request waits until the first-byte deadline (it was accepted, so it is
-/// owed an answer); false for an idle keep-alive one (to be closed) or when
-/// nothing came. True with bytes in `conn.buf`, or with none at EOF.
+/// During a stop, a connection with nothing to read yet waits until the
+/// first-byte deadline (one just accepted is owed an answer; on a kept-alive
+/// one the next request may be on its way); false on a quick stop (to be
+/// closed) or when nothing came. True with bytes in `conn.buf`, or with none
+/// at EOF.
 fn wait_while_stopping(sh: &Shared, conn: &mut Conn) -> bool {
-    if conn.requests > 0 || sh.quick.load(Acquire) {
+    if sh.quick.load(Acquire) {
         return false;
     }
     let first_byte = *sh.first_byte_deadline.lock().unwrap();

@@ -766,17 +766,16 @@ class Server:
                     self.sel.unregister(info.sock)
                 except (KeyError, ValueError, OSError):
                     pass
-            readable = _readable([c.sock for c in parked])
             for conn in parked:
                 conn.deadline = self.first_byte_deadline
                 if kind == "quick":
                     self._start_linger(conn)
-                elif conn.fd in readable or conn.buf:
-                    self.pending.append(conn)  # a request is here: serve it, then close
-                elif conn.requests == 0:
-                    self.pending.append(conn)  # never sent a request: it may be on its way
                 else:
-                    self._start_linger(conn)  # idle keep-alive: close
+                    # A request is here (serve it, then close), or may be on
+                    # its way: a client of a kept-alive connection may send
+                    # its next one as the stop comes, and must not see the end
+                    # of the stream (wrk counts read errors at every reload).
+                    self.pending.append(conn)
             if kind == "graceful":
                 self.draining_queue = True  # the threads take from the queue
             else:
@@ -1162,10 +1161,11 @@ class Server:
             conn.close()
 
     def _wait_while_stopping(self, conn):
-        """During a stop, a connection with nothing to read yet: one that never
-        sent a request gets until the first-byte deadline (it was accepted, so
-        it is owed an answer); an idle keep-alive one is closed (None)."""
-        if conn.requests or self.stop_kind == "quick":
+        """During a stop, a connection with nothing to read yet gets until the
+        first-byte deadline (one just accepted is owed an answer; on a kept-alive
+        one the next request may be on its way); on a quick stop it is closed
+        (None)."""
+        if self.stop_kind == "quick":
             return None
         left = max(conn.deadline, self.first_byte_deadline) - time.monotonic()
         if left <= 0:
@@ -1397,12 +1397,4 @@ def _to_bytes(data):
         return bytes(data)
     raise TypeError("response body chunks must be bytes, not %s" % type(data).__name__)
 
-
-def _readable(socks):
-    if not socks:
-        return set()
-    p = select.poll()
-    for s in socks:
-        p.register(s, select.POLLIN)
-    return {fd for fd, ev in p.poll(0) if ev}
 
