@@ -83,6 +83,12 @@ def app(environ, start_response):
         drover_worker.status("sleeping")  # lets a test wait until the request is in progress
         time.sleep(ms / 1000)
         return _text(start_response, "200 OK", b"slept %d" % ms)
+    if path == "/non-latin-1-header":
+        start_response("200 OK", [("X-Euro", "\u20ac")])
+        return [b"no"]
+    if path == "/list-header":
+        start_response("200 OK", [["X-List", "yes"]])  # a list, not a tuple: taken as gunicorn does
+        return [b"ok"]
     if path == "/bad-header":
         start_response("200 OK", [("X-Bad", "a\r\nInjected: 1")])
         return [b"no"]

@@ -127,6 +127,10 @@ class ServerTest(unittest.TestCase):
         self.assertNotIn("x-first", headers)
         status, _, _ = request(self.w, get("/bad-header"))
         self.assertEqual(status, 500)
+        status, _, _ = request(self.w, get("/non-latin-1-header"))
+        self.assertEqual(status, 500)
+        status, headers, body = request(self.w, get("/list-header"))
+        self.assertEqual((status, headers.get("x-list"), body), (200, "yes", b"ok"))
         # Content-Length promised, fewer bytes sent: the client sees the close.
         with Client(self.w) as c:
             c.send(get("/short"))

@@ -568,7 +568,14 @@ impl Response {
         let mut close = false;
         for item in headers.try_iter()? {
             let item = item?;
-            let (name, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
+            let (name, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = match item.extract() {
+                Ok(pair) => pair,
+                // Any pair, as the pure-Python core (and gunicorn) take it: ["Name", "value"].
+                Err(e) => match item.extract::<Vec<Bound<'_, PyAny>>>() {
+                    Ok(v) if v.len() == 2 => (v[0].clone(), v[1].clone()),
+                    _ => return Err(e),
+                },
+            };
             let (Ok(name), Ok(value)) = (name.cast::<PyString>(), value.cast::<PyString>()) else {
                 return Err(PyTypeError::new_err(format!(
                     "header names and values must be str: {}",

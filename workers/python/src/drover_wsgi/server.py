@@ -546,8 +546,9 @@ class Response:
         elif req.http10:
             parts.append("Connection: keep-alive\r\n")
         parts.append("\r\n")
+        head = "".join(parts).encode("latin-1")  # a header that is not latin-1 raises: nothing is sent yet
         self.sent = True
-        return "".join(parts).encode("latin-1")
+        return head
 
     def send_whole(self, body):
         """Sends the head and the whole ``body`` (one write when small)."""
