@@ -461,5 +461,33 @@ class LifecycleTest(unittest.TestCase):
                 os.unlink(marker)
 
 
+    def test_sigusr1_during_the_import_is_not_fatal(self):
+        # drover forwards SIGUSR1 ("reopen your logs", logrotate) to every
+        # worker, a booting one too (a reload's new generation): one that
+        # comes while the app is imported must not kill the worker.
+        tmpdir = os.path.dirname(self.tmp)
+        mod = "slow_import_usr1_%d" % os.getpid()
+        path = os.path.join(tmpdir, mod + ".py")
+        marker = self.tmp + ".importing-usr1"
+        with open(path, "w") as f:
+            f.write("import time\nopen(%r, 'w').close()\ntime.sleep(0.5)\n"
+                    "def app(e, s):\n    s('200 OK', [])\n    return [b'ok']\n" % marker)
+        try:
+            with Worker("%s:app" % mod, args=["--chdir", tmpdir], ready=False) as w:
+                deadline = time.monotonic() + LIMIT
+                while not os.path.exists(marker) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                w.signal(signal.SIGUSR1)
+                w.notify.wait_for(b"READY=1")
+                self.assertEqual(request(w, get("/"))[0], 200)
+                w.signal(signal.SIGTERM)
+                code, err = w.wait()
+                self.assertEqual(code, 0, err)
+        finally:
+            os.unlink(path)
+            if os.path.exists(marker):
+                os.unlink(marker)
+
+
 if __name__ == "__main__":
     unittest.main()

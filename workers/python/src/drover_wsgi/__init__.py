@@ -163,6 +163,11 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # drover forwards SIGUSR1 ("reopen your logs") to booting workers too: its
+    # default action must not kill us while the app is imported (see _on_sigusr1).
+    usr1_ignored_here = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    if usr1_ignored_here:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     # Before the import (which may be slow): drover may wait for READY=1.
     dw.begin_launch(args.chdir, log)
     faulthandler.enable()  # SIGABRT (drover's liveness timeout) dumps every thread's stack
@@ -204,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log("cannot boot: cannot load the application %r (traceback above)" % args.app)
         return 3
     dw.install(exit_on_stop=False)
-    _on_sigusr1(access_log)
+    _on_sigusr1(access_log, usr1_ignored_here)
 
     max_requests = args.max_requests
     if max_requests and args.max_requests_jitter:
@@ -244,11 +249,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _on_sigusr1(access_log: Optional[AccessLog]) -> None:
+def _on_sigusr1(access_log: Optional[AccessLog], ignored_here: bool = False) -> None:
     """drover forwards SIGUSR1 ("reopen log files"): the access log file is
     reopened; without one, it is ignored (its default action would kill us).
-    A handler the app installed is left alone."""
-    if signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL:
+    A handler the app installed is left alone (``ignored_here``: main()
+    ignored it during the import, so SIG_IGN is still ours)."""
+    current = signal.getsignal(signal.SIGUSR1)
+    if current != signal.SIG_DFL and not (ignored_here and current == signal.SIG_IGN):
         return
     if access_log is None:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
