@@ -11,9 +11,15 @@ with `Connection: close`, and the Flask app's `/` with keep-alive; each with
 a rotating order, so that a drift of the shared machine does not always hit
 the same one. Measured: requests/s, p99, and CPU per request (the CPU time of
 the subject's whole process tree during the wrk run, divided by its
-requests).
+requests), and for the keep-alive loads how many of the 16 connections got
+no answer at all while all of them asked (`starved`): wrk records the
+latency of answered requests only, so a server that leaves connections
+waiting shows the tail of the ones it serves. uWSGI's http11 keeps a
+connection with one thread until it closes: 2 processes of 4 threads serve
+8 connections, and the other 8 wait as long as those stay open.
 """
 
+import asyncio
 import shlex
 import socket
 import subprocess
@@ -126,6 +132,45 @@ def wait_serving(run, port, timeout=60):
     time.sleep(0.3)
 
 
+async def _asker(port, deadline, answered):
+    """Requests back to back on one keep-alive connection until the deadline;
+    counts the answers that came before it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), left)
+            except TimeoutError:
+                return
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            try:
+                await asyncio.wait_for(reader.readexactly(length), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                return
+            answered[0] += 1
+    finally:
+        writer.close()
+
+
+def starved(port, conns=CONNS, secs=2.0):
+    """How many of `conns` keep-alive connections, all asking back to back for
+    `secs`, got no answer at all."""
+    async def run():
+        deadline = time.monotonic() + secs
+        counts = [[0] for _ in range(conns)]
+        await asyncio.gather(*(_asker(port, deadline, c) for c in counts), return_exceptions=True)
+        return sum(1 for c in counts if c[0] == 0)
+    return asyncio.run(run())
+
+
 def tree_cpu_ns(root):
     return sum(H.cpu_ns(p) or 0 for p in [root] + H.descendants(root))
 
@@ -151,6 +196,8 @@ def measure(ctx, key, load, app, close, secs):
         r, cmd = run_wrk(port, secs, close)
         cpu = tree_cpu_ns(run.pid) - before
         ctx.note_command("peers", f"wrk ({load})", cmd.replace(str(port), "PORT"))
+        if not close:
+            r["starved"] = starved(port)
     r.pop("raw", None)
     if r.get("requests"):
         r["cpu_us_per_req"] = round(cpu / 1000 / r["requests"], 2)
@@ -173,7 +220,7 @@ def sc_peers(ctx):
                     r = {"error": str(e)}
                 this.setdefault(load, {})[key] = r
                 say(f"peers round {rnd + 1} {load} {key}: {r.get('rps')} req/s, p99 {r.get('p99_ms')} ms, "
-                      f"{r.get('cpu_us_per_req')} us CPU/req, errors {r.get('errors')}", r.get("error", ""))
+                      f"{r.get('cpu_us_per_req')} us CPU/req, errors {r.get('errors')}, starved {r.get('starved')}", r.get("error", ""))
         rounds.append({"order": order, "loads": this})
     return {"rounds": rounds, "seconds": secs, "conns": CONNS, "threads": THREADS, "workers": WORKERS,
             "subjects": SUBJECTS, "labels": LABELS, "loads": [x[0] for x in LOADS], "not_installed": missing,
@@ -230,8 +277,8 @@ def render(s, L):
         w(f"### {load}")
         w("")
         w("| subject | requests/s (median) | vs drover_wsgi (pure Python) | p99, ms | CPU µs/request | errors "
-          "| per round, req/s |")
-        w("|---|---:|---:|---:|---:|---:|---|")
+          f"| connections never answered (of {s['conns']}), per round | per round, req/s |")
+        w("|---|---:|---:|---:|---:|---:|---|---|")
         per = {}
         for rnd in s["rounds"]:
             for key, r in rnd["loads"].get(load, {}).items():
@@ -249,6 +296,7 @@ def render(s, L):
             w(f"| {s['labels'][key]} | {f'{rps:,.0f}' if rps else 'failed: ' + '; '.join(errs)[:120]} | {vs} | "
               f"{f'{p99:.2f}' if p99 is not None else ''} | {f'{cpu:.1f}' if cpu is not None else ''} | "
               f"{sum(r.get('errors') or 0 for r in rs)} | "
+              + ", ".join(str(r["starved"]) if r.get("starved") is not None else "—" for r in rs) + " | "
               + ", ".join(f"{r['rps']:,.0f}" if r.get("rps") else "—" for r in rs) + " |")
         w("")
         # Per-round ratios against the faster of uWSGI and Granian (requests/s),
