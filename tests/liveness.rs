@@ -59,16 +59,17 @@ fn a_worker_that_survives_sigabrt_is_killed_after_abort_grace() {
 
 #[test]
 fn extend_timeout_pushes_the_boot_deadline() {
-    // Asks for 3 s more at once, then reports ready after 1.5 s: past the
-    // 1 s boot_timeout, within the extension.
+    // Asks for 10 s more at once, then reports ready after 3.5 s: past the
+    // 3 s boot_timeout, within the extension. (3 s, not less: python3's own
+    // start on a loaded machine took over 1 s in a CI run.)
     let script = "import os,socket,time\n\
                   s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
-                  s.sendto(b'EXTEND_TIMEOUT_USEC=3000000',os.environ['NOTIFY_SOCKET'])\n\
-                  time.sleep(1.5)\n\
+                  s.sendto(b'EXTEND_TIMEOUT_USEC=10000000',os.environ['NOTIFY_SOCKET'])\n\
+                  time.sleep(3.5)\n\
                   s.sendto(b'READY=1',os.environ['NOTIFY_SOCKET'])\n\
                   time.sleep(60)";
     let config = format!(
-        "bind = [\"127.0.0.1:0\"]\ncommand = [\"python3\", \"-c\", {script:?}]\nready = \"notify\"\nboot_timeout = \"1s\""
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"python3\", \"-I\", \"-S\", \"-c\", {script:?}]\nready = \"notify\"\nboot_timeout = \"3s\""
     );
     let d = Start::config(&config).run();
     let log = d.wait_log("all 1 workers ready");
