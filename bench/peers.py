@@ -144,7 +144,7 @@ async def _asker(port, deadline, answered):
             writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 (TimeoutError only from Python 3.11)
                 return
             length = 0
             for line in head.split(b"\r\n"):
@@ -153,7 +153,7 @@ async def _asker(port, deadline, answered):
                     length = int(value)
             try:
                 await asyncio.wait_for(reader.readexactly(length), max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 (TimeoutError only from Python 3.11)
                 return
             answered[0] += 1
     finally:
