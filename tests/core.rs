@@ -1116,6 +1116,44 @@ fn by_default_a_silent_worker_is_ready_after_announce_timeout() {
 }
 
 #[test]
+fn by_default_drovers_own_launchers_are_held_to_ready_1_from_their_exec() {
+    // A program named drover-wsgi that says nothing for 1 s (an interpreter
+    // slow to start on a saturated machine), then READY=1: known by name, it
+    // is not taken for a silent server at announce_timeout.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = dir.path().join("drover-wsgi");
+    let script = "#!/usr/bin/env python3\n\
+import os, socket, time\n\
+time.sleep(1)\n\
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
+time.sleep(600)\n";
+    std::fs::write(&launcher, script).unwrap();
+    std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = launcher.to_str().unwrap();
+    let d = Start::args(&[
+        "-w",
+        "1",
+        "-b",
+        "127.0.0.1:0",
+        "--set",
+        "announce_timeout=300ms",
+        "--",
+        program,
+        "app:app",
+    ])
+    .run();
+    let log = d.wait_log("all 1 workers ready");
+    let t = ready_in_ms(&log, 1);
+    assert!(
+        t >= 1000.0,
+        "counted ready before its READY=1 ({t} ms): {log}"
+    );
+    assert!(!log.contains("sent nothing to NOTIFY_SOCKET"), "{log}");
+}
+
+#[test]
 fn by_default_an_announced_worker_that_exits_3_before_ready_cannot_boot() {
     let worker = "import os, socket, sys\n\
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\

@@ -21,6 +21,9 @@ pub struct Generation {
     /// Emptied when the sockets are closed (see `take_listeners`); the
     /// workers keep their own copies.
     pub listeners: RefCell<Set>,
+    /// The command is one of drover's own launchers, which always send
+    /// `READY=1`: `ready = "auto"` holds its workers to it from the exec.
+    pub notifies: bool,
 }
 
 impl std::fmt::Debug for Generation {
@@ -43,8 +46,10 @@ impl Generation {
         let s = loaded.settings;
         let (env, program) = prepare(&s, master_switched)?;
         let listeners = listen::open_all(&s, loaded.bind_was_set, inherited, current)?;
+        let notifies = is_drover_launcher(&s.command);
         Ok(Generation {
             number,
+            notifies,
             s,
             program,
             env,
@@ -70,6 +75,31 @@ impl Generation {
             id.gid,
         ))
     }
+}
+
+/// Whether `command` runs one of drover's Python launchers (`drover-wsgi`,
+/// `drover-uvicorn`, `drover-granian`, or `python -m drover_wsgi` and the
+/// like). They announce themselves on NOTIFY_SOCKET too, but only once the
+/// interpreter has started, which took over `announce_timeout` on a
+/// saturated machine: knowing them by name does not depend on the load.
+fn is_drover_launcher(command: &[String]) -> bool {
+    const LAUNCHERS: [&str; 3] = ["drover-wsgi", "drover-uvicorn", "drover-granian"];
+    const MODULES: [&str; 3] = [
+        "drover_wsgi",
+        "drover_worker.uvicorn",
+        "drover_worker.granian",
+    ];
+    let Some(program) = command.first() else {
+        return false;
+    };
+    let name = std::path::Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    LAUNCHERS.contains(&name)
+        || command
+            .windows(2)
+            .any(|w| w[0] == "-m" && MODULES.contains(&w[1].as_str()))
 }
 
 /// The workers' environment and program, as every generation (and `drover
@@ -100,9 +130,44 @@ pub fn for_test(number: u32, toml: &str) -> Generation {
     let (env, program) = prepare(&s, false).expect("a program");
     Generation {
         number,
+        notifies: is_drover_launcher(&s.command),
         s,
         program,
         env,
         listeners: RefCell::new(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_drover_launcher;
+
+    fn cmd(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn drovers_launchers_are_known_by_name() {
+        assert!(is_drover_launcher(&cmd(&[
+            ".venv/bin/drover-wsgi",
+            "app:app"
+        ])));
+        assert!(is_drover_launcher(&cmd(&["drover-uvicorn", "main:app"])));
+        assert!(is_drover_launcher(&cmd(&[
+            "python3",
+            "-m",
+            "drover_wsgi",
+            "app:app"
+        ])));
+        assert!(!is_drover_launcher(&cmd(&[
+            "uvicorn", "--fd", "3", "main:app"
+        ])));
+        assert!(!is_drover_launcher(&cmd(&[
+            "python3",
+            "app.py",
+            "-m",
+            "drover_wsgi_x"
+        ])));
+        assert!(!is_drover_launcher(&cmd(&[])));
     }
 }

@@ -224,6 +224,7 @@ impl Worker {
                 return true;
             }
             Ready::Notify => None,
+            Ready::Auto if self.gen.notifies => None,
             Ready::Auto => Some(now + self.gen.s.announce_timeout.0),
         };
         self.state = State::Booting {
