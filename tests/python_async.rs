@@ -195,6 +195,7 @@ fn reloads_under_load(extra: &str) -> String {
         log.contains("lifespan") || log.contains("Application startup complete"),
         "{log}"
     );
+    let began = Instant::now();
     let sampler = Sampler::start(addr, 8);
     std::thread::sleep(Duration::from_secs(3));
     let reloads_began = Instant::now();
@@ -228,14 +229,180 @@ fn reloads_under_load(extra: &str) -> String {
         .map(|s| s.1)
         .collect();
     eprintln!(
-        "requests: {} without a reload (p99 {:?}), {} during 3 reloads in {:?} (p99 {:?})",
+        "requests: {} without a reload ({:.0} req/s, p99 {:?}), {} during 3 reloads in {:?} (p99 {:?})",
         before.len(),
+        before.len() as f64 / (reloads_began - began).as_secs_f64(),
         p99(before.clone()),
         during.len(),
         reloads_ended - reloads_began,
         p99(during.clone()),
     );
     d.log()
+}
+
+/// Open-loop load: GET / sent on a fixed schedule, `rate` a second, from a
+/// pool of threads. Each latency is measured from the request's scheduled
+/// send time, not from when a thread got round to sending it, so a stall
+/// that holds the senders back is counted in the requests behind it (no
+/// coordinated omission). Samples are (scheduled time, latency, error).
+struct Paced {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<Sample>>>,
+}
+
+impl Paced {
+    fn start(addr: std::net::SocketAddr, rate: f64) -> Paced {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicU64::new(0));
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let t0 = Instant::now();
+        // Enough senders that a stall of a second at this rate does not run
+        // out of them (they would then send late, which is still measured).
+        let threads = (0..64)
+            .map(|_| {
+                let (stop, next) = (stop.clone(), next.clone());
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let scheduled = t0 + period * i as u32;
+                        if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let error = match get(addr, "/") {
+                            Ok(r) if r.status == 200 => None,
+                            Ok(r) => Some(format!("status {}", r.status)),
+                            Err(e) => Some(e.to_string()),
+                        };
+                        out.push((scheduled, scheduled.elapsed(), error));
+                    }
+                    out
+                })
+            })
+            .collect();
+        Paced { stop, threads }
+    }
+
+    fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
+}
+
+/// The pids of the workers (not templates) `drover ctl --json status` lists.
+fn worker_pids(d: &Drover) -> Vec<i32> {
+    let (code, out) = ctl(d, &["--json", "status"]);
+    assert_eq!(code, 0, "{out}");
+    let status: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    status["status"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect()
+}
+
+/// What the 2 workers serve at saturation: 8 clients looping for 2 s.
+fn saturation(addr: std::net::SocketAddr) -> f64 {
+    let sampler = Sampler::start(addr, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = sampler.finish();
+    samples.len() as f64 / 2.0
+}
+
+fn describe(name: &str, mut latencies: Vec<Duration>) -> String {
+    latencies.sort();
+    let at = |q: usize| latencies[(latencies.len() * q / 100).min(latencies.len() - 1)];
+    format!(
+        "{name}: {} requests, p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        at(50),
+        at(99),
+        latencies.last().unwrap()
+    )
+}
+
+/// Issue 13's measure as production runs it: not at 100 % CPU (see
+/// `reloads_under_load`) but at a fixed, moderate request rate, 40 % of what
+/// the 2 workers served at saturation a moment before. 5 s without a reload,
+/// then 5 reloads (SIGHUP), each measured from the HUP until the last old
+/// worker exited, 1 s apart. No request fails; the p99 of the requests
+/// scheduled during the reloads against that of those scheduled before is
+/// printed, not asserted (docs/workers.md has the figures: on this shared
+/// machine it is not stable enough for a timed assertion).
+#[test]
+fn fastapi_reloads_at_a_moderate_rate_with_no_failure() {
+    reloads_at_a_moderate_rate("");
+}
+
+#[test]
+fn fastapi_with_preload_reloads_at_a_moderate_rate_with_no_failure() {
+    reloads_at_a_moderate_rate("preload = true");
+}
+
+fn reloads_at_a_moderate_rate(extra: &str) {
+    let d = fastapi("integration.fastapi_app:app", extra, &[]);
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let saturated = saturation(addr);
+    let rate = (saturated * 0.4).max(20.0);
+    let paced = Paced::start(addr, rate);
+    std::thread::sleep(Duration::from_secs(1));
+    let baseline_began = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    let mut windows = Vec::new();
+    for i in 0..5 {
+        let old = worker_pids(&d);
+        let hup = Instant::now();
+        d.signal(Signal::SIGHUP);
+        wait_for("the old workers to exit", LIMIT, || {
+            old.iter()
+                .all(|p| !alive(nix::unistd::Pid::from_raw(*p)))
+                .then_some(())
+        });
+        windows.push((hup, Instant::now()));
+        d.wait_log_count("reload applied: generation", i + 1);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let samples = paced.finish();
+    let failed: Vec<&String> = samples.iter().filter_map(|s| s.2.as_ref()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}\n{}",
+        failed.len(),
+        samples.len(),
+        d.log()
+    );
+    let log = d.log();
+    assert!(log.contains("reload applied: generation 6"), "{log}");
+    let in_window = |t: Instant| windows.iter().any(|(a, b)| t >= *a && t <= *b);
+    let before: Vec<Duration> = samples
+        .iter()
+        .filter(|s| s.0 >= baseline_began && s.0 < windows[0].0)
+        .map(|s| s.1)
+        .collect();
+    let during: Vec<Duration> = samples
+        .iter()
+        .filter(|s| in_window(s.0))
+        .map(|s| s.1)
+        .collect();
+    let reloads: Vec<String> = windows
+        .iter()
+        .map(|(a, b)| format!("{:?}", *b - *a))
+        .collect();
+    eprintln!(
+        "saturation {saturated:.0} req/s; paced at {rate:.0} req/s; reloads took {}\n{}\n{}\n\
+         p99 ratio (during/without): {:.2}",
+        reloads.join(", "),
+        describe("without a reload", before.clone()),
+        describe("during the reloads", during.clone()),
+        p99(during).as_secs_f64() / p99(before).as_secs_f64(),
+    );
 }
 
 /// An app that cannot be imported stops drover with status 3 (the launcher
