@@ -312,7 +312,15 @@ fn saturation(addr: std::net::SocketAddr) -> f64 {
     let sampler = Sampler::start(addr, 8);
     std::thread::sleep(Duration::from_secs(2));
     let samples = sampler.finish();
-    samples.len() as f64 / 2.0
+    let ok = samples.iter().filter(|s| s.2.is_none()).count();
+    if ok < samples.len() {
+        eprintln!(
+            "saturation: {} of {} requests failed",
+            samples.len() - ok,
+            samples.len()
+        );
+    }
+    ok as f64 / 2.0
 }
 
 fn describe(name: &str, mut latencies: Vec<Duration>) -> String {
@@ -328,8 +336,10 @@ fn describe(name: &str, mut latencies: Vec<Duration>) -> String {
 }
 
 /// Issue 13's measure as production runs it: not at 100 % CPU (see
-/// `reloads_under_load`) but at a fixed, moderate request rate, 40 % of what
-/// the 2 workers served at saturation a moment before. 5 s without a reload,
+/// `reloads_under_load`) but at a fixed, moderate request rate: 25 % of what
+/// the 2 workers served at saturation a moment before (8 looping clients; at
+/// 40 % the shared machine's share for the test fell below the paced rate
+/// even without a reload). 5 s without a reload,
 /// then 5 reloads (SIGHUP), each measured from the HUP until the last old
 /// worker exited, 1 s apart. No request fails; the p99 of the requests
 /// scheduled during the reloads against that of those scheduled before is
@@ -350,7 +360,7 @@ fn reloads_at_a_moderate_rate(extra: &str) {
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
     let saturated = saturation(addr);
-    let rate = (saturated * 0.4).max(20.0);
+    let rate = (saturated * 0.25).max(20.0);
     let paced = Paced::start(addr, rate);
     std::thread::sleep(Duration::from_secs(1));
     let baseline_began = Instant::now();
