@@ -136,6 +136,44 @@ class ConformanceTest(unittest.TestCase):
         ):
             self.refused(post_chunked(body))
 
+    def test_chunk_lines_and_trailers_are_read_as_drover_h1_reads_them(self):
+        # Both cores answer a chunked body the same (docs/http-parser.md): a
+        # bare LF or a lone CR ends no chunk line, a trailer is a field line
+        # as in the head, and a line past 4096 bytes (without its CRLF) is
+        # refused even when its end came with it.
+        long_ext = b";" + b"x" * 4094  # with the size "2": a 4096-byte line
+        for body in (
+            b"2\naa\r\n0\r\n\r\n",  # a bare LF after the size
+            b"2;a=b\naa\r\n0\r\n\r\n",  # a bare LF after an extension
+            b"2\r\naa\n0\r\n\r\n",  # a bare LF after the data
+            b"2\r\naa\r\n0\n\r\n",  # a bare LF after the last chunk
+            b"2\r\naa\r\n0\r\n\n",  # a bare LF as the final line end
+            b"0\r\nX-A: b\n\r\n",  # a bare LF after a trailer
+            b"0\r\nX-A: b\rc\r\n\r\n",  # a CR in a trailer value
+            b"0\r\nX-A: a\x00b\r\n\r\n",  # NUL in a trailer value
+            b"0\r\nX-A b\r\n\r\n",  # a trailer without a colon
+            b"0\r\nX-A : b\r\n\r\n",  # whitespace before a trailer's colon
+            b"0\r\nX-A: b\r\n c\r\n\r\n",  # obs-fold in the trailer section
+            b"0\r\n: b\r\n\r\n",  # a trailer without a name
+            b"2" + long_ext + b"x\r\naa\r\n0\r\n\r\n",  # a 4097-byte chunk-size line
+            b"0\r\nX-A: " + b"b" * 4092 + b"\r\n\r\n",  # a 4097-byte trailer line
+        ):
+            with self.subTest(body=body[:48]):
+                self.refused(post_chunked(body))
+
+    def test_chunk_lines_and_trailers_at_their_limits_are_taken(self):
+        # The other side of the limits above, on both cores: a 4096-byte
+        # line, 100 trailers, obs-text and HTAB in a trailer value.
+        long_ext = b";" + b"x" * 4094
+        for body in (
+            b"2" + long_ext + b"\r\naa\r\n0\r\n\r\n",
+            b"2\r\naa\r\n0\r\nX-A: " + b"b" * 4091 + b"\r\n\r\n",
+            b"2\r\naa\r\n0\r\n" + b"X-A: b\r\n" * 100 + b"\r\n",
+            b"2\r\naa\r\n0\r\nX-A: caf\xe9\t\r\n\r\n",
+        ):
+            (resp,), _ = self.exchange(post_chunked(body, extra=b"Connection: close\r\n"))
+            self.assertEqual((resp[0], json.loads(resp[2])["body"]), (200, "aa"), body[:48])
+
     # -- request line and fields -----------------------------------------------
 
     def test_malformed_heads_are_refused(self):

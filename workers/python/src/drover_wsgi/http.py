@@ -232,12 +232,7 @@ class _Head:
         self.underscored: Optional[Dict[str, str]] = None
 
     def add(self, line: bytes) -> None:
-        name, sep, value = line.partition(b":")
-        if not sep or _TOKEN.fullmatch(name) is None:
-            raise HTTPError(400, "malformed header line")
-        value = value.strip(b" \t")
-        if _BAD_VALUE.search(value) is not None:
-            raise HTTPError(400, "invalid character in a header value")
+        name, value = parse_field_line(line)
         lname = name.lower()
         key = _KEYS.get(lname)
         text = value.decode("latin-1")
@@ -316,6 +311,21 @@ class _Head:
             expect_continue = not http10  # RFC 9110: ignored in HTTP/1.0
         return Request(method, target, http10, self.headers, self.content_length or 0, chunked,
                        keep_alive, expect_continue, self.underscored)
+
+
+def parse_field_line(line: bytes) -> Tuple[bytes, bytes]:
+    """(name, value) of a field line without its CRLF, of a head or a chunked
+    body's trailer section (RFC 9112 sections 5 and 7.1.2): the value without
+    the SP and HTAB around it. Raises HTTPError(400) for a name that is not a
+    token (whitespace before the colon, obs-fold), no colon, or a CTL or DEL
+    in the value."""
+    name, sep, value = line.partition(b":")
+    if not sep or _TOKEN.fullmatch(name) is None:
+        raise HTTPError(400, "malformed header line")
+    value = value.strip(b" \t")
+    if _BAD_VALUE.search(value) is not None:
+        raise HTTPError(400, "invalid character in a header value")
+    return name, value
 
 
 def parse_chunk_size(line: bytes) -> int:

@@ -48,6 +48,7 @@ from .http import (
     error_response,
     http_date,
     parse_chunk_size,
+    parse_field_line,
     parse_request,
     split_target,
 )
@@ -327,34 +328,56 @@ class ChunkedInput(Input):
         self._done = False
 
     def _line(self):
+        """The next chunk-size or trailer line, without its CRLF. As
+        drover-h1's ChunkedDecoder: a line must end in CRLF (a bare LF or a
+        CR alone is refused), and a line longer than MAX_CHUNK_LINE is refused
+        whether its end is buffered or not."""
         conn = self._conn
         while True:
-            nl = conn.buf.find(b"\n")
+            buf = conn.buf
+            nl = buf.find(b"\n", 0, MAX_CHUNK_LINE + 2)
             if nl >= 0:
-                line, conn.buf = conn.buf[:nl], conn.buf[nl + 1:]
-                return line[:-1] if line[-1:] == b"\r" else line
-            if len(conn.buf) > MAX_CHUNK_LINE:
+                cr = buf.find(b"\r", 0, nl)
+                if cr < 0 or cr != nl - 1:
+                    raise BodyError(HTTPError(400, "a chunk line does not end in CRLF"))
+                conn.buf = buf[nl + 1:]
+                return buf[:cr]
+            cr = buf.find(b"\r", 0, MAX_CHUNK_LINE + 1)
+            if 0 <= cr < len(buf) - 1:
+                raise BodyError(HTTPError(400, "a chunk line does not end in CRLF"))
+            if len(buf) > MAX_CHUNK_LINE and cr < 0:
                 raise BodyError(HTTPError(400, "chunk line longer than %d bytes" % MAX_CHUNK_LINE))
             conn.buf += self._more()
+
+    def _data_end(self):
+        """Reads the CRLF after a chunk's data: anything else means more data
+        than the chunk's size."""
+        conn = self._conn
+        while len(conn.buf) < 2 and b"\r\n".startswith(conn.buf):
+            conn.buf += self._more()
+        if not conn.buf.startswith(b"\r\n"):
+            raise BodyError(HTTPError(400, "chunk data longer than its size"))
+        conn.buf = conn.buf[2:]
 
     def _fill(self):
         """Decodes the next piece of the body into ``_data`` (or ends it)."""
         conn = self._conn
         if self._chunk == 0:
             if self._crlf:
-                if self._line():
-                    raise BodyError(HTTPError(400, "chunk data longer than its size"))
+                self._data_end()
                 self._crlf = False
             try:
                 size = parse_chunk_size(self._line())
+                if size == 0:
+                    for _ in range(MAX_TRAILERS + 1):
+                        line = self._line()
+                        if not line:
+                            self._done = True
+                            return
+                        parse_field_line(line)  # checked and dropped
+                    raise HTTPError(400, "more than %d trailer fields" % MAX_TRAILERS)
             except HTTPError as e:
                 raise BodyError(e) from None
-            if size == 0:
-                for _ in range(MAX_TRAILERS + 1):
-                    if not self._line():
-                        self._done = True
-                        return
-                raise BodyError(HTTPError(400, "more than %d trailer fields" % MAX_TRAILERS))
             self._chunk = size
             self._crlf = True
         if not conn.buf:
