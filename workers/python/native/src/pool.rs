@@ -911,26 +911,28 @@ fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
         }
         // The head, within the header timeout from its first byte.
         let until = sh.set.header_timeout.map(|t| Instant::now() + t);
-        let used = loop {
-            match drover_h1::parse_head(&conn.buf, &sh.set.limits) {
-                Ok(Some((_, used))) => break used,
-                Ok(None) => {}
-                Err(e) => return refuse(sh, conn, e.status, &e.detail),
-            }
-            match sock::recv_blocking(conn.fd, &mut conn.buf, until, sh.set.io_timeout) {
-                Ok(_) => {}
-                Err(Gone::Timeout(_)) => {
-                    // A slow client (slowloris): it does not keep a thread.
-                    return refuse(sh, conn, 408, "the request head did not arrive in time");
+        let mut more = false;
+        // Parsed once: the head borrows conn.buf (which keeps its bytes until
+        // the exchange is over), the bytes after it are copied to `rest`.
+        let (head, used) = loop {
+            if more {
+                match sock::recv_blocking(conn.fd, &mut conn.buf, until, sh.set.io_timeout) {
+                    Ok(_) => {}
+                    Err(Gone::Timeout(_)) => {
+                        // A slow client (slowloris): it does not keep a thread.
+                        return refuse(sh, conn, 408, "the request head did not arrive in time");
+                    }
+                    Err(Gone::Closed(_)) => return,
                 }
-                Err(Gone::Closed(_)) => return,
+            }
+            match drover_h1::parse_head(&conn.buf, &sh.set.limits) {
+                Ok(Some(parsed)) => break parsed,
+                Ok(None) => more = true,
+                Err(e) => return refuse(sh, conn, e.status, &e.detail),
             }
         };
         conn.requests += 1;
-        let mut rest = conn.buf.split_off(used);
-        let Ok(Some((head, _))) = drover_h1::parse_head(&conn.buf, &sh.set.limits) else {
-            unreachable!("the head parsed a moment ago");
-        };
+        let mut rest = conn.buf[used..].to_vec();
         let plan = match body_plan(sh, &conn, &head, &mut rest) {
             Ok(plan) => plan,
             Err(()) => return, // the client left
