@@ -488,14 +488,23 @@ fn proc_net_addr(a: SocketAddr) -> String {
 /// (its backlog, the connections waiting in its accept queue). Listening
 /// sockets are listed first, so this line is read reliably even while the
 /// rest of the table churns (a connection's own line can be skipped then).
+///
+/// Read only up to that line: the whole table had 54,000 lines (TIME_WAIT
+/// of the load tests) on a CI machine, and reading it in every poll made a
+/// wait for an accept take seconds.
 pub fn listen_queues(addr: SocketAddr) -> Option<(u64, u64)> {
+    use std::io::BufRead;
     let table = if addr.is_ipv4() { "tcp" } else { "tcp6" };
     let local = proc_net_addr(addr);
-    let line = std::fs::read_to_string(format!("/proc/net/{table}")).ok()?;
-    let fields = line
+    let file = std::fs::File::open(format!("/proc/net/{table}")).ok()?;
+    let line = std::io::BufReader::new(file)
         .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 4 && f[1] == local && f[3] == "0A")?;
+        .map_while(Result::ok)
+        .find(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            f.len() > 4 && f[1] == local && f[3] == "0A"
+        })?;
+    let fields: Vec<_> = line.split_whitespace().collect();
     let (tx, rx) = fields[4].split_once(':')?;
     Some((
         u64::from_str_radix(tx, 16).ok()?,
@@ -631,16 +640,17 @@ fn one_request(addr: SocketAddr, path: &str, o: &mut Outcomes) {
 }
 
 /// A graceful stop with a slow request in flight, as every worker kind must
-/// pass it: `stop` is called while `/sleep?ms=2500` is being served; the
+/// pass it: `stop` is called while `/sleep?ms=5000` is being served; the
 /// request is answered in full, new connections are refused meanwhile, and
-/// drover exits 0 with no worker left. Returns drover and the workers' pids
+/// drover exits 0 with no worker left. (5 s: on a saturated machine the
+/// steps from the connect to the stop took 3.5 s in a CI run.) Returns drover and the workers' pids
 /// for the caller's own checks (cleanup, log lines).
 pub fn stop_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) -> (Drover, Vec<Pid>) {
     let mut d = start.run();
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
     let workers = d.wait_workers(2);
-    let slow = get_in_flight(addr, "/sleep?ms=2500");
+    let slow = get_in_flight(addr, "/sleep?ms=5000");
     stop(&d);
     // What follows proves a drain only if the request was still being served
     // when the stop was sent (a very slow machine could take longer than the
@@ -659,7 +669,7 @@ pub fn stop_with_request_in_flight(start: Start, stop: impl FnOnce(&Drover)) -> 
         .unwrap()
         .expect("the in-flight request gets its full response");
     assert_eq!(resp.status, 200);
-    assert_eq!(resp.body, "slept 2500 ms\n");
+    assert_eq!(resp.body, "slept 5000 ms\n");
     let status = d.wait_exit(LIMIT);
     assert_eq!(
         status.code(),
