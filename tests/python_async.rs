@@ -401,9 +401,18 @@ fn reloads_at_a_moderate_rate(extra: &str) {
         .filter(|s| in_window(s.0))
         .map(|s| s.1)
         .collect();
+    // Each reload on its own: an episode of the shared machine's contention
+    // shows as one bad window among good ones.
     let reloads: Vec<String> = windows
         .iter()
-        .map(|(a, b)| format!("{:?}", *b - *a))
+        .map(|(a, b)| {
+            let mine: Vec<Duration> = samples
+                .iter()
+                .filter(|s| s.0 >= *a && s.0 <= *b)
+                .map(|s| s.1)
+                .collect();
+            format!("{:.2?} (p99 {:.1?})", *b - *a, p99(mine))
+        })
         .collect();
     eprintln!(
         "saturation {saturated:.0} req/s; paced at {rate:.0} req/s; reloads took {}\n{}\n{}\n\
