@@ -114,8 +114,26 @@ fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
     )
 }
 
-/// One GET: when it began, how long it took, and why it failed (if it did).
-type Sample = (Instant, Duration, Option<String>);
+/// One GET: when it began, how long it took, why it failed (if it did) and
+/// the pid that answered (the app's `{"pid":N}`).
+type Sample = (Instant, Duration, Option<String>, Option<i32>);
+
+/// One GET / and what a sample records of it.
+fn sample_get(addr: std::net::SocketAddr) -> (Option<String>, Option<i32>) {
+    match get(addr, "/") {
+        Ok(r) if r.status == 200 => (None, pid_of(&r.body)),
+        Ok(r) => (Some(format!("status {}", r.status)), None),
+        Err(e) => (Some(e.to_string()), None),
+    }
+}
+
+fn pid_of(body: &str) -> Option<i32> {
+    body.trim()
+        .strip_prefix("{\"pid\":")?
+        .strip_suffix('}')?
+        .parse()
+        .ok()
+}
 
 /// Latencies of GET / from `clients` threads until `stop` is set.
 struct Sampler {
@@ -133,12 +151,8 @@ impl Sampler {
                     let mut out = Vec::new();
                     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                         let began = Instant::now();
-                        let error = match get(addr, "/") {
-                            Ok(r) if r.status == 200 => None,
-                            Ok(r) => Some(format!("status {}", r.status)),
-                            Err(e) => Some(e.to_string()),
-                        };
-                        out.push((began, began.elapsed(), error));
+                        let (error, pid) = sample_get(addr);
+                        out.push((began, began.elapsed(), error, pid));
                     }
                     out
                 })
@@ -271,12 +285,8 @@ impl Paced {
                         if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
                             std::thread::sleep(wait);
                         }
-                        let error = match get(addr, "/") {
-                            Ok(r) if r.status == 200 => None,
-                            Ok(r) => Some(format!("status {}", r.status)),
-                            Err(e) => Some(e.to_string()),
-                        };
-                        out.push((scheduled, scheduled.elapsed(), error));
+                        let (error, pid) = sample_get(addr);
+                        out.push((scheduled, scheduled.elapsed(), error, pid));
                     }
                     out
                 })
@@ -414,14 +424,60 @@ fn reloads_at_a_moderate_rate(extra: &str) {
             format!("{:.2?} (p99 {:.1?})", *b - *a, p99(mine))
         })
         .collect();
+    let threshold = p99(before.clone()).mul_f64(1.5);
     eprintln!(
         "saturation {saturated:.0} req/s; paced at {rate:.0} req/s; reloads took {}\n{}\n{}\n\
-         p99 ratio (during/without): {:.2}",
+         p99 ratio (during/without): {:.2}\n{}",
         reloads.join(", "),
         describe("without a reload", before.clone()),
         describe("during the reloads", during.clone()),
         p99(during).as_secs_f64() / p99(before).as_secs_f64(),
+        fresh_workers(&samples, baseline_began, threshold),
     );
+}
+
+/// What a fresh worker's first requests cost: the samples of each pid that
+/// did not answer before `since` (the reloads' workers), in the order they
+/// were scheduled, split into each pid's first 5 and the rest; and how many
+/// of all the requests slower than `threshold` were among a fresh pid's
+/// first 5.
+fn fresh_workers(samples: &[Sample], since: Instant, threshold: Duration) -> String {
+    const FIRST: usize = 5;
+    let mut by_pid: std::collections::BTreeMap<i32, Vec<&Sample>> = Default::default();
+    for s in samples {
+        if let Some(pid) = s.3 {
+            by_pid.entry(pid).or_default().push(s);
+        }
+    }
+    let (mut first, mut later) = (Vec::new(), Vec::new());
+    let mut slow_first = 0;
+    for mine in by_pid.values_mut() {
+        mine.sort_by_key(|s| s.0);
+        if mine[0].0 < since {
+            continue;
+        }
+        for (i, s) in mine.iter().enumerate() {
+            if i < FIRST {
+                first.push(s.1);
+                slow_first += usize::from(s.1 > threshold);
+            } else {
+                later.push(s.1);
+            }
+        }
+    }
+    let slow = samples
+        .iter()
+        .filter(|s| s.0 >= since && s.1 > threshold)
+        .count();
+    if first.is_empty() || later.is_empty() {
+        return "no fresh worker answered".into();
+    }
+    format!(
+        "{}\n{}\nslower than 1.5x the baseline p99 ({threshold:.1?}): {slow}, of which a fresh \
+         worker's first {FIRST}: {slow_first}",
+        describe(&format!("fresh workers' first {FIRST}"), first),
+        describe("fresh workers' later", later),
+    )
 }
 
 /// An app that cannot be imported stops drover with status 3 (the launcher
