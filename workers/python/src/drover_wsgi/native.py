@@ -26,6 +26,7 @@ from .server import (
     ListenerInfo,
     _cause,
     base_environ,
+    beat_while_progressing,
     forwarded,
     log,
     wait_for_stop,
@@ -171,22 +172,5 @@ class NativeServer:
         self.core.linger_leftovers(min(LINGER, max(0.0, dw.remaining_budget() - 0.5)))
 
     def heartbeats(self, interval):
-        """As server.Server's: WATCHDOG=1 every interval/2 while the pool makes
-        progress (a thread is free, or some request finished since the last beat)."""
-        period = max(0.01, interval / 2)
-        last = None
-        quiet = False
-        while True:
-            all_busy, done = self.core.progress()
-            if not all_busy or done != last:
-                try:
-                    dw.heartbeat()
-                except OSError as e:
-                    log("cannot send WATCHDOG=1: %s" % e)
-                quiet = False
-            elif not quiet:
-                log("all %d threads busy and no request finished for %.1fs: holding WATCHDOG=1"
-                    % (self.nthreads, period))
-                quiet = True
-            last = done
-            time.sleep(period)
+        """As server.Server's: WATCHDOG=1 while the pool makes progress."""
+        beat_while_progressing(self.core.progress, self.nthreads, interval)

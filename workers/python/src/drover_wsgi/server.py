@@ -928,27 +928,8 @@ class Server:
                 done[index] += 1
 
     def heartbeats(self, interval):
-        """Sends WATCHDOG=1 every interval/2 while the pool makes progress: a
-        thread is free, or some request finished since the last beat. A pool
-        whose every thread is stuck in a request stops beating, and drover's
-        heartbeat timeout (SIGABRT: the stacks are dumped) catches it."""
-        period = max(0.01, interval / 2)
-        last = None
-        quiet = False
-        while True:
-            done = list(self.done)
-            if not all(self.busy) or done != last:
-                try:
-                    dw.heartbeat()
-                except OSError as e:
-                    log("cannot send WATCHDOG=1: %s" % e)
-                quiet = False
-            elif not quiet:
-                log("all %d threads busy and no request finished for %.1fs: holding WATCHDOG=1"
-                    % (self.nthreads, period))
-                quiet = True
-            last = done
-            time.sleep(period)
+        """WATCHDOG=1 while the pool makes progress (see beat_while_progressing)."""
+        beat_while_progressing(lambda: (all(self.busy), list(self.done)), self.nthreads, interval)
 
     def _next_item(self):
         """The next thing to do: a listener to accept from, or a connection to
@@ -1402,6 +1383,31 @@ def wait_for_stop(ctrl_r, recycling):
         signal.set_wakeup_fd(previous)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def beat_while_progressing(progress, nthreads, interval):
+    """Sends WATCHDOG=1 every interval/2 while the pool makes progress: a
+    thread is free, or some request finished since the last beat
+    (``progress()`` returns whether every thread is busy, and the requests
+    done so far). A pool whose every thread is stuck in a request stops
+    beating, and drover's heartbeat timeout (SIGABRT: the stacks are dumped)
+    catches it. Both cores' heartbeat thread runs this."""
+    period = max(0.01, interval / 2)
+    last = None
+    quiet = False
+    while True:
+        all_busy, done = progress()
+        if not all_busy or done != last:
+            try:
+                dw.heartbeat()
+            except OSError as e:
+                log("cannot send WATCHDOG=1: %s" % e)
+            quiet = False
+        elif not quiet:
+            log("all %d threads busy and no request finished for %.1fs: holding WATCHDOG=1" % (nthreads, period))
+            quiet = True
+        last = done
+        time.sleep(period)
 
 
 def _cause(error, kind):
