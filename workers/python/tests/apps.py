@@ -92,6 +92,15 @@ def app(environ, start_response):
     if path == "/bad-header":
         start_response("200 OK", [("X-Bad", "a\r\nInjected: 1")])
         return [b"no"]
+    if path == "/bad-header-name":  # not a token (RFC 9110 5.1): refused as gunicorn does
+        start_response("200 OK", [("X Bad", "v")])
+        return [b"no"]
+    if path == "/empty-header-name":
+        start_response("200 OK", [("", "v")])
+        return [b"no"]
+    if path == "/nul-in-header":
+        start_response("200 OK", [("X-Nul", "a\x00b")])
+        return [b"no"]
     if path == "/closing-iter":
         class It:
             def __iter__(self):

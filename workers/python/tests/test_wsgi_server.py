@@ -125,8 +125,9 @@ class ServerTest(unittest.TestCase):
         self.assertEqual((status, body), (503, b"replaced"))
         self.assertIn("x-second", headers)
         self.assertNotIn("x-first", headers)
-        status, _, _ = request(self.w, get("/bad-header"))
-        self.assertEqual(status, 500)
+        for path in ("/bad-header", "/bad-header-name", "/empty-header-name", "/nul-in-header"):
+            status, _, _ = request(self.w, get(path))
+            self.assertEqual(status, 500, path)
         status, _, _ = request(self.w, get("/non-latin-1-header"))
         self.assertEqual(status, 500)
         status, headers, body = request(self.w, get("/list-header"))

@@ -583,7 +583,9 @@ impl Response {
                 )));
             };
             let (n, v) = (name.to_str()?, value.to_str()?);
-            if v.contains(['\n', '\r']) || n.contains(['\n', '\r', ':']) {
+            // A token for the name, no control character but HTAB in the
+            // value (RFC 9110 5.1, 5.5), as the pure-Python core checks.
+            if !is_token(n) || v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
                 return Err(PyValueError::new_err(format!(
                     "invalid header {}",
                     item.repr()?
@@ -856,4 +858,12 @@ impl StartResponse {
     fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         self.r.write(py, data)
     }
+}
+
+/// A header name as RFC 9110 5.1 allows it (a token).
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

@@ -28,6 +28,7 @@ accepting (queued connections are left to the other workers), finish.
 import collections
 import itertools
 import os
+import re
 import select
 import selectors
 import signal
@@ -457,6 +458,11 @@ class FileWrapper:
 
 
 _NO_BODY = frozenset([204, 304])
+#: A response header's name is a token and its value has no control
+#: characters but HTAB (RFC 9110 5.1, 5.5): anything else is the app's error
+#: (a 500), never sent, as Gunicorn refuses it.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _HOP = frozenset(["connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"])
 
 
@@ -505,7 +511,7 @@ class Response:
         for name, value in headers:
             if type(name) is not str or type(value) is not str:
                 raise TypeError("header names and values must be str: %r" % ((name, value),))
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
+            if _FIELD_NAME.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
                 raise ValueError("invalid header %r" % ((name, value),))
             lname = name.lower()
             if lname in _HOP:
