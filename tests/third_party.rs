@@ -154,11 +154,11 @@ fn uwsgi_is_ready_at_its_ready_1_after_the_app_loaded() {
     assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
 }
 
-/// A reload (new uWSGI workers, ready, then SIGHUP to the old ones) under
-/// steady load: every request is answered, none refused or reset.
-#[test]
-fn uwsgi_reloads_under_load_without_a_failed_request() {
-    let d = Start::config(&example("")).run();
+/// A reload (a new generation ready, then the old one stopped) under steady
+/// load: every request is answered, none refused or reset, and the new
+/// generation serves. Each server's test starts drover its way.
+fn reloads_under_load_without_a_failed_request(start: Start) {
+    let d = start.run();
     d.wait_log("all 2 workers ready");
     let before = d.wait_workers(2);
     let addr = d.tcp_addr();
@@ -182,6 +182,13 @@ fn uwsgi_reloads_under_load_without_a_failed_request() {
         "{o:?}\n{}",
         d.log()
     );
+}
+
+/// A reload (new uWSGI workers, ready, then SIGHUP to the old ones) under
+/// steady load: every request is answered, none refused or reset.
+#[test]
+fn uwsgi_reloads_under_load_without_a_failed_request() {
+    reloads_under_load_without_a_failed_request(Start::config(&example("")));
 }
 
 /// SIGTERM to drover: the uWSGI workers get SIGHUP (`stop_signal`), finish
@@ -281,29 +288,7 @@ fn granian_serves_on_drovers_socket_once_the_app_is_imported() {
 
 #[test]
 fn granian_reloads_under_load_without_a_failed_request() {
-    let d = Start::config(&granian("example_app:app", "")).run();
-    d.wait_log("all 2 workers ready");
-    let before = d.wait_workers(2);
-    let addr = d.tcp_addr();
-    let load = Load::start(addr, 16, "/sleep?ms=5");
-    wait_answered(&load, 200);
-    let (code, out) = ctl(&d, &["reload"]);
-    assert_eq!(code, 0, "{out}\n{}", d.log());
-    let served = load.answered.load(std::sync::atomic::Ordering::Relaxed);
-    wait_answered(&load, served + 200);
-    let o = load.finish();
-    eprintln!("outcomes: {o:?}");
-    let after = d.wait_workers(2);
-    assert!(
-        after.iter().all(|p| !before.contains(p)),
-        "a new generation serves: {before:?} -> {after:?}"
-    );
-    assert_eq!(
-        (o.refused, o.reset, o.truncated, o.other),
-        (0, 0, 0, 0),
-        "{o:?}\n{}",
-        d.log()
-    );
+    reloads_under_load_without_a_failed_request(Start::config(&granian("example_app:app", "")));
 }
 
 /// A body that is not ready when the headers go out (a generator here; a
