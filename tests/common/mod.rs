@@ -422,9 +422,7 @@ pub fn get_over(mut s: impl Read + Write, path: &str) -> std::io::Result<Respons
         s,
         "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
     )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw)
+    read_response_to_end(s)
 }
 
 pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
@@ -512,21 +510,53 @@ pub fn listen_queues(addr: SocketAddr) -> Option<(u64, u64)> {
     ))
 }
 
-/// Starts a GET of `path` on a thread and returns once a worker has taken
-/// the connection from the listen queue: connect() returns with the
-/// connection queued, so an empty queue afterwards means it was accepted.
+/// Sends a GET of `path` and returns, with a thread reading the answer,
+/// once the server has read the request: its end of the connection is
+/// ESTABLISHED with an empty receive queue. An accept alone is not "in
+/// flight": a server that accepted but had not read yet (Granian's hyper)
+/// rightly closes such a connection as idle at a graceful stop.
 pub fn get_in_flight(
     addr: SocketAddr,
     path: &str,
 ) -> std::thread::JoinHandle<std::io::Result<Response>> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(LIMIT)).expect("set_read_timeout");
-    let path = path.to_string();
-    let handle = std::thread::spawn(move || get_over(s, &path));
-    wait_for("a worker to accept the connection", LIMIT, || {
-        (listen_queues(addr)?.1 == 0).then_some(())
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let client = s.local_addr().expect("local_addr");
+    let handle = std::thread::spawn(move || read_response_to_end(s));
+    wait_for("the server to read the request", LIMIT, || {
+        (server_receive_queue(addr, client)? == 0).then_some(())
     });
     handle
+}
+
+/// The receive queue of the server's ESTABLISHED end of the connection from
+/// `client` to `server`, from /proc/net/tcp; None while it is not listed
+/// (not accepted yet, or the line was skipped while the table churned).
+fn server_receive_queue(server: SocketAddr, client: SocketAddr) -> Option<u64> {
+    use std::io::BufRead;
+    let table = if server.is_ipv4() { "tcp" } else { "tcp6" };
+    let (local, remote) = (proc_net_addr(server), proc_net_addr(client));
+    let file = std::fs::File::open(format!("/proc/net/{table}")).ok()?;
+    let line = std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            f.len() > 4 && f[1] == local && f[2] == remote && f[3] == "01"
+        })?;
+    let queues = line.split_whitespace().nth(4)?;
+    u64::from_str_radix(queues.split_once(':')?.1, 16).ok()
+}
+
+fn read_response_to_end(mut s: impl Read) -> std::io::Result<Response> {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
 }
 
 pub fn read_file(path: &Path) -> String {
