@@ -115,8 +115,10 @@ pub enum Kind {
         /// From spawn to ready.
         seconds: f64,
     },
-    /// Every slot has a ready worker (Gunicorn's `when_ready`); after the
-    /// start-up, a reload or a resume.
+    /// Every slot has a ready worker for the first time (Gunicorn's
+    /// `when_ready`): once per master, at the end of its start-up (or of the
+    /// resume that completes a start-up a SIGWINCH interrupted). A reload
+    /// ends with `reload_applied`, `reload_rolled_back` or `reload_rejected`.
     AllReady {
         workers: u32,
         generation: u32,

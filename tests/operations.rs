@@ -546,6 +546,41 @@ fn usr1_is_delivered_to_every_worker() {
 }
 
 #[test]
+fn usr1_reaches_a_booting_worker_once_it_is_ready() {
+    // Workers that set their SIGUSR1 handler only when their (slow) boot is
+    // over, as a Python app server does: before, SIGUSR1's default action
+    // ends the process. drover forwarded it at once and killed them.
+    let boot = "import os, signal, socket, sys, time\n\
+d = '$DIR'\n\
+open(d + '/up', 'a').write('%d\\n' % os.getpid())\n\
+while not os.path.exists(d + '/go'): time.sleep(0.02)\n\
+signal.signal(signal.SIGUSR1, lambda *_: open(d + '/usr1', 'a').write('%d\\n' % os.getpid()))\n\
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
+while True: time.sleep(1)\n";
+    let config = with_command(&hello(""), &format!("[\"python3\", \"-c\", {boot:?}]"));
+    let d = Start::config(&config).run();
+    let up = d.dir.path().join("up");
+    let mut booting = wait_for("both workers booting", LIMIT, || {
+        let pids: Vec<String> = read_file(&up).lines().map(str::to_string).collect();
+        (pids.len() == 2).then_some(pids)
+    });
+    d.signal(Signal::SIGUSR1);
+    d.wait_log("SIGUSR1: forwarded to 0 worker(s); 2 booting worker(s) get it once ready");
+    std::fs::write(d.dir.path().join("go"), "").unwrap();
+    d.wait_log("all 2 workers ready");
+    let noted = d.dir.path().join("usr1");
+    let mut seen = wait_for("both workers to note SIGUSR1", LIMIT, || {
+        let lines: Vec<String> = read_file(&noted).lines().map(str::to_string).collect();
+        (lines.len() >= 2).then_some(lines)
+    });
+    seen.sort();
+    booting.sort();
+    assert_eq!(seen, booting, "the booted workers got it, once each");
+    let log = d.log();
+    assert!(!log.contains("exited"), "no worker died of it: {log}");
+}
+
+#[test]
 fn ctl_exit_statuses_follow_the_verdict() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");

@@ -45,8 +45,8 @@ pub enum Action {
     /// Start the new master of a binary upgrade.
     StartUpgrade { client: Option<ClientId> },
     /// Reopen our log file (SIGUSR1), which was `forwarded` to that many
-    /// workers.
-    ReopenLog { forwarded: usize },
+    /// workers, and is `deferred` for that many booting ones.
+    ReopenLog { forwarded: usize, deferred: usize },
     /// Every worker is gone after a shutdown: run the exit hook and exit.
     Exit(super::shutdown::Outcome),
     /// Tell the world: the event stream, its hooks, the metrics, the JSON log.
@@ -133,7 +133,13 @@ impl std::fmt::Debug for Action {
             Action::CloseControl => write!(f, "close_control"),
             Action::LoadConfig { why } => write!(f, "load_config ({why})"),
             Action::StartUpgrade { client } => write!(f, "start_upgrade {client:?}"),
-            Action::ReopenLog { forwarded } => write!(f, "reopen_log (forwarded to {forwarded})"),
+            Action::ReopenLog {
+                forwarded,
+                deferred,
+            } => write!(
+                f,
+                "reopen_log (forwarded to {forwarded}, deferred for {deferred})"
+            ),
             Action::Exit(o) => write!(f, "exit {o:?}"),
             Action::Publish(k) => write!(f, "publish {}", k.name()),
         }

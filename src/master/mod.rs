@@ -660,7 +660,10 @@ impl Master {
                 Action::CloseControl => self.control = None,
                 Action::LoadConfig { .. } => self.load_config(),
                 Action::StartUpgrade { client } => self.begin_upgrade(client),
-                Action::ReopenLog { forwarded } => self.reopen_log(forwarded),
+                Action::ReopenLog {
+                    forwarded,
+                    deferred,
+                } => self.reopen_log(forwarded, deferred),
                 Action::Exit(outcome) => return Some(outcome),
                 Action::Publish(kind) => {
                     self.obs.publish(kind);
@@ -787,15 +790,21 @@ impl Master {
     }
 
     /// SIGUSR1: reopen our log file (after logrotate moved it); the
-    /// workers were told to do the same.
-    fn reopen_log(&mut self, forwarded: usize) {
+    /// workers were told to do the same (the booting ones once ready).
+    fn reopen_log(&mut self, forwarded: usize, deferred: usize) {
         if let Some(log) = &self.log {
             match log.reopen() {
                 Ok(()) => info!("SIGUSR1: log file reopened"),
                 Err(e) => error!("SIGUSR1: cannot reopen the log file: {e}"),
             }
         }
-        info!("SIGUSR1: forwarded to {forwarded} worker(s)");
+        if deferred == 0 {
+            info!("SIGUSR1: forwarded to {forwarded} worker(s)");
+        } else {
+            info!(
+                "SIGUSR1: forwarded to {forwarded} worker(s); {deferred} booting worker(s) get it once ready"
+            );
+        }
     }
 
     /// All reaping happens here: every child that has exited, workers or not.

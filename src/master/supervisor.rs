@@ -417,22 +417,28 @@ impl Supervisor {
     }
 
     /// SIGUSR1: reopen our log file (after logrotate moved it) and tell the
-    /// workers to do the same.
+    /// workers to do the same; a booting worker is told once it is ready
+    /// (`forward_reopen`), a killed one not at all.
     fn reopen_logs(&mut self) {
-        let signals: Vec<_> = self
-            .pool
-            .workers
-            .iter()
-            .map(|w| Action::Signal {
-                slot: w.slot,
-                pid: w.pid,
-                signal: Signal::SIGUSR1,
-                why: SignalWhy::Forward,
-            })
-            .collect();
+        let mut signals = Vec::new();
+        let mut deferred = 0;
+        for w in &mut self.pool.workers {
+            if matches!(w.state, State::Killed { .. } | State::ExecFailed) {
+                continue;
+            }
+            if w.is_booting() {
+                w.reopen_logs = true;
+                deferred += 1;
+            } else {
+                signals.push(reopen_signal(w));
+            }
+        }
         let forwarded = signals.len();
         self.emit_all(signals);
-        self.emit(Action::ReopenLog { forwarded });
+        self.emit(Action::ReopenLog {
+            forwarded,
+            deferred,
+        });
     }
 
     /// SIGWINCH: stop every worker gracefully; keep the master and the sockets.
@@ -901,6 +907,11 @@ impl Supervisor {
             return;
         };
         let (slot, generation) = (w.slot, w.generation());
+        let reopen = std::mem::take(&mut w.reopen_logs).then(|| reopen_signal(w));
+        self.emit_all(reopen);
+        let Some(w) = self.pool.get_mut(pid) else {
+            return;
+        };
         if let Phase::ShuttingDown(sd) = &self.phase {
             // Booting at stage 2 while nothing served: its stop comes now,
             // by the deadline the others got.
@@ -1472,6 +1483,16 @@ impl Supervisor {
             s.push_str(&failed.replace('\n', " "));
         }
         s
+    }
+}
+
+/// SIGUSR1 passed on to `w`: reopen your logs.
+fn reopen_signal(w: &Worker) -> Action {
+    Action::Signal {
+        slot: w.slot,
+        pid: w.pid,
+        signal: Signal::SIGUSR1,
+        why: SignalWhy::Forward,
     }
 }
 

@@ -159,6 +159,10 @@ pub struct Worker {
     pub status: Option<String>,
     /// How much of its `STATUS=` the log took this second.
     pub status_log: LogBudget,
+    /// A SIGUSR1 came while it booted: forwarded once it is ready, since
+    /// a program has its handler for it only then (SIGUSR1's default
+    /// action ends a process that is still importing its app).
+    pub reopen_logs: bool,
 }
 
 /// The most `STATUS=` lines of one worker logged in a second; the rest are
@@ -205,6 +209,7 @@ impl Worker {
             started: now,
             status: None,
             status_log: LogBudget::default(),
+            reopen_logs: false,
         }
     }
 
