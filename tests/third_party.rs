@@ -2,7 +2,8 @@
 //! them: uWSGI and Granian through drover-granian (from the tests' venv, see
 //! requirements-dev.txt) serving the example app on drover's socket, held to
 //! their READY=1, reloaded under load (one request per connection, and
-//! keep-alive) and stopped gracefully.
+//! keep-alive) and stopped gracefully; and drover-granian serving the
+//! FastAPI app of tests/python_async.rs (ASGI, with its lifespan).
 
 mod common;
 
@@ -375,6 +376,116 @@ fn granian_with_an_app_that_cannot_be_imported_stops_drover_with_status_3() {
         log.contains("cannot boot: cannot load the application 'no_such_module:app'"),
         "{log}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Granian serving ASGI (FastAPI), through the same launcher
+// ---------------------------------------------------------------------------
+
+/// drover-granian serving `app` from workers/python/tests (the FastAPI app
+/// of tests/python_async.rs is `integration.fastapi_app:app`, found to be
+/// ASGI by `--interface auto`); the app's notes (lifespan startup and
+/// shutdown, registry) go to $DIR/notes; `env` adds variables.
+fn granian_asgi(app: &str, env: &str) -> String {
+    format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [{:?}, \"--chdir\", {:?}, {app:?}]\nworkers = 2\n\
+         graceful_timeout = \"10s\"\nboot_timeout = \"60s\"\ncontrol_socket = \"$DIR/ctl.sock\"\n\n\
+         [env]\nAPP_CLEANUP_FILE = \"$DIR/notes\"\n{env}\n",
+        python::script("drover-granian"),
+        python::test_apps_dir(),
+    )
+}
+
+const FASTAPI: &str = "integration.fastapi_app:app";
+
+/// The notes `workers` wrote, sorted, against `expected` (each with
+/// " pid=N" for every worker), sorted.
+fn assert_notes(d: &Drover, workers: &[nix::unistd::Pid], expected: &[&str]) {
+    let mut notes: Vec<String> = read_file(&d.dir.path().join("notes"))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    notes.sort();
+    let mut want: Vec<String> = workers
+        .iter()
+        .flat_map(|w| expected.iter().map(move |e| format!("{e} pid={w}")))
+        .collect();
+    want.sort();
+    assert_eq!(notes, want, "{}", d.log());
+}
+
+/// The default `ready = "auto"` waits for the READY=1 the launcher sends
+/// once the lifespan startup (2 s here, after a 0.5 s import) is complete.
+#[test]
+fn granian_asgi_is_ready_once_the_lifespan_startup_completed() {
+    let d = Start::config(&granian_asgi(FASTAPI, "APP_STARTUP_SECONDS = \"2\"")).run();
+    let started = Instant::now();
+    d.wait_log("all 2 workers ready");
+    let waited = started.elapsed();
+    let workers = d.wait_workers(2);
+    assert_notes(&d, &workers, &["lifespan startup"]);
+    let log = d.log();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "ready after {waited:?}, before the app's import and startup (2.5 s) ended: {log}"
+    );
+    assert!(log.contains("with Granian (ASGI)"), "{log}");
+    let r = get_ok(d.tcp_addr(), "/");
+    assert!(
+        workers.iter().any(|w| r.body == format!("{{\"pid\":{w}}}")),
+        "{} is from one of drover's workers {workers:?}",
+        r.body
+    );
+}
+
+#[test]
+fn granian_asgi_reloads_under_load_without_a_failed_request() {
+    reloads_under_load_without_a_failed_request(Start::config(&granian_asgi(FASTAPI, "")));
+}
+
+/// The shared graceful-stop check, then in each worker the lifespan
+/// shutdown and the registry ran, and it exited 0.
+#[test]
+fn granian_asgi_stops_gracefully_with_a_request_in_flight() {
+    let start = Start::config(&granian_asgi(FASTAPI, ""));
+    let (d, workers) = stop_with_request_in_flight(start, |d| d.signal(Signal::SIGTERM));
+    let log = d.log();
+    for w in &workers {
+        assert!(
+            log.contains(&format!("(pid {w}) exited with status 0")),
+            "{log}"
+        );
+    }
+    assert_notes(
+        &d,
+        &workers,
+        &["lifespan startup", "lifespan shutdown", "registry"],
+    );
+}
+
+/// An app that cannot be imported, and one whose lifespan startup fails:
+/// each stops drover with status 3.
+#[test]
+fn granian_asgi_app_that_cannot_boot_stops_drover_with_status_3() {
+    for (app, env, says) in [
+        (
+            "broken_app:app",
+            "",
+            "cannot boot: cannot load the application 'broken_app:app'",
+        ),
+        (
+            FASTAPI,
+            "APP_STARTUP_FAIL = \"1\"",
+            "cannot boot: the application's lifespan startup failed: \
+             RuntimeError('the lifespan startup fails (on purpose)')",
+        ),
+    ] {
+        let mut d = Start::config(&granian_asgi(app, env)).run();
+        let status = d.wait_exit(LIMIT);
+        let log = d.log();
+        assert_eq!(status.code(), Some(3), "{app} {env}: {log}");
+        assert!(log.contains(says), "{log}");
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Run a WSGI app under Granian as a drover worker.
+"""Run a WSGI or ASGI app under Granian as a drover worker.
 
     python -m drover_worker.granian [options] module:app
     drover-granian [options] module:app
@@ -6,16 +6,23 @@
 Granian's command line binds its own socket (or builds one per worker with
 SO_REUSEPORT) and supervises its own worker processes: it cannot serve on
 the socket drover passes. This launcher skips Granian's supervisor and runs
-one Granian WSGI worker (its Rust HTTP server, ``granian._granian.WSGIWorker``)
-in this process, on drover's socket at fd 3:
+one Granian worker (its Rust HTTP server, ``granian._granian.WSGIWorker`` or
+``ASGIWorker``) in this process, on drover's socket at fd 3:
 
 * ``X_DROVER_WILL_NOTIFY=1`` before the import, ``READY=1`` once the app is
-  imported and the worker serves; an app that cannot be imported exits with
-  status 3 ("cannot boot");
+  imported, its ASGI lifespan startup (if any) has completed and the worker
+  serves; an app that cannot be imported, or whose lifespan startup fails,
+  exits with status 3 ("cannot boot");
 * SIGTERM and SIGINT: Granian's graceful shutdown (stop accepting, finish the
-  requests in flight), bounded by the SDK's drain deadline; SIGQUIT: a quick
-  stop (the drain is cut at its shorter deadline);
+  requests in flight), bounded by the SDK's drain deadline, then the ASGI
+  lifespan shutdown; SIGQUIT: a quick stop (the drain is cut at its shorter
+  deadline);
 * then the SDK's cleanup registry runs, and the process exits 0.
+
+``--interface`` chooses Granian's interface: ``wsgi``, ``asgi`` (with the
+lifespan protocol), ``asginl`` (ASGI without it), or ``auto`` (the default):
+ASGI when the app, or its ``__call__``, is a coroutine function (FastAPI,
+Starlette, ...), WSGI otherwise.
 
 It relies on Granian internals (the worker class and its arguments, the
 callback scheduler), so it runs only with the Granian versions it was tested
@@ -25,7 +32,9 @@ not depend on it.
 """
 
 import argparse
+import asyncio
 import importlib
+import inspect
 import os
 import socket
 import sys
@@ -55,11 +64,15 @@ def _log(message: str) -> None:
 def parse_args(argv: List[str]) -> argparse.Namespace:
     p = dw.ArgumentParser(
         prog="drover-granian",
-        description="Serve a WSGI application with Granian on the socket drover passes (fd 3).",
+        description="Serve a WSGI or ASGI application with Granian on the socket drover passes (fd 3).",
     )
     p.add_argument("app", help="module:app")
+    p.add_argument("--interface", choices=["auto", "wsgi", "asgi", "asginl"], default="auto",
+                   help="as Granian's (asginl: ASGI without lifespan); auto (the default): ASGI when the app "
+                        "or its __call__ is a coroutine function, WSGI otherwise")
     p.add_argument("--blocking-threads", type=int, default=4,
-                   help="Python threads that run the app (Granian's --blocking-threads; default 4)")
+                   help="Python threads that run a WSGI app (Granian's --blocking-threads; default 4; "
+                        "an ASGI app runs on the event loop)")
     p.add_argument("--runtime-threads", type=int, default=1, help="Rust I/O threads (as Granian's; default 1)")
     p.add_argument("--backpressure", type=int, default=BACKPRESSURE,
                    help="connections this process serves at once; more wait in the listen queue "
@@ -95,7 +108,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         _log("stopped before the server started")
         dw.run_cleanup()
         return 0
-    drained = _serve(granian, app, socks[0], args)
+    interface = _interface(app, args.interface)
+    if interface == "wsgi":
+        drained = _serve(granian, app, socks[0], args)
+    else:
+        try:
+            drained = _serve_asgi(granian, app, socks[0], args, lifespan=interface == "asgi")
+        except _StartupFailed as e:
+            _log("cannot boot: the application's lifespan startup failed: %s" % e)
+            return CANNOT_BOOT
     if not drained:
         _log("drain deadline reached with requests in flight: abandoning them")
     dw.run_cleanup()
@@ -110,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _import_granian(untested: bool) -> Any:
     try:
         import granian
-        from granian import _futures, _granian, _loops, wsgi
+        from granian import _futures, _granian, _loops, asgi, wsgi
     except ImportError as e:
         _log("cannot boot: Granian is not installed (pip install granian==%s): %s" % (TESTED[-1], e))
         return None
@@ -119,7 +140,7 @@ def _import_granian(untested: bool) -> Any:
              "it uses Granian internals: pin granian==%s, or pass --untested-granian"
              % (granian.__version__, ", ".join(TESTED), TESTED[-1]))
         return None
-    return argparse.Namespace(core=_granian, futures=_futures, loops=_loops, wsgi=wsgi)
+    return argparse.Namespace(core=_granian, futures=_futures, loops=_loops, wsgi=wsgi, asgi=asgi)
 
 
 def _load(target: str) -> Any:
@@ -130,24 +151,40 @@ def _load(target: str) -> Any:
     return obj
 
 
+def _interface(app: Any, wanted: str) -> str:
+    """``--interface auto``: ASGI 3 apps are coroutine functions, or objects
+    whose ``__call__`` is one (uvicorn's test too)."""
+    if wanted != "auto":
+        return str(wanted)
+    call = app if inspect.isroutine(app) else type(app).__call__
+    return "asgi" if inspect.iscoroutinefunction(call) else "wsgi"
+
+
+def _listener(granian: Any, sock: Any) -> Any:
+    """drover's socket as Granian's worker takes it."""
+    # Granian never sets TCP_NODELAY on a connection: its own listener has it,
+    # and accepted sockets inherit it. drover's listener does not, and when a
+    # streamed body's first chunk is not ready as the headers go out, the body
+    # waited for the client's delayed ACK (Nagle; ~40 ms a response under load).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return (None, granian.core.SocketHolder(sock.fileno(), False, 1024))
+
+
+#: Granian's worker arguments for no TLS.
+_NO_TLS: Tuple[Any, ...] = (False, None, None, None, "tls1.3", None, [], False)
+
+
 def _serve(granian: Any, app: Any, sock: Any, args: argparse.Namespace) -> bool:
     """Serves until a stop request and Granian's drain; False when the drain
     deadline came first."""
     core = granian.core
     threads = max(1, args.blocking_threads)
     backpressure = max(1, args.backpressure)
-    # Granian never sets TCP_NODELAY on a connection: its own listener has it,
-    # and accepted sockets inherit it. drover's listener does not, and when a
-    # streamed body's first chunk is not ready as the headers go out, the body
-    # waited for the client's delayed ACK (Nagle; ~40 ms a response under load).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # What Granian's own worker process builds (granian/server/mp.py,
     # _spawn_wsgi_worker), with drover's socket instead of Granian's.
-    holder = core.SocketHolder(sock.fileno(), False, 1024)
-    no_tls: Tuple[Any, ...] = (False, None, None, None, "tls1.3", None, [], False)
     worker = core.WSGIWorker(
-        1, (None, holder), None, max(1, args.runtime_threads), 512, threads, 30, backpressure,
-        "1", None, None, None, *no_tls, (None, None),
+        1, _listener(granian, sock), None, max(1, args.runtime_threads), 512, threads, 30, backpressure,
+        "1", None, None, None, *_NO_TLS, (None, None),
     )
     loop = granian.loops.loops.get("asyncio")
     callback = granian.wsgi._callback_wrapper(app, {}, None)
@@ -174,6 +211,100 @@ def _serve(granian: Any, app: Any, sock: Any, args: argparse.Namespace) -> bool:
         if time.monotonic() >= dw.drain_deadline():
             return False
     return True
+
+
+class _StartupFailed(Exception):
+    pass
+
+
+def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lifespan: bool) -> bool:
+    """Runs the lifespan startup, serves on this thread's event loop until a
+    stop request and Granian's drain, then runs the lifespan shutdown; False
+    when the drain deadline came first. Raises _StartupFailed."""
+    core = granian.core
+    loop = granian.loops.loops.get("asyncio")
+    # What Granian's own worker process does (granian/server/mp.py,
+    # _spawn_asgi_lifespan_worker), with drover's socket and the SDK's stop.
+    handler = granian.asgi.LifespanProtocol(app) if lifespan else None
+    if handler is not None:
+        loop.run_until_complete(handler.startup())
+        if handler.interrupt:
+            if handler.exc is not None:
+                sys.stderr.write("".join(traceback.format_exception(type(handler.exc), handler.exc,
+                                                                    handler.exc.__traceback__)))
+            raise _StartupFailed(repr(handler.exc) if handler.exc is not None else "lifespan.startup.failed")
+        if dw.stop_kind() is not None:
+            _log("stopped before the server started")
+            loop.run_until_complete(_lifespan_shutdown(handler))
+            return True
+    state = handler.state if handler is not None else {}
+    callback = granian.futures._future_watcher_wrapper(granian.asgi._callback_wrapper(app, {}, state, None))
+    worker = core.ASGIWorker(
+        1, _listener(granian, sock), None, max(1, args.runtime_threads), 512, 1, 30, max(1, args.backpressure),
+        "1", None, None, True, None, *_NO_TLS, (None, None),
+    )
+    scheduler = granian.futures._new_cbscheduler(loop, callback, impl_asyncio=True)
+    shutdown = core.WorkerSignal()
+    drained = asyncio.Event()
+    # Granian calls this, from one of its threads, once its graceful shutdown
+    # is complete.
+    shutdown.add_cb(lambda: loop.call_soon_threadsafe(drained.set))
+    worker.serve_mtr(scheduler, loop, shutdown)
+    _log("ready: serving %s with Granian (ASGI%s)" % (dw._describe(sock), "" if lifespan else ", no lifespan"))
+    try:
+        dw.ready()
+    except OSError as e:
+        _log("cannot send READY=1: %s" % e)
+    loop.run_until_complete(_until_stopped())
+    try:
+        dw.stopping()
+    except OSError:
+        pass
+    shutdown.set()
+    done: bool = loop.run_until_complete(_drain(drained))
+    if handler is not None:
+        loop.run_until_complete(_lifespan_shutdown(handler))
+    return done
+
+
+async def _until_stopped() -> None:
+    """Returns at the first stop request (the SDK's signal handlers set
+    ``stop_event``; the loop wakes every 50 ms to see it), sending
+    ``WATCHDOG=1`` meanwhile when drover's ``timeout`` is set."""
+    interval = dw.watchdog_interval()
+    beat = 0.0
+    while not dw.stop_event.is_set():
+        if interval and time.monotonic() >= beat:
+            beat = time.monotonic() + interval / 2
+            try:
+                dw.heartbeat()
+            except OSError as e:
+                _log("cannot send WATCHDOG=1: %s" % e)
+        await asyncio.sleep(0.05)
+
+
+async def _drain(drained: asyncio.Event) -> bool:
+    """Runs the requests in flight until Granian's drain is done (True) or
+    the drain deadline, which moves earlier on a quick stop (False)."""
+    while not drained.is_set():
+        if time.monotonic() >= dw.drain_deadline():
+            return False
+        try:
+            await asyncio.wait_for(drained.wait(), 0.05)
+        except asyncio.TimeoutError:
+            pass
+    return True
+
+
+async def _lifespan_shutdown(handler: Any) -> None:
+    """The lifespan shutdown, bounded by half the budget left (the other half
+    is the registry's)."""
+    try:
+        await asyncio.wait_for(handler.shutdown(), max(0.1, dw.remaining_budget() / 2))
+    except asyncio.TimeoutError:
+        _log("the lifespan shutdown did not finish within its share of the budget: abandoned it")
+    if handler.interrupt:
+        _log("the application's lifespan shutdown failed: %r" % handler.exc)
 
 
 def console_main() -> None:

@@ -1,17 +1,21 @@
-"""A FastAPI app for the uvicorn launcher's tests: a slow import (0.5 s, as
-a real app's imports and connections take), a lifespan that notes its
-startup and shutdown, the SDK's registry, and two routes: ``/`` answers
-``hello from pid N`` and ``/sleep?s=S`` after S seconds.
+"""A FastAPI app for the ASGI launchers' tests (uvicorn, Granian): a slow
+import (0.5 s, as a real app's imports and connections take), a lifespan
+that notes its startup and shutdown, the SDK's registry, and two routes:
+``/`` answers ``{"pid": N}`` and ``/sleep?s=S`` ``{"slept": S}`` after S
+seconds (``/sleep?ms=N``: ``slept N ms``, as the other test workers).
 
-Notes go to ``$APP_CLEANUP_FILE`` when it is set."""
+Notes go to ``$APP_CLEANUP_FILE`` when it is set. ``$APP_STARTUP_SECONDS``
+makes the lifespan startup take that long; ``$APP_STARTUP_FAIL`` makes it
+raise."""
 
 import asyncio
 import contextlib
 import os
 import time
-from typing import AsyncIterator, Dict
+from typing import AsyncIterator, Dict, Optional, Union
 
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
 import drover_worker as dw
 
@@ -30,6 +34,9 @@ dw.on_exit(lambda: note("registry"), name="note")
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await asyncio.sleep(float(os.environ.get("APP_STARTUP_SECONDS", "0")))
+    if os.environ.get("APP_STARTUP_FAIL"):
+        raise RuntimeError("the lifespan startup fails (on purpose)")
     note("lifespan startup")
     yield
     note("lifespan shutdown")
@@ -43,7 +50,10 @@ async def hello() -> Dict[str, int]:
     return {"pid": os.getpid()}
 
 
-@app.get("/sleep")
-async def sleep(s: float = 1.0) -> Dict[str, float]:
+@app.get("/sleep", response_model=None)
+async def sleep(s: float = 1.0, ms: Optional[int] = None) -> Union[Dict[str, float], PlainTextResponse]:
+    if ms is not None:
+        await asyncio.sleep(ms / 1000)
+        return PlainTextResponse("slept %d ms\n" % ms)
     await asyncio.sleep(s)
     return {"slept": s}
