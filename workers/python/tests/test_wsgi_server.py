@@ -205,6 +205,30 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(results, [200] * 4)
         self.assertLess(time.monotonic() - began, 2.0, "4 threads: the sleeps overlap")
 
+    def test_a_client_that_sends_its_request_late_is_served(self):
+        # The listener defers the accept until a connection's first bytes
+        # (native core): one that is quiet for a while must not be lost.
+        with Client(self.w) as c:
+            time.sleep(1.5)
+            c.send(get("/pid"))
+            self.assertEqual(c.response()[0], 200)
+
+    def test_a_blocking_request_does_not_hold_the_others(self):
+        # The thread that polls serves what it took; once it blocks, another
+        # thread must take over the listener and the parked connections.
+        with Client(self.w) as idle:
+            idle.send(get("/pid"))
+            self.assertEqual(idle.response()[0], 200)
+            slow = threading.Thread(target=lambda: request(self.w, get("/sleep?ms=3000")))
+            slow.start()
+            time.sleep(0.3)
+            began = time.monotonic()
+            idle.send(get("/pid"))
+            self.assertEqual(idle.response()[0], 200)
+            self.assertEqual(request(self.w, get("/pid"))[0], 200)
+            self.assertLess(time.monotonic() - began, 2.0, "served while /sleep runs")
+            slow.join(LIMIT)
+
     def test_many_idle_connections_do_not_block_the_pool(self):
         idle = []
         try:

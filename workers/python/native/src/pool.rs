@@ -295,6 +295,9 @@ impl Shared {
                 let flags = libc::fcntl(l.fd, libc::F_GETFL);
                 libc::fcntl(l.fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
             }
+            if !l.unix {
+                sock::tune_listener(l.fd);
+            }
             self.epoll(
                 libc::EPOLL_CTL_ADD,
                 l.fd,
@@ -601,18 +604,6 @@ impl Shared {
             };
         }
         let peer = peer_of(&addr, len);
-        if !l.unix {
-            let one: libc::c_int = 1;
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_TCP,
-                    libc::TCP_NODELAY,
-                    (&one as *const libc::c_int).cast(),
-                    4,
-                );
-            }
-        }
         let trusted = self.trust.trusts(&peer);
         Ok(Some(Box::new(Conn {
             fd,

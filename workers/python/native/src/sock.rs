@@ -172,3 +172,27 @@ pub fn close(fd: RawFd) {
 pub fn shutdown_write(fd: RawFd) -> bool {
     unsafe { libc::shutdown(fd, libc::SHUT_WR) == 0 }
 }
+
+/// Set once on a TCP listener, for every connection accepted from it (Linux
+/// copies a listener's options to the sockets it accepts):
+/// - TCP_NODELAY: a response is one write, sent at once (no Nagle delay);
+/// - TCP_DEFER_ACCEPT: a connection is ready to accept once its first bytes
+///   arrived, so the thread that accepts it reads its request at once,
+///   instead of parking it until they come (a client that connects and
+///   sends nothing is accepted after about a second anyway).
+///
+/// The listener is shared with the other workers, which want the same.
+pub fn tune_listener(fd: RawFd) {
+    for (opt, value) in [(libc::TCP_NODELAY, 1), (libc::TCP_DEFER_ACCEPT, 1)] {
+        let value: libc::c_int = value;
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
