@@ -6,6 +6,7 @@
 
 mod exchange;
 mod input;
+mod poller;
 mod pool;
 mod sock;
 mod turn;

@@ -1,16 +1,17 @@
 //! The pool: threads sharing one epoll set, connections parked in it between
 //! requests, the timers of parked connections, and the stop.
 //!
-//! Each thread waits in `epoll_wait` for one event and handles it itself: a
-//! listener event is one `accept` (the listener is re-armed at once, so that
-//! another free thread can take the next connection), a connection event is
-//! the next request on it. Listeners and connections are registered with
-//! EPOLLONESHOT: an event goes to exactly one thread, and a connection is in
-//! the epoll set only while it is parked (idle between requests, or
-//! lingering before its close). A thread serves a connection's requests one
-//! after the other, pipelined ones included, and parks it once nothing is
-//! left to read. A busy thread is not in `epoll_wait`: a pool whose threads
-//! are all busy accepts nothing, and what is queued stays for the other
+//! One thread at a time waits in `epoll_wait` (poller.rs), for one event,
+//! and handles it itself: a listener event is one `accept`, a connection
+//! event is the next request on it; then it polls again, and the others
+//! sleep, unless it is busy for long (a slow app), when another takes over.
+//! The listeners are level-triggered and EPOLLEXCLUSIVE (a new connection
+//! wakes one worker process); connections are registered with EPOLLONESHOT,
+//! and are in the epoll set only while parked (idle between requests, or
+//! lingering before their close). A thread serves a connection's requests
+//! one after the other, pipelined ones included, and parks it once nothing
+//! is left to read. A busy thread does not poll: a pool whose threads are
+//! all busy accepts nothing, and what is queued stays for the other
 //! workers. Nothing is handed between threads per request.
 
 // A connection is boxed once and moves, as a pointer, between the threads,
@@ -206,6 +207,7 @@ pub struct Shared {
     pub keys: Mutex<HashMap<Vec<u8>, Py<PyString>>>,
     pub scoreboard: Option<Scoreboard>,
     turns: crate::turn::Turns,
+    poller: crate::poller::Poller,
 }
 
 struct Drain {
@@ -270,6 +272,7 @@ impl Shared {
             keys: Mutex::new(HashMap::new()),
             scoreboard: Scoreboard::from_env(),
             turns: Default::default(),
+            poller: Default::default(),
         })
     }
 
@@ -298,10 +301,12 @@ impl Shared {
             if !l.unix {
                 sock::tune_listener(l.fd);
             }
+            // Level-triggered (one thread polls at a time: poller.rs), and
+            // exclusive: a new connection wakes one worker process, not all.
             self.epoll(
                 libc::EPOLL_CTL_ADD,
                 l.fd,
-                (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
+                (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
                 TAG_LISTENER | i as u64,
             );
         }
@@ -504,6 +509,7 @@ impl Shared {
             self.close_listeners(kind, &format!("{} stop", kind_name(kind)), 0);
         }
         self.stop_seen.store(true, Release);
+        self.poller.close();
         let one: u64 = 1;
         unsafe { libc::write(self.stopfd, (&one as *const u64).cast(), 8) };
         found
@@ -755,6 +761,9 @@ fn thread_main(sh: Arc<Shared>, index: usize) {
 fn run(sh: &Arc<Shared>, index: usize) {
     let mut ev = libc::epoll_event { events: 0, u64: 0 };
     while !sh.stop_seen.load(Acquire) {
+        if !sh.poller.acquire(index) {
+            break;
+        }
         let n = unsafe { libc::epoll_wait(sh.epfd, &mut ev, 1, -1) };
         if n <= 0 {
             continue;
@@ -763,6 +772,7 @@ fn run(sh: &Arc<Shared>, index: usize) {
         if data == TAG_STOP {
             continue;
         }
+        sh.poller.busy(index);
         sh.busy[index].store(true, Relaxed);
         if data & TAG_LISTENER != 0 {
             accept_and_serve(sh, (data & 0xffff) as usize);
@@ -775,6 +785,7 @@ fn run(sh: &Arc<Shared>, index: usize) {
         }
         sh.busy[index].store(false, Relaxed);
         sh.done[index].fetch_add(1, Relaxed);
+        sh.poller.idle(index);
     }
     // Stopping: serve what the stop left to serve, take from the queue.
     loop {
@@ -806,17 +817,12 @@ fn run(sh: &Arc<Shared>, index: usize) {
 
 fn accept_and_serve(sh: &Arc<Shared>, i: usize) {
     if sh.recycling.load(Relaxed) || sh.stop_seen.load(Acquire) {
-        return; // recycling: queued connections are for the other workers
+        // Recycling: queued connections are for the other workers (and a
+        // level-triggered listener would be reported again and again).
+        sh.epoll(libc::EPOLL_CTL_DEL, sh.listeners[i].fd, 0, 0);
+        return;
     }
-    let accepted = sh.accept(i);
-    // Re-armed before serving: another free thread takes the next one.
-    sh.epoll(
-        libc::EPOLL_CTL_MOD,
-        sh.listeners[i].fd,
-        (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
-        TAG_LISTENER | i as u64,
-    );
-    match accepted {
+    match sh.accept(i) {
         Ok(Some(conn)) => serve(sh, conn),
         Ok(None) => {}
         Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
@@ -843,7 +849,12 @@ fn sweeper(sh: Arc<Shared>) {
         let wait = next.map_or(Duration::from_millis(100), |n| {
             n.saturating_duration_since(Instant::now())
         });
-        std::thread::sleep(wait.clamp(Duration::from_millis(1), Duration::from_millis(100)));
+        let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
+        if sh.stop_seen.load(Acquire) {
+            std::thread::sleep(wait);
+        } else {
+            sh.poller.watch(wait); // and hands the right to poll over
+        }
     }
 }
 

@@ -1,0 +1,130 @@
+//! Which pool thread waits in `epoll_wait`: one at a time, the poller.
+//!
+//! The poller keeps the right to poll while it serves what it took, and
+//! polls again once done: under load the next event is usually ready by
+//! then, so one running thread serves one connection after the other without
+//! sleeping, where a thread woken per event cost a context switch per
+//! request (most of the CPU of a `Connection: close` request; the GIL lets
+//! one thread run Python at a time anyway). The other threads sleep here.
+//! When the poller has been busy for HANDOFF (a slow or blocking app), the
+//! right goes to a sleeping thread: the next thread that asks for it takes
+//! it, and the timer thread (`watch`) hands it over otherwise; so a blocking
+//! app still leaves the other threads serving, HANDOFF later.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the poller may be busy before another thread takes over.
+pub const HANDOFF: Duration = Duration::from_millis(1);
+/// The timer thread looks this often while the pool works, and sleeps
+/// longer once it saw the poller idle this many times in a row.
+const IDLE_LOOKS: u32 = 20;
+
+#[derive(Default)]
+pub struct Poller {
+    state: Mutex<State>,
+    /// Threads waiting for the right to poll.
+    followers: Condvar,
+    /// The timer thread, when it sleeps long.
+    watch: Condvar,
+    watch_asleep: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    holder: Option<usize>,
+    /// The holder serves since (None: it polls, or is about to).
+    busy_since: Option<Instant>,
+    waiting: usize,
+    closed: bool,
+    idle_looks: u32,
+}
+
+impl Poller {
+    /// Waits until thread `me` may poll; false once closed (the stop).
+    pub fn acquire(&self, me: usize) -> bool {
+        let mut s = self.state.lock().unwrap();
+        loop {
+            if s.closed {
+                return false;
+            }
+            match (s.holder, s.busy_since) {
+                (Some(h), _) if h == me => return true,
+                (None, _) => break,
+                // The holder is stuck in a request: take over now.
+                (Some(_), Some(since)) if since.elapsed() >= HANDOFF => break,
+                _ => {}
+            }
+            s.waiting += 1;
+            s = self.followers.wait(s).unwrap();
+            s.waiting -= 1;
+        }
+        s.holder = Some(me);
+        s.busy_since = None;
+        true
+    }
+
+    /// Thread `me` took an event and serves it.
+    pub fn busy(&self, me: usize) {
+        {
+            let mut s = self.state.lock().unwrap();
+            if s.holder != Some(me) {
+                return;
+            }
+            s.busy_since = Some(Instant::now());
+        }
+        if self.watch_asleep.load(Ordering::Acquire) {
+            self.watch.notify_one();
+        }
+    }
+
+    /// Thread `me` is done with its event: it polls again if it still may.
+    pub fn idle(&self, me: usize) {
+        let mut s = self.state.lock().unwrap();
+        if s.holder == Some(me) {
+            s.busy_since = None;
+        }
+    }
+
+    /// The stop: nobody polls any more; the sleeping threads wake.
+    pub fn close(&self) {
+        self.state.lock().unwrap().closed = true;
+        self.followers.notify_all();
+        self.watch.notify_all();
+    }
+
+    /// The timer thread's wait, at most `most`: hands the right over when
+    /// the poller is busy past HANDOFF and a thread waits for it.
+    pub fn watch(&self, most: Duration) {
+        let mut s = self.state.lock().unwrap();
+        if s.closed {
+            return;
+        }
+        let wait = match s.busy_since {
+            Some(since) => {
+                s.idle_looks = 0;
+                let due = since + HANDOFF;
+                let now = Instant::now();
+                if now >= due && s.waiting > 0 {
+                    s.holder = None;
+                    s.busy_since = None;
+                    self.followers.notify_one();
+                }
+                due.saturating_duration_since(now).max(HANDOFF)
+            }
+            None if s.idle_looks < IDLE_LOOKS => {
+                s.idle_looks += 1;
+                HANDOFF
+            }
+            // Idle for a while: sleep long; the next busy() wakes us.
+            None => most,
+        };
+        let long = wait > HANDOFF;
+        self.watch_asleep.store(long, Ordering::Release);
+        let _ = self.watch.wait_timeout(s, wait.min(most)).unwrap();
+        if long {
+            self.watch_asleep.store(false, Ordering::Release);
+        }
+    }
+}
