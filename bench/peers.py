@@ -20,6 +20,7 @@ connection with one thread until it closes: 2 processes of 4 threads serve
 """
 
 import asyncio
+import os
 import shlex
 import socket
 import subprocess
@@ -204,15 +205,33 @@ def measure(ctx, key, load, app, close, secs):
     return r
 
 
+def _subset(env, every):
+    """The names in $env (comma-separated) that are in `every`, in its order;
+    all of them when $env is unset: a quicker run while iterating."""
+    wanted = os.environ.get(env)
+    if not wanted:
+        return every
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise SystemExit(f"{env}: unknown {', '.join(unknown)} (one of {', '.join(every)})")
+    return [n for n in every if n in names]
+
+
 def sc_peers(ctx):
     secs = 2 if ctx.quick else 5
+    subjects = _subset("BENCH_PEERS_SUBJECTS", SUBJECTS)
+    loads = _subset("BENCH_PEERS_LOADS", [x[0] for x in LOADS])
     missing = {k: why for k in SUBJECTS if (why := not_installed(k))}
+    missing.update({k: "left out (BENCH_PEERS_SUBJECTS)" for k in SUBJECTS if k not in subjects})
     rounds = []
     for rnd in range(ctx.reps):
         shift = rnd % len(SUBJECTS)
         order = [k for k in SUBJECTS[shift:] + SUBJECTS[:shift] if k not in missing]
         this = {}
         for load, app, close in LOADS:
+            if load not in loads:
+                continue
             for key in order:
                 try:
                     r = measure(ctx, key, load, app, close, secs)
@@ -223,7 +242,7 @@ def sc_peers(ctx):
                       f"{r.get('cpu_us_per_req')} us CPU/req, errors {r.get('errors')}, starved {r.get('starved')}", r.get("error", ""))
         rounds.append({"order": order, "loads": this})
     return {"rounds": rounds, "seconds": secs, "conns": CONNS, "threads": THREADS, "workers": WORKERS,
-            "subjects": SUBJECTS, "labels": LABELS, "loads": [x[0] for x in LOADS], "not_installed": missing,
+            "subjects": SUBJECTS, "labels": LABELS, "loads": loads, "not_installed": missing,
             "versions": versions()}
 
 
