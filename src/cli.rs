@@ -498,8 +498,8 @@ fn man(subcommand: Option<&str>) -> ExitCode {
 }
 
 /// `drover check`: the settings are valid, and what a start looks up before it
-/// binds anything is there: the user and group, the program (in the PATH the
-/// workers get), and `chdir`. Each failure exits with the status a start
+/// binds anything is there: the user and group, `chdir`, the program (in the
+/// PATH the workers get). Each failure exits with the status a start
 /// would: 2 for the settings, the user or the group; 3 for the program or
 /// `chdir`, which a start reports as "cannot boot".
 fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> ExitCode {
@@ -512,17 +512,6 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> Exit
         Ok(program) => program.shown(),
         Err(e) => return fail(e.exit_status(), e.to_string()),
     };
-    if let Some(dir) = &s.chdir {
-        if !dir.is_dir() {
-            return fail(
-                exit::CANNOT_BOOT,
-                format!(
-                    "chdir {}: not a directory (or not reachable)",
-                    dir.display()
-                ),
-            );
-        }
-    }
     // --reload: what a start would watch can be watched.
     if let Err(e) = crate::watch::from_settings(s) {
         return fail(exit::USAGE, e.to_string());
@@ -546,7 +535,13 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> Exit
             return fail(
                 exit::CANNOT_BOOT,
                 format!(
-                    "cannot run the worker command: {}: {what}{}",
+                    "{}cannot run the worker command: {}: {what}{}",
+                    crate::config::located(
+                        &s.places
+                            .of("command")
+                            .filter(|at| !matches!(at, Place::Flag(_)))
+                            .cloned()
+                    ),
                     exe.display(),
                     crate::spawn::exec_hint(Path::new(&s.command[0]), errno, s.chdir.as_deref())
                 ),

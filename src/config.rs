@@ -54,6 +54,9 @@ macro_rules! settings {
         #[derive(Debug, Clone)]
         pub struct Settings {
             $( $(#[$doc])* pub $name: $ty, )*
+            /// Where each key that is not a default was set, for errors
+            /// found after the config was read (an unknown user, say).
+            pub places: Places,
         }
 
         impl RawLayer {
@@ -85,7 +88,13 @@ macro_rules! settings {
             }
 
             fn fill_defaults(self) -> Settings {
-                Settings { $( $name: self.$name.map_or_else(|| $default, |v| v.value), )* }
+                let places = Places(
+                    self.places()
+                        .into_iter()
+                        .filter_map(|(key, at)| Some((key, at?.clone())))
+                        .collect(),
+                );
+                Settings { $( $name: self.$name.map_or_else(|| $default, |v| v.value), )* places }
             }
 
             /// Where each key was set; `None` for a default.
@@ -234,6 +243,23 @@ impl fmt::Display for Place {
             Place::Env(name) => write!(f, "environment {name}"),
         }
     }
+}
+
+/// Where the keys of the effective settings were set; a key left at its
+/// default has no place.
+#[derive(Debug, Clone, Default)]
+pub struct Places(Vec<(&'static str, Place)>);
+
+impl Places {
+    pub fn of(&self, key: &str) -> Option<&Place> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, at)| at)
+    }
+}
+
+/// `at` as the start of an error message, `"drover.toml:3:8: "`; empty
+/// for a default.
+pub fn located(at: &Option<Place>) -> String {
+    at.as_ref().map_or(String::new(), |at| format!("{at}: "))
 }
 
 /// A value as one source set it, and where.

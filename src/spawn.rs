@@ -62,8 +62,10 @@ impl Identity {
         group: Option<&str>,
     ) -> Result<Option<Identity>, SpawnError> {
         use nix::unistd::{Gid, Group, Uid, User};
-        let unknown = |what: &str, name: &str, e: String| {
-            SpawnError::Identity(format!("{what} {name:?}: {e}"))
+        let unknown = |key: &'static str, name: &str, why: String| SpawnError::Unknown {
+            key,
+            name: name.to_string(),
+            why,
         };
         let user = match user {
             None => None,
@@ -355,6 +357,15 @@ pub enum SpawnError {
     Nul(String),
     #[error("{0}")]
     Identity(String),
+    /// `user` or `group` (the `key`) names no such user or group.
+    #[error("{key} {name:?}: {why}")]
+    Unknown {
+        key: &'static str,
+        name: String,
+        why: String,
+    },
+    #[error("chdir {0}: not a directory (or not reachable)")]
+    NoDirectory(std::path::PathBuf),
     #[error("cannot prepare to fork: {0}")]
     Setup(Errno),
     #[error("fork failed: {0}")]

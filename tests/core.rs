@@ -833,12 +833,12 @@ fn check_finds_what_a_start_would_refuse_with_the_same_status() {
         (
             format!("command = [\"{hello}\"]\nuser = \"nosuchuser-xyz\""),
             2,
-            "user \"nosuchuser-xyz\": no such user",
+            "config.toml:4:8: user \"nosuchuser-xyz\": no such user",
         ),
         (
             "command = [\"nonexistent-binary-xyz\"]".to_string(),
             3,
-            "\"nonexistent-binary-xyz\": command not found in PATH",
+            "config.toml:3:11: cannot run the worker command: \"nonexistent-binary-xyz\": command not found in PATH",
         ),
         (
             // The PATH the workers get: env replaces drover's own.
@@ -849,7 +849,7 @@ fn check_finds_what_a_start_would_refuse_with_the_same_status() {
         (
             format!("command = [\"{hello}\"]\nchdir = \"/nonexistent/dir\""),
             3,
-            "chdir /nonexistent/dir: not a directory",
+            "config.toml:4:9: chdir /nonexistent/dir: not a directory",
         ),
         (
             "command = [\"./nonexistent-xyz\"]\nchdir = \"/\"".to_string(),
@@ -873,6 +873,10 @@ fn check_finds_what_a_start_would_refuse_with_the_same_status() {
         assert!(check_log.contains(message), "{config:?}: {check_log}");
         assert!(!check_log.contains("ok ("), "{check_log}");
         assert_eq!(ran, Some(status), "start of {config:?}: {run_log}");
+        // A path is tried only at the exec by a start (the worker says so).
+        if !message.contains("no such file") {
+            assert!(run_log.contains(message), "start of {config:?}: {run_log}");
+        }
     }
     let good =
         format!("bind = [\"127.0.0.1:0\"]\ncommand = [\"{hello}\"]\nchdir = \"/\"\nuser = \"0\"");

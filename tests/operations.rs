@@ -101,6 +101,36 @@ fn a_reload_with_a_broken_config_changes_nothing() {
 }
 
 #[test]
+fn a_reload_to_an_unknown_user_or_a_missing_directory_is_refused_where_it_was_set() {
+    // Found before anything is spawned, and named by FILE:LINE:COL as every
+    // other config error: a missing chdir used to be rolled back after the
+    // new workers failed to spawn, with no place.
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let before = worker_pids(&d);
+    for (line, said) in [
+        (
+            "user = \"nosuchuser-xyz\"",
+            "config.toml:8:8: user \"nosuchuser-xyz\": no such user",
+        ),
+        (
+            "chdir = \"/nonexistent/dir\"",
+            "config.toml:8:9: chdir /nonexistent/dir: not a directory",
+        ),
+    ] {
+        rewrite(&d, &format!("{}{line}\n", hello("")));
+        let (code, out) = ctl(&d, &["reload"]);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("failed: rejected:") && out.contains(said),
+            "{out}"
+        );
+    }
+    assert_eq!(worker_pids(&d), before, "the same workers serve");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
+#[test]
 fn a_new_generation_that_cannot_boot_is_rolled_back() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");

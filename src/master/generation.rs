@@ -5,9 +5,9 @@
 
 use std::cell::RefCell;
 
-use crate::config::{Loaded, Settings};
+use crate::config::{Loaded, Place, Settings};
 use crate::listen::{self, Inherited, Set};
-use crate::spawn::{Env, Identity, Program};
+use crate::spawn::{Env, Identity, Program, SpawnError};
 
 use super::StartError;
 
@@ -110,14 +110,36 @@ pub fn prepare(s: &Settings, master_switched: bool) -> Result<(Env, Program), St
     for (k, v) in &s.env {
         env.set(k, v);
     }
+    let at = |key: &str| s.places.of(key).cloned();
     let identity = Identity::resolve(s.user.as_deref(), s.group.as_deref())
-        .map_err(StartError::Identity)?
+        .map_err(|source| {
+            let key = match &source {
+                SpawnError::Unknown { key, .. } => key,
+                _ => "user",
+            };
+            StartError::Identity {
+                at: at(key),
+                source,
+            }
+        })?
         // Resolved all the same (an unknown user is an error), but a master
         // that already runs as that user has nothing to switch.
         .filter(|_| !master_switched);
+    // Checked here, not only by the worker's chdir: a reload to a missing
+    // directory is refused, not rolled back after a failed spawn.
+    if let Some(dir) = s.chdir.as_ref().filter(|d| !d.is_dir()) {
+        return Err(StartError::Program {
+            at: at("chdir"),
+            source: SpawnError::NoDirectory(dir.clone()),
+        });
+    }
     let program = Program::new(&s.command, env.get("PATH"))
         .and_then(|p| p.with(identity, s.chdir.as_deref(), s.umask.map(|m| m.0)))
-        .map_err(|e| StartError::Program(e.looked_up_from(s.chdir.as_deref())))?;
+        .map_err(|e| StartError::Program {
+            // After `--`, the flag would only repeat the command.
+            at: at("command").filter(|at| !matches!(at, Place::Flag(_))),
+            source: e.looked_up_from(s.chdir.as_deref()),
+        })?;
     Ok((env, program))
 }
 

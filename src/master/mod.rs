@@ -78,10 +78,18 @@ pub enum StartError {
     DevNull(std::io::Error),
     #[error("cannot become a child subreaper: {0}")]
     Subreaper(Errno),
-    #[error("cannot run the worker command: {0}")]
-    Program(spawn::SpawnError),
-    #[error("{0}")]
-    Identity(spawn::SpawnError),
+    /// The program, or `chdir`: a start reports it as "cannot boot". `at`
+    /// is where the setting was given.
+    #[error("{}{}{source}", crate::config::located(at), if matches!(source, spawn::SpawnError::NoDirectory(_)) { "" } else { "cannot run the worker command: " })]
+    Program {
+        at: Option<crate::config::Place>,
+        source: spawn::SpawnError,
+    },
+    #[error("{}{source}", crate::config::located(at))]
+    Identity {
+        at: Option<crate::config::Place>,
+        source: spawn::SpawnError,
+    },
     #[error("control socket {path}: {source}")]
     Control {
         path: String,
@@ -99,8 +107,8 @@ pub enum StartError {
 impl StartError {
     pub fn exit_status(&self) -> u8 {
         match self {
-            StartError::Program(_) => exit::CANNOT_BOOT,
-            StartError::Identity(_) | StartError::Watch(_) => exit::USAGE,
+            StartError::Program { .. } => exit::CANNOT_BOOT,
+            StartError::Identity { .. } | StartError::Watch(_) => exit::USAGE,
             _ => exit::FAILURE,
         }
     }
@@ -405,7 +413,8 @@ fn switch_user(
     let already = uid.is_none_or(|u| u == nix::unistd::getuid().as_raw())
         && gid == nix::unistd::getgid().as_raw();
     if !already {
-        id.apply_to_self().map_err(StartError::Identity)?;
+        id.apply_to_self()
+            .map_err(|source| StartError::Identity { at: None, source })?;
     }
     info!(
         "drover {} uid {}, gid {}",
