@@ -8,8 +8,9 @@
 //! one thread run Python at a time anyway). The other threads sleep here.
 //! When the poller has been busy for HANDOFF (a slow or blocking app), the
 //! right goes to a sleeping thread: the next thread that asks for it takes
-//! it, and the timer thread (`watch`) hands it over otherwise; so a blocking
-//! app still leaves the other threads serving, HANDOFF later.
+//! it, and the timer thread (`watch`) hands it over otherwise (it looks
+//! every HANDOFF while the app blocks, every CALM otherwise); so a blocking
+//! app still leaves the other threads serving, HANDOFF to CALM later.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -17,8 +18,15 @@ use std::time::{Duration, Instant};
 
 /// How long the poller may be busy before another thread takes over.
 pub const HANDOFF: Duration = Duration::from_millis(1);
-/// The timer thread looks this often while the pool works, and sleeps
-/// longer once it saw the poller idle this many times in a row.
+/// While the app blocks now and then (a hand-over in the last RECENT), the
+/// timer thread looks every HANDOFF; else every CALM (each look is a
+/// wake-up: a thousand a second cost a fast app about 0.1 context switch
+/// per request), so the first hand-over after a calm stretch may wait up
+/// to CALM.
+const CALM: Duration = Duration::from_millis(10);
+const RECENT: Duration = Duration::from_millis(200);
+/// The timer thread sleeps longer once it saw the poller idle this many
+/// times in a row.
 const IDLE_LOOKS: u32 = 20;
 
 #[derive(Default)]
@@ -39,6 +47,7 @@ struct State {
     waiting: usize,
     closed: bool,
     idle_looks: u32,
+    last_handoff: Option<Instant>,
 }
 
 impl Poller {
@@ -59,6 +68,9 @@ impl Poller {
             s.waiting += 1;
             s = self.followers.wait(s).unwrap();
             s.waiting -= 1;
+        }
+        if s.busy_since.is_some() {
+            s.last_handoff = Some(Instant::now()); // taken from a busy poller
         }
         s.holder = Some(me);
         s.busy_since = None;
@@ -101,26 +113,32 @@ impl Poller {
         if s.closed {
             return;
         }
+        let now = Instant::now();
+        let tick = match s.last_handoff {
+            Some(t) if now.duration_since(t) < RECENT => HANDOFF,
+            _ => CALM,
+        };
         let wait = match s.busy_since {
             Some(since) => {
                 s.idle_looks = 0;
-                let due = since + HANDOFF;
-                let now = Instant::now();
-                if now >= due && s.waiting > 0 {
+                if now >= since + HANDOFF && s.waiting > 0 {
                     s.holder = None;
                     s.busy_since = None;
+                    s.last_handoff = Some(now);
                     self.followers.notify_one();
+                    HANDOFF
+                } else {
+                    tick
                 }
-                due.saturating_duration_since(now).max(HANDOFF)
             }
             None if s.idle_looks < IDLE_LOOKS => {
                 s.idle_looks += 1;
-                HANDOFF
+                tick
             }
             // Idle for a while: sleep long; the next busy() wakes us.
             None => most,
         };
-        let long = wait > HANDOFF;
+        let long = wait > CALM;
         self.watch_asleep.store(long, Ordering::Release);
         let _ = self.watch.wait_timeout(s, wait.min(most)).unwrap();
         if long {
