@@ -318,21 +318,31 @@ def render(s, L):
               + ", ".join(str(r["starved"]) if r.get("starved") is not None else "—" for r in rs) + " | "
               + ", ".join(f"{r['rps']:,.0f}" if r.get("rps") else "—" for r in rs) + " |")
         w("")
-        # Per-round ratios against the faster of uWSGI and Granian (requests/s),
-        # and against uWSGI (p99).
+        # Per-round ratios against the faster of uWSGI and Granian and the
+        # fastest of those and bjoern (requests/s; issue 17's targets), and
+        # against uWSGI (p99).
         for key in ("drover-wsgi-native", "drover-wsgi"):
-            ratios, tails = [], []
+            ratios, with_bjoern, tails = [], [], []
             for rnd in s["rounds"]:
                 rl = rnd["loads"].get(load, {})
                 mine = rl.get(key) or {}
-                peers = [x for x in ((rl.get(k) or {}).get("rps") for k in ("drover-uwsgi", "drover-granian")) if x]
+
+                def fastest(keys, rl=rl):
+                    return max((x for x in ((rl.get(k) or {}).get("rps") for k in keys) if x), default=None)
+                peers = fastest(("drover-uwsgi", "drover-granian"))
                 if mine.get("rps") and peers:
-                    ratios.append(mine["rps"] / max(peers))
+                    ratios.append(mine["rps"] / peers)
+                bjoern = (rl.get("drover-bjoern") or {}).get("rps")
+                if mine.get("rps") and bjoern:
+                    with_bjoern.append(mine["rps"] / max(bjoern, peers or 0))
                 uwsgi_p99 = (rl.get("drover-uwsgi") or {}).get("p99_ms")
                 if mine.get("p99_ms") and uwsgi_p99:
                     tails.append(mine["p99_ms"] / uwsgi_p99)
             if ratios:
-                w(f"{s['labels'][key]} against the faster of uWSGI and Granian, per round: "
-                  + ", ".join(f"{x:.2f}×" for x in ratios) + "; its p99 against uWSGI's: "
-                  + ", ".join(f"{x:.2f}×" for x in tails) + ".")
+                line = (f"{s['labels'][key]} against the faster of uWSGI and Granian, per round: "
+                        + ", ".join(f"{x:.2f}×" for x in ratios))
+                if with_bjoern:
+                    line += ("; against the fastest of uWSGI, Granian and bjoern: "
+                             + ", ".join(f"{x:.2f}×" for x in with_bjoern))
+                w(line + "; its p99 against uWSGI's: " + ", ".join(f"{x:.2f}×" for x in tails) + ".")
                 w("")
