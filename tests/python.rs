@@ -385,7 +385,12 @@ with_each_core!(sigquit_is_quick_for_the_python_worker);
 fn a_wrong_command_line_stops_drover_with_status_3() {
     // argparse's usage error was status 2, which drover took for a crash
     // and respawned forever; for each launcher, with the default ready mode.
-    for launcher in ["drover-wsgi", "drover-uvicorn", "drover-granian"] {
+    for launcher in [
+        "drover-wsgi",
+        "drover-uvicorn",
+        "drover-granian",
+        "drover-hypercorn",
+    ] {
         let program = python::script(launcher);
         let mut d = Start::args(&[
             "-w",

@@ -2,8 +2,9 @@
 //! them: uWSGI and Granian through drover-granian (from the tests' venv, see
 //! requirements-dev.txt) serving the example app on drover's socket, held to
 //! their READY=1, reloaded under load (one request per connection, and
-//! keep-alive) and stopped gracefully; and drover-granian serving the
-//! FastAPI app of tests/python_async.rs (ASGI, with its lifespan).
+//! keep-alive) and stopped gracefully; and drover-granian and
+//! drover-hypercorn serving the FastAPI app of tests/python_async.rs (ASGI,
+//! with its lifespan).
 
 mod common;
 
@@ -366,6 +367,51 @@ fn granian_stops_gracefully_with_a_request_in_flight() {
     }
 }
 
+/// A graceful stop escalated to quick (SIGTERM, then SIGQUIT) with a
+/// request in flight that would hold the drain for a minute: each worker
+/// abandons it at the quick stop's drain deadline, runs its registry (a
+/// line starting with `note` in $DIR/`file`) and exits by itself before
+/// drover's SIGKILL. drover-granian compared the clock with the SDK's drain
+/// deadline the wrong way round and never saw it pass: drover killed its
+/// workers (exit 4, no registry).
+fn an_escalated_stop_abandons_the_request_in_flight(config: &str, file: &str, note: &str) {
+    let mut d = Start::config(config).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let hang = get_in_flight(d.tcp_addr(), "/sleep?ms=60000");
+    d.signal(Signal::SIGTERM);
+    d.wait_log_count("is stopping", 2);
+    d.signal(Signal::SIGQUIT);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(log.contains("shutdown escalated to quick"), "{log}");
+    assert!(
+        log.contains("(0 killed)"),
+        "the workers exited by themselves: {log}"
+    );
+    assert_eq!(status.code(), Some(0), "{log}");
+    let notes = read_file(&d.dir.path().join(file));
+    for w in &workers {
+        assert!(
+            notes.contains(&format!("{note} pid={w}\n")),
+            "{w} ran its registry: {notes:?}\n{log}"
+        );
+    }
+    assert!(
+        hang.join().unwrap().is_err(),
+        "the abandoned request gets no response"
+    );
+}
+
+#[test]
+fn granian_abandons_the_request_in_flight_when_the_stop_turns_quick() {
+    an_escalated_stop_abandons_the_request_in_flight(
+        &granian("example_app:app", "quick_timeout = \"3s\""),
+        "cleanup",
+        "cleanup",
+    );
+}
+
 #[test]
 fn granian_with_an_app_that_cannot_be_imported_stops_drover_with_status_3() {
     let mut d = Start::config(&granian("no_such_module:app", "")).run();
@@ -379,24 +425,41 @@ fn granian_with_an_app_that_cannot_be_imported_stops_drover_with_status_3() {
 }
 
 // ---------------------------------------------------------------------------
-// Granian serving ASGI (FastAPI), through the same launcher
+// ASGI (FastAPI) under Granian (drover-granian) and Hypercorn (drover-hypercorn)
 // ---------------------------------------------------------------------------
 
-/// drover-granian serving `app` from workers/python/tests (the FastAPI app
-/// of tests/python_async.rs is `integration.fastapi_app:app`, found to be
-/// ASGI by `--interface auto`); the app's notes (lifespan startup and
-/// shutdown, registry) go to $DIR/notes; `env` adds variables.
-fn granian_asgi(app: &str, env: &str) -> String {
+/// An ASGI launcher: its console script and what it logs once it serves.
+#[derive(Clone, Copy)]
+struct Asgi {
+    script: &'static str,
+    serving: &'static str,
+}
+
+/// drover-granian finds the FastAPI app to be ASGI (`--interface auto`).
+const GRANIAN: Asgi = Asgi {
+    script: "drover-granian",
+    serving: "with Granian (ASGI)",
+};
+const HYPERCORN: Asgi = Asgi {
+    script: "drover-hypercorn",
+    serving: "with Hypercorn",
+};
+
+/// The FastAPI app of tests/python_async.rs.
+const FASTAPI: &str = "integration.fastapi_app:app";
+
+/// `launcher` serving `app` from workers/python/tests; the app's notes
+/// (lifespan startup and shutdown, registry) go to $DIR/notes; `env` adds
+/// variables.
+fn asgi(launcher: Asgi, app: &str, env: &str) -> String {
     format!(
         "bind = [\"127.0.0.1:0\"]\ncommand = [{:?}, \"--chdir\", {:?}, {app:?}]\nworkers = 2\n\
          graceful_timeout = \"10s\"\nboot_timeout = \"60s\"\ncontrol_socket = \"$DIR/ctl.sock\"\n\n\
          [env]\nAPP_CLEANUP_FILE = \"$DIR/notes\"\n{env}\n",
-        python::script("drover-granian"),
+        python::script(launcher.script),
         python::test_apps_dir(),
     )
 }
-
-const FASTAPI: &str = "integration.fastapi_app:app";
 
 /// The notes `workers` wrote, sorted, against `expected` (each with
 /// " pid=N" for every worker), sorted.
@@ -416,9 +479,8 @@ fn assert_notes(d: &Drover, workers: &[nix::unistd::Pid], expected: &[&str]) {
 
 /// The default `ready = "auto"` waits for the READY=1 the launcher sends
 /// once the lifespan startup (2 s here, after a 0.5 s import) is complete.
-#[test]
-fn granian_asgi_is_ready_once_the_lifespan_startup_completed() {
-    let d = Start::config(&granian_asgi(FASTAPI, "APP_STARTUP_SECONDS = \"2\"")).run();
+fn asgi_is_ready_once_the_lifespan_startup_completed(launcher: Asgi) {
+    let d = Start::config(&asgi(launcher, FASTAPI, "APP_STARTUP_SECONDS = \"2\"")).run();
     let started = Instant::now();
     d.wait_log("all 2 workers ready");
     let waited = started.elapsed();
@@ -429,7 +491,7 @@ fn granian_asgi_is_ready_once_the_lifespan_startup_completed() {
         waited >= Duration::from_millis(2500),
         "ready after {waited:?}, before the app's import and startup (2.5 s) ended: {log}"
     );
-    assert!(log.contains("with Granian (ASGI)"), "{log}");
+    assert!(log.contains(launcher.serving), "{log}");
     let r = get_ok(d.tcp_addr(), "/");
     assert!(
         workers.iter().any(|w| r.body == format!("{{\"pid\":{w}}}")),
@@ -438,16 +500,10 @@ fn granian_asgi_is_ready_once_the_lifespan_startup_completed() {
     );
 }
 
-#[test]
-fn granian_asgi_reloads_under_load_without_a_failed_request() {
-    reloads_under_load_without_a_failed_request(Start::config(&granian_asgi(FASTAPI, "")));
-}
-
 /// The shared graceful-stop check, then in each worker the lifespan
 /// shutdown and the registry ran, and it exited 0.
-#[test]
-fn granian_asgi_stops_gracefully_with_a_request_in_flight() {
-    let start = Start::config(&granian_asgi(FASTAPI, ""));
+fn asgi_stops_gracefully_with_a_request_in_flight(launcher: Asgi) {
+    let start = Start::config(&asgi(launcher, FASTAPI, ""));
     let (d, workers) = stop_with_request_in_flight(start, |d| d.signal(Signal::SIGTERM));
     let log = d.log();
     for w in &workers {
@@ -465,8 +521,7 @@ fn granian_asgi_stops_gracefully_with_a_request_in_flight() {
 
 /// An app that cannot be imported, and one whose lifespan startup fails:
 /// each stops drover with status 3.
-#[test]
-fn granian_asgi_app_that_cannot_boot_stops_drover_with_status_3() {
+fn asgi_app_that_cannot_boot_stops_drover_with_status_3(launcher: Asgi) {
     for (app, env, says) in [
         (
             "broken_app:app",
@@ -476,16 +531,77 @@ fn granian_asgi_app_that_cannot_boot_stops_drover_with_status_3() {
         (
             FASTAPI,
             "APP_STARTUP_FAIL = \"1\"",
-            "cannot boot: the application's lifespan startup failed: \
-             RuntimeError('the lifespan startup fails (on purpose)')",
+            "cannot boot: the application's lifespan startup failed",
         ),
     ] {
-        let mut d = Start::config(&granian_asgi(app, env)).run();
+        let mut d = Start::config(&asgi(launcher, app, env)).run();
         let status = d.wait_exit(LIMIT);
         let log = d.log();
         assert_eq!(status.code(), Some(3), "{app} {env}: {log}");
         assert!(log.contains(says), "{log}");
+        assert!(
+            log.contains("RuntimeError: the lifespan startup fails (on purpose)") || env.is_empty(),
+            "the traceback: {log}"
+        );
     }
+}
+
+#[test]
+fn granian_asgi_is_ready_once_the_lifespan_startup_completed() {
+    asgi_is_ready_once_the_lifespan_startup_completed(GRANIAN);
+}
+
+#[test]
+fn granian_asgi_reloads_under_load_without_a_failed_request() {
+    reloads_under_load_without_a_failed_request(Start::config(&asgi(GRANIAN, FASTAPI, "")));
+}
+
+#[test]
+fn granian_asgi_stops_gracefully_with_a_request_in_flight() {
+    asgi_stops_gracefully_with_a_request_in_flight(GRANIAN);
+}
+
+#[test]
+fn granian_asgi_app_that_cannot_boot_stops_drover_with_status_3() {
+    asgi_app_that_cannot_boot_stops_drover_with_status_3(GRANIAN);
+}
+
+#[test]
+fn granian_asgi_abandons_the_request_in_flight_when_the_stop_turns_quick() {
+    an_escalated_stop_abandons_the_request_in_flight(
+        &asgi(GRANIAN, FASTAPI, "").replace("[env]", "quick_timeout = \"3s\"\n[env]"),
+        "notes",
+        "registry",
+    );
+}
+
+#[test]
+fn hypercorn_abandons_the_request_in_flight_when_the_stop_turns_quick() {
+    an_escalated_stop_abandons_the_request_in_flight(
+        &asgi(HYPERCORN, FASTAPI, "").replace("[env]", "quick_timeout = \"3s\"\n[env]"),
+        "notes",
+        "registry",
+    );
+}
+
+#[test]
+fn hypercorn_is_ready_once_the_lifespan_startup_completed() {
+    asgi_is_ready_once_the_lifespan_startup_completed(HYPERCORN);
+}
+
+#[test]
+fn hypercorn_reloads_under_load_without_a_failed_request() {
+    reloads_under_load_without_a_failed_request(Start::config(&asgi(HYPERCORN, FASTAPI, "")));
+}
+
+#[test]
+fn hypercorn_stops_gracefully_with_a_request_in_flight() {
+    asgi_stops_gracefully_with_a_request_in_flight(HYPERCORN);
+}
+
+#[test]
+fn hypercorn_app_that_cannot_boot_stops_drover_with_status_3() {
+    asgi_app_that_cannot_boot_stops_drover_with_status_3(HYPERCORN);
 }
 
 // ---------------------------------------------------------------------------

@@ -33,17 +33,16 @@ not depend on it.
 
 import argparse
 import asyncio
-import importlib
 import inspect
 import os
 import socket
 import sys
 import threading
-import time
 import traceback
 from typing import Any, List, Optional, Tuple
 
 import drover_worker as dw
+from drover_worker import _launcher
 
 #: drover's "cannot boot".
 CANNOT_BOOT = 3
@@ -99,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if granian is None:
         return CANNOT_BOOT
     try:
-        app = _load(args.app)
+        app = _launcher.load_app(args.app)
     except BaseException:
         sys.stderr.write(traceback.format_exc())
         _log("cannot boot: cannot load the application %r (traceback above)" % args.app)
@@ -141,14 +140,6 @@ def _import_granian(untested: bool) -> Any:
              % (granian.__version__, ", ".join(TESTED), TESTED[-1]))
         return None
     return argparse.Namespace(core=_granian, futures=_futures, loops=_loops, wsgi=wsgi, asgi=asgi)
-
-
-def _load(target: str) -> Any:
-    module, _, attr = target.partition(":")
-    obj = importlib.import_module(module)
-    for name in (attr or "app").split("."):
-        obj = getattr(obj, name)
-    return obj
 
 
 def _interface(app: Any, wanted: str) -> str:
@@ -208,7 +199,7 @@ def _serve(granian: Any, app: Any, sock: Any, args: argparse.Namespace) -> bool:
     shutdown.set()
     # The deadline moves earlier on an escalation to a quick stop.
     while not drained.wait(0.05):
-        if time.monotonic() >= dw.drain_deadline():
+        if _launcher.drain_over():
             return False
     return True
 
@@ -255,7 +246,7 @@ def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lif
         dw.ready()
     except OSError as e:
         _log("cannot send READY=1: %s" % e)
-    loop.run_until_complete(_until_stopped())
+    loop.run_until_complete(_launcher.until_stopped(_log))
     try:
         dw.stopping()
     except OSError:
@@ -267,27 +258,11 @@ def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lif
     return done
 
 
-async def _until_stopped() -> None:
-    """Returns at the first stop request (the SDK's signal handlers set
-    ``stop_event``; the loop wakes every 50 ms to see it), sending
-    ``WATCHDOG=1`` meanwhile when drover's ``timeout`` is set."""
-    interval = dw.watchdog_interval()
-    beat = 0.0
-    while not dw.stop_event.is_set():
-        if interval and time.monotonic() >= beat:
-            beat = time.monotonic() + interval / 2
-            try:
-                dw.heartbeat()
-            except OSError as e:
-                _log("cannot send WATCHDOG=1: %s" % e)
-        await asyncio.sleep(0.05)
-
-
 async def _drain(drained: asyncio.Event) -> bool:
     """Runs the requests in flight until Granian's drain is done (True) or
     the drain deadline, which moves earlier on a quick stop (False)."""
     while not drained.is_set():
-        if time.monotonic() >= dw.drain_deadline():
+        if _launcher.drain_over():
             return False
         try:
             await asyncio.wait_for(drained.wait(), 0.05)

@@ -1,0 +1,42 @@
+"""What the Granian and Hypercorn launchers share (private)."""
+
+import asyncio
+import importlib
+import time
+from typing import Any, Callable
+
+import drover_worker as dw
+
+
+def load_app(target: str) -> Any:
+    """``module:attr.path`` (``app`` when no attribute is given), imported."""
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    for name in (attr or "app").split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+async def until_stopped(log: Callable[[str], None]) -> None:
+    """Returns at the first stop request, sending ``WATCHDOG=1`` meanwhile
+    when drover's ``timeout`` is set. The SDK's signal handlers (``install``)
+    set ``stop_event``; they run only when the main thread runs Python code,
+    which the loop does when it wakes: every 50 ms here."""
+    interval = dw.watchdog_interval()
+    beat = 0.0
+    while not dw.stop_event.is_set():
+        if interval and time.monotonic() >= beat:
+            beat = time.monotonic() + interval / 2
+            try:
+                dw.heartbeat()
+            except OSError as e:
+                log("cannot send WATCHDOG=1: %s" % e)
+        await asyncio.sleep(0.05)
+
+
+def drain_over() -> bool:
+    """The SDK's drain deadline has passed (it moves earlier when the stop
+    turns quick). ``drain_deadline()`` is never earlier than the moment it
+    is called, so it is read before the clock, never after."""
+    deadline = dw.drain_deadline()
+    return time.monotonic() >= deadline

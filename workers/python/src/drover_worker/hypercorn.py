@@ -1,0 +1,258 @@
+"""Run an ASGI (or WSGI) app under Hypercorn as a drover worker.
+
+    python -m drover_worker.hypercorn [options] module:app
+    drover-hypercorn [options] module:app
+
+``hypercorn --bind fd://3`` serves on drover's socket, but sends no
+``READY=1`` (drover cannot wait for the lifespan startup), serves from a
+child process of its own, and exits 0 when the app cannot be imported
+(Hypercorn 0.18.0). This launcher runs Hypercorn's asyncio worker
+(``hypercorn.asyncio.run.worker_serve``) in this process, on the sockets
+drover passes (``LISTEN_FDS``, TCP or Unix):
+
+* ``X_DROVER_WILL_NOTIFY=1`` before the import, ``READY=1`` once the app is
+  imported, its lifespan startup has completed and the sockets accept;
+  an app that cannot be imported, or whose lifespan startup fails, exits
+  with status 3 ("cannot boot");
+* SIGTERM and SIGINT: Hypercorn's graceful shutdown (stop accepting, finish
+  the requests in flight, lifespan shutdown), its ``graceful_timeout`` set
+  to the SDK's drain deadline; SIGQUIT: the same with the quick stop's
+  shorter deadline. Whatever is still running at the drain deadline plus
+  the lifespan shutdown's share is abandoned;
+* then the SDK's cleanup registry runs, and the process exits 0;
+* ``WATCHDOG=1`` from the event loop when drover's ``timeout`` is set.
+
+Hypercorn starts serving, then awaits the shutdown trigger it is given:
+the launcher's trigger sends ``READY=1`` and returns at the stop, once the
+connections accepted just before have started their requests (Hypercorn
+then closes every connection without one). That order, ``worker_serve``'s
+arguments and its per-connection ``TCPServer`` (which the launcher
+subclasses to see those requests start) are Hypercorn internals, so the
+launcher runs only with the Hypercorn versions it was tested with
+(``TESTED``); ``--untested-hypercorn`` runs it with another one anyway.
+Hypercorn must be installed (``pip install hypercorn==0.18.0``); this
+package does not depend on it.
+"""
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import traceback
+import weakref
+from importlib.metadata import version
+from typing import Any, List, Optional
+
+import drover_worker as dw
+from drover_worker import _launcher
+
+#: drover's "cannot boot".
+CANNOT_BOOT = 3
+#: The Hypercorn versions this launcher was tested with (tests/third_party.rs).
+TESTED = ("0.18.0",)
+#: On a graceful stop, how long a connection accepted just before may take
+#: to send its request.
+FIRST_BYTE_GRACE = 1.0
+
+
+def _log(message: str) -> None:
+    sys.stderr.write("drover_worker.hypercorn[%d]: %s\n" % (os.getpid(), message))
+    sys.stderr.flush()
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    p = dw.ArgumentParser(
+        prog="drover-hypercorn",
+        description="Serve an ASGI application with Hypercorn on the sockets drover passes (LISTEN_FDS).",
+    )
+    p.add_argument("app", help="module:app")
+    p.add_argument("--config", help="a Hypercorn configuration, as Hypercorn's --config: FILE.toml, "
+                                    "python:MODULE or file:FILE.py (its binds and workers are ignored)")
+    p.add_argument("--chdir", help="change to this directory (and import from it) before loading the app")
+    p.add_argument("--untested-hypercorn", action="store_true",
+                   help="run with a Hypercorn version other than %s" % ", ".join(TESTED))
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    dw.begin_launch(args.chdir, _log)
+    dw.install(exit_on_stop=False)
+    try:
+        socks = dw.listeners()
+    except dw.ListenError as e:
+        _log("cannot boot: %s" % e)
+        return CANNOT_BOOT
+    hypercorn = _import_hypercorn(args.untested_hypercorn)
+    if hypercorn is None:
+        return CANNOT_BOOT
+    try:
+        config = _config(hypercorn, args.config)
+    except Exception as e:
+        _log("cannot boot: cannot load the Hypercorn configuration %r: %s" % (args.config, e))
+        return CANNOT_BOOT
+    try:
+        app = _launcher.load_app(args.app)
+    except BaseException:
+        sys.stderr.write(traceback.format_exc())
+        _log("cannot boot: cannot load the application %r (traceback above)" % args.app)
+        return CANNOT_BOOT
+    server = _Server(hypercorn, app, config, socks)
+    try:
+        asyncio.run(server.serve())
+    except Exception:
+        sys.stderr.write(traceback.format_exc())
+        if not server.ready:
+            _log("cannot boot: the application's lifespan startup failed (traceback above)")
+            return CANNOT_BOOT
+        _log("Hypercorn failed (traceback above)")
+        dw.run_cleanup()
+        return 1
+    dw.run_cleanup()
+    _log("stopped")
+    return 0
+
+
+def _import_hypercorn(untested: bool) -> Any:
+    try:
+        import hypercorn
+        import hypercorn.asyncio.run
+        import hypercorn.config
+        import hypercorn.events
+        import hypercorn.utils
+    except ImportError as e:
+        _log("cannot boot: Hypercorn is not installed (pip install hypercorn==%s): %s" % (TESTED[-1], e))
+        return None
+    found = version("hypercorn")
+    if found not in TESTED and not untested:
+        _log("cannot boot: Hypercorn %s is not a version this launcher was tested with (%s); "
+             "it uses Hypercorn internals: pin hypercorn==%s, or pass --untested-hypercorn"
+             % (found, ", ".join(TESTED), TESTED[-1]))
+        return None
+    return hypercorn
+
+
+def _config(hypercorn: Any, path: Optional[str]) -> Any:
+    """Hypercorn's configuration, loaded as its command line does."""
+    Config = hypercorn.config.Config
+    if path is None:
+        return Config()
+    if path.startswith("python:"):
+        return Config.from_object(path[len("python:"):])
+    if path.startswith("file:"):
+        return Config.from_pyfile(path[len("file:"):])
+    return Config.from_toml(path)
+
+
+class _Server:
+    """One Hypercorn worker on drover's sockets, whose shutdown trigger tells
+    drover what happens."""
+
+    def __init__(self, hypercorn: Any, app: Any, config: Any, socks: List[Any]) -> None:
+        self.hypercorn = hypercorn
+        self.app = hypercorn.utils.wrap_app(app, config.wsgi_max_body_size, None)
+        self.config = config
+        self.socks = socks
+        self.ready = False
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def serve(self) -> None:
+        run = self.hypercorn.asyncio.run
+        # worker_serve makes one TCPServer per connection: this one tells
+        # which connections have not started a request yet.
+        run.TCPServer = _tracked(run.TCPServer, self.hypercorn.events.Updated, self.connections)
+        sockets = self.hypercorn.config.Sockets([], list(self.socks), [])
+        await run.worker_serve(self.app, self.config, sockets=sockets, shutdown_trigger=self._trigger)
+
+    async def _trigger(self) -> None:
+        """Hypercorn awaits this once the lifespan startup is complete and
+        its servers accept; it stops when this returns."""
+        if dw.stop_kind() is None:
+            _log("ready: serving %s with Hypercorn" % ", ".join(dw._describe(s) for s in self.socks))
+            self.ready = True
+            try:
+                dw.ready()
+            except OSError as e:
+                _log("cannot send READY=1: %s" % e)
+            await _launcher.until_stopped(_log)
+        try:
+            dw.stopping()
+        except OSError:
+            pass
+        await self._let_fresh_requests_in()
+        # Hypercorn reads both when it shuts down, after this returns: the
+        # drain gets the SDK's drain deadline, the lifespan shutdown half of
+        # what is left after it (the other half is the registry's).
+        drain = max(0.1, dw.drain_deadline() - time.monotonic())
+        self.config.graceful_timeout = drain
+        self.config.shutdown_timeout = max(0.1, (dw.remaining_budget() - drain) / 2)
+        asyncio.ensure_future(self._abandon_at_the_deadline())
+
+    async def _let_fresh_requests_in(self) -> None:
+        """Stops accepting, then waits (up to FIRST_BYTE_GRACE) until each
+        connection accepted just before has started its request: once this
+        returns, Hypercorn closes every connection without one in progress,
+        and the client whose request was on its way would see it closed
+        unanswered (without this wait, 3 of 6 reloads under load on Python
+        3.13 had 1 to 5 such requests)."""
+        loop = asyncio.get_running_loop()
+        for sock in self.socks:
+            loop.remove_reader(sock.fileno())  # asyncio's accept callback
+        deadline = time.monotonic() + min(FIRST_BYTE_GRACE, dw.remaining_budget() / 4)
+        while time.monotonic() < deadline:
+            if not any(c.fresh and not c.writer.is_closing() for c in list(self.connections)):
+                return
+            await asyncio.sleep(0.01)
+
+    async def _abandon_at_the_deadline(self) -> None:
+        """Hypercorn's own timeouts bound its drain and lifespan shutdown,
+        except a quick stop's earlier deadline and, on Python 3.12 and
+        later, asyncio's ``Server.wait_closed``, which waits for every
+        connection: past the drain deadline and the lifespan shutdown's
+        share of what is left, the registry runs and the process exits,
+        abandoning what still runs."""
+        while not _launcher.drain_over():
+            await asyncio.sleep(0.05)
+        # Then half of the budget left (it shrinks if the stop turns quick).
+        end = float("inf")
+        while True:
+            end = min(end, time.monotonic() + dw.remaining_budget() / 2)
+            if time.monotonic() >= end:
+                break
+            await asyncio.sleep(0.05)
+        _log("drain deadline reached with requests in flight: abandoning them")
+        dw.run_cleanup()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _tracked(base: Any, updated: Any, connections: "weakref.WeakSet[Any]") -> Any:
+    """Hypercorn's TCPServer, ``fresh`` until its first request starts (its
+    protocol reports the connection busy), and listed in ``connections``."""
+    if getattr(base, "drover_tracked", False):
+        return base
+
+    class Tracked(base):
+        drover_tracked = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.fresh = True
+            connections.add(self)
+
+        async def protocol_send(self, event: Any) -> None:
+            if isinstance(event, updated) and not event.idle:
+                self.fresh = False
+            await super().protocol_send(event)
+
+    return Tracked
+
+
+def console_main() -> None:
+    """The ``drover-hypercorn`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
