@@ -78,16 +78,23 @@ impl Generation {
 }
 
 /// Whether `command` runs one of drover's Python launchers (`drover-wsgi`,
-/// `drover-uvicorn`, `drover-granian`, or `python -m drover_wsgi` and the
-/// like). They announce themselves on NOTIFY_SOCKET too, but only once the
-/// interpreter has started, which took over `announce_timeout` on a
-/// saturated machine: knowing them by name does not depend on the load.
+/// `drover-uvicorn`, `drover-granian`, `drover-hypercorn`, or `python -m
+/// drover_wsgi` and the like). They announce themselves on NOTIFY_SOCKET
+/// too, but only once the interpreter has started, which took over
+/// `announce_timeout` on a saturated machine: knowing them by name does not
+/// depend on the load.
 fn is_drover_launcher(command: &[String]) -> bool {
-    const LAUNCHERS: [&str; 3] = ["drover-wsgi", "drover-uvicorn", "drover-granian"];
-    const MODULES: [&str; 3] = [
+    const LAUNCHERS: [&str; 4] = [
+        "drover-wsgi",
+        "drover-uvicorn",
+        "drover-granian",
+        "drover-hypercorn",
+    ];
+    const MODULES: [&str; 4] = [
         "drover_wsgi",
         "drover_worker.uvicorn",
         "drover_worker.granian",
+        "drover_worker.hypercorn",
     ];
     let Some(program) = command.first() else {
         return false;
@@ -175,6 +182,7 @@ mod tests {
             "app:app"
         ])));
         assert!(is_drover_launcher(&cmd(&["drover-uvicorn", "main:app"])));
+        assert!(is_drover_launcher(&cmd(&["drover-hypercorn", "main:app"])));
         assert!(is_drover_launcher(&cmd(&[
             "python3",
             "-m",
