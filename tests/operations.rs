@@ -253,13 +253,16 @@ fn a_new_generation_that_cannot_exec_is_rolled_back() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
     let before = worker_pids(&d);
-    // The child fails at its chdir, between fork and exec: the report comes
-    // through its pipe, after the master has moved on.
-    rewrite(&d, &hello("chdir = \"/nonexistent-drover-dir\""));
+    // The child fails at its exec (a path is not looked up beforehand): the
+    // report comes through its pipe, after the master has moved on.
+    rewrite(
+        &d,
+        &with_command(&hello(""), "[\"/nonexistent-drover-program\"]"),
+    );
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("rolled back: worker") && out.contains("chdir failed: ENOENT"),
+        out.contains("rolled back: worker") && out.contains("execve failed: ENOENT"),
         "{out}"
     );
     wait_for("the failed child reaped", LIMIT, || {
@@ -278,8 +281,11 @@ fn a_failed_generation_does_not_count_against_the_slots_it_leaves() {
     let four = hello("max_surge = 4").replace("workers = 2", "workers = 4");
     let d = Start::config(&four).run();
     d.wait_log("all 4 workers ready");
-    // All four new workers fail at their chdir; the first failure rolls back.
-    rewrite(&d, &format!("{four}chdir = \"/nonexistent-drover-dir\"\n"));
+    // All four new workers fail at their exec; the first failure rolls back.
+    rewrite(
+        &d,
+        &with_command(&four, "[\"/nonexistent-drover-program\"]"),
+    );
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 1, "{out}");
     // The other new workers go (reported, or stopped before they could fail).
