@@ -12,6 +12,7 @@
 //! every HANDOFF while the app blocks, every CALM otherwise); so a blocking
 //! app still leaves the other threads serving, HANDOFF to CALM later.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -48,39 +49,63 @@ struct State {
     closed: bool,
     idle_looks: u32,
     last_handoff: Option<Instant>,
+    /// Events the poller took in one epoll_wait and has not served yet:
+    /// served in order, by whoever polls (a hand-over leaves them to the
+    /// next poller).
+    ready: VecDeque<u64>,
+}
+
+/// What a pool thread does next.
+pub enum Next {
+    /// The stop: nobody polls any more.
+    Stop,
+    /// Serve this event (taken earlier; the thread is busy).
+    Event(u64),
+    /// Wait in epoll_wait, then `took`.
+    Poll,
 }
 
 impl Poller {
-    /// Waits until thread `me` may poll; false once closed (the stop).
-    pub fn acquire(&self, me: usize) -> bool {
+    /// Waits until thread `me` may poll: an event already taken, or Poll.
+    pub fn next(&self, me: usize) -> Next {
         let mut s = self.state.lock().unwrap();
         loop {
             if s.closed {
-                return false;
+                return Next::Stop;
             }
             match (s.holder, s.busy_since) {
-                (Some(h), _) if h == me => return true,
+                (Some(h), _) if h == me => break,
                 (None, _) => break,
                 // The holder is stuck in a request: take over now.
-                (Some(_), Some(since)) if since.elapsed() >= HANDOFF => break,
+                (Some(_), Some(since)) if since.elapsed() >= HANDOFF => {
+                    s.last_handoff = Some(Instant::now());
+                    break;
+                }
                 _ => {}
             }
             s.waiting += 1;
             s = self.followers.wait(s).unwrap();
             s.waiting -= 1;
         }
-        if s.busy_since.is_some() {
-            s.last_handoff = Some(Instant::now()); // taken from a busy poller
-        }
         s.holder = Some(me);
-        s.busy_since = None;
-        true
+        match s.ready.pop_front() {
+            Some(event) => {
+                s.busy_since = Some(Instant::now());
+                Next::Event(event)
+            }
+            None => {
+                s.busy_since = None;
+                Next::Poll
+            }
+        }
     }
 
-    /// Thread `me` took an event and serves it.
-    pub fn busy(&self, me: usize) {
+    /// Thread `me` took `first` and `rest` in one epoll_wait: it serves
+    /// `first` now, the rest next (unless another thread takes over).
+    pub fn took(&self, me: usize, rest: impl Iterator<Item = u64>) {
         {
             let mut s = self.state.lock().unwrap();
+            s.ready.extend(rest);
             if s.holder != Some(me) {
                 return;
             }

@@ -1,10 +1,11 @@
 //! The pool: threads sharing one epoll set, connections parked in it between
 //! requests, the timers of parked connections, and the stop.
 //!
-//! One thread at a time waits in `epoll_wait` (poller.rs), for one event,
-//! and handles it itself: a listener event is one `accept`, a connection
-//! event is the next request on it; then it polls again, and the others
-//! sleep, unless it is busy for long (a slow app), when another takes over.
+//! One thread at a time waits in `epoll_wait` (poller.rs), for up to BATCH
+//! events, and handles them itself, in order: a listener event is one
+//! `accept`, a connection event is the next request on it; then it polls
+//! again, and the others sleep, unless it is busy for long (a slow app),
+//! when another takes over (and serves the events left).
 //! The listeners are level-triggered and EPOLLEXCLUSIVE (a new connection
 //! wakes one worker process); connections are registered with EPOLLONESHOT,
 //! and are in the epoll set only while parked (idle between requests, or
@@ -29,6 +30,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
 use crate::exchange::{self, After, BodyPlan, ConnView};
+use crate::poller::Next;
 use crate::sock::{self, Gone};
 use crate::util::{error_response, log};
 
@@ -43,6 +45,8 @@ pub const FIRST_BYTE_GRACE: Duration = Duration::from_secs(1);
 pub const SMALL_BODY: u64 = 64 * 1024;
 
 const TAG_LISTENER: u64 = 1 << 63;
+/// Events taken by one epoll_wait (served in order before the next one).
+const BATCH: usize = 32;
 const TAG_STOP: u64 = 1 << 62;
 
 pub const RUNNING: u8 = 0;
@@ -759,20 +763,25 @@ fn thread_main(sh: Arc<Shared>, index: usize) {
 }
 
 fn run(sh: &Arc<Shared>, index: usize) {
-    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
     while !sh.stop_seen.load(Acquire) {
-        if !sh.poller.acquire(index) {
-            break;
-        }
-        let n = unsafe { libc::epoll_wait(sh.epfd, &mut ev, 1, -1) };
-        if n <= 0 {
-            continue;
-        }
-        let data = ev.u64;
+        let data = match sh.poller.next(index) {
+            Next::Stop => break,
+            Next::Event(data) => data,
+            Next::Poll => {
+                let n = unsafe { libc::epoll_wait(sh.epfd, evs.as_mut_ptr(), BATCH as i32, -1) };
+                if n <= 0 {
+                    continue;
+                }
+                let taken = &evs[..n as usize];
+                sh.poller.took(index, taken[1..].iter().map(|e| e.u64));
+                taken[0].u64
+            }
+        };
         if data == TAG_STOP {
+            sh.poller.idle(index);
             continue;
         }
-        sh.poller.busy(index);
         sh.busy[index].store(true, Relaxed);
         if data & TAG_LISTENER != 0 {
             accept_and_serve(sh, (data & 0xffff) as usize);
