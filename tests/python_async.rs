@@ -542,3 +542,49 @@ fn fastapi_drains_on_sigterm_and_runs_the_registry() {
     expected.sort();
     assert_eq!(notes, expected, "{log}");
 }
+
+/// drover forwards SIGUSR1 ("reopen your logs": logrotate's `postrotate`)
+/// to every worker. drover-uvicorn left it at its default action, so a log
+/// rotation killed every FastAPI worker (`killed by SIGUSR1`, respawned as a
+/// failure, its lifespan shutdown and registry never run). The launcher now
+/// ignores it, as drover-wsgi does: the same workers serve on, and stop by
+/// themselves with their cleanup.
+#[test]
+fn fastapi_workers_survive_sigusr1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes");
+    let file_text = file.display().to_string();
+    let mut d = fastapi(
+        "integration.fastapi_app:app",
+        "",
+        &[("APP_CLEANUP_FILE", &file_text)],
+    );
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    d.signal(Signal::SIGUSR1);
+    d.wait_log("SIGUSR1: forwarded to 2 worker(s)");
+    let addr = d.tcp_addr();
+    for _ in 0..4 {
+        let r = get_ok(addr, "/");
+        assert!(r.body.starts_with("{\"pid\":"), "{}", r.body);
+    }
+    // A SIGUSR1 that killed a worker reached it before this SIGTERM (drover
+    // sent it first, and a pending SIGUSR1 is delivered before a SIGTERM).
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!log.contains("killed by SIGUSR1"), "{log}");
+    assert_eq!(log.matches("spawned").count(), 2, "no respawn: {log}");
+    let mut registry: Vec<String> = lines(&file)
+        .into_iter()
+        .filter(|l| l.starts_with("registry"))
+        .collect();
+    registry.sort();
+    let mut expected: Vec<String> = workers
+        .iter()
+        .map(|w| format!("registry pid={w}"))
+        .collect();
+    expected.sort();
+    assert_eq!(registry, expected, "{log}");
+}

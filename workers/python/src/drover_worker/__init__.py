@@ -308,11 +308,21 @@ def will_notify() -> bool:
     return notify("X_DROVER_WILL_NOTIFY=1")
 
 
-def begin_launch(chdir: Optional[str], log: Callable[[str], None]) -> None:
+def begin_launch(chdir: Optional[str], log: Callable[[str], None]) -> bool:
     """What every launcher (drover-wsgi, drover-uvicorn, drover-granian)
-    does first, before its slow import: say that READY=1 will follow, change
-    to ``chdir``, and import from the working directory (as gunicorn and
-    uvicorn do)."""
+    does first, before its slow import: ignore SIGUSR1, say that READY=1
+    will follow, change to ``chdir``, and import from the working directory
+    (as gunicorn and uvicorn do).
+
+    drover forwards SIGUSR1 ("reopen your log files", logrotate's
+    ``postrotate``) to every worker, and its default action kills the
+    process: ignored from here on, unless the app installs a handler of its
+    own while it is imported. Returns True when it was ignored here (it was
+    at its default action), so that a launcher with a use for it (drover-wsgi
+    reopens its access log) knows that SIG_IGN is its own."""
+    usr1_ignored_here = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    if usr1_ignored_here:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         will_notify()
     except OSError as e:
@@ -322,6 +332,7 @@ def begin_launch(chdir: Optional[str], log: Callable[[str], None]) -> None:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
+    return usr1_ignored_here
 
 
 def heartbeat() -> bool:

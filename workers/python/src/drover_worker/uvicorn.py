@@ -23,6 +23,8 @@ What ``uvicorn --fd 3`` lacks under drover, this adds:
   process exits 0;
 * ``WATCHDOG=1`` from the event loop when drover's ``timeout`` is set, so a
   blocked loop is caught;
+* SIGUSR1, which drover forwards when it reopens its log, is ignored unless
+  the app handles it (its default action would kill the worker);
 * ``preload = true``: the app is imported once per generation by a template
   (``drover_worker.preload``) and the workers are forked from it.
 

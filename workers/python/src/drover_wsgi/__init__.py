@@ -163,13 +163,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # drover forwards SIGUSR1 ("reopen your logs") to booting workers too: its
-    # default action must not kill us while the app is imported (see _on_sigusr1).
-    usr1_ignored_here = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
-    if usr1_ignored_here:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    # Before the import (which may be slow): drover may wait for READY=1.
-    dw.begin_launch(args.chdir, log)
+    # Before the import (which may be slow): drover may wait for READY=1, and
+    # forwards SIGUSR1 to booting workers too (see _on_sigusr1).
+    usr1_ignored_here = dw.begin_launch(args.chdir, log)
     faulthandler.enable()  # SIGABRT (drover's liveness timeout) dumps every thread's stack
     # Early, so that a stop during the import is not lost; again after the
     # import, so that handlers the app installed are chained, not lost. (A
