@@ -82,10 +82,14 @@ impl Command {
     /// is an error for every command (`{"command":"reload","dry_run":true}`
     /// must not reload), as is an unknown command or a missing field.
     pub fn parse(line: &[u8]) -> Result<Command, String> {
-        let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-        let Some(object) = value.as_object() else {
-            return Err("expected a JSON object like {\"command\": \"status\"}".into());
-        };
+        let Members(members) = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        let mut object = serde_json::Map::new();
+        for (name, value) in members {
+            if object.contains_key(&name) {
+                return Err(format!("field `{name}` given twice"));
+            }
+            object.insert(name, value);
+        }
         let name = match object.get("command") {
             Some(serde_json::Value::String(name)) => name.as_str(),
             Some(_) => return Err("`command` must be a string".into()),
@@ -115,7 +119,35 @@ impl Command {
                 "unknown field `{extra}` for command \"{name}\": {expected}"
             ));
         }
-        serde_json::from_value(value).map_err(|e| e.to_string())
+        serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| e.to_string())
+    }
+}
+
+/// A request's members in the order sent. (serde_json's own map keeps the
+/// last of two members of the same name, so `{"command":"status",
+/// "command":"stop"}` stopped drover: `parse` refuses a repeated name.)
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Members, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object like {\"command\": \"status\"}")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 
@@ -421,7 +453,8 @@ impl ControlSocket {
 }
 
 /// Reads what the client sent, up to the request cap: `Some` once a line is
-/// complete (or the cap is passed), `None` while more is to come.
+/// complete (ended by a newline or by the client's half-close) or the cap is
+/// passed, `None` while more is to come.
 fn read_line(c: &mut Client) -> io::Result<Option<Result<Command, String>>> {
     let mut chunk = [0u8; 4096];
     loop {
@@ -436,7 +469,12 @@ fn read_line(c: &mut Client) -> io::Result<Option<Result<Command, String>>> {
         // Never more than one byte past the cap is kept.
         let room = (MAX_REQUEST + 1 - c.buf.len()).min(chunk.len());
         match c.stream.read(&mut chunk[..room]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            // A client that half-closes after its request (`printf ... |
+            // nc -U -N`) has ended its line too; one that sent nothing left.
+            Ok(0) if c.buf.iter().all(u8::is_ascii_whitespace) => {
+                return Err(io::ErrorKind::UnexpectedEof.into())
+            }
+            Ok(0) => return Ok(Some(Command::parse(&c.buf))),
             Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -679,6 +717,15 @@ mod tests {
             (r#"{"command":7}"#, "`command` must be a string"),
             (r#"{"workers":7}"#, "missing field `command`"),
             (r#"{"command":"scale","workers":-1}"#, "invalid value"),
+            // Stopped drover before: the last `command` won.
+            (
+                r#"{"command":"status","command":"stop"}"#,
+                "field `command` given twice",
+            ),
+            (
+                r#"{"command":"scale","workers":2,"workers":9}"#,
+                "field `workers` given twice",
+            ),
         ] {
             let e = Command::parse(line.as_bytes()).unwrap_err();
             assert!(e.contains(why), "{line}: {e}");

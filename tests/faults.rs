@@ -112,6 +112,31 @@ fn a_control_request_with_an_unknown_field_does_nothing() {
     assert!(!d.log().contains("reload"), "{}", d.log());
 }
 
+/// A request whose `command` is given twice stopped drover (serde_json kept
+/// the last one), and a request ended by the client's half-close instead of
+/// a newline (`printf '{"command":"status"}' | nc -U -N`) got no answer at
+/// all. Now the first is refused and the second answered.
+#[test]
+fn a_repeated_field_is_refused_and_a_half_close_ends_the_request() {
+    let mut d = Start::config(&config(&hello_cmd(), 1, "ready = \"notify\"")).run();
+    d.wait_log("all 1 workers ready");
+    let answer = ask(&d, "{\"command\":\"status\",\"command\":\"stop\"}\n");
+    assert!(
+        answer.contains("\"ok\":false") && answer.contains("field `command` given twice"),
+        "{answer}"
+    );
+    let mut s = UnixStream::connect(sock(&d)).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"{\"command\":\"status\"}").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("\"ok\":true"), "{answer:?}");
+    assert!(!d.log().contains("shutdown"), "{}", d.log());
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+}
+
 #[test]
 fn idle_control_clients_are_capped_and_dropped_and_never_block_an_answer() {
     let mut d = Start::config(&config(&hello_cmd(), 1, "ready = \"notify\"")).run();
