@@ -623,3 +623,35 @@ fn the_template_is_in_status_metrics_and_events() {
         .expect("the new template's exit");
     assert_eq!(retired["cause"], "retired", "{retired}");
 }
+
+/// A HUP while the first template is still importing the app (a reload
+/// during start-up) retires generation 1 before its template is ready:
+/// drover closes its channel, and the template's READY=1 then met a broken
+/// pipe, so it logged `the channel to drover failed: [Errno 32] Broken
+/// pipe; exiting` and was reaped as `exited with status 1 (retired)`.
+/// Being retired is no failure: it exits 0 and says why.
+#[test]
+fn a_template_retired_while_it_imports_exits_quietly() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "time.sleep(1)");
+    let mut d = start(app.path(), 2, "");
+    d.wait_log("template of generation 1");
+    d.signal(Signal::SIGHUP);
+    d.wait_log("reloading");
+    d.wait_log("all 2 workers ready");
+    let log = wait_for("generation 1's template to exit", LIMIT, || {
+        let log = d.log();
+        log.lines()
+            .any(|l| l.contains("template of generation 1") && l.contains("exited"))
+            .then_some(log)
+    });
+    assert!(!log.contains("channel to drover failed"), "{log}");
+    let exit = log
+        .lines()
+        .find(|l| l.contains("template of generation 1") && l.contains("exited"))
+        .unwrap();
+    assert!(exit.contains("exited with status 0 (retired)"), "{log}");
+    assert_eq!(served_by(&get_ok(d.tcp_addr(), "/").body).0, "v1");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}

@@ -195,6 +195,11 @@ class Template:
                     return result
         except _Stop:
             _exit(0)
+        except (BrokenPipeError, ConnectionResetError):
+            # drover closed its end before reading what we sent: it retired
+            # this generation (a reload while we loaded the application).
+            _log("drover retired this generation (it closed the channel): exiting")
+            _exit(0)
         except OSError as e:
             _log("the channel to drover failed: %s; exiting" % e)
             _exit(1)
