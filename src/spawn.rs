@@ -228,6 +228,18 @@ pub fn exec_hint(program: &Path, errno: Errno, workdir: Option<&Path>) -> String
     };
     match errno {
         Errno::EACCES if full.is_dir() => "; it is a directory, not a program".into(),
+        // Executable, yet refused: the workers' `user` cannot reach what it
+        // needs (not "chmod +x it", which it is).
+        Errno::EACCES if has_execute_bits(&full) => match shebang(&full) {
+            Some(i) => format!(
+                "; it is executable, but the workers' user cannot reach its #! interpreter, \
+                 {i}, or a directory on the way to either (a virtualenv made from a Python \
+                 under /root links there), or its file system is mounted noexec"
+            ),
+            None => "; it is executable, but the workers' user cannot reach a directory on \
+                     its path, or its file system is mounted noexec"
+                .into(),
+        },
         Errno::EACCES if full.is_file() => match interpreter {
             Some(i) => format!("; it is not executable: {}", run_with(i)),
             None => "; it is not executable: chmod +x it, or run it with its interpreter".into(),
@@ -244,6 +256,25 @@ pub fn exec_hint(program: &Path, errno: Errno, workdir: Option<&Path>) -> String
         }
         _ => String::new(),
     }
+}
+
+/// A regular file with an execute bit (for anyone).
+fn has_execute_bits(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The interpreter a script's `#!` line names.
+fn shebang(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let line = head[..n]
+        .strip_prefix(b"#!")?
+        .split(|b| *b == b'\n')
+        .next()?;
+    let line = String::from_utf8_lossy(line);
+    line.split_whitespace().next().map(str::to_string)
 }
 
 fn search_path(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {

@@ -340,6 +340,52 @@ fn errors_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, Vec<String>)
     (out.status.code(), lines)
 }
 
+/// A script that is executable, run as a `user` that cannot reach its `#!`
+/// interpreter (a virtualenv made from a Python installed under /root, whose
+/// `bin/python3` links there): the exec fails with EACCES, and drover said
+/// "it is not executable: chmod +x it", which it was. Now it names the
+/// interpreter and the user's access as the likely cause.
+#[test]
+fn an_executable_whose_interpreter_the_user_cannot_reach_is_named() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let interpreter = private.path().join("sh");
+    std::os::unix::fs::symlink("/bin/sh", &interpreter).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = dir.path().join("app");
+    std::fs::write(
+        &app,
+        format!(
+            "#!{}\necho RAN-AS $(id -u) >&2; exit 3\n",
+            interpreter.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = app.display().to_string();
+    let (status, errors) = errors_in(
+        dir.path(),
+        &["-b", "127.0.0.1:0", "--set", "user=nobody", "--", &app],
+    );
+    assert_eq!(status, Some(3), "{errors:?}");
+    let first = errors.first().cloned().unwrap_or_default();
+    assert!(
+        first.contains("execve failed: EACCES")
+            && !first.contains("chmod +x")
+            && first.contains(&format!(
+                "its #! interpreter, {}, or a directory on the way to either",
+                interpreter.display()
+            )),
+        "{errors:?}"
+    );
+}
+
 #[test]
 fn a_script_that_is_not_executable_is_to_be_run_with_its_interpreter() {
     let dir = tempfile::tempdir().unwrap();
