@@ -131,6 +131,25 @@ fn a_reload_to_an_unknown_user_or_a_missing_directory_is_refused_where_it_was_se
 }
 
 #[test]
+fn a_reload_that_changes_a_start_only_setting_says_so_and_applies_the_rest() {
+    let d = Start::config(&hello("pidfile = \"$DIR/one.pid\"")).run();
+    d.wait_log("all 2 workers ready");
+    rewrite(
+        &d,
+        &hello("pidfile = \"$DIR/two.pid\"\ngraceful_timeout = \"7s\""),
+    );
+    let (code, out) = ctl(&d, &["reload"]);
+    assert_eq!(code, 0, "{out}");
+    let log = d.wait_log("reload applied");
+    assert!(
+        log.contains("pidfile changed: it is read only at start; the change takes effect at the next start or upgrade"),
+        "{log}"
+    );
+    assert!(!log.contains("control_socket changed"), "{log}");
+    assert!(d.dir.path().join("one.pid").exists(), "the pidfile stays");
+}
+
+#[test]
 fn a_new_generation_that_cannot_boot_is_rolled_back() {
     let d = Start::config(&hello("")).run();
     d.wait_log("all 2 workers ready");
@@ -475,9 +494,13 @@ fn scale_pause_and_resume() {
     assert_eq!(get_ok(addr, "/").status, 200);
     d.wait_workers(3);
     // TTOU removes one at a time, never the last one.
-    for (n, line) in [(2, "3 -> 2"), (1, "2 -> 1"), (1, "1 -> 1")] {
+    for (n, line) in [
+        (2, "3 -> 2 workers"),
+        (1, "2 -> 1 workers"),
+        (1, "already at the minimum, 1 worker(s)"),
+    ] {
         d.signal(Signal::SIGTTOU);
-        d.wait_log(&format!("SIGTTOU: {line} workers"));
+        d.wait_log(&format!("SIGTTOU: {line}"));
         d.wait_workers(n);
     }
     assert_eq!(get_ok(addr, "/").status, 200);

@@ -489,8 +489,10 @@ fn max_requests_recycles_the_worker(core: &str) {
         "STOPPING=1 was sent: {log}"
     );
     assert!(
-        log.contains("respawning now"),
-        "replaced at once, not as a crash: {log}"
+        log.contains(&format!(
+            "INFO worker 1 (pid {first}) exited with status 0 after"
+        )) && log.contains("as it announced (STOPPING=1); respawning now"),
+        "replaced at once, not as a crash, nor warned about: {log}"
     );
     wait_for("the recycled worker's cleanup", LIMIT, || {
         cleanup_lines(&d)

@@ -120,6 +120,33 @@ pub fn prepare(s: &crate::config::Settings) -> Result<spawn::Program, StartError
     generation::prepare(s, false).map(|(_, program)| program)
 }
 
+/// The settings read only at start (docs/signals.md, "Reload").
+const START_ONLY: &[&str] = &[
+    "subreaper",
+    "pidfile",
+    "control_socket",
+    "log_file",
+    "log_level",
+    "admin_bind",
+    "reload",
+    "reload_paths",
+    "reload_extra_files",
+];
+
+/// Those of the start-only settings that differ between `before` and `after`.
+fn changed_start_only(
+    before: &crate::config::Settings,
+    after: &crate::config::Settings,
+) -> Vec<&'static str> {
+    let (before, after) = (before.shown(), after.shown());
+    before
+        .into_iter()
+        .zip(after)
+        .filter(|((key, old), (_, new))| START_ONLY.contains(key) && old != new)
+        .map(|((key, _), _)| key)
+        .collect()
+}
+
 /// The master: its I/O endpoints, and the supervisor that decides.
 pub struct Master {
     source: Source,
@@ -775,10 +802,10 @@ impl Master {
         // Hooks and capture_output follow the generation new workers start from.
         let current = self.sup.current().clone();
         self.obs.configure(&current.s);
-        if current.number == number && current.s.admin_bind != before.s.admin_bind {
-            warn!(
-                "admin_bind changed: the endpoint stays where it is until the next start or upgrade"
-            );
+        if current.number == number {
+            for key in changed_start_only(&before.s, &current.s) {
+                warn!("{key} changed: it is read only at start; the change takes effect at the next start or upgrade");
+            }
         }
     }
 
@@ -901,5 +928,15 @@ impl Master {
 fn sweep_group(slot: u32, pid: Pid) {
     if killpg(pid, Signal::SIGKILL).is_ok() {
         warn!("worker {slot} (pid {pid}) left processes in its process group: sent them SIGKILL");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn start_only_settings_are_settings() {
+        for key in super::START_ONLY {
+            assert!(crate::config::KEYS.contains(key), "{key} is no setting");
+        }
     }
 }

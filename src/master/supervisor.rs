@@ -324,7 +324,7 @@ impl Supervisor {
             _ if self.stopping() => info!("{name}: ignored during shutdown"),
             Event::AddWorker if self.paused() => self.resume(name),
             Event::AddWorker => self.scale(self.pool.count() + 1, name),
-            Event::RemoveWorker => self.scale(self.pool.count().saturating_sub(1).max(1), name),
+            Event::RemoveWorker => self.scale(self.pool.count().saturating_sub(1), name),
             Event::Reload => self.reload(name, None),
             Event::ReopenLogs => self.reopen_logs(),
             Event::Upgrade => self.emit(Action::StartUpgrade { client: None }),
@@ -401,9 +401,15 @@ impl Supervisor {
     }
 
     fn scale(&mut self, count: u32, why: &str) {
+        let wanted = count;
         let count = count.clamp(1, MAX_WORKERS);
         let from = self.pool.count();
-        info!("{why}: {from} -> {count} workers");
+        if from == count && wanted != count {
+            let bound = if count == 1 { "minimum" } else { "maximum" };
+            info!("{why}: already at the {bound}, {count} worker(s)");
+        } else {
+            info!("{why}: {from} -> {count} workers");
+        }
         self.pool.resize(count as usize);
         if from != count {
             self.emit(Action::Publish(Kind::Scaled {
@@ -1105,7 +1111,14 @@ impl Supervisor {
         let planned =
             matches!(w.state, State::Ready(r) if r.leaving) && exit_code(status) == Some(0);
         let served = !w.is_booting();
-        if planned || (served && lived >= reset_after) {
+        if planned {
+            // Its own decision (max_requests, say): a recycle, not a fault.
+            s.failures = 0;
+            info!(
+                "worker {slot} (pid {pid}) {why} after {}, as it announced (STOPPING=1); respawning now",
+                ms(lived)
+            );
+        } else if served && lived >= reset_after {
             s.failures = 0;
             warn!(
                 "worker {slot} (pid {pid}) {why} after {}; respawning now",
