@@ -83,6 +83,12 @@ def app(environ, start_response):
         drover_worker.status("sleeping")  # lets a test wait until the request is in progress
         time.sleep(ms / 1000)
         return _text(start_response, "200 OK", b"slept %d" % ms)
+    if path == "/spin":  # CPU-bound: holds the GIL but at the switch interval
+        ms = int(environ["QUERY_STRING"].partition("=")[2] or "0")
+        until = time.monotonic() + ms / 1000
+        while time.monotonic() < until:
+            pass
+        return _text(start_response, "200 OK", b"spun %d" % ms)
     if path == "/non-latin-1-header":
         start_response("200 OK", [("X-Euro", "\u20ac")])
         return [b"no"]

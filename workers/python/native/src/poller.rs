@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long the poller may be busy before another thread takes over.
+/// How long the poller may be busy, blocked (not running nor waiting for a
+/// CPU), before another thread takes over; LONG, whatever it does.
 pub const HANDOFF: Duration = Duration::from_millis(1);
+const LONG: Duration = Duration::from_millis(20);
 /// While the app blocks now and then (a hand-over in the last RECENT), the
 /// timer thread looks every HANDOFF; else every CALM (each look is a
 /// wake-up: a thousand a second cost a fast app about 0.1 context switch
@@ -43,6 +45,8 @@ pub struct Poller {
 #[derive(Default)]
 struct State {
     holder: Option<usize>,
+    /// The holder's thread id (for its state in /proc).
+    holder_tid: i32,
     /// The holder serves since (None: it polls, or is about to).
     busy_since: Option<Instant>,
     waiting: usize,
@@ -66,8 +70,9 @@ pub enum Next {
 }
 
 impl Poller {
-    /// Waits until thread `me` may poll: an event already taken, or Poll.
-    pub fn next(&self, me: usize) -> Next {
+    /// Waits until thread `me` (thread id `tid`) may poll: an event
+    /// already taken, or Poll.
+    pub fn next(&self, me: usize, tid: i32) -> Next {
         let mut s = self.state.lock().unwrap();
         loop {
             if s.closed {
@@ -77,7 +82,7 @@ impl Poller {
                 (Some(h), _) if h == me => break,
                 (None, _) => break,
                 // The holder is stuck in a request: take over now.
-                (Some(_), Some(since)) if since.elapsed() >= HANDOFF => {
+                (Some(_), Some(since)) if stuck(&s, since, Instant::now()) => {
                     s.last_handoff = Some(Instant::now());
                     break;
                 }
@@ -88,6 +93,7 @@ impl Poller {
             s.waiting -= 1;
         }
         s.holder = Some(me);
+        s.holder_tid = tid;
         match s.ready.pop_front() {
             Some(event) => {
                 s.busy_since = Some(Instant::now());
@@ -146,7 +152,7 @@ impl Poller {
         let wait = match s.busy_since {
             Some(since) => {
                 s.idle_looks = 0;
-                if now >= since + HANDOFF && s.waiting > 0 {
+                if s.waiting > 0 && stuck(&s, since, now) {
                     s.holder = None;
                     s.busy_since = None;
                     s.last_handoff = Some(now);
@@ -170,4 +176,25 @@ impl Poller {
             self.watch_asleep.store(false, Ordering::Release);
         }
     }
+}
+
+/// Whether the poller, busy since `since`, should give the right to poll
+/// away: it is blocked (the app waits for I/O, a lock, a sleep) past
+/// HANDOFF, or busy past LONG. A poller that runs, or waits for a CPU (a
+/// busy machine preempted it), keeps it: another thread would only wait
+/// for the same CPU, and then for the GIL.
+fn stuck(s: &State, since: Instant, now: Instant) -> bool {
+    let busy = now.saturating_duration_since(since);
+    busy >= LONG || (busy >= HANDOFF && !runnable(s.holder_tid))
+}
+
+/// Whether thread `tid` of this process is running or runnable (state R
+/// in /proc/self/task/TID/stat); false when unknown.
+fn runnable(tid: i32) -> bool {
+    let Ok(stat) = std::fs::read(format!("/proc/self/task/{tid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    let after = stat.iter().rposition(|&b| b == b')').map_or(0, |i| i + 1);
+    stat[after..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'R')
 }

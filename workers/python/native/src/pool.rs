@@ -764,8 +764,9 @@ fn thread_main(sh: Arc<Shared>, index: usize) {
 
 fn run(sh: &Arc<Shared>, index: usize) {
     let mut evs = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+    let tid = unsafe { libc::gettid() };
     while !sh.stop_seen.load(Acquire) {
-        let data = match sh.poller.next(index) {
+        let data = match sh.poller.next(index, tid) {
             Next::Stop => break,
             Next::Event(data) => data,
             Next::Poll => {
