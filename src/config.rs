@@ -297,9 +297,13 @@ impl Layer {
                 column,
             }
         };
-        let raw: RawLayer = toml::from_str(text).map_err(|e| ConfigError::Invalid {
-            at: place(e.span().unwrap_or(0..0)),
-            message: with_hint(e.message().trim_end()).replace('\n', " "),
+        let raw: RawLayer = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            ConfigError::Invalid {
+                message: with_hint(&syntax_hint(e.message().trim_end(), text, &span))
+                    .replace('\n', " "),
+                at: place(span),
+            }
         })?;
         let mut layer = raw.locate(place);
         if layer.bind.is_some() {
@@ -662,6 +666,31 @@ impl Layer {
 
 /// A serde message with what to write instead, for the usual slips: a name
 /// near a known one, a string where a list is expected, a quoted number.
+/// toml's syntax errors with what they are about: the key set twice, the
+/// bare word that is no value.
+fn syntax_hint(message: &str, text: &str, span: &Range<usize>) -> String {
+    let rest = text.get(span.start..).unwrap_or_default();
+    let line = rest.lines().next().unwrap_or_default();
+    match message {
+        "duplicate key" => {
+            let key = line.split('=').next().unwrap_or_default();
+            let key = key.trim().trim_end_matches(']').trim();
+            format!("duplicate key `{key}`: set each key once")
+        }
+        "string values must be quoted, expected literal string" => {
+            let word = line
+                .split(['#', ',', ']'])
+                .next()
+                .unwrap_or_default()
+                .trim();
+            format!(
+                "`{word}` is not a value: quote a string (\"{word}\"); a number or a boolean is written bare, like 4 or true"
+            )
+        }
+        _ => message.to_string(),
+    }
+}
+
 fn with_hint(message: &str) -> String {
     // `invalid type: string "app", expected a sequence`
     if let Some(rest) = message.strip_prefix("invalid type: string ") {
@@ -1431,6 +1460,28 @@ mod tests {
 
     fn err(text: &str) -> String {
         Layer::parse("c.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn syntax_errors_name_what_they_are_about() {
+        assert_eq!(
+            err("workers = 2\nworkers = 3\n"),
+            "c.toml:2:1: duplicate key `workers`: set each key once"
+        );
+        assert_eq!(
+            err("[env]\nA = \"1\"\n[env]\n"),
+            "c.toml:3:2: duplicate key `env`: set each key once"
+        );
+        assert_eq!(
+            err("workers = 4x\n"),
+            "c.toml:1:11: `4x` is not a value: quote a string (\"4x\"); \
+             a number or a boolean is written bare, like 4 or true"
+        );
+        assert_eq!(
+            err("command = [python3, \"x\"]\n"),
+            "c.toml:1:12: `python3` is not a value: quote a string (\"python3\"); \
+             a number or a boolean is written bare, like 4 or true"
+        );
     }
 
     #[test]
