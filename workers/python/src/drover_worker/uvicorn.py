@@ -15,7 +15,10 @@ What ``uvicorn --fd 3`` lacks under drover, this adds:
   with status 3, "cannot boot", so that drover stops instead of respawning it
   forever; a failed lifespan startup exits 3 too (uvicorn's own status);
 * SIGTERM and SIGINT: uvicorn's graceful shutdown (stop accepting, finish
-  in-flight requests, lifespan shutdown), bounded by the SDK's drain deadline
+  in-flight requests, lifespan shutdown), after up to a second in which every
+  response says ``Connection: close`` and connections between requests may
+  send one more (uvicorn alone closes them at once, racing the client's next
+  request), bounded by the SDK's drain deadline
   (``drover_worker.drain_deadline()``): requests still running then are
   cancelled, so that the rest of the budget is the cleanup's. SIGQUIT: a
   quick stop (uvicorn's force exit: no waiting, no lifespan shutdown);
@@ -184,21 +187,33 @@ def _server_class(base: Any) -> Any:
             await super().shutdown(sockets=sockets)
 
         async def _let_fresh_requests_in(self) -> None:
-            """Stops accepting, then waits (up to FIRST_BYTE_GRACE) until each
-            connection accepted just before has its request in: uvicorn's
-            shutdown closes a connection with no request in progress, and the
-            client whose request was on its way would see a reset."""
+            """Stops accepting and answers every response from now on with
+            ``Connection: close``, then waits (up to FIRST_BYTE_GRACE) until
+            no open connection is between requests: uvicorn's shutdown closes
+            such a connection at once, and a client whose request was on its
+            way (on a connection accepted just before, or its next request on
+            a kept-alive one) would see it closed unanswered."""
             for server in getattr(self, "servers", []):
                 server.close()
+            # The list every request's cycle adds to its response's headers
+            # (uvicorn no longer replaces it once it stops serving).
+            self.server_state.default_headers.append((b"connection", b"close"))
             deadline = time.monotonic() + min(FIRST_BYTE_GRACE, dw.remaining_budget() / 4)
             while time.monotonic() < deadline:
-                fresh = [c for c in self.server_state.connections
-                         if getattr(c, "cycle", False) is None and not c.transport.is_closing()]
-                if not fresh:
+                if not any(_between_requests(c) for c in self.server_state.connections):
                     return
                 await asyncio.sleep(0.01)
 
     return DroverServer
+
+
+def _between_requests(connection: Any) -> bool:
+    """An open HTTP connection with no request in progress (none yet, or the
+    last one answered)."""
+    cycle = getattr(connection, "cycle", False)  # websockets have none
+    if cycle is False or connection.transport.is_closing():
+        return False
+    return cycle is None or bool(getattr(cycle, "response_complete", False))
 
 
 def _quick_on_sigquit(server: Any) -> None:
