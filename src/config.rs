@@ -176,6 +176,9 @@ settings! {
     chdir: Option<PathBuf> = None;
     /// During a reload, at most this many new workers boot at once.
     max_surge: Count = Count(1);
+    /// The CPU priority a worker boots at while others serve: "normal",
+    /// "idle" (SCHED_IDLE), or a nice increment; restored at `READY=1`.
+    boot_priority: BootPriority = BootPriority::Normal;
     /// Development mode: reload (as SIGHUP does) when the app's files change.
     reload: bool = false;
     /// With `reload`: directories watched with everything below them; none
@@ -819,6 +822,11 @@ toml_as! {
     Backlog => |n| n.0.to_string();
     WorkerCount => |n| n.0.to_string();
     Count => |n| n.0.to_string();
+    BootPriority => |p| match p {
+        BootPriority::Normal => toml_string("normal"),
+        BootPriority::Idle => toml_string("idle"),
+        BootPriority::Nice(n) => n.to_string(),
+    };
     Mode => |m| format!("0o{:o}", m.0);
     Dur => |d| toml_string(&d.to_string());
     Sig => |s| toml_string(s.0.as_str());
@@ -1216,6 +1224,52 @@ impl Ready {
             Ready::Notify => "notify",
             Ready::Auto => "auto",
         }
+    }
+}
+
+/// `boot_priority`: how a worker boots while others serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootPriority {
+    /// At drover's own priority, as when it serves.
+    Normal,
+    /// At drover's nice value plus this (1 to 19; at most 19 in all).
+    Nice(u32),
+    /// `SCHED_IDLE`: only the CPU no other process wants.
+    Idle,
+}
+
+impl<'de> Deserialize<'de> for BootPriority {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const EXPECTED: &str = "\"normal\", \"idle\", or a nice increment from 0 to 19";
+        impl Visitor<'_> for V {
+            type Value = BootPriority;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<BootPriority, E> {
+                match n {
+                    0 => Ok(BootPriority::Normal),
+                    1..=19 => Ok(BootPriority::Nice(n as u32)),
+                    _ => Err(E::custom(format!(
+                        "{n} is out of range: expected {EXPECTED}"
+                    ))),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<BootPriority, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<BootPriority, E> {
+                match s {
+                    "normal" => Ok(BootPriority::Normal),
+                    "idle" => Ok(BootPriority::Idle),
+                    _ => Err(E::custom(format!(
+                        "invalid boot_priority {s:?}: expected {EXPECTED}"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

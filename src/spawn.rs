@@ -426,9 +426,10 @@ enum Step {
     Uid,
     Exec,
     Output,
+    Priority,
 }
 
-const STEP_NAMES: [&str; 11] = [
+const STEP_NAMES: [&str; 12] = [
     "setpgid (own process group)",
     "prctl(PR_SET_PDEATHSIG)",
     "redirecting stdin from /dev/null",
@@ -440,18 +441,30 @@ const STEP_NAMES: [&str; 11] = [
     "setuid",
     "execve",
     "redirecting stdout and stderr to drover (capture_output)",
+    "setting the boot priority (boot_priority)",
 ];
 
+/// A lower CPU priority than drover's to start a child at (`boot_priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Low {
+    /// This nice value.
+    Nice(i32),
+    /// The `SCHED_IDLE` policy.
+    Idle,
+}
+
 /// Starts one worker: `program` with `env`, the `listeners` at fds 3.., stdin
-/// from `devnull`. Returns once the child has exec'd (or failed to).
+/// from `devnull`, at priority `low` if set. Returns once the child has
+/// exec'd (or failed to).
 pub fn spawn(
     program: &Program,
     env: &Env,
     listeners: &[RawFd],
     devnull: RawFd,
     die_with_parent: bool,
+    low: Option<Low>,
 ) -> Result<Pid, SpawnError> {
-    let started = start(program, env, listeners, devnull, die_with_parent, None)?;
+    let started = start(program, env, listeners, devnull, die_with_parent, None, low)?;
     match read_report(started.report.as_raw_fd()) {
         Report::Failed(step, errno) => Err(started.failed(step, errno)),
         // A blocking read ends with the report or at exec.
@@ -499,26 +512,18 @@ impl Started {
 }
 
 /// Forks one worker as [`spawn`] does, without waiting for its exec: see
-/// [`Started`]. Its report pipe is non-blocking.
+/// [`Started`]. Its report pipe is non-blocking. With `output`, the
+/// worker's standard output and error go to those descriptors (the write
+/// ends of the `capture_output` pipes) instead of drover's.
 pub fn spawn_async(
     program: &Program,
     env: &Env,
     listeners: &[RawFd],
     devnull: RawFd,
-) -> Result<Started, SpawnError> {
-    spawn_async_with_output(program, env, listeners, devnull, None)
-}
-
-/// [`spawn_async`], with the worker's standard output and error on `output`
-/// (the write ends of the `capture_output` pipes) instead of drover's.
-pub fn spawn_async_with_output(
-    program: &Program,
-    env: &Env,
-    listeners: &[RawFd],
-    devnull: RawFd,
     output: Option<(RawFd, RawFd)>,
+    low: Option<Low>,
 ) -> Result<Started, SpawnError> {
-    let started = start(program, env, listeners, devnull, true, output)?;
+    let started = start(program, env, listeners, devnull, true, output, low)?;
     nix::fcntl::fcntl(
         &started.report,
         nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
@@ -534,6 +539,7 @@ fn start(
     devnull: RawFd,
     die_with_parent: bool,
     output: Option<(RawFd, RawFd)>,
+    low: Option<Low>,
 ) -> Result<Started, SpawnError> {
     // Everything the child touches is allocated here, before the fork.
     let mut entries = env.entries.clone();
@@ -579,6 +585,7 @@ fn start(
         identity: program.identity.as_ref(),
         die_with_parent,
         output,
+        low,
     };
 
     // Block every signal across the fork so that none runs the master's
@@ -668,6 +675,8 @@ struct ChildPlan<'a> {
     die_with_parent: bool,
     /// Standard output and error (capture_output), else drover's own.
     output: Option<(RawFd, RawFd)>,
+    /// The priority to run at (`boot_priority`), else drover's own.
+    low: Option<Low>,
 }
 
 /// The child between fork and exec. Only async-signal-safe calls.
@@ -753,6 +762,14 @@ unsafe fn run_child(p: &ChildPlan) -> ! {
     if let Some(mask) = p.umask {
         libc::umask(mask);
     }
+    // Before exec, so that every thread the program starts inherits it; and
+    // before the credentials change: a process may always lower its own
+    // priority, whoever it runs as.
+    if let Some(low) = p.low {
+        if set_low(low) != 0 {
+            fail(report, Step::Priority);
+        }
+    }
     // Groups before the user: after setuid we could no longer change them.
     if let Some(id) = p.identity {
         if libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0 {
@@ -791,6 +808,19 @@ unsafe fn run_child(p: &ChildPlan) -> ! {
     }
     libc::execve(p.path, p.argv, p.envp);
     fail(report, Step::Exec)
+}
+
+/// Puts the calling thread at `low`: 0, or -1 with errno set.
+/// Async-signal-safe.
+pub fn set_low(low: Low) -> libc::c_int {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain system calls on the calling thread.
+    unsafe {
+        match low {
+            Low::Nice(n) => libc::setpriority(libc::PRIO_PROCESS, 0, n),
+            Low::Idle => libc::sched_setscheduler(0, libc::SCHED_IDLE, &param),
+        }
+    }
 }
 
 /// Writes `n` in decimal followed by NUL into `room` bytes at `dst`.

@@ -9,6 +9,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::generation::Generation;
+use super::priority::Boot;
 use super::worker::{Kill, Stop};
 use crate::control::{Answer, ClientId};
 use crate::listen::Set;
@@ -30,6 +31,10 @@ pub enum Action {
     },
     /// SIGKILL to a worker's process group.
     KillGroup { slot: u32, pid: Pid, kill: Kill },
+    /// A worker that booted at its generation's boot priority is ready (or
+    /// has booted for half its `boot_timeout`): every thread of it (and of
+    /// its children) gets the normal one back.
+    RestorePriority { slot: u32, pid: Pid, boot: Boot },
     /// Answer a control client.
     AnswerClient { client: ClientId, answer: Answer },
     /// Tell our service manager (systemd) something.
@@ -83,6 +88,7 @@ impl Action {
             Action::Spawn { .. } => "spawn",
             Action::Signal { .. } => "signal",
             Action::KillGroup { .. } => "kill_group",
+            Action::RestorePriority { .. } => "restore_priority",
             Action::AnswerClient { .. } => "answer_client",
             Action::NotifySystemd(_) => "notify_systemd",
             Action::CloseListeners { .. } => "close_listeners",
@@ -114,6 +120,9 @@ impl std::fmt::Debug for Action {
             ),
             Action::KillGroup { slot, pid, kill } => {
                 write!(f, "kill_group slot {slot} pid {pid} ({kill:?})")
+            }
+            Action::RestorePriority { slot, pid, boot } => {
+                write!(f, "restore_priority slot {slot} pid {pid} ({boot})")
             }
             Action::AnswerClient { client, answer } => write!(
                 f,

@@ -9,6 +9,7 @@ use crate::config::{Loaded, Place, Settings};
 use crate::listen::{self, Inherited, Set};
 use crate::spawn::{Env, Identity, Program, SpawnError};
 
+use super::priority::Boot;
 use super::StartError;
 
 /// Shared (`Rc`) by the master and every worker started from it, so that
@@ -24,6 +25,10 @@ pub struct Generation {
     /// The command is one of drover's own launchers, which always send
     /// `READY=1`: `ready = "auto"` holds its workers to it from the exec.
     pub notifies: bool,
+    /// `boot_priority`: a booting worker's and a ready one's, once drover
+    /// has checked that it can restore the second (`priority::check`, after
+    /// the build: at start, after the master took its user); None when off.
+    pub boot: Option<Boot>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -54,6 +59,7 @@ impl Generation {
             program,
             env,
             listeners: RefCell::new(listeners),
+            boot: None,
         })
     }
 
@@ -157,6 +163,13 @@ pub fn for_test(number: u32, toml: &str) -> Generation {
         .and_then(|l| l.resolve())
         .expect("a valid test config");
     let (env, program) = prepare(&s, false).expect("a program");
+    // Taken as checked: the decision tests start no process.
+    let boot = match s.boot_priority {
+        crate::config::BootPriority::Normal => None,
+        crate::config::BootPriority::Nice(n) => Some(crate::spawn::Low::Nice(n as i32)),
+        crate::config::BootPriority::Idle => Some(crate::spawn::Low::Idle),
+    }
+    .map(|low| Boot { low, normal: 0 });
     Generation {
         number,
         notifies: is_drover_launcher(&s.command),
@@ -164,6 +177,7 @@ pub fn for_test(number: u32, toml: &str) -> Generation {
         program,
         env,
         listeners: RefCell::new(Vec::new()),
+        boot,
     }
 }
 

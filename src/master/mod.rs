@@ -13,6 +13,7 @@
 mod action;
 mod generation;
 mod pool;
+mod priority;
 mod rollout;
 mod shutdown;
 mod status;
@@ -102,6 +103,8 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    BootNice(String),
 }
 
 impl StartError {
@@ -227,6 +230,9 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         let id = gen.program.identity.take().expect("checked above");
         switch_user(&id, pidfile.as_ref(), gen.s.control_socket.as_deref())?;
     }
+    // 9b. As the master now is: can it give a worker its priority back?
+    gen.boot =
+        priority::check(&gen.s, gen.program.identity.as_ref()).map_err(StartError::BootNice)?;
     // 10. The loop spawns the workers and runs until the shutdown is over.
     let mut master = Master {
         sup: Supervisor::new(Rc::new(gen), started),
@@ -271,6 +277,24 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         ms(started.elapsed())
     );
     Ok(status)
+}
+
+/// `Action::RestorePriority`: every thread of worker `pid` of `slot` still
+/// at the boot priority gets the normal one back.
+fn restore_priority(slot: u32, pid: Pid, boot: priority::Boot) {
+    match priority::restore(pid, boot) {
+        Ok(done) => debug!(
+            "worker {slot} (pid {pid}): {boot} for {} thread(s) in {} pass(es)",
+            done.threads, done.passes
+        ),
+        // drover checked that it could (`priority::check`): the worker or a
+        // child changed its user or its RLIMIT_NICE since.
+        Err((e, done)) => error!(
+            "worker {slot} (pid {pid}): some of its threads stay at their boot priority \
+             ({done_threads} set from {boot}, then: {e})",
+            done_threads = done.threads
+        ),
+    }
 }
 
 /// Binds the admin endpoint, if `admin_bind` is set.
@@ -678,6 +702,7 @@ impl Master {
                         debug!("killpg({pid}) failed ({e}); killed the worker alone");
                     }
                 }
+                Action::RestorePriority { slot, pid, boot } => restore_priority(slot, pid, boot),
                 Action::AnswerClient { client, answer } => {
                     if let Some(c) = self.control.as_mut() {
                         c.reply(client, &answer);
@@ -729,10 +754,13 @@ impl Master {
         // The exec is confirmed later, from the loop (`read_exec_reports`):
         // meanwhile the next worker can be forked while this one execs.
         let devnull = self.devnull.as_raw_fd();
-        match spawn::spawn_async_with_output(&g.program, &env, &fds, devnull, io.output()) {
+        let low = self.sup.boot_priority(g);
+        match spawn::spawn_async(&g.program, &env, &fds, devnull, io.output(), low) {
             Ok(started) => {
                 self.obs.worker_started(slot, started.pid, io);
-                self.sup.spawned(slot, generation.clone(), started.pid, now);
+                let lowered = low.is_some();
+                self.sup
+                    .spawned(slot, generation.clone(), started.pid, lowered, now);
                 self.exec_reports.push(started);
             }
             Err(
@@ -796,6 +824,10 @@ impl Master {
                     self.master_switched,
                 )
                 .map_err(|e| e.to_string())
+            })
+            .and_then(|mut next| {
+                next.boot = priority::check(&next.s, next.program.identity.as_ref())?;
+                Ok(next)
             });
         self.sup
             .config_loaded(next, &self.source.origin(), Instant::now());

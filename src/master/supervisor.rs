@@ -21,7 +21,7 @@ use super::rollout::{Rollout, Settled};
 use super::shutdown::{Cause, Shutdown};
 use super::worker::{
     describe, exit_code, ms, resident_bytes, Kill, Pace, Replace, State, Stop, Worker,
-    STATUS_LINES_PER_SECOND,
+    PRIORITY_RECHECK, STATUS_LINES_PER_SECOND,
 };
 use crate::config::Ready;
 use crate::control::{self, ClientId, Command};
@@ -780,8 +780,30 @@ impl Supervisor {
         true
     }
 
-    /// A worker was forked (its exec is confirmed later: `on_exec_report`).
-    pub fn spawned(&mut self, slot: u32, generation: Rc<Generation>, pid: Pid, now: Instant) {
+    /// The priority a worker (or template) of `generation` starts at now:
+    /// its boot priority (`boot_priority`) while another worker serves, so
+    /// that its start-up takes the CPU they leave idle; none (drover's own)
+    /// when no worker serves (the start, after a pause or a crash of all):
+    /// then no request would gain from it.
+    pub fn boot_priority(&self, generation: &Generation) -> Option<crate::spawn::Low> {
+        let boot = generation.boot?;
+        self.pool
+            .workers
+            .iter()
+            .any(Worker::is_serving)
+            .then_some(boot.low)
+    }
+
+    /// A worker was forked (its exec is confirmed later: `on_exec_report`);
+    /// `lowered`: at its generation's boot priority.
+    pub fn spawned(
+        &mut self,
+        slot: u32,
+        generation: Rc<Generation>,
+        pid: Pid,
+        lowered: bool,
+        now: Instant,
+    ) {
         info!(
             "worker {slot} (pid {pid}) spawned, generation {}",
             generation.number
@@ -798,7 +820,7 @@ impl Supervisor {
         }));
         self.pool
             .workers
-            .push(Worker::forked(slot, pid, generation, now));
+            .push(Worker::forked(slot, pid, generation, lowered, now));
     }
 
     /// A worker of `slot` could not be started (`fork`, or its exec): roll
@@ -913,6 +935,12 @@ impl Supervisor {
             return;
         };
         let (slot, generation) = (w.slot, w.generation());
+        // Booted at a low priority: ready, it serves at the normal one.
+        if let Some(boot) = w.gen.boot.filter(|_| std::mem::take(&mut w.lowered)) {
+            w.recheck_priority = Some(now + PRIORITY_RECHECK);
+            self.out
+                .push_back(Action::RestorePriority { slot, pid, boot });
+        }
         let reopen = std::mem::take(&mut w.reopen_logs).then(|| reopen_signal(w));
         self.emit_all(reopen);
         let Some(w) = self.pool.get_mut(pid) else {
@@ -1193,6 +1221,29 @@ impl Supervisor {
             }
             let (slot, pid) = (w.slot, w.pid);
             match w.state {
+                State::Ready(_) if w.recheck_priority.is_some_and(|t| t <= now) => {
+                    w.recheck_priority = None;
+                    actions.extend(w.gen.boot.map(|boot| Action::RestorePriority {
+                        slot,
+                        pid,
+                        boot,
+                    }));
+                }
+                State::Execing { .. } | State::Booting { .. }
+                    if w.lowered_until().is_some_and(|t| t <= now) =>
+                {
+                    info!(
+                        "worker {slot} (pid {pid}) still booting at half its boot_timeout ({}): \
+                         back to its normal priority (boot_priority)",
+                        w.gen.s.boot_timeout
+                    );
+                    w.lowered = false;
+                    actions.extend(w.gen.boot.map(|boot| Action::RestorePriority {
+                        slot,
+                        pid,
+                        boot,
+                    }));
+                }
                 State::Booting { .. } if w.silent_past(now) => {
                     // ready = "auto": nothing said on the notify socket, so
                     // a program that does not speak the protocol.
@@ -1590,7 +1641,8 @@ mod tests {
         while let Some(a) = sup.next_action() {
             match a {
                 Action::Spawn { slot, generation } if sup.wants_spawn(&generation) => {
-                    sup.spawned(slot, generation, pid(next), now);
+                    let lowered = sup.boot_priority(&generation).is_some();
+                    sup.spawned(slot, generation, pid(next), lowered, now);
                     sup.on_exec_report(pid(next), Ok(()), now);
                     next += 1;
                 }
@@ -1957,6 +2009,97 @@ mod tests {
         sup.on_notify(pid(11), vec![Message::Ready], past);
         assert_eq!(sup.pool.ready(), 2);
         assert!(matches!(sup.phase, Phase::Running));
+    }
+
+    /// `boot_priority`: no worker serves at the start, so none boots at the
+    /// low priority; during a reload each new worker does, and gets its
+    /// priority back when it is ready (before its predecessor is asked to
+    /// stop), whether by `READY=1` or, with `ready = "spawn"`, at its exec.
+    #[test]
+    fn a_worker_boots_at_low_priority_only_while_others_serve() {
+        let now = Instant::now();
+        let mut sup = running_notify_with("boot_priority = 10", now);
+        assert!(sup.pool.workers.iter().all(|w| !w.lowered));
+        assert!(!has(&drain(&mut sup), "restore_priority"));
+        sup.on_signal(Event::Reload, now);
+        drain(&mut sup);
+        let next = gen(2, "workers = 2\nready = \"notify\"\nboot_priority = 10");
+        sup.config_loaded(Ok(next), "test.toml", now);
+        assert!(!has(&turn(&mut sup, 21, now), "restore_priority"));
+        assert!(sup.pool.get_mut(pid(21)).unwrap().lowered);
+        sup.on_notify(pid(21), vec![Message::Ready], now);
+        assert_eq!(
+            drain(&mut sup),
+            [
+                "restore_priority slot 1 pid 21 (nice 10 to 0)",
+                "signal SIGTERM to slot 1 pid 11 (Stop(Replaced(Reload)))"
+            ]
+        );
+        sup.on_notify(pid(21), vec![Message::Ready], now);
+        assert!(!has(&drain(&mut sup), "restore_priority"), "only once");
+        // Once more a moment later, for a thread that was being created.
+        let later = now + PRIORITY_RECHECK;
+        assert_eq!(sup.next_deadline(now), Some(later));
+        assert!(has(
+            &turn(&mut sup, 30, later),
+            "restore_priority slot 1 pid 21 (nice 10 to 0)"
+        ));
+        assert!(!has(
+            &turn(&mut sup, 30, later + PRIORITY_RECHECK),
+            "restore_priority"
+        ));
+
+        // ready = "spawn": ready, and restored, at the exec report.
+        let mut sup = started("workers = 1\nboot_priority = 5", now);
+        sup.on_signal(Event::Reload, now);
+        drain(&mut sup);
+        sup.config_loaded(
+            Ok(gen(2, "workers = 1\nboot_priority = 5")),
+            "test.toml",
+            now,
+        );
+        let actions = turn(&mut sup, 21, now);
+        assert_eq!(
+            actions[..2],
+            [
+                "restore_priority slot 1 pid 21 (nice 5 to 0)",
+                "signal SIGTERM to slot 1 pid 11 (Stop(Replaced(Reload)))"
+            ]
+        );
+        // Still booting at half its boot_timeout (30 s): restored then, and
+        // not killed before its deadline.
+        let mut sup = running_notify_with("boot_priority = 10", now);
+        sup.on_signal(Event::Reload, now);
+        drain(&mut sup);
+        let next = gen(2, "workers = 2\nready = \"notify\"\nboot_priority = 10");
+        sup.config_loaded(Ok(next), "test.toml", now);
+        turn(&mut sup, 21, now);
+        let half = now + Duration::from_secs(15);
+        assert_eq!(sup.next_deadline(now), Some(half));
+        assert!(turn(&mut sup, 30, half - Duration::from_millis(1)).is_empty());
+        assert_eq!(
+            turn(&mut sup, 30, half),
+            ["restore_priority slot 1 pid 21 (nice 10 to 0)"]
+        );
+        assert_eq!(sup.next_deadline(half), Some(now + Duration::from_secs(30)));
+        sup.on_notify(pid(21), vec![Message::Ready], half);
+        assert!(!has(&drain(&mut sup), "restore_priority"), "only once");
+        // SCHED_IDLE, restored the same way.
+        let mut sup = started("workers = 1\nboot_priority = \"idle\"", now);
+        sup.on_signal(Event::Reload, now);
+        drain(&mut sup);
+        let next = gen(2, "workers = 1\nboot_priority = \"idle\"");
+        sup.config_loaded(Ok(next), "test.toml", now);
+        assert!(has(
+            &turn(&mut sup, 21, now),
+            "restore_priority slot 1 pid 21 (SCHED_IDLE to nice 0)"
+        ));
+        // Off: nothing to restore.
+        let mut sup = started("workers = 1", now);
+        sup.on_signal(Event::Reload, now);
+        drain(&mut sup);
+        sup.config_loaded(Ok(gen(2, "workers = 1")), "test.toml", now);
+        assert!(!has(&turn(&mut sup, 21, now), "restore_priority"));
     }
 
     /// Two workers with `ready = "notify"`, both ready (pids 11, 12).

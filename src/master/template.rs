@@ -557,7 +557,10 @@ impl Master {
         match template {
             Some((pid, State::Ready)) => match self.fork_with_record(gen.number, slot) {
                 Ok(worker) => {
-                    self.sup.spawned(slot, gen, worker, now);
+                    // It inherits its template's priority, which may be the
+                    // boot priority: `restore` looks at each thread.
+                    let lowered = gen.boot.is_some();
+                    self.sup.spawned(slot, gen, worker, lowered, now);
                     // Forked is as far as exec'd: booting, or ready with
                     // ready = "spawn".
                     self.sup.on_exec_report(worker, Ok(()), now);
@@ -605,9 +608,13 @@ impl Master {
         env.set("DROVER_TEMPLATE_FD", channel_fd.to_string());
         let devnull = self.devnull.as_raw_fd();
         let program = &gen.program;
+        // While others serve, at the boot priority, for good: it serves
+        // nothing, and the workers forked from it inherit the priority
+        // until they are ready.
+        let low = self.sup.boot_priority(&gen);
         let started = self.templates.start(gen.clone(), now, |theirs| {
             fds.push(theirs);
-            spawn::spawn(program, &env, &fds, devnull, true).map_err(|e| e.to_string())
+            spawn::spawn(program, &env, &fds, devnull, true, low).map_err(|e| e.to_string())
         });
         let started = match started {
             Ok(pid) => {

@@ -161,7 +161,7 @@ impl Master {
         let fds: Vec<_> = listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
         drop(listeners);
         // The new master must outlive us: no parent-death signal.
-        match spawn::spawn(&program, &env, &fds, self.devnull.as_raw_fd(), false) {
+        match spawn::spawn(&program, &env, &fds, self.devnull.as_raw_fd(), false, None) {
             Ok(pid) => {
                 let now = Instant::now();
                 let limit = boot_timeout + MASTER_START_MARGIN;

@@ -163,7 +163,21 @@ pub struct Worker {
     /// a program has its handler for it only then (SIGUSR1's default
     /// action ends a process that is still importing its app).
     pub reopen_logs: bool,
+    /// Started at its generation's boot priority (`boot_priority`): its
+    /// normal priority is restored when it becomes ready.
+    pub lowered: bool,
+    /// Restored: when to look once more for a thread at the boot priority
+    /// (see [`PRIORITY_RECHECK`]).
+    pub recheck_priority: Option<Instant>,
 }
+
+/// How long after restoring a worker's priority drover restores it once
+/// more: a thread whose creation began (inheriting the boot priority) before
+/// its creator was restored, and which was still being created when the
+/// restore's last pass listed the threads, shows up only then. (Its
+/// creator, preempted inside `clone` on a busy machine, may stay there for
+/// milliseconds.)
+pub const PRIORITY_RECHECK: Duration = Duration::from_millis(200);
 
 /// The most `STATUS=` lines of one worker logged in a second; the rest are
 /// counted, and the count logged with the next line let through.
@@ -199,7 +213,7 @@ impl LogBudget {
 
 impl Worker {
     /// A worker just forked: execing, with its generation's boot deadline.
-    pub fn forked(slot: u32, pid: Pid, gen: Rc<Generation>, now: Instant) -> Worker {
+    pub fn forked(slot: u32, pid: Pid, gen: Rc<Generation>, lowered: bool, now: Instant) -> Worker {
         let deadline = now + gen.s.boot_timeout.0;
         Worker {
             slot,
@@ -210,6 +224,8 @@ impl Worker {
             status: None,
             status_log: LogBudget::default(),
             reopen_logs: false,
+            lowered,
+            recheck_priority: None,
         }
     }
 
@@ -419,17 +435,34 @@ impl Worker {
             )
     }
 
+    /// When a worker still booting at its boot priority gets the normal one
+    /// all the same: at half its `boot_timeout`, so that serving
+    /// workers that keep the CPU busy cannot starve it into its deadline.
+    pub fn lowered_until(&self) -> Option<Instant> {
+        let booting = matches!(self.state, State::Execing { .. } | State::Booting { .. });
+        (self.lowered && booting).then(|| self.started + self.gen.s.boot_timeout.0 / 2)
+    }
+
     /// The next instant at which the master must act on this worker.
     pub fn deadline(&self) -> Option<Instant> {
+        let lowered = self.lowered_until();
         match self.state {
-            State::Execing { deadline } | State::Stopping { deadline, .. } => Some(deadline),
+            State::Execing { deadline } => Some(lowered.map_or(deadline, |l| l.min(deadline))),
+            State::Stopping { deadline, .. } => Some(deadline),
             State::Booting {
                 deadline,
                 announce_by,
-            } => Some(announce_by.map_or(deadline, |a| a.min(deadline))),
+            } => [Some(deadline), announce_by, lowered]
+                .into_iter()
+                .flatten()
+                .min(),
             State::Ready(s) => {
                 let recycle = s.recycle_at.filter(|_| s.replace.is_none());
-                s.heartbeat.into_iter().chain(recycle).min()
+                s.heartbeat
+                    .into_iter()
+                    .chain(recycle)
+                    .chain(self.recheck_priority)
+                    .min()
             }
             State::Killed { .. } | State::ExecFailed => None,
         }
