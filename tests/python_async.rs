@@ -365,6 +365,152 @@ fn fastapi_with_preload_reloads_at_a_moderate_rate_with_no_failure() {
     reloads_at_a_moderate_rate("preload = true");
 }
 
+/// The 1-minute load average, from /proc/loadavg.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// `boot_priority` off against on, interleaved in one run so that the
+/// shared machine's other load falls on each alike: the app paced as
+/// `reloads_at_a_moderate_rate` does, then `ROUNDS` (default 6) times, for
+/// each value: 1.5 s without a reload, then a reload into `boot_priority =
+/// VALUE` (the config file is rewritten before each HUP; a generation boots
+/// at its own). The p99 of the requests scheduled during each value's
+/// reloads against that of those scheduled in the quiet windows between
+/// them, and the load average. Printed, not asserted. `BOOT_PRIORITIES`
+/// (default "normal,10,idle") sets the values, `BOOT_PRIORITY_EXTRA` adds
+/// settings (`preload = true`).
+#[test]
+#[ignore = "a measurement: minutes of load; run with --ignored"]
+fn fastapi_reload_latency_by_boot_priority() {
+    let rounds: usize = std::env::var("ROUNDS").map_or(6, |r| r.parse().unwrap());
+    let values: Vec<String> = std::env::var("BOOT_PRIORITIES")
+        .unwrap_or("normal,10,idle".into())
+        .split(',')
+        .map(|v| match v.parse::<u32>() {
+            Ok(n) => n.to_string(),
+            Err(_) => format!("{v:?}"),
+        })
+        .collect();
+    let extra = std::env::var("BOOT_PRIORITY_EXTRA").unwrap_or_default();
+    // BOOT_BURN_SECONDS: the app's import also burns that much CPU (an app
+    // heavier to import than the test's, to see the effect above the noise
+    // of a shared machine).
+    let burn = std::env::var("BOOT_BURN_SECONDS").unwrap_or_default();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("burn_app.py"),
+        "import os, time\n\
+         t = time.process_time()\n\
+         while time.process_time() - t < float(os.environ.get('BURN', '0') or 0):\n    pass\n\
+         from integration.fastapi_app import app\n",
+    )
+    .unwrap();
+    let pythonpath = dir.path().display().to_string();
+    let d = fastapi(
+        "burn_app:app",
+        &format!("{extra}\nboot_priority = \"normal\""),
+        &[("BURN", &burn), ("PYTHONPATH", &pythonpath)],
+    );
+    d.wait_log("all 2 workers ready");
+    let config = d.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let addr = d.tcp_addr();
+    let saturated = saturation(addr);
+    let rate = (saturated * 0.25).max(20.0);
+    let load_before = load_average();
+    let paced = Paced::start(addr, rate);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut quiet = Vec::new();
+    let mut reloads: Vec<(&str, Instant, Instant, Vec<i32>)> = Vec::new();
+    for i in 0..rounds * values.len() {
+        let value = &values[i % values.len()];
+        std::fs::write(
+            &config,
+            text.replace(
+                "boot_priority = \"normal\"",
+                &format!("boot_priority = {value}"),
+            ),
+        )
+        .unwrap();
+        let q = Instant::now();
+        std::thread::sleep(Duration::from_millis(1500));
+        quiet.push((q, Instant::now()));
+        let old = worker_pids(&d);
+        let hup = Instant::now();
+        d.signal(Signal::SIGHUP);
+        // An idle boot on a busy machine may take up to half the
+        // boot_timeout (60 s) per worker before drover restores it.
+        wait_for("the old workers to exit", Duration::from_secs(150), || {
+            old.iter()
+                .all(|p| !alive(nix::unistd::Pid::from_raw(*p)))
+                .then_some(())
+        });
+        reloads.push((value, hup, Instant::now(), old));
+        d.wait_log_count("reload applied: generation", i + 1);
+    }
+    let samples = paced.finish();
+    let failed = samples.iter().filter(|s| s.2.is_some()).count();
+    let within = |a: Instant, b: Instant| -> Vec<Duration> {
+        samples
+            .iter()
+            .filter(|s| s.0 >= a && s.0 <= b)
+            .map(|s| s.1)
+            .collect()
+    };
+    let base: Vec<Duration> = quiet.iter().flat_map(|(a, b)| within(*a, *b)).collect();
+    let base_p99 = p99(base.clone());
+    let mut lines = vec![
+        format!(
+            "saturation {saturated:.0} req/s; paced at {rate:.0} req/s; {} requests, {failed} failed; \
+             load average {load_before} -> {}",
+            samples.len(),
+            load_average()
+        ),
+        describe("quiet windows", base),
+    ];
+    for value in &values {
+        let mine: Vec<_> = reloads.iter().filter(|r| r.0 == value).collect();
+        let all: Vec<Duration> = mine.iter().flat_map(|r| within(r.1, r.2)).collect();
+        let slow = all.iter().filter(|l| **l > base_p99.mul_f64(1.5)).count();
+        // Who answered the slow ones: a worker the reload replaces, or one
+        // it started (its first requests).
+        let by_new = mine
+            .iter()
+            .flat_map(|r| {
+                samples.iter().filter(move |s| {
+                    s.0 >= r.1
+                        && s.0 <= r.2
+                        && s.1 > base_p99.mul_f64(1.5)
+                        && s.3.is_some_and(|p| !r.3.contains(&p))
+                })
+            })
+            .count();
+        let mut each: Vec<f64> = mine
+            .iter()
+            .map(|r| p99(within(r.1, r.2)).as_secs_f64() / base_p99.as_secs_f64())
+            .collect();
+        let shown: Vec<String> = each.iter().map(|r| format!("{r:.1}")).collect();
+        each.sort_by(f64::total_cmp);
+        lines.push(format!(
+            "{}; p99 ratio {:.2}, each reload's: {} (median {:.2}); slower than 1.5x the quiet \
+             p99: {slow} ({by_new} answered by a new worker); reloads took {:.2?} on average",
+            describe(&format!("boot_priority {value:>8}"), all.clone()),
+            p99(all).as_secs_f64() / base_p99.as_secs_f64(),
+            shown.join(" "),
+            each[each.len() / 2],
+            mine.iter().map(|r| r.2 - r.1).sum::<Duration>() / mine.len() as u32,
+        ));
+    }
+    eprintln!("{}", lines.join("\n"));
+    assert_eq!(failed, 0);
+}
+
 fn reloads_at_a_moderate_rate(extra: &str) {
     let d = fastapi("integration.fastapi_app:app", extra, &[]);
     d.wait_log("all 2 workers ready");
