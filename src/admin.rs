@@ -130,11 +130,12 @@ impl Admin {
         }
     }
 
-    /// What to wait on: the listener while there is room for a connection,
+    /// What to wait on: the listener while there is room for a connection
+    /// (or one still waiting for its request, whose place a new one takes),
     /// each connection for its next step.
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
         let mut fds = Vec::with_capacity(self.conns.len() + 1);
-        if self.conns.len() < MAX_CONNECTIONS {
+        if self.conns.len() < MAX_CONNECTIONS || self.conns.iter().any(|c| c.answer.is_none()) {
             let fd = match &self.listener {
                 Listener::Tcp(l) => l.as_fd(),
                 Listener::Unix(l, _) => l.as_fd(),
@@ -187,8 +188,24 @@ impl Admin {
         });
     }
 
+    /// Takes pending connections. When all places are taken, a new one
+    /// takes the place of the connection that has waited longest for its
+    /// request (accepted before this turn): silent clients must not keep a
+    /// probe waiting in the kernel's queue until their deadlines.
     fn accept(&mut self, now: Instant) {
-        while self.conns.len() < MAX_CONNECTIONS {
+        loop {
+            let evict = if self.conns.len() < MAX_CONNECTIONS {
+                None
+            } else {
+                let oldest = self
+                    .conns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.answer.is_none() && c.deadline < now + EXCHANGE_TIME)
+                    .min_by_key(|(_, c)| c.deadline);
+                let Some((i, _)) = oldest else { break };
+                Some(i)
+            };
             let stream = match &self.listener {
                 Listener::Tcp(l) => l
                     .accept()
@@ -198,13 +215,18 @@ impl Admin {
                     .and_then(|(s, _)| s.set_nonblocking(true).map(|_| Stream::Unix(s))),
             };
             match stream {
-                Ok(stream) => self.conns.push(Conn {
-                    stream,
-                    request: Vec::new(),
-                    answer: None,
-                    sent: 0,
-                    deadline: now + EXCHANGE_TIME,
-                }),
+                Ok(stream) => {
+                    if let Some(i) = evict {
+                        self.conns.swap_remove(i);
+                    }
+                    self.conns.push(Conn {
+                        stream,
+                        request: Vec::new(),
+                        answer: None,
+                        sent: 0,
+                        deadline: now + EXCHANGE_TIME,
+                    })
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // WouldBlock: nothing more; anything else (ECONNABORTED,
                 // EMFILE): try again at the next wake-up.
@@ -478,23 +500,45 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(5));
             admin.on_ready(Instant::now(), &m);
         }
-        admin.on_ready(Instant::now(), &m);
+        // A later turn: the 4 still queued take the places of the 4 that
+        // waited longest; never more than the bound.
+        admin.on_ready(Instant::now() + Duration::from_millis(1), &m);
         assert_eq!(
             admin.connections(),
             MAX_CONNECTIONS,
             "no more than the bound"
         );
-        // Full: the listener is not waited on.
-        assert_eq!(admin.poll_fds().len(), MAX_CONNECTIONS);
+        // Still waited on: a new connection would take a silent one's place.
+        assert_eq!(admin.poll_fds().len(), MAX_CONNECTIONS + 1);
         let deadline = admin.next_deadline().unwrap();
         assert!(deadline <= Instant::now() + EXCHANGE_TIME);
-        let late = deadline + Duration::from_millis(1);
+        let late = Instant::now() + EXCHANGE_TIME + Duration::from_millis(10);
         admin.on_ready(late, &m);
         assert_eq!(admin.connections(), 0, "out of time: dropped");
-        // The rest, queued in the kernel meanwhile, are accepted next.
-        admin.on_ready(late, &m);
-        assert_eq!(admin.connections(), 4);
         drop(idle);
+    }
+
+    #[test]
+    fn a_request_is_answered_while_silent_clients_hold_every_place() {
+        let (mut admin, addr) = tcp();
+        let m = fake(Ok(()));
+        let _idle: Vec<TcpStream> = (0..MAX_CONNECTIONS * 3)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let start = Instant::now();
+        while admin.connections() < MAX_CONNECTIONS {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            admin.on_ready(Instant::now(), &m);
+        }
+        // Before, this waited in the kernel's queue behind the silent ones
+        // until their deadlines: 5 s for each 16.
+        let t = Instant::now();
+        let out = serve(&mut admin, &m, move || {
+            get(addr, "GET /livez HTTP/1.1\r\n\r\n")
+        });
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(admin.connections() <= MAX_CONNECTIONS);
     }
 
     #[test]

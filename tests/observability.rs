@@ -894,3 +894,32 @@ fn capture_output_with_preload_is_a_warning() {
     d.signal(Signal::SIGTERM);
     d.wait_exit(LIMIT);
 }
+
+/// Silent connections to the admin endpoint (a scraper that hangs, or anyone
+/// who can reach `0.0.0.0:9100` in the Kubernetes kit) held all 16 places,
+/// and a probe waited in the kernel's queue behind them: 5 s per 16 silent
+/// connections ahead of it (10 s with 40), past any probe's timeout (1 s
+/// by default in Kubernetes), so the pod was restarted. Now a new connection
+/// takes the place of the one that has waited longest for its request.
+#[test]
+fn a_probe_is_answered_while_silent_connections_hold_the_admin_endpoint() {
+    let d = Start::config(&gated("")).run();
+    go(&d, true);
+    d.wait_log("all 2 workers ready");
+    assert_eq!(admin(&d, "/livez").status, 200);
+    let socket = d.dir.path().join("admin.sock");
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..40)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    // The master takes them in first.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    let r = admin(&d, "/livez");
+    let took = t.elapsed();
+    assert_eq!(r.status, 200);
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "/livez answered after {took:?}"
+    );
+    drop(silent);
+}
