@@ -194,6 +194,76 @@ impl EventHooks {
     pub fn running(&self) -> usize {
         self.running.len()
     }
+
+    /// At drover's exit: the hooks still running get what is left of their
+    /// `hook_timeout`, then their process groups are killed. All are reaped
+    /// before this returns, so that none outlives drover.
+    pub fn finish(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        info!(
+            "waiting for {} event hook(s) still running (each within its hook_timeout)",
+            self.running.len()
+        );
+        loop {
+            self.running.retain(|h| still_running(h.pid));
+            let Some(next) = self.next_deadline() else {
+                return;
+            };
+            let now = Instant::now();
+            if next <= now {
+                let (due, rest) = std::mem::take(&mut self.running)
+                    .into_iter()
+                    .partition(|h| h.deadline <= now);
+                self.running = due;
+                self.enforce(now);
+                for h in std::mem::replace(&mut self.running, rest) {
+                    let _ = nix::sys::wait::waitpid(h.pid, None);
+                }
+                continue;
+            }
+            wait_for_any(&self.running, next - now);
+        }
+    }
+}
+
+/// Whether hook `pid` has not exited yet; one that has is reaped.
+fn still_running(pid: Pid) -> bool {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    matches!(
+        waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+        Ok(WaitStatus::StillAlive)
+    )
+}
+
+/// Waits until one of `hooks` exits, or `at_most`: on their pidfds, or,
+/// where a pidfd cannot be had, 10 ms at a time.
+fn wait_for_any(hooks: &[RunningHook], at_most: Duration) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let pidfds: Vec<OwnedFd> = hooks
+        .iter()
+        .filter_map(|h| {
+            // SAFETY: pidfd_open takes a pid and flags; a descriptor it
+            // returns is ours alone.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, h.pid.as_raw(), 0) };
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        })
+        .collect();
+    let at_most = if pidfds.len() < hooks.len() {
+        at_most.min(Duration::from_millis(10))
+    } else {
+        at_most
+    };
+    let mut fds: Vec<PollFd> = pidfds
+        .iter()
+        .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+        .collect();
+    let ms = at_most.as_millis().min(i32::MAX as u128) as i32 + 1;
+    let _ = poll(
+        &mut fds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    );
 }
 
 #[cfg(test)]

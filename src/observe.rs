@@ -122,7 +122,9 @@ impl Observer {
     }
 
     /// At exit: the subscribers get what is pending (at most 100 ms in all).
+    /// At exit: the event stream's last lines out, and no hook left running.
     pub fn close(&mut self) {
+        self.hooks.finish();
         self.bus.close(std::time::Duration::from_millis(100));
     }
 

@@ -512,6 +512,39 @@ fn an_event_hook_runs_with_the_event_in_its_environment() {
     assert_eq!(log, "worker_exited 1 signal\n");
 }
 
+/// At exit, drover waits for its event hooks within their hook_timeout and
+/// kills what is left: none outlives it (12 `sleep 30` hooks of a HUP storm
+/// were left running before).
+#[test]
+fn no_event_hook_outlives_drover() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\ncommand = [\"{}\"]\n\
+         hook_timeout = \"1s\"\n\
+         [event_hooks]\n\
+         exiting = [\"sh\", \"-c\", \"sleep 0.3; echo $DROVER_EVENT >> $DIR/hook.log\"]\n\
+         shutdown = [\"sh\", \"-c\", \"echo $$ >> $DIR/sleepers; exec sleep 30\"]\n",
+        hello_bin()
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    let log = d.log();
+    assert_eq!(
+        read_file(&d.dir.path().join("hook.log")),
+        "exiting\n",
+        "the exiting hook finished before drover exited: {log}"
+    );
+    let sleepers = read_file(&d.dir.path().join("sleepers"));
+    assert!(!sleepers.is_empty(), "the shutdown hooks ran: {log}");
+    for pid in sleepers.lines() {
+        let pid = nix::unistd::Pid::from_raw(pid.parse().unwrap());
+        assert!(!alive(pid), "hook {pid} outlived drover: {log}");
+    }
+    assert!(log.contains("killed at its hook_timeout"), "{log}");
+}
+
 /// capture_output: workers' lines in drover's log with slot and pid; a
 /// 100 MB burst neither blocks drover nor drowns its own lines.
 #[test]
