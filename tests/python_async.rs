@@ -427,8 +427,10 @@ fn fastapi_reload_latency_by_boot_priority() {
     let paced = Paced::start(addr, rate);
     std::thread::sleep(Duration::from_secs(1));
     let mut quiet = Vec::new();
-    // Each reload with the quiet window just before it.
-    let mut reloads: Vec<(&str, Instant, Instant, Vec<i32>, (Instant, Instant))> = Vec::new();
+    // Each reload: its value, its window, the workers it replaced, and the
+    // quiet window just before it.
+    type Reload<'a> = (&'a str, Instant, Instant, Vec<i32>, (Instant, Instant));
+    let mut reloads: Vec<Reload> = Vec::new();
     for i in 0..rounds * values.len() {
         let value = &values[i % values.len()];
         std::fs::write(
