@@ -1,4 +1,4 @@
-"""What the Granian and Hypercorn launchers share (private)."""
+"""What the Granian, Hypercorn and uvicorn launchers share (private)."""
 
 import asyncio
 import importlib
@@ -6,6 +6,10 @@ import time
 from typing import Any, Callable
 
 import drover_worker as dw
+
+#: On a graceful stop, how long a connection between two requests (just
+#: accepted, or kept alive) may take to send its next one.
+FIRST_BYTE_GRACE = 1.0
 
 
 def load_app(target: str) -> Any:
@@ -40,3 +44,16 @@ def drain_over() -> bool:
     is called, so it is read before the clock, never after."""
     deadline = dw.drain_deadline()
     return time.monotonic() >= deadline
+
+
+async def let_next_requests_in(unsettled: Callable[[], bool]) -> None:
+    """Waits while ``unsettled()`` (some open connection is between two
+    requests, its client maybe sending the next one), up to FIRST_BYTE_GRACE
+    and a quarter of the stop's budget, and no longer once the stop is
+    quick. The ASGI servers' shutdown closes such a connection at once, and
+    the request on its way would be lost; the launchers have every response
+    say ``Connection: close`` from the stop on, so that the connections
+    settle as their next requests come in."""
+    deadline = time.monotonic() + min(FIRST_BYTE_GRACE, dw.remaining_budget() / 4)
+    while time.monotonic() < deadline and dw.stop_kind() != "quick" and unsettled():
+        await asyncio.sleep(0.01)

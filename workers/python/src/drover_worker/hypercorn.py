@@ -15,19 +15,23 @@ drover passes (``LISTEN_FDS``, TCP or Unix):
   an app that cannot be imported, or whose lifespan startup fails, exits
   with status 3 ("cannot boot");
 * SIGTERM and SIGINT: Hypercorn's graceful shutdown (stop accepting, finish
-  the requests in flight, lifespan shutdown), its ``graceful_timeout`` set
-  to the SDK's drain deadline; SIGQUIT: the same with the quick stop's
+  the requests in flight, lifespan shutdown), after up to a second in which
+  every response says ``Connection: close`` and connections between
+  requests may send one more (Hypercorn alone closes them at once, racing
+  the client's next request), its ``graceful_timeout`` set to the SDK's
+  drain deadline; SIGQUIT: the same with the quick stop's
   shorter deadline. Whatever is still running at the drain deadline plus
   the lifespan shutdown's share is abandoned;
 * then the SDK's cleanup registry runs, and the process exits 0;
 * ``WATCHDOG=1`` from the event loop when drover's ``timeout`` is set.
 
 Hypercorn starts serving, then awaits the shutdown trigger it is given:
-the launcher's trigger sends ``READY=1`` and returns at the stop, once the
-connections accepted just before have started their requests (Hypercorn
-then closes every connection without one). That order, ``worker_serve``'s
-arguments and its per-connection ``TCPServer`` (which the launcher
-subclasses to see those requests start) are Hypercorn internals, so the
+the launcher's trigger sends ``READY=1`` and returns at the stop, once no
+connection is between requests (Hypercorn then closes every connection
+without one in progress). That order, ``worker_serve``'s arguments, its
+per-connection ``TCPServer`` (which the launcher subclasses to see requests
+start and end) and ``keep_alive_max_requests`` (set to 0 at the stop: every
+response then says ``Connection: close``) are Hypercorn internals, so the
 launcher runs only with the Hypercorn versions it was tested with
 (``TESTED``); ``--untested-hypercorn`` runs it with another one anyway.
 Hypercorn must be installed (``pip install hypercorn==0.18.0``); this
@@ -51,9 +55,6 @@ from drover_worker import _launcher
 CANNOT_BOOT = 3
 #: The Hypercorn versions this launcher was tested with (tests/third_party.rs).
 TESTED = ("0.18.0",)
-#: On a graceful stop, how long a connection accepted just before may take
-#: to send its request.
-FIRST_BYTE_GRACE = 1.0
 
 
 def _log(message: str) -> None:
@@ -155,13 +156,15 @@ class _Server:
         self.config = config
         self.socks = socks
         self.ready = False
+        #: From the stop on, every response says ``Connection: close``.
+        self.closing = False
         self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def serve(self) -> None:
         run = self.hypercorn.asyncio.run
         # worker_serve makes one TCPServer per connection: this one tells
-        # which connections have not started a request yet.
-        run.TCPServer = _tracked(run.TCPServer, self.hypercorn.events.Updated, self.connections)
+        # which connections are between requests.
+        run.TCPServer = _tracked(run.TCPServer, self.hypercorn.events.Updated, self)
         sockets = self.hypercorn.config.Sockets([], list(self.socks), [])
         await run.worker_serve(self.app, self.config, sockets=sockets, shutdown_trigger=self._trigger)
 
@@ -180,30 +183,38 @@ class _Server:
             dw.stopping()
         except OSError:
             pass
-        await self._let_fresh_requests_in()
+        # The drain deadline of the stop as it began: a stop that turns
+        # quick during the wait below is bounded by the abandon, which exits
+        # leaving the requests in flight unanswered (Hypercorn's own timeout
+        # would cancel them, and answer each a 500).
+        drain_deadline = dw.drain_deadline()
+        await self._let_next_requests_in()
         # Hypercorn reads both when it shuts down, after this returns: the
         # drain gets the SDK's drain deadline, the lifespan shutdown half of
         # what is left after it (the other half is the registry's).
-        drain = max(0.1, dw.drain_deadline() - time.monotonic())
+        drain = max(0.1, drain_deadline - time.monotonic())
         self.config.graceful_timeout = drain
         self.config.shutdown_timeout = max(0.1, (dw.remaining_budget() - drain) / 2)
         asyncio.ensure_future(self._abandon_at_the_deadline())
 
-    async def _let_fresh_requests_in(self) -> None:
-        """Stops accepting, then waits (up to FIRST_BYTE_GRACE) until each
-        connection accepted just before has started its request: once this
-        returns, Hypercorn closes every connection without one in progress,
-        and the client whose request was on its way would see it closed
-        unanswered (without this wait, 3 of 6 reloads under load on Python
-        3.13 had 1 to 5 such requests)."""
+    async def _let_next_requests_in(self) -> None:
+        """Stops accepting and answers every response from now on with
+        ``Connection: close``, then waits (up to a second) until no open
+        connection is between requests: once this returns, Hypercorn closes
+        every connection without a request in progress, and a client whose
+        request was on its way (on a connection accepted just before, or its
+        next request on a kept-alive one) would see it closed unanswered
+        (without this wait, 3 of 6 reloads under load on Python 3.13 had 1
+        to 5 such requests, and 16 clients on kept-alive connections 27)."""
         loop = asyncio.get_running_loop()
         for sock in self.socks:
             loop.remove_reader(sock.fileno())  # asyncio's accept callback
-        deadline = time.monotonic() + min(FIRST_BYTE_GRACE, dw.remaining_budget() / 4)
-        while time.monotonic() < deadline:
-            if not any(c.fresh and not c.writer.is_closing() for c in list(self.connections)):
-                return
-            await asyncio.sleep(0.01)
+        # Hypercorn's HTTP/1.1 answers Connection: close once a connection
+        # has served keep_alive_max_requests, a value it reads per response.
+        self.config.keep_alive_max_requests = 0
+        self.closing = True
+        connections = self.connections
+        await _launcher.let_next_requests_in(lambda: any(c.unsettled() for c in list(connections)))
 
     async def _abandon_at_the_deadline(self) -> None:
         """Hypercorn's own timeouts bound its drain and lifespan shutdown,
@@ -227,9 +238,10 @@ class _Server:
         os._exit(0)
 
 
-def _tracked(base: Any, updated: Any, connections: "weakref.WeakSet[Any]") -> Any:
-    """Hypercorn's TCPServer, ``fresh`` until its first request starts (its
-    protocol reports the connection busy), and listed in ``connections``."""
+def _tracked(base: Any, updated: Any, server: _Server) -> Any:
+    """Hypercorn's TCPServer, listed in ``server.connections``, that knows
+    whether it is between requests (its protocol reports it idle, or it has
+    not started one yet)."""
     if getattr(base, "drover_tracked", False):
         return base
 
@@ -238,12 +250,21 @@ def _tracked(base: Any, updated: Any, connections: "weakref.WeakSet[Any]") -> An
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.fresh = True
-            connections.add(self)
+            self.idle = True
+            # Whether its request started before the stop: its response
+            # may have gone out without Connection: close.
+            self.started_open = False
+            server.connections.add(self)
+
+        def unsettled(self) -> bool:
+            """Open, and between requests or in one whose client may still
+            send another on it."""
+            return (self.idle or self.started_open) and not self.writer.is_closing()
 
         async def protocol_send(self, event: Any) -> None:
-            if isinstance(event, updated) and not event.idle:
-                self.fresh = False
+            if isinstance(event, updated):
+                self.idle = event.idle
+                self.started_open = not event.idle and not server.closing
             await super().protocol_send(event)
 
     return Tracked

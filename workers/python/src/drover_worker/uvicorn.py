@@ -45,13 +45,10 @@ import traceback
 from typing import Any, List, Optional
 
 import drover_worker as dw
-from drover_worker import preload
+from drover_worker import _launcher, preload
 
 #: Uvicorn's own status for a failed startup, and drover's "cannot boot".
 CANNOT_BOOT = 3
-#: On a graceful stop, how long a connection accepted just before may take
-#: to send its request.
-FIRST_BYTE_GRACE = 1.0
 
 
 def _log(message: str) -> None:
@@ -183,12 +180,12 @@ def _server_class(base: Any) -> Any:
             if self.config.timeout_graceful_shutdown is None:
                 self.config.timeout_graceful_shutdown = max(0.1, dw.drain_deadline() - time.monotonic())
             if not self.force_exit:
-                await self._let_fresh_requests_in()
+                await self._let_next_requests_in()
             await super().shutdown(sockets=sockets)
 
-        async def _let_fresh_requests_in(self) -> None:
+        async def _let_next_requests_in(self) -> None:
             """Stops accepting and answers every response from now on with
-            ``Connection: close``, then waits (up to FIRST_BYTE_GRACE) until
+            ``Connection: close``, then waits (up to a second) until
             no open connection is between requests: uvicorn's shutdown closes
             such a connection at once, and a client whose request was on its
             way (on a connection accepted just before, or its next request on
@@ -198,11 +195,8 @@ def _server_class(base: Any) -> Any:
             # The list every request's cycle adds to its response's headers
             # (uvicorn no longer replaces it once it stops serving).
             self.server_state.default_headers.append((b"connection", b"close"))
-            deadline = time.monotonic() + min(FIRST_BYTE_GRACE, dw.remaining_budget() / 4)
-            while time.monotonic() < deadline:
-                if not any(_between_requests(c) for c in self.server_state.connections):
-                    return
-                await asyncio.sleep(0.01)
+            connections = self.server_state.connections
+            await _launcher.let_next_requests_in(lambda: any(_between_requests(c) for c in connections))
 
     return DroverServer
 
