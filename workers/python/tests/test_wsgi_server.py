@@ -206,8 +206,8 @@ class ServerTest(unittest.TestCase):
         self.assertLess(time.monotonic() - began, 2.0, "4 threads: the sleeps overlap")
 
     def test_a_client_that_sends_its_request_late_is_served(self):
-        # The listener defers the accept until a connection's first bytes
-        # (native core): one that is quiet for a while must not be lost.
+        # A connection accepted before its request is parked until the
+        # request comes: one that is quiet for a while must not be lost.
         with Client(self.w) as c:
             time.sleep(1.5)
             c.send(get("/pid"))
