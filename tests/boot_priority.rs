@@ -318,3 +318,55 @@ fn run(argv: &[String]) -> (Option<i32>, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// With `preload`, a reload's template loads the app under SCHED_IDLE while
+/// the first generation serves, and gets drover's priority back once it is
+/// ready to fork; the worker forked from it runs at drover's priority.
+#[test]
+fn a_preload_template_loads_at_the_boot_priority_and_is_restored_when_ready_to_fork() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\npreload = true\n\
+         boot_priority = \"idle\"\nboot_timeout = \"30s\"\n\
+         command = [{:?}, \"--chdir\", {:?}, \"--no-access-log\", \"integration.fastapi_app:app\"]\n",
+        python::script("drover-uvicorn"),
+        repo().join("workers/python/tests").display().to_string(),
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let normal = (
+        priority_of(d.pid().as_raw(), &d.pid().to_string())
+            .unwrap()
+            .0,
+        SCHED_OTHER,
+    );
+    d.signal(Signal::SIGHUP);
+    let needle = "template of generation 2 (pid ";
+    let log = d.wait_log(needle);
+    let pid: i32 = log
+        .split(needle)
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let template = Pid::from_raw(pid);
+    let loading = priorities(template);
+    assert!(
+        !loading.is_empty() && all_at(&loading, (normal.0, SCHED_IDLE)),
+        "loading: {loading:?}"
+    );
+    d.wait_log(&format!(
+        "template of generation 2 (pid {pid}) ready to fork"
+    ));
+    wait_for("the template's priority restored", LIMIT, || {
+        all_at(&priorities(template), normal).then_some(())
+    });
+    d.wait_log("reload applied: generation 2");
+    let worker = spawned(&d, 2);
+    let values = priorities(worker);
+    assert!(all_at(&values, normal), "forked worker: {values:?}");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}

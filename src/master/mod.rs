@@ -279,18 +279,19 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     Ok(status)
 }
 
-/// `Action::RestorePriority`: every thread of worker `pid` of `slot` still
-/// at the boot priority gets the normal one back.
-fn restore_priority(slot: u32, pid: Pid, boot: priority::Boot) {
+/// `Action::RestorePriority` (and a preload template ready to fork): every
+/// thread of `who` (`pid`) still at the boot priority gets the normal one
+/// back.
+pub(super) fn restore_priority(who: &str, pid: Pid, boot: priority::Boot) {
     match priority::restore(pid, boot) {
         Ok(done) => debug!(
-            "worker {slot} (pid {pid}): {boot} for {} thread(s) in {} pass(es)",
+            "{who} (pid {pid}): {boot} for {} thread(s) in {} pass(es)",
             done.threads, done.passes
         ),
         // drover checked that it could (`priority::check`): the worker or a
         // child changed its user or its RLIMIT_NICE since.
         Err((e, done)) => error!(
-            "worker {slot} (pid {pid}): some of its threads stay at their boot priority \
+            "{who} (pid {pid}): some of its threads stay at their boot priority \
              ({done_threads} set from {boot}, then: {e})",
             done_threads = done.threads
         ),
@@ -702,7 +703,9 @@ impl Master {
                         debug!("killpg({pid}) failed ({e}); killed the worker alone");
                     }
                 }
-                Action::RestorePriority { slot, pid, boot } => restore_priority(slot, pid, boot),
+                Action::RestorePriority { slot, pid, boot } => {
+                    restore_priority(&format!("worker {slot}"), pid, boot)
+                }
                 Action::AnswerClient { client, answer } => {
                     if let Some(c) = self.control.as_mut() {
                         c.reply(client, &answer);

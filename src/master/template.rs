@@ -24,6 +24,7 @@ use tracing::error;
 
 use super::generation::Generation;
 use super::pool::backoff;
+use super::priority::Boot;
 use super::worker::{describe, exit_code, ms, resident_bytes};
 use super::Master;
 use crate::events::Kind;
@@ -88,6 +89,18 @@ pub struct Template {
     /// Templates of its generation started before it.
     pub restarts: u32,
     next_request: u64,
+    /// Started at its generation's boot priority (`boot_priority`): given
+    /// the normal one once ready to fork (or at half its boot_timeout).
+    lowered: bool,
+}
+
+impl Template {
+    /// When a template still loading at its boot priority gets the normal
+    /// one all the same: half its boot_timeout.
+    fn lowered_until(&self) -> Option<Instant> {
+        let booting = matches!(self.state, State::Booting { .. });
+        (self.lowered && booting).then(|| self.started + self.gen.s.boot_timeout.0 / 2)
+    }
 }
 
 /// Why a fork request produced no worker.
@@ -164,6 +177,7 @@ impl Templates {
         &mut self,
         gen: Rc<Generation>,
         now: Instant,
+        lowered: bool,
         start: impl FnOnce(RawFd) -> Result<Pid, String>,
     ) -> Result<Pid, String> {
         if !self.subreaper {
@@ -210,6 +224,7 @@ impl Templates {
             started: now,
             restarts,
             next_request: 1,
+            lowered,
         });
         Ok(pid)
     }
@@ -318,7 +333,9 @@ impl Templates {
         self.list
             .iter()
             .filter_map(|t| match t.state {
-                State::Booting { deadline } => Some(deadline),
+                State::Booting { deadline } => {
+                    Some(t.lowered_until().map_or(deadline, |l| l.min(deadline)))
+                }
                 _ => None,
             })
             .chain(self.not_before.filter(|_| waiting))
@@ -357,6 +374,22 @@ impl Templates {
             }
         }
         late
+    }
+
+    /// The templates to give their normal priority back (`boot_priority`):
+    /// once ready to fork, so that they answer fork requests at once and
+    /// the workers they fork boot at drover's priority (little is left to
+    /// do after the fork); or at half their boot_timeout, as a worker.
+    pub fn ready_to_restore(&mut self, now: Instant) -> Vec<(Pid, Boot)> {
+        let mut out = Vec::new();
+        for t in self.list.iter_mut() {
+            let due = t.state == State::Ready || t.lowered_until().is_some_and(|l| l <= now);
+            if let (true, true, Some(boot)) = (t.lowered, due, t.gen.boot) {
+                t.lowered = false;
+                out.push((t.pid, boot));
+            }
+        }
+        out
     }
 
     /// Closes the channel of each template that `keep` does not want: it
@@ -557,10 +590,8 @@ impl Master {
         match template {
             Some((pid, State::Ready)) => match self.fork_with_record(gen.number, slot) {
                 Ok(worker) => {
-                    // It inherits its template's priority, which may be the
-                    // boot priority: `restore` looks at each thread.
-                    let lowered = gen.boot.is_some();
-                    self.sup.spawned(slot, gen, worker, lowered, now);
+                    // Its template has its normal priority by now.
+                    self.sup.spawned(slot, gen, worker, false, now);
                     // Forked is as far as exec'd: booting, or ready with
                     // ready = "spawn".
                     self.sup.on_exec_report(worker, Ok(()), now);
@@ -608,14 +639,15 @@ impl Master {
         env.set("DROVER_TEMPLATE_FD", channel_fd.to_string());
         let devnull = self.devnull.as_raw_fd();
         let program = &gen.program;
-        // While others serve, at the boot priority, for good: it serves
-        // nothing, and the workers forked from it inherit the priority
-        // until they are ready.
+        // While others serve, it loads the app at the boot priority; ready
+        // to fork, it gets the normal one back (`tend_templates`).
         let low = self.sup.boot_priority(&gen);
-        let started = self.templates.start(gen.clone(), now, |theirs| {
-            fds.push(theirs);
-            spawn::spawn(program, &env, &fds, devnull, true, low).map_err(|e| e.to_string())
-        });
+        let started = self
+            .templates
+            .start(gen.clone(), now, low.is_some(), |theirs| {
+                fds.push(theirs);
+                spawn::spawn(program, &env, &fds, devnull, true, low).map_err(|e| e.to_string())
+            });
         let started = match started {
             Ok(pid) => {
                 self.obs.publish(Kind::TemplateSpawned {
@@ -678,6 +710,9 @@ impl Master {
         }
         for pid in self.templates.overdue(now) {
             let _ = killpg(pid, Signal::SIGKILL);
+        }
+        for (pid, boot) in self.templates.ready_to_restore(now) {
+            super::restore_priority("template", pid, boot);
         }
         let current = self.sup.current().number;
         let shutting_down = self.sup.shutting_down();
@@ -804,6 +839,7 @@ mod tests {
             started: Instant::now(),
             restarts: 0,
             next_request: 1,
+            lowered: false,
         };
         assert_eq!(
             t.exchange(1, "FORK=1\nENV=DROVER_WORKER_ID=2").unwrap(),
