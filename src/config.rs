@@ -686,6 +686,12 @@ fn syntax_hint(message: &str, text: &str, span: &Range<usize>) -> String {
                 .next()
                 .unwrap_or_default()
                 .trim();
+            if word.is_empty() {
+                return "a value is missing: write one after `=`, like workers = 4".to_string();
+            }
+            if let Some(c) = word.chars().find(|c| c.is_control()) {
+                return format!("a control character ({c:?}) is in the file here: remove it");
+            }
             format!(
                 "`{word}` is not a value: quote a string (\"{word}\"); a number or a boolean is written bare, like 4 or true"
             )
@@ -1530,6 +1536,10 @@ mod tests {
             err("workers = 4x\n"),
             "c.toml:1:11: `4x` is not a value: quote a string (\"4x\"); \
              a number or a boolean is written bare, like 4 or true"
+        );
+        assert_eq!(
+            err("workers =\n"),
+            "c.toml:1:10: a value is missing: write one after `=`, like workers = 4"
         );
         assert_eq!(
             err("command = [python3, \"x\"]\n"),
