@@ -393,7 +393,10 @@ impl Templates {
     }
 
     /// Closes the channel of each template that `keep` does not want: it
-    /// exits (status 0) when it sees the end of file.
+    /// exits (status 0) when it sees the end of file. One still loading the
+    /// app would see it only once loaded, taking CPU from the generation
+    /// that replaces it: it is sent SIGTERM too (a template exits 0 on a
+    /// stop signal while it loads).
     pub fn retire(&mut self, keep: impl Fn(&Template) -> bool) {
         for t in self.list.iter_mut() {
             if t.chan.is_some() && !matches!(t.state, State::Gone(_)) && !keep(t) {
@@ -401,6 +404,9 @@ impl Templates {
                     "template of generation {} (pid {}): no worker of its generation left; closing its channel",
                     t.gen.number, t.pid
                 );
+                if matches!(t.state, State::Booting { .. }) {
+                    let _ = nix::sys::signal::kill(t.pid, Signal::SIGTERM);
+                }
                 t.give_up(Gone::Retired);
             }
         }
