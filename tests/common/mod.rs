@@ -491,19 +491,28 @@ fn proc_net_addr(a: SocketAddr) -> String {
 /// of the load tests) on a CI machine, and reading it in every poll made a
 /// wait for an accept take seconds.
 pub fn listen_queues(addr: SocketAddr) -> Option<(u64, u64)> {
+    tcp_queues(addr, None, "0A")
+}
+
+/// The (transmit, receive) queues of the socket of /proc/net/tcp(6) bound to
+/// `local`, connected to `remote` (any, if None), in `state` ("0A" LISTEN,
+/// "01" ESTABLISHED); the table is read up to that line only.
+fn tcp_queues(local: SocketAddr, remote: Option<SocketAddr>, state: &str) -> Option<(u64, u64)> {
     use std::io::BufRead;
-    let table = if addr.is_ipv4() { "tcp" } else { "tcp6" };
-    let local = proc_net_addr(addr);
+    let table = if local.is_ipv4() { "tcp" } else { "tcp6" };
+    let (local, remote) = (proc_net_addr(local), remote.map(proc_net_addr));
     let file = std::fs::File::open(format!("/proc/net/{table}")).ok()?;
     let line = std::io::BufReader::new(file)
         .lines()
         .map_while(Result::ok)
         .find(|l| {
             let f: Vec<_> = l.split_whitespace().collect();
-            f.len() > 4 && f[1] == local && f[3] == "0A"
+            f.len() > 4
+                && f[1] == local
+                && remote.as_ref().is_none_or(|r| f[2] == r)
+                && f[3] == state
         })?;
-    let fields: Vec<_> = line.split_whitespace().collect();
-    let (tx, rx) = fields[4].split_once(':')?;
+    let (tx, rx) = line.split_whitespace().nth(4)?.split_once(':')?;
     Some((
         u64::from_str_radix(tx, 16).ok()?,
         u64::from_str_radix(rx, 16).ok()?,
@@ -529,28 +538,11 @@ pub fn get_in_flight(
     let client = s.local_addr().expect("local_addr");
     let handle = std::thread::spawn(move || read_response_to_end(s));
     wait_for("the server to read the request", LIMIT, || {
-        (server_receive_queue(addr, client)? == 0).then_some(())
+        // The server's end: ESTABLISHED, its receive queue empty (None
+        // while not accepted, or while the table churned past its line).
+        (tcp_queues(addr, Some(client), "01")?.1 == 0).then_some(())
     });
     handle
-}
-
-/// The receive queue of the server's ESTABLISHED end of the connection from
-/// `client` to `server`, from /proc/net/tcp; None while it is not listed
-/// (not accepted yet, or the line was skipped while the table churned).
-fn server_receive_queue(server: SocketAddr, client: SocketAddr) -> Option<u64> {
-    use std::io::BufRead;
-    let table = if server.is_ipv4() { "tcp" } else { "tcp6" };
-    let (local, remote) = (proc_net_addr(server), proc_net_addr(client));
-    let file = std::fs::File::open(format!("/proc/net/{table}")).ok()?;
-    let line = std::io::BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| {
-            let f: Vec<_> = l.split_whitespace().collect();
-            f.len() > 4 && f[1] == local && f[2] == remote && f[3] == "01"
-        })?;
-    let queues = line.split_whitespace().nth(4)?;
-    u64::from_str_radix(queues.split_once(':')?.1, 16).ok()
 }
 
 fn read_response_to_end(mut s: impl Read) -> std::io::Result<Response> {
