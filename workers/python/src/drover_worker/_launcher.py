@@ -2,8 +2,10 @@
 
 import asyncio
 import importlib
+import sys
 import time
-from typing import Any, Callable
+import traceback
+from typing import Any, Callable, List, Optional
 
 import drover_worker as dw
 
@@ -19,6 +21,22 @@ def load_app(target: str) -> Any:
     for name in (attr or "app").split("."):
         obj = getattr(obj, name)
     return obj
+
+
+def listeners(log: Callable[[str], None]) -> Optional[List[dw.Listener]]:
+    """drover's sockets, or None once the reason it cannot boot is logged."""
+    try:
+        return dw.listeners()
+    except dw.ListenError as e:
+        log("cannot boot: %s" % e)
+        return None
+
+
+def log_load_failure(target: str, log: Callable[[str], None]) -> None:
+    """In an ``except`` around the app's import: its traceback, then why the
+    launcher cannot boot."""
+    sys.stderr.write(traceback.format_exc())
+    log("cannot boot: cannot load the application %r (traceback above)" % target)
 
 
 async def until_stopped(log: Callable[[str], None]) -> None:

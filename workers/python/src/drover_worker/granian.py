@@ -86,10 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     dw.begin_launch(args.chdir, _log)
     dw.install(exit_on_stop=False)
-    try:
-        socks = dw.listeners()
-    except dw.ListenError as e:
-        _log("cannot boot: %s" % e)
+    socks = _launcher.listeners(_log)
+    if socks is None:
         return CANNOT_BOOT
     if len(socks) != 1 or socks[0].family == socket.AF_UNIX:
         _log("cannot boot: Granian serves one TCP socket here; drover passed %d socket(s)" % len(socks))
@@ -100,8 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         app = _launcher.load_app(args.app)
     except BaseException:
-        sys.stderr.write(traceback.format_exc())
-        _log("cannot boot: cannot load the application %r (traceback above)" % args.app)
+        _launcher.log_load_failure(args.app, _log)
         return CANNOT_BOOT
     if dw.stop_kind() is not None:
         _log("stopped before the server started")

@@ -80,10 +80,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     dw.begin_launch(args.chdir, _log)
     dw.install(exit_on_stop=False)
-    try:
-        socks = dw.listeners()
-    except dw.ListenError as e:
-        _log("cannot boot: %s" % e)
+    socks = _launcher.listeners(_log)
+    if socks is None:
         return CANNOT_BOOT
     hypercorn = _import_hypercorn(args.untested_hypercorn)
     if hypercorn is None:
@@ -96,8 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         app = _launcher.load_app(args.app)
     except BaseException:
-        sys.stderr.write(traceback.format_exc())
-        _log("cannot boot: cannot load the application %r (traceback above)" % args.app)
+        _launcher.log_load_failure(args.app, _log)
         return CANNOT_BOOT
     server = _Server(hypercorn, app, config, socks)
     try:

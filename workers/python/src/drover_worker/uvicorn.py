@@ -41,7 +41,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from typing import Any, List, Optional
 
 import drover_worker as dw
@@ -94,10 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # (A preload template handles stops itself: it just exits.)
     if not preload.active():  # type: ignore[no-untyped-call]
         dw.install(exit_on_stop=False)
-    try:
-        socks = dw.listeners()
-    except dw.ListenError as e:
-        _log("cannot boot: %s" % e)
+    socks = _launcher.listeners(_log)
+    if socks is None:
         return CANNOT_BOOT
     try:
         import uvicorn
@@ -117,8 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # forks (a reload then imports once, not once per worker).
         preload.run(config.load)  # type: ignore[no-untyped-call]
     except BaseException:  # uvicorn's own import error is a SystemExit(1)
-        sys.stderr.write(traceback.format_exc())
-        _log("cannot boot: cannot load the application %r (traceback above)" % args.app)
+        _launcher.log_load_failure(args.app, _log)
         return CANNOT_BOOT
     dw.install(exit_on_stop=False)  # a forked worker's; again, harmless, otherwise
     if dw.stop_kind() is not None:
