@@ -1,6 +1,7 @@
 //! Listening sockets: bound once by the master (or handed in by its parent)
 //! and shared by every worker.
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
@@ -26,9 +27,41 @@ pub struct Listener {
     /// What it listens on, for logs (a port 0 bind shows the real port).
     pub shown: String,
     /// A Unix socket file we created and must remove: (path, device, inode).
-    unix_file: Option<(PathBuf, u64, u64)>,
-    /// A TCP socket drover bound itself (not one a parent keeps a copy of).
-    bound_here: bool,
+    unix_file: RefCell<Option<(PathBuf, u64, u64)>>,
+    /// A socket drover bound itself (not one a parent keeps a copy of).
+    bound_here: Cell<bool>,
+    /// Bound by the old master of an upgrade: ours once we have told it we
+    /// are ready and it retires ([`Listener::take_over`]), not before (if we
+    /// fail, it goes on serving the socket).
+    from_old_master: Option<Bound>,
+}
+
+/// What the old master of an upgrade owned of a socket it hands over: it
+/// bound the socket itself (systemd keeps no copy), and made this socket
+/// file (device, inode), if any. Passed in `DROVER_UPGRADE_BOUND`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bound {
+    file: Option<(u64, u64)>,
+}
+
+/// The environment variable in which an old master tells the new one which
+/// of the `LISTEN_FDS` sockets it bound itself, one entry per socket in
+/// order, `:`-separated: `-` (not bound here: systemd's, or `fd://N`),
+/// `bound`, or `bound/DEV/INO` for a Unix socket whose file it made.
+pub const UPGRADE_BOUND: &str = "DROVER_UPGRADE_BOUND";
+
+impl Bound {
+    fn parse(entry: &str) -> Option<Bound> {
+        let mut parts = entry.split('/');
+        if parts.next() != Some("bound") {
+            return None;
+        }
+        let file = match (parts.next(), parts.next()) {
+            (Some(dev), Some(ino)) => Some((dev.parse().ok()?, ino.parse().ok()?)),
+            _ => None,
+        };
+        Some(Bound { file })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +173,38 @@ impl Listener {
     /// Closes our copy without touching the socket: for a socket another
     /// process (a newer drover) goes on serving.
     pub fn release(mut self) {
-        self.unix_file = None;
+        *self.unix_file.get_mut() = None;
+    }
+
+    /// What a new master of an upgrade is to own of this socket once this
+    /// master retires: its `DROVER_UPGRADE_BOUND` entry.
+    pub fn handover_entry(&self) -> String {
+        // Not yet taken over (an upgrade of a master still starting): what
+        // the master before us owned.
+        let file = match (&*self.unix_file.borrow(), self.from_old_master) {
+            (Some((_, dev, ino)), _) => Some((*dev, *ino)),
+            (None, Some(Bound { file })) => file,
+            (None, None) => None,
+        };
+        match file {
+            Some((dev, ino)) => format!("bound/{dev}/{ino}"),
+            None if self.bound_here.get() || self.from_old_master.is_some() => "bound".into(),
+            None => "-".into(),
+        }
+    }
+
+    /// The old master of the upgrade that handed us this socket has been
+    /// told we are ready, and retires: the socket is now ours as it was its,
+    /// so our shutdown refuses new connections and removes its socket file
+    /// as the old master's would have.
+    pub fn take_over(&self) {
+        let Some(bound) = self.from_old_master else {
+            return;
+        };
+        self.bound_here.set(true);
+        if let (Some((dev, ino)), Some(path)) = (bound.file, unix_path(self.fd.as_raw_fd())) {
+            *self.unix_file.borrow_mut() = Some((path, dev, ino));
+        }
     }
 
     /// Stops accepting for good: new connection attempts are refused, and the
@@ -148,7 +212,7 @@ impl Listener {
     /// the workers to take. The master's copy is closed; the socket itself
     /// closes when the last worker closes its copy.
     pub fn close(self) {
-        if self.bound_here {
+        if self.bound_here.get() {
             // Refuse new connections while the workers take what is queued,
             // with a BPF filter on the socket. For TCP it drops only SYNs: a
             // client then retransmits its SYN and gets "connection refused"
@@ -202,7 +266,7 @@ impl Drop for Listener {
     /// A socket file we created goes with our copy of the socket (also when
     /// start-up fails after binding), unless another server replaced it.
     fn drop(&mut self) {
-        if let Some((path, dev, ino)) = &self.unix_file {
+        if let Some((path, dev, ino)) = &*self.unix_file.get_mut() {
             if let Ok(m) = std::fs::symlink_metadata(path) {
                 if m.dev() == *dev && m.ino() == *ino {
                     let _ = std::fs::remove_file(path);
@@ -222,6 +286,8 @@ pub struct Inherited {
     name: Option<String>,
     /// Handed in by an older drover during an upgrade (not a service manager).
     from_drover: bool,
+    /// Bound by that older drover itself.
+    bound: Option<Bound>,
 }
 
 impl Inherited {
@@ -308,7 +374,7 @@ pub fn open_all(
     if !bind_was_set {
         if !inherited.is_empty() {
             for (i, inh) in inherited.into_iter().flatten().enumerate() {
-                let l = adopt(inh.fd, None)?;
+                let l = adopt(inh.fd, None, inh.bound)?;
                 let name = inh.name.unwrap_or_else(|| format!("inherited{i}"));
                 tracing::info!("listening on {} (inherited, fd name {name:?})", l.shown);
                 out.push((Rc::new(l), name));
@@ -333,7 +399,10 @@ pub fn open_all(
             continue;
         }
         let (listener, how) = match take_match(&mut inherited, bind, &name) {
-            Some(inh) => (adopt(inh.fd, Some(bind.address.clone()))?, "inherited, "),
+            Some(inh) => (
+                adopt(inh.fd, Some(bind.address.clone()), inh.bound)?,
+                "inherited, ",
+            ),
             None => (open(bind, settings)?, ""),
         };
         tracing::info!("listening on {} ({how}fd name {name:?})", listener.shown);
@@ -384,8 +453,9 @@ fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
                 shown: local.map_or(shown.clone(), |a| a.to_string()),
                 fd: sock.into(),
                 address: Some(bind.address.clone()),
-                unix_file: None,
-                bound_here: true,
+                unix_file: RefCell::new(None),
+                bound_here: Cell::new(true),
+                from_old_master: None,
             })
         }
         Address::Unix(path) => {
@@ -404,8 +474,9 @@ fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
                 fd: sock.into(),
                 address: Some(bind.address.clone()),
                 shown,
-                unix_file: Some((path.clone(), meta.dev(), meta.ino())),
-                bound_here: true,
+                unix_file: RefCell::new(Some((path.clone(), meta.dev(), meta.ino()))),
+                bound_here: Cell::new(true),
+                from_old_master: None,
             })
         }
         Address::Fd(n) => {
@@ -430,6 +501,7 @@ fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
             adopt(
                 unsafe { OwnedFd::from_raw_fd(*n) },
                 Some(bind.address.clone()),
+                None,
             )
         }
     }
@@ -554,7 +626,11 @@ pub(crate) fn remove_stale(path: &Path) -> Result<(), String> {
 }
 
 /// Takes ownership of an already-open socket after checking it listens.
-fn adopt(fd: OwnedFd, address: Option<Address>) -> Result<Listener, ListenError> {
+fn adopt(
+    fd: OwnedFd,
+    address: Option<Address>,
+    from_old_master: Option<Bound>,
+) -> Result<Listener, ListenError> {
     let raw = fd.as_raw_fd();
     let shown = local_name(raw).unwrap_or_else(|| format!("fd://{raw}"));
     let refused = |why: String| ListenError::Refused {
@@ -572,8 +648,9 @@ fn adopt(fd: OwnedFd, address: Option<Address>) -> Result<Listener, ListenError>
         fd,
         address,
         shown,
-        unix_file: None,
-        bound_here: false,
+        unix_file: RefCell::new(None),
+        bound_here: Cell::new(false),
+        from_old_master,
     })
 }
 
@@ -585,6 +662,14 @@ fn local_name(fd: RawFd) -> Option<String> {
         return Some(inet.to_string());
     }
     Some(format!("unix:{}", addr.as_pathname()?.display()))
+}
+
+/// The path a Unix socket is bound to.
+fn unix_path(fd: RawFd) -> Option<PathBuf> {
+    // SAFETY: the descriptor is open for the duration of this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let addr = socket2::SockRef::from(&fd).local_addr().ok()?;
+    addr.as_pathname().map(Path::to_path_buf)
 }
 
 fn any_port_matches(fd: RawFd, address: &Address) -> bool {
@@ -611,7 +696,8 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
     let fds = std::env::var("LISTEN_FDS").ok();
     let pid = std::env::var("LISTEN_PID").ok();
     let names = std::env::var("LISTEN_FDNAMES").ok();
-    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+    let bound = std::env::var(UPGRADE_BOUND).ok();
+    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", UPGRADE_BOUND] {
         std::env::remove_var(var);
     }
     let Some(fds) = fds else {
@@ -631,6 +717,13 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
         .unwrap_or("")
         .split(':')
         .map(|n| (!n.is_empty()).then(|| n.to_string()));
+    // Only an old drover's word counts (a service manager never says this).
+    let mut bound = bound
+        .as_deref()
+        .filter(|_| from_drover)
+        .unwrap_or("")
+        .split(':')
+        .map(Bound::parse);
     // Owned as inherited sockets from here: fd://N must not adopt them again
     // (fd://N of one of them is matched to it in `open_all` instead).
     if let Some(h) = HANDED_IN.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -639,6 +732,7 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
     (3..3 + n)
         .map(|fd| {
             let name = names.next().flatten();
+            let bound = bound.next().flatten();
             // Check before owning: closing a descriptor that is not open would
             // be a bug of ours, not the parent's.
             // SAFETY: F_GETFD/F_SETFD on a raw number only inspect/flag it.
@@ -653,6 +747,7 @@ pub fn take_inherited() -> Result<Vec<Inherited>, ListenError> {
                 fd: unsafe { OwnedFd::from_raw_fd(fd) },
                 name,
                 from_drover,
+                bound,
             })
         })
         .collect()

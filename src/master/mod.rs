@@ -712,7 +712,14 @@ impl Master {
                     }
                 }
                 Action::NotifySystemd(note) => match note {
-                    Note::Ready(summary) => self.systemd.ready(&summary),
+                    Note::Ready(summary) => {
+                        self.systemd.ready(&summary);
+                        // After an upgrade, the old master retires on this:
+                        // the sockets it bound are ours to close from now on.
+                        for (l, _) in self.sup.current().listeners.borrow().iter() {
+                            l.take_over();
+                        }
+                    }
                     Note::Reloading => self.systemd.reloading(),
                     Note::Status(summary) => self.systemd.status(&summary),
                     Note::Stopping => self.systemd.stopping(),

@@ -135,6 +135,10 @@ impl Master {
         let names: Vec<&str> = listeners.iter().map(|(_, n)| n.as_str()).collect();
         env.set("LISTEN_FDS", listeners.len().to_string());
         env.set("LISTEN_FDNAMES", names.join(":"));
+        // Which of them we bound: the new master's shutdown must refuse new
+        // connections on those, and remove their socket files, as ours would.
+        let bound: Vec<String> = listeners.iter().map(|(l, _)| l.handover_entry()).collect();
+        env.set(crate::listen::UPGRADE_BOUND, bound.join(":"));
         env.set_child_pid("LISTEN_PID");
         env.set("NOTIFY_SOCKET", self.notify.path());
         env.set("DROVER_UPGRADE_FROM", std::process::id().to_string());

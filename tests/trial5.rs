@@ -1,0 +1,139 @@
+//! Faults found by the user trial "trial5": what an operator sees after a
+//! binary upgrade, with the release binary's behaviour as the reference.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nix::unistd::Pid;
+
+/// A worker that holds the sockets for 3 s after SIGTERM without accepting:
+/// whatever gets into a queue meanwhile is reset at its exit.
+const HOLDING_WORKER: &str =
+    "[\"sh\", \"-c\", \"trap 'sleep 3; exit 0' TERM; while :; do sleep 0.05; done\"]";
+
+fn config(binds: &str) -> String {
+    format!(
+        "bind = [{binds}]\nworkers = 1\nready = \"spawn\"\ncommand = {HOLDING_WORKER}\n\
+         control_socket = \"$DIR/ctl.sock\"\n"
+    )
+}
+
+/// `drover ctl upgrade` against `d`'s control socket; the new master's pid.
+fn upgrade(d: &Drover) -> Pid {
+    let out = Command::new(drover_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(d.dir.path().join("ctl.sock"))
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    out.split("new master pid ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .map(Pid::from_raw)
+        .unwrap_or_else(|| panic!("no new master in {out:?}"))
+}
+
+/// Kills a master this test made (a new master outlives the old one, which
+/// the harness kills) when the test ends, even by a failed assertion.
+struct KillOnDrop(Pid);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
+    }
+}
+
+/// Connection attempts to `addr` that complete their handshake within 200 ms.
+fn handshakes(addr: SocketAddr, tries: usize) -> usize {
+    (0..tries)
+        .filter(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+        .count()
+}
+
+/// Upgrades `d` `times` times; returns the master that serves at the end.
+/// Each old master retires (exit 0) before the next upgrade.
+fn upgrade_times(d: &mut Drover, times: usize) -> (Pid, Vec<KillOnDrop>) {
+    let mut guards = Vec::new();
+    let mut serving = d.pid();
+    for i in 0..times {
+        let new = upgrade(d);
+        guards.push(KillOnDrop(new));
+        if i == 0 {
+            assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+        } else {
+            wait_for("the old master to retire", LIMIT, || {
+                (!alive(serving)).then_some(())
+            });
+        }
+        // The new master is ready (it said so to the old one, which retired).
+        serving = new;
+    }
+    (serving, guards)
+}
+
+#[test]
+fn after_an_upgrade_the_shutdown_still_refuses_new_connections_and_removes_the_socket_file() {
+    // Once and twice upgraded: each new master must stop as the first would.
+    for times in [1, 2] {
+        let mut d = Start::config(&config("\"127.0.0.1:0\", \"unix:$DIR/app.sock\"")).run();
+        d.wait_log("all 1 workers ready");
+        let addr = d.tcp_addr();
+        let file = d.dir.path().join("app.sock");
+        assert!(file.exists());
+        let (serving, _guards) = upgrade_times(&mut d, times);
+        assert_eq!(handshakes(addr, 1), 1, "the new master serves");
+        nix::sys::signal::kill(serving, Signal::SIGTERM).unwrap();
+        d.wait_log("closed 2 listener(s)");
+        // The old code, after an upgrade: no filter (10 of 10 got in, to be
+        // reset when the worker exited) and the socket file stayed.
+        let got_in = handshakes(addr, 10);
+        assert_eq!(
+            (got_in, file.exists()),
+            (0, false),
+            "after {times} upgrade(s): handshakes during the drain, socket file left"
+        );
+        assert_eq!(unix_connects(&file), 0);
+        wait_for("the new master to exit", LIMIT, || {
+            (!alive(serving)).then_some(())
+        });
+        assert!(!file.exists(), "{}", d.log());
+    }
+}
+
+/// Connections by path to a Unix socket that succeed, of 3.
+fn unix_connects(path: &Path) -> usize {
+    (0..3)
+        .filter(|_| std::os::unix::net::UnixStream::connect(path).is_ok())
+        .count()
+}
+
+#[test]
+fn a_socket_systemd_handed_in_is_left_accepting_after_an_upgrade() {
+    // systemd keeps its copy of the socket: the new master must not refuse
+    // connections on it at its shutdown, any more than the first would.
+    let sd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = sd.local_addr().unwrap();
+    let kept = sd.try_clone().unwrap();
+    let start = Start {
+        pass: vec![(sd.into(), 3)],
+        systemd: true,
+        ..Start::config(&config(&format!("\"{addr}\"")))
+    };
+    let mut d = start.run();
+    d.wait_log("all 1 workers ready");
+    let (serving, _guards) = upgrade_times(&mut d, 1);
+    nix::sys::signal::kill(serving, Signal::SIGTERM).unwrap();
+    d.wait_log("closed 1 listener(s)");
+    assert_eq!(handshakes(addr, 10), 10, "systemd's socket was filtered");
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(serving)).then_some(())
+    });
+    drop(kept);
+}
