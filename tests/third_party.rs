@@ -440,6 +440,12 @@ const GRANIAN: Asgi = Asgi {
     script: "drover-granian",
     serving: "with Granian (ASGI)",
 };
+/// drover-uvicorn (its READY=1 comes between the lifespan startup and
+/// uvicorn's first accept).
+const UVICORN: Asgi = Asgi {
+    script: "drover-uvicorn",
+    serving: "ready: serving",
+};
 const HYPERCORN: Asgi = Asgi {
     script: "drover-hypercorn",
     serving: "with Hypercorn",
@@ -573,6 +579,27 @@ fn granian_asgi_abandons_the_request_in_flight_when_the_stop_turns_quick() {
         "notes",
         "registry",
     );
+}
+
+#[test]
+fn uvicorn_is_ready_once_the_lifespan_startup_completed() {
+    asgi_is_ready_once_the_lifespan_startup_completed(UVICORN);
+}
+
+/// uvicorn's own message for a failed lifespan startup differs from the
+/// other launchers': the status is what counts.
+#[test]
+fn uvicorn_app_whose_lifespan_startup_fails_stops_drover_with_status_3() {
+    let mut d = Start::config(&asgi(UVICORN, FASTAPI, "APP_STARTUP_FAIL = \"1\"")).run();
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("RuntimeError: the lifespan startup fails (on purpose)"),
+        "{log}"
+    );
+    assert!(log.contains("cannot boot"), "{log}");
+    assert!(!log.contains("ready: serving"), "no READY=1: {log}");
 }
 
 #[test]

@@ -8,8 +8,8 @@ What ``uvicorn --fd 3`` lacks under drover, this adds:
 * it serves on the sockets drover passes (``LISTEN_FDS``, every one of them,
   TCP or Unix), not on a socket uvicorn binds;
 * ``X_DROVER_WILL_NOTIFY=1`` before the import (docs/protocol.md), and
-  ``READY=1`` once the app is imported, its lifespan startup has completed
-  and the sockets accept: drover's ``ready = "notify"`` (and a reload) waits
+  ``READY=1`` once the app is imported and its lifespan startup has
+  completed, just before uvicorn accepts on the sockets: drover's ``ready = "notify"`` (and a reload) waits
   for real readiness;
 * an app that cannot be imported (any exception, or no such attribute) exits
   with status 3, "cannot boot", so that drover stops instead of respawning it
@@ -149,14 +149,23 @@ def _server_class(base: Any) -> Any:
         """uvicorn's Server, telling drover what happens."""
 
         async def startup(self, sockets: Optional[List[Any]] = None) -> None:
-            await super().startup(sockets=sockets)
+            # READY=1 between the lifespan startup and the first accept, not
+            # after it: drover's sockets already listen (a connection waits in
+            # their queue for the moment until uvicorn accepts), and drover
+            # restores a boot_priority at READY=1, so that the first requests
+            # are not served at the boot's priority.
+            lifespan = self.lifespan
+            await lifespan.startup()
+            if not lifespan.should_exit and not self.should_exit:
+                _log("ready: serving %s" % ", ".join(dw._describe(s) for s in sockets or []))
+                try:
+                    dw.ready()
+                except OSError as e:
+                    _log("cannot send READY=1: %s" % e)
+            lifespan.startup = _started  # done above; uvicorn's startup would run it again
+            await super().startup(sockets=sockets)  # exits 3 if the lifespan startup failed
             if self.should_exit:
                 return
-            _log("ready: serving %s" % ", ".join(dw._describe(s) for s in sockets or []))
-            try:
-                dw.ready()
-            except OSError as e:
-                _log("cannot send READY=1: %s" % e)
             interval = dw.watchdog_interval()
             if interval:
                 self._drover_beat = asyncio.ensure_future(_heartbeats(interval))
@@ -188,13 +197,26 @@ def _server_class(base: Any) -> Any:
             a kept-alive one) would see it closed unanswered."""
             for server in getattr(self, "servers", []):
                 server.close()
-            # The list every request's cycle adds to its response's headers
-            # (uvicorn no longer replaces it once it stops serving).
-            self.server_state.default_headers.append((b"connection", b"close"))
             connections = self.server_state.connections
+            # The lists of headers every request's cycle adds to its
+            # response's: the current one (uvicorn no longer replaces it once
+            # it stops serving) and the ones of the requests in flight, which
+            # may hold the list of the second before (uvicorn makes a new one
+            # every second, for its Date header). uvicorn's h11 protocol does
+            # not say `Connection: close` itself when it closes after a
+            # response: a client would send its next request on a closed
+            # connection (in about 1 stop in 10, before these were added to).
+            lists = [self.server_state.default_headers]
+            lists += [c.cycle.default_headers for c in connections if getattr(c, "cycle", None) is not None]
+            for headers in {id(h): h for h in lists}.values():
+                headers.append((b"connection", b"close"))
             await _launcher.let_next_requests_in(lambda: any(_between_requests(c) for c in connections))
 
     return DroverServer
+
+
+async def _started() -> None:
+    """The lifespan startup, once it has run."""
 
 
 def _between_requests(connection: Any) -> bool:
