@@ -137,3 +137,30 @@ fn a_socket_systemd_handed_in_is_left_accepting_after_an_upgrade() {
     });
     drop(kept);
 }
+
+#[test]
+fn with_subreaper_an_upgrade_leaves_the_new_master_serving() {
+    // As a child subreaper the old master ended every child it had at its
+    // exit as "left by workers": the new master too, which then stopped
+    // with all its workers, and nothing served.
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\nsubreaper = true\n\
+         command = [\"{}\"]\ncontrol_socket = \"$DIR/ctl.sock\"\n",
+        hello_bin()
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let (serving, _guards) = upgrade_times(&mut d, 1);
+    assert!(
+        !d.log().contains("left by workers"),
+        "the old master took the new one for a worker's leftover:\n{}",
+        d.log()
+    );
+    assert!(alive(serving), "the new master was ended");
+    assert_eq!(get_ok(addr, "/").status, 200);
+    nix::sys::signal::kill(serving, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(serving)).then_some(())
+    });
+}

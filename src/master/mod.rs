@@ -166,6 +166,9 @@ pub struct Master {
     /// `preload`: the templates the workers are forked from.
     templates: template::Templates,
     upgrade: Option<upgrade::Upgrade>,
+    /// The new master of an upgrade that succeeded: our child, but no
+    /// process left by a worker (`end_orphans` spares it).
+    successor: Option<Pid>,
     /// When WATCHDOG=1 is next due to our service manager.
     next_watchdog: Option<Instant>,
     /// `master_as_user`: the master switched to the workers' user at start.
@@ -248,6 +251,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         exec_reports: Vec::new(),
         templates: template::Templates::default(),
         upgrade: None,
+        successor: None,
         master_switched,
         exe,
         watch,
@@ -263,7 +267,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let outcome = master.run_loop();
     let limit = master.sup.current().s.graceful_timeout.0;
     master.reap_cancelled_upgrade(limit);
-    end_orphans(master.sup.current().s.quick_timeout.0);
+    end_orphans(master.sup.current().s.quick_timeout.0, master.successor);
     if outcome.cause != Cause::Upgrade {
         // (After an upgrade the new master, started with our socket in
         // its environment, goes on: it is no escapee.)
@@ -319,7 +323,9 @@ fn bind_admin(s: &crate::config::Settings) -> Result<Option<crate::admin::Admin>
 /// exited) get SIGTERM and `limit` to exit, then SIGKILL, and are reaped,
 /// so that none outlives drover holding a copy of its sockets. Without
 /// the subreaper they were re-parented elsewhere, beyond drover's reach.
-fn end_orphans(limit: Duration) {
+/// The new master of an upgrade (`successor`) is our child too, and serves
+/// on: it is spared.
+fn end_orphans(limit: Duration, successor: Option<Pid>) {
     let mut flag: libc::c_int = 0;
     // SAFETY: plain prctl with a pointer to an int.
     let subreaper =
@@ -327,7 +333,8 @@ fn end_orphans(limit: Duration) {
     if !subreaper {
         return; // orphans went to init, not to us: nothing to scan /proc for
     }
-    let orphans = children_of(nix::unistd::getpid());
+    let mut orphans = children_of(nix::unistd::getpid());
+    orphans.retain(|p| Some(*p) != successor);
     if orphans.is_empty() {
         return;
     }

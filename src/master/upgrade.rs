@@ -272,6 +272,7 @@ impl Master {
         // From now on the new master speaks to the service manager: no
         // STOPPING=1 or WATCHDOG=1 of ours may be taken for its.
         self.systemd.main_pid(u.pid.as_raw());
+        self.successor = Some(u.pid);
         self.obs.publish(crate::events::Kind::UpgradeApplied {
             pid: u.pid.as_raw(),
         });
