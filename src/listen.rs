@@ -306,8 +306,12 @@ impl Inherited {
         let fd = self.fd.as_raw_fd();
         // Port 0 ("any free port") matches the socket of the same name that
         // an old drover bound for the same address.
+        let same_name = self.name.as_deref() == Some(name);
         same_address(fd, &bind.address)
-            || (self.name.as_deref() == Some(name) && any_port_matches(fd, &bind.address))
+            || (same_name && any_port_matches(fd, &bind.address))
+            // An old master passes its fd://N socket at another number (3,
+            // 4, ...): the entry's name finds it, as for port 0.
+            || (same_name && self.from_drover && matches!(bind.address, Address::Fd(_)))
     }
 }
 

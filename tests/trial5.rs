@@ -164,3 +164,35 @@ fn with_subreaper_an_upgrade_leaves_the_new_master_serving() {
         (!alive(serving)).then_some(())
     });
 }
+
+#[test]
+fn a_drover_serving_fd_n_can_be_upgraded() {
+    // The new master gets the socket at fd 3 (LISTEN_FDS), not at N: the
+    // old code looked for descriptor 5, refused to start (exit 1), and the
+    // upgrade failed.
+    let handed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = handed.local_addr().unwrap();
+    let config = format!(
+        "bind = [\"fd://5\"]\nworkers = 1\nready = \"notify\"\ncommand = [\"{}\"]\n\
+         control_socket = \"$DIR/ctl.sock\"\n",
+        hello_bin()
+    );
+    let start = Start {
+        pass: vec![(handed.into(), 5)],
+        ..Start::config(&config)
+    };
+    let mut d = start.run();
+    d.wait_log("all 1 workers ready");
+    assert_eq!(get_ok(addr, "/").status, 200);
+    let (serving, _guards) = upgrade_times(&mut d, 1);
+    let answered_by = get_ok(addr, "/").worker_pid();
+    assert_eq!(
+        Pid::from_raw(stat(Pid::from_raw(answered_by)).unwrap().1),
+        serving,
+        "not a worker of the new master"
+    );
+    nix::sys::signal::kill(serving, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(serving)).then_some(())
+    });
+}
