@@ -10,7 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -96,6 +96,12 @@ struct Conn {
 pub struct Admin {
     listener: Listener,
     conns: Vec<Conn>,
+    /// Whether new connections are taken. Not in the new master of an
+    /// upgrade until it is ready: the old master answers on the same socket
+    /// meanwhile (a probe then hears that it serves, not that this one boots).
+    accepting: bool,
+    /// The socket file is the new master's now: not removed at drop.
+    keep_file: bool,
 }
 
 impl Admin {
@@ -119,7 +125,61 @@ impl Admin {
         Ok(Admin {
             listener,
             conns: Vec::new(),
+            accepting: true,
+            keep_file: false,
         })
+    }
+
+    /// Takes over the admin socket the old master of an upgrade passed on,
+    /// if it listens on `addr` (port 0: any port of the same address). It
+    /// takes no connection before [`Admin::start_accepting`].
+    pub fn adopt(fd: OwnedFd, addr: &AdminAddr) -> Option<Admin> {
+        let listener = match addr {
+            AdminAddr::Tcp(want) => {
+                let l = TcpListener::from(fd);
+                let have = l.local_addr().ok()?;
+                let port_ok = want.port() == 0 || want.port() == have.port();
+                (have.ip() == want.ip() && port_ok).then_some(())?;
+                Listener::Tcp(l)
+            }
+            AdminAddr::Unix(path) => {
+                let l = UnixListener::from(fd);
+                let have = l.local_addr().ok()?;
+                (have.as_pathname()? == path.as_path()).then_some(())?;
+                Listener::Unix(l, path.clone())
+            }
+        };
+        match &listener {
+            Listener::Tcp(l) => l.set_nonblocking(true).ok()?,
+            Listener::Unix(l, _) => l.set_nonblocking(true).ok()?,
+        }
+        Some(Admin {
+            listener,
+            conns: Vec::new(),
+            accepting: false,
+            keep_file: false,
+        })
+    }
+
+    /// The listening socket, to pass on to the new master of an upgrade.
+    pub fn listener_fd(&self) -> BorrowedFd<'_> {
+        match &self.listener {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+        }
+    }
+
+    /// The new master of an upgrade is ready: it answers from now on.
+    pub fn start_accepting(&mut self) {
+        self.accepting = true;
+    }
+
+    /// Leaves the socket to the new master of an upgrade: no new
+    /// connection is taken here (those in progress are answered), and the
+    /// socket file stays.
+    pub fn hand_over(&mut self) {
+        self.accepting = false;
+        self.keep_file = true;
     }
 
     /// The bound TCP address (for an ephemeral port).
@@ -135,12 +195,10 @@ impl Admin {
     /// each connection for its next step.
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
         let mut fds = Vec::with_capacity(self.conns.len() + 1);
-        if self.conns.len() < MAX_CONNECTIONS || self.conns.iter().any(|c| c.answer.is_none()) {
-            let fd = match &self.listener {
-                Listener::Tcp(l) => l.as_fd(),
-                Listener::Unix(l, _) => l.as_fd(),
-            };
-            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        let room =
+            self.conns.len() < MAX_CONNECTIONS || self.conns.iter().any(|c| c.answer.is_none());
+        if self.accepting && room {
+            fds.push(PollFd::new(self.listener_fd(), PollFlags::POLLIN));
         }
         for c in &self.conns {
             let flags = if c.answer.is_some() {
@@ -166,7 +224,9 @@ impl Admin {
     /// After a wait (or at a deadline): accepts, reads, answers, writes, and
     /// drops connections that are done or out of time. Never blocks.
     pub fn on_ready(&mut self, now: Instant, master: &dyn Observe) {
-        self.accept(now);
+        if self.accepting {
+            self.accept(now);
+        }
         self.conns.retain_mut(|c| {
             if c.answer.is_none() {
                 match read_request(c) {
@@ -238,7 +298,7 @@ impl Admin {
 
 impl Drop for Admin {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = &self.listener {
+        if let (Listener::Unix(_, path), false) = (&self.listener, self.keep_file) {
             let _ = std::fs::remove_file(path);
         }
     }

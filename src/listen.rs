@@ -691,6 +691,31 @@ fn same_address(fd: RawFd, address: &Address) -> bool {
     }
 }
 
+/// The environment variable in which an old master passes its admin
+/// endpoint's socket to the new one (the descriptor after the `LISTEN_FDS`).
+pub const UPGRADE_ADMIN_FD: &str = "DROVER_UPGRADE_ADMIN_FD";
+
+/// The admin endpoint's socket the old master of an upgrade passed on, owned
+/// from here (close-on-exec: no worker inherits it). Call it after
+/// [`take_inherited`].
+pub fn take_upgrade_admin() -> Option<OwnedFd> {
+    note_open_descriptors();
+    let n = std::env::var(UPGRADE_ADMIN_FD).ok();
+    std::env::remove_var(UPGRADE_ADMIN_FD);
+    let n: RawFd = n?.parse().ok().filter(|n| *n >= 3)?;
+    // Only a descriptor that was open at start and is no LISTEN_FDS socket.
+    let mut handed = HANDED_IN.lock().unwrap_or_else(|e| e.into_inner());
+    if !handed.as_mut()?.open.remove(&n) {
+        return None;
+    }
+    // SAFETY: F_SETFD on a descriptor open since start (checked above).
+    if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: handed to us by the old master, owned by nothing else here.
+    Some(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
 /// Sockets our parent handed us with the systemd convention, if they are
 /// meant for this process (`LISTEN_PID` is our pid). The variables are
 /// removed so workers never see our copies.

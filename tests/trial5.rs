@@ -196,3 +196,83 @@ fn a_drover_serving_fd_n_can_be_upgraded() {
         (!alive(serving)).then_some(())
     });
 }
+
+/// One GET on the admin endpoint at the Unix socket `path`.
+fn admin_get(path: &Path, what: &str) -> Response {
+    let s = wait_for("the admin socket", LIMIT, || {
+        std::os::unix::net::UnixStream::connect(path).ok()
+    });
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    get_over(s, what).unwrap()
+}
+
+#[test]
+fn readyz_stays_ready_while_the_new_master_of_an_upgrade_boots() {
+    // Workers that wait for $DIR/go before they exec: the test decides when
+    // the new master's workers are ready.
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\nboot_timeout = \"20s\"\n\
+         command = [\"sh\", \"-c\", \"while [ ! -e $DIR/go ]; do sleep 0.02; done; exec {}\"]\n\
+         control_socket = \"$DIR/ctl.sock\"\nadmin_bind = \"unix:$DIR/admin.sock\"\n",
+        hello_bin()
+    );
+    let mut d = Start::config(&config).run();
+    let go = d.dir.path().join("go");
+    let admin = d.dir.path().join("admin.sock");
+    std::fs::write(&go, "").unwrap();
+    d.wait_log("all 2 workers ready");
+    assert_eq!(admin_get(&admin, "/readyz").status, 200);
+    std::fs::remove_file(&go).unwrap();
+    let upgrading = {
+        let socket = d.dir.path().join("ctl.sock");
+        std::thread::spawn(move || {
+            let out = Command::new(drover_bin())
+                .arg("ctl")
+                .arg("--socket")
+                .arg(socket)
+                .arg("upgrade")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    d.wait_log("upgrade: started");
+    // The old master serves all along: a load balancer's probe must say so.
+    // The old code: the new master took the endpoint at its start and
+    // answered "503 booting: 0/2 slots have a ready worker" until its
+    // workers were ready.
+    let answers: Vec<(u16, String)> = (0..10)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            let r = admin_get(&admin, "/readyz");
+            (r.status, r.body.trim().to_string())
+        })
+        .collect();
+    std::fs::write(&go, "").unwrap();
+    let out = upgrading.join().unwrap();
+    assert!(out.contains("upgraded: new master pid"), "{out}");
+    let new: Pid = out
+        .split("new master pid ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .map(Pid::from_raw)
+        .unwrap();
+    let _guard = KillOnDrop(new);
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "/readyz during the upgrade: {answers:?}"
+    );
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+    // The new master answers on the same socket file, which the old master
+    // left in place.
+    let r = admin_get(&admin, "/readyz");
+    assert_eq!((r.status, r.body.trim()), (200, "ready"));
+    nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+    assert!(
+        !admin.exists(),
+        "the new master removes its admin socket file"
+    );
+}

@@ -189,6 +189,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let started = Instant::now();
     // 1. Before anything opens a descriptor: fds 3.. may be sockets from our parent.
     let inherited = listen::take_inherited()?;
+    let upgrade_admin = listen::take_upgrade_admin();
     let exe = upgrade::Exe::saved();
     // 2. Handlers next: a signal that arrives from now on is an event, not a death.
     let signals = SignalPipe::install().map_err(StartError::Signals)?;
@@ -225,7 +226,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let watch = crate::watch::from_settings(&gen.s)?;
     // 8b. What the master shows the world: the admin endpoint, the events,
     // the scoreboard (in the notify socket's private directory).
-    let admin = bind_admin(&gen.s)?;
+    let admin = bind_admin(&gen.s, upgrade_admin)?;
     let obs = crate::observe::Observer::new(&gen.s, notify.dir(), gen.owner());
     // 9. Everything privileged is done: sockets bound, files created.
     let master_switched = gen.s.master_as_user && gen.program.identity.is_some();
@@ -302,11 +303,25 @@ pub(super) fn restore_priority(who: &str, pid: Pid, boot: priority::Boot) {
     }
 }
 
-/// Binds the admin endpoint, if `admin_bind` is set.
-fn bind_admin(s: &crate::config::Settings) -> Result<Option<crate::admin::Admin>, StartError> {
+/// Binds the admin endpoint, if `admin_bind` is set, or takes over the one
+/// the old master of an upgrade `handed` on for that address.
+fn bind_admin(
+    s: &crate::config::Settings,
+    handed: Option<std::os::fd::OwnedFd>,
+) -> Result<Option<crate::admin::Admin>, StartError> {
     let Some(addr) = &s.admin_bind else {
         return Ok(None);
     };
+    if let Some(admin) = handed.and_then(|fd| crate::admin::Admin::adopt(fd, &addr.0)) {
+        let shown = admin
+            .local_addr()
+            .map_or(addr.0.to_string(), |a| a.to_string());
+        info!(
+            "admin endpoint on {shown}: /livez, /readyz, /metrics (the old master's socket: \
+             it answers there until this master is ready)"
+        );
+        return Ok(Some(admin));
+    }
     let admin = crate::admin::Admin::bind(&addr.0).map_err(|source| StartError::Admin {
         addr: addr.0.to_string(),
         source,
@@ -725,6 +740,10 @@ impl Master {
                         // the sockets it bound are ours to close from now on.
                         for (l, _) in self.sup.current().listeners.borrow().iter() {
                             l.take_over();
+                        }
+                        // And the admin endpoint it answered on meanwhile.
+                        if let Some(a) = self.admin.as_mut() {
+                            a.start_accepting();
                         }
                     }
                     Note::Reloading => self.systemd.reloading(),

@@ -160,9 +160,14 @@ impl Master {
         if let Some(c) = self.control.as_mut() {
             c.close_listener();
         }
-        // And the admin endpoint's address: the new master binds it.
-        self.admin = None;
-        let fds: Vec<_> = listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
+        let mut fds: Vec<_> = listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
+        // And the admin endpoint's socket, after them: we answer on it until
+        // the new master is ready, then it does (a probe must not hear
+        // "booting" from the new master while we serve).
+        if let Some(a) = &self.admin {
+            env.set(crate::listen::UPGRADE_ADMIN_FD, (3 + fds.len()).to_string());
+            fds.push(a.listener_fd().as_raw_fd());
+        }
         drop(listeners);
         // The new master must outlive us: no parent-death signal.
         match spawn::spawn(&program, &env, &fds, self.devnull.as_raw_fd(), false, None) {
@@ -277,6 +282,9 @@ impl Master {
             pid: u.pid.as_raw(),
         });
         self.next_watchdog = None;
+        if let Some(a) = self.admin.as_mut() {
+            a.hand_over();
+        }
         self.answer(
             u.waiters,
             control::success(&format!("upgraded: new master pid {}", u.pid)),
@@ -344,12 +352,6 @@ impl Master {
         self.obs.publish(crate::events::Kind::UpgradeFailed {
             reason: why.clone(),
         });
-        if self.admin.is_none() {
-            match super::bind_admin(&self.sup.current().s) {
-                Ok(admin) => self.admin = admin,
-                Err(e) => error!("cannot take the admin endpoint back: {e}"),
-            }
-        }
         let s = &self.sup.current().s;
         let (pidfile, control_socket) = (s.pidfile.clone(), s.control_socket.clone());
         if let Some(path) = pidfile {
