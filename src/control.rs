@@ -603,7 +603,18 @@ fn ask(path: &Path, command: &Command, wait: Duration) -> io::Result<Answer> {
     let read = stream.read_to_end(&mut answer);
     if answer.is_empty() {
         sent?;
-        read?;
+        read.map_err(|e| match e.kind() {
+            // The read timeout: drover has not decided yet, and goes on.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {} (--timeout): drover goes on with the command; \
+                     `drover ctl status` shows where it is",
+                    humantime::format_duration(wait)
+                ),
+            ),
+            _ => e,
+        })?;
     }
     let answer = String::from_utf8_lossy(&answer);
     serde_json::from_str(answer.trim())

@@ -276,3 +276,31 @@ fn readyz_stays_ready_while_the_new_master_of_an_upgrade_boots() {
         "the new master removes its admin socket file"
     );
 }
+
+#[test]
+fn a_ctl_timeout_says_that_no_answer_came_in_time() {
+    // Workers that take 3 s to boot: the reload's verdict comes after the
+    // client's --timeout. The old message: "Resource temporarily unavailable
+    // (os error 11)".
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\n\
+         command = [\"sh\", \"-c\", \"sleep 3; exec {}\"]\ncontrol_socket = \"$DIR/ctl.sock\"\n",
+        hello_bin()
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let out = Command::new(drover_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(d.dir.path().join("ctl.sock"))
+        .args(["--timeout", "300ms", "reload"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no answer within 300ms (--timeout): drover goes on with the command"),
+        "{err}"
+    );
+    d.wait_log("reload applied");
+}
