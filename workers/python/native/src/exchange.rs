@@ -49,6 +49,8 @@ pub struct ConnView<'a> {
     pub listener: usize,
     pub peer: &'a Peer,
     pub trusted: bool,
+    /// The connection's last request (--keepalive-requests): its response closes it.
+    pub last: bool,
 }
 
 /// A coalesced write is flushed past this size.
@@ -99,7 +101,7 @@ pub fn handle(
         io_timeout: sh.set.io_timeout,
         is_head: head.method == "HEAD",
         http10,
-        keep_alive: head.keep_alive,
+        keep_alive: head.keep_alive && !view.last,
         server_keeps: false,
         status: None,
         code: 0,

@@ -42,7 +42,7 @@ pyo3::create_exception!(
 
 /// What drover_wsgi/native.py must match (it falls back to the pure-Python
 /// core when it does not).
-const API: u32 = 1;
+const API: u32 = 2;
 
 fn seconds(s: Option<f64>) -> Option<Duration> {
     s.filter(|s| *s > 0.0).map(Duration::from_secs_f64)
@@ -63,7 +63,7 @@ impl Core {
     #[new]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (hooks, listeners, threads, keepalive, io_timeout, header_timeout, body_timeout,
-                        body_min_rate, max_requests, limits, trust_everyone, trust_nets, ctrl_fd))]
+                        body_min_rate, max_requests, keepalive_requests, limits, trust_everyone, trust_nets, ctrl_fd))]
     fn new(
         py: Python<'_>,
         hooks: &Bound<'_, PyAny>,
@@ -75,6 +75,7 @@ impl Core {
         body_timeout: Option<f64>,
         body_min_rate: u64,
         max_requests: u64,
+        keepalive_requests: u64,
         limits: (usize, usize, usize),
         trust_everyone: bool,
         trust_nets: Vec<(Vec<u8>, u8)>,
@@ -118,6 +119,7 @@ impl Core {
             body_timeout: seconds(body_timeout),
             body_min_rate,
             max_requests,
+            keepalive_requests,
             limits: drover_h1::Limits {
                 request_line: limits.0,
                 fields: limits.1,

@@ -69,6 +69,10 @@ pub struct Settings {
     pub body_timeout: Option<Duration>,
     pub body_min_rate: u64,
     pub max_requests: u64,
+    /// The most requests on one connection (0: no limit): the last one's
+    /// response says `Connection: close`, and the client's next connection
+    /// goes to whichever worker accepts it first.
+    pub keepalive_requests: u64,
     pub limits: drover_h1::Limits,
 }
 
@@ -955,6 +959,8 @@ fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
             listener: conn.listener,
             peer: &conn.peer,
             trusted: conn.trusted,
+            // Counted from 1, so a limit of 0 never matches.
+            last: conn.requests == sh.set.keepalive_requests,
         };
         sh.turns.wait();
         let outcome = Python::attach(|py| {

@@ -6,7 +6,8 @@
 It serves the WSGI application ``module:app`` (``module`` alone means
 ``module:application``; ``module:make_app()`` calls a factory) on the listening
 sockets drover passes (``LISTEN_FDS``), with a pool of threads, HTTP/1.1
-keep-alive and the worker contract: ``READY=1`` once the app is imported and
+keep-alive (at most ``--keepalive-requests`` requests per connection) and the
+worker contract: ``READY=1`` once the app is imported and
 the pool accepts, exit status 3 when the app cannot be imported, a graceful
 stop on SIGTERM/SIGINT and a quick one on SIGQUIT, recycling after
 ``--max-requests``, and the cleanup registry of ``drover_worker`` run on every
@@ -105,6 +106,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=0, help="exit 0 after this many requests (default 0: never)")
     p.add_argument("--max-requests-jitter", type=int, default=0, help="add up to this many, at random, to --max-requests")
     p.add_argument("--keepalive", type=float, default=5.0, help="seconds an idle keep-alive connection is kept (default 5)")
+    p.add_argument("--keepalive-requests", type=int, default=1000,
+                   help="requests a connection may carry: the Nth response says Connection: close, so that "
+                        "long-lived clients reconnect and spread over the workers (default 1000, 0: no limit)")
     p.add_argument("--io-timeout", type=float, default=30.0,
                    help="seconds to wait for a client's bytes within a request, or for it to take a response (default 30)")
     p.add_argument("--header-timeout", type=_seconds, default=20.0,
@@ -143,6 +147,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         p.error("--threads must be at least 1")
     if args.max_requests < 0 or args.max_requests_jitter < 0:
         p.error("--max-requests and --max-requests-jitter must not be negative")
+    if args.keepalive_requests < 0:
+        p.error("--keepalive-requests must not be negative")
     if args.body_min_rate < 0:
         p.error("--body-min-rate must not be negative")
     if args.core is None:
@@ -211,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if max_requests and args.max_requests_jitter:
         max_requests += random.randint(0, args.max_requests_jitter)
     server = server_class(app, socks, threads=args.threads, keepalive=args.keepalive,
-                    io_timeout=args.io_timeout, max_requests=max_requests, limits=args.limits,
+                    keepalive_requests=args.keepalive_requests, io_timeout=args.io_timeout, max_requests=max_requests, limits=args.limits,
                     proxy=args.proxy, access_log=access_log, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout, body_min_rate=args.body_min_rate)
     _on_sigwinch(server)

@@ -33,7 +33,7 @@ from .server import (
 )
 
 #: The drover_wsgi_native interface this module drives.
-API = 1
+API = 2
 
 _native: Any = None
 
@@ -94,7 +94,7 @@ class NativeServer:
 
     def __init__(self, app, socks, threads=4, keepalive=5.0, io_timeout=30.0, max_requests=0,
                  limits=DEFAULT_LIMITS, proxy=None, access_log=None, header_timeout=20.0,
-                 body_timeout=20.0, body_min_rate=500):
+                 body_timeout=20.0, body_min_rate=500, keepalive_requests=1000):
         native, why = (_native, None) if _native is not None else load()
         if native is None:
             raise RuntimeError(why)
@@ -111,7 +111,7 @@ class NativeServer:
         nets = [(net.network_address.packed, net.prefixlen) for net in self.proxy.networks]
         self.core = native.Core(
             _Hooks(app, self.proxy, access_log), listeners, self.nthreads, keepalive, io_timeout,
-            header_timeout, body_timeout, body_min_rate, max_requests,
+            header_timeout, body_timeout, body_min_rate, max_requests, keepalive_requests,
             (limits.request_line, limits.request_fields, limits.request_field_size),
             self.proxy.everyone, nets, self.ctrl_w)
         self.stop_kind = None

@@ -563,6 +563,7 @@ class Response:
             req.keep_alive and not self.app_close and self.mode != "close"
             and self.server.state is _RUNNING and self.server.keep_going()
             and not self.server.winding_down
+            and self.conn.requests != self.server.keepalive_requests  # counted from 1: 0 never matches
         )
         self.keep = keep and self.inp.discardable()
         parts = ["HTTP/1.1 ", self.status, "\r\nDate: ", http_date(), "\r\n", self.header_text]
@@ -681,7 +682,8 @@ class ListenerInfo:
 
 
 class Server:
-    """The pool serving ``app`` on ``socks``. Timeouts in seconds (None: no
+    """The pool serving ``app`` on ``socks``. ``keepalive_requests``: the
+    most requests on one connection (0: no limit). Timeouts in seconds (None: no
     limit): ``keepalive`` for an idle connection, ``io_timeout`` for any one
     read or write, ``header_timeout`` for a whole request head from its first
     byte, ``body_timeout`` for a body from the end of its head, plus one second
@@ -689,10 +691,15 @@ class Server:
 
     def __init__(self, app, socks, threads=4, keepalive=5.0, io_timeout=30.0, max_requests=0,
                  limits=DEFAULT_LIMITS, proxy=None, access_log=None, header_timeout=20.0,
-                 body_timeout=20.0, body_min_rate=500):
+                 body_timeout=20.0, body_min_rate=500, keepalive_requests=1000):
         self.app = app
         self.nthreads = max(1, threads)
         self.keepalive = keepalive
+        # The requests a connection carries (0: no limit): the last one's
+        # response closes it, and the client's next connection goes to
+        # whichever worker accepts first (long-lived connections would keep
+        # the load where they landed at their burst).
+        self.keepalive_requests = keepalive_requests
         self.io_timeout = io_timeout
         self.max_requests = max_requests
         self.limits = limits
