@@ -810,3 +810,46 @@ fn a_kept_alive_request_sent_just_after_the_stop_is_answered(core: &str) {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
 with_each_core!(a_kept_alive_request_sent_just_after_the_stop_is_answered);
+
+/// drover_wsgi's default --keepalive-requests (1000): a keep-alive client
+/// making 2,500 requests sees the 1000th and the 2000th response say
+/// `Connection: close`, each followed by a clean end of the stream (EOF, not
+/// a reset), and reconnects: three connections, of 1000, 1000 and 500
+/// requests. (Which of the two workers takes each new connection is up to
+/// the accepts: not asserted.)
+fn the_default_keepalive_requests_close_every_1000th_response(core: &str) {
+    let d = Start::config(&example(core, "")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let mut per_conn: Vec<usize> = Vec::new();
+    let mut pids: Vec<i32> = Vec::new();
+    let mut conn: Option<TcpStream> = None;
+    for _ in 0..2500 {
+        let s = conn.get_or_insert_with(|| {
+            per_conn.push(0);
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(LIMIT)).unwrap();
+            s
+        });
+        write!(s, "GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let r = read_one(s);
+        assert_eq!(r.status, 200);
+        *per_conn.last_mut().unwrap() += 1;
+        if per_conn.last() == Some(&1) {
+            pids.push(r.worker_pid());
+        }
+        match r.header("Connection") {
+            None => {}
+            Some("close") => {
+                let mut rest = Vec::new();
+                let n = s.read_to_end(&mut rest).expect("EOF, not a reset");
+                assert_eq!(n, 0, "nothing after the last response: {rest:?}");
+                conn = None;
+            }
+            Some(other) => panic!("Connection: {other}"),
+        }
+    }
+    assert_eq!(per_conn, [1000, 1000, 500], "requests per connection");
+    eprintln!("the three connections' workers: {pids:?}");
+}
+with_each_core!(the_default_keepalive_requests_close_every_1000th_response);

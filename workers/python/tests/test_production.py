@@ -297,3 +297,69 @@ class SlowClientTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class KeepaliveRequestsTest(unittest.TestCase):
+    """--keepalive-requests N: the Nth response on a connection says
+    Connection: close and the connection ends cleanly (EOF, not a reset), so
+    that a client's long-lived connections come back through the listen
+    queue to whichever worker accepts first; 0: no limit."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.w = Worker("apps:app", args=["--threads", "2", "--keepalive-requests", "3"])
+
+    @classmethod
+    def tearDownClass(cls):
+        stop(cls.w)
+        cls.w.close()
+
+    def test_the_nth_response_closes_the_connection(self):
+        # The last response streamed (chunked) as well as with a length.
+        for last in ("/pid", "/gen"):
+            with Client(self.w) as c:
+                for _ in range(2):
+                    c.send(get("/pid"))
+                    status, headers, _ = c.response()
+                    self.assertEqual((status, headers.get("connection")), (200, None), "kept alive")
+                c.send(get(last))
+                status, headers, body = c.response()
+                self.assertEqual((status, headers.get("connection")), (200, "close"), last)
+                self.assertTrue(body)
+                self.assertTrue(c.eof_within(5), "closed with EOF after the 3rd response")
+
+    def test_http10_keep_alive_is_counted_too(self):
+        keep = b"GET /pid HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        with Client(self.w) as c:
+            for expected in ("keep-alive", "keep-alive", "close"):
+                c.send(keep)
+                self.assertEqual(c.response()[1].get("connection"), expected)
+            self.assertTrue(c.eof_within(5))
+
+    def test_a_request_pipelined_after_the_last_is_not_answered_and_nothing_is_reset(self):
+        # The 4th request is not read: the client sends it again on a new
+        # connection (as after nginx's keepalive_requests). A large body
+        # behind it is read and dropped by the lingering close: no reset.
+        big = b"POST /environ HTTP/1.1\r\nHost: t\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300000
+        for fourth in (get("/pid"), big):
+            with Client(self.w) as c:
+                c.send(get("/pid") * 3 + fourth)
+                answers = [c.response()[1].get("connection") for _ in range(3)]
+                self.assertEqual(answers, [None, None, "close"])
+                c.sock.settimeout(5)
+                self.assertEqual(c.f.read(), b"", "the 4th request is not answered; EOF, not a reset")
+
+    def test_zero_means_no_limit(self):
+        with Worker("apps:app", args=["--threads", "1", "--keepalive-requests", "0"]) as w:
+            with Client(w) as c:
+                for i in range(50):
+                    c.send(get("/pid"))
+                    status, headers, _ = c.response()
+                    self.assertEqual((status, headers.get("connection")), (200, None), "request %d" % (i + 1))
+            stop(w)
+
+    def test_a_negative_limit_is_refused(self):
+        with Worker("apps:app", args=["--keepalive-requests", "-1"], ready=False) as w:
+            code, err = w.wait()
+        self.assertEqual(code, 3, err)  # cannot boot: drover does not respawn it
+        self.assertIn("--keepalive-requests must not be negative", err)
