@@ -217,9 +217,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if max_requests and args.max_requests_jitter:
         max_requests += random.randint(0, args.max_requests_jitter)
     server = server_class(app, socks, threads=args.threads, keepalive=args.keepalive,
-                    keepalive_requests=args.keepalive_requests, io_timeout=args.io_timeout, max_requests=max_requests, limits=args.limits,
-                    proxy=args.proxy, access_log=access_log, header_timeout=args.header_timeout,
-                    body_timeout=args.body_timeout, body_min_rate=args.body_min_rate)
+                    keepalive_requests=args.keepalive_requests, io_timeout=args.io_timeout,
+                    max_requests=max_requests, limits=args.limits, proxy=args.proxy, access_log=access_log,
+                    header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                    body_min_rate=args.body_min_rate)
     _on_sigwinch(server)
     server.start()
     interval = dw.watchdog_interval()
