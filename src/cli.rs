@@ -309,6 +309,9 @@ pub fn main() -> ExitCode {
     // open now are our parent's, the only ones `fd://N` may name.
     crate::listen::note_open_descriptors();
     let cli = Cli::parse();
+    if matches!(cli.action, Some(Action::Check { .. } | Action::Ctl(_))) {
+        end_quietly_on_a_closed_pipe();
+    }
     // For a check: whether to print the settings.
     let (run, check_print) = match cli.action {
         None => (cli.run, None),
@@ -453,6 +456,15 @@ fn completions(shell: Shell) -> ExitCode {
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut Cli::command(), "drover", &mut script);
     print_out("completions", &script)
+}
+
+/// For the commands that print and exit (`drover ctl status | head -1`): a
+/// reader that has gone ends them silently, as it ends any Unix tool, where
+/// Rust's ignored SIGPIPE made `println!` panic with a backtrace. (The
+/// master keeps SIGPIPE ignored: a client that hangs up must not kill it.)
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: resets one signal's disposition, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 /// Writes `bytes` to standard output; a closed pipe is no crash.

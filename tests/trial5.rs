@@ -304,3 +304,38 @@ fn a_ctl_timeout_says_that_no_answer_came_in_time() {
     );
     d.wait_log("reload applied");
 }
+
+#[test]
+fn ctl_and_check_piped_into_a_reader_that_has_gone_end_without_a_panic() {
+    // `drover ctl status | head -1`: head exits after one line. The old ctl
+    // panicked ("failed printing to stdout: Broken pipe", a backtrace, 101).
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\ncommand = [\"{}\"]\n\
+         control_socket = \"$DIR/ctl.sock\"\n",
+        hello_bin()
+    ))
+    .run();
+    d.wait_log("all 1 workers ready");
+    let socket = d.dir.path().join("ctl.sock").display().to_string();
+    let config = d.dir.path().join("config.toml").display().to_string();
+    for args in [
+        vec!["ctl", "--socket", &socket, "status"],
+        vec!["check", "--print", "-c", &config],
+    ] {
+        let mut child = Command::new(drover_bin())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before anything is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && out.status.code() != Some(101),
+            "{args:?}: {:?}\n{err}",
+            out.status
+        );
+    }
+}
