@@ -397,7 +397,7 @@ pub enum SpawnError {
     },
     #[error("chdir {0}: not a directory (or not reachable)")]
     NoDirectory(std::path::PathBuf),
-    #[error("cannot prepare to fork: {0}")]
+    #[error("cannot prepare to fork: {0}{hint}", hint = limit_hint(*.0))]
     Setup(Errno),
     #[error("fork failed: {0}")]
     Fork(Errno),
@@ -500,7 +500,7 @@ impl Started {
         let hint = if step == Step::Exec as u8 {
             exec_hint(Path::new(&self.program), errno, self.workdir.as_deref())
         } else {
-            String::new()
+            limit_hint(errno)
         };
         SpawnError::Child {
             program: self.program.clone(),
@@ -625,6 +625,21 @@ fn fd_limit() -> RawFd {
     let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(1024, |(soft, _)| soft);
     soft.min(65536) as RawFd
+}
+
+/// For EMFILE, what to raise ("" for any other error). Starts with "; ".
+/// drover holds descriptors per worker (two with `capture_output`), and a
+/// child inherits them all until its exec: many workers reach a soft limit
+/// of 1024 (systemd's default) sooner than one would think.
+pub fn limit_hint(errno: Errno) -> String {
+    if errno != Errno::EMFILE {
+        return String::new();
+    }
+    format!(
+        "; drover reached its limit of open files ({}): raise it (`ulimit -n`, \
+         systemd's LimitNOFILE=) or run fewer workers",
+        fd_limit()
+    )
 }
 
 /// What a child's report pipe says.

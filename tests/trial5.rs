@@ -339,3 +339,38 @@ fn ctl_and_check_piped_into_a_reader_that_has_gone_end_without_a_panic() {
         );
     }
 }
+
+#[test]
+fn running_out_of_open_files_says_which_limit_to_raise() {
+    // 100 workers with capture_output under a limit of 64 open files: the
+    // old message ended at "EMFILE: Too many open files" (and exit 3 reads
+    // as a worker that cannot boot).
+    let start = Start {
+        program: Some("sh".into()),
+        ..Start::args(&[
+            "-c",
+            "ulimit -n 64 && exec \"$0\" \"$@\"",
+            drover_bin(),
+            "-b",
+            "127.0.0.1:0",
+            "-w",
+            "100",
+            "--set",
+            "ready=notify",
+            "--set",
+            "capture_output=true",
+            "--",
+            hello_bin(),
+        ])
+    };
+    let mut d = start.run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
+    assert!(
+        d.log().contains(
+            "EMFILE: Too many open files; drover reached its limit of open files (64): \
+             raise it (`ulimit -n`, systemd's LimitNOFILE=) or run fewer workers"
+        ),
+        "{}",
+        d.log()
+    );
+}
