@@ -157,7 +157,8 @@ impl Admin {
             listener,
             conns: Vec::new(),
             accepting: false,
-            keep_file: false,
+            // The old master's until we are ready: if we fail, it answers on.
+            keep_file: true,
         })
     }
 
@@ -172,6 +173,7 @@ impl Admin {
     /// The new master of an upgrade is ready: it answers from now on.
     pub fn start_accepting(&mut self) {
         self.accepting = true;
+        self.keep_file = false;
     }
 
     /// Leaves the socket to the new master of an upgrade: no new

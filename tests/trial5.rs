@@ -374,3 +374,42 @@ fn running_out_of_open_files_says_which_limit_to_raise() {
         d.log()
     );
 }
+
+#[test]
+fn a_failed_upgrade_leaves_the_admin_endpoint_to_the_old_master() {
+    // The new master adopts the old one's admin socket; when it then fails
+    // (its worker exits 3 before it is ready), it must leave the socket file
+    // to the old master, which goes on answering there.
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\ncommand = [\"{}\"]\n\
+         control_socket = \"$DIR/ctl.sock\"\nadmin_bind = \"unix:$DIR/admin.sock\"\n",
+        hello_bin()
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let admin = d.dir.path().join("admin.sock");
+    let broken = config.replace(
+        &format!("command = [\"{}\"]", hello_bin()),
+        "command = [\"sh\", \"-c\", \"exit 3\"]",
+    );
+    std::fs::write(
+        d.dir.path().join("config.toml"),
+        broken.replace("$DIR", &d.dir.path().display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(drover_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(d.dir.path().join("ctl.sock"))
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.contains("upgrade failed"), "{out}");
+    assert!(
+        admin.exists(),
+        "the failed new master removed the admin socket file"
+    );
+    let r = admin_get(&admin, "/readyz");
+    assert_eq!((r.status, r.body.trim()), (200, "ready"));
+}
