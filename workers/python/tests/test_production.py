@@ -11,7 +11,7 @@ import tempfile
 import time
 import unittest
 
-from tests.helpers import Client, Worker, request
+from tests.helpers import WSGI, Client, Worker, request
 
 GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -96,6 +96,14 @@ class AccessLogTest(unittest.TestCase):
             request(w, get("/error"))
             stop(w)
         self.assertRegex(self.lines()[0], r'"GET /error HTTP/1\.1" 500 - ')
+
+    def test_B_is_a_number_when_the_app_sent_no_response(self):
+        # B is the body bytes as a number (0 when the app sent none), b is
+        # '-' then; B was 'None' for a failed app.
+        with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", "%(s)s %(b)s %(B)s"]) as w:
+            request(w, get("/error"))
+            stop(w)
+        self.assertEqual(self.lines(), ["500 - 0"])
 
     def test_a_bad_format_cannot_boot(self):
         with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", "%(h"], ready=False) as w:
@@ -293,6 +301,47 @@ class SlowClientTest(unittest.TestCase):
                 status, _, out = c.response()
                 self.assertEqual((status, len(json.loads(out)["body"])), (200, 40))
             stop(w)
+
+
+class OutOfDescriptorsTest(unittest.TestCase):
+    def test_connections_already_accepted_are_served_while_accept_fails(self):
+        # 40 file descriptors: the clients below take the rest, accept fails
+        # with EMFILE. The thread used to sleep 100 ms at each failure, and
+        # the level-triggered listener was ready at every poll: each request
+        # of a connection accepted before took 100 ms or more, and every
+        # failure was logged (10 lines a second).
+        limited = [WSGI[0], "-c", "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)); "
+                   "sys.argv[1:1] = []; runpy.run_module('drover_wsgi', run_name='__main__', alter_sys=True)"]
+        with Worker("apps:app", command=limited + ["--threads", "1", "apps:app"]) as w:
+            with Client(w) as kept:
+                kept.send(get("/pid"))
+                self.assertEqual(kept.response()[0], 200)
+                others = []
+                for _ in range(60):
+                    c = w.connect()
+                    c.sendall(get("/pid"))
+                    others.append(c)
+                time.sleep(0.3)
+                began = time.monotonic()
+                for _ in range(20):
+                    kept.send(get("/pid"))
+                    self.assertEqual(kept.response()[0], 200)
+                self.assertLess(time.monotonic() - began, 1.0)
+                for c in others:
+                    c.close()
+            deadline = time.monotonic() + 10  # the worker accepts again once descriptors are free
+            while True:
+                try:
+                    status = request(w, get("/pid"))[0]
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            self.assertEqual(status, 200)
+            err = stop(w)
+        lines = [line for line in err.splitlines() if "accept on" in line]
+        self.assertTrue(1 <= len(lines) <= 2, err)
+        self.assertIn("Too many open files", lines[0])
 
 
 if __name__ == "__main__":

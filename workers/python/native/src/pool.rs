@@ -211,6 +211,7 @@ pub struct Shared {
     alive_cv: Condvar,
     service_time: AtomicU64,
     swept_out: AtomicBool,
+    accept_pause: Mutex<AcceptPause>,
     /// Header name (lower case) -> its environ key (HTTP_...), interned.
     pub keys: Mutex<HashMap<Vec<u8>, Py<PyString>>>,
     pub scoreboard: Option<Scoreboard>,
@@ -222,6 +223,21 @@ struct Drain {
     taken: usize,
     deadline: Instant,
 }
+
+/// When accept fails (EMFILE: out of file descriptors), the listeners leave
+/// the epoll set for ACCEPT_PAUSE: a level-triggered listener would be ready
+/// at every poll, and a thread that slept in place held up the requests of
+/// connections already accepted (100 ms each time). The sweeper puts them
+/// back. The failures are logged at most once per ACCEPT_LOG_EVERY.
+#[derive(Default)]
+struct AcceptPause {
+    resume: Option<Instant>,
+    failures: u64,
+    logged: Option<Instant>,
+}
+
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 const NO_TIME: u64 = u64::MAX;
 
@@ -277,6 +293,7 @@ impl Shared {
             alive_cv: Condvar::new(),
             service_time: AtomicU64::new(NO_TIME),
             swept_out: AtomicBool::new(false),
+            accept_pause: Mutex::new(AcceptPause::default()),
             keys: Mutex::new(HashMap::new()),
             scoreboard: Scoreboard::from_env(),
             turns: Default::default(),
@@ -286,6 +303,67 @@ impl Shared {
 
     pub fn state(&self) -> u8 {
         self.state.load(Acquire)
+    }
+
+    /// The listeners into the epoll set: level-triggered (one thread polls at
+    /// a time: poller.rs), and exclusive: a new connection wakes one worker
+    /// process, not all.
+    fn watch_listeners(&self) {
+        for (i, l) in self.listeners.iter().enumerate() {
+            self.epoll(
+                libc::EPOLL_CTL_ADD,
+                l.fd,
+                (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                TAG_LISTENER | i as u64,
+            );
+        }
+    }
+
+    /// Accept failed (not EAGAIN): the listeners out of the epoll set for
+    /// ACCEPT_PAUSE (see AcceptPause).
+    fn pause_accepting(&self, i: usize, e: &std::io::Error) {
+        let now = Instant::now();
+        let mut pause = self.accept_pause.lock().unwrap();
+        pause.failures += 1;
+        if pause.resume.is_none() {
+            pause.resume = Some(now + ACCEPT_PAUSE);
+            for l in &self.listeners {
+                self.epoll(libc::EPOLL_CTL_DEL, l.fd, 0, 0);
+            }
+        }
+        if pause.logged.is_none_or(|t| now >= t + ACCEPT_LOG_EVERY) {
+            log(&format!(
+                "accept on {}: {} ({} time(s) since the last such line): not accepting for {:.1}s each time",
+                self.listeners[i].name,
+                e,
+                pause.failures,
+                ACCEPT_PAUSE.as_secs_f64()
+            ));
+            pause.failures = 0;
+            pause.logged = Some(now);
+        }
+    }
+
+    /// The sweeper: the listeners back after an accept pause, unless the
+    /// stop or a recycle took them (the open lock: not once they are closed,
+    /// when their fd numbers may be another socket's). Returns when to look
+    /// again, during a pause.
+    fn resume_accepting(&self, now: Instant) -> Option<Instant> {
+        let mut pause = self.accept_pause.lock().unwrap();
+        let resume = pause.resume?;
+        if now < resume {
+            return Some(resume);
+        }
+        pause.resume = None;
+        let open = self.open.read().unwrap();
+        if *open
+            && self.state() == RUNNING
+            && !self.stop_seen.load(Acquire)
+            && !self.recycling.load(Relaxed)
+        {
+            self.watch_listeners();
+        }
+        None
     }
 
     /// Whether a response may keep its connection: the server runs on
@@ -301,7 +379,7 @@ impl Shared {
 
     /// Registers the listeners and the stop event, and starts the threads.
     pub fn start(self: &Arc<Self>) {
-        for (i, l) in self.listeners.iter().enumerate() {
+        for l in &self.listeners {
             unsafe {
                 let flags = libc::fcntl(l.fd, libc::F_GETFL);
                 libc::fcntl(l.fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
@@ -309,15 +387,8 @@ impl Shared {
             if !l.unix {
                 sock::tune_listener(l.fd);
             }
-            // Level-triggered (one thread polls at a time: poller.rs), and
-            // exclusive: a new connection wakes one worker process, not all.
-            self.epoll(
-                libc::EPOLL_CTL_ADD,
-                l.fd,
-                (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
-                TAG_LISTENER | i as u64,
-            );
         }
+        self.watch_listeners();
         self.epoll(
             libc::EPOLL_CTL_ADD,
             self.stopfd,
@@ -842,9 +913,7 @@ fn accept_and_serve(sh: &Arc<Shared>, i: usize) {
         Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
         Err(e) => {
             if sh.state() == RUNNING {
-                // EMFILE and friends: back off instead of spinning.
-                log(&format!("accept on {}: {}", sh.listeners[i].name, e));
-                std::thread::sleep(Duration::from_millis(100));
+                sh.pause_accepting(i, &e); // EMFILE and friends
             }
         }
     }
@@ -860,6 +929,10 @@ fn sweeper(sh: Arc<Shared>) {
                 sh.start_linger(conn);
             } // a lingering one is dropped: closed
         }
+        let next = match (next, sh.resume_accepting(Instant::now())) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let wait = next.map_or(Duration::from_millis(100), |n| {
             n.saturating_duration_since(Instant::now())
         });

@@ -79,7 +79,7 @@ _SIMPLE: Dict[str, Callable[[Mapping[str, Any], str, Optional[int], float], Any]
     "q": lambda e, s, n, d: e["QUERY_STRING"],
     "H": lambda e, s, n, d: e["SERVER_PROTOCOL"],
     "s": lambda e, s, n, d: s,
-    "B": lambda e, s, n, d: n,
+    "B": lambda e, s, n, d: n or 0,  # a number for log parsers, as Apache's %B
     "b": lambda e, s, n, d: "-" if n is None else str(n),
     "f": lambda e, s, n, d: e.get("HTTP_REFERER", "-"),
     "a": lambda e, s, n, d: e.get("HTTP_USER_AGENT", "-"),

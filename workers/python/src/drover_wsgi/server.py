@@ -66,6 +66,11 @@ QUICK_DRAIN = 1.0
 #: On a graceful stop, how long a connection taken from the queue (or accepted
 #: just before) may take to send its request.
 FIRST_BYTE_GRACE = 1.0
+#: When accept fails (EMFILE: out of file descriptors), the listeners leave the
+#: selector for this long; the threads serve the connections they have.
+ACCEPT_PAUSE = 0.1
+#: The accept failures are logged at most once in this many seconds.
+ACCEPT_LOG_EVERY = 10.0
 
 _RUNNING, _STOPPING, _DRAINED = "running", "stopping", "drained"
 _STOP = object()  # selector data: the stop pipe or the recycle pipe
@@ -733,6 +738,9 @@ class Server:
         }
         self.stop_lingering = []  # lingering closes started during a stop
         self.poll_until = float("inf")  # when the polling thread wakes up at the latest
+        self.accept_resume = 0.0  # accept failed: the listeners are off the selector until then
+        self.accept_failures = 0  # accept failures not logged yet
+        self.accept_logged = -ACCEPT_LOG_EVERY  # when the last one was logged
         self.threads = []
         # Per thread (each writes its own slot): in a request now; items done.
         self.busy = [False] * self.nthreads
@@ -972,6 +980,8 @@ class Server:
                     first = next(iter(timer.values())).deadline
                     if timeout is None or first < timeout:
                         timeout = first
+            if self.accept_resume and (timeout is None or self.accept_resume < timeout):
+                timeout = self.accept_resume
             self.poll_until = float("inf") if timeout is None else timeout
         if timeout is not None:
             timeout = max(0.0, timeout - time.monotonic())
@@ -1004,7 +1014,10 @@ class Server:
                     self._linger_read(conn)
                 else:
                     self.pending.append(conn)
-        self._expire(time.monotonic())
+        now = time.monotonic()
+        if self.accept_resume and now >= self.accept_resume:
+            self._resume_accepting()
+        self._expire(now)
 
     def _expire(self, now):
         with self.mu:
@@ -1124,11 +1137,51 @@ class Server:
         except OSError as e:
             if self.state is not _RUNNING:
                 return
-            # EMFILE and friends: back off instead of spinning on a readable listener.
-            log("accept on %s: %s" % (info.name, e))
-            time.sleep(0.1)
+            self._pause_accepting(info, e)
             return
         self._serve(self._new_conn(sock, peer, info))
+
+    def _pause_accepting(self, info, error):
+        """EMFILE and friends: the listeners leave the selector for
+        ACCEPT_PAUSE, so that a level-triggered listener does not spin and the
+        threads serve the connections they have (a thread that slept in place
+        held up the requests of connections already accepted, 100 ms each
+        time); the failures are logged at most once per ACCEPT_LOG_EVERY."""
+        now = time.monotonic()
+        with self.mu:
+            if self.state is not _RUNNING:
+                return
+            self.accept_failures += 1
+            if not self.accept_resume:
+                self.accept_resume = now + ACCEPT_PAUSE
+                for each in self.listeners:
+                    try:
+                        self.sel.unregister(each.sock)
+                    except (KeyError, ValueError, OSError):
+                        pass
+            report = now - self.accept_logged >= ACCEPT_LOG_EVERY
+            if report:
+                failures, self.accept_failures, self.accept_logged = self.accept_failures, 0, now
+        if report:
+            log("accept on %s: %s (%d time(s) since the last such line): not accepting for %.1fs each time"
+                % (info.name, error, failures, ACCEPT_PAUSE))
+        try:
+            os.write(self.wake_w, b"x")  # the polling thread's timeout must see accept_resume
+        except OSError:
+            pass
+
+    def _resume_accepting(self):
+        """The listeners back in the selector after an accept pause (leader
+        lock held: not after the stop took them out)."""
+        with self.mu:
+            self.accept_resume = 0.0
+            if self.stop_seen or self.state is not _RUNNING:
+                return
+            for info in self.listeners:
+                try:
+                    self.sel.register(info.sock, selectors.EVENT_READ, info)
+                except (KeyError, ValueError, OSError):
+                    pass
 
     # -- one connection ------------------------------------------------------
 
