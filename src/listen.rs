@@ -349,7 +349,8 @@ fn unmatched_message(inh: &Inherited) -> String {
     if inh.from_drover {
         format!(
             "the socket {} that the old drover served matches no bind: closed \
-             (it stays open until the old drover exits)",
+             (it stays open until the old drover exits; a socket file it made is \
+             removed once this drover is ready)",
             inh.describe()
         )
     } else {
@@ -416,12 +417,40 @@ pub fn open_all(
     // config no longer has would otherwise vanish without a word.
     for inh in inherited.into_iter().flatten() {
         if inh.from_drover {
+            if let (
+                Some(Bound {
+                    file: Some((dev, ino)),
+                }),
+                Some(path),
+            ) = (inh.bound, unix_path(inh.fd.as_raw_fd()))
+            {
+                LEFT_BY_OLD_MASTER
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((path, dev, ino));
+            }
             tracing::warn!("{}", unmatched_message(&inh));
         } else {
             tracing::error!("{}", unmatched_message(&inh));
         }
     }
     Ok(out)
+}
+
+/// Socket files the old master of an upgrade made for binds our config no
+/// longer has: (path, device, inode). It keeps them when it retires (they
+/// are its successor's), so they are ours to remove, once we are ready.
+static LEFT_BY_OLD_MASTER: Mutex<Vec<(PathBuf, u64, u64)>> = Mutex::new(Vec::new());
+
+/// Removes the socket files of [`LEFT_BY_OLD_MASTER`] that are still the
+/// ones it made: called when the old master retires (our `READY=1`).
+pub fn remove_files_left_by_old_master() {
+    let files = std::mem::take(&mut *LEFT_BY_OLD_MASTER.lock().unwrap_or_else(|e| e.into_inner()));
+    for (path, dev, ino) in files {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// Closes the sockets of `set` that no other generation holds; returns how

@@ -413,3 +413,38 @@ fn a_failed_upgrade_leaves_the_admin_endpoint_to_the_old_master() {
     let r = admin_get(&admin, "/readyz");
     assert_eq!((r.status, r.body.trim()), (200, "ready"));
 }
+
+#[test]
+fn an_upgrade_that_drops_a_unix_bind_removes_its_socket_file() {
+    // The old master keeps its socket files at its retirement (they are
+    // the new master's); one for a bind the new config dropped was left
+    // behind for good by the old code.
+    let config = "\"127.0.0.1:0\", \"unix:$DIR/gone.sock\"";
+    let mut d = Start::config(&config_with(config)).run();
+    d.wait_log("all 1 workers ready");
+    let file = d.dir.path().join("gone.sock");
+    assert!(file.exists());
+    std::fs::write(
+        d.dir.path().join("config.toml"),
+        config_with("\"127.0.0.1:0\"").replace("$DIR", &d.dir.path().display().to_string()),
+    )
+    .unwrap();
+    let (serving, _guards) = upgrade_times(&mut d, 1);
+    assert!(d.log().contains("matches no bind"), "{}", d.log());
+    wait_for("the dropped bind's socket file to go", LIMIT, || {
+        (!file.exists()).then_some(())
+    });
+    nix::sys::signal::kill(serving, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(serving)).then_some(())
+    });
+}
+
+/// A config of one hello worker on `binds`, with a control socket.
+fn config_with(binds: &str) -> String {
+    format!(
+        "bind = [{binds}]\nworkers = 1\nready = \"notify\"\ncommand = [\"{}\"]\n\
+         control_socket = \"$DIR/ctl.sock\"\n",
+        hello_bin()
+    )
+}

@@ -741,6 +741,7 @@ impl Master {
                         for (l, _) in self.sup.current().listeners.borrow().iter() {
                             l.take_over();
                         }
+                        listen::remove_files_left_by_old_master();
                         // And the admin endpoint it answered on meanwhile.
                         if let Some(a) = self.admin.as_mut() {
                             a.start_accepting();
