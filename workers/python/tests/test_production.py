@@ -187,8 +187,16 @@ class ProxyTest(unittest.TestCase):
             self.assertEqual((env["REMOTE_ADDR"], env["wsgi.url_scheme"]), ("", "https"))
             # A peer bound to a path: that path.
             path = os.path.join(os.path.dirname(w.addr), "client.sock")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind(path)
+            self.assertEqual(self.remote_addr_of_a_peer_bound_to(w, path), path)
+            # A peer bound to an abstract name (no path): "", as for an
+            # unnamed one (the pure-Python core gave "\x00name", a NUL byte
+            # that went into the access log too).
+            self.assertEqual(self.remote_addr_of_a_peer_bound_to(w, "\0drover-test-%d" % os.getpid()), "")
+            stop(w)
+
+    def remote_addr_of_a_peer_bound_to(self, w, name):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(name)
             s.settimeout(10)
             s.connect(w.addr)
             s.sendall(get("/environ"))
@@ -198,9 +206,7 @@ class ProxyTest(unittest.TestCase):
                 if not chunk:
                     break
                 data += chunk
-            s.close()
-            self.assertEqual(json.loads(data.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"], path)
-            stop(w)
+        return json.loads(data.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"]
 
 
 class BodyTest(unittest.TestCase):

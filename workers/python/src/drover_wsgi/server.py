@@ -118,12 +118,13 @@ def _timeval(seconds):
 
 def _remote_addr(peer):
     """REMOTE_ADDR as Gunicorn sets it: the IP address, or for a Unix-socket
-    peer its address as accept() gives it ("" when unnamed)."""
+    peer its path as accept() gives it ("" when unnamed, and for an abstract
+    name, which starts with a NUL byte: as the native core)."""
     if isinstance(peer, tuple):
         return peer[0]
     if isinstance(peer, bytes):
-        return peer.decode("utf-8", "replace")
-    return peer or ""
+        peer = peer.decode("utf-8", "replace")
+    return (peer or "").split("\0", 1)[0]
 
 
 class Conn:
