@@ -1116,6 +1116,16 @@ fn a_stop_late_in_an_upgrade_leaves_the_new_master_serving() {
     });
 }
 
+/// Waits until `pid` leads a session of its own. The workers' `$!` is
+/// written at the fork, before setsid(1) has made the child a session: until
+/// then it is still in the worker's process group, and a stop ends it with
+/// the group (the test then saw no daemon left, under load).
+fn wait_for_own_session(pid: Pid) {
+    wait_for("the daemon's own session", LIMIT, || {
+        (nix::unistd::getsid(Some(pid)).ok() == Some(pid)).then_some(())
+    });
+}
+
 #[test]
 fn with_subreaper_a_workers_setsid_daemon_is_ended_at_shutdown() {
     // Each worker leaves a daemon in its own session, holding the sockets.
@@ -1136,6 +1146,7 @@ fn with_subreaper_a_workers_setsid_daemon_is_ended_at_shutdown() {
             .collect();
         (pids.len() == 2).then_some(pids)
     });
+    orphans.iter().for_each(|p| wait_for_own_session(*p));
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
     // The old code: the daemons outlived drover and kept the port.
@@ -1164,6 +1175,7 @@ fn without_subreaper_a_workers_setsid_daemon_is_reported_at_exit() {
     let daemon: Pid = wait_for("the daemon's pid", LIMIT, || {
         read_file(&path).trim().parse().ok().map(Pid::from_raw)
     });
+    wait_for_own_session(daemon);
     d.signal(Signal::SIGTERM);
     // (The daemon keeps drover's output open: wait for the exit only.)
     let code = d.wait_exit_only(LIMIT).code();
