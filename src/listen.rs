@@ -66,8 +66,15 @@ impl Bound {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: io::Error },
+    /// `at`: where the bind was set (`drover.toml:2:8: `), when known;
+    /// `hint`: what to do about the error, when drover can tell.
+    #[error("{at}cannot listen on {addr}: {source}{hint}")]
+    Bind {
+        at: String,
+        addr: String,
+        source: io::Error,
+        hint: String,
+    },
     #[error("cannot listen on {addr}: {why}")]
     Refused { addr: String, why: String },
     #[error("LISTEN_FDS: {0}")]
@@ -473,8 +480,10 @@ pub fn close_unused(set: Set, handover: bool) -> usize {
 
 fn open(bind: &Bind, s: &Settings) -> Result<Listener, ListenError> {
     let shown = bind.address.to_string();
-    let fail = |source| ListenError::Bind {
+    let fail = |source: io::Error| ListenError::Bind {
+        at: crate::config::located(&s.places.of("bind").cloned()),
         addr: shown.clone(),
+        hint: bind_hint(&bind.address, &source),
         source,
     };
     match &bind.address {
@@ -615,6 +624,36 @@ fn open_descriptors() -> BTreeSet<RawFd> {
             (0..limit).filter(|fd| is_open(*fd)).collect()
         }
     }
+}
+
+/// What an operator can do about a failed bind, after ": ".
+fn bind_hint(address: &Address, e: &io::Error) -> String {
+    let hint = match (address, e.raw_os_error()) {
+        (Address::Tcp(a), Some(libc::EADDRINUSE)) => format!(
+            "another socket listens on port {} (`ss -ltnp 'sport = :{}'` names its process)",
+            a.port(),
+            a.port()
+        ),
+        (Address::Tcp(a), Some(libc::EADDRNOTAVAIL)) => {
+            format!("no interface of this machine has the address {}", a.ip())
+        }
+        (Address::Tcp(a), Some(libc::EACCES)) if a.port() < 1024 => format!(
+            "port {} is below 1024: drover needs root or CAP_NET_BIND_SERVICE (systemd: \
+             AmbientCapabilities=CAP_NET_BIND_SERVICE), or a port from 1024 up behind a proxy",
+            a.port()
+        ),
+        (Address::Unix(path), Some(libc::ENOENT | libc::EACCES)) => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = dir.unwrap_or(Path::new("."));
+            if dir.is_dir() {
+                format!("drover may not create a file in {}", dir.display())
+            } else {
+                format!("the directory {} does not exist", dir.display())
+            }
+        }
+        _ => return String::new(),
+    };
+    format!(": {hint}")
 }
 
 fn tcp(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<Socket> {

@@ -923,6 +923,38 @@ fn listening_fd(pid: nix::unistd::Pid, addr: std::net::SocketAddr) -> i32 {
         .expect("drover holds its listening socket")
 }
 
+/// A bind that fails names where it was set and what to do: a port another
+/// socket holds, a Unix socket in a directory that does not exist.
+#[test]
+fn a_bind_that_fails_says_where_it_was_set_and_what_to_do() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    for (bind, says) in [
+        (
+            format!("127.0.0.1:{port}"),
+            format!(
+                ":1:8: cannot listen on 127.0.0.1:{port}: Address already in use (os error 98): \
+                 another socket listens on port {port} (`ss -ltnp 'sport = :{port}'` names its process)"
+            ),
+        ),
+        (
+            "unix:$DIR/missing/app.sock".to_string(),
+            "/missing does not exist".to_string(),
+        ),
+    ] {
+        let config = format!(
+            "bind = [\"{bind}\"]\ncommand = [\"{}\"]\nworkers = 1\n",
+            hello_bin()
+        );
+        let mut d = Start::config(&config).run();
+        assert_eq!(d.wait_exit(LIMIT).code(), Some(1), "{}", d.log());
+        let log = d.log();
+        assert!(log.contains(&says), "{says:?} in {log}");
+        assert!(log.contains("config.toml:1:8: cannot listen on"), "{log}");
+        assert!(!log.contains("spawned"), "{log}");
+    }
+}
+
 #[test]
 fn fd_n_cannot_name_a_socket_drover_opened_itself() {
     // fd 5 is the socket drover binds for 127.0.0.1:0 (after its signal
