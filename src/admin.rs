@@ -550,6 +550,15 @@ mod tests {
         assert_eq!(m.scrapes.get(), 0);
     }
 
+    /// Turns until the endpoint holds as many connections as it may.
+    fn fill(admin: &mut Admin, m: &Fake) {
+        let start = Instant::now();
+        while admin.connections() < MAX_CONNECTIONS {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            admin.on_ready(Instant::now(), m);
+        }
+    }
+
     #[test]
     fn silent_clients_are_dropped_at_their_deadline_and_bounded() {
         let (mut admin, addr) = tcp();
@@ -557,11 +566,7 @@ mod tests {
         let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS + 4)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
-        let start = Instant::now();
-        while admin.connections() < MAX_CONNECTIONS {
-            assert!(start.elapsed() < Duration::from_secs(5));
-            admin.on_ready(Instant::now(), &m);
-        }
+        fill(&mut admin, &m);
         // A later turn: the 4 still queued take the places of the 4 that
         // waited longest; never more than the bound.
         admin.on_ready(Instant::now() + Duration::from_millis(1), &m);
@@ -587,11 +592,7 @@ mod tests {
         let _idle: Vec<TcpStream> = (0..MAX_CONNECTIONS * 3)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
-        let start = Instant::now();
-        while admin.connections() < MAX_CONNECTIONS {
-            assert!(start.elapsed() < Duration::from_secs(5));
-            admin.on_ready(Instant::now(), &m);
-        }
+        fill(&mut admin, &m);
         // Before, this waited in the kernel's queue behind the silent ones
         // until their deadlines: 5 s for each 16.
         let t = Instant::now();

@@ -23,8 +23,8 @@ fn config(binds: &str) -> String {
     )
 }
 
-/// `drover ctl upgrade` against `d`'s control socket; the new master's pid.
-fn upgrade(d: &Drover) -> Pid {
+/// What `drover ctl upgrade` against `d`'s control socket printed.
+fn ctl_upgrade(d: &Drover) -> String {
     let out = Command::new(drover_bin())
         .arg("ctl")
         .arg("--socket")
@@ -32,7 +32,12 @@ fn upgrade(d: &Drover) -> Pid {
         .arg("upgrade")
         .output()
         .unwrap();
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `drover ctl upgrade` against `d`'s control socket; the new master's pid.
+fn upgrade(d: &Drover) -> Pid {
+    let out = ctl_upgrade(d);
     out.split("new master pid ")
         .nth(1)
         .and_then(|s| s.trim().parse().ok())
@@ -397,14 +402,7 @@ fn a_failed_upgrade_leaves_the_admin_endpoint_to_the_old_master() {
         broken.replace("$DIR", &d.dir.path().display().to_string()),
     )
     .unwrap();
-    let out = Command::new(drover_bin())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(d.dir.path().join("ctl.sock"))
-        .arg("upgrade")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let out = ctl_upgrade(&d);
     assert!(out.contains("upgrade failed"), "{out}");
     assert!(
         admin.exists(),
