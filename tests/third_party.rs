@@ -433,22 +433,27 @@ fn granian_with_an_app_that_cannot_be_imported_stops_drover_with_status_3() {
 struct Asgi {
     script: &'static str,
     serving: &'static str,
+    /// What it logs when the app's lifespan startup fails.
+    startup_failed: &'static str,
 }
 
 /// drover-granian finds the FastAPI app to be ASGI (`--interface auto`).
 const GRANIAN: Asgi = Asgi {
     script: "drover-granian",
     serving: "with Granian (ASGI)",
+    startup_failed: "cannot boot: the application's lifespan startup failed",
 };
 /// drover-uvicorn (its READY=1 comes between the lifespan startup and
 /// uvicorn's first accept).
 const UVICORN: Asgi = Asgi {
     script: "drover-uvicorn",
     serving: "ready: serving",
+    startup_failed: "cannot boot: the application's startup failed (status 3)",
 };
 const HYPERCORN: Asgi = Asgi {
     script: "drover-hypercorn",
     serving: "with Hypercorn",
+    startup_failed: "cannot boot: the application's lifespan startup failed",
 };
 
 /// The FastAPI app of tests/python_async.rs.
@@ -534,11 +539,7 @@ fn asgi_app_that_cannot_boot_stops_drover_with_status_3(launcher: Asgi) {
             "",
             "cannot boot: cannot load the application 'broken_app:app'",
         ),
-        (
-            FASTAPI,
-            "APP_STARTUP_FAIL = \"1\"",
-            "cannot boot: the application's lifespan startup failed",
-        ),
+        (FASTAPI, "APP_STARTUP_FAIL = \"1\"", launcher.startup_failed),
     ] {
         let mut d = Start::config(&asgi(launcher, app, env)).run();
         let status = d.wait_exit(LIMIT);
@@ -586,20 +587,9 @@ fn uvicorn_is_ready_once_the_lifespan_startup_completed() {
     asgi_is_ready_once_the_lifespan_startup_completed(UVICORN);
 }
 
-/// uvicorn's own message for a failed lifespan startup differs from the
-/// other launchers': the status is what counts.
 #[test]
-fn uvicorn_app_whose_lifespan_startup_fails_stops_drover_with_status_3() {
-    let mut d = Start::config(&asgi(UVICORN, FASTAPI, "APP_STARTUP_FAIL = \"1\"")).run();
-    let status = d.wait_exit(LIMIT);
-    let log = d.log();
-    assert_eq!(status.code(), Some(3), "{log}");
-    assert!(
-        log.contains("RuntimeError: the lifespan startup fails (on purpose)"),
-        "{log}"
-    );
-    assert!(log.contains("cannot boot"), "{log}");
-    assert!(!log.contains("ready: serving"), "no READY=1: {log}");
+fn uvicorn_app_that_cannot_boot_stops_drover_with_status_3() {
+    asgi_app_that_cannot_boot_stops_drover_with_status_3(UVICORN);
 }
 
 #[test]
