@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use common::*;
@@ -369,4 +369,76 @@ fn a_preload_template_loads_at_the_boot_priority_and_is_restored_when_ready_to_f
     assert!(all_at(&values, normal), "forked worker: {values:?}");
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}
+
+/// A worker under the Python SDK whose last atexit handler (registered
+/// before the SDK's, so run after its registry) writes the scheduling policy
+/// it starts at, whether `DROVER_EXIT_PRIORITY` was set, and the policy and
+/// time (since it started) at which its policy changed, waiting for that up
+/// to 2.5 s if it started at another than SCHED_OTHER, to `$1.<worker pid>`.
+const EXITING: &str = r#"
+import atexit, os, sys, time
+def last():
+    first = os.sched_getscheduler(0)
+    began = time.monotonic()
+    while first != 0 and os.sched_getscheduler(0) == first and time.monotonic() - began < 2.5:
+        time.sleep(0.01)
+    with open("%s.%d" % (sys.argv[1], os.getpid()), "w") as f:
+        f.write("%d %s %d %.2f" % (first, os.environ.get("DROVER_EXIT_PRIORITY", "-"),
+                                  os.sched_getscheduler(0), time.monotonic() - began))
+atexit.register(last)
+import drover_worker as dw
+dw.install()
+dw.ready()
+while True:
+    time.sleep(1)
+"#;
+
+/// What `EXITING` wrote at its exit, after drover (with `boot_priority`)
+/// was stopped by SIGTERM, and drover's exit status.
+fn exit_priority(boot_priority: &str) -> (String, ExitStatus, String) {
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_priority = {boot_priority}\n\
+         graceful_timeout = \"2s\"\ncommand = [{:?}, \"-c\", {EXITING:?}, \"$DIR/exit\"]\n",
+        python::python()
+    ))
+    .run();
+    d.wait_log("all 1 workers ready");
+    let pid = spawned(&d, 1);
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let written = std::fs::read_to_string(d.dir.path().join(format!("exit.{pid}")))
+        .unwrap_or_else(|e| panic!("the worker's atexit handler wrote nothing ({e})\n{}", d.log()));
+    (written, status, d.log())
+}
+
+/// `boot_priority = "idle"` covers a stopped worker's exit too: the SDK
+/// runs what follows its registry (the other atexit handlers, the
+/// interpreter's teardown) at SCHED_IDLE, and drover gives the normal
+/// priority back at half the graceful_timeout (1 s of 2 s), so that a busy
+/// machine cannot starve the exit into a SIGKILL.
+#[test]
+fn with_boot_priority_idle_a_stopped_worker_exits_at_sched_idle_until_half_its_timeout() {
+    let (written, status, log) = exit_priority("\"idle\"");
+    let fields: Vec<&str> = written.split(' ').collect();
+    assert_eq!(
+        fields[..3],
+        ["5", "idle", "0"],
+        "SCHED_IDLE after the registry, then SCHED_OTHER: {written}\n{log}"
+    );
+    let restored_after: f64 = fields[3].parse().unwrap();
+    assert!(
+        (0.5..2.0).contains(&restored_after),
+        "restored {restored_after} s into the exit, expected about 1 s (half of 2 s)\n{log}"
+    );
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!log.contains("SIGKILL"), "{log}");
+}
+
+/// Without it, the exit runs at the worker's priority.
+#[test]
+fn without_boot_priority_idle_a_stopped_worker_exits_at_its_own_priority() {
+    let (written, status, log) = exit_priority("\"normal\"");
+    assert!(written.starts_with("0 - 0 "), "{written}\n{log}");
+    assert_eq!(status.code(), Some(0), "{log}");
 }

@@ -394,6 +394,7 @@ fn fastapi_reload_latency_by_boot_priority() {
         .split(',')
         .map(|v| match v.parse::<u32>() {
             Ok(n) => n.to_string(),
+            Err(_) if v.starts_with("control-") => v.to_string(),
             Err(_) => format!("{v:?}"),
         })
         .collect();
@@ -429,7 +430,7 @@ fn fastapi_reload_latency_by_boot_priority() {
     let mut quiet = Vec::new();
     // Each reload: its value, its window, the workers it replaced, and the
     // quiet window just before it.
-    type Reload<'a> = (&'a str, Instant, Instant, Vec<i32>, (Instant, Instant));
+    type Reload<'a> = (&'a str, Instant, Instant, Instant, Vec<i32>, (Instant, Instant));
     let mut reloads: Vec<Reload> = Vec::new();
     for i in 0..rounds * values.len() {
         let value = &values[i % values.len()];
@@ -444,18 +445,32 @@ fn fastapi_reload_latency_by_boot_priority() {
         let q = Instant::now();
         std::thread::sleep(Duration::from_millis(1500));
         quiet.push((q, Instant::now()));
+        if let Some(work) = value.strip_prefix("control-") {
+            let (hup, end) = control(work, &burn, &pythonpath);
+            reloads.push((value, hup, end, end, vec![], *quiet.last().unwrap()));
+            continue;
+        }
         let old = worker_pids(&d);
         let hup = Instant::now();
         d.signal(Signal::SIGHUP);
         // An idle boot on a busy machine may take up to half the
         // boot_timeout (60 s) per worker before drover restores it.
+        // When the new generation took over ("reload applied"): before it
+        // the new workers boot, after it the old ones drain and exit.
+        let mut applied = None;
         wait_for("the old workers to exit", Duration::from_secs(150), || {
+            let reloaded = reloads.iter().filter(|r| !r.0.starts_with("control-")).count();
+            if applied.is_none() && d.log().matches("reload applied: generation").count() > reloaded {
+                applied = Some(Instant::now());
+            }
             old.iter()
                 .all(|p| !alive(nix::unistd::Pid::from_raw(*p)))
                 .then_some(())
         });
-        reloads.push((value, hup, Instant::now(), old, *quiet.last().unwrap()));
-        d.wait_log_count("reload applied: generation", i + 1);
+        let end = Instant::now();
+        reloads.push((value, hup, applied.unwrap_or(end), end, old, *quiet.last().unwrap()));
+        let reloaded = reloads.iter().filter(|r| !r.0.starts_with("control-")).count();
+        d.wait_log_count("reload applied: generation", reloaded);
     }
     let samples = paced.finish();
     let failed = samples.iter().filter(|s| s.2.is_some()).count();
@@ -479,7 +494,7 @@ fn fastapi_reload_latency_by_boot_priority() {
     ];
     for value in &values {
         let mine: Vec<_> = reloads.iter().filter(|r| r.0 == value).collect();
-        let all: Vec<Duration> = mine.iter().flat_map(|r| within(r.1, r.2)).collect();
+        let all: Vec<Duration> = mine.iter().flat_map(|r| within(r.1, r.3)).collect();
         let slow = all.iter().filter(|l| **l > base_p99.mul_f64(1.5)).count();
         // Who answered the slow ones: a worker the reload replaces, or one
         // it started (its first requests).
@@ -488,9 +503,9 @@ fn fastapi_reload_latency_by_boot_priority() {
             .flat_map(|r| {
                 samples.iter().filter(move |s| {
                     s.0 >= r.1
-                        && s.0 <= r.2
+                        && s.0 <= r.3
                         && s.1 > base_p99.mul_f64(1.5)
-                        && s.3.is_some_and(|p| !r.3.contains(&p))
+                        && s.3.is_some_and(|p| !r.4.contains(&p))
                 })
             })
             .count();
@@ -513,10 +528,10 @@ fn fastapi_reload_latency_by_boot_priority() {
                 let first = &first;
                 samples.iter().filter(move |s| {
                     s.0 >= r.1
-                        && s.0 <= r.2
+                        && s.0 <= r.3
                         && s.1 > base_p99.mul_f64(1.5)
                         && s.3
-                            .is_some_and(|p| !r.3.contains(&p) && first[&p].contains(&s.0))
+                            .is_some_and(|p| !r.4.contains(&p) && first[&p].contains(&s.0))
                 })
             })
             .count();
@@ -525,15 +540,27 @@ fn fastapi_reload_latency_by_boot_priority() {
         let mut each: Vec<f64> = mine
             .iter()
             .map(|r| {
-                p99(within(r.1, r.2)).as_secs_f64() / p99(within(r.4 .0, r.4 .1)).as_secs_f64()
+                p99(within(r.1, r.3)).as_secs_f64() / p99(within(r.5 .0, r.5 .1)).as_secs_f64()
             })
             .collect();
         let shown: Vec<String> = each.iter().map(|r| format!("{r:.1}")).collect();
+        // The two phases apart: booting (HUP to "reload applied") and
+        // swapping (the old workers drain and exit).
+        let phase = |from: fn(&Reload) -> Instant, to: fn(&Reload) -> Instant| {
+            let l: Vec<Duration> = mine.iter().flat_map(|r| within(from(r), to(r))).collect();
+            let n = l.len();
+            if n == 0 {
+                return "- (0 requests)".to_string();
+            }
+            format!("{:.2} ({n} requests)", p99(l).as_secs_f64() / base_p99.as_secs_f64())
+        };
+        let boot = phase(|r| r.1, |r| r.2);
+        let swap = phase(|r| r.2, |r| r.3);
         each.sort_by(f64::total_cmp);
         lines.push(format!(
             "{}, p90 {:.1?}; p99 ratio {:.2}; each reload's p99 / its quiet window's: {} (median \
              {:.2}); slower than 1.5x the quiet p99: {slow} ({by_new} answered by a new worker, {by_first} \
-             among its first 5); reloads took {:.2?} on average",
+             among its first 5); p99 ratio booting {boot}, swapping {swap}; reloads took {:.2?} on average",
             describe(&format!("boot_priority {value:>8}"), all.clone()),
             {
                 let mut sorted = all.clone();
@@ -543,11 +570,41 @@ fn fastapi_reload_latency_by_boot_priority() {
             p99(all).as_secs_f64() / base_p99.as_secs_f64(),
             shown.join(" "),
             each[each.len() / 2],
-            mine.iter().map(|r| r.2 - r.1).sum::<Duration>() / mine.len() as u32,
+            mine.iter().map(|r| r.3 - r.1).sum::<Duration>() / mine.len() as u32,
         ));
     }
     eprintln!("{}", lines.join("\n"));
     assert_eq!(failed, 0);
+}
+
+/// The control for `fastapi_reload_latency_by_boot_priority`'s values
+/// `control-import` and `control-spin`: no reload, but two processes outside
+/// drover, under `SCHED_IDLE` (`chrt --idle 0`), do what two booting workers
+/// do (import the app) or only burn a CPU second each. What they cost the
+/// serving workers is what the machine charges for work that runs only on
+/// idle CPU time, whoever starts it. Returns when they began and ended.
+fn control(work: &str, burn: &str, pythonpath: &str) -> (Instant, Instant) {
+    let code = match work {
+        "import" => "import burn_app",
+        "spin" => "import time\nt = time.process_time()\nwhile time.process_time() - t < 1: pass",
+        other => panic!("unknown control {other:?}: control-import or control-spin"),
+    };
+    let began = Instant::now();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            std::process::Command::new("chrt")
+                .args(["--idle", "0", &python::python(), "-c", code])
+                .env("BURN", burn)
+                .env("PYTHONPATH", pythonpath)
+                .current_dir(repo().join("workers/python/tests"))
+                .spawn()
+                .expect("chrt (util-linux) runs the control")
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "the control {work} failed");
+    }
+    (began, Instant::now())
 }
 
 fn reloads_at_a_moderate_rate(extra: &str) {

@@ -38,6 +38,15 @@ impl std::fmt::Debug for Generation {
 }
 
 impl Generation {
+    /// `boot_priority = "idle"`: its workers may also run their exit (what
+    /// follows their cleanup: the runtime's teardown, freeing the heap) at
+    /// `SCHED_IDLE`, told so by `DROVER_EXIT_PRIORITY`; drover gives the
+    /// normal priority back at half the stop timeout, as it can (checked).
+    pub fn exits_idle(&self) -> bool {
+        self.boot
+            .is_some_and(|b| b.low == crate::spawn::Low::Idle)
+    }
+
     /// Prepares generation `number` from `loaded`, reusing the sockets of
     /// `current` (and those `inherited`) where the addresses match. Nothing
     /// is started; on error nothing was changed.

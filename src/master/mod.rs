@@ -834,6 +834,10 @@ impl Master {
             "DROVER_QUICK_TIMEOUT",
             g.s.quick_timeout.0.as_secs_f64().to_string(),
         );
+        // Not for a template: drover does not bound its exit.
+        if g.exits_idle() && slot != 0 {
+            env.set("DROVER_EXIT_PRIORITY", "idle");
+        }
         if let Some(t) = g.s.timeout {
             env.set("WATCHDOG_USEC", t.0.as_micros().to_string());
             env.set_child_pid("WATCHDOG_PID");

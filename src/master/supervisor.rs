@@ -1293,6 +1293,19 @@ impl Supervisor {
                     );
                     s.replace = Some(Replace::MaxAge);
                 }
+                State::Stopping {
+                    ref mut restore_at,
+                    deadline,
+                    ..
+                } if deadline > now => {
+                    // Only `restore_at` is due: the exit may be at SCHED_IDLE.
+                    *restore_at = None;
+                    actions.extend(w.gen.boot.map(|boot| Action::RestorePriority {
+                        slot,
+                        pid,
+                        boot,
+                    }));
+                }
                 State::Stopping { why, .. } => {
                     let cause = if why == Stop::HeartbeatMissed {
                         Kill::HeartbeatTimeout

@@ -437,6 +437,10 @@ impl Templates {
         for (k, v) in env {
             request.push_str(&format!("\nENV={k}={v}"));
         }
+        // A worker's, not the template's (`Generation::exits_idle`).
+        if t.gen.exits_idle() {
+            request.push_str("\nENV=DROVER_EXIT_PRIORITY=idle");
+        }
         let result = t.exchange(id, &request);
         if let Err(ForkError::Lost(_)) = &result {
             t.give_up(if t.chan.is_some() {

@@ -52,6 +52,11 @@ pub enum State {
         why: Stop,
         deadline: Instant,
         limit: Option<Instant>,
+        /// `boot_priority = "idle"`: the worker may run its exit (after
+        /// its cleanup) at `SCHED_IDLE` (`DROVER_EXIT_PRIORITY`); drover
+        /// gives it its normal priority back at half its stop timeout, so
+        /// that a busy machine cannot starve it into its deadline.
+        restore_at: Option<Instant>,
     },
     /// Sent SIGKILL: its exit is due, nothing else.
     Killed { kill: Kill, stopped: Option<Stop> },
@@ -320,6 +325,7 @@ impl Worker {
             Pace::Abort => (Signal::SIGABRT, s.abort_grace.0),
         };
         let mut deadline = now + timeout;
+        let mut restore_at = self.gen.exits_idle().then(|| now + timeout / 2);
         let mut why = why;
         match self.state {
             State::Killed { .. } | State::ExecFailed => return None,
@@ -328,6 +334,7 @@ impl Worker {
             State::Stopping {
                 why: own,
                 deadline: d,
+                restore_at: r,
                 ..
             } => {
                 if pace != Pace::Quick {
@@ -335,6 +342,7 @@ impl Worker {
                 }
                 why = own;
                 deadline = deadline.min(d);
+                restore_at = restore_at.min(r);
             }
             // A quick stop never extends a deadline already set.
             _ if pace == Pace::Quick => {
@@ -350,6 +358,7 @@ impl Worker {
             why,
             deadline,
             limit,
+            restore_at,
         };
         Some(Action::Signal {
             slot: self.slot,
@@ -448,7 +457,11 @@ impl Worker {
         let lowered = self.lowered_until();
         match self.state {
             State::Execing { deadline } => Some(lowered.map_or(deadline, |l| l.min(deadline))),
-            State::Stopping { deadline, .. } => Some(deadline),
+            State::Stopping {
+                deadline,
+                restore_at,
+                ..
+            } => Some(restore_at.map_or(deadline, |r| r.min(deadline))),
             State::Booting {
                 deadline,
                 announce_by,

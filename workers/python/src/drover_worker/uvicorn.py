@@ -173,7 +173,7 @@ def _server_class(base: Any) -> Any:
         def handle_exit(self, sig: int, frame: Any) -> None:
             # uvicorn's handler while it serves: the SDK's bookkeeping (the
             # stop's time and kind, for the budget) and the drain's bound.
-            dw.request_stop("graceful")
+            dw._stop_signal("graceful")
             self.config.timeout_graceful_shutdown = max(0.1, dw.drain_deadline() - time.monotonic())
             super().handle_exit(sig, frame)
 
