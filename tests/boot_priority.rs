@@ -407,8 +407,13 @@ fn exit_priority(boot_priority: &str) -> (String, ExitStatus, String) {
     let pid = spawned(&d, 1);
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit(LIMIT);
-    let written = std::fs::read_to_string(d.dir.path().join(format!("exit.{pid}")))
-        .unwrap_or_else(|e| panic!("the worker's atexit handler wrote nothing ({e})\n{}", d.log()));
+    let written =
+        std::fs::read_to_string(d.dir.path().join(format!("exit.{pid}"))).unwrap_or_else(|e| {
+            panic!(
+                "the worker's atexit handler wrote nothing ({e})\n{}",
+                d.log()
+            )
+        });
     (written, status, d.log())
 }
 

@@ -430,7 +430,14 @@ fn fastapi_reload_latency_by_boot_priority() {
     let mut quiet = Vec::new();
     // Each reload: its value, its window, the workers it replaced, and the
     // quiet window just before it.
-    type Reload<'a> = (&'a str, Instant, Instant, Instant, Vec<i32>, (Instant, Instant));
+    type Reload<'a> = (
+        &'a str,
+        Instant,
+        Instant,
+        Instant,
+        Vec<i32>,
+        (Instant, Instant),
+    );
     let mut reloads: Vec<Reload> = Vec::new();
     for i in 0..rounds * values.len() {
         let value = &values[i % values.len()];
@@ -459,8 +466,12 @@ fn fastapi_reload_latency_by_boot_priority() {
         // the new workers boot, after it the old ones drain and exit.
         let mut applied = None;
         wait_for("the old workers to exit", Duration::from_secs(150), || {
-            let reloaded = reloads.iter().filter(|r| !r.0.starts_with("control-")).count();
-            if applied.is_none() && d.log().matches("reload applied: generation").count() > reloaded {
+            let reloaded = reloads
+                .iter()
+                .filter(|r| !r.0.starts_with("control-"))
+                .count();
+            if applied.is_none() && d.log().matches("reload applied: generation").count() > reloaded
+            {
                 applied = Some(Instant::now());
             }
             old.iter()
@@ -468,8 +479,18 @@ fn fastapi_reload_latency_by_boot_priority() {
                 .then_some(())
         });
         let end = Instant::now();
-        reloads.push((value, hup, applied.unwrap_or(end), end, old, *quiet.last().unwrap()));
-        let reloaded = reloads.iter().filter(|r| !r.0.starts_with("control-")).count();
+        reloads.push((
+            value,
+            hup,
+            applied.unwrap_or(end),
+            end,
+            old,
+            *quiet.last().unwrap(),
+        ));
+        let reloaded = reloads
+            .iter()
+            .filter(|r| !r.0.starts_with("control-"))
+            .count();
         d.wait_log_count("reload applied: generation", reloaded);
     }
     let samples = paced.finish();
@@ -552,7 +573,10 @@ fn fastapi_reload_latency_by_boot_priority() {
             if n == 0 {
                 return "- (0 requests)".to_string();
             }
-            format!("{:.2} ({n} requests)", p99(l).as_secs_f64() / base_p99.as_secs_f64())
+            format!(
+                "{:.2} ({n} requests)",
+                p99(l).as_secs_f64() / base_p99.as_secs_f64()
+            )
         };
         let boot = phase(|r| r.1, |r| r.2);
         let swap = phase(|r| r.2, |r| r.3);

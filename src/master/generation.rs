@@ -43,8 +43,7 @@ impl Generation {
     /// `SCHED_IDLE`, told so by `DROVER_EXIT_PRIORITY`; drover gives the
     /// normal priority back at half the stop timeout, as it can (checked).
     pub fn exits_idle(&self) -> bool {
-        self.boot
-            .is_some_and(|b| b.low == crate::spawn::Low::Idle)
+        self.boot.is_some_and(|b| b.low == crate::spawn::Low::Idle)
     }
 
     /// Prepares generation `number` from `loaded`, reusing the sockets of
