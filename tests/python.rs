@@ -35,7 +35,8 @@ macro_rules! with_each_core {
 }
 
 /// drover serving `app` with drover_wsgi (`wsgi_args` before the app), two
-/// workers unless `extra` (top-level TOML) says otherwise, and the example
+/// workers and a graceful_timeout of 10 s unless `extra` (top-level TOML)
+/// says otherwise, and the example
 /// app's cleanup file at $DIR/cleanup.
 fn wsgi_config(wsgi_args: &[&str], app: &str, extra: &str) -> String {
     let mut command = vec![python::script("drover-wsgi")];
@@ -46,11 +47,13 @@ fn wsgi_config(wsgi_args: &[&str], app: &str, extra: &str) -> String {
         "bind = [\"127.0.0.1:0\"]".to_string(),
         format!("command = [{}]", command.join(", ")),
         "ready = \"notify\"".to_string(),
-        "graceful_timeout = \"10s\"".to_string(),
         format!("chdir = {:?}", python::examples_dir()),
     ];
     if !extra.contains("workers =") {
         lines.push("workers = 2".to_string());
+    }
+    if !extra.contains("graceful_timeout =") {
+        lines.push("graceful_timeout = \"10s\"".to_string());
     }
     format!(
         "{}\n{extra}\n\n[env]\nEXAMPLE_CLEANUP_FILE = \"$DIR/cleanup\"\n",
@@ -853,3 +856,77 @@ fn the_default_keepalive_requests_close_every_1000th_response(core: &str) {
     eprintln!("the three connections' workers: {pids:?}");
 }
 with_each_core!(the_default_keepalive_requests_close_every_1000th_response);
+
+/// The example app with the habits of tests/workers/app_habits.py that the
+/// `APP_*` variables in `env` (lines of TOML) switch on.
+fn app_with_habits(core: &str, extra: &str, env: &str) -> String {
+    let habits = repo().join("tests/workers").display().to_string();
+    format!(
+        "{}PYTHONPATH = {habits:?}\n{env}\n",
+        wsgi_config(&["--core", core], "app_habits:app", extra)
+    )
+}
+
+/// An app whose own SIGTERM handler calls `sys.exit(0)` (a common way to
+/// "exit cleanly" in a container). The SDK chains it after its own, and its
+/// SystemExit unwound drover-wsgi's main thread at once: the request in
+/// flight got no response, nothing was drained (curl: "Empty reply from
+/// server"; found by the user trial with Flask). Now that exit waits for the
+/// drain and the registry, and the log says so.
+fn an_app_whose_own_sigterm_handler_exits_is_drained_first(core: &str) {
+    let start = Start::config(&app_with_habits(core, "", "APP_SIGTERM_EXIT = \"1\""));
+    let (d, workers) = stop_with_request_in_flight(start, |d| d.signal(Signal::SIGTERM));
+    let log = d.log();
+    let lines = cleanup_lines(&d);
+    for w in &workers {
+        assert!(
+            log.contains(&format!("own SIGTERM handler pid={w}")),
+            "the app's handler ran in {w}: {log}"
+        );
+        assert!(
+            lines.contains(&format!("cleanup pid={w}")),
+            "{w} ran its registry: {lines:?}"
+        );
+    }
+    assert!(
+        log.contains("handler raised SystemExit(0): the worker exits once it has drained"),
+        "{log}"
+    );
+}
+with_each_core!(an_app_whose_own_sigterm_handler_exits_is_drained_first);
+
+/// An app that starts a non-daemon thread that never ends (a queue consumer,
+/// a scheduler): the interpreter's exit waits for it, and drover killed the
+/// worker at graceful_timeout (exit status 4, "still running at its stop
+/// deadline; sending SIGKILL") with nothing in the log to say why. Now the
+/// worker names the thread, and exits 0 at the end of its stop budget, after
+/// its registry.
+fn an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill(core: &str) {
+    let config = app_with_habits(
+        core,
+        "graceful_timeout = \"3s\"",
+        "APP_NON_DAEMON_THREAD = \"1\"",
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    get_ok(d.tcp_addr(), "/");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "no worker was killed: {log}");
+    assert!(!log.contains("SIGKILL"), "{log}");
+    assert!(
+        log.contains("exit waits for the application's non-daemon thread(s) 'queue-consumer'"),
+        "{log}"
+    );
+    let lines = cleanup_lines(&d);
+    for w in &workers {
+        assert!(
+            log.contains(&format!("(pid {w}) exited with status 0")),
+            "{log}"
+        );
+        assert!(lines.contains(&format!("cleanup pid={w}")), "{lines:?}");
+    }
+}
+with_each_core!(an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill);

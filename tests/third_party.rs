@@ -514,7 +514,15 @@ fn asgi_is_ready_once_the_lifespan_startup_completed(launcher: Asgi) {
 /// The shared graceful-stop check, then in each worker the lifespan
 /// shutdown and the registry ran, and it exited 0.
 fn asgi_stops_gracefully_with_a_request_in_flight(launcher: Asgi) {
-    let start = Start::config(&asgi(launcher, FASTAPI, ""));
+    asgi_app_stops_gracefully_with_a_request_in_flight(launcher, FASTAPI, "");
+}
+
+fn asgi_app_stops_gracefully_with_a_request_in_flight(
+    launcher: Asgi,
+    app: &str,
+    env: &str,
+) -> Drover {
+    let start = Start::config(&asgi(launcher, app, env));
     let (d, workers) = stop_with_request_in_flight(start, |d| d.signal(Signal::SIGTERM));
     let log = d.log();
     for w in &workers {
@@ -528,6 +536,39 @@ fn asgi_stops_gracefully_with_a_request_in_flight(launcher: Asgi) {
         &workers,
         &["lifespan startup", "lifespan shutdown", "registry"],
     );
+    d
+}
+
+/// The FastAPI app with its own SIGTERM handler that calls `sys.exit(0)`
+/// (tests/workers/app_habits.py): the SDK chains it, and under
+/// drover-granian and drover-hypercorn its SystemExit ended the event loop
+/// at once: the request in flight was cut, no lifespan shutdown (found by
+/// the user trial). Now that exit waits for the drain, the lifespan
+/// shutdown and the registry. uvicorn takes the signals itself while it
+/// serves, and calls the app's handler after its shutdown.
+fn asgi_app_whose_own_sigterm_handler_exits_is_drained_first(launcher: Asgi) {
+    let env = format!(
+        "APP_SIGTERM_EXIT = \"1\"\nPYTHONPATH = {:?}",
+        repo().join("tests/workers").display().to_string()
+    );
+    let d = asgi_app_stops_gracefully_with_a_request_in_flight(launcher, "asgi_habits:app", &env);
+    let log = d.log();
+    assert!(log.contains("own SIGTERM handler pid="), "{log}");
+}
+
+#[test]
+fn granian_asgi_app_whose_own_sigterm_handler_exits_is_drained_first() {
+    asgi_app_whose_own_sigterm_handler_exits_is_drained_first(GRANIAN);
+}
+
+#[test]
+fn hypercorn_app_whose_own_sigterm_handler_exits_is_drained_first() {
+    asgi_app_whose_own_sigterm_handler_exits_is_drained_first(HYPERCORN);
+}
+
+#[test]
+fn uvicorn_app_whose_own_sigterm_handler_exits_is_drained_first() {
+    asgi_app_whose_own_sigterm_handler_exits_is_drained_first(UVICORN);
 }
 
 /// An app that cannot be imported, and one whose lifespan startup fails:

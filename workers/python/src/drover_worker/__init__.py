@@ -497,7 +497,10 @@ def _make_handler(kind: str, previous: Optional[Callable[..., Any]]) -> Callable
         global _exit_raised
         _stop_signal(kind)
         if previous is not None:
-            previous(signum, frame)
+            if _exit_on_stop:
+                previous(signum, frame)
+            else:
+                _call_deferring_exit(previous, signum, frame)
         # Once only, and never while the registry runs: drover escalates with
         # SIGQUIT, and a SystemExit then would cut the cleanup short.
         if _exit_on_stop and not _exit_raised and _phase == "open":
@@ -506,6 +509,67 @@ def _make_handler(kind: str, previous: Optional[Callable[..., Any]]) -> Callable
 
     handler.__drover_worker__ = True  # type: ignore[attr-defined]
     return handler
+
+
+def _call_deferring_exit(previous: Callable[..., Any], signum: int, frame: Any) -> None:
+    """Calls the application's own handler for a program that drains by
+    itself (``exit_on_stop=False``). A handler that calls ``sys.exit`` (a
+    common way to "exit cleanly on SIGTERM") would raise ``SystemExit`` in the
+    main thread wherever it is, cutting the requests in flight and the drain
+    short; the stop it asks for is already under way, so its exit is taken as
+    that stop's: the program drains, runs the registry and exits."""
+    try:
+        previous(signum, frame)
+    except SystemExit as e:
+        _log("the application's %s handler raised SystemExit(%r): the worker exits once it has "
+             "drained and run its cleanup" % (_signal_name(signum), e.code))
+
+
+#: How long an exit may wait for the application's threads before the log
+#: says what it waits for.
+EXIT_WAIT_NOTICE = 1.0
+
+
+def _bound_exit(log: Callable[[str], None]) -> None:
+    """For a launcher that has drained and run the registry, and returns to
+    let the interpreter exit: the interpreter first waits for every
+    non-daemon thread (a queue consumer, a scheduler, a busy
+    ``ThreadPoolExecutor``), and one that never ends would hold the worker
+    until drover's SIGKILL, with nothing in the log to say why. A daemon
+    thread names them after a second, and at the end of the stop budget
+    exits the process (status 0, ``atexit`` functions not run) without them."""
+    deadline = time.monotonic() + remaining_budget()
+
+    def names() -> str:
+        main = threading.main_thread()
+        return ", ".join(repr(t.name) for t in threading.enumerate()
+                         if t is not main and not t.daemon and t.is_alive())
+
+    def watch() -> None:
+        time.sleep(max(0.0, min(EXIT_WAIT_NOTICE, deadline - time.monotonic())))
+        waiting = names()
+        if waiting and deadline > time.monotonic():
+            log("exit waits for the application's non-daemon thread(s) %s, up to %.1fs: make them daemons, "
+                "or end them in an on_exit function" % (waiting, deadline - time.monotonic()))
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        waiting = names()
+        log("the stop budget ran out while the interpreter's exit waited (%s): exiting without it"
+            % ("for thread(s) %s" % waiting if waiting else "in an atexit function"))
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="drover-exit-deadline", daemon=True).start()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "signal %d" % signum
 
 
 def install(sigint: bool = True, quick_signal: int = signal.SIGQUIT, exit_on_stop: bool = True) -> threading.Event:

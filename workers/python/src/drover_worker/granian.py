@@ -100,6 +100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BaseException:
         _launcher.log_load_failure(args.app, _log)
         return CANNOT_BOOT
+    # Again after the import: a stop handler the app installed is chained
+    # after ours, not left in our place (it would stop us without a drain).
+    dw.install(exit_on_stop=False)
     if dw.stop_kind() is not None:
         _log("stopped before the server started")
         dw.run_cleanup()
@@ -121,6 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Granian's threads still hold requests; do not wait for them.
         sys.stderr.flush()
         os._exit(0)
+    dw._bound_exit(_log)
     return 0
 
 

@@ -96,6 +96,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BaseException:
         _launcher.log_load_failure(args.app, _log)
         return CANNOT_BOOT
+    # Again after the import: a stop handler the app installed is chained
+    # after ours, not left in our place (it would stop us without a drain).
+    dw.install(exit_on_stop=False)
     server = _Server(hypercorn, app, config, socks)
     try:
         asyncio.run(server.serve())
@@ -109,6 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     dw.run_cleanup()
     _log("stopped")
+    dw._bound_exit(_log)
     return 0
 
 

@@ -135,6 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         dw.stopping()  # --limit-max-requests: replaced at once, not a crash
     dw.run_cleanup()
     _log("stopped")
+    dw._bound_exit(_log)
     return 0
 
 

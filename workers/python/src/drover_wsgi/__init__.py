@@ -249,6 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Threads still run a request: do not let interpreter shutdown wait
         # for (or trip over) them. atexit handlers still run.
         _exit_now(0)
+    dw._bound_exit(log)
     return 0
 
 

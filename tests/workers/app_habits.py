@@ -1,0 +1,39 @@
+"""What some applications do when they are imported, which a server must
+survive, each switched on by a variable (tests/python.rs, tests/third_party.rs):
+
+* ``APP_SIGTERM_EXIT=1``: a SIGTERM handler of its own that calls
+  ``sys.exit(0)`` (a common way to "exit cleanly" in a container), after
+  writing ``own SIGTERM handler pid=N`` to stderr;
+* ``APP_NON_DAEMON_THREAD=1``: a non-daemon thread, ``queue-consumer``, that
+  never ends (a consumer or scheduler thread nobody made a daemon).
+
+The WSGI app is the example app (its routes, and its cleanup line in
+``$EXAMPLE_CLEANUP_FILE``); asgi_habits.py has the FastAPI app."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def _own_sigterm_handler(signum, frame):
+    sys.stderr.write("own SIGTERM handler pid=%d\n" % os.getpid())
+    sys.stderr.flush()
+    sys.exit(0)
+
+
+def _consume():
+    while True:
+        time.sleep(0.1)
+
+
+if os.environ.get("APP_SIGTERM_EXIT"):
+    signal.signal(signal.SIGTERM, _own_sigterm_handler)
+if os.environ.get("APP_NON_DAEMON_THREAD"):
+    threading.Thread(target=_consume, name="queue-consumer").start()
+
+try:
+    from example_app import app  # noqa: E402,F401
+except ImportError:  # imported by asgi_habits, from elsewhere
+    pass
