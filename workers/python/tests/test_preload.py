@@ -55,6 +55,12 @@ PROBE = """
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.connect(("127.0.0.1", 53))
             kept.append(s)
+        if mode == "sqlite":  # as SQLAlchemy's pool keeps a connection made at import
+            import sqlite3
+            db = sqlite3.connect(os.environ["PROBE_DB"])
+            db.execute("create table if not exists t (x)")
+            db.commit()
+            kept.append(db)
         if mode == "slow":
             print("loading", flush=True)
             time.sleep(30)
@@ -332,6 +338,19 @@ class PreloadTest(unittest.TestCase):
         self.assertRegex(err, r"warning: fd \d+ is a socket the application opened before the fork "
                               r"\(udp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:53\)")
         self.assertEqual(err.count("warning: fd"), 1, "the listener and the channel are not warned about")
+
+    def test_sqlite_database_opened_at_import_is_warned_about(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "app.db")
+            d = self.start(env={"PROBE_MODE": "sqlite", "PROBE_DB": db})
+            d.ready()
+            _, msg = d.fork(1)
+            d.report(int(msg["PID"]))
+            d.chan.close()
+            _, _, err = d.wait()
+        self.assertIn(" is the SQLite database %s, opened before the fork" % db, err)
+        self.assertIn("engine.dispose()", err)
+        self.assertEqual(err.count("warning: fd"), 1, "one line for the database, none for the listener")
 
     def test_drover_wsgi_template_forks_serving_workers(self):
         command = [sys.executable, "-m", "drover_wsgi", "--threads", "2", "apps:app"]

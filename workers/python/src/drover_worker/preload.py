@@ -44,6 +44,7 @@ import os
 import random
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -226,7 +227,7 @@ class Template:
         for fn in _before:
             _call_hook("before_fork", fn)
         if self.forked == 0:
-            for line in open_sockets(self.fd):
+            for line in open_sockets(self.fd) + open_databases(self.fd):
                 _log("warning: " + line)
         refusal = _thread_refusal()
         if refusal:
@@ -427,11 +428,7 @@ def open_sockets(channel_fd):
     """Warnings for sockets open in this process other than the listeners
     (fds 3 up to the channel) and the channel itself."""
     warnings = []
-    try:
-        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
-    except OSError:
-        return warnings
-    for fd in fds:
+    for fd in _fds():
         if fd <= 2 or 3 <= fd <= channel_fd:
             continue
         try:
@@ -446,6 +443,48 @@ def open_sockets(channel_fd):
             "example a database connection)" % (fd, _describe_fd(fd))
         )
     return warnings
+
+
+#: The first bytes of every SQLite 3 database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def open_databases(channel_fd):
+    """Warnings for SQLite database files open in this process: a connection
+    the application opened at import (SQLAlchemy's pool keeps it; a query at
+    import, a ``create_all()``) is shared by every worker. SQLite's own rule
+    is never to carry a connection across a fork: its POSIX locks belong to
+    the template, so two workers writing through it can corrupt the
+    database. Not a socket, so the check above does not see it."""
+    warnings = []
+    seen = set()
+    for fd in _fds():
+        if fd <= 2 or 3 <= fd <= channel_fd:
+            continue
+        try:
+            path = os.readlink("/proc/self/fd/%d" % fd)
+            if path in seen or not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            if os.pread(fd, len(SQLITE_HEADER), 0) != SQLITE_HEADER:
+                continue
+        except OSError:
+            continue  # not readable (write-only): not a database connection
+        seen.add(path)
+        warnings.append(
+            "fd %d is the SQLite database %s, opened before the fork: every worker shares that "
+            "connection, and SQLite connections must not cross a fork (writes through it can corrupt "
+            "the database). Close it in a @drover_worker.before_fork hook (SQLAlchemy: "
+            "engine.dispose(); Django: django.db.connections.close_all()), and let each worker "
+            "connect again" % (fd, path)
+        )
+    return warnings
+
+
+def _fds():
+    try:
+        return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    except OSError:
+        return []
 
 
 def _describe_fd(fd):
