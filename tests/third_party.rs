@@ -556,6 +556,84 @@ fn asgi_app_whose_own_sigterm_handler_exits_is_drained_first(launcher: Asgi) {
     assert!(log.contains("own SIGTERM handler pid="), "{log}");
 }
 
+/// A websocket to the FastAPI app's `/ws` echo, open (the handshake
+/// answered 101 and one message echoed).
+fn open_websocket(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("the handshake's answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A masked text frame (mask 0), echoed unmasked.
+    s.write_all(&[0x81, 0x82, 0, 0, 0, 0, b'h', b'i']).unwrap();
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).expect("the echo");
+    assert_eq!(echo, [0x81, 2, b'h', b'i']);
+    s
+}
+
+/// The next frame on `s`: (opcode, payload); a close frame's payload starts
+/// with its status code.
+fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head)?;
+    let len = (head[1] & 0x7f) as usize;
+    assert!(
+        len < 126 && head[1] & 0x80 == 0,
+        "a short unmasked frame: {head:?}"
+    );
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload)?;
+    Ok((head[0] & 0x0f, payload))
+}
+
+/// An open websocket when the worker stops: closed at once with 1012
+/// ("service restart", the client reconnects to another worker), and the
+/// app's receive gets the disconnect with that code, as uvicorn does. Under
+/// drover-hypercorn it stayed open until the drain deadline (up to 24 s of
+/// a 30 s graceful_timeout, at every reload), then Hypercorn cancelled the
+/// app and the client got 1011, "internal error" (found by the user trial).
+fn asgi_closes_an_open_websocket_with_1012_at_the_stop(launcher: Asgi) {
+    let mut d = Start::config(&asgi(launcher, FASTAPI, "")).run();
+    d.wait_log("all 2 workers ready");
+    let mut ws = open_websocket(d.tcp_addr());
+    d.signal(Signal::SIGTERM);
+    let (opcode, payload) = read_frame(&mut ws).expect("a close frame");
+    assert_eq!(opcode, 8, "a close frame: {payload:?} {}", d.log());
+    let code = u16::from_be_bytes([payload[0], payload[1]]);
+    assert_eq!(code, 1012, "{}", d.log());
+    // The client's close, masked (mask 0).
+    let _ = ws.write_all(&[0x88, 0x82, 0, 0, 0, 0, payload[0], payload[1]]);
+    let status = d.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    let notes = read_file(&d.dir.path().join("notes"));
+    assert!(
+        notes.contains("websocket disconnect code=1012 pid="),
+        "{notes}"
+    );
+}
+
+#[test]
+fn hypercorn_closes_an_open_websocket_with_1012_at_the_stop() {
+    asgi_closes_an_open_websocket_with_1012_at_the_stop(HYPERCORN);
+}
+
+#[test]
+fn uvicorn_closes_an_open_websocket_with_1012_at_the_stop() {
+    asgi_closes_an_open_websocket_with_1012_at_the_stop(UVICORN);
+}
+
 #[test]
 fn granian_asgi_app_whose_own_sigterm_handler_exits_is_drained_first() {
     asgi_app_whose_own_sigterm_handler_exits_is_drained_first(GRANIAN);

@@ -53,6 +53,8 @@ from drover_worker import _launcher
 
 #: drover's "cannot boot".
 CANNOT_BOOT = 3
+#: The websocket close code for a server that restarts (RFC 6455 registry).
+SERVICE_RESTART = 1012
 #: The Hypercorn versions this launcher was tested with (tests/third_party.rs).
 TESTED = ("0.18.0",)
 
@@ -215,7 +217,31 @@ class _Server:
         self.config.keep_alive_max_requests = 0
         self.closing = True
         connections = self.connections
+        await self._close_websockets()
         await _launcher.let_next_requests_in(lambda: any(c.unsettled() for c in list(connections)))
+
+    async def _close_websockets(self) -> None:
+        """Hypercorn leaves an open websocket alone at its shutdown until its
+        graceful_timeout, then cancels the app, and the client gets 1011
+        ("internal error"): a reload held the old worker for the whole drain
+        (up to 24 s of drover's default 30 s) and told every client that the
+        server failed. As uvicorn does, each is closed at once with 1012
+        ("service restart": the client reconnects, to another worker), and
+        the app's receive gets ``websocket.disconnect`` with that code."""
+        from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+        from wsproto.events import CloseConnection
+
+        for connection in list(self.connections):
+            protocol = getattr(getattr(connection, "protocol", None), "protocol", None)
+            streams = [getattr(protocol, "stream", None)] + list(getattr(protocol, "streams", {}).values())
+            for stream in streams:
+                if not isinstance(stream, WSStream) or stream.state != ASGIWebsocketState.CONNECTED:
+                    continue
+                # CLOSED first: the app's return then sends no second close.
+                stream.state = ASGIWebsocketState.CLOSED
+                await stream._send_wsproto_event(CloseConnection(code=SERVICE_RESTART))
+                if stream.app_put is not None:
+                    await stream.app_put({"type": "websocket.disconnect", "code": SERVICE_RESTART})
 
     async def _abandon_at_the_deadline(self) -> None:
         """Hypercorn's own timeouts bound its drain and lifespan shutdown,

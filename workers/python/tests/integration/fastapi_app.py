@@ -2,7 +2,9 @@
 import (0.5 s, as a real app's imports and connections take), a lifespan
 that notes its startup and shutdown, the SDK's registry, and two routes:
 ``/`` answers ``{"pid": N}`` and ``/sleep?s=S`` ``{"slept": S}`` after S
-seconds (``/sleep?ms=N``: ``slept N ms``, as the other test workers).
+seconds (``/sleep?ms=N``: ``slept N ms``, as the other test workers);
+``/ws`` is a websocket that echoes text and notes how it ended
+(``websocket disconnect code=N``).
 
 Notes go to ``$APP_CLEANUP_FILE`` when it is set. ``$APP_STARTUP_SECONDS``
 makes the lifespan startup take that long; ``$APP_STARTUP_FAIL`` makes it
@@ -14,7 +16,7 @@ import os
 import time
 from typing import AsyncIterator, Dict, Optional, Union
 
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse
 
 import drover_worker as dw
@@ -57,3 +59,13 @@ async def sleep(s: float = 1.0, ms: Optional[int] = None) -> Union[Dict[str, flo
         return PlainTextResponse("slept %d ms\n" % ms)
     await asyncio.sleep(s)
     return {"slept": s}
+
+
+@app.websocket("/ws")
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            await websocket.send_text(await websocket.receive_text())
+    except WebSocketDisconnect as e:
+        note("websocket disconnect code=%d" % e.code)
