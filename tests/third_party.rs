@@ -634,6 +634,56 @@ fn uvicorn_closes_an_open_websocket_with_1012_at_the_stop() {
     asgi_closes_an_open_websocket_with_1012_at_the_stop(UVICORN);
 }
 
+/// A request whose response is sent and whose background task
+/// (Starlette's `BackgroundTasks`, 2 s) still runs when the stop comes: the
+/// task runs to its end before the lifespan shutdown and the registry.
+/// drover-granian exited under it once Granian's drain was done (the
+/// responses sent): the task neither finished nor saw a cancellation (found
+/// by the user trial: a FastAPI `BackgroundTasks` lost at every reload).
+fn asgi_runs_a_background_task_to_its_end_at_the_stop(launcher: Asgi) {
+    let mut d = Start::config(&asgi(launcher, FASTAPI, "")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let r = get_ok(d.tcp_addr(), "/background?s=2");
+    assert_eq!(r.body, "{\"queued\":true}");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    let notes = read_file(&d.dir.path().join("notes"));
+    let done = notes
+        .find("background task done")
+        .unwrap_or_else(|| panic!("the background task ran to its end: {notes}"));
+    let pid = &notes[done..].lines().next().unwrap()["background task done ".len()..];
+    let shutdown = notes
+        .find(&format!("lifespan shutdown {pid}"))
+        .unwrap_or_else(|| panic!("{pid}'s lifespan shutdown: {notes}"));
+    assert!(
+        done < shutdown,
+        "the task ended before its lifespan shutdown: {notes}"
+    );
+    assert_eq!(notes.matches("background task done").count(), 1, "{notes}");
+    for w in &workers {
+        for note in ["lifespan shutdown", "registry"] {
+            assert!(notes.contains(&format!("{note} pid={w}\n")), "{notes}");
+        }
+    }
+}
+
+#[test]
+fn granian_asgi_runs_a_background_task_to_its_end_at_the_stop() {
+    asgi_runs_a_background_task_to_its_end_at_the_stop(GRANIAN);
+}
+
+#[test]
+fn hypercorn_runs_a_background_task_to_its_end_at_the_stop() {
+    asgi_runs_a_background_task_to_its_end_at_the_stop(HYPERCORN);
+}
+
+#[test]
+fn uvicorn_runs_a_background_task_to_its_end_at_the_stop() {
+    asgi_runs_a_background_task_to_its_end_at_the_stop(UVICORN);
+}
+
 #[test]
 fn granian_asgi_app_whose_own_sigterm_handler_exits_is_drained_first() {
     asgi_app_whose_own_sigterm_handler_exits_is_drained_first(GRANIAN);

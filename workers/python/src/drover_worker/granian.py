@@ -230,7 +230,8 @@ def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lif
             loop.run_until_complete(_lifespan_shutdown(handler))
             return True
     state = handler.state if handler is not None else {}
-    callback = granian.futures._future_watcher_wrapper(granian.asgi._callback_wrapper(app, {}, state, None))
+    calls = _Calls()
+    callback = granian.futures._future_watcher_wrapper(calls.counted(granian.asgi._callback_wrapper(app, {}, state, None)))
     worker = core.ASGIWorker(
         1, _listener(granian, sock), None, max(1, args.runtime_threads), 512, 1, 30, max(1, args.backpressure),
         "1", None, None, True, None, *_NO_TLS, (None, None),
@@ -253,10 +254,40 @@ def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lif
     except OSError:
         pass
     shutdown.set()
-    done: bool = loop.run_until_complete(_drain(drained))
+    done: bool = loop.run_until_complete(_drain(drained)) and loop.run_until_complete(calls.finish())
     if handler is not None:
         loop.run_until_complete(_lifespan_shutdown(handler))
     return done
+
+
+class _Calls:
+    """The application's calls still running. Granian's drain is done once
+    every response has been sent, but a call can go on after its response:
+    Starlette's ``BackgroundTasks`` run then, in the same call. The process
+    used to exit under them (the task neither finished nor saw a
+    cancellation: a welcome email never sent, at every reload)."""
+
+    def __init__(self) -> None:
+        self.running = 0  # on the loop's thread only
+
+    def counted(self, runner: Any) -> Any:
+        async def call(scope: Any, proto: Any) -> Any:
+            self.running += 1
+            try:
+                return await runner(scope, proto)
+            finally:
+                self.running -= 1
+
+        return call
+
+    async def finish(self) -> bool:
+        """Waits for the calls still running after Granian's drain, up to the
+        drain deadline (False when it came first)."""
+        while self.running:
+            if _launcher.drain_over():
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
 
 async def _drain(drained: asyncio.Event) -> bool:

@@ -4,7 +4,9 @@ that notes its startup and shutdown, the SDK's registry, and two routes:
 ``/`` answers ``{"pid": N}`` and ``/sleep?s=S`` ``{"slept": S}`` after S
 seconds (``/sleep?ms=N``: ``slept N ms``, as the other test workers);
 ``/ws`` is a websocket that echoes text and notes how it ended
-(``websocket disconnect code=N``).
+(``websocket disconnect code=N``); ``/background?s=S`` answers at once and
+then runs a background task (Starlette's ``BackgroundTasks``) that notes
+``background task done`` after S seconds.
 
 Notes go to ``$APP_CLEANUP_FILE`` when it is set. ``$APP_STARTUP_SECONDS``
 makes the lifespan startup take that long; ``$APP_STARTUP_FAIL`` makes it
@@ -16,7 +18,7 @@ import os
 import time
 from typing import AsyncIterator, Dict, Optional, Union
 
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import BackgroundTasks, FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse
 
 import drover_worker as dw
@@ -69,3 +71,14 @@ async def echo(websocket: WebSocket) -> None:
             await websocket.send_text(await websocket.receive_text())
     except WebSocketDisconnect as e:
         note("websocket disconnect code=%d" % e.code)
+
+
+async def _background(s: float) -> None:
+    await asyncio.sleep(s)
+    note("background task done")
+
+
+@app.get("/background")
+async def background(tasks: BackgroundTasks, s: float = 1.0) -> Dict[str, bool]:
+    tasks.add_task(_background, s)
+    return {"queued": True}
