@@ -8,7 +8,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use nix::poll::{PollFd, PollFlags};
 use nix::unistd::Pid;
@@ -50,6 +50,10 @@ pub struct Observer {
     records: std::collections::HashMap<Pid, u32>,
     capture: Option<Capture>,
     capture_output: bool,
+    /// When the master started, by the wall clock: taken once, so that
+    /// `drover_start_time_seconds` is the same at every scrape (a restart
+    /// or an upgrade is what changes it).
+    pub started_at: SystemTime,
 }
 
 impl Observer {
@@ -67,6 +71,7 @@ impl Observer {
             records: std::collections::HashMap::new(),
             capture: None,
             capture_output: false,
+            started_at: SystemTime::now(),
         };
         o.configure(s);
         o

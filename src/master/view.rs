@@ -2,7 +2,6 @@
 //! when a request needs it, for the readiness decision and the metrics.
 
 use std::os::fd::AsFd;
-use std::time::SystemTime;
 
 use super::supervisor::Supervisor;
 use super::template::Templates;
@@ -41,7 +40,7 @@ impl Observe for View<'_> {
         let uptime = sup.started.elapsed();
         let snapshot = Snapshot {
             version: env!("CARGO_PKG_VERSION"),
-            start_time: SystemTime::now() - uptime,
+            start_time: self.obs.started_at,
             uptime,
             generation: current.number,
             slots: sup.pool.count(),
