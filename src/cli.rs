@@ -163,7 +163,8 @@ enum CtlCommand {
     /// readiness probe; the same decision as the admin endpoint's /readyz).
     Ready,
     /// Print the master's events, one JSON object per line, as they happen,
-    /// until drover exits or this is interrupted.
+    /// until drover exits or this is interrupted (across a binary upgrade,
+    /// the new master's follow).
     Events,
 }
 

@@ -503,30 +503,52 @@ impl Bus {
 /// `drover ctl events`: asks the master at `path` for its events and prints
 /// each as one JSON line, as it comes, until drover exits (status 0, after
 /// its `exiting` event), the subscription is refused, dropped for reading
-/// too slowly or cut (status 1), or the user interrupts. With `json`, the control answer that opens the
-/// stream is printed first, as `ctl --json` prints answers.
+/// too slowly or cut (status 1), or the user interrupts. With `json`, the
+/// control answer that opens the stream is printed first, as `ctl --json`
+/// prints answers. A binary upgrade does not end it: when the old master
+/// exits after `upgrade_applied`, it follows the new one, which holds the
+/// control socket by then (its `seq` starts again at 1).
 pub fn follow(path: &std::path::Path, json: bool) -> u8 {
-    use std::io::BufRead;
-    let stream = match UnixStream::connect(path) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("drover ctl: {}: {e}", path.display());
-            return 1;
+    let mut first = true;
+    loop {
+        let lines = match subscribe(path, json && first) {
+            Ok(lines) => lines,
+            Err(status) => return status,
+        };
+        first = false;
+        match relay(lines) {
+            Ended::Exited => return 0,
+            Ended::Status(status) => return status,
+            Ended::Upgraded(pid) => {
+                eprintln!("drover ctl: drover was upgraded: following the new master (pid {pid})")
+            }
         }
-    };
+    }
+}
+
+type Lines = io::Lines<io::BufReader<UnixStream>>;
+
+/// Connects and asks for the events; the lines that follow the answer, or
+/// the exit status after saying why not.
+fn subscribe(path: &std::path::Path, print_answer: bool) -> Result<Lines, u8> {
+    use std::io::BufRead;
+    let stream = UnixStream::connect(path).map_err(|e| {
+        eprintln!("drover ctl: {}: {e}", path.display());
+        1
+    })?;
     if (&stream).write_all(b"{\"command\":\"events\"}\n").is_err() {
         eprintln!(
             "drover ctl: {}: the master closed the connection",
             path.display()
         );
-        return 1;
+        return Err(1);
     }
     let mut lines = io::BufReader::new(stream).lines();
     let answer: serde_json::Value = match lines.next() {
         Some(Ok(line)) => serde_json::from_str(&line).unwrap_or_default(),
         _ => {
             eprintln!("drover ctl: {}: no answer", path.display());
-            return 1;
+            return Err(1);
         }
     };
     if answer["ok"] != true {
@@ -534,37 +556,58 @@ pub fn follow(path: &std::path::Path, json: bool) -> u8 {
             "drover ctl: {}",
             answer["message"].as_str().unwrap_or("refused")
         );
-        return 1;
+        return Err(1);
     }
+    if print_answer {
+        let _ = writeln!(io::stdout().lock(), "{answer}");
+    }
+    Ok(lines)
+}
+
+/// How one master's stream ended.
+enum Ended {
+    /// With `exiting`: drover is gone.
+    Exited,
+    /// With `exiting` after `upgrade_applied`: the new master (pid) serves.
+    Upgraded(i64),
+    /// Anything else, with the exit status (the reason said already).
+    Status(u8),
+}
+
+/// Prints the events of one master until its stream ends.
+fn relay(lines: Lines) -> Ended {
     let out = io::stdout();
-    if json {
-        let _ = writeln!(out.lock(), "{answer}");
-    }
     // drover's last event is `exiting`: a stream that ends without it was
     // cut (dropped with no room left for the notice, or drover killed).
-    let mut exited = false;
+    let (mut exited, mut successor) = (false, None);
     for line in lines.map_while(Result::ok) {
         let dropped = line.starts_with("{\"event\":\"dropped\"");
-        exited =
-            serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|v| v["event"] == "exiting");
+        let event = serde_json::from_str::<serde_json::Value>(&line).unwrap_or_default();
+        exited = event["event"] == "exiting";
+        if event["event"] == "upgrade_applied" {
+            successor = event["pid"].as_i64();
+        }
         let mut o = out.lock();
         // A reader that went away (a closed pipe): stop quietly.
         if writeln!(o, "{line}").and_then(|_| o.flush()).is_err() {
-            return 0;
+            return Ended::Status(0);
         }
         if dropped {
             eprintln!("drover ctl: dropped by drover: this reader was too slow");
-            return 1;
+            return Ended::Status(1);
         }
     }
-    if exited {
-        return 0;
+    match (exited, successor) {
+        (true, Some(pid)) => Ended::Upgraded(pid),
+        (true, None) => Ended::Exited,
+        (false, _) => {
+            eprintln!(
+                "drover ctl: the event stream ended before drover exited: this reader \
+                 was dropped as too slow, or drover was killed"
+            );
+            Ended::Status(1)
+        }
     }
-    eprintln!(
-        "drover ctl: the event stream ended before drover exited: this reader \
-         was dropped as too slow, or drover was killed"
-    );
-    1
 }
 
 /// Tells a subscriber why it is cut off (if its socket takes one more line)
