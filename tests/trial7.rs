@@ -1,0 +1,216 @@
+//! Faults found by the user trial "trial7": observability under churn, the
+//! deployment kits, liveness and limits, as an operator meets them with the
+//! release binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use nix::unistd::Pid;
+
+/// Reference workers, an admin endpoint on a Unix socket and a control
+/// socket, in the test's directory.
+fn config(workers: u32) -> String {
+    format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = {workers}\nready = \"notify\"\n\
+         command = [\"{}\"]\ncontrol_socket = \"$DIR/ctl.sock\"\n\
+         admin_bind = \"unix:$DIR/admin.sock\"\n",
+        hello_bin()
+    )
+}
+
+/// One GET on the admin endpoint of `d`.
+fn admin(d: &Drover, path: &str) -> Response {
+    let socket = d.dir.path().join("admin.sock");
+    let s = wait_for("the admin socket", LIMIT, || {
+        std::os::unix::net::UnixStream::connect(&socket).ok()
+    });
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    get_over(s, path).unwrap()
+}
+
+/// `drover ctl --socket $DIR/ctl.sock ARGS...`: status and stdout.
+fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
+    let out = Command::new(drover_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(d.dir.path().join("ctl.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Kills a master the test made (the new master of an upgrade outlives the
+/// old one, which the harness kills) when the test ends.
+struct KillOnDrop(Pid);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// `drover_start_time_seconds` is when the master started, the same at
+/// every scrape: a restart (or an upgrade) is what changes it, and
+/// `changes(drover_start_time_seconds[5m])` is how dashboards count them.
+/// The code before computed it at each scrape as now minus the uptime, and
+/// it moved by a few hundred nanoseconds from scrape to scrape (2 values in
+/// 200 scrapes of an idle drover, 3 per master under churn).
+#[test]
+fn the_start_time_is_the_same_at_every_scrape() {
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let d = Start::config(&config(1)).run();
+    d.wait_log("all 1 workers ready");
+    let start_time = |body: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix("drover_start_time_seconds "))
+            .unwrap_or_else(|| panic!("no drover_start_time_seconds in {body}"))
+            .to_string()
+    };
+    let first = start_time(&admin(&d, "/metrics").body);
+    let value: f64 = first.parse().unwrap();
+    assert!(
+        value >= before - 1.0 && value <= before + LIMIT.as_secs_f64(),
+        "start time {value}, test began at {before}"
+    );
+    let mut seen = std::collections::BTreeSet::from([first]);
+    for _ in 0..200 {
+        seen.insert(start_time(&admin(&d, "/metrics").body));
+    }
+    assert_eq!(seen.len(), 1, "drover_start_time_seconds moved: {seen:?}");
+}
+
+/// `drover ctl events` follows drover, not one master: across a binary
+/// upgrade it goes on with the new master's events, and ends only when
+/// drover exits. The code before ended at the old master's `exiting` with
+/// status 0, as if drover had stopped: a log shipper running it stopped
+/// following at the first upgrade.
+#[test]
+fn ctl_events_follows_drover_across_a_binary_upgrade() {
+    let d = Start::config(&config(2)).run();
+    d.wait_log("all 2 workers ready");
+    let mut follower = Command::new(drover_bin())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(d.dir.path().join("ctl.sock"))
+        .args(["--json", "events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let collect = |stream: Box<dyn std::io::Read + Send>| {
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        lines
+    };
+    let out = collect(Box::new(follower.stdout.take().unwrap()));
+    let err = collect(Box::new(follower.stderr.take().unwrap()));
+    let has = |lines: &Arc<Mutex<Vec<String>>>, needle: &str| {
+        lines.lock().unwrap().iter().any(|l| l.contains(needle))
+    };
+    wait_for("the subscription", LIMIT, || {
+        has(&out, "following events").then_some(())
+    });
+
+    let (status, answer) = ctl(&d, &["upgrade"]);
+    assert_eq!(status, 0, "{answer}");
+    let new: i32 = answer
+        .split("new master pid ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no new master in {answer:?}"));
+    let new = KillOnDrop(Pid::from_raw(new));
+    // The old master's last words, then the new master's events.
+    wait_for("the old master's exiting event", LIMIT, || {
+        has(&out, "\"event\":\"exiting\"").then_some(())
+    });
+    let (status, answer) = ctl(&d, &["scale", "3"]);
+    assert_eq!(status, 0, "{answer}");
+    wait_for("the new master's scaled event", LIMIT, || {
+        has(&out, "\"event\":\"scaled\"").then_some(())
+    });
+    assert!(
+        follower.try_wait().unwrap().is_none(),
+        "the follower stays while drover runs"
+    );
+    let note = format!("following the new master (pid {})", new.0);
+    assert!(has(&err, &note), "{:?}", err.lock().unwrap());
+
+    // drover stops: the stream ends with the new master's `exiting`, status 0.
+    nix::sys::signal::kill(new.0, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_for("the follower to exit", LIMIT, || {
+        follower.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?} {:?}", err.lock().unwrap());
+    let exits = out
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("\"event\":\"exiting\""))
+        .count();
+    assert_eq!(exits, 2, "one exiting event per master");
+    let answers = out
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("following events"))
+        .count();
+    assert_eq!(answers, 1, "--json prints the opening answer once");
+}
+
+/// The Kubernetes kit's startup probe outlasts `boot_timeout`: the kubelet
+/// restarts the container after `failureThreshold` failed probes, one each
+/// `periodSeconds` from the start, so that must leave drover its whole
+/// boot budget plus a margin (drover's own start, and its verdict in the
+/// log). The kit had 30 probes a second apart for a 30 s `boot_timeout`:
+/// the last probe came at 29 s, and a worker that boots in 29.5 s, which
+/// drover accepts, had the pod restarted in a loop.
+#[test]
+fn the_kubernetes_startup_probe_outlasts_boot_timeout() {
+    let yaml = read_file(&repo().join("deploy/kubernetes/drover.yaml"));
+    let probe: Vec<&str> = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "startupProbe:")
+        .skip(1)
+        .take_while(|l| !l.trim_end().ends_with("Probe:"))
+        .collect();
+    let number = |key: &str| -> u64 {
+        probe
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("no {key} in the startup probe: {probe:?}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let boot_timeout: u64 = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("boot_timeout = \""))
+        .and_then(|v| v.strip_suffix("s\""))
+        .expect("boot_timeout in the ConfigMap")
+        .parse()
+        .unwrap();
+    // The kubelet probes at 0, period, 2 * period, ...: the last failure
+    // that restarts the container comes at (threshold - 1) * period.
+    let last_probe = (number("failureThreshold") - 1) * number("periodSeconds");
+    const MARGIN: u64 = 5;
+    assert!(
+        last_probe >= boot_timeout + MARGIN,
+        "the startup probe gives up at {last_probe}s, boot_timeout is {boot_timeout}s"
+    );
+}
