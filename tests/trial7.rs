@@ -214,3 +214,34 @@ fn the_kubernetes_startup_probe_outlasts_boot_timeout() {
         "the startup probe gives up at {last_probe}s, boot_timeout is {boot_timeout}s"
     );
 }
+
+/// The seconds of `key = "Ns"` in a kit's config text (indented or not).
+fn kit_seconds(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key} = \"")))
+        .and_then(|v| v.strip_suffix("s\""))
+        .map(|v| v.parse().unwrap())
+}
+
+/// Every kit's config sets `timeout`, so that a worker whose every thread
+/// is stuck (a deadlock, an upstream that never answers) is replaced: the
+/// kits' liveness checks ask the master (`/livez`, `WatchdogSec=`), which
+/// answers whatever the workers do, and the manifest says "drover replaces
+/// hung ones". With the kits as they were (no `timeout`, so no
+/// heartbeats), 10 `GET /hang` to the Kubernetes kit's config (2
+/// drover-wsgi workers of 4 threads) left every thread stuck: `GET /`
+/// timed out, `/livez` and `/readyz` answered 200, and nothing changed.
+#[test]
+fn every_kit_replaces_a_hung_worker() {
+    for kit in [
+        "deploy/container/drover.toml",
+        "deploy/systemd/drover.toml",
+        "deploy/kubernetes/drover.yaml",
+    ] {
+        let text = read_file(&repo().join(kit));
+        assert!(
+            kit_seconds(&text, "timeout").is_some(),
+            "{kit}: no timeout: a hung worker is never replaced"
+        );
+    }
+}
