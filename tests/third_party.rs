@@ -600,11 +600,14 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
 
 /// An open websocket when the worker stops: closed at once with 1012
 /// ("service restart", the client reconnects to another worker), and the
-/// app's receive gets the disconnect with that code, as uvicorn does. Under
-/// drover-hypercorn it stayed open until the drain deadline (up to 24 s of
-/// a 30 s graceful_timeout, at every reload), then Hypercorn cancelled the
-/// app and the client got 1011, "internal error" (found by the user trial).
-fn asgi_closes_an_open_websocket_with_1012_at_the_stop(launcher: Asgi) {
+/// app's receive gets the disconnect (`app_code`: uvicorn and the Hypercorn
+/// launcher say 1012; Granian reports the client's answering close as 1005,
+/// "no status"). Under drover-hypercorn it stayed open until the drain
+/// deadline (up to 24 s of a 30 s graceful_timeout, at every reload), then
+/// Hypercorn cancelled the app and the client got 1011, "internal error";
+/// Granian dropped it without a close frame, 1006 for the client (found by
+/// the user trial).
+fn asgi_closes_an_open_websocket_with_1012_at_the_stop(launcher: Asgi, app_code: u16) {
     let mut d = Start::config(&asgi(launcher, FASTAPI, "")).run();
     d.wait_log("all 2 workers ready");
     let mut ws = open_websocket(d.tcp_addr());
@@ -619,19 +622,24 @@ fn asgi_closes_an_open_websocket_with_1012_at_the_stop(launcher: Asgi) {
     assert_eq!(status.code(), Some(0), "{}", d.log());
     let notes = read_file(&d.dir.path().join("notes"));
     assert!(
-        notes.contains("websocket disconnect code=1012 pid="),
+        notes.contains(&format!("websocket disconnect code={app_code} pid=")),
         "{notes}"
     );
 }
 
 #[test]
 fn hypercorn_closes_an_open_websocket_with_1012_at_the_stop() {
-    asgi_closes_an_open_websocket_with_1012_at_the_stop(HYPERCORN);
+    asgi_closes_an_open_websocket_with_1012_at_the_stop(HYPERCORN, 1012);
 }
 
 #[test]
 fn uvicorn_closes_an_open_websocket_with_1012_at_the_stop() {
-    asgi_closes_an_open_websocket_with_1012_at_the_stop(UVICORN);
+    asgi_closes_an_open_websocket_with_1012_at_the_stop(UVICORN, 1012);
+}
+
+#[test]
+fn granian_asgi_closes_an_open_websocket_with_1012_at_the_stop() {
+    asgi_closes_an_open_websocket_with_1012_at_the_stop(GRANIAN, 1005);
 }
 
 /// A request whose response is sent and whose background task

@@ -39,13 +39,15 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Set, Tuple
 
 import drover_worker as dw
 from drover_worker import _launcher
 
 #: drover's "cannot boot".
 CANNOT_BOOT = 3
+#: The websocket close code for a server that restarts (RFC 6455 registry).
+SERVICE_RESTART = 1012
 #: The Granian versions this launcher was tested with (tests/third_party.rs).
 TESTED = ("2.8.9",)
 #: Granian's backpressure bounds the open connections of a worker (it holds a
@@ -253,6 +255,7 @@ def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lif
         dw.stopping()
     except OSError:
         pass
+    loop.run_until_complete(calls.close_websockets())
     shutdown.set()
     done: bool = loop.run_until_complete(_drain(drained)) and loop.run_until_complete(calls.finish())
     if handler is not None:
@@ -268,17 +271,33 @@ class _Calls:
     cancellation: a welcome email never sent, at every reload)."""
 
     def __init__(self) -> None:
-        self.running = 0  # on the loop's thread only
+        # On the loop's thread only.
+        self.running = 0
+        #: The ``send`` of each accepted websocket still open.
+        self.websockets: Set[Any] = set()
 
     def counted(self, runner: Any) -> Any:
         async def call(scope: Any, proto: Any) -> Any:
             self.running += 1
             try:
+                if scope.get("type") == "websocket":
+                    proto = _Websocket(proto, self.websockets)
                 return await runner(scope, proto)
             finally:
                 self.running -= 1
 
         return call
+
+    async def close_websockets(self) -> None:
+        """Granian's shutdown drops open websockets without a close frame
+        (the client sees 1006, an abnormal closure); as uvicorn does, each
+        is closed with 1012 ("service restart") first, so that its client
+        reconnects (to another worker) knowing why."""
+        for send in list(self.websockets):
+            try:
+                await send({"type": "websocket.close", "code": SERVICE_RESTART})
+            except Exception:
+                pass  # closed meanwhile
 
     async def finish(self) -> bool:
         """Waits for the calls still running after Granian's drain, up to the
@@ -288,6 +307,25 @@ class _Calls:
                 return False
             await asyncio.sleep(0.05)
         return True
+
+
+class _Websocket:
+    """A websocket call's protocol, seen by the app, that keeps the
+    connection's ``send`` in ``open`` from the app's accept to its close."""
+
+    def __init__(self, proto: Any, open: Set[Any]) -> None:
+        self.receive = proto.receive
+        inner = proto.send
+
+        async def send(message: Any) -> Any:
+            kind = message.get("type")
+            if kind == "websocket.accept":
+                open.add(send)
+            elif kind == "websocket.close":
+                open.discard(send)
+            return await inner(message)
+
+        self.send = send
 
 
 async def _drain(drained: asyncio.Event) -> bool:
