@@ -351,7 +351,15 @@ pub fn main() -> ExitCode {
     let log = match settings.log_file.as_deref().map(LogFile::open).transpose() {
         Ok(log) => log,
         Err(e) => {
-            eprintln!("drover: log file: {e}");
+            eprintln!(
+                "drover: {}log_file {}: {e}",
+                crate::config::located(&settings.places.of("log_file").cloned()),
+                settings
+                    .log_file
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display()
+            );
             return ExitCode::from(exit::FAILURE);
         }
     };

@@ -245,3 +245,47 @@ fn every_kit_replaces_a_hung_worker() {
         );
     }
 }
+
+/// A file drover cannot create at start-up (the pidfile, the log file, the
+/// control socket, a Unix admin endpoint) is named with the setting and
+/// where it was set, like every other config error: the operator edits that
+/// line. The code before said `drover: log file: Not a directory (os error
+/// 20)` for `log_file` (neither the path nor the setting), and the path
+/// alone for the others.
+#[test]
+fn a_file_drover_cannot_create_names_its_setting() {
+    // A path under a regular file (the config itself): ENOTDIR, root or not.
+    for (key, value, said) in [
+        ("pidfile", "\"$DIR/config.toml/drover.pid\"", "pidfile"),
+        ("log_file", "\"$DIR/config.toml/drover.log\"", "log_file"),
+        (
+            "control_socket",
+            "\"$DIR/config.toml/ctl.sock\"",
+            "control socket",
+        ),
+        (
+            "admin_bind",
+            "\"unix:$DIR/config.toml/admin.sock\"",
+            "admin_bind unix:",
+        ),
+    ] {
+        let config = format!(
+            "bind = [\"127.0.0.1:0\"]\ncommand = [\"{}\"]\n{key} = {value}\n",
+            hello_bin()
+        );
+        let mut d = Start::config(&config).run();
+        let status = d.wait_exit(LIMIT);
+        assert_eq!(status.code(), Some(1), "{key}: {}", d.log());
+        let col = key.len() + 4;
+        let dir = d.dir.path().display().to_string();
+        let want = format!("config.toml:3:{col}: {said}");
+        let line = d
+            .log()
+            .lines()
+            .find(|l| l.contains("Not a directory"))
+            .unwrap_or_else(|| panic!("{key}: no error in {}", d.log()))
+            .to_string();
+        assert!(line.contains(&want), "{key}: {line:?} lacks {want:?}");
+        assert!(line.contains(&format!("{dir}/config.toml/")), "{line}");
+    }
+}

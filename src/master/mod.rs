@@ -71,8 +71,11 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error(transparent)]
     Listen(#[from] listen::ListenError),
-    #[error(transparent)]
-    Pidfile(#[from] crate::pidfile::PidfileError),
+    #[error("{}{source}", crate::config::located(at))]
+    Pidfile {
+        at: Option<crate::config::Place>,
+        source: crate::pidfile::PidfileError,
+    },
     #[error("cannot create the notify socket: {0}")]
     Notify(std::io::Error),
     #[error("cannot open /dev/null: {0}")]
@@ -91,15 +94,17 @@ pub enum StartError {
         at: Option<crate::config::Place>,
         source: spawn::SpawnError,
     },
-    #[error("control socket {path}: {source}")]
+    #[error("{}control socket {path}: {source}", crate::config::located(at))]
     Control {
+        at: Option<crate::config::Place>,
         path: String,
         source: std::io::Error,
     },
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
-    #[error("admin_bind {addr}: {source}")]
+    #[error("{}admin_bind {addr}: {source}", crate::config::located(at))]
     Admin {
+        at: Option<crate::config::Place>,
         addr: String,
         source: std::io::Error,
     },
@@ -201,11 +206,17 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     }
     // 5. Before binding: a second drover on the same pidfile must be told
     // that another one runs, not that its address is in use.
+    let at = |key: &str| first.settings.places.of(key).cloned();
     let pidfile = first
         .settings
         .pidfile
         .as_deref()
-        .map(Pidfile::create)
+        .map(|path| {
+            Pidfile::create(path).map_err(|source| StartError::Pidfile {
+                at: at("pidfile"),
+                source,
+            })
+        })
         .transpose()?;
     // 6. Generation 1: program, environment, listeners.
     let mut gen = Generation::build(1, first, inherited, &Vec::new(), false)?;
@@ -214,6 +225,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let control = match &gen.s.control_socket {
         Some(path) => Some(
             ControlSocket::bind(path).map_err(|source| StartError::Control {
+                at: gen.s.places.of("control_socket").cloned(),
                 path: path.display().to_string(),
                 source,
             })?,
@@ -323,6 +335,7 @@ fn bind_admin(
         return Ok(Some(admin));
     }
     let admin = crate::admin::Admin::bind(&addr.0).map_err(|source| StartError::Admin {
+        at: s.places.of("admin_bind").cloned(),
         addr: addr.0.to_string(),
         source,
     })?;
