@@ -583,21 +583,34 @@ fn listeners(t: &mut Text, ls: &[ListenerSample<'_>]) {
     }
 }
 
+/// Per slot, not per process: a `pid` label would make a new series at
+/// every replacement (thousands an hour with `max_requests`), which
+/// Prometheus keeps for hours each; by slot, a leak is one continuous line
+/// across recycles. While two workers overlap in a slot (a replacement), the
+/// larger counts: the one to compare with `max_memory`.
 fn memory(t: &mut Text, workers: &[WorkerSample]) {
     t.family(
         "drover_worker_resident_memory_bytes",
         "gauge",
-        "Resident memory of each worker process.",
+        "Resident memory of a slot's worker process (the larger of two during a replacement).",
     );
+    let mut slots: Vec<(u32, u64)> = Vec::new();
     for w in workers {
-        if let Some(rss) = resident_bytes(w.pid) {
-            let (slot, pid) = (w.slot.to_string(), w.pid.to_string());
-            t.sample(
-                "drover_worker_resident_memory_bytes",
-                &[("slot", &slot), ("pid", &pid)],
-                rss as f64,
-            );
+        let Some(rss) = resident_bytes(w.pid) else {
+            continue;
+        };
+        match slots.iter_mut().find(|(slot, _)| *slot == w.slot) {
+            Some((_, max)) => *max = (*max).max(rss),
+            None => slots.push((w.slot, rss)),
         }
+    }
+    slots.sort_unstable();
+    for (slot, rss) in slots {
+        t.sample(
+            "drover_worker_resident_memory_bytes",
+            &[("slot", &slot.to_string())],
+            rss as f64,
+        );
     }
     if let Some(rss) = resident_bytes(std::process::id() as i32) {
         t.single(
