@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone)]
 pub struct LogFile {
     path: PathBuf,
-    file: Arc<Mutex<File>>,
+    sink: Arc<Mutex<Sink>>,
 }
 
 fn open(path: &Path) -> io::Result<File> {
@@ -22,24 +22,109 @@ impl LogFile {
     pub fn open(path: &Path) -> io::Result<LogFile> {
         Ok(LogFile {
             path: path.to_path_buf(),
-            file: Arc::new(Mutex::new(open(path)?)),
+            sink: Arc::new(Mutex::new(Sink {
+                file: open(path)?,
+                lost: 0,
+                why: String::new(),
+                cut: false,
+            })),
         })
     }
 
     /// Opens the path again: after a rotation, a new file at the same name.
     pub fn reopen(&self) -> io::Result<()> {
         let fresh = open(&self.path)?;
-        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        sink.file = fresh;
+        // A line cut short in the old file does not continue in the new one.
+        sink.cut = false;
         Ok(())
     }
 }
 
+/// The file, and what could not be written to it (a full disk): the lines
+/// lost are counted and said with the first line that gets through, and a
+/// line cut short (part of it fitted) is ended before the next, so that
+/// two lines are never run together.
+struct Sink {
+    file: File,
+    lost: u64,
+    /// The error that lost the last line.
+    why: String,
+    /// The file ends in the middle of a line.
+    cut: bool,
+}
+
+impl Sink {
+    /// Writes all of `bytes`, or says why not (and whether part of it went).
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < bytes.len() {
+            match self.file.write(&bytes[done..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.cut |= done > 0;
+                    return Err(e);
+                }
+            }
+        }
+        self.cut = false;
+        Ok(())
+    }
+
+    /// One log line: never an error for tracing (which would report it on
+    /// standard error), counted as lost instead.
+    fn line(&mut self, buf: &[u8]) {
+        if self.cut && self.put(b"\n").is_err() {
+            self.lose(None);
+            return;
+        }
+        if self.lost > 0 {
+            let note = note_line(&format!("{} log line(s) lost: {}", self.lost, self.why));
+            if let Err(e) = self.put(note.as_bytes()) {
+                self.lose(Some(e));
+                return;
+            }
+            self.lost = 0;
+        }
+        if let Err(e) = self.put(buf) {
+            self.lose(Some(e));
+        }
+    }
+
+    fn lose(&mut self, why: Option<io::Error>) {
+        self.lost += 1;
+        if let Some(e) = why {
+            self.why = e.to_string();
+        }
+    }
+}
+
+/// A warning line drover writes itself (not through tracing), in the log's
+/// format: `TS  WARN msg`, or a JSON object with a JSON log.
+fn note_line(msg: &str) -> String {
+    let now = std::time::SystemTime::now();
+    if crate::logformat::is_json() {
+        let line = serde_json::json!({
+            "ts": humantime::format_rfc3339_millis(now).to_string(),
+            "level": "warn",
+            "msg": msg,
+        });
+        format!("{line}\n")
+    } else {
+        format!("{}  WARN {msg}\n", humantime::format_rfc3339_micros(now))
+    }
+}
+
 /// One log line's writer.
-pub struct Line(Arc<Mutex<File>>);
+pub struct Line(Arc<Mutex<Sink>>);
 
 impl Write for Line {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).line(buf);
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -49,7 +134,7 @@ impl Write for Line {
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogFile {
     type Writer = Line;
     fn make_writer(&'a self) -> Line {
-        Line(self.file.clone())
+        Line(self.sink.clone())
     }
 }
 
@@ -160,9 +245,9 @@ impl StderrInner {
         use std::sync::atomic::Ordering::Relaxed;
         let dropped = self.dropped.load(Relaxed);
         if dropped > 0 {
-            let note = format!(
-                "WARN drover: {dropped} log line(s) dropped: standard error was full (nobody reading it)\n"
-            );
+            let note = note_line(&format!(
+                "{dropped} log line(s) dropped: standard error was full (nobody reading it)"
+            ));
             match self.try_write(note.as_bytes()) {
                 Ok(true) => {
                     self.dropped.fetch_sub(dropped, Relaxed);
@@ -196,5 +281,54 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Stderr {
     type Writer = StderrLine;
     fn make_writer(&'a self) -> StderrLine {
         StderrLine(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A line cut short (the disk filled up in the middle of it) is ended
+    /// before the next line, and the lines lost are counted on the first
+    /// line that gets through. A full non-blocking pipe stands for the
+    /// full disk: it takes part of a long line, then nothing.
+    #[test]
+    fn a_cut_line_is_ended_and_lost_lines_are_counted() {
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let writer = File::from(std::os::fd::OwnedFd::from(writer));
+        nix::fcntl::fcntl(
+            &writer,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        let mut sink = Sink {
+            file: writer,
+            lost: 0,
+            why: String::new(),
+            cut: false,
+        };
+        let long = vec![b'x'; 1 << 20];
+        sink.line(&long);
+        sink.line(b"lost too\n");
+        assert!(sink.cut && sink.lost == 2, "{} {}", sink.cut, sink.lost);
+        // Room again: read what the pipe holds, then the next line.
+        let mut got = vec![0u8; 1 << 20];
+        let n = reader.read(&mut got).unwrap();
+        assert!(n > 0 && n < long.len() && got[..n].iter().all(|b| *b == b'x'));
+        sink.line(b"next\n");
+        let mut rest = vec![0u8; 4096];
+        let n = reader.read(&mut rest).unwrap();
+        let text = String::from_utf8_lossy(&rest[..n]);
+        let lines: Vec<&str> = text.split('\n').collect();
+        assert_eq!(lines[0], "", "the cut line is ended first: {text:?}");
+        assert!(
+            lines[1].ends_with(
+                "WARN 2 log line(s) lost: Resource temporarily unavailable (os error 11)"
+            ),
+            "{text:?}"
+        );
+        assert_eq!(&lines[2..], ["next", ""], "{text:?}");
+        assert!(!sink.cut && sink.lost == 0);
     }
 }

@@ -331,3 +331,56 @@ fn worker_memory_series_outlive_their_workers() {
     let body = admin(&d, "/metrics").body;
     assert_eq!(label_sets(&body, family), before, "{body}");
 }
+
+/// A log file on a full disk: drover serves on, and once lines can be
+/// written again the first one says how many were lost and why. The log is
+/// a symlink to /dev/full (every write: ENOSPC), then to a regular file
+/// (and SIGUSR1 reopens it, as after a rotation). The code before lost the
+/// lines without a word: an operator saw a gap in the log, and a line cut
+/// short by the full disk ran into the next one.
+#[test]
+fn lines_lost_to_a_full_disk_are_counted_in_the_log() {
+    let logs = tempfile::tempdir().unwrap();
+    let link = logs.path().join("drover.log");
+    std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+    let config = format!(
+        "{}log_file = \"{}\"\nadmin_bind = \"unix:$DIR/admin.sock\"\n",
+        config(1).replace("admin_bind = \"unix:$DIR/admin.sock\"\n", ""),
+        link.display()
+    );
+    let d = Start::config(&config).run();
+    wait_for("drover ready", LIMIT, || {
+        let (status, out) = ctl(&d, &["status"]);
+        (status == 0 && out.contains("1/1 workers ready")).then_some(())
+    });
+    // Lines nobody can write: a worker more, then one less.
+    for (signal, wanted) in [
+        (nix::sys::signal::Signal::SIGTTIN, "2 worker(s) wanted"),
+        (nix::sys::signal::Signal::SIGTTOU, "1 worker(s) wanted"),
+    ] {
+        d.signal(signal);
+        wait_for(wanted, LIMIT, || {
+            let (_, out) = ctl(&d, &["status"]);
+            out.contains(wanted).then_some(())
+        });
+    }
+    // Space again: the log is a regular file, reopened.
+    std::fs::remove_file(&link).unwrap();
+    std::fs::write(&link, "").unwrap();
+    d.signal(nix::sys::signal::Signal::SIGUSR1);
+    let text = wait_for("the log file written", LIMIT, || {
+        let text = read_file(&link);
+        text.contains("log file reopened").then_some(text)
+    });
+    let first = text.lines().next().unwrap();
+    let lost: u64 = first
+        .split("WARN ")
+        .nth(1)
+        .and_then(|rest| {
+            rest.strip_suffix(" log line(s) lost: No space left on device (os error 28)")
+        })
+        .unwrap_or_else(|| panic!("the first line does not count the lost ones: {text}"))
+        .parse()
+        .unwrap();
+    assert!(lost >= 2, "{text}");
+}
