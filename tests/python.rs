@@ -930,3 +930,41 @@ fn an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill(core: &str)
     }
 }
 with_each_core!(an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill);
+
+/// The same thread in a worker that `--max-requests` recycles: the worker
+/// said STOPPING=1, drained and ran its registry, then its exit waited for
+/// the thread forever, and drover waits for a recycled worker's exit before
+/// it starts the replacement: the slot served nothing from then on (with
+/// one worker, every request after the 3rd hung; found by the user trial).
+/// Now the worker exits at the end of its stop budget and is replaced.
+fn a_worker_recycled_with_an_app_thread_that_never_ends_is_replaced(core: &str) {
+    let habits = repo().join("tests/workers").display().to_string();
+    let config = format!(
+        "{}PYTHONPATH = {habits:?}\nAPP_NON_DAEMON_THREAD = \"1\"\n",
+        wsgi_config(
+            &["--core", core, "--max-requests", "3"],
+            "app_habits:app",
+            "workers = 1\ngraceful_timeout = \"3s\""
+        )
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let first = d.wait_workers(1)[0];
+    let addr = d.tcp_addr();
+    for _ in 0..3 {
+        assert_eq!(get_ok(addr, "/").worker_pid(), first.as_raw());
+    }
+    // Answered by the replacement, within the recycled worker's budget
+    // (2.75 s) and its successor's boot.
+    let r = get(addr, "/").expect("the request after the recycle is answered");
+    assert_eq!(r.status, 200);
+    assert_ne!(r.worker_pid(), first.as_raw());
+    let log = d.log();
+    assert!(
+        log.contains(&format!("(pid {first}) exited with status 0")),
+        "{log}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}
+with_each_core!(a_worker_recycled_with_an_app_thread_that_never_ends_is_replaced);
