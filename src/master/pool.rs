@@ -22,6 +22,11 @@ pub struct Slot {
     /// A worker has been ready in this slot: losing it is a degradation
     /// (a slot added by a scale-up or a reload is not, while it boots).
     pub served: bool,
+    /// Its worker ended itself as it announced (`STOPPING=1`, then exit 0:
+    /// `max_requests`) and the successor boots: a recycle, not a fault, so
+    /// the slot counts as ready (as the old workers of a reload do) until
+    /// the successor is ready, or fails.
+    pub recycling: bool,
 }
 
 /// What serves one slot (see `Pool::slot_view`).
@@ -150,6 +155,7 @@ impl Pool {
             return (Duration::ZERO, 0);
         };
         s.failures += 1;
+        s.recycling = false;
         let delay = backoff(s.failures, first, max);
         s.not_before = Some(now + delay);
         (delay, s.failures)

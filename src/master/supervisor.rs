@@ -214,7 +214,7 @@ impl Supervisor {
             .slots
             .iter()
             .zip(&ready)
-            .any(|(s, r)| s.served && !r);
+            .any(|(s, r)| s.served && !s.recycling && !r);
         let phase = match self.phase {
             Phase::Starting => readiness::Phase::Starting,
             // Resumed after a pause: the slots boot again, as at start-up.
@@ -230,6 +230,12 @@ impl Supervisor {
             for (r, s) in ready.iter_mut().zip(&self.pool.slots) {
                 *r |= !s.served;
             }
+        }
+        // Nor does a slot whose worker recycled itself (max_requests) while
+        // its successor boots: with recycling under load, some slot is
+        // nearly always between two workers.
+        for (r, s) in ready.iter_mut().zip(&self.pool.slots) {
+            *r |= s.recycling;
         }
         readiness::readiness(&readiness::View {
             phase,
@@ -463,6 +469,7 @@ impl Supervisor {
         // No slot serves now: after a resume, each boots again.
         for s in self.pool.slots.iter_mut() {
             s.served = false;
+            s.recycling = false;
         }
         self.emit(Action::Publish(Kind::Paused {
             trigger: why.to_string(),
@@ -967,6 +974,7 @@ impl Supervisor {
         let notice = matches!(self.phase, Phase::PreStop { .. }).then(|| prestop_notice(w));
         if let Some(s) = self.pool.slot(slot) {
             s.served = true;
+            s.recycling = false;
         }
         self.emit(Action::Publish(Kind::WorkerReady {
             slot,
@@ -1142,6 +1150,7 @@ impl Supervisor {
         if planned {
             // Its own decision (max_requests, say): a recycle, not a fault.
             s.failures = 0;
+            s.recycling = true;
             info!(
                 "worker {slot} (pid {pid}) {why} after {}, as it announced (STOPPING=1); respawning now",
                 ms(lived)
