@@ -1,0 +1,3 @@
+module drover.example/worker
+
+go 1.19
