@@ -14,6 +14,7 @@ pub use nix::sys::signal::Signal;
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
 
+pub mod keepalive;
 pub mod python;
 
 /// Upper bound of any single wait in a test.
