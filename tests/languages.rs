@@ -1,0 +1,368 @@
+//! Node.js and Go workers under drover, as docs/other-languages.md shows
+//! them: the examples in workers/node and workers/go (standard library only)
+//! are held to their READY=1 through a slow start, stopped gracefully with a
+//! request in flight (the request is answered, their cleanup runs, drover
+//! exits 0), stopped quickly, reloaded under load (a request per connection,
+//! and keep-alive) without a failed request, unharmed by drover's SIGUSR1,
+//! and gone when drover is killed.
+//!
+//! Node needs `node` (18 or newer) and `systemd-notify`, Go needs `go` (1.19
+//! or newer). A missing tool fails the test and names its Debian package
+//! (`.ci/run` installs them): a language that is not there is not tested,
+//! and must not pass as if it were.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::keepalive::KeepAliveLoad;
+use common::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Lang {
+    Node,
+    Go,
+}
+
+/// The command that runs a language's example worker, and the directory its
+/// build went to (removed when dropped).
+struct Worker {
+    command: Vec<String>,
+    _build: Option<tempfile::TempDir>,
+}
+
+/// `name`'s path in `PATH`, or a failed test that says what to install.
+fn tool(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` is not installed, so this language's worker cannot be tested: \
+                 install it (Debian: apt-get install {package}; .ci/run does)"
+            )
+        })
+}
+
+/// The output of `program args`, which must succeed.
+fn output(program: &Path, args: &[&str], dir: &Path) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{} {args:?}: {e}", program.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed ({}):\n{}{}",
+        program.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The first two numbers of a version in `text` ("v20.20.2", "go1.19.8").
+fn version(text: &str) -> (u32, u32) {
+    let start = text.find(|c: char| c.is_ascii_digit()).unwrap_or(0);
+    let mut parts = text[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+impl Lang {
+    fn worker(self) -> Worker {
+        match self {
+            Lang::Node => {
+                let node = tool("node", "nodejs");
+                let v = output(&node, &["--version"], &repo());
+                assert!(
+                    version(&v) >= (18, 0),
+                    "the Node worker needs Node.js 18 or newer; {} is {v}",
+                    node.display()
+                );
+                // Node has no Unix datagram socket: the example sends READY=1
+                // through systemd-notify.
+                tool("systemd-notify", "systemd");
+                Worker {
+                    command: vec![
+                        node.display().to_string(),
+                        repo().join("workers/node/server.js").display().to_string(),
+                    ],
+                    _build: None,
+                }
+            }
+            Lang::Go => {
+                let go = tool("go", "golang-go");
+                let v = output(&go, &["version"], &repo());
+                let words: Vec<&str> = v.split_whitespace().collect();
+                assert!(
+                    words.get(2).is_some_and(|w| version(w) >= (1, 19)),
+                    "the Go worker needs Go 1.19 or newer; {} is {v}",
+                    go.display()
+                );
+                // Each test builds its own copy (tests run in parallel
+                // processes); Go's build cache makes the next builds quick.
+                let dir = tempfile::tempdir().unwrap();
+                let bin = dir.path().join("worker");
+                let cache = Path::new(drover_bin()).with_file_name("go-build");
+                let out = Command::new(&go)
+                    .args(["build", "-buildvcs=false", "-o"])
+                    .arg(&bin)
+                    .arg(".")
+                    .current_dir(repo().join("workers/go"))
+                    .env("GOCACHE", cache)
+                    // Standard library only: nothing to download.
+                    .env("GOPROXY", "off")
+                    .env("GOTOOLCHAIN", "local")
+                    .output()
+                    .expect("run go build");
+                assert!(
+                    out.status.success(),
+                    "go build of workers/go failed ({}):\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Worker {
+                    command: vec![bin.display().to_string()],
+                    _build: Some(dir),
+                }
+            }
+        }
+    }
+}
+
+/// drover's configuration for 2 workers of `w` on an ephemeral port; the
+/// example appends "cleanup pid=N" to $DIR/cleanup. `extra` adds keys,
+/// `env` variables.
+fn config(w: &Worker, extra: &str, env: &str) -> String {
+    let command: Vec<String> = w.command.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [{}]\nworkers = 2\ngraceful_timeout = \"10s\"\n\
+         {extra}\n[env]\nEXAMPLE_CLEANUP_FILE = \"$DIR/cleanup\"\n{env}\n",
+        command.join(", ")
+    )
+}
+
+/// The cleanup lines the workers wrote.
+fn cleanups(d: &Drover) -> String {
+    read_file(&d.dir.path().join("cleanup"))
+}
+
+/// How long each worker took to become ready, from the log's
+/// "worker N (pid P) ready in X ms" lines.
+fn ready_times(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter_map(|l| l.split(") ready in ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// The default readiness (`ready = "auto"`) with a worker that takes 1.5 s
+/// to start: the example announces at once that READY=1 will come (Node
+/// through systemd-notify, a child of the worker), so drover waits for it
+/// instead of counting the worker ready at `announce_timeout` (1 s).
+fn is_held_to_its_ready_through_a_slow_start(lang: Lang) {
+    let w = lang.worker();
+    let d = Start::config(&config(&w, "", "EXAMPLE_BOOT_MS = \"1500\"")).run();
+    let log = d.wait_log("all 2 workers ready");
+    let times = ready_times(&log);
+    assert_eq!(times.len(), 2, "{log}");
+    assert!(
+        times.iter().all(|&ms| ms >= 1500.0),
+        "drover waited for READY=1: {times:?}\n{log}"
+    );
+    assert!(!log.contains("sent nothing to NOTIFY_SOCKET"), "{log}");
+    // STATUS=, sent with READY=1, is shown as well.
+    d.wait_log_count("status: serving", 2);
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
+/// SIGTERM to drover with a request in flight: the workers stop accepting,
+/// answer it in full, run their cleanup and exit 0; drover exits 0.
+fn stops_gracefully_with_a_request_in_flight(lang: Lang) {
+    let w = lang.worker();
+    let (d, workers) = stop_with_request_in_flight(Start::config(&config(&w, "", "")), |d| {
+        d.signal(Signal::SIGTERM)
+    });
+    let log = d.log();
+    let done = cleanups(&d);
+    for pid in workers {
+        assert!(
+            done.contains(&format!("cleanup pid={pid}\n")),
+            "{done}\n{log}"
+        );
+        assert!(
+            log.contains(&format!("(pid {pid}) exited with status 0")),
+            "{log}"
+        );
+    }
+}
+
+/// SIGQUIT to drover: the workers close their connections at once (the
+/// request in flight is not answered), run their cleanup and exit 0, well
+/// before the request would have ended.
+fn stops_quickly_on_sigquit(lang: Lang) {
+    let w = lang.worker();
+    let mut d = Start::config(&config(&w, "", "")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let slow = get_in_flight(d.tcp_addr(), "/sleep?ms=10000");
+    let sent = Instant::now();
+    d.signal(Signal::SIGQUIT);
+    let status = d.wait_exit(LIMIT);
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "a quick stop took {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    let answer = slow.join().unwrap();
+    assert!(answer.is_err(), "the request was cut: {answer:?}");
+    let done = cleanups(&d);
+    for pid in workers {
+        assert!(done.contains(&format!("cleanup pid={pid}\n")), "{done}");
+    }
+}
+
+/// A reload (SIGHUP) under steady load, a new connection per request:
+/// every request is answered, none refused, reset or cut, and the new
+/// generation serves.
+fn reloads_under_load_without_a_failed_request(lang: Lang) {
+    let w = lang.worker();
+    let d = Start::config(&config(&w, "", "")).run();
+    d.wait_log("all 2 workers ready");
+    let before = d.wait_workers(2);
+    let load = Load::start(d.tcp_addr(), 16, "/sleep?ms=5");
+    wait_answered(&load, 200);
+    d.signal(Signal::SIGHUP);
+    d.wait_log("reload applied");
+    d.wait_log_count("(recycled: reload)", 2);
+    // Some load on the new generation alone.
+    let served = load.answered.load(std::sync::atomic::Ordering::Relaxed);
+    wait_answered(&load, served + 200);
+    let o = load.finish();
+    eprintln!("outcomes: {o:?}");
+    let after = d.wait_workers(2);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "a new generation serves: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        (o.refused, o.reset, o.truncated, o.other),
+        (0, 0, 0, 0),
+        "{o:?}\n{}",
+        d.log()
+    );
+}
+
+/// A reload (SIGHUP) under keep-alive load, short requests (a connection is
+/// often between two requests when the stop comes): the old workers answer
+/// `Connection: close` from their stop on and give an idle connection a
+/// second to send its next request, so no request is lost, and none even
+/// has to be sent again on a new connection. (Node's usual `server.close()`
+/// keeps serving busy kept-alive connections until drover's SIGKILL; Go's
+/// `Shutdown` at once closes the idle ones under clients about to use them:
+/// 10 to 16 requests of 16 clients were sent again.)
+fn reloads_under_keep_alive_load_without_a_resent_request(lang: Lang) {
+    let w = lang.worker();
+    let d = Start::config(&config(&w, "", "")).run();
+    d.wait_log("all 2 workers ready");
+    let before = d.wait_workers(2);
+    let load = KeepAliveLoad::start(d.tcp_addr(), 16, "/");
+    load.wait_answered(200);
+    d.signal(Signal::SIGHUP);
+    d.wait_log("reload applied");
+    // The old workers end their kept-alive connections and exit while the
+    // load goes on.
+    d.wait_log_count("(recycled: reload)", 2);
+    let served = load.answered.load(std::sync::atomic::Ordering::Relaxed);
+    load.wait_answered(served + 200);
+    let o = load.finish();
+    eprintln!("outcomes: {o:?}");
+    let after = d.wait_workers(2);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "a new generation serves: {before:?} -> {after:?}"
+    );
+    let log = d.log();
+    assert_eq!((o.refused, &o.failed), (0, &Vec::new()), "{o:?}\n{log}");
+    assert_eq!(o.resent, 0, "{o:?}\n{log}");
+    assert!(o.announced_close > 0, "{o:?}");
+    // The old generation left on its own, in time.
+    assert!(!log.contains("SIGKILL"), "{log}");
+}
+
+/// drover forwards SIGUSR1 (reopen your logs) to the workers: they go on
+/// serving, and stop gracefully afterwards. (Node's default action for it
+/// starts its inspector, a debugger on 127.0.0.1:9229 that any local user
+/// can attach to.)
+fn serve_on_after_sigusr1(lang: Lang) {
+    let w = lang.worker();
+    let mut d = Start::config(&config(&w, "", "")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    d.signal(Signal::SIGUSR1);
+    d.wait_log("SIGUSR1: forwarded to 2 worker(s)");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    // A worker gets the SIGTERM after the SIGUSR1: its exit status says
+    // whether the SIGUSR1 did anything else than nothing.
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    let log = d.log();
+    for pid in workers {
+        assert!(
+            log.contains(&format!("(pid {pid}) exited with status 0")),
+            "{log}"
+        );
+    }
+    assert!(
+        !log.contains("Debugger listening") && !log.contains("inspector"),
+        "{log}"
+    );
+}
+
+/// SIGKILL to drover: the workers die with it (drover's parent-death
+/// signal), none is left serving.
+fn die_with_a_killed_master(lang: Lang) {
+    let w = lang.worker();
+    let mut d = Start::config(&config(&w, "", "")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let workers = d.wait_workers(2);
+    d.signal(Signal::SIGKILL);
+    d.wait_exit_only(LIMIT);
+    wait_for("the workers to die with drover", LIMIT, || {
+        workers.iter().all(|w| !alive(*w)).then_some(())
+    });
+    assert!(get(addr, "/").is_err(), "nothing serves on {addr}");
+}
+
+macro_rules! tests_per_language {
+    ($($name:ident),* $(,)?) => {
+        mod node {
+            $( #[test] fn $name() { super::$name(super::Lang::Node) } )*
+        }
+        mod go {
+            $( #[test] fn $name() { super::$name(super::Lang::Go) } )*
+        }
+    };
+}
+
+tests_per_language!(
+    is_held_to_its_ready_through_a_slow_start,
+    stops_gracefully_with_a_request_in_flight,
+    stops_quickly_on_sigquit,
+    reloads_under_load_without_a_failed_request,
+    reloads_under_keep_alive_load_without_a_resent_request,
+    serve_on_after_sigusr1,
+    die_with_a_killed_master,
+);
