@@ -256,12 +256,14 @@ fn reloads_under_load_without_a_failed_request(lang: Lang) {
         after.iter().all(|p| !before.contains(p)),
         "a new generation serves: {before:?} -> {after:?}"
     );
+    let log = d.log();
     assert_eq!(
         (o.refused, o.reset, o.truncated, o.other),
         (0, 0, 0, 0),
-        "{o:?}\n{}",
-        d.log()
+        "{o:?}\n{log}"
     );
+    // The old generation left on its own, in time.
+    assert!(!log.contains("SIGKILL"), "{log}");
 }
 
 /// A reload (SIGHUP) under keep-alive load, short requests (a connection is
