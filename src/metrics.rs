@@ -169,6 +169,12 @@ impl Default for Counters {
 }
 
 impl Counters {
+    /// The new master of an upgrade is ready: the upgrade is applied.
+    pub fn upgraded(&mut self) {
+        let applied = Outcome::ALL.iter().position(|x| *x == Outcome::Applied);
+        self.upgrades[applied.unwrap_or(0)] += 1;
+    }
+
     /// Counts one event.
     pub fn observe(&mut self, kind: &Kind) {
         let outcome = |o: Outcome| Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0);

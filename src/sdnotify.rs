@@ -18,6 +18,9 @@ pub struct Systemd {
     pub watchdog: Option<Duration>,
     /// `MAINPID=` named a new master: the service is its, and we stay silent.
     handed_over: bool,
+    /// We are the new master of an upgrade, not ready yet: our first
+    /// `READY=1` completes it (the old master retires on it).
+    upgrading: bool,
 }
 
 impl Systemd {
@@ -28,6 +31,7 @@ impl Systemd {
         let socket = std::env::var_os("NOTIFY_SOCKET");
         let after_ready = std::env::var_os("DROVER_SERVICE_NOTIFY_SOCKET");
         let watchdog = drover_worker::watchdog_interval();
+        let upgrading = std::env::var_os("DROVER_UPGRADE_FROM").is_some();
         for var in [
             "NOTIFY_SOCKET",
             "WATCHDOG_USEC",
@@ -42,6 +46,7 @@ impl Systemd {
             after_ready,
             watchdog,
             handed_over: false,
+            upgrading,
         }
     }
 
@@ -60,7 +65,9 @@ impl Systemd {
         }
     }
 
-    pub fn ready(&mut self, summary: &str) {
+    /// `READY=1` with the status; true when it completes an upgrade (we
+    /// are the new master, and the old one retires on it).
+    pub fn ready(&mut self, summary: &str) -> bool {
         self.send(&format!(
             "READY=1\nSTATUS={summary}\nMAINPID={}",
             std::process::id()
@@ -68,6 +75,7 @@ impl Systemd {
         if let Some(service) = self.after_ready.take() {
             self.socket = Some(service);
         }
+        std::mem::take(&mut self.upgrading)
     }
 
     pub fn reloading(&self) {

@@ -426,3 +426,45 @@ fn readyz_stays_ready_while_workers_recycle_themselves() {
         "{answers:?} over {recycled} recycles"
     );
 }
+
+/// The value of an unlabelled sample, or of one with exactly `labels`.
+fn metric(body: &str, name_and_labels: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name_and_labels} ")))
+        .unwrap_or_else(|| panic!("no {name_and_labels} in {body}"))
+        .parse()
+        .unwrap()
+}
+
+/// `drover_upgrades_total{outcome="applied"}` counts the upgrades that
+/// happened: the new master, whose scrapes are the only ones after it,
+/// counts the upgrade it completed. The code before counted it only in the
+/// old master, just before that one retired: no scrape ever saw it, and the
+/// series stayed 0 through every upgrade.
+#[test]
+fn an_applied_upgrade_is_counted_where_it_can_be_seen() {
+    let d = Start::config(&config(1)).run();
+    d.wait_log("all 1 workers ready");
+    let before = admin(&d, "/metrics").body;
+    let applied = "drover_upgrades_total{outcome=\"applied\"}";
+    assert_eq!(metric(&before, applied), 0.0);
+    let (status, answer) = ctl(&d, &["upgrade"]);
+    assert_eq!(status, 0, "{answer}");
+    let new: i32 = answer
+        .split("new master pid ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no new master in {answer:?}"));
+    let _new = KillOnDrop(Pid::from_raw(new));
+    // The new master answers on the same endpoint: its own start time.
+    let after = wait_for("the new master's scrape", LIMIT, || {
+        let body = admin(&d, "/metrics").body;
+        (metric(&body, "drover_start_time_seconds") != metric(&before, "drover_start_time_seconds"))
+            .then_some(body)
+    });
+    assert_eq!(metric(&after, applied), 1.0, "{after}");
+    assert_eq!(
+        metric(&after, "drover_upgrades_total{outcome=\"rolled_back\"}"),
+        0.0
+    );
+}

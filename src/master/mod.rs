@@ -748,7 +748,11 @@ impl Master {
                 }
                 Action::NotifySystemd(note) => match note {
                     Note::Ready(summary) => {
-                        self.systemd.ready(&summary);
+                        if self.systemd.ready(&summary) {
+                            // The old master counts it too, as it retires:
+                            // only this master's scrapes can show it.
+                            self.obs.counters.upgraded();
+                        }
                         // After an upgrade, the old master retires on this:
                         // the sockets it bound are ours to close from now on.
                         for (l, _) in self.sup.current().listeners.borrow().iter() {
