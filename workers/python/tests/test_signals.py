@@ -73,6 +73,40 @@ class SignalTest(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(out, "app handler saw graceful\nstop graceful\ncleanup ran\n")
 
+    def test_a_chained_handler_that_exits_waits_for_a_program_that_drains(self):
+        # A common way to "exit cleanly on SIGTERM": its SystemExit would
+        # unwind the program's drain; with exit_on_stop=False it is logged
+        # and the program goes on to its drain and cleanup.
+        setup = """
+    import signal
+    def app_handler(signum, frame):
+        print("app handler exits", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, app_handler)
+"""
+        p = start(setup=setup)
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "app handler exits\nstop graceful\ncleanup ran\n")
+        self.assertIn("the application's SIGTERM handler raised SystemExit(0): the worker exits once it has "
+                      "drained and run its cleanup", err)
+
+    def test_a_chained_handler_that_exits_still_exits_a_plain_script(self):
+        setup = """
+    import signal
+    def app_handler(signum, frame):
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, app_handler)
+"""
+        p = start(setup=setup, args="")
+        wait_line(p, "ready")
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "cleanup ran\n", "unwound at the signal, the registry ran at exit")
+
     def test_installing_again_chains_a_handler_set_in_between_once(self):
         code = """
             import signal, drover_worker as dw
