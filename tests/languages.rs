@@ -332,6 +332,23 @@ fn serve_on_after_sigusr1(lang: Lang) {
     );
 }
 
+/// With `timeout` set, the workers send `WATCHDOG=1` in time: none misses a
+/// heartbeat over three periods, and they go on serving.
+fn sends_heartbeats_when_drover_expects_them(lang: Lang) {
+    let w = lang.worker();
+    let d = Start::config(&config(&w, "timeout = \"1s\"", "")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let log = d.log();
+        assert!(!log.contains("missed its heartbeat"), "{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.wait_workers(2), workers);
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
 /// SIGKILL to drover: the workers die with it (drover's parent-death
 /// signal), none is left serving.
 fn die_with_a_killed_master(lang: Lang) {
@@ -366,5 +383,6 @@ tests_per_language!(
     reloads_under_load_without_a_failed_request,
     reloads_under_keep_alive_load_without_a_resent_request,
     serve_on_after_sigusr1,
+    sends_heartbeats_when_drover_expects_them,
     die_with_a_killed_master,
 );

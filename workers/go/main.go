@@ -107,6 +107,22 @@ func drainTime(timeout time.Duration) time.Duration {
 	return (timeout - reserve) * 4 / 5
 }
 
+// heartbeats sends WATCHDOG=1 at half of WATCHDOG_USEC when drover expects
+// heartbeats (`timeout` set). From a timer, it proves that the process and
+// Go's scheduler run, not that no handler is stuck: a worker that can check
+// more (its database, a request to itself) should send it from that check.
+func heartbeats() {
+	usec, err := strconv.Atoi(os.Getenv("WATCHDOG_USEC"))
+	if err != nil || usec <= 0 || os.Getenv("WATCHDOG_PID") != pid {
+		return
+	}
+	for range time.Tick(time.Duration(usec) * time.Microsecond / 2) {
+		if err := notify("WATCHDOG=1"); err != nil {
+			log.Printf("cannot send WATCHDOG=1 to drover: %v", err)
+		}
+	}
+}
+
 func cleanup() {
 	if path := os.Getenv("EXAMPLE_CLEANUP_FILE"); path != "" {
 		f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
@@ -209,6 +225,7 @@ func main() {
 	if err := notify("READY=1\nSTATUS=serving"); err != nil {
 		log.Printf("cannot send READY=1 to drover: %v", err)
 	}
+	go heartbeats()
 
 	var start time.Time
 	select {

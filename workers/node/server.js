@@ -192,9 +192,22 @@ function main() {
   for (const server of servers) {
     server.on('listening', () => {
       listening += 1;
-      if (listening === servers.length) notify('READY=1', 'STATUS=serving');
+      if (listening === servers.length) {
+        notify('READY=1', 'STATUS=serving');
+        heartbeats();
+      }
     });
   }
+}
+
+// With `timeout` set, drover expects WATCHDOG=1 at least every WATCHDOG_USEC
+// microseconds: sent at half that, from a timer of the event loop, so that a
+// loop blocked by a handler that never yields (the way a Node worker wedges)
+// sends none, and drover replaces the worker.
+function heartbeats() {
+  const usec = Number(process.env.WATCHDOG_USEC);
+  if (process.env.WATCHDOG_PID !== PID || !(usec > 0)) return;
+  setInterval(() => notify('WATCHDOG=1'), usec / 2000);
 }
 
 // Tell drover at once that READY=1 will come, so that with ready = "auto"
