@@ -349,6 +349,23 @@ fn sends_heartbeats_when_drover_expects_them(lang: Lang) {
     assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
 }
 
+/// `preload = true` needs a worker that implements the template protocol;
+/// these do not: drover says so at once (Node's READY=1 comes from its
+/// child, systemd-notify) and exits 3, naming its own SIGKILL as its own.
+fn is_refused_as_a_preload_template_with_a_clear_error(lang: Lang) {
+    let w = lang.worker();
+    let mut d = Start::config(&config(&w, "preload = true", "")).run();
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("does not implement preload: it sent READY=1 on NOTIFY_SOCKET"),
+        "{log}"
+    );
+    assert!(log.contains("killed by SIGKILL (sent by drover)"), "{log}");
+    assert!(!log.contains("not sent by drover"), "{log}");
+}
+
 /// SIGKILL to drover: the workers die with it (drover's parent-death
 /// signal), none is left serving.
 fn die_with_a_killed_master(lang: Lang) {
@@ -384,5 +401,6 @@ tests_per_language!(
     reloads_under_keep_alive_load_without_a_resent_request,
     serve_on_after_sigusr1,
     sends_heartbeats_when_drover_expects_them,
+    is_refused_as_a_preload_template_with_a_clear_error,
     die_with_a_killed_master,
 );

@@ -368,6 +368,47 @@ fn a_worker_that_knows_nothing_of_preload_is_named_and_drover_exits_3() {
 }
 
 #[test]
+fn a_worker_whose_child_sends_ready_is_named_at_once_as_no_template() {
+    // READY=1 from the command's child (as a Node.js worker sends it, through
+    // systemd-notify): it speaks for the template, as a worker's child does
+    // for the worker. Before, it was ignored, and the template was killed at
+    // boot_timeout, "killed by SIGKILL (not sent by drover: the OOM killer or
+    // an operator)".
+    let child = "import os, socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\
+                 .sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])";
+    let script = format!("{} -c \"{child}\"; sleep 60", python::python());
+    let started = Instant::now();
+    let mut d = Start::args(&[
+        "-w",
+        "1",
+        "-b",
+        "127.0.0.1:0",
+        "--set",
+        "preload=true",
+        "--set",
+        "boot_timeout=15s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .run();
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("the worker command of generation 1 does not implement preload: it sent READY=1 on NOTIFY_SOCKET"),
+        "{log}"
+    );
+    assert!(log.contains("killed by SIGKILL (sent by drover)"), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "named at once, not at boot_timeout: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn a_template_that_does_not_answer_is_killed_and_replaced() {
     // A template that says it is ready, then never answers a fork request.
     let dir = tempfile::tempdir().unwrap();

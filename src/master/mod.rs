@@ -637,9 +637,18 @@ impl Master {
                     warn!("pid {sender} was forked by a template given up before it answered; killing it");
                     let _ = killpg(sender, Signal::SIGKILL);
                 }
-                None => debug!(
-                    "notify message from pid {sender} ignored: not a worker or a descendant of one"
-                ),
+                // A template's child speaks for it, as a worker's does:
+                // systemd-notify run by a Node.js worker started as one.
+                None => match notify::descends_from(sender, |p| self.templates.has(p)) {
+                    Some(t) => {
+                        if let Some(pid) = self.templates.on_notify(t, &messages) {
+                            let _ = killpg(pid, Signal::SIGKILL);
+                        }
+                    }
+                    None => debug!(
+                        "notify message from pid {sender} ignored: not a worker or a descendant of one"
+                    ),
+                },
             }
         }
         for event in self.signals.drain() {

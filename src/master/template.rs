@@ -741,7 +741,15 @@ impl Master {
             return;
         };
         let (n, lived) = (t.gen.number, ms(now - t.started));
-        let how = describe(status, None);
+        let how = match (status, t.state) {
+            // drover's own SIGKILL, to a template it gave up: not "the OOM
+            // killer or an operator", as describe() says of one unexplained.
+            (
+                WaitStatus::Signaled(_, Signal::SIGKILL, _),
+                State::Gone(Gone::BootTimeout | Gone::Hung | Gone::NotATemplate),
+            ) => "killed by SIGKILL (sent by drover)".to_string(),
+            _ => describe(status, None),
+        };
         self.obs.publish(Kind::TemplateExited {
             pid: pid.as_raw(),
             generation: n,
