@@ -639,7 +639,10 @@ impl Master {
                 }
                 // A template's child speaks for it, as a worker's does:
                 // systemd-notify run by a Node.js worker started as one.
-                None => match notify::descends_from(sender, |p| self.templates.has(p)) {
+                None => match (!self.templates.list.is_empty())
+                    .then(|| notify::descends_from(sender, |p| self.templates.has(p)))
+                    .flatten()
+                {
                     Some(t) => {
                         if let Some(pid) = self.templates.on_notify(t, &messages) {
                             let _ = killpg(pid, Signal::SIGKILL);
