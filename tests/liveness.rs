@@ -432,3 +432,45 @@ fn a_master_as_user_removes_its_files_at_exit_and_upgrades() {
     assert!(!pidfile.exists(), "pidfile left behind");
     assert!(!socket.exists(), "control socket left behind");
 }
+
+/// A worker that says `STOPPING=1` (as one recycling itself does) and then
+/// hangs instead of exiting: killed `graceful_timeout` after it said so, and
+/// replaced. Before, it kept its slot, serving nothing, until drover stopped.
+#[test]
+fn a_worker_that_says_stopping_and_never_exits_is_killed_after_graceful_timeout() {
+    let worker = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+with open(sys.argv[1], "a") as f:
+    f.write("%d\n" % os.getpid())
+with open(sys.argv[1]) as f:
+    first = len(f.read().split()) == 1
+if first:
+    time.sleep(0.2)
+    s.sendto(b"STOPPING=1", os.environ["NOTIFY_SOCKET"])
+while True:
+    time.sleep(1)
+"#;
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\ngraceful_timeout = \"1s\"\n\
+         command = [\"python3\", \"-c\", {worker:?}, \"$DIR/pids\"]\n"
+    ))
+    .run();
+    d.wait_log("all 1 workers ready");
+    let first = d.wait_log("is stopping");
+    let log = d.wait_log("said STOPPING=1 1s ago and is still running");
+    assert!(first.contains("worker 1 (pid"), "{log}");
+    // Its replacement: a second pid in the file, ready.
+    let pids = wait_for("the replacement", LIMIT, || {
+        let text = std::fs::read_to_string(d.dir.path().join("pids")).unwrap_or_default();
+        let pids: Vec<i32> = text.lines().filter_map(|l| l.parse().ok()).collect();
+        (pids.len() >= 2).then_some(pids)
+    });
+    d.wait_log(&format!("(pid {}) ready", pids[1]));
+    assert!(
+        !alive(nix::unistd::Pid::from_raw(pids[0])),
+        "the worker that hung is gone: {}",
+        d.log()
+    );
+}

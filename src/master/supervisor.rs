@@ -39,7 +39,7 @@ fn exit_cause(state: &State, status: WaitStatus) -> ExitCause {
         State::ExecFailed => return ExitCause::ExecFailed,
         _ => (None, None),
     };
-    let leaving = matches!(state, State::Ready(r) if r.leaving);
+    let leaving = matches!(state, State::Ready(r) if r.leave_by.is_some());
     match (killed, stopped) {
         (Some(Kill::BootTimeout), _) => ExitCause::BootTimeout,
         (Some(Kill::HeartbeatTimeout), _) | (_, Some(Stop::HeartbeatMissed)) => {
@@ -925,7 +925,7 @@ impl Supervisor {
                 }
                 Message::Stopping => {
                     if let State::Ready(s) = &mut w.state {
-                        s.leaving = true;
+                        s.leave_by.get_or_insert(now + w.gen.s.graceful_timeout.0);
                     }
                     info!("worker {slot} (pid {pid}) is stopping");
                 }
@@ -1144,8 +1144,8 @@ impl Supervisor {
         // A worker that served stably, or that announced its own exit after
         // serving, is replaced at once; one that keeps failing (including
         // at boot) waits longer each time.
-        let planned =
-            matches!(w.state, State::Ready(r) if r.leaving) && exit_code(status) == Some(0);
+        let planned = matches!(w.state, State::Ready(r) if r.leave_by.is_some())
+            && exit_code(status) == Some(0);
         let served = !w.is_booting();
         if planned {
             // Its own decision (max_requests, say): a recycle, not a fault.
@@ -1280,6 +1280,14 @@ impl Supervisor {
                         w.gen.s.boot_timeout
                     );
                     actions.push(w.kill(Kill::BootTimeout));
+                }
+                State::Ready(s) if s.leave_by.is_some_and(|t| t <= now) => {
+                    warn!(
+                        "worker {slot} (pid {pid}) said STOPPING=1 {} ago and is still running \
+                         (graceful_timeout); sending SIGKILL to its process group",
+                        w.gen.s.graceful_timeout
+                    );
+                    actions.push(w.kill(Kill::GraceExpired));
                 }
                 State::Ready(s) if s.heartbeat.is_some_and(|h| h <= now) => {
                     let t = w.gen.s.timeout.map_or(Duration::ZERO, |t| t.0);

@@ -73,8 +73,11 @@ pub struct Serving {
     pub recycle_at: Option<Instant>,
     /// A successor is wanted: this worker stops once it is ready.
     pub replace: Option<Replace>,
-    /// It sent `STOPPING=1`: an exit that follows is its own decision.
-    pub leaving: bool,
+    /// It sent `STOPPING=1`: an exit that follows is its own decision, due
+    /// within its `graceful_timeout`; still running then, it is killed (a
+    /// worker that announced its exit and hangs would hold its slot for
+    /// ever).
+    pub leave_by: Option<Instant>,
 }
 
 /// Why drover asked a worker to stop.
@@ -301,7 +304,7 @@ impl Worker {
             heartbeat: s.timeout.map(|t| now + t.0),
             recycle_at,
             replace: None,
-            leaving: false,
+            leave_by: None,
         });
     }
 
@@ -414,7 +417,7 @@ impl Worker {
     /// Ready, and not on its way out by its own decision (`STOPPING=1`,
     /// e.g. recycling after max_requests): it takes from the listeners.
     pub fn is_serving(&self) -> bool {
-        matches!(self.state, State::Ready(s) if !s.leaving)
+        matches!(self.state, State::Ready(s) if s.leave_by.is_none())
     }
 
     /// Brings its boot or stop deadline forward to `until` (never later).
@@ -475,6 +478,7 @@ impl Worker {
                     .into_iter()
                     .chain(recycle)
                     .chain(self.recheck_priority)
+                    .chain(s.leave_by)
                     .min()
             }
             State::Killed { .. } | State::ExecFailed => None,
