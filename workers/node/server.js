@@ -145,9 +145,9 @@ function main() {
       // Stop accepting: close this process's copy of each socket; the other
       // workers (and, outside a shutdown, drover) keep theirs and take what
       // is queued. net.Server's close, not http.Server's: since Node 19 that
-      // also closes the idle connections at once, and a connection accepted
-      // whose request is not yet read counts as idle. Its callback runs when
-      // the server's last connection has closed.
+      // also closes the idle kept-alive connections at once, under clients
+      // that may be sending their next request. Its callback runs when the
+      // server's last connection has closed.
       let drained = 0;
       for (const server of servers) {
         net.Server.prototype.close.call(server, () => {
