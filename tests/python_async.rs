@@ -457,8 +457,10 @@ fn fastapi_reload_latency_by_boot_priority() {
         std::thread::sleep(Duration::from_millis(1500));
         quiet.push((q, Instant::now()));
         if let Some(work) = value.strip_prefix("control-") {
+            // The serving workers are the "old" ones: none is new.
+            let serving = worker_pids(&d);
             let (hup, end) = control(work, &burn, &pythonpath);
-            reloads.push((value, hup, end, end, vec![], *quiet.last().unwrap()));
+            reloads.push((value, hup, end, end, serving, *quiet.last().unwrap()));
             continue;
         }
         // Unmeasured: brings the workers to this value's generation, so that
