@@ -374,9 +374,12 @@ fn a_worker_whose_child_sends_ready_is_named_at_once_as_no_template() {
     // for the worker. Before, it was ignored, and the template was killed at
     // boot_timeout, "killed by SIGKILL (not sent by drover: the OOM killer or
     // an operator)".
-    let child = "import os, socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\
-                 .sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])";
-    let script = format!("{} -c \"{child}\"; sleep 60", python::python());
+    // The child stays alive after its message, as systemd-notify does (it
+    // waits until drover has read it, BARRIER=1): drover finds whose child
+    // it is in /proc, which a sender that already exited has left.
+    let child = "import os, socket, time; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\
+                 .sendto(b'READY=1', os.environ['NOTIFY_SOCKET']); time.sleep(60)";
+    let script = format!("{} -c \"{child}\"", python::python());
     let started = Instant::now();
     let mut d = Start::args(&[
         "-w",
