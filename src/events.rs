@@ -151,7 +151,7 @@ pub enum Kind {
         /// The signal's name, when a signal ended it.
         #[serde(skip_serializing_if = "Option::is_none")]
         signal: Option<String>,
-        /// As the log says it: "killed by SIGKILL (boot timeout)".
+        /// As the log says it: "killed by SIGABRT (boot timeout)".
         description: String,
     },
     /// A preload template was started (`preload = true`): it loads the

@@ -474,3 +474,40 @@ while True:
         d.log()
     );
 }
+
+/// A worker still booting at its `boot_timeout` gets SIGABRT first: a
+/// Python worker with `faulthandler` on (the SDK turns it on) prints where
+/// it hangs, here in the function its import called.
+#[test]
+fn a_worker_hung_at_boot_is_sent_sigabrt_and_python_says_where() {
+    let worker = "import faulthandler, time\nfaulthandler.enable()\n\
+                  def stuck_in_the_import():\n    time.sleep(1000)\nstuck_in_the_import()\n";
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
+         respawn_delay = \"10s\"\ncommand = [\"python3\", \"-c\", {worker:?}]\n"
+    ))
+    .run();
+    d.wait_log("did not report READY=1 within boot_timeout (1s); SIGABRT");
+    let log = d.wait_log("(boot timeout)");
+    assert!(log.contains("killed by SIGABRT"), "{log}");
+    assert!(
+        log.contains("in stuck_in_the_import"),
+        "faulthandler's traceback names the function it hangs in: {log}"
+    );
+}
+
+/// One that ignores SIGABRT is killed (its process group) `abort_grace`
+/// after it.
+#[test]
+fn a_worker_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
+    let worker =
+        "import signal, time\nsignal.signal(signal.SIGABRT, signal.SIG_IGN)\ntime.sleep(1000)\n";
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
+         abort_grace = \"1s\"\nrespawn_delay = \"10s\"\ncommand = [\"python3\", \"-c\", {worker:?}]\n"
+    ))
+    .run();
+    d.wait_log("within boot_timeout (1s); SIGABRT");
+    d.wait_log("still running 1s after its SIGABRT; sending SIGKILL to its process group");
+    d.wait_log("killed by SIGKILL (boot timeout)");
+}

@@ -66,6 +66,8 @@ pub enum SignalWhy {
     Forward,
     /// SIGWINCH: drover's pre-stop delay began; end keep-alive.
     PreStop,
+    /// SIGABRT at the boot deadline: say where you hang (SIGKILL follows).
+    BootTimeout,
 }
 
 /// A message to our own service manager.

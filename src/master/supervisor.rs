@@ -1276,10 +1276,11 @@ impl Supervisor {
                 State::Execing { .. } | State::Booting { .. } => {
                     error!(
                         "worker {slot} (pid {pid}) did not report READY=1 within boot_timeout ({}); \
-                         killing its process group",
-                        w.gen.s.boot_timeout
+                         SIGABRT (a Python worker prints where it hangs), then SIGKILL to its \
+                         process group in {}",
+                        w.gen.s.boot_timeout, w.gen.s.abort_grace
                     );
-                    actions.push(w.kill(Kill::BootTimeout));
+                    actions.push(w.abort_boot(now));
                 }
                 State::Ready(s) if s.leave_by.is_some_and(|t| t <= now) => {
                     warn!(
@@ -1335,6 +1336,15 @@ impl Supervisor {
                     );
                     killed += 1;
                     actions.push(w.kill(cause));
+                }
+                State::Killed { kill, .. } if w.kill_at.is_some_and(|t| t <= now) => {
+                    w.kill_at = None;
+                    warn!(
+                        "worker {slot} (pid {pid}) still running {} after its SIGABRT; \
+                         sending SIGKILL to its process group",
+                        w.gen.s.abort_grace
+                    );
+                    actions.push(Action::KillGroup { slot, pid, kill });
                 }
                 State::Killed { .. } | State::ExecFailed => {}
             }

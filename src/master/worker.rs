@@ -177,6 +177,9 @@ pub struct Worker {
     /// Restored: when to look once more for a thread at the boot priority
     /// (see [`PRIORITY_RECHECK`]).
     pub recheck_priority: Option<Instant>,
+    /// Sent SIGABRT at its boot deadline: its process group gets SIGKILL
+    /// then (`abort_grace` later) if it is still running.
+    pub kill_at: Option<Instant>,
 }
 
 /// How long after restoring a worker's priority drover restores it once
@@ -234,6 +237,7 @@ impl Worker {
             reopen_logs: false,
             lowered,
             recheck_priority: None,
+            kill_at: None,
         }
     }
 
@@ -385,6 +389,24 @@ impl Worker {
         }
     }
 
+    /// Still booting at its `boot_timeout`: SIGABRT, so that a program that
+    /// dumps its state on it says where it hangs (a Python worker with
+    /// `faulthandler`: the traceback of its import), then SIGKILL to its
+    /// process group `abort_grace` later if it is still running.
+    pub fn abort_boot(&mut self, now: Instant) -> Action {
+        self.state = State::Killed {
+            kill: Kill::BootTimeout,
+            stopped: None,
+        };
+        self.kill_at = Some(now + self.gen.s.abort_grace.0);
+        Action::Signal {
+            slot: self.slot,
+            pid: self.pid,
+            signal: Signal::SIGABRT,
+            why: super::action::SignalWhy::BootTimeout,
+        }
+    }
+
     /// Asked to stop (killed since, or not).
     pub fn is_stopping(&self) -> bool {
         matches!(
@@ -481,7 +503,8 @@ impl Worker {
                     .chain(s.leave_by)
                     .min()
             }
-            State::Killed { .. } | State::ExecFailed => None,
+            State::Killed { .. } => self.kill_at,
+            State::ExecFailed => None,
         }
     }
 
@@ -537,7 +560,7 @@ pub fn describe(status: WaitStatus, killed: Option<Kill>) -> String {
         WaitStatus::Signaled(_, sig, core) => {
             let core = if core { " (core dumped)" } else { "" };
             let cause = match (sig, killed) {
-                (Signal::SIGKILL, Some(Kill::BootTimeout)) => " (boot timeout)",
+                (Signal::SIGKILL | Signal::SIGABRT, Some(Kill::BootTimeout)) => " (boot timeout)",
                 (Signal::SIGKILL, Some(Kill::HeartbeatTimeout)) => " (heartbeat timeout)",
                 (Signal::SIGKILL, Some(Kill::GraceExpired)) => " (grace period expired)",
                 (Signal::SIGKILL, None) => " (not sent by drover: the OOM killer or an operator)",
