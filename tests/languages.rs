@@ -246,16 +246,8 @@ fn reloads_under_load_without_a_failed_request(lang: Lang) {
     d.signal(Signal::SIGHUP);
     d.wait_log("reload applied");
     d.wait_log_count("(recycled: reload)", 2);
-    // Some load on the new generation alone.
-    let served = load.answered.load(std::sync::atomic::Ordering::Relaxed);
-    wait_answered(&load, served + 200);
-    let o = load.finish();
-    eprintln!("outcomes: {o:?}");
-    let after = d.wait_workers(2);
-    assert!(
-        after.iter().all(|p| !before.contains(p)),
-        "a new generation serves: {before:?} -> {after:?}"
-    );
+    let o = load.finish_after(200);
+    d.assert_replaced(&before);
     let log = d.log();
     assert_eq!(
         (o.refused, o.reset, o.truncated, o.other),
@@ -286,15 +278,8 @@ fn reloads_under_keep_alive_load_without_a_resent_request(lang: Lang) {
     // The old workers end their kept-alive connections and exit while the
     // load goes on.
     d.wait_log_count("(recycled: reload)", 2);
-    let served = load.answered.load(std::sync::atomic::Ordering::Relaxed);
-    load.wait_answered(served + 200);
-    let o = load.finish();
-    eprintln!("outcomes: {o:?}");
-    let after = d.wait_workers(2);
-    assert!(
-        after.iter().all(|p| !before.contains(p)),
-        "a new generation serves: {before:?} -> {after:?}"
-    );
+    let o = load.finish_after(200);
+    d.assert_replaced(&before);
     let log = d.log();
     assert_eq!((o.refused, &o.failed), (0, &Vec::new()), "{o:?}\n{log}");
     assert_eq!(o.resent, 0, "{o:?}\n{log}");

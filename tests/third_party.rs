@@ -11,7 +11,6 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::keepalive::*;
@@ -167,16 +166,8 @@ fn reloads_under_load_without_a_failed_request(start: Start) {
     wait_answered(&load, 200);
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 0, "{out}\n{}", d.log());
-    // Some load on the new generation alone.
-    let served = load.answered.load(std::sync::atomic::Ordering::Relaxed);
-    wait_answered(&load, served + 200);
-    let o = load.finish();
-    eprintln!("outcomes: {o:?}");
-    let after = d.wait_workers(2);
-    assert!(
-        after.iter().all(|p| !before.contains(p)),
-        "a new generation serves: {before:?} -> {after:?}"
-    );
+    let o = load.finish_after(200);
+    d.assert_replaced(&before);
     assert_eq!(
         (o.refused, o.reset, o.truncated, o.other),
         (0, 0, 0, 0),
@@ -813,16 +804,8 @@ fn reload_under_keep_alive_load(config: &str, clients: usize, path: &str) -> Kep
     load.wait_answered(200);
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 0, "{out}\n{}", d.log());
-    // Some load on the new generation alone.
-    let served = load.answered.load(Relaxed);
-    load.wait_answered(served + 200);
-    let o = load.finish();
-    eprintln!("outcomes: {o:?}");
-    let after = d.wait_workers(2);
-    assert!(
-        after.iter().all(|p| !before.contains(p)),
-        "a new generation serves: {before:?} -> {after:?}"
-    );
+    let o = load.finish_after(200);
+    d.assert_replaced(&before);
     assert_eq!(
         (o.refused, &o.failed),
         (0, &Vec::new()),

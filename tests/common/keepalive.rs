@@ -63,6 +63,15 @@ impl KeepAliveLoad {
         });
     }
 
+    /// `more` responses more (after a reload: on the new generation
+    /// alone), then the outcomes, printed.
+    pub fn finish_after(self, more: u64) -> KeptOutcomes {
+        self.wait_answered(self.answered.load(Relaxed) + more);
+        let o = self.finish();
+        eprintln!("outcomes: {o:?}");
+        o
+    }
+
     pub fn finish(self) -> KeptOutcomes {
         self.stop.store(true, Relaxed);
         let mut total = KeptOutcomes::default();

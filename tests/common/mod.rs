@@ -329,6 +329,15 @@ impl Drover {
     }
 
     /// Waits until `n` workers are alive and returns their pids.
+    /// After a reload: as many workers serve as `before`, none of them.
+    pub fn assert_replaced(&self, before: &[Pid]) {
+        let after = self.wait_workers(before.len());
+        assert!(
+            after.iter().all(|p| !before.contains(p)),
+            "a new generation serves: {before:?} -> {after:?}"
+        );
+    }
+
     pub fn wait_workers(&self, n: usize) -> Vec<Pid> {
         wait_for(&format!("{n} workers"), LIMIT, || {
             let c = self.children();
@@ -610,6 +619,16 @@ impl Load {
             answered,
             threads,
         }
+    }
+
+    /// `more` responses more (after a reload: on the new generation
+    /// alone), then the outcomes, printed.
+    pub fn finish_after(self, more: u64) -> Outcomes {
+        let served = self.answered.load(std::sync::atomic::Ordering::Relaxed);
+        wait_answered(&self, served + more);
+        let o = self.finish();
+        eprintln!("outcomes: {o:?}");
+        o
     }
 
     pub fn finish(self) -> Outcomes {
