@@ -1023,22 +1023,6 @@ fn without_a_prestop_delay_late_clients_are_refused() {
     assert_eq!((o.reset, o.truncated, o.other), (0, 0, 0), "{o:?}");
 }
 
-/// `drover ctl ARGS` against `d`'s control socket ($DIR/ctl.sock):
-/// (exit status, standard output).
-fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(drover_bin())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(d.dir.path().join("ctl.sock"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 fn hello_config(extra: &str) -> String {
     format!(
         "bind = [\"127.0.0.1:0\"]\ncommand = [\"{}\"]\nworkers = 2\nready = \"notify\"\n\
@@ -1073,7 +1057,7 @@ fn with_a_prestop_delay_late_clients_of_drover_wsgi_are_all_answered() {
 fn prestop_under_load(config: &str) {
     let mut d = Start::config(config).run();
     d.wait_log("all 2 workers ready");
-    let (code, out) = ctl(&d, &["ready"]);
+    let (code, out) = d.ctl(&["ready"]);
     assert_eq!(
         (code, out.trim()),
         (0, "ok: ready: 2/2 workers ready, generation 1")
@@ -1083,12 +1067,12 @@ fn prestop_under_load(config: &str) {
     let sigterm = Instant::now();
     d.signal(Signal::SIGTERM);
     d.wait_log("SIGTERM: pre-stop: serving for 2s more");
-    let (code, out) = ctl(&d, &["ready"]);
+    let (code, out) = d.ctl(&["ready"]);
     assert_eq!(
         (code, out.trim()),
         (1, "failed: not ready: pre-stop: shutting down soon")
     );
-    let (code, out) = ctl(&d, &["status"]);
+    let (code, out) = d.ctl(&["status"]);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("2/2 workers ready, generation 1, pre-stop"),
@@ -1145,7 +1129,7 @@ fn a_second_signal_or_another_stop_skips_the_prestop_delay() {
         let began = Instant::now();
         match first {
             Some(sig) => d.signal(sig),
-            None => assert_eq!(ctl(&d, &["stop"]).0, 0),
+            None => assert_eq!(d.ctl(&["stop"]).0, 0),
         }
         if let Some(sig) = second {
             d.wait_log("pre-stop: serving for 30s more");
@@ -1173,7 +1157,7 @@ fn ctl_ready_is_a_readiness_probe() {
     let d = Start::config(config).run();
     d.wait_workers(1);
     let (code, out) = wait_for("the control socket", LIMIT, || {
-        let (code, out) = ctl(&d, &["ready"]);
+        let (code, out) = d.ctl(&["ready"]);
         (!out.is_empty()).then_some((code, out))
     });
     assert_eq!(
@@ -1187,10 +1171,10 @@ fn ctl_ready_is_a_readiness_probe() {
 
     let d = Start::config(&hello_config("")).run();
     d.wait_log("all 2 workers ready");
-    assert_eq!(ctl(&d, &["ready"]).0, 0);
+    assert_eq!(d.ctl(&["ready"]).0, 0);
     d.signal(Signal::SIGWINCH);
     d.wait_log("SIGWINCH: stopping all 2 worker(s)");
-    let (code, out) = ctl(&d, &["ready"]);
+    let (code, out) = d.ctl(&["ready"]);
     assert_eq!(
         (code, out.trim()),
         (1, "failed: not ready: paused: workers stopped (SIGWINCH)")
@@ -1214,7 +1198,7 @@ fn systemd_hears_the_status_after_a_scale_up_and_a_failed_reload() {
     let d = start.run();
     let mut seen = Vec::new();
     recv_until(&sock, &mut seen, "READY=1");
-    let (code, out) = ctl(&d, &["scale", "3"]);
+    let (code, out) = d.ctl(&["scale", "3"]);
     assert_eq!(code, 0, "{out}");
     recv_until(&sock, &mut seen, "STATUS=3/3 workers ready, generation 1");
 
@@ -1222,7 +1206,7 @@ fn systemd_hears_the_status_after_a_scale_up_and_a_failed_reload() {
     let config = d.dir.path().join("config.toml");
     let good = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{good}\nworkers = \"many\"\n")).unwrap();
-    let (code, out) = ctl(&d, &["reload"]);
+    let (code, out) = d.ctl(&["reload"]);
     assert_eq!(code, 1, "{out}");
     let ready = recv_until(&sock, &mut seen, "READY=1");
     assert!(
@@ -1231,7 +1215,7 @@ fn systemd_hears_the_status_after_a_scale_up_and_a_failed_reload() {
     );
     // A rolled-back one: the new workers cannot boot.
     std::fs::write(&config, good.replace(hello_bin(), "/bin/false")).unwrap();
-    let (code, out) = ctl(&d, &["reload"]);
+    let (code, out) = d.ctl(&["reload"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("rolled back"), "{out}");
     let ready = recv_until(&sock, &mut seen, "READY=1");
@@ -1239,11 +1223,11 @@ fn systemd_hears_the_status_after_a_scale_up_and_a_failed_reload() {
         ready.contains("generation 1; last reload rolled back: "),
         "{ready}"
     );
-    let (_, out) = ctl(&d, &["status"]);
+    let (_, out) = d.ctl(&["status"]);
     assert!(out.contains("; last reload rolled back: "), "{out}");
     // An applied reload clears it.
     std::fs::write(&config, &good).unwrap();
-    let (code, out) = ctl(&d, &["reload"]);
+    let (code, out) = d.ctl(&["reload"]);
     assert_eq!(code, 0, "{out}");
     let ready = recv_until(&sock, &mut seen, "READY=1");
     assert!(

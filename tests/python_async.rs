@@ -100,20 +100,6 @@ fn fastapi(app: &str, extra: &str, env: &[(&str, &str)]) -> Drover {
     start.run()
 }
 
-fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(drover_bin())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(d.dir.path().join("ctl.sock"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 /// One GET: when it began, how long it took, why it failed (if it did) and
 /// the pid that answered (the app's `{"pid":N}`).
 type Sample = (Instant, Duration, Option<String>, Option<i32>);
@@ -214,7 +200,7 @@ fn reloads_under_load(extra: &str) -> String {
     std::thread::sleep(Duration::from_secs(3));
     let reloads_began = Instant::now();
     for i in 0..3 {
-        let (code, out) = ctl(&d, &["reload"]);
+        let (code, out) = d.ctl(&["reload"]);
         assert_eq!(code, 0, "reload {i}: {out}\n{}", d.log());
         assert!(
             out.contains(&format!("applied: generation {}", i + 2)),
@@ -306,7 +292,7 @@ impl Paced {
 
 /// The pids of the workers (not templates) `drover ctl --json status` lists.
 fn worker_pids(d: &Drover) -> Vec<i32> {
-    let (code, out) = ctl(d, &["--json", "status"]);
+    let (code, out) = d.ctl(&["--json", "status"]);
     assert_eq!(code, 0, "{out}");
     let status: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     status["status"]["workers"]

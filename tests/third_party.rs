@@ -10,7 +10,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::keepalive::*;
@@ -49,21 +48,6 @@ fn uwsgi(protocol: &str, wsgi_file: &str, extra: &str) -> String {
 
 fn example(extra: &str) -> String {
     uwsgi("http", "example_app.py", extra)
-}
-
-/// `drover ctl ARGS` against `d`'s control socket: (exit status, stdout).
-fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
-    let out = Command::new(drover_bin())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(d.dir.path().join("ctl.sock"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 #[test]
@@ -164,7 +148,7 @@ fn reloads_under_load_without_a_failed_request(start: Start) {
     let addr = d.tcp_addr();
     let load = Load::start(addr, 16, "/sleep?ms=5");
     wait_answered(&load, 200);
-    let (code, out) = ctl(&d, &["reload"]);
+    let (code, out) = d.ctl(&["reload"]);
     assert_eq!(code, 0, "{out}\n{}", d.log());
     let o = load.finish_after(200);
     d.assert_replaced(&before);
@@ -802,7 +786,7 @@ fn reload_under_keep_alive_load(config: &str, clients: usize, path: &str) -> Kep
     let before = d.wait_workers(2);
     let load = KeepAliveLoad::start(d.tcp_addr(), clients, path);
     load.wait_answered(200);
-    let (code, out) = ctl(&d, &["reload"]);
+    let (code, out) = d.ctl(&["reload"]);
     assert_eq!(code, 0, "{out}\n{}", d.log());
     let o = load.finish_after(200);
     d.assert_replaced(&before);

@@ -32,21 +32,6 @@ fn admin(d: &Drover, path: &str) -> Response {
     get_over(s, path).unwrap()
 }
 
-/// `drover ctl --socket $DIR/ctl.sock ARGS...`: status and stdout.
-fn ctl(d: &Drover, args: &[&str]) -> (i32, String) {
-    let out = Command::new(drover_bin())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(d.dir.path().join("ctl.sock"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 /// Kills a master the test made (the new master of an upgrade outlives the
 /// old one, which the harness kills) when the test ends.
 struct KillOnDrop(Pid);
@@ -127,7 +112,7 @@ fn ctl_events_follows_drover_across_a_binary_upgrade() {
         has(&out, "following events").then_some(())
     });
 
-    let (status, answer) = ctl(&d, &["upgrade"]);
+    let (status, answer) = d.ctl(&["upgrade"]);
     assert_eq!(status, 0, "{answer}");
     let new: i32 = answer
         .split("new master pid ")
@@ -139,7 +124,7 @@ fn ctl_events_follows_drover_across_a_binary_upgrade() {
     wait_for("the old master's exiting event", LIMIT, || {
         has(&out, "\"event\":\"exiting\"").then_some(())
     });
-    let (status, answer) = ctl(&d, &["scale", "3"]);
+    let (status, answer) = d.ctl(&["scale", "3"]);
     assert_eq!(status, 0, "{answer}");
     wait_for("the new master's scaled event", LIMIT, || {
         has(&out, "\"event\":\"scaled\"").then_some(())
@@ -325,7 +310,7 @@ fn worker_memory_series_outlive_their_workers() {
     }
     wait_for("two new workers, both ready", LIMIT, || {
         let now = d.wait_workers(2);
-        let (_, status) = ctl(&d, &["status"]);
+        let (_, status) = d.ctl(&["status"]);
         (now.iter().all(|p| !old.contains(p)) && status.contains("2/2 workers ready")).then_some(())
     });
     let body = admin(&d, "/metrics").body;
@@ -350,7 +335,7 @@ fn lines_lost_to_a_full_disk_are_counted_in_the_log() {
     );
     let d = Start::config(&config).run();
     wait_for("drover ready", LIMIT, || {
-        let (status, out) = ctl(&d, &["status"]);
+        let (status, out) = d.ctl(&["status"]);
         (status == 0 && out.contains("1/1 workers ready")).then_some(())
     });
     // Lines nobody can write: a worker more, then one less.
@@ -360,7 +345,7 @@ fn lines_lost_to_a_full_disk_are_counted_in_the_log() {
     ] {
         d.signal(signal);
         wait_for(wanted, LIMIT, || {
-            let (_, out) = ctl(&d, &["status"]);
+            let (_, out) = d.ctl(&["status"]);
             out.contains(wanted).then_some(())
         });
     }
@@ -448,7 +433,7 @@ fn an_applied_upgrade_is_counted_where_it_can_be_seen() {
     let before = admin(&d, "/metrics").body;
     let applied = "drover_upgrades_total{outcome=\"applied\"}";
     assert_eq!(metric(&before, applied), 0.0);
-    let (status, answer) = ctl(&d, &["upgrade"]);
+    let (status, answer) = d.ctl(&["upgrade"]);
     assert_eq!(status, 0, "{answer}");
     let new: i32 = answer
         .split("new master pid ")

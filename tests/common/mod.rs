@@ -329,6 +329,22 @@ impl Drover {
     }
 
     /// Waits until `n` workers are alive and returns their pids.
+    /// `drover ctl ARGS` against the control socket `$DIR/ctl.sock`: (exit
+    /// status, standard output).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String) {
+        let out = std::process::Command::new(drover_bin())
+            .arg("ctl")
+            .arg("--socket")
+            .arg(self.dir.path().join("ctl.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     /// After a reload: as many workers serve as `before`, none of them.
     pub fn assert_replaced(&self, before: &[Pid]) {
         let after = self.wait_workers(before.len());
