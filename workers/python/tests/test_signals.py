@@ -370,3 +370,23 @@ class SignalTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class LauncherAbortTest(unittest.TestCase):
+    def test_sigabrt_during_the_import_prints_where_it_hangs(self):
+        # drover's boot_timeout sends SIGABRT to a worker still importing its
+        # app: every launcher (drover-uvicorn, drover-granian, drover-hypercorn
+        # as well as drover-wsgi) must say where it hangs.
+        p = spawn_script("""
+            import time, drover_worker as dw
+            dw.begin_launch(None, print)
+            def stuck_in_the_import():
+                print("importing", flush=True)
+                time.sleep(100)
+            stuck_in_the_import()
+        """)
+        wait_line(p, "importing")
+        p.send_signal(signal.SIGABRT)
+        _, err = p.communicate(timeout=LIMIT)
+        self.assertEqual(p.returncode, -signal.SIGABRT, err)
+        self.assertIn("in stuck_in_the_import", err)

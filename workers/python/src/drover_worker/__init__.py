@@ -45,6 +45,7 @@ Log lines go to stderr, prefixed ``drover_worker[<pid>]:``.
 
 import argparse
 import atexit
+import faulthandler
 import os
 import signal
 import socket
@@ -309,10 +310,10 @@ def will_notify() -> bool:
 
 
 def begin_launch(chdir: Optional[str], log: Callable[[str], None]) -> bool:
-    """What every launcher (drover-wsgi, drover-uvicorn, drover-granian)
-    does first, before its slow import: ignore SIGUSR1, say that READY=1
-    will follow, change to ``chdir``, and import from the working directory
-    (as gunicorn and uvicorn do).
+    """What every launcher (drover-wsgi, drover-uvicorn, drover-granian,
+    drover-hypercorn) does first, before its slow import: turn faulthandler
+    on, ignore SIGUSR1, say that READY=1 will follow, change to ``chdir``,
+    and import from the working directory (as gunicorn and uvicorn do).
 
     drover forwards SIGUSR1 ("reopen your log files", logrotate's
     ``postrotate``) to every worker, and its default action kills the
@@ -320,6 +321,9 @@ def begin_launch(chdir: Optional[str], log: Callable[[str], None]) -> bool:
     own while it is imported. Returns True when it was ignored here (it was
     at its default action), so that a launcher with a use for it (drover-wsgi
     reopens its access log) knows that SIG_IGN is its own."""
+    # SIGABRT (drover's boot_timeout, a missed heartbeat) dumps every
+    # thread's stack: where the import or the app hangs.
+    faulthandler.enable()
     usr1_ignored_here = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     if usr1_ignored_here:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)

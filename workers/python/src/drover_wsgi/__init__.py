@@ -27,7 +27,6 @@ stop), :mod:`drover_wsgi.native` (the native core's adapter),
 """
 
 import argparse
-import faulthandler
 import importlib
 import os
 import random
@@ -172,7 +171,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Before the import (which may be slow): drover may wait for READY=1, and
     # forwards SIGUSR1 to booting workers too (see _on_sigusr1).
     usr1_ignored_here = dw.begin_launch(args.chdir, log)
-    faulthandler.enable()  # SIGABRT (drover's liveness timeout) dumps every thread's stack
     # Early, so that a stop during the import is not lost; again after the
     # import, so that handlers the app installed are chained, not lost. (A
     # preload template handles stops itself: it just exits.)
