@@ -1,6 +1,6 @@
 // A drover worker in Go (1.19 or newer), standard library only.
 //
-//	go build -o worker ./workers/go
+//	(cd workers/go && go build -o ../../worker .)
 //	drover -w 2 -b 127.0.0.1:8000 --set ready=notify -- ./worker
 //
 // It serves on the sockets drover passes (LISTEN_FDS, fd 3..), sends
