@@ -340,13 +340,7 @@ fn sends_heartbeats_when_drover_expects_them(lang: Lang) {
 fn is_refused_as_a_preload_template_with_a_clear_error(lang: Lang) {
     let w = lang.worker();
     let mut d = Start::config(&config(&w, "preload = true", "")).run();
-    let status = d.wait_exit(LIMIT);
-    let log = d.log();
-    assert_eq!(status.code(), Some(3), "{log}");
-    assert!(
-        log.contains("does not implement preload: it sent READY=1 on NOTIFY_SOCKET"),
-        "{log}"
-    );
+    let log = d.assert_refused_as_no_template();
     assert!(log.contains("killed by SIGKILL (sent by drover)"), "{log}");
     assert!(!log.contains("not sent by drover"), "{log}");
 }

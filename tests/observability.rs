@@ -206,21 +206,10 @@ fn go(d: &Drover, on: bool) {
     }
 }
 
-/// One GET on the admin endpoint (Unix socket `$DIR/admin.sock`).
-fn admin(d: &Drover, path: &str) -> Response {
-    // drover may still be starting: the socket appears once it has bound it.
-    let socket = d.dir.path().join("admin.sock");
-    let s = wait_for("the admin socket", LIMIT, || {
-        std::os::unix::net::UnixStream::connect(&socket).ok()
-    });
-    s.set_read_timeout(Some(LIMIT)).unwrap();
-    get_over(s, path).unwrap()
-}
-
 /// Waits until `/readyz` answers `status` with a body that starts with `word`.
 fn wait_readyz(d: &Drover, status: u16, word: &str) -> String {
     wait_for(&format!("/readyz {status} {word}"), LIMIT, || {
-        let r = admin(d, "/readyz");
+        let r = d.admin("/readyz");
         (r.status == status && r.body.starts_with(word)).then_some(r.body)
     })
 }
@@ -306,7 +295,7 @@ fn readyz_through_boot_degradation_pause_and_shutdown() {
         body.starts_with("booting: 0/2 slots have a ready worker"),
         "{body}"
     );
-    assert_eq!(admin(&d, "/livez").status, 200);
+    assert_eq!(d.admin("/livez").status, 200);
     go(&d, true);
     wait_readyz(&d, 200, "ready");
     // A worker dies and its replacement cannot boot: degraded.
@@ -326,11 +315,11 @@ fn readyz_through_boot_degradation_pause_and_shutdown() {
     go(&d, false);
     d.signal(Signal::SIGTTIN);
     d.wait_log("worker 3 (pid");
-    assert_eq!(admin(&d, "/readyz").body, "ready\n");
+    assert_eq!(d.admin("/readyz").body, "ready\n");
     go(&d, true);
     wait_for("worker 3 ready", LIMIT, || {
         d.log().contains("worker 3 (pid").then_some(())?;
-        let m = parse_metrics(&admin(&d, "/metrics").body);
+        let m = parse_metrics(&d.admin("/metrics").body);
         (total(&m, "drover_workers") >= 3.0
             && sample(
                 &m,
@@ -345,7 +334,7 @@ fn readyz_through_boot_degradation_pause_and_shutdown() {
     let slow = std::thread::spawn(move || get(addr, "/sleep?ms=1500"));
     // In flight: the scoreboard says a worker is busy.
     wait_for("the request in flight", LIMIT, || {
-        let m = parse_metrics(&admin(&d, "/metrics").body);
+        let m = parse_metrics(&d.admin("/metrics").body);
         let busy: f64 = m
             .iter()
             .filter(|s| s.2 == "drover_worker_busy")
@@ -355,7 +344,7 @@ fn readyz_through_boot_degradation_pause_and_shutdown() {
     });
     d.signal(Signal::SIGTERM);
     wait_readyz(&d, 503, "draining");
-    assert_eq!(admin(&d, "/livez").status, 200);
+    assert_eq!(d.admin("/livez").status, 200);
     assert_eq!(slow.join().unwrap().unwrap().status, 200);
     assert!(d.wait_exit(LIMIT).success());
     assert!(
@@ -430,7 +419,7 @@ fn events_and_metrics_after_incidents() {
     // The same story in the metrics, parsed by the reference parser, once
     // the three slots serve again.
     let scrape = wait_for("three ready workers in the metrics", LIMIT, || {
-        let r = admin(&d, "/metrics");
+        let r = d.admin("/metrics");
         let m = parse_metrics(&r.body);
         (sample(
             &m,
@@ -624,7 +613,7 @@ fn an_idle_master_with_the_admin_endpoint_does_not_wake_up() {
     go(&d, true);
     d.wait_log("all 2 workers ready");
     let _events = Follower::start(&d);
-    assert_eq!(admin(&d, "/readyz").status, 200);
+    assert_eq!(d.admin("/readyz").status, 200);
     let switches = || {
         let s = read_file(std::path::Path::new(&format!("/proc/{}/status", d.pid())));
         s.lines()
@@ -722,7 +711,7 @@ fn readyz_says_pre_stop_during_the_delay() {
     let body = wait_readyz(&d, 503, "pre-stop");
     assert_eq!(body, "pre-stop: shutting down soon\n");
     assert_eq!(get(d.tcp_addr(), "/").unwrap().status, 200, "still serving");
-    let m = parse_metrics(&admin(&d, "/metrics").body);
+    let m = parse_metrics(&d.admin("/metrics").body);
     assert_eq!(sample(&m, "drover_ready", &[]), 0.0);
     assert!(d.wait_exit(LIMIT).success());
 }
@@ -752,7 +741,7 @@ fn upgrades_in_the_events_and_the_admin_endpoint() {
             .contains("exited with status 2"),
         "{e}"
     );
-    let m = parse_metrics(&admin(&d, "/metrics").body);
+    let m = parse_metrics(&d.admin("/metrics").body);
     assert_eq!(
         sample(&m, "drover_upgrades_total", &[("outcome", "rolled_back")]),
         1.0
@@ -791,7 +780,7 @@ fn upgrades_in_the_events_and_the_admin_endpoint() {
     // The new master's endpoint: ready, generation 1 of its own.
     let body = wait_readyz(&d, 200, "ready");
     assert_eq!(body, "ready\n");
-    let m = parse_metrics(&admin(&d, "/metrics").body);
+    let m = parse_metrics(&d.admin("/metrics").body);
     assert_eq!(sample(&m, "drover_workers_desired", &[]), 2.0);
     nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
     wait_for("the new master to exit", LIMIT, || {
@@ -834,7 +823,7 @@ fn python_workers_fill_the_scoreboard() {
         // A request is counted once its response is sent: a moment after
         // the client has it.
         let m = wait_for("10 requests counted", LIMIT, || {
-            let m = parse_metrics(&admin(&d, "/metrics").body);
+            let m = parse_metrics(&d.admin("/metrics").body);
             (total(&m, "drover_request_duration_seconds_count") == 10.0).then_some(m)
         });
         assert_eq!(
@@ -939,7 +928,7 @@ fn a_probe_is_answered_while_silent_connections_hold_the_admin_endpoint() {
     let d = Start::config(&gated("")).run();
     go(&d, true);
     d.wait_log("all 2 workers ready");
-    assert_eq!(admin(&d, "/livez").status, 200);
+    assert_eq!(d.admin("/livez").status, 200);
     let socket = d.dir.path().join("admin.sock");
     let silent: Vec<std::os::unix::net::UnixStream> = (0..40)
         .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
@@ -947,7 +936,7 @@ fn a_probe_is_answered_while_silent_connections_hold_the_admin_endpoint() {
     // The master takes them in first.
     std::thread::sleep(std::time::Duration::from_millis(200));
     let t = std::time::Instant::now();
-    let r = admin(&d, "/livez");
+    let r = d.admin("/livez");
     let took = t.elapsed();
     assert_eq!(r.status, 200);
     assert!(

@@ -358,13 +358,7 @@ fn a_worker_that_knows_nothing_of_preload_is_named_and_drover_exits_3() {
         hello_bin(),
     ])
     .run();
-    let status = d.wait_exit(LIMIT);
-    let log = d.log();
-    assert_eq!(status.code(), Some(3), "{log}");
-    assert!(
-        log.contains("the worker command of generation 1 does not implement preload: it sent READY=1 on NOTIFY_SOCKET"),
-        "{log}"
-    );
+    d.assert_refused_as_no_template();
 }
 
 #[test]
@@ -396,13 +390,7 @@ fn a_worker_whose_child_sends_ready_is_named_at_once_as_no_template() {
         &script,
     ])
     .run();
-    let status = d.wait_exit(LIMIT);
-    let log = d.log();
-    assert_eq!(status.code(), Some(3), "{log}");
-    assert!(
-        log.contains("the worker command of generation 1 does not implement preload: it sent READY=1 on NOTIFY_SOCKET"),
-        "{log}"
-    );
+    let log = d.assert_refused_as_no_template();
     assert!(log.contains("killed by SIGKILL (sent by drover)"), "{log}");
     assert!(
         started.elapsed() < Duration::from_secs(10),

@@ -22,16 +22,6 @@ fn config(workers: u32) -> String {
     )
 }
 
-/// One GET on the admin endpoint of `d`.
-fn admin(d: &Drover, path: &str) -> Response {
-    let socket = d.dir.path().join("admin.sock");
-    let s = wait_for("the admin socket", LIMIT, || {
-        std::os::unix::net::UnixStream::connect(&socket).ok()
-    });
-    s.set_read_timeout(Some(LIMIT)).unwrap();
-    get_over(s, path).unwrap()
-}
-
 /// Kills a master the test made (the new master of an upgrade outlives the
 /// old one, which the harness kills) when the test ends.
 struct KillOnDrop(Pid);
@@ -62,7 +52,7 @@ fn the_start_time_is_the_same_at_every_scrape() {
             .unwrap_or_else(|| panic!("no drover_start_time_seconds in {body}"))
             .to_string()
     };
-    let first = start_time(&admin(&d, "/metrics").body);
+    let first = start_time(&d.admin("/metrics").body);
     let value: f64 = first.parse().unwrap();
     assert!(
         value >= before - 1.0 && value <= before + LIMIT.as_secs_f64(),
@@ -70,7 +60,7 @@ fn the_start_time_is_the_same_at_every_scrape() {
     );
     let mut seen = std::collections::BTreeSet::from([first]);
     for _ in 0..200 {
-        seen.insert(start_time(&admin(&d, "/metrics").body));
+        seen.insert(start_time(&d.admin("/metrics").body));
     }
     assert_eq!(seen.len(), 1, "drover_start_time_seconds moved: {seen:?}");
 }
@@ -292,7 +282,7 @@ fn label_sets(body: &str, family: &str) -> std::collections::BTreeSet<String> {
 fn worker_memory_series_outlive_their_workers() {
     let d = Start::config(&config(2)).run();
     d.wait_log("all 2 workers ready");
-    let body = admin(&d, "/metrics").body;
+    let body = d.admin("/metrics").body;
     let family = "drover_worker_resident_memory_bytes";
     let before = label_sets(&body, family);
     assert_eq!(
@@ -313,7 +303,7 @@ fn worker_memory_series_outlive_their_workers() {
         let (_, status) = d.ctl(&["status"]);
         (now.iter().all(|p| !old.contains(p)) && status.contains("2/2 workers ready")).then_some(())
     });
-    let body = admin(&d, "/metrics").body;
+    let body = d.admin("/metrics").body;
     assert_eq!(label_sets(&body, family), before, "{body}");
 }
 
@@ -399,7 +389,7 @@ fn readyz_stays_ready_while_workers_recycle_themselves() {
     let mut answers = std::collections::BTreeMap::<String, u32>::new();
     let began = std::time::Instant::now();
     while began.elapsed() < std::time::Duration::from_secs(3) {
-        let r = admin(&d, "/readyz");
+        let r = d.admin("/readyz");
         *answers.entry(r.body.trim().to_string()).or_default() += 1;
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -430,7 +420,7 @@ fn metric(body: &str, name_and_labels: &str) -> f64 {
 fn an_applied_upgrade_is_counted_where_it_can_be_seen() {
     let d = Start::config(&config(1)).run();
     d.wait_log("all 1 workers ready");
-    let before = admin(&d, "/metrics").body;
+    let before = d.admin("/metrics").body;
     let applied = "drover_upgrades_total{outcome=\"applied\"}";
     assert_eq!(metric(&before, applied), 0.0);
     let (status, answer) = d.ctl(&["upgrade"]);
@@ -443,7 +433,7 @@ fn an_applied_upgrade_is_counted_where_it_can_be_seen() {
     let _new = KillOnDrop(Pid::from_raw(new));
     // The new master answers on the same endpoint: its own start time.
     let after = wait_for("the new master's scrape", LIMIT, || {
-        let body = admin(&d, "/metrics").body;
+        let body = d.admin("/metrics").body;
         (metric(&body, "drover_start_time_seconds") != metric(&before, "drover_start_time_seconds"))
             .then_some(body)
     });

@@ -345,6 +345,30 @@ impl Drover {
         )
     }
 
+    /// One GET on the admin endpoint at the Unix socket `$DIR/admin.sock`
+    /// (drover may still be starting: it appears once drover has bound it).
+    pub fn admin(&self, path: &str) -> Response {
+        let socket = self.dir.path().join("admin.sock");
+        let s = wait_for("the admin socket", LIMIT, || {
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        });
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        get_over(s, path).unwrap()
+    }
+
+    /// With `preload = true` and a command that is no template (it sent
+    /// READY=1 on NOTIFY_SOCKET): drover exits 3 and says so. Its log.
+    pub fn assert_refused_as_no_template(&mut self) -> String {
+        let status = self.wait_exit(LIMIT);
+        let log = self.log();
+        assert_eq!(status.code(), Some(3), "{log}");
+        assert!(
+            log.contains("the worker command of generation 1 does not implement preload: it sent READY=1 on NOTIFY_SOCKET"),
+            "{log}"
+        );
+        log
+    }
+
     /// After a reload: as many workers serve as `before`, none of them.
     pub fn assert_replaced(&self, before: &[Pid]) {
         let after = self.wait_workers(before.len());
