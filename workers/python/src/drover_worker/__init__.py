@@ -569,6 +569,34 @@ def _bound_exit(log: Callable[[str], None]) -> None:
     threading.Thread(target=watch, name="drover-exit-deadline", daemon=True).start()
 
 
+def _exit_skipping_teardown(wait_for_threads: bool) -> NoReturn:
+    """Exits with status 0 as the interpreter would -- the application's
+    non-daemon threads joined (when ``wait_for_threads``; call
+    ``_bound_exit`` first to bound that wait), the ``atexit`` functions run,
+    the output flushed -- but without the interpreter's teardown. For a
+    server whose native threads go on running until the process ends: a
+    thread that touches the interpreter while it is being torn down crashes
+    the process (Granian's runtime panics and aborts: the worker dies by
+    SIGABRT after a clean drain); and for a drain that abandoned requests,
+    whose threads the teardown would wait for. Granian's own workers end
+    the same way (multiprocessing's ``os._exit``)."""
+    if wait_for_threads:
+        main = threading.main_thread()
+        for t in threading.enumerate():
+            if t is not main and not t.daemon:
+                t.join()
+    try:
+        atexit._run_exitfuncs()
+    except Exception:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(0)
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name

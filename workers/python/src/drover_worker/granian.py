@@ -17,7 +17,10 @@ one Granian worker (its Rust HTTP server, ``granian._granian.WSGIWorker`` or
   requests in flight), bounded by the SDK's drain deadline, then the ASGI
   lifespan shutdown; SIGQUIT: a quick stop (the drain is cut at its shorter
   deadline);
-* then the SDK's cleanup registry runs, and the process exits 0.
+* then the SDK's cleanup registry runs, then the ``atexit`` functions, and
+  the process exits 0 without the interpreter's teardown, as Granian's own
+  workers do: Granian's runtime threads run until the process ends, and one
+  that touched the interpreter while it was torn down aborted the process.
 
 ``--interface`` chooses Granian's interface: ``wsgi``, ``asgi`` (with the
 lifespan protocol), ``asginl`` (ASGI without it), or ``auto`` (the default):
@@ -122,12 +125,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         _log("drain deadline reached with requests in flight: abandoning them")
     dw.run_cleanup()
     _log("stopped")
-    if not drained:
-        # Granian's threads still hold requests; do not wait for them.
-        sys.stderr.flush()
-        os._exit(0)
-    dw._bound_exit(_log)
-    return 0
+    if drained:
+        dw._bound_exit(_log)
+    # Granian's runtime threads run until the process ends (and, when the
+    # drain was cut short, still hold requests): the interpreter's teardown
+    # must not race them.
+    dw._exit_skipping_teardown(wait_for_threads=drained)
 
 
 def _import_granian(untested: bool) -> Any:

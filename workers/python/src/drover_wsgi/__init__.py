@@ -246,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not finished:
         # Threads still run a request: do not let interpreter shutdown wait
         # for (or trip over) them. atexit handlers still run.
-        _exit_now(0)
+        dw._exit_skipping_teardown(wait_for_threads=False)
     dw._bound_exit(log)
     return 0
 
@@ -284,21 +284,6 @@ def _on_sigwinch(server: Any) -> None:
         server.winding_down = True
 
     signal.signal(signal.SIGWINCH, wind_down)
-
-
-def _exit_now(code: int) -> None:
-    try:
-        import atexit
-
-        atexit._run_exitfuncs()
-    except Exception:
-        pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code)
 
 
 def console_main() -> None:
