@@ -173,7 +173,9 @@ def starved(port, conns=CONNS, secs=2.0):
 
 
 def tree_cpu_ns(root):
-    return sum(H.cpu_ns(p) or 0 for p in [root] + H.descendants(root))
+    """CPU time and its kernel part (ns) of root's process tree."""
+    tree = [root] + H.descendants(root)
+    return sum(H.cpu_ns(p) or 0 for p in tree), sum(H.kernel_ns(p) or 0 for p in tree)
 
 
 def run_wrk(port, secs, close):
@@ -193,15 +195,17 @@ def measure(ctx, key, load, app, close, secs):
     with H.Running(None, argv, env, cwd=H.APPS, log_path=ctx.log_path("peers", key, "-" + load)) as run:
         ctx.note_command("peers", f"{key} ({load})", shlex.join(run.argv))
         wait_serving(run, port)
-        before = tree_cpu_ns(run.pid)
+        cpu0, kernel0 = tree_cpu_ns(run.pid)
         r, cmd = run_wrk(port, secs, close)
-        cpu = tree_cpu_ns(run.pid) - before
+        cpu1, kernel1 = tree_cpu_ns(run.pid)
+        cpu, kernel = cpu1 - cpu0, kernel1 - kernel0
         ctx.note_command("peers", f"wrk ({load})", cmd.replace(str(port), "PORT"))
         if not close:
             r["starved"] = starved(port)
     r.pop("raw", None)
     if r.get("requests"):
         r["cpu_us_per_req"] = round(cpu / 1000 / r["requests"], 2)
+        r["kernel_us_per_req"] = round(kernel / 1000 / r["requests"], 2)
     return r
 
 
@@ -239,7 +243,7 @@ def sc_peers(ctx):
                     r = {"error": str(e)}
                 this.setdefault(load, {})[key] = r
                 say(f"peers round {rnd + 1} {load} {key}: {r.get('rps')} req/s, p99 {r.get('p99_ms')} ms, "
-                      f"{r.get('cpu_us_per_req')} us CPU/req, errors {r.get('errors')}, starved {r.get('starved')}", r.get("error", ""))
+                      f"{r.get('cpu_us_per_req')} us CPU/req ({r.get('kernel_us_per_req')} in the kernel), errors {r.get('errors')}, starved {r.get('starved')}", r.get("error", ""))
         rounds.append({"order": order, "loads": this})
     return {"rounds": rounds, "seconds": secs, "conns": CONNS, "threads": THREADS, "workers": WORKERS,
             "subjects": SUBJECTS, "labels": LABELS, "loads": loads, "not_installed": missing,
@@ -279,7 +283,8 @@ def render(s, L):
     w(f"`wrk -t2 -c{s['conns']} -d{s['seconds']}s --latency` on `/`, {s['workers']} processes per subject, "
       f"{s['threads']} threads where the server has threads; {len(s['rounds'])} round(s), the subjects in a "
       "rotating order in each. CPU per request is the CPU time of the subject's whole process tree during "
-      "the wrk run divided by its requests (wrk's own CPU is not counted). Versions: "
+      "the wrk run divided by its requests (wrk's own CPU is not counted); in brackets, the part of it "
+      "spent in the kernel (from the threads' stime, in clock ticks). Versions: "
       + ", ".join(f"{k} {v}" for k, v in vers.items() if v) + ".")
     w("")
     for key, why in s.get("not_installed", {}).items():
@@ -295,7 +300,7 @@ def render(s, L):
     for load in s["loads"]:
         w(f"### {load}")
         w("")
-        w("| subject | requests/s (median) | vs drover_wsgi (pure Python) | p99, ms | CPU µs/request | errors "
+        w("| subject | requests/s (median) | vs drover_wsgi (pure Python) | p99, ms | CPU µs/request (of which kernel) | errors "
           f"| connections never answered (of {s['conns']}), per round | per round, req/s |")
         w("|---|---:|---:|---:|---:|---:|---|---|")
         per = {}
@@ -312,8 +317,9 @@ def render(s, L):
             vs = f"{rps / base:.2f}×" if rps and base else ""
             p99 = _med([r.get("p99_ms") for r in rs])
             cpu = _med([r.get("cpu_us_per_req") for r in rs])
+            kernel = _med([r.get("kernel_us_per_req") for r in rs])
             w(f"| {s['labels'][key]} | {f'{rps:,.0f}' if rps else 'failed: ' + '; '.join(errs)[:120]} | {vs} | "
-              f"{f'{p99:.2f}' if p99 is not None else ''} | {f'{cpu:.1f}' if cpu is not None else ''} | "
+              f"{f'{p99:.2f}' if p99 is not None else ''} | {f'{cpu:.1f}' if cpu is not None else ''}{f' ({kernel:.1f})' if kernel is not None else ''} | "
               f"{sum(r.get('errors') or 0 for r in rs)} | "
               + ", ".join(str(r["starved"]) if r.get("starved") is not None else "—" for r in rs) + " | "
               + ", ".join(f"{r['rps']:,.0f}" if r.get("rps") else "—" for r in rs) + " |")
