@@ -141,7 +141,7 @@ struct CtlArgs {
 #[derive(Debug, Subcommand)]
 #[command(subcommand_value_name = "COMMAND")]
 enum CtlCommand {
-    /// Master and workers: slot, pid, generation, state, uptime, restarts, RSS.
+    /// Master and workers: slot, pid, generation, state, uptime, restarts, recycles, RSS.
     Status,
     /// Reload the config; waits for the verdict (applied or rolled back).
     Reload,

@@ -640,20 +640,21 @@ fn readable(a: &Answer) -> String {
         },
     ));
     out.push_str(&format!(
-        "\n{:>4} {:>8} {:>4} {:>9} {:>9} {:>8} {:>9}  status",
-        "slot", "pid", "gen", "state", "uptime", "restarts", "rss"
+        "\n{:>4} {:>8} {:>4} {:>9} {:>9} {:>8} {:>8} {:>9}  status",
+        "slot", "pid", "gen", "state", "uptime", "restarts", "recycles", "rss"
     ));
     // Width formatting applies to numbers and strings, not to JSON values.
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     for w in status["workers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "\n{:>4} {:>8} {:>4} {:>9} {:>8}s {:>8} {:>6} MiB  {}",
+            "\n{:>4} {:>8} {:>4} {:>9} {:>8}s {:>8} {:>8} {:>6} MiB  {}",
             n(&w["slot"]),
             n(&w["pid"]),
             n(&w["generation"]),
             w["state"].as_str().unwrap_or("?"),
             n(&w["uptime_s"]),
             n(&w["restarts"]),
+            n(&w["recycles"]),
             n(&w["rss_bytes"]) >> 20,
             w["status"].as_str().unwrap_or("")
         ));

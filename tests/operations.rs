@@ -1197,3 +1197,60 @@ fn a_reload_that_changes_the_stop_policy_stops_old_workers_with_their_own() {
     }
     assert!(!stops.contains("TERM"), "{stops}");
 }
+
+/// Two recycling workers (`RECYCLING_WORKER`); with `crash_once`, slot 2's
+/// first worker exits with status 1 after its READY=1 instead (a failure).
+fn recycling(crash_once: bool) -> String {
+    let crash = "import sys\nif sys.argv[1:] and os.environ['DROVER_WORKER_ID'] == '2' \
+                 and not os.path.exists(sys.argv[1]):\n    open(sys.argv[1], 'w').close()\n    \
+                 sys.exit(1)\nsay(b'STOPPING=1')";
+    let script = match crash_once {
+        true => RECYCLING_WORKER.replace("say(b'STOPPING=1')", crash),
+        false => RECYCLING_WORKER.to_string(),
+    };
+    let mark = if crash_once { ", \"$DIR/crashed\"" } else { "" };
+    format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\nrespawn_delay = \"50ms\"\n\
+         command = [\"python3\", \"-c\", {}{mark}]\n\
+         admin_bind = \"unix:$DIR/admin.sock\"\ncontrol_socket = \"$DIR/ctl.sock\"\n",
+        toml_string(&script)
+    )
+}
+
+/// `drover ctl status` counts a worker that recycled itself (`STOPPING=1`,
+/// then exit 0: `max_requests`) as a recycle, not a restart: an operator
+/// reads "restarts" as failures. The code before counted every recycle as
+/// a restart of its slot (and had no `recycles`).
+#[test]
+fn recycles_are_counted_apart_from_restarts() {
+    let d = Start::config(&recycling(true)).run();
+    d.wait_log("exited with status 1");
+    d.wait_log_count("as it announced (STOPPING=1)", 4);
+    let (code, out) = d.ctl(&["--json", "status"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let slots = v["status"]["slots"].as_array().unwrap().clone();
+    let count = |key: &str| slots.iter().map(|s| s[key].as_u64().unwrap()).sum::<u64>();
+    // The one crash is the one restart; every recycle is a recycle.
+    assert_eq!(count("restarts"), 1, "{out}");
+    assert_eq!(slots[1]["restarts"], 1, "{out}");
+    assert!(count("recycles") >= 4, "{out}");
+    for w in v["status"]["workers"].as_array().unwrap() {
+        assert!(w["recycles"].is_u64(), "{out}");
+    }
+    let (_, text) = d.ctl(&["status"]);
+    assert!(text.contains(" restarts recycles "), "{text}");
+    // The metrics tell them apart by cause.
+    let metrics = d.admin("/metrics").body;
+    let exits = |cause: &str| -> f64 {
+        let name = format!("drover_worker_exits_total{{cause=\"{cause}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(exits("crash"), 1.0, "{metrics}");
+    assert!(exits("recycled_max_requests") >= 4.0, "{metrics}");
+}

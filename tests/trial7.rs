@@ -360,15 +360,6 @@ fn lines_lost_to_a_full_disk_are_counted_in_the_log() {
     assert!(lost >= 2, "{text}");
 }
 
-/// A worker that recycles itself as drover-wsgi's `--max-requests` does:
-/// it boots in 0.3 s, serves 0.2 s, says `STOPPING=1` and exits 0.
-const RECYCLING_WORKER: &str = "import os, socket, time\n\
-def say(m):\n    \
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n    \
-p = os.environ['NOTIFY_SOCKET']\n    \
-s.sendto(m, '\\0' + p[1:] if p.startswith('@') else p)\n\
-time.sleep(0.3)\nsay(b'READY=1')\ntime.sleep(0.2)\nsay(b'STOPPING=1')\n";
-
 /// `/readyz` stays ready while workers recycle themselves (`max_requests`):
 /// the slot's successor boots after the old worker's announced exit, and
 /// that is a recycle, as a reload's replacement is, not a degradation. The
@@ -378,10 +369,10 @@ time.sleep(0.3)\nsay(b'READY=1')\ntime.sleep(0.2)\nsay(b'STOPPING=1')\n";
 /// pod out of its Service for as long as the load lasted.
 #[test]
 fn readyz_stays_ready_while_workers_recycle_themselves() {
-    let script = RECYCLING_WORKER.replace('\\', "\\\\").replace('\n', "\\n");
+    let script = toml_string(RECYCLING_WORKER);
     let config = format!(
         "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\n\
-         command = [\"python3\", \"-c\", \"{script}\"]\n\
+         command = [\"python3\", \"-c\", {script}]\n\
          admin_bind = \"unix:$DIR/admin.sock\"\ncontrol_socket = \"$DIR/ctl.sock\"\n"
     );
     let d = Start::config(&config).run();

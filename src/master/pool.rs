@@ -15,10 +15,16 @@ pub struct Slot {
     pub failures: u32,
     /// No spawn in this slot before then (the backoff).
     pub not_before: Option<Instant>,
-    /// Workers started in this slot because the previous one exited on its
-    /// own (crash, kill, max_requests); replacements drover asked for
-    /// (reload, recycling) do not count.
+    /// Workers started in this slot because the previous one failed: it
+    /// exited unasked (a crash, a kill, a boot timeout) or missed its
+    /// heartbeat. Recycles and replacements drover asked for (a reload) do
+    /// not count.
     pub restarts: u32,
+    /// Workers of this slot that were recycled: ended themselves as they
+    /// announced (`STOPPING=1`, then exit 0: `max_requests`, or a limit of
+    /// the worker's own), or were replaced at their `max_age` or for their
+    /// `max_memory`. Not a fault: counted apart from `restarts`.
+    pub recycles: u32,
     /// A worker has been ready in this slot: losing it is a degradation
     /// (a slot added by a scale-up or a reload is not, while it boots).
     pub served: bool,

@@ -26,7 +26,7 @@ impl Master {
 
 impl Supervisor {
     /// Master and every worker: slot, pid, generation, state, uptime,
-    /// restarts, last notify status, resident memory.
+    /// restarts, recycles, last notify status, resident memory.
     pub fn status(&self, now: Instant) -> control::Answer {
         let degraded_after = self.current().s.degraded_after.0;
         let mut workers: Vec<_> = self.pool.workers.iter().collect();
@@ -43,6 +43,7 @@ impl Supervisor {
                     "state": w.state_name(),
                     "uptime_s": (now - w.started).as_secs(),
                     "restarts": slot.map_or(0, |s| s.restarts),
+                    "recycles": slot.map_or(0, |s| s.recycles),
                     "degraded": failures >= degraded_after,
                     "status": w.status,
                     "rss_bytes": resident_bytes(w.pid),
@@ -61,6 +62,7 @@ impl Supervisor {
                 json!({
                     "slot": i + 1,
                     "restarts": s.restarts,
+                    "recycles": s.recycles,
                     "failures_in_a_row": failures,
                     "degraded": failures >= degraded_after,
                     "respawn_in_ms": s.not_before.map(|t| t.saturating_duration_since(now).as_millis() as u64),

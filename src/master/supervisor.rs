@@ -1088,6 +1088,7 @@ impl Supervisor {
                 stopped: Some(stop),
                 ..
             } => {
+                self.count_replacement(slot, stop);
                 let context = match stop {
                     Stop::HeartbeatMissed if killed.is_none() => {
                         " (heartbeat timeout: SIGABRT)".to_string()
@@ -1120,6 +1121,22 @@ impl Supervisor {
         true
     }
 
+    /// A worker drover stopped exited: its slot counts a recycle (replaced
+    /// at its max_age or for its max_memory) or, unless drover is shutting
+    /// down, a restart (it missed its heartbeat: its successor comes after
+    /// the backoff, as a crashed worker's does).
+    fn count_replacement(&mut self, slot: u32, stop: Stop) {
+        let shutting_down = self.shutting_down();
+        let Some(s) = self.pool.slot(slot) else {
+            return;
+        };
+        match stop {
+            Stop::Replaced(Replace::MaxAge | Replace::MaxMemory) => s.recycles += 1,
+            Stop::HeartbeatMissed if !shutting_down => s.restarts += 1,
+            _ => {}
+        }
+    }
+
     /// A worker that drover did not ask to stop exited: stop at start-up if
     /// it cannot boot, else respawn, now or after the backoff.
     fn on_unplanned_exit(&mut self, w: Worker, status: WaitStatus, why: &str, now: Instant) {
@@ -1140,7 +1157,6 @@ impl Supervisor {
             info!("worker {slot} (pid {pid}) {why}; its slot was removed");
             return;
         };
-        s.restarts += 1;
         // A worker that served stably, or that announced its own exit after
         // serving, is replaced at once; one that keeps failing (including
         // at boot) waits longer each time.
@@ -1149,6 +1165,7 @@ impl Supervisor {
         let served = !w.is_booting();
         if planned {
             // Its own decision (max_requests, say): a recycle, not a fault.
+            s.recycles += 1;
             s.failures = 0;
             s.recycling = true;
             info!(
@@ -1156,12 +1173,14 @@ impl Supervisor {
                 ms(lived)
             );
         } else if served && lived >= reset_after {
+            s.restarts += 1;
             s.failures = 0;
             warn!(
                 "worker {slot} (pid {pid}) {why} after {}; respawning now",
                 ms(lived)
             );
         } else {
+            s.restarts += 1;
             let (delay, failures) = self.slot_failed(slot, now);
             warn!(
                 "worker {slot} (pid {pid}) {why} after {}; respawning in {} (failure {failures} in a row)",
