@@ -1254,3 +1254,39 @@ fn recycles_are_counted_apart_from_restarts() {
     assert_eq!(exits("crash"), 1.0, "{metrics}");
     assert!(exits("recycled_max_requests") >= 4.0, "{metrics}");
 }
+
+/// The `STATUS=` drover sends its service manager stays "2/2 workers
+/// ready" while workers recycle themselves: the slot of a worker that
+/// ended as it announced counts as ready while its successor boots, as for
+/// `/readyz`. The code before sent "1/2 workers ready" at every recycle
+/// (and "2/2" again 0.3 s later).
+#[test]
+fn the_status_told_to_systemd_is_steady_while_workers_recycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let start = Start {
+        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..Start::config(&recycling(false))
+    };
+    let d = start.run();
+    let mut seen = String::new();
+    read_until(&sock, &mut seen, "READY=1", |s| s.contains("READY=1"));
+    d.wait_log_count("as it announced (STOPPING=1)", 6);
+    // What was sent meanwhile is queued on the socket: read to its end.
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    let statuses: Vec<_> = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("STATUS="))
+        .collect();
+    assert!(
+        statuses.iter().all(|s| s.starts_with("2/2 workers ready")),
+        "{statuses:?}"
+    );
+}

@@ -93,6 +93,27 @@ impl Pool {
         self.workers.iter().filter(|w| w.is_ready()).count()
     }
 
+    /// For each slot, whether it has a ready worker (one pass over the
+    /// workers: this runs for every readiness probe).
+    pub fn ready_slots(&self) -> Vec<bool> {
+        let mut ready = vec![false; self.slots.len()];
+        for w in self.workers.iter().filter(|w| w.is_ready()) {
+            if let Some(r) = ready.get_mut(w.slot as usize - 1) {
+                *r = true;
+            }
+        }
+        ready
+    }
+
+    /// Ready workers, plus the slots between two workers of a recycle
+    /// (`Slot::recycling`: the old one ended as it announced, the
+    /// successor boots).
+    pub fn ready_or_recycling(&self) -> usize {
+        let ready = self.ready_slots();
+        let between = self.slots.iter().zip(&ready);
+        self.ready() + between.filter(|(s, r)| s.recycling && !**r).count()
+    }
+
     pub fn execing(&self) -> usize {
         self.workers.iter().filter(|w| w.is_execing()).count()
     }

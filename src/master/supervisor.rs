@@ -200,13 +200,7 @@ impl Supervisor {
     /// Whether drover should receive traffic, and why not: the one decision
     /// behind `drover ctl ready` (and the admin endpoint's `/readyz`).
     pub fn readiness(&self) -> Result<(), readiness::NotReady> {
-        // One pass over the workers: this runs for every probe.
-        let mut ready = vec![false; self.pool.slots.len()];
-        for w in self.pool.workers.iter().filter(|w| w.is_ready()) {
-            if let Some(r) = ready.get_mut(w.slot as usize - 1) {
-                *r = true;
-            }
-        }
+        let mut ready = self.pool.ready_slots();
         // A slot without a ready worker that had one (since the start, or
         // since a resume) is a degradation; one that never had is booting.
         let lost = self
@@ -1583,11 +1577,15 @@ impl Supervisor {
         self.emit_all(stops);
     }
 
-    /// A summary in one line: "3/4 workers ready, generation 2".
+    /// A summary in one line: "3/4 workers ready, generation 2". A slot
+    /// whose worker recycled itself counts as ready while its successor
+    /// boots (as for `readiness`): with `max_requests` under load some slot
+    /// is nearly always between two workers, and the `STATUS=` told to
+    /// systemd would flap at every recycle.
     pub fn summary(&self) -> String {
         let mut s = format!(
             "{}/{} workers ready, generation {}",
-            self.pool.ready(),
+            self.pool.ready_or_recycling(),
             self.pool.slots.len(),
             self.current().number
         );
