@@ -695,3 +695,44 @@ fn a_template_retired_while_it_imports_exits_quietly() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
+
+/// A template still loading the application at its `boot_timeout` is
+/// treated as a worker is: SIGABRT first, so that a Python template with
+/// faulthandler on (drover-wsgi turns it on before the import) prints
+/// where the import hangs. The code before sent a plain SIGKILL: no trace.
+#[test]
+fn a_template_hung_at_boot_is_sent_sigabrt_and_python_says_where() {
+    let template = "import faulthandler, time\nfaulthandler.enable()\n\
+                    def stuck_in_the_import():\n    time.sleep(1000)\nstuck_in_the_import()\n";
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\npreload = true\nboot_timeout = \"1s\"\n\
+         respawn_delay = \"10s\"\ncommand = [\"python3\", \"-c\", {template:?}]\n"
+    ))
+    .run();
+    d.wait_log(
+        "not ready to fork within boot_timeout (1s); SIGABRT (a Python template prints where \
+         it hangs), then SIGKILL to its process group in",
+    );
+    let log = d.wait_log("before it was ready to fork");
+    assert!(log.contains("killed by SIGABRT (boot timeout)"), "{log}");
+    assert!(
+        log.contains("in stuck_in_the_import"),
+        "faulthandler's traceback names the function it hangs in: {log}"
+    );
+}
+
+/// One that ignores SIGABRT gets SIGKILL to its process group
+/// `abort_grace` later, logged as a worker's is.
+#[test]
+fn a_template_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
+    let template =
+        "import signal, time\nsignal.signal(signal.SIGABRT, signal.SIG_IGN)\ntime.sleep(1000)\n";
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\npreload = true\nboot_timeout = \"1s\"\n\
+         abort_grace = \"1s\"\nrespawn_delay = \"10s\"\ncommand = [\"python3\", \"-c\", {template:?}]\n"
+    ))
+    .run();
+    d.wait_log("within boot_timeout (1s); SIGABRT");
+    d.wait_log("still running 1s after its SIGABRT; sending SIGKILL to its process group");
+    d.wait_log("killed by SIGKILL (boot timeout) before it was ready to fork");
+}

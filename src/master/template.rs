@@ -16,16 +16,15 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::unistd::Pid;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::WaitStatus;
-use tracing::error;
 
 use super::generation::Generation;
 use super::pool::backoff;
 use super::priority::Boot;
-use super::worker::{describe, exit_code, ms, resident_bytes};
+use super::worker::{describe, exit_code, ms, resident_bytes, Kill};
 use super::Master;
 use crate::events::Kind;
 use crate::spawn;
@@ -92,6 +91,9 @@ pub struct Template {
     /// Started at its generation's boot priority (`boot_priority`): given
     /// the normal one once ready to fork (or at half its boot_timeout).
     lowered: bool,
+    /// Sent SIGABRT at its boot deadline: its process group gets SIGKILL
+    /// then (`abort_grace` later) if it is still running, as a worker's.
+    kill_at: Option<Instant>,
 }
 
 impl Template {
@@ -225,6 +227,7 @@ impl Templates {
             restarts,
             next_request: 1,
             lowered,
+            kill_at: None,
         });
         Ok(pid)
     }
@@ -327,8 +330,9 @@ impl Templates {
         heard
     }
 
-    /// The nearest boot deadline of a template, and the end of the backoff
-    /// if a template is to start after it (`waiting`).
+    /// The nearest boot deadline of a template (or SIGKILL after its boot
+    /// timeout's SIGABRT), and the end of the backoff if a template is to
+    /// start after it (`waiting`).
     pub fn next_deadline(&self, waiting: bool) -> Option<Instant> {
         self.list
             .iter()
@@ -336,7 +340,7 @@ impl Templates {
                 State::Booting { deadline } => {
                     Some(t.lowered_until().map_or(deadline, |l| l.min(deadline)))
                 }
-                _ => None,
+                _ => t.kill_at,
             })
             .chain(self.not_before.filter(|_| waiting))
             .min()
@@ -358,19 +362,36 @@ impl Templates {
         Some(pid)
     }
 
-    /// Templates past their boot deadline: killed (process group).
-    pub fn overdue(&mut self, now: Instant) -> Vec<Pid> {
+    /// Templates past their boot deadline, as workers are: SIGABRT (the
+    /// template itself: a Python template prints where its import hangs),
+    /// then SIGKILL to its process group `abort_grace` later if it is still
+    /// running. Returns whom to send which.
+    pub fn overdue(&mut self, now: Instant) -> Vec<(Pid, Signal)> {
         let mut late = Vec::new();
         for t in self.list.iter_mut() {
-            if let State::Booting { deadline } = t.state {
-                if deadline <= now {
-                    warn!(
-                        "template of generation {} (pid {}) not ready to fork within boot_timeout ({}); killing it",
-                        t.gen.number, t.pid, t.gen.s.boot_timeout
+            let (n, pid, s) = (t.gen.number, t.pid, &t.gen.s);
+            match t.state {
+                State::Booting { deadline } if deadline <= now => {
+                    error!(
+                        "template of generation {n} (pid {pid}) not ready to fork within \
+                         boot_timeout ({}); SIGABRT (a Python template prints where it hangs), \
+                         then SIGKILL to its process group in {}",
+                        s.boot_timeout, s.abort_grace
                     );
+                    t.kill_at = Some(now + s.abort_grace.0);
                     t.give_up(Gone::BootTimeout);
-                    late.push(t.pid);
+                    late.push((pid, Signal::SIGABRT));
                 }
+                State::Gone(_) if t.kill_at.is_some_and(|k| k <= now) => {
+                    warn!(
+                        "template of generation {n} (pid {pid}) still running {} after its \
+                         SIGABRT; sending SIGKILL to its process group",
+                        s.abort_grace
+                    );
+                    t.kill_at = None;
+                    late.push((pid, Signal::SIGKILL));
+                }
+                _ => {}
             }
         }
         late
@@ -718,8 +739,11 @@ impl Master {
         if self.templates.list.is_empty() {
             return;
         }
-        for pid in self.templates.overdue(now) {
-            let _ = killpg(pid, Signal::SIGKILL);
+        for (pid, signal) in self.templates.overdue(now) {
+            let _ = match signal {
+                Signal::SIGKILL => killpg(pid, signal),
+                _ => nix::sys::signal::kill(pid, signal),
+            };
         }
         for (pid, boot) in self.templates.ready_to_restore(now) {
             super::restore_priority("template", pid, boot);
@@ -742,11 +766,13 @@ impl Master {
         };
         let (n, lived) = (t.gen.number, ms(now - t.started));
         let how = match (status, t.state) {
+            // Its boot timeout's SIGABRT or SIGKILL, as a worker's.
+            (_, State::Gone(Gone::BootTimeout)) => describe(status, Some(Kill::BootTimeout)),
             // drover's own SIGKILL, to a template it gave up: not "the OOM
             // killer or an operator", as describe() says of one unexplained.
             (
                 WaitStatus::Signaled(_, Signal::SIGKILL, _),
-                State::Gone(Gone::BootTimeout | Gone::Hung | Gone::NotATemplate),
+                State::Gone(Gone::Hung | Gone::NotATemplate),
             ) => "killed by SIGKILL (sent by drover)".to_string(),
             _ => describe(status, None),
         };
@@ -858,6 +884,7 @@ mod tests {
             restarts: 0,
             next_request: 1,
             lowered: false,
+            kill_at: None,
         };
         assert_eq!(
             t.exchange(1, "FORK=1\nENV=DROVER_WORKER_ID=2").unwrap(),
