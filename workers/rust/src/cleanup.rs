@@ -5,8 +5,9 @@
 //! session, deregister from a service) is registered here and run explicitly,
 //! by the worker when it stops (see [`crate::exit`] and [`run`]); the first
 //! [`register`] also arranges for it to run when the process exits normally
-//! (a return from `main`, `std::process::exit`: a `libc::atexit` hook) and
-//! when a panic ends the process (a panic hook, see [`install_panic_hook`]).
+//! (a return from `main`, `std::process::exit`, a panic that unwinds out of
+//! `main`: a `libc::atexit` hook) and when a panic aborts the process (a panic
+//! hook, see [`install_panic_hook`]).
 //!
 //! Semantics (the same in every drover SDK):
 //! * every function runs at most once, in total, last registered first;
@@ -247,26 +248,25 @@ fn time_left(t: &Timeouts, since: &Since) -> Left {
     }
 }
 
-/// Runs the registry when a panic is about to end the process, after the
-/// previous panic hook (which prints the message) has run. The first
-/// [`register`] calls it; calling it again is a no-op. A hook the application
-/// sets later with `std::panic::set_hook` replaces this one (chain it with
-/// `std::panic::take_hook` to keep it).
+/// Runs the registry when a panic is about to abort the process (a program
+/// built with `panic = "abort"`), after the previous panic hook (which prints
+/// the message) has run. The first [`register`] calls it; calling it again is
+/// a no-op. A hook the application sets later with `std::panic::set_hook`
+/// replaces this one (chain it with `std::panic::take_hook` to keep it).
 ///
-/// A panic ends the process when the program is built with `panic = "abort"`
-/// (the hook still runs before the abort, so cleanup happens) or when it
-/// unwinds out of the main thread. A panic on another thread with unwinding
-/// only ends that thread, and the worker keeps serving, so the registry is not
-/// run then. (Caveat: a panic on the main thread that the program catches with
-/// `catch_unwind` still runs the registry.)
+/// With unwinding, the hook leaves the registry alone: a panic that unwinds
+/// out of `main` ends the process through `exit(101)`, which runs the
+/// registry from the exit hook that [`register`] installed; a panic that
+/// something catches (a tokio or actix task, `catch_unwind`), on any thread
+/// including the main one (a current-thread runtime runs its tasks there),
+/// leaves the worker serving, and its registry for the real stop.
 pub fn install_panic_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
             previous(info);
-            let ends_process = cfg!(panic = "abort") || thread::current().name() == Some("main");
-            if ends_process && !IN_CLEANUP.get() {
+            if cfg!(panic = "abort") && !IN_CLEANUP.get() {
                 run();
             }
         }));
@@ -605,30 +605,40 @@ mod tests {
         assert_eq!(graceful_timeout(Some("inf")), DEFAULT_GRACEFUL_TIMEOUT);
     }
 
-    /// The global registry and the panic hook, in a child process: a panic on
-    /// the main thread runs the registry; `exit` does not run it twice.
+    /// A panic that something catches on the main thread (a current-thread
+    /// tokio runtime runs its tasks there, and catches a handler's panic)
+    /// leaves the worker serving: the registry waits for the real end (here
+    /// the harness's exit, after the test passed), and runs once then. The
+    /// previous panic hook still prints the message.
     #[test]
-    fn panic_hook_runs_the_registry() {
-        if !crate::testutil::in_child("panic_hook_runs_the_registry") {
-            let out =
-                crate::testutil::run_child("cleanup::tests::panic_hook_runs_the_registry", &[]);
-            assert!(out.contains("cleanup-from-panic-hook"), "{out}");
-            assert_eq!(out.matches("cleanup-from-panic-hook").count(), 1, "{out}");
+    fn a_caught_panic_on_the_main_thread_leaves_the_registry_alone() {
+        let name = "a_caught_panic_on_the_main_thread_leaves_the_registry_alone";
+        if !crate::testutil::in_child(name) {
+            let out = crate::testutil::child_command(&format!("cleanup::tests::{name}"))
+                .output()
+                .unwrap();
+            let stdout = crate::testutil::check(out.clone());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("handler bug"), "previous hook: {stderr}");
+            let caught = stdout.find("panic-caught").expect("the panic was caught");
+            let summary = stdout.find("test result: ok").expect("harness summary");
+            let cleanup = stdout.find("cleanup-ran").expect("cleanup ran at exit");
+            assert!(caught < cleanup && summary < cleanup, "{stdout}");
+            assert_eq!(stdout.matches("cleanup-ran").count(), 1, "{stdout}");
             return;
         }
-        // Test harness threads are not "main": run the scenario on a thread
-        // named so, as the real main thread is.
+        // Test harness threads are not "main": run on a thread named so, as
+        // a current-thread runtime's tasks run on the real main thread.
         let t = thread::Builder::new().name("main".to_owned()).spawn(|| {
             register("a", || {
-                println!("cleanup-from-panic-hook");
+                println!("cleanup-ran");
                 Ok(())
             });
-            install_panic_hook();
-            install_panic_hook();
-            panic!("worker bug");
+            let caught = panic::catch_unwind(|| panic!("handler bug"));
+            assert!(caught.is_err());
+            println!("panic-caught");
         });
-        let _ = t.unwrap().join();
-        run(); // already ran: no second line
+        t.unwrap().join().unwrap();
     }
 
     #[test]
@@ -799,34 +809,5 @@ mod tests {
             Ok(())
         });
         std::process::exit(5);
-    }
-
-    /// Without an explicit `install_panic_hook`, a panic that ends the process
-    /// runs the registry once.
-    #[test]
-    fn register_installs_the_panic_hook() {
-        if !crate::testutil::in_child("register_installs_the_panic_hook") {
-            let out =
-                crate::testutil::child_command("cleanup::tests::register_installs_the_panic_hook")
-                    .output()
-                    .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                stderr.contains("worker bug"),
-                "the previous hook still prints: {stderr}"
-            );
-            assert_eq!(stdout.matches("cleanup-from-panic").count(), 1, "{stdout}");
-            return;
-        }
-        // The real main thread is the harness's; run on a thread named so.
-        let t = thread::Builder::new().name("main".to_owned()).spawn(|| {
-            register("a", || {
-                println!("cleanup-from-panic");
-                Ok(())
-            });
-            panic!("worker bug");
-        });
-        let _ = t.unwrap().join();
     }
 }
