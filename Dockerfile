@@ -52,4 +52,11 @@ EXPOSE 8000 9100
 # SIGTERM is its graceful staged shutdown, and as PID 1 it reaps orphans
 # (`subreaper` is on by default when drover is PID 1).
 STOPSIGNAL SIGTERM
+# Health is the master's own verdict, the one /readyz gives: enough slots
+# have a ready worker, and drover is not paused or stopping. `drover ctl
+# ready` asks it on the control socket (the image has no curl, and a worker
+# answering / says nothing of the others). The start period covers
+# boot_timeout (30s); ctl's own --timeout ends before Docker's.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=40s --retries=3 \
+    CMD ["/usr/local/bin/drover", "ctl", "-c", "/etc/drover/drover.toml", "--timeout", "4s", "ready"]
 ENTRYPOINT ["/usr/local/bin/drover", "-c", "/etc/drover/drover.toml"]

@@ -633,11 +633,64 @@ fn the_shipped_units_pass_systemd_analyze() {
     assert!(level <= 3.0, "exposure {level}:\n{text}");
 }
 
-/// The Dockerfile's ENTRYPOINT (exec form), STOPSIGNAL and USER.
+/// The Dockerfile's ENTRYPOINT (exec form), STOPSIGNAL, USER and
+/// HEALTHCHECK.
 struct Image {
     entrypoint: Vec<String>,
     stop_signal: Signal,
     user: String,
+    health: Health,
+}
+
+/// `HEALTHCHECK [OPTIONS] CMD [...]` (exec form).
+struct Health {
+    command: Vec<String>,
+    start_period: Duration,
+    timeout: Duration,
+}
+
+impl Health {
+    /// The instruction, its continuation lines joined.
+    fn read(text: &str) -> Health {
+        let mut lines = text.lines().skip_while(|l| !l.starts_with("HEALTHCHECK "));
+        let mut line = String::new();
+        for l in lines.by_ref() {
+            line.push_str(l.trim_end_matches('\\'));
+            if !l.ends_with('\\') {
+                break;
+            }
+        }
+        assert!(!line.is_empty(), "the Dockerfile has no HEALTHCHECK");
+        let (options, command) = line.split_once(" CMD ").expect("HEALTHCHECK ... CMD");
+        let option = |name: &str| {
+            options
+                .split_whitespace()
+                .find_map(|o| o.strip_prefix(&format!("--{name}=")))
+                .map(|v| humantime::parse_duration(v).unwrap())
+                .unwrap_or_else(|| panic!("HEALTHCHECK has no --{name}: {options}"))
+        };
+        Health {
+            command: serde_json::from_str(command.trim())
+                .unwrap_or_else(|e| panic!("HEALTHCHECK CMD not in exec form ({e}): {command}")),
+            start_period: option("start-period"),
+            timeout: option("timeout"),
+        }
+    }
+
+    /// Runs the command as the image would (the installed paths replaced by
+    /// this checkout's, `config` for the image's): its exit status and
+    /// what it printed.
+    fn run(&self, config: &Path) -> (i32, String) {
+        let argv = command_line(&self.command.join(" "), config);
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
 }
 
 impl Image {
@@ -664,6 +717,7 @@ impl Image {
                 .collect(),
             stop_signal: last("STOPSIGNAL ").parse().unwrap(),
             user: last("USER "),
+            health: Health::read(&text),
         }
     }
 }
@@ -767,6 +821,22 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
     .run();
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
+    // The image's HEALTHCHECK asks the master, with what the image has,
+    // and gives it the time to boot.
+    assert_eq!(image.health.command[0], "/usr/local/bin/drover");
+    let boot_timeout = Duration::from_secs(config_seconds(&own, "boot_timeout"));
+    assert!(image.health.start_period >= boot_timeout);
+    // ctl gives up before Docker does: its own answer, not a killed probe.
+    let cmd = &image.health.command;
+    let ctl_timeout = cmd
+        .iter()
+        .position(|a| a == "--timeout")
+        .map(|i| &cmd[i + 1]);
+    let ctl_timeout = humantime::parse_duration(ctl_timeout.expect("ctl --timeout")).unwrap();
+    assert!(ctl_timeout < image.health.timeout);
+    let (code, out) = image.health.run(&config);
+    assert_eq!(code, 0, "the HEALTHCHECK failed: {out}");
+    assert!(out.starts_with("ok: ready: 2/2 workers ready"), "{out}");
     // The probes' endpoint, as the manifests name it.
     let admin: SocketAddr = d
         .wait_log("admin endpoint on ")
@@ -806,6 +876,11 @@ fn drover_runs_as_pid_1_of_the_shipped_image() {
     assert_eq!(
         (readyz.status, readyz.body.trim()),
         (503, "pre-stop: shutting down soon")
+    );
+    let (code, out) = image.health.run(&config);
+    assert_eq!(
+        (code, out.trim()),
+        (1, "failed: not ready: pre-stop: shutting down soon")
     );
     assert!(stopped.elapsed() < Duration::from_secs(5));
     wait_for("new connections to be refused", LIMIT, || {
