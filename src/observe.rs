@@ -133,10 +133,11 @@ impl Observer {
         self.bus.close(std::time::Duration::from_millis(100));
     }
 
-    /// What to wait on: subscribers, and the capture pipes (one epoll fd).
+    /// What to wait on: subscribers, and the capture pipes (one epoll fd),
+    /// unless their output is held (read at most every `READ_INTERVAL`).
     pub fn poll_fds(&self) -> Vec<PollFd<'_>> {
         let mut fds = self.bus.poll_fds();
-        if let Some(c) = self.capture.as_ref().filter(|c| c.pipes() > 0) {
+        if let Some(c) = self.capture.as_ref().filter(|c| c.wants_poll()) {
             fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
         }
         fds
@@ -152,9 +153,10 @@ impl Observer {
         self.hooks.enforce(now);
     }
 
-    /// The earliest hook deadline.
+    /// The earliest hook deadline, or held output's.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.hooks.next_deadline()
+        let held = self.capture.as_ref().and_then(Capture::next_deadline);
+        self.hooks.next_deadline().into_iter().chain(held).min()
     }
 
     /// A reaped pid: true if it was an event hook's.
