@@ -968,3 +968,50 @@ fn a_worker_recycled_with_an_app_thread_that_never_ends_is_replaced(core: &str) 
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
 with_each_core!(a_worker_recycled_with_an_app_thread_that_never_ends_is_replaced);
+
+/// A worker that recycles itself (--max-requests) with a request still
+/// running that outlasts its budget (an endless stream, a slow client's
+/// download): drover kills a worker graceful_timeout after its STOPPING=1,
+/// so the worker abandons the request at its drain deadline, counted from
+/// that STOPPING=1, runs its registry and exits 0. Before, a recycle had no
+/// drain deadline: the worker waited for the request until drover's
+/// SIGKILL, its registry never ran, and the exit counted as a failure of
+/// the slot (found by the user trial, with a Flask SSE stream).
+fn a_recycling_worker_abandons_a_request_that_outlasts_its_budget(core: &str) {
+    let config = wsgi_config(
+        &["--core", core, "--max-requests", "2"],
+        "example_app:app",
+        "workers = 1\ngraceful_timeout = \"3s\"",
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let first = d.wait_workers(1)[0];
+    let addr = d.tcp_addr();
+    let endless = get_in_flight(addr, "/sleep?ms=600000");
+    let started = Instant::now();
+    assert_eq!(get_ok(addr, "/").worker_pid(), first.as_raw()); // the 2nd: recycles
+    let log = d.wait_log(&format!("(pid {first}) exited with status 0"));
+    // The drain deadline: 4/5 of (3 s less its reserve), from the STOPPING=1.
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2900), "{took:?}\n{log}");
+    assert!(
+        log.contains("abandoning 1 busy thread(s) (drain deadline)"),
+        "{log}"
+    );
+    assert!(!log.contains("SIGKILL"), "{log}");
+    assert!(
+        cleanup_lines(&d).contains(&format!("cleanup pid={first}")),
+        "the registry ran: {:?}\n{log}",
+        cleanup_lines(&d)
+    );
+    assert!(
+        endless.join().unwrap().is_err(),
+        "the abandoned request got no answer"
+    );
+    let next = d.wait_workers(1)[0];
+    assert_ne!(next, first);
+    assert_eq!(get_ok(addr, "/").worker_pid(), next.as_raw());
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}
+with_each_core!(a_recycling_worker_abandons_a_request_that_outlasts_its_budget);

@@ -105,6 +105,23 @@ class RegistryTest(unittest.TestCase):
         self.assertGreaterEqual(float(slept), 0.6)
         self.assertEqual(total, "2.5")
 
+    def test_the_budget_counts_from_stopping_in_a_recycle(self):
+        # drover kills a worker graceful_timeout after its STOPPING=1: a
+        # worker that recycles itself (no stop request) counts its budget from
+        # there, not from "now" each time it asks (no deadline at all).
+        r = run_script("""
+            import time, drover_worker as dw
+            began = time.monotonic()
+            dw.stopping()  # NOTIFY_SOCKET unset: not sent, still counted
+            time.sleep(0.6)
+            dw.stopping()  # the first one counts
+            drain = dw.drain_deadline() - began
+            print("%.1f %.1f" % (dw.remaining_budget() + time.monotonic() - began, drain))
+            dw.request_stop("graceful")  # a stop after it does not move it on
+            print("%.1f" % (dw.remaining_budget() + time.monotonic() - began))
+        """, env={"DROVER_GRACEFUL_TIMEOUT": "2.75"})
+        self.assertEqual(r.stdout.split("\n")[:2], ["2.5 2.0", "2.5"], r.stderr)
+
     def test_the_reserve(self):
         r = run_script("""
             import drover_worker as dw

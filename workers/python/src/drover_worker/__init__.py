@@ -351,7 +351,14 @@ def status(text: object) -> bool:
 
 def stopping() -> bool:
     """STOPPING=1: the worker is going away on its own (e.g. after max requests):
-    drover replaces it at once instead of treating the exit as a crash."""
+    drover replaces it at once instead of treating the exit as a crash.
+    drover kills a worker still running ``graceful_timeout`` after its
+    STOPPING=1, so the stop budget (:func:`remaining_budget`,
+    :func:`drain_deadline`) counts from the first call when no stop was
+    requested before it."""
+    global _stopping_time
+    if _stopping_time is None:
+        _stopping_time = time.monotonic()
     return notify("STOPPING=1")
 
 
@@ -427,6 +434,7 @@ stop_event = _StopEvent()
 _stop_kind: Optional[str] = None
 _stop_time: Optional[float] = None
 _quick_time: Optional[float] = None
+_stopping_time: Optional[float] = None  # the first stopping() (STOPPING=1)
 _pipe: Optional[Tuple[int, int]] = None
 _pipe_lock = threading.Lock()
 
@@ -843,14 +851,17 @@ def _left_now() -> Tuple[float, float]:
     def since(t: Optional[float]) -> Optional[float]:
         return None if t is None else now - t
 
-    return _time_left(graceful_timeout(), quick_timeout(), since(_stop_time), since(_quick_time))
+    # drover's graceful deadline runs from its stop signal or from our
+    # STOPPING=1 (a recycle), whichever came first.
+    started = min((t for t in (_stop_time, _stopping_time) if t is not None), default=None)
+    return _time_left(graceful_timeout(), quick_timeout(), since(started), since(_quick_time))
 
 
 def remaining_budget() -> float:
     """The cleanup budget left now, in seconds: the time until drover's stop
     deadline, less the :func:`reserve`. The deadline is
-    :func:`graceful_timeout` after the first stop request (now, if there was
-    none) or, once the stop is quick, :func:`quick_timeout` after the first
+    :func:`graceful_timeout` after the first stop request or :func:`stopping`
+    (now, if neither) or, once the stop is quick, :func:`quick_timeout` after the first
     quick request, whichever is earlier (as drover does)."""
     return _left_now()[1]
 
@@ -860,7 +871,7 @@ def drain_deadline() -> float:
     so that the cleanup keeps its share: 4/5 of the way from the stop request
     to the end of :func:`remaining_budget` (for a quick stop, from the quick
     request to the quick deadline, if earlier). Counted from now when no stop
-    was requested."""
+    was requested and :func:`stopping` was not called."""
     return time.monotonic() + _left_now()[0]
 
 

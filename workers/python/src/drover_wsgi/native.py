@@ -157,7 +157,7 @@ class NativeServer:
                     self.core.escalate(max(0.0, dw.drain_deadline() - time.monotonic()))
                 self.stop_kind = "quick"
                 quick_deadline = time.monotonic() + QUICK_DRAIN
-            deadline = dw.drain_deadline() if dw.stop_kind() is not None else float("inf")
+            deadline = dw.drain_deadline()  # a recycle's: from its STOPPING=1
             if quick_deadline is not None:
                 deadline = min(deadline, quick_deadline)
             left = deadline - time.monotonic()

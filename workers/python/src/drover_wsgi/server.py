@@ -877,8 +877,9 @@ class Server:
         """Waits for the busy threads until the SDK's drain deadline (4/5 of
         the stop budget: the rest is the cleanup's, which drover's SIGKILL
         would otherwise cut short) or, once the stop is quick, QUICK_DRAIN.
-        A recycle without a stop signal has no deadline. Returns True when
-        every thread finished; False when busy ones are abandoned."""
+        A recycle counts its budget from its STOPPING=1 (drover kills the
+        worker graceful_timeout after it). Returns True when every thread
+        finished; False when busy ones are abandoned."""
         quick_deadline = None
         while True:
             alive = [t for t in self.threads if t.is_alive()]
@@ -887,9 +888,8 @@ class Server:
             if quick_deadline is None and (self.stop_kind == "quick" or dw.stop_kind() == "quick"):
                 self.stop_kind = "quick"  # also when a graceful stop escalated
                 quick_deadline = time.monotonic() + QUICK_DRAIN
-            # Asked each time: a stop signal during a recycle, or an
-            # escalation to quick, brings it forward.
-            deadline = dw.drain_deadline() if dw.stop_kind() is not None else float("inf")
+            # Asked each time: an escalation to quick brings it forward.
+            deadline = dw.drain_deadline()
             if quick_deadline is not None:
                 deadline = min(deadline, quick_deadline)
             left = deadline - time.monotonic()
