@@ -9,7 +9,8 @@
 //!
 //! * [`listen`]: the listening sockets passed at fd 3.. (`LISTEN_FDS`).
 //! * [`notify`](mod@notify): `READY=1`, `WATCHDOG=1`, `STATUS=…`, `STOPPING=1` to the master.
-//! * [`stop`]: SIGTERM / SIGINT / SIGQUIT turned into a flag and a pollable fd.
+//! * [`stop`]: SIGTERM / SIGINT / SIGQUIT turned into a flag, a pollable fd
+//!   and a future for async code ([`Stop::stopped`]).
 //! * [`prestop`]: drover's pre-stop notice (SIGWINCH): end keep-alive.
 //! * [`scoreboard`](mod@scoreboard): requests in progress, completed and their
 //!   latency, counted in drover's shared-memory scoreboard.
@@ -42,11 +43,12 @@ pub mod notify;
 pub mod prestop;
 pub mod scoreboard;
 pub mod stop;
+mod stopped;
 
 pub use listen::{listeners, listeners_or_bind, ListenError, Listener, Stream};
 pub use notify::{extend_timeout, heartbeat, notify, ready, status, stopping, watchdog_interval};
 pub use scoreboard::Scoreboard;
-pub use stop::{Stop, StopState};
+pub use stop::{Stop, StopState, Stopped};
 
 /// Runs the cleanup registry (see [`cleanup::run`]) and then exits with `code`.
 ///

@@ -7,6 +7,8 @@
 //! drained, so its read end ([`Stop::fd`]) stays readable from the first stop
 //! on: any number of threads can `poll()` it next to their sockets, and an
 //! async runtime can watch it, without a wake-up being "consumed" by one of them.
+//! In async code, [`Stop::stopped`] is a future for the same (any runtime,
+//! any number of waiters).
 //!
 //! Installing does not take a signal away from the application: if a function
 //! handler was installed before, ours calls it afterwards (as `sa_handler` or
@@ -21,6 +23,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use libc::c_int;
+
+pub use crate::stopped::Stopped;
 
 /// What has been asked of the worker so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -160,6 +164,35 @@ impl Stop {
         }
     }
 
+    /// A future that completes once a stop is requested (graceful or quick),
+    /// with the stop state then. Runtime-agnostic (no dependency on tokio),
+    /// `Send + 'static`; create as many as needed:
+    ///
+    /// ```no_run
+    /// # async fn serve() {}
+    /// # async fn example() {
+    /// let stop = drover_worker::Stop::install();
+    /// // e.g. axum::serve(listener, app).with_graceful_shutdown(stop.stopped())
+    /// let state = stop.stopped().await;
+    /// # let _ = state;
+    /// # }
+    /// ```
+    ///
+    /// Requires [`Stop::install`] (a `Stop` comes from nothing else). The
+    /// first one polled starts a small thread that wakes the futures: a
+    /// signal handler cannot wake them itself.
+    pub fn stopped(&self) -> Stopped {
+        Stopped::new(StopState::Graceful)
+    }
+
+    /// A future that completes once the stop state is at least `state`:
+    /// `reached(StopState::Quick)` completes at a SIGQUIT (also one that
+    /// escalates a graceful stop), for example to cut a drain short.
+    /// `Running` counts as `Graceful`.
+    pub fn reached(&self, state: StopState) -> Stopped {
+        Stopped::new(state)
+    }
+
     /// A file descriptor that becomes readable once a stop is requested and
     /// stays readable. Poll it next to your sockets; do not read from it or
     /// close it.
@@ -201,7 +234,7 @@ fn elapsed_since(stamp: &AtomicU64) -> Option<Duration> {
     }
 }
 
-fn current_state() -> StopState {
+pub(crate) fn current_state() -> StopState {
     match STATE.load(Ordering::SeqCst) {
         RUNNING => StopState::Running,
         GRACEFUL => StopState::Graceful,
@@ -225,6 +258,7 @@ fn record(kind: u8) {
         // SAFETY: writing one byte from a valid local to an fd we own.
         unsafe { libc::write(fd, &kind as *const u8 as *const libc::c_void, 1) };
     }
+    crate::stopped::notify_waker_thread();
 }
 
 fn monotonic_ns() -> u64 {
@@ -298,7 +332,7 @@ fn install_handler(slot: usize, sig: c_int) -> io::Result<()> {
 
 /// A non-blocking, close-on-exec pipe (so that programs the worker runs do not
 /// inherit it).
-fn self_pipe() -> io::Result<(RawFd, RawFd)> {
+pub(crate) fn self_pipe() -> io::Result<(RawFd, RawFd)> {
     let mut fds = [-1 as c_int; 2];
     // SAFETY: pipe2/fcntl on a local array and the fds it returns.
     unsafe {
