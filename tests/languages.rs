@@ -1,13 +1,14 @@
-//! Node.js and Go workers under drover, as docs/other-languages.md shows
-//! them: the examples in workers/node and workers/go (standard library only)
-//! are held to their READY=1 through a slow start, stopped gracefully with a
+//! Node.js, Go and async Rust workers under drover, as
+//! docs/other-languages.md and workers/rust/README.md show them: the examples
+//! in workers/node and workers/go (standard library only) and
+//! workers/rust/examples/tokio_hyper.rs (tokio, hyper 1.x, the SDK) are held to their READY=1 through a slow start, stopped gracefully with a
 //! request in flight (the request is answered, their cleanup runs, drover
 //! exits 0), stopped quickly, reloaded under load (a request per connection,
 //! and keep-alive) without a failed request, unharmed by drover's SIGUSR1,
 //! and gone when drover is killed.
 //!
 //! Node needs `node` (18 or newer) and `systemd-notify`, Go needs `go` (1.19
-//! or newer). A missing tool fails the test and names its Debian package
+//! or newer); the Rust example is built with the workspace. A missing tool fails the test and names its Debian package
 //! (`.ci/run` installs them): a language that is not there is not tested,
 //! and must not pass as if it were.
 
@@ -24,6 +25,8 @@ use common::*;
 enum Lang {
     Node,
     Go,
+    /// tokio and hyper on the SDK.
+    Rust,
 }
 
 /// The command that runs a language's example worker, and the directory its
@@ -100,6 +103,10 @@ impl Lang {
                     _build: None,
                 }
             }
+            Lang::Rust => Worker {
+                command: vec![tokio_example_bin().to_owned()],
+                _build: None,
+            },
             Lang::Go => {
                 let go = tool("go", "golang-go");
                 let v = output(&go, &["version"], &repo());
@@ -369,6 +376,9 @@ macro_rules! tests_per_language {
         mod go {
             $( #[test] fn $name() { super::$name(super::Lang::Go) } )*
         }
+        mod rust {
+            $( #[test] fn $name() { super::$name(super::Lang::Rust) } )*
+        }
     };
 }
 
@@ -383,3 +393,58 @@ tests_per_language!(
     is_refused_as_a_preload_template_with_a_clear_error,
     die_with_a_killed_master,
 );
+
+/// tokio waits for a `spawn_blocking` task without limit when its runtime is
+/// dropped: the example shuts its runtime down with what is left of the
+/// drain instead, so a blocking task still running at the stop holds it up
+/// to the drain deadline only; its cleanup runs, it exits 0 before drover's
+/// SIGKILL.
+#[test]
+fn rust_a_blocking_task_does_not_hold_the_stop_past_the_drain_deadline() {
+    let w = Lang::Rust.worker();
+    let cfg = config(&w, "", "").replace("graceful_timeout = \"10s\"", "graceful_timeout = \"2s\"");
+    let mut d = Start::config(&cfg).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let stuck = get_in_flight(d.tcp_addr(), "/blocking?ms=60000");
+    let sent = Instant::now();
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    // The drain deadline: (2 s - 0.25 s) * 4/5 = 1.4 s.
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(stuck.join().unwrap().is_err(), "the request was abandoned");
+    let log = d.log();
+    assert!(!log.contains("SIGKILL"), "{log}");
+    let done = cleanups(&d);
+    for pid in workers {
+        assert!(
+            done.contains(&format!("cleanup pid={pid}\n")),
+            "{done}\n{log}"
+        );
+    }
+}
+
+/// A handler that panics: tokio catches the panic on the worker's (main)
+/// thread, the connection is closed unanswered, and the worker serves on
+/// with its cleanup registry intact: it runs once, at the stop. (The SDK's
+/// panic hook ran the registry at such a panic before.)
+#[test]
+fn rust_a_panicking_handler_leaves_the_worker_serving_and_its_cleanup_for_the_stop() {
+    let w = Lang::Rust.worker();
+    let cfg = config(&w, "", "").replace("workers = 2", "workers = 1");
+    let mut d = Start::config(&cfg).run();
+    d.wait_log("all 1 workers ready");
+    let workers = d.wait_workers(1);
+    assert!(get(d.tcp_addr(), "/panic").is_err(), "no answer to /panic");
+    d.wait_log("a bug in a handler");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    assert_eq!(d.wait_workers(1), workers, "the same worker serves on");
+    assert_eq!(cleanups(&d), "", "no cleanup before the stop");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    assert_eq!(cleanups(&d), format!("cleanup pid={}\n", workers[0]));
+}

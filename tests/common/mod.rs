@@ -34,24 +34,50 @@ pub fn hello_bin() -> &'static str {
     static HELLO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HELLO.get_or_init(|| {
         let bin = Path::new(drover_bin()).with_file_name("hello");
-        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        let sources = ["workers/hello", "workers/rust/src"]
-            .iter()
-            .filter_map(|dir| newest_change(&repo().join(dir)))
-            .max();
-        match (built, sources) {
-            (Some(built), Some(sources)) if built >= sources => {}
-            (Some(_), _) => panic!(
-                "{} is older than its sources: run `cargo build -p hello` (or `cargo nextest run --workspace`)",
-                bin.display()
-            ),
-            (None, _) => panic!(
-                "{} is not built: run `cargo build -p hello` (or `cargo nextest run --workspace`)",
-                bin.display()
-            ),
-        }
-        bin.display().to_string()
+        fresh_bin(
+            &bin,
+            &["workers/hello", "workers/rust/src"],
+            "cargo build -p hello",
+        )
     })
+}
+
+/// The SDK's example worker on tokio and hyper
+/// (`workers/rust/examples/tokio_hyper.rs`), built next to drover by `cargo
+/// nextest run --workspace` (which builds the workspace's examples); checked
+/// for staleness as [`hello_bin`] is.
+pub fn tokio_example_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = Path::new(drover_bin()).with_file_name("examples/tokio_hyper");
+        fresh_bin(
+            &bin,
+            &["workers/rust/examples", "workers/rust/src"],
+            "cargo build -p drover-worker --example tokio_hyper",
+        )
+    })
+}
+
+/// `bin`'s path, if it is built and newer than the files in `sources`;
+/// otherwise a failed test that names the command `build` that builds it.
+fn fresh_bin(bin: &Path, sources: &[&str], build: &str) -> String {
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    let sources = sources
+        .iter()
+        .filter_map(|dir| newest_change(&repo().join(dir)))
+        .max();
+    match (built, sources) {
+        (Some(built), Some(sources)) if built >= sources => {}
+        (Some(_), _) => panic!(
+            "{} is older than its sources: run `{build}` (or `cargo nextest run --workspace`)",
+            bin.display()
+        ),
+        (None, _) => panic!(
+            "{} is not built: run `{build}` (or `cargo nextest run --workspace`)",
+            bin.display()
+        ),
+    }
+    bin.display().to_string()
 }
 
 /// The newest modification time of the files in `dir` (not below it: hello's
