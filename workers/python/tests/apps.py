@@ -53,6 +53,8 @@ def app(environ, start_response):
         return [b"returned"]
     if path == "/error":
         raise RuntimeError("boom in the app")
+    if path == "/sys-exit":
+        sys.exit(1)  # a view that "exits": SystemExit is no Exception
     if path == "/error-after-start":
         def gen():
             yield b"first"

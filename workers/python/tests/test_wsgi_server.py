@@ -116,6 +116,10 @@ class ServerTest(unittest.TestCase):
     def test_app_errors(self):
         status, headers, body = request(self.w, get("/error"))
         self.assertEqual((status, headers.get("connection")), (500, "close"))
+        # sys.exit() in the app is its failure too (a 500, both cores; the
+        # pure-Python core closed the connection unanswered).
+        status, headers, body = request(self.w, get("/sys-exit"))
+        self.assertEqual((status, headers.get("connection")), (500, "close"))
         # Mid-body: the chunked body is not terminated, the connection closes.
         with Client(self.w) as c:
             c.send(get("/error-after-start"))

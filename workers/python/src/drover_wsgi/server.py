@@ -1298,7 +1298,7 @@ class Server:
         except ClientGone:
             conn.close()
             return False
-        except Exception as e:
+        except BaseException as e:  # SystemExit too: sys.exit() in a view fails the request, not the worker
             self._failed(conn, req, environ, resp, e, started)
             return False
         self._finished(environ, resp, started)
