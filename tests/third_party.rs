@@ -853,3 +853,52 @@ fn granian_reloads_under_keep_alive_load_without_a_failed_request() {
 fn uwsgi_http11_reloads_under_keep_alive_load_without_a_failed_request() {
     reload_under_keep_alive_load(&uwsgi("http11", "example_app.py", ""), 6, "/sleep?ms=5");
 }
+
+// ---------------------------------------------------------------------------
+
+/// prometheus_client's multiprocess mode with the recipe of
+/// docs/migrating-from-gunicorn.md (Gunicorn's child_exit hook becomes an
+/// on_exit function of the worker): workers that recycle themselves drop
+/// their live gauges, so the sum counts the workers alive, while the
+/// counters of the recycled workers stay in the total.
+#[test]
+fn prometheus_multiprocess_live_gauges_follow_recycled_workers() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [{:?}, \"--max-requests\", \"3\", \"prometheus_app:app\"]\n\
+         workers = 2\nready = \"notify\"\ngraceful_timeout = \"10s\"\n\
+         [env]\nPROMETHEUS_MULTIPROC_DIR = \"$DIR/prometheus\"\nPYTHONPATH = {:?}\n",
+        python::script("drover-wsgi"),
+        repo().join("tests/workers").display().to_string(),
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    for _ in 0..20 {
+        get_ok(addr, "/");
+    }
+    let dir = d.dir.path().join("prometheus");
+    let live_files = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("gauge_livesum_")
+            })
+            .count()
+    };
+    // Recycles (every 3 requests, /metrics included) may be under way: wait
+    // for a moment when the two slots' workers are the only ones counted.
+    let metrics = wait_for("the live gauge to count 2 workers", LIMIT, || {
+        let body = get_ok(addr, "/metrics").body;
+        (body.contains("app_live_workers 2.0") && live_files() == 2).then_some(body)
+    });
+    assert!(metrics.contains("app_requests_total 20.0"), "{metrics}");
+    assert!(
+        d.log().matches("as it announced (STOPPING=1)").count() >= 5,
+        "{}",
+        d.log()
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    assert_eq!(live_files(), 0, "every worker marked itself dead");
+}
