@@ -448,3 +448,22 @@ fn rust_a_panicking_handler_leaves_the_worker_serving_and_its_cleanup_for_the_st
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
     assert_eq!(cleanups(&d), format!("cleanup pid={}\n", workers[0]));
 }
+
+/// The example fills its scoreboard record: drover's /metrics counts its
+/// requests.
+#[test]
+fn rust_its_requests_are_counted_in_drovers_metrics() {
+    let w = Lang::Rust.worker();
+    let cfg = config(&w, "admin_bind = \"unix:$DIR/admin.sock\"", "")
+        .replace("workers = 2", "workers = 1");
+    let d = Start::config(&cfg).run();
+    d.wait_log("all 1 workers ready");
+    for _ in 0..5 {
+        assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    }
+    let metrics = d.admin("/metrics").body;
+    assert!(
+        metrics.contains("drover_requests_total{slot=\"1\"} 5\n"),
+        "{metrics}"
+    );
+}

@@ -46,6 +46,9 @@ const MAX_MS: u64 = 3_600_000;
 struct Shared {
     stop: Stop,
     pid: String,
+    /// drover's scoreboard record, when drover gave one: requests counted
+    /// for its /metrics.
+    scoreboard: Option<drover_worker::Scoreboard>,
     /// Connections open now (the sender is the count).
     open: watch::Sender<usize>,
     /// Set when the idle connections are to be closed (hyper's graceful
@@ -105,6 +108,7 @@ async fn serve(listeners: Vec<Listener>, stop: Stop) {
     let shared = Arc::new(Shared {
         stop: stop.clone(),
         pid: std::process::id().to_string(),
+        scoreboard: drover_worker::Scoreboard::from_env(),
         open: watch::Sender::new(0),
         close_idle: watch::Sender::new(false),
     });
@@ -237,6 +241,8 @@ async fn respond(
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&ms| ms <= MAX_MS)
     };
+    // In progress until dropped, then counted with its latency.
+    let _counted = shared.scoreboard.as_ref().map(|board| board.begin());
     let (status, body) = match req.uri().path() {
         "/" => (StatusCode::OK, format!("hello from pid {}\n", shared.pid)),
         "/sleep" | "/blocking" => match ms() {

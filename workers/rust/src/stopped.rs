@@ -129,7 +129,7 @@ fn start_waker_thread() -> io::Result<()> {
     WAKE_WRITE.store(write_fd, Ordering::SeqCst);
     let spawned = std::thread::Builder::new()
         .name("drover-stop-waker".to_owned())
-        .stack_size(64 * 1024)
+        .stack_size(256 * 1024) // wakers run executor code
         .spawn(move || wake_loop(read_fd));
     if let Err(e) = spawned {
         WAKE_WRITE.store(-1, Ordering::SeqCst);
