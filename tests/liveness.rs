@@ -511,3 +511,49 @@ fn a_worker_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
     d.wait_log("still running 1s after its SIGABRT; sending SIGKILL to its process group");
     d.wait_log("killed by SIGKILL (boot timeout)");
 }
+
+/// A worker still booting when a graceful shutdown begins with no worker
+/// serving is held to the shutdown's deadline in place of its
+/// `boot_timeout` (docs/signals.md, stage 2), as the workers stopped at once
+/// are: past its boot_timeout it may still become ready and get its stop
+/// (and drain the connections queued), and only one still booting at the
+/// shutdown's deadline gets SIGKILL. The code before capped its boot
+/// deadline to the shutdown's and sent SIGKILL at whichever came first,
+/// logged as "at the shutdown's deadline" (here 1 s after the spawn, with
+/// 5 s left): drover then exited with status 4, one worker killed.
+#[test]
+fn a_worker_booting_at_the_shutdown_is_held_to_the_shutdowns_deadline_not_its_boot_timeout() {
+    // os._exit: a SystemExit raised by the handler while the socket below is
+    // being finalised is ignored (Python prints "Exception ignored"), and the
+    // worker would sleep on (1 in 3 runs).
+    let worker = "import os, signal, socket, time\n\
+                  signal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n\
+                  time.sleep(2)\n\
+                  p = os.environ['NOTIFY_SOCKET']\n\
+                  socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', '\\0' + p[1:] if p.startswith('@') else p)\n\
+                  time.sleep(60)\n";
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
+         graceful_timeout = \"6s\"\ncommand = [\"python3\", \"-c\", {}]\n",
+        toml_string(worker)
+    ))
+    .run();
+    d.wait_log("worker 1 (pid");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(!log.contains("SIGKILL to its process group"), "{log}");
+    assert!(!log.contains("SIGABRT"), "{log}");
+    assert!(
+        log.contains("ready during the shutdown: sending SIGTERM"),
+        "{log}"
+    );
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains(
+            "still booting: it gets SIGTERM once ready, within the shutdown's 6s \
+             (which replaces its boot_timeout), else SIGKILL then"
+        ),
+        "{log}"
+    );
+}

@@ -1557,7 +1557,10 @@ impl Supervisor {
         // copy of the listeners, with connections queued on them: stopped now
         // (before its stop handlers even exist), its exit would reset them.
         // So it gets its stop once it is ready, within this shutdown's
-        // deadline, and drains the queue then (docs/signals.md).
+        // deadline, and drains the queue then (docs/signals.md). As for the
+        // workers stopped now, the stop's deadline governs it from here on,
+        // in place of its boot_timeout: one still booting then gets SIGKILL,
+        // as every worker left at the end of the grace period does.
         let defer = pace == Pace::Graceful
             && matches!(cause, Cause::Signal(_))
             && !self.pool.workers.iter().any(|w| w.is_serving());
@@ -1567,8 +1570,14 @@ impl Supervisor {
             .workers
             .iter_mut()
             .filter_map(|w| {
-                if defer && w.is_booting() {
-                    w.cap_deadline(until);
+                if defer && w.is_booting() && w.boot_by(until) {
+                    info!(
+                        "worker {} (pid {}) still booting: it gets {} once ready, within the \
+                         shutdown's {timeout} (which replaces its boot_timeout), else SIGKILL then",
+                        w.slot,
+                        w.pid,
+                        signal.as_str()
+                    );
                     return None;
                 }
                 w.stop(pace, Stop::Shutdown, now)

@@ -442,14 +442,23 @@ impl Worker {
         matches!(self.state, State::Ready(s) if s.leave_by.is_none())
     }
 
-    /// Brings its boot or stop deadline forward to `until` (never later).
-    pub fn cap_deadline(&mut self, until: Instant) {
+    /// A shutdown holds a worker still booting (execing or booting, not
+    /// yet killed) to its deadline `until`, in place of its boot deadline:
+    /// earlier or later. Returns whether it was booting so.
+    pub fn boot_by(&mut self, until: Instant) -> bool {
         match &mut self.state {
             State::Execing { deadline } | State::Booting { deadline, .. } => {
-                *deadline = (*deadline).min(until);
+                *deadline = until;
+                true
             }
-            State::Stopping { deadline, .. } => *deadline = (*deadline).min(until),
-            _ => {}
+            _ => false,
+        }
+    }
+
+    /// Brings its stop deadline forward to `until` (never later).
+    pub fn cap_deadline(&mut self, until: Instant) {
+        if let State::Stopping { deadline, .. } = &mut self.state {
+            *deadline = (*deadline).min(until);
         }
     }
 
