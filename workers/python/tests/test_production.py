@@ -151,6 +151,19 @@ class ProxyTest(unittest.TestCase):
             self.assertEqual((env["SCRIPT_NAME"], env["PATH_INFO"]), ("/app", "/environ"))
             stop(w)
 
+    def test_the_script_name_variable_mounts_the_app_as_in_gunicorn(self):
+        # Gunicorn's raw_env = ["SCRIPT_NAME=/app"] (drover's [env]): the
+        # prefix is cut from PATH_INFO; a trusted proxy's header wins; a path
+        # outside the prefix is a 500. drover-wsgi ignored the variable.
+        with Worker("apps:app", env={"SCRIPT_NAME": "/app"}) as w:
+            env = self.env(w, path="/app/environ")
+            self.assertEqual((env["SCRIPT_NAME"], env["PATH_INFO"]), ("/app", "/environ"))
+            env = self.env(w, b"SCRIPT_NAME: /other\r\n", "/other/environ")
+            self.assertEqual((env["SCRIPT_NAME"], env["PATH_INFO"]), ("/other", "/environ"))
+            status, _, body = request(w, get("/elsewhere"))
+            self.assertEqual(status, 500, body)
+            stop(w)
+
     def test_untrusted_peers_cannot_claim_https(self):
         for allowed in ("10.0.0.1", "192.168.0.0/16,::2"):
             with Worker("apps:app", args=["--forwarded-allow-ips", allowed]) as w:

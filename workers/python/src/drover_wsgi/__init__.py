@@ -41,7 +41,7 @@ from drover_worker import preload
 
 from .accesslog import COMBINED, AccessLog
 from .http import DEFAULT_LIMITS, MAX_HEAD, HTTPError, Limits, Request, parse_request, split_target
-from .proxy import DEFAULT_FORWARDER_HEADERS, Proxy, default_allow_ips, parse_scheme_headers
+from .proxy import DEFAULT_FORWARDER_HEADERS, Proxy, default_allow_ips, mount_from_env, parse_scheme_headers
 from .server import Server, log
 
 __all__ = [
@@ -208,6 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write(traceback.format_exc())
         log("cannot boot: cannot load the application %r (traceback above)" % args.app)
         return 3
+    app = mount_from_env(app)  # Gunicorn's SCRIPT_NAME=/prefix in the environment
     dw.install(exit_on_stop=False)
     _on_sigusr1(access_log, usr1_ignored_here)
 

@@ -15,6 +15,11 @@ Gunicorn's settings and meaning.
   environ's ``SCRIPT_NAME`` (and is cut from the front of ``PATH_INFO``);
   others become ``HTTP_<NAME>``. From anyone else, such headers are dropped.
 
+The ``SCRIPT_NAME`` environment variable of the worker (drover's ``[env]``,
+Gunicorn's ``raw_env``) mounts the app under that prefix, as Gunicorn does:
+it is cut from the front of ``PATH_INFO`` of every request, unless a trusted
+proxy sent a ``SCRIPT_NAME`` header (which wins); a path outside it is a 500.
+
 ``X-Forwarded-For`` and ``X-Forwarded-Host`` are passed on as
 ``HTTP_X_FORWARDED_FOR`` and ``HTTP_X_FORWARDED_HOST`` and change nothing
 else, as in Gunicorn: ``REMOTE_ADDR`` is the peer's address (log the header
@@ -32,6 +37,26 @@ DEFAULT_SECURE_SCHEME_HEADERS = {"X-FORWARDED-PROTOCOL": "ssl", "X-FORWARDED-PRO
 DEFAULT_FORWARDER_HEADERS = "SCRIPT_NAME,PATH_INFO"
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def mount_from_env(app: Any, script_name: Optional[str] = None) -> Any:
+    """``app`` under the prefix of the ``SCRIPT_NAME`` environment variable,
+    as Gunicorn mounts it (``app`` itself when it is unset or empty)."""
+    prefix = os.environ.get("SCRIPT_NAME", "") if script_name is None else script_name
+    if not prefix:
+        return app
+
+    def mounted(environ: Dict[str, Any], start_response: Any) -> Any:
+        if not environ.get("SCRIPT_NAME"):  # a trusted proxy's SCRIPT_NAME header wins
+            path = environ["PATH_INFO"]
+            if not path.startswith(prefix):
+                raise ValueError("the request path %r does not start with SCRIPT_NAME %r (the environment "
+                                 "variable)" % (path, prefix))
+            environ["SCRIPT_NAME"] = prefix
+            environ["PATH_INFO"] = path[len(prefix):]
+        return app(environ, start_response)
+
+    return mounted
 
 
 def default_allow_ips() -> str:
