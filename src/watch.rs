@@ -30,16 +30,22 @@ const MAX_DIRECTORIES: usize = 4096;
 const NAMED: usize = 5;
 
 /// Names that are never the app's source: version control, caches, build
-/// output, editors' swap and backup files.
+/// output, editors' swap and backup files, and what a running app writes
+/// itself: SQLite databases with their journals (Django's startproject puts
+/// `db.sqlite3` next to the code: every request that saved a session
+/// reloaded) and log files (a log written at boot would reload forever).
 fn ignored(name: &OsStr) -> bool {
     let name = name.to_string_lossy();
     name.starts_with('.')
         || name.ends_with('~')
         || name == "4913" // vim's probe for a writable directory
         || ["__pycache__", "node_modules", "target"].contains(&name.as_ref())
-        || [".pyc", ".pyo", ".swp", ".swx", ".tmp"]
-            .iter()
-            .any(|s| name.ends_with(s))
+        || [
+            ".pyc", ".pyo", ".swp", ".swx", ".tmp", ".sqlite3", ".sqlite", ".db", "-journal",
+            "-wal", "-shm", ".log",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
 }
 
 /// Why watching could not start.
@@ -398,6 +404,26 @@ mod tests {
         write(&dir.path().join("pkg/mod.cpython-311.pyc"), "x");
         let (changed, _) = run(&mut w, Duration::from_millis(500));
         assert_eq!(changed, None);
+    }
+
+    #[test]
+    fn what_the_app_writes_is_not_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Watcher::new(&[dir.path().to_path_buf()], &[]).unwrap();
+        // A Django request that saves a session, and a log line.
+        for name in [
+            "db.sqlite3",
+            "db.sqlite3-journal",
+            "app.db-wal",
+            "debug.log",
+        ] {
+            write(&dir.path().join(name), "x");
+        }
+        let (changed, _) = run(&mut w, Duration::from_millis(500));
+        assert_eq!(changed, None, "data and logs are not the source");
+        write(&dir.path().join("views.py"), "v = 1\n");
+        let (changed, _) = run(&mut w, Duration::from_secs(5));
+        assert_eq!(changed, Some(vec![dir.path().join("views.py")]));
     }
 
     #[test]
