@@ -253,6 +253,14 @@ impl Capture {
         Ok(())
     }
 
+    /// At exit: what the pipes hold is read now, held or not (the last
+    /// lines of workers that exited since the last read).
+    pub fn flush(&mut self, now: Instant, sink: &mut dyn FnMut(Output<'_>)) {
+        self.held_until = None;
+        self.last_read = None;
+        self.on_ready(now, sink);
+    }
+
     /// Reads the pipes that have data (each at most [`READ_BUDGET`] bytes)
     /// and hands every whole line to `sink`, at most once per
     /// [`READ_INTERVAL`]: output that came sooner is held until then. Never
@@ -465,11 +473,17 @@ mod tests {
         w.write_all(&long).unwrap();
         w.write_all(b"\nlast").unwrap();
         drop(w);
-        // Sooner than READ_INTERVAL after the last read: held until then.
+        // Sooner than READ_INTERVAL after the last read: held until then,
+        // or until drover exits (flush).
         assert_eq!(collect(&mut c, now + READ_INTERVAL / 2), vec![]);
         assert!(!c.wants_poll());
         assert_eq!(c.next_deadline(), Some(now + READ_INTERVAL));
-        let got = collect(&mut c, now + READ_INTERVAL);
+        let mut got = Vec::new();
+        c.flush(now + READ_INTERVAL / 2, &mut |o| {
+            if let Output::Line { text, .. } = o {
+                got.push(Got::Line(text.to_string()));
+            }
+        });
         assert_eq!(got[0], Got::Line("two".into()));
         let Got::Line(cut) = &got[1] else { panic!() };
         assert!(cut.ends_with("[cut at 4096 bytes]") && cut.len() < MAX_LINE + 30);

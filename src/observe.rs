@@ -153,6 +153,14 @@ impl Observer {
         self.hooks.enforce(now);
     }
 
+    /// At exit, once every worker is gone: their last lines, which the
+    /// pipes may hold (they are read at most every `READ_INTERVAL`).
+    pub fn flush_output(&mut self) {
+        if let Some(c) = &mut self.capture {
+            c.flush(Instant::now(), &mut capture::log);
+        }
+    }
+
     /// The earliest hook deadline, or held output's.
     pub fn next_deadline(&self) -> Option<Instant> {
         let held = self.capture.as_ref().and_then(Capture::next_deadline);

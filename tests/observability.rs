@@ -658,6 +658,28 @@ fn a_worker_spewing_output_costs_the_master_little_and_a_sigterm_is_prompt() {
     );
 }
 
+/// A worker's last lines, written as it stops, are in the log even when
+/// they come sooner than 10 ms after the last read of the pipes (which
+/// holds them until then): drover reads what the pipes hold before it
+/// exits. Without that read, drover exited with them unread (5 runs in 5
+/// with this worker, which writes every 2 ms until its SIGTERM).
+#[test]
+fn a_workers_last_lines_are_logged_before_drover_exits() {
+    let config = "bind = [\"127.0.0.1:0\"]\nworkers = 1\ncapture_output = true\n\
+                  ready = \"spawn\"\n\
+                  command = [\"sh\", \"-c\", \"trap 'echo last words; exit 0' TERM; \
+                  while :; do echo tick; sleep 0.002; done\"]\n";
+    let mut d = Start::config(config).run();
+    d.wait_log_count("stdout: tick", 20);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    let log = d.log();
+    let last = log
+        .find("stdout: last words")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(last < log.find("exiting with status 0").unwrap(), "{log}");
+}
+
 /// With the admin endpoint configured (and an event subscriber connected),
 /// an idle master still sleeps: zero wake-ups.
 #[test]

@@ -278,6 +278,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         generation: first.number,
     });
     let outcome = master.run_loop();
+    master.obs.flush_output();
     let limit = master.sup.current().s.graceful_timeout.0;
     master.reap_cancelled_upgrade(limit);
     end_orphans(master.sup.current().s.quick_timeout.0, master.successor);
