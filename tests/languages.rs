@@ -1,7 +1,8 @@
 //! Node.js, Go and async Rust workers under drover, as
 //! docs/other-languages.md and workers/rust/README.md show them: the examples
 //! in workers/node and workers/go (standard library only) and
-//! workers/rust/examples/tokio_hyper.rs (tokio, hyper 1.x, the SDK) are held to their READY=1 through a slow start, stopped gracefully with a
+//! workers/rust/examples/{tokio_hyper,axum}.rs (tokio with hyper 1.x or
+//! axum 0.8, on the SDK) are held to their READY=1 through a slow start, stopped gracefully with a
 //! request in flight (the request is answered, their cleanup runs, drover
 //! exits 0), stopped quickly, reloaded under load (a request per connection,
 //! and keep-alive) without a failed request, unharmed by drover's SIGUSR1,
@@ -27,6 +28,8 @@ enum Lang {
     Go,
     /// tokio and hyper on the SDK.
     Rust,
+    /// axum on the SDK.
+    Axum,
 }
 
 /// The command that runs a language's example worker, and the directory its
@@ -104,7 +107,11 @@ impl Lang {
                 }
             }
             Lang::Rust => Worker {
-                command: vec![tokio_example_bin().to_owned()],
+                command: vec![sdk_example_bin("tokio_hyper")],
+                _build: None,
+            },
+            Lang::Axum => Worker {
+                command: vec![sdk_example_bin("axum")],
                 _build: None,
             },
             Lang::Go => {
@@ -378,6 +385,9 @@ macro_rules! tests_per_language {
         }
         mod rust {
             $( #[test] fn $name() { super::$name(super::Lang::Rust) } )*
+        }
+        mod axum {
+            $( #[test] fn $name() { super::$name(super::Lang::Axum) } )*
         }
     };
 }

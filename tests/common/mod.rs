@@ -42,20 +42,17 @@ pub fn hello_bin() -> &'static str {
     })
 }
 
-/// The SDK's example worker on tokio and hyper
-/// (`workers/rust/examples/tokio_hyper.rs`), built next to drover by `cargo
-/// nextest run --workspace` (which builds the workspace's examples); checked
-/// for staleness as [`hello_bin`] is.
-pub fn tokio_example_bin() -> &'static str {
-    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let bin = Path::new(drover_bin()).with_file_name("examples/tokio_hyper");
-        fresh_bin(
-            &bin,
-            &["workers/rust/examples", "workers/rust/src"],
-            "cargo build -p drover-worker --example tokio_hyper",
-        )
-    })
+/// An example worker of the SDK (`workers/rust/examples/NAME.rs`:
+/// `tokio_hyper`, `axum`), built next to drover by `cargo nextest run
+/// --workspace` (which builds the workspace's examples); checked for
+/// staleness as [`hello_bin`] is.
+pub fn sdk_example_bin(name: &str) -> String {
+    let bin = Path::new(drover_bin()).with_file_name(format!("examples/{name}"));
+    fresh_bin(
+        &bin,
+        &["workers/rust/examples", "workers/rust/src"],
+        &format!("cargo build -p drover-worker --example {name}"),
+    )
 }
 
 /// `bin`'s path, if it is built and newer than the files in `sources`;
