@@ -48,9 +48,14 @@ pub fn hello_bin() -> &'static str {
 /// staleness as [`hello_bin`] is.
 pub fn sdk_example_bin(name: &str) -> String {
     let bin = Path::new(drover_bin()).with_file_name(format!("examples/{name}"));
+    // Its own source only: cargo does not rebuild an example when another
+    // one changes.
     fresh_bin(
         &bin,
-        &["workers/rust/examples", "workers/rust/src"],
+        &[
+            &format!("workers/rust/examples/{name}.rs"),
+            "workers/rust/src",
+        ],
         &format!("cargo build -p drover-worker --example {name}"),
     )
 }
@@ -78,8 +83,11 @@ fn fresh_bin(bin: &Path, sources: &[&str], build: &str) -> String {
 }
 
 /// The newest modification time of the files in `dir` (not below it: hello's
-/// tests/ are not part of the executable).
+/// tests/ are not part of the executable), or of `dir` if it is a file.
 pub fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
+    if dir.is_file() {
+        return dir.metadata().and_then(|m| m.modified()).ok();
+    }
     std::fs::read_dir(dir)
         .ok()?
         .flatten()
