@@ -79,7 +79,10 @@ fn main() {
                 .create(true)
                 .append(true)
                 .open(path)?;
-            writeln!(file, "cleanup pid={}", std::process::id())?;
+            // One write: with O_APPEND it lands whole, however many
+            // workers append at once (writeln! makes several).
+            let line = format!("cleanup pid={}\n", std::process::id());
+            file.write_all(line.as_bytes())?;
             Ok(())
         });
     }
