@@ -705,7 +705,20 @@ fn an_idle_master_does_not_wake_up() {
             .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
             .sum::<u64>()
     };
-    let before = switches();
+    // The master reads a worker's output at most every 10 ms
+    // (capture_output), so a line just read is followed by one more look at
+    // the pipes: wait until the master has been still for 100 ms.
+    let settled = || {
+        let mut last = switches();
+        wait_for("the master to settle", LIMIT, || {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = switches();
+            let still = now == last;
+            last = now;
+            still.then_some(now)
+        })
+    };
+    let before = settled();
     // A measurement window, not a synchronisation: nothing should happen in it.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(switches(), before, "the idle master woke up");
@@ -715,7 +728,7 @@ fn an_idle_master_does_not_wake_up() {
     kill(victim, Signal::SIGKILL).unwrap();
     d.wait_log("respawning in");
     d.wait_log_count("ready in", 3);
-    let before = switches();
+    let before = settled();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(switches(), before, "the master woke up after a respawn");
 }
