@@ -704,13 +704,15 @@ fn a_template_retired_while_it_imports_exits_quietly() {
 fn a_template_hung_at_boot_is_sent_sigabrt_and_python_says_where() {
     let template = "import faulthandler, time\nfaulthandler.enable()\n\
                     def stuck_in_the_import():\n    time.sleep(1000)\nstuck_in_the_import()\n";
+    // 3 s: time for Python to start and turn faulthandler on, even on a
+    // loaded machine (1 s was not always, in a full parallel run).
     let d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\nworkers = 1\npreload = true\nboot_timeout = \"1s\"\n\
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\npreload = true\nboot_timeout = \"3s\"\n\
          respawn_delay = \"10s\"\ncommand = [\"python3\", \"-c\", {template:?}]\n"
     ))
     .run();
     d.wait_log(
-        "not ready to fork within boot_timeout (1s); SIGABRT (a Python template prints where \
+        "not ready to fork within boot_timeout (3s); SIGABRT (a Python template prints where \
          it hangs), then SIGKILL to its process group in",
     );
     let log = d.wait_log("before it was ready to fork");
