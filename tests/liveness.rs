@@ -482,12 +482,14 @@ while True:
 fn a_worker_hung_at_boot_is_sent_sigabrt_and_python_says_where() {
     let worker = "import faulthandler, time\nfaulthandler.enable()\n\
                   def stuck_in_the_import():\n    time.sleep(1000)\nstuck_in_the_import()\n";
+    // 3 s: Python must have started and turned faulthandler on by then,
+    // which a loaded machine can take more than a second to do.
     let d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"3s\"\n\
          respawn_delay = \"10s\"\ncommand = [\"python3\", \"-c\", {worker:?}]\n"
     ))
     .run();
-    d.wait_log("did not report READY=1 within boot_timeout (1s); SIGABRT");
+    d.wait_log("did not report READY=1 within boot_timeout (3s); SIGABRT");
     let log = d.wait_log("(boot timeout)");
     assert!(log.contains("killed by SIGABRT"), "{log}");
     assert!(
