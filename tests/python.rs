@@ -584,12 +584,16 @@ with_each_core!(graceful_shutdown_under_load_resets_nothing);
 /// of 64 requests failed). Now a worker takes a queued connection only when a
 /// request of the usual duration fits before its deadline, and leaves the
 /// rest to the others: 64 clients, 1 s requests, 4 workers of 4 threads (16
-/// in flight, 48 queued), graceful_timeout 5 s: every request is answered.
+/// in flight, 48 queued): every request is answered. graceful_timeout 8 s
+/// (a drain deadline at 6.4 s): the queue needs 3.5 s after the stop, and a
+/// loaded machine's requests take up to 1.5 s (at 5 s the margin was half a
+/// second, and a loaded CI runner lost requests); a worker that takes the
+/// whole queue needs 12 s.
 fn a_graceful_stop_with_a_full_queue_serves_every_accepted_request(core: &str) {
     let config = wsgi_config(
         &["--core", core],
         "example_app:app",
-        "workers = 4\ngraceful_timeout = \"5s\"",
+        "workers = 4\ngraceful_timeout = \"8s\"",
     )
     .replace("graceful_timeout = \"10s\"\n", "");
     let mut d = Start::config(&config).run();
