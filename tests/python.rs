@@ -992,12 +992,13 @@ fn a_recycling_worker_abandons_a_request_that_outlasts_its_budget(core: &str) {
     let first = d.wait_workers(1)[0];
     let addr = d.tcp_addr();
     let endless = get_in_flight(addr, "/sleep?ms=600000");
-    let started = Instant::now();
     assert_eq!(get_ok(addr, "/").worker_pid(), first.as_raw()); // the 2nd: recycles
     let log = d.wait_log(&format!("(pid {first}) exited with status 0"));
-    // The drain deadline: 4/5 of (3 s less its reserve), from the STOPPING=1.
-    let took = started.elapsed();
-    assert!(took < Duration::from_millis(2900), "{took:?}\n{log}");
+    // The drain deadline is 4/5 of (3 s less its reserve) from the
+    // STOPPING=1: the worker abandons the request then and exits by itself
+    // before drover's SIGKILL, 3 s after the STOPPING=1 (asserted below from
+    // drover's log, not from this test's clock: under load the exit itself
+    // took 0.7 s once).
     assert!(
         log.contains("abandoning 1 busy thread(s) (drain deadline)"),
         "{log}"
