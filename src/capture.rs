@@ -32,6 +32,8 @@ pub const MAX_LINE: usize = 4096;
 pub const READ_BUDGET: usize = 256 * 1024;
 /// The pipes are read at most this often.
 pub const READ_INTERVAL: Duration = Duration::from_millis(10);
+/// The most pipes read per read of the pipes (one `epoll_wait`).
+const EVENTS: usize = 64;
 /// Lines per second logged from one pipe (and the burst above it).
 pub const PIPE_RATE: (f64, f64) = (200.0, 1000.0);
 /// Lines per second logged from all pipes together (and the burst).
@@ -256,9 +258,14 @@ impl Capture {
     /// At exit: what the pipes hold is read now, held or not (the last
     /// lines of workers that exited since the last read).
     pub fn flush(&mut self, now: Instant, sink: &mut dyn FnMut(Output<'_>)) {
-        self.held_until = None;
-        self.last_read = None;
-        self.on_ready(now, sink);
+        // One read reports at most EVENTS pipes; the kernel hands the rest
+        // out first on the next (ready pipes rotate), so enough reads see
+        // every pipe: at exit, every worker's pipe may hold its last lines.
+        for _ in 0..=self.pipes.len() / EVENTS {
+            self.held_until = None;
+            self.last_read = None;
+            self.on_ready(now, sink);
+        }
     }
 
     /// Reads the pipes that have data (each at most [`READ_BUDGET`] bytes)
@@ -270,7 +277,7 @@ impl Capture {
             return;
         }
         self.held_until = None;
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         // SAFETY: epoll_wait writes at most events.len() entries.
         let n = unsafe {
             libc::epoll_wait(
@@ -559,6 +566,28 @@ mod tests {
             "one turn, one budget"
         );
         drop(w);
+    }
+
+    /// At exit every worker's pipe may hold its last line (held by
+    /// READ_INTERVAL): more pipes than one epoll_wait reports are all read.
+    #[test]
+    fn the_flush_at_exit_reads_every_pipe() {
+        let mut c = Capture::new().unwrap();
+        let n = 2 * EVENTS + 7;
+        for i in 0..n {
+            let (r, w) = pipe().unwrap();
+            c.add(2, Pid::from_raw(9), Stream::Stdout, r).unwrap();
+            let mut w = std::fs::File::from(w);
+            writeln!(w, "bye {i}").unwrap();
+        }
+        let mut got = 0;
+        c.flush(Instant::now(), &mut |o| {
+            if let Output::Line { .. } = o {
+                got += 1;
+            }
+        });
+        assert_eq!(got, n, "the last line of every worker");
+        assert_eq!(c.pipes(), 0, "every closed pipe read to its end");
     }
 
     #[test]
