@@ -122,6 +122,19 @@ class RegistryTest(unittest.TestCase):
         """, env={"DROVER_GRACEFUL_TIMEOUT": "2.75"})
         self.assertEqual(r.stdout.split("\n")[:2], ["2.5 2.0", "2.5"], r.stderr)
 
+    def test_an_exit_without_teardown_ends_idle_thread_pools(self):
+        # drover-granian exits so once drained: an idle ThreadPoolExecutor's
+        # worker thread (not a daemon) ends only at threading's own atexit.
+        r = run_script("""
+            import atexit, concurrent.futures, drover_worker as dw
+            pool = concurrent.futures.ThreadPoolExecutor(2)
+            print(pool.submit(lambda: "task ran").result())
+            atexit.register(lambda: print("atexit ran", flush=True))
+            dw._exit_skipping_teardown(wait_for_threads=True)
+        """, timeout=10)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout, "task ran\natexit ran\n")
+
     def test_the_reserve(self):
         r = run_script("""
             import drover_worker as dw

@@ -589,6 +589,14 @@ def _exit_skipping_teardown(wait_for_threads: bool) -> NoReturn:
     whose threads the teardown would wait for. Granian's own workers end
     the same way (multiprocessing's ``os._exit``)."""
     if wait_for_threads:
+        # As the interpreter's exit does first: the functions registered with
+        # threading's own atexit, which end the idle workers of every
+        # ThreadPoolExecutor (else the join below waits for them forever).
+        for call in reversed(getattr(threading, "_threading_atexits", [])):
+            try:
+                call()
+            except Exception:
+                pass
         main = threading.main_thread()
         for t in threading.enumerate():
             if t is not main and not t.daemon:
