@@ -740,3 +740,27 @@ fn a_template_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
     d.wait_log("still running 1s after its SIGABRT; sending SIGKILL to its process group");
     d.wait_log("killed by SIGKILL (boot timeout) before it was ready to fork");
 }
+
+/// A template that dies of its boot timeout's SIGABRT leaves nothing of its
+/// process group running (what its import started: a helper, a pool), as
+/// the plain SIGKILL to its group did before 440c828, and as a worker's
+/// group is swept at its exit. With 440c828 alone, such a process ran on
+/// after the template was reaped.
+#[test]
+fn a_template_killed_at_boot_leaves_nothing_of_its_group() {
+    let d = Start::config(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\npreload = true\nboot_timeout = \"1s\"\n\
+         respawn_delay = \"10s\"\n\
+         command = [\"sh\", \"-c\", \"sleep 1000 & echo $! > $DIR/helper; exec sleep 1000\"]\n",
+    )
+    .run();
+    d.wait_log("killed by SIGABRT (boot timeout) before it was ready to fork");
+    let helper: i32 = read_file(&d.dir.path().join("helper"))
+        .trim()
+        .parse()
+        .unwrap();
+    let helper = Pid::from_raw(helper);
+    wait_for("the template's helper to be killed", LIMIT, || {
+        (!alive(helper)).then_some(())
+    });
+}

@@ -765,6 +765,12 @@ impl Master {
             return;
         };
         let (n, lived) = (t.gen.number, ms(now - t.started));
+        if matches!(t.state, State::Gone(Gone::BootTimeout)) && killpg(pid, Signal::SIGKILL).is_ok()
+        {
+            // Never ready, so it forked no worker: what is left in its group
+            // is what its import started (a worker's group is swept so too).
+            warn!("template of generation {n} (pid {pid}) left processes in its process group: sent them SIGKILL");
+        }
         let how = match (status, t.state) {
             // Its boot timeout's SIGABRT or SIGKILL, as a worker's.
             (_, State::Gone(Gone::BootTimeout)) => describe(status, Some(Kill::BootTimeout)),
