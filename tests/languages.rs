@@ -417,16 +417,12 @@ fn rust_a_blocking_task_does_not_hold_the_stop_past_the_drain_deadline() {
     d.wait_log("all 2 workers ready");
     let workers = d.wait_workers(2);
     let stuck = get_in_flight(d.tcp_addr(), "/blocking?ms=60000");
-    let sent = Instant::now();
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
-    // The drain deadline: (2 s - 0.25 s) * 4/5 = 1.4 s.
-    assert!(
-        sent.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        sent.elapsed()
-    );
     assert!(stuck.join().unwrap().is_err(), "the request was abandoned");
+    // Out by the drain deadline ((2 s - 0.25 s) * 4/5 = 1.4 s), before
+    // drover's SIGKILL at 2 s: told by drover's log, not by this test's
+    // clock (0.6 s of margin for the exit and this test's polling).
     let log = d.log();
     assert!(!log.contains("SIGKILL"), "{log}");
     let done = cleanups(&d);
