@@ -567,12 +567,7 @@ def _bound_exit(log: Callable[[str], None]) -> None:
         waiting = names()
         log("the stop budget ran out while the interpreter's exit waited (%s): exiting without it"
             % ("for thread(s) %s" % waiting if waiting else "in an atexit function"))
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(0)
+        _flush_and_exit(0)
 
     threading.Thread(target=watch, name="drover-exit-deadline", daemon=True).start()
 
@@ -605,12 +600,18 @@ def _exit_skipping_teardown(wait_for_threads: bool) -> NoReturn:
         atexit._run_exitfuncs()
     except Exception:
         pass
+    _flush_and_exit(0)
+
+
+def _flush_and_exit(code: int) -> NoReturn:
+    """``os._exit(code)``, with what the program wrote to its standard
+    streams sent first (``os._exit`` leaves Python's buffers unwritten)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
-    os._exit(0)
+    os._exit(code)
 
 
 def _signal_name(signum: int) -> str:

@@ -45,7 +45,6 @@ import random
 import signal
 import socket
 import stat
-import sys
 import threading
 import time
 import traceback
@@ -560,9 +559,4 @@ def _write(text):
 def _exit(code):
     """Leaves the template without running atexit handlers or the cleanup
     registry: those belong to the workers."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code)
+    _dw._flush_and_exit(code)
