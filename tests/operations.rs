@@ -707,9 +707,7 @@ fn read_until(sock: &UnixDatagram, seen: &mut String, what: &str, pred: impl Fn(
 fn systemd_notify_for_the_master() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let sock = notify_socket(&path);
     let start = Start {
         env: vec![
             ("NOTIFY_SOCKET".into(), path.display().to_string()),
@@ -1264,9 +1262,7 @@ fn recycles_are_counted_apart_from_restarts() {
 fn the_status_told_to_systemd_is_steady_while_workers_recycle() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let sock = notify_socket(&path);
     let start = Start {
         env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
         ..Start::config(&recycling(false))
