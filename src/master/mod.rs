@@ -236,7 +236,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
     // 8b. `--reload`: the app's files, watched from the loop.
     let watch = crate::watch::from_settings(&gen.s)?;
-    // 8b. What the master shows the world: the admin endpoint, the events,
+    // 8c. What the master shows the world: the admin endpoint, the events,
     // the scoreboard (in the notify socket's private directory).
     let admin = bind_admin(&gen.s, upgrade_admin)?;
     let obs = crate::observe::Observer::new(&gen.s, notify.dir(), gen.owner());
