@@ -617,78 +617,9 @@ impl Master {
         self.read_templates(now);
         // Messages next: a worker's last words (STOPPING=1) are heard before
         // its exit is reaped and its pid forgotten.
-        while let Some((sender, messages)) = self.notify.recv() {
-            if self.upgrade.as_ref().is_some_and(|u| u.pid == sender) {
-                self.on_upgrade_notify(messages);
-                continue;
-            }
-            if self.templates.has(sender) {
-                if let Some(pid) = self.templates.on_notify(sender, &messages) {
-                    let _ = killpg(pid, Signal::SIGKILL);
-                }
-                continue;
-            }
-            let pool = &self.sup.pool;
-            match notify::descends_from(sender, |p| pool.has(p)) {
-                Some(pid) => self.sup.on_notify(pid, messages, now),
-                None if template::forked_unknown(&messages) => {
-                    // Forked by a template that was given up before it
-                    // answered: no slot counts on it, and it must not serve
-                    // unsupervised.
-                    warn!("pid {sender} was forked by a template given up before it answered; killing it");
-                    let _ = killpg(sender, Signal::SIGKILL);
-                }
-                // A template's child speaks for it, as a worker's does:
-                // systemd-notify run by a Node.js worker started as one.
-                None => match (!self.templates.list.is_empty())
-                    .then(|| notify::descends_from(sender, |p| self.templates.has(p)))
-                    .flatten()
-                {
-                    Some(t) => {
-                        if let Some(pid) = self.templates.on_notify(t, &messages) {
-                            let _ = killpg(pid, Signal::SIGKILL);
-                        }
-                    }
-                    None => debug!(
-                        "notify message from pid {sender} ignored: not a worker or a descendant of one"
-                    ),
-                },
-            }
-        }
-        for event in self.signals.drain() {
-            match event {
-                Event::Child => self.reap(),
-                Event::Terminate | Event::Interrupt | Event::Quit => {
-                    if let Some(signal) = event.signal() {
-                        self.cancel_upgrade(signal);
-                    }
-                    self.sup.on_signal(event, now)
-                }
-                _ => self.sup.on_signal(event, now),
-            }
-        }
-        let requests = self
-            .control
-            .as_mut()
-            .map(ControlSocket::read_requests)
-            .unwrap_or_default();
-        for (client, command) in requests {
-            match command {
-                control::Command::Events => {
-                    // A subscriber: its connection goes to the event stream.
-                    if let Some(stream) = self.control.as_mut().and_then(|c| c.take_client(client))
-                    {
-                        self.obs.subscribe(stream);
-                    }
-                }
-                // The supervisor's, with the templates, which are ours.
-                control::Command::Status => {
-                    let answer = self.status(now);
-                    self.sup.emit(Action::AnswerClient { client, answer });
-                }
-                command => self.sup.on_command(client, command, now),
-            }
-        }
+        self.read_notify(now);
+        self.read_signals(now);
+        self.read_control(now);
         // `--reload`: changes are read as they come, and acted on once the
         // files have been quiet (the debounce deadline woke us then).
         let changed = self.watch.as_mut().and_then(|w| {
@@ -708,6 +639,95 @@ impl Master {
                 templates: &self.templates,
             };
             admin.on_ready(now, &view);
+        }
+    }
+
+    /// The notify socket: each message goes to whom its sender speaks for
+    /// (the new master of an upgrade, a template, a worker, or a process
+    /// one of them started).
+    fn read_notify(&mut self, now: Instant) {
+        while let Some((sender, messages)) = self.notify.recv() {
+            if self.upgrade.as_ref().is_some_and(|u| u.pid == sender) {
+                self.on_upgrade_notify(messages);
+                continue;
+            }
+            if self.templates.has(sender) {
+                self.template_notify(sender, &messages);
+                continue;
+            }
+            let pool = &self.sup.pool;
+            match notify::descends_from(sender, |p| pool.has(p)) {
+                Some(pid) => self.sup.on_notify(pid, messages, now),
+                None if template::forked_unknown(&messages) => {
+                    // Forked by a template that was given up before it
+                    // answered: no slot counts on it, and it must not serve
+                    // unsupervised.
+                    warn!("pid {sender} was forked by a template given up before it answered; killing it");
+                    let _ = killpg(sender, Signal::SIGKILL);
+                }
+                // A template's child speaks for it, as a worker's does:
+                // systemd-notify run by a Node.js worker started as one.
+                None => match (!self.templates.list.is_empty())
+                    .then(|| notify::descends_from(sender, |p| self.templates.has(p)))
+                    .flatten()
+                {
+                    Some(t) => self.template_notify(t, &messages),
+                    None => debug!(
+                        "notify message from pid {sender} ignored: not a worker or a descendant of one"
+                    ),
+                },
+            }
+        }
+    }
+
+    /// A template's messages; one that does not speak the template protocol
+    /// is killed, with its process group.
+    fn template_notify(&mut self, template: Pid, messages: &[notify::Message]) {
+        if let Some(pid) = self.templates.on_notify(template, messages) {
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// The signal pipe: CHLD reaps here; a stop signal also cancels an
+    /// upgrade under way; the supervisor decides the rest.
+    fn read_signals(&mut self, now: Instant) {
+        for event in self.signals.drain() {
+            match event {
+                Event::Child => self.reap(),
+                Event::Terminate | Event::Interrupt | Event::Quit => {
+                    if let Some(signal) = event.signal() {
+                        self.cancel_upgrade(signal);
+                    }
+                    self.sup.on_signal(event, now)
+                }
+                _ => self.sup.on_signal(event, now),
+            }
+        }
+    }
+
+    /// The control socket's requests: the supervisor's, except `events`
+    /// (the connection becomes a subscriber) and `status` (which includes
+    /// the templates, ours).
+    fn read_control(&mut self, now: Instant) {
+        let requests = self
+            .control
+            .as_mut()
+            .map(ControlSocket::read_requests)
+            .unwrap_or_default();
+        for (client, command) in requests {
+            match command {
+                control::Command::Events => {
+                    if let Some(stream) = self.control.as_mut().and_then(|c| c.take_client(client))
+                    {
+                        self.obs.subscribe(stream);
+                    }
+                }
+                control::Command::Status => {
+                    let answer = self.status(now);
+                    self.sup.emit(Action::AnswerClient { client, answer });
+                }
+                command => self.sup.on_command(client, command, now),
+            }
         }
     }
 
