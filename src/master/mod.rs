@@ -202,7 +202,8 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     let systemd = Systemd::from_env();
     // 4.
     if first.settings.subreaper {
-        become_subreaper()?;
+        become_subreaper().map_err(StartError::Subreaper)?;
+        debug!("child subreaper: orphans of workers are re-parented to drover");
     }
     // 5. Before binding: a second drover on the same pidfile must be told
     // that another one runs, not that its address is in use.
@@ -466,12 +467,13 @@ fn children_of(parent: Pid) -> Vec<Pid> {
         .collect()
 }
 
-fn become_subreaper() -> Result<(), StartError> {
+/// Orphans of drover's children are re-parented to drover from now on
+/// (`subreaper`, and `preload`, whose workers a template forks twice).
+fn become_subreaper() -> Result<(), Errno> {
     // SAFETY: plain prctl on this process.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        return Err(StartError::Subreaper(Errno::last()));
+        return Err(Errno::last());
     }
-    debug!("child subreaper: orphans of workers are re-parented to drover");
     Ok(())
 }
 

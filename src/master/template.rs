@@ -183,13 +183,9 @@ impl Templates {
         start: impl FnOnce(RawFd) -> Result<Pid, String>,
     ) -> Result<Pid, String> {
         if !self.subreaper {
-            // SAFETY: plain prctl on this process.
-            if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-                return Err(format!(
-                    "cannot become a child subreaper, which preload needs: {}",
-                    Errno::last()
-                ));
-            }
+            super::become_subreaper().map_err(|e| {
+                format!("cannot become a child subreaper, which preload needs: {e}")
+            })?;
             self.subreaper = true;
             info!("preload: drover is a child subreaper; forked workers are re-parented to it");
         }
