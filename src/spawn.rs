@@ -61,40 +61,13 @@ impl Identity {
         user: Option<&str>,
         group: Option<&str>,
     ) -> Result<Option<Identity>, SpawnError> {
-        use nix::unistd::{Gid, Group, Uid, User};
-        let unknown = |key: &'static str, name: &str, why: String| SpawnError::Unknown {
-            key,
-            name: name.to_string(),
-            why,
-        };
-        let user = match user {
-            None => None,
-            Some(name) => {
-                let found = match name.parse::<u32>() {
-                    Ok(n) => User::from_uid(Uid::from_raw(n)),
-                    Err(_) => User::from_name(name),
-                };
-                Some(
-                    found
-                        .map_err(|e| unknown("user", name, e.to_string()))?
-                        .ok_or_else(|| unknown("user", name, "no such user".into()))?,
-                )
-            }
-        };
-        let group = match group {
-            None => None,
-            Some(name) => {
-                let found = match name.parse::<u32>() {
-                    Ok(n) => Group::from_gid(Gid::from_raw(n)),
-                    Err(_) => Group::from_name(name),
-                };
-                Some(
-                    found
-                        .map_err(|e| unknown("group", name, e.to_string()))?
-                        .ok_or_else(|| unknown("group", name, "no such group".into()))?,
-                )
-            }
-        };
+        use nix::unistd::{Group, User};
+        let user = user
+            .map(|name| lookup("user", name, User::from_uid, User::from_name))
+            .transpose()?;
+        let group = group
+            .map(|name| lookup("group", name, Group::from_gid, Group::from_name))
+            .transpose()?;
         let gid = match (&group, &user) {
             (Some(g), _) => g.gid,
             (None, Some(u)) => u.gid,
@@ -104,9 +77,11 @@ impl Identity {
         let groups = match &user {
             Some(u) => {
                 let name = CString::new(u.name.as_bytes())
-                    .map_err(|_| unknown("user", &u.name, "NUL in name".into()))?;
+                    .map_err(|_| SpawnError::unknown("user", &u.name, "NUL in name"))?;
                 nix::unistd::getgrouplist(&name, gid)
-                    .map_err(|e| unknown("user", &u.name, format!("cannot list its groups: {e}")))?
+                    .map_err(|e| {
+                        SpawnError::unknown("user", &u.name, format!("cannot list its groups: {e}"))
+                    })?
                     .into_iter()
                     .map(|g| g.as_raw())
                     .collect()
@@ -119,6 +94,21 @@ impl Identity {
             groups,
         }))
     }
+}
+
+/// A user or group (`key`) by number or, failing that, by name.
+fn lookup<Id: From<u32>, T>(
+    key: &'static str,
+    name: &str,
+    by_id: impl FnOnce(Id) -> nix::Result<Option<T>>,
+    by_name: impl FnOnce(&str) -> nix::Result<Option<T>>,
+) -> Result<T, SpawnError> {
+    match name.parse::<u32>() {
+        Ok(n) => by_id(Id::from(n)),
+        Err(_) => by_name(name),
+    }
+    .map_err(|e| SpawnError::unknown(key, name, e.to_string()))?
+    .ok_or_else(|| SpawnError::unknown(key, name, format!("no such {key}")))
 }
 
 impl Program {
@@ -167,6 +157,14 @@ impl Program {
 }
 
 impl SpawnError {
+    fn unknown(key: &'static str, name: &str, why: impl Into<String>) -> SpawnError {
+        SpawnError::Unknown {
+            key,
+            name: name.to_string(),
+            why: why.into(),
+        }
+    }
+
     /// A name not found in `PATH` that is a file in the workers' working
     /// directory (`workdir`, else drover's) was meant as that file: say how
     /// to name it (a name without '/' is only looked up in `PATH`).
@@ -864,6 +862,32 @@ pub fn open_devnull() -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_and_groups_are_found_by_number_or_name() {
+        let by_name = Identity::resolve(Some("root"), None).unwrap().unwrap();
+        let by_number = Identity::resolve(Some("0"), Some("0")).unwrap().unwrap();
+        assert_eq!((by_name.uid, by_name.gid), (Some(0), 0));
+        assert_eq!((by_number.uid, by_number.gid), (Some(0), 0));
+        assert!(Identity::resolve(None, None).unwrap().is_none());
+        let only_group = Identity::resolve(None, Some("root")).unwrap().unwrap();
+        assert_eq!((only_group.uid, only_group.groups), (None, vec![0]));
+        for (user, group, said) in [
+            (
+                Some("nosuchuser-xyz"),
+                None,
+                "user \"nosuchuser-xyz\": no such user",
+            ),
+            (
+                None,
+                Some("nosuchgroup-xyz"),
+                "group \"nosuchgroup-xyz\": no such group",
+            ),
+        ] {
+            let e = Identity::resolve(user, group).unwrap_err().to_string();
+            assert_eq!(e, said);
+        }
+    }
 
     #[test]
     fn env_replaces_and_reserves_the_pid() {
