@@ -23,7 +23,7 @@ use super::worker::{
     describe, exit_code, ms, resident_bytes, Kill, Pace, Replace, State, Stop, Worker,
     PRIORITY_RECHECK, STATUS_LINES_PER_SECOND,
 };
-use crate::config::Ready;
+use crate::config::{Dur, Ready};
 use crate::control::{self, ClientId, Command};
 use crate::events::{ExitCause, Kind};
 use crate::notify::Message;
@@ -1488,59 +1488,7 @@ impl Supervisor {
                 }));
             }
             _ => {
-                let kind = if quick { "quick" } else { "graceful" };
-                // A signal (or a stop) during the pre-stop delay ends it.
-                let prestop = match self.phase {
-                    Phase::PreStop { until, .. } if until > now => {
-                        info!("{why}: pre-stop delay cut short, {} early", ms(until - now));
-                        true
-                    }
-                    Phase::PreStop { .. } => true,
-                    _ => false,
-                };
-                info!("{why}: {kind} shutdown: stage 1, stop accepting");
-                self.emit(Action::Publish(Kind::Shutdown {
-                    stage: 1,
-                    quick,
-                    cause: why.to_string(),
-                }));
-                // After an upgrade the new master serves the sockets: only
-                // our copies go, and the service is the new master's
-                // (MAINPID=): it is not stopping. After a pre-stop delay,
-                // systemd was told already.
-                let handover = cause == Cause::Upgrade;
-                if !handover && !prestop {
-                    self.emit(Action::NotifySystemd(Note::Stopping));
-                }
-                // The control socket goes below: answer whoever waits on it.
-                let shutting = format!("{why}: shutting down");
-                let (queued, running) = self.rollout.take_waiters();
-                if let Some(queued) = queued {
-                    info!("queued reload cancelled: {shutting}");
-                    self.emit_all(
-                        queued.answer(control::failure(&format!("cancelled: {shutting}"))),
-                    );
-                }
-                self.emit_all(
-                    running.answer(control::failure(&format!("not applied: {shutting}"))),
-                );
-                let mut listeners = self
-                    .rollout
-                    .previous()
-                    .map(|p| p.take_listeners())
-                    .unwrap_or_default();
-                listeners.extend(self.current().take_listeners());
-                self.emit(Action::CloseListeners {
-                    listeners,
-                    handover,
-                });
-                self.emit(Action::CloseControl);
-                self.phase = Phase::ShuttingDown(Shutdown {
-                    quick,
-                    began: now,
-                    cause,
-                    killed: 0,
-                });
+                self.stop_accepting(quick, cause, now);
                 info!(
                     "stage 2, drain: {} to {} worker(s), up to {timeout}",
                     signal.as_str(),
@@ -1553,6 +1501,75 @@ impl Supervisor {
                 }));
             }
         }
+        self.stop_for_shutdown(pace, cause, signal, timeout, now);
+    }
+
+    /// Stage 1 of a shutdown: the listeners and the control socket go (the
+    /// clients waiting on it are answered first), and the phase becomes
+    /// `ShuttingDown`.
+    fn stop_accepting(&mut self, quick: bool, cause: Cause, now: Instant) {
+        let why = cause.describe();
+        let kind = if quick { "quick" } else { "graceful" };
+        // A signal (or a stop) during the pre-stop delay ends it.
+        let prestop = match self.phase {
+            Phase::PreStop { until, .. } if until > now => {
+                info!("{why}: pre-stop delay cut short, {} early", ms(until - now));
+                true
+            }
+            Phase::PreStop { .. } => true,
+            _ => false,
+        };
+        info!("{why}: {kind} shutdown: stage 1, stop accepting");
+        self.emit(Action::Publish(Kind::Shutdown {
+            stage: 1,
+            quick,
+            cause: why.to_string(),
+        }));
+        // After an upgrade the new master serves the sockets: only
+        // our copies go, and the service is the new master's
+        // (MAINPID=): it is not stopping. After a pre-stop delay,
+        // systemd was told already.
+        let handover = cause == Cause::Upgrade;
+        if !handover && !prestop {
+            self.emit(Action::NotifySystemd(Note::Stopping));
+        }
+        // The control socket goes below: answer whoever waits on it.
+        let shutting = format!("{why}: shutting down");
+        let (queued, running) = self.rollout.take_waiters();
+        if let Some(queued) = queued {
+            info!("queued reload cancelled: {shutting}");
+            self.emit_all(queued.answer(control::failure(&format!("cancelled: {shutting}"))));
+        }
+        self.emit_all(running.answer(control::failure(&format!("not applied: {shutting}"))));
+        let mut listeners = self
+            .rollout
+            .previous()
+            .map(|p| p.take_listeners())
+            .unwrap_or_default();
+        listeners.extend(self.current().take_listeners());
+        self.emit(Action::CloseListeners {
+            listeners,
+            handover,
+        });
+        self.emit(Action::CloseControl);
+        self.phase = Phase::ShuttingDown(Shutdown {
+            quick,
+            began: now,
+            cause,
+            killed: 0,
+        });
+    }
+
+    /// Stage 2 of a shutdown: every worker gets `signal` (`pace`) and
+    /// `timeout` to exit.
+    fn stop_for_shutdown(
+        &mut self,
+        pace: Pace,
+        cause: Cause,
+        signal: Signal,
+        timeout: Dur,
+        now: Instant,
+    ) {
         // A worker still booting while no other one serves may hold the last
         // copy of the listeners, with connections queued on them: stopped now
         // (before its stop handlers even exist), its exit would reset them.
