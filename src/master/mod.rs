@@ -869,12 +869,8 @@ impl Master {
     /// The environment and listener descriptors of a worker of `g` in `slot`
     /// (slot 0: a template).
     fn worker_env(&self, g: &Generation, slot: u32) -> (spawn::Env, Vec<RawFd>) {
-        let listeners = g.listeners.borrow();
         let mut env = g.env.clone();
-        let names: Vec<&str> = listeners.iter().map(|(_, name)| name.as_str()).collect();
-        env.set("LISTEN_FDS", listeners.len().to_string());
-        env.set("LISTEN_FDNAMES", names.join(":"));
-        env.set_child_pid("LISTEN_PID");
+        let fds = pass_listeners(&mut env, &g.listeners.borrow());
         env.set("NOTIFY_SOCKET", self.notify.path());
         env.set("DROVER_WORKER_ID", slot.to_string());
         env.set("DROVER_GENERATION", g.number.to_string());
@@ -894,7 +890,6 @@ impl Master {
             env.set("WATCHDOG_USEC", t.0.as_micros().to_string());
             env.set_child_pid("WATCHDOG_PID");
         }
-        let fds: Vec<RawFd> = listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
         (env, fds)
     }
 
@@ -1042,6 +1037,17 @@ impl Master {
         };
         self.obs.publish(kind);
     }
+}
+
+/// Socket activation, as systemd does it: `listeners` at fds 3.. (their
+/// descriptors, returned in that order), named in `env`, with the slot for
+/// the child's own pid in `LISTEN_PID`.
+fn pass_listeners(env: &mut spawn::Env, listeners: &listen::Set) -> Vec<RawFd> {
+    let names: Vec<&str> = listeners.iter().map(|(_, name)| name.as_str()).collect();
+    env.set("LISTEN_FDS", listeners.len().to_string());
+    env.set("LISTEN_FDNAMES", names.join(":"));
+    env.set_child_pid("LISTEN_PID");
+    listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect()
 }
 
 /// SIGKILL to what a dead worker left in its process group. They would

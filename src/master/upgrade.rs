@@ -6,7 +6,7 @@
 //! keeps serving and says why.
 
 use std::ffi::OsString;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -130,27 +130,7 @@ impl Master {
             .source
             .load()
             .map_or(current.s.boot_timeout.0, |l| l.settings.boot_timeout.0);
-        let listeners = current.listeners.borrow();
-        let mut env = Env::inherit(&[]);
-        let names: Vec<&str> = listeners.iter().map(|(_, n)| n.as_str()).collect();
-        env.set("LISTEN_FDS", listeners.len().to_string());
-        env.set("LISTEN_FDNAMES", names.join(":"));
-        // Which of them we bound: the new master's shutdown must refuse new
-        // connections on those, and remove their socket files, as ours would.
-        let bound: Vec<String> = listeners.iter().map(|(l, _)| l.handover_entry()).collect();
-        env.set(crate::listen::UPGRADE_BOUND, bound.join(":"));
-        env.set_child_pid("LISTEN_PID");
-        env.set("NOTIFY_SOCKET", self.notify.path());
-        env.set("DROVER_UPGRADE_FROM", std::process::id().to_string());
-        if let Some(service) = self.systemd.socket() {
-            env.set("DROVER_SERVICE_NOTIFY_SOCKET", service);
-            // The service's watchdog, as systemd would pass it: the new
-            // master keeps it fed once it is the main pid.
-            if let Some(w) = self.systemd.watchdog {
-                env.set("WATCHDOG_USEC", w.as_micros().to_string());
-                env.set_child_pid("WATCHDOG_PID");
-            }
-        }
+        let (env, fds) = self.upgrade_env(&current.listeners.borrow());
         // Hand over what only one master may hold: the pidfile lock (the
         // file stays, naming us until the new master writes its pid) and the
         // control socket's path. Taken back if the upgrade fails.
@@ -160,15 +140,6 @@ impl Master {
         if let Some(c) = self.control.as_mut() {
             c.close_listener();
         }
-        let mut fds: Vec<_> = listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect();
-        // And the admin endpoint's socket, after them: we answer on it until
-        // the new master is ready, then it does (a probe must not hear
-        // "booting" from the new master while we serve).
-        if let Some(a) = &self.admin {
-            env.set(crate::listen::UPGRADE_ADMIN_FD, (3 + fds.len()).to_string());
-            fds.push(a.listener_fd().as_raw_fd());
-        }
-        drop(listeners);
         // The new master must outlive us: no parent-death signal.
         match spawn::spawn(&program, &env, &fds, self.devnull.as_raw_fd(), false, None) {
             Ok(pid) => {
@@ -193,6 +164,38 @@ impl Master {
             }
             Err(e) => self.upgrade_failed(Waiters::one(client), format!("{e}")),
         }
+    }
+
+    /// The new master's environment (ours) and descriptors: the sockets,
+    /// as systemd would pass them, and which of them we bound; our notify
+    /// socket for its `READY=1`; our service manager's socket and watchdog;
+    /// the admin endpoint's socket after the listeners.
+    fn upgrade_env(&self, listeners: &crate::listen::Set) -> (Env, Vec<RawFd>) {
+        let mut env = Env::inherit(&[]);
+        let mut fds = super::pass_listeners(&mut env, listeners);
+        // Which of them we bound: the new master's shutdown must refuse new
+        // connections on those, and remove their socket files, as ours would.
+        let bound: Vec<String> = listeners.iter().map(|(l, _)| l.handover_entry()).collect();
+        env.set(crate::listen::UPGRADE_BOUND, bound.join(":"));
+        env.set("NOTIFY_SOCKET", self.notify.path());
+        env.set("DROVER_UPGRADE_FROM", std::process::id().to_string());
+        if let Some(service) = self.systemd.socket() {
+            env.set("DROVER_SERVICE_NOTIFY_SOCKET", service);
+            // The service's watchdog, as systemd would pass it: the new
+            // master keeps it fed once it is the main pid.
+            if let Some(w) = self.systemd.watchdog {
+                env.set("WATCHDOG_USEC", w.as_micros().to_string());
+                env.set_child_pid("WATCHDOG_PID");
+            }
+        }
+        // We answer on the admin endpoint until the new master is ready,
+        // then it does (a probe must not hear "booting" from the new master
+        // while we serve).
+        if let Some(a) = &self.admin {
+            env.set(crate::listen::UPGRADE_ADMIN_FD, (3 + fds.len()).to_string());
+            fds.push(a.listener_fd().as_raw_fd());
+        }
+        (env, fds)
     }
 
     /// A stop (SIGTERM, SIGINT, SIGQUIT) during an upgrade. Before the new
