@@ -58,7 +58,8 @@ pub enum State {
         /// that a busy machine cannot starve it into its deadline.
         restore_at: Option<Instant>,
     },
-    /// Sent SIGKILL: its exit is due, nothing else.
+    /// Sent SIGKILL: its exit is due, nothing else. Or sent SIGABRT at its
+    /// boot deadline (`abort_boot`): SIGKILL at `Worker::kill_at`.
     Killed { kill: Kill, stopped: Option<Stop> },
     /// Could not exec (already dealt with): its exit (127) says nothing more.
     ExecFailed,
