@@ -9,7 +9,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::config::{ConfigError, Given, Layer, Loaded, Place, Settings, Source};
+use crate::config::{ConfigError, Given, Layer, Place, Settings, Source};
 use crate::control::{self, Command};
 use crate::logfile::LogFile;
 use crate::logformat::{JsonLines, LogFormat};
@@ -331,14 +331,7 @@ pub fn main() -> ExitCode {
             return man(subcommand.as_deref());
         }
     };
-    let loaded = run.source().and_then(|source| Ok((source.load()?, source)));
-    let (
-        Loaded {
-            settings,
-            bind_was_set,
-        },
-        source,
-    ) = match loaded {
+    let (loaded, source) = match run.source().and_then(|source| Ok((source.load()?, source))) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("drover: {e}");
@@ -346,33 +339,41 @@ pub fn main() -> ExitCode {
         }
     };
     if let Some(print) = check_print {
-        return check(&source, &settings, bind_was_set, print);
+        return check(&source, &loaded.settings, loaded.bind_was_set, print);
     }
-    let log = match settings.log_file.as_deref().map(LogFile::open).transpose() {
+    let s = &loaded.settings;
+    let log = match s.log_file.as_deref().map(LogFile::open).transpose() {
         Ok(log) => log,
         Err(e) => {
             eprintln!(
                 "drover: {}log_file {}: {e}",
-                crate::config::located(&settings.places.of("log_file").cloned()),
-                settings
-                    .log_file
-                    .as_deref()
-                    .unwrap_or(Path::new(""))
-                    .display()
+                crate::config::located(&s.places.of("log_file").cloned()),
+                s.log_file.as_deref().unwrap_or(Path::new("")).display()
             );
             return ExitCode::from(exit::FAILURE);
         }
     };
-    let level = LevelFilter::from_level(settings.log_level.0);
+    init_logger(s, log.as_ref());
+    match master::run(source, loaded, log) {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_status())
+        }
+    }
+}
+
+/// The logger: `log_level`, `log_format`, to `log` or standard error.
+fn init_logger(s: &Settings, log: Option<&LogFile>) {
     // A line that cannot be written (a full disk under log_file) is lost:
     // tracing's report of it goes to standard error with eprintln!, which
     // panics when that fails too, and the master would die with its workers.
     let fmt = tracing_subscriber::fmt()
         .with_target(false)
         .with_ansi(false)
-        .with_max_level(level)
+        .with_max_level(LevelFilter::from_level(s.log_level.0))
         .log_internal_errors(false);
-    match (&log, settings.log_format) {
+    match (log, s.log_format) {
         (Some(file), LogFormat::Text) => fmt.with_writer(file.clone()).init(),
         (None, LogFormat::Text) => fmt.with_writer(crate::logfile::Stderr::open()).init(),
         (Some(file), LogFormat::Json) => fmt
@@ -383,17 +384,6 @@ pub fn main() -> ExitCode {
             .event_format(JsonLines::install())
             .with_writer(crate::logfile::Stderr::open())
             .init(),
-    }
-    let first = Loaded {
-        settings,
-        bind_was_set,
-    };
-    match master::run(source, first, log) {
-        Ok(status) => ExitCode::from(status),
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::from(e.exit_status())
-        }
     }
 }
 
