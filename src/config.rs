@@ -1399,7 +1399,10 @@ impl<'de> Deserialize<'de> for EventHooks {
     }
 }
 
-bounded_setting!(WorkerCount, 1, 4096, "a number of workers");
+/// The most workers drover runs: `workers`, and what scaling may reach.
+pub const MAX_WORKERS: u32 = 4096;
+
+bounded_setting!(WorkerCount, 1, MAX_WORKERS as i64, "a number of workers");
 bounded_setting!(Count, 1, 1_000_000, "a count");
 bounded_setting!(Backlog, 1, 65535, "a listen backlog");
 

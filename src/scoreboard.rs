@@ -34,9 +34,9 @@ pub const BUSY: usize = 1;
 pub const REQUESTS: usize = 2;
 pub const LATENCY_SUM_US: usize = 3;
 pub const BUCKETS: usize = 4;
-/// Records in the file: every slot (4096 at most) twice over, for the
-/// workers that overlap during a replacement.
-pub const CAPACITY: u32 = 8192;
+/// Records in the file: every slot twice over, for the workers that
+/// overlap during a replacement.
+pub const CAPACITY: u32 = 2 * crate::config::MAX_WORKERS;
 
 /// What one record holds at one instant.
 #[derive(Debug, Clone, PartialEq)]

@@ -23,7 +23,7 @@ use super::worker::{
     describe, exit_code, ms, resident_bytes, Kill, Pace, Replace, State, Stop, Worker,
     PRIORITY_RECHECK, STATUS_LINES_PER_SECOND,
 };
-use crate::config::{Dur, Ready};
+use crate::config::{Dur, Ready, MAX_WORKERS};
 use crate::control::{self, ClientId, Command};
 use crate::events::{ExitCause, Kind};
 use crate::notify::Message;
@@ -58,9 +58,6 @@ fn exit_cause(state: &State, status: WaitStatus) -> ExitCause {
         },
     }
 }
-
-/// The most workers drover runs (as for the `workers` setting).
-pub const MAX_WORKERS: u32 = 4096;
 
 /// Where the master is in its life.
 #[derive(Debug)]
