@@ -1242,11 +1242,7 @@ impl Supervisor {
             match w.state {
                 State::Ready(_) if w.recheck_priority.is_some_and(|t| t <= now) => {
                     w.recheck_priority = None;
-                    actions.extend(w.gen.boot.map(|boot| Action::RestorePriority {
-                        slot,
-                        pid,
-                        boot,
-                    }));
+                    actions.extend(w.restore_priority());
                 }
                 State::Execing { .. } | State::Booting { .. }
                     if w.lowered_until().is_some_and(|t| t <= now) =>
@@ -1257,11 +1253,7 @@ impl Supervisor {
                         w.gen.s.boot_timeout
                     );
                     w.lowered = false;
-                    actions.extend(w.gen.boot.map(|boot| Action::RestorePriority {
-                        slot,
-                        pid,
-                        boot,
-                    }));
+                    actions.extend(w.restore_priority());
                 }
                 State::Booting { .. } if w.silent_past(now) => {
                     // ready = "auto": nothing said on the notify socket, so
@@ -1328,11 +1320,7 @@ impl Supervisor {
                 } if deadline > now => {
                     // Only `restore_at` is due: the exit may be at SCHED_IDLE.
                     *restore_at = None;
-                    actions.extend(w.gen.boot.map(|boot| Action::RestorePriority {
-                        slot,
-                        pid,
-                        boot,
-                    }));
+                    actions.extend(w.restore_priority());
                 }
                 State::Stopping { why, .. } => {
                     let cause = if why == Stop::HeartbeatMissed {
@@ -1377,21 +1365,22 @@ impl Supervisor {
             self.slot_failed(slot, now);
         }
         if !shutting_down && self.next_memory_check.is_some_and(|t| t <= now) {
-            self.check_memory();
-            // Disarmed once no generation alive sets max_memory.
-            let watched = self.current().s.max_memory.is_some()
-                || self
-                    .pool
-                    .workers
-                    .iter()
-                    .any(|w| w.gen.s.max_memory.is_some());
-            let interval = self.current().s.memory_check_interval.0;
-            self.next_memory_check = watched.then_some(now + interval);
+            self.check_memory(now);
         }
     }
 
-    /// Marks ready workers over their generation's max_memory for replacement.
-    fn check_memory(&mut self) {
+    /// Marks ready workers over their generation's max_memory for
+    /// replacement, and sets the next check.
+    fn check_memory(&mut self, now: Instant) {
+        // Disarmed once no generation alive sets max_memory.
+        let watched = self.current().s.max_memory.is_some()
+            || self
+                .pool
+                .workers
+                .iter()
+                .any(|w| w.gen.s.max_memory.is_some());
+        let interval = self.current().s.memory_check_interval.0;
+        self.next_memory_check = watched.then_some(now + interval);
         for w in self.pool.workers.iter_mut() {
             let (Some(limit), State::Ready(s)) = (w.gen.s.max_memory, &mut w.state) else {
                 continue;

@@ -408,6 +408,16 @@ impl Worker {
         }
     }
 
+    /// Its threads back at drover's priority, if its generation boots
+    /// workers at a lower one (`boot_priority`).
+    pub fn restore_priority(&self) -> Option<Action> {
+        self.gen.boot.map(|boot| Action::RestorePriority {
+            slot: self.slot,
+            pid: self.pid,
+            boot,
+        })
+    }
+
     /// Asked to stop (killed since, or not).
     pub fn is_stopping(&self) -> bool {
         matches!(
