@@ -414,13 +414,19 @@ fn run_entries(entries: Vec<Entry>, limit: Limit) {
             Progress::Finished => current = None,
         }
     }
-    let budget_text = format!("{:.1}s", (deadline - start).as_secs_f64());
+    report_overrun(deadline - start, current, &skipped);
+}
+
+/// Says what the budget cut: the function `running` (abandoned), and those
+/// `skipped`.
+fn report_overrun(budget: Duration, running: Option<String>, skipped: &[String]) {
+    let budget_text = format!("{:.1}s", budget.as_secs_f64());
     let skipped_text = if skipped.is_empty() {
         String::new()
     } else {
         format!("; not started: {}", skipped.join(", "))
     };
-    match current {
+    match running {
         Some(name) => log!(
             "cleanup budget of {budget_text} ran out while '{name}' was still running; \
              abandoned it{skipped_text}"
