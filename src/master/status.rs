@@ -6,9 +6,9 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::supervisor::{Phase, Supervisor};
-use super::worker::resident_bytes;
 use super::Master;
 use crate::control;
+use crate::metrics::resident_bytes;
 
 impl Master {
     /// The supervisor's status, with the preload templates (not workers:
@@ -46,7 +46,7 @@ impl Supervisor {
                     "recycles": slot.map_or(0, |s| s.recycles),
                     "degraded": failures >= degraded_after,
                     "status": w.status,
-                    "rss_bytes": resident_bytes(w.pid),
+                    "rss_bytes": resident_bytes(w.pid.as_raw()),
                 })
             })
             .collect();
@@ -82,7 +82,7 @@ impl Supervisor {
                     _ => None,
                 },
                 "reloading": self.rollout.busy(),
-                "rss_bytes": resident_bytes(nix::unistd::Pid::this()),
+                "rss_bytes": resident_bytes(std::process::id() as i32),
             },
             "workers": workers,
             "slots": slots,

@@ -20,8 +20,8 @@ use super::pool::Pool;
 use super::rollout::{Rollout, Settled};
 use super::shutdown::{Cause, Shutdown};
 use super::worker::{
-    describe, exit_code, ms, resident_bytes, Kill, Pace, Replace, State, Stop, Worker,
-    PRIORITY_RECHECK, STATUS_LINES_PER_SECOND,
+    describe, exit_code, ms, Kill, Pace, Replace, State, Stop, Worker, PRIORITY_RECHECK,
+    STATUS_LINES_PER_SECOND,
 };
 use crate::config::{Dur, Ready, MAX_WORKERS};
 use crate::control::{self, ClientId, Command};
@@ -1388,7 +1388,7 @@ impl Supervisor {
             if s.replace.is_some() {
                 continue;
             }
-            let Some(rss) = resident_bytes(w.pid) else {
+            let Some(rss) = crate::metrics::resident_bytes(w.pid.as_raw()) else {
                 continue;
             };
             if rss > limit.0 {

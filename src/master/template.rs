@@ -24,9 +24,10 @@ use nix::sys::wait::WaitStatus;
 use super::generation::Generation;
 use super::pool::backoff;
 use super::priority::Boot;
-use super::worker::{describe, exit_code, ms, resident_bytes, Kill};
+use super::worker::{describe, exit_code, ms, Kill};
 use super::Master;
 use crate::events::Kind;
+use crate::metrics::resident_bytes;
 use crate::spawn;
 
 /// How long a template may take to answer a fork request before it is
@@ -259,7 +260,7 @@ impl Templates {
                     "state": t.state.name(),
                     "uptime_s": (now - t.started).as_secs(),
                     "restarts": t.restarts,
-                    "rss_bytes": resident_bytes(t.pid),
+                    "rss_bytes": resident_bytes(t.pid.as_raw()),
                     "start_in_ms": null,
                 })
             })

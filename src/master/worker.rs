@@ -605,15 +605,6 @@ pub fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Resident memory of a process, in bytes, from /proc.
-pub fn resident_bytes(pid: Pid) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split(' ').nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    Some(pages * page)
-}
-
 /// A pseudo-random part of `max`, different for each worker, so that workers
 /// started together do not all reach max_age together.
 pub fn jitter(max: Duration, pid: Pid) -> Duration {
