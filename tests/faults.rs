@@ -1116,6 +1116,47 @@ fn a_stop_late_in_an_upgrade_leaves_the_new_master_serving() {
     });
 }
 
+/// A stop that cancels an upgrade waits for the new master's whole
+/// shutdown, by the new config's budget: here its booting worker is held to
+/// its 3 s drain (graceful_timeout), then its on_exit hook runs. The old
+/// code gave it the old master's graceful_timeout (1 s) from the end of the
+/// old master's own drain and killed it in its stage 2: its hook never ran
+/// and its pidfile stayed behind.
+#[test]
+fn a_stop_early_in_an_upgrade_waits_for_the_new_masters_whole_shutdown() {
+    let common = "ready = \"notify\"\nquick_timeout = \"1s\"\npidfile = \"$DIR/drover.pid\"";
+    let old = format!("{common}\ngraceful_timeout = \"1s\"");
+    let mut d = Start::config(&config(&hello_cmd(), 1, &old)).run();
+    d.wait_log("all 1 workers ready");
+    let dir = d.dir.path().display().to_string();
+    // The new master's worker never gets ready; its drain is 3 s.
+    let new = format!(
+        "{common}\ngraceful_timeout = \"3s\"\n\
+         on_exit = [\"sh\", \"-c\", \"echo $DROVER_CAUSE > $DIR/new-exit\"]"
+    );
+    let text = config("[\"sleep\", \"60\"]", 1, &new).replace("$DIR", &dir);
+    std::fs::write(d.dir.path().join("config.toml"), text).unwrap();
+    d.signal(Signal::SIGUSR2);
+    let log = d.wait_log("upgrade: started");
+    let new = new_master_pid(&log);
+    // The new master has spawned its worker: its signal handlers are set.
+    d.wait_log_count("spawned, generation 1", 2);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+    assert!(!alive(new), "the new master outlived the old one");
+    let log = d.log();
+    assert!(!log.contains("did not stop in time"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "upgrade: the new master (pid {new}) exited with status 4"
+        )),
+        "{log}"
+    );
+    // Its shutdown ran to its end: the hook, and the pidfile removed.
+    assert_eq!(read_file(&d.dir.path().join("new-exit")).trim(), "SIGTERM");
+    assert!(!d.dir.path().join("drover.pid").exists(), "{log}");
+}
+
 /// Waits until `pid` leads a session of its own. The workers' `$!` is
 /// written at the fork, before setsid(1) has made the child a session: until
 /// then it is still in the worker's process group, and a stop ends it with

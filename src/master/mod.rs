@@ -280,8 +280,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     });
     let outcome = master.run_loop();
     master.obs.flush_output();
-    let limit = master.sup.current().s.graceful_timeout.0;
-    master.reap_cancelled_upgrade(limit);
+    master.reap_cancelled_upgrade();
     end_orphans(master.sup.current().s.quick_timeout.0, master.successor);
     if outcome.cause != Cause::Upgrade {
         // (After an upgrade the new master, started with our socket in

@@ -36,7 +36,31 @@ pub struct Upgrade {
     /// A stop arrived before the new master was ready: it was told to stop
     /// too, and its `READY=1` no longer hands anything over.
     cancelled: bool,
+    /// The longest the new master's own shutdown may take, from its config:
+    /// how long a cancelled upgrade's new master is waited for.
+    stop_limit: Duration,
+    /// When it was told to stop (a cancelled upgrade).
+    cancelled_at: Option<Instant>,
     waiters: Waiters,
+}
+
+/// What a new master's shutdown may take once told to stop: its workers'
+/// drain, then its stage 3 (the processes left by workers: `quick_timeout`),
+/// its `on_exit` hook and the event hooks still running or waiting at its
+/// exit (two `hook_timeout`s at most), and a margin for its own exit.
+fn stop_limit(s: &crate::config::Settings) -> Duration {
+    let hook = s.hook_timeout.0;
+    let on_exit = if s.on_exit.is_empty() {
+        Duration::ZERO
+    } else {
+        hook
+    };
+    let events = if s.event_hooks.0.is_empty() {
+        Duration::ZERO
+    } else {
+        2 * hook
+    };
+    s.graceful_timeout.0 + s.quick_timeout.0 + on_exit + events + Duration::from_secs(1)
 }
 
 /// The time a new master gets on top of its workers' `boot_timeout`: its
@@ -125,11 +149,11 @@ impl Master {
         // The new master reads the config as it is now: give it the
         // boot_timeout it will apply to its workers (ours if it cannot be
         // read; the new master will then fail on it anyway).
+        // Its stop budget too, for a stop that cancels the upgrade.
         let current = self.sup.current().clone();
-        let boot_timeout = self
-            .source
-            .load()
-            .map_or(current.s.boot_timeout.0, |l| l.settings.boot_timeout.0);
+        let loaded = self.source.load().ok();
+        let new_settings = loaded.as_ref().map_or(&current.s, |l| &l.settings);
+        let (boot_timeout, stop_limit) = (new_settings.boot_timeout.0, stop_limit(new_settings));
         let (env, fds) = self.upgrade_env(&current.listeners.borrow());
         // Hand over what only one master may hold: the pidfile lock (the
         // file stays, naming us until the new master writes its pid) and the
@@ -159,6 +183,8 @@ impl Master {
                     limit,
                     timed_out: false,
                     cancelled: false,
+                    stop_limit,
+                    cancelled_at: None,
                     waiters: Waiters::one(client),
                 });
             }
@@ -208,6 +234,7 @@ impl Master {
             return;
         };
         u.cancelled = true;
+        u.cancelled_at = Some(Instant::now());
         let (pid, waiters) = (u.pid, std::mem::take(&mut u.waiters));
         warn!(
             "{}: upgrade cancelled: the new master (pid {pid}) was not ready yet; \
@@ -229,14 +256,15 @@ impl Master {
     }
 
     /// At exit, a cancelled upgrade's new master is waited for (it stops
-    /// its own workers), for at most `limit`, then killed: no master of
-    /// ours outlives this one.
-    pub(super) fn reap_cancelled_upgrade(&mut self, limit: Duration) {
+    /// its own workers) for as long as its shutdown may take from the
+    /// cancel, then killed: no master of ours outlives this one. (Killed
+    /// earlier, it left its pidfile and its workers' orphans behind.)
+    pub(super) fn reap_cancelled_upgrade(&mut self) {
         if !self.upgrade.as_ref().is_some_and(|u| u.cancelled) {
             return;
         }
         let Some(u) = self.upgrade.take() else { return };
-        let deadline = Instant::now() + limit;
+        let deadline = u.cancelled_at.unwrap_or_else(Instant::now) + u.stop_limit;
         loop {
             match nix::sys::wait::waitpid(u.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
                 Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
