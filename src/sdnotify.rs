@@ -50,6 +50,11 @@ impl Systemd {
         }
     }
 
+    /// We are the new master of an upgrade that is not complete yet.
+    pub fn upgrading(&self) -> bool {
+        self.upgrading
+    }
+
     /// The service manager's socket, for a new master to report to later.
     pub fn socket(&self) -> Option<&OsString> {
         self.after_ready.as_ref().or(self.socket.as_ref())

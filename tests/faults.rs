@@ -1157,6 +1157,52 @@ fn a_stop_early_in_an_upgrade_waits_for_the_new_masters_whole_shutdown() {
     assert!(!d.dir.path().join("drover.pid").exists(), "{log}");
 }
 
+/// During an upgrade the control socket is the new master's: an upgrade
+/// asked of it before it is ready is refused. The old code started a third
+/// master from the second, which the old master could then kill at its
+/// deadline, leaving the third to serve beside it.
+#[test]
+fn an_upgrade_asked_of_a_new_master_not_ready_yet_is_refused() {
+    let mut d = Start::config(&config(&hello_cmd(), 1, "ready = \"notify\"")).run();
+    d.wait_log("all 1 workers ready");
+    let slow = config(
+        &format!("[\"sh\", \"-c\", \"sleep 2; exec {}\"]", hello_bin()),
+        1,
+        "ready = \"notify\"",
+    );
+    let dir = d.dir.path().display().to_string();
+    std::fs::write(d.dir.path().join("config.toml"), slow.replace("$DIR", &dir)).unwrap();
+    d.signal(Signal::SIGUSR2);
+    let log = d.wait_log("upgrade: started");
+    let new = new_master_pid(&log);
+    d.wait_log_count("spawned, generation 1", 2);
+    let (code, out) = d.ctl(&["upgrade"]);
+    let masters = |log: &str| -> Vec<Pid> {
+        log.split("upgrade: started ")
+            .skip(1)
+            .map(|rest| new_master_pid(&format!("upgrade: started {rest}")))
+            .collect()
+    };
+    let started = masters(&d.log());
+    for pid in started.iter().filter(|&&p| p != new) {
+        let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
+    }
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("failed: this master is the new master of an upgrade, not ready yet"),
+        "{out}"
+    );
+    assert_eq!(started, vec![new], "{}", d.log());
+    // The first upgrade completes as usual.
+    d.wait_log("; retiring this one");
+    assert!(matches!(d.wait_exit_only(LIMIT).code(), Some(0 | 4)));
+    assert!(alive(new));
+    nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+}
+
 /// Waits until `pid` leads a session of its own. The workers' `$!` is
 /// written at the fork, before setsid(1) has made the child a session: until
 /// then it is still in the worker's process group, and a stop ends it with

@@ -127,6 +127,11 @@ impl Master {
             Some("drover is PID 1: its namespace would end with it, and the new master with it")
         } else if self.upgrade.is_some() {
             Some("an upgrade is already in progress")
+        } else if self.systemd.upgrading() {
+            // It holds the control socket and the pidfile meanwhile, so the
+            // request reached it: a third master would be the child of one
+            // that may yet fail, and would serve on beside the old one.
+            Some("this master is the new master of an upgrade, not ready yet")
         } else if self.sup.rollout.busy() {
             Some("a reload is in progress")
         } else {
