@@ -207,32 +207,12 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
     }
     // 5. Before binding: a second drover on the same pidfile must be told
     // that another one runs, not that its address is in use.
-    let at = |key: &str| first.settings.places.of(key).cloned();
-    let pidfile = first
-        .settings
-        .pidfile
-        .as_deref()
-        .map(|path| {
-            Pidfile::create(path).map_err(|source| StartError::Pidfile {
-                at: at("pidfile"),
-                source,
-            })
-        })
-        .transpose()?;
+    let pidfile = create_pidfile(&first.settings)?;
     // 6. Generation 1: program, environment, listeners.
     let mut gen = Generation::build(1, first, inherited, &Vec::new(), false)?;
     // 7. The notify and control sockets.
     let notify = NotifySocket::open(gen.owner()).map_err(StartError::Notify)?;
-    let control = match &gen.s.control_socket {
-        Some(path) => Some(
-            ControlSocket::bind(path).map_err(|source| StartError::Control {
-                at: gen.s.places.of("control_socket").cloned(),
-                path: path.display().to_string(),
-                source,
-            })?,
-        ),
-        None => None,
-    };
+    let control = bind_control(&gen.s)?;
     // 8. The workers' standard input.
     let devnull = spawn::open_devnull().map_err(StartError::DevNull)?;
     // 8b. `--reload`: the app's files, watched from the loop.
@@ -279,22 +259,39 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         generation: first.number,
     });
     let outcome = master.run_loop();
-    master.obs.flush_output();
-    master.reap_cancelled_upgrade();
-    end_orphans(master.sup.current().s.quick_timeout.0, master.successor);
-    if outcome.cause != Cause::Upgrade {
-        // (After an upgrade the new master, started with our socket in
-        // its environment, goes on: it is no escapee.)
-        report_escaped(master.notify.path());
-    }
-    let status = master.finish(outcome);
-    master.obs.publish(crate::events::Kind::Exiting { status });
-    master.obs.close();
+    let status = master.wind_up(outcome);
     info!(
         "exiting with status {status} after {}",
         ms(started.elapsed())
     );
     Ok(status)
+}
+
+/// Step 5: the pidfile, if `pidfile` is set.
+fn create_pidfile(s: &crate::config::Settings) -> Result<Option<Pidfile>, StartError> {
+    let Some(path) = s.pidfile.as_deref() else {
+        return Ok(None);
+    };
+    Pidfile::create(path)
+        .map(Some)
+        .map_err(|source| StartError::Pidfile {
+            at: s.places.of("pidfile").cloned(),
+            source,
+        })
+}
+
+/// Step 7: the control socket, if `control_socket` is set.
+fn bind_control(s: &crate::config::Settings) -> Result<Option<ControlSocket>, StartError> {
+    let Some(path) = &s.control_socket else {
+        return Ok(None);
+    };
+    ControlSocket::bind(path)
+        .map(Some)
+        .map_err(|source| StartError::Control {
+            at: s.places.of("control_socket").cloned(),
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 /// `Action::RestorePriority` (and a preload template ready to fork): every
@@ -519,6 +516,24 @@ fn switch_user(
 }
 
 impl Master {
+    /// After the loop (the shutdown is complete): the workers' last lines,
+    /// what they left behind, then stage 4 (`finish`). Returns the exit
+    /// status.
+    fn wind_up(&mut self, outcome: Outcome) -> u8 {
+        self.obs.flush_output();
+        self.reap_cancelled_upgrade();
+        end_orphans(self.sup.current().s.quick_timeout.0, self.successor);
+        if outcome.cause != Cause::Upgrade {
+            // (After an upgrade the new master, started with our socket in
+            // its environment, goes on: it is no escapee.)
+            report_escaped(self.notify.path());
+        }
+        let status = self.finish(outcome);
+        self.obs.publish(crate::events::Kind::Exiting { status });
+        self.obs.close();
+        status
+    }
+
     fn run_loop(&mut self) -> Outcome {
         loop {
             let now = Instant::now();
