@@ -527,37 +527,8 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> Exit
     if let Err(e) = crate::watch::from_settings(s) {
         return fail(exit::USAGE, e.to_string());
     }
-    // A name was found in PATH just now; a path is only tried at exec, after
-    // the chdir: look at it from there, as the worker will.
-    if s.command[0].contains('/') {
-        let exe = match &s.chdir {
-            Some(dir) => dir.join(&s.command[0]),
-            None => PathBuf::from(&s.command[0]),
-        };
-        let runnable =
-            exe.is_file() && nix::unistd::access(&exe, nix::unistd::AccessFlags::X_OK).is_ok();
-        if !runnable {
-            // The errno the exec will meet, for the same hint a start gives.
-            let (errno, what) = if exe.exists() {
-                (nix::errno::Errno::EACCES, "not an executable file")
-            } else {
-                (nix::errno::Errno::ENOENT, "no such file")
-            };
-            return fail(
-                exit::CANNOT_BOOT,
-                format!(
-                    "{}cannot run the worker command: {}: {what}{}",
-                    crate::config::located(
-                        &s.places
-                            .of("command")
-                            .filter(|at| !matches!(at, Place::Flag(_)))
-                            .cloned()
-                    ),
-                    exe.display(),
-                    crate::spawn::exec_hint(Path::new(&s.command[0]), errno, s.chdir.as_deref())
-                ),
-            );
-        }
+    if let Err(message) = command_runs_from_chdir(s) {
+        return fail(exit::CANNOT_BOOT, message);
     }
     // Sockets handed in (LISTEN_FDS) that no bind would adopt: a start logs
     // this as an error and goes on without them; the check fails on it, so
@@ -599,6 +570,38 @@ fn check(source: &Source, s: &Settings, bind_was_set: bool, print: bool) -> Exit
          the pidfile, log file and control socket paths, and what the workers' user may access"
     );
     ExitCode::from(exit::OK)
+}
+
+/// For `check`: a name was found in `PATH` already; a path is only tried
+/// at exec, after the chdir: look at it from there, as the worker will.
+fn command_runs_from_chdir(s: &Settings) -> Result<(), String> {
+    if !s.command[0].contains('/') {
+        return Ok(());
+    }
+    let exe = match &s.chdir {
+        Some(dir) => dir.join(&s.command[0]),
+        None => PathBuf::from(&s.command[0]),
+    };
+    if exe.is_file() && nix::unistd::access(&exe, nix::unistd::AccessFlags::X_OK).is_ok() {
+        return Ok(());
+    }
+    // The errno the exec will meet, for the same hint a start gives.
+    let (errno, what) = if exe.exists() {
+        (nix::errno::Errno::EACCES, "not an executable file")
+    } else {
+        (nix::errno::Errno::ENOENT, "no such file")
+    };
+    Err(format!(
+        "{}cannot run the worker command: {}: {what}{}",
+        crate::config::located(
+            &s.places
+                .of("command")
+                .filter(|at| !matches!(at, Place::Flag(_)))
+                .cloned()
+        ),
+        exe.display(),
+        crate::spawn::exec_hint(Path::new(&s.command[0]), errno, s.chdir.as_deref())
+    ))
 }
 
 /// `drover check --print`: every setting as TOML (a valid config file), each
