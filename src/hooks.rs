@@ -23,6 +23,14 @@ pub struct Outcome {
     pub cause: &'static str,
 }
 
+/// A hook's command: its argv (no shell), in a process group of its own
+/// (killed whole at its `hook_timeout`), with nothing on its standard input.
+fn hook_command(argv: &[String]) -> Command {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null()).process_group(0);
+    cmd
+}
+
 /// Runs the `on_exit` hook and waits for it at most `timeout`, then kills
 /// its process group. Returns how it ended, in words.
 pub fn run_on_exit(
@@ -31,10 +39,7 @@ pub fn run_on_exit(
     timeout: Duration,
     signals: &SignalPipe,
 ) -> io::Result<String> {
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .process_group(0)
+    let mut child = hook_command(argv)
         .env("DROVER_EXIT_STATUS", outcome.status.to_string())
         .env(
             "DROVER_SHUTDOWN",
@@ -153,11 +158,8 @@ impl EventHooks {
             return;
         }
         let json = serde_json::to_value(event).unwrap_or_default();
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
-            .process_group(0)
-            .env("DROVER_EVENT", name)
+        let mut cmd = hook_command(argv);
+        cmd.env("DROVER_EVENT", name)
             .env("DROVER_EVENT_JSON", json.to_string());
         for (key, value) in json.as_object().into_iter().flatten() {
             let text = match value {
