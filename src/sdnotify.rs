@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use tracing::debug;
 
+/// The key of the new master's message to the old one during an upgrade:
+/// it was asked to stop (`graceful:CAUSE` or `quick:CAUSE`).
+pub const UPGRADE_STOP: &str = "DROVER_STOP";
+
 /// Where to send, if anywhere; a no-op otherwise.
 pub struct Systemd {
     socket: Option<OsString>,
@@ -100,8 +104,19 @@ impl Systemd {
         self.send(&format!("STATUS={summary}"));
     }
 
-    pub fn stopping(&self) {
-        self.send("STOPPING=1\nSTATUS=stopping");
+    /// `STOPPING=1`. As the new master of an upgrade not complete yet, we
+    /// speak to the old master, and hold the pidfile and the control socket
+    /// meanwhile: a stop asked of us (`asked`: quick or not, and the cause)
+    /// was asked of drover, and the old master stops too on
+    /// [`UPGRADE_STOP`]. A stop of our own (a worker that cannot boot) only
+    /// fails the upgrade, which our exit tells it.
+    pub fn stopping(&self, asked: Option<(bool, &str)>) {
+        if !self.upgrading {
+            self.send("STOPPING=1\nSTATUS=stopping");
+        } else if let Some((quick, cause)) = asked {
+            let pace = if quick { "quick" } else { "graceful" };
+            self.send(&format!("STOPPING=1\n{UPGRADE_STOP}={pace}:{cause}"));
+        }
     }
 
     /// Hands the service over to the master `pid`: our last message. With

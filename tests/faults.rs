@@ -1157,6 +1157,78 @@ fn a_stop_early_in_an_upgrade_waits_for_the_new_masters_whole_shutdown() {
     assert!(!d.dir.path().join("drover.pid").exists(), "{log}");
 }
 
+/// During an upgrade the control socket and the pidfile are the new
+/// master's: a stop sent through them reaches it, not the old master. It
+/// was asked of drover, so both stop, as for a stop sent to the old master
+/// (`a_stop_early_in_an_upgrade_cancels_it_and_both_masters_stop`). The old
+/// code stopped the new master alone; the old one logged `upgrade failed`
+/// and served on.
+fn a_stop_sent_to_the_new_master_stops_both(stop: impl FnOnce(&Drover, Pid), cause: &str) {
+    let extra = "ready = \"notify\"\npidfile = \"$DIR/drover.pid\"";
+    let mut d = Start::config(&config(&hello_cmd(), 2, extra)).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let slow = config(
+        &format!("[\"sh\", \"-c\", \"sleep 3; exec {}\"]", hello_bin()),
+        2,
+        extra,
+    );
+    let dir = d.dir.path().display().to_string();
+    std::fs::write(d.dir.path().join("config.toml"), slow.replace("$DIR", &dir)).unwrap();
+    d.signal(Signal::SIGUSR2);
+    let log = d.wait_log("upgrade: started");
+    let new = new_master_pid(&log);
+    d.wait_log_count("spawned, generation 1", 4);
+    stop(&d, new);
+    let status = d.wait_exit_only(LIMIT);
+    wait_for("the new master to stop", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains(&format!(
+            "upgrade cancelled: the new master (pid {new}) was asked to stop ({cause}) \
+             before it was ready; stopping this one too"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("upgrade failed"), "{log}");
+    let refused =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind());
+    assert_eq!(
+        refused.err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "{log}"
+    );
+    assert!(!d.dir.path().join("drover.pid").exists(), "{log}");
+    assert!(!sock(&d).exists(), "{log}");
+}
+
+#[test]
+fn ctl_stop_during_an_upgrade_stops_both_masters() {
+    a_stop_sent_to_the_new_master_stops_both(
+        |d, _| assert_eq!(d.ctl(&["stop"]).0, 0),
+        "control: stop",
+    );
+}
+
+#[test]
+fn a_stop_signal_to_the_pidfiles_pid_during_an_upgrade_stops_both_masters() {
+    a_stop_sent_to_the_new_master_stops_both(
+        |d, new| {
+            // The pid an operator's script reads: the new master's, once it
+            // has written it.
+            let path = d.dir.path().join("drover.pid");
+            let pid = wait_for("the new master's pid in the pidfile", LIMIT, || {
+                (read_file(&path).trim() == new.to_string()).then_some(new)
+            });
+            nix::sys::signal::kill(pid, Signal::SIGQUIT).unwrap();
+        },
+        "SIGQUIT",
+    );
+}
+
 /// During an upgrade the control socket is the new master's: an upgrade
 /// asked of it before it is ready is refused. The old code started a third
 /// master from the second, which the old master could then kill at its

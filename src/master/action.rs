@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 
 use super::generation::Generation;
 use super::priority::Boot;
-use super::worker::{Kill, Stop};
+use super::worker::{Kill, Pace, Stop};
 use crate::control::{Answer, ClientId};
 use crate::listen::Set;
 
@@ -79,8 +79,10 @@ pub enum Note {
     Reloading,
     /// `STATUS=` only.
     Status(String),
-    /// `STOPPING=1`.
-    Stopping,
+    /// `STOPPING=1`; with the pace and the cause when the stop was asked
+    /// for (a signal, `drover ctl stop`), none when drover stops on its own
+    /// (a worker that cannot boot).
+    Stopping(Option<(Pace, &'static str)>),
 }
 
 impl Action {

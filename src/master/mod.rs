@@ -48,7 +48,7 @@ use action::{Action, Note};
 use generation::Generation;
 use shutdown::{Cause, Outcome};
 use supervisor::Supervisor;
-use worker::{describe, ms};
+use worker::{describe, ms, Pace};
 
 /// Exit statuses of the master (documented in docs/signals.md).
 pub mod exit {
@@ -815,7 +815,9 @@ impl Master {
                     }
                     Note::Reloading => self.systemd.reloading(),
                     Note::Status(summary) => self.systemd.status(&summary),
-                    Note::Stopping => self.systemd.stopping(),
+                    Note::Stopping(asked) => self
+                        .systemd
+                        .stopping(asked.map(|(pace, cause)| (pace == Pace::Quick, cause))),
                 },
                 Action::CloseListeners {
                     listeners,

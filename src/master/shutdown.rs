@@ -29,6 +29,18 @@ impl Cause {
         }
     }
 
+    /// A stop asked for by `name` (a stop signal's, or `control: stop`), as
+    /// the new master of an upgrade reports it to the old one.
+    pub fn asked(name: &str) -> Cause {
+        const ASKED: [&str; 4] = ["SIGTERM", "SIGINT", "SIGQUIT", "control: stop"];
+        Cause::Signal(
+            ASKED
+                .into_iter()
+                .find(|n| *n == name)
+                .unwrap_or("control: stop"),
+        )
+    }
+
     /// For the `on_exit` hook's environment.
     fn name(self) -> &'static str {
         match self {

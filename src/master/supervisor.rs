@@ -1419,7 +1419,10 @@ impl Supervisor {
             "{name}: pre-stop: serving for {delay} more while load balancers stop sending \
              (not ready), then a graceful shutdown"
         );
-        self.emit(Action::NotifySystemd(Note::Stopping));
+        self.emit(Action::NotifySystemd(Note::Stopping(Some((
+            Pace::Graceful,
+            name,
+        )))));
         self.emit(Action::Publish(Kind::Shutdown {
             stage: 0,
             quick: false,
@@ -1517,7 +1520,13 @@ impl Supervisor {
         // systemd was told already.
         let handover = cause == Cause::Upgrade;
         if !handover && !prestop {
-            self.emit(Action::NotifySystemd(Note::Stopping));
+            let asked = match cause {
+                Cause::Signal(name) => {
+                    Some((if quick { Pace::Quick } else { Pace::Graceful }, name))
+                }
+                _ => None,
+            };
+            self.emit(Action::NotifySystemd(Note::Stopping(asked)));
         }
         // The control socket goes below: answer whoever waits on it.
         let shutting = format!("{why}: shutting down");

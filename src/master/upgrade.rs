@@ -235,12 +235,14 @@ impl Master {
     /// and this master stops as usual. After, this master is already
     /// retiring and the new one serves: nothing to cancel (docs/operations.md).
     pub(super) fn cancel_upgrade(&mut self, signal: Signal) {
-        let Some(u) = self.upgrade.as_mut().filter(|u| !u.cancelled) else {
+        let Some(pid) = self
+            .upgrade
+            .as_ref()
+            .filter(|u| !u.cancelled)
+            .map(|u| u.pid)
+        else {
             return;
         };
-        u.cancelled = true;
-        u.cancelled_at = Some(Instant::now());
-        let (pid, waiters) = (u.pid, std::mem::take(&mut u.waiters));
         warn!(
             "{}: upgrade cancelled: the new master (pid {pid}) was not ready yet; \
              sending it {} and stopping this one",
@@ -248,15 +250,58 @@ impl Master {
             signal.as_str()
         );
         let _ = kill(pid, signal);
+        self.mark_cancelled(&format!("cancelled by {}", signal.as_str()));
+    }
+
+    /// The new master, not ready yet, was asked to stop (`DROVER_STOP=`):
+    /// it holds the control socket and the pidfile meanwhile, so `drover
+    /// ctl stop` or a signal to the pid in the pidfile reaches it, not us.
+    /// The stop was asked of drover: we stop too, as for a stop sent to us
+    /// (`cancel_upgrade`), without signalling it again (that would escalate
+    /// its shutdown). Before, it stopped alone and we served on.
+    fn on_new_master_stopping(&mut self, stop: &str) {
+        let Some(pid) = self
+            .upgrade
+            .as_ref()
+            .filter(|u| !u.cancelled)
+            .map(|u| u.pid)
+        else {
+            return;
+        };
+        let (pace, cause) = stop.split_once(':').unwrap_or(("graceful", stop));
+        let pace = if pace == "quick" {
+            Pace::Quick
+        } else {
+            Pace::Graceful
+        };
+        let cause = Cause::asked(cause);
+        warn!(
+            "upgrade cancelled: the new master (pid {pid}) was asked to stop ({}) before it \
+             was ready; stopping this one too",
+            cause.describe()
+        );
+        self.mark_cancelled(&format!(
+            "cancelled: the new master was asked to stop ({})",
+            cause.describe()
+        ));
+        self.sup.begin_shutdown(pace, cause, Instant::now());
+    }
+
+    /// The upgrade is cancelled: its new master stops (it was told to, or
+    /// was asked to), and is waited for at our exit.
+    fn mark_cancelled(&mut self, reason: &str) {
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
+        u.cancelled = true;
+        u.cancelled_at = Some(Instant::now());
+        let waiters = std::mem::take(&mut u.waiters);
         self.obs.publish(crate::events::Kind::UpgradeFailed {
-            reason: format!("cancelled by {}", signal.as_str()),
+            reason: reason.to_string(),
         });
         self.answer(
             waiters,
-            control::failure(&format!(
-                "upgrade cancelled by {}: both masters stop",
-                signal.as_str()
-            )),
+            control::failure(&format!("upgrade {reason}: both masters stop")),
         );
     }
 
@@ -298,6 +343,15 @@ impl Master {
     }
 
     pub(super) fn on_upgrade_notify(&mut self, messages: Vec<Message>) {
+        let stop = messages.iter().find_map(|m| match m {
+            Message::Other(line) => line
+                .strip_prefix(crate::sdnotify::UPGRADE_STOP)
+                .and_then(|rest| rest.strip_prefix('=')),
+            _ => None,
+        });
+        if let Some(stop) = stop {
+            return self.on_new_master_stopping(stop);
+        }
         if !messages.contains(&Message::Ready) {
             return;
         }
