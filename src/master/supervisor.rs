@@ -1910,7 +1910,7 @@ mod tests {
         assert_eq!(
             actions,
             [
-                "notify_systemd Stopping",
+                "notify_systemd Stopping(Some((Graceful, \"SIGTERM\")))",
                 "close_listeners 0 (handover: false)",
                 "close_control",
                 "signal SIGTERM to slot 1 pid 11 (Stop(Shutdown))",
