@@ -1229,6 +1229,67 @@ fn a_stop_signal_to_the_pidfiles_pid_during_an_upgrade_stops_both_masters() {
     );
 }
 
+/// A new master not ready by its deadline is stopped (SIGQUIT), not killed
+/// at once: a quick shutdown ends its workers with their process groups.
+/// Here its worker 1 is ready and has started a helper in its group, and
+/// worker 2 never boots. The old code's SIGKILL to the new master left the
+/// helper running (worker 1 died of its parent-death signal; only the new
+/// master sweeps a worker's group).
+#[test]
+fn an_upgrade_that_is_not_ready_in_time_leaves_nothing_of_the_new_master() {
+    let extra = "ready = \"notify\"\npidfile = \"$DIR/drover.pid\"";
+    let d = Start::config(&config(&hello_cmd(), 2, extra)).run();
+    d.wait_log("all 2 workers ready");
+    let dir = d.dir.path().display().to_string();
+    let never_ready = config(
+        &format!(
+            "[\"sh\", \"-c\", \"if [ $DROVER_WORKER_ID = 2 ]; then exit 1; fi; \
+             sleep 1000 & echo $! >> $DIR/helpers; exec {}\"]",
+            hello_bin()
+        ),
+        2,
+        extra,
+    )
+    .replace("boot_timeout = \"10s\"", "boot_timeout = \"1s\"")
+    .replace("$DIR", &dir);
+    std::fs::write(d.dir.path().join("config.toml"), never_ready).unwrap();
+    let (code, out) = d.ctl(&["upgrade"]);
+    let helpers: Vec<Pid> = read_file(&d.dir.path().join("helpers"))
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .map(Pid::from_raw)
+        .collect();
+    let left = wait_for_gone(&helpers, Duration::from_secs(3));
+    for pid in &left {
+        let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
+    }
+    let log = d.log();
+    assert!(!helpers.is_empty(), "{log}");
+    assert!(
+        left.is_empty(),
+        "the new master's worker's helper {left:?} outlived it\n{log}"
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("was not ready within 6s") && out.contains("drover stopped it"),
+        "{out}"
+    );
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    assert_eq!(read_pid(&d.dir.path().join("drover.pid")), Some(d.pid()));
+}
+
+/// The pids of `pids` still alive after waiting up to `limit` for them to end.
+fn wait_for_gone(pids: &[Pid], limit: Duration) -> Vec<Pid> {
+    let t = Instant::now();
+    loop {
+        let left: Vec<Pid> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() || t.elapsed() > limit {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// During an upgrade the control socket is the new master's: an upgrade
 /// asked of it before it is ready is refused. The old code started a third
 /// master from the second, which the old master could then kill at its

@@ -1014,7 +1014,7 @@ fn an_upgrade_whose_workers_never_get_ready_is_killed_in_time_and_the_old_master
     assert!(
         out.contains("upgrade failed: the new master")
             && out.contains("was not ready within 6s")
-            && out.contains("drover killed it"),
+            && out.contains("drover stopped it"),
         "{out}"
     );
     assert!(!out.contains("not sent by drover"), "{out}");

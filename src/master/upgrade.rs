@@ -31,8 +31,13 @@ pub struct Upgrade {
     deadline: Instant,
     /// How long the new master was given to be ready.
     limit: Duration,
-    /// drover killed the new master at its deadline: its death is ours.
+    /// The new master was not ready by its deadline: drover stopped it
+    /// (SIGQUIT), and `deadline` is now when it is killed if still there.
     timed_out: bool,
+    /// ... and it was still there: drover killed it (SIGKILL).
+    killed: bool,
+    /// What its quick shutdown may take (`stop_limit` with `quick_timeout`).
+    quick_stop_limit: Duration,
     /// A stop arrived before the new master was ready: it was told to stop
     /// too, and its `READY=1` no longer hands anything over.
     cancelled: bool,
@@ -45,10 +50,11 @@ pub struct Upgrade {
 }
 
 /// What a new master's shutdown may take once told to stop: its workers'
-/// drain, then its stage 3 (the processes left by workers: `quick_timeout`),
-/// its `on_exit` hook and the event hooks still running or waiting at its
-/// exit (two `hook_timeout`s at most), and a margin for its own exit.
-fn stop_limit(s: &crate::config::Settings) -> Duration {
+/// `drain` (`graceful_timeout`, or `quick_timeout` for a quick one), then
+/// its stage 3 (the processes left by workers: `quick_timeout`), its
+/// `on_exit` hook and the event hooks still running or waiting at its exit
+/// (two `hook_timeout`s at most), and a margin for its own exit.
+fn stop_limit(s: &crate::config::Settings, drain: Duration) -> Duration {
     let hook = s.hook_timeout.0;
     let on_exit = if s.on_exit.is_empty() {
         Duration::ZERO
@@ -60,7 +66,7 @@ fn stop_limit(s: &crate::config::Settings) -> Duration {
     } else {
         2 * hook
     };
-    s.graceful_timeout.0 + s.quick_timeout.0 + on_exit + events + Duration::from_secs(1)
+    drain + s.quick_timeout.0 + on_exit + events + Duration::from_secs(1)
 }
 
 /// The time a new master gets on top of its workers' `boot_timeout`: its
@@ -158,7 +164,9 @@ impl Master {
         let current = self.sup.current().clone();
         let loaded = self.source.load().ok();
         let new_settings = loaded.as_ref().map_or(&current.s, |l| &l.settings);
-        let (boot_timeout, stop_limit) = (new_settings.boot_timeout.0, stop_limit(new_settings));
+        let boot_timeout = new_settings.boot_timeout.0;
+        let quick_stop_limit = stop_limit(new_settings, new_settings.quick_timeout.0);
+        let stop_limit = stop_limit(new_settings, new_settings.graceful_timeout.0);
         let (env, fds) = self.upgrade_env(&current.listeners.borrow());
         // Hand over what only one master may hold: the pidfile lock (the
         // file stays, naming us until the new master writes its pid) and the
@@ -187,6 +195,8 @@ impl Master {
                     deadline: now + limit,
                     limit,
                     timed_out: false,
+                    killed: false,
+                    quick_stop_limit,
                     cancelled: false,
                     stop_limit,
                     cancelled_at: None,
@@ -343,6 +353,10 @@ impl Master {
     }
 
     pub(super) fn on_upgrade_notify(&mut self, messages: Vec<Message>) {
+        // Past its deadline it is being stopped: nothing it says counts.
+        if self.upgrade.as_ref().is_some_and(|u| u.timed_out) {
+            return;
+        }
         let stop = messages.iter().find_map(|m| match m {
             Message::Other(line) => line
                 .strip_prefix(crate::sdnotify::UPGRADE_STOP)
@@ -395,10 +409,11 @@ impl Master {
         }
         let why = if u.timed_out {
             format!(
-                "the new master (pid {}) was not ready within {} (its workers' boot_timeout + {}); drover killed it",
+                "the new master (pid {}) was not ready within {} (its workers' boot_timeout + {}); drover {} it",
                 u.pid,
                 humantime::format_duration(u.limit),
-                humantime::format_duration(MASTER_START_MARGIN)
+                humantime::format_duration(MASTER_START_MARGIN),
+                if u.killed { "killed" } else { "stopped" }
             )
         } else {
             format!(
@@ -410,30 +425,47 @@ impl Master {
         self.upgrade_failed(u.waiters, why);
     }
 
-    /// Kills a new master that did not report ready in time; its exit is
-    /// then reported as the failure.
+    /// Stops a new master that did not report ready in time, with a quick
+    /// shutdown (SIGQUIT), and kills it if it is still there when that may
+    /// have ended; its exit is then reported as the failure. A SIGKILL at
+    /// once left what its workers had started (their process groups, which
+    /// only the new master sweeps) running after it, and its pidfile.
     pub(super) fn settle_upgrade(&mut self, now: Instant) {
-        if let Some(u) = self
+        let Some(u) = self
             .upgrade
             .as_mut()
-            .filter(|u| !u.timed_out && u.deadline <= now)
-        {
+            .filter(|u| !u.killed && !u.cancelled && u.deadline <= now)
+        else {
+            return;
+        };
+        if !u.timed_out {
             error!(
-                "upgrade: the new master (pid {}) was not ready within {}; killing it",
+                "upgrade: the new master (pid {}) was not ready within {}; stopping it \
+                 (SIGQUIT, SIGKILL if still running in {})",
                 u.pid,
-                humantime::format_duration(u.limit)
+                humantime::format_duration(u.limit),
+                humantime::format_duration(u.quick_stop_limit)
+            );
+            let _ = kill(u.pid, Signal::SIGQUIT);
+            u.timed_out = true;
+            u.deadline = now + u.quick_stop_limit;
+        } else {
+            warn!(
+                "upgrade: the new master (pid {}) did not stop in time: SIGKILL",
+                u.pid
             );
             // Its workers die with it (parent-death signal).
             let _ = kill(u.pid, Signal::SIGKILL);
-            u.timed_out = true;
+            u.killed = true;
         }
     }
 
     pub(super) fn upgrade_deadline(&self) -> Option<Instant> {
-        // Once killed, the new master's exit (SIGCHLD) is all we wait for.
+        // Once killed, the new master's exit (SIGCHLD) is all we wait for;
+        // once cancelled, our exit waits for it (`reap_cancelled_upgrade`).
         self.upgrade
             .as_ref()
-            .filter(|u| !u.timed_out)
+            .filter(|u| !u.killed && !u.cancelled)
             .map(|u| u.deadline)
     }
 
