@@ -1230,133 +1230,22 @@ impl Supervisor {
     fn on_deadlines(&mut self, now: Instant) {
         let reset_after = self.current().s.respawn_reset_after.0;
         let shutting_down = self.shutting_down();
-        let mut wedged = Vec::new();
-        let mut killed = 0;
-        let mut actions = Vec::new();
-        let mut presumed_ready = Vec::new();
+        let mut due = Overdue::default();
         for w in self.pool.workers.iter_mut() {
-            if w.deadline().is_none_or(|d| d > now) {
-                continue;
-            }
-            let (slot, pid) = (w.slot, w.pid);
-            match w.state {
-                State::Ready(_) if w.recheck_priority.is_some_and(|t| t <= now) => {
-                    w.recheck_priority = None;
-                    actions.extend(w.restore_priority());
-                }
-                State::Execing { .. } | State::Booting { .. }
-                    if w.lowered_until().is_some_and(|t| t <= now) =>
-                {
-                    info!(
-                        "worker {slot} (pid {pid}) still booting at half its boot_timeout ({}): \
-                         back to its normal priority (boot_priority)",
-                        w.gen.s.boot_timeout
-                    );
-                    w.lowered = false;
-                    actions.extend(w.restore_priority());
-                }
-                State::Booting { .. } if w.silent_past(now) => {
-                    // ready = "auto": nothing said on the notify socket, so
-                    // a program that does not speak the protocol.
-                    w.become_ready(now);
-                    info!(
-                        "worker {slot} (pid {pid}) ready in {} (sent nothing to NOTIFY_SOCKET \
-                         within announce_timeout, {}: ready = \"auto\" counts it as spawned)",
-                        ms(now - w.started),
-                        w.gen.s.announce_timeout
-                    );
-                    presumed_ready.push(pid);
-                }
-                State::Execing { .. } | State::Booting { .. } if shutting_down => {
-                    warn!(
-                        "worker {slot} (pid {pid}) still booting at the shutdown's deadline; \
-                         sending SIGKILL to its process group"
-                    );
-                    killed += 1;
-                    actions.push(w.kill(Kill::GraceExpired));
-                }
-                State::Execing { .. } | State::Booting { .. } => {
-                    error!(
-                        "worker {slot} (pid {pid}) did not report READY=1 within boot_timeout ({}); \
-                         SIGABRT (a Python worker prints where it hangs), then SIGKILL to its \
-                         process group in {}",
-                        w.gen.s.boot_timeout, w.gen.s.abort_grace
-                    );
-                    actions.push(w.abort_boot(now));
-                }
-                State::Ready(s) if s.leave_by.is_some_and(|t| t <= now) => {
-                    warn!(
-                        "worker {slot} (pid {pid}) said STOPPING=1 {} ago and is still running \
-                         (graceful_timeout); sending SIGKILL to its process group",
-                        w.gen.s.graceful_timeout
-                    );
-                    actions.push(w.kill(Kill::GraceExpired));
-                }
-                State::Ready(s) if s.heartbeat.is_some_and(|h| h <= now) => {
-                    let t = w.gen.s.timeout.map_or(Duration::ZERO, |t| t.0);
-                    error!(
-                        "worker {slot} (pid {pid}) missed its heartbeat (no WATCHDOG=1 for {}): \
-                         SIGABRT, then SIGKILL in {}",
-                        humantime::format_duration(t),
-                        humantime::format_duration(w.gen.s.abort_grace.0)
-                    );
-                    // The worker may dump its state on SIGABRT; its slot is
-                    // refilled after the backoff, since it no longer serves.
-                    actions.extend(w.stop(Pace::Abort, Stop::HeartbeatMissed, now));
-                    wedged.push((slot, now - w.started >= reset_after));
-                }
-                State::Ready(ref mut s) => {
-                    // max_age: start a successor; this one stops once it is ready.
-                    info!(
-                        "worker {slot} (pid {pid}) reached max_age after {}: starting its replacement",
-                        ms(now - w.started)
-                    );
-                    s.replace = Some(Replace::MaxAge);
-                }
-                State::Stopping {
-                    ref mut restore_at,
-                    deadline,
-                    ..
-                } if deadline > now => {
-                    // Only `restore_at` is due: the exit may be at SCHED_IDLE.
-                    *restore_at = None;
-                    actions.extend(w.restore_priority());
-                }
-                State::Stopping { why, .. } => {
-                    let cause = if why == Stop::HeartbeatMissed {
-                        Kill::HeartbeatTimeout
-                    } else {
-                        Kill::GraceExpired
-                    };
-                    warn!(
-                        "worker {slot} (pid {pid}) still running at its stop deadline; \
-                         sending SIGKILL to its process group"
-                    );
-                    killed += 1;
-                    actions.push(w.kill(cause));
-                }
-                State::Killed { kill, .. } if w.kill_at.is_some_and(|t| t <= now) => {
-                    w.kill_at = None;
-                    warn!(
-                        "worker {slot} (pid {pid}) still running {} after its SIGABRT; \
-                         sending SIGKILL to its process group",
-                        w.gen.s.abort_grace
-                    );
-                    actions.push(Action::KillGroup { slot, pid, kill });
-                }
-                State::Killed { .. } | State::ExecFailed => {}
+            if w.deadline().is_some_and(|d| d <= now) {
+                due.act_on(w, now, shutting_down, reset_after);
             }
         }
-        self.emit_all(actions);
-        for pid in presumed_ready {
+        self.emit_all(due.actions);
+        for pid in due.presumed_ready {
             self.on_ready(pid, now);
         }
         if let Phase::ShuttingDown(sd) = &mut self.phase {
-            sd.killed += killed;
+            sd.killed += due.killed;
         }
         // A wedged worker is a failure of its slot, like a crash: a worker that
         // always wedges is respawned ever more slowly, and its slot degraded.
-        for (slot, stable) in wedged {
+        for (slot, stable) in due.wedged {
             if stable {
                 if let Some(s) = self.pool.slot(slot) {
                     s.failures = 0;
@@ -1664,6 +1553,135 @@ fn max_execing() -> usize {
 
 /// The decisions, driven without a process: pids are made up, exits and
 /// exec reports are told, and the actions are read back.
+/// What the workers' passed deadlines call for, gathered while the pool is
+/// borrowed and acted on after.
+#[derive(Default)]
+struct Overdue {
+    actions: Vec<Action>,
+    /// Killed at the shutdown's deadline (`Shutdown::killed`).
+    killed: u32,
+    /// Slots whose worker missed its heartbeat, and whether it had lived
+    /// `respawn_reset_after` (its slot's failures count from 0 again).
+    wedged: Vec<(u32, bool)>,
+    /// `ready = "auto"` workers that said nothing: ready now.
+    presumed_ready: Vec<Pid>,
+}
+
+impl Overdue {
+    /// What `w`'s passed deadline means, by its state.
+    fn act_on(&mut self, w: &mut Worker, now: Instant, shutting_down: bool, reset_after: Duration) {
+        let (slot, pid) = (w.slot, w.pid);
+        match w.state {
+            State::Ready(_) if w.recheck_priority.is_some_and(|t| t <= now) => {
+                w.recheck_priority = None;
+                self.actions.extend(w.restore_priority());
+            }
+            State::Execing { .. } | State::Booting { .. }
+                if w.lowered_until().is_some_and(|t| t <= now) =>
+            {
+                info!(
+                    "worker {slot} (pid {pid}) still booting at half its boot_timeout ({}): \
+                     back to its normal priority (boot_priority)",
+                    w.gen.s.boot_timeout
+                );
+                w.lowered = false;
+                self.actions.extend(w.restore_priority());
+            }
+            State::Booting { .. } if w.silent_past(now) => {
+                // ready = "auto": nothing said on the notify socket, so
+                // a program that does not speak the protocol.
+                w.become_ready(now);
+                info!(
+                    "worker {slot} (pid {pid}) ready in {} (sent nothing to NOTIFY_SOCKET \
+                     within announce_timeout, {}: ready = \"auto\" counts it as spawned)",
+                    ms(now - w.started),
+                    w.gen.s.announce_timeout
+                );
+                self.presumed_ready.push(pid);
+            }
+            State::Execing { .. } | State::Booting { .. } if shutting_down => {
+                warn!(
+                    "worker {slot} (pid {pid}) still booting at the shutdown's deadline; \
+                     sending SIGKILL to its process group"
+                );
+                self.killed += 1;
+                self.actions.push(w.kill(Kill::GraceExpired));
+            }
+            State::Execing { .. } | State::Booting { .. } => {
+                error!(
+                    "worker {slot} (pid {pid}) did not report READY=1 within boot_timeout ({}); \
+                     SIGABRT (a Python worker prints where it hangs), then SIGKILL to its \
+                     process group in {}",
+                    w.gen.s.boot_timeout, w.gen.s.abort_grace
+                );
+                self.actions.push(w.abort_boot(now));
+            }
+            State::Ready(s) if s.leave_by.is_some_and(|t| t <= now) => {
+                warn!(
+                    "worker {slot} (pid {pid}) said STOPPING=1 {} ago and is still running \
+                     (graceful_timeout); sending SIGKILL to its process group",
+                    w.gen.s.graceful_timeout
+                );
+                self.actions.push(w.kill(Kill::GraceExpired));
+            }
+            State::Ready(s) if s.heartbeat.is_some_and(|h| h <= now) => {
+                let t = w.gen.s.timeout.map_or(Duration::ZERO, |t| t.0);
+                error!(
+                    "worker {slot} (pid {pid}) missed its heartbeat (no WATCHDOG=1 for {}): \
+                     SIGABRT, then SIGKILL in {}",
+                    humantime::format_duration(t),
+                    humantime::format_duration(w.gen.s.abort_grace.0)
+                );
+                // The worker may dump its state on SIGABRT; its slot is
+                // refilled after the backoff, since it no longer serves.
+                self.actions
+                    .extend(w.stop(Pace::Abort, Stop::HeartbeatMissed, now));
+                self.wedged.push((slot, now - w.started >= reset_after));
+            }
+            State::Ready(ref mut s) => {
+                // max_age: start a successor; this one stops once it is ready.
+                info!(
+                    "worker {slot} (pid {pid}) reached max_age after {}: starting its replacement",
+                    ms(now - w.started)
+                );
+                s.replace = Some(Replace::MaxAge);
+            }
+            State::Stopping {
+                ref mut restore_at,
+                deadline,
+                ..
+            } if deadline > now => {
+                // Only `restore_at` is due: the exit may be at SCHED_IDLE.
+                *restore_at = None;
+                self.actions.extend(w.restore_priority());
+            }
+            State::Stopping { why, .. } => {
+                let cause = if why == Stop::HeartbeatMissed {
+                    Kill::HeartbeatTimeout
+                } else {
+                    Kill::GraceExpired
+                };
+                warn!(
+                    "worker {slot} (pid {pid}) still running at its stop deadline; \
+                     sending SIGKILL to its process group"
+                );
+                self.killed += 1;
+                self.actions.push(w.kill(cause));
+            }
+            State::Killed { kill, .. } if w.kill_at.is_some_and(|t| t <= now) => {
+                w.kill_at = None;
+                warn!(
+                    "worker {slot} (pid {pid}) still running {} after its SIGABRT; \
+                     sending SIGKILL to its process group",
+                    w.gen.s.abort_grace
+                );
+                self.actions.push(Action::KillGroup { slot, pid, kill });
+            }
+            State::Killed { .. } | State::ExecFailed => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
