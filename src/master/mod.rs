@@ -322,25 +322,24 @@ fn bind_admin(
     let Some(addr) = &s.admin_bind else {
         return Ok(None);
     };
-    if let Some(admin) = handed.and_then(|fd| crate::admin::Admin::adopt(fd, &addr.0)) {
-        let shown = admin
-            .local_addr()
-            .map_or(addr.0.to_string(), |a| a.to_string());
-        info!(
-            "admin endpoint on {shown}: /livez, /readyz, /metrics (the old master's socket: \
-             it answers there until this master is ready)"
-        );
-        return Ok(Some(admin));
-    }
-    let admin = crate::admin::Admin::bind(&addr.0).map_err(|source| StartError::Admin {
-        at: s.places.of("admin_bind").cloned(),
-        addr: addr.0.to_string(),
-        source,
-    })?;
+    let (admin, whose) = match handed.and_then(|fd| crate::admin::Admin::adopt(fd, &addr.0)) {
+        Some(admin) => (
+            admin,
+            " (the old master's socket: it answers there until this master is ready)",
+        ),
+        None => {
+            let admin = crate::admin::Admin::bind(&addr.0).map_err(|source| StartError::Admin {
+                at: s.places.of("admin_bind").cloned(),
+                addr: addr.0.to_string(),
+                source,
+            })?;
+            (admin, "")
+        }
+    };
     let shown = admin
         .local_addr()
         .map_or(addr.0.to_string(), |a| a.to_string());
-    info!("admin endpoint on {shown}: /livez, /readyz, /metrics");
+    info!("admin endpoint on {shown}: /livez, /readyz, /metrics{whose}");
     Ok(Some(admin))
 }
 
