@@ -122,6 +122,12 @@ impl Poller {
         }
     }
 
+    /// Whether thread `me` polls and has events taken and not yet served.
+    pub fn holds_ready(&self, me: usize) -> bool {
+        let s = self.state.lock().unwrap();
+        s.holder == Some(me) && !s.ready.is_empty()
+    }
+
     /// Thread `me` is done with its event: it polls again if it still may.
     pub fn idle(&self, me: usize) {
         let mut s = self.state.lock().unwrap();

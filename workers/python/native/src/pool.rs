@@ -14,6 +14,15 @@
 //! is left to read. A busy thread does not poll: a pool whose threads are
 //! all busy accepts nothing, and what is queued stays for the other
 //! workers. Nothing is handed between threads per request.
+//!
+//! A whole response made while more events of the same epoll_wait wait to
+//! be served is held, and the held ones are sent together once the batch is
+//! served (the thread polls again, or another took over from a slow app):
+//! a client woken once per burst, not once per response, costs the kernel
+//! (on loopback, the sender runs the client's wake-up) about a third less
+//! per request under load. A response waits at most as long as the
+//! batch's events wait for a thread (HANDOFF, poller.rs); a lone request
+//! is answered at once.
 
 // A connection is boxed once and moves, as a pointer, between the threads,
 // the parked slots and the stop's queues.
@@ -217,6 +226,15 @@ pub struct Shared {
     pub scoreboard: Option<Scoreboard>,
     turns: crate::turn::Turns,
     poller: crate::poller::Poller,
+    held: Mutex<Held>,
+}
+
+/// Whole responses held until the end of their batch (see the module's
+/// note), with the thread that holds them.
+#[derive(Default)]
+struct Held {
+    by: usize,
+    responses: Vec<(Box<Conn>, Vec<u8>)>,
 }
 
 struct Drain {
@@ -298,6 +316,7 @@ impl Shared {
             scoreboard: Scoreboard::from_env(),
             turns: Default::default(),
             poller: Default::default(),
+            held: Default::default(),
         })
     }
 
@@ -841,9 +860,13 @@ fn run(sh: &Arc<Shared>, index: usize) {
     let mut evs = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
     let tid = unsafe { libc::gettid() };
     while !sh.stop_seen.load(Acquire) {
+        send_held(sh, Some((index, false)));
         let data = match sh.poller.next(index, tid) {
             Next::Stop => break,
-            Next::Event(data) => data,
+            Next::Event(data) => {
+                send_held(sh, Some((index, true))); // taken over: the holder's
+                data
+            }
             Next::Poll => {
                 let n = unsafe { libc::epoll_wait(sh.epfd, evs.as_mut_ptr(), BATCH as i32, -1) };
                 if n <= 0 {
@@ -865,13 +888,14 @@ fn run(sh: &Arc<Shared>, index: usize) {
             if conn.lingering {
                 sh.linger_read(conn);
             } else {
-                serve(sh, conn);
+                serve_from(sh, conn, false, Some(index));
             }
         }
         sh.busy[index].store(false, Relaxed);
         sh.done[index].fetch_add(1, Relaxed);
         sh.poller.idle(index);
     }
+    send_held(sh, None);
     // Stopping: serve what the stop left to serve, take from the queue.
     loop {
         let next = sh.pending.lock().unwrap().pop_front();
@@ -948,12 +972,19 @@ fn sweeper(sh: Arc<Shared>) {
 // -- one connection --------------------------------------------------------------
 
 /// Serves requests on `conn` until it is parked, closed or lingering.
-fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
+fn serve(sh: &Arc<Shared>, conn: Box<Conn>) {
+    serve_from(sh, conn, false, None)
+}
+
+/// `serve`, for a connection that was `served` a response already (it is
+/// parked, or served on if a stop came), by the poller thread `holder`, which
+/// may hold a whole response until the end of its batch.
+fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Option<usize>) {
     // After a response, a connection with nothing buffered is parked without
     // a read: its next request is queued behind the events already ready
     // (other connections'), so a client that answers fast cannot keep the
     // thread to itself. A pipelined request already read is served at once.
-    let mut served = false;
+    let mut served = served;
     loop {
         if conn.buf.is_empty() {
             let got = if served {
@@ -1041,6 +1072,19 @@ fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
             exchange::handle(py, sh, &view, &head, &mut rest, plan)
         });
         drop(head);
+        if let Some(me) = holder {
+            if rest.is_empty()
+                && !outcome.out.is_empty()
+                && matches!(outcome.after, After::Continue)
+                && sh.poller.holds_ready(me)
+            {
+                conn.buf.clear();
+                let mut held = sh.held.lock().unwrap();
+                held.by = me;
+                held.responses.push((conn, outcome.out));
+                return;
+            }
+        }
         if !outcome.out.is_empty()
             && sock::send_all(conn.fd, &[&outcome.out], sh.set.io_timeout).is_err()
         {
@@ -1059,6 +1103,30 @@ fn serve(sh: &Arc<Shared>, mut conn: Box<Conn>) {
             }
             After::Close => return,
             After::Linger => return sh.start_linger(conn),
+        }
+    }
+}
+
+/// Sends the held responses, then parks their connections; unless `by` is
+/// (thread, serving) where the thread holds them and serves their batch on:
+/// it is about to serve an event (`serving`), or has events left to serve.
+/// None: whoever holds them (the stop).
+fn send_held(sh: &Arc<Shared>, by: Option<(usize, bool)>) {
+    let responses = {
+        let mut held = sh.held.lock().unwrap();
+        if held.responses.is_empty() {
+            return;
+        }
+        if let Some((me, serving)) = by {
+            if held.by == me && (serving || sh.poller.holds_ready(me)) {
+                return;
+            }
+        }
+        std::mem::take(&mut held.responses)
+    };
+    for (conn, out) in responses {
+        if sock::send_all(conn.fd, &[&out], sh.set.io_timeout).is_ok() {
+            serve_from(sh, conn, true, None);
         }
     }
 }
