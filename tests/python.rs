@@ -193,6 +193,11 @@ fn python_unit_tests_preload(core: &str) {
 }
 with_each_core!(python_unit_tests_preload);
 
+fn python_unit_tests_wsgi_server_held_responses(core: &str) {
+    run_python_unittests_with("test_wsgi_server.py", Some("HeldResponsesTest"), core);
+}
+with_each_core!(python_unit_tests_wsgi_server_held_responses);
+
 fn python_unit_tests_wsgi_server_lifecycle(core: &str) {
     run_python_unittests_with("test_wsgi_server.py", Some("LifecycleTest"), core);
 }

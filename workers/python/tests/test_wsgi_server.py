@@ -259,6 +259,57 @@ class ServerTest(unittest.TestCase):
                 c.close()
 
 
+class HeldResponsesTest(unittest.TestCase):
+    """The native core holds a whole response while more requests of the same
+    batch wait to be served, and sends the held ones together (pool.rs)."""
+
+    def test_every_response_reaches_its_own_connection(self):
+        with Worker("apps:app", args=["--threads", "4"]) as w:
+            wrong = []
+
+            def client(n):
+                with Client(w) as c:
+                    for i in range(150):
+                        path = "/environ/%d-%d" % (n, i)
+                        c.send(get(path))
+                        status, _, body = c.response()
+                        if status != 200 or json.loads(body)["PATH_INFO"] != path:
+                            wrong.append((path, status, body[:80]))
+
+            ts = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+            [t.start() for t in ts]
+            [t.join(LIMIT) for t in ts]
+            self.assertFalse(any(t.is_alive() for t in ts), "a client is still waiting")
+            self.assertEqual(wrong, [])
+
+    def test_a_held_response_does_not_wait_for_a_slow_request_after_it(self):
+        # Both threads sleep; meanwhile a fast request and then a slow one
+        # come on two kept-alive connections: the first thread free takes
+        # both in one poll, serves the fast one (its response may be held,
+        # the slow one being next), then sleeps in the slow one. The other
+        # thread, free too, takes over and must send what is held.
+        with Worker("apps:app", args=["--threads", "2"]) as w:
+            fast, slow = Client(w), Client(w)
+            for c in (fast, slow):
+                c.send(get("/pid"))
+                self.assertEqual(c.response()[0], 200)
+            sleepers = [Client(w) for _ in range(2)]
+            for c in sleepers:
+                c.send(get("/sleep?ms=500"))
+                w.notify.wait_for(b"STATUS=sleeping")
+            began = time.monotonic()
+            fast.send(get("/pid"))
+            slow.send(get("/sleep?ms=4000"))
+            self.assertEqual(fast.response()[0], 200)
+            took = time.monotonic() - began
+            self.assertLess(took, 2.5, "the fast response waited for the slow request")
+            for c in sleepers:
+                self.assertEqual(c.response()[0], 200)
+            self.assertEqual(slow.response()[0], 200)
+            for c in [fast, slow] + sleepers:
+                c.close()
+
+
 class LifecycleTest(unittest.TestCase):
     """Stops, recycling and boot failures: one worker each."""
 

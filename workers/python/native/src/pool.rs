@@ -21,8 +21,9 @@
 //! a client woken once per burst, not once per response, costs the kernel
 //! (on loopback, the sender runs the client's wake-up) about a third less
 //! per request under load. A response waits at most as long as the
-//! batch's events wait for a thread (HANDOFF, poller.rs); a lone request
-//! is answered at once.
+//! batch's events wait for a thread (HANDOFF, poller.rs), and only where
+//! another thread can take over (a pool of one thread holds nothing); a
+//! lone request is answered at once.
 
 // A connection is boxed once and moves, as a pointer, between the threads,
 // the parked slots and the stop's queues.
@@ -860,14 +861,14 @@ fn run(sh: &Arc<Shared>, index: usize) {
     let mut evs = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
     let tid = unsafe { libc::gettid() };
     while !sh.stop_seen.load(Acquire) {
-        send_held(sh, Some((index, false)));
         let data = match sh.poller.next(index, tid) {
             Next::Stop => break,
             Next::Event(data) => {
-                send_held(sh, Some((index, true))); // taken over: the holder's
+                send_held(sh, Some(index)); // the holder's, if we took over
                 data
             }
             Next::Poll => {
+                send_held(sh, None); // the batch is served
                 let n = unsafe { libc::epoll_wait(sh.epfd, evs.as_mut_ptr(), BATCH as i32, -1) };
                 if n <= 0 {
                     continue;
@@ -1072,7 +1073,7 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
             exchange::handle(py, sh, &view, &head, &mut rest, plan)
         });
         drop(head);
-        if let Some(me) = holder {
+        if let Some(me) = holder.filter(|_| sh.set.threads > 1) {
             if rest.is_empty()
                 && !outcome.out.is_empty()
                 && matches!(outcome.after, After::Continue)
@@ -1107,20 +1108,13 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
     }
 }
 
-/// Sends the held responses, then parks their connections; unless `by` is
-/// (thread, serving) where the thread holds them and serves their batch on:
-/// it is about to serve an event (`serving`), or has events left to serve.
-/// None: whoever holds them (the stop).
-fn send_held(sh: &Arc<Shared>, by: Option<(usize, bool)>) {
+/// Sends the held responses, then parks their connections; unless thread
+/// `except` holds them (it serves their batch on).
+fn send_held(sh: &Arc<Shared>, except: Option<usize>) {
     let responses = {
         let mut held = sh.held.lock().unwrap();
-        if held.responses.is_empty() {
+        if held.responses.is_empty() || except == Some(held.by) {
             return;
-        }
-        if let Some((me, serving)) = by {
-            if held.by == me && (serving || sh.poller.holds_ready(me)) {
-                return;
-            }
         }
         std::mem::take(&mut held.responses)
     };
