@@ -1117,8 +1117,9 @@ fn a_stop_late_in_an_upgrade_leaves_the_new_master_serving() {
 }
 
 /// A stop that cancels an upgrade waits for the new master's whole
-/// shutdown, by the new config's budget: here its booting worker is held to
-/// its 3 s drain (graceful_timeout), then its on_exit hook runs. The old
+/// shutdown, by the new config's budget: here its booting worker ignores
+/// SIGTERM and is killed at the end of its 3 s drain (graceful_timeout),
+/// then its on_exit hook runs. The old
 /// code gave it the old master's graceful_timeout (1 s) from the end of the
 /// old master's own drain and killed it in its stage 2: its hook never ran
 /// and its pidfile stayed behind.
@@ -1129,18 +1130,24 @@ fn a_stop_early_in_an_upgrade_waits_for_the_new_masters_whole_shutdown() {
     let mut d = Start::config(&config(&hello_cmd(), 1, &old)).run();
     d.wait_log("all 1 workers ready");
     let dir = d.dir.path().display().to_string();
-    // The new master's worker never gets ready; its drain is 3 s.
+    // The new master's worker never gets ready and ignores SIGTERM; its
+    // drain is 3 s.
     let new = format!(
         "{common}\ngraceful_timeout = \"3s\"\n\
          on_exit = [\"sh\", \"-c\", \"echo $DROVER_CAUSE > $DIR/new-exit\"]"
     );
-    let text = config("[\"sleep\", \"60\"]", 1, &new).replace("$DIR", &dir);
+    let worker = "[\"sh\", \"-c\", \"trap '' TERM; touch $DIR/trapped; exec sleep 60\"]";
+    let text = config(worker, 1, &new).replace("$DIR", &dir);
     std::fs::write(d.dir.path().join("config.toml"), text).unwrap();
     d.signal(Signal::SIGUSR2);
     let log = d.wait_log("upgrade: started");
     let new = new_master_pid(&log);
-    // The new master has spawned its worker: its signal handlers are set.
-    d.wait_log_count("spawned, generation 1", 2);
+    // The new master has spawned its worker (its signal handlers are set),
+    // and the worker ignores SIGTERM.
+    let trapped = d.dir.path().join("trapped");
+    wait_for("the new master's worker", LIMIT, || {
+        trapped.exists().then_some(())
+    });
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
     assert!(!alive(new), "the new master outlived the old one");
@@ -1229,17 +1236,20 @@ fn a_stop_signal_to_the_pidfiles_pid_during_an_upgrade_stops_both_masters() {
     );
 }
 
-/// A new master not ready by its deadline is stopped (SIGQUIT), not killed
-/// at once: a quick shutdown ends its workers with their process groups.
-/// Here its worker 1 is ready and has started a helper in its group, and
-/// worker 2 never boots. The old code's SIGKILL to the new master left the
-/// helper running (worker 1 died of its parent-death signal; only the new
-/// master sweeps a worker's group).
+/// A new master not ready by its deadline is stopped gracefully (SIGTERM),
+/// not killed at once. Its worker 1 is ready, serves the sockets beside the
+/// old master's worker and has started a helper in its process group;
+/// worker 2 never boots. The old code's SIGKILL cut the requests worker 1
+/// had taken (and a SIGQUIT would, past hello's 1 s quick drain) and left
+/// the helper running (worker 1 died of its parent-death signal; only the
+/// new master sweeps a worker's group).
 #[test]
 fn an_upgrade_that_is_not_ready_in_time_leaves_nothing_of_the_new_master() {
     let extra = "ready = \"notify\"\npidfile = \"$DIR/drover.pid\"";
-    let d = Start::config(&config(&hello_cmd(), 2, extra)).run();
-    d.wait_log("all 2 workers ready");
+    let d = Start::config(&config(&hello_cmd(), 1, extra)).run();
+    d.wait_log("all 1 workers ready");
+    let old = d.wait_workers(1);
+    let addr = d.tcp_addr();
     let dir = d.dir.path().display().to_string();
     let never_ready = config(
         &format!(
@@ -1248,12 +1258,24 @@ fn an_upgrade_that_is_not_ready_in_time_leaves_nothing_of_the_new_master() {
             hello_bin()
         ),
         2,
-        extra,
+        &format!("{extra}\ngraceful_timeout = \"10s\""),
     )
     .replace("boot_timeout = \"10s\"", "boot_timeout = \"1s\"")
     .replace("$DIR", &dir);
     std::fs::write(d.dir.path().join("config.toml"), never_ready).unwrap();
-    let (code, out) = d.ctl(&["upgrade"]);
+    d.signal(Signal::SIGUSR2);
+    d.wait_log("upgrade: started");
+    // Its deadline is 6 s away (boot_timeout + 5 s): requests taken 1.5 s
+    // before it end 2 s after it. Twelve, so that some go to the new
+    // master's worker (the kernel hands each to one of the two at random).
+    let began = Instant::now();
+    d.wait_log_count("ready in", 2);
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(began.elapsed()));
+    let flights: Vec<_> = (0..12)
+        .map(|_| get_in_flight(addr, "/sleep?ms=3500"))
+        .collect();
+    let log = d.wait_log("upgrade failed:");
+    let answers: Vec<_> = flights.into_iter().map(|h| h.join().unwrap()).collect();
     let helpers: Vec<Pid> = read_file(&d.dir.path().join("helpers"))
         .lines()
         .filter_map(|l| l.trim().parse().ok())
@@ -1263,18 +1285,33 @@ fn an_upgrade_that_is_not_ready_in_time_leaves_nothing_of_the_new_master() {
     for pid in &left {
         let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
     }
-    let log = d.log();
+    let statuses: Vec<_> = answers
+        .iter()
+        .map(|a| a.as_ref().map(|r| r.status).map_err(|e| e.kind()))
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == Ok(200)),
+        "{statuses:?}\n{log}"
+    );
+    let by_new = answers
+        .iter()
+        .flatten()
+        .filter(|r| !old.contains(&Pid::from_raw(r.worker_pid())))
+        .count();
+    assert!(
+        by_new > 0,
+        "no request went to the new master's worker\n{log}"
+    );
     assert!(!helpers.is_empty(), "{log}");
     assert!(
         left.is_empty(),
         "the new master's worker's helper {left:?} outlived it\n{log}"
     );
-    assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("was not ready within 6s") && out.contains("drover stopped it"),
-        "{out}"
+        log.contains("was not ready within 6s") && log.contains("drover stopped it"),
+        "{log}"
     );
-    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    assert_eq!(get_ok(addr, "/").status, 200);
     assert_eq!(read_pid(&d.dir.path().join("drover.pid")), Some(d.pid()));
 }
 

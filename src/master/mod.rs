@@ -252,6 +252,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         admin,
         obs,
     };
+    master.sup.predecessor_listens = master.systemd.upgrading();
     let first = master.sup.current().clone();
     master.obs.publish(crate::events::Kind::Started {
         pid: std::process::id(),
@@ -796,6 +797,7 @@ impl Master {
                 }
                 Action::NotifySystemd(note) => match note {
                     Note::Ready(summary) => {
+                        self.sup.predecessor_listens = false;
                         if self.systemd.ready(&summary) {
                             // The old master counts it too, as it retires:
                             // only this master's scrapes can show it.

@@ -124,6 +124,10 @@ pub struct Supervisor {
     /// again, as at start-up, until each has a ready worker. Readiness
     /// says `booting` meanwhile, not `degraded` (nothing crashed).
     rebooting: bool,
+    /// We are the new master of an upgrade, not ready yet: the old master
+    /// holds the listeners too, so no booting worker of ours holds their
+    /// last copy (see `stop_for_shutdown`).
+    pub predecessor_listens: bool,
     out: VecDeque<Action>,
 }
 
@@ -145,6 +149,7 @@ impl Supervisor {
             reload_failed: None,
             again: false,
             rebooting: false,
+            predecessor_listens: false,
             out: VecDeque::new(),
         }
     }
@@ -1462,7 +1467,12 @@ impl Supervisor {
         // workers stopped now, the stop's deadline governs it from here on,
         // in place of its boot_timeout: one still booting then gets SIGKILL,
         // as every worker left at the end of the grace period does.
+        // While an upgrade's old master holds the listeners too, no booting
+        // worker holds their last copy: it is stopped at once (the old
+        // master stopping an upgrade that was not ready in time would
+        // otherwise wait for workers that never get ready).
         let defer = pace == Pace::Graceful
+            && !self.predecessor_listens
             && matches!(cause, Cause::Signal(_))
             && !self.pool.workers.iter().any(|w| w.is_serving());
         let until = now + timeout.0;

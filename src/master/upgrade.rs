@@ -32,17 +32,16 @@ pub struct Upgrade {
     /// How long the new master was given to be ready.
     limit: Duration,
     /// The new master was not ready by its deadline: drover stopped it
-    /// (SIGQUIT), and `deadline` is now when it is killed if still there.
+    /// (SIGTERM), and `deadline` is now when it is killed if still there.
     timed_out: bool,
     /// ... and it was still there: drover killed it (SIGKILL).
     killed: bool,
-    /// What its quick shutdown may take (`stop_limit` with `quick_timeout`).
-    quick_stop_limit: Duration,
     /// A stop arrived before the new master was ready: it was told to stop
     /// too, and its `READY=1` no longer hands anything over.
     cancelled: bool,
     /// The longest the new master's own shutdown may take, from its config:
-    /// how long a cancelled upgrade's new master is waited for.
+    /// how long it is waited for once told to stop (a cancel, or its
+    /// deadline), before SIGKILL.
     stop_limit: Duration,
     /// When it was told to stop (a cancelled upgrade).
     cancelled_at: Option<Instant>,
@@ -50,11 +49,10 @@ pub struct Upgrade {
 }
 
 /// What a new master's shutdown may take once told to stop: its workers'
-/// `drain` (`graceful_timeout`, or `quick_timeout` for a quick one), then
-/// its stage 3 (the processes left by workers: `quick_timeout`), its
-/// `on_exit` hook and the event hooks still running or waiting at its exit
-/// (two `hook_timeout`s at most), and a margin for its own exit.
-fn stop_limit(s: &crate::config::Settings, drain: Duration) -> Duration {
+/// drain, then its stage 3 (the processes left by workers: `quick_timeout`),
+/// its `on_exit` hook and the event hooks still running or waiting at its
+/// exit (two `hook_timeout`s at most), and a margin for its own exit.
+fn stop_limit(s: &crate::config::Settings) -> Duration {
     let hook = s.hook_timeout.0;
     let on_exit = if s.on_exit.is_empty() {
         Duration::ZERO
@@ -66,7 +64,7 @@ fn stop_limit(s: &crate::config::Settings, drain: Duration) -> Duration {
     } else {
         2 * hook
     };
-    drain + s.quick_timeout.0 + on_exit + events + Duration::from_secs(1)
+    s.graceful_timeout.0 + s.quick_timeout.0 + on_exit + events + Duration::from_secs(1)
 }
 
 /// The time a new master gets on top of its workers' `boot_timeout`: its
@@ -165,8 +163,7 @@ impl Master {
         let loaded = self.source.load().ok();
         let new_settings = loaded.as_ref().map_or(&current.s, |l| &l.settings);
         let boot_timeout = new_settings.boot_timeout.0;
-        let quick_stop_limit = stop_limit(new_settings, new_settings.quick_timeout.0);
-        let stop_limit = stop_limit(new_settings, new_settings.graceful_timeout.0);
+        let stop_limit = stop_limit(new_settings);
         let (env, fds) = self.upgrade_env(&current.listeners.borrow());
         // Hand over what only one master may hold: the pidfile lock (the
         // file stays, naming us until the new master writes its pid) and the
@@ -196,7 +193,6 @@ impl Master {
                     limit,
                     timed_out: false,
                     killed: false,
-                    quick_stop_limit,
                     cancelled: false,
                     stop_limit,
                     cancelled_at: None,
@@ -425,10 +421,12 @@ impl Master {
         self.upgrade_failed(u.waiters, why);
     }
 
-    /// Stops a new master that did not report ready in time, with a quick
-    /// shutdown (SIGQUIT), and kills it if it is still there when that may
-    /// have ended; its exit is then reported as the failure. A SIGKILL at
-    /// once left what its workers had started (their process groups, which
+    /// Stops a new master that did not report ready in time, with a
+    /// graceful shutdown (SIGTERM: its workers that are ready serve the
+    /// sockets too, and drain what they took; the booting ones stop at once),
+    /// and kills it if it is still there when that may have ended; its exit
+    /// is then reported as the failure. A SIGKILL at once cut their requests
+    /// and left what its workers had started (their process groups, which
     /// only the new master sweeps) running after it, and its pidfile.
     pub(super) fn settle_upgrade(&mut self, now: Instant) {
         let Some(u) = self
@@ -441,14 +439,14 @@ impl Master {
         if !u.timed_out {
             error!(
                 "upgrade: the new master (pid {}) was not ready within {}; stopping it \
-                 (SIGQUIT, SIGKILL if still running in {})",
+                 (SIGTERM, SIGKILL if still running in {})",
                 u.pid,
                 humantime::format_duration(u.limit),
-                humantime::format_duration(u.quick_stop_limit)
+                humantime::format_duration(u.stop_limit)
             );
-            let _ = kill(u.pid, Signal::SIGQUIT);
+            let _ = kill(u.pid, Signal::SIGTERM);
             u.timed_out = true;
-            u.deadline = now + u.quick_stop_limit;
+            u.deadline = now + u.stop_limit;
         } else {
             warn!(
                 "upgrade: the new master (pid {}) did not stop in time: SIGKILL",
