@@ -516,6 +516,27 @@ fn a_worker_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
     d.wait_log("killed by SIGKILL (boot timeout)");
 }
 
+/// A quick stop hurries a worker aborted at its boot deadline too: its
+/// SIGKILL comes at the quick stop's deadline (quick_timeout) if that is
+/// earlier than its abort_grace, as for every stopping worker
+/// (docs/signals.md, stage 2). The code before left its SIGKILL at
+/// abort_grace (30 s here), and drover's quick stop waited for it.
+#[test]
+fn a_quick_stop_hurries_a_worker_aborted_at_boot() {
+    let worker = "trap '' ABRT; exec sleep 1000";
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
+         abort_grace = \"30s\"\nquick_timeout = \"1s\"\nrespawn_delay = \"10s\"\n\
+         command = [\"sh\", \"-c\", {worker:?}]\n"
+    ))
+    .run();
+    d.wait_log("within boot_timeout (1s); SIGABRT");
+    d.signal(Signal::SIGQUIT);
+    d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(log.contains("killed by SIGKILL (boot timeout)"), "{log}");
+}
+
 /// A worker still booting when a graceful shutdown begins with no worker
 /// serving is held to the shutdown's deadline in place of its
 /// `boot_timeout` (docs/signals.md, stage 2), as the workers stopped at once

@@ -336,7 +336,16 @@ impl Worker {
         let mut restore_at = self.gen.exits_idle().then(|| now + timeout / 2);
         let mut why = why;
         match self.state {
-            State::Killed { .. } | State::ExecFailed => return None,
+            State::ExecFailed => return None,
+            // Aborted at its boot deadline, its SIGKILL due at `kill_at`
+            // (abort_grace): a quick stop brings that forward to its own
+            // deadline, as for a stopping worker. Nothing more to send.
+            State::Killed { .. } => {
+                if pace == Pace::Quick {
+                    self.kill_at = self.kill_at.map(|k| k.min(deadline));
+                }
+                return None;
+            }
             // Already stopping (retired, recycled, aborted): it keeps its own
             // reason and deadline, and is hurried only by a quick stop.
             State::Stopping {
