@@ -1164,6 +1164,44 @@ fn a_stop_early_in_an_upgrade_waits_for_the_new_masters_whole_shutdown() {
     assert!(!d.dir.path().join("drover.pid").exists(), "{log}");
 }
 
+/// A stop that cancels an upgrade before the new master has written its pid
+/// leaves no pidfile: once the new master is gone the old one takes the file
+/// back and removes it at its exit. The old code had released it to the new
+/// master at the upgrade's start and left it behind, naming a drover that
+/// had stopped. The new release here takes a second to start (a script in
+/// front of drover), so the stop comes first.
+#[test]
+fn a_stop_as_an_upgrade_starts_leaves_no_pidfile() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir().unwrap();
+    let link = bin.path().join("drover");
+    std::os::unix::fs::symlink(drover_bin(), &link).unwrap();
+    let extra = "ready = \"notify\"\npidfile = \"$DIR/drover.pid\"";
+    let mut d = Start {
+        program: Some(link.display().to_string()),
+        ..Start::config(&config(&hello_cmd(), 1, extra))
+    }
+    .run();
+    d.wait_log("all 1 workers ready");
+    let slow = bin.path().join("drover-slow");
+    std::fs::write(
+        &slow,
+        format!("#!/bin/sh\nsleep 1\nexec {} \"$@\"\n", drover_bin()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tmp = bin.path().join("drover.new");
+    std::os::unix::fs::symlink(&slow, &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    d.signal(Signal::SIGUSR2);
+    d.wait_log("upgrade: started");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0));
+    let log = d.log();
+    assert!(log.contains("SIGTERM: upgrade cancelled"), "{log}");
+    assert!(!d.dir.path().join("drover.pid").exists(), "{log}");
+}
+
 /// During an upgrade the control socket and the pidfile are the new
 /// master's: a stop sent through them reaches it, not the old master. It
 /// was asked of drover, so both stop, as for a stop sent to the old master

@@ -333,7 +333,7 @@ impl Master {
                     );
                     let _ = kill(u.pid, Signal::SIGKILL);
                     let _ = nix::sys::wait::waitpid(u.pid, None);
-                    return;
+                    break;
                 }
                 Ok(status) => {
                     info!(
@@ -341,11 +341,12 @@ impl Master {
                         u.pid,
                         describe(status, None)
                     );
-                    return;
+                    break;
                 }
-                Err(_) => return,
+                Err(_) => break,
             }
         }
+        self.take_pidfile_back();
     }
 
     pub(super) fn on_upgrade_notify(&mut self, messages: Vec<Message>) {
@@ -401,6 +402,7 @@ impl Master {
                 u.pid,
                 describe(status, None)
             );
+            self.take_pidfile_back();
             return;
         }
         let why = if u.timed_out {
@@ -472,14 +474,8 @@ impl Master {
         self.obs.publish(crate::events::Kind::UpgradeFailed {
             reason: why.clone(),
         });
-        let s = &self.sup.current().s;
-        let (pidfile, control_socket) = (s.pidfile.clone(), s.control_socket.clone());
-        if let Some(path) = pidfile {
-            match Pidfile::create(&path) {
-                Ok(p) => self.pidfile = Some(p),
-                Err(e) => error!("cannot take the pidfile back: {e}"),
-            }
-        }
+        self.take_pidfile_back();
+        let control_socket = self.sup.current().s.control_socket.clone();
         if let (Some(c), Some(path)) = (self.control.as_mut(), control_socket) {
             match ControlSocket::bind(&path) {
                 Ok(fresh) => c.take_listener(fresh),
@@ -487,6 +483,21 @@ impl Master {
             }
         }
         self.answer(waiters, control::failure(&format!("upgrade failed: {why}")));
+    }
+
+    /// The new master is gone without the upgrade: the pidfile (released
+    /// to it at the start) is ours again, to serve on with or to remove at
+    /// our exit. A new master that died before writing its pid (a stop
+    /// that cancelled the upgrade as it started) left the file naming us,
+    /// unlocked, after our exit.
+    fn take_pidfile_back(&mut self) {
+        let Some(path) = self.sup.current().s.pidfile.clone() else {
+            return;
+        };
+        match Pidfile::create(&path) {
+            Ok(p) => self.pidfile = Some(p),
+            Err(e) => error!("cannot take the pidfile back: {e}"),
+        }
     }
 
     /// Answers at once (the upgrade's verdicts are the master's own, not
