@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::time::{Duration, Instant};
 
 fn hello(extra: &str) -> String {
     format!(
@@ -14,8 +15,11 @@ fn hello(extra: &str) -> String {
 
 #[test]
 fn a_wedged_worker_is_aborted_at_its_heartbeat_deadline_and_replaced() {
+    // A 3 s timeout (a heartbeat every 1.5 s), not 1 s (every 500 ms): at
+    // load 6-11 on 2 CPUs a heartbeat was missed before the /hang was read,
+    // and a worker that was not wedged was aborted.
     let d = Start::config(&hello(
-        "workers = 1\ntimeout = \"1s\"\nabort_grace = \"2s\"",
+        "workers = 1\ntimeout = \"3s\"\nabort_grace = \"2s\"",
     ))
     .run();
     d.wait_log("all 1 workers ready");
@@ -25,7 +29,7 @@ fn a_wedged_worker_is_aborted_at_its_heartbeat_deadline_and_replaced() {
     d.wait_workers(1);
     let _hung = get_in_flight(addr, "/hang");
     let log =
-        d.wait_log("missed its heartbeat (no WATCHDOG=1 for 1s): SIGABRT, then SIGKILL in 2s");
+        d.wait_log("missed its heartbeat (no WATCHDOG=1 for 3s): SIGABRT, then SIGKILL in 2s");
     assert!(
         log.contains(&format!("worker 1 (pid {first}) missed its heartbeat")),
         "{log}"
@@ -544,29 +548,41 @@ fn a_quick_stop_hurries_a_worker_aborted_at_boot() {
 /// (and drain the connections queued), and only one still booting at the
 /// shutdown's deadline gets SIGKILL. The code before capped its boot
 /// deadline to the shutdown's and sent SIGKILL at whichever came first,
-/// logged as "at the shutdown's deadline" (here 2 s after the spawn, with
-/// 4 s left): drover then exited with status 4, one worker killed.
+/// logged as "at the shutdown's deadline" (here 3 s after the spawn, with
+/// 7 s left): drover then exited with status 4, one worker killed.
 #[test]
 fn a_worker_booting_at_the_shutdown_is_held_to_the_shutdowns_deadline_not_its_boot_timeout() {
+    // The worker reports ready once the test creates $DIR/go, which it does
+    // 4 s after it saw the worker spawned (so at least 1 s past its 3 s
+    // boot_timeout on drover's clock). It used to sleep 3 s itself: at load
+    // 6-11 on 2 CPUs Python took 3.5 s more to start, and the READY=1 came
+    // 6.5 s after the spawn, past the shutdown's (then 6 s) deadline.
     // os._exit: a SystemExit raised by the handler while the socket below is
     // being finalised is ignored (Python prints "Exception ignored"), and the
     // worker would sleep on (1 in 3 runs).
-    let worker = "import os, signal, socket, time\n\
+    let worker = "import os, signal, socket, sys, time\n\
                   signal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n\
-                  time.sleep(3)\n\
+                  while not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\n\
                   p = os.environ['NOTIFY_SOCKET']\n\
                   socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', '\\0' + p[1:] if p.startswith('@') else p)\n\
                   time.sleep(60)\n";
     let mut d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"2s\"\n\
-         graceful_timeout = \"6s\"\ncommand = [\"python3\", \"-c\", {}]\n",
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"3s\"\n\
+         graceful_timeout = \"10s\"\ncommand = [\"python3\", \"-c\", {}, \"$DIR/go\"]\n",
         toml_string(worker)
     ))
     .run();
     // The SIGTERM must come while the worker boots, before its boot_timeout
-    // (2 s: 1 s was a narrow window on a loaded machine).
+    // (3 s: 1 s was a narrow window on a loaded machine).
     d.wait_log("worker 1 (pid");
+    let spawned = Instant::now();
     d.signal(Signal::SIGTERM);
+    d.wait_log("still booting: it gets SIGTERM once ready");
+    // Past its boot_timeout (by at least 1 s), still booting.
+    std::thread::sleep(
+        (spawned + Duration::from_secs(4)).saturating_duration_since(Instant::now()),
+    );
+    std::fs::write(d.dir.path().join("go"), "").unwrap();
     let status = d.wait_exit(LIMIT);
     let log = d.log();
     assert!(!log.contains("SIGKILL to its process group"), "{log}");
@@ -578,7 +594,7 @@ fn a_worker_booting_at_the_shutdown_is_held_to_the_shutdowns_deadline_not_its_bo
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(
         log.contains(
-            "still booting: it gets SIGTERM once ready, within the shutdown's 6s \
+            "still booting: it gets SIGTERM once ready, within the shutdown's 10s \
              (which replaces its boot_timeout), else SIGKILL then"
         ),
         "{log}"
