@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Deque, Dict, List
+from typing import Any, Deque, Dict, List, Optional
 
 import drover_worker as dw
 from drover_worker.scoreboard import Scoreboard
@@ -719,6 +719,11 @@ class Server:
         self.taken = 0  # connections taken from the queue during the stop
         self.counter = itertools.count(1)
         self.recycling = False
+        # Held while a thread checks `recycling` and accepts, and while the
+        # request that reaches --max-requests sets it: a thread that checked
+        # before has accepted (or found nothing) before that request's
+        # response goes out, so no connection made after it is taken here.
+        self.recycle_mu = threading.Lock()
         # drover's pre-stop delay began (SIGWINCH): serve on, end keep-alive.
         self.winding_down = False
         base = base_environ(self.nthreads)
@@ -1129,16 +1134,19 @@ class Server:
         return Conn(sock, peer, info, self.proxy.trusts(peer), self.io_timeout)
 
     def _accept_one(self, info):
-        if self.recycling or self.stop_seen:
-            return  # recycling: queued connections are for the other workers
-        try:
-            sock, peer = info.sock.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return  # another worker (or thread) took it
-        except OSError as e:
-            if self.state is not _RUNNING:
-                return
-            self._pause_accepting(info, e)
+        error: Optional[OSError] = None
+        with self.recycle_mu:
+            if self.recycling or self.stop_seen:
+                return  # recycling: queued connections are for the other workers
+            try:
+                sock, peer = info.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # another worker (or thread) took it
+            except OSError as e:
+                error = e
+        if error is not None:
+            if self.state is _RUNNING:
+                self._pause_accepting(info, error)
             return
         self._serve(self._new_conn(sock, peer, info))
 
@@ -1268,7 +1276,8 @@ class Server:
     def _handle_request(self, conn, req):
         n = next(self.counter)
         if self.max_requests and n >= self.max_requests and not self.recycling:
-            self.recycling = True
+            with self.recycle_mu:
+                self.recycling = True
             try:
                 os.write(self.ctrl_w, b"r")
             except OSError:
