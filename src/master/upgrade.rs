@@ -235,18 +235,21 @@ impl Master {
         (env, fds)
     }
 
+    /// The new master's pid, while an upgrade runs and was not cancelled.
+    fn upgrade_in_progress(&self) -> Option<Pid> {
+        self.upgrade
+            .as_ref()
+            .filter(|u| !u.cancelled)
+            .map(|u| u.pid)
+    }
+
     /// A stop (SIGTERM, SIGINT, SIGQUIT) during an upgrade. Before the new
     /// master is ready, the upgrade is cancelled: the new master is given
     /// the same signal (its sockets are inherited, so it attaches no filter)
     /// and this master stops as usual. After, this master is already
     /// retiring and the new one serves: nothing to cancel (docs/operations.md).
     pub(super) fn cancel_upgrade(&mut self, signal: Signal) {
-        let Some(pid) = self
-            .upgrade
-            .as_ref()
-            .filter(|u| !u.cancelled)
-            .map(|u| u.pid)
-        else {
+        let Some(pid) = self.upgrade_in_progress() else {
             return;
         };
         warn!(
@@ -266,12 +269,7 @@ impl Master {
     /// (`cancel_upgrade`), without signalling it again (that would escalate
     /// its shutdown). Before, it stopped alone and we served on.
     fn on_new_master_stopping(&mut self, stop: &str) {
-        let Some(pid) = self
-            .upgrade
-            .as_ref()
-            .filter(|u| !u.cancelled)
-            .map(|u| u.pid)
-        else {
+        let Some(pid) = self.upgrade_in_progress() else {
             return;
         };
         let (pace, cause) = stop.split_once(':').unwrap_or(("graceful", stop));
