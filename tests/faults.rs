@@ -1046,6 +1046,19 @@ fn a_status_flood_is_logged_at_ten_lines_a_second_with_what_was_dropped() {
 }
 
 /// The pid in "upgrade: started PATH as pid N;".
+/// Writes `config` (its `$DIR` made the test's directory) as drover's
+/// config and starts an upgrade with SIGUSR2: the new master's pid.
+fn upgrade_to(d: &Drover, config: &str) -> Pid {
+    let dir = d.dir.path().display().to_string();
+    std::fs::write(
+        d.dir.path().join("config.toml"),
+        config.replace("$DIR", &dir),
+    )
+    .unwrap();
+    d.signal(Signal::SIGUSR2);
+    new_master_pid(&d.wait_log("upgrade: started"))
+}
+
 fn new_master_pid(log: &str) -> Pid {
     let rest = log.split("as pid ").nth(1).expect("the upgrade line");
     Pid::from_raw(rest.split(';').next().unwrap().parse().unwrap())
@@ -1218,11 +1231,7 @@ fn a_stop_sent_to_the_new_master_stops_both(stop: impl FnOnce(&Drover, Pid), cau
         2,
         extra,
     );
-    let dir = d.dir.path().display().to_string();
-    std::fs::write(d.dir.path().join("config.toml"), slow.replace("$DIR", &dir)).unwrap();
-    d.signal(Signal::SIGUSR2);
-    let log = d.wait_log("upgrade: started");
-    let new = new_master_pid(&log);
+    let new = upgrade_to(&d, &slow);
     d.wait_log_count("spawned, generation 1", 4);
     stop(&d, new);
     let status = d.wait_exit_only(LIMIT);
@@ -1378,11 +1387,7 @@ fn an_upgrade_asked_of_a_new_master_not_ready_yet_is_refused() {
         1,
         "ready = \"notify\"",
     );
-    let dir = d.dir.path().display().to_string();
-    std::fs::write(d.dir.path().join("config.toml"), slow.replace("$DIR", &dir)).unwrap();
-    d.signal(Signal::SIGUSR2);
-    let log = d.wait_log("upgrade: started");
-    let new = new_master_pid(&log);
+    let new = upgrade_to(&d, &slow);
     d.wait_log_count("spawned, generation 1", 2);
     let (code, out) = d.ctl(&["upgrade"]);
     let masters = |log: &str| -> Vec<Pid> {
