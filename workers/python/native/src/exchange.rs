@@ -103,9 +103,7 @@ pub fn handle(
         http10,
         keep_alive: head.keep_alive && !view.last,
         server_keeps: false,
-        status: None,
         code: 0,
-        header_text: Vec::new(),
         app_length: None,
         app_close: false,
         headers: None,
@@ -137,10 +135,10 @@ pub fn handle(
         Ok(()) => {
             sh.note_service_time(took);
             if let Some(access) = &sh.hooks.access {
-                let status = r
-                    .status
-                    .as_ref()
-                    .map_or("-".to_string(), |s| s[..3].to_string());
+                let status = match r.code {
+                    0 => "-".to_string(),
+                    code => code.to_string(),
+                };
                 let sent = if r.sent { Some(r.body_bytes) } else { None };
                 let headers = r.headers.as_ref().map_or_else(
                     || PyTuple::empty(py).into_any().unbind(),
@@ -292,7 +290,7 @@ fn send_result(
     // An iterator (a generator, werkzeug's ClosingIterator) has no len():
     // not asked, which would make and drop a TypeError per request.
     let is_iterator = unsafe { ffi::PyIter_Check(result.as_ptr()) } != 0;
-    let one = !is_iterator && result.len().ok() == Some(1) && sr.r.status.is_some();
+    let one = !is_iterator && result.len().ok() == Some(1) && sr.r.code != 0;
     drop(sr);
     let mut iter = result.try_iter()?;
     if one {
@@ -370,6 +368,30 @@ fn method<'py>(py: Python<'py>, m: &str) -> Bound<'py, PyString> {
 /// The environ key of a header name ("X-Foo" -> "HTTP_X_FOO"), interned and
 /// cached by the name in lower case.
 fn header_key<'py>(py: Python<'py>, sh: &Shared, lower: &[u8]) -> Bound<'py, PyString> {
+    // The commonest, without the cache's lock and hash.
+    let common = match lower {
+        b"host" => intern!(py, "HTTP_HOST"),
+        b"user-agent" => intern!(py, "HTTP_USER_AGENT"),
+        b"accept" => intern!(py, "HTTP_ACCEPT"),
+        b"accept-encoding" => intern!(py, "HTTP_ACCEPT_ENCODING"),
+        b"accept-language" => intern!(py, "HTTP_ACCEPT_LANGUAGE"),
+        b"connection" => intern!(py, "HTTP_CONNECTION"),
+        b"cookie" => intern!(py, "HTTP_COOKIE"),
+        b"referer" => intern!(py, "HTTP_REFERER"),
+        b"authorization" => intern!(py, "HTTP_AUTHORIZATION"),
+        b"cache-control" => intern!(py, "HTTP_CACHE_CONTROL"),
+        b"origin" => intern!(py, "HTTP_ORIGIN"),
+        b"x-forwarded-for" => intern!(py, "HTTP_X_FORWARDED_FOR"),
+        b"x-forwarded-proto" => intern!(py, "HTTP_X_FORWARDED_PROTO"),
+        b"x-request-id" => intern!(py, "HTTP_X_REQUEST_ID"),
+        _ => {
+            return cached_header_key(py, sh, lower);
+        }
+    };
+    common.clone()
+}
+
+fn cached_header_key<'py>(py: Python<'py>, sh: &Shared, lower: &[u8]) -> Bound<'py, PyString> {
     let mut keys = sh.keys.lock().unwrap();
     if let Some(k) = keys.get(lower) {
         return k.bind(py).clone();
@@ -413,39 +435,39 @@ fn environ<'py>(
     env.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
     match view.peer {
         Peer::Inet(ip, port) => {
-            let mut text = String::with_capacity(48);
+            let mut text = Ascii::default();
             match ip {
                 std::net::IpAddr::V4(v4) => {
                     // What Display writes, without the formatting machinery
                     // (a tenth of the server's own work per request).
                     for (i, octet) in v4.octets().into_iter().enumerate() {
                         if i > 0 {
-                            text.push('.');
+                            text.push(b".");
                         }
-                        push_decimal(&mut text, u32::from(octet));
+                        text.push(decimal(u64::from(octet)).as_ref());
                     }
                 }
                 std::net::IpAddr::V6(v6) => {
-                    use std::fmt::Write;
+                    use std::io::Write;
                     let _ = write!(text, "{v6}");
                 }
             }
-            env.set_item(intern!(py, "REMOTE_ADDR"), PyString::new(py, &text))?;
-            text.clear();
-            push_decimal(&mut text, u32::from(*port));
-            env.set_item(intern!(py, "REMOTE_PORT"), PyString::new(py, &text))?;
+            env.set_item(intern!(py, "REMOTE_ADDR"), text.to_py(py))?;
+            let mut text = Ascii::default();
+            text.push(decimal(u64::from(*port)).as_ref());
+            env.set_item(intern!(py, "REMOTE_PORT"), text.to_py(py))?;
         }
         Peer::Unix(path) => env.set_item(intern!(py, "REMOTE_ADDR"), latin1(py, path))?,
     }
     let mut underscored: Option<Bound<'py, PyDict>> = None;
-    let mut lower = Vec::with_capacity(64);
+    let mut lower = Ascii::default();
     for (name, value) in &head.headers {
-        lower.clear();
-        lower.extend(name.bytes().map(|c| c.to_ascii_lowercase()));
-        let key = match lower.as_slice() {
+        let lower = lower.lowercase(name);
+        let key = match lower {
             b"content-length" => {
                 if let drover_h1::Framing::Length(n) = head.framing {
-                    env.set_item(intern!(py, "CONTENT_LENGTH"), n.to_string())?;
+                    let n = decimal(n);
+                    env.set_item(intern!(py, "CONTENT_LENGTH"), latin1(py, n.as_ref()))?;
                 }
                 continue;
             }
@@ -457,17 +479,13 @@ fn environ<'py>(
                 fields.set_item(name.to_ascii_uppercase(), latin1(py, value))?;
                 continue;
             }
-            _ => header_key(py, sh, &lower),
+            _ => header_key(py, sh, lower),
         };
         let value = latin1(py, value);
         match env.get_item(&key)? {
             None => env.set_item(&key, value)?,
             Some(old) => {
-                let sep = if lower.as_slice() == b"cookie" {
-                    "; "
-                } else {
-                    ", "
-                };
+                let sep = if lower == b"cookie" { "; " } else { ", " };
                 let old = old.cast_into::<PyString>().map_err(PyErr::from)?;
                 let joined = format!("{}{}{}", old.to_str()?, sep, value.to_str()?);
                 env.set_item(&key, joined)?;
@@ -500,9 +518,9 @@ fn environ<'py>(
     Ok(env)
 }
 
-/// `n` in decimal.
-fn push_decimal(out: &mut String, n: u32) {
-    let mut digits = [0u8; 10];
+/// `n` in decimal: the digits are `&d[i..]` of `(d, i)`.
+fn decimal(n: u64) -> Decimal {
+    let mut digits = [0u8; 20];
     let mut i = digits.len();
     let mut n = n;
     loop {
@@ -513,7 +531,75 @@ fn push_decimal(out: &mut String, n: u32) {
             break;
         }
     }
-    out.extend(digits[i..].iter().map(|&d| d as char));
+    Decimal(digits, i)
+}
+
+struct Decimal([u8; 20], usize);
+
+impl AsRef<[u8]> for Decimal {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[self.1..]
+    }
+}
+
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal(n).as_ref());
+}
+
+/// Short ASCII text made on the stack (an address, a port, a header name in
+/// lower case), where a String would be an allocation per request. 64 bytes
+/// hold the longest address (45); a longer header name goes to `long`.
+struct Ascii {
+    buf: [u8; 64],
+    len: usize,
+    /// A longer header name, in lower case.
+    long: Vec<u8>,
+}
+
+impl Default for Ascii {
+    fn default() -> Ascii {
+        Ascii {
+            buf: [0; 64],
+            len: 0,
+            long: Vec::new(),
+        }
+    }
+}
+
+impl Ascii {
+    fn push(&mut self, b: &[u8]) {
+        let n = b.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+    }
+
+    /// `name` in lower case (its bytes are a token's: ASCII).
+    fn lowercase(&mut self, name: &str) -> &[u8] {
+        if name.len() > self.buf.len() {
+            self.long = name.to_ascii_lowercase().into_bytes();
+            return &self.long;
+        }
+        let out = &mut self.buf[..name.len()];
+        for (o, c) in out.iter_mut().zip(name.bytes()) {
+            *o = c.to_ascii_lowercase();
+        }
+        out
+    }
+
+    fn to_py<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        latin1(py, &self.buf[..self.len])
+    }
+}
+
+impl std::io::Write for Ascii {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.push(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// An HTTPError a Python hook raised (its status and reason), or another error.
@@ -548,9 +634,8 @@ pub struct Response {
     http10: bool,
     keep_alive: bool,
     server_keeps: bool,
-    status: Option<String>,
+    /// The status's code once start_response was called, else 0.
     code: u16,
-    header_text: Vec<u8>,
     app_length: Option<u64>,
     app_close: bool,
     headers: Option<Py<PyAny>>,
@@ -560,6 +645,9 @@ pub struct Response {
     keep: bool,
     body_ok: bool,
     body_bytes: u64,
+    /// The bytes to write: from start_response on, the head's start (the
+    /// status line, Date and the app's headers); the rest of the head and
+    /// the body are appended (only a streamed body is written before the end).
     out: Vec<u8>,
     input: Option<Py<Input>>,
 }
@@ -583,7 +671,7 @@ impl Response {
                 let err = value.call_method1(intern!(py, "with_traceback"), (tb,))?;
                 return Err(PyErr::from_value(err));
             }
-        } else if self.status.is_some() {
+        } else if self.code != 0 {
             return Err(PyAssertionError::new_err(
                 "start_response() called a second time without exc_info",
             ));
@@ -606,7 +694,35 @@ impl Response {
                 status.repr()?
             )));
         }
-        let mut lines = Vec::with_capacity(128);
+        self.out.clear();
+        let written = self.start_head(text, headers);
+        if written.is_err() {
+            self.out.clear();
+        }
+        let (length, close) = written?;
+        self.code = text[..3].parse().unwrap_or(500);
+        self.headers = Some(headers.clone().unbind());
+        self.app_length = length;
+        self.app_close = close;
+        Ok(())
+    }
+
+    /// Writes the head's start to `out`: the status line, Date and the
+    /// app's headers but those of the connection and the framing (the
+    /// server's); returns the app's Content-Length and whether it asked to
+    /// close.
+    fn start_head(
+        &mut self,
+        status: &str,
+        headers: &Bound<'_, PyAny>,
+    ) -> PyResult<(Option<u64>, bool)> {
+        let out = &mut self.out;
+        out.reserve(256);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        push_latin1(out, status)?;
+        out.extend_from_slice(b"\r\nDate: ");
+        with_http_date(|d| out.extend_from_slice(d.as_bytes()));
+        out.extend_from_slice(b"\r\n");
         let mut length = None;
         let mut close = false;
         for item in headers.try_iter()? {
@@ -634,50 +750,38 @@ impl Response {
                     item.repr()?
                 )));
             }
-            let lname = n.to_ascii_lowercase();
-            match lname.as_str() {
-                "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer"
-                | "upgrade" | "proxy-connection" => {
-                    if lname == "connection" && v.to_ascii_lowercase().contains("close") {
-                        close = true;
-                    }
-                    continue; // the server frames the response and manages the connection
+            match server_field(n) {
+                Some(ServerField::Connection) => {
+                    close |= v.to_ascii_lowercase().contains("close");
+                    continue;
                 }
-                "content-length" => {
+                // The server frames the response and manages the connection.
+                Some(ServerField::Other) => continue,
+                Some(ServerField::ContentLength) => {
                     length = Some(v.trim().parse::<u64>().map_err(|_| {
                         PyValueError::new_err(format!("invalid Content-Length {v:?}"))
                     })?);
                     continue;
                 }
-                _ => {}
+                None => {}
             }
-            for part in [n, ": ", v, "\r\n"] {
-                push_latin1(&mut lines, part)?;
-            }
+            push_latin1(out, n)?;
+            out.extend_from_slice(b": ");
+            push_latin1(out, v)?;
+            out.extend_from_slice(b"\r\n");
         }
-        push_latin1(&mut Vec::new(), text)?;
-        self.status = Some(text.to_string());
-        self.code = text[..3].parse().unwrap_or(500);
-        self.headers = Some(headers.clone().unbind());
-        self.header_text = lines;
-        self.app_length = length;
-        self.app_close = close;
-        Ok(())
+        Ok((length, close))
     }
 
-    /// The response head; `body` is the whole body when known, else None
-    /// (streaming). Decides the framing and whether to keep the connection.
-    fn head(
-        &mut self,
-        py: Python<'_>,
-        body: Option<&[u8]>,
-        server_keeps: bool,
-    ) -> PyResult<Vec<u8>> {
-        let Some(status) = &self.status else {
+    /// Ends the head in `out`; `body` is the whole body when known, else
+    /// None (streaming). Decides the framing and whether to keep the
+    /// connection.
+    fn head(&mut self, py: Python<'_>, body: Option<&[u8]>, server_keeps: bool) -> PyResult<()> {
+        if self.code == 0 {
             return Err(PyAssertionError::new_err(
                 "the application did not call start_response()",
             ));
-        };
+        }
         let code = self.code;
         let no_body = self.is_head || no_body_code(code) || code < 200;
         let mut length = self.app_length;
@@ -709,15 +813,12 @@ impl Response {
             && self.mode != Mode::Close
             && server_keeps
             && discardable;
-        let mut h = Vec::with_capacity(96 + self.header_text.len());
-        h.extend_from_slice(b"HTTP/1.1 ");
-        push_latin1(&mut h, status)?;
-        h.extend_from_slice(b"\r\nDate: ");
-        with_http_date(|d| h.extend_from_slice(d.as_bytes()));
-        h.extend_from_slice(b"\r\n");
-        h.extend_from_slice(&self.header_text);
+        let h = &mut self.out;
+        h.reserve(64 + body.map_or(0, <[u8]>::len));
         if let (Some(n), false) = (length, no_body_code(code) || code < 200) {
-            h.extend_from_slice(format!("Content-Length: {n}\r\n").as_bytes());
+            h.extend_from_slice(b"Content-Length: ");
+            push_decimal(h, n);
+            h.extend_from_slice(b"\r\n");
         }
         if self.mode == Mode::Chunked {
             h.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
@@ -729,7 +830,7 @@ impl Response {
         }
         h.extend_from_slice(b"\r\n");
         self.sent = true;
-        Ok(h)
+        Ok(())
     }
 
     /// The whole body of a list or tuple result.
@@ -758,8 +859,7 @@ impl Response {
     /// The head and the whole `body`, to be written after the GIL is released.
     fn send_whole(&mut self, py: Python<'_>, body: &[u8]) -> PyResult<()> {
         self.server_keeps = self.server_keeps_now(py);
-        let head = self.head(py, Some(body), self.server_keeps)?;
-        self.out.extend_from_slice(&head);
+        self.head(py, Some(body), self.server_keeps)?;
         if self.mode == Mode::None {
             return Ok(());
         }
@@ -798,8 +898,7 @@ impl Response {
         }
         if !self.sent {
             self.server_keeps = self.server_keeps_now(py);
-            let head = self.head(py, None, self.server_keeps)?;
-            self.out.extend_from_slice(&head);
+            self.head(py, None, self.server_keeps)?;
         }
         if self.mode != Mode::None {
             self.body_bytes += data.len() as u64;
@@ -855,7 +954,7 @@ impl Response {
             ));
         }
         let (fd, timeout, out) = (self.fd, self.io_timeout, &self.out);
-        let sent = py.detach(|| sock::send_all(fd, &[out], timeout));
+        let sent = py.detach(|| sock::send_all(fd, out, timeout));
         self.out.clear();
         sent.map_err(|e| ClientGone::new_err(e.text().to_string()))
     }
@@ -905,8 +1004,61 @@ impl StartResponse {
 
 /// A header name as RFC 9110 5.1 allows it (a token).
 fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty() && name.bytes().all(|b| TCHAR[b as usize])
+}
+
+/// RFC 9110 5.6.2's tchar, by byte.
+static TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
+/// The response fields the server writes itself (RFC 9110 7.6.1's
+/// hop-by-hop fields and the framing), by name in any case.
+enum ServerField {
+    Connection,
+    ContentLength,
+    Other,
+}
+
+fn server_field(name: &str) -> Option<ServerField> {
+    // By length first: most names are none of these, and are told so by it.
+    let candidates: &[&str] = match name.len() {
+        2 => &["te"],
+        7 => &["trailer", "upgrade"],
+        10 => &["connection", "keep-alive"],
+        14 => &["content-length"],
+        16 => &["proxy-connection"],
+        17 => &["transfer-encoding"],
+        _ => return None,
+    };
+    let known = candidates.iter().find(|c| name.eq_ignore_ascii_case(c))?;
+    Some(match *known {
+        "connection" => ServerField::Connection,
+        "content-length" => ServerField::ContentLength,
+        _ => ServerField::Other,
+    })
 }

@@ -192,7 +192,7 @@ impl Input {
         let buf = &mut self.buf;
         let got = py.detach(|| {
             if cont {
-                sock::send_all(fd, &[b"HTTP/1.1 100 Continue\r\n\r\n"], io_timeout)?;
+                sock::send_all(fd, b"HTTP/1.1 100 Continue\r\n\r\n", io_timeout)?;
             }
             sock::recv_blocking(fd, buf, until, io_timeout)
         });

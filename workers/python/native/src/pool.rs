@@ -1030,13 +1030,18 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
                 }
             }
         }
-        // The head, within the header timeout from its first byte.
-        let until = sh.set.header_timeout.map(|t| Instant::now() + t);
+        // The head, within the header timeout from its first byte (counted
+        // from the first read that did not bring all of it: a whole head
+        // needs no clock).
+        let mut until = None;
         let mut more = false;
         // Parsed once: the head borrows conn.buf (which keeps its bytes until
         // the exchange is over), the bytes after it are copied to `rest`.
         let (head, used) = loop {
             if more {
+                if until.is_none() {
+                    until = sh.set.header_timeout.map(|t| Instant::now() + t);
+                }
                 match sock::recv_blocking(conn.fd, &mut conn.buf, until, sh.set.io_timeout) {
                     Ok(_) => {}
                     Err(Gone::Timeout(_)) => {
@@ -1087,7 +1092,7 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
             }
         }
         if !outcome.out.is_empty()
-            && sock::send_all(conn.fd, &[&outcome.out], sh.set.io_timeout).is_err()
+            && sock::send_all(conn.fd, &outcome.out, sh.set.io_timeout).is_err()
         {
             return; // the client left
         }
@@ -1119,7 +1124,7 @@ fn send_held(sh: &Arc<Shared>, except: Option<usize>) {
         std::mem::take(&mut held.responses)
     };
     for (conn, out) in responses {
-        if sock::send_all(conn.fd, &[&out], sh.set.io_timeout).is_ok() {
+        if sock::send_all(conn.fd, &out, sh.set.io_timeout).is_ok() {
             serve_from(sh, conn, true, None);
         }
     }
@@ -1187,13 +1192,7 @@ fn wait_while_stopping(sh: &Shared, conn: &mut Conn) -> bool {
 /// Answers an error the server finds itself (a bad head, a slow client), then
 /// closes without a reset.
 fn refuse(sh: &Shared, conn: Box<Conn>, status: u16, detail: &str) {
-    if sock::send_all(
-        conn.fd,
-        &[&error_response(status, detail)],
-        sh.set.io_timeout,
-    )
-    .is_ok()
-    {
+    if sock::send_all(conn.fd, &error_response(status, detail), sh.set.io_timeout).is_ok() {
         sh.start_linger(conn);
     }
 }

@@ -112,29 +112,18 @@ pub fn recv_blocking(
     }
 }
 
-/// Writes all of `parts` (writev), waiting at most `io_timeout` at a time
-/// for room.
-pub fn send_all(fd: RawFd, parts: &[&[u8]], io_timeout: Duration) -> Result<(), Gone> {
-    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
-    while !parts.is_empty() {
-        let iov: Vec<libc::iovec> = parts
-            .iter()
-            .take(64)
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut _,
-                iov_len: p.len(),
-            })
-            .collect();
-        let msg = libc::msghdr {
-            msg_name: std::ptr::null_mut(),
-            msg_namelen: 0,
-            msg_iov: iov.as_ptr() as *mut _,
-            msg_iovlen: iov.len(),
-            msg_control: std::ptr::null_mut(),
-            msg_controllen: 0,
-            msg_flags: 0,
+/// Writes all of `data`, waiting at most `io_timeout` at a time for room.
+pub fn send_all(fd: RawFd, data: &[u8], io_timeout: Duration) -> Result<(), Gone> {
+    let mut data = data;
+    while !data.is_empty() {
+        let n = unsafe {
+            libc::send(
+                fd,
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
         };
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.kind() {
@@ -151,16 +140,7 @@ pub fn send_all(fd: RawFd, parts: &[&[u8]], io_timeout: Duration) -> Result<(), 
                 _ => return Err(Gone::Closed(e.to_string())),
             }
         }
-        let mut n = n as usize;
-        while n > 0 {
-            if n >= parts[0].len() {
-                n -= parts[0].len();
-                parts.remove(0);
-            } else {
-                parts[0] = &parts[0][n..];
-                n = 0;
-            }
-        }
+        data = &data[n as usize..];
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Small pure helpers: the log line, the Date header, the answers the server
 //! gives itself, and the request target as PEP 3333 wants it.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io::Write;
 
@@ -96,11 +97,11 @@ pub fn latin1(text: &str) -> Vec<u8> {
 /// PATH_INFO (percent-decoded, as bytes to be read as latin-1) and
 /// QUERY_STRING of a request target, as http.py's `split_target`; the error
 /// is the 400's detail.
-pub fn split_target(target: &[u8]) -> Result<(Vec<u8>, &[u8]), &'static str> {
+pub fn split_target(target: &[u8]) -> Result<(Cow<'_, [u8]>, &[u8]), &'static str> {
     let mut target = target;
     if target.first() != Some(&b'/') {
         if target == b"*" {
-            return Ok((b"*".to_vec(), b""));
+            return Ok((Cow::Borrowed(b"*"), b""));
         }
         let scheme_end = find(target, b"://")
             .filter(|&i| i > 0)
@@ -127,9 +128,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// urllib.parse.unquote_to_bytes: %XX with two hex digits is the byte, any
 /// other % stays as it is.
-fn unquote(path: &[u8]) -> Vec<u8> {
+fn unquote(path: &[u8]) -> Cow<'_, [u8]> {
     if !path.contains(&b'%') {
-        return path.to_vec();
+        return Cow::Borrowed(path);
     }
     let mut out = Vec::with_capacity(path.len());
     let mut i = 0;
@@ -144,7 +145,7 @@ fn unquote(path: &[u8]) -> Vec<u8> {
         out.push(path[i]);
         i += 1;
     }
-    out
+    Cow::Owned(out)
 }
 
 fn hex(b: u8) -> Option<u8> {
