@@ -97,6 +97,14 @@ def app(environ, start_response):
     if path == "/list-header":
         start_response("200 OK", [["X-List", "yes"]])  # a list, not a tuple: taken as gunicorn does
         return [b"ok"]
+    if path == "/bad-header-retried":
+        # A refused start_response leaves nothing behind: the app's second
+        # call makes the whole head.
+        try:
+            start_response("200 OK", [("X-Good", "1"), ("X-Bad", "a\r\nInjected: 1")])
+        except ValueError:
+            start_response("200 OK", [("X-Retried", "1")])
+        return [b"retried"]
     if path == "/bad-header":
         start_response("200 OK", [("X-Bad", "a\r\nInjected: 1")])
         return [b"no"]

@@ -134,6 +134,9 @@ class ServerTest(unittest.TestCase):
             self.assertEqual(status, 500, path)
         status, _, _ = request(self.w, get("/non-latin-1-header"))
         self.assertEqual(status, 500)
+        status, headers, body = request(self.w, get("/bad-header-retried"))
+        self.assertEqual((status, headers.get("x-retried"), body), (200, "1", b"retried"))
+        self.assertNotIn("x-good", headers)
         status, headers, body = request(self.w, get("/list-header"))
         self.assertEqual((status, headers.get("x-list"), body), (200, "yes", b"ok"))
         # Content-Length promised, fewer bytes sent: the client sees the close.
