@@ -118,7 +118,8 @@ pub struct Supervisor {
     /// applied: part of the summary.
     reload_failed: Option<String>,
     /// A decision carried out after this turn's own duties calls for
-    /// another turn before waiting (a reload's generation was built).
+    /// another turn before waiting (a reload's generation was built, a
+    /// shutdown began).
     again: bool,
     /// Resumed after a pause that stopped every worker: the slots boot
     /// again, as at start-up, until each has a ready worker. Readiness
@@ -1372,6 +1373,10 @@ impl Supervisor {
             }
             _ => {
                 self.stop_accepting(quick, cause, now);
+                // The exit, once no worker is left, is the next turn's: it
+                // must come even when nothing else will wake the loop (a
+                // worker that could not be forked at start-up leaves none).
+                self.again = true;
                 info!(
                     "stage 2, drain: {} to {} worker(s), up to {timeout}",
                     signal.as_str(),

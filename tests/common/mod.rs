@@ -141,6 +141,8 @@ pub struct Start {
     pub systemd: bool,
     /// Run this program (with `args`) instead of drover, e.g. a wrapper.
     pub program: Option<String>,
+    /// Start drover with this soft `RLIMIT_NOFILE` (`ulimit -n`).
+    pub nofile: Option<u64>,
 }
 
 pub struct Drover {
@@ -210,7 +212,7 @@ impl Start {
             cmd.process_group(0);
         }
         let (ignore_sigint, leak) = (self.ignore_sigint, self.leak_fd);
-        let block_signals = self.block_signals;
+        let (block_signals, nofile) = (self.block_signals, self.nofile);
         let pass: Vec<(i32, i32)> = self
             .pass
             .iter()
@@ -248,6 +250,12 @@ impl Start {
                 if let Some(fd) = leak {
                     let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
                     libc::dup2(null, fd);
+                }
+                if let Some(n) = nofile {
+                    let mut limit: libc::rlimit = std::mem::zeroed();
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                    limit.rlim_cur = n;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
                 }
                 Ok(())
             });
