@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -94,6 +95,12 @@ def app(environ, start_response):
     if path == "/non-latin-1-header":
         start_response("200 OK", [("X-Euro", "\u20ac")])
         return [b"no"]
+    if path == "/interim-status":  # a 1xx as the final status: the client would wait on
+        start_response("103 Early Hints", [])
+        return [b"no"]
+    if path == "/status-600":
+        start_response("600 Beyond", [])
+        return [b"no"]
     if path == "/list-header":
         start_response("200 OK", [["X-List", "yes"]])  # a list, not a tuple: taken as gunicorn does
         return [b"ok"]
@@ -126,6 +133,19 @@ def app(environ, start_response):
                 sys.stderr.write("closing-iter closed\n")
         start_response("200 OK", [])
         return It()
+    if path == "/fork":
+        # A view that forks and lets the child return into the server (a bug:
+        # a forked child must end with os._exit()); the parent reaps it.
+        pid = os.fork()
+        if pid == 0:
+            return _text(start_response, "200 OK", b"from the child")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return _text(start_response, "200 OK", b"child exited %d" % os.waitstatus_to_exitcode(status))
+            time.sleep(0.02)
+        return _text(start_response, "200 OK", b"child %d still running" % pid)
     return _text(start_response, "404 Not Found", b"not found")
 
 
@@ -135,6 +155,11 @@ if CLEANUP_FILE:
     def _cleanup():
         with open(CLEANUP_FILE, "a") as f:
             f.write("cleanup %d\n" % os.getpid())
+
+
+if os.environ.get("APPS_BLOCK_STOP_SIGNALS"):
+    # An app (or a library it imports) that blocks the stop signals.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def factory():

@@ -137,6 +137,11 @@ class ServerTest(unittest.TestCase):
         status, headers, body = request(self.w, get("/bad-header-retried"))
         self.assertEqual((status, headers.get("x-retried"), body), (200, "1", b"retried"))
         self.assertNotIn("x-good", headers)
+        # Outside 200-599: a 500 (before, a 103 went out as the final status,
+        # with no body and the connection kept: the client waited on).
+        for path in ("/interim-status", "/status-600"):
+            status, headers, _ = request(self.w, get(path))
+            self.assertEqual((status, headers.get("connection")), (500, "close"), path)
         status, headers, body = request(self.w, get("/list-header"))
         self.assertEqual((status, headers.get("x-list"), body), (200, "yes", b"ok"))
         # Content-Length promised, fewer bytes sent: the client sees the close.
@@ -329,6 +334,47 @@ class LifecycleTest(unittest.TestCase):
                 return f.read().splitlines()
         except FileNotFoundError:
             return []
+
+    def test_a_forked_child_returning_into_the_server_exits(self):
+        # os.fork() in a view whose child returns: the child exits at once
+        # (without answering, serving or running the registry), the worker
+        # answers and serves on. Before, the child answered on the same
+        # connection too, and lived on: under the native core it took over
+        # the listeners and served requests outside drover's watch.
+        with Worker("apps:app", args=["--threads", "2"], env={"APPS_CLEANUP_FILE": self.tmp}) as w:
+            status, _, body = request(w, get("/fork"))
+            self.assertEqual((status, body), (200, b"child exited 0"))
+            pids = {request(w, get("/pid"))[2] for _ in range(8)}
+            self.assertEqual(pids, {str(w.proc.pid).encode()})
+            w.signal(signal.SIGTERM)
+            code, err = w.wait()
+            self.assertEqual(code, 0, err)
+            self.assertIn("the child of os.fork() in a request returned from the application", err)
+            self.assertEqual(self.cleanup_lines(), ["cleanup %d" % w.proc.pid], "the registry ran once, in the worker")
+
+    def test_stop_signals_the_app_blocked_at_its_import_are_unblocked(self):
+        # Before, the pool's threads inherited the mask: SIGTERM stayed
+        # pending, and the stop waited for drover's SIGKILL, without the registry.
+        env = {"APPS_CLEANUP_FILE": self.tmp, "APPS_BLOCK_STOP_SIGNALS": "1"}
+        with Worker("apps:app", args=["--threads", "2"], env=env) as w:
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+            w.signal(signal.SIGTERM)
+            code, err = w.wait(timeout=10)
+            self.assertEqual(code, 0, err)
+            self.assertIn("the application blocked SIGINT, SIGTERM at its import", err)
+            self.assertEqual(self.cleanup_lines(), ["cleanup %d" % w.proc.pid])
+
+    def test_the_log_names_a_bad_status_or_header(self):
+        with Worker("apps:app") as w:
+            for path in ("/non-latin-1-header", "/interim-status"):
+                self.assertEqual(request(w, get(path))[0], 500)
+            w.signal(signal.SIGTERM)
+            code, err = w.wait()
+        self.assertEqual(code, 0, err)
+        # The pure-Python core said "'latin-1' codec can't encode character
+        # '\u20ac' in position 59", the native one '"€" cannot be encoded'.
+        self.assertIn("ValueError: invalid header ('X-Euro', '\u20ac'): not latin-1", err)
+        self.assertIn("ValueError: status '103 Early Hints': a response's status is 200 to 599", err)
 
     def test_graceful_stop(self):
         with Worker("apps:app", args=["--threads", "1"], env={"APPS_CLEANUP_FILE": self.tmp}) as w:

@@ -5,7 +5,8 @@
 //! (chunked, or delimited by the close) is written as it comes.
 
 use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyAssertionError, PyTypeError, PyValueError};
@@ -55,6 +56,30 @@ pub struct ConnView<'a> {
 
 /// A coalesced write is flushed past this size.
 const FLUSH_AT: usize = 64 * 1024;
+
+/// The worker's pid, and the fork handler that marks a child (an app's
+/// `os.fork()` in a request): set at the first request.
+static SERVER_PID: OnceLock<u32> = OnceLock::new();
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn mark_forked() {
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+/// The child of an app's `os.fork()` came back into the server: without
+/// this it served on (the forking thread went back to polling the
+/// listeners, outside drover's watch). It exits, as in the pure-Python core.
+fn exit_forked_child(py: Python<'_>) -> ! {
+    let parent = SERVER_PID.get().copied().unwrap_or(0);
+    let exit = py
+        .import("drover_wsgi.server")
+        .and_then(|m| m.getattr("exit_forked_child"))
+        .and_then(|f| f.call1((parent,)));
+    if let Err(e) = exit {
+        e.print(py);
+    }
+    unsafe { libc::_exit(0) }
+}
 
 pub fn handle(
     py: Python<'_>,
@@ -118,6 +143,10 @@ pub fn handle(
     };
     let resp = Py::new(py, StartResponse { r: resp }).expect("a start_response object");
     let _ = environ.set_item(intern!(py, "wsgi.input"), input.bind(py));
+    SERVER_PID.get_or_init(|| {
+        unsafe { libc::pthread_atfork(None, None, Some(mark_forked)) };
+        std::process::id()
+    });
     let started = Instant::now();
     let result = if timed_out {
         Err(crate::BodyTimeout::new_err(
@@ -253,7 +282,11 @@ fn call_app(
     environ: &Bound<'_, PyDict>,
     resp: &Py<StartResponse>,
 ) -> PyResult<()> {
-    let result = sh.hooks.app.bind(py).call1((environ, resp.bind(py)))?;
+    let result = sh.hooks.app.bind(py).call1((environ, resp.bind(py)));
+    if FORKED.load(Ordering::Relaxed) {
+        exit_forked_child(py);
+    }
+    let result = result?;
     let sent = send_result(py, resp, &result);
     if result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>() {
         return sent; // no close() (and no AttributeError to make and drop per request)
@@ -694,13 +727,27 @@ impl Response {
                 status.repr()?
             )));
         }
+        // A 1xx would leave the client waiting for the final status.
+        let code: u16 = text[..3].parse().unwrap_or(0);
+        if !(200..=599).contains(&code) {
+            return Err(PyValueError::new_err(format!(
+                "status {}: a response's status is 200 to 599",
+                status.repr()?
+            )));
+        }
+        if text.chars().any(|c| c as u32 > 255) {
+            return Err(PyValueError::new_err(format!(
+                "malformed status {}: not latin-1",
+                status.repr()?
+            )));
+        }
         self.out.clear();
         let written = self.start_head(text, headers);
         if written.is_err() {
             self.out.clear();
         }
         let (length, close) = written?;
-        self.code = text[..3].parse().unwrap_or(500);
+        self.code = code;
         self.headers = Some(headers.clone().unbind());
         self.app_length = length;
         self.app_close = close;
@@ -767,7 +814,12 @@ impl Response {
             }
             push_latin1(out, n)?;
             out.extend_from_slice(b": ");
-            push_latin1(out, v)?;
+            if push_latin1(out, v).is_err() {
+                return Err(PyValueError::new_err(format!(
+                    "invalid header {}: not latin-1",
+                    item.repr()?
+                )));
+            }
             out.extend_from_slice(b"\r\n");
         }
         Ok((length, close))

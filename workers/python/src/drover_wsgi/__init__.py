@@ -210,6 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 3
     app = mount_from_env(app)  # Gunicorn's SCRIPT_NAME=/prefix in the environment
     dw.install(exit_on_stop=False)
+    _unblock_stop_signals()
     _on_sigusr1(access_log, usr1_ignored_here)
 
     max_requests = args.max_requests
@@ -250,6 +251,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         dw._exit_skipping_teardown(wait_for_threads=False)
     dw._bound_exit(log)
     return 0
+
+
+def _unblock_stop_signals() -> None:
+    """The stop signals, unblocked if the app blocked them at its import
+    (``signal.pthread_sigmask``, itself or through a library): the pool's
+    threads would inherit the mask, and every stop wait for drover's SIGKILL
+    without the cleanup registry."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        log("the application blocked %s at its import (signal.pthread_sigmask): unblocked, "
+            "or a stop would wait for drover's SIGKILL" % ", ".join(sorted(signal.Signals(s).name for s in blocked)))
 
 
 def _on_sigusr1(access_log: Optional[AccessLog], ignored_here: bool = False) -> None:

@@ -86,6 +86,17 @@ def log(message):
         pass
 
 
+def exit_forked_child(parent):
+    """The child of an ``os.fork()`` made in a request came back from the app
+    into the server (both cores call this): it must not answer the parent's
+    request nor serve (the native core's child took over the listeners,
+    outside drover's watch), nor run the parent's cleanup registry."""
+    log("the child of os.fork() in a request returned from the application into the server; "
+        "it exits now (os._exit(0)), the worker (pid %d) answers the request: "
+        "end a forked child with os._exit()" % parent)
+    os._exit(0)
+
+
 # ---------------------------------------------------------------------------
 # Connections, request bodies, responses
 # ---------------------------------------------------------------------------
@@ -511,6 +522,14 @@ class Response:
             raise TypeError("status must be a str, not %s" % type(status).__name__)
         if len(status) < 4 or not status[:3].isdigit() or status[3] != " " or "\n" in status or "\r" in status:
             raise ValueError("malformed status %r" % status)
+        if not status.isascii():
+            try:
+                status.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError("malformed status %r: not latin-1" % status) from None
+        code = int(status[:3])
+        if code < 200 or code > 599:  # a 1xx would leave the client waiting for the final status
+            raise ValueError("status %r: a response's status is 200 to 599" % status)
         lines = []
         length = None
         close = False
@@ -519,6 +538,11 @@ class Response:
                 raise TypeError("header names and values must be str: %r" % ((name, value),))
             if _FIELD_NAME.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
                 raise ValueError("invalid header %r" % ((name, value),))
+            if not value.isascii():
+                try:
+                    value.encode("latin-1")
+                except UnicodeEncodeError:
+                    raise ValueError("invalid header %r: not latin-1" % ((name, value),)) from None
             lname = name.lower()
             if lname in _HOP:
                 if lname == "connection" and "close" in value.lower():
@@ -534,7 +558,7 @@ class Response:
                 continue
             lines.append("%s: %s\r\n" % (name, value))
         self.status = status
-        self.code = int(status[:3])
+        self.code = code
         self.headers = headers
         self.header_text = "".join(lines)
         self.app_length = length
@@ -1298,6 +1322,8 @@ class Server:
         started = time.monotonic()
         try:
             result = self.app(environ, resp.start_response)
+            if os.getpid() != self.pid:
+                exit_forked_child(self.pid)
             try:
                 self._send_result(resp, result)
             finally:
@@ -1308,6 +1334,8 @@ class Server:
             conn.close()
             return False
         except BaseException as e:  # SystemExit too: sys.exit() in a view fails the request, not the worker
+            if os.getpid() != self.pid:
+                exit_forked_child(self.pid)
             self._failed(conn, req, environ, resp, e, started)
             return False
         self._finished(environ, resp, started)
