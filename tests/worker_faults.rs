@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::Signal;
 
 /// `workers` reference workers on an ephemeral loopback port, `extra`
 /// appended.
@@ -55,4 +56,39 @@ fn out_of_descriptors_before_the_first_fork_drover_exits_3_at_once() {
         hit.is_some(),
         "no limit stopped drover at its first fork's preparation"
     );
+}
+
+/// drover and its workers frozen together for longer than the heartbeat
+/// timeout (a cgroup freezer, `docker pause`, a checkpoint), then thawed in
+/// any order: no worker is blamed for the time nobody ran. Here the master
+/// runs again 0.3 s before its workers, as a thaw may order them; the code
+/// before found every heartbeat overdue at once and aborted both workers
+/// (with 40 workers and a notify queue of 10 datagrams, a SIGSTOP of the
+/// master alone did the same to 26 of them: their heartbeats waited in
+/// blocked senders).
+#[test]
+fn a_master_frozen_with_its_workers_blames_no_worker_for_it() {
+    let mut d = Start::config(&hello(2, "timeout = \"1s\"")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let workers = d.wait_workers(2);
+    let all: Vec<_> = std::iter::once(d.pid()).chain(workers.clone()).collect();
+    for p in &all {
+        nix::sys::signal::kill(*p, Signal::SIGSTOP).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    nix::sys::signal::kill(d.pid(), Signal::SIGCONT).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for p in &workers {
+        nix::sys::signal::kill(*p, Signal::SIGCONT).unwrap();
+    }
+    d.wait_log("past its deadline (stopped, frozen or starved of CPU)");
+    // Two heartbeat periods after the thaw, the same workers serve.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = d.log();
+    assert!(!log.contains("missed its heartbeat"), "{log}");
+    assert_eq!(d.children(), workers, "{log}");
+    assert_eq!(get_ok(addr, "/").status, 200);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
 }

@@ -549,6 +549,13 @@ impl Master {
             }
             let deadline = self.next_deadline(now);
             self.wait(deadline.map(|d| d.saturating_duration_since(now)));
+            // Before the messages are read: a heartbeat read now starts a
+            // period from now, and must not be lengthened too.
+            if let Some(due) = deadline {
+                let woke = Instant::now();
+                self.sup
+                    .woke_late(woke - now, woke.saturating_duration_since(due));
+            }
             self.read_events();
             if let Some(outcome) = self.carry_out() {
                 return outcome;

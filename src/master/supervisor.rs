@@ -99,6 +99,11 @@ impl Phase {
 /// (docs/signals.md).
 pub const REPEAT_WINDOW: Duration = Duration::from_secs(1);
 
+/// How late past its deadline the master must wake for the lateness to be
+/// its own absence (stopped, frozen, starved) rather than the scheduler's
+/// noise: see `Supervisor::woke_late`.
+pub const LATE_WAKE: Duration = Duration::from_millis(50);
+
 pub struct Supervisor {
     pub pool: Pool,
     pub rollout: Rollout,
@@ -277,6 +282,34 @@ impl Supervisor {
         let summary = self.summary();
         if self.reported.as_ref() != Some(&summary) {
             self.emit(Action::NotifySystemd(Note::Status(summary)));
+        }
+    }
+
+    /// The master's wait of `waited` ended `late` past the deadline it
+    /// waited for. A second or so late, it was absent (stopped, frozen with
+    /// its cgroup, starved of CPU) for some part of that wait, which it
+    /// cannot tell: the whole wait does not count against the workers'
+    /// heartbeat and boot deadlines (see `Worker::master_was_late`). That
+    /// gives a worker back at most one wait (no more than its own
+    /// deadline was away); less than [`LATE_WAKE`] late is the
+    /// scheduler's noise.
+    pub fn woke_late(&mut self, waited: Duration, late: Duration) {
+        if late < LATE_WAKE {
+            return;
+        }
+        let line = format!(
+            "drover woke {} past its deadline (stopped, frozen or starved of CPU): \
+             the workers' heartbeat and boot deadlines move by the {} it waited",
+            ms(late),
+            ms(waited)
+        );
+        if late >= Duration::from_secs(1) {
+            warn!("{line}");
+        } else {
+            debug!("{line}");
+        }
+        for w in self.pool.workers.iter_mut() {
+            w.master_was_late(waited);
         }
     }
 

@@ -321,6 +321,32 @@ impl Worker {
         }
     }
 
+    /// The master was absent for up to `late` (stopped, frozen with its
+    /// cgroup, starved of CPU): what the worker sent meanwhile may reach
+    /// it only now (a sender blocks while the notify socket's queue is
+    /// full; a worker frozen with the master sends once thawed). The
+    /// deadlines judged on its messages move by `late`, so that it is not
+    /// blamed for the master's absence.
+    pub fn master_was_late(&mut self, late: Duration) {
+        match &mut self.state {
+            State::Execing { deadline } => *deadline += late,
+            State::Booting {
+                deadline,
+                announce_by,
+            } => {
+                *deadline += late;
+                if let Some(by) = announce_by {
+                    *by += late;
+                }
+            }
+            State::Ready(Serving {
+                heartbeat: Some(due),
+                ..
+            }) => *due += late,
+            _ => {}
+        }
+    }
+
     /// The only way drover asks a worker to stop: its generation's signal
     /// and deadline for `pace`. Returns the signal to send, or None if a
     /// stopping worker is left alone (a graceful stop of one already
