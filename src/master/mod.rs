@@ -424,7 +424,7 @@ fn report_escaped(notify: &std::path::Path) {
     };
     let escaped: Vec<String> = dir
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
+        .filter(|pid| *pid != me && !dying(*pid))
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ"))
                 // Whole variables only: one pass over each environment, not
@@ -441,6 +441,23 @@ fn report_escaped(notify: &std::path::Path) {
             escaped.join(", ")
         );
     }
+}
+
+/// Whether `pid` is on its way out: a zombie, or sent SIGKILL (what a
+/// dead worker left in its process group got from `sweep_group` a moment
+/// ago, and may not have acted on yet). It will not outlive drover.
+fn dying(pid: u32) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true; // gone already
+    };
+    status.lines().any(|line| match line.split_once(':') {
+        Some(("State", state)) => matches!(state.trim().chars().next(), Some('Z' | 'X')),
+        Some(("SigPnd" | "ShdPnd", mask)) => {
+            u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0)
+        }
+        _ => false,
+    })
 }
 
 /// Our live children, from /proc (the orphans given to us have no record
