@@ -133,6 +133,11 @@ def app(environ, start_response):
                 sys.stderr.write("closing-iter closed\n")
         start_response("200 OK", [])
         return It()
+    if path == "/stream":  # N MiB, streamed (chunked) a MiB at a time
+        mib = int(environ["QUERY_STRING"].partition("=")[2] or "1")
+        start_response("200 OK", [])
+        block = b"x" * (1 << 20)
+        return (block for _ in range(mib))
     if path == "/fork":
         # A view that forks and lets the child return into the server (a bug:
         # a forked child must end with os._exit()); the parent reaps it.

@@ -376,6 +376,27 @@ class LifecycleTest(unittest.TestCase):
         self.assertIn("ValueError: invalid header ('X-Euro', '\u20ac'): not latin-1", err)
         self.assertIn("ValueError: status '103 Early Hints': a response's status is 200 to 599", err)
 
+    def test_a_client_that_stops_reading_a_streamed_body_is_dropped_at_the_io_timeout(self):
+        # 300 MiB streamed to a client that reads 64 KiB and stops: the
+        # connection ends about --io-timeout after the client's last take.
+        # Before, the pure-Python core's blocking sendall() started its
+        # SO_SNDTIMEO anew at every trickle of progress: the stream went on.
+        with Worker("apps:app", args=["--threads", "2", "--io-timeout", "1"]) as w:
+            s = w.connect()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(get("/stream?mib=300"))
+            s.recv(65536)
+            time.sleep(2.5)
+            got = 0
+            while True:
+                data = s.recv(1 << 20)
+                if not data:
+                    break
+                got += len(data)
+            s.close()
+            self.assertLess(got, 100 << 20, "the stream went on after the client stopped reading")
+            self.assertEqual(request(w, get("/pid"))[0], 200)
+
     def test_graceful_stop(self):
         with Worker("apps:app", args=["--threads", "1"], env={"APPS_CLEANUP_FILE": self.tmp}) as w:
             idle = Client(w)

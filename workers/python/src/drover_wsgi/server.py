@@ -122,6 +122,16 @@ class BodyError(ValueError):
         self.error = error
 
 
+def _wait_writable(fd, timeout):
+    """Whether ``fd`` can take bytes within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        return bool(poller.poll(timeout * 1000))
+    except InterruptedError:
+        return True  # the caller's send tries again
+
+
 def _timeval(seconds):
     sec = int(seconds)
     return struct.pack("ll", sec, int((seconds - sec) * 1_000_000))
@@ -197,8 +207,22 @@ class Conn:
             return b""
 
     def sendall(self, data):
+        """Sends ``data``; ClientGone when the client took no bytes for the
+        I/O timeout (as the native core: a blocking sendall() started its
+        SO_SNDTIMEO anew at every trickle of progress, and a client that
+        stopped reading held the thread for several timeouts)."""
+        view = data
         try:
-            self.sock.sendall(data)
+            while True:
+                try:
+                    n = self.sock.send(view, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    if not _wait_writable(self.fd, self.io_timeout):
+                        raise ClientGone("the client took no bytes for %.1fs" % self.io_timeout) from None
+                    continue
+                if n == len(view):
+                    return
+                view = memoryview(view)[n:]
         except OSError as e:
             raise ClientGone(str(e)) from None
 
