@@ -101,6 +101,9 @@ def app(environ, start_response):
     if path == "/status-600":
         start_response("600 Beyond", [])
         return [b"no"]
+    if path == "/dict-headers":  # a dict: its keys, "XA" among them, are no pairs
+        start_response("200 OK", {"XA": "1"})
+        return [b"no"]
     if path == "/list-header":
         start_response("200 OK", [["X-List", "yes"]])  # a list, not a tuple: taken as gunicorn does
         return [b"ok"]

@@ -139,7 +139,7 @@ class ServerTest(unittest.TestCase):
         self.assertNotIn("x-good", headers)
         # Outside 200-599: a 500 (before, a 103 went out as the final status,
         # with no body and the connection kept: the client waited on).
-        for path in ("/interim-status", "/status-600"):
+        for path in ("/interim-status", "/status-600", "/dict-headers"):
             status, headers, _ = request(self.w, get(path))
             self.assertEqual((status, headers.get("connection")), (500, "close"), path)
         status, headers, body = request(self.w, get("/list-header"))
@@ -366,7 +366,7 @@ class LifecycleTest(unittest.TestCase):
 
     def test_the_log_names_a_bad_status_or_header(self):
         with Worker("apps:app") as w:
-            for path in ("/non-latin-1-header", "/interim-status"):
+            for path in ("/non-latin-1-header", "/interim-status", "/dict-headers"):
                 self.assertEqual(request(w, get(path))[0], 500)
             w.signal(signal.SIGTERM)
             code, err = w.wait()
@@ -375,6 +375,9 @@ class LifecycleTest(unittest.TestCase):
         # '\u20ac' in position 59", the native one '"€" cannot be encoded'.
         self.assertIn("ValueError: invalid header ('X-Euro', '\u20ac'): not latin-1", err)
         self.assertIn("ValueError: status '103 Early Hints': a response's status is 200 to 599", err)
+        # Before, the pure-Python core sent {"XA": "1"} as "X: A"; the native
+        # one said "'str' object is not an instance of 'tuple'".
+        self.assertIn("TypeError: response headers are a list of (name, value) pairs, not a dict holding 'XA'", err)
 
     def test_a_client_that_stops_reading_a_streamed_body_is_dropped_at_the_io_timeout(self):
         # 300 MiB streamed to a client that reads 64 KiB and stops: the

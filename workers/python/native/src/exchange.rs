@@ -777,9 +777,16 @@ impl Response {
             let (name, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = match item.extract() {
                 Ok(pair) => pair,
                 // Any pair, as the pure-Python core (and gunicorn) take it: ["Name", "value"].
-                Err(e) => match item.extract::<Vec<Bound<'_, PyAny>>>() {
+                Err(_) => match item.extract::<Vec<Bound<'_, PyAny>>>() {
                     Ok(v) if v.len() == 2 => (v[0].clone(), v[1].clone()),
-                    _ => return Err(e),
+                    // Worded as the pure-Python core's (a dict's key, a pair given alone).
+                    _ => {
+                        return Err(PyTypeError::new_err(format!(
+                        "response headers are a list of (name, value) pairs, not a {} holding {}",
+                        headers.get_type().name()?,
+                        item.repr()?
+                    )))
+                    }
                 },
             };
             let (Ok(name), Ok(value)) = (name.cast::<PyString>(), value.cast::<PyString>()) else {

@@ -557,7 +557,13 @@ class Response:
         lines = []
         length = None
         close = False
-        for name, value in headers:
+        for item in headers:
+            if isinstance(item, str):  # a dict's key, or one pair given alone: "XA" is no ("X", "A")
+                raise TypeError(_not_pairs(headers, item))
+            try:
+                name, value = item
+            except (TypeError, ValueError):
+                raise TypeError(_not_pairs(headers, item)) from None
             if type(name) is not str or type(value) is not str:
                 raise TypeError("header names and values must be str: %r" % ((name, value),))
             if _FIELD_NAME.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
@@ -1536,6 +1542,11 @@ def beat_while_progressing(progress, nthreads, interval):
             quiet = True
         last = done
         time.sleep(period)
+
+
+def _not_pairs(headers, item):
+    return "response headers are a list of (name, value) pairs, not a %s holding %r" % (
+        type(headers).__name__, item)
 
 
 def _cause(error, kind):
