@@ -551,7 +551,7 @@ fn environ<'py>(
     Ok(env)
 }
 
-/// `n` in decimal: the digits are `&d[i..]` of `(d, i)`.
+/// `n` in decimal, on the stack.
 fn decimal(n: u64) -> Decimal {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
