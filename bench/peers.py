@@ -5,9 +5,12 @@ Every subject serves the same app with 2 processes (and 4 threads where the
 server has threads): drover + drover_wsgi with its native core and with its
 pure-Python core, drover + uWSGI, drover + Granian
 (drover-granian), Gunicorn gthread (its own master), drover + bjoern (one
-thread per process). Three loads: bench_app's `/` with keep-alive, the same
-with `Connection: close`, and the Flask app's `/` with keep-alive; each with
-`wrk -t2 -c16`. Each round runs every (load, subject) pair, the subjects in
+thread per process). Four loads: bench_app's `/` with keep-alive, the same
+with `Connection: close`, the Flask app's `/` with keep-alive, each with
+`wrk -t2 -c16` as fast as the subject answers, and bench_app's `/` paced
+(keep-alive, each connection waiting 1 ms after each response, wrk-paced.lua):
+the same load for every subject, well below saturation, to compare latency
+where it does not depend on how the subject shares the two CPUs with wrk. Each round runs every (load, subject) pair, the subjects in
 a rotating order, so that a drift of the shared machine does not always hit
 the same one. Measured: requests/s, p99, and CPU per request (the CPU time of
 the subject's whole process tree during the wrk run, divided by its
@@ -35,11 +38,14 @@ def say(*a):
 THREADS = 4
 WORKERS = 2
 CONNS = 16
+#: (name, app, Connection: close, paced)
 LOADS = [
-    ("hello-keepalive", "bench_app:app", False),
-    ("hello-close", "bench_app:app", True),
-    ("flask-keepalive", "flask_app:app", False),
+    ("hello-keepalive", "bench_app:app", False, False),
+    ("hello-close", "bench_app:app", True, False),
+    ("flask-keepalive", "flask_app:app", False, False),
+    ("hello-paced", "bench_app:app", False, True),
 ]
+PACED = H.BENCH / "wrk-paced.lua"
 SUBJECTS = ["drover-wsgi-native", "drover-wsgi", "drover-uwsgi", "drover-granian", "gunicorn-gthread", "drover-bjoern"]
 LABELS = {
     "drover-wsgi-native": "drover + drover_wsgi (native core)",
@@ -178,16 +184,18 @@ def tree_cpu_ns(root):
     return sum(H.cpu_ns(p) or 0 for p in tree), sum(H.kernel_ns(p) or 0 for p in tree)
 
 
-def run_wrk(port, secs, close):
+def run_wrk(port, secs, close, paced):
     argv = ["wrk", "-t2", f"-c{CONNS}", f"-d{secs}s", "--latency", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
+    if paced:
+        argv += ["-s", str(PACED)]
     argv.append(f"http://127.0.0.1:{port}/")
     p = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 30)
     return H.parse_wrk(p.stdout), shlex.join(argv)
 
 
-def measure(ctx, key, load, app, close, secs):
+def measure(ctx, key, load, app, close, paced, secs):
     tmp = H.fresh_tmp()
     port = H.free_port()
     env = H.base_env(tmp, {"PYTHONPATH": f"{H.APPS}:{H.EXAMPLES}"})
@@ -196,10 +204,10 @@ def measure(ctx, key, load, app, close, secs):
         ctx.note_command("peers", f"{key} ({load})", shlex.join(run.argv))
         wait_serving(run, port)
         cpu0, kernel0 = tree_cpu_ns(run.pid)
-        r, cmd = run_wrk(port, secs, close)
+        r, cmd = run_wrk(port, secs, close, paced)
         cpu1, kernel1 = tree_cpu_ns(run.pid)
         cpu, kernel = cpu1 - cpu0, kernel1 - kernel0
-        ctx.note_command("peers", f"wrk ({load})", cmd.replace(str(port), "PORT"))
+        ctx.note_command("peers", f"wrk ({load})", cmd.replace(str(port), "PORT").replace(str(H.BENCH), "bench"))
         if not close:
             r["starved"] = starved(port)
     r.pop("raw", None)
@@ -226,6 +234,7 @@ def sc_peers(ctx):
     secs = 2 if ctx.quick else 5
     subjects = _subset("BENCH_PEERS_SUBJECTS", SUBJECTS)
     loads = _subset("BENCH_PEERS_LOADS", [x[0] for x in LOADS])
+    paced = [x[0] for x in LOADS if x[3]]
     missing = {k: why for k in SUBJECTS if (why := not_installed(k))}
     missing.update({k: "left out (BENCH_PEERS_SUBJECTS)" for k in SUBJECTS if k not in subjects})
     rounds = []
@@ -233,12 +242,12 @@ def sc_peers(ctx):
         shift = rnd % len(SUBJECTS)
         order = [k for k in SUBJECTS[shift:] + SUBJECTS[:shift] if k not in missing]
         this = {}
-        for load, app, close in LOADS:
+        for load, app, close, pace in LOADS:
             if load not in loads:
                 continue
             for key in order:
                 try:
-                    r = measure(ctx, key, load, app, close, secs)
+                    r = measure(ctx, key, load, app, close, pace, secs)
                 except H.Unavailable as e:
                     r = {"error": str(e)}
                 this.setdefault(load, {})[key] = r
@@ -246,7 +255,7 @@ def sc_peers(ctx):
                       f"{r.get('cpu_us_per_req')} us CPU/req ({r.get('kernel_us_per_req')} in the kernel), errors {r.get('errors')}, starved {r.get('starved')}", r.get("error", ""))
         rounds.append({"order": order, "loads": this})
     return {"rounds": rounds, "seconds": secs, "conns": CONNS, "threads": THREADS, "workers": WORKERS,
-            "subjects": SUBJECTS, "labels": LABELS, "loads": loads, "not_installed": missing,
+            "subjects": SUBJECTS, "labels": LABELS, "loads": loads, "paced": paced, "not_installed": missing,
             "versions": versions()}
 
 
@@ -300,6 +309,12 @@ def render(s, L):
     for load in s["loads"]:
         w(f"### {load}")
         w("")
+        paced = load in s.get("paced", [])
+        if paced:
+            w("Paced: each connection waits 1 ms after each response before its next request "
+              "(`-s bench/wrk-paced.lua`), so every subject gets about the same load, well below saturation; "
+              "the latency is what counts here (a subject that leaves connections unanswered serves fewer).")
+            w("")
         w("| subject | requests/s (median) | vs drover_wsgi (pure Python) | p99, ms | CPU µs/request (of which kernel) | errors "
           f"| connections never answered (of {s['conns']}), per round | per round, req/s |")
         w("|---|---:|---:|---:|---:|---:|---|---|")
@@ -328,6 +343,9 @@ def render(s, L):
         # fastest of those and bjoern (requests/s; issue 17's targets), and
         # against uWSGI (p99).
         for key in ("drover-wsgi-native", "drover-wsgi"):
+            if paced:
+                _paced_line(s, load, key, w)
+                continue
             ratios, with_bjoern, tails = [], [], []
             for rnd in s["rounds"]:
                 rl = rnd["loads"].get(load, {})
@@ -352,3 +370,21 @@ def render(s, L):
                              + ", ".join(f"{x:.2f}×" for x in with_bjoern))
                 w(line + "; its p99 against uWSGI's: " + ", ".join(f"{x:.2f}×" for x in tails) + ".")
                 w("")
+
+
+def _paced_line(s, load, key, w):
+    """The subject's p50 and p99 against uWSGI's and bjoern's, per round."""
+    parts = []
+    for peer in ("drover-uwsgi", "drover-bjoern"):
+        for pct in ("p50_ms", "p99_ms"):
+            ratios = []
+            for rnd in s["rounds"]:
+                rl = rnd["loads"].get(load, {})
+                mine, theirs = (rl.get(key) or {}).get(pct), (rl.get(peer) or {}).get(pct)
+                if mine and theirs:
+                    ratios.append(mine / theirs)
+            if ratios:
+                parts.append(f"{pct[:3]} against {s['labels'][peer]}'s " + ", ".join(f"{x:.2f}×" for x in ratios))
+    if parts:
+        w(f"{s['labels'][key]}, per round: " + "; ".join(parts) + ".")
+        w("")
