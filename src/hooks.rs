@@ -70,7 +70,7 @@ pub fn run_on_exit(
             &mut fds,
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
         );
-        for event in signals.drain() {
+        for event in signals.drain().into_iter().map(|r| r.event) {
             if event != Event::Child {
                 info!(
                     "{}: ignored while the on_exit hook runs",

@@ -1,5 +1,6 @@
-//! Signals become events at once: each handler writes its signal number as one
-//! byte into a non-blocking pipe, and the master loop reads them in order.
+//! Signals become events at once: each handler writes its signal number and
+//! its sender's pid (one record of [`RECORD`] bytes, written whole or not at
+//! all) into a non-blocking pipe, and the master loop reads them in order.
 //! Handlers do nothing else.
 
 use std::io;
@@ -69,6 +70,19 @@ impl Event {
     }
 }
 
+/// One signal in the pipe: its number, then the sender's pid (0 when the
+/// kernel sent it: a terminal's Ctrl+C, a parent-death signal), native
+/// endian. Under `PIPE_BUF`, so written and read whole.
+const RECORD: usize = 5;
+
+/// A signal received, and who sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub event: Event,
+    /// The sending process, `None` when the kernel sent it.
+    pub sender: Option<nix::unistd::Pid>,
+}
+
 /// The read end of the signal pipe.
 pub struct SignalPipe {
     read: OwnedFd,
@@ -81,12 +95,16 @@ impl SignalPipe {
         // The write end lives as long as the handlers: for the whole process.
         let write = write.into_raw_fd();
         for (sig, _) in TABLE {
-            let byte = *sig as u8;
-            // SAFETY: the action only calls write(2), which is async-signal-safe;
-            // a full pipe drops the byte (and errno is restored by signal-hook).
+            let number = *sig as u8;
+            // SAFETY: the action only reads the siginfo and calls write(2),
+            // which is async-signal-safe; a full pipe drops the record whole
+            // (and errno is restored by signal-hook).
             unsafe {
-                signal_hook::low_level::register(*sig as i32, move || {
-                    let _ = libc::write(write, (&byte as *const u8).cast(), 1);
+                signal_hook_registry::register_sigaction(*sig as i32, move |info| {
+                    let mut record = [0u8; RECORD];
+                    record[0] = number;
+                    record[1..].copy_from_slice(&info.si_pid().to_ne_bytes());
+                    let _ = libc::write(write, record.as_ptr().cast(), RECORD);
                 })?;
             }
         }
@@ -102,16 +120,24 @@ impl SignalPipe {
     }
 
     /// Every signal received since the last call, in arrival order.
-    pub fn drain(&self) -> Vec<Event> {
-        let mut events = Vec::new();
-        let mut buf = [0u8; 64];
+    pub fn drain(&self) -> Vec<Received> {
+        let mut received = Vec::new();
+        // Whole records only: each was written whole, and a read of a
+        // multiple of their size takes whole ones.
+        let mut buf = [0u8; RECORD * 64];
         loop {
             match read(&self.read, &mut buf) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => events.extend(buf[..n].iter().filter_map(|b| Event::from_raw(*b))),
+                Ok(n) => received.extend(buf[..n].chunks_exact(RECORD).filter_map(|r| {
+                    let pid = i32::from_ne_bytes([r[1], r[2], r[3], r[4]]);
+                    Some(Received {
+                        event: Event::from_raw(r[0])?,
+                        sender: (pid > 0).then(|| nix::unistd::Pid::from_raw(pid)),
+                    })
+                })),
             }
         }
-        events
+        received
     }
 }
 

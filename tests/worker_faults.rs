@@ -144,3 +144,40 @@ fn group_members(pgid: nix::unistd::Pid) -> Vec<i32> {
         })
         .collect()
 }
+
+/// A worker (or anything) that signals drover is named in the log, before
+/// what the signal does: a stop nobody asked for is traced to its sender.
+/// The code before said only `SIGTERM: graceful shutdown`.
+#[test]
+fn a_stop_signal_is_traced_to_its_sender() {
+    // Worker 1 waits until the test has sent its SIGHUP, then sends drover
+    // SIGTERM; the other one serves.
+    let mut d = Start::config(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"spawn\"\n\
+         command = [\"sh\", \"-c\", \"trap 'exit 0' TERM; \
+         while [ $DROVER_WORKER_ID = 1 ] && [ ! -e $DIR/go ]; do sleep 0.05; done; \
+         [ $DROVER_WORKER_ID = 1 ] && kill -TERM $PPID; \
+         while :; do sleep 0.05; done\"]\n",
+    )
+    .run();
+    d.wait_log("all 2 workers ready");
+    d.signal(Signal::SIGHUP);
+    let me = std::process::id();
+    d.wait_log(&format!("SIGHUP sent by pid {me} ("));
+    d.wait_log("reload applied");
+    std::fs::write(d.dir.path().join("go"), "").unwrap();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("SIGTERM sent by pid"))
+        .unwrap_or_else(|| panic!("no sender named:\n{log}"));
+    assert!(line.ends_with("): worker 1"), "{line}");
+    assert!(line.contains("(sh -c trap"), "{line}");
+    // Named before the shutdown it began.
+    let named = log.find("SIGTERM sent by pid").unwrap();
+    assert!(
+        named < log.find("SIGTERM: graceful shutdown").unwrap(),
+        "{log}"
+    );
+}

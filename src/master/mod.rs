@@ -42,7 +42,7 @@ use crate::logfile::LogFile;
 use crate::notify::{self, NotifySocket};
 use crate::pidfile::Pidfile;
 use crate::sdnotify::Systemd;
-use crate::signals::{Event, SignalPipe};
+use crate::signals::{self, Event, SignalPipe};
 use crate::spawn;
 use action::{Action, Note};
 use generation::Generation;
@@ -460,6 +460,21 @@ fn dying(pid: u32) -> bool {
     })
 }
 
+/// A process's command line for the log (its first 80 bytes, spaces for
+/// the NULs), or its name; `?` once it is gone.
+fn process_name(pid: Pid) -> String {
+    let line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let line = String::from_utf8_lossy(&line)
+        .trim_end_matches('\0')
+        .replace('\0', " ");
+    let line = if line.is_empty() {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_else(|_| "?".into())
+    } else {
+        line
+    };
+    notify::loggable(line.trim(), 80)
+}
+
 /// Our live children, from /proc (the orphans given to us have no record
 /// elsewhere).
 fn children_of(parent: Pid) -> Vec<Pid> {
@@ -731,7 +746,9 @@ impl Master {
     /// The signal pipe: CHLD reaps here; a stop signal also cancels an
     /// upgrade under way; the supervisor decides the rest.
     fn read_signals(&mut self, now: Instant) {
-        for event in self.signals.drain() {
+        for received in self.signals.drain() {
+            let event = received.event;
+            self.say_sender(received);
             match event {
                 Event::Child => self.reap(),
                 Event::Terminate | Event::Interrupt | Event::Quit => {
@@ -742,6 +759,44 @@ impl Master {
                 }
                 _ => self.sup.on_signal(event, now),
             }
+        }
+    }
+
+    /// Names who sent a signal that stops, reloads or upgrades drover, or
+    /// pauses its workers, before the line that says what it does: a stop
+    /// nobody on the team asked for is found at once, even when a worker
+    /// (or a process it started) sent it. The signals that come in storms
+    /// (CHLD, TTIN, TTOU, USR1) are named at debug level only.
+    fn say_sender(&self, received: signals::Received) {
+        let storm = matches!(
+            received.event,
+            Event::Child | Event::AddWorker | Event::RemoveWorker | Event::ReopenLogs
+        );
+        if storm && !tracing::enabled!(tracing::Level::DEBUG) {
+            return; // not even /proc is read for them
+        }
+        let name = received.event.signal_name();
+        let who = match received.sender {
+            None => "the kernel (a terminal's key, or a hang-up)".to_string(),
+            Some(pid) => {
+                let pool = &self.sup.pool;
+                let command = process_name(pid);
+                let worker = notify::descends_from(pid, |p| pool.has(p))
+                    .and_then(|w| pool.workers.iter().find(|x| x.pid == w));
+                match worker {
+                    Some(w) if w.pid == pid => format!("pid {pid} ({command}): worker {}", w.slot),
+                    Some(w) => format!(
+                        "pid {pid} ({command}), started by worker {} (pid {})",
+                        w.slot, w.pid
+                    ),
+                    None => format!("pid {pid} ({command})"),
+                }
+            }
+        };
+        if storm {
+            debug!("{name} sent by {who}");
+        } else {
+            info!("{name} sent by {who}");
         }
     }
 
