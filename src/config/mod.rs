@@ -439,6 +439,11 @@ impl Layer {
                 );
             }
         }
+        if let Some(c) = &self.control_socket {
+            if let Some(e) = c.value.as_deref().and_then(values::socket_path_too_long) {
+                return invalid(&c.at, format!("`control_socket` {e}"));
+            }
+        }
         if let Some(at) = set_at(&self.boot_timeout, |d| d.0.is_zero()) {
             return invalid(at, "`boot_timeout` must be more than 0s".into());
         }

@@ -491,6 +491,24 @@ impl fmt::Display for Address {
     }
 }
 
+/// The longest path a Unix socket can be bound at (`sun_path`, less its
+/// terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Why `path` cannot name a Unix socket, if it is too long: the kernel's
+/// own word for it (`path must be shorter than SUN_LEN`, at bind time)
+/// says neither the limit nor by how much.
+pub fn socket_path_too_long(path: &std::path::Path) -> Option<String> {
+    let len = path.as_os_str().len();
+    (len > MAX_SOCKET_PATH).then(|| {
+        format!(
+            "{}: the path is {len} bytes, and a Unix socket's path holds at most \
+             {MAX_SOCKET_PATH}: use a shorter one (a relative path counts as written)",
+            path.display()
+        )
+    })
+}
+
 impl FromStr for Address {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -498,7 +516,11 @@ impl FromStr for Address {
             if path.is_empty() {
                 return Err("`unix:` needs a path, like \"unix:/run/app.sock\"".into());
             }
-            return Ok(Address::Unix(PathBuf::from(path)));
+            let path = PathBuf::from(path);
+            if let Some(e) = socket_path_too_long(&path) {
+                return Err(e);
+            }
+            return Ok(Address::Unix(path));
         }
         if let Some(n) = s.strip_prefix("fd://") {
             return match n.parse::<RawFd>() {
