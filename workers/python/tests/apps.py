@@ -104,6 +104,15 @@ def app(environ, start_response):
     if path == "/dict-headers":  # a dict: its keys, "XA" among them, are no pairs
         start_response("200 OK", {"XA": "1"})
         return [b"no"]
+    if path == "/len-lies":  # len() says 1, the iteration yields 3 blocks
+        class Lies:
+            def __len__(self):
+                return 1
+
+            def __iter__(self):
+                return iter([b"a", b"b", b"c"])
+        start_response("200 OK", [])
+        return Lies()
     if path == "/list-header":
         start_response("200 OK", [["X-List", "yes"]])  # a list, not a tuple: taken as gunicorn does
         return [b"ok"]

@@ -142,6 +142,10 @@ class ServerTest(unittest.TestCase):
         for path in ("/interim-status", "/status-600", "/dict-headers"):
             status, headers, _ = request(self.w, get(path))
             self.assertEqual((status, headers.get("connection")), (500, "close"), path)
+        # A result whose len() is 1 but yields more: all of it, streamed (before, both
+        # cores sent the first block with its Content-Length and dropped the rest).
+        status, headers, body = request(self.w, get("/len-lies"))
+        self.assertEqual((status, headers.get("transfer-encoding"), body), (200, "chunked", b"abc"))
         status, headers, body = request(self.w, get("/list-header"))
         self.assertEqual((status, headers.get("x-list"), body), (200, "yes", b"ok"))
         # Content-Length promised, fewer bytes sent: the client sees the close.

@@ -329,14 +329,21 @@ fn send_result(
     if one {
         if let Some(chunk) = iter.next() {
             let chunk = chunk?;
-            let bytes = to_bytes(py, &chunk)?;
-            return resp
-                .bind(py)
-                .borrow_mut()
-                .r
-                .send_whole(py, bytes.as_bytes());
+            // A len() of 1 may lie: then the body is streamed, not cut.
+            let Some(rest) = iter.next() else {
+                let bytes = to_bytes(py, &chunk)?;
+                return resp
+                    .bind(py)
+                    .borrow_mut()
+                    .r
+                    .send_whole(py, bytes.as_bytes());
+            };
+            let rest = rest?;
+            resp.bind(py).borrow_mut().r.write(py, &chunk)?;
+            resp.bind(py).borrow_mut().r.write(py, &rest)?;
+        } else {
+            iter = result.try_iter()?;
         }
-        iter = result.try_iter()?;
     }
     for chunk in iter {
         let chunk = chunk?;

@@ -75,6 +75,7 @@ ACCEPT_LOG_EVERY = 10.0
 _RUNNING, _STOPPING, _DRAINED = "running", "stopping", "drained"
 _STOP = object()  # selector data: the stop pipe or the recycle pipe
 _WAKE = object()  # selector data: the wake-up pipe (non-epoll selectors only)
+_NOTHING = object()  # next()'s default: the iteration ended
 
 
 def log(message):
@@ -1459,12 +1460,20 @@ class Server:
             n = len(result)
         except TypeError:
             n = -1
-        if n == 1 and resp.status is not None:
-            for chunk in result:
-                resp.send_whole(_to_bytes(chunk))
-                return
         write = resp.write
-        for chunk in result:
+        it = iter(result)
+        if n == 1 and resp.status is not None:
+            for chunk in it:
+                rest = next(it, _NOTHING)  # a len() of 1 may lie: then the body is streamed, not cut
+                if rest is _NOTHING:
+                    resp.send_whole(_to_bytes(chunk))
+                    return
+                write(chunk)
+                write(rest)
+                break
+            else:
+                it = iter(result)
+        for chunk in it:
             write(chunk)
         resp.finish()
 
