@@ -633,11 +633,19 @@ fn a_signal_storm_leaves_the_right_workers_and_no_zombie() {
     }
     // Signals of one kind that arrive together count once (the kernel
     // keeps one pending): the count is what drover says it wants, as long
-    // as that many workers are ready and alive.
+    // as that many workers are ready and alive. Read twice: signals that
+    // reach drover during the turn that answers the first status (after it
+    // read the signals, before it read the request) are acted on in the
+    // next turn, where a SIGHUP sets the count back to the config's; the
+    // second answer comes from a turn that read them first.
     let wanted = wait_for("the storm to be over", LIMIT, || {
-        let s = status(&d);
-        (s["status"]["master"]["reloading"] == false).then_some(())?;
-        s["status"]["master"]["workers"].as_u64()
+        let settled = || {
+            let s = status(&d);
+            (s["status"]["master"]["reloading"] == false).then_some(())?;
+            s["status"]["master"]["workers"].as_u64()
+        };
+        let first = settled()?;
+        (settled()? == first).then_some(first)
     });
     eprintln!("{wanted} workers wanted after the storm");
     wait_settled(&d, wanted as usize);
