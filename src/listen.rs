@@ -642,6 +642,9 @@ fn bind_hint(address: &Address, e: &io::Error) -> String {
              AmbientCapabilities=CAP_NET_BIND_SERVICE), or a port from 1024 up behind a proxy",
             a.port()
         ),
+        (_, Some(libc::EMFILE)) => {
+            return crate::spawn::limit_hint(nix::errno::Errno::EMFILE);
+        }
         (Address::Unix(path), Some(libc::ENOENT | libc::EACCES)) => {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
             let dir = dir.unwrap_or(Path::new("."));

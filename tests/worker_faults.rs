@@ -20,15 +20,17 @@ fn hello(workers: u32, extra: &str) -> String {
 }
 
 /// At start-up, a worker that cannot even be forked (no descriptor left for
-/// its exec report: `ulimit -n` too low) stops drover with status 3 at once.
+/// its exec report: `ulimit -n` too low) stops drover with status 3 at once;
+/// a listener that cannot be made for the same reason says which limit to
+/// raise, as the fork does (it said only `Too many open files` before).
 /// The code before logged the shutdown and then waited for an event that
 /// never came (no worker was left to exit): drover hung until a signal.
 #[test]
 fn out_of_descriptors_before_the_first_fork_drover_exits_3_at_once() {
     // How many descriptors drover needs before its first fork depends on
     // what it opens; try limits until one leaves it short at that step.
-    let mut hit = None;
-    for limit in 8..=48 {
+    let (mut hit, mut listen_hit) = (None, false);
+    for limit in 4..=48 {
         let mut d = Start {
             nofile: Some(limit),
             ..Start::config(&hello(2, ""))
@@ -37,6 +39,12 @@ fn out_of_descriptors_before_the_first_fork_drover_exits_3_at_once() {
         let began = Instant::now();
         let status = d.wait_exit(LIMIT);
         let log = d.log();
+        if log.contains("cannot listen on") {
+            // Short before even its listener: the same advice.
+            assert!(log.contains("Too many open files"), "{log}");
+            assert!(log.contains("raise it (`ulimit -n`"), "{log}");
+            listen_hit = true;
+        }
         if log.contains("cannot prepare to fork") {
             assert_eq!(status.code(), Some(3), "ulimit -n {limit}:\n{log}");
             assert!(
@@ -56,6 +64,7 @@ fn out_of_descriptors_before_the_first_fork_drover_exits_3_at_once() {
         hit.is_some(),
         "no limit stopped drover at its first fork's preparation"
     );
+    assert!(listen_hit, "no limit stopped drover at its listener");
 }
 
 /// drover and its workers frozen together for longer than the heartbeat
