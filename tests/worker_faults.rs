@@ -190,3 +190,24 @@ fn a_stop_signal_is_traced_to_its_sender() {
         "{log}"
     );
 }
+
+/// A worker that stopped itself (SIGSTOP) misses its heartbeat: the log
+/// says it is stopped, which explains why the SIGABRT does nothing and the
+/// SIGKILL comes `abort_grace` later; its slot is refilled at once and the
+/// other worker serves meanwhile. The code before said only that it missed
+/// its heartbeat.
+#[test]
+fn a_worker_that_stopped_itself_is_said_to_be_stopped() {
+    let mut d = Start::config(&hello(2, "timeout = \"1s\"\nabort_grace = \"1s\"")).run();
+    d.wait_log("all 2 workers ready");
+    let addr = d.tcp_addr();
+    let workers = d.wait_workers(2);
+    nix::sys::signal::kill(workers[0], Signal::SIGSTOP).unwrap();
+    let log = d.wait_log(&format!("(pid {}) is stopped (SIGSTOP", workers[0]));
+    assert!(log.contains("missed its heartbeat"), "{log}");
+    d.wait_log(&format!("(pid {}) killed by SIGKILL", workers[0]));
+    assert_eq!(get_ok(addr, "/").status, 200);
+    d.wait_workers(2);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+}

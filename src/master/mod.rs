@@ -460,6 +460,23 @@ fn dying(pid: u32) -> bool {
     })
 }
 
+/// A worker that missed its deadline because it is stopped (`SIGSTOP`, a
+/// debugger) is said to be: its SIGABRT waits for a `SIGCONT`, and only the
+/// SIGKILL after `abort_grace` ends it, which the log would not explain.
+fn say_if_stopped(slot: u32, pid: Pid) {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+    let state = state
+        .as_deref()
+        .and_then(|s| s.rfind(')').and_then(|i| s.get(i + 2..i + 3)));
+    if matches!(state, Some("T" | "t")) {
+        warn!(
+            "worker {slot} (pid {pid}) is stopped (SIGSTOP, or a debugger holds it): \
+             it acts on nothing until it is continued; its process group gets SIGKILL \
+             at the end of abort_grace"
+        );
+    }
+}
+
 /// A process's command line for the log (its first 80 bytes, spaces for
 /// the NULs), or its name; `?` once it is gone.
 fn process_name(pid: Pid) -> String {
@@ -855,6 +872,13 @@ impl Master {
                 } => {
                     if let Err(e) = kill(pid, signal) {
                         debug!("kill({pid}, {}) failed: {e}", signal.as_str());
+                    }
+                    if matches!(
+                        why,
+                        action::SignalWhy::Stop(worker::Stop::HeartbeatMissed)
+                            | action::SignalWhy::BootTimeout
+                    ) {
+                        say_if_stopped(slot, pid);
                     }
                     if let action::SignalWhy::Stop(stop) = why {
                         self.publish_stop(slot, pid, signal, stop);
