@@ -679,11 +679,14 @@ fn readable(a: &Answer) -> String {
     }
     for s in status["slots"].as_array().into_iter().flatten() {
         if s["degraded"] == true {
+            let next = match s["respawn_in_ms"].as_u64() {
+                Some(ms) => format!("next try in {ms} ms"),
+                None => "its next worker is on trial".to_string(),
+            };
             out.push_str(&format!(
-                "\nslot {} is degraded: {} failures in a row, next try in {} ms",
+                "\nslot {} is degraded: {} failures in a row, {next}",
                 n(&s["slot"]),
                 n(&s["failures_in_a_row"]),
-                n(&s["respawn_in_ms"])
             ));
         }
     }

@@ -211,3 +211,38 @@ fn a_worker_that_stopped_itself_is_said_to_be_stopped() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
 }
+
+/// A slot that failed and has its next worker up is degraded until that
+/// worker has served `respawn_reset_after`; meanwhile the status does not
+/// promise a "next try": the code before said `next try in 0 ms` (and
+/// `respawn_in_ms: 0`) about a slot whose worker was serving.
+#[test]
+fn a_degraded_slot_whose_next_worker_serves_promises_no_next_try() {
+    // Each worker of slot 1 exits 1 at once, the fourth on serves.
+    let worker = format!(
+        "n=$(cat $DIR/n 2>/dev/null || echo 0); echo $((n+1)) > $DIR/n; \
+         [ $n -lt 3 ] && exit 1; exec {}",
+        hello_bin()
+    );
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\n\
+         command = [\"sh\", \"-c\", \"{worker}\"]\ncontrol_socket = \"$DIR/ctl.sock\"\n\
+         respawn_delay = \"10ms\"\nrespawn_max_delay = \"40ms\"\ndegraded_after = 3\n\
+         respawn_reset_after = \"60s\"\n"
+    ))
+    .run();
+    d.wait_log("slot 1 is degraded: 3 failures in a row");
+    d.wait_log("all 1 workers ready");
+    let (code, text) = d.ctl(&["status"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("slot 1 is degraded: 3 failures in a row, its next worker is on trial"),
+        "{text}"
+    );
+    let (_, json) = d.ctl(&["--json", "status"]);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let slot = &status["status"]["slots"][0];
+    assert_eq!(slot["degraded"], true, "{json}");
+    assert!(slot["respawn_in_ms"].is_null(), "{json}");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}

@@ -65,7 +65,10 @@ impl Supervisor {
                     "recycles": s.recycles,
                     "failures_in_a_row": failures,
                     "degraded": failures >= degraded_after,
-                    "respawn_in_ms": s.not_before.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                    // Only while the backoff holds: once it is over the
+                    // slot has its next worker (on trial: still degraded
+                    // until it has served `respawn_reset_after`).
+                    "respawn_in_ms": s.not_before.filter(|t| *t > now).map(|t| (t - now).as_millis() as u64),
                 })
             })
             .collect();
