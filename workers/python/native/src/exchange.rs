@@ -805,7 +805,9 @@ impl Response {
             let (n, v) = (name.to_str()?, value.to_str()?);
             // A token for the name, no control character but HTAB in the
             // value (RFC 9110 5.1, 5.5), as the pure-Python core checks.
-            if !is_token(n) || v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            if !drover_h1::is_token(n.as_bytes())
+                || v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+            {
                 return Err(PyValueError::new_err(format!(
                     "invalid header {}",
                     item.repr()?
@@ -1067,40 +1069,6 @@ impl StartResponse {
         self.r.write(py, data)
     }
 }
-
-/// A header name as RFC 9110 5.1 allows it (a token).
-fn is_token(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| TCHAR[b as usize])
-}
-
-/// RFC 9110 5.6.2's tchar, by byte.
-static TCHAR: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'!' | b'#'
-                    | b'$'
-                    | b'%'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'.'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'|'
-                    | b'~'
-            );
-        b += 1;
-    }
-    t
-};
 
 /// The response fields the server writes itself (RFC 9110 7.6.1's
 /// hop-by-hop fields and the framing), by name in any case.

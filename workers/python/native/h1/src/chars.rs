@@ -43,7 +43,8 @@ pub(crate) static VALUE: [bool; 256] = table!(|b| b == b'\t' || (b >= b' ' && b 
 /// obs-text must then be UTF-8).
 pub(crate) static TARGET: [bool; 256] = table!(|b| b > b' ' && b != 0x7f);
 
-pub(crate) fn is_token(s: &[u8]) -> bool {
+/// Whether `s` is a token (RFC 9110 5.6.2): a method, a field name.
+pub fn is_token(s: &[u8]) -> bool {
     !s.is_empty() && s.iter().all(|&b| TOKEN[b as usize])
 }
 

@@ -14,6 +14,7 @@ mod chars;
 mod chunked;
 mod head;
 
+pub use chars::is_token;
 pub use chunked::{ChunkedDecoder, MAX_CHUNK_LINE, MAX_TRAILERS};
 pub use head::parse_head;
 
