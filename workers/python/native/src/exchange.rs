@@ -493,9 +493,8 @@ fn environ<'py>(
                 }
             }
             env.set_item(intern!(py, "REMOTE_ADDR"), text.to_py(py))?;
-            let mut text = Ascii::default();
-            text.push(decimal(u64::from(*port)).as_ref());
-            env.set_item(intern!(py, "REMOTE_PORT"), text.to_py(py))?;
+            let port = decimal(u64::from(*port));
+            env.set_item(intern!(py, "REMOTE_PORT"), latin1(py, port.as_ref()))?;
         }
         Peer::Unix(path) => env.set_item(intern!(py, "REMOTE_ADDR"), latin1(py, path))?,
     }
@@ -586,8 +585,8 @@ fn push_decimal(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(decimal(n).as_ref());
 }
 
-/// Short ASCII text made on the stack (an address, a port, a header name in
-/// lower case), where a String would be an allocation per request. 64 bytes
+/// Short ASCII text made on the stack (an address, a header name in lower
+/// case), where a String would be an allocation per request. 64 bytes
 /// hold the longest address (45); a longer header name goes to `long`.
 struct Ascii {
     buf: [u8; 64],
