@@ -1263,6 +1263,62 @@ fn recycles_are_counted_apart_from_restarts() {
     assert!(exits("recycled_max_requests") >= 4.0, "{metrics}");
 }
 
+/// A worker that said `STOPPING=1` and drains is shown `stopping` by
+/// `drover ctl status` and the metrics, no longer `ready`: it takes no new
+/// work (systemd has such a service deactivating). Its slot still counts
+/// for the readiness and the summary, as a recycle does. The code before
+/// showed it `ready` until it exited.
+#[test]
+fn a_worker_that_said_stopping_is_shown_stopping() {
+    let worker = "import os, socket, time\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+        s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
+        if os.environ['DROVER_WORKER_ID'] == '1':\n    \
+            s.sendto(b'STOPPING=1', os.environ['NOTIFY_SOCKET'])\n\
+        while True:\n    time.sleep(1)\n";
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\ngraceful_timeout = \"60s\"\n\
+         command = [\"python3\", \"-c\", {}]\n\
+         admin_bind = \"unix:$DIR/admin.sock\"\ncontrol_socket = \"$DIR/ctl.sock\"\n",
+        toml_string(worker)
+    ))
+    .run();
+    d.wait_log("all 2 workers ready");
+    d.wait_log("is stopping");
+    let (code, out) = d.ctl(&["--json", "status"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let states: Vec<_> = v["status"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["slot"].as_u64().unwrap(),
+                w["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [(1, "stopping".to_string()), (2, "ready".to_string())],
+        "{out}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("2/2 workers ready"),
+        "{out}"
+    );
+    let metrics = d.admin("/metrics").body;
+    for (state, n) in [("ready", 1), ("stopping", 1)] {
+        let line = format!("drover_workers{{state=\"{state}\",generation=\"1\"}} {n}\n");
+        assert!(metrics.contains(&line), "no {line:?} in {metrics}");
+    }
+    assert_eq!(d.admin("/readyz").status, 200);
+}
+
 /// The `STATUS=` drover sends its service manager stays "2/2 workers
 /// ready" while workers recycle themselves: the slot of a worker that
 /// ended as it announced counts as ready while its successor boots, as for

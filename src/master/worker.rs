@@ -595,9 +595,14 @@ impl Worker {
         }
     }
 
-    /// The state's name in `drover ctl status`.
+    /// The state's name in `drover ctl status` and the metrics. A worker
+    /// that said `STOPPING=1` is stopping, as systemd has a service that
+    /// said it deactivating: it takes no new work, whoever decided.
     pub fn state_name(&self) -> &'static str {
         match self.state {
+            State::Ready(Serving {
+                leave_by: Some(_), ..
+            }) => "stopping",
             State::Ready(Serving {
                 replace: Some(_), ..
             }) => "replacing",
