@@ -246,3 +246,58 @@ fn a_degraded_slot_whose_next_worker_serves_promises_no_next_try() {
     assert!(slot["respawn_in_ms"].is_null(), "{json}");
     assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
 }
+
+/// A slot whose program is gone counts each failed start among its
+/// `restarts`, as a crash: an operator watching restarts for a crash loop
+/// sees it. The code before counted the crash that began it and none of
+/// the failed `execve`s after it (restarts 1 with 5 failures in a row).
+#[test]
+fn a_start_that_fails_counts_as_a_restart() {
+    let bin = tempfile::tempdir().unwrap();
+    let program = bin.path().join("worker");
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\nexec {} \"$@\"\n", hello_bin()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\n\
+         command = [{program:?}]\ncontrol_socket = \"$DIR/ctl.sock\"\n\
+         admin_bind = \"unix:$DIR/admin.sock\"\n\
+         respawn_delay = \"10ms\"\nrespawn_max_delay = \"40ms\"\n"
+    ))
+    .run();
+    let pids = d.wait_workers(1);
+    std::fs::remove_file(&program).unwrap();
+    nix::sys::signal::kill(pids[0], Signal::SIGKILL).unwrap();
+    d.wait_log_count("worker 1 cannot be spawned", 4);
+    let (_, json) = d.ctl(&["--json", "status"]);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let slot = &status["status"]["slots"][0];
+    let (restarts, failures) = (
+        slot["restarts"].as_u64(),
+        slot["failures_in_a_row"].as_u64(),
+    );
+    // The crash and every failed start since: one restart per failure.
+    assert!(restarts >= Some(5), "{json}");
+    assert_eq!(restarts, failures, "{json}");
+    // Back in place: the slot serves again, the count stays.
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\nexec {} \"$@\"\n", hello_bin()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    wait_for("the slot to serve again", LIMIT, || {
+        (d.admin("/readyz").status == 200).then_some(())
+    });
+}

@@ -16,9 +16,9 @@ pub struct Slot {
     /// No spawn in this slot before then (the backoff).
     pub not_before: Option<Instant>,
     /// Workers started in this slot because the previous one failed: it
-    /// exited unasked (a crash, a kill, a boot timeout) or missed its
-    /// heartbeat. Recycles and replacements drover asked for (a reload) do
-    /// not count.
+    /// exited unasked (a crash, a kill, a boot timeout), missed its
+    /// heartbeat, or could not be started (its exec or fork failed).
+    /// Recycles and replacements drover asked for (a reload) do not count.
     pub restarts: u32,
     /// Workers of this slot that were recycled: ended themselves as they
     /// announced (`STOPPING=1`, then exit 0: `max_requests`, or a limit of

@@ -785,6 +785,7 @@ impl Supervisor {
     /// A fork request for `slot` got no answer (its template died or hung):
     /// a failure of the slot, which waits for its backoff.
     pub fn fork_lost(&mut self, slot: u32, now: Instant) {
+        self.count_restart(slot);
         let (delay, failures) = self.slot_failed(slot, now);
         warn!(
             "worker {slot}: its fork request got no answer; respawning in {} (failure {failures} in a row)",
@@ -880,6 +881,7 @@ impl Supervisor {
             error!("worker {slot} cannot boot: {e}");
             self.begin_shutdown(Pace::Graceful, Cause::CannotBoot, now);
         } else {
+            self.count_restart(slot);
             let (delay, _) = self.slot_failed(slot, now);
             error!(
                 "worker {slot} cannot be spawned: {e}; retrying in {}",
@@ -1243,6 +1245,15 @@ impl Supervisor {
                         )
                     })
             }
+        }
+    }
+
+    /// A start of `slot` failed (its exec or fork, or its template's answer):
+    /// the next try is a restart, as after a crash. An operator watching
+    /// `restarts` for a crash loop must see a slot that cannot even start.
+    fn count_restart(&mut self, slot: u32) {
+        if let Some(s) = self.pool.slot(slot) {
+            s.restarts += 1;
         }
     }
 
