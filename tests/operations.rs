@@ -820,38 +820,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A notify socket that tells who sent each message (SO_PASSCRED).
-fn notify_socket(path: &Path) -> UnixDatagram {
-    use nix::sys::socket::{setsockopt, sockopt::PassCred};
-    let sock = UnixDatagram::bind(path).unwrap();
-    setsockopt(&sock, PassCred, &true).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    sock
-}
-
-/// The next datagram and its sender's pid; `None` after the read timeout.
-fn recv_from(sock: &UnixDatagram) -> Option<(Pid, String)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
-    use std::os::fd::AsRawFd;
-    let mut buf = [0u8; 4096];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut cmsg = nix::cmsg_space!(UnixCredentials);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::empty(),
-    )
-    .ok()?;
-    let pid = msg.cmsgs().ok()?.find_map(|c| match c {
-        ControlMessageOwned::ScmCredentials(cred) => Some(Pid::from_raw(cred.pid())),
-        _ => None,
-    })?;
-    let n = msg.bytes;
-    Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
-}
-
 /// Reads messages (sender, text) into `seen` until `pred` holds for them.
 fn recv_until(
     sock: &UnixDatagram,

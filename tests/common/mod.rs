@@ -833,3 +833,38 @@ pub fn toml_string(text: &str) -> String {
             .replace('\n', "\\n")
     )
 }
+
+/// A notify socket the test owns, as systemd's: it tells who sent each
+/// message (SO_PASSCRED), and anyone may send to it.
+pub fn notify_socket(path: &Path) -> std::os::unix::net::UnixDatagram {
+    use nix::sys::socket::{setsockopt, sockopt::PassCred};
+    use std::os::unix::fs::PermissionsExt;
+    let sock = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    setsockopt(&sock, PassCred, &true).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    sock
+}
+
+/// The next message and its sender's pid; `None` after the read timeout.
+pub fn recv_from(sock: &std::os::unix::net::UnixDatagram) -> Option<(Pid, String)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 4096];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(UnixCredentials);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    let pid = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmCredentials(cred) => Some(Pid::from_raw(cred.pid())),
+        _ => None,
+    })?;
+    let n = msg.bytes;
+    Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
+}
