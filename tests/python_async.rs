@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -844,4 +845,48 @@ fn fastapi_workers_survive_sigusr1() {
         .collect();
     expected.sort();
     assert_eq!(registry, expected, "{log}");
+}
+
+/// Behind nginx on a Unix socket (docs/deployment.md's advice), the proxy's
+/// `X-Forwarded-Proto` and `X-Forwarded-For` reach a FastAPI app as its
+/// scheme and client address, as they reach a WSGI app under drover-wsgi,
+/// which trusts Unix-socket peers. uvicorn checks the peer's address
+/// against `--forwarded-allow-ips` and a Unix-socket peer has none: the app
+/// behind an https nginx saw `http` and no client (`{"scheme":"http",
+/// "client":null}`; found by the trial behind nginx). The client address is
+/// the rightmost entry that is not a trusted proxy's, so what the client
+/// itself wrote at the left of the header is not believed.
+#[test]
+fn fastapi_on_a_unix_socket_believes_the_proxy_headers() {
+    let config = format!(
+        "bind = [\"unix:$DIR/http.sock\"]\nworkers = 1\nready = \"notify\"\n\
+         graceful_timeout = \"10s\"\nboot_timeout = \"60s\"\n\
+         command = [{:?}, \"--chdir\", {:?}, \"--no-access-log\", \"integration.fastapi_app:app\"]\n",
+        python::script("drover-uvicorn"),
+        repo().join("workers/python/tests").display().to_string(),
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let path = d.dir.path().join("http.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    // What nginx sends with `X-Forwarded-For $proxy_add_x_forwarded_for`
+    // (the client's own header, then the client's address) and
+    // `X-Forwarded-Proto $scheme` behind TLS.
+    s.write_all(
+        b"GET /client HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 198.51.100.7, 203.0.113.9\r\n\
+          X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let resp = parse_response(&raw).unwrap();
+    assert_eq!(
+        (resp.status, resp.body.as_str()),
+        (200, "{\"scheme\":\"https\",\"client\":\"203.0.113.9\"}"),
+        "{}",
+        d.log()
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }

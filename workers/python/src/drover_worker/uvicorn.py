@@ -30,6 +30,10 @@ What ``uvicorn --fd 3`` lacks under drover, this adds:
   the app handles it (its default action would kill the worker);
 * ``preload = true``: the app is imported once per generation by a template
   (``drover_worker.preload``) and the workers are forked from it.
+* behind a proxy on a Unix socket, its ``X-Forwarded-Proto`` and
+  ``X-Forwarded-For`` are believed, as drover-wsgi believes a Unix-socket
+  peer: uvicorn's ``--forwarded-allow-ips`` matches addresses, and such a
+  peer has none (TCP peers are judged by it as before).
 
 Uvicorn must be installed (``pip install uvicorn``); this package does not
 depend on it. Options not listed here are uvicorn's defaults.
@@ -39,6 +43,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any, List, Optional
@@ -117,6 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _launcher.log_load_failure(args.app, _log)
         return CANNOT_BOOT
     dw.install(exit_on_stop=False)  # a forked worker's; again, harmless, otherwise
+    if any(s.family == socket.AF_UNIX for s in socks):
+        _trust_unix_peers(config.loaded_app)
     if dw.stop_kind() is not None:
         return _stopped_before_start()
     server = _server_class(uvicorn.Server)(config)
@@ -137,6 +144,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     _log("stopped")
     dw._bound_exit(_log)
     return 0
+
+
+def _trust_unix_peers(app: Any) -> None:
+    """Makes uvicorn's proxy headers trust a Unix-socket peer, as drover-wsgi
+    (and Gunicorn) do. uvicorn checks the peer's address against
+    ``--forwarded-allow-ips``, and a Unix-socket peer has none: behind nginx
+    on a Unix socket, ``X-Forwarded-Proto`` and ``X-Forwarded-For`` were
+    ignored (an https site saw ``http``, and no client address), unless
+    ``--forwarded-allow-ips '*'``, which also believes the leftmost,
+    client-written, ``X-Forwarded-For`` entry. A TCP peer is judged as before,
+    and so is the client address taken from the header."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    if isinstance(app, ProxyHeadersMiddleware):  # not with --no-proxy-headers
+        app.trusted_hosts = _UnixPeersToo(app.trusted_hosts)  # type: ignore[assignment]  # duck-typed
+
+
+class _UnixPeersToo:
+    """uvicorn's trusted hosts, and the peer without an address: uvicorn
+    gives ``scope["client"]`` as None for a Unix-socket peer."""
+
+    def __init__(self, hosts: Any) -> None:
+        self.hosts = hosts
+
+    def __contains__(self, host: Optional[str]) -> bool:
+        return host is None or host in self.hosts
+
+    def get_trusted_client_address(self, x_forwarded_for: str) -> Any:
+        return self.hosts.get_trusted_client_address(x_forwarded_for)
 
 
 def _stopped_before_start() -> int:

@@ -1,12 +1,13 @@
 """A FastAPI app for the ASGI launchers' tests (uvicorn, Granian): a slow
 import (0.5 s, as a real app's imports and connections take), a lifespan
-that notes its startup and shutdown, the SDK's registry, and two routes:
+that notes its startup and shutdown, the SDK's registry, and routes:
 ``/`` answers ``{"pid": N}`` and ``/sleep?s=S`` ``{"slept": S}`` after S
 seconds (``/sleep?ms=N``: ``slept N ms``, as the other test workers);
 ``/ws`` is a websocket that echoes text and notes how it ended
 (``websocket disconnect code=N``); ``/background?s=S`` answers at once and
 then runs a background task (Starlette's ``BackgroundTasks``) that notes
-``background task done`` after S seconds.
+``background task done`` after S seconds; ``/client`` answers the scheme
+and client address the app sees (``{"scheme": "https", "client": "..."}``).
 
 Notes go to ``$APP_CLEANUP_FILE`` when it is set. ``$APP_STARTUP_SECONDS``
 makes the lifespan startup take that long; ``$APP_STARTUP_FAIL`` makes it
@@ -18,7 +19,7 @@ import os
 import time
 from typing import AsyncIterator, Dict, Optional, Union
 
-from fastapi import BackgroundTasks, FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import BackgroundTasks, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse
 
 import drover_worker as dw
@@ -61,6 +62,11 @@ async def sleep(s: float = 1.0, ms: Optional[int] = None) -> Union[Dict[str, flo
         return PlainTextResponse("slept %d ms\n" % ms)
     await asyncio.sleep(s)
     return {"slept": s}
+
+
+@app.get("/client")
+async def client(request: Request) -> Dict[str, Optional[str]]:
+    return {"scheme": request.url.scheme, "client": request.client.host if request.client else None}
 
 
 @app.websocket("/ws")
