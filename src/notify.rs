@@ -79,6 +79,8 @@ pub struct NotifySocket {
     _dir: tempfile::TempDir,
     /// Datagrams refused for their size.
     oversized: std::cell::Cell<u64>,
+    /// The most datagrams its queue holds (see [`NotifySocket::queue_bound`]).
+    queue_bound: usize,
 }
 
 impl NotifySocket {
@@ -107,6 +109,7 @@ impl NotifySocket {
             path,
             _dir: dir,
             oversized: Default::default(),
+            queue_bound: queue_bound(),
         })
     }
 
@@ -114,6 +117,13 @@ impl NotifySocket {
     /// the scoreboard goes there too.
     pub fn dir(&self) -> &Path {
         self._dir.path()
+    }
+
+    /// The most datagrams its queue can hold at once: reading that many
+    /// reaches every datagram queued now, however fast senders add more
+    /// behind them.
+    pub fn queue_bound(&self) -> usize {
+        self.queue_bound
     }
 
     /// The value of `NOTIFY_SOCKET` for workers.
@@ -182,6 +192,18 @@ impl AsFd for NotifySocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
     }
+}
+
+/// The kernel queues at most `net.unix.max_dgram_qlen` datagrams on a
+/// datagram socket (read when it is created), plus one: senders check the
+/// length without a lock, so a few racing ones may add one each; the
+/// margin covers them. 512 (systemd's setting) if it cannot be read.
+fn queue_bound() -> usize {
+    let qlen = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(512);
+    qlen.saturating_mul(2).saturating_add(64)
 }
 
 /// Whether `pid` is `ancestor` or one of its descendants, by walking the

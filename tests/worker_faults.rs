@@ -301,3 +301,68 @@ fn a_start_that_fails_counts_as_a_restart() {
         (d.admin("/readyz").status == 200).then_some(())
     });
 }
+
+/// A worker that floods the notify socket (`WATCHDOG=1` in a loop) cannot
+/// take the master's time: the flood is logged, the master's CPU stays
+/// bounded, a signal is acted on, another worker's `READY=1` is seen, and
+/// a worker's `STOPPING=1` before its exit is heard (a planned exit, not a
+/// crash). The code before read the socket until it was empty, at the
+/// flood's pace (half a core at 137k datagrams a second), and said nothing.
+#[test]
+fn a_worker_that_floods_the_notify_socket_costs_the_master_little() {
+    let worker = "import os, socket, sys, time\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+        p = os.environ['NOTIFY_SOCKET']\n\
+        s.sendto(b'READY=1', p)\n\
+        if os.environ['DROVER_WORKER_ID'] == '1':\n    \
+            while True:\n        s.sendto(b'WATCHDOG=1', p)\n\
+        while True:\n    \
+            time.sleep(0.05)\n    \
+            if os.environ['DROVER_WORKER_ID'] == '2' and os.path.exists(sys.argv[1]):\n        \
+                os.remove(sys.argv[1])\n        \
+                s.sendto(b'STOPPING=1', p)\n        \
+                sys.exit(0)\n";
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 2\nready = \"notify\"\n\
+         command = [\"python3\", \"-c\", {}, \"$DIR/leave\"]\n",
+        toml_string(worker)
+    ))
+    .run();
+    d.wait_log("all 2 workers ready");
+    d.wait_log("the notify socket is flooded");
+    // The master's CPU over a second of the flood (utime + stime).
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
+        let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|n| n.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as f64;
+    let (before, began) = (ticks(), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let share = (ticks() - before) as f64 / hz / began.elapsed().as_secs_f64();
+    assert!(
+        share < 0.4,
+        "the master used {share:.2} of a core: {}",
+        d.log()
+    );
+    d.signal(Signal::SIGTTIN);
+    d.wait_log("SIGTTIN: 2 -> 3 workers");
+    d.wait_log("worker 3 (pid");
+    wait_for("worker 3's READY=1", LIMIT, || {
+        d.log()
+            .lines()
+            .any(|l| l.contains("worker 3 (pid") && l.contains(") ready in"))
+            .then_some(())
+    });
+    std::fs::write(d.dir.path().join("leave"), "").unwrap();
+    d.wait_log("as it announced (STOPPING=1); respawning now");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}

@@ -185,7 +185,34 @@ pub struct Master {
     admin: Option<crate::admin::Admin>,
     /// Events, metrics' counters, the scoreboard, captured output.
     obs: crate::observe::Observer,
+    /// The notify socket's budget: the current window, and the datagrams
+    /// read in it (see `read_notify`).
+    notify_window: (Instant, usize),
+    /// The window's budget is spent (a flood): the socket is not read again
+    /// before then.
+    notify_rest: Option<Instant>,
+    /// When a flood of the notify socket was last logged.
+    flood_logged: Option<Instant>,
+    /// Who sent the datagrams of the current window.
+    flood_senders: Senders,
 }
+
+/// A flood of the notify socket (a worker that sends in a loop) is more
+/// than [`NOTIFY_BUDGET`] datagrams read within a window of
+/// [`NOTIFY_WINDOW`] (well-behaved workers send a few a second each). The
+/// master then reads the socket only until [`NOTIFY_OPEN`] into each
+/// window, and lets it rest for the rest: its cost is bounded, whatever a
+/// worker sends, and signals, control requests and deadlines are served
+/// meanwhile. The senders wait while it rests (a `send` blocks while the
+/// queue is full: nothing is lost), and every sender gets its turn while
+/// it is read: reading goes on for all of the open part, not just for a
+/// burst, so that a well-behaved worker's `READY=1` gets in however fast
+/// the flood refills the queue.
+const NOTIFY_BUDGET: usize = 128;
+const NOTIFY_WINDOW: Duration = Duration::from_millis(10);
+const NOTIFY_OPEN: Duration = Duration::from_millis(2);
+/// A flood is logged at most this often.
+const FLOOD_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Starts drover: binds, spawns the workers and supervises them until
 /// shutdown. `first` is `source` as loaded by the caller. Returns the exit
@@ -251,6 +278,10 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         watch,
         admin,
         obs,
+        notify_window: (started, 0),
+        notify_rest: None,
+        flood_logged: None,
+        flood_senders: Senders::default(),
     };
     master.sup.predecessor_listens = master.systemd.upgrading();
     let first = master.sup.current().clone();
@@ -628,6 +659,7 @@ impl Master {
             .chain(self.templates.next_deadline(self.template_wanted()))
             .chain(self.admin.as_ref().and_then(|a| a.next_deadline()))
             .chain(self.obs.next_deadline())
+            .chain(self.notify_rest)
             .min()
     }
 
@@ -650,10 +682,10 @@ impl Master {
                     .unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = vec![
-            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
-            PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        if self.notify_rest.is_none() {
+            fds.push(PollFd::new(self.notify.as_fd(), PollFlags::POLLIN));
+        }
         if let Some(c) = &self.control {
             fds.extend(c.poll_fds());
         }
@@ -714,11 +746,90 @@ impl Master {
         }
     }
 
-    /// The notify socket: each message goes to whom its sender speaks for
-    /// (the new master of an upgrade, a template, a worker, or a process
-    /// one of them started).
+    /// The notify socket, within what is left of the window's budget
+    /// ([`NOTIFY_BUDGET`]); once it is spent, the socket rests until the
+    /// window ends.
     fn read_notify(&mut self, now: Instant) {
-        while let Some((sender, messages)) = self.notify.recv() {
+        let (began, read) = &mut self.notify_window;
+        if now.saturating_duration_since(*began) >= NOTIFY_WINDOW {
+            (*began, *read) = (now, 0);
+            self.notify_rest = None;
+            self.flood_senders = Senders::default();
+        }
+        if self.notify_rest.is_some() {
+            return;
+        }
+        let (began, before) = self.notify_window;
+        let open_until = began + NOTIFY_OPEN;
+        let flooded = |read: usize| read >= NOTIFY_BUDGET && Instant::now() >= open_until;
+        let mut senders = std::mem::take(&mut self.flood_senders);
+        let read = self.read_notify_upto(|n| !flooded(before + n), &mut senders, now);
+        self.notify_window.1 += read;
+        if flooded(before + read) {
+            self.notify_rest = Some(began + NOTIFY_WINDOW);
+            self.say_flooded(&senders, now);
+            senders = Senders::default();
+        }
+        self.flood_senders = senders;
+    }
+
+    /// Before a worker's exit is reaped, what it said before it exited is
+    /// read, even while the socket rests: its `STOPPING=1` (a planned exit)
+    /// or `READY=1` is in the queue, ahead of anything sent after its exit,
+    /// and the queue holds at most `net.unix.max_dgram_qlen` datagrams.
+    fn read_last_words(&mut self, now: Instant) {
+        if self.notify_rest.is_some() {
+            let bound = self.notify.queue_bound();
+            self.read_notify_upto(|n| n < bound, &mut Senders::default(), now);
+        }
+    }
+
+    /// Logs a flood of the notify socket, at most once a minute, with the
+    /// sender of most of the batch.
+    fn say_flooded(&mut self, senders: &Senders, now: Instant) {
+        if self
+            .flood_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < FLOOD_LOG_EVERY)
+        {
+            return;
+        }
+        self.flood_logged = Some(now);
+        let Some((pid, n)) = senders.top() else {
+            return;
+        };
+        let pool = &self.sup.pool;
+        let who = match notify::descends_from(pid, |p| pool.has(p))
+            .and_then(|w| pool.workers.iter().find(|x| x.pid == w))
+        {
+            Some(w) if w.pid == pid => format!("pid {pid} (worker {})", w.slot),
+            Some(w) => format!("pid {pid} (started by worker {}, pid {})", w.slot, w.pid),
+            None => format!("pid {pid} ({})", process_name(pid)),
+        };
+        warn!(
+            "the notify socket is flooded: over {NOTIFY_BUDGET} datagrams within {}, {n} of \
+             the last ones from {who}; drover reads it {} out of every {0}, and the senders \
+             wait meanwhile (logged at most once a minute)",
+            ms(NOTIFY_WINDOW),
+            ms(NOTIFY_OPEN)
+        );
+    }
+
+    /// Reads datagrams while `more(read so far)`; returns how many. Each
+    /// message goes to whom its sender speaks for (the new master of an
+    /// upgrade, a template, a worker, or a process one of them started).
+    fn read_notify_upto(
+        &mut self,
+        more: impl Fn(usize) -> bool,
+        senders: &mut Senders,
+        now: Instant,
+    ) -> usize {
+        let mut read = 0;
+        while more(read) {
+            let Some((sender, messages)) = self.notify.recv() else {
+                break;
+            };
+            read += 1;
+            senders.count(sender);
             if self.upgrade.as_ref().is_some_and(|u| u.pid == sender) {
                 self.on_upgrade_notify(messages);
                 continue;
@@ -750,6 +861,7 @@ impl Master {
                 },
             }
         }
+        read
     }
 
     /// A template's messages; one that does not speak the template protocol
@@ -767,7 +879,10 @@ impl Master {
             let event = received.event;
             self.say_sender(received);
             match event {
-                Event::Child => self.reap(),
+                Event::Child => {
+                    self.read_last_words(now);
+                    self.reap()
+                }
                 Event::Terminate | Event::Interrupt | Event::Quit => {
                     if let Some(signal) = event.signal() {
                         self.cancel_upgrade(signal);
@@ -1156,6 +1271,26 @@ impl Master {
             },
         };
         self.obs.publish(kind);
+    }
+}
+
+/// Who sent a batch of notify datagrams, for the log of a flood: the
+/// first few senders, and how many each sent.
+#[derive(Default)]
+struct Senders(Vec<(Pid, usize)>);
+
+impl Senders {
+    fn count(&mut self, pid: Pid) {
+        if let Some((_, n)) = self.0.iter_mut().find(|(p, _)| *p == pid) {
+            *n += 1;
+        } else if self.0.len() < 8 {
+            self.0.push((pid, 1));
+        }
+    }
+
+    /// The sender of most datagrams.
+    fn top(&self) -> Option<(Pid, usize)> {
+        self.0.iter().copied().max_by_key(|(_, n)| *n)
     }
 }
 
