@@ -366,3 +366,66 @@ fn a_worker_that_floods_the_notify_socket_costs_the_master_little() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
+
+/// A worker drover asked to stop that dies of something else (the OOM
+/// killer's SIGKILL, a segfault as it drains) is logged as a warning and
+/// counted by its cause; one that dies of the signal drover sent it is
+/// logged at info level and is a clean exit. The code before logged every
+/// end of a stop at info level and counted both deaths as `clean`.
+#[test]
+fn a_death_during_a_stop_that_drover_did_not_cause_is_a_warning() {
+    // Slots 2 and 3 ignore SIGTERM, so that they are still stopping when
+    // the test kills them.
+    let worker = "import os, signal, socket, time\n\
+        if os.environ['DROVER_WORKER_ID'] != '1':\n    \
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
+        while True:\n    time.sleep(1)\n";
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 3\nready = \"notify\"\n\
+         command = [\"python3\", \"-c\", {}]\nadmin_bind = \"unix:$DIR/admin.sock\"\n",
+        toml_string(worker)
+    ))
+    .run();
+    d.wait_log("all 3 workers ready");
+    let line = |d: &Drover, needle: &str| -> String {
+        d.wait_log(needle);
+        d.log()
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap()
+            .to_string()
+    };
+    // The pid of the worker of `slot` (one each: none is replaced here).
+    let pid_of = |d: &Drover, slot: u32| -> nix::unistd::Pid {
+        let l = line(d, &format!("worker {slot} (pid "));
+        let pid = l.split("(pid ").nth(1).unwrap().split(')').next().unwrap();
+        nix::unistd::Pid::from_raw(pid.parse().unwrap())
+    };
+    for (slot, signal, how) in [
+        (3, Signal::SIGKILL, "killed by SIGKILL (not sent by drover"),
+        (2, Signal::SIGSEGV, "killed by SIGSEGV"),
+    ] {
+        let pid = pid_of(&d, slot);
+        d.signal(Signal::SIGTTOU);
+        line(
+            &d,
+            &format!("worker {slot} (pid {pid}) retired: sending SIGTERM"),
+        );
+        nix::sys::signal::kill(pid, signal).unwrap();
+        let exit = line(&d, &format!("worker {slot} (pid {pid}) {how}"));
+        assert!(exit.contains(" WARN "), "{exit}");
+    }
+    let metrics = d.admin("/metrics").body;
+    assert!(
+        metrics.contains("drover_worker_exits_total{cause=\"signal\"} 2\n")
+            && metrics.contains("drover_worker_exits_total{cause=\"clean\"} 0\n"),
+        "{metrics}"
+    );
+    // Slot 1 dies of the SIGTERM of the shutdown: as asked.
+    let first = pid_of(&d, 1);
+    d.signal(Signal::SIGTERM);
+    let exit = line(&d, &format!("worker 1 (pid {first}) killed by SIGTERM"));
+    assert!(exit.contains(" INFO "), "{exit}");
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}

@@ -32,7 +32,8 @@ use crate::signals::Event;
 
 /// Why a worker's process ended, for the events and the metrics: what
 /// drover did to it first, then how it exited.
-fn exit_cause(state: &State, status: WaitStatus) -> ExitCause {
+fn exit_cause(w: &Worker, status: WaitStatus) -> ExitCause {
+    let state = &w.state;
     let (killed, stopped) = match *state {
         State::Killed { kill, stopped } => (Some(kill), stopped),
         State::Stopping { why, .. } => (None, Some(why)),
@@ -49,7 +50,7 @@ fn exit_cause(state: &State, status: WaitStatus) -> ExitCause {
         (_, Some(Stop::Replaced(Replace::MaxAge))) => ExitCause::RecycledMaxAge,
         (_, Some(Stop::Replaced(Replace::MaxMemory))) => ExitCause::RecycledMaxMemory,
         // Asked to stop, it stopped: by exiting, or of the signal it was sent.
-        (_, Some(_)) if !matches!(status, WaitStatus::Exited(_, c) if c != 0) => ExitCause::Clean,
+        (_, Some(_)) if w.ended_as_asked(status) => ExitCause::Clean,
         _ => match status {
             WaitStatus::Exited(_, 0) if leaving => ExitCause::RecycledMaxRequests,
             WaitStatus::Exited(_, 0) => ExitCause::Clean,
@@ -1103,7 +1104,7 @@ impl Supervisor {
             slot,
             pid: pid.as_raw(),
             generation: w.generation(),
-            cause: exit_cause(&w.state, status),
+            cause: exit_cause(&w, status),
             status: exit_code(status),
             signal: match status {
                 WaitStatus::Signaled(_, sig, _) => Some(sig.as_str().to_string()),
@@ -1129,13 +1130,28 @@ impl Supervisor {
                     Stop::Replaced(r) => format!(" (recycled: {})", r.name()),
                     Stop::ScaledDown | Stop::Paused | Stop::Outdated => " (retired)".to_string(),
                 };
-                info!(
-                    "worker {slot} (pid {pid}) {why}{context} after {}",
-                    ms(lived)
-                );
+                // A death drover did not cause, or an exit status of its
+                // own, is a fault even during a stop.
+                if w.ended_as_asked(status) {
+                    info!(
+                        "worker {slot} (pid {pid}) {why}{context} after {}",
+                        ms(lived)
+                    );
+                } else {
+                    warn!(
+                        "worker {slot} (pid {pid}) {why}{context} after {}",
+                        ms(lived)
+                    );
+                }
             }
+            // Not asked to stop (still booting when the shutdown began):
+            // only an exit 0, or drover's own kill, is no fault.
             _ if self.shutting_down() => {
-                info!("worker {slot} (pid {pid}) {why} after {}", ms(lived));
+                if exit_code(status) == Some(0) || matches!(w.state, State::Killed { .. }) {
+                    info!("worker {slot} (pid {pid}) {why} after {}", ms(lived));
+                } else {
+                    warn!("worker {slot} (pid {pid}) {why} after {}", ms(lived));
+                }
             }
             _ if w.is_booting()
                 && self.rollout.rolling()

@@ -181,6 +181,10 @@ pub struct Worker {
     /// Sent SIGABRT at its boot deadline: its process group gets SIGKILL
     /// then (`abort_grace` later) if it is still running.
     pub kill_at: Option<Instant>,
+    /// The signals drover sent it to stop (a bit per signal number): its
+    /// death by one of them is the stop it was asked for, by another one
+    /// is not (see [`Worker::ended_as_asked`]).
+    stop_signals: u64,
 }
 
 /// How long after restoring a worker's priority drover restores it once
@@ -239,6 +243,7 @@ impl Worker {
             lowered,
             recheck_priority: None,
             kill_at: None,
+            stop_signals: 0,
         }
     }
 
@@ -403,6 +408,7 @@ impl Worker {
             limit,
             restore_at,
         };
+        self.stop_signals |= 1 << signal as i32;
         Some(Action::Signal {
             slot: self.slot,
             pid: self.pid,
@@ -451,6 +457,25 @@ impl Worker {
             pid: self.pid,
             boot,
         })
+    }
+
+    /// Whether `status` is how a worker drover asked to stop ends: exit 0,
+    /// the death by a signal drover sent it to stop (its default action; or
+    /// exit 128+N for it, as a shell or the JVM reports it), or by drover's
+    /// SIGKILL. Anything else is a fault during its stop: a crash
+    /// (SIGSEGV), the OOM killer's or an operator's SIGKILL, an exit status
+    /// of its own.
+    pub fn ended_as_asked(&self, status: WaitStatus) -> bool {
+        let sent = |n: i32| (1..64).contains(&n) && self.stop_signals & (1 << n) != 0;
+        match status {
+            WaitStatus::Exited(_, 0) => true,
+            WaitStatus::Exited(_, code) => sent(code - 128),
+            WaitStatus::Signaled(_, Signal::SIGKILL, _) => {
+                matches!(self.state, State::Killed { .. })
+            }
+            WaitStatus::Signaled(_, signal, _) => sent(signal as i32),
+            _ => false,
+        }
     }
 
     /// Asked to stop (killed since, or not).
