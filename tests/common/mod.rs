@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 
 pub mod keepalive;
 pub mod python;
+pub mod websocket;
 
 /// Upper bound of any single wait in a test.
 pub const LIMIT: Duration = Duration::from_secs(20);
