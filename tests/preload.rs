@@ -303,6 +303,37 @@ fn a_thread_started_at_import_is_refused_and_drover_exits_3() {
     );
 }
 
+/// A process pool made at import, not yet used (no process, no thread): its
+/// queues are pipes every worker shares, so one worker's task ran in
+/// another's processes and came back to a third (seen in the preload trial:
+/// wrong results and timeouts). The operator is told which descriptors and
+/// why, once, at the first fork; the workers still serve.
+#[test]
+fn a_process_pool_made_at_import_is_named_in_the_log() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(
+        app.path(),
+        "v1",
+        "from concurrent.futures import ProcessPoolExecutor\nPOOL = ProcessPoolExecutor(2)",
+    );
+    let d = start(app.path(), 2, "");
+    let log = d.wait_log("all 2 workers ready");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("are pipes the application opened before the fork"))
+        .unwrap_or_else(|| panic!("no warning about the pool's pipes: {log}"));
+    assert!(
+        warning.contains("ProcessPoolExecutor") && warning.contains("after_fork"),
+        "{warning}"
+    );
+    assert_eq!(
+        log.matches("opened before the fork").count(),
+        1,
+        "one line, at the first fork only: {log}"
+    );
+    assert_eq!(served_by(&get_ok(d.tcp_addr(), "/").body).0, "v1");
+}
+
 fn stop_under_load_runs_every_cleanup(sig: Signal) {
     let app = tempfile::tempdir().unwrap();
     write_app(app.path(), "v1", "");

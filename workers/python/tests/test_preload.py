@@ -61,6 +61,10 @@ PROBE = """
             db.execute("create table if not exists t (x)")
             db.commit()
             kept.append(db)
+        if mode == "pool":  # made at import, never used there: no process, no thread yet
+            from concurrent.futures import ProcessPoolExecutor
+            kept.append(ProcessPoolExecutor(2))
+            dw.stop_fd()  # the SDK's own pipe, not the application's
         if mode == "slow":
             print("loading", flush=True)
             time.sleep(30)
@@ -351,6 +355,19 @@ class PreloadTest(unittest.TestCase):
         self.assertIn(" is the SQLite database %s, opened before the fork" % db, err)
         self.assertIn("engine.dispose()", err)
         self.assertEqual(err.count("warning: fd"), 1, "one line for the database, none for the listener")
+
+    def test_pipes_opened_at_import_are_warned_about(self):
+        d = self.start(env={"PROBE_MODE": "pool"})
+        d.ready()
+        _, msg = d.fork(1)
+        d.report(int(msg["PID"]))
+        d.chan.close()
+        _, _, err = d.wait()
+        # A ProcessPoolExecutor's three queues (call, result, wake-up): six
+        # pipe ends, one line; the SDK's stop pipe is not among them.
+        self.assertRegex(err, r"warning: fds (\d+, ){5}\d+ are pipes the application opened before the fork")
+        self.assertIn("ProcessPoolExecutor", err)
+        self.assertEqual(err.count("warning: fd"), 1, err)
 
     def test_drover_wsgi_template_forks_serving_workers(self):
         command = [sys.executable, "-m", "drover_wsgi", "--threads", "2", "apps:app"]

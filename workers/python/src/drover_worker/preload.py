@@ -24,8 +24,10 @@ What the template does for you:
 * it refuses to fork while it runs more than one thread (a fork copies only
   the calling thread; a lock another thread held stays locked in the child),
   with a message naming the threads, and exits with status 3;
-* it warns about sockets the application opened before the fork (a database
-  connection shared by every worker is corrupted by the first two that use it);
+* it warns about sockets, SQLite databases and pipes the application opened
+  before the fork (a database connection shared by every worker is corrupted
+  by the first two that use it; a process pool's queues send one worker's
+  results to another);
 * it forks twice, so that the worker is re-parented to drover, which then
   supervises it like any worker; the worker gets its own process group, its
   ``LISTEN_PID``/``WATCHDOG_PID`` and ``DROVER_*`` variables, the signal
@@ -226,7 +228,7 @@ class Template:
         for fn in _before:
             _call_hook("before_fork", fn)
         if self.forked == 0:
-            for line in open_sockets(self.fd) + open_databases(self.fd):
+            for line in open_sockets(self.fd) + open_databases(self.fd) + open_pipes(self.fd):
                 _log("warning: " + line)
         refusal = _thread_refusal()
         if refusal:
@@ -477,6 +479,38 @@ def open_databases(channel_fd):
             "connect again" % (fd, path)
         )
     return warnings
+
+
+def open_pipes(channel_fd):
+    """One warning naming the pipes open in this process, but for the SDK's
+    own: a ``multiprocessing.Queue`` made at import, and so a
+    ``ProcessPoolExecutor`` or ``multiprocessing.Pool`` (whose queues are
+    pipes) made there even if it has not started a process yet. Every worker
+    shares them: a task one worker sends is run by the processes another
+    started, and its result may reach a third. Not a socket, so the check
+    above does not see them."""
+    sdk = set(_dw._pipe or ())
+    fds = []
+    for fd in _fds():
+        if fd <= 2 or 3 <= fd <= channel_fd or fd in sdk:
+            continue
+        try:
+            if os.readlink("/proc/self/fd/%d" % fd).startswith("pipe:"):
+                fds.append(fd)
+        except OSError:
+            continue
+    if not fds:
+        return []
+    return [
+        "%s opened before the fork: every worker shares %s, so what one worker writes another may "
+        "read. A multiprocessing.Queue is one, and so are the queues of a ProcessPoolExecutor or a "
+        "multiprocessing Pool made at import, even unused: a worker's task is run by the processes "
+        "another started, and its result goes to whichever worker reads first. Make it in a "
+        "@drover_worker.after_fork hook (or at first use) instead" % (
+            "fd %d is a pipe the application" % fds[0] if len(fds) == 1
+            else "fds %s are pipes the application" % ", ".join(str(fd) for fd in fds),
+            "it" if len(fds) == 1 else "them")
+    ]
 
 
 def _fds():
