@@ -46,6 +46,13 @@ PROBE = """
 
     kept = []
 
+    if mode == "atfork":  # a library's os.register_at_fork hooks
+        def at_fork(kind):
+            print("at_fork %s pid=%d worker_id=%s" % (kind, os.getpid(), os.environ.get("DROVER_WORKER_ID")),
+                  flush=True)
+        os.register_at_fork(before=lambda: at_fork("before"), after_in_child=lambda: at_fork("child"),
+                            after_in_parent=lambda: at_fork("parent"))
+
     def load():
         if mode == "fail":
             import no_such_module_here  # noqa: F401
@@ -368,6 +375,26 @@ class PreloadTest(unittest.TestCase):
         self.assertRegex(err, r"warning: fds (\d+, ){5}\d+ are pipes the application opened before the fork")
         self.assertIn("ProcessPoolExecutor", err)
         self.assertEqual(err.count("warning: fd"), 1, err)
+
+    def test_os_register_at_fork_hooks_run_twice_per_worker(self):
+        # What docs/workers.md tells a user of os.register_at_fork: the
+        # template forks twice, so each hook runs twice per worker, once in
+        # the intermediate process; in the worker, after_in_child runs before
+        # the worker has its environment (drover_worker.after_fork runs after).
+        d = self.start(env={"PROBE_MODE": "atfork"})
+        d.ready()
+        _, msg = d.fork(3)
+        worker = int(msg["PID"])
+        self.assertEqual(json.loads(d.report(worker)["X_REPORT"])["env"]["DROVER_WORKER_ID"], "3")
+        d.chan.close()
+        _, out, _ = d.wait()
+        lines = [line.split() for line in out.splitlines() if line.startswith("at_fork ")]
+        by_kind = {kind: sorted(p for _, k, p, _ in lines if k == kind) for kind in ("before", "child", "parent")}
+        middle = [p for p in by_kind["child"] if p != "pid=%d" % worker]
+        self.assertEqual(len(middle), 1, out)
+        self.assertEqual(by_kind["before"], sorted(["pid=%d" % d.proc.pid] + middle), out)
+        self.assertEqual(by_kind["parent"], by_kind["before"], out)
+        self.assertIn(["at_fork", "child", "pid=%d" % worker, "worker_id=0"], lines, out)
 
     def test_drover_wsgi_template_forks_serving_workers(self):
         command = [sys.executable, "-m", "drover_wsgi", "--threads", "2", "apps:app"]
