@@ -72,6 +72,12 @@ PROBE = """
             from concurrent.futures import ProcessPoolExecutor
             kept.append(ProcessPoolExecutor(2))
             dw.stop_fd()  # the SDK's own pipe, not the application's
+        if mode == "helper":  # a helper process started at import
+            import multiprocessing
+            def helper_main():  # says so once it runs (a signal before that is lost in the fork)
+                dw.notify("X_HELPER=%d" % os.getpid())
+                time.sleep(30)
+            multiprocessing.get_context("fork").Process(target=helper_main, name="helper").start()
         if mode == "slow":
             print("loading", flush=True)
             time.sleep(30)
@@ -113,6 +119,15 @@ def alive(pid):
     except ChildProcessError:
         return False
     return done == 0
+
+
+def running(pid):
+    """True while ``pid`` (anyone's child) runs: neither gone nor a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def wait_gone(pid, timeout=LIMIT):
@@ -395,6 +410,22 @@ class PreloadTest(unittest.TestCase):
         self.assertEqual(by_kind["before"], sorted(["pid=%d" % d.proc.pid] + middle), out)
         self.assertEqual(by_kind["parent"], by_kind["before"], out)
         self.assertIn(["at_fork", "child", "pid=%d" % worker, "worker_id=0"], lines, out)
+
+    def test_a_process_started_at_import_dies_of_sigterm_quietly(self):
+        # It inherited the template's stop handler, whose exception is the
+        # template's: before, SIGTERM printed a traceback of _Stop in it.
+        d = self.start(env={"PROBE_MODE": "helper"})
+        helper = int(d.notify_message()[1]["X_HELPER"])
+        d.ready()
+        deadline = time.monotonic() + LIMIT
+        os.kill(helper, signal.SIGTERM)
+        while running(helper) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertFalse(running(helper), "the helper ends at SIGTERM")
+        d.chan.close()
+        _, _, err = d.wait()
+        self.assertNotIn("_Stop", err)
+        self.assertNotIn("Traceback", err)
 
     def test_drover_wsgi_template_forks_serving_workers(self):
         command = [sys.executable, "-m", "drover_wsgi", "--threads", "2", "apps:app"]

@@ -150,6 +150,8 @@ class Template:
         # Stop signals end the template at once: it holds nothing to clean up,
         # and the application's cleanup belongs to the workers.
         before = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+        global _template_pid, _replaced
+        _template_pid, _replaced = os.getpid(), before
         for sig in _STOP_SIGNALS:
             signal.signal(sig, _on_stop)
         try:
@@ -370,8 +372,26 @@ class Template:
             os._exit(1)  # drover died before the signal was armed
 
 
+#: The template's pid, and the stop handlers it replaced with _on_stop.
+_template_pid = None
+_replaced: dict = {}
+
+
 def _on_stop(signum, frame):
-    raise _Stop()
+    if os.getpid() == _template_pid:
+        raise _Stop()
+    # A process the application forked while it loaded (a
+    # multiprocessing.Process) inherited this handler, which is the
+    # template's: it gets what it would have had without the template, here
+    # the default action (it was dying with a traceback of _Stop).
+    handler = _replaced.get(signum)
+    if handler is None:
+        handler = signal.SIG_DFL
+    signal.signal(signum, handler)
+    if handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
+    elif callable(handler):
+        handler(signum, frame)
 
 
 def parse_message(data):
