@@ -1025,3 +1025,52 @@ fn a_recycling_worker_abandons_a_request_that_outlasts_its_budget(core: &str) {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
 with_each_core!(a_recycling_worker_abandons_a_request_that_outlasts_its_budget);
+
+/// A framework answers every exception of a view with its own 500 (Flask,
+/// Django). A request body that stopped coming (`--body-timeout`) or a
+/// malformed chunked body raises in the app's read of `wsgi.input`, and
+/// such an app turned it into a 500 with a traceback in the log, where the
+/// docs promise 408 (and 400): behind nginx with `proxy_request_buffering
+/// off`, a slow upload was a server error (found by the trial behind
+/// nginx). The client is now answered for what happened, whatever the app
+/// made of it; a whole body is read as before.
+fn a_body_failure_the_app_caught_is_answered_408_or_400(core: &str) {
+    let args = [
+        "--core",
+        core,
+        "--body-timeout",
+        "1",
+        "--body-min-rate",
+        "0",
+    ];
+    let config = format!(
+        "{}PYTHONPATH = {:?}\n",
+        wsgi_config(&args, "catching_app:app", "workers = 1"),
+        repo().join("tests/workers").display().to_string()
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    for (chunks, expected) in [
+        ("5\r\nhello\r\n", "HTTP/1.1 408 "),   // then nothing more
+        ("5\r\nhelloXX\r\n", "HTTP/1.1 400 "), // data longer than its size
+        ("5\r\nhello\r\n0\r\n\r\n", "HTTP/1.1 200 "),
+    ] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        write!(
+            s,
+            "POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let answer = String::from_utf8_lossy(&raw);
+        assert!(
+            answer.starts_with(expected),
+            "{chunks:?}: {answer} {}",
+            d.log()
+        );
+    }
+}
+with_each_core!(a_body_failure_the_app_caught_is_answered_408_or_400);

@@ -139,6 +139,7 @@ pub fn handle(
         body_ok: true,
         body_bytes: 0,
         out: Vec::new(),
+        flushed: false,
         input: Some(input.clone_ref(py)),
     };
     let resp = Py::new(py, StartResponse { r: resp }).expect("a start_response object");
@@ -160,6 +161,17 @@ pub fn handle(
     let mut sr = resp.bind(py).borrow_mut();
     let r = &mut sr.r;
     r.input = None;
+    let result = match inp.take_failure() {
+        // The app caught the body's failure and answered it as its own
+        // (Flask, Django: a 500): the client is answered for what happened,
+        // 408 or 400, as when the app lets it through.
+        Some(e) if result.is_ok() && !r.flushed => {
+            r.sent = false; // the app's answer, all still here, is replaced
+            r.out.clear();
+            Err(e)
+        }
+        _ => result,
+    };
     let outcome = match result {
         Ok(()) => {
             sh.note_service_time(took);
@@ -688,6 +700,9 @@ pub struct Response {
     /// status line, Date and the app's headers); the rest of the head and
     /// the body are appended (only a streamed body is written before the end).
     out: Vec<u8>,
+    /// Bytes of the response are on their way to the client (a streamed
+    /// body): it can no longer be replaced by an error response.
+    flushed: bool,
     input: Option<Py<Input>>,
 }
 
@@ -1021,6 +1036,7 @@ impl Response {
             ));
         }
         let (fd, timeout, out) = (self.fd, self.io_timeout, &self.out);
+        self.flushed = true;
         let sent = py.detach(|| sock::send_all(fd, out, timeout));
         self.out.clear();
         sent.map_err(|e| ClientGone::new_err(e.text().to_string()))

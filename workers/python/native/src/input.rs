@@ -38,6 +38,9 @@ pub struct Input {
     until: Option<Instant>,
     min_rate: u64,
     io_timeout: Duration,
+    /// The BodyTimeout or BodyError a read raised: the client is answered
+    /// 408 or 400 even when the app caught it and answered itself.
+    failure: Option<PyErr>,
 }
 
 impl Input {
@@ -60,6 +63,7 @@ impl Input {
             until: None,
             min_rate: 0,
             io_timeout: Duration::ZERO,
+            failure: None,
         }
     }
 
@@ -93,6 +97,7 @@ impl Input {
             until: body_timeout.map(|t| Instant::now() + t),
             min_rate,
             io_timeout,
+            failure: None,
         }
     }
 
@@ -121,6 +126,17 @@ impl Input {
     }
 
     /// The whole body was read: the next request can follow.
+    /// `error`, noted as the body's failure.
+    fn failed(&mut self, py: Python<'_>, error: PyErr) -> PyErr {
+        self.failure = Some(error.clone_ref(py));
+        error
+    }
+
+    /// The failure a read of the body raised, if any.
+    pub fn take_failure(&mut self) -> Option<PyErr> {
+        self.failure.take()
+    }
+
     pub fn finished(&self) -> bool {
         if self.chunked.is_some() {
             return self.done && self.dpos >= self.data.len();
@@ -203,9 +219,10 @@ impl Input {
                 }
                 Ok(())
             }
-            Err(Gone::Timeout(why)) => Err(BodyTimeout::new_err(format!(
-                "the request body did not arrive in time ({why})"
-            ))),
+            Err(Gone::Timeout(why)) => Err(self.failed(
+                py,
+                BodyTimeout::new_err(format!("the request body did not arrive in time ({why})")),
+            )),
             Err(Gone::Closed(why)) => Err(PyConnectionError::new_err(format!(
                 "client disconnected before the end of the request body ({why})"
             ))),
@@ -220,7 +237,7 @@ impl Input {
             match decoder.decode(&self.buf[self.pos..], &mut self.data) {
                 Ok(used) => self.pos += used,
                 Err(e) => {
-                    return Err(BodyError::new_err((e.status, e.detail)));
+                    return Err(self.failed(py, BodyError::new_err((e.status, e.detail))));
                 }
             }
             if decoder.is_done() {

@@ -241,13 +241,16 @@ class Input:
     coming: ``body_timeout`` seconds from the end of the head, plus one second
     per ``min_rate`` bytes received."""
 
-    __slots__ = ("_conn", "_left", "_continue", "_min_rate")
+    __slots__ = ("_conn", "_left", "_continue", "_min_rate", "failure")
 
     def __init__(self, conn, length, expect_continue, body_timeout=None, min_rate=0):
         self._conn = conn
         self._left = length
         self._continue = expect_continue and length > 0
         self._min_rate = min_rate
+        # The BodyTimeout or BodyError a read raised: the client is answered
+        # 408 or 400 even when the app caught it and answered itself.
+        self.failure = None
         conn.read_until = float("inf") if body_timeout is None else time.monotonic() + body_timeout
 
     def _more(self):
@@ -258,7 +261,8 @@ class Input:
         try:
             data = conn.recv_blocking()
         except ReadTimeout as e:
-            raise BodyTimeout("the request body did not arrive in time (%s)" % e) from None
+            self.failure = BodyTimeout("the request body did not arrive in time (%s)" % e)
+            raise self.failure from None
         except ClientGone as e:
             raise ConnectionError("client disconnected before the end of the request body (%s)" % e) from None
         if self._min_rate:
@@ -382,15 +386,20 @@ class ChunkedInput(Input):
             if nl >= 0:
                 cr = buf.find(b"\r", 0, nl)
                 if cr < 0 or cr != nl - 1:
-                    raise BodyError(HTTPError(400, "a chunk line does not end in CRLF"))
+                    raise self._bad(HTTPError(400, "a chunk line does not end in CRLF"))
                 conn.buf = buf[nl + 1:]
                 return buf[:cr]
             cr = buf.find(b"\r", 0, MAX_CHUNK_LINE + 1)
             if 0 <= cr < len(buf) - 1:
-                raise BodyError(HTTPError(400, "a chunk line does not end in CRLF"))
+                raise self._bad(HTTPError(400, "a chunk line does not end in CRLF"))
             if len(buf) > MAX_CHUNK_LINE and cr < 0:
-                raise BodyError(HTTPError(400, "chunk line longer than %d bytes" % MAX_CHUNK_LINE))
+                raise self._bad(HTTPError(400, "chunk line longer than %d bytes" % MAX_CHUNK_LINE))
             conn.buf += self._more()
+
+    def _bad(self, error):
+        """The BodyError to raise for ``error``, noted as the body's failure."""
+        self.failure = BodyError(error)
+        return self.failure
 
     def _data_end(self):
         """Reads the CRLF after a chunk's data: anything else means more data
@@ -399,7 +408,7 @@ class ChunkedInput(Input):
         while len(conn.buf) < 2 and b"\r\n".startswith(conn.buf):
             conn.buf += self._more()
         if not conn.buf.startswith(b"\r\n"):
-            raise BodyError(HTTPError(400, "chunk data longer than its size"))
+            raise self._bad(HTTPError(400, "chunk data longer than its size"))
         conn.buf = conn.buf[2:]
 
     def _fill(self):
@@ -420,7 +429,7 @@ class ChunkedInput(Input):
                         parse_field_line(line)  # checked and dropped
                     raise HTTPError(400, "more than %d trailer fields" % MAX_TRAILERS)
             except HTTPError as e:
-                raise BodyError(e) from None
+                raise self._bad(e) from None
             self._chunk = size
             self._crlf = True
         if not conn.buf:
@@ -1355,6 +1364,14 @@ class Server:
             result = self.app(environ, resp.start_response)
             if os.getpid() != self.pid:
                 exit_forked_child(self.pid)
+            if inp.failure is not None and not resp.sent:
+                # The app caught the body's failure and answered it as its
+                # own (Flask, Django: a 500): the client is answered for what
+                # happened, 408 or 400, as when the app lets it through.
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                raise inp.failure
             try:
                 self._send_result(resp, result)
             finally:
