@@ -541,6 +541,42 @@ fn a_quick_stop_hurries_a_worker_aborted_at_boot() {
     assert!(log.contains("killed by SIGKILL (boot timeout)"), "{log}");
 }
 
+/// A worker that becomes ready during a graceful shutdown and does not
+/// stop is killed at the shutdown's deadline, `graceful_timeout` after the
+/// signal, not `graceful_timeout` after its own SIGTERM (here 1.5 s later):
+/// the whole stop ends within `graceful_timeout` (docs/signals.md, stage 2).
+#[test]
+fn a_worker_ready_during_the_shutdown_is_killed_at_the_shutdowns_deadline() {
+    let worker = "import os, signal, socket, sys, time\n\
+                  signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+                  open(sys.argv[1] + '/up', 'w').close()\n\
+                  while not os.path.exists(sys.argv[1] + '/go'):\n    time.sleep(0.01)\n\
+                  socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
+                  time.sleep(60)\n";
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\n\
+         graceful_timeout = \"4s\"\ncommand = [\"python3\", \"-c\", {}, \"$DIR\"]\n",
+        toml_string(worker)
+    ))
+    .run();
+    let up = d.dir.path().join("up");
+    wait_for("the worker to run", LIMIT, || up.exists().then_some(()));
+    d.signal(Signal::SIGTERM);
+    d.wait_log("still booting: it gets SIGTERM once ready");
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(d.dir.path().join("go"), "").unwrap();
+    d.wait_log("ready during the shutdown: sending SIGTERM");
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(4), "{}", d.log());
+    let log = d.log();
+    let took: f64 = log
+        .split("all workers stopped ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms after the shutdown began").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!((4000.0..5000.0).contains(&took), "{log}");
+}
+
 /// A worker still booting when a graceful shutdown begins with no worker
 /// serving is held to the shutdown's deadline in place of its
 /// `boot_timeout` (docs/signals.md, stage 2), as the workers stopped at once

@@ -1762,7 +1762,7 @@ mod tests {
     use super::*;
     use crate::master::generation::for_test;
 
-    use crate::master::worker::Serving;
+    use crate::master::worker::{Serving, MAX_EXTENSION};
 
     /// A generation of `extra` settings; `ready = "spawn"` unless `extra`
     /// says otherwise, so that a confirmed exec is a ready worker.
@@ -1834,6 +1834,32 @@ mod tests {
         assert!(has(&actions, "Ready"), "{actions:?}");
         assert!(matches!(sup.phase, Phase::Running));
         sup
+    }
+
+    /// A worker ready during a shutdown is stopped by the shutdown's
+    /// deadline, and `EXTEND_TIMEOUT_USEC` moves it at most 5 minutes past
+    /// that deadline, not past `graceful_timeout` after its own SIGTERM
+    /// (2 s later here): the code before allowed t0 + 305 s.
+    #[test]
+    fn a_worker_ready_during_a_shutdown_extends_from_the_shutdowns_deadline() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(3);
+        let g = gen(1, "ready = \"notify\"\ngraceful_timeout = \"3s\"\n");
+        let mut sup = Supervisor::new(Rc::new(g), t0);
+        turn(&mut sup, 11, t0);
+        sup.begin_shutdown(Pace::Graceful, Cause::Signal("SIGTERM"), t0);
+        let actions = drain(&mut sup);
+        assert!(!has(&actions, "signal SIGTERM"), "deferred: {actions:?}");
+        let t1 = t0 + Duration::from_secs(2);
+        sup.on_notify(pid(11), vec![Message::Ready], t1);
+        assert!(has(&drain(&mut sup), "signal SIGTERM to slot 1 pid 11"));
+        let deadline = |sup: &mut Supervisor| sup.pool.get_mut(pid(11)).unwrap().deadline();
+        assert_eq!(deadline(&mut sup), Some(t0 + grace));
+        // Each extension as long as can be, the second one near its end.
+        sup.on_notify(pid(11), vec![Message::ExtendTimeout(MAX_EXTENSION)], t1);
+        let t2 = t0 + MAX_EXTENSION;
+        sup.on_notify(pid(11), vec![Message::ExtendTimeout(MAX_EXTENSION)], t2);
+        assert_eq!(deadline(&mut sup), Some(t0 + grace + MAX_EXTENSION));
     }
 
     #[test]
@@ -1935,7 +1961,6 @@ mod tests {
 
     #[test]
     fn extensions_lengthen_a_graceful_stop_up_to_the_maximum_and_never_a_quick_one() {
-        use super::super::worker::MAX_EXTENSION;
         let now = Instant::now();
         let mut sup = started(
             "workers = 1\ngraceful_timeout = \"10s\"\nquick_timeout = \"2s\"",

@@ -526,10 +526,23 @@ impl Worker {
         }
     }
 
-    /// Brings its stop deadline forward to `until` (never later).
+    /// Brings its stop deadline forward to `until` (never later): its stop
+    /// counts from then on as if it had begun that much earlier, the most
+    /// `EXTEND_TIMEOUT_USEC` may add and the restore of its priority too
+    /// (a worker stopped late in a shutdown gets what is left of it).
     pub fn cap_deadline(&mut self, until: Instant) {
-        if let State::Stopping { deadline, .. } = &mut self.state {
-            *deadline = (*deadline).min(until);
+        if let State::Stopping {
+            deadline,
+            limit,
+            restore_at,
+            ..
+        } = &mut self.state
+        {
+            let early = deadline.saturating_duration_since(until);
+            *deadline -= early;
+            for t in [limit, restore_at].into_iter().flatten() {
+                *t -= early;
+            }
         }
     }
 
