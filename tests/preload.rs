@@ -334,6 +334,47 @@ fn a_process_pool_made_at_import_is_named_in_the_log() {
     assert_eq!(served_by(&get_ok(d.tcp_addr(), "/").body).0, "v1");
 }
 
+/// A stop while the template still imports the application: the template
+/// (sent SIGTERM by the stop) is drover's own, not a process left by a
+/// worker, and the log says so. Before, the end of the stop warned '1
+/// process(es) left by workers (pid T)' about it (seen in the preload trial).
+/// The import holds SIGTERM for a second (as one busy in C code does), so
+/// that the template is still there when the stop ends.
+#[test]
+fn a_stop_while_the_template_imports_names_the_template_not_an_orphan() {
+    let app = tempfile::tempdir().unwrap();
+    let importing = app.path().join("importing");
+    write_app(
+        app.path(),
+        "v1",
+        &format!(
+            "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])\n\
+             open({:?}, 'w').close()\ntime.sleep(1)\n\
+             signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])\ntime.sleep(30)",
+            importing.display().to_string()
+        ),
+    );
+    let mut d = start(app.path(), 2, r#"boot_timeout = "60s""#);
+    wait_for("the template importing the app", LIMIT, || {
+        importing.exists().then_some(())
+    });
+    let template = template_pids(&d)[0];
+    let stopped_at = Instant::now();
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(stopped_at.elapsed() < Duration::from_secs(5), "{log}");
+    assert!(!log.contains("left by workers"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "waiting for 1 retired template(s) to exit (pid {template})"
+        )),
+        "{log}"
+    );
+    assert!(!alive(template));
+}
+
 fn stop_under_load_runs_every_cleanup(sig: Signal) {
     let app = tempfile::tempdir().unwrap();
     write_app(app.path(), "v1", "");

@@ -381,8 +381,11 @@ fn bind_admin(
 /// so that none outlives drover holding a copy of its sockets. Without
 /// the subreaper they were re-parented elsewhere, beyond drover's reach.
 /// The new master of an upgrade (`successor`) is our child too, and serves
-/// on: it is spared.
-fn end_orphans(limit: Duration, successor: Option<Pid>) {
+/// on: it is spared. A preload template retired by the stop and not yet
+/// gone (one still importing the application when the stop came: it got
+/// SIGTERM) is among our children too, but is no worker's: it is named as
+/// what it is, and waited for in the same way.
+fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) {
     let mut flag: libc::c_int = 0;
     // SAFETY: plain prctl with a pointer to an int.
     let subreaper =
@@ -401,12 +404,24 @@ fn end_orphans(limit: Duration, successor: Option<Pid>) {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    warn!(
-        "stage 3: {} process(es) left by workers (pid {}): SIGTERM, up to {}",
-        orphans.len(),
-        list(&orphans),
-        ms(limit)
-    );
+    let (ours, left_by_workers): (Vec<Pid>, Vec<Pid>) =
+        orphans.iter().partition(|p| templates.contains(p));
+    if !ours.is_empty() {
+        info!(
+            "stage 3: waiting for {} retired template(s) to exit (pid {}): SIGTERM, up to {}",
+            ours.len(),
+            list(&ours),
+            ms(limit)
+        );
+    }
+    if !left_by_workers.is_empty() {
+        warn!(
+            "stage 3: {} process(es) left by workers (pid {}): SIGTERM, up to {}",
+            left_by_workers.len(),
+            list(&left_by_workers),
+            ms(limit)
+        );
+    }
     for p in &orphans {
         let _ = kill(*p, Signal::SIGTERM);
     }
@@ -436,7 +451,11 @@ fn end_orphans(limit: Duration, successor: Option<Pid>) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    info!("stage 3: the processes left by workers have exited");
+    if left_by_workers.is_empty() {
+        info!("stage 3: the retired template(s) have exited");
+    } else {
+        info!("stage 3: the processes left by workers have exited");
+    }
 }
 
 /// Says which processes started by our workers outlive them, found by the
@@ -602,7 +621,12 @@ impl Master {
     fn wind_up(&mut self, outcome: Outcome) -> u8 {
         self.obs.flush_output();
         self.reap_cancelled_upgrade();
-        end_orphans(self.sup.current().s.quick_timeout.0, self.successor);
+        let templates: Vec<Pid> = self.templates.list.iter().map(|t| t.pid).collect();
+        end_orphans(
+            self.sup.current().s.quick_timeout.0,
+            self.successor,
+            &templates,
+        );
         if outcome.cause != Cause::Upgrade {
             // (After an upgrade the new master, started with our socket in
             // its environment, goes on: it is no escapee.)
