@@ -303,6 +303,34 @@ fn a_thread_started_at_import_is_refused_and_drover_exits_3() {
     );
 }
 
+/// A thread the application did not start itself (a ThreadPoolExecutor's,
+/// once the import used the pool): the refusal names it and says what to do
+/// about a library's thread too, not only about the application's.
+#[test]
+fn a_pool_used_at_import_is_refused_with_what_to_do() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(
+        app.path(),
+        "v1",
+        "from concurrent.futures import ThreadPoolExecutor\nPOOL = ThreadPoolExecutor(2)\nPOOL.submit(int).result()",
+    );
+    let mut d = start(app.path(), 2, "");
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(3), "{log}");
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("refusing to fork"))
+        .unwrap_or_else(|| panic!("no refusal: {log}"));
+    assert!(refusal.contains("'ThreadPoolExecutor-0_0'"), "{refusal}");
+    assert!(
+        refusal.contains("@drover_worker.after_fork")
+            && refusal.contains("a thread or process pool")
+            && refusal.contains("or set preload = false"),
+        "{refusal}"
+    );
+}
+
 /// A process pool made at import, not yet used (no process, no thread): its
 /// queues are pipes every worker shares, so one worker's task ran in
 /// another's processes and came back to a third (seen in the preload trial:

@@ -440,8 +440,10 @@ def _thread_refusal():
     return (
         "refusing to fork: the template runs %d thread(s) besides the main thread: %s. "
         "A fork copies only the calling thread, and a lock another thread held stays locked "
-        "forever in the worker. Start threads in an after_fork hook (or when the first request "
-        "comes), not while the application is imported" % (len(others), "; ".join(others))
+        "forever in the worker. Start threads in a @drover_worker.after_fork hook (or when the "
+        "first request comes), not while the application is imported; set up there too a library "
+        "that starts one when it is imported or set up (a thread or process pool, a metrics or "
+        "tracing client), or set preload = false" % (len(others), "; ".join(others))
     )
 
 
