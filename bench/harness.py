@@ -132,9 +132,11 @@ def context_switches(pid):
     return total
 
 
-def cpu_ns(pid):
-    """CPU time (ns) used so far by every thread of pid, from schedstat."""
-    total = 0
+def schedstat(pid):
+    """(CPU time ns, time runnable but waiting for a CPU ns, times put on a
+    CPU) so far, summed over every thread of pid, from schedstat; None when
+    pid is gone."""
+    total = [0, 0, 0]
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -142,10 +144,17 @@ def cpu_ns(pid):
     for t in tasks:
         try:
             with open(f"/proc/{pid}/task/{t}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
+                for i, v in enumerate(f.read().split()[:3]):
+                    total[i] += int(v)
+        except (OSError, ValueError):
             pass
-    return total
+    return tuple(total)
+
+
+def cpu_ns(pid):
+    """CPU time (ns) used so far by every thread of pid, from schedstat."""
+    st = schedstat(pid)
+    return st[0] if st else None
 
 
 def kernel_ns(pid):

@@ -184,15 +184,32 @@ def tree_cpu_ns(root):
     return sum(H.cpu_ns(p) or 0 for p in tree), sum(H.kernel_ns(p) or 0 for p in tree)
 
 
+def tree_sched(root):
+    """schedstat (harness.schedstat) summed over root's process tree."""
+    stats = [H.schedstat(p) for p in [root] + H.descendants(root)]
+    return tuple(sum(st[i] for st in stats if st) for i in range(3))
+
+
 def run_wrk(port, secs, close, paced):
+    """wrk's results, its command, and how its threads shared the CPUs:
+    their schedstat from 0.5 s in to 0.5 s before the end (the threads
+    are gone once it prints), with the share of the run that window is."""
     argv = ["wrk", "-t2", f"-c{CONNS}", f"-d{secs}s", "--latency", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
     if paced:
         argv += ["-s", str(PACED)]
     argv.append(f"http://127.0.0.1:{port}/")
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 30)
-    return H.parse_wrk(p.stdout), shlex.join(argv)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    t0, w0 = time.monotonic(), H.schedstat(p.pid)
+    time.sleep(max(0.0, secs - 1.0))
+    t1, w1 = time.monotonic(), H.schedstat(p.pid)
+    out, _ = p.communicate(timeout=secs + 30)
+    sched = None
+    if w0 and w1:
+        sched = ([b - a for a, b in zip(w0, w1)], (t1 - t0) / secs)
+    return H.parse_wrk(out), shlex.join(argv), sched
 
 
 def measure(ctx, key, load, app, close, paced, secs):
@@ -204,7 +221,9 @@ def measure(ctx, key, load, app, close, paced, secs):
         ctx.note_command("peers", f"{key} ({load})", shlex.join(run.argv))
         wait_serving(run, port)
         cpu0, kernel0 = tree_cpu_ns(run.pid)
-        r, cmd = run_wrk(port, secs, close, paced)
+        s0 = tree_sched(run.pid)
+        r, cmd, wrk_sched = run_wrk(port, secs, close, paced)
+        s1 = tree_sched(run.pid)
         cpu1, kernel1 = tree_cpu_ns(run.pid)
         cpu, kernel = cpu1 - cpu0, kernel1 - kernel0
         ctx.note_command("peers", f"wrk ({load})", cmd.replace(str(port), "PORT").replace(str(H.BENCH), "bench"))
@@ -214,7 +233,20 @@ def measure(ctx, key, load, app, close, paced, secs):
     if r.get("requests"):
         r["cpu_us_per_req"] = round(cpu / 1000 / r["requests"], 2)
         r["kernel_us_per_req"] = round(kernel / 1000 / r["requests"], 2)
+        r["sched"] = _shared(r["requests"], [b - a for a, b in zip(s0, s1)], wrk_sched)
     return r
+
+
+def _shared(requests, server, wrk_sched):
+    """How the subject and wrk shared the CPUs, per request: each one's runs
+    on a CPU (times put on one) and its wait for a CPU while runnable (µs)."""
+    out = {"server_runs": round(server[2] / requests, 3), "server_wait_us": round(server[1] / 1000 / requests, 2)}
+    if wrk_sched:
+        (_, wait, runs), share = wrk_sched
+        n = requests * share
+        out["wrk_runs"] = round(runs / n, 3)
+        out["wrk_wait_us"] = round(wait / 1000 / n, 2)
+    return out
 
 
 def _subset(env, every):
@@ -370,6 +402,34 @@ def render(s, L):
                              + ", ".join(f"{x:.2f}×" for x in with_bjoern))
                 w(line + "; its p99 against uWSGI's: " + ", ".join(f"{x:.2f}×" for x in tails) + ".")
                 w("")
+        if not paced:
+            _shared_table(s, per, w)
+
+
+def _shared_table(s, per, w):
+    """How each subject and wrk shared the two CPUs (medians of the rounds),
+    from the threads' schedstat: what the p99 at saturation is made of."""
+    rows = []
+    for key in s["subjects"]:
+        sh = [r["sched"] for r in per.get(key, []) if r.get("sched")]
+        if sh:
+            rows.append((key, {k: _med([x.get(k) for x in sh]) for k in
+                               ("server_runs", "server_wait_us", "wrk_runs", "wrk_wait_us")}))
+    if not rows:
+        return
+    w("How the subject and wrk shared the two CPUs, per request (medians of the rounds; from the threads' "
+      "schedstat: a *run* is one stretch on a CPU, from being put on it to leaving it; the *wait* is the time "
+      "runnable but waiting for a CPU). Few runs per request mean long runs, behind which the other side waits:")
+    w("")
+    w("| subject | its runs per request | its wait, µs per request | wrk's runs per request | wrk's wait, µs per request |")
+    w("|---|---:|---:|---:|---:|")
+
+    def f(v, d):
+        return "" if v is None else f"{v:.{d}f}"
+    for key, m in rows:
+        w(f"| {s['labels'][key]} | {f(m['server_runs'], 2)} | {f(m['server_wait_us'], 1)} | "
+          f"{f(m['wrk_runs'], 2)} | {f(m['wrk_wait_us'], 1)} |")
+    w("")
 
 
 def _paced_line(s, load, key, w):
