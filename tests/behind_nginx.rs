@@ -8,9 +8,8 @@ mod common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::websocket::{open_websocket, read_frame};
 use common::*;
@@ -59,22 +58,8 @@ impl Nginx {
             .arg(&path)
             // One process, no privilege drop: it reaches drover's socket in
             // the test's private directory, and dies with the test.
-            .args(["-g", "daemon off; master_process off;"])
-            .stdin(Stdio::null());
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("start nginx");
+            .args(["-g", "daemon off; master_process off;"]);
+        let child = bounded(&mut cmd).spawn().expect("start nginx");
         let mut nginx = Nginx { child, addr, dir };
         wait_for("nginx to listen", LIMIT, || {
             if let Ok(Some(status)) = nginx.child.try_wait() {

@@ -445,25 +445,6 @@ fn a_standard_error_nobody_reads_never_blocks_the_master() {
     assert_eq!(status.code(), Some(0));
 }
 
-/// `cmd` set to die with the test (and with no input).
-fn bounded(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            Ok(())
-        });
-    }
-    cmd.stdin(Stdio::null())
-}
-
 #[test]
 fn a_fifo_as_config_is_refused_at_start_and_on_reload() {
     let dir = tempfile::tempdir().unwrap();

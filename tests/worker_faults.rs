@@ -255,16 +255,19 @@ fn a_degraded_slot_whose_next_worker_serves_promises_no_next_try() {
 fn a_start_that_fails_counts_as_a_restart() {
     let bin = tempfile::tempdir().unwrap();
     let program = bin.path().join("worker");
-    std::fs::write(
-        &program,
-        format!("#!/bin/sh\nexec {} \"$@\"\n", hello_bin()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &program,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let install = || {
+        std::fs::write(
+            &program,
+            format!("#!/bin/sh\nexec {} \"$@\"\n", hello_bin()),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &program,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+    };
+    install();
     let d = Start::config(&format!(
         "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\n\
          command = [{program:?}]\ncontrol_socket = \"$DIR/ctl.sock\"\n\
@@ -287,16 +290,7 @@ fn a_start_that_fails_counts_as_a_restart() {
     assert!(restarts >= Some(5), "{json}");
     assert_eq!(restarts, failures, "{json}");
     // Back in place: the slot serves again, the count stays.
-    std::fs::write(
-        &program,
-        format!("#!/bin/sh\nexec {} \"$@\"\n", hello_bin()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &program,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    install();
     wait_for("the slot to serve again", LIMIT, || {
         (d.admin("/readyz").status == 200).then_some(())
     });

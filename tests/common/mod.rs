@@ -869,3 +869,22 @@ pub fn recv_from(sock: &std::os::unix::net::UnixDatagram) -> Option<(Pid, String
     let n = msg.bytes;
     Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
 }
+
+/// `cmd` set to die with the test (and with no input).
+pub fn bounded(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
+    cmd.stdin(Stdio::null())
+}
