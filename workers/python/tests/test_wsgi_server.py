@@ -321,6 +321,33 @@ class HeldResponsesTest(unittest.TestCase):
             for c in [fast, slow] + sleepers:
                 c.close()
 
+    def test_with_one_thread_a_held_response_does_not_wait_for_a_slow_request(self):
+        # The one thread sleeps in a request while a fast request and then
+        # a slow one come on two kept-alive connections; it takes both in
+        # its next poll, serves the fast one (its response may be held, the
+        # slow one being next), then sleeps in the slow one. No thread can
+        # take over: the timer thread must send what is held.
+        with Worker("apps:app", args=["--threads", "1"]) as w:
+            fast, slow, sleeper = Client(w), Client(w), Client(w)
+            for c in (fast, slow, sleeper):
+                c.send(get("/pid"))
+                self.assertEqual(c.response()[0], 200)
+            sleeper.send(get("/sleep?ms=500"))
+            w.notify.wait_for(b"STATUS=sleeping")
+            began = time.monotonic()
+            fast.send(get("/pid"))
+            slow.send(get("/sleep?ms=4000"))
+            self.assertEqual(sleeper.response()[0], 200)
+            self.assertEqual(fast.response()[0], 200)
+            took = time.monotonic() - began
+            self.assertLess(took, 2.5, "the fast response waited for the slow request")
+            self.assertEqual(slow.response()[0], 200)
+            # The connection whose response the timer thread sent serves on.
+            fast.send(get("/pid"))
+            self.assertEqual(fast.response()[0], 200)
+            for c in (fast, slow, sleeper):
+                c.close()
+
 
 class LifecycleTest(unittest.TestCase):
     """Stops, recycling and boot failures: one worker each."""

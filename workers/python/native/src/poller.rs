@@ -144,12 +144,16 @@ impl Poller {
     }
 
     /// The timer thread's wait, at most `most`: hands the right over when
-    /// the poller is busy past HANDOFF and a thread waits for it.
-    pub fn watch(&self, most: Duration) {
+    /// the poller is busy past HANDOFF and a thread waits for it. True when
+    /// the poller was stuck and no thread waited to take over (a pool of
+    /// one thread, or every other one busy too): the poller's held
+    /// responses are then the timer thread's to send.
+    pub fn watch(&self, most: Duration) -> bool {
         let mut s = self.state.lock().unwrap();
         if s.closed {
-            return;
+            return false;
         }
+        let mut alone = false;
         let now = Instant::now();
         let tick = match s.last_handoff {
             Some(t) if now.duration_since(t) < RECENT => HANDOFF,
@@ -158,11 +162,15 @@ impl Poller {
         let wait = match s.busy_since {
             Some(since) => {
                 s.idle_looks = 0;
-                if s.waiting > 0 && stuck(&s, since, now) {
-                    s.holder = None;
-                    s.busy_since = None;
+                if stuck(&s, since, now) {
                     s.last_handoff = Some(now);
-                    self.followers.notify_one();
+                    if s.waiting > 0 {
+                        s.holder = None;
+                        s.busy_since = None;
+                        self.followers.notify_one();
+                    } else {
+                        alone = true;
+                    }
                     HANDOFF
                 } else {
                     tick
@@ -181,6 +189,7 @@ impl Poller {
         if long {
             self.watch_asleep.store(false, Ordering::Release);
         }
+        alone
     }
 }
 

@@ -17,13 +17,13 @@
 //!
 //! A whole response made while more events of the same epoll_wait wait to
 //! be served is held, and the held ones are sent together once the batch is
-//! served (the thread polls again, or another took over from a slow app):
-//! a client woken once per burst, not once per response, costs the kernel
-//! (on loopback, the sender runs the client's wake-up) about a third less
-//! per request under load. A response waits at most as long as the
-//! batch's events wait for a thread (HANDOFF, poller.rs), and only where
-//! another thread can take over (a pool of one thread holds nothing); a
-//! lone request is answered at once.
+//! served (the thread polls again, another took over from a slow app, or,
+//! when none can, the timer thread sends them: `flush_held`): a client
+//! woken once per burst, not once per response, costs the kernel (on
+//! loopback, the sender runs the client's wake-up) about a third less per
+//! request under load. A response waits at most as long as the batch's
+//! events wait for a thread (HANDOFF, poller.rs); a lone request is
+//! answered at once.
 
 // A connection is boxed once and moves, as a pointer, between the threads,
 // the parked slots and the stop's queues.
@@ -965,7 +965,10 @@ fn sweeper(sh: Arc<Shared>) {
         if sh.stop_seen.load(Acquire) {
             std::thread::sleep(wait);
         } else {
-            sh.poller.watch(wait); // and hands the right to poll over
+            // Hands the right to poll over, or says nobody can take it.
+            if sh.poller.watch(wait) {
+                flush_held(&sh);
+            }
         }
     }
 }
@@ -1078,7 +1081,7 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
             exchange::handle(py, sh, &view, &head, &mut rest, plan)
         });
         drop(head);
-        if let Some(me) = holder.filter(|_| sh.set.threads > 1) {
+        if let Some(me) = holder {
             if rest.is_empty()
                 && !outcome.out.is_empty()
                 && matches!(outcome.after, After::Continue)
@@ -1128,6 +1131,28 @@ fn send_held(sh: &Arc<Shared>, except: Option<usize>) {
             serve_from(sh, conn, true, None);
         }
     }
+}
+
+/// The poller is stuck in a slow request and no thread can take over (a
+/// pool of one thread, or all busy): its held responses are sent from here,
+/// so that a fast response never waits for a slow one. The timer thread does
+/// not wait for a client: what a socket does not take at once stays held for
+/// the poller (the lock, kept meanwhile, makes the poller find it before it
+/// next polls). A stop that came meanwhile gets the connection to serve.
+fn flush_held(sh: &Arc<Shared>) {
+    let mut held = sh.held.lock().unwrap();
+    let mut left = Vec::new();
+    for (conn, out) in std::mem::take(&mut held.responses) {
+        match sock::send_nowait(conn.fd, &out) {
+            Ok(n) if n == out.len() => match sh.park(conn, Kind::Idle) {
+                Ok(()) | Err(None) => {}
+                Err(Some(conn)) => sh.pending.lock().unwrap().push_back(conn),
+            },
+            Ok(n) => left.push((conn, out[n..].to_vec())),
+            Err(_) => {} // the client left: dropped, closed
+        }
+    }
+    held.responses = left;
 }
 
 /// How the request body reaches the app: a small Content-Length body is read

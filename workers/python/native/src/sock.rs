@@ -112,6 +112,29 @@ pub fn recv_blocking(
     }
 }
 
+/// Sends what the socket takes now: the number of bytes sent (0: none).
+pub fn send_nowait(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    loop {
+        let n = unsafe {
+            libc::send(
+                fd,
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// Writes all of `data`, waiting at most `io_timeout` at a time for room.
 pub fn send_all(fd: RawFd, data: &[u8], io_timeout: Duration) -> Result<(), Gone> {
     let mut data = data;
