@@ -963,6 +963,9 @@ fn sweeper(sh: Arc<Shared>) {
         });
         let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
         if sh.stop_seen.load(Acquire) {
+            // The stop woke the other threads, but a lone one may be stuck
+            // in a request past the grace: what it holds goes out now.
+            flush_held(&sh);
             std::thread::sleep(wait);
         } else {
             // Hands the right to poll over, or says nobody can take it.
