@@ -1416,10 +1416,27 @@ mod tests {
     #[test]
     fn every_key_is_documented() {
         let doc = include_str!("../../docs/configuration.md");
+        // The complete example claims every key: the TOML block after its heading.
+        let example = doc
+            .split("## A complete example")
+            .nth(1)
+            .and_then(|rest| rest.split("```toml").nth(1))
+            .and_then(|block| block.split("```").next())
+            .expect("docs/configuration.md has a complete example");
         for key in KEYS {
             assert!(
-                doc.contains(&format!("`{key}`")),
-                "docs/configuration.md does not describe `{key}`"
+                doc.contains(&format!("\n### {key}\n")),
+                "docs/configuration.md has no section for `{key}`"
+            );
+            assert!(
+                doc.contains(&format!("\n| [`{key}`](#{key}) |")),
+                "the settings table of docs/configuration.md has no row for `{key}`"
+            );
+            assert!(
+                example.lines().any(
+                    |line| line.starts_with(&format!("{key} = ")) || line == format!("[{key}]")
+                ),
+                "the complete example of docs/configuration.md does not set `{key}`"
             );
         }
     }
