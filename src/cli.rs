@@ -29,7 +29,7 @@ const VERSION: &str = concat!(
 
 const USAGE: &str = "drover [OPTIONS] [-- <WORKER_COMMAND>...]
        drover check [OPTIONS] [--print] [-- <WORKER_COMMAND>...]
-       drover ctl [-c FILE | --socket PATH] [--json] [--timeout DURATION] <status|reload|scale N|stop|upgrade>
+       drover ctl [-c FILE | --socket PATH] [--json] [--timeout DURATION] <status|ready|reload|scale N|stop|upgrade|events>
        drover completions <bash|zsh|fish|elvish|powershell>
        drover man [ctl|check]";
 

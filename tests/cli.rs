@@ -127,6 +127,25 @@ fn usage_names_the_worker_command() {
         help.contains("drover ctl [-c FILE | --socket PATH]"),
         "{help}"
     );
+    // The usage line names every command `drover ctl --help` lists.
+    let ctl_help = text(&drover(&["ctl", "--help"], &[], None).stdout);
+    let commands: Vec<&str> = ctl_help
+        .split("Commands:\n")
+        .nth(1)
+        .expect("drover ctl --help lists its commands")
+        .lines()
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    let usage = help
+        .lines()
+        .find(|line| line.contains("drover ctl ["))
+        .unwrap();
+    for command in &commands {
+        assert!(usage.contains(command), "{usage} leaves out {command}");
+    }
+    assert!(commands.contains(&"events"), "{commands:?}");
 }
 
 #[test]
