@@ -165,6 +165,42 @@ graceful_timeout = "1s"
     assert!(!alive(worker));
 }
 
+/// The summary lines of a pause and of a shutdown count the workers they
+/// signal, apart from those already stopping (retired by SIGTTOU, then
+/// stopped by the pause), which keep their own signal. The code before said
+/// "stopping all 3 worker(s)" and "SIGTERM to 3 worker(s)" with one, then
+/// all three, already stopping, and "SIGQUIT to the workers".
+#[test]
+fn stop_summaries_count_only_the_workers_they_signal() {
+    let config = format!(
+        r#"
+bind = ["127.0.0.1:0"]
+command = ["python3", "{probe}", "--ignore-term", "--notify"]
+workers = 3
+ready = "notify"
+graceful_timeout = "30s"
+quick_timeout = "5s"
+"#,
+        probe = probe_py()
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 3 workers ready");
+    d.signal(Signal::SIGTTOU);
+    d.wait_log("retired: sending SIGTERM");
+    d.signal(Signal::SIGWINCH);
+    d.wait_log(
+        "SIGWINCH: stopping 2 worker(s), 1 already stopping (not signalled again); \
+         the sockets stay open",
+    );
+    d.signal(Signal::SIGTERM);
+    d.wait_log("stage 2, drain: SIGTERM to 0 worker(s), up to 30s; 3 already stopping");
+    // They ignore SIGTERM: a quick stop ends them, each signalled again.
+    d.signal(Signal::SIGQUIT);
+    d.wait_log("SIGQUIT: shutdown escalated to quick: SIGQUIT to 3 worker(s), up to 5s");
+    let status = d.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+}
+
 #[test]
 fn a_killed_worker_is_replaced_and_the_log_says_why() {
     let d = Start::config(&hello("workers = 1")).run();

@@ -505,11 +505,15 @@ impl Supervisor {
         self.emit(Action::Publish(Kind::Paused {
             trigger: why.to_string(),
         }));
-        info!(
-            "{why}: stopping all {} worker(s); the sockets stay open (SIGHUP or SIGTTIN resumes)",
-            self.pool.workers.len()
-        );
-        self.stop_workers(|w| !w.is_stopping(), Pace::Graceful, Stop::Paused, now);
+        let signalled = self.stop_workers(|w| !w.is_stopping(), Pace::Graceful, Stop::Paused, now);
+        // Retired or recycled before: its own stop stands.
+        let already = self.pool.workers.len() - signalled;
+        let which = if already == 0 {
+            format!("all {signalled} worker(s)")
+        } else {
+            format!("{signalled} worker(s), {already} already stopping (not signalled again)")
+        };
+        info!("{why}: stopping {which}; the sockets stay open (SIGHUP or SIGTTIN resumes)");
     }
 
     /// Every way out of a pause (SIGTTIN, a reload, `ctl scale`): the
@@ -531,13 +535,14 @@ impl Supervisor {
     }
 
     /// Stops the workers `which` selects, each with its generation's policy.
+    /// Returns how many were signalled.
     fn stop_workers(
         &mut self,
         which: impl Fn(&Worker) -> bool,
         pace: Pace,
         why: Stop,
         now: Instant,
-    ) {
+    ) -> usize {
         let stops: Vec<_> = self
             .pool
             .workers
@@ -545,7 +550,9 @@ impl Supervisor {
             .filter(|w| which(w))
             .filter_map(|w| w.stop(pace, why, now))
             .collect();
+        let signalled = stops.len();
         self.emit_all(stops);
+        signalled
     }
 
     // The rollout.
@@ -1418,18 +1425,16 @@ impl Supervisor {
                     "{why}: already shutting down ({})",
                     if sd.quick { "quick" } else { "graceful" }
                 );
-                return;
             }
             Phase::ShuttingDown(sd) => {
                 sd.quick = true;
-                info!(
-                    "{why}: shutdown escalated to quick: SIGQUIT to the workers, up to {timeout}"
-                );
                 self.emit(Action::Publish(Kind::Shutdown {
                     stage: 2,
                     quick: true,
                     cause: why.to_string(),
                 }));
+                let stage = format!("{why}: shutdown escalated to quick");
+                self.stop_for_shutdown(&stage, pace, cause, signal, timeout, now);
             }
             _ => {
                 self.stop_accepting(quick, cause, now);
@@ -1437,19 +1442,14 @@ impl Supervisor {
                 // must come even when nothing else will wake the loop (a
                 // worker that could not be forked at start-up leaves none).
                 self.again = true;
-                info!(
-                    "stage 2, drain: {} to {} worker(s), up to {timeout}",
-                    signal.as_str(),
-                    self.pool.workers.len()
-                );
                 self.emit(Action::Publish(Kind::Shutdown {
                     stage: 2,
                     quick,
                     cause: why.to_string(),
                 }));
+                self.stop_for_shutdown("stage 2, drain", pace, cause, signal, timeout, now);
             }
         }
-        self.stop_for_shutdown(pace, cause, signal, timeout, now);
     }
 
     /// Stage 1 of a shutdown: the listeners and the control socket go (the
@@ -1515,9 +1515,12 @@ impl Supervisor {
     }
 
     /// Stage 2 of a shutdown: every worker gets `signal` (`pace`) and
-    /// `timeout` to exit.
+    /// `timeout` to exit. Logs it as `stage` says: how many workers are
+    /// signalled now, how many were already stopping (not signalled again),
+    /// how many get it once ready.
     fn stop_for_shutdown(
         &mut self,
+        stage: &str,
         pace: Pace,
         cause: Cause,
         signal: Signal,
@@ -1541,24 +1544,44 @@ impl Supervisor {
             && matches!(cause, Cause::Signal(_))
             && !self.pool.workers.iter().any(|w| w.is_serving());
         let until = now + timeout.0;
-        let stops: Vec<_> = self
-            .pool
-            .workers
-            .iter_mut()
-            .filter_map(|w| {
-                if defer && w.is_booting() && w.boot_by(until) {
-                    info!(
-                        "worker {} (pid {}) still booting: it gets {} once ready, within the \
-                         shutdown's {timeout} (which replaces its boot_timeout), else SIGKILL then",
-                        w.slot,
-                        w.pid,
-                        signal.as_str()
-                    );
-                    return None;
-                }
-                w.stop(pace, Stop::Shutdown, now)
-            })
-            .collect();
+        let mut stops = Vec::new();
+        let mut deferred = Vec::new();
+        let mut already = 0;
+        for w in self.pool.workers.iter_mut() {
+            if defer && w.is_booting() && w.boot_by(until) {
+                deferred.push((w.slot, w.pid));
+                continue;
+            }
+            match w.stop(pace, Stop::Shutdown, now) {
+                Some(stop) => stops.push(stop),
+                // Retired, recycled, aborted or killed before: its own
+                // signal was sent, and stands (or could not exec).
+                None => already += 1,
+            }
+        }
+        let signal = signal.as_str();
+        let mut line = format!(
+            "{stage}: {signal} to {} worker(s), up to {timeout}",
+            stops.len()
+        );
+        if already > 0 {
+            line.push_str(&format!(
+                "; {already} already stopping (not signalled again)"
+            ));
+        }
+        if !deferred.is_empty() {
+            line.push_str(&format!(
+                "; {} still booting (each gets {signal} once ready)",
+                deferred.len()
+            ));
+        }
+        info!("{line}");
+        for (slot, pid) in deferred {
+            info!(
+                "worker {slot} (pid {pid}) still booting: it gets {signal} once ready, within the \
+                 shutdown's {timeout} (which replaces its boot_timeout), else SIGKILL then"
+            );
+        }
         self.emit_all(stops);
     }
 
