@@ -640,6 +640,51 @@ fn uvicorn_app_whose_own_sigterm_handler_exits_is_drained_first() {
     asgi_app_whose_own_sigterm_handler_exits_is_drained_first(UVICORN);
 }
 
+/// The answer to `GET path` with `headers` on `stream` (`Connection: close`).
+fn ask(mut stream: impl Read + Write, path: &str, headers: &str) -> Response {
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: app\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    parse_response(&raw).unwrap()
+}
+
+/// `launcher` serving `app` (from workers/python/tests) on one socket,
+/// `bind`, with `args` before the app.
+fn launcher_on(launcher: Asgi, bind: &str, args: &str, app: &str) -> Drover {
+    let config = format!(
+        "bind = [{bind:?}]\nworkers = 1\ngraceful_timeout = \"10s\"\nboot_timeout = \"60s\"\n\
+         command = [{:?}, \"--chdir\", {:?}, {args} {app:?}]\n",
+        python::script(launcher.script),
+        python::test_apps_dir(),
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    d
+}
+
+/// drover-granian serves a Unix socket (docs/deployment.md's advice behind
+/// nginx), as Granian's `--uds` does, a WSGI app and an ASGI one, and stops
+/// cleanly. It refused one before (`cannot boot: Granian serves one TCP
+/// socket here`).
+#[test]
+fn granian_serves_a_unix_socket() {
+    for (app, path) in [("apps:app", "/pid"), (FASTAPI, "/")] {
+        let mut d = launcher_on(GRANIAN, "unix:$DIR/http.sock", "", app);
+        let s = std::os::unix::net::UnixStream::connect(d.dir.path().join("http.sock")).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let resp = ask(s, path, "");
+        let pid = d.wait_workers(1)[0];
+        assert_eq!(resp.status, 200, "{app}: {}", d.log());
+        assert!(resp.body.contains(&pid.to_string()), "{app}: {}", resp.body);
+        d.signal(Signal::SIGTERM);
+        assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{app}: {}", d.log());
+    }
+}
+
 /// An app that cannot be imported, and one whose lifespan startup fails:
 /// each stops drover with status 3.
 fn asgi_app_that_cannot_boot_stops_drover_with_status_3(launcher: Asgi) {

@@ -7,7 +7,8 @@ Granian's command line binds its own socket (or builds one per worker with
 SO_REUSEPORT) and supervises its own worker processes: it cannot serve on
 the socket drover passes. This launcher skips Granian's supervisor and runs
 one Granian worker (its Rust HTTP server, ``granian._granian.WSGIWorker`` or
-``ASGIWorker``) in this process, on drover's socket at fd 3:
+``ASGIWorker``) in this process, on drover's socket at fd 3 (TCP, or a Unix
+socket as Granian's ``--uds``):
 
 * ``X_DROVER_WILL_NOTIFY=1`` before the import, ``READY=1`` once the app is
   imported, its ASGI lifespan startup (if any) has completed and the worker
@@ -94,8 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     socks = _launcher.listeners(_log)
     if socks is None:
         return CANNOT_BOOT
-    if len(socks) != 1 or socks[0].family == socket.AF_UNIX:
-        _log("cannot boot: Granian serves one TCP socket here; drover passed %d socket(s)" % len(socks))
+    if len(socks) != 1:
+        _log("cannot boot: Granian serves one socket here; drover passed %d socket(s)" % len(socks))
         return CANNOT_BOOT
     granian = _import_granian(args.untested_granian)
     if granian is None:
@@ -159,12 +160,21 @@ def _interface(app: Any, wanted: str) -> str:
 
 def _listener(granian: Any, sock: Any) -> Any:
     """drover's socket as Granian's worker takes it."""
-    # Granian never sets TCP_NODELAY on a connection: its own listener has it,
-    # and accepted sockets inherit it. drover's listener does not, and when a
-    # streamed body's first chunk is not ready as the headers go out, the body
-    # waited for the client's delayed ACK (Nagle; ~40 ms a response under load).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return (None, granian.core.SocketHolder(sock.fileno(), False, 1024))
+    unix = sock.family == socket.AF_UNIX
+    if not unix:
+        # Granian never sets TCP_NODELAY on a connection: its own listener
+        # has it, and accepted sockets inherit it. drover's listener does
+        # not, and when a streamed body's first chunk is not ready as the
+        # headers go out, the body waited for the client's delayed ACK
+        # (Nagle; ~40 ms a response under load).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return (None, granian.core.SocketHolder(sock.fileno(), unix, 1024))
+
+
+def _serve_on(worker: Any, sock: Any) -> Any:
+    """The worker's serving method for drover's socket (Granian has one for
+    Unix sockets, as its ``--uds``)."""
+    return worker.serve_mtr_uds if sock.family == socket.AF_UNIX else worker.serve_mtr
 
 
 #: Granian's worker arguments for no TLS.
@@ -190,7 +200,7 @@ def _serve(granian: Any, app: Any, sock: Any, args: argparse.Namespace) -> bool:
     drained = threading.Event()
     # Granian calls this once its graceful shutdown is complete.
     shutdown.add_cb(drained.set)
-    worker.serve_mtr(scheduler, loop, shutdown)
+    _serve_on(worker, sock)(scheduler, loop, shutdown)
     _log("ready: serving %s with Granian (%d threads)" % (dw._describe(sock), threads))
     try:
         dw.ready()
@@ -247,7 +257,7 @@ def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lif
     # Granian calls this, from one of its threads, once its graceful shutdown
     # is complete.
     shutdown.add_cb(lambda: loop.call_soon_threadsafe(drained.set))
-    worker.serve_mtr(scheduler, loop, shutdown)
+    _serve_on(worker, sock)(scheduler, loop, shutdown)
     _log("ready: serving %s with Granian (ASGI%s)" % (dw._describe(sock), "" if lifespan else ", no lifespan"))
     try:
         dw.ready()
