@@ -685,6 +685,100 @@ fn granian_serves_a_unix_socket() {
     }
 }
 
+/// What nginx sends behind TLS with `X-Forwarded-For
+/// $proxy_add_x_forwarded_for`: the client's own header, then the client's
+/// address; and `X-Forwarded-Proto $scheme`.
+const FROM_NGINX: &str =
+    "X-Forwarded-For: 198.51.100.7, 203.0.113.9\r\nX-Forwarded-Proto: https\r\n";
+
+/// Behind nginx on a Unix socket (docs/deployment.md's advice) or on
+/// 127.0.0.1, every ASGI launcher believes the proxy's `X-Forwarded-Proto`
+/// and `X-Forwarded-For` as drover-uvicorn does (the client address is the
+/// rightmost entry that is not a trusted proxy's), and from a peer outside
+/// `--forwarded-allow-ips` it does not. `app` answers the scheme and client
+/// it sees at `path`, as `expect(scheme, client)` writes them. Hypercorn and
+/// Granian read no proxy headers: the app saw `http` and nginx's address
+/// (none on the Unix socket, `{"scheme":"http","client":null}` under
+/// Hypercorn), and drover-granian refused to serve a Unix socket at all.
+fn the_proxy_headers_are_believed(
+    launcher: Asgi,
+    app: &str,
+    path: &str,
+    expect: fn(&str, &str) -> String,
+) {
+    // Each started in turn, asked, and stopped.
+    let unix_socket = || {
+        let d = launcher_on(launcher, "unix:$DIR/http.sock", "", app);
+        let s = std::os::unix::net::UnixStream::connect(d.dir.path().join("http.sock")).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let resp = ask(s, path, FROM_NGINX);
+        (d, resp)
+    };
+    let tcp = |args: &str| {
+        let d = launcher_on(launcher, "127.0.0.1:0", args, app);
+        let s = TcpStream::connect(d.tcp_addr()).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let resp = ask(s, path, FROM_NGINX);
+        (d, resp)
+    };
+    type Run<'a> = Box<dyn Fn() -> (Drover, Response) + 'a>;
+    let runs: [(&str, Run, bool); 3] = [
+        ("127.0.0.1 (trusted by default)", Box::new(|| tcp("")), true),
+        ("a Unix socket", Box::new(unix_socket), true),
+        (
+            "127.0.0.1 outside --forwarded-allow-ips",
+            Box::new(|| tcp("\"--forwarded-allow-ips\", \"10.0.0.1\",")),
+            false,
+        ),
+    ];
+    for (what, run, believed) in runs {
+        let (mut d, resp) = run();
+        let want = if believed {
+            expect("https", "203.0.113.9")
+        } else {
+            expect("http", "127.0.0.1")
+        };
+        assert_eq!(
+            (resp.status, resp.body.trim()),
+            (200, want.as_str()),
+            "{what}: {}",
+            d.log()
+        );
+        d.signal(Signal::SIGTERM);
+        assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{what}: {}", d.log());
+    }
+}
+
+fn fastapi_client(scheme: &str, client: &str) -> String {
+    format!("{{\"scheme\":\"{scheme}\",\"client\":\"{client}\"}}")
+}
+
+#[test]
+fn hypercorn_believes_the_proxy_headers_as_uvicorn_does() {
+    the_proxy_headers_are_believed(HYPERCORN, FASTAPI, "/client", fastapi_client);
+}
+
+#[test]
+fn granian_asgi_believes_the_proxy_headers_as_uvicorn_does() {
+    the_proxy_headers_are_believed(GRANIAN, FASTAPI, "/client", fastapi_client);
+}
+
+#[test]
+fn uvicorn_believes_the_proxy_headers() {
+    the_proxy_headers_are_believed(UVICORN, FASTAPI, "/client", fastapi_client);
+}
+
+/// A WSGI app under drover-granian: `wsgi.url_scheme` and `REMOTE_ADDR`.
+#[test]
+fn granian_wsgi_believes_the_proxy_headers_as_uvicorn_does() {
+    the_proxy_headers_are_believed(
+        GRANIAN,
+        "apps:app",
+        "/scheme-and-client",
+        |scheme, client| format!("{scheme} {client}"),
+    );
+}
+
 /// An app that cannot be imported, and one whose lifespan startup fails:
 /// each stops drover with status 3.
 fn asgi_app_that_cannot_boot_stops_drover_with_status_3(launcher: Asgi) {

@@ -79,6 +79,9 @@ def app(environ, start_response):
     if path == "/close":
         start_response("200 OK", [("Connection", "close"), ("Content-Length", "2")])
         return [b"ok"]
+    if path == "/scheme-and-client":
+        # What a proxy's headers made of them.
+        return _text(start_response, "200 OK", ("%s %s" % (environ["wsgi.url_scheme"], environ["REMOTE_ADDR"])).encode())
     if path == "/pid":
         return _text(start_response, "200 OK", str(os.getpid()).encode(), [("X-Worker-Pid", str(os.getpid()))])
     if path == "/sleep":

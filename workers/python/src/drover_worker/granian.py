@@ -14,6 +14,10 @@ socket as Granian's ``--uds``):
   imported, its ASGI lifespan startup (if any) has completed and the worker
   serves; an app that cannot be imported, or whose lifespan startup fails,
   exits with status 3 ("cannot boot");
+* behind a proxy, its ``X-Forwarded-Proto`` and ``X-Forwarded-For`` are
+  believed from ``--forwarded-allow-ips`` and Unix-socket peers, as
+  drover-uvicorn believes them (``drover_worker._forwarded``): Granian reads
+  neither;
 * SIGTERM and SIGINT: Granian's graceful shutdown (stop accepting, finish the
   requests in flight), bounded by the SDK's drain deadline, then the ASGI
   lifespan shutdown; SIGQUIT: a quick stop (the drain is cut at its shorter
@@ -46,7 +50,7 @@ import traceback
 from typing import Any, List, Optional, Set, Tuple
 
 import drover_worker as dw
-from drover_worker import _launcher
+from drover_worker import _forwarded, _launcher
 
 #: drover's "cannot boot".
 CANNOT_BOOT = 3
@@ -82,6 +86,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--backpressure", type=int, default=BACKPRESSURE,
                    help="connections this process serves at once; more wait in the listen queue "
                         "(Granian's --backpressure; default %d)" % BACKPRESSURE)
+    p.add_argument("--proxy-headers", dest="proxy_headers", action="store_true", default=True,
+                   help="believe X-Forwarded-Proto and X-Forwarded-For from --forwarded-allow-ips and Unix-socket "
+                        "peers, as drover-uvicorn (the default)")
+    p.add_argument("--no-proxy-headers", dest="proxy_headers", action="store_false",
+                   help="believe no proxy headers")
+    p.add_argument("--forwarded-allow-ips", default=None,
+                   help="the peers whose proxy headers are believed (addresses or networks, comma separated, or *; "
+                        "default $FORWARDED_ALLOW_IPS, else 127.0.0.1,::1); Unix-socket peers always are")
     p.add_argument("--chdir", help="change to this directory (and import from it) before loading the app")
     p.add_argument("--untested-granian", action="store_true",
                    help="run with a Granian version other than %s" % ", ".join(TESTED))
@@ -92,6 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     dw.begin_launch(args.chdir, _log)
     dw.install(exit_on_stop=False)
+    trusted = _forwarded.trusted_from(args, _log)
+    if trusted is False:
+        return CANNOT_BOOT
     socks = _launcher.listeners(_log)
     if socks is None:
         return CANNOT_BOOT
@@ -115,8 +130,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     interface = _interface(app, args.interface)
     if interface == "wsgi":
+        if trusted is not None:  # Granian reads no proxy headers
+            app = _forwarded.wsgi(app, trusted)
         drained = _serve(granian, app, socks[0], args)
     else:
+        if trusted is not None:
+            app = _forwarded.asgi(app, trusted)
         try:
             drained = _serve_asgi(granian, app, socks[0], args, lifespan=interface == "asgi")
         except _StartupFailed as e:

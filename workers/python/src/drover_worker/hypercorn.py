@@ -23,7 +23,11 @@ drover passes (``LISTEN_FDS``, TCP or Unix):
   shorter deadline. Whatever is still running at the drain deadline plus
   the lifespan shutdown's share is abandoned;
 * then the SDK's cleanup registry runs, and the process exits 0;
-* ``WATCHDOG=1`` from the event loop when drover's ``timeout`` is set.
+* ``WATCHDOG=1`` from the event loop when drover's ``timeout`` is set;
+* behind a proxy, its ``X-Forwarded-Proto`` and ``X-Forwarded-For`` are
+  believed from ``--forwarded-allow-ips`` and Unix-socket peers, as
+  drover-uvicorn believes them (``drover_worker._forwarded``): Hypercorn reads
+  neither.
 
 Hypercorn starts serving, then awaits the shutdown trigger it is given:
 the launcher's trigger sends ``READY=1`` and returns at the stop, once no
@@ -49,7 +53,7 @@ from importlib.metadata import version
 from typing import Any, List, Optional
 
 import drover_worker as dw
-from drover_worker import _launcher
+from drover_worker import _forwarded, _launcher
 
 #: drover's "cannot boot".
 CANNOT_BOOT = 3
@@ -72,6 +76,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("app", help="module:app")
     p.add_argument("--config", help="a Hypercorn configuration, as Hypercorn's --config: FILE.toml, "
                                     "python:MODULE or file:FILE.py (its binds and workers are ignored)")
+    p.add_argument("--proxy-headers", dest="proxy_headers", action="store_true", default=True,
+                   help="believe X-Forwarded-Proto and X-Forwarded-For from --forwarded-allow-ips and Unix-socket "
+                        "peers, as drover-uvicorn (the default)")
+    p.add_argument("--no-proxy-headers", dest="proxy_headers", action="store_false",
+                   help="believe no proxy headers")
+    p.add_argument("--forwarded-allow-ips", default=None,
+                   help="the peers whose proxy headers are believed (addresses or networks, comma separated, or *; "
+                        "default $FORWARDED_ALLOW_IPS, else 127.0.0.1,::1); Unix-socket peers always are")
     p.add_argument("--chdir", help="change to this directory (and import from it) before loading the app")
     p.add_argument("--untested-hypercorn", action="store_true",
                    help="run with a Hypercorn version other than %s" % ", ".join(TESTED))
@@ -82,6 +94,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     dw.begin_launch(args.chdir, _log)
     dw.install(exit_on_stop=False)
+    trusted = _forwarded.trusted_from(args, _log)
+    if trusted is False:
+        return CANNOT_BOOT
     socks = _launcher.listeners(_log)
     if socks is None:
         return CANNOT_BOOT
@@ -101,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Again after the import: a stop handler the app installed is chained
     # after ours, not left in our place (it would stop us without a drain).
     dw.install(exit_on_stop=False)
-    server = _Server(hypercorn, app, config, socks)
+    server = _Server(hypercorn, app, config, socks, trusted)
     try:
         asyncio.run(server.serve())
     except Exception:
@@ -153,9 +168,14 @@ class _Server:
     """One Hypercorn worker on drover's sockets, whose shutdown trigger tells
     drover what happens."""
 
-    def __init__(self, hypercorn: Any, app: Any, config: Any, socks: List[Any]) -> None:
+    def __init__(self, hypercorn: Any, app: Any, config: Any, socks: List[Any],
+                 trusted: Optional[_forwarded.Trusted]) -> None:
         self.hypercorn = hypercorn
         self.app = hypercorn.utils.wrap_app(app, config.wsgi_max_body_size, None)
+        if trusted is not None:
+            # Hypercorn reads no proxy headers (a WSGI app's environ is made
+            # from the scope: it gets them too).
+            self.app = _forwarded.asgi(self.app, trusted)
         self.config = config
         self.socks = socks
         self.ready = False
