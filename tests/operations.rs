@@ -136,7 +136,7 @@ fn a_reload_that_changes_a_start_only_setting_says_so_and_applies_the_rest() {
     d.wait_log("all 2 workers ready");
     rewrite(
         &d,
-        &hello("pidfile = \"$DIR/two.pid\"\ngraceful_timeout = \"7s\""),
+        &hello("pidfile = \"$DIR/two.pid\"\nlog_format = \"json\"\ngraceful_timeout = \"7s\""),
     );
     let (code, out) = ctl(&d, &["reload"]);
     assert_eq!(code, 0, "{out}");
@@ -145,6 +145,12 @@ fn a_reload_that_changes_a_start_only_setting_says_so_and_applies_the_rest() {
         log.contains("pidfile changed: it is read only at start; the change takes effect at the next start or upgrade"),
         "{log}"
     );
+    // The logger is made once, at start: the log stays text, and says why.
+    assert!(
+        log.contains("log_format changed: it is read only at start"),
+        "{log}"
+    );
+    assert!(log.contains("INFO reload applied"), "{log}");
     assert!(!log.contains("control_socket changed"), "{log}");
     assert!(d.dir.path().join("one.pid").exists(), "the pidfile stays");
 }

@@ -135,6 +135,7 @@ const START_ONLY: &[&str] = &[
     "control_socket",
     "log_file",
     "log_level",
+    "log_format",
     "admin_bind",
     "reload",
     "reload_paths",
