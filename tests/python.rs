@@ -456,6 +456,91 @@ fn an_app_that_fails_to_import_stops_drover_with_status_3() {
     );
 }
 
+/// The pid in `text` after `prefix` ("worker 1 (pid "), up to its ')'.
+fn pid_after(text: &str, prefix: &str) -> String {
+    let rest = &text[text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+        + prefix.len()..];
+    rest[..rest.find(')').unwrap()].to_string()
+}
+
+/// A reload whose new worker cannot import the app (a SyntaxError), then one
+/// whose import hangs past boot_timeout: each rollback line names the worker
+/// (slot, pid), how it ended, and where its output (the traceback, printed
+/// before the line and without the pid on its own lines) is; the answer of
+/// `drover ctl reload` and `ctl status` name the same worker and end. The
+/// code before named no place to look, and the hang as 'killed by SIGABRT
+/// (boot timeout) before it was ready', not by its boot_timeout.
+#[test]
+fn a_rolled_back_reload_names_the_failed_worker_and_where_its_traceback_is() {
+    let app = tempfile::tempdir().unwrap();
+    let write = |body: &str| {
+        std::fs::write(
+            app.path().join("rollback_app.py"),
+            format!(
+                "{body}\ndef app(environ, start_response):\n    \
+                 start_response('200 OK', [])\n    return [b'ok']\n"
+            ),
+        )
+        .unwrap()
+    };
+    write("");
+    let config = wsgi_config(
+        &["--chdir", &app.path().display().to_string()],
+        "rollback_app:app",
+        "control_socket = \"$DIR/ctl.sock\"\nboot_timeout = \"3s\"\nabort_grace = \"1s\"",
+    );
+    let d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+
+    write("def broken(:");
+    let (code, out) = d.ctl(&["reload"]);
+    assert_eq!(code, 1, "{out}");
+    let pid = pid_after(&out, "rolled back: worker 1 (pid ");
+    let failed = format!(
+        "worker 1 (pid {pid}) of the new generation exited with status 3 before it was ready"
+    );
+    assert!(out.contains(&failed), "{out}");
+    let line = format!(
+        "reload rolled back: {failed}; generation 1 keeps serving; \
+         the output of pid {pid}, its standard error, is above"
+    );
+    let log = d.wait_log(&line);
+    let before = &log[..log.find(&line).unwrap()];
+    assert!(before.contains("SyntaxError"), "{log}");
+    assert!(
+        before.contains(&format!("drover_wsgi[{pid}]: cannot boot")),
+        "{log}"
+    );
+    let (_, status) = d.ctl(&["status"]);
+    assert!(
+        status.contains(&format!("last reload rolled back: {failed}")),
+        "{status}"
+    );
+
+    write("import time\ntime.sleep(60)");
+    let (code, out) = d.ctl(&["reload"]);
+    assert_eq!(code, 1, "{out}");
+    let pid = pid_after(&out, "rolled back: worker 1 (pid ");
+    let failed = format!(
+        "worker 1 (pid {pid}) of the new generation was not ready within boot_timeout (3s) \
+         and killed by SIGABRT"
+    );
+    assert!(out.contains(&failed), "{out}");
+    let line = format!(
+        "reload rolled back: {failed}; generation 1 keeps serving; \
+         the output of pid {pid}, its standard error, is above"
+    );
+    let log = d.wait_log(&line);
+    // faulthandler's dump of where the import hangs.
+    assert!(
+        log[..log.find(&line).unwrap()].contains("rollback_app.py\", line 2 in <module>"),
+        "{log}"
+    );
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
 fn max_requests_recycles_the_worker(core: &str) {
     let config = wsgi_config(
         &[

@@ -135,6 +135,9 @@ pub struct Supervisor {
     /// holds the listeners too, so no booting worker of ours holds their
     /// last copy (see `stop_for_shutdown`).
     pub predecessor_listens: bool,
+    /// drover logs to `log_file` (read at start only), and so not where the
+    /// workers' own output goes, unless captured.
+    log_to_file: bool,
     out: VecDeque<Action>,
 }
 
@@ -146,6 +149,7 @@ impl Supervisor {
             .map(|_| now + first.s.memory_check_interval.0);
         Supervisor {
             pool: Pool::new(first.s.workers.0 as usize),
+            log_to_file: first.s.log_file.is_some(),
             rollout: Rollout::new(first),
             phase: Phase::Starting,
             started: now,
@@ -489,7 +493,7 @@ impl Supervisor {
         // A reload cannot settle without workers: end it, with a verdict,
         // and answer those waiting for a queued one (HUP resumes and reloads).
         if self.rollout.rolling() {
-            self.rollback(format!("{why} stopped the workers"), now);
+            self.rollback(format!("{why} stopped the workers"), None, now);
         }
         self.cancel_queued(&format!(
             "{why} stopped the workers; HUP resumes and reloads"
@@ -619,13 +623,15 @@ impl Supervisor {
     }
 
     /// The new generation failed before it was ready: stop it and go back to
-    /// the previous one.
-    fn rollback(&mut self, cause: String, now: Instant) {
+    /// the previous one. `output`: where the output of the process whose
+    /// failure this is (`output_of`) says why.
+    fn rollback(&mut self, cause: String, output: Option<String>, now: Instant) {
         let Some((failed, slots_before, waiters)) = self.rollout.roll_back() else {
             return;
         };
+        let output = output.map(|o| format!("; {o}")).unwrap_or_default();
         warn!(
-            "reload rolled back: {cause}; generation {} keeps serving",
+            "reload rolled back: {cause}; generation {} keeps serving{output}",
             self.current().number
         );
         self.reload_failed = Some(format!("reload rolled back: {cause}"));
@@ -811,12 +817,15 @@ impl Supervisor {
         generation: u32,
         cannot_boot: bool,
         cause: &str,
+        pid: Option<Pid>,
         now: Instant,
     ) -> bool {
         if generation != self.current().number || self.shutting_down() {
             info!("{cause}");
         } else if self.rollout.rolling() {
-            self.rollback(cause.to_string(), now);
+            // A template's output is never captured (docs/observability.md).
+            let output = pid.map(|pid| self.output_of(pid, false));
+            self.rollback(cause.to_string(), output, now);
         } else if cannot_boot && !self.booted() {
             error!("{cause}: cannot boot; stopping (check its output above)");
             self.begin_shutdown(Pace::Graceful, Cause::CannotBoot, now);
@@ -824,6 +833,19 @@ impl Supervisor {
             return false;
         }
         true
+    }
+
+    /// Where the output of `pid`, a worker or template that failed to boot,
+    /// is to be read: what it printed (a traceback) says why, and the log line
+    /// that names it comes after, maybe among other processes' lines.
+    fn output_of(&self, pid: Pid, captured: bool) -> String {
+        if captured {
+            format!("its output is above, on the lines tagged (pid {pid})")
+        } else if self.log_to_file {
+            format!("the output of pid {pid} went to drover's standard error, not to log_file")
+        } else {
+            format!("the output of pid {pid}, its standard error, is above")
+        }
     }
 
     /// The priority a worker (or template) of `generation` starts at now:
@@ -884,7 +906,7 @@ impl Supervisor {
         if stopping || generation != self.current().number || self.shutting_down() {
             info!("worker {slot} (generation {generation}) could not be spawned: {e}");
         } else if self.rollout.rolling() {
-            self.rollback(format!("worker {slot} cannot be spawned: {e}"), now);
+            self.rollback(format!("worker {slot} cannot be spawned: {e}"), None, now);
         } else if !self.booted() {
             error!("worker {slot} cannot boot: {e}");
             self.begin_shutdown(Pace::Graceful, Cause::CannotBoot, now);
@@ -1164,12 +1186,22 @@ impl Supervisor {
                 && self.rollout.rolling()
                 && w.generation() == self.current().number =>
             {
-                self.rollback(
+                let cause = if killed == Some(Kill::BootTimeout) {
+                    format!(
+                        "worker {slot} (pid {pid}) of the new generation was not ready within \
+                         boot_timeout ({}) and {}",
+                        w.gen.s.boot_timeout,
+                        why.strip_suffix(" (boot timeout)").unwrap_or(&why)
+                    )
+                } else {
                     format!(
                         "worker {slot} (pid {pid}) of the new generation {why} before it was ready"
-                    ),
-                    now,
-                );
+                    )
+                };
+                // Workers forked by a template write to drover's output.
+                let captured = w.gen.s.capture_output && !w.gen.s.preload;
+                let output = self.output_of(pid, captured);
+                self.rollback(cause, Some(output), now);
             }
             _ => self.on_unplanned_exit(w, status, &why, now),
         }

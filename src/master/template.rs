@@ -691,7 +691,10 @@ impl Master {
                 "the template of generation {} cannot be spawned: {e}",
                 gen.number
             );
-            if !self.sup.template_failed(gen.number, true, &cause, now) {
+            if !self
+                .sup
+                .template_failed(gen.number, true, &cause, None, now)
+            {
                 let delay = self.templates.failed(&gen, now);
                 error!("{cause}; retrying in {}", ms(delay));
             }
@@ -801,17 +804,29 @@ impl Master {
                      {how}); set preload = false, or run a template-aware worker such as drover-wsgi \
                      (docs/protocol.md, \"Preload: the template\")"
                 );
-                if !self.sup.template_failed(n, true, &cause, now) {
+                if !self.sup.template_failed(n, true, &cause, Some(pid), now) {
                     let delay = self.templates.failed(&t.gen, now);
                     error!("{cause}; trying again in {}", ms(delay));
                 }
             }
             State::Booting { .. } | State::Gone(Gone::BootTimeout) => {
-                let cause = format!(
-                    "the template of generation {n} (pid {pid}) {how} before it was ready to fork"
-                );
+                let cause = if matches!(t.state, State::Gone(Gone::BootTimeout)) {
+                    format!(
+                        "the template of generation {n} (pid {pid}) was not ready to fork within \
+                         boot_timeout ({}) and {}",
+                        t.gen.s.boot_timeout,
+                        how.strip_suffix(" (boot timeout)").unwrap_or(&how)
+                    )
+                } else {
+                    format!(
+                        "the template of generation {n} (pid {pid}) {how} before it was ready to fork"
+                    )
+                };
                 let cannot_boot = exit_code(status) == Some(3);
-                if !self.sup.template_failed(n, cannot_boot, &cause, now) {
+                if !self
+                    .sup
+                    .template_failed(n, cannot_boot, &cause, Some(pid), now)
+                {
                     let delay = self.templates.failed(&t.gen, now);
                     error!("{cause}; a new one starts in {}", ms(delay));
                 }
