@@ -479,6 +479,42 @@ while True:
     );
 }
 
+/// A worker that says `STOPPING=1` twice before it exits (drover-uvicorn's
+/// `--limit-max-requests` recycle did: once as uvicorn shuts down, once as
+/// the launcher ends) is logged as stopping once. Before, the log said
+/// `worker 1 (pid P) is stopping` for each datagram.
+#[test]
+fn a_worker_that_says_stopping_twice_is_logged_stopping_once() {
+    let worker = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+with open(sys.argv[1], "a") as f:
+    f.write("%d\n" % os.getpid())
+with open(sys.argv[1]) as f:
+    first = len(f.read().split()) == 1
+if first:
+    time.sleep(0.2)
+    s.sendto(b"STOPPING=1", os.environ["NOTIFY_SOCKET"])
+    time.sleep(0.2)
+    s.sendto(b"STOPPING=1", os.environ["NOTIFY_SOCKET"])
+    time.sleep(0.2)
+    sys.exit(0)
+while True:
+    time.sleep(1)
+"#;
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\n\
+         command = [\"python3\", \"-c\", {worker:?}, \"$DIR/pids\"]\n"
+    ))
+    .run();
+    d.wait_log("all 1 workers ready");
+    let log = d.wait_log("as it announced (STOPPING=1); respawning now");
+    let pid = std::fs::read_to_string(d.dir.path().join("pids")).unwrap();
+    let line = format!("worker 1 (pid {}) is stopping", pid.lines().next().unwrap());
+    assert_eq!(log.matches(&line).count(), 1, "{log}");
+}
+
 /// A worker still booting at its `boot_timeout` gets SIGABRT first: a
 /// Python worker with `faulthandler` on (the SDK turns it on) prints where
 /// it hangs, here in the function its import called.

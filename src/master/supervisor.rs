@@ -989,7 +989,9 @@ impl Supervisor {
                     if let State::Ready(s) = &mut w.state {
                         s.leave_by.get_or_insert(now + w.gen.s.graceful_timeout.0);
                     }
-                    info!("worker {slot} (pid {pid}) is stopping");
+                    if !std::mem::replace(&mut w.said_stopping, true) {
+                        info!("worker {slot} (pid {pid}) is stopping");
+                    }
                 }
                 other => debug!("worker {slot} (pid {pid}) sent {other:?}"),
             }

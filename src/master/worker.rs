@@ -185,6 +185,8 @@ pub struct Worker {
     /// death by one of them is the stop it was asked for, by another one
     /// is not (see [`Worker::ended_as_asked`]).
     stop_signals: u64,
+    /// It said `STOPPING=1`: the log says so once, however often it repeats it.
+    pub said_stopping: bool,
 }
 
 /// How long after restoring a worker's priority drover restores it once
@@ -244,6 +246,7 @@ impl Worker {
             recheck_priority: None,
             kill_at: None,
             stop_signals: 0,
+            said_stopping: false,
         }
     }
 
