@@ -285,6 +285,26 @@ fn hup_with_an_app_that_cannot_import_rolls_back() {
     }
 }
 
+/// A helper the application starts at import and forgets (a module-level
+/// `subprocess.Popen`) is reaped by the template when it exits. The code
+/// before left it a zombie child of the template until the template exited.
+#[test]
+fn a_process_started_at_import_is_reaped_by_the_template() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(
+        app.path(),
+        "v1",
+        "import subprocess\nsubprocess.Popen(['sleep', '0.1'])",
+    );
+    let d = start(app.path(), 2, "");
+    d.wait_log("all 2 workers ready");
+    let template = template_pids(&d)[0];
+    wait_for("the helper to exit and be reaped", LIMIT, || {
+        (zombies_of(template).is_empty() && children_of(template).is_empty()).then_some(())
+    });
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
 #[test]
 fn a_thread_started_at_import_is_refused_and_drover_exits_3() {
     let app = tempfile::tempdir().unwrap();

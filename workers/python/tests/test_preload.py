@@ -33,6 +33,8 @@ PROBE = """
     @dw.before_fork
     def before():
         print("before_fork in %d" % os.getpid(), flush=True)
+        if mode == "children":  # what the application reads of its children
+            print("held popen %r, process %r" % (kept[0].poll(), kept[1].exitcode), flush=True)
         if mode == "hookthread":
             threading.Thread(target=time.sleep, args=(30,), name="started-by-hook", daemon=True).start()
 
@@ -78,6 +80,17 @@ PROBE = """
                 dw.notify("X_HELPER=%d" % os.getpid())
                 time.sleep(30)
             multiprocessing.get_context("fork").Process(target=helper_main, name="helper").start()
+        if mode == "children":  # each exits after the first fork, while the template waits
+            import multiprocessing, subprocess
+            assert subprocess.run(["sh", "-c", "exit 5"]).returncode == 5  # waited for at import
+            kept.append(subprocess.Popen(["sh", "-c", "sleep 1; exit 7"]))  # held, polled later
+            process = multiprocessing.get_context("fork").Process(target=lambda: (time.sleep(1), os._exit(3)))
+            process.start()
+            kept.append(process)
+            subprocess.Popen(["sleep", "1"])  # dropped at once
+            if os.fork() == 0:  # nothing in Python tracks it
+                time.sleep(1)
+                os._exit(0)
         if mode == "slow":
             print("loading", flush=True)
             time.sleep(30)
@@ -97,6 +110,7 @@ PROBE = """
         "gc": gc.isenabled(), "frozen": gc.get_freeze_count(),
         "mask": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+        "sigchld_default": signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL,
         "deathsig": deathsig.value, "hooks": hooks, "random": random.random(),
         "stop_fd": dw.stop_fd(),
     }
@@ -128,6 +142,15 @@ def running(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def children(pid):
+    """The children of ``pid``, zombies included."""
+    found = []
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+            found += [int(c) for c in f.read().split()]
+    return found
 
 
 def wait_gone(pid, timeout=LIMIT):
@@ -426,6 +449,25 @@ class PreloadTest(unittest.TestCase):
         _, _, err = d.wait()
         self.assertNotIn("_Stop", err)
         self.assertNotIn("Traceback", err)
+
+    def test_children_started_at_import_are_reaped_and_their_status_kept(self):
+        # The old code left all four zombies until the template exited; one
+        # that reaped with os.waitpid(-1) would have taken the statuses the
+        # application reads (Popen.poll() then says 0, exitcode None).
+        # The children exit after the first fork (which froze the objects
+        # that hold them), while the template waits for the next request.
+        d = self.start(env={"PROBE_MODE": "children"})
+        d.ready()
+        d.fork(1)
+        deadline = time.monotonic() + LIMIT
+        while children(d.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(children(d.proc.pid), [], "reaped while the template waits for drover")
+        d.fork(2)
+        self.assertIn("held popen 7, process 3", _read(d.out).splitlines()[-1], d.stderr())
+        # The workers' SIGCHLD is the default again, not the template's.
+        rep = json.loads(d.report(d.workers[0])["X_REPORT"])
+        self.assertTrue(rep["sigchld_default"])
 
     def test_drover_wsgi_template_forks_serving_workers(self):
         command = [sys.executable, "-m", "drover_wsgi", "--threads", "2", "apps:app"]

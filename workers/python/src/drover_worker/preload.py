@@ -33,6 +33,9 @@ What the template does for you:
   ``LISTEN_PID``/``WATCHDOG_PID`` and ``DROVER_*`` variables, the signal
   handling the program had before the template took over, an empty signal
   mask, and ``PR_SET_PDEATHSIG`` once drover is its parent;
+* it reaps the processes the application started while it loaded once they
+  exit (they would stay zombies until the template exits), without taking
+  a status the application may still read: see :meth:`Template.reap_children`;
 * hooks: functions decorated with :func:`before_fork` run in the template
   before each fork (close what must not be shared); :func:`after_fork` ones
   run in each new worker (reconnect, reseed, start threads). ``random`` is
@@ -47,6 +50,7 @@ import random
 import signal
 import socket
 import stat
+import sys
 import threading
 import time
 import traceback
@@ -139,6 +143,9 @@ class Template:
         # Intermediate children not yet reaped: reaped without waiting, so
         # that the answer to drover does not wait for their exit.
         self.middles = []
+        # Waiting for drover's next request, and nothing else: a SIGCHLD may
+        # reap then (reap_children), never while the application's code runs.
+        self.idle = False
         # Loaded here, once, so that the workers share it (and only templates
         # pay for importing ctypes).
         import ctypes
@@ -150,7 +157,7 @@ class Template:
         # Stop signals end the template at once: it holds nothing to clean up,
         # and the application's cleanup belongs to the workers.
         before = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
-        global _template_pid, _replaced
+        global _template_pid, _replaced, _template
         _template_pid, _replaced = os.getpid(), before
         for sig in _STOP_SIGNALS:
             signal.signal(sig, _on_stop)
@@ -183,11 +190,19 @@ class Template:
         if refusal:
             _log("cannot boot: " + refusal)
             _exit(3)
+        # Children the application started while loading are reaped from now
+        # on, when they exit, unless it set its own SIGCHLD handling: then
+        # reaping them is its business. Never before: an import may wait for
+        # a child of its own.
+        self.worker_signals[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
+        if self.worker_signals[signal.SIGCHLD] == signal.SIG_DFL:
+            _template = self
+            signal.signal(signal.SIGCHLD, _on_child)
         try:
             self.send("READY=1")
             _log("ready to fork (pid %d)" % os.getpid())
             while True:
-                self.reap_middles()
+                self.reap_children()
                 fields = self.receive()
                 if fields is None:
                     _exit(0)  # drover closed the channel: the generation is over
@@ -216,7 +231,11 @@ class Template:
     def receive(self):
         """The next message as ``{key: [values]}``, or None at end of file."""
         while True:
-            data = self.chan.recv(MAX_MESSAGE)
+            self.idle = True
+            try:
+                data = self.chan.recv(MAX_MESSAGE)
+            finally:
+                self.idle = False
             if not data:
                 return None
             fields = parse_message(data)
@@ -295,6 +314,50 @@ class Template:
         if not data:
             raise OSError(0, "the intermediate child died before forking")
         return int(data)
+
+    def reap_children(self):
+        """Reaps the children that have exited: the intermediate ones, and
+        those the application started while it loaded, which would otherwise
+        stay zombies until the template exits.
+
+        Never ``os.waitpid(-1)``: a child's status goes where the application
+        would read it. A ``multiprocessing`` child is reaped by
+        ``multiprocessing.active_children()`` (its ``exitcode`` is kept); a
+        ``subprocess.Popen`` the application still holds, by its ``poll()``
+        (``returncode``, and so ``wait()``, stay right); one it dropped, as
+        ``subprocess`` itself does at the next ``Popen``. Only a child nothing
+        in Python tracks (``os.fork``, ``os.posix_spawn``) is reaped with its
+        status discarded: the application cannot ``os.waitpid`` one in a
+        ``before_fork`` hook after it exited."""
+        self.reap_middles()
+        if _template is not self:
+            return  # the application handles SIGCHLD: its children are its own
+        mp = sys.modules.get("multiprocessing")
+        if mp is not None:
+            mp.active_children()
+        sp = sys.modules.get("subprocess")
+        cleanup = getattr(sp, "_cleanup", None)
+        if cleanup is not None:
+            cleanup()
+        seen = set()
+        while True:
+            try:
+                # WNOWAIT: look which child exited, leave it to be reaped.
+                exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if exited is None or exited.si_pid == 0:
+                return
+            pid = exited.si_pid
+            held = None if pid in seen or pid in self.middles else _held_popen(sp, pid)
+            seen.add(pid)
+            if held is not None:
+                held.poll()
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
     def reap_middles(self):
         """Reaps the intermediate children that have exited (they exit at
@@ -375,6 +438,39 @@ class Template:
 #: The template's pid, and the stop handlers it replaced with _on_stop.
 _template_pid = None
 _replaced: dict = {}
+#: The template, once it reaps the application's children (_on_child).
+_template = None
+
+
+def _on_child(signum, frame):
+    """SIGCHLD in the template: reap now if it waits for drover, else the
+    fork loop does before it waits again (the application's code, a
+    before_fork hook, may be running now)."""
+    t = _template
+    if t is None or not t.idle or os.getpid() != _template_pid:
+        return
+    try:
+        t.reap_children()
+    except Exception:
+        _write(traceback.format_exc())
+        _log("reaping the template's children failed (traceback above); going on")
+
+
+def _held_popen(sp, pid):
+    """The ``subprocess.Popen`` that started ``pid`` and has not seen its
+    exit, if the application still holds one."""
+    if sp is None:
+        return None
+    # What was there at the last fork is frozen, and gc.get_objects() leaves
+    # frozen objects out; the next fork freezes them again.
+    gc.unfreeze()
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance would ask a proxy for its
+        # __class__, which runs its code (a lazy object would load itself).
+        if (issubclass(type(obj), sp.Popen) and getattr(obj, "pid", None) == pid
+                and obj.returncode is None):
+            return obj
+    return None
 
 
 def _on_stop(signum, frame):
