@@ -97,6 +97,25 @@ class AccessLogTest(unittest.TestCase):
             stop(w)
         self.assertRegex(self.lines()[0], r'"GET /error HTTP/1\.1" 500 - ')
 
+    def test_a_request_the_server_refuses_is_logged_with_why(self):
+        # A request refused once its head was read, before the app: a line
+        # that names the cause, and its access log line, as for a bad
+        # request body. Both cores logged nothing at all for them (an
+        # operator could not tell why a client got a 400 behind nginx).
+        with Worker("apps:app", args=["--access-logfile", self.path]) as w:
+            status, _, body = request(w, get("/environ", b"X-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off\r\n"))
+            self.assertEqual(status, 400, body)
+            status, _, body = request(w, get("/other", b"SCRIPT_NAME: /app\r\n"))
+            self.assertEqual(status, 500, body)
+            err = stop(w)
+        self.assertIn("bad request on GET /environ: the secure scheme headers disagree: "
+                      "X-Forwarded-Proto: https says https, X-Forwarded-Ssl: off says http\n", err)
+        self.assertIn("cannot serve GET /other: the request path '/other' does not start with SCRIPT_NAME '/app'\n", err)
+        lines = sorted(self.lines(), key=lambda line: "/other" in line)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertRegex(lines[0], r'^127\.0\.0\.1 - - \[.*\] "GET /environ HTTP/1\.1" 400 - "-" "-"$')
+        self.assertRegex(lines[1], r'^127\.0\.0\.1 - - \[.*\] "GET /other HTTP/1\.1" 500 - "-" "-"$')
+
     def test_B_is_a_number_when_the_app_sent_no_response(self):
         # B is the body bytes as a number (0 when the app sent none), b is
         # '-' then; B was 'None' for a failed app.

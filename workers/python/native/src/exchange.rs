@@ -4,6 +4,7 @@
 //! and written by the caller with the GIL released; only a streamed body
 //! (chunked, or delimited by the close) is written as it comes.
 
+use std::borrow::Cow;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -91,12 +92,15 @@ pub fn handle(
 ) -> Outcome {
     sh.count_request();
     let environ = match environ(py, sh, view, head) {
-        Ok(e) => e,
-        Err(Refusal::Http(status, why)) => return refused(status, &why),
-        Err(Refusal::Py(e)) => {
+        Ok((e, None)) => e,
+        Ok((e, Some((status, why)))) => return refused(py, sh, &e, head, status, &why),
+        Err(e) => {
             e.restore(py);
             unsafe { ffi::PyErr_Print() };
-            return refused(500, "internal error");
+            return Outcome {
+                out: error_response(500, "internal error"),
+                after: After::Linger,
+            };
         }
     };
     let http10 = head.version == drover_h1::Version::Http10;
@@ -228,7 +232,41 @@ pub fn handle(
     }
 }
 
-fn refused(status: u16, why: &str) -> Outcome {
+/// A request refused once its head was read (the secure scheme headers
+/// disagree, a SCRIPT_NAME header outside the path, a target it cannot
+/// split): the line that says why (the pure-Python core's), and its access
+/// log line, as for a bad request body.
+fn refused(
+    py: Python<'_>,
+    sh: &Shared,
+    environ: &Bound<'_, PyDict>,
+    head: &drover_h1::Head<'_>,
+    status: u16,
+    why: &str,
+) -> Outcome {
+    let raw_uri = environ.get_item(intern!(py, "RAW_URI")).ok().flatten();
+    let logged = py
+        .import("drover_wsgi.server")
+        .and_then(|m| m.getattr("log_refusal"))
+        .and_then(|f| f.call1((head.method, raw_uri, status, why)));
+    if let Err(e) = logged {
+        e.print(py);
+    }
+    if let Some(access) = &sh.hooks.access {
+        let line = access.call1(
+            py,
+            (
+                environ,
+                status.to_string(),
+                py.None(),
+                PyList::empty(py),
+                0.0,
+            ),
+        );
+        if let Err(e) = line {
+            e.print(py);
+        }
+    }
     Outcome {
         out: error_response(status, why),
         after: After::Linger,
@@ -382,16 +420,8 @@ fn to_bytes<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'p
 
 // -- the environ -------------------------------------------------------------------
 
-enum Refusal {
-    Http(u16, String),
-    Py(PyErr),
-}
-
-impl From<PyErr> for Refusal {
-    fn from(e: PyErr) -> Refusal {
-        Refusal::Py(e)
-    }
-}
+/// Why a request is refused: its status and reason.
+type Refusal = (u16, String);
 
 /// A str from bytes read as latin-1 (PEP 3333's "native strings").
 fn latin1<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyString> {
@@ -469,10 +499,14 @@ fn environ<'py>(
     sh: &Shared,
     view: &ConnView<'_>,
     head: &drover_h1::Head<'_>,
-) -> Result<Bound<'py, PyDict>, Refusal> {
+) -> PyResult<(Bound<'py, PyDict>, Option<Refusal>)> {
     let env = sh.listeners[view.listener].base.bind(py).copy()?;
     let target = head.target.as_bytes();
-    let (path, query) = split_target(target).map_err(|why| Refusal::Http(400, why.into()))?;
+    let mut refusal = None;
+    let (path, query) = split_target(target).unwrap_or_else(|why| {
+        refusal = Some((400, why.to_string()));
+        (Cow::Borrowed(&b""[..]), &b""[..])
+    });
     env.set_item(intern!(py, "REQUEST_METHOD"), method(py, head.method))?;
     let path = latin1(py, &path);
     env.set_item(intern!(py, "PATH_INFO"), &path)?;
@@ -543,7 +577,7 @@ fn environ<'py>(
             }
         }
     }
-    if view.trusted {
+    if view.trusted && refusal.is_none() {
         let mut secure = false;
         for key in &sh.hooks.secure_keys {
             if env.contains(key.bind(py))? {
@@ -557,16 +591,16 @@ fn environ<'py>(
                     env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?
                 }
                 Ok(_) => {}
-                Err(e) => return Err(http_error(py, e)),
+                Err(e) => return Ok((env, Some(http_error(py, e)?))),
             }
         }
         if let Some(fields) = underscored {
             if let Err(e) = sh.hooks.forwarded.call1(py, (&env, fields, path)) {
-                return Err(http_error(py, e));
+                return Ok((env, Some(http_error(py, e)?)));
             }
         }
     }
-    Ok(env)
+    Ok((env, refusal))
 }
 
 /// `n` in decimal, on the stack.
@@ -653,15 +687,16 @@ impl std::io::Write for Ascii {
     }
 }
 
-/// An HTTPError a Python hook raised (its status and reason), or another error.
-fn http_error(py: Python<'_>, e: PyErr) -> Refusal {
+/// The status and reason of an HTTPError a Python hook raised; any other
+/// exception as it is.
+fn http_error(py: Python<'_>, e: PyErr) -> PyResult<Refusal> {
     let v = e.value(py);
     match (
         v.getattr("status").and_then(|s| s.extract::<u16>()),
         v.getattr("reason").and_then(|s| s.extract::<String>()),
     ) {
-        (Ok(status), Ok(reason)) => Refusal::Http(status, reason),
-        _ => Refusal::Py(e),
+        (Ok(status), Ok(reason)) => Ok((status, reason)),
+        _ => Err(e),
     }
 }
 

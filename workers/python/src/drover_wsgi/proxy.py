@@ -9,7 +9,8 @@ Gunicorn's settings and meaning.
 * ``secure_scheme_headers`` (default ``X-FORWARDED-PROTOCOL=ssl``,
   ``X-FORWARDED-PROTO=https``, ``X-FORWARDED-SSL=on``): a header with its
   value makes ``wsgi.url_scheme`` "https"; present with another value, "http";
-  two of them that disagree make the request a 400.
+  two of them that disagree make the request a 400 (the server logs what
+  each said).
 * ``forwarder_headers`` (default ``SCRIPT_NAME,PATH_INFO``): header names with
   an underscore that a trusted proxy may set. ``SCRIPT_NAME`` becomes the
   environ's ``SCRIPT_NAME`` (and is cut from the front of ``PATH_INFO``);
@@ -102,6 +103,9 @@ class Proxy:
         # As environ keys: X-FORWARDED-PROTO -> HTTP_X_FORWARDED_PROTO.
         self.secure: Sequence[Tuple[str, str]] = [
             ("HTTP_" + name.upper().replace("-", "_"), value) for name, value in headers.items()]
+        #: Each secure scheme header's name as a log line names it (X-Forwarded-Proto).
+        self.names = {"HTTP_" + name.upper().replace("-", "_"): "-".join(w.capitalize() for w in name.split("-"))
+                      for name in headers}
         self.forwarders = {n.strip().upper() for n in forwarder_headers.split(",") if n.strip()}
         self._cache: Dict[str, bool] = {}
 
@@ -136,6 +140,17 @@ class Proxy:
                 continue
             scheme = "https" if sent == value else "http"
             if found is not None and found != scheme:
-                raise HTTPError(400, "the secure scheme headers disagree")
+                raise HTTPError(400, "the secure scheme headers disagree: " + self._said(headers))
             found = scheme
         return found
+
+    def _said(self, headers: Dict[str, str]) -> str:
+        """What each secure scheme header sent says: ``X-Forwarded-Proto:
+        https says https, X-Forwarded-Ssl: off says http``."""
+        said = []
+        for key, value in self.secure:
+            sent = headers.get(key)
+            if sent is not None:
+                shown = sent if len(sent) <= 64 else sent[:64] + "..."
+                said.append("%s: %s says %s" % (self.names[key], shown, "https" if sent == value else "http"))
+        return ", ".join(said)

@@ -87,6 +87,11 @@ def log(message):
         pass
 
 
+def log_refusal(method, uri, status, reason):
+    """The line for a request refused once its head was read (both cores)."""
+    log("%s %s %s: %s" % ("bad request on" if status < 500 else "cannot serve", method, uri, reason))
+
+
 def exit_forked_child(parent):
     """The child of an ``os.fork()`` made in a request came back from the app
     into the server (both cores call this): it must not answer the parent's
@@ -1346,11 +1351,9 @@ class Server:
                 os.write(self.ctrl_w, b"r")
             except OSError:
                 pass
-        try:
-            environ = self._environ(conn, req)
-        except HTTPError as e:
-            conn.sendall(error_response(e.status, e.reason))
-            self._start_linger(conn)
+        environ, refusal = self._environ(conn, req)
+        if refusal is not None:
+            self._refused(conn, req, environ, refusal)
             return False
         inp: Input
         if req.chunked:
@@ -1400,11 +1403,17 @@ class Server:
         return False
 
     def _environ(self, conn, req):
-        """The WSGI environ of a request (without wsgi.input)."""
+        """The WSGI environ of a request (without wsgi.input), and the
+        HTTPError that refuses it (or None): a target it cannot split, or
+        headers of a trusted peer that cannot be believed."""
         info = conn.listener
         environ = info.base.copy()
         environ.update(req.headers)
-        path, query = split_target(req.target)
+        refusal = None
+        try:
+            path, query = split_target(req.target)
+        except HTTPError as e:
+            path, query, refusal = "", "", e
         environ["REQUEST_METHOD"] = req.method
         environ["PATH_INFO"] = path
         environ["QUERY_STRING"] = query
@@ -1414,13 +1423,31 @@ class Server:
         environ["REMOTE_ADDR"] = _remote_addr(peer)
         if isinstance(peer, tuple):
             environ["REMOTE_PORT"] = str(peer[1])
-        if conn.trusted:
-            scheme = self.proxy.scheme(req.headers)
-            if scheme is not None:
-                environ["wsgi.url_scheme"] = scheme
-            if req.underscored:
-                forwarded(self.proxy, environ, req.underscored, path)
-        return environ
+        if conn.trusted and refusal is None:
+            try:
+                scheme = self.proxy.scheme(req.headers)
+                if scheme is not None:
+                    environ["wsgi.url_scheme"] = scheme
+                if req.underscored:
+                    forwarded(self.proxy, environ, req.underscored, path)
+            except HTTPError as e:
+                refusal = e
+        return environ, refusal
+
+    def _refused(self, conn, req, environ, error):
+        """A request the server answers itself once its head was read (the
+        secure scheme headers disagree, a SCRIPT_NAME header outside the
+        path, a target it cannot split): a line that says why, and its access
+        log line, as for a bad request body."""
+        log_refusal(req.method, environ["RAW_URI"], error.status, error.reason)
+        if self.access_log is not None:
+            self.access_log.log(environ, str(error.status), None, [], 0.0)
+        try:
+            conn.sendall(error_response(error.status, error.reason))
+        except ClientGone:
+            conn.close()
+            return
+        self._start_linger(conn)
 
     def _finished(self, environ, resp, started):
         """After a response: the service time's moving average (what the
