@@ -91,6 +91,7 @@ PROBE = """
             if os.fork() == 0:  # nothing in Python tracks it
                 time.sleep(1)
                 os._exit(0)
+            kept.append([[i] for i in range(500000)])  # a heap the workers share: 40 MB of lists
         if mode == "slow":
             print("loading", flush=True)
             time.sleep(30)
@@ -151,6 +152,15 @@ def children(pid):
         with open("/proc/%d/task/%s/children" % (pid, task)) as f:
             found += [int(c) for c in f.read().split()]
     return found
+
+
+def private_dirty(pid):
+    """Bytes of memory only ``pid`` maps and has written."""
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Private_Dirty in smaps_rollup")
 
 
 def wait_gone(pid, timeout=LIMIT):
@@ -463,6 +473,9 @@ class PreloadTest(unittest.TestCase):
         while children(d.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
         self.assertEqual(children(d.proc.pid), [], "reaped while the template waits for drover")
+        # Looking for the application's Popen objects then did not touch the
+        # heap the worker shares (which copies it: 40 MB more private).
+        self.assertLess(private_dirty(d.proc.pid), 20 << 20, "the template copied the shared heap")
         d.fork(2)
         self.assertIn("held popen 7, process 3", _read(d.out).splitlines()[-1], d.stderr())
         # The workers' SIGCHLD is the default again, not the template's.

@@ -54,6 +54,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 
 import drover_worker as _dw
 
@@ -143,6 +144,8 @@ class Template:
         # Intermediate children not yet reaped: reaped without waiting, so
         # that the answer to drover does not wait for their exit.
         self.middles = []
+        # The application's Popen objects by pid (_live_popens).
+        self.popens = {}
         # Waiting for drover's next request, and nothing else: a SIGCHLD may
         # reap then (reap_children), never while the application's code runs.
         self.idle = False
@@ -197,6 +200,7 @@ class Template:
         self.worker_signals[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
         if self.worker_signals[signal.SIGCHLD] == signal.SIG_DFL:
             _template = self
+            self.popens = _live_popens()
             signal.signal(signal.SIGCHLD, _on_child)
         try:
             self.send("READY=1")
@@ -328,7 +332,9 @@ class Template:
         ``subprocess`` itself does at the next ``Popen``. Only a child nothing
         in Python tracks (``os.fork``, ``os.posix_spawn``) is reaped with its
         status discarded: the application cannot ``os.waitpid`` one in a
-        ``before_fork`` hook after it exited."""
+        ``before_fork`` hook after it exited. So is a child a ``before_fork``
+        hook started with ``subprocess.Popen`` and left running: the Popen
+        objects are looked for once, when the application is loaded."""
         self.reap_middles()
         if _template is not self:
             return  # the application handles SIGCHLD: its children are its own
@@ -349,7 +355,7 @@ class Template:
             if exited is None or exited.si_pid == 0:
                 return
             pid = exited.si_pid
-            held = None if pid in seen or pid in self.middles else _held_popen(sp, pid)
+            held = None if pid in seen or pid in self.middles else self.held_popen(pid)
             seen.add(pid)
             if held is not None:
                 held.poll()
@@ -358,6 +364,13 @@ class Template:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
+
+    def held_popen(self, pid):
+        """The ``subprocess.Popen`` the application still holds that started
+        ``pid`` and has not seen its exit, if any."""
+        ref = self.popens.get(pid)
+        popen = ref() if ref is not None else None
+        return popen if popen is not None and popen.returncode is None else None
 
     def reap_middles(self):
         """Reaps the intermediate children that have exited (they exit at
@@ -456,21 +469,27 @@ def _on_child(signum, frame):
         _log("reaping the template's children failed (traceback above); going on")
 
 
-def _held_popen(sp, pid):
-    """The ``subprocess.Popen`` that started ``pid`` and has not seen its
-    exit, if the application still holds one."""
+def _live_popens():
+    """``{pid: weakref}`` of the ``subprocess.Popen`` objects whose child
+    runs, looked for once, when the application is loaded and before the
+    first fork: gc.get_objects() touches every object's reference count,
+    which in a template with workers would copy every page of the heap the
+    workers share (18 MB of a Flask and Django heap, measured); and only if
+    the template has a child at all."""
+    sp = sys.modules.get("subprocess")
     if sp is None:
-        return None
-    # What was there at the last fork is frozen, and gc.get_objects() leaves
-    # frozen objects out; the next fork freezes them again.
-    gc.unfreeze()
+        return {}
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return {}  # no child at all: nothing to look for
+    found = {}
     for obj in gc.get_objects():
         # type(), not isinstance(): isinstance would ask a proxy for its
         # __class__, which runs its code (a lazy object would load itself).
-        if (issubclass(type(obj), sp.Popen) and getattr(obj, "pid", None) == pid
-                and obj.returncode is None):
-            return obj
-    return None
+        if issubclass(type(obj), sp.Popen) and obj.returncode is None:
+            found[obj.pid] = weakref.ref(obj)
+    return found
 
 
 def _on_stop(signum, frame):
