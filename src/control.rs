@@ -591,7 +591,7 @@ pub fn ctl(path: &Path, command: &Command, json: bool, wait: Duration) -> u8 {
 }
 
 fn ask(path: &Path, command: &Command, wait: Duration) -> io::Result<Answer> {
-    let mut stream = UnixStream::connect(path)?;
+    let mut stream = UnixStream::connect(path).map_err(unreachable)?;
     stream.set_read_timeout(Some(wait))?;
     let mut line = serde_json::to_vec(command)?;
     line.push(b'\n');
@@ -619,6 +619,25 @@ fn ask(path: &Path, command: &Command, wait: Duration) -> io::Result<Answer> {
     let answer = String::from_utf8_lossy(&answer);
     serde_json::from_str(answer.trim())
         .map_err(|e| io::Error::other(format!("unreadable answer {answer:?}: {e}")))
+}
+
+/// A failed connect, with what it most likely means for the person at the
+/// terminal.
+fn unreachable(e: io::Error) -> io::Error {
+    let hint = match e.kind() {
+        io::ErrorKind::NotFound => {
+            "no socket there: is drover running, with control_socket set to this path?"
+        }
+        io::ErrorKind::ConnectionRefused => {
+            "nobody listens on it: drover is not running (the file is left from one that was \
+             killed)"
+        }
+        io::ErrorKind::PermissionDenied => {
+            "run ctl as the user drover runs as (the socket is mode 0600)"
+        }
+        _ => return e,
+    };
+    io::Error::new(e.kind(), format!("{e}: {hint}"))
 }
 
 /// The answer for a person: the message, and for `status` a table.

@@ -671,6 +671,24 @@ fn ctl_exit_statuses_follow_the_verdict() {
         .output()
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(
+        err.contains("/nonexistent/ctl.sock: No such file or directory")
+            && err.contains("is drover running, with control_socket set to this path?"),
+        "{err}"
+    );
+    // A socket file left by a drover that was killed: nobody listens.
+    let stale = d.dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let refused = Command::new(drover_bin())
+        .args(["ctl", "--socket"])
+        .arg(&stale)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("drover is not running"), "{err}");
     let usage = Command::new(drover_bin())
         .args(["ctl", "status"])
         .output()
