@@ -574,6 +574,7 @@ class LifecycleTest(unittest.TestCase):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=LIMIT, text=True)
         self.assertEqual(r.returncode, 3)
         self.assertIn("cannot boot: no listening sockets were passed", r.stderr)
+        self.assertIn("to try the app without drover: --bind 127.0.0.1:8000 (development only)", r.stderr)
 
     def test_one_line_says_which_core_runs(self):
         # auto: the native core when it can be imported (.ci/python-env installs it).

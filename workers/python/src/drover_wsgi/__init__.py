@@ -176,6 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # preload template handles stops itself: it just exits.)
     if not preload.active():
         dw.install(exit_on_stop=False)  # we drain, then run the registry ourselves
+    passed = "LISTEN_FDS" in os.environ
     try:
         socks = dw.listeners_or_bind(args.bind) if args.bind else dw.listeners()
         if not socks:
@@ -184,7 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if s.type != socket.SOCK_STREAM or not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 raise dw.ListenError("inherited fd %d (%s) is not a listening stream socket" % (s.fileno(), s.name))
     except (dw.ListenError, OSError) as e:
-        log("cannot boot: %s" % e)
+        alone = "" if passed or args.bind else "; to try the app without drover: --bind 127.0.0.1:8000 (development only)"
+        log("cannot boot: %s%s" % (e, alone))
         return 3
     server_class, core_line = choose_core(args.core)
     if server_class is None:
