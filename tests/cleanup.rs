@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 
 /// A plain script: `install()` with its defaults, then one cleanup function
@@ -104,6 +102,31 @@ fn exits_cleanly(d: &mut Drover) -> String {
     log
 }
 
+/// With `graceful_timeout = "2s"`, a cleanup that hangs is abandoned when
+/// the SDK's cleanup budget ends, 1.75 s after the worker's stop signal (2 s
+/// less the 0.25 s reserve, docs/workers.md), and the worker exits before
+/// drover's SIGKILL at 2 s: [`exits_cleanly`] checks that by drover's own
+/// verdict ("0 killed", exit status 0), which counts from drover's stop
+/// signal as its deadline does. What is left to check is that the cleanup
+/// was not cut before its budget's end: drover's own measure of the stop,
+/// from its signal to the worker's exit, is at least 1.75 s. (The test's
+/// own clock, from its kill() to drover's exit seen by a poll, also counts
+/// the signal's delivery, drover's exit and the poll: it read 2.01-2.08 s at
+/// a load of 14 on 2 cores, past a 2 s bound, while drover said 1.94-1.98 s
+/// and 0 killed.)
+fn assert_abandoned_at_the_end_of_its_budget(log: &str) {
+    let took = log
+        .split("all workers stopped ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms after the shutdown began").next())
+        .and_then(|ms| ms.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("drover says how long the stop took: {log}"));
+    assert!(
+        took >= 1750.0,
+        "the cleanup had its whole budget (1.75 s after the stop signal): the stop took {took} ms: {log}"
+    );
+}
+
 fn lines(path: &std::path::Path) -> Vec<String> {
     read_file(path).lines().map(str::to_string).collect()
 }
@@ -123,7 +146,6 @@ fn rust_hanging_cleanup_is_abandoned_before_the_kill() {
             ("HELLO_CLEANUP_SLEEP_MS", "3600000"),
         ],
     );
-    let began = Instant::now();
     d.signal(Signal::SIGTERM);
     let log = exits_cleanly(&mut d);
     assert!(
@@ -131,16 +153,12 @@ fn rust_hanging_cleanup_is_abandoned_before_the_kill() {
         "{log}"
     );
     assert_eq!(lines(&file).len(), 1, "the other cleanup ran first: {log}");
-    assert!(
-        began.elapsed() < Duration::from_secs(2),
-        "inside the grace period"
-    );
+    assert_abandoned_at_the_end_of_its_budget(&log);
 }
 
 #[test]
 fn python_hanging_cleanup_is_abandoned_before_the_kill() {
     let (mut d, dir) = plain_python(&["graceful_timeout=2s"], "first,hang,last");
-    let began = Instant::now();
     d.signal(Signal::SIGTERM);
     let log = exits_cleanly(&mut d);
     assert!(
@@ -148,10 +166,7 @@ fn python_hanging_cleanup_is_abandoned_before_the_kill() {
         "{log}"
     );
     assert_eq!(lines(&dir.path().join("cleanup")), ["last"], "{log}");
-    assert!(
-        began.elapsed() < Duration::from_secs(2),
-        "inside the grace period"
-    );
+    assert_abandoned_at_the_end_of_its_budget(&log);
 }
 
 // ---------------------------------------------------------------------------
