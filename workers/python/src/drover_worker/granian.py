@@ -63,6 +63,9 @@ TESTED = ("2.8.9",)
 #: connection past it waits unserved. The default is Granian's own for one
 #: worker process: its listen backlog (1024) over its worker count.
 BACKPRESSURE = 1024
+#: Seconds a new connection may stay silent before a worker accepts it
+#: (TCP_DEFER_ACCEPT): Granian's default limit on a request's head (30 s).
+DEFER_ACCEPT = 30
 
 
 def _log(message: str) -> None:
@@ -187,6 +190,15 @@ def _listener(granian: Any, sock: Any) -> Any:
         # headers go out, the body waited for the client's delayed ACK
         # (Nagle; ~40 ms a response under load).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Granian's graceful shutdown (hyper's) closes every connection it
+        # has accepted but not yet read from: a request that arrived a moment
+        # after the stop was reset, during a reload. Accepting a connection
+        # only once its request has arrived leaves the silent ones in the
+        # queue drover's socket keeps for the next generation (nginx's
+        # "deferred"; a connection silent for the whole DEFER_ACCEPT is
+        # accepted anyway). A Unix socket has no such option.
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
     return (None, granian.core.SocketHolder(sock.fileno(), unix, 1024))
 
 
