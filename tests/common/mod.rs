@@ -603,9 +603,9 @@ pub fn listen_queues(addr: SocketAddr) -> Option<(u64, u64)> {
 /// `local` (its receive queue), if its end is ESTABLISHED: one exact lookup
 /// through sock_diag (`NETLINK_SOCK_DIAG`, as `ss` asks), not a scan of
 /// /proc/net/tcp. That table is the whole machine's: with the TIME_WAIT of
-/// other load tests (27,000 lines) one read took 0.5 s at load 12, and a
-/// line can be skipped while the table churns, so a wait for a request's
-/// read outlasted the 5 s request itself under load (a full run: "the
+/// other load tests, one read took 0.55 s (27,000 lines) and 2 s (58,700)
+/// under load, and a line can be skipped while the table churns, so a wait
+/// for a request's read outlasted the 5 s request itself (a full run: "the
 /// request ended before the stop was sent").
 fn unread_bytes(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
