@@ -533,6 +533,38 @@ fn usr1_reopens_the_log_file_and_reaches_the_workers() {
     assert_eq!(worker_pids(&d), before, "workers survived SIGUSR1");
 }
 
+/// With log_file, a worker's output (its traceback) is not in the log:
+/// the line that names a worker that cannot boot says where it went. The
+/// code before said 'check the worker's output above', which the log file
+/// does not have.
+#[test]
+fn with_a_log_file_a_worker_that_cannot_boot_is_named_with_where_its_output_went() {
+    let config = with_command(
+        &hello("log_file = \"$DIR/drover.log\""),
+        &format!("[\"python3\", \"{}\", \"--exit\", \"3\"]", probe_py()),
+    );
+    let mut d = Start::config(&config).run();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(3));
+    let log = read_file(&d.dir.path().join("drover.log"));
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot boot: exited with status 3"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let pid = line
+        .split("(pid ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    assert!(
+        line.ends_with(&format!(
+            "stopping; the output of pid {pid} went to drover's standard error, not to log_file"
+        )),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_log_file_that_cannot_be_written_does_not_stop_drover() {
     // The disk under log_file is full, and standard error fails too

@@ -827,7 +827,11 @@ impl Supervisor {
             let output = pid.map(|pid| self.output_of(pid, false));
             self.rollback(cause.to_string(), output, now);
         } else if cannot_boot && !self.booted() {
-            error!("{cause}: cannot boot; stopping (check its output above)");
+            let output = pid.map(|pid| format!("; {}", self.output_of(pid, false)));
+            error!(
+                "{cause}: cannot boot; stopping{}",
+                output.unwrap_or_default()
+            );
             self.begin_shutdown(Pace::Graceful, Cause::CannotBoot, now);
         } else {
             return false;
@@ -1234,9 +1238,10 @@ impl Supervisor {
             .cannot_boot(&w, now)
             .filter(|_| exit_code(status) == Some(3))
         {
+            let captured = w.gen.s.capture_output && !w.gen.s.preload;
             error!(
-                "worker {slot} (pid {pid}) cannot boot: {why} {when}; \
-                 stopping (check the worker's output above)"
+                "worker {slot} (pid {pid}) cannot boot: {why} {when}; stopping; {}",
+                self.output_of(pid, captured)
             );
             self.begin_shutdown(Pace::Graceful, Cause::CannotBoot, now);
             return;
