@@ -148,6 +148,9 @@ def app(environ, start_response):
                 sys.stderr.write("closing-iter closed\n")
         start_response("200 OK", [])
         return It()
+    if path == "/big":  # N MiB in one block, with its Content-Length
+        mib = int(environ["QUERY_STRING"].partition("=")[2] or "1")
+        return _text(start_response, "200 OK", b"x" * (mib << 20))
     if path == "/stream":  # N MiB, streamed (chunked) a MiB at a time
         mib = int(environ["QUERY_STRING"].partition("=")[2] or "1")
         start_response("200 OK", [])

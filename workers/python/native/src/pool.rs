@@ -235,7 +235,9 @@ pub struct Shared {
 #[derive(Default)]
 struct Held {
     by: usize,
-    responses: Vec<(Box<Conn>, Vec<u8>)>,
+    /// Each connection, its response, and how much of it the timer thread
+    /// sent already (`flush_held`).
+    responses: Vec<(Box<Conn>, Vec<u8>, usize)>,
 }
 
 struct Drain {
@@ -1093,7 +1095,7 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
                 conn.buf.clear();
                 let mut held = sh.held.lock().unwrap();
                 held.by = me;
-                held.responses.push((conn, outcome.out));
+                held.responses.push((conn, outcome.out, 0));
                 return;
             }
         }
@@ -1129,8 +1131,8 @@ fn send_held(sh: &Arc<Shared>, except: Option<usize>) {
         }
         std::mem::take(&mut held.responses)
     };
-    for (conn, out) in responses {
-        if sock::send_all(conn.fd, &out, sh.set.io_timeout).is_ok() {
+    for (conn, out, sent) in responses {
+        if sock::send_all(conn.fd, &out[sent..], sh.set.io_timeout).is_ok() {
             serve_from(sh, conn, true, None);
         }
     }
@@ -1141,17 +1143,19 @@ fn send_held(sh: &Arc<Shared>, except: Option<usize>) {
 /// so that a fast response never waits for a slow one. The timer thread does
 /// not wait for a client: what a socket does not take at once stays held for
 /// the poller (the lock, kept meanwhile, makes the poller find it before it
-/// next polls). A stop that came meanwhile gets the connection to serve.
+/// next polls), where it is, counted as sent so far: not copied at each look
+/// (8 MB a client did not read cost the timer thread 0.27 s of CPU in 2 s).
+/// A stop that came meanwhile gets the connection to serve.
 fn flush_held(sh: &Arc<Shared>) {
     let mut held = sh.held.lock().unwrap();
     let mut left = Vec::new();
-    for (conn, out) in std::mem::take(&mut held.responses) {
-        match sock::send_nowait(conn.fd, &out) {
-            Ok(n) if n == out.len() => match sh.park(conn, Kind::Idle) {
+    for (conn, out, sent) in std::mem::take(&mut held.responses) {
+        match sock::send_nowait(conn.fd, &out[sent..]) {
+            Ok(n) if sent + n == out.len() => match sh.park(conn, Kind::Idle) {
                 Ok(()) | Err(None) => {}
                 Err(Some(conn)) => sh.pending.lock().unwrap().push_back(conn),
             },
-            Ok(n) => left.push((conn, out[n..].to_vec())),
+            Ok(n) => left.push((conn, out, sent + n)),
             Err(_) => {} // the client left: dropped, closed
         }
     }
