@@ -145,10 +145,14 @@ impl Poller {
 
     /// The timer thread's wait, at most `most`: hands the right over when
     /// the poller is busy past HANDOFF and a thread waits for it. True when
-    /// the poller was stuck and no thread waited to take over (a pool of
-    /// one thread, or every other one busy too): the poller's held
-    /// responses are then the timer thread's to send.
-    pub fn watch(&self, most: Duration) -> bool {
+    /// the poller was stuck, no thread waited to take over (a pool of one
+    /// thread, or every other one busy too) and it `holds` responses: they
+    /// are then the timer thread's to send, and it looks again after
+    /// HANDOFF. Holding nothing, a stuck poller is looked at as a busy one
+    /// (every CALM, unless hand-overs are recent): looking every HANDOFF
+    /// through a long request woke the timer thread a thousand times a
+    /// second for nothing.
+    pub fn watch(&self, most: Duration, holds: bool) -> bool {
         let mut s = self.state.lock().unwrap();
         if s.closed {
             return false;
@@ -162,9 +166,9 @@ impl Poller {
         let wait = match s.busy_since {
             Some(since) => {
                 s.idle_looks = 0;
-                if stuck(&s, since, now) {
-                    s.last_handoff = Some(now);
+                if (s.waiting > 0 || holds) && stuck(&s, since, now) {
                     if s.waiting > 0 {
+                        s.last_handoff = Some(now);
                         s.holder = None;
                         s.busy_since = None;
                         self.followers.notify_one();

@@ -971,7 +971,8 @@ fn sweeper(sh: Arc<Shared>) {
             std::thread::sleep(wait);
         } else {
             // Hands the right to poll over, or says nobody can take it.
-            if sh.poller.watch(wait) {
+            let holds = !sh.held.lock().unwrap().responses.is_empty();
+            if sh.poller.watch(wait, holds) {
                 flush_held(&sh);
             }
         }
