@@ -1025,6 +1025,39 @@ fn an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill(core: &str)
 }
 with_each_core!(an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill);
 
+/// An app whose teardown hangs (a finalizer that waits, run as the
+/// interpreter clears its modules): no Python thread runs then, so the SDK's
+/// exit deadline thread could not end it, and drover killed the worker at
+/// graceful_timeout (exit status 4, SIGKILL). Now faulthandler's timer ends
+/// it just past its stop budget, with every thread's stack on stderr.
+fn an_app_whose_teardown_hangs_does_not_hold_the_worker_to_sigkill(core: &str) {
+    let config = app_with_habits(
+        core,
+        "graceful_timeout = \"3s\"",
+        "APP_TEARDOWN_HANG = \"1\"",
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    get_ok(d.tcp_addr(), "/");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(!log.contains("SIGKILL"), "no worker was killed: {log}");
+    assert_ne!(status.code(), Some(4), "{log}");
+    // Where it hung, for the operator: the finalizer's frame.
+    assert!(log.contains("in __del__"), "{log}");
+    let lines = cleanup_lines(&d);
+    for w in &workers {
+        assert!(
+            log.contains(&format!("(pid {w}) exited with status 1")),
+            "{log}"
+        );
+        assert!(lines.contains(&format!("cleanup pid={w}")), "{lines:?}");
+    }
+}
+with_each_core!(an_app_whose_teardown_hangs_does_not_hold_the_worker_to_sigkill);
+
 /// The same thread in a worker that `--max-requests` recycles: the worker
 /// said STOPPING=1, drained and ran its registry, then its exit waited for
 /// the thread forever, and drover waits for a recycled worker's exit before

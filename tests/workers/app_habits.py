@@ -5,7 +5,9 @@ survive, each switched on by a variable (tests/python.rs, tests/third_party.rs):
   ``sys.exit(0)`` (a common way to "exit cleanly" in a container), after
   writing ``own SIGTERM handler pid=N`` to stderr;
 * ``APP_NON_DAEMON_THREAD=1``: a non-daemon thread, ``queue-consumer``, that
-  never ends (a consumer or scheduler thread nobody made a daemon).
+  never ends (a consumer or scheduler thread nobody made a daemon);
+* ``APP_TEARDOWN_HANG=1``: a module-level client whose finalizer waits
+  (``__del__`` sleeps a minute), which runs in the interpreter's teardown.
 
 The WSGI app is the example app (its routes, and its cleanup line in
 ``$EXAMPLE_CLEANUP_FILE``); asgi_habits.py has the FastAPI app."""
@@ -28,10 +30,17 @@ def _consume():
         time.sleep(0.1)
 
 
+class _Client:
+    def __del__(self):
+        time.sleep(60)  # "waits for its flush thread", which is long gone
+
+
 if os.environ.get("APP_SIGTERM_EXIT"):
     signal.signal(signal.SIGTERM, _own_sigterm_handler)
 if os.environ.get("APP_NON_DAEMON_THREAD"):
     threading.Thread(target=_consume, name="queue-consumer").start()
+if os.environ.get("APP_TEARDOWN_HANG"):
+    client = _Client()
 
 try:
     from example_app import app  # noqa: E402,F401

@@ -542,6 +542,11 @@ def _call_deferring_exit(previous: Callable[..., Any], signum: int, frame: Any) 
 EXIT_WAIT_NOTICE = 1.0
 
 
+#: Past the stop budget, faulthandler ends an exit stuck in the interpreter's
+#: teardown (less than the smallest reserve, 0.25 s, so before drover's kill).
+EXIT_LAST_RESORT = 0.1
+
+
 def _bound_exit(log: Callable[[str], None]) -> None:
     """For a launcher that has drained and run the registry, and returns to
     let the interpreter exit: the interpreter first waits for every
@@ -549,7 +554,9 @@ def _bound_exit(log: Callable[[str], None]) -> None:
     ``ThreadPoolExecutor``), and one that never ends would hold the worker
     until drover's SIGKILL, with nothing in the log to say why. A daemon
     thread names them after a second, and at the end of the stop budget
-    exits the process (status 0, ``atexit`` functions not run) without them."""
+    exits the process (status 0, ``atexit`` functions not run) without them.
+    Past that, faulthandler ends a teardown that hangs (status 1, with every
+    thread's stack on stderr)."""
     deadline = time.monotonic() + remaining_budget()
 
     def names() -> str:
@@ -570,6 +577,16 @@ def _bound_exit(log: Callable[[str], None]) -> None:
         _flush_and_exit(0)
 
     threading.Thread(target=watch, name="drover-exit-deadline", daemon=True).start()
+    # That thread runs Python: once the interpreter's teardown has begun
+    # (after the atexit functions) no Python thread runs again, and a hang
+    # there (a finalizer that waits, an extension module joining its own
+    # thread) held the worker until drover's SIGKILL. faulthandler's timer is
+    # a C thread: just past the budget, still within the reserve, it writes
+    # every thread's stack to stderr (where the exit hangs) and exits with 1.
+    try:
+        faulthandler.dump_traceback_later(max(0.0, deadline - time.monotonic()) + EXIT_LAST_RESORT, exit=True)
+    except (RuntimeError, ValueError, OSError):
+        pass  # no usable stderr: the SIGKILL remains
 
 
 def _exit_skipping_teardown(wait_for_threads: bool) -> NoReturn:
