@@ -468,10 +468,8 @@ impl Master {
     }
 
     fn upgrade_failed(&mut self, waiters: Waiters, why: String) {
-        error!("upgrade failed: {why}; this master keeps serving");
-        self.obs.publish(crate::events::Kind::UpgradeFailed {
-            reason: why.clone(),
-        });
+        // The pidfile and the control socket first: whoever acts on the
+        // line below (a script, a test) finds them this master's again.
         self.take_pidfile_back();
         let control_socket = self.sup.current().s.control_socket.clone();
         if let (Some(c), Some(path)) = (self.control.as_mut(), control_socket) {
@@ -480,6 +478,10 @@ impl Master {
                 Err(e) => error!("cannot take the control socket back: {e}"),
             }
         }
+        error!("upgrade failed: {why}; this master keeps serving");
+        self.obs.publish(crate::events::Kind::UpgradeFailed {
+            reason: why.clone(),
+        });
         self.answer(waiters, control::failure(&format!("upgrade failed: {why}")));
     }
 
