@@ -753,6 +753,47 @@ fn a_graceful_stop_with_a_full_queue_serves_every_accepted_request(core: &str) {
 }
 with_each_core!(a_graceful_stop_with_a_full_queue_serves_every_accepted_request);
 
+/// The defect behind truncated responses in a reload under load (seen in CI:
+/// `abandoning 6/8 busy thread(s) (drain deadline)`): a retired worker went
+/// on taking connections from the queue it shares with its replacements,
+/// which the clients kept full, until its drain deadline, and abandoned the
+/// requests it was in then. A stopping worker now takes only as many as the
+/// queue held when its stop came. 64 clients of 20 ms requests, 2 threads
+/// per worker: the queue never empties, so the old code took a drain's worth
+/// (hundreds); no queue ever holds more than the 64 clients.
+fn a_retired_worker_takes_only_what_was_queued_at_its_stop(core: &str) {
+    let config = wsgi_config(&["--core", core, "--threads", "2"], "example_app:app", "");
+    let d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let load = Load::start(d.tcp_addr(), 64, "/sleep?ms=20");
+    wait_answered(&load, 200);
+    d.signal(Signal::SIGHUP);
+    d.wait_log("reload applied");
+    d.wait_log_count("listeners closed", 2);
+    let o = load.finish();
+    let log = d.log();
+    assert_eq!(
+        (o.refused, o.reset, o.truncated, o.other),
+        (0, 0, 0, 0),
+        "{o:?}\n{log}"
+    );
+    let taken: Vec<usize> = log
+        .lines()
+        .filter(|l| l.contains("listeners closed"))
+        .filter_map(|l| {
+            l.rsplit("): ")
+                .next()?
+                .strip_suffix(" queued connection(s) taken")?
+                .parse::<usize>()
+                .ok()
+        })
+        .collect();
+    assert_eq!(taken.len(), 2, "{log}");
+    assert!(taken.iter().all(|n| *n <= 64), "{taken:?}: {log}");
+    assert!(!log.contains("abandoning"), "{log}");
+}
+with_each_core!(a_retired_worker_takes_only_what_was_queued_at_its_stop);
+
 /// The defect of issue 13's user trial: with `--max-requests`, a stop that
 /// finds every worker either recycling (listeners closed) or still booting
 /// reset the connections queued meanwhile. drover's SIGTERM reached the

@@ -198,3 +198,91 @@ pub fn tune_listener(fd: RawFd) {
         );
     }
 }
+
+/// How many connections wait in listener `fd`'s accept queue, if the kernel
+/// says: TCP_INFO on a TCP listener (its `tcpi_unacked` is the queue's
+/// length), sock_diag (`UNIX_DIAG_RQLEN`) on a Unix one. None when it cannot
+/// be asked (no `unix_diag` in the kernel, say).
+pub fn queued(fd: RawFd, unix: bool) -> Option<u32> {
+    if unix {
+        return unix_queued(fd);
+    }
+    // struct tcp_info: eight one-byte fields, then u32 rto, ato, snd_mss,
+    // rcv_mss, unacked (at 24).
+    let mut info = [0u8; 32];
+    let mut len = info.len() as libc::socklen_t;
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (got == 0 && len >= 28).then(|| u32::from_ne_bytes(info[24..28].try_into().unwrap()))
+}
+
+/// A Unix listener's queue through sock_diag, the socket named by its inode.
+fn unix_queued(fd: RawFd) -> Option<u32> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_LISTEN: u32 = 10;
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    // struct nlmsghdr, then struct unix_diag_req.
+    let mut req = Vec::with_capacity(40);
+    req.extend(40u32.to_ne_bytes());
+    req.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend((libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend([0u8; 8]); // sequence number, port id
+    req.extend([libc::AF_UNIX as u8, 0, 0, 0]);
+    req.extend((1u32 << TCP_LISTEN).to_ne_bytes());
+    req.extend((st.st_ino as u32).to_ne_bytes());
+    req.extend(UDIAG_SHOW_RQLEN.to_ne_bytes());
+    req.extend([0xffu8; 8]); // no cookie: the inode names the socket
+    let nl = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if nl < 0 {
+        return None;
+    }
+    let mut reply = [0u8; 512];
+    let n = unsafe {
+        let sent = libc::send(nl, req.as_ptr().cast(), req.len(), 0);
+        let n = if sent == req.len() as isize {
+            libc::recv(nl, reply.as_mut_ptr().cast(), reply.len(), 0)
+        } else {
+            -1
+        };
+        libc::close(nl);
+        n
+    };
+    if n < 16 + 16 || u16::from_ne_bytes([reply[4], reply[5]]) != SOCK_DIAG_BY_FAMILY {
+        return None; // an error (NLMSG_ERROR), or no such listener
+    }
+    let end = (u32::from_ne_bytes(reply[..4].try_into().unwrap()) as usize).min(n as usize);
+    // The attributes after struct unix_diag_msg, each 4-byte aligned.
+    let mut at = 16 + 16;
+    while at + 4 <= end {
+        let len = u16::from_ne_bytes([reply[at], reply[at + 1]]) as usize;
+        let kind = u16::from_ne_bytes([reply[at + 2], reply[at + 3]]);
+        if len < 4 || at + len > end {
+            return None;
+        }
+        if kind == UNIX_DIAG_RQLEN && len >= 8 {
+            return Some(u32::from_ne_bytes(
+                reply[at + 4..at + 8].try_into().unwrap(),
+            ));
+        }
+        at += (len + 3) & !3;
+    }
+    None
+}

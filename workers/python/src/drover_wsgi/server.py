@@ -14,10 +14,14 @@ Graceful stop (SIGTERM/SIGINT): STOPPING=1; idle keep-alive connections are
 closed, a request that already arrived on one is served; in-flight requests
 finish (answered with ``Connection: close``); and a free thread goes on taking
 connections from the listen queue, one at a time, as long as a request of the
-usual duration (a moving average) would end before the drain deadline. When
-the queue is empty, or no more fits, this worker closes its copies of the
-listeners: what is still queued is left to the other workers, which drain it
-by the same rule, instead of being taken and abandoned at the deadline.
+usual duration (a moving average) would end before the drain deadline, and
+only as many as the queue held when the stop came (in a reload the queue
+fills on, for the new workers: an old worker that took from it until its
+deadline abandoned the requests it was in then). When the queue is empty,
+what was queued at the stop is taken, or no more fits, this worker closes its
+copies of the listeners: what is still queued is left to the other workers,
+which drain it by the same rule, instead of being taken and abandoned at the
+deadline.
 In-flight requests get until ``drover_worker.drain_deadline()`` (4/5 of the
 grace budget) and are abandoned then, so that the registry still runs before
 drover's SIGKILL. Quick stop (SIGQUIT): stop accepting, give in-flight
@@ -737,14 +741,59 @@ def base_environ(nthreads):
     }
 
 
+_TCP_LISTEN = 10
+_SOCK_DIAG_BY_FAMILY = 20
+_UDIAG_SHOW_RQLEN = 0x10
+_UNIX_DIAG_RQLEN = 4
+
+
+def queued(sock: socket.socket) -> Optional[int]:
+    """How many connections wait in listener ``sock``'s accept queue, if the
+    kernel says: TCP_INFO on a TCP listener (its ``tcpi_unacked`` is the
+    queue's length), sock_diag (``UNIX_DIAG_RQLEN``) on a Unix one. None when
+    it cannot be asked (no ``unix_diag`` in the kernel, say)."""
+    try:
+        if sock.family != socket.AF_UNIX:
+            # struct tcp_info: eight one-byte fields, then u32 rto, ato,
+            # snd_mss, rcv_mss, unacked (at 24).
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+            return struct.unpack_from("=I", info, 24)[0] if len(info) >= 28 else None
+        ino = os.fstat(sock.fileno()).st_ino & 0xFFFFFFFF
+        # struct nlmsghdr, then struct unix_diag_req (the inode names the socket).
+        req = struct.pack("=IHHII", 40, _SOCK_DIAG_BY_FAMILY, 1, 0, 0)  # NLM_F_REQUEST
+        req += struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, ino, _UDIAG_SHOW_RQLEN,
+                           0xFFFFFFFF, 0xFFFFFFFF)
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # NETLINK_SOCK_DIAG
+            nl.settimeout(1.0)
+            nl.send(req)
+            reply = nl.recv(512)
+    except OSError:
+        return None
+    if len(reply) < 32 or struct.unpack_from("=H", reply, 4)[0] != _SOCK_DIAG_BY_FAMILY:
+        return None  # an error (NLMSG_ERROR), or no such listener
+    end = min(struct.unpack_from("=I", reply)[0], len(reply))
+    at = 32  # the attributes after struct unix_diag_msg, each 4-byte aligned
+    while at + 4 <= end:
+        length, kind = struct.unpack_from("=HH", reply, at)
+        if length < 4 or at + length > end:
+            return None
+        if kind == _UNIX_DIAG_RQLEN and length >= 8:
+            return struct.unpack_from("=I", reply, at + 4)[0]
+        at += (length + 3) & ~3
+    return None
+
+
 class ListenerInfo:
     """A listener and the environ entries that come from it."""
 
-    __slots__ = ("sock", "name", "unix", "base")
+    __slots__ = ("sock", "name", "unix", "base", "left")
 
     def __init__(self, sock, name, base_environ):
         self.sock = sock
         self.name = name
+        # At a graceful stop: what its queue held then, less what was taken
+        # since (None: the kernel did not say). See the module's docstring.
+        self.left: Optional[int] = None
         self.unix = sock.family == socket.AF_UNIX
         self.base = dict(base_environ)
         if self.unix:
@@ -866,6 +915,8 @@ class Server:
             # what is queued, so this is a stop (the queue is drained).
             kind = dw.stop_kind()
         self.stop_kind = kind
+        for info in self.listeners:
+            info.left = queued(info.sock)
         now = time.monotonic()
         self.first_byte_deadline = now + min(FIRST_BYTE_GRACE, dw.remaining_budget())
         # The polling thread sees the stop (or recycle) pipe and waits: we get
@@ -918,8 +969,9 @@ class Server:
     def _take_queued(self):
         """During a graceful stop (leader lock held): the next connection from
         the listen queues, if a request of the usual duration would end before
-        the drain deadline; None once the listeners are closed (the queues are
-        empty, nothing more fits, or the stop became quick)."""
+        the drain deadline and its queue has not given what it held at the
+        stop; None once the listeners are closed (the queues are empty or gave
+        that much, nothing more fits, or the stop became quick)."""
         if dw.stop_kind() == "quick":
             self._close_listeners("quick stop")
             return None
@@ -929,7 +981,11 @@ class Server:
         if usual > left:
             self._close_listeners("a request takes %.2fs, %.2fs left before the drain deadline" % (usual, max(0.0, left)))
             return None
+        spent = False
         for info in self.listeners:
+            if info.left == 0:
+                spent = True
+                continue
             while True:
                 try:
                     sock, peer = info.sock.accept()
@@ -941,10 +997,12 @@ class Server:
                     log("accept on %s: %s" % (info.name, e))
                     break
                 self.taken += 1
+                if info.left is not None:
+                    info.left -= 1
                 conn = self._new_conn(sock, peer, info)
                 conn.deadline = now + FIRST_BYTE_GRACE
                 return conn
-        self._close_listeners("the queue is empty")
+        self._close_listeners("what was queued at the stop is taken" if spent and self.taken else "the queue is empty")
         return None
 
     def _join_threads(self):
