@@ -11,7 +11,7 @@ import tempfile
 import time
 import unittest
 
-from tests.helpers import WSGI, Client, Worker, request
+from tests.helpers import WSGI, Client, Worker, request, run_script
 
 GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -380,6 +380,35 @@ class OutOfDescriptorsTest(unittest.TestCase):
         lines = [line for line in err.splitlines() if "accept on" in line]
         self.assertTrue(1 <= len(lines) <= 2, err)
         self.assertIn("Too many open files", lines[0])
+
+    def test_the_wait_for_a_stop_needs_no_descriptor_once_serving(self):
+        # The main thread made the pipe of its wait for a stop signal when it
+        # got there; a pool that had accepted until EMFILE before (the test
+        # above, on CPython 3.13 often) left it none: os.pipe() failed and the
+        # worker died, closing every connection it held unanswered.
+        r = run_script("""
+            import os, resource, signal, socket, threading
+            import drover_worker as dw
+            from drover_wsgi import choose_core
+            dw.install(exit_on_stop=False)
+            server_class, _ = choose_core(os.environ["DROVER_WSGI_CORE"])
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            server = server_class(lambda environ, start_response: [], [listener], threads=1)
+            server.start()
+            held = []
+            try:
+                while True:  # what a pool that accepted until EMFILE leaves
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            kind = server.wait_for_stop()
+            print(kind, server.stop(kind))
+        """, env={"DROVER_WSGI_CORE": os.environ.get("DROVER_WSGI_CORE", "auto")})
+        self.assertEqual((r.returncode, r.stdout), (0, "graceful True\n"), r.stderr)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .server import (
     beat_while_progressing,
     forwarded,
     log,
+    signal_pipe,
     wait_for_stop,
 )
 
@@ -108,6 +109,7 @@ class NativeServer:
         self.ctrl_r, self.ctrl_w = os.pipe()
         for fd in (self.ctrl_r, self.ctrl_w):
             os.set_blocking(fd, False)
+        self.signal_pipe = signal_pipe()
         nets = [(net.network_address.packed, net.prefixlen) for net in self.proxy.networks]
         self.core = native.Core(
             _Hooks(app, self.proxy, access_log), listeners, self.nthreads, keepalive, io_timeout,
@@ -132,7 +134,7 @@ class NativeServer:
         """Blocks the main thread until a stop signal or a recycle; returns
         the kind (server.wait_for_stop: woken whichever thread takes the
         signal, and bounded)."""
-        return wait_for_stop(self.ctrl_r, lambda: self.core.recycling)
+        return wait_for_stop(self.ctrl_r, lambda: self.core.recycling, self.signal_pipe)
 
     def stop(self, kind):
         """Stops accepting new work (on a graceful stop the threads drain the

@@ -873,6 +873,7 @@ class Server:
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.ctrl_r, self.ctrl_w, self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
+        self.signal_pipe = signal_pipe()
         self._rcvtimeo = _timeval(io_timeout)
         self.pid = os.getpid()
         # drover's scoreboard record, if it gave one: requests are counted there.
@@ -904,7 +905,7 @@ class Server:
 
     def wait_for_stop(self):
         """Blocks the main thread until a stop signal or a recycle; returns the kind."""
-        return wait_for_stop(self.ctrl_r, lambda: self.recycling)
+        return wait_for_stop(self.ctrl_r, lambda: self.recycling, self.signal_pipe)
 
     def stop(self, kind):
         """The stop procedure (main thread): stop accepting new work (on a
@@ -1595,9 +1596,21 @@ def forwarded(proxy, environ, fields, path):
             environ["PATH_INFO"] = path[len(value):]
 
 
-def wait_for_stop(ctrl_r, recycling):
+def signal_pipe():
+    """The pipe of wait_for_stop's wake-up fd (non-blocking). Made with the
+    server, before its first accept: a pool that accepted until EMFILE left
+    no descriptor for it, and a pipe made at the wait failed there and
+    killed the worker, closing every connection it had accepted unanswered."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    return wake_r, wake_w
+
+
+def wait_for_stop(ctrl_r, recycling, wake):
     """The main thread's wait for a stop signal ("graceful" or "quick") or a
     recycle (``ctrl_r`` readable, ``recycling()`` true); returns the kind.
+    ``wake``: a signal_pipe(), closed here.
 
     The kernel may hand a signal sent to the process to any thread that
     does not block it, a pool thread as well; its Python handler (which
@@ -1606,9 +1619,7 @@ def wait_for_stop(ctrl_r, recycling):
     takes the signal, ends the select for that: without it, the stop waited
     for drover's SIGKILL. The wait is bounded as well: a pending handler also
     runs once this thread takes the GIL back after a wait."""
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
+    wake_r, wake_w = wake
     previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     try:
         fds = [dw.stop_fd(), ctrl_r, wake_r]
