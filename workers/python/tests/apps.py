@@ -89,6 +89,12 @@ def app(environ, start_response):
         drover_worker.status("sleeping")  # lets a test wait until the request is in progress
         time.sleep(ms / 1000)
         return _text(start_response, "200 OK", b"slept %d" % ms)
+    if path == "/hold":  # until the file named by the query exists (at most 15 s)
+        drover_worker.status("holding")
+        deadline = time.monotonic() + 15
+        while not os.path.exists(environ["QUERY_STRING"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return _text(start_response, "200 OK", b"released")
     if path == "/spin":  # CPU-bound: holds the GIL but at the switch interval
         ms = int(environ["QUERY_STRING"].partition("=")[2] or "0")
         until = time.monotonic() + ms / 1000

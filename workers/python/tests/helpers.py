@@ -178,6 +178,29 @@ class Worker:
         self.close()
 
 
+def read_stderr_until(worker, text):
+    """The worker's standard error up to and with the first line holding
+    ``text`` (read from the pipe: what follows stays for worker.wait())."""
+    fd = worker.proc.stderr.fileno()
+    deadline = time.monotonic() + LIMIT
+    seen = b""
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError("no %r on the worker's stderr within %ss:\n%s" % (text, LIMIT, seen.decode()))
+        # One byte at a time: what comes after the line is left in the pipe.
+        chunk = os.read(fd, 1)
+        if not chunk:
+            raise AssertionError("the worker's stderr closed without %r:\n%s" % (text, seen.decode()))
+        seen += chunk
+    while not seen.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        seen += chunk
+    return seen.decode()
+
+
 def read_response(f, head_only=False):
     """Reads one HTTP response from the binary file ``f``: (status, headers
     dict (lower-case names; repeated ones joined), body bytes). Handles

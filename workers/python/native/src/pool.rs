@@ -706,7 +706,9 @@ impl Shared {
                 }
             }
         }
-        let why = if spent && drain.taken > 0 {
+        // Only a queue found empty is said to be: one whose budget was spent
+        // (also a budget of 0, nothing queued at the stop) may hold more.
+        let why = if spent {
             "what was queued at the stop is taken"
         } else {
             "the queue is empty"

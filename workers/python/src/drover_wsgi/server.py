@@ -1003,7 +1003,9 @@ class Server:
                 conn = self._new_conn(sock, peer, info)
                 conn.deadline = now + FIRST_BYTE_GRACE
                 return conn
-        self._close_listeners("what was queued at the stop is taken" if spent and self.taken else "the queue is empty")
+        # Only a queue found empty is said to be: one whose budget was spent
+        # (also a budget of 0, nothing queued at the stop) may hold more.
+        self._close_listeners("what was queued at the stop is taken" if spent else "the queue is empty")
         return None
 
     def _join_threads(self):
