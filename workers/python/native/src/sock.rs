@@ -258,7 +258,14 @@ fn unix_queued(fd: RawFd) -> Option<u32> {
     let n = unsafe {
         let sent = libc::send(nl, req.as_ptr().cast(), req.len(), 0);
         let n = if sent == req.len() as isize {
-            libc::recv(nl, reply.as_mut_ptr().cast(), reply.len(), 0)
+            // The kernel answers within the send: never wait here (the
+            // caller is the stop).
+            libc::recv(
+                nl,
+                reply.as_mut_ptr().cast(),
+                reply.len(),
+                libc::MSG_DONTWAIT,
+            )
         } else {
             -1
         };
