@@ -7,7 +7,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Mutex;
@@ -679,6 +678,11 @@ fn tcp(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<Socket> {
 /// "connection refused" proves nobody listens: any other failure to connect
 /// (no permission on a socket of another user, a full backlog) may hide a
 /// live server, so the file is left alone and drover refuses to start.
+///
+/// The connect does not wait: this runs on the master's loop too (a failed
+/// upgrade binds the control socket again, a reload a new Unix listener),
+/// and a blocking connect to a live server whose backlog is full waits until
+/// that server accepts, which may be never.
 pub(crate) fn remove_stale(path: &Path) -> Result<(), String> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
@@ -686,8 +690,15 @@ pub(crate) fn remove_stale(path: &Path) -> Result<(), String> {
     if !meta.file_type().is_socket() {
         return Err(format!("{} exists and is not a socket", path.display()));
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(format!("{} is in use by a running server", path.display())),
+    let in_use = || Err(format!("{} is in use by a running server", path.display()));
+    let probe = Socket::new(Domain::UNIX, Type::STREAM, None)
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .map_err(|e| format!("cannot check whether {} is in use: {e}", path.display()))?;
+    let addr = SockAddr::unix(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match probe.connect(&addr) {
+        Ok(()) => in_use(),
+        // Its backlog is full: a server, alive, not keeping up.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => in_use(),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove stale {}: {e}", path.display())),
         // Removed meanwhile: nothing left to replace.

@@ -101,6 +101,60 @@ fn a_reload_with_a_broken_config_changes_nothing() {
 }
 
 #[test]
+fn a_reload_onto_the_path_of_a_busy_server_is_refused_without_stopping_the_master() {
+    // Another server listens at the path of a Unix bind the reload adds, and
+    // its backlog is full. Seen failing before: drover's check for a stale
+    // socket file connected with a blocking connect, which waits until that
+    // server accepts: the master's loop stopped, and `ctl reload` never
+    // had an answer.
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let d = Start::config(&hello("")).run();
+    d.wait_log("all 2 workers ready");
+    let before = worker_pids(&d);
+    let path = d.dir.path().join("busy.sock");
+    let addr = SockAddr::unix(&path).unwrap();
+    let busy = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    busy.bind(&addr).unwrap();
+    busy.listen(0).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let client = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        client.set_nonblocking(true).unwrap();
+        match client.connect(&addr) {
+            Ok(()) => queued.push(client),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("connecting to {}: {e}", path.display()),
+        }
+        assert!(queued.len() < 64, "the backlog of busy.sock never filled");
+    }
+    rewrite(
+        &d,
+        &hello("").replace(
+            "bind = [\"127.0.0.1:0\"]",
+            "bind = [\"127.0.0.1:0\", \"unix:$DIR/busy.sock\"]",
+        ),
+    );
+    let began = Instant::now();
+    // (A bound on the wait, so that a stopped master fails the test here.)
+    let (code, out) = ctl(&d, &["--timeout", "10s", "reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("busy.sock is in use by a running server"),
+        "{out}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    assert_eq!(worker_pids(&d), before, "the same workers serve");
+    assert!(path.exists(), "the busy server's socket file is left alone");
+    let (code, out) = ctl(&d, &["status"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
 fn a_reload_to_an_unknown_user_or_a_missing_directory_is_refused_where_it_was_set() {
     // Found before anything is spawned, and named by FILE:LINE:COL as every
     // other config error: a missing chdir used to be rolled back after the
