@@ -9,9 +9,14 @@
 //! and renaming it into place would leave a window in which two drovers each
 //! hold a lock on a different inode, and both run.
 //!
-//! The pid is written in place (truncate, one `write`, `fsync`): a reader sees
-//! an empty file or the whole line, never a part of it, since the line is a
-//! few bytes written by one call. An empty file means "starting": read again.
+//! The pid is written in place (truncate, one `write`): a reader sees an
+//! empty file or the whole line, never a part of it, since the line is a few
+//! bytes written by one call. An empty file means "starting": read again.
+//!
+//! No `fsync`: readers read the page cache, and after a crash the pid is
+//! stale whatever the disk holds (the lock is what counts). A failed upgrade
+//! takes the pidfile back on the master's loop, and an `fsync` there waits
+//! for the disk: seconds, on a busy one, with the loop stopped.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -92,7 +97,6 @@ impl Pidfile {
             file.set_len(0)
                 .and_then(|_| file.rewind())
                 .and_then(|_| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
-                .and_then(|_| file.sync_all())
                 .map_err(io)?;
             return Ok(Pidfile {
                 path: path.to_path_buf(),
