@@ -121,6 +121,74 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// What /proc says of `pid`, for a failure message: each thread's state, and
+/// where it waits in the kernel (its stack is readable by root only).
+/// Under the load of a clean-clone CI, a drover that had logged its last
+/// line was not reaped for 20 s, and nothing said where it was.
+pub fn process_state(pid: Pid) -> String {
+    let mut out = String::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    for task in tasks.into_iter().flatten().flatten() {
+        let read = |name: &str| std::fs::read_to_string(task.path().join(name)).unwrap_or_default();
+        let stat = read("stat");
+        // "tid (comm) S ...": the state is the field after the command.
+        let state = stat
+            .rsplit_once(')')
+            .map_or("?", |(_, rest)| rest.trim_start());
+        let state = state.split(' ').next().unwrap_or("?");
+        out.push_str(&format!(
+            "\n  thread {} state {state} wchan {} stack:\n{}",
+            task.file_name().to_string_lossy(),
+            read("wchan"),
+            read("stack").trim_end()
+        ));
+    }
+    if out.is_empty() {
+        out.push_str("gone from /proc");
+    }
+    out
+}
+
+/// The processes (but this one) holding an end of one of the pipes
+/// `inodes`: "pid PID (parent PPID, state S): COMMAND LINE" each.
+pub fn pipe_holders(inodes: &[u64]) -> Vec<String> {
+    let names: Vec<String> = inodes.iter().map(|i| format!("pipe:[{i}]")).collect();
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| names.iter().any(|n| l.as_os_str() == n.as_str()))
+        });
+        if !holds {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace()
+            .collect();
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        found.push(format!(
+            "pid {pid} (parent {}, state {}): {}",
+            fields.get(1).unwrap_or(&"?"),
+            fields.first().unwrap_or(&"?"),
+            String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .trim_end()
+        ));
+    }
+    found
+}
+
 /// How to start drover.
 #[derive(Default)]
 pub struct Start {
@@ -151,6 +219,8 @@ pub struct Drover {
     pub dir: tempfile::TempDir,
     log: Arc<Mutex<String>>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// The inodes of the pipes of drover's stdout and stderr.
+    pipes: [u64; 2],
     status: Option<ExitStatus>,
 }
 
@@ -265,6 +335,14 @@ impl Start {
         drop(self.pass);
         let log = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();
+        let pipes = [
+            nix::sys::stat::fstat(child.stdout.as_ref().unwrap())
+                .unwrap()
+                .st_ino,
+            nix::sys::stat::fstat(child.stderr.as_ref().unwrap())
+                .unwrap()
+                .st_ino,
+        ];
         for stream in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stdout.take().unwrap()),
@@ -284,6 +362,7 @@ impl Start {
             dir,
             log,
             readers,
+            pipes,
             status: None,
         }
     }
@@ -338,29 +417,43 @@ impl Drover {
         kill(self.pid(), sig).unwrap();
     }
 
-    /// Waits for drover to exit; returns its status.
+    /// Waits for drover to exit, then for its output to close (everything
+    /// drover and its workers printed); returns its status. Output still open
+    /// at the limit fails with the processes that hold it.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         if let Some(s) = self.status {
             return s;
         }
-        let child = &mut self.child;
-        let status = wait_for("drover to exit", limit, || child.try_wait().unwrap());
-        self.status = Some(status);
-        // Everything drover (and its workers) printed, up to their exit.
-        let readers = &self.readers;
-        wait_for("the output to close", LIMIT, || {
-            readers.iter().all(|r| r.is_finished()).then_some(())
-        });
+        let status = self.wait_exit_only(limit);
+        let deadline = Instant::now() + LIMIT;
+        while !self.readers.iter().all(|r| r.is_finished()) {
+            assert!(
+                Instant::now() < deadline,
+                "drover exited ({status}) but its output was still open {LIMIT:?} later, held by: {}",
+                pipe_holders(&self.pipes).join("; ")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         status
     }
 
     /// Waits for drover to exit, without waiting for its output to close
     /// (a process it started may hold it open: a new master after an upgrade).
+    /// A drover still there at the limit fails with what /proc says of it.
     pub fn wait_exit_only(&mut self, limit: Duration) -> ExitStatus {
-        let child = &mut self.child;
-        let status = wait_for("drover to exit", limit, || child.try_wait().unwrap());
-        self.status = Some(status);
-        status
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.status = Some(status);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {limit:?} waiting for drover to exit; drover now: {}",
+                process_state(self.pid())
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Live (non-zombie) processes whose parent is drover.
