@@ -178,6 +178,24 @@ class Worker:
         self.close()
 
 
+def filter_everything_in(sock):
+    """Attaches a socket filter that lets every packet in to ``sock``: a
+    filter is there, as after drover's stage 1 of a shutdown, but new
+    connections still get in (SO_ATTACH_FILTER: no privilege needed on a
+    Unix socket)."""
+    import ctypes
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
+
+    accept = (SockFilter * 1)(SockFilter(0x06, 0, 0, 0xFFFFFFFF))  # BPF_RET|BPF_K: the whole packet
+    sock.setsockopt(socket.SOL_SOCKET, 26, bytes(SockFprog(1, accept)))  # SO_ATTACH_FILTER
+
+
 def read_stderr_until(worker, text):
     """The worker's standard error up to and with the first line holding
     ``text`` (read from the pipe: what follows stays for worker.wait())."""

@@ -11,7 +11,7 @@ import threading
 import time
 import unittest
 
-from tests.helpers import LIMIT, WSGI, Client, Worker, env_with_sdk, read_stderr_until, request
+from tests.helpers import LIMIT, WSGI, Client, Worker, env_with_sdk, filter_everything_in, read_stderr_until, request
 
 GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -568,6 +568,37 @@ class LifecycleTest(unittest.TestCase):
                 self.assertEqual(conn.recv(100), get("/pid"))
             for c in [busy, late] + early:
                 c.close()
+
+    def test_at_a_shutdown_a_connection_that_arrives_after_the_stop_is_served(self):
+        # At a shutdown drover's filter keeps new connections out, but a
+        # handshake under way completes after it, maybe after the worker's
+        # stop: such a connection is served, not left to a reset when the
+        # last copy of the listener closes. The filter here lets everything
+        # in, so that a connection can come after the stop.
+        release = self.tmp + ".release"
+        with Worker("apps:app", args=["--threads", "1"], family=socket.AF_UNIX) as w:
+            busy = Client(w)
+            busy.send(get("/hold?" + release))
+            w.notify.wait_for(b"STATUS=holding")  # the only thread is busy now
+            early = Client(w)
+            early.send(get("/pid"))
+            filter_everything_in(w.listener)
+            w.signal(signal.SIGTERM)
+            err = read_stderr_until(w, "stopping (graceful)")
+            late = Client(w)
+            late.send(get("/pid"))
+            with open(release, "w"):
+                pass
+            self.assertEqual(busy.response()[:3:2], (200, b"released"))
+            self.assertEqual(early.response()[0], 200)
+            self.assertEqual(late.response()[0], 200)
+            code, rest = w.wait()
+            err += rest
+            self.assertEqual(code, 0, err)
+            self.assertIn("listeners closed (the queue is empty): 2 queued connection(s) taken", err)
+            for c in (busy, early, late):
+                c.close()
+        os.unlink(release)
 
     def test_a_request_already_on_an_idle_connection_is_served_at_stop(self):
         with Worker("apps:app", args=["--threads", "1"]) as w:

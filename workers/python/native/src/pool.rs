@@ -249,7 +249,8 @@ struct Drain {
     /// reload the queue fills on, for the new workers, and an old worker
     /// that took from it until its drain deadline (a loaded CI run: 22 s)
     /// abandoned the requests it was in at that deadline (truncated
-    /// responses). At a shutdown nothing new is queued (stage 1).
+    /// responses). At a shutdown, behind drover's filter, no limit: nothing
+    /// new is queued but handshakes that were under way (stage 1).
     left: Vec<Option<u32>>,
 }
 
@@ -584,10 +585,12 @@ impl Shared {
         {
             let mut drain = self.drain.lock().unwrap();
             drain.deadline = now + drain_left;
+            // Behind drover's filter (a shutdown) nothing new can come but a
+            // handshake that was under way: that one is served too.
             drain.left = self
                 .listeners
                 .iter()
-                .map(|l| sock::queued(l.fd, l.unix))
+                .map(|l| (!sock::filtered(l.fd)).then(|| sock::queued(l.fd, l.unix))?)
                 .collect();
         }
         let mut taken = Vec::new();

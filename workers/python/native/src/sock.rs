@@ -199,6 +199,24 @@ pub fn tune_listener(fd: RawFd) {
     }
 }
 
+/// Whether a socket filter is attached to listener `fd`: drover's stage 1
+/// of a shutdown (docs/signals.md), after which no new connection gets in
+/// but a handshake already under way may still complete.
+pub fn filtered(fd: RawFd) -> bool {
+    // With no room given, the kernel says only the filter's length.
+    let mut len: libc::socklen_t = 0;
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_GET_FILTER,
+            std::ptr::null_mut(),
+            &mut len,
+        )
+    };
+    got == 0 && len > 0
+}
+
 /// How many connections wait in listener `fd`'s accept queue, if the kernel
 /// says: TCP_INFO on a TCP listener (its `tcpi_unacked` is the queue's
 /// length), sock_diag (`UNIX_DIAG_RQLEN`) on a Unix one. None when it cannot

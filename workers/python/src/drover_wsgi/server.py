@@ -17,7 +17,9 @@ connections from the listen queue, one at a time, as long as a request of the
 usual duration (a moving average) would end before the drain deadline, and
 only as many as the queue held when the stop came (in a reload the queue
 fills on, for the new workers: an old worker that took from it until its
-deadline abandoned the requests it was in then). When the queue is empty,
+deadline abandoned the requests it was in then); at a shutdown, once drover
+filtered the listeners, until the queue is empty (what is still to come is
+a handshake that was under way). When the queue is empty,
 what was queued at the stop is taken, or no more fits, this worker closes its
 copies of the listeners: what is still queued is left to the other workers,
 which drain it by the same rule, instead of being taken and abandoned at the
@@ -745,6 +747,22 @@ _TCP_LISTEN = 10
 _SOCK_DIAG_BY_FAMILY = 20
 _UDIAG_SHOW_RQLEN = 0x10
 _UNIX_DIAG_RQLEN = 4
+_SO_GET_FILTER = 26
+
+
+def filtered(sock: socket.socket) -> bool:
+    """Whether a socket filter is attached to listener ``sock``: drover's
+    stage 1 of a shutdown (docs/signals.md), after which no new connection
+    gets in but a handshake already under way may still complete."""
+    import ctypes  # only at a stop
+
+    # With no room given, the kernel says only the filter's length
+    # (socket.getsockopt cannot give none, and a filter longer than the room
+    # it gives would be copied past it).
+    length = ctypes.c_uint32(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    got = libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, _SO_GET_FILTER, None, ctypes.byref(length))
+    return got == 0 and length.value > 0
 
 
 def queued(sock: socket.socket) -> Optional[int]:
@@ -917,7 +935,9 @@ class Server:
             kind = dw.stop_kind()
         self.stop_kind = kind
         for info in self.listeners:
-            info.left = queued(info.sock)
+            # Behind drover's filter (a shutdown) nothing new can come but a
+            # handshake that was under way: that one is served too.
+            info.left = None if filtered(info.sock) else queued(info.sock)
         now = time.monotonic()
         self.first_byte_deadline = now + min(FIRST_BYTE_GRACE, dw.remaining_budget())
         # The polling thread sees the stop (or recycle) pipe and waits: we get
