@@ -72,6 +72,31 @@ pub fn loggable(text: &str, max: usize) -> String {
     out
 }
 
+/// A new `drover-XXXXXX` directory in memory where one can be had: under
+/// `$XDG_RUNTIME_DIR` (a tmpfs where systemd sets it), else under
+/// `/dev/shm`, and only else in the temp directory. The scoreboard goes
+/// there too, a shared mapping the workers write at every request: on a
+/// disk (`/tmp` often is one) its pages are written back there for nothing,
+/// and drover's exit, which removes and unmaps it, may wait for that
+/// writeback behind whatever else the disk is writing: the one wait for a
+/// disk between drover's last log line and its exit.
+fn private_dir() -> io::Result<tempfile::TempDir> {
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir());
+    let make = |base: &Path| tempfile::Builder::new().prefix("drover-").tempdir_in(base);
+    for base in runtime
+        .iter()
+        .map(PathBuf::as_path)
+        .chain([Path::new("/dev/shm")])
+    {
+        if let Ok(dir) = make(base) {
+            return Ok(dir);
+        }
+    }
+    make(&std::env::temp_dir())
+}
+
 /// The master's end: a bound socket in a 0700 directory removed on drop.
 pub struct NotifySocket {
     sock: UnixDatagram,
@@ -84,17 +109,12 @@ pub struct NotifySocket {
 }
 
 impl NotifySocket {
-    /// Creates the socket under `$XDG_RUNTIME_DIR` (or the temp directory).
-    /// With `owner`, the directory and socket belong to the workers' user so
-    /// that they, and no other user, can reach it.
+    /// Creates the socket under `$XDG_RUNTIME_DIR`, else under `/dev/shm`,
+    /// else in the temp directory (see `private_dir`). With `owner`, the
+    /// directory and socket belong to the workers' user so that they, and no
+    /// other user, can reach it.
     pub fn open(owner: Option<(u32, u32)>) -> io::Result<NotifySocket> {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new()
-            .prefix("drover-")
-            .tempdir_in(base)?;
+        let dir = private_dir()?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
         let path = dir.path().join("notify");
         let sock = UnixDatagram::bind(&path)?;

@@ -6,6 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -642,6 +643,42 @@ respawn_delay = "10s"
     let log = d.wait_log("(boot timeout)");
     assert!(log.contains("killed by SIGABRT"), "{log}");
     assert!(!log.contains("ready in"), "{log}");
+}
+
+/// Without `$XDG_RUNTIME_DIR` (a system service has none), drover's private
+/// directory, with the notify socket and the scoreboard the workers write at
+/// every request, is in memory (`/dev/shm`), not in the temp directory: on
+/// a disk, the scoreboard's pages were written back there, and drover's
+/// exit, which removes and unmaps it, could wait behind the disk.
+#[test]
+fn the_notify_socket_and_the_scoreboard_are_in_memory_not_on_a_disk() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"python3\", \"{probe}\", \"--probe-file\", \"$DIR/probe.json\"]\n",
+        probe = probe_py()
+    );
+    let start = Start {
+        env: vec![("XDG_RUNTIME_DIR".into(), "".into())],
+        ..Start::config(&config)
+    };
+    let mut d = start.run();
+    let probe = d.dir.path().join("probe.json");
+    let body = wait_for("the probe file", LIMIT, || {
+        let t = read_file(&probe);
+        t.contains("NOTIFY_SOCKET").then_some(t)
+    });
+    let socket = PathBuf::from(field(&body, "NOTIFY_SOCKET").trim_matches('"'));
+    let dir = socket.parent().unwrap().to_path_buf();
+    assert!(dir.join("scoreboard").exists(), "{}", dir.display());
+    let fs = nix::sys::statfs::statfs(&dir).unwrap();
+    assert_eq!(
+        fs.filesystem_type(),
+        nix::sys::statfs::TMPFS_MAGIC,
+        "{} is not on a tmpfs",
+        dir.display()
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    assert!(!dir.exists(), "{} removed at the exit", dir.display());
 }
 
 #[test]
