@@ -754,14 +754,17 @@ def filtered(sock: socket.socket) -> bool:
     """Whether a socket filter is attached to listener ``sock``: drover's
     stage 1 of a shutdown (docs/signals.md), after which no new connection
     gets in but a handshake already under way may still complete."""
-    import ctypes  # only at a stop
-
     # With no room given, the kernel says only the filter's length
     # (socket.getsockopt cannot give none, and a filter longer than the room
     # it gives would be copied past it).
-    length = ctypes.c_uint32(0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    got = libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, _SO_GET_FILTER, None, ctypes.byref(length))
+    try:
+        import ctypes  # only at a stop
+
+        length = ctypes.c_uint32(0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, _SO_GET_FILTER, None, ctypes.byref(length))
+    except (ImportError, OSError, AttributeError):  # a Python built without ctypes
+        return False
     return got == 0 and length.value > 0
 
 
