@@ -668,6 +668,20 @@ fn graceful_shutdown_under_load_resets_nothing(core: &str) {
 }
 with_each_core!(graceful_shutdown_under_load_resets_nothing);
 
+/// The count of each `listeners closed (...): N queued connection(s) taken`
+/// line of a stopping drover_wsgi worker, in the order logged.
+fn queued_taken(log: &str) -> Vec<usize> {
+    log.lines()
+        .filter_map(|l| {
+            l.rsplit("): ")
+                .next()?
+                .strip_suffix(" queued connection(s) taken")?
+                .parse::<usize>()
+                .ok()
+        })
+        .collect()
+}
+
 /// The bug of issue 13: on a graceful stop with a full listen queue, one
 /// worker took every queued connection and abandoned what its threads could
 /// not serve by its drain deadline, while its siblings exited idle (24 and 36
@@ -735,16 +749,7 @@ fn a_graceful_stop_with_a_full_queue_serves_every_accepted_request(core: &str) {
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(!log.contains("abandoning"), "{log}");
     // Each worker took its share of the queue (no worker all of it).
-    let taken: Vec<usize> = log
-        .lines()
-        .filter_map(|l| {
-            l.rsplit("): ")
-                .next()?
-                .strip_suffix(" queued connection(s) taken")?
-                .parse::<usize>()
-                .ok()
-        })
-        .collect();
+    let taken = queued_taken(&log);
     assert_eq!(taken.len(), 4, "{log}");
     assert!(
         taken.iter().all(|n| (1..=20).contains(n)),
@@ -777,17 +782,7 @@ fn a_retired_worker_takes_only_what_was_queued_at_its_stop(core: &str) {
         (0, 0, 0, 0),
         "{o:?}\n{log}"
     );
-    let taken: Vec<usize> = log
-        .lines()
-        .filter(|l| l.contains("listeners closed"))
-        .filter_map(|l| {
-            l.rsplit("): ")
-                .next()?
-                .strip_suffix(" queued connection(s) taken")?
-                .parse::<usize>()
-                .ok()
-        })
-        .collect();
+    let taken = queued_taken(&log);
     assert_eq!(taken.len(), 2, "{log}");
     assert!(taken.iter().all(|n| *n <= 64), "{taken:?}: {log}");
     assert!(!log.contains("abandoning"), "{log}");

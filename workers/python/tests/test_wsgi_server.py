@@ -539,35 +539,9 @@ class LifecycleTest(unittest.TestCase):
         os.unlink(release)
 
     def _late_connection_left_in_queue(self, family, queued_at_stop, release):
-        with Worker("apps:app", args=["--threads", "1"], family=family) as w:
-            busy = Client(w)
-            busy.send(get("/hold?" + release))
-            w.notify.wait_for(b"STATUS=holding")  # the only thread is busy now
-            early = [Client(w) for _ in range(queued_at_stop)]
-            for c in early:
-                c.send(get("/pid"))
-            w.signal(signal.SIGTERM)
-            # The queue's length is read before this line.
-            err = read_stderr_until(w, "stopping (graceful)")
-            late = Client(w)
-            late.send(get("/pid"))
-            with open(release, "w"):
-                pass
-            self.assertEqual(busy.response()[:3:2], (200, b"released"))
-            for c in early:
-                self.assertEqual(c.response()[0], 200)
-            code, rest = w.wait()
-            err += rest
-            self.assertEqual(code, 0, err)
-            self.assertIn("listeners closed (what was queued at the stop is taken): %d queued connection(s) taken"
-                          % queued_at_stop, err)
-            w.listener.settimeout(LIMIT)
-            conn, _ = w.listener.accept()  # the late connection, left in the queue
-            with conn:
-                conn.settimeout(LIMIT)
-                self.assertEqual(conn.recv(100), get("/pid"))
-            for c in [busy, late] + early:
-                c.close()
+        err = self._stop_with_a_late_connection(family, queued_at_stop, release, shutdown=False)
+        self.assertIn("listeners closed (what was queued at the stop is taken): %d queued connection(s) taken"
+                      % queued_at_stop, err)
 
     def test_at_a_shutdown_a_connection_that_arrives_after_the_stop_is_served(self):
         # At a shutdown drover's filter keeps new connections out, but a
@@ -576,29 +550,46 @@ class LifecycleTest(unittest.TestCase):
         # last copy of the listener closes. The filter here lets everything
         # in, so that a connection can come after the stop.
         release = self.tmp + ".release"
-        with Worker("apps:app", args=["--threads", "1"], family=socket.AF_UNIX) as w:
+        err = self._stop_with_a_late_connection(socket.AF_UNIX, 1, release, shutdown=True)
+        self.assertIn("listeners closed (the queue is empty): 2 queued connection(s) taken", err)
+        os.unlink(release)
+
+    def _stop_with_a_late_connection(self, family, queued_at_stop, release, shutdown):
+        """A worker of one busy thread, queued_at_stop connections queued,
+        SIGTERM (behind a filter, as at drover's shutdown, if ``shutdown``),
+        then one more connection: served at a shutdown, else left in the
+        queue this test holds. Returns the worker's stderr."""
+        with Worker("apps:app", args=["--threads", "1"], family=family) as w:
             busy = Client(w)
             busy.send(get("/hold?" + release))
             w.notify.wait_for(b"STATUS=holding")  # the only thread is busy now
-            early = Client(w)
-            early.send(get("/pid"))
-            filter_everything_in(w.listener)
+            early = [Client(w) for _ in range(queued_at_stop)]
+            for c in early:
+                c.send(get("/pid"))
+            if shutdown:
+                filter_everything_in(w.listener)
             w.signal(signal.SIGTERM)
+            # The queue's length is read before this line.
             err = read_stderr_until(w, "stopping (graceful)")
             late = Client(w)
             late.send(get("/pid"))
             with open(release, "w"):
                 pass
             self.assertEqual(busy.response()[:3:2], (200, b"released"))
-            self.assertEqual(early.response()[0], 200)
-            self.assertEqual(late.response()[0], 200)
+            for c in early + ([late] if shutdown else []):
+                self.assertEqual(c.response()[0], 200)
             code, rest = w.wait()
             err += rest
             self.assertEqual(code, 0, err)
-            self.assertIn("listeners closed (the queue is empty): 2 queued connection(s) taken", err)
-            for c in (busy, early, late):
+            if not shutdown:
+                w.listener.settimeout(LIMIT)
+                conn, _ = w.listener.accept()  # the late connection, left in the queue
+                with conn:
+                    conn.settimeout(LIMIT)
+                    self.assertEqual(conn.recv(100), get("/pid"))
+            for c in [busy, late] + early:
                 c.close()
-        os.unlink(release)
+            return err
 
     def test_a_request_already_on_an_idle_connection_is_served_at_stop(self):
         with Worker("apps:app", args=["--threads", "1"]) as w:
