@@ -119,6 +119,58 @@ class NotifyTest(unittest.TestCase):
         finally:
             n.close()
 
+    def test_a_worker_out_of_descriptors_still_notifies(self):
+        # A flood of connections can take every descriptor; the heartbeat
+        # (WATCHDOG=1) must still go out, or drover kills a worker that still
+        # serves. A socket per message failed with EMFILE there.
+        n = NotifySocket()
+        try:
+            r = run_script("""
+                import os, resource, drover_worker as dw
+                print(dw.ready())
+                resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # quick to use up
+                held = []
+                try:
+                    while True:
+                        held.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError as e:
+                    print(e.errno)
+                print(dw.heartbeat())
+            """, env={"NOTIFY_SOCKET": n.path})
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual(r.stdout.split(), ["True", "24", "True"])  # 24: EMFILE
+            self.assertEqual([n.recv(1), n.recv(1)], [b"READY=1", b"WATCHDOG=1"])
+        finally:
+            n.close()
+
+    def test_a_forked_child_notifies_as_itself(self):
+        # The kept socket is the parent's: a child (a preload template's
+        # worker) makes its own, and drover sees the child's pid.
+        n = NotifySocket()
+        try:
+            n.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            r = run_script("""
+                import os, drover_worker as dw
+                dw.status("parent")
+                pid = os.fork()
+                if pid == 0:
+                    dw.status("child")
+                    os._exit(0)
+                os.waitpid(pid, 0)
+                print(os.getpid(), pid)
+            """, env={"NOTIFY_SOCKET": n.path})
+            self.assertEqual(r.returncode, 0, r.stderr)
+            parent, child = map(int, r.stdout.split())
+            import struct
+            senders = []
+            for _ in range(2):
+                msg, anc, _, _ = n.sock.recvmsg(100, socket.CMSG_SPACE(12))
+                pid = [struct.unpack("iII", d)[0] for _, t, d in anc if t == socket.SCM_CREDENTIALS]
+                senders.append((msg, pid))
+            self.assertEqual(senders, [(b"STATUS=parent", [parent]), (b"STATUS=child", [child])])
+        finally:
+            n.close()
+
     def test_abstract_socket(self):
         name = "drover-test-%d" % os.getpid()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

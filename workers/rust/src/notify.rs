@@ -3,7 +3,10 @@
 //! The master tells each worker where to write in `$NOTIFY_SOCKET`: a Unix
 //! datagram socket given as a filesystem path, or as `@name` for Linux's
 //! abstract namespace. Each message is one datagram of `KEY=VALUE` lines, sent
-//! from an unbound socket; the master learns which worker sent it from the
+//! from an unbound socket made at the first message and kept (a socket per
+//! message, as `sd_notify` makes, fails with `EMFILE` once a flood of
+//! connections took every descriptor, and a heartbeat that cannot be sent
+//! gets a worker that still serves killed); the master learns which worker sent it from the
 //! kernel-supplied credentials, so nothing identifies the sender in the text.
 //! Because this is systemd's protocol, the same worker also works under
 //! systemd (`Type=notify`) and with any library that speaks it.
@@ -33,10 +36,17 @@ pub fn notify(state: &str) -> io::Result<bool> {
 /// for callers (and tests) that have the address at hand.
 pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
     let bytes = socket.as_bytes();
-    let sender = UnixDatagram::unbound()?;
+    let made;
+    let sender = match kept_sender() {
+        Some(kept) => kept,
+        None => {
+            made = UnixDatagram::unbound()?;
+            &made
+        }
+    };
     let sent = match bytes.first() {
         Some(b'/') => sender.send_to(state.as_bytes(), socket)?,
-        Some(b'@') => send_abstract(&sender, &bytes[1..], state.as_bytes())?,
+        Some(b'@') => send_abstract(sender, &bytes[1..], state.as_bytes())?,
         _ => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -57,6 +67,17 @@ pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The socket this process sends from, made at its first message. None in
+/// a child forked since (it sends from a socket of its own, one per message)
+/// or when no socket can be made.
+fn kept_sender() -> Option<&'static UnixDatagram> {
+    static SENDER: std::sync::OnceLock<Option<(u32, UnixDatagram)>> = std::sync::OnceLock::new();
+    let (owner, sender) = SENDER
+        .get_or_init(|| Some((std::process::id(), UnixDatagram::unbound().ok()?)))
+        .as_ref()?;
+    (*owner == std::process::id()).then_some(sender)
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -178,6 +199,40 @@ pub(crate) mod tests {
         let sock = UnixDatagram::bind_addr(&addr).unwrap();
         notify_to(OsStr::new(&format!("@{name}")), "WATCHDOG=1").unwrap();
         assert_eq!(recv(&sock), "WATCHDOG=1");
+    }
+
+    /// A worker whose descriptors a flood of connections took still sends
+    /// its heartbeat (in a child process: it uses them all up).
+    #[test]
+    fn a_process_out_of_descriptors_still_notifies() {
+        if !crate::testutil::in_child("a_process_out_of_descriptors_still_notifies") {
+            let dir = temp_dir("notify-emfile");
+            let path = dir.join("notify.sock");
+            let sock = UnixDatagram::bind(&path).unwrap();
+            crate::testutil::run_child(
+                "notify::tests::a_process_out_of_descriptors_still_notifies",
+                &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+            );
+            assert_eq!([recv(&sock), recv(&sock)], ["READY=1", "WATCHDOG=1"]);
+            std::fs::remove_dir_all(&dir).unwrap();
+            return;
+        }
+        assert!(ready().unwrap());
+        // A low limit, so that using it up is quick.
+        let limit = libc::rlimit {
+            rlim_cur: 64,
+            rlim_max: 64,
+        };
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        let mut held = Vec::new();
+        let err = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => held.push(f),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
+        assert!(heartbeat().unwrap());
     }
 
     #[test]

@@ -291,9 +291,36 @@ def notify(state: Union[str, bytes]) -> bool:
     elif addr[0] != "/":
         raise OSError("NOTIFY_SOCKET=%r is neither an absolute path nor @abstract" % addr)
     data = state.encode("utf-8") if isinstance(state, str) else bytes(state)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.sendto(data, addr)
+    _notify_socket().sendto(data, addr)
     return True
+
+
+# The socket notify() sends from, made at its first call (drover-wsgi and the
+# launchers send X_DROVER_WILL_NOTIFY=1 before they accept anything) and kept:
+# a socket per message, as sd_notify makes, fails with EMFILE once a flood of
+# connections took every descriptor, and a heartbeat that cannot be sent gets
+# a worker that still serves killed. A forked child closes its copy of the
+# parent's and makes its own. (No lock: two threads that make one at once
+# keep one; the other is closed, unused.)
+_notify_sock: Optional[Tuple[int, socket.socket]] = None
+
+
+def _notify_socket() -> socket.socket:
+    global _notify_sock
+    mine = _notify_sock
+    if mine is None or mine[0] != os.getpid():
+        if mine is not None:
+            mine[1].close()  # the parent's, inherited: this process's copy only
+        mine = (os.getpid(), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+        _notify_sock = mine
+    return mine[1]
+
+
+def _notify_fd() -> int:
+    """The descriptor of the socket notify() keeps, -1 if none (for the
+    preload template, which names the sockets the application left open)."""
+    mine = _notify_sock
+    return mine[1].fileno() if mine is not None and mine[0] == os.getpid() else -1
 
 
 def ready() -> bool:

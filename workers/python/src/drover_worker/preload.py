@@ -564,10 +564,12 @@ def _thread_refusal():
 
 def open_sockets(channel_fd):
     """Warnings for sockets open in this process other than the listeners
-    (fds 3 up to the channel) and the channel itself."""
+    (fds 3 up to the channel), the channel itself and the SDK's notify
+    socket (each worker makes its own)."""
     warnings = []
+    notify_fd = _dw._notify_fd()
     for fd in _fds():
-        if fd <= 2 or 3 <= fd <= channel_fd:
+        if fd <= 2 or 3 <= fd <= channel_fd or fd == notify_fd:
             continue
         try:
             if not os.readlink("/proc/self/fd/%d" % fd).startswith("socket:"):
