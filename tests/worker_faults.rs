@@ -275,6 +275,9 @@ fn a_start_that_fails_counts_as_a_restart() {
          respawn_delay = \"10ms\"\nrespawn_max_delay = \"40ms\"\n"
     ))
     .run();
+    // Ready first: a worker that dies before any was ready is a start-up
+    // failure, and drover exits 3 (a CI run killed it 1.8 ms after its spawn).
+    d.wait_log("all 1 workers ready");
     let pids = d.wait_workers(1);
     std::fs::remove_file(&program).unwrap();
     nix::sys::signal::kill(pids[0], Signal::SIGKILL).unwrap();
