@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1025,18 +1025,11 @@ fn an_app_whose_own_sigterm_handler_exits_is_drained_first(core: &str) {
 }
 with_each_core!(an_app_whose_own_sigterm_handler_exits_is_drained_first);
 
-/// An app that starts a non-daemon thread that never ends (a queue consumer,
-/// a scheduler): the interpreter's exit waits for it, and drover killed the
-/// worker at graceful_timeout (exit status 4, "still running at its stop
-/// deadline; sending SIGKILL") with nothing in the log to say why. Now the
-/// worker names the thread, and exits 0 at the end of its stop budget, after
-/// its registry.
-fn an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill(core: &str) {
-    let config = app_with_habits(
-        core,
-        "graceful_timeout = \"3s\"",
-        "APP_NON_DAEMON_THREAD = \"1\"",
-    );
+/// Two workers of app_habits with the habit `env` and a graceful_timeout of
+/// 3 s, one request served, then SIGTERM: drover once it exited, the
+/// workers' pids, its exit status and its log.
+fn stopped_with_habit(core: &str, env: &str) -> (Drover, Vec<Pid>, ExitStatus, String) {
+    let config = app_with_habits(core, "graceful_timeout = \"3s\"", env);
     let mut d = Start::config(&config).run();
     d.wait_log("all 2 workers ready");
     let workers = d.wait_workers(2);
@@ -1044,6 +1037,17 @@ fn an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill(core: &str)
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit(LIMIT);
     let log = d.log();
+    (d, workers, status, log)
+}
+
+/// An app that starts a non-daemon thread that never ends (a queue consumer,
+/// a scheduler): the interpreter's exit waits for it, and drover killed the
+/// worker at graceful_timeout (exit status 4, "still running at its stop
+/// deadline; sending SIGKILL") with nothing in the log to say why. Now the
+/// worker names the thread, and exits 0 at the end of its stop budget, after
+/// its registry.
+fn an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill(core: &str) {
+    let (d, workers, status, log) = stopped_with_habit(core, "APP_NON_DAEMON_THREAD = \"1\"");
     assert_eq!(status.code(), Some(0), "no worker was killed: {log}");
     assert!(!log.contains("SIGKILL"), "{log}");
     assert!(
@@ -1067,18 +1071,7 @@ with_each_core!(an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkil
 /// graceful_timeout (exit status 4, SIGKILL). Now faulthandler's timer ends
 /// it just past its stop budget, with every thread's stack on stderr.
 fn an_app_whose_teardown_hangs_does_not_hold_the_worker_to_sigkill(core: &str) {
-    let config = app_with_habits(
-        core,
-        "graceful_timeout = \"3s\"",
-        "APP_TEARDOWN_HANG = \"1\"",
-    );
-    let mut d = Start::config(&config).run();
-    d.wait_log("all 2 workers ready");
-    let workers = d.wait_workers(2);
-    get_ok(d.tcp_addr(), "/");
-    d.signal(Signal::SIGTERM);
-    let status = d.wait_exit(LIMIT);
-    let log = d.log();
+    let (d, workers, status, log) = stopped_with_habit(core, "APP_TEARDOWN_HANG = \"1\"");
     assert!(!log.contains("SIGKILL"), "no worker was killed: {log}");
     assert_ne!(status.code(), Some(4), "{log}");
     // Where it hung, for the operator: the finalizer's frame.
