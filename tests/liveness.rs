@@ -577,6 +577,34 @@ fn a_quick_stop_hurries_a_worker_aborted_at_boot() {
     assert!(log.contains("killed by SIGKILL (boot timeout)"), "{log}");
 }
 
+/// A worker aborted at its boot deadline before a shutdown, and killed at
+/// its abort_grace during it, was killed by the shutdown as much as one
+/// killed at the shutdown's deadline: it counts in `killed`, and drover
+/// exits with status 4 (docs/signals.md, exit statuses). The code before
+/// counted only the workers stopping or booting at their deadline: this
+/// stop said "(0 killed)" and exited with 0.
+#[test]
+fn a_worker_aborted_at_boot_and_killed_during_the_shutdown_counts_as_killed() {
+    let worker = "trap '' ABRT; exec sleep 1000";
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
+         abort_grace = \"2s\"\ngraceful_timeout = \"30s\"\nrespawn_delay = \"10s\"\n\
+         command = [\"sh\", \"-c\", {worker:?}]\n"
+    ))
+    .run();
+    d.wait_log("within boot_timeout (1s); SIGABRT");
+    d.signal(Signal::SIGTERM);
+    d.wait_log("graceful shutdown");
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(
+        log.contains("still running 2s after its SIGABRT; sending SIGKILL"),
+        "{log}"
+    );
+    assert!(log.contains("(1 killed)"), "{log}");
+    assert_eq!(status.code(), Some(4), "{log}");
+}
+
 /// A worker that becomes ready during a graceful shutdown and does not
 /// stop is killed at the shutdown's deadline, `graceful_timeout` after the
 /// signal, not `graceful_timeout` after its own SIGTERM (here 1.5 s later):

@@ -1695,7 +1695,7 @@ fn max_execing() -> usize {
 #[derive(Default)]
 struct Overdue {
     actions: Vec<Action>,
-    /// Killed at the shutdown's deadline (`Shutdown::killed`).
+    /// Killed at a deadline (counted in `Shutdown::killed` during a shutdown).
     killed: u32,
     /// Slots whose worker missed its heartbeat, and whether it had lived
     /// `respawn_reset_after` (its slot's failures count from 0 again).
@@ -1812,6 +1812,9 @@ impl Overdue {
                      sending SIGKILL to its process group",
                     w.gen.s.abort_grace
                 );
+                // Aborted at its boot deadline, perhaps before a shutdown: a
+                // kill during one counts as the shutdown's, as for any worker.
+                self.killed += 1;
                 self.actions.push(Action::KillGroup { slot, pid, kill });
             }
             State::Killed { .. } | State::ExecFailed => {}
