@@ -1,16 +1,40 @@
 //! drover's own readiness, for a service manager that started it with
 //! `NOTIFY_SOCKET` (systemd `Type=notify`, or an old drover during an
-//! upgrade). The sending is the worker SDK's: one implementation of the
-//! protocol serves both sides.
+//! upgrade). The protocol is the worker SDK's: one implementation serves
+//! both sides.
+//!
+//! The master's loop must never wait for the receiver: a service manager
+//! that does not read (PID 1 busy with a `daemon-reload`, or hung) fills its
+//! socket's queue (`net.unix.max_dgram_qlen`, 10 datagrams by default
+//! outside systemd's own settings), and a blocking send would then stop the
+//! supervision. So the sends never block. When the queue is full, a
+//! periodic message (`STATUS=`, `WATCHDOG=1`) is dropped: the next one
+//! replaces it. A change of state (`READY=1`, `RELOADING=1`, `STOPPING=1`,
+//! `MAINPID=`) must arrive, in order: missing, systemd fails the start at
+//! `TimeoutStartSec`, or an upgrade's old master never retires. Those wait,
+//! and are sent again each turn of the loop (every [`RETRY`] at least)
+//! until the receiver takes them.
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::time::Duration;
+use std::io;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
 
-use tracing::debug;
+use tracing::{debug, error, info, warn};
 
 /// The key of the new master's message to the old one during an upgrade:
 /// it was asked to stop (`graceful:CAUSE` or `quick:CAUSE`).
 pub const UPGRADE_STOP: &str = "DROVER_STOP";
+
+/// How often a change of state is offered again to a receiver whose queue
+/// was full.
+pub const RETRY: Duration = Duration::from_millis(100);
+
+/// At drover's exit, how long it waits for the receiver to take the
+/// changes of state still waiting (a `MAINPID=` that hands the service to
+/// a new master, the last `STOPPING=1`).
+const LAST_WAIT: Duration = Duration::from_secs(1);
 
 /// Where to send, if anywhere; a no-op otherwise.
 pub struct Systemd {
@@ -25,6 +49,41 @@ pub struct Systemd {
     /// We are the new master of an upgrade, not ready yet: our first
     /// `READY=1` completes it (the old master retires on it).
     upgrading: bool,
+    /// Non-blocking, made once (a socket per message fails once a flood
+    /// took every descriptor).
+    sender: Option<UnixDatagram>,
+    /// Changes of state not taken yet (the receiver's queue was full), in
+    /// order.
+    waiting: VecDeque<Waiting>,
+    /// When to offer them again.
+    retry_at: Option<Instant>,
+}
+
+/// A change of state the receiver has not taken yet.
+struct Waiting {
+    to: OsString,
+    message: String,
+    /// Our `READY=1` to the old master of an upgrade: taken, it completes
+    /// the upgrade.
+    completes_upgrade: bool,
+}
+
+/// What our `READY=1` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// To the service manager (if any): nothing more.
+    Told,
+    /// We are the new master of an upgrade, and the old master was told:
+    /// it retires, and what it holds is ours.
+    Upgraded,
+    /// ... but the old master's queue is full: the upgrade completes when
+    /// it takes the message ([`Systemd::retry`]).
+    Waits,
+}
+
+/// A message as the log names it: its first line.
+fn first_line(state: &str) -> &str {
+    state.lines().next().unwrap_or("")
 }
 
 impl Systemd {
@@ -45,12 +104,20 @@ impl Systemd {
         ] {
             std::env::remove_var(var);
         }
+        let sender = socket.as_ref().and_then(|socket| {
+            let made = UnixDatagram::unbound().and_then(|s| s.set_nonblocking(true).map(|()| s));
+            made.map_err(|e| warn!("cannot notify {socket:?}: no socket to send from: {e}"))
+                .ok()
+        });
         Systemd {
             socket,
             after_ready,
             watchdog,
             handed_over: false,
             upgrading,
+            sender,
+            waiting: VecDeque::new(),
+            retry_at: None,
         }
     }
 
@@ -64,30 +131,168 @@ impl Systemd {
         self.after_ready.as_ref().or(self.socket.as_ref())
     }
 
-    pub fn send(&self, state: &str) {
-        if self.handed_over {
+    /// A periodic message: dropped if the receiver's queue is full, or
+    /// while changes of state wait (the next one replaces it).
+    fn send(&mut self, state: &str) {
+        let Some(socket) = self.socket.clone().filter(|_| !self.handed_over) else {
             return;
+        };
+        let why = if !self.waiting.is_empty() {
+            "earlier messages still wait"
+        } else {
+            match self.try_send(&socket, state) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => "its queue is full",
+                _ => return,
+            }
+        };
+        warn!(
+            "NOTIFY_SOCKET {socket:?} is not reading: {} dropped ({why})",
+            first_line(state)
+        );
+    }
+
+    /// A change of state: sent after those still waiting, and kept to be
+    /// sent again if the receiver's queue is full.
+    /// Returns false if it waits.
+    fn send_surely(&mut self, state: String) -> bool {
+        let Some(socket) = self.socket.clone().filter(|_| !self.handed_over) else {
+            return true;
+        };
+        if self.waiting.is_empty() {
+            match self.try_send(&socket, &state) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => return true,
+            }
         }
-        let Some(socket) = &self.socket else { return };
-        if let Err(e) = drover_worker::notify::notify_to(socket, state) {
-            debug!("cannot notify {socket:?}: {e}");
+        warn!(
+            "NOTIFY_SOCKET {socket:?} is not reading: {} waits, sent again every {} until it is \
+             taken",
+            first_line(&state),
+            humantime::format_duration(RETRY)
+        );
+        self.waiting.push_back(Waiting {
+            to: socket,
+            message: state,
+            completes_upgrade: false,
+        });
+        self.retry_at.get_or_insert_with(|| Instant::now() + RETRY);
+        false
+    }
+
+    /// One send; an error other than a full queue is logged here (the
+    /// receiver is gone, or the address is bad: nothing to wait for).
+    fn try_send(&self, socket: &OsString, state: &str) -> io::Result<()> {
+        let Some(sender) = &self.sender else {
+            return Ok(());
+        };
+        let sent = drover_worker::notify::notify_from(sender, socket, state);
+        match &sent {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                debug!("cannot notify {socket:?}: {e}")
+            }
+            _ => {}
+        }
+        sent
+    }
+
+    /// Offers the changes of state that wait again, in order. Each turn of
+    /// the loop; `retry_at` says when one is due without any other event.
+    /// True when this completed an upgrade (see [`Ready::Waits`]).
+    pub fn retry(&mut self) -> bool {
+        let mut upgraded = false;
+        while let Some(w) = self.waiting.front() {
+            match self.try_send(&w.to, &w.message) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.retry_at = Some(Instant::now() + RETRY);
+                    return upgraded;
+                }
+                Ok(()) => info!(
+                    "NOTIFY_SOCKET {:?} took {} at last",
+                    w.to,
+                    first_line(&w.message)
+                ),
+                // Gone: nothing to wait for (an old master that died has
+                // nothing left to hand over either).
+                Err(_) => {}
+            }
+            if self
+                .waiting
+                .pop_front()
+                .is_some_and(|w| w.completes_upgrade)
+            {
+                upgraded |= self.complete_upgrade();
+            }
+        }
+        self.retry_at = None;
+        upgraded
+    }
+
+    /// When the changes of state that wait are offered again, if any wait.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// At exit: the changes of state that still wait get [`LAST_WAIT`] to
+    /// be taken, then are dropped, each with an error.
+    pub fn flush_before_exit(&mut self) {
+        let until = Instant::now() + LAST_WAIT;
+        if let Some(s) = self.sender.as_ref().filter(|_| !self.waiting.is_empty()) {
+            let _ = s.set_nonblocking(false);
+        }
+        while let Some(Waiting {
+            to: socket,
+            message: state,
+            ..
+        }) = self.waiting.pop_front()
+        {
+            let left = until.saturating_duration_since(Instant::now());
+            let waited = self.sender.as_ref().is_some_and(|s| {
+                !left.is_zero()
+                    && s.set_write_timeout(Some(left)).is_ok()
+                    && !matches!(self.try_send(&socket, &state),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            });
+            if !waited {
+                error!(
+                    "NOTIFY_SOCKET {socket:?} did not take {} within {} of drover's exit: \
+                     dropped",
+                    first_line(&state),
+                    humantime::format_duration(LAST_WAIT)
+                );
+            }
         }
     }
 
-    /// `READY=1` with the status; true when it completes an upgrade (we
-    /// are the new master, and the old one retires on it).
-    pub fn ready(&mut self, summary: &str) -> bool {
-        self.send(&format!(
+    /// `READY=1` with the status. As the new master of an upgrade, to the
+    /// old master, which retires on it: until it has taken it, we are
+    /// still upgrading, and speak to it.
+    pub fn ready(&mut self, summary: &str) -> Ready {
+        let sent = self.send_surely(format!(
             "READY=1\nSTATUS={summary}\nMAINPID={}",
             std::process::id()
         ));
+        if !self.upgrading {
+            Ready::Told
+        } else if sent && self.complete_upgrade() {
+            Ready::Upgraded
+        } else {
+            if let Some(w) = self.waiting.back_mut() {
+                w.completes_upgrade = true;
+            }
+            Ready::Waits
+        }
+    }
+
+    /// The old master has our `READY=1`: from now on we speak to the
+    /// service manager. False if it had it already.
+    fn complete_upgrade(&mut self) -> bool {
         if let Some(service) = self.after_ready.take() {
             self.socket = Some(service);
         }
         std::mem::take(&mut self.upgrading)
     }
 
-    pub fn reloading(&self) {
+    pub fn reloading(&mut self) {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -95,12 +300,12 @@ impl Systemd {
         // SAFETY: clock_gettime writes into the struct we own.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
-        self.send(&format!(
+        self.send_surely(format!(
             "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading"
         ));
     }
 
-    pub fn status(&self, summary: &str) {
+    pub fn status(&mut self, summary: &str) {
         self.send(&format!("STATUS={summary}"));
     }
 
@@ -110,27 +315,136 @@ impl Systemd {
     /// was asked of drover, and the old master stops too on
     /// [`UPGRADE_STOP`]. A stop of our own (a worker that cannot boot) only
     /// fails the upgrade, which our exit tells it.
-    pub fn stopping(&self, asked: Option<(bool, &str)>) {
+    pub fn stopping(&mut self, asked: Option<(bool, &str)>) {
         if !self.upgrading {
-            self.send("STOPPING=1\nSTATUS=stopping");
+            self.send_surely("STOPPING=1\nSTATUS=stopping".to_string());
         } else if let Some((quick, cause)) = asked {
             let pace = if quick { "quick" } else { "graceful" };
-            self.send(&format!("STOPPING=1\n{UPGRADE_STOP}={pace}:{cause}"));
+            self.send_surely(format!("STOPPING=1\n{UPGRADE_STOP}={pace}:{cause}"));
         }
     }
 
     /// Hands the service over to the master `pid`: our last message. With
     /// `NotifyAccess=all`, a later `STOPPING=1` of ours would stop the service.
     pub fn main_pid(&mut self, pid: i32) {
-        self.send(&format!("MAINPID={pid}"));
+        self.send_surely(format!("MAINPID={pid}"));
         self.handed_over = true;
     }
 
     /// Only to the service manager: before a new master of an upgrade is
     /// ready, `socket` is the old master's, which needs no heartbeat.
-    pub fn watchdog(&self) {
+    pub fn watchdog(&mut self) {
         if self.after_ready.is_none() {
             self.send("WATCHDOG=1");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Fills `path`'s queue, as a receiver that does not read lets it
+    /// fill: full once a fresh sender cannot send one datagram (each
+    /// sender is bounded by its own send buffer too).
+    fn fill(path: &Path) {
+        let full = (0..1000).any(|_| {
+            let sender = UnixDatagram::unbound().unwrap();
+            sender.set_nonblocking(true).unwrap();
+            let mut sent = 0;
+            while sender.send_to(b"FILLER=1", path).is_ok() {
+                sent += 1;
+            }
+            sent == 0
+        });
+        assert!(full, "the queue of {path:?} never filled");
+    }
+
+    /// What `r` has received, but the filler.
+    fn read(r: &UnixDatagram) -> Vec<String> {
+        r.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        std::iter::from_fn(|| {
+            let n = r.recv(&mut buf).ok()?;
+            Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .filter(|m| m != "FILLER=1")
+        .collect()
+    }
+
+    fn systemd(socket: &Path, after_ready: Option<&Path>) -> Systemd {
+        let sender = UnixDatagram::unbound().unwrap();
+        sender.set_nonblocking(true).unwrap();
+        Systemd {
+            socket: Some(socket.into()),
+            after_ready: after_ready.map(Into::into),
+            watchdog: None,
+            handed_over: false,
+            upgrading: after_ready.is_some(),
+            sender: Some(sender),
+            waiting: VecDeque::new(),
+            retry_at: None,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_a_status_and_keeps_the_changes_of_state_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let r = UnixDatagram::bind(&path).unwrap();
+        fill(&path);
+        let mut sd = systemd(&path, None);
+        sd.status("dropped");
+        assert_eq!(sd.retry_at(), None);
+        assert_eq!(sd.ready("2/2"), Ready::Told);
+        assert!(sd.retry_at().is_some());
+        sd.status("dropped too: READY=1 waits");
+        sd.stopping(None);
+        assert!(!sd.retry());
+        assert_eq!(read(&r), Vec::<String>::new());
+        assert!(!sd.retry());
+        assert_eq!(sd.retry_at(), None);
+        let pid = std::process::id();
+        assert_eq!(
+            read(&r),
+            [
+                format!("READY=1\nSTATUS=2/2\nMAINPID={pid}"),
+                "STOPPING=1\nSTATUS=stopping".to_string()
+            ]
+        );
+        sd.status("sent");
+        assert_eq!(read(&r), ["STATUS=sent"]);
+    }
+
+    /// The new master of an upgrade whose `READY=1` the old master has not
+    /// taken yet is still upgrading: a stop goes to the old master, after
+    /// it; the upgrade completes when the old master takes it.
+    #[test]
+    fn an_upgrade_completes_when_the_old_master_takes_ready_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, service) = (dir.path().join("old"), dir.path().join("service"));
+        let (r_old, r_service) = (
+            UnixDatagram::bind(&old).unwrap(),
+            UnixDatagram::bind(&service).unwrap(),
+        );
+        fill(&old);
+        let mut sd = systemd(&old, Some(&service));
+        assert_eq!(sd.ready("2/2"), Ready::Waits);
+        assert!(sd.upgrading());
+        sd.stopping(Some((false, "SIGTERM")));
+        assert_eq!(read(&r_old), Vec::<String>::new());
+        assert!(sd.retry(), "the upgrade completes");
+        assert!(!sd.upgrading());
+        let pid = std::process::id();
+        assert_eq!(
+            read(&r_old),
+            [
+                format!("READY=1\nSTATUS=2/2\nMAINPID={pid}"),
+                format!("STOPPING=1\n{UPGRADE_STOP}=graceful:SIGTERM")
+            ]
+        );
+        sd.status("now to the service manager");
+        assert_eq!(read(&r_service), ["STATUS=now to the service manager"]);
     }
 }

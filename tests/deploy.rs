@@ -1278,6 +1278,50 @@ fn systemd_hears_the_status_after_a_scale_up_and_a_failed_reload() {
     assert!(!ready.contains("last reload"), "{ready}");
 }
 
+/// A service manager that does not read its NOTIFY_SOCKET (PID 1 busy or
+/// hung: its queue full) must not stall drover: the master keeps answering
+/// its control socket and signals, its `READY=1` waits and is sent once
+/// the queue has room, and it stops as usual (`STOPPING=1` arrives too).
+/// The code before sent with a blocking send: the master hung in its
+/// `READY=1`, `ctl status` got no answer and SIGTERM was never read.
+#[test]
+fn a_service_manager_that_does_not_read_never_stalls_drover() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = notify_socket(&path);
+    // Fill its queue: the receiver's queue is full once a fresh sender
+    // cannot send even one datagram (each sender is also bounded by its
+    // own send buffer, so it may take several).
+    let full = (0..1000).any(|_| {
+        let sender = UnixDatagram::unbound().unwrap();
+        sender.set_nonblocking(true).unwrap();
+        let mut sent = 0;
+        while sender.send_to(b"FILLER=1", &path).is_ok() {
+            sent += 1;
+        }
+        sent == 0
+    });
+    assert!(full, "the notify socket's queue never filled");
+    let start = Start {
+        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..Start::config(&hello_config(""))
+    };
+    let mut d = start.run();
+    d.wait_log("all 2 workers ready");
+    let (code, out) = d.ctl(&["--timeout", "10s", "status"]);
+    assert_eq!(code, 0, "the master answers while its READY=1 waits: {out}");
+    d.wait_log("is not reading: READY=1 waits, sent again every 100ms until it is taken");
+    // The queue drained: READY=1 is sent again, and taken.
+    let mut seen = Vec::new();
+    let ready = recv_until(&sock, &mut seen, "READY=1");
+    assert!(ready.contains("STATUS=2/2 workers ready"), "{ready}");
+    assert!(seen.iter().any(|(_, m)| m == "FILLER=1"), "{seen:?}");
+    d.wait_log("took READY=1 at last");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    recv_until(&sock, &mut seen, "STOPPING=1");
+}
+
 /// One keep-alive GET on `s`: the response's status and whether it ends the
 /// connection (`Connection: close`).
 fn get_keep_alive(s: &mut std::net::TcpStream, path: &str) -> (u16, bool) {

@@ -41,7 +41,7 @@ use crate::listen;
 use crate::logfile::LogFile;
 use crate::notify::{self, NotifySocket};
 use crate::pidfile::Pidfile;
-use crate::sdnotify::Systemd;
+use crate::sdnotify::{Ready, Systemd};
 use crate::signals::{self, Event, SignalPipe};
 use crate::spawn;
 use action::{Action, Note};
@@ -620,6 +620,7 @@ impl Master {
     /// what they left behind, then stage 4 (`finish`). Returns the exit
     /// status.
     fn wind_up(&mut self, outcome: Outcome) -> u8 {
+        self.systemd.flush_before_exit();
         self.obs.flush_output();
         self.reap_cancelled_upgrade();
         let templates: Vec<Pid> = self.templates.list.iter().map(|t| t.pid).collect();
@@ -643,6 +644,9 @@ impl Master {
         loop {
             let now = Instant::now();
             self.settle_upgrade(now);
+            if self.systemd.retry() {
+                self.upgraded();
+            }
             self.feed_watchdog(now);
             self.sup.tick(now);
             self.tend_templates(now);
@@ -669,12 +673,14 @@ impl Master {
     }
 
     /// The nearest instant at which something is due: the supervisor's
-    /// deadlines, our service manager's watchdog, a late upgrade.
+    /// deadlines, our service manager's watchdog and the messages waiting for
+    /// it, a late upgrade.
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
         self.sup
             .next_deadline(now)
             .into_iter()
             .chain(self.next_watchdog)
+            .chain(self.systemd.retry_at())
             .chain(self.upgrade_deadline())
             .chain(
                 self.watch
@@ -686,6 +692,29 @@ impl Master {
             .chain(self.obs.next_deadline())
             .chain(self.notify_rest)
             .min()
+    }
+
+    /// We are the new master of an upgrade, and the old master has our
+    /// `READY=1`: it retires.
+    fn upgraded(&mut self) {
+        // The old master counts it too, as it retires: only this master's
+        // scrapes can show it.
+        self.obs.counters.upgraded();
+        self.serve_alone();
+    }
+
+    /// Ready, and no old master serves (any more): the sockets it bound are
+    /// ours to close from now on, and the admin endpoint it answered on
+    /// meanwhile ours to answer.
+    fn serve_alone(&mut self) {
+        self.sup.predecessor_listens = false;
+        for (l, _) in self.sup.current().listeners.borrow().iter() {
+            l.take_over();
+        }
+        listen::remove_files_left_by_old_master();
+        if let Some(a) = self.admin.as_mut() {
+            a.start_accepting();
+        }
     }
 
     fn feed_watchdog(&mut self, now: Instant) {
@@ -1039,24 +1068,12 @@ impl Master {
                     }
                 }
                 Action::NotifySystemd(note) => match note {
-                    Note::Ready(summary) => {
-                        self.sup.predecessor_listens = false;
-                        if self.systemd.ready(&summary) {
-                            // The old master counts it too, as it retires:
-                            // only this master's scrapes can show it.
-                            self.obs.counters.upgraded();
-                        }
-                        // After an upgrade, the old master retires on this:
-                        // the sockets it bound are ours to close from now on.
-                        for (l, _) in self.sup.current().listeners.borrow().iter() {
-                            l.take_over();
-                        }
-                        listen::remove_files_left_by_old_master();
-                        // And the admin endpoint it answered on meanwhile.
-                        if let Some(a) = self.admin.as_mut() {
-                            a.start_accepting();
-                        }
-                    }
+                    Note::Ready(summary) => match self.systemd.ready(&summary) {
+                        Ready::Told => self.serve_alone(),
+                        Ready::Upgraded => self.upgraded(),
+                        // The old master's queue is full: `retry` completes it.
+                        Ready::Waits => {}
+                    },
                     Note::Reloading => self.systemd.reloading(),
                     Note::Status(summary) => self.systemd.status(&summary),
                     Note::Stopping(asked) => self

@@ -35,7 +35,6 @@ pub fn notify(state: &str) -> io::Result<bool> {
 /// path, or `@name` for the abstract namespace). The lower half of [`notify`],
 /// for callers (and tests) that have the address at hand.
 pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
-    let bytes = socket.as_bytes();
     let made;
     let sender = match kept_sender() {
         Some(kept) => kept,
@@ -44,6 +43,14 @@ pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
             &made
         }
     };
+    notify_from(sender, socket, state)
+}
+
+/// [`notify_to`] from a socket of the caller's: a non-blocking one fails
+/// with `WouldBlock` instead of waiting while the receiver's queue is full
+/// (drover's master, which must not stall on its service manager).
+pub fn notify_from(sender: &UnixDatagram, socket: &OsStr, state: &str) -> io::Result<()> {
+    let bytes = socket.as_bytes();
     let sent = match bytes.first() {
         Some(b'/') => sender.send_to(state.as_bytes(), socket)?,
         Some(b'@') => send_abstract(sender, &bytes[1..], state.as_bytes())?,
