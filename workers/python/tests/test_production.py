@@ -116,6 +116,69 @@ class AccessLogTest(unittest.TestCase):
         self.assertRegex(lines[0], r'^127\.0\.0\.1 - - \[.*\] "GET /environ HTTP/1\.1" 400 - "-" "-"$')
         self.assertRegex(lines[1], r'^127\.0\.0\.1 - - \[.*\] "GET /other HTTP/1\.1" 500 - "-" "-"$')
 
+    def test_a_refused_request_head_is_logged_but_not_a_silent_connection(self):
+        # A head the server refuses before there is a request (400, 431, 408)
+        # gets an access log line with what is known, as nginx writes
+        # '"-" 400', and one line on standard error says why (at most one
+        # per 10 s: the other two are counted). A connection that sends no
+        # byte (a load balancer's TCP check), closed or left to time out,
+        # and a keep-alive connection that times out idle get no line, as in
+        # nginx. Both cores logged nothing at all for a refused head.
+        fmt = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(L)s'
+        args = ["--access-logfile", self.path, "--access-logformat", fmt, "--header-timeout", "0.5",
+                "--io-timeout", "1", "--keepalive", "0.3"]
+        with Worker("apps:app", args=args) as w:
+            w.connect().close()  # a TCP check: no byte
+            silent = w.connect()  # no byte either: closed at the I/O timeout
+            kept = Client(w)
+            kept.send(get("/pid"))
+            self.assertEqual(kept.response()[0], 200)
+            answers = []
+            for raw in (b"GARBAGE\r\n\r\n", get("/", b"X-Big: " + b"a" * 9000 + b"\r\n"), b"GET / HTTP/1.1\r\n"):
+                with w.connect() as s:
+                    s.sendall(raw)
+                    answers.append(s.makefile("rb").readline().split()[1])
+            self.assertEqual(answers, [b"400", b"431", b"408"])
+            self.assertEqual(silent.recv(1), b"")  # the server closed it
+            self.assertTrue(kept.eof_within(5))  # idle past --keepalive
+            silent.close()
+            kept.close()
+            err = stop(w)
+        # (The /pid line is written after its response, maybe after the
+        # first refusal's, which is written before the answer.)
+        lines = sorted(self.lines(), key=lambda line: "/pid" not in line)
+        self.assertEqual(len(lines), 4, lines)
+        self.assertRegex(lines[0], r'^127\.0\.0\.1 - - \[.*\] "GET /pid HTTP/1\.1" 200 \d+ "-" "-" ')
+        for line, status in zip(lines[1:], ("400", "431", "408")):
+            self.assertRegex(line, r'^127\.0\.0\.1 - - \[[^]]*\] "-" %s - "-" "-" \d+\.\d{6}$' % status)
+        self.assertGreaterEqual(float(lines[3].split()[-1]), 0.5, lines[3])  # from its first byte
+        why = [line for line in err.splitlines() if "bad request head" in line]
+        self.assertEqual(len(why), 1, err)
+        self.assertRegex(why[0], r"^drover_wsgi\[\d+\]: bad request head from 127\.0\.0\.1 \(400\): \S")
+
+    def test_the_reason_for_refused_heads_is_rate_limited(self):
+        # One line at most per REFUSAL_LOG_EVERY, which counts those it did
+        # not show; every refusal still gets its access log line.
+        import contextlib
+        import io
+
+        from drover_wsgi import server
+
+        now = [100.0]
+        refusals = server.HeadRefusals(None, clock=lambda: now[0])
+        with contextlib.redirect_stderr(io.StringIO()) as out:
+            refusals("10.0.0.1", 4242, 400, "malformed request line", 0.0)
+            now[0] += server.REFUSAL_LOG_EVERY - 0.5
+            refusals("10.0.0.2", 4243, 431, "request head larger than 8192 bytes", 0.0)
+            refusals("", None, 408, "the request head did not arrive in time", 0.5)
+            now[0] += 1
+            refusals("10.0.0.3", 4244, 400, "malformed method", 0.0)
+        logged = [line.split(": ", 1)[1] for line in out.getvalue().splitlines()]
+        self.assertEqual(logged, [
+            "bad request head from 10.0.0.1 (400): malformed request line",
+            "bad request head from 10.0.0.3 (400): malformed method; 2 more refused since the last such line",
+        ])
+
     def test_B_is_a_number_when_the_app_sent_no_response(self):
         # B is the body bytes as a number (0 when the app sent none), b is
         # '-' then; B was 'None' for a failed app.

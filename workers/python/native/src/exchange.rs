@@ -273,6 +273,29 @@ fn refused(
     }
 }
 
+/// A request head refused before there is a request: drover_wsgi's
+/// HeadRefusals hook, with the client's address as REMOTE_ADDR and its port.
+pub fn head_refused(
+    py: Python<'_>,
+    sh: &Shared,
+    peer: &Peer,
+    status: u16,
+    why: &str,
+    seconds: f64,
+) {
+    let (addr, port) = match peer {
+        Peer::Inet(ip, port) => (PyString::new(py, &ip.to_string()), Some(*port)),
+        Peer::Unix(path) => (latin1(py, path), None),
+    };
+    if let Err(e) = sh
+        .hooks
+        .head_refused
+        .call1(py, (addr, port, status, why, seconds))
+    {
+        e.print(py);
+    }
+}
+
 /// The app raised (or its read of the body failed): 400 for a bad chunked
 /// body, 408 for a body that stopped coming, else 500 (logged with the
 /// traceback, by the Python hook); after a head was sent, the connection

@@ -42,7 +42,7 @@ pyo3::create_exception!(
 
 /// What drover_wsgi/native.py must match (it falls back to the pure-Python
 /// core when it does not).
-const API: u32 = 2;
+const API: u32 = 3;
 
 fn seconds(s: Option<f64>) -> Option<Duration> {
     s.filter(|s| *s > 0.0).map(Duration::from_secs_f64)
@@ -59,7 +59,7 @@ struct Core {
 impl Core {
     /// `listeners`: (fd, name, is_unix, base environ) each; the fds are
     /// duplicated (the core owns its copies). `hooks`: an object with app,
-    /// failed, scheme, forwarded, access (or None) and secure_keys.
+    /// failed, scheme, forwarded, access (or None), head_refused and secure_keys.
     #[new]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (hooks, listeners, threads, keepalive, io_timeout, header_timeout, body_timeout,
@@ -88,6 +88,7 @@ impl Core {
             failed: hooks.getattr("failed")?.unbind(),
             scheme: hooks.getattr("scheme")?.unbind(),
             forwarded: hooks.getattr("forwarded")?.unbind(),
+            head_refused: hooks.getattr("head_refused")?.unbind(),
             access: if access.is_none() {
                 None
             } else {

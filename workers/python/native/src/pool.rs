@@ -141,6 +141,9 @@ pub struct Hooks {
     pub forwarded: Py<PyAny>,
     /// access(environ, status, sent, headers, seconds), when the access log is on.
     pub access: Option<Py<PyAny>>,
+    /// head_refused(addr, port, status, reason, seconds): a request head
+    /// refused before there is a request (drover_wsgi.server.HeadRefusals).
+    pub head_refused: Py<PyAny>,
     /// The environ keys of the secure scheme headers.
     pub secure_keys: Vec<Py<PyString>>,
 }
@@ -1079,19 +1082,25 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
         // from the first read that did not bring all of it: a whole head
         // needs no clock).
         let mut until = None;
+        // When the first read that did not bring the whole head ended (a
+        // refused head's time in the access log; no clock for a whole head).
+        let mut began = None;
         let mut more = false;
         // Parsed once: the head borrows conn.buf (which keeps its bytes until
         // the exchange is over), the bytes after it are copied to `rest`.
         let (head, used) = loop {
             if more {
-                if until.is_none() {
-                    until = sh.set.header_timeout.map(|t| Instant::now() + t);
+                if began.is_none() {
+                    let now = Instant::now();
+                    began = Some(now);
+                    until = sh.set.header_timeout.map(|t| now + t);
                 }
                 match sock::recv_blocking(conn.fd, &mut conn.buf, until, sh.set.io_timeout) {
                     Ok(_) => {}
                     Err(Gone::Timeout(_)) => {
                         // A slow client (slowloris): it does not keep a thread.
-                        return refuse(sh, conn, 408, "the request head did not arrive in time");
+                        let why = "the request head did not arrive in time";
+                        return refuse(sh, conn, 408, why, began);
                     }
                     Err(Gone::Closed(_)) => return,
                 }
@@ -1099,7 +1108,7 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
             match drover_h1::parse_head(&conn.buf, &sh.set.limits) {
                 Ok(Some(parsed)) => break parsed,
                 Ok(None) => more = true,
-                Err(e) => return refuse(sh, conn, e.status, &e.detail),
+                Err(e) => return refuse(sh, conn, e.status, &e.detail, began),
             }
         };
         conn.requests += 1;
@@ -1258,9 +1267,17 @@ fn wait_while_stopping(sh: &Shared, conn: &mut Conn) -> bool {
     true
 }
 
-/// Answers an error the server finds itself (a bad head, a slow client), then
-/// closes without a reset.
-fn refuse(sh: &Shared, conn: Box<Conn>, status: u16, detail: &str) {
+/// Answers a request head the server refuses (a bad head, a slow client),
+/// then closes without a reset. Python's HeadRefusals logs it (its access log
+/// line, the line that says why), as for the pure-Python core; `began`: when
+/// the head's first read ended, if it took more than one.
+fn refuse(sh: &Shared, conn: Box<Conn>, status: u16, detail: &str, began: Option<Instant>) {
+    let seconds = began.map_or(0.0, |b| b.elapsed().as_secs_f64());
+    sh.turns.wait();
+    Python::attach(|py| {
+        sh.turns.pass();
+        exchange::head_refused(py, sh, &conn.peer, status, detail, seconds);
+    });
     if sock::send_all(conn.fd, &error_response(status, detail), sh.set.io_timeout).is_ok() {
         sh.start_linger(conn);
     }

@@ -64,6 +64,8 @@ def _basic_user(environ: Mapping[str, Any]) -> str:
 
 
 def _request_line(e: Mapping[str, Any]) -> str:
+    if "REQUEST_METHOD" not in e:
+        return "-"  # a request head the server refused: no request line is known
     return "%s %s %s" % (e["REQUEST_METHOD"], e["RAW_URI"], e["SERVER_PROTOCOL"])
 
 
@@ -74,10 +76,10 @@ _SIMPLE: Dict[str, Callable[[Mapping[str, Any], str, Optional[int], float], Any]
     "u": lambda e, s, n, d: _basic_user(e),
     "t": lambda e, s, n, d: _clf_time(time.time()),
     "r": lambda e, s, n, d: _request_line(e),
-    "m": lambda e, s, n, d: e["REQUEST_METHOD"],
-    "U": lambda e, s, n, d: e["PATH_INFO"],
-    "q": lambda e, s, n, d: e["QUERY_STRING"],
-    "H": lambda e, s, n, d: e["SERVER_PROTOCOL"],
+    "m": lambda e, s, n, d: e.get("REQUEST_METHOD", "-"),
+    "U": lambda e, s, n, d: e.get("PATH_INFO", "-"),
+    "q": lambda e, s, n, d: e.get("QUERY_STRING", "-"),
+    "H": lambda e, s, n, d: e.get("SERVER_PROTOCOL", "-"),
     "s": lambda e, s, n, d: s,
     "B": lambda e, s, n, d: n or 0,  # a number for log parsers, as Apache's %B
     "b": lambda e, s, n, d: "-" if n is None else str(n),

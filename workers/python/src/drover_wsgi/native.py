@@ -23,6 +23,7 @@ from .server import (
     FIRST_BYTE_GRACE,
     LINGER,
     QUICK_DRAIN,
+    HeadRefusals,
     ListenerInfo,
     _cause,
     base_environ,
@@ -34,7 +35,7 @@ from .server import (
 )
 
 #: The drover_wsgi_native interface this module drives.
-API = 2
+API = 3
 
 _native: Any = None
 
@@ -68,6 +69,8 @@ class _Hooks:
         self.scheme = proxy.scheme
         self.secure_keys = [key for key, _ in proxy.secure]
         self.access = access_log.log if access_log is not None else None
+        # head_refused(addr, port, status, reason, seconds): see HeadRefusals.
+        self.head_refused = HeadRefusals(access_log)
 
     def forwarded(self, environ, fields, path):
         forwarded(self.proxy, environ, fields, path)

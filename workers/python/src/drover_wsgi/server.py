@@ -77,6 +77,9 @@ FIRST_BYTE_GRACE = 1.0
 ACCEPT_PAUSE = 0.1
 #: The accept failures are logged at most once in this many seconds.
 ACCEPT_LOG_EVERY = 10.0
+#: The line that says why a request head was refused is written at most once
+#: in this many seconds (each refusal still gets its access log line).
+REFUSAL_LOG_EVERY = 10.0
 
 _RUNNING, _STOPPING, _DRAINED = "running", "stopping", "drained"
 _STOP = object()  # selector data: the stop pipe or the recycle pipe
@@ -96,6 +99,42 @@ def log(message):
 def log_refusal(method, uri, status, reason):
     """The line for a request refused once its head was read (both cores)."""
     log("%s %s %s: %s" % ("bad request on" if status < 500 else "cannot serve", method, uri, reason))
+
+
+class HeadRefusals:
+    """Request heads the server refuses before there is a request (a head it
+    cannot parse, 400; over the limits, 431; one that did not arrive within
+    the header timeout, 408; any other status the parser answers), on both
+    cores: each gets an access log line with what is known (the client's
+    address; "-" for the request line, method, path and protocol), and a line
+    on standard error says why, at most once per REFUSAL_LOG_EVERY with the
+    number refused meanwhile. Not one line each: a scanner, or TLS sent to
+    the HTTP port, would flood the log, and drover's capture_output drops a
+    worker's lines past 200 a second, its tracebacks with them."""
+
+    def __init__(self, access_log, clock=time.monotonic):
+        self.access_log = access_log
+        self.clock = clock
+        self.mu = threading.Lock()
+        self.unlogged = 0  # refused since the last line
+        self.logged_at: Optional[float] = None
+
+    def __call__(self, addr, port, status, reason, seconds):
+        """``addr``: REMOTE_ADDR; ``port``: the TCP peer's port, or None;
+        ``seconds``: since the head's first bytes were read."""
+        if self.access_log is not None:
+            environ = {"REMOTE_ADDR": addr}
+            if port is not None:
+                environ["REMOTE_PORT"] = str(port)
+            self.access_log.log(environ, str(status), None, [], seconds)
+        now = self.clock()
+        with self.mu:
+            if self.logged_at is not None and now - self.logged_at < REFUSAL_LOG_EVERY:
+                self.unlogged += 1
+                return
+            unlogged, self.unlogged, self.logged_at = self.unlogged, 0, now
+        more = "; %d more refused since the last such line" % unlogged if unlogged else ""
+        log("bad request head from %s (%d): %s%s" % (addr or "-", status, reason, more))
 
 
 def exit_forked_child(parent):
@@ -850,6 +889,7 @@ class Server:
         self.limits = limits
         self.proxy = proxy if proxy is not None else Proxy()
         self.access_log = access_log
+        self.head_refusals = HeadRefusals(access_log)
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.body_min_rate = body_min_rate
@@ -914,11 +954,11 @@ class Server:
             t.start()
             self.threads.append(t)
 
-    def head_deadline(self):
-        """When a request head whose first bytes are here must be complete."""
+    def head_deadline(self, now):
+        """When a request head whose first bytes came at ``now`` must be complete."""
         if self.header_timeout is None:
             return float("inf")
-        return time.monotonic() + self.header_timeout
+        return now + self.header_timeout
 
     def keep_going(self):
         """False once the request that reached --max-requests has started."""
@@ -1369,7 +1409,8 @@ class Server:
                         return
                     conn.buf = data
                 parsed = None
-                conn.read_until = self.head_deadline()
+                began = time.monotonic()
+                conn.read_until = self.head_deadline(began)
                 try:
                     while True:
                         parsed = parse_request(conn.buf, self.limits)
@@ -1377,13 +1418,11 @@ class Server:
                             break
                         conn.buf += conn.recv_blocking()
                 except HTTPError as e:
-                    conn.sendall(error_response(e.status, e.reason))
-                    self._start_linger(conn)
+                    self._head_refused(conn, e.status, e.reason, began)
                     return
                 except ReadTimeout:
                     # A slow client (slowloris): it does not keep a thread.
-                    conn.sendall(error_response(408, "the request head did not arrive in time"))
-                    self._start_linger(conn)
+                    self._head_refused(conn, 408, "the request head did not arrive in time", began)
                     return
                 req, used = parsed
                 conn.buf = conn.buf[used:]
@@ -1392,6 +1431,15 @@ class Server:
                     return
         except ClientGone:
             conn.close()
+
+    def _head_refused(self, conn, status, reason, began):
+        """Answers a request head refused before there is a request (see
+        HeadRefusals), then closes without a reset."""
+        peer = conn.peer
+        self.head_refusals(_remote_addr(peer), peer[1] if isinstance(peer, tuple) else None,
+                           status, reason, time.monotonic() - began)
+        conn.sendall(error_response(status, reason))
+        self._start_linger(conn)
 
     def _wait_while_stopping(self, conn):
         """During a stop, a connection with nothing to read yet gets until the
