@@ -542,6 +542,44 @@ class LifecycleTest(unittest.TestCase):
         err = self._stop_with_a_late_connection(family, queued_at_stop, release, shutdown=False)
         self.assertIn("listeners closed (what was queued at the stop is taken): %d queued connection(s) taken"
                       % queued_at_stop, err)
+        self.assertNotIn("cannot read the length", err)
+
+    def test_a_stop_that_cannot_read_its_queue_length_says_so(self):
+        # Without sock_diag's answer (in production: no unix_diag module;
+        # here: the worker in a network namespace of its own, where the
+        # kernel does not find its Unix listener by inode) a graceful stop
+        # takes from the queue by the older rule. It did so without a word.
+        prefix = None
+        for candidate in (["unshare", "-n"], ["unshare", "-rn"]):
+            try:
+                if subprocess.run(candidate + ["true"], stderr=subprocess.DEVNULL, timeout=LIMIT).returncode == 0:
+                    prefix = candidate
+                    break
+            except FileNotFoundError:
+                break
+        if prefix is None:
+            self.skipTest("unshare cannot make a network namespace here")
+        cmd = prefix + WSGI + ["--threads", "1", "apps:app"]
+        with Worker("apps:app", command=cmd, family=socket.AF_UNIX) as w:
+            busy = Client(w)
+            busy.send(get("/sleep?ms=500"))
+            w.notify.wait_for(b"STATUS=sleeping")  # the only thread is busy now
+            queued = Client(w)
+            queued.send(get("/pid"))
+            w.signal(signal.SIGTERM)
+            self.assertEqual(busy.response()[0], 200)
+            self.assertEqual(queued.response()[0], 200)  # still taken, by the older rule
+            code, err = w.wait()
+            self.assertEqual(code, 0, err)
+            busy.close()
+            queued.close()
+        lines = [line for line in err.splitlines() if "stopping (graceful)" in line]
+        self.assertEqual(len(lines), 1, err)
+        self.assertTrue(lines[0].endswith(
+            "stopping (graceful): 0 parked connection(s); cannot read the length of the listen queue of main "
+            "(sock_diag failed: is the kernel's unix_diag module loaded?): queued connections are taken while "
+            "a request of the usual duration ends before the drain deadline, not only those queued at the stop"),
+            lines[0])
 
     def test_at_a_shutdown_a_connection_that_arrives_after_the_stop_is_served(self):
         # At a shutdown drover's filter keeps new connections out, but a

@@ -42,7 +42,7 @@ pyo3::create_exception!(
 
 /// What drover_wsgi/native.py must match (it falls back to the pure-Python
 /// core when it does not).
-const API: u32 = 3;
+const API: u32 = 4;
 
 fn seconds(s: Option<f64>) -> Option<Duration> {
     s.filter(|s| *s > 0.0).map(Duration::from_secs_f64)
@@ -148,14 +148,15 @@ impl Core {
 
     /// The stop: kind is "graceful", "quick" or "recycle"; the first-byte
     /// grace and the time left before the drain deadline, in seconds.
-    /// Returns the number of parked connections found.
+    /// Returns the number of parked connections found, and the listeners
+    /// (name, is_unix) whose queue's length could not be read at a graceful stop.
     fn stop(
         &self,
         py: Python<'_>,
         kind: &str,
         first_byte_grace: f64,
         drain_left: f64,
-    ) -> PyResult<usize> {
+    ) -> PyResult<(usize, Vec<(String, bool)>)> {
         let kind = match kind {
             "graceful" => StopKind::Graceful,
             "quick" => StopKind::Quick,

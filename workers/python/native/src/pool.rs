@@ -577,14 +577,22 @@ impl Shared {
     /// The stop procedure (called by the main thread): stop accepting new work
     /// (on a graceful stop the threads then take from the listen queue by the
     /// rule of drover_wsgi/server.py), then drain. Returns the number of
-    /// parked connections it found.
-    pub fn stop(&self, kind: StopKind, first_byte_grace: Duration, drain_left: Duration) -> usize {
+    /// parked connections it found, and at a graceful stop the listeners
+    /// (name, is_unix) whose queue's length could not be read (taken from by
+    /// the older rule: the stop's log line says so).
+    pub fn stop(
+        &self,
+        kind: StopKind,
+        first_byte_grace: Duration,
+        drain_left: Duration,
+    ) -> (usize, Vec<(String, bool)>) {
         let now = Instant::now();
         *self.kind.lock().unwrap() = kind;
         if kind == StopKind::Quick {
             self.quick.store(true, Release);
         }
         *self.first_byte_deadline.lock().unwrap() = now + first_byte_grace;
+        let mut unmeasured = Vec::new();
         {
             let mut drain = self.drain.lock().unwrap();
             drain.deadline = now + drain_left;
@@ -593,7 +601,16 @@ impl Shared {
             drain.left = self
                 .listeners
                 .iter()
-                .map(|l| (!sock::filtered(l.fd)).then(|| sock::queued(l.fd, l.unix))?)
+                .map(|l| {
+                    if sock::filtered(l.fd) {
+                        return None;
+                    }
+                    let left = sock::queued(l.fd, l.unix);
+                    if left.is_none() && kind == StopKind::Graceful {
+                        unmeasured.push((l.name.clone(), l.unix));
+                    }
+                    left
+                })
                 .collect();
         }
         let mut taken = Vec::new();
@@ -636,7 +653,7 @@ impl Shared {
         self.poller.close();
         let one: u64 = 1;
         unsafe { libc::write(self.stopfd, (&one as *const u64).cast(), 8) };
-        found
+        (found, unmeasured)
     }
 
     /// The stop became quick (a SIGQUIT after the SIGTERM): no more from the

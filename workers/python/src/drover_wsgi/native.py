@@ -31,11 +31,12 @@ from .server import (
     forwarded,
     log,
     signal_pipe,
+    stop_line,
     wait_for_stop,
 )
 
 #: The drover_wsgi_native interface this module drives.
-API = 3
+API = 4
 
 _native: Any = None
 
@@ -145,8 +146,8 @@ class NativeServer:
         every thread finished."""
         self.stop_kind = kind
         grace = min(FIRST_BYTE_GRACE, dw.remaining_budget())
-        parked = self.core.stop(kind, grace, dw.drain_deadline() - time.monotonic())
-        log("stopping (%s): %d parked connection(s)" % (kind, parked))
+        parked, unmeasured = self.core.stop(kind, grace, dw.drain_deadline() - time.monotonic())
+        log(stop_line(kind, parked, unmeasured))
         return self._join_threads()
 
     def _join_threads(self):

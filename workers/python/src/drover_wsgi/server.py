@@ -137,6 +137,21 @@ class HeadRefusals:
         log("bad request head from %s (%d): %s%s" % (addr or "-", status, reason, more))
 
 
+def stop_line(kind, parked, unmeasured):
+    """The stop's log line (both cores). ``unmeasured``: (name, is_unix) of
+    the listeners whose queue's length could not be read at a graceful stop:
+    what was queued then is not counted, and the queue is taken from by the
+    older rule (see the module's docstring)."""
+    line = "stopping (%s): %d parked connection(s)" % (kind, parked)
+    if unmeasured:
+        line += ("; cannot read the length of the listen queue of %s: queued connections are taken "
+                 "while a request of the usual duration ends before the drain deadline, not only "
+                 "those queued at the stop" % ", ".join(
+                     "%s (%s)" % (name, "sock_diag failed: is the kernel's unix_diag module loaded?"
+                                  if unix else "TCP_INFO failed") for name, unix in unmeasured))
+    return line
+
+
 def exit_forked_child(parent):
     """The child of an ``os.fork()`` made in a request came back from the app
     into the server (both cores call this): it must not answer the parent's
@@ -977,10 +992,16 @@ class Server:
             # what is queued, so this is a stop (the queue is drained).
             kind = dw.stop_kind()
         self.stop_kind = kind
+        unmeasured = []
         for info in self.listeners:
             # Behind drover's filter (a shutdown) nothing new can come but a
             # handshake that was under way: that one is served too.
-            info.left = None if filtered(info.sock) else queued(info.sock)
+            if filtered(info.sock):
+                info.left = None
+                continue
+            info.left = queued(info.sock)
+            if info.left is None and kind == "graceful":
+                unmeasured.append((info.name, info.unix))
         now = time.monotonic()
         self.first_byte_deadline = now + min(FIRST_BYTE_GRACE, dw.remaining_budget())
         # The polling thread sees the stop (or recycle) pipe and waits: we get
@@ -1016,7 +1037,7 @@ class Server:
             else:
                 self._close_listeners("%s stop" % kind)
             self.leader.notify_all()
-        log("stopping (%s): %d parked connection(s)" % (kind, len(parked)))
+        log(stop_line(kind, len(parked), unmeasured))
         return self._join_threads()
 
     def _close_listeners(self, why):
