@@ -97,14 +97,7 @@ fn spawned(d: &Drover, generation: u32) -> Pid {
     let needle = format!(") spawned, generation {generation}");
     let log = d.wait_log(&needle);
     let line = log.lines().find(|l| l.contains(&needle)).unwrap();
-    let pid = line
-        .split("(pid ")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap();
-    Pid::from_raw(pid.parse().unwrap())
+    pid_after(line, "(pid ")
 }
 
 fn touch(path: &Path) {
@@ -347,24 +340,14 @@ fn a_preload_template_loads_at_the_boot_priority_and_is_restored_when_ready_to_f
     );
     d.signal(Signal::SIGHUP);
     let needle = "template of generation 2 (pid ";
-    let log = d.wait_log(needle);
-    let pid: i32 = log
-        .split(needle)
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let template = Pid::from_raw(pid);
+    let template = pid_after(&d.wait_log(needle), needle);
     let loading = priorities(template);
     assert!(
         !loading.is_empty() && all_at(&loading, (normal.0, SCHED_IDLE)),
         "loading: {loading:?}"
     );
     d.wait_log(&format!(
-        "template of generation 2 (pid {pid}) ready to fork"
+        "template of generation 2 (pid {template}) ready to fork"
     ));
     wait_for("the template's priority restored", LIMIT, || {
         all_at(&priorities(template), normal).then_some(())

@@ -604,13 +604,7 @@ fn with_a_log_file_a_worker_that_cannot_boot_is_named_with_where_its_output_went
         .lines()
         .find(|l| l.contains("cannot boot: exited with status 3"))
         .unwrap_or_else(|| panic!("{log}"));
-    let pid = line
-        .split("(pid ")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap();
+    let pid = pid_after(line, "(pid ");
     assert!(
         line.ends_with(&format!(
             "stopping; the output of pid {pid} went to drover's standard error, not to log_file"

@@ -456,15 +456,6 @@ fn an_app_that_fails_to_import_stops_drover_with_status_3() {
     );
 }
 
-/// The pid in `text` after `prefix` ("worker 1 (pid "), up to its ')'.
-fn pid_after(text: &str, prefix: &str) -> String {
-    let rest = &text[text
-        .find(prefix)
-        .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
-        + prefix.len()..];
-    rest[..rest.find(')').unwrap()].to_string()
-}
-
 /// A reload whose new worker cannot import the app (a SyntaxError), then one
 /// whose import hangs past boot_timeout: each rollback line names the worker
 /// (slot, pid), how it ended, and where its output (the traceback, printed

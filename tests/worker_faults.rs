@@ -395,9 +395,7 @@ fn a_death_during_a_stop_that_drover_did_not_cause_is_a_warning() {
     };
     // The pid of the worker of `slot` (one each: none is replaced here).
     let pid_of = |d: &Drover, slot: u32| -> nix::unistd::Pid {
-        let l = line(d, &format!("worker {slot} (pid "));
-        let pid = l.split("(pid ").nth(1).unwrap().split(')').next().unwrap();
-        nix::unistd::Pid::from_raw(pid.parse().unwrap())
+        pid_after(&line(d, &format!("worker {slot} (pid ")), "(pid ")
     };
     for (slot, signal, how) in [
         (3, Signal::SIGKILL, "killed by SIGKILL (not sent by drover"),

@@ -561,6 +561,17 @@ fn all_pids() -> Vec<Pid> {
         .collect()
 }
 
+/// The pid in `text` after `prefix` ("worker 1 (pid "), up to its ')':
+/// drover names a process so in its log and its answers.
+pub fn pid_after(text: &str, prefix: &str) -> Pid {
+    let rest = &text[text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+        + prefix.len()..];
+    let pid = &rest[..rest.find(')').unwrap_or_else(|| panic!("no ')' in {rest}"))];
+    Pid::from_raw(pid.parse().unwrap_or_else(|e| panic!("{pid:?}: {e}")))
+}
+
 pub fn children_of(parent: Pid) -> Vec<Pid> {
     all_pids()
         .into_iter()
