@@ -631,14 +631,109 @@ fn a_worker_ready_during_the_shutdown_is_killed_at_the_shutdowns_deadline() {
     std::fs::write(d.dir.path().join("go"), "").unwrap();
     d.wait_log("ready during the shutdown: sending SIGTERM");
     assert_eq!(d.wait_exit(LIMIT).code(), Some(4), "{}", d.log());
-    let log = d.log();
-    let took: f64 = log
-        .split("all workers stopped ")
+    let took = stop_took(&d.log());
+    assert!((4000.0..5000.0).contains(&took), "{}", d.log());
+}
+
+/// How long the shutdown took, in ms, as the log's stage 3 line says.
+fn stop_took(log: &str) -> f64 {
+    log.split("all workers stopped ")
         .nth(1)
         .and_then(|rest| rest.split(" ms after the shutdown began").next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{log}"));
-    assert!((4000.0..5000.0).contains(&took), "{log}");
+        .unwrap_or_else(|| panic!("no stage 3 line: {log}"))
+}
+
+/// A graceful shutdown ends by its deadline, `graceful_timeout` after the
+/// signal (docs/signals.md, stage 2), with a worker aborted at its
+/// boot_timeout before it too: that one's SIGKILL comes at the shutdown's
+/// deadline when its abort_grace would end later. The code before kept its
+/// SIGKILL at abort_grace (60 s here): drover outlived its grace period by
+/// 58 s, and this test timed out waiting for it.
+#[test]
+fn a_graceful_shutdown_kills_a_worker_aborted_at_boot_by_its_deadline() {
+    let worker = "trap '' ABRT; exec sleep 1000";
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
+         abort_grace = \"60s\"\ngraceful_timeout = \"2s\"\nrespawn_delay = \"10s\"\n\
+         command = [\"sh\", \"-c\", {worker:?}]\n"
+    ))
+    .run();
+    d.wait_log("within boot_timeout (1s); SIGABRT");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(
+        log.contains("still running at the shutdown's deadline after its SIGABRT"),
+        "{log}"
+    );
+    assert!(log.contains("killed by SIGKILL (boot timeout)"), "{log}");
+    assert!(log.contains("(1 killed)"), "{log}");
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!((2000.0..10000.0).contains(&stop_took(&log)), "{log}");
+}
+
+/// A worker that ignores SIGTERM and SIGABRT, once READY=1 sent: with a
+/// `timeout`, it misses its heartbeat and gets SIGABRT and abort_grace.
+const STUBBORN: &str = "import os, signal, socket, time\n\
+                        for s in (signal.SIGABRT, signal.SIGTERM):\n    signal.signal(s, signal.SIG_IGN)\n\
+                        p = os.environ['NOTIFY_SOCKET']\n\
+                        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', '\\0' + p[1:] if p.startswith('@') else p)\n\
+                        time.sleep(1000)\n";
+
+/// So with one aborted for a missed heartbeat before the shutdown: its
+/// SIGKILL comes at the shutdown's deadline, not at its abort_grace (60 s
+/// here), as the code before did (this test timed out waiting for drover).
+#[test]
+fn a_graceful_shutdown_kills_a_worker_aborted_for_its_heartbeat_by_its_deadline() {
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\ntimeout = \"1s\"\n\
+         abort_grace = \"60s\"\ngraceful_timeout = \"2s\"\nrespawn_delay = \"10s\"\n\
+         command = [\"python3\", \"-c\", {}]\n",
+        toml_string(STUBBORN)
+    ))
+    .run();
+    d.wait_log("missed its heartbeat (no WATCHDOG=1 for 1s): SIGABRT, then SIGKILL in 1m");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(
+        log.contains("killed by SIGKILL (heartbeat timeout)"),
+        "{log}"
+    );
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!((2000.0..10000.0).contains(&stop_took(&log)), "{log}");
+}
+
+/// So with one retired by a reload that shortened graceful_timeout (60 s
+/// to 2 s) and still stopping: the shutdown's deadline, by the
+/// configuration in force, bounds its stop too. The code before kept its
+/// own 60 s: drover logged "up to 2s" and took a minute (this test timed
+/// out waiting for it).
+#[test]
+fn a_graceful_shutdown_kills_a_worker_retired_with_a_longer_graceful_timeout_by_its_deadline() {
+    let config = |grace: &str| {
+        format!(
+            "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\n\
+             graceful_timeout = \"{grace}\"\ncommand = [\"python3\", \"-c\", {}]\n",
+            toml_string(STUBBORN)
+        )
+    };
+    let mut d = Start::config(&config("60s")).run();
+    d.wait_log("all 1 workers ready");
+    std::fs::write(d.dir.path().join("config.toml"), config("2s")).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("(reload): sending SIGTERM");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(
+        log.contains("SIGTERM to 1 worker(s), up to 2s; 1 already stopping"),
+        "{log}"
+    );
+    assert!(log.contains("(2 killed)"), "{log}");
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!((2000.0..10000.0).contains(&stop_took(&log)), "{log}");
 }
 
 /// A worker still booting when a graceful shutdown begins with no worker

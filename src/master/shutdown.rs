@@ -55,6 +55,11 @@ impl Cause {
 pub struct Shutdown {
     pub quick: bool,
     pub began: Instant,
+    /// `graceful_timeout` after it began (quick: `quick_timeout`, or the
+    /// earlier of the two after an escalation): no worker's SIGKILL comes
+    /// later, whatever deadline it had before (a stop begun earlier, the
+    /// `abort_grace` of an abort), except what `EXTEND_TIMEOUT_USEC` adds.
+    pub deadline: Instant,
     pub cause: Cause,
     /// Workers that had to be killed at their deadline.
     pub killed: u32,

@@ -1024,7 +1024,7 @@ impl Supervisor {
         if let Phase::ShuttingDown(sd) = &self.phase {
             // Booting at stage 2 while nothing served: its stop comes now,
             // by the deadline the others got.
-            let until = sd.began + w.gen.s.graceful_timeout.0;
+            let until = sd.deadline;
             let stop = w.stop(Pace::Graceful, Stop::Shutdown, now);
             w.cap_deadline(until);
             if let Some(Action::Signal { signal, .. }) = &stop {
@@ -1341,11 +1341,15 @@ impl Supervisor {
     /// deadlines, the memory check.
     fn on_deadlines(&mut self, now: Instant) {
         let reset_after = self.current().s.respawn_reset_after.0;
-        let shutting_down = self.shutting_down();
+        let shutdown = match &self.phase {
+            Phase::ShuttingDown(sd) => Some(sd.deadline),
+            _ => None,
+        };
+        let shutting_down = shutdown.is_some();
         let mut due = Overdue::default();
         for w in self.pool.workers.iter_mut() {
             if w.deadline().is_some_and(|d| d <= now) {
-                due.act_on(w, now, shutting_down, reset_after);
+                due.act_on(w, now, shutdown, reset_after);
             }
         }
         self.emit_all(due.actions);
@@ -1467,6 +1471,7 @@ impl Supervisor {
             }
             Phase::ShuttingDown(sd) => {
                 sd.quick = true;
+                sd.deadline = sd.deadline.min(now + timeout.0);
                 self.emit(Action::Publish(Kind::Shutdown {
                     stage: 2,
                     quick: true,
@@ -1476,7 +1481,7 @@ impl Supervisor {
                 self.stop_for_shutdown(&stage, pace, cause, signal, timeout, now);
             }
             _ => {
-                self.stop_accepting(quick, cause, now);
+                self.stop_accepting(quick, cause, now + timeout.0, now);
                 // The exit, once no worker is left, is the next turn's: it
                 // must come even when nothing else will wake the loop (a
                 // worker that could not be forked at start-up leaves none).
@@ -1493,8 +1498,8 @@ impl Supervisor {
 
     /// Stage 1 of a shutdown: the listeners and the control socket go (the
     /// clients waiting on it are answered first), and the phase becomes
-    /// `ShuttingDown`.
-    fn stop_accepting(&mut self, quick: bool, cause: Cause, now: Instant) {
+    /// `ShuttingDown`, until `deadline`.
+    fn stop_accepting(&mut self, quick: bool, cause: Cause, deadline: Instant, now: Instant) {
         let why = cause.describe();
         let kind = if quick { "quick" } else { "graceful" };
         // A signal (or a stop) during the pre-stop delay ends it.
@@ -1548,6 +1553,7 @@ impl Supervisor {
         self.phase = Phase::ShuttingDown(Shutdown {
             quick,
             began: now,
+            deadline,
             cause,
             killed: 0,
         });
@@ -1597,6 +1603,11 @@ impl Supervisor {
                 // signal was sent, and stands (or could not exec).
                 None => already += 1,
             }
+            // Its own deadline stands only if it is the earlier: a stop
+            // begun before with a longer graceful_timeout (its generation's,
+            // before a reload), the abort_grace of an abort (a missed
+            // heartbeat, a boot timeout) would outlast the shutdown's.
+            w.cap_deadline(until);
         }
         let signal = signal.as_str();
         let mut line = format!(
@@ -1705,9 +1716,17 @@ struct Overdue {
 }
 
 impl Overdue {
-    /// What `w`'s passed deadline means, by its state.
-    fn act_on(&mut self, w: &mut Worker, now: Instant, shutting_down: bool, reset_after: Duration) {
+    /// What `w`'s passed deadline means, by its state (`shutdown`: the
+    /// shutdown's deadline, during one).
+    fn act_on(
+        &mut self,
+        w: &mut Worker,
+        now: Instant,
+        shutdown: Option<Instant>,
+        reset_after: Duration,
+    ) {
         let (slot, pid) = (w.slot, w.pid);
+        let shutting_down = shutdown.is_some();
         match w.state {
             State::Ready(_) if w.recheck_priority.is_some_and(|t| t <= now) => {
                 w.recheck_priority = None;
@@ -1807,11 +1826,20 @@ impl Overdue {
             }
             State::Killed { kill, .. } if w.kill_at.is_some_and(|t| t <= now) => {
                 w.kill_at = None;
-                warn!(
-                    "worker {slot} (pid {pid}) still running {} after its SIGABRT; \
-                     sending SIGKILL to its process group",
-                    w.gen.s.abort_grace
-                );
+                if shutdown.is_some_and(|d| d <= now) {
+                    warn!(
+                        "worker {slot} (pid {pid}) still running at the shutdown's deadline \
+                         after its SIGABRT (before its abort_grace, {}, was over); \
+                         sending SIGKILL to its process group",
+                        w.gen.s.abort_grace
+                    );
+                } else {
+                    warn!(
+                        "worker {slot} (pid {pid}) still running {} after its SIGABRT; \
+                         sending SIGKILL to its process group",
+                        w.gen.s.abort_grace
+                    );
+                }
                 // Aborted at its boot deadline, perhaps before a shutdown: a
                 // kill during one counts as the shutdown's, as for any worker.
                 self.killed += 1;
@@ -1925,6 +1953,45 @@ mod tests {
         let t2 = t0 + MAX_EXTENSION;
         sup.on_notify(pid(11), vec![Message::ExtendTimeout(MAX_EXTENSION)], t2);
         assert_eq!(deadline(&mut sup), Some(t0 + grace + MAX_EXTENSION));
+    }
+
+    /// A graceful shutdown's deadline bounds the workers already stopping
+    /// too: one retired by a reload with its generation's 100 s stops by the
+    /// shutdown's 10 s. What one asked for by `EXTEND_TIMEOUT_USEC` stands,
+    /// up to 5 minutes past the shutdown's deadline. The code before left
+    /// both at their own deadlines (the second one's limit at t0 + 400 s).
+    #[test]
+    fn a_graceful_shutdown_brings_earlier_stops_to_its_deadline_but_for_their_extensions() {
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut sup = started(
+            "workers = 2\nmax_surge = 2\ngraceful_timeout = \"100s\"",
+            t0,
+        );
+        sup.on_command(7, Command::Reload, t0);
+        let next = gen(2, "workers = 2\nmax_surge = 2\ngraceful_timeout = \"10s\"");
+        sup.config_loaded(Ok(next), "test.toml", t0);
+        let actions = turn(&mut sup, 21, t0);
+        assert!(
+            has(&actions, "pid 11 (Stop(Replaced(Reload)))"),
+            "{actions:?}"
+        );
+        assert!(
+            has(&actions, "pid 12 (Stop(Replaced(Reload)))"),
+            "{actions:?}"
+        );
+        sup.on_notify(pid(12), vec![Message::ExtendTimeout(MAX_EXTENSION)], at(1));
+        sup.begin_shutdown(Pace::Graceful, Cause::Signal("SIGTERM"), at(2));
+        drain(&mut sup);
+        let deadline = |sup: &mut Supervisor, p| sup.pool.get_mut(pid(p)).unwrap().deadline();
+        assert_eq!(deadline(&mut sup, 11), Some(at(12)));
+        assert_eq!(deadline(&mut sup, 12), Some(at(301)));
+        sup.on_notify(
+            pid(12),
+            vec![Message::ExtendTimeout(MAX_EXTENSION)],
+            at(100),
+        );
+        assert_eq!(deadline(&mut sup, 12), Some(at(12) + MAX_EXTENSION));
     }
 
     #[test]

@@ -529,23 +529,34 @@ impl Worker {
         }
     }
 
-    /// Brings its stop deadline forward to `until` (never later): its stop
-    /// counts from then on as if it had begun that much earlier, the most
-    /// `EXTEND_TIMEOUT_USEC` may add and the restore of its priority too
-    /// (a worker stopped late in a shutdown gets what is left of it).
+    /// Brings the deadline drover set for its stop forward to `until`
+    /// (never later): its stop counts from then on as if it had begun that
+    /// much earlier, the most `EXTEND_TIMEOUT_USEC` may add and the restore
+    /// of its priority too (a worker stopped late in a shutdown gets what is
+    /// left of it). What it asked for by `EXTEND_TIMEOUT_USEC` stands, up to
+    /// that most. Aborted at its boot deadline: its SIGKILL comes by `until`.
     pub fn cap_deadline(&mut self, until: Instant) {
-        if let State::Stopping {
-            deadline,
-            limit,
-            restore_at,
-            ..
-        } = &mut self.state
-        {
-            let early = deadline.saturating_duration_since(until);
-            *deadline -= early;
-            for t in [limit, restore_at].into_iter().flatten() {
-                *t -= early;
+        match &mut self.state {
+            State::Stopping {
+                deadline,
+                limit,
+                restore_at,
+                ..
+            } => {
+                let set = limit.map_or(*deadline, |l| l - MAX_EXTENSION);
+                let early = set.saturating_duration_since(until);
+                for t in [&mut *limit, restore_at].into_iter().flatten() {
+                    // (Before the clock's start only for a restore due long
+                    // ago, on a machine up for less than half the timeout.)
+                    *t = t.checked_sub(early).unwrap_or(until);
+                }
+                *deadline = match *limit {
+                    Some(l) if *deadline > set => (*deadline).min(l),
+                    _ => *deadline - early,
+                };
             }
+            State::Killed { .. } => self.kill_at = self.kill_at.map(|k| k.min(until)),
+            _ => {}
         }
     }
 
