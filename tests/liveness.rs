@@ -572,9 +572,11 @@ fn a_quick_stop_hurries_a_worker_aborted_at_boot() {
     .run();
     d.wait_log("within boot_timeout (1s); SIGABRT");
     d.signal(Signal::SIGQUIT);
-    d.wait_exit(LIMIT);
+    let status = d.wait_exit(LIMIT);
     let log = d.log();
     assert!(log.contains("killed by SIGKILL (boot timeout)"), "{log}");
+    assert!(log.contains("(1 killed)"), "{log}");
+    assert_eq!(status.code(), Some(4), "{log}");
 }
 
 /// A worker aborted at its boot deadline before a shutdown, and killed at
