@@ -106,6 +106,39 @@ pub fn probe_py() -> String {
     repo().join("tests/workers/probe.py").display().to_string()
 }
 
+/// A directory whose `python3` is a link to the interpreter that `python3` on
+/// the test's PATH runs, put first on the PATH of a drover whose command
+/// names `python3`. That `python3` can be a pyenv shim (a bash script that
+/// runs `pyenv exec`): on a loaded machine one start through it took up to
+/// 6.6 s, against a worker's boot_timeout of 3–5 s in some tests. Resolved
+/// once per test process (so a changed pyenv version is followed); `None`
+/// when there is no `python3`, and drover then says so itself.
+fn direct_python3_dir() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let exe = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+        if !out.status.success() || !exe.is_absolute() {
+            return None;
+        }
+        // Next to drover, shared by the test processes: a link made under a
+        // name of this process's own and renamed into place, so a concurrent
+        // test never finds the link half made.
+        let dir = Path::new(drover_bin()).with_file_name("direct-python3");
+        std::fs::create_dir_all(&dir).ok()?;
+        let tmp = dir.join(format!("python3.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&exe, &tmp).ok()?;
+        std::fs::rename(&tmp, dir.join("python3")).ok()?;
+        Some(dir)
+    })
+    .as_deref()
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
@@ -275,6 +308,16 @@ impl Start {
             if name.to_string_lossy().starts_with("DROVER_") {
                 cmd.env_remove(name);
             }
+        }
+        let mentions_python3 = self
+            .config
+            .iter()
+            .chain(&self.args)
+            .any(|t| t.contains("python3"));
+        let own_path = self.env.iter().any(|(k, _)| k == "PATH");
+        if let (true, false, Some(dir)) = (mentions_python3, own_path, direct_python3_dir()) {
+            let rest = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{rest}", dir.display()));
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
