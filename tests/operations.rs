@@ -515,6 +515,11 @@ fn a_hup_right_after_a_reload_waits_for_the_old_generation_to_drain() {
     assert_eq!(code, 0, "{out}");
     d.signal(Signal::SIGHUP);
     d.wait_log("the previous generation is still stopping; the reload starts once that is over");
+    // The queued reload is one status reports: the worker count it shows
+    // is about to be set back (a test that took it as settled waited for
+    // the wrong count).
+    let status = status_json(&d).expect("status");
+    assert_eq!(status["master"]["reloading"], true, "{status}");
     let most = most_generations_alive(&d, || d.log().contains("reload applied: generation 3"));
     assert!(most <= 2, "{most} generations were alive at once");
     assert_eq!(slow.join().unwrap().unwrap().status, 200);

@@ -116,6 +116,15 @@ impl Rollout {
         !matches!(self.phase, Stage::Idle)
     }
 
+    /// What status reports as reloading: a reload under way, or one asked
+    /// for (and acknowledged in the log) that waits for it or for the old
+    /// generation to stop. Without the queued one, status said "not
+    /// reloading" between a reload's verdict and the queued one's start,
+    /// and the worker count it showed was about to be set back.
+    pub fn reloading(&self) -> bool {
+        self.busy() || self.queued.is_some()
+    }
+
     /// Rolling forward: spawning for the new generation.
     pub fn rolling(&self) -> bool {
         matches!(self.phase, Stage::Rolling { .. })

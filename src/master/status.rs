@@ -84,7 +84,7 @@ impl Supervisor {
                     Phase::PreStop { until, .. } => Some(until.saturating_duration_since(now).as_millis() as u64),
                     _ => None,
                 },
-                "reloading": self.rollout.busy(),
+                "reloading": self.rollout.reloading(),
                 "rss_bytes": resident_bytes(std::process::id() as i32),
             },
             "workers": workers,

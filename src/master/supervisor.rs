@@ -1650,7 +1650,7 @@ impl Supervisor {
         if self.paused() {
             s.push_str(", paused");
         }
-        if self.rollout.busy() {
+        if self.rollout.reloading() {
             s.push_str(", reloading");
         }
         if matches!(self.phase, Phase::PreStop { .. }) {
