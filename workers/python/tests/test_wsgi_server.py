@@ -545,9 +545,10 @@ class LifecycleTest(unittest.TestCase):
         self.assertNotIn("cannot read the length", err)
 
     def test_a_stop_that_cannot_read_its_queue_length_says_so(self):
-        # Without sock_diag's answer (in production: no unix_diag module;
-        # here: the worker in a network namespace of its own, where the
-        # kernel does not find its Unix listener by inode) a graceful stop
+        # Without sock_diag's answer (no unix_diag module; or, as here and
+        # under systemd's PrivateNetwork= with a socket unit, the worker in a
+        # network namespace of its own, where the kernel does not find its
+        # Unix listener by inode) a graceful stop
         # takes from the queue by the older rule. It did so without a word.
         prefix = None
         for candidate in (["unshare", "-n"], ["unshare", "-rn"]):
@@ -577,7 +578,8 @@ class LifecycleTest(unittest.TestCase):
         self.assertEqual(len(lines), 1, err)
         self.assertTrue(lines[0].endswith(
             "stopping (graceful): 0 parked connection(s); cannot read the length of the listen queue of main "
-            "(sock_diag failed: is the kernel's unix_diag module loaded?): queued connections are taken while "
+            "(sock_diag failed: no unix_diag module in the kernel, or the socket was made in another network "
+            "namespace, as with systemd's PrivateNetwork=): queued connections are taken while "
             "a request of the usual duration ends before the drain deadline, not only those queued at the stop"),
             lines[0])
 

@@ -137,6 +137,14 @@ class HeadRefusals:
         log("bad request head from %s (%d): %s%s" % (addr or "-", status, reason, more))
 
 
+#: Why sock_diag may not answer for a Unix listener. Both causes give the
+#: same ENOENT; the second is the usual one where the module is there: a
+#: socket bound in the host's namespace (a systemd socket unit) handed to a
+#: service with PrivateNetwork=yes, whose sock_diag looks only in its own.
+_UNIX_QUEUE_UNKNOWN = ("sock_diag failed: no unix_diag module in the kernel, or the socket was made in "
+                       "another network namespace, as with systemd's PrivateNetwork=")
+
+
 def stop_line(kind, parked, unmeasured):
     """The stop's log line (both cores). ``unmeasured``: (name, is_unix) of
     the listeners whose queue's length could not be read at a graceful stop:
@@ -147,8 +155,8 @@ def stop_line(kind, parked, unmeasured):
         line += ("; cannot read the length of the listen queue of %s: queued connections are taken "
                  "while a request of the usual duration ends before the drain deadline, not only "
                  "those queued at the stop" % ", ".join(
-                     "%s (%s)" % (name, "sock_diag failed: is the kernel's unix_diag module loaded?"
-                                  if unix else "TCP_INFO failed") for name, unix in unmeasured))
+                     "%s (%s)" % (name, _UNIX_QUEUE_UNKNOWN if unix else "TCP_INFO failed")
+                     for name, unix in unmeasured))
     return line
 
 
