@@ -4,7 +4,8 @@
 //! Bounded so that a chatty worker can neither block nor flood the master:
 //! every pipe is read without blocking, at most [`READ_BUDGET`] bytes per pipe
 //! per read; a line longer than [`MAX_LINE`] is cut; lines beyond a rate
-//! ([`PIPE_RATE`] per pipe, [`TOTAL_RATE`] in all, each with a burst) are
+//! ([`PIPE_RATE`] per pipe, [`TOTAL_RATE`] for all standard outputs and as
+//! much for all standard errors, each with a burst) are
 //! dropped and counted (a dropped line is only counted, never copied), and
 //! the count is logged when lines flow again. drover's own lines are never
 //! dropped. All pipes sit behind one epoll descriptor, so the loop waits on
@@ -36,7 +37,10 @@ pub const READ_INTERVAL: Duration = Duration::from_millis(10);
 const EVENTS: usize = 64;
 /// Lines per second logged from one pipe (and the burst above it).
 pub const PIPE_RATE: (f64, f64) = (200.0, 1000.0);
-/// Lines per second logged from all pipes together (and the burst).
+/// Lines per second logged from all the workers' standard outputs together
+/// (and the burst), and as many from all their standard errors: a flood on
+/// one stream, say an access log on standard output under a flood of
+/// requests or of garbage, must not drop the other's lines (the tracebacks).
 pub const TOTAL_RATE: (f64, f64) = (2000.0, 5000.0);
 
 /// Which of a worker's streams.
@@ -47,6 +51,14 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// Its index in [`Capture::total`].
+    fn index(self) -> usize {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Stream::Stdout => "stdout",
@@ -170,7 +182,8 @@ pub struct Capture {
     epoll: OwnedFd,
     pipes: HashMap<u64, Pipe>,
     next: u64,
-    total: Bucket,
+    /// The rate of each stream of all workers together (by [`Stream::index`]).
+    total: [Bucket; 2],
     /// The read buffer, allocated at the first read.
     buf: Vec<u8>,
     /// When the pipes were last read, and when they may be read next if
@@ -191,7 +204,10 @@ impl Capture {
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
             pipes: HashMap::new(),
             next: 0,
-            total: Bucket::new(TOTAL_RATE, Instant::now()),
+            total: [
+                Bucket::new(TOTAL_RATE, Instant::now()),
+                Bucket::new(TOTAL_RATE, Instant::now()),
+            ],
             buf: Vec::new(),
             last_read: None,
             held_until: None,
@@ -302,7 +318,9 @@ impl Capture {
             self.buf = vec![0u8; 64 * 1024];
         }
         let buf = &mut self.buf;
-        self.total.refill(now);
+        for total in &mut self.total {
+            total.refill(now);
+        }
         for ev in events.iter().take(n.max(0) as usize) {
             let token = ev.u64;
             let Some(p) = self.pipes.get_mut(&token) else {
@@ -323,7 +341,7 @@ impl Capture {
                 if r > 0 {
                     let r = r as usize;
                     budget -= r;
-                    feed(p, &mut self.total, &buf[..r], sink);
+                    feed(p, &mut self.total[p.stream.index()], &buf[..r], sink);
                     continue;
                 }
                 let err = io::Error::last_os_error();
@@ -336,7 +354,8 @@ impl Capture {
             if closed {
                 if let Some(mut p) = self.pipes.remove(&token) {
                     if !p.partial.is_empty() && !p.skipping {
-                        emit_partial(&mut p, &mut self.total, sink);
+                        let total = &mut self.total[p.stream.index()];
+                        emit_partial(&mut p, total, sink);
                     }
                     report_dropped(&mut p, sink);
                     // Closing the descriptor removes it from the epoll set.
@@ -640,5 +659,43 @@ mod tests {
         assert!(matches!(&got[2], Got::Line(l) if l.ends_with("[cut at 4096 bytes]")));
         assert_eq!(got[3], Got::Dropped(1));
         assert_eq!(dropped, 101);
+    }
+
+    /// Workers' standard outputs flooding past the rate of all pipes (an
+    /// access log under a flood of garbage requests) leave their standard
+    /// errors' lines alone. They shared one rate: the traceback was dropped.
+    #[test]
+    fn a_flood_on_the_standard_outputs_drops_no_line_of_a_standard_error() {
+        let mut c = Capture::new().unwrap();
+        let pid = Pid::from_raw(9);
+        let mut outs = Vec::new();
+        let floods = TOTAL_RATE.1 as usize / PIPE_RATE.1 as usize + 1;
+        for _ in 0..floods {
+            let (r, w) = pipe().unwrap();
+            c.add(2, pid, Stream::Stdout, r).unwrap();
+            outs.push(std::fs::File::from(w));
+        }
+        let (r, err) = pipe().unwrap();
+        c.add(2, pid, Stream::Stderr, r).unwrap();
+        // Each stdout up to its own burst: together past the total's.
+        let lines = "\"-\" 400 -\n".repeat(PIPE_RATE.1 as usize);
+        for w in &mut outs {
+            w.write_all(lines.as_bytes()).unwrap();
+        }
+        std::fs::File::from(err)
+            .write_all(b"Traceback (most recent call last):\n")
+            .unwrap();
+        let mut logged = Vec::new();
+        c.on_ready(Instant::now(), &mut |o| {
+            if let Output::Line { stream, text, .. } = o {
+                logged.push((stream, text.to_string()));
+            }
+        });
+        let out = logged.iter().filter(|(s, _)| *s == Stream::Stdout).count();
+        assert_eq!(out, TOTAL_RATE.1 as usize, "the stdouts' total rate holds");
+        assert!(
+            logged.contains(&(Stream::Stderr, "Traceback (most recent call last):".into())),
+            "the traceback is logged"
+        );
     }
 }
