@@ -7,7 +7,8 @@
 //! ([`PIPE_RATE`] per pipe, [`TOTAL_RATE`] for all standard outputs and as
 //! much for all standard errors, each with a burst) are
 //! dropped and counted (a dropped line is only counted, never copied), and
-//! the count is logged when lines flow again. drover's own lines are never
+//! the count is logged when lines flow again, at most once per
+//! [`DROPPED_EVERY`], and when the pipe closes. drover's own lines are never
 //! dropped. All pipes sit behind one epoll descriptor, so the loop waits on
 //! one descriptor and reads only the pipes that have data.
 //!
@@ -35,6 +36,10 @@ pub const READ_BUDGET: usize = 256 * 1024;
 pub const READ_INTERVAL: Duration = Duration::from_millis(10);
 /// The most pipes read per read of the pipes (one `epoll_wait`).
 const EVENTS: usize = 64;
+/// A pipe's count of dropped lines is logged at most this often (and when
+/// it closes): under a steady flood lines flow again at every read, and a
+/// count each time was one warning of drover's own per 10 ms per pipe.
+pub const DROPPED_EVERY: Duration = Duration::from_secs(1);
 /// Lines per second logged from one pipe (and the burst above it).
 pub const PIPE_RATE: (f64, f64) = (200.0, 1000.0);
 /// Lines per second logged from all the workers' standard outputs together
@@ -174,6 +179,8 @@ struct Pipe {
     /// Inside a line already cut at MAX_LINE: skip to its end.
     skipping: bool,
     dropped: u64,
+    /// When `dropped` was last logged.
+    reported: Option<Instant>,
     bucket: Bucket,
 }
 
@@ -265,6 +272,7 @@ impl Capture {
                 partial: Vec::new(),
                 skipping: false,
                 dropped: 0,
+                reported: None,
                 bucket: Bucket::new(PIPE_RATE, Instant::now()),
             },
         );
@@ -436,7 +444,13 @@ fn emit(p: &mut Pipe, total: &mut Bucket, line: &[u8], sink: &mut dyn FnMut(Outp
     }
     p.bucket.tokens -= 1.0;
     total.tokens -= 1.0;
-    report_dropped(p, sink);
+    // The bucket was refilled at this read: its time is now.
+    let now = p.bucket.last;
+    if p.reported
+        .is_none_or(|t| now.saturating_duration_since(t) >= DROPPED_EVERY)
+    {
+        report_dropped(p, sink);
+    }
     let text = String::from_utf8_lossy(line);
     let text = text.strip_suffix('\r').unwrap_or(&text);
     sink(Output::Line {
@@ -449,6 +463,7 @@ fn emit(p: &mut Pipe, total: &mut Bucket, line: &[u8], sink: &mut dyn FnMut(Outp
 
 fn report_dropped(p: &mut Pipe, sink: &mut dyn FnMut(Output<'_>)) {
     if p.dropped > 0 {
+        p.reported = Some(p.bucket.last);
         sink(Output::Dropped {
             slot: p.slot,
             pid: p.pid,
@@ -659,6 +674,44 @@ mod tests {
         assert!(matches!(&got[2], Got::Line(l) if l.ends_with("[cut at 4096 bytes]")));
         assert_eq!(got[3], Got::Dropped(1));
         assert_eq!(dropped, 101);
+    }
+
+    /// A steady flood over the rate: its count is logged once a second (and
+    /// at the end), not at each read; every line is still logged or counted.
+    /// It was logged at each read that let lines through: every 10 ms.
+    #[test]
+    fn a_steady_flood_is_counted_once_a_second() {
+        let mut c = Capture::new().unwrap();
+        let (r, w) = pipe().unwrap();
+        c.add(2, Pid::from_raw(9), Stream::Stdout, r).unwrap();
+        let mut w = std::fs::File::from(w);
+        let now = Instant::now();
+        let mut written = PIPE_RATE.1 as u64 + 100;
+        w.write_all("spam\n".repeat(written as usize).as_bytes())
+            .unwrap();
+        let mut got = collect(&mut c, now);
+        // Half a second of reads, each letting 2 lines through.
+        for i in 1..=50 {
+            w.write_all("spam\n".repeat(10).as_bytes()).unwrap();
+            written += 10;
+            got.extend(collect(&mut c, now + READ_INTERVAL * i));
+        }
+        drop(w);
+        got.extend(collect(&mut c, now + READ_INTERVAL * 51));
+        let counts: Vec<u64> = got
+            .iter()
+            .filter_map(|g| match g {
+                Got::Dropped(n) => Some(*n),
+                Got::Line(_) => None,
+            })
+            .collect();
+        let lines = got.len() as u64 - counts.len() as u64;
+        assert_eq!(
+            counts.len(),
+            2,
+            "once in the half second, once at the end: {counts:?}"
+        );
+        assert_eq!(lines + counts.iter().sum::<u64>(), written);
     }
 
     /// Workers' standard outputs flooding past the rate of all pipes (an
