@@ -1289,19 +1289,7 @@ fn a_service_manager_that_does_not_read_never_stalls_drover() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
     let sock = notify_socket(&path);
-    // Fill its queue: the receiver's queue is full once a fresh sender
-    // cannot send even one datagram (each sender is also bounded by its
-    // own send buffer, so it may take several).
-    let full = (0..1000).any(|_| {
-        let sender = UnixDatagram::unbound().unwrap();
-        sender.set_nonblocking(true).unwrap();
-        let mut sent = 0;
-        while sender.send_to(b"FILLER=1", &path).is_ok() {
-            sent += 1;
-        }
-        sent == 0
-    });
-    assert!(full, "the notify socket's queue never filled");
+    fill_queue(&path);
     let start = Start {
         env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
         ..Start::config(&hello_config(""))
@@ -1320,6 +1308,53 @@ fn a_service_manager_that_does_not_read_never_stalls_drover() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
     recv_until(&sock, &mut seen, "STOPPING=1");
+}
+
+/// A service manager that stops reading before drover's shutdown: its
+/// STOPPING=1 gets its last wait after the shutdown is done, not inside it
+/// (the wait once came first, and stage 3's time and the on_exit hook's
+/// start both took its second).
+#[test]
+fn a_stopping_message_that_waits_does_not_delay_the_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = notify_socket(&path);
+    let start = Start {
+        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..Start::config(&hello_config(
+            "on_exit = [\"sh\", \"-c\", \"echo on-exit-ran\"]",
+        ))
+    };
+    let mut d = start.run();
+    let mut seen = Vec::new();
+    recv_until(&sock, &mut seen, "READY=1");
+    fill_queue(&path);
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    let log = d.log();
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"))
+    };
+    let dropped = at("did not take STOPPING=1");
+    assert!(at("stage 3 done") < dropped, "{log}");
+    assert!(at("stage 4, on_exit hook") < dropped, "{log}");
+}
+
+/// Fills the queue of the datagram socket at `path`: it is full once a
+/// fresh sender cannot send even one datagram (each sender is also bounded
+/// by its own send buffer, so it may take several).
+fn fill_queue(path: &std::path::Path) {
+    let full = (0..1000).any(|_| {
+        let sender = UnixDatagram::unbound().unwrap();
+        sender.set_nonblocking(true).unwrap();
+        let mut sent = 0;
+        while sender.send_to(b"FILLER=1", path).is_ok() {
+            sent += 1;
+        }
+        sent == 0
+    });
+    assert!(full, "the notify socket's queue never filled");
 }
 
 /// One keep-alive GET on `s`: the response's status and whether it ends the

@@ -620,7 +620,6 @@ impl Master {
     /// what they left behind, then stage 4 (`finish`). Returns the exit
     /// status.
     fn wind_up(&mut self, outcome: Outcome) -> u8 {
-        self.systemd.flush_before_exit();
         self.obs.flush_output();
         self.reap_cancelled_upgrade();
         let templates: Vec<Pid> = self.templates.list.iter().map(|t| t.pid).collect();
@@ -635,6 +634,9 @@ impl Master {
             report_escaped(self.notify.path());
         }
         let status = self.finish(outcome);
+        // Last: a service manager that does not read (its messages' last
+        // wait) must not delay stage 3 nor the on_exit hook.
+        self.systemd.flush_before_exit();
         self.obs.publish(crate::events::Kind::Exiting { status });
         self.obs.close();
         status
