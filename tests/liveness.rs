@@ -538,20 +538,27 @@ fn a_worker_hung_at_boot_is_sent_sigabrt_and_python_says_where() {
     );
 }
 
+/// One worker that ignores SIGABRT and never sends READY=1, with
+/// `boot_timeout = "1s"` and `settings`, once drover has sent it SIGABRT.
+/// The shell ignores SIGABRT at once (and sleep inherits that), where
+/// Python took its start-up first: past the 1 s boot_timeout on a loaded
+/// machine, it died of the SIGABRT and a test waited in vain.
+fn aborted_at_boot(settings: &str) -> Drover {
+    let worker = "trap '' ABRT; exec sleep 1000";
+    let d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
+         respawn_delay = \"10s\"\ncommand = [\"sh\", \"-c\", {worker:?}]\n{settings}\n"
+    ))
+    .run();
+    d.wait_log("within boot_timeout (1s); SIGABRT");
+    d
+}
+
 /// One that ignores SIGABRT is killed (its process group) `abort_grace`
 /// after it.
 #[test]
 fn a_worker_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
-    // The shell ignores SIGABRT at once (and sleep inherits that), where
-    // Python took its start-up first: past the 1 s boot_timeout on a loaded
-    // machine, it died of the SIGABRT and the test waited in vain.
-    let worker = "trap '' ABRT; exec sleep 1000";
-    let d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
-         abort_grace = \"1s\"\nrespawn_delay = \"10s\"\ncommand = [\"sh\", \"-c\", {worker:?}]\n"
-    ))
-    .run();
-    d.wait_log("within boot_timeout (1s); SIGABRT");
+    let d = aborted_at_boot("abort_grace = \"1s\"");
     d.wait_log("still running 1s after its SIGABRT; sending SIGKILL to its process group");
     d.wait_log("killed by SIGKILL (boot timeout)");
 }
@@ -563,14 +570,7 @@ fn a_worker_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
 /// abort_grace (30 s here), and drover's quick stop waited for it.
 #[test]
 fn a_quick_stop_hurries_a_worker_aborted_at_boot() {
-    let worker = "trap '' ABRT; exec sleep 1000";
-    let mut d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
-         abort_grace = \"30s\"\nquick_timeout = \"1s\"\nrespawn_delay = \"10s\"\n\
-         command = [\"sh\", \"-c\", {worker:?}]\n"
-    ))
-    .run();
-    d.wait_log("within boot_timeout (1s); SIGABRT");
+    let mut d = aborted_at_boot("abort_grace = \"30s\"\nquick_timeout = \"1s\"");
     d.signal(Signal::SIGQUIT);
     let status = d.wait_exit(LIMIT);
     let log = d.log();
@@ -587,14 +587,7 @@ fn a_quick_stop_hurries_a_worker_aborted_at_boot() {
 /// stop said "(0 killed)" and exited with 0.
 #[test]
 fn a_worker_aborted_at_boot_and_killed_during_the_shutdown_counts_as_killed() {
-    let worker = "trap '' ABRT; exec sleep 1000";
-    let mut d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
-         abort_grace = \"2s\"\ngraceful_timeout = \"30s\"\nrespawn_delay = \"10s\"\n\
-         command = [\"sh\", \"-c\", {worker:?}]\n"
-    ))
-    .run();
-    d.wait_log("within boot_timeout (1s); SIGABRT");
+    let mut d = aborted_at_boot("abort_grace = \"2s\"\ngraceful_timeout = \"30s\"");
     d.signal(Signal::SIGTERM);
     d.wait_log("graceful shutdown");
     let status = d.wait_exit(LIMIT);
@@ -654,14 +647,7 @@ fn stop_took(log: &str) -> f64 {
 /// 58 s, and this test timed out waiting for it.
 #[test]
 fn a_graceful_shutdown_kills_a_worker_aborted_at_boot_by_its_deadline() {
-    let worker = "trap '' ABRT; exec sleep 1000";
-    let mut d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"1s\"\n\
-         abort_grace = \"60s\"\ngraceful_timeout = \"2s\"\nrespawn_delay = \"10s\"\n\
-         command = [\"sh\", \"-c\", {worker:?}]\n"
-    ))
-    .run();
-    d.wait_log("within boot_timeout (1s); SIGABRT");
+    let mut d = aborted_at_boot("abort_grace = \"60s\"\ngraceful_timeout = \"2s\"");
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit(LIMIT);
     let log = d.log();
