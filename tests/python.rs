@@ -1065,6 +1065,27 @@ fn an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill(core: &str)
 }
 with_each_core!(an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill);
 
+/// The same thread, computing in C with the GIL held (1.5 s a call) once the
+/// registry has run: the exit's deadline thread gets its turn late, as on a
+/// loaded machine. faulthandler's last resort, armed at the start of the
+/// exit, fired 0.1 s past the budget, before it: the workers, whose cleanup
+/// had finished, exited 1 with a stack dump. It is now armed only once the
+/// threads are joined (the teardown), and the workers exit 0.
+fn an_app_thread_that_holds_the_gil_does_not_make_a_clean_stop_exit_1(core: &str) {
+    let (d, workers, status, log) = stopped_with_habit(core, "APP_NON_DAEMON_THREAD = \"gil\"");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!log.contains("Timeout ("), "faulthandler fired: {log}");
+    let lines = cleanup_lines(&d);
+    for w in &workers {
+        assert!(
+            log.contains(&format!("(pid {w}) exited with status 0")),
+            "{log}"
+        );
+        assert!(lines.contains(&format!("cleanup pid={w}")), "{lines:?}");
+    }
+}
+with_each_core!(an_app_thread_that_holds_the_gil_does_not_make_a_clean_stop_exit_1);
+
 /// An app whose teardown hangs (a finalizer that waits, run as the
 /// interpreter clears its modules): no Python thread runs then, so the SDK's
 /// exit deadline thread could not end it, and drover killed the worker at

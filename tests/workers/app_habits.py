@@ -6,6 +6,10 @@ survive, each switched on by a variable (tests/python.rs, tests/third_party.rs):
   writing ``own SIGTERM handler pid=N`` to stderr;
 * ``APP_NON_DAEMON_THREAD=1``: a non-daemon thread, ``queue-consumer``, that
   never ends (a consumer or scheduler thread nobody made a daemon);
+  ``APP_NON_DAEMON_THREAD=gil``: the same thread, which once the cleanup
+  registry has run computes in C with the GIL held, 1.5 s at a time (a
+  thread that compresses or hashes a large buffer): another Python thread
+  waits that long for its turn, as on a loaded machine;
 * ``APP_TEARDOWN_HANG=1``: a module-level client whose finalizer waits
   (``__del__`` sleeps a minute), which runs in the interpreter's teardown.
 
@@ -18,6 +22,8 @@ import sys
 import threading
 import time
 
+import drover_worker
+
 
 def _own_sigterm_handler(signum, frame):
     sys.stderr.write("own SIGTERM handler pid=%d\n" % os.getpid())
@@ -25,9 +31,15 @@ def _own_sigterm_handler(signum, frame):
     sys.exit(0)
 
 
+_registry_ran = threading.Event()
+
+
 def _consume():
     while True:
-        time.sleep(0.1)
+        if _registry_ran.is_set():
+            sum(range(10**8))  # one C call, the GIL held throughout
+        else:
+            time.sleep(0.1)
 
 
 class _Client:
@@ -39,6 +51,9 @@ if os.environ.get("APP_SIGTERM_EXIT"):
     signal.signal(signal.SIGTERM, _own_sigterm_handler)
 if os.environ.get("APP_NON_DAEMON_THREAD"):
     threading.Thread(target=_consume, name="queue-consumer").start()
+    if os.environ["APP_NON_DAEMON_THREAD"] == "gil":
+        # Registered before example_app's cleanup, so it runs after it: last.
+        drover_worker.on_exit(_registry_ran.set, name="start-computing")
 if os.environ.get("APP_TEARDOWN_HANG"):
     client = _Client()
 

@@ -573,6 +573,10 @@ EXIT_WAIT_NOTICE = 1.0
 #: teardown (less than the smallest reserve, 0.25 s, so before drover's kill).
 EXIT_LAST_RESORT = 0.1
 
+#: The end of the stop budget of an exit bounded by _bound_exit (monotonic
+#: clock), for the last resort armed at the start of the teardown.
+_exit_deadline: Optional[float] = None
+
 
 def _bound_exit(log: Callable[[str], None]) -> None:
     """For a launcher that has drained and run the registry, and returns to
@@ -583,8 +587,11 @@ def _bound_exit(log: Callable[[str], None]) -> None:
     thread names them after a second, and at the end of the stop budget
     exits the process (status 0, ``atexit`` functions not run) without them.
     Past that, faulthandler ends a teardown that hangs (status 1, with every
-    thread's stack on stderr)."""
+    thread's stack on stderr): armed by ``_at_exit``, once the threads are
+    joined and the atexit functions ran (see _arm_last_resort)."""
+    global _exit_deadline
     deadline = time.monotonic() + remaining_budget()
+    _exit_deadline = deadline
 
     def names() -> str:
         main = threading.main_thread()
@@ -598,20 +605,35 @@ def _bound_exit(log: Callable[[str], None]) -> None:
             log("exit waits for the application's non-daemon thread(s) %s, up to %.1fs: make them daemons, "
                 "or end them in an on_exit function" % (waiting, deadline - time.monotonic()))
         time.sleep(max(0.0, deadline - time.monotonic()))
+        try:
+            faulthandler.cancel_dump_traceback_later()  # this exit is the stop's, status 0
+        except Exception:
+            pass
         waiting = names()
         log("the stop budget ran out while the interpreter's exit waited (%s): exiting without it"
             % ("for thread(s) %s" % waiting if waiting else "in an atexit function"))
         _flush_and_exit(0)
 
     threading.Thread(target=watch, name="drover-exit-deadline", daemon=True).start()
-    # That thread runs Python: once the interpreter's teardown has begun
-    # (after the atexit functions) no Python thread runs again, and a hang
-    # there (a finalizer that waits, an extension module joining its own
-    # thread) held the worker until drover's SIGKILL. faulthandler's timer is
-    # a C thread: just past the budget, still within the reserve, it writes
-    # every thread's stack to stderr (where the exit hangs) and exits with 1.
+
+
+def _arm_last_resort() -> None:
+    """The watch thread of _bound_exit runs Python: once the interpreter's
+    teardown has begun (after the atexit functions) no Python thread runs
+    again, and a hang there (a finalizer that waits, an extension module
+    joining its own thread) held the worker until drover's SIGKILL.
+    faulthandler's timer is a C thread: just past the budget, still within
+    the reserve, it writes every thread's stack to stderr (where the exit
+    hangs) and exits with 1. Armed only now, from the SDK's atexit function:
+    armed at _bound_exit, it raced the watch thread while the exit waited for
+    an application's thread, and on a loaded machine (or with a thread that
+    held the GIL) it fired first, 0.1 s after the budget, and a worker whose
+    cleanup had finished exited 1 instead of 0. Until now a Python thread can
+    run, and the watch thread ends the exit."""
+    if _exit_deadline is None:
+        return
     try:
-        faulthandler.dump_traceback_later(max(0.0, deadline - time.monotonic()) + EXIT_LAST_RESORT, exit=True)
+        faulthandler.dump_traceback_later(max(0.0, _exit_deadline - time.monotonic()) + EXIT_LAST_RESORT, exit=True)
     except (RuntimeError, ValueError, OSError):
         pass  # no usable stderr: the SIGKILL remains
 
@@ -1090,6 +1112,10 @@ def _at_exit() -> None:
             signal.signal(signum, _stop_request_handler(kind))
     run_cleanup()
     _exit_at_idle_priority()
+    # The interpreter has joined the application's threads and, as this
+    # function was registered at the SDK's import, run (nearly) every other
+    # atexit function: what is left is the teardown.
+    _arm_last_resort()
 
 
 def _exit_at_idle_priority() -> None:
