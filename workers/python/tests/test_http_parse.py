@@ -48,6 +48,26 @@ class ParseTest(unittest.TestCase):
         self.assertStatus(b"GET / HTTP/2.0\r\nHost: x\n", 505)
         self.assertStatus(b"GET / HTTP/1.1\r\nX: " + b"v" * 9000 + b"\n", 431)
 
+    def test_a_tls_handshake_is_named(self):
+        # A ClientHello's record header (22, 3, 1; TLS 1.2's and 1.3's), then
+        # binary bytes that were refused for whatever came first: the answer
+        # names the cause, as soon as its first three bytes are in.
+        from drover_wsgi.http import TLS_ON_PLAIN_HTTP
+
+        for raw in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n", b"\x16\x03\x03",
+                    b"\x16\x03\x00\x00\x05", b"\r\n\x16\x03\x04"):
+            with self.assertRaises(HTTPError) as cm:
+                parse(raw)
+            self.assertEqual((cm.exception.status, cm.exception.reason), (400, TLS_ON_PLAIN_HTTP), raw)
+        self.assertIsNone(parse(b"\x16\x03"))  # maybe a TLS record; nothing to say yet
+        self.assertNotEqual(self._reason(b"\x16\x03\x05 / HTTP/1.1\r\n\r\n"), TLS_ON_PLAIN_HTTP)
+        self.assertNotEqual(self._reason(b"\x17\x03\x01 / HTTP/1.1\r\n\r\n"), TLS_ON_PLAIN_HTTP)
+
+    def _reason(self, raw):
+        with self.assertRaises(HTTPError) as cm:
+            parse(raw)
+        return cm.exception.reason
+
     def test_content_type_and_length_have_no_http_prefix(self):
         req, _ = parse(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n")
         self.assertEqual(req.headers["CONTENT_TYPE"], "text/plain")

@@ -156,6 +156,38 @@ class AccessLogTest(unittest.TestCase):
         self.assertEqual(len(why), 1, err)
         self.assertRegex(why[0], r"^drover_wsgi\[\d+\]: bad request head from 127\.0\.0\.1 \(400\): \S")
 
+    def test_a_tls_handshake_is_refused_with_its_cause(self):
+        # A client that speaks HTTPS to the plain HTTP port: its ClientHello
+        # was refused as "malformed request line", "a line ends in a bare LF"
+        # or, with no LF in it, at the header timeout (408), by the bytes it
+        # happened to hold. It is still a 400 with its access log line, and
+        # the line on standard error names the cause and the remedy.
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with self.assertRaises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+        self.assertEqual(hello[:2], b"\x16\x03")
+        args = ["--access-logfile", self.path, "--header-timeout", "5"]
+        with Worker("apps:app", args=args) as w:
+            with w.connect() as s:
+                s.sendall(hello)
+                s.settimeout(3)  # not the header timeout's 408
+                self.assertEqual(s.makefile("rb").readline().split()[1], b"400")
+            err = stop(w)
+        lines = self.lines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r'^127\.0\.0\.1 - - \[[^]]*\] "-" 400 ')
+        why = [line for line in err.splitlines() if "bad request head" in line]
+        self.assertEqual(len(why), 1, err)
+        self.assertRegex(why[0], r"^drover_wsgi\[\d+\]: bad request head from 127\.0\.0\.1 \(400\): TLS handshake "
+                                 r"on a plain HTTP port: terminate TLS in front of drover, e\.g\. nginx$")
+
     def test_the_reason_for_refused_heads_is_rate_limited(self):
         # One line at most per REFUSAL_LOG_EVERY, which counts those it did
         # not show; every refusal still gets its access log line.

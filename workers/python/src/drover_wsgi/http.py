@@ -88,6 +88,12 @@ class Request:
         self.underscored = underscored
 
 
+#: The answer's detail for a TLS handshake sent to this plain HTTP port.
+TLS_ON_PLAIN_HTTP = "TLS handshake on a plain HTTP port: terminate TLS in front of drover, e.g. nginx"
+#: The first bytes of a TLS record of a handshake: type 22, version 3.0 to 3.4.
+_TLS_HANDSHAKE = re.compile(rb"\x16\x03[\x00-\x04]")
+
+
 def parse_request(buf: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[Tuple[Request, int]]:
     """Parses the request head at the start of ``buf``.
 
@@ -104,6 +110,12 @@ def parse_request(buf: bytes, limits: Limits = DEFAULT_LIMITS) -> Optional[Tuple
         start = len(buf) - len(buf.lstrip(b"\r\n"))
         if start > limits.max_head:
             raise HTTPError(431, "more than %d bytes of empty lines before the request line" % limits.max_head)
+    if _TLS_HANDSHAKE.match(buf, start):
+        # A client that speaks HTTPS to this port: its ClientHello is binary,
+        # refused for whatever byte came first (a bare LF, a malformed request
+        # line), or not at all until the header timeout, none of which names
+        # the cause.
+        raise HTTPError(400, TLS_ON_PLAIN_HTTP)
     end = buf.find(b"\r\n\r\n", start)
     stop = end + 2 if end >= 0 else len(buf)
     if buf.count(b"\n", start, stop) != buf.count(b"\r\n", start, stop):

@@ -12,6 +12,10 @@ use memchr::memchr;
 use crate::chars::{is_ows, is_token, trim_ows, TARGET, TOKEN, VALUE};
 use crate::{Effective, Error, Framing, Head, Limits, Version};
 
+/// The answer's detail for a TLS handshake sent to this plain HTTP port.
+pub const TLS_ON_PLAIN_HTTP: &str =
+    "TLS handshake on a plain HTTP port: terminate TLS in front of drover, e.g. nginx";
+
 /// Parses the request head at the start of `buf`.
 ///
 /// `Ok(None)`: the head is not complete and nothing so far is wrong (or over
@@ -41,6 +45,13 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: &Limits) -> Result<Option<(Head<'a>
     }
     if start == buf.len() {
         return Ok(None);
+    }
+    // A TLS record of a handshake (type 22, version 3.x): a client that
+    // speaks HTTPS to this port. Its ClientHello is binary, refused for
+    // whatever byte came first (a bare LF, a malformed request line), or
+    // not at all until the header timeout, none of which names the cause.
+    if let [0x16, 0x03, 0x00..=0x04, ..] = buf[start..] {
+        return Err(Error::bad(TLS_ON_PLAIN_HTTP));
     }
     let mut pos = start;
     let mut line_no = 0;

@@ -437,6 +437,33 @@ fn limits_are_settable_and_zero_means_gunicorns_maximum() {
 }
 
 #[test]
+fn a_tls_handshake_is_named() {
+    // As test_http_parse.py's test_a_tls_handshake_is_named: a ClientHello's
+    // record header names the cause as soon as its three bytes are in.
+    let tls = "TLS handshake on a plain HTTP port: terminate TLS in front of drover, e.g. nginx";
+    for raw in [
+        &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n"[..],
+        b"\x16\x03\x03",
+        b"\x16\x03\x00\x00\x05",
+        b"\r\n\x16\x03\x04",
+    ] {
+        let e = parse_head(raw, &Limits::default()).unwrap_err();
+        assert_eq!((e.status, &*e.detail), (400, tls), "{raw:?}");
+    }
+    assert!(matches!(
+        parse_head(b"\x16\x03", &Limits::default()),
+        Ok(None)
+    ));
+    for raw in [
+        b"\x16\x03\x05 / HTTP/1.1\r\n\r\n",
+        b"\x17\x03\x01 / HTTP/1.1\r\n\r\n",
+    ] {
+        let e = parse_head(raw, &Limits::default()).unwrap_err();
+        assert_ne!(&*e.detail, tls, "{raw:?}");
+    }
+}
+
+#[test]
 fn errors_name_status_and_reason() {
     let e = parse_head(b"GET / HTTP/2.0\r\n", &Limits::default()).unwrap_err();
     assert_eq!((e.status, e.reason), (505, "HTTP Version Not Supported"));
