@@ -134,10 +134,13 @@ class AccessLogTest(unittest.TestCase):
             kept.send(get("/pid"))
             self.assertEqual(kept.response()[0], 200)
             answers = []
+            bodies = []
             for raw in (b"GARBAGE\r\n\r\n", get("/", b"X-Big: " + b"a" * 9000 + b"\r\n"), b"GET / HTTP/1.1\r\n"):
                 with w.connect() as s:
                     s.sendall(raw)
-                    answers.append(s.makefile("rb").readline().split()[1])
+                    answer = s.makefile("rb").read()
+                    answers.append(answer.split()[1])
+                    bodies.append(len(answer.split(b"\r\n\r\n", 1)[1]))
             self.assertEqual(answers, [b"400", b"431", b"408"])
             self.assertEqual(silent.recv(1), b"")  # the server closed it
             self.assertTrue(kept.eof_within(5))  # idle past --keepalive
@@ -149,8 +152,10 @@ class AccessLogTest(unittest.TestCase):
         lines = sorted(self.lines(), key=lambda line: "/pid" not in line)
         self.assertEqual(len(lines), 4, lines)
         self.assertRegex(lines[0], r'^127\.0\.0\.1 - - \[.*\] "GET /pid HTTP/1\.1" 200 \d+ "-" "-" ')
-        for line, status in zip(lines[1:], ("400", "431", "408")):
-            self.assertRegex(line, r'^127\.0\.0\.1 - - \[[^]]*\] "-" %s - "-" "-" \d+\.\d{6}$' % status)
+        # b: the bytes of the body the server answered with, as nginx logs
+        # its error page's (it was "-").
+        for line, status, body in zip(lines[1:], ("400", "431", "408"), bodies):
+            self.assertRegex(line, r'^127\.0\.0\.1 - - \[[^]]*\] "-" %s %d "-" "-" \d+\.\d{6}$' % (status, body))
         self.assertGreaterEqual(float(lines[3].split()[-1]), 0.5, lines[3])  # from its first byte
         why = [line for line in err.splitlines() if "bad request head" in line]
         self.assertEqual(len(why), 1, err)
@@ -199,12 +204,12 @@ class AccessLogTest(unittest.TestCase):
         now = [100.0]
         refusals = server.HeadRefusals(None, clock=lambda: now[0])
         with contextlib.redirect_stderr(io.StringIO()) as out:
-            refusals("10.0.0.1", 4242, 400, "malformed request line", 0.0)
+            refusals("10.0.0.1", 4242, 400, "malformed request line", 0.0, 42)
             now[0] += server.REFUSAL_LOG_EVERY - 0.5
-            refusals("10.0.0.2", 4243, 431, "request head larger than 8192 bytes", 0.0)
-            refusals("", None, 408, "the request head did not arrive in time", 0.5)
+            refusals("10.0.0.2", 4243, 431, "request head larger than 8192 bytes", 0.0, 55)
+            refusals("", None, 408, "the request head did not arrive in time", 0.5, None)
             now[0] += 1
-            refusals("10.0.0.3", 4244, 400, "malformed method", 0.0)
+            refusals("10.0.0.3", 4244, 400, "malformed method", 0.0, 36)
         logged = [line.split(": ", 1)[1] for line in out.getvalue().splitlines()]
         self.assertEqual(logged, [
             "bad request head from 10.0.0.1 (400): malformed request line",

@@ -282,6 +282,7 @@ pub fn head_refused(
     status: u16,
     why: &str,
     seconds: f64,
+    sent: Option<usize>,
 ) {
     let (addr, port) = match peer {
         Peer::Inet(ip, port) => (PyString::new(py, &ip.to_string()), Some(*port)),
@@ -290,7 +291,7 @@ pub fn head_refused(
     if let Err(e) = sh
         .hooks
         .head_refused
-        .call1(py, (addr, port, status, why, seconds))
+        .call1(py, (addr, port, status, why, seconds, sent))
     {
         e.print(py);
     }

@@ -42,7 +42,7 @@ pyo3::create_exception!(
 
 /// What drover_wsgi/native.py must match (it falls back to the pure-Python
 /// core when it does not).
-const API: u32 = 4;
+const API: u32 = 5;
 
 fn seconds(s: Option<f64>) -> Option<Duration> {
     s.filter(|s| *s > 0.0).map(Duration::from_secs_f64)

@@ -42,7 +42,7 @@ use pyo3::types::{PyDict, PyString};
 use crate::exchange::{self, After, BodyPlan, ConnView};
 use crate::poller::Next;
 use crate::sock::{self, Gone};
-use crate::util::{error_response, log};
+use crate::util::{error_body_size, error_response, log};
 
 /// After a final response on a connection we close, what the client still
 /// sends is read and dropped for at most this long (no reset).
@@ -141,7 +141,7 @@ pub struct Hooks {
     pub forwarded: Py<PyAny>,
     /// access(environ, status, sent, headers, seconds), when the access log is on.
     pub access: Option<Py<PyAny>>,
-    /// head_refused(addr, port, status, reason, seconds): a request head
+    /// head_refused(addr, port, status, reason, seconds, sent): a request head
     /// refused before there is a request (drover_wsgi.server.HeadRefusals).
     pub head_refused: Py<PyAny>,
     /// The environ keys of the secure scheme headers.
@@ -1289,13 +1289,19 @@ fn wait_while_stopping(sh: &Shared, conn: &mut Conn) -> bool {
 /// line, the line that says why), as for the pure-Python core; `began`: when
 /// the head's first read ended, if it took more than one.
 fn refuse(sh: &Shared, conn: Box<Conn>, status: u16, detail: &str, began: Option<Instant>) {
+    let response = error_response(status, detail);
+    // The body's bytes once it is sent (the access log's `b`, as nginx logs
+    // its error page's size), None if it could not be.
+    let sent = sock::send_all(conn.fd, &response, sh.set.io_timeout)
+        .is_ok()
+        .then(|| error_body_size(&response));
     let seconds = began.map_or(0.0, |b| b.elapsed().as_secs_f64());
     sh.turns.wait();
     Python::attach(|py| {
         sh.turns.pass();
-        exchange::head_refused(py, sh, &conn.peer, status, detail, seconds);
+        exchange::head_refused(py, sh, &conn.peer, status, detail, seconds, sent);
     });
-    if sock::send_all(conn.fd, &error_response(status, detail), sh.set.io_timeout).is_ok() {
+    if sent.is_some() {
         sh.start_linger(conn);
     }
 }

@@ -86,6 +86,15 @@ pub fn error_response(status: u16, detail: &str) -> Vec<u8> {
     out
 }
 
+/// The body bytes of an `error_response` (the access log's `b`).
+pub fn error_body_size(response: &[u8]) -> usize {
+    let head = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |i| i + 4);
+    response.len() - head
+}
+
 /// `text` encoded as latin-1, with "?" for what latin-1 cannot hold (as
 /// Python's encode("latin-1", "replace")).
 pub fn latin1(text: &str) -> Vec<u8> {

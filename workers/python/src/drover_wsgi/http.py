@@ -395,3 +395,8 @@ def error_response(status: int, reason: str) -> bytes:
     head = "HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
         status, REASONS.get(status, "Error"), http_date(), len(body))
     return head.encode("latin-1") + body
+
+
+def error_body_size(response: bytes) -> int:
+    """The body bytes of an ``error_response`` (the access log's ``b``)."""
+    return len(response) - response.index(b"\r\n\r\n") - 4

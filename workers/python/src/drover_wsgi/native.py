@@ -36,7 +36,7 @@ from .server import (
 )
 
 #: The drover_wsgi_native interface this module drives.
-API = 4
+API = 5
 
 _native: Any = None
 
@@ -70,7 +70,7 @@ class _Hooks:
         self.scheme = proxy.scheme
         self.secure_keys = [key for key, _ in proxy.secure]
         self.access = access_log.log if access_log is not None else None
-        # head_refused(addr, port, status, reason, seconds): see HeadRefusals.
+        # head_refused(addr, port, status, reason, seconds, sent): see HeadRefusals.
         self.head_refused = HeadRefusals(access_log)
 
     def forwarded(self, environ, fields, path):

@@ -52,6 +52,7 @@ from drover_worker.scoreboard import Scoreboard
 from .http import (
     DEFAULT_LIMITS,
     HTTPError,
+    error_body_size,
     error_response,
     http_date,
     parse_chunk_size,
@@ -119,14 +120,16 @@ class HeadRefusals:
         self.unlogged = 0  # refused since the last line
         self.logged_at: Optional[float] = None
 
-    def __call__(self, addr, port, status, reason, seconds):
+    def __call__(self, addr, port, status, reason, seconds, sent):
         """``addr``: REMOTE_ADDR; ``port``: the TCP peer's port, or None;
-        ``seconds``: since the head's first bytes were read."""
+        ``seconds``: since the head's first bytes were read, to the answer;
+        ``sent``: the answer's body bytes, None if it could not be sent (the
+        access log's ``b``, as nginx logs the size of its error page)."""
         if self.access_log is not None:
             environ = {"REMOTE_ADDR": addr}
             if port is not None:
                 environ["REMOTE_PORT"] = str(port)
-            self.access_log.log(environ, str(status), None, [], seconds)
+            self.access_log.log(environ, str(status), sent, [], seconds)
         now = self.clock()
         with self.mu:
             if self.logged_at is not None and now - self.logged_at < REFUSAL_LOG_EVERY:
@@ -1462,13 +1465,21 @@ class Server:
             conn.close()
 
     def _head_refused(self, conn, status, reason, began):
-        """Answers a request head refused before there is a request (see
-        HeadRefusals), then closes without a reset."""
+        """Answers a request head refused before there is a request, then
+        closes without a reset; logged once answered (see HeadRefusals)."""
+        response = error_response(status, reason)
+        try:
+            conn.sendall(response)
+            sent = error_body_size(response)
+        except ClientGone:
+            sent = None
         peer = conn.peer
         self.head_refusals(_remote_addr(peer), peer[1] if isinstance(peer, tuple) else None,
-                           status, reason, time.monotonic() - began)
-        conn.sendall(error_response(status, reason))
-        self._start_linger(conn)
+                           status, reason, time.monotonic() - began, sent)
+        if sent is None:
+            conn.close()
+        else:
+            self._start_linger(conn)
 
     def _wait_while_stopping(self, conn):
         """During a stop, a connection with nothing to read yet gets until the
