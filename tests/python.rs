@@ -1242,3 +1242,59 @@ fn a_body_failure_the_app_caught_is_answered_408_or_400(core: &str) {
     }
 }
 with_each_core!(a_body_failure_the_app_caught_is_answered_408_or_400);
+
+/// drover's master stalled (stopped, frozen, starved of CPU) reads no notify
+/// message, and its queue holds only 10: a worker's send to it waited for as
+/// long as the master did not read. A worker asked to stop then hung at its
+/// STOPPING=1 before it drained (seen with a SIGSTOPped drover: the worker
+/// sat in unix_wait_for_peer until the master was continued). Now the
+/// STOPPING=1 is given up after 1 s, with a line that says so, and the
+/// worker drains and exits while the master is still stopped.
+#[test]
+fn a_worker_stops_while_the_master_is_stalled_with_a_full_notify_queue() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+
+    /// SIGCONT to the master when dropped, also when the test fails.
+    struct Continue(Pid);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+
+    let mut d = Start::config(&example("python", "")).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let environ = std::fs::read(format!("/proc/{}/environ", workers[0])).unwrap();
+    let notify = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|p| Path::new(std::ffi::OsStr::from_bytes(p)).to_path_buf())
+        .expect("the worker has NOTIFY_SOCKET");
+    kill(d.pid(), Signal::SIGSTOP).unwrap();
+    let stalled = Continue(d.pid());
+    let filler = UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    while filler.send_to(b"STATUS=filler", &notify).is_ok() {}
+    kill(workers[0], Signal::SIGTERM).unwrap();
+    // 1 s for the STOPPING=1, then the drain: the worker exits (a zombie,
+    // its parent being stopped).
+    wait_for(
+        "the worker's exit while the master is stopped",
+        Duration::from_secs(8),
+        || (!alive(workers[0])).then_some(()),
+    );
+    drop(stalled);
+    let log = d.wait_log(&format!("(pid {}) exited with status 0", workers[0]));
+    assert!(
+        log.contains(&format!(
+            "drover_wsgi[{}]: cannot send STOPPING=1: [Errno 11] the notify socket's queue stayed full \
+             for 1.0s (its receiver is not reading): STOPPING=1 not sent",
+            workers[0]
+        )),
+        "{log}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}

@@ -9,7 +9,7 @@ import textwrap
 import unittest
 
 import drover_worker as dw
-from tests.helpers import LIMIT, NotifySocket, env_with_sdk, run_script
+from tests.helpers import LIMIT, NotifySocket, env_with_sdk, run_script, spawn_script
 
 PROBE = """
     import json, os, socket, drover_worker as dw
@@ -140,6 +140,61 @@ class NotifyTest(unittest.TestCase):
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertEqual(r.stdout.split(), ["True", "24", "True"])  # 24: EMFILE
             self.assertEqual([n.recv(1), n.recv(1)], [b"READY=1", b"WATCHDOG=1"])
+        finally:
+            n.close()
+
+    def test_a_receiver_that_does_not_read_never_holds_a_worker(self):
+        # drover's master, stalled, reads nothing, and its queue holds only
+        # 10 datagrams: a send to it waited for as long as it did not read.
+        # A worker held its stop at STOPPING=1 (seen with a SIGSTOPped
+        # drover), and an asyncio launcher its whole loop at a heartbeat.
+        # Now a heartbeat or a status is dropped at once, a change of state
+        # waits up to NOTIFY_WAIT (1 s), and each says so (BlockingIOError).
+        n = NotifySocket()
+        try:
+            p = spawn_script("""
+                import os, signal, socket, threading, time, drover_worker as dw
+                signal.alarm(8)  # the old SDK waited here until killed
+                filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                filler.setblocking(False)
+                try:
+                    while True:
+                        filler.sendto(b"STATUS=filler", os.environ["NOTIFY_SOCKET"])
+                except BlockingIOError:
+                    pass
+                for call in (dw.heartbeat, lambda: dw.status("busy"), dw.ready, dw.stopping):
+                    began = time.monotonic()
+                    try:
+                        call()
+                        print("sent")
+                    except BlockingIOError as e:
+                        print("%.1f|%s" % (time.monotonic() - began, e))
+                print("full", flush=True)
+                # Room comes while READY=1 waits: it is sent then.
+                began = time.monotonic()
+                print(dw.ready(), round(time.monotonic() - began, 1), flush=True)
+            """, env={"NOTIFY_SOCKET": n.path})
+            out = []
+            while not out or out[-1] != "full":
+                line = p.stdout.readline()
+                if not line:
+                    self.fail((out, p.communicate(timeout=LIMIT)[1]))
+                out.append(line.rstrip("\n"))
+            n.recv()  # room for one
+            rest, err = p.communicate(timeout=LIMIT)
+            self.assertEqual(p.returncode, 0, (out, rest, err))
+            dropped, kept = out[:2], out[2:4]
+            for line, what in zip(dropped, ("WATCHDOG=1", "STATUS=busy")):
+                took, why = line.split("|")
+                self.assertLess(float(took), 0.5, line)
+                self.assertIn("queue is full (its receiver is not reading): %s dropped" % what, why)
+            for line, what in zip(kept, ("READY=1", "STOPPING=1")):
+                took, why = line.split("|")
+                self.assertTrue(0.9 <= float(took) < 3, line)
+                self.assertIn("queue stayed full for 1.0s (its receiver is not reading): %s not sent" % what, why)
+            sent, took = rest.split()
+            self.assertEqual(sent, "True", rest)
+            self.assertLess(float(took), 1.0, rest)
         finally:
             n.close()
 

@@ -13,12 +13,25 @@
 //!
 //! Without `NOTIFY_SOCKET` every function here is a no-op returning `Ok(false)`,
 //! so a worker run by hand needs no special case.
+//!
+//! A send never waits for long: the receiver (drover's master, or systemd)
+//! queues only a few datagrams (`net.unix.max_dgram_qlen`, 10), and a send to
+//! a full queue waited for as long as it did not read, so that a stalled
+//! master held a worker's stop at its `STOPPING=1` and an async runtime's
+//! thread at a heartbeat. A periodic message (only `WATCHDOG=1` and
+//! `STATUS=` lines, as drover's master treats its own) is dropped at once
+//! when the queue is full; any other waits up to [`NOTIFY_WAIT`]. Both fail
+//! with [`io::ErrorKind::WouldBlock`] then. The same rules as the Python SDK.
 
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
+
+/// How long a change of state (`READY=1`, `STOPPING=1`, ...) waits while the
+/// receiver's queue is full before it fails.
+pub const NOTIFY_WAIT: Duration = Duration::from_secs(1);
 
 /// Sends `state` (e.g. `"READY=1"`, or several lines) to `$NOTIFY_SOCKET`.
 ///
@@ -35,15 +48,49 @@ pub fn notify(state: &str) -> io::Result<bool> {
 /// path, or `@name` for the abstract namespace). The lower half of [`notify`],
 /// for callers (and tests) that have the address at hand.
 pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
+    let periodic = is_periodic(state);
     let made;
-    let sender = match kept_sender() {
+    let sender = match kept_sender(periodic) {
         Some(kept) => kept,
         None => {
-            made = UnixDatagram::unbound()?;
+            made = sender(periodic)?;
             &made
         }
     };
-    notify_from(sender, socket, state)
+    notify_from(sender, socket, state).map_err(|e| {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return e;
+        }
+        let what = state.replace('\n', " ");
+        let why = if periodic {
+            format!("the notify socket's queue is full (its receiver is not reading): {what} dropped")
+        } else {
+            format!(
+                "the notify socket's queue stayed full for {:.1}s (its receiver is not reading): {what} not sent",
+                NOTIFY_WAIT.as_secs_f64()
+            )
+        };
+        io::Error::new(io::ErrorKind::WouldBlock, why)
+    })
+}
+
+/// Only `WATCHDOG=1` and `STATUS=` lines: a message the next one replaces.
+fn is_periodic(state: &str) -> bool {
+    let mut lines = state.split('\n').filter(|l| !l.is_empty()).peekable();
+    lines.peek().is_some() && lines.all(|l| l == "WATCHDOG=1" || l.starts_with("STATUS="))
+}
+
+/// A socket to send from: non-blocking for periodic messages, else one
+/// whose sends wait at most [`NOTIFY_WAIT`] for room in the receiver's queue
+/// (`SO_SNDTIMEO`, which a datagram send to a full Unix socket honours).
+fn sender(periodic: bool) -> io::Result<UnixDatagram> {
+    let sock = UnixDatagram::unbound()?;
+    if periodic {
+        sock.set_nonblocking(true)?;
+    } else {
+        sock.set_write_timeout(Some(NOTIFY_WAIT))?;
+    }
+    Ok(sock)
 }
 
 /// [`notify_to`] from a socket of the caller's: a non-blocking one fails
@@ -76,15 +123,22 @@ pub fn notify_from(sender: &UnixDatagram, socket: &OsStr, state: &str) -> io::Re
     Ok(())
 }
 
-/// The socket this process sends from, made at its first message. None in
-/// a child forked since (it sends from a socket of its own, one per message)
-/// or when no socket can be made.
-fn kept_sender() -> Option<&'static UnixDatagram> {
-    static SENDER: std::sync::OnceLock<Option<(u32, UnixDatagram)>> = std::sync::OnceLock::new();
-    let (owner, sender) = SENDER
-        .get_or_init(|| Some((std::process::id(), UnixDatagram::unbound().ok()?)))
+/// The socket this process sends from (one for periodic messages, one for
+/// the others: see [`sender`]; both made at its first message, so that a
+/// heartbeat has its socket once descriptors run out). None in a child
+/// forked since (it sends from a socket of its own, one per message) or when
+/// no socket can be made.
+fn kept_sender(periodic: bool) -> Option<&'static UnixDatagram> {
+    type Kept = (u32, UnixDatagram, UnixDatagram);
+    static SENDERS: std::sync::OnceLock<Option<Kept>> = std::sync::OnceLock::new();
+    let (owner, periodic_sender, other_sender) = SENDERS
+        .get_or_init(|| Some((std::process::id(), sender(true).ok()?, sender(false).ok()?)))
         .as_ref()?;
-    (*owner == std::process::id()).then_some(sender)
+    (*owner == std::process::id()).then_some(if periodic {
+        periodic_sender
+    } else {
+        other_sender
+    })
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -240,6 +294,63 @@ pub(crate) mod tests {
         };
         assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
         assert!(heartbeat().unwrap());
+    }
+
+    /// A receiver that does not read (a stalled master; its queue holds
+    /// `net.unix.max_dgram_qlen` datagrams): a heartbeat or a status is
+    /// dropped at once, a change of state waits up to NOTIFY_WAIT, and both
+    /// say so. They waited for as long as it did not read.
+    #[test]
+    fn a_receiver_that_does_not_read_never_holds_the_sender() {
+        let dir = temp_dir("notify-full");
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        while filler.send_to(b"STATUS=filler", &path).is_ok() {}
+        // On the old code the first send below blocked: end the test then.
+        let (done, finished) = std::sync::mpsc::channel();
+        let target = path.clone();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for (state, periodic) in [
+                ("WATCHDOG=1", true),
+                ("STATUS=busy", true),
+                ("READY=1", false),
+                ("STOPPING=1", false),
+            ] {
+                let began = std::time::Instant::now();
+                let e = notify_to(target.as_os_str(), state).unwrap_err();
+                got.push((state, periodic, began.elapsed(), e));
+            }
+            done.send(got).unwrap();
+        });
+        let got = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the sends end while the queue is full");
+        for (state, periodic, took, e) in got {
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{state}: {e}");
+            if periodic {
+                assert!(took < Duration::from_millis(500), "{state}: {took:?}");
+                assert!(e.to_string().ends_with(&format!("{state} dropped")), "{e}");
+            } else {
+                assert!(took >= Duration::from_millis(900), "{state}: {took:?}");
+                assert!(e.to_string().ends_with(&format!("{state} not sent")), "{e}");
+            }
+        }
+        // Room for one: a change of state is sent.
+        recv(&sock);
+        notify_to(path.as_os_str(), "READY=1").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn periodic_messages() {
+        assert!(is_periodic("WATCHDOG=1"));
+        assert!(is_periodic("STATUS=a\nWATCHDOG=1\n"));
+        assert!(!is_periodic("WATCHDOG=1\nSTOPPING=1"));
+        assert!(!is_periodic("READY=1"));
+        assert!(!is_periodic(""));
     }
 
     #[test]

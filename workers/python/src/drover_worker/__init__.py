@@ -45,10 +45,12 @@ Log lines go to stderr, prefixed ``drover_worker[<pid>]:``.
 
 import argparse
 import atexit
+import errno
 import faulthandler
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -278,11 +280,25 @@ def listeners_or_bind(address: str) -> List[Listener]:
 # ---------------------------------------------------------------------------
 
 
+#: How long a change of state (READY=1, STOPPING=1, ...) waits while the
+#: receiver's queue is full before notify() gives up with an error.
+NOTIFY_WAIT = 1.0
+
+
 def notify(state: Union[str, bytes]) -> bool:
     """Sends ``state`` ("KEY=VALUE", or several lines) as one datagram to
     ``$NOTIFY_SOCKET`` (an absolute path, or "@name" for Linux's abstract
     namespace). Returns False when ``NOTIFY_SOCKET`` is unset or empty, True
-    once sent; raises OSError when sending fails."""
+    once sent; raises OSError when sending fails.
+
+    It never blocks for long: the receiver (drover's master, or systemd)
+    queues only a few datagrams (``net.unix.max_dgram_qlen``, 10), and a
+    send to a full queue waited for as long as the receiver did not read.
+    A stalled master held a worker's stop (its STOPPING=1) and, in an
+    asyncio launcher, the whole event loop at a heartbeat. A periodic
+    message (only ``WATCHDOG=1`` and ``STATUS=`` lines, as drover's master
+    treats its own) is dropped at once when the queue is full; any other
+    waits up to :data:`NOTIFY_WAIT`. Both raise BlockingIOError then."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False
@@ -291,8 +307,22 @@ def notify(state: Union[str, bytes]) -> bool:
     elif addr[0] != "/":
         raise OSError("NOTIFY_SOCKET=%r is neither an absolute path nor @abstract" % addr)
     data = state.encode("utf-8") if isinstance(state, str) else bytes(state)
-    _notify_socket().sendto(data, addr)
+    periodic = _periodic(data)
+    try:
+        _notify_socket().sendto(data, socket.MSG_DONTWAIT if periodic else 0, addr)
+    except BlockingIOError:
+        what = data.decode("utf-8", "replace").replace("\n", " ")
+        raise BlockingIOError(errno.EAGAIN, "%s (its receiver is not reading): %s" % (
+            "the notify socket's queue is full" if periodic
+            else "the notify socket's queue stayed full for %.1fs" % NOTIFY_WAIT,
+            ("%s dropped" if periodic else "%s not sent") % what)) from None
     return True
+
+
+def _periodic(data: bytes) -> bool:
+    """Only WATCHDOG=1 and STATUS= lines: a message the next one replaces."""
+    lines = [line for line in data.split(b"\n") if line]
+    return bool(lines) and all(line == b"WATCHDOG=1" or line.startswith(b"STATUS=") for line in lines)
 
 
 # The socket notify() sends from, made at its first call (drover-wsgi and the
@@ -311,7 +341,14 @@ def _notify_socket() -> socket.socket:
     if mine is None or mine[0] != os.getpid():
         if mine is not None:
             mine[1].close()  # the parent's, inherited: this process's copy only
-        mine = (os.getpid(), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # A blocking socket whose sends wait at most NOTIFY_WAIT for room in
+        # the receiver's queue (the kernel's SO_SNDTIMEO, which a datagram
+        # send to a full Unix socket's queue honours).
+        sec = int(NOTIFY_WAIT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", sec, int((NOTIFY_WAIT - sec) * 1_000_000)))
+        mine = (os.getpid(), sock)
         _notify_sock = mine
     return mine[1]
 

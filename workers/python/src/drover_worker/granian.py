@@ -241,8 +241,8 @@ def _serve(granian: Any, app: Any, sock: Any, args: argparse.Namespace) -> bool:
         pass
     try:
         dw.stopping()
-    except OSError:
-        pass
+    except OSError as e:
+        _log("cannot send STOPPING=1: %s" % e)
     shutdown.set()
     # The deadline moves earlier on an escalation to a quick stop.
     while not drained.wait(0.05):
@@ -297,8 +297,8 @@ def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lif
     loop.run_until_complete(_launcher.until_stopped(_log))
     try:
         dw.stopping()
-    except OSError:
-        pass
+    except OSError as e:
+        _log("cannot send STOPPING=1: %s" % e)
     loop.run_until_complete(calls.close_websockets())
     shutdown.set()
     done: bool = loop.run_until_complete(_drain(drained)) and loop.run_until_complete(calls.finish())

@@ -204,8 +204,8 @@ class _Server:
             await _launcher.until_stopped(_log)
         try:
             dw.stopping()
-        except OSError:
-            pass
+        except OSError as e:
+            _log("cannot send STOPPING=1: %s" % e)
         # The drain deadline of the stop as it began: a stop that turns
         # quick during the wait below is bounded by the abandon, which exits
         # leaving the requests in flight unanswered (Hypercorn's own timeout

@@ -217,8 +217,8 @@ def _server_class(base: Any) -> Any:
         async def shutdown(self, sockets: Optional[List[Any]] = None) -> None:
             try:
                 dw.stopping()
-            except OSError:
-                pass
+            except OSError as e:
+                _log("cannot send STOPPING=1: %s" % e)
             if self.config.timeout_graceful_shutdown is None:
                 self.config.timeout_graceful_shutdown = max(0.1, dw.drain_deadline() - time.monotonic())
             if not self.force_exit:

@@ -239,8 +239,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     kind = server.wait_for_stop()
     try:
         dw.stopping()
-    except OSError:
-        pass
+    except OSError as e:
+        log("cannot send STOPPING=1: %s" % e)
     if kind == "recycle":
         log("served %d requests (--max-requests): recycling" % max_requests)
     finished = server.stop(kind)
