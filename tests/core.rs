@@ -1246,12 +1246,15 @@ fn by_default_drovers_own_launchers_are_held_to_ready_1_from_their_exec() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let launcher = dir.path().join("drover-wsgi");
-    let script = "#!/usr/bin/env python3\n\
+    let script = format!(
+        "{}\n\
 import os, socket, time\n\
 time.sleep(1)\n\
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
 s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
-time.sleep(600)\n";
+time.sleep(600)\n",
+        python3_shebang()
+    );
     std::fs::write(&launcher, script).unwrap();
     std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755)).unwrap();
     let program = launcher.to_str().unwrap();

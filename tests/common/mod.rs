@@ -139,6 +139,17 @@ fn direct_python3_dir() -> Option<&'static Path> {
     .as_deref()
 }
 
+/// The `#!` line of a Python script a test writes and drover runs as its
+/// program: the link of `direct_python3_dir`. PATH does not help there: a
+/// command that names the script, not `python3`, keeps the test's PATH, and
+/// `#!/usr/bin/env python3` ran the pyenv shim.
+pub fn python3_shebang() -> String {
+    match direct_python3_dir() {
+        Some(dir) => format!("#!{}", dir.join("python3").display()),
+        None => "#!/usr/bin/env python3".to_string(),
+    }
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
