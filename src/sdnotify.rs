@@ -49,6 +49,9 @@ pub struct Systemd {
     /// We are the new master of an upgrade, not ready yet: our first
     /// `READY=1` completes it (the old master retires on it).
     upgrading: bool,
+    /// The old master of that upgrade (our parent), which our stop must
+    /// reach (`flush_before_exit`).
+    old_master: Option<i32>,
     /// Non-blocking, made once (a socket per message fails once a flood
     /// took every descriptor).
     sender: Option<UnixDatagram>,
@@ -81,6 +84,14 @@ pub enum Ready {
     Waits,
 }
 
+/// The value of [`UPGRADE_STOP`] in `message`, if it is a stop of ours.
+fn upgrade_stop(message: &str) -> Option<String> {
+    message
+        .lines()
+        .find_map(|l| l.strip_prefix(UPGRADE_STOP)?.strip_prefix('='))
+        .map(str::to_string)
+}
+
 /// A message as the log names it: its first line.
 fn first_line(state: &str) -> &str {
     state.lines().next().unwrap_or("")
@@ -94,6 +105,9 @@ impl Systemd {
         let socket = std::env::var_os("NOTIFY_SOCKET");
         let after_ready = std::env::var_os("DROVER_SERVICE_NOTIFY_SOCKET");
         let watchdog = drover_worker::watchdog_interval();
+        let old_master = std::env::var("DROVER_UPGRADE_FROM")
+            .ok()
+            .and_then(|pid| pid.parse().ok());
         let upgrading = std::env::var_os("DROVER_UPGRADE_FROM").is_some();
         for var in [
             "NOTIFY_SOCKET",
@@ -115,6 +129,7 @@ impl Systemd {
             watchdog,
             handed_over: false,
             upgrading,
+            old_master,
             sender,
             waiting: VecDeque::new(),
             retry_at: None,
@@ -233,8 +248,13 @@ impl Systemd {
     }
 
     /// At exit: the changes of state that still wait get [`LAST_WAIT`] to
-    /// be taken, then are dropped, each with an error.
+    /// be taken, then are dropped, each with an error. A stop of the new
+    /// master of an upgrade that the old master did not take (stuck, or
+    /// stopped with SIGSTOP) is then sent to it as a signal, pending until
+    /// it runs again: dropped, the old master served on alone and logged
+    /// that the new one had failed.
     pub fn flush_before_exit(&mut self) {
+        let mut stop_dropped = None;
         let until = Instant::now() + LAST_WAIT;
         if let Some(s) = self.sender.as_ref().filter(|_| !self.waiting.is_empty()) {
             let _ = s.set_nonblocking(false);
@@ -259,8 +279,37 @@ impl Systemd {
                     first_line(&state),
                     humantime::format_duration(LAST_WAIT)
                 );
+                stop_dropped = stop_dropped.or_else(|| upgrade_stop(&state));
             }
         }
+        if let Some(stop) = stop_dropped {
+            self.signal_old_master(&stop);
+        }
+    }
+
+    /// Our stop, as a signal to the old master (`stop` is the value of
+    /// [`UPGRADE_STOP`]): `SIGQUIT` for a quick one, `SIGTERM` otherwise.
+    /// Only while it is still our parent: a pid that outlived it may be
+    /// another process's.
+    fn signal_old_master(&self, stop: &str) {
+        let Some(old) = self.old_master.filter(|_| self.upgrading) else {
+            return;
+        };
+        if nix::unistd::getppid().as_raw() != old {
+            return;
+        }
+        let (pace, cause) = stop.split_once(':').unwrap_or(("graceful", stop));
+        let signal = if pace == "quick" {
+            nix::sys::signal::Signal::SIGQUIT
+        } else {
+            nix::sys::signal::Signal::SIGTERM
+        };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), signal);
+        warn!(
+            "upgrade cancelled: the old master (pid {old}) did not read this stop ({cause}): \
+             sent it {}, so that it stops its workers too",
+            signal.as_str()
+        );
     }
 
     /// `READY=1` with the status. As the new master of an upgrade, to the
@@ -319,6 +368,14 @@ impl Systemd {
         if !self.upgrading {
             self.send_surely("STOPPING=1\nSTATUS=stopping".to_string());
         } else if let Some((quick, cause)) = asked {
+            // A READY=1 the old master has not taken yet is withdrawn: we
+            // will not serve, and taken first it would make the old master
+            // retire for a new master that stops.
+            let before = self.waiting.len();
+            self.waiting.retain(|w| !w.completes_upgrade);
+            if self.waiting.len() < before {
+                info!("upgrade: READY=1 withdrawn: asked to stop before the old master took it");
+            }
             let pace = if quick { "quick" } else { "graceful" };
             self.send_surely(format!("STOPPING=1\n{UPGRADE_STOP}={pace}:{cause}"));
         }
@@ -382,6 +439,7 @@ mod tests {
             watchdog: None,
             handed_over: false,
             upgrading: after_ready.is_some(),
+            old_master: None,
             sender: Some(sender),
             waiting: VecDeque::new(),
             retry_at: None,
@@ -418,8 +476,8 @@ mod tests {
     }
 
     /// The new master of an upgrade whose `READY=1` the old master has not
-    /// taken yet is still upgrading: a stop goes to the old master, after
-    /// it; the upgrade completes when the old master takes it.
+    /// taken yet is still upgrading; the upgrade completes when the old
+    /// master takes it.
     #[test]
     fn an_upgrade_completes_when_the_old_master_takes_ready_1() {
         let dir = tempfile::tempdir().unwrap();
@@ -432,19 +490,36 @@ mod tests {
         let mut sd = systemd(&old, Some(&service));
         assert_eq!(sd.ready("2/2"), Ready::Waits);
         assert!(sd.upgrading());
-        sd.stopping(Some((false, "SIGTERM")));
         assert_eq!(read(&r_old), Vec::<String>::new());
         assert!(sd.retry(), "the upgrade completes");
         assert!(!sd.upgrading());
         let pid = std::process::id();
         assert_eq!(
             read(&r_old),
-            [
-                format!("READY=1\nSTATUS=2/2\nMAINPID={pid}"),
-                format!("STOPPING=1\n{UPGRADE_STOP}=graceful:SIGTERM")
-            ]
+            [format!("READY=1\nSTATUS=2/2\nMAINPID={pid}")]
         );
         sd.status("now to the service manager");
         assert_eq!(read(&r_service), ["STATUS=now to the service manager"]);
+    }
+
+    /// A stop asked of the new master while its `READY=1` waits withdraws
+    /// it: the old master, taking it first, would retire for a master that
+    /// stops. The stop goes to the old master alone.
+    #[test]
+    fn a_stop_withdraws_a_ready_1_that_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, service) = (dir.path().join("old"), dir.path().join("service"));
+        let r_old = UnixDatagram::bind(&old).unwrap();
+        fill(&old);
+        let mut sd = systemd(&old, Some(&service));
+        assert_eq!(sd.ready("2/2"), Ready::Waits);
+        sd.stopping(Some((false, "SIGTERM")));
+        assert_eq!(read(&r_old), Vec::<String>::new());
+        assert!(!sd.retry(), "no upgrade to complete");
+        assert!(sd.upgrading());
+        assert_eq!(
+            read(&r_old),
+            [format!("STOPPING=1\n{UPGRADE_STOP}=graceful:SIGTERM")]
+        );
     }
 }

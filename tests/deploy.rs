@@ -1341,6 +1341,70 @@ fn a_stopping_message_that_waits_does_not_delay_the_shutdown() {
     assert!(at("stage 4, on_exit hook") < dropped, "{log}");
 }
 
+/// The new master of an upgrade is stopped while the old master does not
+/// read its notify socket (stopped with SIGSTOP, its queue full): the new
+/// master's READY=1 is withdrawn, its stop waits, and at its exit reaches
+/// the old master as a SIGTERM, which stops it and its workers once it runs
+/// again. The old code dropped both messages at the new master's exit: the
+/// old master, resumed, logged "upgrade failed: the new master (pid N)
+/// exited with status 0 before it was ready" and served on.
+#[test]
+fn a_stop_of_the_new_master_reaches_an_old_master_that_does_not_read() {
+    use nix::sys::signal::{kill, Signal};
+    // Slow to boot, so that the old master is stopped before the new one
+    // is ready.
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"sleep 1; exec {}\"]\n\
+         workers = 2\nready = \"notify\"\n",
+        hello_bin()
+    ))
+    .run();
+    d.wait_log("all 2 workers ready");
+    let old_workers = d.children();
+    d.signal(Signal::SIGUSR2);
+    let log = d.wait_log("upgrade: started");
+    let new = log
+        .split("as pid ")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    let new = Pid::from_raw(new.parse().unwrap());
+    struct Resume(Pid, Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+            let _ = kill(self.1, Signal::SIGKILL);
+        }
+    }
+    let _resume = Resume(d.pid(), new);
+    kill(d.pid(), Signal::SIGSTOP).unwrap();
+    let environ = std::fs::read(format!("/proc/{new}/environ")).unwrap();
+    let socket = environ
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+        .expect("the new master's NOTIFY_SOCKET");
+    fill_queue(&socket);
+    d.wait_log("is not reading: READY=1 waits");
+    kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+    kill(d.pid(), Signal::SIGCONT).unwrap();
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(&format!(
+            "upgrade cancelled: the new master (pid {new}) was asked to stop (SIGTERM)"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("upgrade failed"), "{log}");
+    assert!(old_workers.iter().all(|w| !alive(*w)), "{log}");
+}
+
 /// Fills the queue of the datagram socket at `path`: it is full once a
 /// fresh sender cannot send even one datagram (each sender is also bounded
 /// by its own send buffer, so it may take several).

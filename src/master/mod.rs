@@ -931,8 +931,17 @@ impl Master {
     /// The signal pipe: CHLD reaps here; a stop signal also cancels an
     /// upgrade under way; the supervisor decides the rest.
     fn read_signals(&mut self, now: Instant) {
-        for received in self.signals.drain() {
-            let event = received.event;
+        let mut batch = self.signals.drain();
+        // A stop from the new master of an upgrade comes with its exit: a
+        // stopped master resumed gets both at once, SIGCHLD's record first
+        // (its handler interrupts SIGTERM's). Read as it came, the exit
+        // failed the upgrade and the stop then found none to cancel.
+        let upgrade = self.upgrade.as_ref().map(|u| u.pid);
+        batch.sort_by_key(|r| {
+            !(r.sender.is_some() && r.sender == upgrade && r.event != Event::Child)
+        });
+        for received in batch {
+            let (event, sender) = (received.event, received.sender);
             self.say_sender(received);
             match event {
                 Event::Child => {
@@ -941,6 +950,9 @@ impl Master {
                 }
                 Event::Terminate | Event::Interrupt | Event::Quit => {
                     if let Some(signal) = event.signal() {
+                        if self.stop_from_new_master(sender, signal) {
+                            continue;
+                        }
                         self.cancel_upgrade(signal);
                     }
                     self.sup.on_signal(event, now)

@@ -262,6 +262,27 @@ impl Master {
         self.mark_cancelled(&format!("cancelled by {}", signal.as_str()));
     }
 
+    /// A stop signal from the new master itself: it was asked to stop and
+    /// we had not read its `DROVER_STOP=` by its exit (stopped, or stuck),
+    /// so it sent the stop as a signal (`Systemd::flush_before_exit`). We
+    /// stop as for `DROVER_STOP=`, without signalling it back; once the
+    /// upgrade is cancelled we are stopping already, and a second stop would
+    /// escalate our shutdown. True if it was the new master's.
+    pub(super) fn stop_from_new_master(&mut self, sender: Option<Pid>, signal: Signal) -> bool {
+        let Some(u) = self.upgrade.as_ref().filter(|u| Some(u.pid) == sender) else {
+            return false;
+        };
+        if !u.cancelled {
+            let pace = if signal == Signal::SIGQUIT {
+                "quick"
+            } else {
+                "graceful"
+            };
+            self.on_new_master_stopping(&format!("{pace}:{}", signal.as_str()));
+        }
+        true
+    }
+
     /// The new master, not ready yet, was asked to stop (`DROVER_STOP=`):
     /// it holds the control socket and the pidfile meanwhile, so `drover
     /// ctl stop` or a signal to the pid in the pidfile reaches it, not us.
