@@ -36,6 +36,11 @@ pub const RETRY: Duration = Duration::from_millis(100);
 /// a new master, the last `STOPPING=1`).
 const LAST_WAIT: Duration = Duration::from_secs(1);
 
+/// Periodic messages dropped are logged at most this often, with a count:
+/// a receiver stuck for minutes dropped a `WATCHDOG=1` at every tick, and
+/// each was a warning of its own.
+pub const DROPPED_EVERY: Duration = Duration::from_secs(1);
+
 /// Where to send, if anywhere; a no-op otherwise.
 pub struct Systemd {
     socket: Option<OsString>,
@@ -60,6 +65,10 @@ pub struct Systemd {
     waiting: VecDeque<Waiting>,
     /// When to offer them again.
     retry_at: Option<Instant>,
+    /// Periodic messages dropped and not counted in a warning yet.
+    dropped: u64,
+    /// When dropped messages were last logged.
+    dropped_logged: Option<Instant>,
 }
 
 /// A change of state the receiver has not taken yet.
@@ -133,6 +142,8 @@ impl Systemd {
             sender,
             waiting: VecDeque::new(),
             retry_at: None,
+            dropped: 0,
+            dropped_logged: None,
         }
     }
 
@@ -157,13 +168,46 @@ impl Systemd {
         } else {
             match self.try_send(&socket, state) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => "its queue is full",
-                _ => return,
+                _ => return self.report_dropped(false),
             }
         };
+        self.dropped += 1;
+        let now = Instant::now();
+        if self
+            .dropped_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < DROPPED_EVERY)
+        {
+            return;
+        }
+        self.dropped_logged = Some(now);
+        let more = match std::mem::take(&mut self.dropped) {
+            1 => String::new(),
+            n => format!("; {n} periodic messages dropped since the last warning"),
+        };
         warn!(
-            "NOTIFY_SOCKET {socket:?} is not reading: {} dropped ({why})",
+            "NOTIFY_SOCKET {socket:?} is not reading: {} dropped ({why}){more}",
             first_line(state)
         );
+    }
+
+    /// The periodic messages dropped since the last warning, once the
+    /// receiver reads again (at most once per [`DROPPED_EVERY`]: the next
+    /// warning counts them otherwise), or at exit (`last`).
+    fn report_dropped(&mut self, last: bool) {
+        let recent = self
+            .dropped_logged
+            .is_some_and(|t| t.elapsed() < DROPPED_EVERY);
+        if self.dropped == 0 || (recent && !last) {
+            return;
+        }
+        let n = std::mem::take(&mut self.dropped);
+        self.dropped_logged = Some(Instant::now());
+        if let Some(socket) = &self.socket {
+            warn!(
+                "NOTIFY_SOCKET {socket:?}: {n} more periodic message(s) dropped since the last \
+                 warning"
+            );
+        }
     }
 
     /// A change of state: sent after those still waiting, and kept to be
@@ -254,6 +298,7 @@ impl Systemd {
     /// it runs again: dropped, the old master served on alone and logged
     /// that the new one had failed.
     pub fn flush_before_exit(&mut self) {
+        self.report_dropped(true);
         let mut stop_dropped = None;
         let until = Instant::now() + LAST_WAIT;
         if let Some(s) = self.sender.as_ref().filter(|_| !self.waiting.is_empty()) {
@@ -335,6 +380,8 @@ impl Systemd {
     /// The old master has our `READY=1`: from now on we speak to the
     /// service manager. False if it had it already.
     fn complete_upgrade(&mut self) -> bool {
+        // The count is the old master's: said before we speak to another.
+        self.report_dropped(true);
         if let Some(service) = self.after_ready.take() {
             self.socket = Some(service);
         }
@@ -443,6 +490,8 @@ mod tests {
             sender: Some(sender),
             waiting: VecDeque::new(),
             retry_at: None,
+            dropped: 0,
+            dropped_logged: None,
         }
     }
 

@@ -1310,6 +1310,65 @@ fn a_service_manager_that_does_not_read_never_stalls_drover() {
     recv_until(&sock, &mut seen, "STOPPING=1");
 }
 
+/// A service manager stuck with drover's watchdog at 100 ms (a tick every
+/// 50 ms): the dropped `WATCHDOG=1`s are warned about at most once a
+/// second, each warning with the count since the last one, and none goes
+/// uncounted: once the receiver reads again, the rest are counted too. The
+/// old code warned at every tick, here some 40 warnings in 2 s.
+#[test]
+fn dropped_watchdog_pings_are_counted_once_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = notify_socket(&path);
+    fill_queue(&path);
+    let start = Start {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "100000".into()),
+        ],
+        ..Start::config(&hello_config(""))
+    };
+    let mut d = start.run();
+    d.wait_log("all 2 workers ready");
+    let stuck = Instant::now();
+    while stuck.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The receiver reads again: READY=1 is taken, then the pings.
+    let mut seen = Vec::new();
+    recv_until(&sock, &mut seen, "READY=1");
+    recv_until(&sock, &mut seen, "WATCHDOG=1");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    let log = d.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WATCHDOG=1 dropped") || l.contains("periodic message"))
+        .collect();
+    let counted: u64 = warnings
+        .iter()
+        .map(|l| {
+            let count = |after: &str| {
+                l.split(after)
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            };
+            count("; ").or_else(|| count(": ")).unwrap_or(1)
+        })
+        .sum();
+    let secs = stuck.elapsed().as_secs() + 2;
+    assert!(
+        (warnings.len() as u64) <= secs,
+        "{} warnings in about {secs} s:\n{log}",
+        warnings.len()
+    );
+    // Some 40 ticks were missed (fewer on a loaded machine).
+    assert!(counted >= 10, "{counted} counted:\n{log}");
+}
+
 /// A service manager that stops reading before drover's shutdown: its
 /// STOPPING=1 gets its last wait after the shutdown is done, not inside it
 /// (the wait once came first, and stage 3's time and the on_exit hook's
