@@ -871,6 +871,35 @@ fn a_template_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
     d.wait_log("was not ready to fork within boot_timeout (1s) and killed by SIGKILL");
 }
 
+/// A template hung at boot (it ignores SIGABRT and SIGTERM) when a stop
+/// comes is SIGKILLed at the end of stage 3, and counts as killed: "(1
+/// killed)", exit status 4, as for a worker aborted at boot and killed
+/// during a shutdown. The old code logged "(0 killed)" and exited 0.
+#[test]
+fn a_template_hung_at_boot_and_killed_during_a_stop_counts_as_killed() {
+    let template = "trap '' ABRT TERM; exec sleep 1000";
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\npreload = true\nboot_timeout = \"1s\"\n\
+         abort_grace = \"30s\"\ngraceful_timeout = \"1s\"\nquick_timeout = \"1s\"\n\
+         respawn_delay = \"10s\"\ncommand = [\"sh\", \"-c\", {template:?}]\n"
+    ))
+    .run();
+    d.wait_log("within boot_timeout (1s); SIGABRT");
+    let template = template_pids(&d)[0];
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert!(
+        log.contains(&format!(
+            "SIGKILL to 1 process(es) still running (pid {template})"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("(1 killed)"), "{log}");
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(!alive(template));
+}
+
 /// A template that dies of its boot timeout's SIGABRT leaves nothing of its
 /// process group running (what its import started: a helper, a pool), as
 /// the plain SIGKILL to its group did before 440c828, and as a worker's

@@ -385,19 +385,20 @@ fn bind_admin(
 /// on: it is spared. A preload template retired by the stop and not yet
 /// gone (one still importing the application when the stop came: it got
 /// SIGTERM) is among our children too, but is no worker's: it is named as
-/// what it is, and waited for in the same way.
-fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) {
+/// what it is, and waited for in the same way. Returns how many templates
+/// had to be killed: they count as killed workers do (exit status 4).
+fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) -> u32 {
     let mut flag: libc::c_int = 0;
     // SAFETY: plain prctl with a pointer to an int.
     let subreaper =
         unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut flag) } == 0 && flag != 0;
     if !subreaper {
-        return; // orphans went to init, not to us: nothing to scan /proc for
+        return 0; // orphans went to init, not to us: nothing to scan /proc for
     }
     let mut orphans = children_of(nix::unistd::getpid());
     orphans.retain(|p| Some(*p) != successor);
     if orphans.is_empty() {
-        return;
+        return 0;
     }
     let list = |pids: &[Pid]| {
         pids.iter()
@@ -448,7 +449,7 @@ fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) {
                 let _ = kill(*p, Signal::SIGKILL);
                 let _ = waitpid(*p, None);
             }
-            return;
+            return left.iter().filter(|p| templates.contains(p)).count() as u32;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -457,6 +458,7 @@ fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) {
     } else {
         info!("stage 3: the processes left by workers have exited");
     }
+    0
 }
 
 /// Says which processes started by our workers outlive them, found by the
@@ -623,11 +625,12 @@ impl Master {
         self.obs.flush_output();
         self.reap_cancelled_upgrade();
         let templates: Vec<Pid> = self.templates.list.iter().map(|t| t.pid).collect();
-        end_orphans(
+        let killed = end_orphans(
             self.sup.current().s.quick_timeout.0,
             self.successor,
             &templates,
         );
+        let outcome = outcome.with_killed(killed);
         if outcome.cause != Cause::Upgrade {
             // (After an upgrade the new master, started with our socket in
             // its environment, goes on: it is no escapee.)

@@ -94,6 +94,19 @@ impl Shutdown {
     }
 }
 
+impl Outcome {
+    /// `n` more had to be killed after the loop (templates still running
+    /// at the end of stage 3): a clean stop becomes status 4, as for a
+    /// worker killed at its deadline.
+    pub fn with_killed(mut self, n: u32) -> Outcome {
+        self.killed += n;
+        if self.status == exit::OK && self.killed > 0 {
+            self.status = exit::KILLED;
+        }
+        self
+    }
+}
+
 impl Master {
     /// After every worker is gone: the hook (stage 4), and the exit status.
     pub(super) fn finish(&mut self, o: Outcome) -> u8 {
