@@ -116,7 +116,7 @@ impl Admin {
             }
             AdminAddr::Unix(path) => {
                 crate::listen::remove_stale(path).map_err(io::Error::other)?;
-                let l = UnixListener::bind(path)?;
+                let l = UnixListener::bind(path).map_err(|e| crate::hint::at_path(path, e))?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
                 l.set_nonblocking(true)?;
                 Listener::Unix(l, path.clone())

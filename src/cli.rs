@@ -342,7 +342,8 @@ pub fn main() -> ExitCode {
         return check(&source, &loaded.settings, loaded.bind_was_set, print);
     }
     let s = &loaded.settings;
-    let log = match s.log_file.as_deref().map(LogFile::open).transpose() {
+    let open_log = |path: &Path| LogFile::open(path).map_err(|e| crate::hint::at_path(path, e));
+    let log = match s.log_file.as_deref().map(open_log).transpose() {
         Ok(log) => log,
         Err(e) => {
             eprintln!(

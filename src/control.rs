@@ -211,7 +211,7 @@ impl ControlSocket {
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
         let bound = UnixListener::bind(path);
         nix::sys::stat::umask(old);
-        let listener = bound?;
+        let listener = bound.map_err(|e| crate::hint::at_path(path, e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         Ok(ControlSocket {

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod events;
+pub mod hint;
 pub mod hooks;
 pub mod listen;
 pub mod logfile;

@@ -644,15 +644,10 @@ fn bind_hint(address: &Address, e: &io::Error) -> String {
         (_, Some(libc::EMFILE)) => {
             return crate::spawn::limit_hint(nix::errno::Errno::EMFILE);
         }
-        (Address::Unix(path), Some(libc::ENOENT | libc::EACCES)) => {
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-            let dir = dir.unwrap_or(Path::new("."));
-            if dir.is_dir() {
-                format!("drover may not create a file in {}", dir.display())
-            } else {
-                format!("the directory {} does not exist", dir.display())
-            }
-        }
+        (Address::Unix(path), _) => match crate::hint::for_path(path, e) {
+            hint if hint.is_empty() => return hint,
+            hint => hint,
+        },
         _ => return String::new(),
     };
     format!(": {hint}")

@@ -81,7 +81,7 @@ impl Pidfile {
                 .mode(0o644)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(path)
-                .map_err(io)?;
+                .map_err(|e| io(crate::hint::at_path(path, e)))?;
             if !try_lock(&file).map_err(io)? {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);

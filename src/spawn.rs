@@ -856,7 +856,8 @@ unsafe fn write_decimal(dst: *mut u8, room: usize, mut n: u64) {
 
 /// Opens /dev/null once, close-on-exec, for every worker's stdin.
 pub fn open_devnull() -> std::io::Result<std::fs::File> {
-    std::fs::File::open(Path::new("/dev/null"))
+    let path = Path::new("/dev/null");
+    std::fs::File::open(path).map_err(|e| crate::hint::at_path(path, e))
 }
 
 #[cfg(test)]

@@ -262,6 +262,37 @@ fn a_file_drover_cannot_create_names_its_setting() {
             .to_string();
         assert!(line.contains(&want), "{key}: {line:?} lacks {want:?}");
         assert!(line.contains(&format!("{dir}/config.toml/")), "{line}");
+        let hint = format!("{dir}/config.toml is not a directory: choose a path in a directory");
+        assert!(line.contains(&hint), "{key}: {line:?} lacks {hint:?}");
+    }
+}
+
+/// The errno alone does not say whether the file or its directory is
+/// missing, nor what to do: a file drover cannot create names the missing
+/// directory and what to do (the code before ended at `No such file or
+/// directory (os error 2)` for all four).
+#[test]
+fn a_file_drover_cannot_create_says_what_to_do() {
+    for (key, value) in [
+        ("pidfile", "$DIR/missing/drover.pid"),
+        ("log_file", "$DIR/missing/drover.log"),
+        ("control_socket", "$DIR/missing/control.sock"),
+        ("admin_bind", "unix:$DIR/missing/admin.sock"),
+    ] {
+        let config = format!(
+            "bind = [\"127.0.0.1:0\"]\ncommand = [\"{}\"]\n{key} = \"{value}\"\n",
+            hello_bin()
+        );
+        let mut d = Start::config(&config).run();
+        assert_eq!(d.wait_exit(LIMIT).code(), Some(1), "{key}: {}", d.log());
+        let log = d.log();
+        let says = format!(
+            "the directory {}/missing does not exist: create it (systemd: \
+             RuntimeDirectory=), or choose a path in one that does",
+            d.dir.path().display()
+        );
+        assert!(log.contains(&says), "{key}: {says:?} in {log}");
+        assert!(!log.contains("spawned"), "{key}: {log}");
     }
 }
 
