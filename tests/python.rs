@@ -1065,9 +1065,9 @@ fn an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill(core: &str)
 }
 with_each_core!(an_app_thread_that_never_ends_does_not_hold_the_worker_to_sigkill);
 
-/// The same thread, computing in C with the GIL held (1.5 s a call) once the
-/// registry has run: the exit's deadline thread gets its turn late, as on a
-/// loaded machine. faulthandler's last resort, armed at the start of the
+/// The same thread, computing in C with the GIL held (0.6 s) across the
+/// end of the stop budget: the exit's deadline thread gets its turn late
+/// there, as on a loaded machine. faulthandler's last resort, armed at the start of the
 /// exit, fired 0.1 s past the budget, before it: the workers, whose cleanup
 /// had finished, exited 1 with a stack dump. It is now armed only once the
 /// threads are joined (the teardown), and the workers exit 0.

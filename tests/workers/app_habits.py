@@ -6,10 +6,11 @@ survive, each switched on by a variable (tests/python.rs, tests/third_party.rs):
   writing ``own SIGTERM handler pid=N`` to stderr;
 * ``APP_NON_DAEMON_THREAD=1``: a non-daemon thread, ``queue-consumer``, that
   never ends (a consumer or scheduler thread nobody made a daemon);
-  ``APP_NON_DAEMON_THREAD=gil``: the same thread, which once the cleanup
-  registry has run computes in C with the GIL held, 1.5 s at a time (a
-  thread that compresses or hashes a large buffer): another Python thread
-  waits that long for its turn, as on a loaded machine;
+  ``APP_NON_DAEMON_THREAD=gil``: the same thread, which after the cleanup
+  registry computes in C with the GIL held (a thread that compresses or
+  hashes a large buffer), for 0.6 s from 0.2 s before the end of the stop
+  budget (its length measured on this machine, at the stop): another
+  Python thread waits that long for its turn there, as on a loaded machine;
 * ``APP_TEARDOWN_HANG=1``: a module-level client whose finalizer waits
   (``__del__`` sleeps a minute), which runs in the interpreter's teardown.
 
@@ -31,15 +32,25 @@ def _own_sigterm_handler(signum, frame):
     sys.exit(0)
 
 
-_registry_ran = threading.Event()
+_at_the_end = []  # (when the stop budget ends, the sum that takes 0.6 s), once the registry ran
+
+
+def _registry_ran():
+    began = time.monotonic()
+    sum(range(10**6))
+    n = int(10**6 * 0.6 / max(time.monotonic() - began, 1e-4))
+    _at_the_end.append((time.monotonic() + drover_worker.remaining_budget(), n))
 
 
 def _consume():
+    computed = False
     while True:
-        if _registry_ran.is_set():
-            sum(range(10**8))  # one C call, the GIL held throughout
-        else:
-            time.sleep(0.1)
+        if _at_the_end and not computed:
+            budget_ends, n = _at_the_end[0]
+            time.sleep(max(0.0, budget_ends - 0.2 - time.monotonic()))
+            sum(range(n))  # one C call, the GIL held throughout
+            computed = True
+        time.sleep(0.1)
 
 
 class _Client:
@@ -53,7 +64,7 @@ if os.environ.get("APP_NON_DAEMON_THREAD"):
     threading.Thread(target=_consume, name="queue-consumer").start()
     if os.environ["APP_NON_DAEMON_THREAD"] == "gil":
         # Registered before example_app's cleanup, so it runs after it: last.
-        drover_worker.on_exit(_registry_ran.set, name="start-computing")
+        drover_worker.on_exit(_registry_ran, name="start-computing")
 if os.environ.get("APP_TEARDOWN_HANG"):
     client = _Client()
 
