@@ -71,16 +71,26 @@ impl Event {
 }
 
 /// One signal in the pipe: its number, then the sender's pid (0 when the
-/// kernel sent it: a terminal's Ctrl+C, a parent-death signal), native
-/// endian. Under `PIPE_BUF`, so written and read whole.
+/// kernel sent it: a terminal's Ctrl+C, a parent-death signal; [`OUTSIDE`]
+/// for a process outside our PID namespace), native endian. Under
+/// `PIPE_BUF`, so written and read whole.
 const RECORD: usize = 5;
+
+/// The pid recorded for a process that sent a signal from outside drover's
+/// PID namespace: the kernel gives its pid as 0 (it has none here), as for
+/// its own signals, but with a process's `si_code`. That is how a container
+/// runtime or the kubelet stops a drover that is PID 1 of its container.
+const OUTSIDE: i32 = -1;
 
 /// A signal received, and who sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
     pub event: Event,
-    /// The sending process, `None` when the kernel sent it.
+    /// The sending process, `None` when the kernel sent it or the sender is
+    /// outside drover's PID namespace (`outside`).
     pub sender: Option<nix::unistd::Pid>,
+    /// Sent by a process outside drover's PID namespace.
+    pub outside: bool,
 }
 
 /// The read end of the signal pipe.
@@ -103,7 +113,12 @@ impl SignalPipe {
                 signal_hook_registry::register_sigaction(*sig as i32, move |info| {
                     let mut record = [0u8; RECORD];
                     record[0] = number;
-                    record[1..].copy_from_slice(&info.si_pid().to_ne_bytes());
+                    let by_process = [libc::SI_USER, libc::SI_QUEUE, libc::SI_TKILL];
+                    let pid = match info.si_pid() {
+                        0 if by_process.contains(&info.si_code) => OUTSIDE,
+                        pid => pid,
+                    };
+                    record[1..].copy_from_slice(&pid.to_ne_bytes());
                     let _ = libc::write(write, record.as_ptr().cast(), RECORD);
                 })?;
             }
@@ -133,6 +148,7 @@ impl SignalPipe {
                     Some(Received {
                         event: Event::from_raw(r[0])?,
                         sender: (pid > 0).then(|| nix::unistd::Pid::from_raw(pid)),
+                        outside: pid == OUTSIDE,
                     })
                 })),
             }

@@ -191,6 +191,58 @@ fn a_stop_signal_is_traced_to_its_sender() {
     );
 }
 
+/// A stop sent from outside drover's PID namespace (a container runtime or
+/// the kubelet stopping a drover that is PID 1 of its container) has no
+/// sender pid in drover's namespace: the log says where it came from. The
+/// code before said `SIGTERM sent by the kernel (a terminal's key, or a
+/// hang-up)` for every such stop.
+#[test]
+fn a_stop_from_outside_drovers_pid_namespace_is_named_so() {
+    if !nix::unistd::getuid().is_root()
+        || std::process::Command::new("unshare")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("skipped: needs root and unshare(1)");
+        return;
+    }
+    let mut d = Start {
+        program: Some("unshare".into()),
+        args: [
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            drover_bin(),
+            "-b",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(["--".to_string(), hello_bin().to_string()])
+        .collect(),
+        ..Start::default()
+    }
+    .run();
+    d.wait_log("all 1 workers ready");
+    // drover is the child of unshare, and PID 1 of the new namespace.
+    let drover = wait_for("drover under unshare", LIMIT, || {
+        children_of(d.pid()).first().copied()
+    });
+    nix::sys::signal::kill(drover, Signal::SIGTERM).unwrap();
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(
+            "SIGTERM sent by a process outside drover's PID namespace \
+             (a container runtime: docker stop, the kubelet)"
+        ),
+        "{log}"
+    );
+}
+
 /// A worker that stopped itself (SIGSTOP) misses its heartbeat: the log
 /// says it is stopped, which explains why the SIGABRT does nothing and the
 /// SIGKILL comes `abort_grace` later; its slot is refilled at once and the

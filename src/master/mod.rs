@@ -980,6 +980,9 @@ impl Master {
         }
         let name = received.event.signal_name();
         let who = match received.sender {
+            None if received.outside => "a process outside drover's PID namespace \
+                                          (a container runtime: docker stop, the kubelet)"
+                .to_string(),
             None => "the kernel (a terminal's key, or a hang-up)".to_string(),
             Some(pid) => {
                 let pool = &self.sup.pool;
