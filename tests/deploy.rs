@@ -884,7 +884,12 @@ fn the_stop_budgets_add_up() {
     const MARGIN: u64 = 5;
     let kube = configmap_config();
     let prestop = config_seconds(&kube, "prestop_delay");
-    let budget = config_seconds(&kube, "graceful_timeout") + config_seconds(&kube, "hook_timeout");
+    // drover is PID 1 of the pod, so a subreaper: the processes the workers
+    // left get quick_timeout after the last worker is gone.
+    assert!(!kube.contains("subreaper"), "{kube}");
+    let budget = config_seconds(&kube, "graceful_timeout")
+        + config_seconds(&kube, "quick_timeout")
+        + config_seconds(&kube, "hook_timeout");
     assert_eq!(
         yaml_number("terminationGracePeriodSeconds"),
         prestop + budget + MARGIN
