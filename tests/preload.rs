@@ -874,10 +874,12 @@ fn a_template_hung_at_boot_that_ignores_sigabrt_is_killed_after_abort_grace() {
 /// A template hung at boot (it ignores SIGABRT and SIGTERM) when a stop
 /// comes is SIGKILLed at the end of stage 3, and counts as killed: "(1
 /// killed)", exit status 4, as for a worker aborted at boot and killed
-/// during a shutdown. The old code logged "(0 killed)" and exited 0.
+/// during a shutdown. The old code logged "(0 killed)" and exited 0. Its
+/// process group goes with it (a helper its import started): the code
+/// before killed the template alone, and the helper outlived drover.
 #[test]
 fn a_template_hung_at_boot_and_killed_during_a_stop_counts_as_killed() {
-    let template = "trap '' ABRT TERM; exec sleep 1000";
+    let template = "sleep 1000 & echo $! > $DIR/helper; trap '' ABRT TERM; exec sleep 1000";
     let mut d = Start::config(&format!(
         "bind = [\"127.0.0.1:0\"]\nworkers = 1\npreload = true\nboot_timeout = \"1s\"\n\
          abort_grace = \"30s\"\ngraceful_timeout = \"1s\"\nquick_timeout = \"1s\"\n\
@@ -886,7 +888,22 @@ fn a_template_hung_at_boot_and_killed_during_a_stop_counts_as_killed() {
     .run();
     d.wait_log("within boot_timeout (1s); SIGABRT");
     let template = template_pids(&d)[0];
+    let helper = wait_for("the helper's pid", LIMIT, || {
+        let pid = std::fs::read_to_string(d.dir.path().join("helper")).ok()?;
+        pid.trim().parse().ok().map(Pid::from_raw)
+    });
+    // Killed here if the test fails: the code before left it running.
+    struct Helper(Pid);
+    impl Drop for Helper {
+        fn drop(&mut self) {
+            if alive(self.0) {
+                let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
+            }
+        }
+    }
+    let helper = Helper(helper);
     d.signal(Signal::SIGTERM);
+    // Also: nothing holds drover's output once it has exited.
     let status = d.wait_exit(LIMIT);
     let log = d.log();
     assert!(
@@ -898,6 +915,7 @@ fn a_template_hung_at_boot_and_killed_during_a_stop_counts_as_killed() {
     assert!(log.contains("(1 killed)"), "{log}");
     assert_eq!(status.code(), Some(4), "{log}");
     assert!(!alive(template));
+    assert!(!alive(helper.0), "{log}");
 }
 
 /// A template that dies of its boot timeout's SIGABRT leaves nothing of its

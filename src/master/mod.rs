@@ -446,7 +446,12 @@ fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) -> u3
                 list(&left)
             );
             for p in &left {
-                let _ = kill(*p, Signal::SIGKILL);
+                // A template's process group holds what its import started
+                // (its workers have groups of their own): it ends with it,
+                // as at its boot timeout's SIGKILL.
+                if !(templates.contains(p) && killpg(*p, Signal::SIGKILL).is_ok()) {
+                    let _ = kill(*p, Signal::SIGKILL);
+                }
                 let _ = waitpid(*p, None);
             }
             return left.iter().filter(|p| templates.contains(p)).count() as u32;
