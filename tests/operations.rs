@@ -243,6 +243,54 @@ fn a_new_generation_that_cannot_boot_is_rolled_back() {
     assert!(out.contains("applied: generation 3"), "{out}");
 }
 
+/// A worker of the new generation that fails after it was ready, while the
+/// reload still replaces other slots, fails the reload: it is rolled back,
+/// and the old generation serves every slot again. The code before went on
+/// respawning the new generation in that slot and waited for every slot to
+/// be ready at once (with `timeout = "1ms"`, whose workers each missed their
+/// first heartbeat, `ctl reload` had no answer in 5 minutes and no old
+/// worker was left).
+#[test]
+fn a_new_worker_that_fails_after_it_was_ready_rolls_the_reload_back() {
+    let d = Start::config(&hello("max_surge = 1")).run();
+    d.wait_log("all 2 workers ready");
+    // Slot 2's new worker boots for a while, so that the reload is still
+    // under way when slot 1's new worker, ready, is killed.
+    let slow_second = with_command(
+        &hello("max_surge = 1"),
+        &format!(
+            "[\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] || sleep 3; exec {}\"]",
+            hello_bin()
+        ),
+    );
+    rewrite(&d, &slow_second);
+    let reload = ctl_in_background(&d, &["reload"]);
+    let new = wait_for("slot 1 replaced", LIMIT, || {
+        let log = d.log();
+        let at = log.find(") replaced by pid ")?;
+        let rest = &log[at + ") replaced by pid ".len()..];
+        rest.split(' ').next()?.parse::<i32>().ok()
+    });
+    nix::sys::signal::kill(Pid::from_raw(new), Signal::SIGKILL).unwrap();
+    let (code, out) = reload.join().unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "rolled back: worker 1 (pid {new}) of the new generation killed by SIGKILL"
+        )) && out.contains("after it was ready"),
+        "{out}"
+    );
+    let log = d.wait_log("reload rolled back");
+    assert!(log.contains("generation 1 keeps serving"), "{log}");
+    // Every slot is served by generation 1 again.
+    wait_for("two ready workers of generation 1", LIMIT, || {
+        let (_, out) = ctl(&d, &["status"]);
+        out.contains("ok: 2/2 workers ready, generation 1")
+            .then_some(())
+    });
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+}
+
 #[test]
 fn five_reloads_under_load_fail_no_request() {
     five_reloads_under_load(&hello("max_surge = 1"), "/sleep?ms=5", 2000);

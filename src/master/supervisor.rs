@@ -622,9 +622,11 @@ impl Supervisor {
         );
     }
 
-    /// The new generation failed before it was ready: stop it and go back to
-    /// the previous one. `output`: where the output of the process whose
-    /// failure this is (`output_of`) says why.
+    /// The new generation failed before the reload was applied (a worker
+    /// failed to boot, or failed after it was ready while other slots were
+    /// still being replaced): stop it and go back to the previous one.
+    /// `output`: where the output of the process whose failure this is
+    /// (`output_of`) says why.
     fn rollback(&mut self, cause: String, output: Option<String>, now: Instant) {
         let Some((failed, slots_before, waiters)) = self.rollout.roll_back() else {
             return;
@@ -1282,6 +1284,18 @@ impl Supervisor {
                 ms(delay),
             );
         }
+        // A worker of a reload's new generation that fails after it was
+        // ready, while the reload is still under way: the new code fails
+        // (and the slot's old worker is gone already). Without a rollback the
+        // reload would wait for every slot to be ready at once, which a
+        // generation whose workers keep dying may never be.
+        if !planned && self.rollout.rolling() && w.generation() == self.current().number {
+            let captured = w.gen.s.capture_output && !w.gen.s.preload;
+            let output = self.output_of(pid, captured);
+            let cause =
+                format!("worker {slot} (pid {pid}) of the new generation {why} after it was ready");
+            self.rollback(cause, Some(output), now);
+        }
     }
 
     /// Whether an exit with status 3 of `w` means "cannot boot" (stop with
@@ -1361,13 +1375,24 @@ impl Supervisor {
         }
         // A wedged worker is a failure of its slot, like a crash: a worker that
         // always wedges is respawned ever more slowly, and its slot degraded.
-        for (slot, stable) in due.wedged {
+        for (slot, stable, pid, generation) in due.wedged {
             if stable {
                 if let Some(s) = self.pool.slot(slot) {
                     s.failures = 0;
                 }
             }
             self.slot_failed(slot, now);
+            // As a crash after it was ready (`on_unplanned_exit`).
+            if !shutting_down && self.rollout.rolling() && generation == self.current().number {
+                self.rollback(
+                    format!(
+                        "worker {slot} (pid {pid}) of the new generation missed its heartbeat \
+                         after it was ready"
+                    ),
+                    None,
+                    now,
+                );
+            }
         }
         if !shutting_down && self.next_memory_check.is_some_and(|t| t <= now) {
             self.check_memory(now);
@@ -1708,9 +1733,10 @@ struct Overdue {
     actions: Vec<Action>,
     /// Killed at a deadline (counted in `Shutdown::killed` during a shutdown).
     killed: u32,
-    /// Slots whose worker missed its heartbeat, and whether it had lived
-    /// `respawn_reset_after` (its slot's failures count from 0 again).
-    wedged: Vec<(u32, bool)>,
+    /// Slots whose worker missed its heartbeat, whether it had lived
+    /// `respawn_reset_after` (its slot's failures count from 0 again), its
+    /// pid and its generation.
+    wedged: Vec<(u32, bool, Pid, u32)>,
     /// `ready = "auto"` workers that said nothing: ready now.
     presumed_ready: Vec<Pid>,
 }
@@ -1792,7 +1818,8 @@ impl Overdue {
                 // refilled after the backoff, since it no longer serves.
                 self.actions
                     .extend(w.stop(Pace::Abort, Stop::HeartbeatMissed, now));
-                self.wedged.push((slot, now - w.started >= reset_after));
+                self.wedged
+                    .push((slot, now - w.started >= reset_after, pid, w.generation()));
             }
             State::Ready(ref mut s) => {
                 // max_age: start a successor; this one stops once it is ready.
