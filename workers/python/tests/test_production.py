@@ -92,10 +92,20 @@ class AccessLogTest(unittest.TestCase):
         self.assertIn('"GET /pid HTTP/1.1" 200', err)
 
     def test_errors_are_logged_too(self):
+        # The server's 500 for an app that raised is logged with the bytes
+        # of the body it was sent, as any answer (b was '-': "the app sent
+        # nothing", a rule of its own); an empty body is 0, as Gunicorn and
+        # nginx log it.
         with Worker("apps:app", args=["--access-logfile", self.path]) as w:
-            request(w, get("/error"))
+            status, _, body = request(w, get("/error"))
+            self.assertEqual(status, 500, body)
+            self.assertEqual(request(w, get("/nocontent"))[0], 204)
             stop(w)
-        self.assertRegex(self.lines()[0], r'"GET /error HTTP/1\.1" 500 - ')
+        lines = sorted(self.lines(), key=lambda line: "/nocontent" in line)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertRegex(lines[0], r'"GET /error HTTP/1\.1" 500 %d "-" "-"$' % len(body))
+        self.assertGreater(len(body), 0)
+        self.assertRegex(lines[1], r'"GET /nocontent HTTP/1\.1" 204 0 "-" "-"$')
 
     def test_a_request_the_server_refuses_is_logged_with_why(self):
         # A request refused once its head was read, before the app: a line
@@ -103,18 +113,19 @@ class AccessLogTest(unittest.TestCase):
         # request body. Both cores logged nothing at all for them (an
         # operator could not tell why a client got a 400 behind nginx).
         with Worker("apps:app", args=["--access-logfile", self.path]) as w:
-            status, _, body = request(w, get("/environ", b"X-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off\r\n"))
-            self.assertEqual(status, 400, body)
-            status, _, body = request(w, get("/other", b"SCRIPT_NAME: /app\r\n"))
-            self.assertEqual(status, 500, body)
+            status, _, body400 = request(w, get("/environ", b"X-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off\r\n"))
+            self.assertEqual(status, 400, body400)
+            status, _, body500 = request(w, get("/other", b"SCRIPT_NAME: /app\r\n"))
+            self.assertEqual(status, 500, body500)
             err = stop(w)
         self.assertIn("bad request on GET /environ: the secure scheme headers disagree: "
                       "X-Forwarded-Proto: https says https, X-Forwarded-Ssl: off says http\n", err)
         self.assertIn("cannot serve GET /other: the request path '/other' does not start with SCRIPT_NAME '/app'\n", err)
         lines = sorted(self.lines(), key=lambda line: "/other" in line)
         self.assertEqual(len(lines), 2, lines)
-        self.assertRegex(lines[0], r'^127\.0\.0\.1 - - \[.*\] "GET /environ HTTP/1\.1" 400 - "-" "-"$')
-        self.assertRegex(lines[1], r'^127\.0\.0\.1 - - \[.*\] "GET /other HTTP/1\.1" 500 - "-" "-"$')
+        # b: the bytes of the answer's body (it was "-").
+        self.assertRegex(lines[0], r'^127\.0\.0\.1 - - \[.*\] "GET /environ HTTP/1\.1" 400 %d "-" "-"$' % len(body400))
+        self.assertRegex(lines[1], r'^127\.0\.0\.1 - - \[.*\] "GET /other HTTP/1\.1" 500 %d "-" "-"$' % len(body500))
 
     def test_a_refused_request_head_is_logged_but_not_a_silent_connection(self):
         # A head the server refuses before there is a request (400, 431, 408)
@@ -216,13 +227,20 @@ class AccessLogTest(unittest.TestCase):
             "bad request head from 10.0.0.3 (400): malformed method; 2 more refused since the last such line",
         ])
 
-    def test_B_is_a_number_when_the_app_sent_no_response(self):
-        # B is the body bytes as a number (0 when the app sent none), b is
-        # '-' then; B was 'None' for a failed app.
+    def test_B_is_a_number_when_no_response_could_be_sent(self):
+        # B is the body bytes as a number, b the same or '-' when no answer
+        # could be sent (the client left); B was 'None' for a failed app.
+        from drover_wsgi.accesslog import AccessLog
+
+        log = AccessLog(self.path, "%(s)s %(b)s %(B)s")
+        try:
+            self.assertEqual(log.line({}, "500", None, [], 0.0), "500 - 0")
+        finally:
+            log.close()
         with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", "%(s)s %(b)s %(B)s"]) as w:
-            request(w, get("/error"))
+            body = request(w, get("/error"))[2]
             stop(w)
-        self.assertEqual(self.lines(), ["500 - 0"])
+        self.assertEqual(self.lines(), ["500 %d %d" % (len(body), len(body))])
 
     def test_a_bad_format_cannot_boot(self):
         with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", "%(h"], ready=False) as w:

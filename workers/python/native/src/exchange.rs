@@ -18,7 +18,7 @@ use pyo3::{ffi, intern};
 use crate::input::Input;
 use crate::pool::{Peer, Shared};
 use crate::sock;
-use crate::util::{error_response, log, split_target, with_http_date};
+use crate::util::{error_body_size, error_response, log, split_target, with_http_date};
 use crate::ClientGone;
 
 /// What the connection does after the response is written.
@@ -93,7 +93,7 @@ pub fn handle(
     sh.count_request();
     let environ = match environ(py, sh, view, head) {
         Ok((e, None)) => e,
-        Ok((e, Some((status, why)))) => return refused(py, sh, &e, head, status, &why),
+        Ok((e, Some((status, why)))) => return refused(py, sh, view.fd, &e, head, status, &why),
         Err(e) => {
             e.restore(py);
             unsafe { ffi::PyErr_Print() };
@@ -234,11 +234,12 @@ pub fn handle(
 
 /// A request refused once its head was read (the secure scheme headers
 /// disagree, a SCRIPT_NAME header outside the path, a target it cannot
-/// split): the line that says why (the pure-Python core's), and its access
-/// log line, as for a bad request body.
+/// split): the line that says why (the pure-Python core's), the answer,
+/// and its access log line, as for a bad request body.
 fn refused(
     py: Python<'_>,
     sh: &Shared,
+    fd: RawFd,
     environ: &Bound<'_, PyDict>,
     head: &drover_h1::Head<'_>,
     status: u16,
@@ -252,24 +253,47 @@ fn refused(
     if let Err(e) = logged {
         e.print(py);
     }
+    let (sent, outcome) = answer(py, sh, fd, status, why);
     if let Some(access) = &sh.hooks.access {
         let line = access.call1(
             py,
-            (
-                environ,
-                status.to_string(),
-                py.None(),
-                PyList::empty(py),
-                0.0,
-            ),
+            (environ, status.to_string(), sent, PyList::empty(py), 0.0),
         );
         if let Err(e) = line {
             e.print(py);
         }
     }
-    Outcome {
-        out: error_response(status, why),
-        after: After::Linger,
+    outcome
+}
+
+/// Sends the server's own answer (an error) with the GIL released. Returns
+/// its body's bytes once sent, None if it could not be (the access log's
+/// `b`, logged after the answer, as nginx logs its error page's size), and
+/// what the connection does next: it lingers, or closes if the client left.
+fn answer(
+    py: Python<'_>,
+    sh: &Shared,
+    fd: RawFd,
+    status: u16,
+    why: &str,
+) -> (Option<usize>, Outcome) {
+    let response = error_response(status, why);
+    let timeout = sh.set.io_timeout;
+    match py.detach(|| sock::send_all(fd, &response, timeout)) {
+        Ok(()) => (
+            Some(error_body_size(&response)),
+            Outcome {
+                out: Vec::new(),
+                after: After::Linger,
+            },
+        ),
+        Err(_) => (
+            None,
+            Outcome {
+                out: Vec::new(),
+                after: After::Close,
+            },
+        ),
     }
 }
 
@@ -330,24 +354,16 @@ fn failed(
             after: After::Close,
         };
     }
+    let (sent, outcome) = answer(py, sh, r.fd, status, &why);
     if let Some(access) = &sh.hooks.access {
         if let Err(e) = access.call1(
             py,
-            (
-                environ,
-                status.to_string(),
-                py.None(),
-                PyList::empty(py),
-                took,
-            ),
+            (environ, status.to_string(), sent, PyList::empty(py), took),
         ) {
             e.print(py);
         }
     }
-    Outcome {
-        out: error_response(status, &why),
-        after: After::Linger,
-    }
+    outcome
 }
 
 fn call_app(

@@ -8,7 +8,8 @@ A format is a Python %-format over named atoms, as Gunicorn's::
 two). Atoms: ``h`` remote address, ``l`` "-", ``u`` the user of HTTP Basic
 auth, ``t`` the time as ``[10/Oct/2000:13:55:36 -0700]``, ``r`` the request
 line, ``m`` method, ``U`` path, ``q`` query string, ``H`` protocol, ``s``
-status, ``B`` body bytes sent, ``b`` the same or "-" when none was sent,
+status, ``B`` body bytes sent (the app's, or the server's error body), ``b``
+the same or "-" when no answer could be sent,
 ``f`` Referer, ``a`` User-Agent, ``T``/``M``/``D`` the request time in whole
 seconds, milliseconds, microseconds, ``L`` in decimal seconds, ``p`` the
 process id as ``<pid>``, ``{name}i`` a request header, ``{name}o`` a response

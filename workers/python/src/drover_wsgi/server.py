@@ -1467,19 +1467,24 @@ class Server:
     def _head_refused(self, conn, status, reason, began):
         """Answers a request head refused before there is a request, then
         closes without a reset; logged once answered (see HeadRefusals)."""
-        response = error_response(status, reason)
-        try:
-            conn.sendall(response)
-            sent = error_body_size(response)
-        except ClientGone:
-            sent = None
+        sent = self._answer(conn, status, reason)
         peer = conn.peer
         self.head_refusals(_remote_addr(peer), peer[1] if isinstance(peer, tuple) else None,
                            status, reason, time.monotonic() - began, sent)
-        if sent is None:
+
+    def _answer(self, conn, status, reason):
+        """Sends the server's own answer (an error), then closes without a
+        reset. Returns its body's bytes once sent, None if it could not be
+        (the client left): the access log's ``b``, logged after the answer,
+        as nginx logs the size of its error page."""
+        response = error_response(status, reason)
+        try:
+            conn.sendall(response)
+        except ClientGone:
             conn.close()
-        else:
-            self._start_linger(conn)
+            return None
+        self._start_linger(conn)
+        return error_body_size(response)
 
     def _wait_while_stopping(self, conn):
         """During a stop, a connection with nothing to read yet gets until the
@@ -1612,14 +1617,9 @@ class Server:
         path, a target it cannot split): a line that says why, and its access
         log line, as for a bad request body."""
         log_refusal(req.method, environ["RAW_URI"], error.status, error.reason)
+        sent = self._answer(conn, error.status, error.reason)
         if self.access_log is not None:
-            self.access_log.log(environ, str(error.status), None, [], 0.0)
-        try:
-            conn.sendall(error_response(error.status, error.reason))
-        except ClientGone:
-            conn.close()
-            return
-        self._start_linger(conn)
+            self.access_log.log(environ, str(error.status), sent, [], 0.0)
 
     def _finished(self, environ, resp, started):
         """After a response: the service time's moving average (what the
@@ -1648,14 +1648,9 @@ class Server:
         if resp.sent:
             conn.close()  # mid-body: the client sees the connection end early
             return
+        sent = self._answer(conn, status, why)
         if self.access_log is not None:
-            self.access_log.log(environ, str(status), None, [], time.monotonic() - started)
-        try:
-            conn.sendall(error_response(status, why))
-        except ClientGone:
-            conn.close()
-            return
-        self._start_linger(conn)
+            self.access_log.log(environ, str(status), sent, [], time.monotonic() - started)
 
     def _send_result(self, resp, result):
         if resp.sent:  # the app used write(): the body is streamed
