@@ -626,7 +626,8 @@ fn ask(path: &Path, command: &Command, wait: Duration) -> io::Result<Answer> {
 fn unreachable(e: io::Error) -> io::Error {
     let hint = match e.kind() {
         io::ErrorKind::NotFound => {
-            "no socket there: is drover running, with control_socket set to this path?"
+            "no socket there: is drover running, with control_socket set to this path? \
+             (a drover that is shutting down removes it when its drain begins)"
         }
         io::ErrorKind::ConnectionRefused => {
             "nobody listens on it: drover is not running (the file is left from one that was \

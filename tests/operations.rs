@@ -810,7 +810,8 @@ fn ctl_exit_statuses_follow_the_verdict() {
     let err = String::from_utf8_lossy(&unreachable.stderr);
     assert!(
         err.contains("/nonexistent/ctl.sock: No such file or directory")
-            && err.contains("is drover running, with control_socket set to this path?"),
+            && err.contains("is drover running, with control_socket set to this path?")
+            && err.contains("(a drover that is shutting down removes it when its drain begins)"),
         "{err}"
     );
     // A socket file left by a drover that was killed: nobody listens.
