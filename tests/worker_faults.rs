@@ -476,3 +476,58 @@ fn a_death_during_a_stop_that_drover_did_not_cause_is_a_warning() {
     assert!(exit.contains(" INFO "), "{exit}");
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
+
+/// A master stalled (here SIGSTOPped) while a worker boots, its notify
+/// queue full (heartbeats and statuses of other workers fill its 10
+/// datagrams): the worker's READY=1 waits until the master reads again, and
+/// the worker counts as ready then. The SDK before gave READY=1 up after
+/// 1 s (`cannot send READY=1: the notify socket's queue stayed full`): the
+/// worker served, but drover, resumed, killed it at boot_timeout.
+#[test]
+fn a_ready_1_sent_while_the_master_is_stalled_is_taken_when_it_runs_again() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+
+    /// SIGCONT to the master when dropped, also when the test fails.
+    struct Continue(nix::unistd::Pid);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, Signal::SIGCONT);
+        }
+    }
+
+    // The worker sends READY=1 1.5 s after its start: the master is
+    // stopped by then.
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = 1\nready = \"notify\"\nboot_timeout = \"8s\"\n\
+         command = [\"sh\", \"-c\", \"sleep 1.5; exec {}\"]\n",
+        hello_bin()
+    ))
+    .run();
+    let w = d.wait_workers(1)[0];
+    let environ = std::fs::read(format!("/proc/{w}/environ")).unwrap();
+    let notify = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .expect("the worker has NOTIFY_SOCKET");
+    nix::sys::signal::kill(d.pid(), Signal::SIGSTOP).unwrap();
+    let stalled = Continue(d.pid());
+    let filler = UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    while filler.send_to(b"STATUS=filler", &notify).is_ok() {}
+    // The stall: longer than the 1 s the SDK gave READY=1 before.
+    std::thread::sleep(Duration::from_secs(4));
+    drop(stalled);
+    let log = wait_for("the worker's ready or its boot timeout", LIMIT, || {
+        let log = d.log();
+        (log.contains(&format!("worker 1 (pid {w}) ready in"))
+            || log.contains("within boot_timeout"))
+        .then_some(log)
+    });
+    assert!(!log.contains("cannot send READY=1"), "{log}");
+    assert!(!log.contains("within boot_timeout"), "{log}");
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}

@@ -21,7 +21,9 @@
 //! thread at a heartbeat. A periodic message (only `WATCHDOG=1` and
 //! `STATUS=` lines, as drover's master treats its own) is dropped at once
 //! when the queue is full; any other waits up to [`NOTIFY_WAIT`]. Both fail
-//! with [`io::ErrorKind::WouldBlock`] then. The same rules as the Python SDK.
+//! with [`io::ErrorKind::WouldBlock`] then. `READY=1` alone waits until it is
+//! taken: a worker whose `READY=1` is lost is killed at `boot_timeout`,
+//! serving or not. The same rules as the Python SDK.
 
 use std::ffi::OsStr;
 use std::io;
@@ -57,7 +59,15 @@ pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
             &made
         }
     };
-    notify_from(sender, socket, state).map_err(|e| {
+    // READY=1 waits for as long as the receiver does not read, as before
+    // NOTIFY_WAIT: dropped, it got a worker that serves killed at
+    // boot_timeout once the master ran again. Until it is taken the worker
+    // does not count as booted, so waiting costs nothing.
+    let mut sent = notify_from(sender, socket, state);
+    while is_ready(state) && matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+        sent = notify_from(sender, socket, state);
+    }
+    sent.map_err(|e| {
         if e.kind() != io::ErrorKind::WouldBlock {
             return e;
         }
@@ -78,6 +88,11 @@ pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
 fn is_periodic(state: &str) -> bool {
     let mut lines = state.split('\n').filter(|l| !l.is_empty()).peekable();
     lines.peek().is_some() && lines.all(|l| l == "WATCHDOG=1" || l.starts_with("STATUS="))
+}
+
+/// A `READY=1` line: the one message a worker cannot do without.
+fn is_ready(state: &str) -> bool {
+    state.split('\n').any(|l| l == "READY=1")
 }
 
 /// A socket to send from: non-blocking for periodic messages, else one
@@ -299,7 +314,8 @@ pub(crate) mod tests {
     /// A receiver that does not read (a stalled master; its queue holds
     /// `net.unix.max_dgram_qlen` datagrams): a heartbeat or a status is
     /// dropped at once, a change of state waits up to NOTIFY_WAIT, and both
-    /// say so. They waited for as long as it did not read.
+    /// say so. They waited for as long as it did not read. READY=1 alone
+    /// still does.
     #[test]
     fn a_receiver_that_does_not_read_never_holds_the_sender() {
         let dir = temp_dir("notify-full");
@@ -316,7 +332,6 @@ pub(crate) mod tests {
             for (state, periodic) in [
                 ("WATCHDOG=1", true),
                 ("STATUS=busy", true),
-                ("READY=1", false),
                 ("STOPPING=1", false),
             ] {
                 let began = std::time::Instant::now();
@@ -338,9 +353,20 @@ pub(crate) mod tests {
                 assert!(e.to_string().ends_with(&format!("{state} not sent")), "{e}");
             }
         }
-        // Room for one: a change of state is sent.
+        // READY=1 waits past NOTIFY_WAIT until room comes: it was dropped,
+        // and the worker killed at boot_timeout though it served.
+        let target = path.clone();
+        let ready = std::thread::spawn(move || {
+            let began = std::time::Instant::now();
+            notify_to(target.as_os_str(), "READY=1").map(|()| began.elapsed())
+        });
+        std::thread::sleep(NOTIFY_WAIT * 2);
         recv(&sock);
-        notify_to(path.as_os_str(), "READY=1").unwrap();
+        let took = ready
+            .join()
+            .unwrap()
+            .expect("READY=1 is sent once there is room");
+        assert!(took >= NOTIFY_WAIT * 2, "{took:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

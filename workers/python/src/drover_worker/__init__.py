@@ -298,7 +298,9 @@ def notify(state: Union[str, bytes]) -> bool:
     asyncio launcher, the whole event loop at a heartbeat. A periodic
     message (only ``WATCHDOG=1`` and ``STATUS=`` lines, as drover's master
     treats its own) is dropped at once when the queue is full; any other
-    waits up to :data:`NOTIFY_WAIT`. Both raise BlockingIOError then."""
+    waits up to :data:`NOTIFY_WAIT`. Both raise BlockingIOError then.
+    ``READY=1`` alone waits until it is taken, or until a stop is asked: a
+    worker whose ``READY=1`` is lost is killed at ``boot_timeout``."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False
@@ -309,7 +311,18 @@ def notify(state: Union[str, bytes]) -> bool:
     data = state.encode("utf-8") if isinstance(state, str) else bytes(state)
     periodic = _periodic(data)
     try:
-        _notify_socket().sendto(data, socket.MSG_DONTWAIT if periodic else 0, addr)
+        while True:
+            try:
+                _notify_socket().sendto(data, socket.MSG_DONTWAIT if periodic else 0, addr)
+                break
+            except BlockingIOError:
+                # READY=1 waits for as long as the receiver does not read,
+                # unless this worker is asked to stop: dropped, it got a
+                # worker that serves killed at boot_timeout once the master
+                # ran again, and until it is taken the worker does not count
+                # as booted anyway.
+                if not (_has_ready(data) and stop_kind() is None):
+                    raise
     except BlockingIOError:
         what = data.decode("utf-8", "replace").replace("\n", " ")
         raise BlockingIOError(errno.EAGAIN, "%s (its receiver is not reading): %s" % (
@@ -317,6 +330,11 @@ def notify(state: Union[str, bytes]) -> bool:
             else "the notify socket's queue stayed full for %.1fs" % NOTIFY_WAIT,
             ("%s dropped" if periodic else "%s not sent") % what)) from None
     return True
+
+
+def _has_ready(data: bytes) -> bool:
+    """A READY=1 line: the one message a worker cannot do without."""
+    return b"READY=1" in data.split(b"\n")
 
 
 def _periodic(data: bytes) -> bool:
