@@ -1063,3 +1063,42 @@ fn drover_aiohttp_with_an_app_that_cannot_be_imported_stops_drover_with_status_3
         "no respawn loop: {log}"
     );
 }
+
+/// SIGQUIT with a minute-long request in flight: aiohttp's shutdown would
+/// cancel the handler only after its timeout had passed twice, past the
+/// quick deadline, and the abandon then skipped `on_cleanup`. The request is
+/// cancelled at the quick stop's drain deadline instead: `on_cleanup` and
+/// the registry run in every worker, which exits 0 before drover's kill.
+#[test]
+fn aiohttp_under_the_sdk_cancels_what_runs_at_a_quick_stop_and_cleans_up() {
+    let mut d = aiohttp(&aiohttp_run_app(), "drover");
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let slow = get_in_flight(d.tcp_addr(), "/sleep?s=60");
+    d.signal(Signal::SIGQUIT);
+    assert!(
+        slow.join().unwrap().is_err(),
+        "the cancelled request gets no response"
+    );
+    let status = d.wait_exit(LIMIT);
+    let log = d.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("(0 killed)"), "{log}");
+    assert!(
+        log.contains("drain deadline reached: cancelling 1 request(s) in flight"),
+        "{log}"
+    );
+    let mut cleanup = lines(&d.dir.path().join("cleanup"));
+    cleanup.sort();
+    let mut expected: Vec<String> = workers
+        .iter()
+        .flat_map(|w| {
+            [
+                format!("aiohttp on_cleanup pid={w}"),
+                format!("registry pid={w}"),
+            ]
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(cleanup, expected, "{log}");
+}
