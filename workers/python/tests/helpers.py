@@ -106,6 +106,28 @@ class NotifySocket:
         self.dir.cleanup()
 
 
+def fill_queue(path):
+    """Fills the queue of the datagram socket at ``path`` (a receiver that
+    does not read, as a stalled master: net.unix.max_dgram_qlen datagrams)."""
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    try:
+        while True:
+            filler.sendto(b"STATUS=filler", path)
+    except BlockingIOError:
+        pass
+    finally:
+        filler.close()
+
+
+def read_until(sock, done):
+    """Reads and drops the datagrams of ``sock`` until ``done`` is set (a
+    receiver that reads again)."""
+    while not done.is_set():
+        if select.select([sock], [], [], 0.05)[0]:
+            sock.recv(4096)
+
+
 class Worker:
     """drover_wsgi (or any command) started as drover would: a listening socket
     at fd 3 with LISTEN_FDS/LISTEN_PID, a NOTIFY_SOCKET, its own process group."""

@@ -1,7 +1,9 @@
 """listeners(): the LISTEN_* checks, names, what is left behind; notify():
 the datagrams, as systemd's protocol has them."""
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -210,6 +212,117 @@ class NotifyTest(unittest.TestCase):
             self.assertGreaterEqual(float(took), 1.5, rest)
         finally:
             n.close()
+
+    def test_a_launchers_dropped_heartbeats_are_logged_once_a_second(self):
+        # The launchers' beat (_launcher.until_stopped: Hypercorn, Granian's
+        # ASGI) to a master whose queue is full logged every WATCHDOG=1 it
+        # dropped: here 20 a second. Now one line a second at most, counting
+        # those not sent, and one once a beat is sent again.
+        p = run_script("""
+            import asyncio, json, os, select, shutil, socket, tempfile, time
+            tmp = tempfile.mkdtemp()
+            path = os.path.join(tmp, "notify")
+            master = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            master.bind(path)
+            os.environ.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="100000")
+            import drover_worker as dw
+            from drover_worker import _launcher
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            filler.setblocking(False)
+            try:
+                while True:
+                    filler.sendto(b"STATUS=filler", path)
+            except BlockingIOError:
+                pass
+            lines = []
+            log = lambda line: lines.append((time.monotonic(), line))
+
+            async def main():
+                beats = asyncio.ensure_future(_launcher.until_stopped(log))
+                await asyncio.sleep(2.5)  # stalled: some 50 beats dropped
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and not any("sent again" in l for _, l in lines):
+                    while select.select([master], [], [], 0)[0]:  # it reads again
+                        master.recv(100)
+                    await asyncio.sleep(0.02)
+                dw.stop_event.set()
+                await beats
+            asyncio.run(main())
+            shutil.rmtree(tmp)
+            print(json.dumps(lines))
+        """)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        lines = json.loads(p.stdout)
+        text = "\n".join(line for _, line in lines)
+        for (t0, _), (t1, _) in zip(lines, lines[1:]):
+            self.assertGreaterEqual(t1 - t0, 0.9, text)  # the old code: 0.05
+        self.assertTrue(lines[0][1].startswith("cannot send WATCHDOG=1: [Errno 11] the notify socket's queue is full"),
+                        text)
+        self.assertIn("sent again", lines[-1][1], text)
+        counted = sum(int(m.group(1)) if m else 1 for m in (
+            re.search(r"; (\d+) not sent", line) for _, line in lines[:-1]))
+        self.assertGreaterEqual(counted, 10, text)  # some 50 (fewer on a loaded machine)
+
+    def test_heartbeat_failures_are_logged_at_most_once_a_second(self):
+        # The rule of the launchers' and drover-wsgi's heartbeat lines
+        # (drover_worker._HeartbeatLog), with a clock of its own: a master
+        # that drops every other beat still gets a line a second at most,
+        # and no failure goes uncounted.
+        n = NotifySocket()
+        now = [0.0]
+        beats = dw._HeartbeatLog(clock=lambda: now[0])
+        lines = []
+        saved = os.environ.get("NOTIFY_SOCKET")
+        os.environ["NOTIFY_SOCKET"] = n.path
+        try:
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            filler.setblocking(False)
+            for i in range(12):  # a beat every 0.25 s for 3 s
+                full = i % 2 == 0
+                try:
+                    while full:
+                        filler.sendto(b"STATUS=filler", n.path)
+                except BlockingIOError:
+                    pass
+                if not full:
+                    n.sock.setblocking(False)
+                    try:
+                        while True:
+                            n.sock.recv(100)
+                    except BlockingIOError:
+                        pass
+                beats.beat(lambda line: lines.append((now[0], line)))
+                now[0] += 0.25
+            filler.close()
+        finally:
+            if saved is None:
+                del os.environ["NOTIFY_SOCKET"]
+            else:
+                os.environ["NOTIFY_SOCKET"] = saved
+            n.close()
+        self.assertEqual([(t, line.split(":")[0].split(";")[0]) for t, line in lines], [
+            (0.0, "cannot send WATCHDOG=1"),
+            (1.0, "cannot send WATCHDOG=1"),
+            (2.0, "cannot send WATCHDOG=1"),
+        ], lines)
+        self.assertTrue(lines[1][1].endswith("; 2 not sent since the last line"), lines)  # at 0.5 and 1.0
+        self.assertTrue(lines[2][1].endswith("; 2 not sent since the last line"), lines)
+        # Sent again, past the second: the line says so, with what is left.
+        n2 = NotifySocket()
+        os.environ["NOTIFY_SOCKET"] = n2.path
+        try:
+            now[0] = 2.75
+            beats.beat(lambda line: lines.append((now[0], line)))  # dropped at 2.5, not logged yet
+            self.assertEqual(len(lines), 3, lines)
+            now[0] = 3.0
+            beats.beat(lambda line: lines.append((now[0], line)))
+        finally:
+            if saved is None:
+                del os.environ["NOTIFY_SOCKET"]
+            else:
+                os.environ["NOTIFY_SOCKET"] = saved
+            n2.close()
+        self.assertEqual(lines[3], (3.0, "WATCHDOG=1 sent again after 3.0s; 1 more not sent since the last line"))
 
     def test_a_forked_child_notifies_as_itself(self):
         # The kept socket is the parent's: a child (a preload template's

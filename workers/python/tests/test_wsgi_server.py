@@ -4,6 +4,7 @@ raw HTTP over the socket."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,7 +12,18 @@ import threading
 import time
 import unittest
 
-from tests.helpers import LIMIT, WSGI, Client, Worker, env_with_sdk, filter_everything_in, read_stderr_until, request
+from tests.helpers import (
+    LIMIT,
+    WSGI,
+    Client,
+    Worker,
+    env_with_sdk,
+    fill_queue,
+    filter_everything_in,
+    read_stderr_until,
+    read_until,
+    request,
+)
 
 GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -686,6 +698,39 @@ class LifecycleTest(unittest.TestCase):
             self.assertEqual(request(w, get("/pid"))[0], 200)
             w.signal(signal.SIGTERM)
             self.assertEqual(w.wait()[0], 0)
+
+    def test_heartbeats_a_stalled_master_drops_are_logged_once_a_second(self):
+        # drover's master stalled (its notify queue full) drops every
+        # WATCHDOG=1, and each was a line on standard error: two a second
+        # per worker at drover's timeout = "1s", here 20 (a beat every 50
+        # ms). Now a line a second at most, with the count of those not sent
+        # since the last one, and a line once they are sent again.
+        with Worker("apps:app", env={"WATCHDOG_USEC": "100000"}) as w:
+            w.notify.wait_for(b"WATCHDOG=1", timeout=5)
+            fill_queue(w.notify.path)
+            stalled = time.monotonic()
+            time.sleep(2.5)  # the stall: some 50 beats are dropped
+            done = threading.Event()
+            drain = threading.Thread(target=read_until, args=(w.notify.sock, done))
+            drain.start()  # the master reads again
+            try:
+                err = read_stderr_until(w, "WATCHDOG=1 sent again")
+            finally:
+                done.set()
+                drain.join()
+            took = time.monotonic() - stalled
+            w.signal(signal.SIGTERM)
+            code, rest = w.wait()
+            self.assertEqual(code, 0, err + rest)
+        lines = [line for line in (err + rest).splitlines() if "WATCHDOG=1" in line]
+        self.assertLessEqual(len(lines), took + 2, "\n".join(lines))
+        self.assertRegex(lines[0], r"cannot send WATCHDOG=1: \[Errno 11\] the notify socket's queue is full "
+                                   r"\(its receiver is not reading\): WATCHDOG=1 dropped$")
+        self.assertRegex(lines[-1], r"WATCHDOG=1 sent again after \d+\.\ds(; \d+ more not sent since the last line)?$")
+        counted = sum(int(m.group(1)) if m else 1 for m in (
+            re.search(r"; (\d+) (?:more )?not sent", line) for line in lines[:-1]))
+        counted += sum(int(m.group(1)) for m in re.finditer(r"; (\d+) more not sent", lines[-1]))
+        self.assertGreaterEqual(counted, 10, "\n".join(lines))  # some 50 (fewer on a loaded machine)
 
     def test_a_pool_stuck_in_requests_stops_heartbeats(self):
         with Worker("apps:app", args=["--threads", "1"], env={"WATCHDOG_USEC": "300000"}) as w:

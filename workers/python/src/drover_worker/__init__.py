@@ -426,6 +426,70 @@ def heartbeat() -> bool:
     return notify("WATCHDOG=1")
 
 
+#: A heartbeat that could not be sent is logged at most this often per
+#: process, with a count (as drover's master logs its own dropped messages).
+HEARTBEAT_LOG_EVERY = 1.0
+
+
+class _HeartbeatLog:
+    """WATCHDOG=1 for drover-wsgi and the launchers, which log a beat that
+    could not be sent: at most one line per :data:`HEARTBEAT_LOG_EVERY`,
+    with the number not sent since the last line, and one once a beat is
+    sent again. A stalled master (its notify queue full) drops every beat,
+    and each was a line of its own: two a second per worker with drover's
+    ``timeout = "1s"``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.mu = threading.Lock()
+        self.unlogged = 0  # not sent since the last line
+        self.failing_since: Optional[float] = None
+        self.logged_at: Optional[float] = None
+
+    def beat(self, log: Callable[[str], None]) -> None:
+        try:
+            heartbeat()
+            error: Optional[OSError] = None
+        except OSError as e:
+            error = e
+        now = self.clock()
+        with self.mu:
+            since = self.failing_since
+            if error is not None:
+                self.unlogged += 1
+                if since is None:
+                    self.failing_since = since = now
+            elif since is None:
+                return  # sent, as the last one was
+            if self.logged_at is not None and now - self.logged_at < HEARTBEAT_LOG_EVERY:
+                return  # counted in the next line
+            n, self.unlogged = self.unlogged, 0
+            self.logged_at = now
+            if error is not None:
+                line = "cannot send WATCHDOG=1: %s" % error
+                if n > 1:
+                    line += "; %d not sent since the last line" % n
+            else:
+                line = "WATCHDOG=1 sent again after %.1fs" % (now - since)
+                if n:
+                    line += "; %d more not sent since the last line" % n
+                self.failing_since = None
+        log(line)
+
+
+_heartbeat_log: Optional[Tuple[int, _HeartbeatLog]] = None
+
+
+def _beat(log: Callable[[str], None]) -> None:
+    """Sends WATCHDOG=1; logs with ``log`` what could not be sent, at most
+    once a second per process (see :class:`_HeartbeatLog`)."""
+    global _heartbeat_log
+    mine = _heartbeat_log
+    if mine is None or mine[0] != os.getpid():  # a forked child counts its own
+        mine = _heartbeat_log = (os.getpid(), _HeartbeatLog())
+    mine[1].beat(log)
+
+
 def status(text: object) -> bool:
     """STATUS=<text>: a free-form line shown in drover's log."""
     return notify("STATUS=" + str(text).replace("\n", " "))

@@ -49,10 +49,7 @@ async def until_stopped(log: Callable[[str], None]) -> None:
     while not dw.stop_event.is_set():
         if interval and time.monotonic() >= beat:
             beat = time.monotonic() + interval / 2
-            try:
-                dw.heartbeat()
-            except OSError as e:
-                log("cannot send WATCHDOG=1: %s" % e)
+            dw._beat(log)
         await asyncio.sleep(0.05)
 
 

@@ -282,10 +282,7 @@ def _quick_on_sigquit(server: Any) -> None:
 
 async def _heartbeats(interval: float) -> None:
     while True:
-        try:
-            dw.heartbeat()
-        except OSError as e:
-            _log("cannot send WATCHDOG=1: %s" % e)
+        dw._beat(_log)
         await asyncio.sleep(interval / 2)
 
 

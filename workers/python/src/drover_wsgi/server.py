@@ -1762,10 +1762,7 @@ def beat_while_progressing(progress, nthreads, interval):
     while True:
         all_busy, done = progress()
         if not all_busy or done != last:
-            try:
-                dw.heartbeat()
-            except OSError as e:
-                log("cannot send WATCHDOG=1: %s" % e)
+            dw._beat(log)
             quiet = False
         elif not quiet:
             log("all %d threads busy and no request finished for %.1fs: holding WATCHDOG=1" % (nthreads, period))
