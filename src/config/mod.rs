@@ -453,6 +453,21 @@ impl Layer {
                 "`timeout` must be more than 0s (remove it to turn heartbeats off)".into(),
             );
         }
+        // Below this no worker can keep up (it beats at half the interval,
+        // from the code that serves): every worker would be aborted soon
+        // after it is ready, forever.
+        if let Some(at) = set_at(&self.timeout, |t| {
+            t.is_some_and(|t| t.0 < MIN_HEARTBEAT_TIMEOUT)
+        }) {
+            return invalid(
+                at,
+                format!(
+                    "`timeout` must be at least {}: workers send WATCHDOG=1 at half of it; \
+                     set it above your slowest request (the kits use 30s)",
+                    humantime::format_duration(MIN_HEARTBEAT_TIMEOUT)
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -607,6 +622,9 @@ const NOT_SETTINGS: &[&str] = &[
 /// worker of another drover (`DROVER_WORKER_ID` is set) they are that
 /// drover's budget for this process, not settings for this one.
 const WORKER_CONTRACT_SETTINGS: &[&str] = &["graceful_timeout", "quick_timeout"];
+
+/// The shortest heartbeat interval (`timeout`) drover accepts.
+const MIN_HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The settings found in the environment, and what was left out.
 #[derive(Debug, Default)]
@@ -1466,6 +1484,10 @@ mod tests {
             (
                 "timeout = \"0s\"",
                 "c.toml:2:11: `timeout` must be more than 0s",
+            ),
+            (
+                "timeout = \"1ms\"",
+                "c.toml:2:11: `timeout` must be at least 100ms: workers send WATCHDOG=1 at half of it",
             ),
             (
                 "bind = []",
