@@ -1298,3 +1298,31 @@ fn a_worker_stops_while_the_master_is_stalled_with_a_full_notify_queue() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
+
+/// drover-granian serving a WSGI app sent no `WATCHDOG=1` (only its ASGI
+/// loop did): with `timeout` set, drover aborted each worker at its first
+/// timeout (`missed its heartbeat ... SIGABRT`) and replaced it, over and
+/// over. Now it beats from its main thread: none misses a heartbeat over
+/// three periods, and the workers go on serving.
+#[test]
+fn granian_wsgi_sends_heartbeats_when_drover_expects_them() {
+    let config = format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [{:?}, \"example_app:app\"]\nworkers = 2\n\
+         timeout = \"1s\"\ngraceful_timeout = \"10s\"\nchdir = {:?}\n",
+        python::script("drover-granian"),
+        python::examples_dir(),
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    let workers = d.wait_workers(2);
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let log = d.log();
+        assert!(!log.contains("missed its heartbeat"), "{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.wait_workers(2), workers);
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+}

@@ -237,8 +237,12 @@ def _serve(granian: Any, app: Any, sock: Any, args: argparse.Namespace) -> bool:
         dw.ready()
     except OSError as e:
         _log("cannot send READY=1: %s" % e)
-    while not dw.stop_event.wait(1.0):
-        pass
+    # WATCHDOG=1 from here when drover's timeout is set (Granian's threads
+    # serve): without it drover aborted each worker at its first timeout.
+    interval = dw.watchdog_interval()
+    while not dw.stop_event.wait(interval / 2 if interval else 1.0):
+        if interval:
+            dw._beat(_log)
     try:
         dw.stopping()
     except OSError as e:
