@@ -1294,7 +1294,7 @@ fn a_service_manager_that_does_not_read_never_stalls_drover() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
     let sock = notify_socket(&path);
-    fill_queue(&path);
+    fill_notify_queue(&path);
     let start = Start {
         env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
         ..Start::config(&hello_config(""))
@@ -1325,7 +1325,7 @@ fn dropped_watchdog_pings_are_counted_once_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
     let sock = notify_socket(&path);
-    fill_queue(&path);
+    fill_notify_queue(&path);
     let start = Start {
         env: vec![
             ("NOTIFY_SOCKET".into(), path.display().to_string()),
@@ -1392,7 +1392,7 @@ fn a_stopping_message_that_waits_does_not_delay_the_shutdown() {
     let mut d = start.run();
     let mut seen = Vec::new();
     recv_until(&sock, &mut seen, "READY=1");
-    fill_queue(&path);
+    fill_notify_queue(&path);
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
     let log = d.log();
@@ -1444,13 +1444,8 @@ fn a_stop_of_the_new_master_reaches_an_old_master_that_does_not_read() {
     }
     let _resume = Resume(d.pid(), new);
     kill(d.pid(), Signal::SIGSTOP).unwrap();
-    let environ = std::fs::read(format!("/proc/{new}/environ")).unwrap();
-    let socket = environ
-        .split(|b| *b == 0)
-        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
-        .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
-        .expect("the new master's NOTIFY_SOCKET");
-    fill_queue(&socket);
+    let socket = notify_socket_of(new);
+    fill_notify_queue(&socket);
     d.wait_log("is not reading: READY=1 waits");
     kill(new, Signal::SIGTERM).unwrap();
     wait_for("the new master to exit", LIMIT, || {
@@ -1467,22 +1462,6 @@ fn a_stop_of_the_new_master_reaches_an_old_master_that_does_not_read() {
     );
     assert!(!log.contains("upgrade failed"), "{log}");
     assert!(old_workers.iter().all(|w| !alive(*w)), "{log}");
-}
-
-/// Fills the queue of the datagram socket at `path`: it is full once a
-/// fresh sender cannot send even one datagram (each sender is also bounded
-/// by its own send buffer, so it may take several).
-fn fill_queue(path: &std::path::Path) {
-    let full = (0..1000).any(|_| {
-        let sender = UnixDatagram::unbound().unwrap();
-        sender.set_nonblocking(true).unwrap();
-        let mut sent = 0;
-        while sender.send_to(b"FILLER=1", path).is_ok() {
-            sent += 1;
-        }
-        sent == 0
-    });
-    assert!(full, "the notify socket's queue never filled");
 }
 
 /// One keep-alive GET on `s`: the response's status and whether it ends the

@@ -1252,31 +1252,13 @@ with_each_core!(a_body_failure_the_app_caught_is_answered_408_or_400);
 /// worker drains and exits while the master is still stopped.
 #[test]
 fn a_worker_stops_while_the_master_is_stalled_with_a_full_notify_queue() {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::net::UnixDatagram;
-
-    /// SIGCONT to the master when dropped, also when the test fails.
-    struct Continue(Pid);
-    impl Drop for Continue {
-        fn drop(&mut self) {
-            let _ = kill(self.0, Signal::SIGCONT);
-        }
-    }
-
     let mut d = Start::config(&example("python", "")).run();
     d.wait_log("all 2 workers ready");
     let workers = d.wait_workers(2);
-    let environ = std::fs::read(format!("/proc/{}/environ", workers[0])).unwrap();
-    let notify = environ
-        .split(|&b| b == 0)
-        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
-        .map(|p| Path::new(std::ffi::OsStr::from_bytes(p)).to_path_buf())
-        .expect("the worker has NOTIFY_SOCKET");
+    let notify = notify_socket_of(workers[0]);
     kill(d.pid(), Signal::SIGSTOP).unwrap();
-    let stalled = Continue(d.pid());
-    let filler = UnixDatagram::unbound().unwrap();
-    filler.set_nonblocking(true).unwrap();
-    while filler.send_to(b"STATUS=filler", &notify).is_ok() {}
+    let stalled = Resume(d.pid());
+    fill_notify_queue(&notify);
     kill(workers[0], Signal::SIGTERM).unwrap();
     // 1 s for the STOPPING=1, then the drain: the worker exits (a zombie,
     // its parent being stopped).

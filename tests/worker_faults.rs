@@ -485,17 +485,6 @@ fn a_death_during_a_stop_that_drover_did_not_cause_is_a_warning() {
 /// worker served, but drover, resumed, killed it at boot_timeout.
 #[test]
 fn a_ready_1_sent_while_the_master_is_stalled_is_taken_when_it_runs_again() {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::net::UnixDatagram;
-
-    /// SIGCONT to the master when dropped, also when the test fails.
-    struct Continue(nix::unistd::Pid);
-    impl Drop for Continue {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(self.0, Signal::SIGCONT);
-        }
-    }
-
     // The worker sends READY=1 1.5 s after its start: the master is
     // stopped by then.
     let mut d = Start::config(&format!(
@@ -505,17 +494,10 @@ fn a_ready_1_sent_while_the_master_is_stalled_is_taken_when_it_runs_again() {
     ))
     .run();
     let w = d.wait_workers(1)[0];
-    let environ = std::fs::read(format!("/proc/{w}/environ")).unwrap();
-    let notify = environ
-        .split(|&b| b == 0)
-        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
-        .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
-        .expect("the worker has NOTIFY_SOCKET");
+    let notify = notify_socket_of(w);
     nix::sys::signal::kill(d.pid(), Signal::SIGSTOP).unwrap();
-    let stalled = Continue(d.pid());
-    let filler = UnixDatagram::unbound().unwrap();
-    filler.set_nonblocking(true).unwrap();
-    while filler.send_to(b"STATUS=filler", &notify).is_ok() {}
+    let stalled = Resume(d.pid());
+    fill_notify_queue(&notify);
     // The stall: longer than the 1 s the SDK gave READY=1 before.
     std::thread::sleep(Duration::from_secs(4));
     drop(stalled);

@@ -1095,6 +1095,44 @@ pub fn recv_from(sock: &std::os::unix::net::UnixDatagram) -> Option<(Pid, String
     Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
 }
 
+/// The `NOTIFY_SOCKET` in the environment of `pid` (a worker, a new master).
+pub fn notify_socket_of(pid: Pid) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .unwrap_or_else(|| panic!("pid {pid} has no NOTIFY_SOCKET"))
+}
+
+/// Fills the queue of the notify socket at `path` (its receiver does not
+/// read: a stalled master): it is full once a fresh sender cannot send even
+/// one datagram (each sender is also bounded by its own send buffer, so it
+/// may take several).
+pub fn fill_notify_queue(path: &Path) {
+    let full = (0..1000).any(|_| {
+        let sender = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        sender.set_nonblocking(true).unwrap();
+        let mut sent = 0;
+        while sender.send_to(b"FILLER=1", path).is_ok() {
+            sent += 1;
+        }
+        sent == 0
+    });
+    assert!(full, "the notify socket's queue never filled");
+}
+
+/// SIGCONT to a process the test stopped, when dropped, also when the test
+/// fails.
+pub struct Resume(pub Pid);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// `cmd` set to die with the test (and with no input).
 pub fn bounded(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
