@@ -107,6 +107,25 @@ class AccessLogTest(unittest.TestCase):
         self.assertGreater(len(body), 0)
         self.assertRegex(lines[1], r'"GET /nocontent HTTP/1\.1" 204 0 "-" "-"$')
 
+    def test_an_app_that_raised_mid_body_is_logged_with_what_was_sent(self):
+        # The app raised after its head and first chunk went out: the client
+        # sees the connection end early, and the access log has its line,
+        # with the status and the body bytes sent, as Gunicorn logs it (it
+        # had no line at all).
+        with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", '"%(r)s" %(s)s %(b)s']) as w:
+            with w.connect() as s:
+                s.sendall(get("/error-after-start"))
+                answer = b""
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    answer += data
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+            self.assertIn(b"first", answer)
+            stop(w)
+        self.assertEqual(self.lines(), ['"GET /error-after-start HTTP/1.1" 200 5'])
+
     def test_a_request_the_server_refuses_is_logged_with_why(self):
         # A request refused once its head was read, before the app: a line
         # that names the cause, and its access log line, as for a bad

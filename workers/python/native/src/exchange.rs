@@ -348,7 +348,18 @@ fn failed(
         }
     };
     if r.sent {
-        // Mid-body: what was sent goes out, then the connection ends early.
+        // Mid-body: what was sent goes out, then the connection ends early;
+        // its line has what was sent, as Gunicorn logs it.
+        if let Some(access) = &sh.hooks.access {
+            let headers = r.headers.as_ref().map_or_else(
+                || PyTuple::empty(py).into_any().unbind(),
+                |h| h.clone_ref(py),
+            );
+            let line = (environ, r.code.to_string(), r.body_bytes, headers, took);
+            if let Err(e) = access.call1(py, line) {
+                e.print(py);
+            }
+        }
         return Outcome {
             out: std::mem::take(&mut r.out),
             after: After::Close,

@@ -1647,6 +1647,9 @@ class Server:
             log("error in the application on %s %s:\n%s" % (req.method, environ["RAW_URI"], traceback.format_exc().rstrip()))
         if resp.sent:
             conn.close()  # mid-body: the client sees the connection end early
+            if self.access_log is not None:  # with what was sent, as Gunicorn logs it
+                self.access_log.log(environ, resp.status[:3], resp.body_bytes, resp.headers,
+                                    time.monotonic() - started)
             return
         sent = self._answer(conn, status, why)
         if self.access_log is not None:
