@@ -175,6 +175,20 @@ def app(environ, start_response):
                 return _text(start_response, "200 OK", b"child exited %d" % os.waitstatus_to_exitcode(status))
             time.sleep(0.02)
         return _text(start_response, "200 OK", b"child %d still running" % pid)
+    if path == "/terminate-child":
+        # multiprocessing's fork start method, as an app uses it: a child
+        # that Process.terminate() (SIGTERM) must end.
+        import multiprocessing
+
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+        child.terminate()
+        child.join(5)
+        code = child.exitcode
+        if code is None:
+            child.kill()
+            child.join()
+        return _text(start_response, "200 OK", b"child exit %s" % str(code).encode())
     return _text(start_response, "404 Not Found", b"not found")
 
 

@@ -151,6 +151,52 @@ class SignalTest(unittest.TestCase):
         self.assertEqual(out, "stop graceful\ncleanup ran\n")
         self.assertNotIn("KeyboardInterrupt", err)
 
+    def test_a_child_the_app_forks_ends_at_sigterm(self):
+        # multiprocessing's Process.terminate() sends SIGTERM: the worker's
+        # stop handlers, inherited, made the child ignore it.
+        p = start(code="""
+            import multiprocessing, time, drover_worker as dw
+            def child():
+                time.sleep(30)
+            dw.install(exit_on_stop=False)
+            c = multiprocessing.get_context("fork").Process(target=child)
+            c.start()
+            time.sleep(0.2)
+            c.terminate()
+            c.join(5)
+            print("child", c.exitcode, "worker", dw.stop_kind(), flush=True)
+            if c.exitcode is None:
+                c.kill()
+        """)
+        code, out, err = finish(self, p)
+        self.assertEqual(out, "child -15 worker None\n", err)
+
+    def test_a_child_forked_under_install_asyncio_ends_at_sigterm_alone(self):
+        # The loop's wakeup fd is shared with the child: the child's SIGTERM
+        # also reached the worker's loop, which stopped.
+        p = start(code="""
+            import asyncio, multiprocessing, time, drover_worker as dw
+            def child():
+                time.sleep(30)
+            async def main():
+                dw.install_asyncio()
+                c = multiprocessing.get_context("fork").Process(target=child)
+                c.start()
+                await asyncio.sleep(0.2)
+                c.terminate()
+                for _ in range(500):
+                    if c.exitcode is not None:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)
+                print("child", c.exitcode, "worker", dw.stop_kind(), flush=True)
+                if c.exitcode is None:
+                    c.kill()
+            asyncio.run(main())
+        """)
+        code, out, err = finish(self, p)
+        self.assertEqual(out, "child -15 worker None\n", err)
+
     def test_sigint_ignored_at_install_stays_ignored(self):
         p = start(code="""
             import signal, drover_worker as dw

@@ -463,6 +463,17 @@ class LifecycleTest(unittest.TestCase):
             self.assertIn("the child of os.fork() in a request returned from the application", err)
             self.assertEqual(self.cleanup_lines(), ["cleanup %d" % w.proc.pid], "the registry ran once, in the worker")
 
+    def test_a_child_the_app_forks_ends_at_sigterm(self):
+        # The child inherited the worker's stop handlers (it ignored SIGTERM)
+        # and, under the native core, a pool thread's mask (every signal
+        # blocked): Process.terminate() waited in vain, and so did the view.
+        with Worker("apps:app", args=["--threads", "2"]) as w:
+            status, _, body = request(w, get("/terminate-child"))
+            self.assertEqual((status, body), (200, b"child exit -15"))
+            w.signal(signal.SIGTERM)
+            code, err = w.wait()
+            self.assertEqual(code, 0, err)
+
     def test_stop_signals_the_app_blocked_at_its_import_are_unblocked(self):
         # Before, the pool's threads inherited the mask: SIGTERM stayed
         # pending, and the stop waited for drover's SIGKILL, without the registry.

@@ -65,6 +65,7 @@ static FORKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn mark_forked() {
     FORKED.store(true, Ordering::Relaxed);
+    crate::pool::unblock_signals_in_child();
 }
 
 /// The child of an app's `os.fork()` came back into the server: without

@@ -892,6 +892,12 @@ fn peer_of(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Peer {
 
 // -- the threads ---------------------------------------------------------------
 
+thread_local! {
+    /// A pool thread's signal mask before `block_signals`.
+    static MASK_BEFORE: std::cell::Cell<Option<libc::sigset_t>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// The pool's threads leave signals to Python's main thread (its handlers run
 /// there, and a signal taken by another thread would not wake it).
 fn block_signals() {
@@ -901,7 +907,28 @@ fn block_signals() {
         for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL] {
             libc::sigdelset(&mut set, sig);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut before: libc::sigset_t = std::mem::zeroed();
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut before) == 0 {
+            MASK_BEFORE.with(|m| m.set(Some(before)));
+        }
+    }
+}
+
+/// In the child of an app's fork from a pool thread (multiprocessing's fork
+/// start method, `os.fork()`): the mask the thread had before the pool
+/// blocked every signal. Inherited, it made the child deaf to `SIGTERM`
+/// (`Process.terminate()`), `SIGINT` and `SIGALRM`. The stop signals stay
+/// held until the SDK's fork hook has given the child its own handlers back
+/// (it unblocks them). Runs in a fork handler: a thread-local read and a
+/// system call.
+pub fn unblock_signals_in_child() {
+    if let Some(mut mask) = MASK_BEFORE.with(|m| m.get()) {
+        unsafe {
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT] {
+                libc::sigaddset(&mut mask, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
+        }
     }
 }
 

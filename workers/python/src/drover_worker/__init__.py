@@ -636,6 +636,7 @@ def _is_chainable(handler: Any) -> bool:
 
 
 _installed: Dict[int, Any] = {}  # signum -> our handler function currently installed
+_replaced: Dict[int, Any] = {}  # signum -> what the process would have without us
 _install_lock = threading.Lock()
 _exit_on_stop = False  # as the last install() said
 _exit_raised = False
@@ -842,6 +843,7 @@ def install(sigint: bool = True, quick_signal: int = signal.SIGQUIT, exit_on_sto
             if signum == signal.SIGINT and current == signal.SIG_IGN:
                 continue  # started in the background: Ctrl+C is not for us
             previous = current if callable(current) and _is_chainable(current) else None
+            _replaced[signum] = current if current is not None else signal.SIG_DFL
             handler = _make_handler(kind, previous)
             signal.signal(signum, handler)
             _installed[signum] = handler
@@ -891,6 +893,8 @@ def install_asyncio(loop: Optional["asyncio.AbstractEventLoop"] = None, sigint: 
         if signum == signal.SIGINT and current == signal.SIG_IGN:
             continue
         chain.take_previous(signum, current)
+        if signum not in _loop_signals:
+            _replaced[signum] = current if current is not None else signal.SIG_DFL
         chain.add(signum, on_signal, signum, kind)
         _loop_signals[signum] = kind
     return event
@@ -1261,7 +1265,56 @@ def _stop_request_handler(kind: str) -> Callable[[int, Any], None]:
     return handler
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+_fork_mask = threading.local()
+
+
+def _hold_stop_signals() -> None:
+    """Before a fork: the stop signals wait in the forking thread until the
+    child has its own handlers back (a ``SIGTERM`` that reached the child
+    before, say ``Process.terminate()`` right after ``start()``, was taken by
+    the worker's handler there, and lost)."""
+    if _installed or _loop_signals:
+        _fork_mask.before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+def _release_stop_signals_in_parent() -> None:
+    before = getattr(_fork_mask, "before", None)
+    if before is not None:
+        _fork_mask.before = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _give_back_stop_signals() -> None:
+    """In a child the application forks (``os.fork()``, multiprocessing's
+    fork start method): our stop handlers are the worker's, not the child's.
+    Inherited, they made the child ignore ``SIGTERM`` (``Process.terminate()``
+    waited in vain; drover's ``SIGKILL`` ended it at the stop), and an
+    asyncio loop's wakeup fd, shared with the worker, passed the child's
+    signals to the worker's loop. The child gets back what it would have
+    without the SDK, then the signals held since the fork. preload's workers
+    are children too: the template sets the worker's handlers and mask after
+    the fork."""
+    if not (_installed or _loop_signals):
+        return
+    try:
+        for signum, handler in _installed.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, _replaced.get(signum, signal.SIG_DFL))
+        if _loop_signals:
+            signal.set_wakeup_fd(-1)
+            for signum in _loop_signals:
+                signal.signal(signum, _replaced.get(signum, signal.SIG_DFL))
+    except (ValueError, OSError) as e:  # not the main thread: cannot happen after a fork
+        _write_stderr("drover_worker[%d]: the forked child keeps the worker's stop handlers: %s\n"
+                      % (os.getpid(), e))
+    _fork_mask.before = None
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 atexit.register(_at_exit)
+os.register_at_fork(before=_hold_stop_signals, after_in_parent=_release_stop_signals_in_parent,
+                    after_in_child=_give_back_stop_signals)
 
 
 class ArgumentParser(argparse.ArgumentParser):
