@@ -398,6 +398,7 @@ fn a_wrong_command_line_stops_drover_with_status_3() {
         "drover-uvicorn",
         "drover-granian",
         "drover-hypercorn",
+        "drover-aiohttp",
     ] {
         let program = python::script(launcher);
         let mut d = Start::args(&[

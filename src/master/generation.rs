@@ -92,23 +92,26 @@ impl Generation {
 }
 
 /// Whether `command` runs one of drover's Python launchers (`drover-wsgi`,
-/// `drover-uvicorn`, `drover-granian`, `drover-hypercorn`, or `python -m
+/// `drover-uvicorn`, `drover-granian`, `drover-hypercorn`, `drover-aiohttp`,
+/// or `python -m
 /// drover_wsgi` and the like). They announce themselves on NOTIFY_SOCKET
 /// too, but only once the interpreter has started, which took over
 /// `announce_timeout` on a saturated machine: knowing them by name does not
 /// depend on the load.
 fn is_drover_launcher(command: &[String]) -> bool {
-    const LAUNCHERS: [&str; 4] = [
+    const LAUNCHERS: [&str; 5] = [
         "drover-wsgi",
         "drover-uvicorn",
         "drover-granian",
         "drover-hypercorn",
+        "drover-aiohttp",
     ];
-    const MODULES: [&str; 4] = [
+    const MODULES: [&str; 5] = [
         "drover_wsgi",
         "drover_worker.uvicorn",
         "drover_worker.granian",
         "drover_worker.hypercorn",
+        "drover_worker.aiohttp",
     ];
     let Some(program) = command.first() else {
         return false;
@@ -205,6 +208,13 @@ mod tests {
         ])));
         assert!(is_drover_launcher(&cmd(&["drover-uvicorn", "main:app"])));
         assert!(is_drover_launcher(&cmd(&["drover-hypercorn", "main:app"])));
+        assert!(is_drover_launcher(&cmd(&["drover-aiohttp", "main:app"])));
+        assert!(is_drover_launcher(&cmd(&[
+            "python3",
+            "-m",
+            "drover_worker.aiohttp",
+            "main:app"
+        ])));
         assert!(is_drover_launcher(&cmd(&[
             "python3",
             "-m",
