@@ -50,8 +50,12 @@ pub fn parse_head<'a>(buf: &'a [u8], limits: &Limits) -> Result<Option<(Head<'a>
     // speaks HTTPS to this port. Its ClientHello is binary, refused for
     // whatever byte came first (a bare LF, a malformed request line), or
     // not at all until the header timeout, none of which names the cause.
-    if let [0x16, 0x03, 0x00..=0x04, ..] = buf[start..] {
-        return Err(Error::bad(TLS_ON_PLAIN_HTTP));
+    match buf[start..] {
+        [0x16, 0x03, 0x00..=0x04, ..] => return Err(Error::bad(TLS_ON_PLAIN_HTTP)),
+        // Its first bytes: the third decides, whatever a limit says of the
+        // two (a head's prefix gets no other answer than the whole head).
+        [0x16] | [0x16, 0x03] => return Ok(None),
+        _ => {}
     }
     let mut pos = start;
     let mut line_no = 0;

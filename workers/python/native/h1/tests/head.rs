@@ -454,6 +454,16 @@ fn a_tls_handshake_is_named() {
         parse_head(b"\x16\x03", &Limits::default()),
         Ok(None)
     ));
+    // Its first two bytes wait for the third even past a tiny
+    // limit_request_line, which the whole would not meet: a prefix gets no
+    // other answer than the whole (the fuzz target's rule).
+    let tiny = Limits {
+        request_line: 1,
+        ..Limits::default()
+    };
+    assert!(matches!(parse_head(b"\x16\x03", &tiny), Ok(None)));
+    let e = parse_head(b"\x16\x03\x00\x5c", &tiny).unwrap_err();
+    assert_eq!(&*e.detail, tls);
     for raw in [
         b"\x16\x03\x05 / HTTP/1.1\r\n\r\n",
         b"\x17\x03\x01 / HTTP/1.1\r\n\r\n",
