@@ -291,6 +291,50 @@ fn a_new_worker_that_fails_after_it_was_ready_rolls_the_reload_back() {
     assert_eq!(get_ok(d.tcp_addr(), "/").status, 200);
 }
 
+/// But a new worker that served stably (`respawn_reset_after`) and then
+/// ended itself with status 0, announcing nothing (a worker that recycles
+/// itself without `STOPPING=1`), is a recycle, not a failure of the new
+/// code: its slot is refilled from the new generation and the reload
+/// applies. Rolled back before.
+#[test]
+fn a_new_worker_that_ends_cleanly_after_serving_stably_does_not_roll_the_reload_back() {
+    let config = hello("max_surge = 1\nrespawn_reset_after = \"1s\"");
+    let d = Start::config(&config).run();
+    d.wait_log("all 2 workers ready");
+    // Slot 2's new worker boots for a while, so that the reload is still
+    // under way when slot 1's new worker ends itself.
+    let probes = with_command(
+        &config,
+        &format!(
+            "[\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] || sleep 4; exec python3 {} --notify\"]",
+            probe_py()
+        ),
+    );
+    rewrite(&d, &probes);
+    let reload = ctl_in_background(&d, &["reload"]);
+    let new = wait_for("slot 1 replaced", LIMIT, || {
+        let log = d.log();
+        let at = log.find(") replaced by pid ")?;
+        let rest = &log[at + ") replaced by pid ".len()..];
+        rest.split(' ').next()?.parse::<i32>().ok()
+    });
+    // Past respawn_reset_after, while slot 2's new worker still boots.
+    let stable = Instant::now() + Duration::from_millis(1500);
+    wait_for("slot 1's new worker to have served 1.5 s", LIMIT, || {
+        (Instant::now() >= stable).then_some(())
+    });
+    // Slot 2's old worker (hello) answers /exit with a 404; the new probe ends.
+    let ended = format!("worker 1 (pid {new}) exited with status 0");
+    wait_for("slot 1's new worker to end itself", LIMIT, || {
+        let _ = get(d.tcp_addr(), "/exit");
+        d.log().contains(&ended).then_some(())
+    });
+    let (code, out) = reload.join().unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("applied: generation 2"), "{out}");
+    assert!(!d.log().contains("rolled back"), "{}", d.log());
+}
+
 #[test]
 fn five_reloads_under_load_fail_no_request() {
     five_reloads_under_load(&hello("max_surge = 1"), "/sleep?ms=5", 2000);

@@ -1289,7 +1289,14 @@ impl Supervisor {
         // (and the slot's old worker is gone already). Without a rollback the
         // reload would wait for every slot to be ready at once, which a
         // generation whose workers keep dying may never be.
-        if !planned && self.rollout.rolling() && w.generation() == self.current().number {
+        // But one that served stably and ended itself cleanly (a recycle it
+        // did not announce) is no sign against the new code.
+        let stable_clean_exit = served && lived >= reset_after && exit_code(status) == Some(0);
+        if !planned
+            && !stable_clean_exit
+            && self.rollout.rolling()
+            && w.generation() == self.current().number
+        {
             let captured = w.gen.s.capture_output && !w.gen.s.preload;
             let output = self.output_of(pid, captured);
             let cause =

@@ -9,6 +9,7 @@ only, and answers:
   /orphan    leaves a grandchild that outlives its parent (re-parented to drover)
   /orphans?n=N  N grandchildren, each orphaned at once
   /sleep?ms=N
+  /exit      answers, then exits with status 0 (announcing nothing)
 Options: --notify (send READY=1), --exit N (exit with N at once),
          --ignore-term (SIGTERM ignored), --probe-file F (write /probe's JSON to F
          at start).
@@ -133,6 +134,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     os._exit(0)
                 os.waitpid(pid, 0)
             self.reply(f"orphaned {n}\n")
+        elif url.path == "/exit":
+            # Ends itself with status 0 and announces nothing (a worker that
+            # recycles itself without STOPPING=1).
+            self.reply("exiting\n")
+            os._exit(0)
         elif url.path == "/sleep":
             time.sleep(int(query.get("ms", ["0"])[0]) / 1000)
             self.reply("slept\n")
