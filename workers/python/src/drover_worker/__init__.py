@@ -490,6 +490,16 @@ def _beat(log: Callable[[str], None]) -> None:
     mine[1].beat(log)
 
 
+def _send_or_log(send: Callable[[], bool], what: str, log: Callable[[str], None]) -> None:
+    """``send()`` (:func:`ready`, :func:`stopping`), for the launchers: a
+    message drover cannot be sent is logged with ``log`` (``cannot send
+    READY=1: ...``), and the launcher serves or stops on."""
+    try:
+        send()
+    except OSError as e:
+        log("cannot send %s: %s" % (what, e))
+
+
 def status(text: object) -> bool:
     """STATUS=<text>: a free-form line shown in drover's log."""
     return notify("STATUS=" + str(text).replace("\n", " "))

@@ -184,15 +184,9 @@ class _Server:
                 if self.print:
                     self.print("======== Running on %s ========" % ", ".join(names))
                 self.ready = True
-                try:
-                    dw.ready()
-                except OSError as e:
-                    _log("cannot send READY=1: %s" % e)
+                dw._send_or_log(dw.ready, "READY=1", _log)
                 await _launcher.until_stopped(_log)
-            try:
-                dw.stopping()
-            except OSError as e:
-                _log("cannot send STOPPING=1: %s" % e)
+            dw._send_or_log(dw.stopping, "STOPPING=1", _log)
             await self._let_next_requests_in(runner)
         finally:
             # aiohttp's shutdown: on_shutdown, the requests in flight for up

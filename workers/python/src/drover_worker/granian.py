@@ -233,20 +233,14 @@ def _serve(granian: Any, app: Any, sock: Any, args: argparse.Namespace) -> bool:
     shutdown.add_cb(drained.set)
     _serve_on(worker, sock)(scheduler, loop, shutdown)
     _log("ready: serving %s with Granian (%d threads)" % (dw._describe(sock), threads))
-    try:
-        dw.ready()
-    except OSError as e:
-        _log("cannot send READY=1: %s" % e)
+    dw._send_or_log(dw.ready, "READY=1", _log)
     # WATCHDOG=1 from here when drover's timeout is set (Granian's threads
     # serve): without it drover aborted each worker at its first timeout.
     interval = dw.watchdog_interval()
     while not dw.stop_event.wait(interval / 2 if interval else 1.0):
         if interval:
             dw._beat(_log)
-    try:
-        dw.stopping()
-    except OSError as e:
-        _log("cannot send STOPPING=1: %s" % e)
+    dw._send_or_log(dw.stopping, "STOPPING=1", _log)
     shutdown.set()
     # The deadline moves earlier on an escalation to a quick stop.
     while not drained.wait(0.05):
@@ -294,15 +288,9 @@ def _serve_asgi(granian: Any, app: Any, sock: Any, args: argparse.Namespace, lif
     shutdown.add_cb(lambda: loop.call_soon_threadsafe(drained.set))
     _serve_on(worker, sock)(scheduler, loop, shutdown)
     _log("ready: serving %s with Granian (ASGI%s)" % (dw._describe(sock), "" if lifespan else ", no lifespan"))
-    try:
-        dw.ready()
-    except OSError as e:
-        _log("cannot send READY=1: %s" % e)
+    dw._send_or_log(dw.ready, "READY=1", _log)
     loop.run_until_complete(_launcher.until_stopped(_log))
-    try:
-        dw.stopping()
-    except OSError as e:
-        _log("cannot send STOPPING=1: %s" % e)
+    dw._send_or_log(dw.stopping, "STOPPING=1", _log)
     loop.run_until_complete(calls.close_websockets())
     shutdown.set()
     done: bool = loop.run_until_complete(_drain(drained)) and loop.run_until_complete(calls.finish())

@@ -197,15 +197,9 @@ class _Server:
         if dw.stop_kind() is None:
             _log("ready: serving %s with Hypercorn" % ", ".join(dw._describe(s) for s in self.socks))
             self.ready = True
-            try:
-                dw.ready()
-            except OSError as e:
-                _log("cannot send READY=1: %s" % e)
+            dw._send_or_log(dw.ready, "READY=1", _log)
             await _launcher.until_stopped(_log)
-        try:
-            dw.stopping()
-        except OSError as e:
-            _log("cannot send STOPPING=1: %s" % e)
+        dw._send_or_log(dw.stopping, "STOPPING=1", _log)
         # The drain deadline of the stop as it began: a stop that turns
         # quick during the wait below is bounded by the abandon, which exits
         # leaving the requests in flight unanswered (Hypercorn's own timeout

@@ -195,10 +195,7 @@ def _server_class(base: Any) -> Any:
             await lifespan.startup()
             if not lifespan.should_exit and not self.should_exit:
                 _log("ready: serving %s" % ", ".join(dw._describe(s) for s in sockets or []))
-                try:
-                    dw.ready()
-                except OSError as e:
-                    _log("cannot send READY=1: %s" % e)
+                dw._send_or_log(dw.ready, "READY=1", _log)
             lifespan.startup = _started  # done above; uvicorn's startup would run it again
             await super().startup(sockets=sockets)  # exits 3 if the lifespan startup failed
             if self.should_exit:
@@ -215,10 +212,7 @@ def _server_class(base: Any) -> Any:
             super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets: Optional[List[Any]] = None) -> None:
-            try:
-                dw.stopping()
-            except OSError as e:
-                _log("cannot send STOPPING=1: %s" % e)
+            dw._send_or_log(dw.stopping, "STOPPING=1", _log)
             if self.config.timeout_graceful_shutdown is None:
                 self.config.timeout_graceful_shutdown = max(0.1, dw.drain_deadline() - time.monotonic())
             if not self.force_exit:

@@ -229,18 +229,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if interval:
         threading.Thread(target=server.heartbeats, args=(interval,), name="drover-heartbeat", daemon=True).start()
     if dw.stop_kind() is None:
-        try:
-            dw.ready()
-        except OSError as e:
-            log("cannot send READY=1: %s" % e)
+        dw._send_or_log(dw.ready, "READY=1", log)
         log("ready: %s, %d thread(s), serving %s" % (
             args.app, server.nthreads, ", ".join("%s (%s)" % (dw._describe(s), s.name) for s in socks)))
 
     kind = server.wait_for_stop()
-    try:
-        dw.stopping()
-    except OSError as e:
-        log("cannot send STOPPING=1: %s" % e)
+    dw._send_or_log(dw.stopping, "STOPPING=1", log)
     if kind == "recycle":
         log("served %d requests (--max-requests): recycling" % max_requests)
     finished = server.stop(kind)
