@@ -941,3 +941,61 @@ fn a_template_killed_at_boot_leaves_nothing_of_its_group() {
         (!alive(helper)).then_some(())
     });
 }
+
+/// A log rotation (rename, then SIGUSR1) reaches the workers forked after
+/// it too. The template opened `--access-logfile` at its boot and drover
+/// sends SIGUSR1 to the workers only: each worker it forked later (here a
+/// `--max-requests` recycle) inherited the template's descriptor and wrote
+/// into the rotated file, which logrotate compresses or deletes. The code
+/// before did: after the rotation, every request served by a successor
+/// went to `access.log.1`.
+#[test]
+fn workers_forked_after_a_log_rotation_write_the_new_access_log() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path(), "v1", "");
+    let log = app.path().join("access.log");
+    let rotated = app.path().join("access.log.1");
+    let toml = format!(
+        r#"bind = "127.0.0.1:0"
+command = [{wsgi:?}, "--chdir", {dir:?}, "--max-requests", "2", "--access-logfile", {log:?}, "--access-logformat", "%(U)s %(p)s", "preload_app:app"]
+workers = 1
+ready = "notify"
+preload = true
+
+[env]
+APP_CLEANUP_FILE = "{dir}/cleanup"
+"#,
+        wsgi = python::script("drover-wsgi"),
+        dir = app.path().display(),
+    );
+    let d = Start::config(&toml).run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    get_ok(addr, "/before");
+    std::fs::rename(&log, &rotated).unwrap();
+    d.signal(Signal::SIGUSR1);
+    d.wait_log("SIGUSR1: forwarded to 1 worker(s)");
+    // The worker reopens in its handler, a moment after the signal.
+    wait_for("a request logged in the new file", LIMIT, || {
+        get_ok(addr, "/probe");
+        log.exists().then_some(())
+    });
+    let old = read_file(&rotated);
+    // Enough requests for two recycles: successors forked by the template.
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        served.insert(served_by(&get_ok(addr, "/after").body).1);
+    }
+    assert!(served.len() >= 2, "recycled every 2 requests: {served:?}");
+    let new = wait_for("the 5 requests logged", LIMIT, || {
+        let text = read_file(&log);
+        (text.matches("/after").count() + read_file(&rotated).matches("/after").count() >= 5)
+            .then_some(text)
+    });
+    assert_eq!(
+        read_file(&rotated),
+        old,
+        "a worker forked after the rotation wrote the rotated file; new file:\n{new}"
+    );
+    assert_eq!(new.matches("/after").count(), 5, "{new}");
+}

@@ -194,6 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 3
     log(core_line)
     access_log = None
+    opened_by = os.getpid()
     if args.access_logfile:
         try:
             access_log = AccessLog(args.access_logfile, args.access_logformat)
@@ -210,6 +211,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write(traceback.format_exc())
         log("cannot boot: cannot load the application %r (traceback above)" % args.app)
         return 3
+    if access_log is not None and os.getpid() != opened_by:
+        # Forked by a preload template, which opened the file at its boot and
+        # gets no SIGUSR1: since a log rotation, its descriptor is the old file's.
+        try:
+            access_log.reopen()
+        except OSError as e:
+            log("cannot reopen the access log: %s" % e)
     app = mount_from_env(app)  # Gunicorn's SCRIPT_NAME=/prefix in the environment
     dw.install(exit_on_stop=False)
     _unblock_stop_signals()
