@@ -1417,12 +1417,16 @@ fn wait_for_own_session(pid: Pid) {
 
 #[test]
 fn with_subreaper_a_workers_setsid_daemon_is_ended_at_shutdown() {
-    // Each worker leaves a daemon in its own session, holding the sockets.
+    // Each worker leaves a daemon in its own session, holding the sockets;
+    // worker 1's ignores SIGTERM, so only SIGKILL ends it.
     let worker = format!(
-        "[\"sh\", \"-c\", \"setsid sleep 1000 & echo $! >> $DIR/orphans; exec {}\"]",
+        "[\"sh\", \"-c\", \"if [ $DROVER_WORKER_ID = 1 ]; then \
+         setsid env --ignore-signal=TERM sleep 1000 & else setsid sleep 1000 & fi; \
+         echo $! >> $DIR/orphans; exec {}\"]",
         hello_bin()
     );
-    let extra = "ready = \"notify\"\nsubreaper = true\nquick_timeout = \"2s\"";
+    let extra = "ready = \"notify\"\nsubreaper = true\nquick_timeout = \"1s\"\n\
+                 on_exit = [\"sh\", \"-c\", \"echo $DROVER_KILLED > $DIR/killed\"]";
     let mut d = Start::config(&config(&worker, 2, extra)).run();
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
@@ -1437,16 +1441,24 @@ fn with_subreaper_a_workers_setsid_daemon_is_ended_at_shutdown() {
     });
     orphans.iter().for_each(|p| wait_for_own_session(*p));
     d.signal(Signal::SIGTERM);
-    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    // The killed daemon is a kill the operator sees, as a worker's is
+    // (before, drover exited 0 and told the hook 0 killed).
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(4), "{}", d.log());
     // The old code: the daemons outlived drover and kept the port.
     for p in &orphans {
         assert!(!alive(*p), "daemon {p} outlived drover: {}", d.log());
     }
+    let log = d.log();
+    assert!(log.contains("2 process(es) left by workers"), "{log}");
     assert!(
-        d.log().contains("2 process(es) left by workers"),
-        "{}",
-        d.log()
+        log.contains("stage 3: SIGKILL to 1 process(es) still running"),
+        "{log}"
     );
+    assert!(
+        log.contains("(1 killed: 0 worker(s), 1 left over)"),
+        "{log}"
+    );
+    assert_eq!(read_file(&d.dir.path().join("killed")).trim(), "1");
     let refused =
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind());
     assert_eq!(refused.err(), Some(std::io::ErrorKind::ConnectionRefused));

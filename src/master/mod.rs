@@ -385,8 +385,10 @@ fn bind_admin(
 /// on: it is spared. A preload template retired by the stop and not yet
 /// gone (one still importing the application when the stop came: it got
 /// SIGTERM) is among our children too, but is no worker's: it is named as
-/// what it is, and waited for in the same way. Returns how many templates
-/// had to be killed: they count as killed workers do (exit status 4).
+/// what it is, and waited for in the same way. Returns how many had to be
+/// killed, templates and processes left by workers alike: each is a kill
+/// the operator should see, as a worker's is (exit status 4,
+/// `DROVER_KILLED`).
 fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) -> u32 {
     let mut flag: libc::c_int = 0;
     // SAFETY: plain prctl with a pointer to an int.
@@ -454,7 +456,7 @@ fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) -> u3
                 }
                 let _ = waitpid(*p, None);
             }
-            return left.iter().filter(|p| templates.contains(p)).count() as u32;
+            return left.len() as u32;
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -73,6 +73,9 @@ pub struct Outcome {
     pub killed: u32,
     pub cause: Cause,
     pub began: Instant,
+    /// Of `killed`, those killed at the end of stage 3: processes left by
+    /// workers, retired templates.
+    pub left_over: u32,
 }
 
 impl Shutdown {
@@ -90,16 +93,18 @@ impl Shutdown {
             killed: self.killed,
             cause: self.cause,
             began: self.began,
+            left_over: 0,
         }
     }
 }
 
 impl Outcome {
-    /// `n` more had to be killed after the loop (templates still running
-    /// at the end of stage 3): a clean stop becomes status 4, as for a
-    /// worker killed at its deadline.
+    /// `n` more had to be killed after the loop (templates, and processes
+    /// left by workers, still running at the end of stage 3): a clean stop
+    /// becomes status 4, as for a worker killed at its deadline.
     pub fn with_killed(mut self, n: u32) -> Outcome {
         self.killed += n;
+        self.left_over += n;
         if self.status == exit::OK && self.killed > 0 {
             self.status = exit::KILLED;
         }
@@ -110,8 +115,12 @@ impl Outcome {
 impl Master {
     /// After every worker is gone: the hook (stage 4), and the exit status.
     pub(super) fn finish(&mut self, o: Outcome) -> u8 {
+        let of_them = match o.left_over {
+            0 => String::new(),
+            n => format!(": {} worker(s), {n} left over", o.killed - n),
+        };
         info!(
-            "stage 3 done: all workers stopped {} after the shutdown began ({} killed)",
+            "stage 3 done: all workers stopped {} after the shutdown began ({} killed{of_them})",
             ms(o.began.elapsed()),
             o.killed
         );
