@@ -1414,6 +1414,44 @@ fn a_stopping_message_that_waits_does_not_delay_the_shutdown() {
 /// exited with status 0 before it was ready" and served on.
 #[test]
 fn a_stop_of_the_new_master_reaches_an_old_master_that_does_not_read() {
+    let (log, new) = stop_an_upgrade_whose_old_master_does_not_read(false);
+    assert!(
+        log.contains(&format!(
+            "upgrade cancelled: the new master (pid {new}) was asked to stop (SIGTERM)"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("upgrade failed"), "{log}");
+}
+
+/// As above, but the operator's SIGTERM reaches the stopped old master too,
+/// before the new master's stop (which then merges into it). Resumed, the
+/// old master read the new one's exit first, logged "upgrade failed ...;
+/// this master keeps serving" and then stopped. Now the stop is read first
+/// and cancels the upgrade, as it would have if read at once.
+#[test]
+fn a_stop_that_reaches_an_old_master_before_the_new_ones_does_not_say_it_keeps_serving() {
+    let (log, new) = stop_an_upgrade_whose_old_master_does_not_read(true);
+    assert!(!log.contains("keeps serving"), "{log}");
+    // The operator's stop cancels the upgrade, as when it is read at once.
+    assert!(
+        log.contains(&format!(
+            "SIGTERM: upgrade cancelled: the new master (pid {new}) was not ready yet"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("upgrade: the new master (pid {new}) exited")),
+        "{log}"
+    );
+}
+
+/// An upgrade whose new master is slow to boot; the old master is stopped
+/// (SIGSTOP) with its notify queue full, so that the new master's READY=1
+/// waits; the new master is asked to stop (and, if `operator_too`, the old
+/// one first), exits, and the old master is resumed. It must stop and take
+/// its workers with it. Returns its log and the new master's pid.
+fn stop_an_upgrade_whose_old_master_does_not_read(operator_too: bool) -> (String, Pid) {
     use nix::sys::signal::{kill, Signal};
     // Slow to boot, so that the old master is stopped before the new one
     // is ready.
@@ -1447,6 +1485,9 @@ fn a_stop_of_the_new_master_reaches_an_old_master_that_does_not_read() {
     let socket = notify_socket_of(new);
     fill_notify_queue(&socket);
     d.wait_log("is not reading: READY=1 waits");
+    if operator_too {
+        kill(d.pid(), Signal::SIGTERM).unwrap();
+    }
     kill(new, Signal::SIGTERM).unwrap();
     wait_for("the new master to exit", LIMIT, || {
         (!alive(new)).then_some(())
@@ -1454,14 +1495,8 @@ fn a_stop_of_the_new_master_reaches_an_old_master_that_does_not_read() {
     kill(d.pid(), Signal::SIGCONT).unwrap();
     assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0), "{}", d.log());
     let log = d.log();
-    assert!(
-        log.contains(&format!(
-            "upgrade cancelled: the new master (pid {new}) was asked to stop (SIGTERM)"
-        )),
-        "{log}"
-    );
-    assert!(!log.contains("upgrade failed"), "{log}");
     assert!(old_workers.iter().all(|w| !alive(*w)), "{log}");
+    (log, new)
 }
 
 /// One keep-alive GET on `s`: the response's status and whether it ends the

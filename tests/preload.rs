@@ -912,7 +912,10 @@ fn a_template_hung_at_boot_and_killed_during_a_stop_counts_as_killed() {
         )),
         "{log}"
     );
-    assert!(log.contains("(1 killed: 0 worker(s), 1 left over)"), "{log}");
+    assert!(
+        log.contains("(1 killed: 0 worker(s), 1 left over)"),
+        "{log}"
+    );
     assert_eq!(status.code(), Some(4), "{log}");
     assert!(!alive(template));
     assert!(!alive(helper.0), "{log}");

@@ -945,10 +945,17 @@ impl Master {
         // A stop from the new master of an upgrade comes with its exit: a
         // stopped master resumed gets both at once, SIGCHLD's record first
         // (its handler interrupts SIGTERM's). Read as it came, the exit
-        // failed the upgrade and the stop then found none to cancel.
+        // failed the upgrade and the stop then found none to cancel. So
+        // does an operator's stop that reached us meanwhile (the new
+        // master's own merges into it): it cancels the upgrade first, as it
+        // would have had we read it at once. Read after the exit, it left
+        // "upgrade failed ...; this master keeps serving", then stopped us.
         let upgrade = self.upgrade.as_ref().map(|u| u.pid);
+        let upgrading = self.upgrade_in_progress().is_some();
         batch.sort_by_key(|r| {
-            !(r.sender.is_some() && r.sender == upgrade && r.event != Event::Child)
+            let from_new = r.sender.is_some() && r.sender == upgrade && r.event != Event::Child;
+            let stop = matches!(r.event, Event::Terminate | Event::Interrupt | Event::Quit);
+            !(from_new || upgrading && stop)
         });
         for received in batch {
             let (event, sender) = (received.event, received.sender);

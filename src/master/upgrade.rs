@@ -236,7 +236,7 @@ impl Master {
     }
 
     /// The new master's pid, while an upgrade runs and was not cancelled.
-    fn upgrade_in_progress(&self) -> Option<Pid> {
+    pub(super) fn upgrade_in_progress(&self) -> Option<Pid> {
         self.upgrade
             .as_ref()
             .filter(|u| !u.cancelled)
