@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import tempfile
 import time
 import unittest
@@ -125,6 +126,52 @@ class AccessLogTest(unittest.TestCase):
             self.assertIn(b"first", answer)
             stop(w)
         self.assertEqual(self.lines(), ['"GET /error-after-start HTTP/1.1" 200 5'])
+
+    def wait_for_lines(self, n):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if os.path.exists(self.path) and len(self.lines()) >= n:
+                return self.lines()
+            time.sleep(0.02)
+        self.fail("no %d access log lines within 10 s: %r" % (n, self.lines() if os.path.exists(self.path) else None))
+
+    def test_a_client_that_leaves_mid_response_is_logged_with_what_was_sent(self):
+        # Gunicorn writes the line once the response ended, in a finally: a
+        # client that leaves mid-response gets its line, with the body bytes
+        # that went out. The pure-Python core wrote none; the native core
+        # none for a streamed body, and for a whole one wrote its line before
+        # sending, with every byte counted.
+        mib = 32
+        fmt = '"%(r)s" %(s)s %(b)s'
+        with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", fmt]) as w:
+            for path in ("/stream?mib=%d" % mib, "/big?mib=%d" % mib):
+                with w.connect() as s:
+                    s.sendall(get(path))
+                    self.assertTrue(s.recv(4096).startswith(b"HTTP/1.1 200 "))
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+                self.wait_for_lines(1 if path.startswith("/stream") else 2)
+            stop(w)
+        lines = self.lines()
+        self.assertEqual(len(lines), 2, lines)
+        for line, path in zip(lines, ("/stream?mib=%d" % mib, "/big?mib=%d" % mib)):
+            m = re.fullmatch(r'"GET (\S+) HTTP/1\.1" 200 (\d+)', line)
+            self.assertIsNotNone(m, lines)
+            self.assertEqual(m.group(1), path)
+            self.assertLess(int(m.group(2)), mib << 20, line)  # (0 if the reset came before any body byte)
+
+    def test_an_internal_error_is_answered_and_logged(self):
+        # The server's own failure on a request (here its proxy hook, broken
+        # by the app's import): a 500, a line with the traceback, and an
+        # access log line. The native core wrote no access log line; the
+        # pure-Python core left the request unanswered.
+        with Worker("broken_proxy_app:app", args=["--access-logfile", self.path]) as w:
+            status, _, body = request(w, get("/pid", b"X-Forwarded-Proto: https\r\n"))
+            self.assertEqual((status, body), (500, b"500 Internal Server Error: internal error\n"))
+            err = stop(w)
+        self.assertIn("internal error on GET /pid (answered 500):\nTraceback", err)
+        self.assertIn("RuntimeError: the scheme hook broke", err)
+        (line,) = self.lines()
+        self.assertRegex(line, r'^127\.0\.0\.1 - - \[.*\] "GET /pid HTTP/1\.1" 500 %d "-" "-"$' % len(body))
 
     def test_a_request_the_server_refuses_is_logged_with_why(self):
         # A request refused once its head was read, before the app: a line

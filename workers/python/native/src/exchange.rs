@@ -35,6 +35,56 @@ pub struct Outcome {
     /// Bytes to write, with the GIL released.
     pub out: Vec<u8>,
     pub after: After,
+    /// The access log line, to write once `out` went out or could not.
+    pub line: Option<Line>,
+}
+
+/// The access log line of the app's response, written when the response
+/// ended: its last bytes sent, or the client gone (as Gunicorn writes it,
+/// in a `finally`), so that `b` counts the body bytes that went out.
+pub struct Line {
+    environ: Py<PyDict>,
+    code: u16,
+    headers: Py<PyAny>,
+    took: f64,
+    /// Body bytes sent already (a streamed body's), and whether any byte
+    /// of the response was.
+    body_sent: u64,
+    wrote: bool,
+    /// Where the outcome's `out` holds body bytes, and how many.
+    body_at: usize,
+    body_len: usize,
+}
+
+impl Line {
+    /// Writes the line, `n` bytes of the outcome's `out` having gone out.
+    pub fn write(self, py: Python<'_>, sh: &Shared, n: usize) {
+        let Some(access) = &sh.hooks.access else {
+            return;
+        };
+        let body = self.body_sent + n.saturating_sub(self.body_at).min(self.body_len) as u64;
+        let sent = (self.wrote || n > 0).then_some(body);
+        let status = match self.code {
+            0 => "-".to_string(),
+            code => code.to_string(),
+        };
+        let line = (
+            self.environ.bind(py),
+            status,
+            sent,
+            self.headers.bind(py),
+            self.took,
+        );
+        if let Err(e) = access.call1(py, line) {
+            e.print(py);
+        }
+    }
+
+    /// Whether the line is whole before `out` is sent: no body byte is
+    /// left to send, and a byte of the response went out already.
+    fn whole_before(&self, out: &[u8]) -> bool {
+        out.is_empty() || (self.wrote && self.body_len == 0)
+    }
 }
 
 pub enum BodyPlan {
@@ -92,18 +142,15 @@ pub fn handle(
     plan: BodyPlan,
 ) -> Outcome {
     sh.count_request();
-    let environ = match environ(py, sh, view, head) {
-        Ok((e, None)) => e,
-        Ok((e, Some((status, why)))) => return refused(py, sh, view.fd, &e, head, status, &why),
-        Err(e) => {
-            e.restore(py);
-            unsafe { ffi::PyErr_Print() };
-            return Outcome {
-                out: error_response(500, "internal error"),
-                after: After::Linger,
-            };
-        }
+    let environ = match sh.listeners[view.listener].base.bind(py).copy() {
+        Ok(e) => e,
+        Err(e) => return internal_error(py, sh, view.fd, &PyDict::new(py), head, e),
     };
+    match environ_of(py, sh, view, head, &environ) {
+        Ok(None) => {}
+        Ok(Some((status, why))) => return refused(py, sh, view.fd, &environ, head, status, &why),
+        Err(e) => return internal_error(py, sh, view.fd, &environ, head, e),
+    }
     let http10 = head.version == drover_h1::Version::Http10;
     let streaming = matches!(plan, BodyPlan::Stream);
     let timed_out = matches!(plan, BodyPlan::TimedOut);
@@ -142,7 +189,10 @@ pub fn handle(
         left: 0,
         keep: false,
         body_ok: true,
-        body_bytes: 0,
+        body_sent: 0,
+        wrote: false,
+        body_at: 0,
+        body_len: 0,
         out: Vec::new(),
         flushed: false,
         input: Some(input.clone_ref(py)),
@@ -173,6 +223,7 @@ pub fn handle(
         Some(e) if result.is_ok() && !r.flushed => {
             r.sent = false; // the app's answer, all still here, is replaced
             r.out.clear();
+            r.body_len = 0;
             Err(e)
         }
         _ => result,
@@ -180,20 +231,6 @@ pub fn handle(
     let outcome = match result {
         Ok(()) => {
             sh.note_service_time(took);
-            if let Some(access) = &sh.hooks.access {
-                let status = match r.code {
-                    0 => "-".to_string(),
-                    code => code.to_string(),
-                };
-                let sent = if r.sent { Some(r.body_bytes) } else { None };
-                let headers = r.headers.as_ref().map_or_else(
-                    || PyTuple::empty(py).into_any().unbind(),
-                    |h| h.clone_ref(py),
-                );
-                if let Err(e) = access.call1(py, (&environ, status, sent, headers, took)) {
-                    e.print(py);
-                }
-            }
             let keep = r.keep && inp.discard(py);
             let after = if keep {
                 After::Continue
@@ -209,11 +246,14 @@ pub fn handle(
             Outcome {
                 out: std::mem::take(&mut r.out),
                 after,
+                line: r.line(py, sh, &environ, took),
             }
         }
+        // With what was sent: the client left.
         Err(e) if e.is_instance_of::<ClientGone>(py) => Outcome {
             out: Vec::new(),
             after: After::Close,
+            line: r.line(py, sh, &environ, took),
         },
         Err(e) => failed(py, sh, &environ, head, r, e, took),
     };
@@ -222,15 +262,51 @@ pub fn handle(
     if streaming {
         *rest = leftover;
     }
+    let mut outcome = outcome;
     // Close after the whole body only when nothing else arrived (the next
     // request would be lost).
-    match outcome.after {
-        After::Close if !rest.is_empty() => Outcome {
-            out: outcome.out,
-            after: After::Linger,
-        },
-        _ => outcome,
+    if matches!(outcome.after, After::Close) && !rest.is_empty() {
+        outcome.after = After::Linger;
     }
+    // A line that sending `out` cannot change is written now, without
+    // taking the GIL again after the send.
+    if outcome
+        .line
+        .as_ref()
+        .is_some_and(|l| l.whole_before(&outcome.out))
+    {
+        outcome.line.take().unwrap().write(py, sh, 0);
+    }
+    outcome
+}
+
+/// The server's own failure on a request (building its environ; a proxy
+/// hook that raised): logged with its traceback (the pure-Python core's
+/// line), answered 500 and written to the access log.
+fn internal_error(
+    py: Python<'_>,
+    sh: &Shared,
+    fd: RawFd,
+    environ: &Bound<'_, PyDict>,
+    head: &drover_h1::Head<'_>,
+    error: PyErr,
+) -> Outcome {
+    let uri = latin1(py, head.target.as_bytes());
+    let logged = py
+        .import("drover_wsgi.server")
+        .and_then(|m| m.getattr("log_internal_error"))
+        .and_then(|f| f.call1((head.method, uri, error.into_value(py))));
+    if let Err(e) = logged {
+        e.print(py);
+    }
+    let (sent, outcome) = answer(py, sh, fd, 500, "internal error");
+    if let Some(access) = &sh.hooks.access {
+        let line = access.call1(py, (environ, "500", sent, PyList::empty(py), 0.0));
+        if let Err(e) = line {
+            e.print(py);
+        }
+    }
+    outcome
 }
 
 /// A request refused once its head was read (the secure scheme headers
@@ -286,6 +362,7 @@ fn answer(
             Outcome {
                 out: Vec::new(),
                 after: After::Linger,
+                line: None,
             },
         ),
         Err(_) => (
@@ -293,6 +370,7 @@ fn answer(
             Outcome {
                 out: Vec::new(),
                 after: After::Close,
+                line: None,
             },
         ),
     }
@@ -349,21 +427,12 @@ fn failed(
         }
     };
     if r.sent {
-        // Mid-body: what was sent goes out, then the connection ends early;
+        // Mid-body: what was made goes out, then the connection ends early;
         // its line has what was sent, as Gunicorn logs it.
-        if let Some(access) = &sh.hooks.access {
-            let headers = r.headers.as_ref().map_or_else(
-                || PyTuple::empty(py).into_any().unbind(),
-                |h| h.clone_ref(py),
-            );
-            let line = (environ, r.code.to_string(), r.body_bytes, headers, took);
-            if let Err(e) = access.call1(py, line) {
-                e.print(py);
-            }
-        }
         return Outcome {
             out: std::mem::take(&mut r.out),
             after: After::Close,
+            line: r.line(py, sh, environ, took),
         };
     }
     let (sent, outcome) = answer(py, sh, r.fd, status, &why);
@@ -546,13 +615,15 @@ fn cached_header_key<'py>(py: Python<'py>, sh: &Shared, lower: &[u8]) -> Bound<'
     k
 }
 
-fn environ<'py>(
+/// Fills `env`, a copy of the listener's base environ, for the request:
+/// the HTTPError that refuses it, if any.
+fn environ_of<'py>(
     py: Python<'py>,
     sh: &Shared,
     view: &ConnView<'_>,
     head: &drover_h1::Head<'_>,
-) -> PyResult<(Bound<'py, PyDict>, Option<Refusal>)> {
-    let env = sh.listeners[view.listener].base.bind(py).copy()?;
+    env: &Bound<'py, PyDict>,
+) -> PyResult<Option<Refusal>> {
     let target = head.target.as_bytes();
     let mut refusal = None;
     let (path, query) = split_target(target).unwrap_or_else(|why| {
@@ -638,21 +709,21 @@ fn environ<'py>(
             }
         }
         if secure {
-            match sh.hooks.scheme.call1(py, (&env,)) {
+            match sh.hooks.scheme.call1(py, (env,)) {
                 Ok(scheme) if !scheme.is_none(py) => {
                     env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?
                 }
                 Ok(_) => {}
-                Err(e) => return Ok((env, Some(http_error(py, e)?))),
+                Err(e) => return Ok(Some(http_error(py, e)?)),
             }
         }
         if let Some(fields) = underscored {
-            if let Err(e) = sh.hooks.forwarded.call1(py, (&env, fields, path)) {
-                return Ok((env, Some(http_error(py, e)?)));
+            if let Err(e) = sh.hooks.forwarded.call1(py, (env, fields, path)) {
+                return Ok(Some(http_error(py, e)?));
             }
         }
     }
-    Ok((env, refusal))
+    Ok(refusal)
 }
 
 /// `n` in decimal, on the stack.
@@ -782,7 +853,13 @@ pub struct Response {
     left: u64,
     keep: bool,
     body_ok: bool,
-    body_bytes: u64,
+    /// The body's bytes sent (the access log's `b`), and whether any byte
+    /// of the response was.
+    body_sent: u64,
+    wrote: bool,
+    /// Where `out` holds body bytes (one run of them), and how many.
+    body_at: usize,
+    body_len: usize,
     /// The bytes to write: from start_response on, the head's start (the
     /// status line, Date and the app's headers); the rest of the head and
     /// the body are appended (only a streamed body is written before the end).
@@ -1046,9 +1123,41 @@ impl Response {
             self.body_ok = false;
         }
         self.left -= body.len() as u64;
-        self.body_bytes += body.len() as u64;
-        self.out.extend_from_slice(body);
+        self.push_body(body);
         Ok(())
+    }
+
+    /// Appends body bytes to `out` (after those already there).
+    fn push_body(&mut self, body: &[u8]) {
+        if self.body_len == 0 {
+            self.body_at = self.out.len();
+        }
+        self.body_len += body.len();
+        self.out.extend_from_slice(body);
+    }
+
+    /// The access log line of this response, to write once `out` is sent.
+    fn line(
+        &self,
+        py: Python<'_>,
+        sh: &Shared,
+        environ: &Bound<'_, PyDict>,
+        took: f64,
+    ) -> Option<Line> {
+        sh.hooks.access.as_ref()?;
+        Some(Line {
+            environ: environ.clone().unbind(),
+            code: self.code,
+            headers: self.headers.as_ref().map_or_else(
+                || PyTuple::empty(py).into_any().unbind(),
+                |h| h.clone_ref(py),
+            ),
+            took,
+            body_sent: self.body_sent,
+            wrote: self.wrote,
+            body_at: self.body_at,
+            body_len: self.body_len,
+        })
     }
 
     fn server_keeps_now(&self, _py: Python<'_>) -> bool {
@@ -1069,14 +1178,11 @@ impl Response {
             self.server_keeps = self.server_keeps_now(py);
             self.head(py, None, self.server_keeps)?;
         }
-        if self.mode != Mode::None {
-            self.body_bytes += data.len() as u64;
-        }
         match self.mode {
             Mode::Chunked => {
                 self.out
                     .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                self.out.extend_from_slice(data);
+                self.push_body(data);
                 self.out.extend_from_slice(b"\r\n");
                 self.flush(py)
             }
@@ -1087,14 +1193,14 @@ impl Response {
                     self.keep = false;
                 }
                 self.left -= data.len() as u64;
-                self.out.extend_from_slice(data);
+                self.push_body(data);
                 if self.out.len() >= FLUSH_AT {
                     self.flush(py)?;
                 }
                 Ok(())
             }
             Mode::Close => {
-                self.out.extend_from_slice(data);
+                self.push_body(data);
                 self.flush(py)
             }
             Mode::None => Ok(()),
@@ -1124,8 +1230,11 @@ impl Response {
         }
         let (fd, timeout, out) = (self.fd, self.io_timeout, &self.out);
         self.flushed = true;
-        let sent = py.detach(|| sock::send_all(fd, out, timeout));
+        let (n, sent) = py.detach(|| sock::send_all_counted(fd, out, timeout));
+        self.wrote |= n > 0;
+        self.body_sent += n.saturating_sub(self.body_at).min(self.body_len) as u64;
         self.out.clear();
+        self.body_len = 0;
         sent.map_err(|e| ClientGone::new_err(e.text().to_string()))
     }
 }

@@ -39,7 +39,7 @@ use drover_worker::scoreboard::Scoreboard;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use crate::exchange::{self, After, BodyPlan, ConnView};
+use crate::exchange::{self, After, BodyPlan, ConnView, Line};
 use crate::poller::Next;
 use crate::sock::{self, Gone};
 use crate::util::{error_body_size, error_response, log};
@@ -233,14 +233,22 @@ pub struct Shared {
     held: Mutex<Held>,
 }
 
+/// A held response: its connection, its bytes, how many of them were sent,
+/// and its access log line.
+type HeldResponse = (Box<Conn>, Vec<u8>, usize, Option<Line>);
+
 /// Whole responses held until the end of their batch (see the module's
 /// note), with the thread that holds them.
 #[derive(Default)]
 struct Held {
     by: usize,
-    /// Each connection, its response, and how much of it the timer thread
-    /// sent already (`flush_held`).
-    responses: Vec<(Box<Conn>, Vec<u8>, usize)>,
+    /// Each connection, its response, how much of it the timer thread
+    /// sent already (`flush_held`), and its access log line.
+    responses: Vec<HeldResponse>,
+    /// The lines of the responses the timer thread finished (sent, or the
+    /// client left), with the bytes sent: written by the next `send_held`,
+    /// as the timer thread does not wait for the GIL.
+    lines: Vec<(Line, usize)>,
 }
 
 struct Drain {
@@ -1185,13 +1193,15 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
                 conn.buf.clear();
                 let mut held = sh.held.lock().unwrap();
                 held.by = me;
-                held.responses.push((conn, outcome.out, 0));
+                held.responses.push((conn, outcome.out, 0, outcome.line));
                 return;
             }
         }
-        if !outcome.out.is_empty()
-            && sock::send_all(conn.fd, &outcome.out, sh.set.io_timeout).is_err()
-        {
+        let (n, sent) = sock::send_all_counted(conn.fd, &outcome.out, sh.set.io_timeout);
+        if let Some(line) = outcome.line {
+            write_lines(sh, vec![(line, n)]);
+        }
+        if sent.is_err() {
             return; // the client left
         }
         drop(_board);
@@ -1214,18 +1224,45 @@ fn serve_from(sh: &Arc<Shared>, mut conn: Box<Conn>, served: bool, holder: Optio
 /// Sends the held responses, then parks their connections; unless thread
 /// `except` holds them (it serves their batch on).
 fn send_held(sh: &Arc<Shared>, except: Option<usize>) {
-    let responses = {
+    let (responses, mut lines) = {
         let mut held = sh.held.lock().unwrap();
-        if held.responses.is_empty() || except == Some(held.by) {
+        if (held.responses.is_empty() && held.lines.is_empty()) || except == Some(held.by) {
             return;
         }
-        std::mem::take(&mut held.responses)
+        let held = &mut *held;
+        (
+            std::mem::take(&mut held.responses),
+            std::mem::take(&mut held.lines),
+        )
     };
-    for (conn, out, sent) in responses {
-        if sock::send_all(conn.fd, &out[sent..], sh.set.io_timeout).is_ok() {
-            serve_from(sh, conn, true, None);
+    let mut sent_whole = Vec::with_capacity(responses.len());
+    for (conn, out, sent, line) in responses {
+        let (n, done) = sock::send_all_counted(conn.fd, &out[sent..], sh.set.io_timeout);
+        if let Some(line) = line {
+            lines.push((line, sent + n));
+        }
+        if done.is_ok() {
+            sent_whole.push(conn);
         }
     }
+    write_lines(sh, lines); // once the batch went out: one turn for the GIL
+    for conn in sent_whole {
+        serve_from(sh, conn, true, None);
+    }
+}
+
+/// Writes access log lines, each with the bytes of its response sent.
+fn write_lines(sh: &Shared, lines: Vec<(Line, usize)>) {
+    if lines.is_empty() {
+        return;
+    }
+    sh.turns.wait();
+    Python::attach(|py| {
+        sh.turns.pass();
+        for (line, n) in lines {
+            line.write(py, sh, n);
+        }
+    });
 }
 
 /// The poller is stuck in a slow request and no thread can take over (a
@@ -1239,14 +1276,24 @@ fn send_held(sh: &Arc<Shared>, except: Option<usize>) {
 fn flush_held(sh: &Arc<Shared>) {
     let mut held = sh.held.lock().unwrap();
     let mut left = Vec::new();
-    for (conn, out, sent) in std::mem::take(&mut held.responses) {
+    for (conn, out, sent, line) in std::mem::take(&mut held.responses) {
         match sock::send_nowait(conn.fd, &out[sent..]) {
-            Ok(n) if sent + n == out.len() => match sh.park(conn, Kind::Idle) {
-                Ok(()) | Err(None) => {}
-                Err(Some(conn)) => sh.pending.lock().unwrap().push_back(conn),
-            },
-            Ok(n) => left.push((conn, out, sent + n)),
-            Err(_) => {} // the client left: dropped, closed
+            Ok(n) if sent + n == out.len() => {
+                if let Some(line) = line {
+                    held.lines.push((line, out.len()));
+                }
+                match sh.park(conn, Kind::Idle) {
+                    Ok(()) | Err(None) => {}
+                    Err(Some(conn)) => sh.pending.lock().unwrap().push_back(conn),
+                }
+            }
+            Ok(n) => left.push((conn, out, sent + n, line)),
+            Err(_) => {
+                // The client left: dropped, closed.
+                if let Some(line) = line {
+                    held.lines.push((line, sent));
+                }
+            }
         }
     }
     held.responses = left;

@@ -137,7 +137,15 @@ pub fn send_nowait(fd: RawFd, data: &[u8]) -> io::Result<usize> {
 
 /// Writes all of `data`, waiting at most `io_timeout` at a time for room.
 pub fn send_all(fd: RawFd, data: &[u8], io_timeout: Duration) -> Result<(), Gone> {
+    send_all_counted(fd, data, io_timeout).1
+}
+
+/// `send_all`, with how many bytes of `data` went out (all, or those sent
+/// before the error).
+pub fn send_all_counted(fd: RawFd, data: &[u8], io_timeout: Duration) -> (usize, Result<(), Gone>) {
+    let all = data.len();
     let mut data = data;
+    let sent = |data: &[u8]| all - data.len();
     while !data.is_empty() {
         let n = unsafe {
             libc::send(
@@ -154,18 +162,17 @@ pub fn send_all(fd: RawFd, data: &[u8], io_timeout: Duration) -> Result<(), Gone
                 io::ErrorKind::WouldBlock => match wait(fd, libc::POLLOUT, io_timeout) {
                     Ok(true) => continue,
                     Ok(false) => {
-                        return Err(Gone::Timeout(
-                            "the client took no bytes for the I/O timeout".into(),
-                        ))
+                        let why = "the client took no bytes for the I/O timeout";
+                        return (sent(data), Err(Gone::Timeout(why.into())));
                     }
-                    Err(e) => return Err(Gone::Closed(e.to_string())),
+                    Err(e) => return (sent(data), Err(Gone::Closed(e.to_string()))),
                 },
-                _ => return Err(Gone::Closed(e.to_string())),
+                _ => return (sent(data), Err(Gone::Closed(e.to_string()))),
             }
         }
         data = &data[n as usize..];
     }
-    Ok(())
+    (all, Ok(()))
 }
 
 pub fn close(fd: RawFd) {

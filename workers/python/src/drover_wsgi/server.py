@@ -102,6 +102,13 @@ def log_refusal(method, uri, status, reason):
     log("%s %s %s: %s" % ("bad request on" if status < 500 else "cannot serve", method, uri, reason))
 
 
+def log_internal_error(method, uri, error):
+    """The server's own failure on a request (building its environ: a proxy
+    hook that raised), answered 500 (both cores): with its traceback."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+    log("internal error on %s %s (answered 500):\n%s" % (method, uri, text))
+
+
 class HeadRefusals:
     """Request heads the server refuses before there is a request (a head it
     cannot parse, 400; over the limits, 431; one that did not arrive within
@@ -180,7 +187,10 @@ def exit_forked_child(parent):
 
 
 class ClientGone(Exception):
-    """The client closed, reset or timed out: nothing to answer."""
+    """The client closed, reset or timed out: nothing to answer. ``sent``:
+    how many bytes of the send that failed went out first."""
+
+    sent = 0
 
 
 class ReadTimeout(ClientGone):
@@ -289,19 +299,25 @@ class Conn:
         SO_SNDTIMEO anew at every trickle of progress, and a client that
         stopped reading held the thread for several timeouts)."""
         view = data
+        sent = 0
         try:
             while True:
                 try:
                     n = self.sock.send(view, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     if not _wait_writable(self.fd, self.io_timeout):
-                        raise ClientGone("the client took no bytes for %.1fs" % self.io_timeout) from None
+                        gone = ClientGone("the client took no bytes for %.1fs" % self.io_timeout)
+                        gone.sent = sent
+                        raise gone from None
                     continue
                 if n == len(view):
                     return
+                sent += n
                 view = memoryview(view)[n:]
         except OSError as e:
-            raise ClientGone(str(e)) from None
+            gone = ClientGone(str(e))
+            gone.sent = sent
+            raise gone from None
 
     def close(self):
         try:
@@ -598,7 +614,7 @@ class Response:
 
     __slots__ = (
         "conn", "req", "server", "status", "code", "header_text", "app_length", "app_close",
-        "sent", "mode", "left", "keep", "body_ok", "inp", "headers", "body_bytes",
+        "sent", "mode", "left", "keep", "body_ok", "inp", "headers", "body_bytes", "wrote",
     )
 
     def __init__(self, conn, req, server, inp):
@@ -617,7 +633,8 @@ class Response:
         self.keep = False
         self.body_ok = True  # the body was sent whole
         self.headers = ()  # the app's, for the access log
-        self.body_bytes = 0
+        self.body_bytes = 0  # the body's bytes sent (the access log's b)
+        self.wrote = False  # a byte of the response was sent
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info:
@@ -730,7 +747,7 @@ class Response:
         """Sends the head and the whole ``body`` (one write when small)."""
         head = self._head(body)
         if self.mode == "none":
-            self.conn.sendall(head)
+            self._send(head, 0, 0)
             return
         if len(body) > self.left:
             log("the application sent %d bytes for Content-Length %d; truncated" % (len(body), self.left))
@@ -740,12 +757,24 @@ class Response:
             self.keep = False
             self.body_ok = False
         self.left -= len(body)
-        self.body_bytes += len(body)
         if len(body) < 262144:
-            self.conn.sendall(head + body)
+            self._send(head + body, len(head), len(body))
         else:
-            self.conn.sendall(head)
-            self.conn.sendall(body)
+            self._send(head, 0, 0)
+            self._send(body, 0, len(body))
+
+    def _send(self, data, at, n):
+        """Sends ``data``, whose bytes ``at`` to ``at + n`` are the body's:
+        counted in ``body_bytes`` as far as they went out, also when the
+        client leaves midway (the access log's ``b``)."""
+        try:
+            self.conn.sendall(data)
+        except ClientGone as e:
+            self.wrote = self.wrote or e.sent > 0
+            self.body_bytes += min(max(e.sent - at, 0), n)
+            raise
+        self.wrote = True
+        self.body_bytes += n
 
     def write(self, data):
         """Sends a chunk of the body (the WSGI ``write`` callable, also used for
@@ -761,28 +790,27 @@ class Response:
         if not self.sent:
             head = self._head(None)
         mode = self.mode
-        if mode != "none":
-            self.body_bytes += len(data)
         if mode == "chunked":
-            self.conn.sendall(head + b"%x\r\n" % len(data) + data + b"\r\n")
+            size = b"%x\r\n" % len(data)
+            self._send(head + size + data + b"\r\n", len(head) + len(size), len(data))
         elif mode == "length":
             if len(data) > self.left:
                 log("the application sent more than its Content-Length; truncated")
                 data = data[: self.left]
                 self.keep = False
             self.left -= len(data)
-            self.conn.sendall(head + data)
+            self._send(head + data, len(head), len(data))
         elif mode == "close":
-            self.conn.sendall(head + data)
+            self._send(head + data, len(head), len(data))
         elif head:
-            self.conn.sendall(head)
+            self._send(head, 0, 0)
 
     def finish(self):
         """After the last chunk of a streamed body."""
         if not self.sent:
             self.send_whole(b"")
         elif self.mode == "chunked":
-            self.conn.sendall(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n", 0, 0)
         elif self.mode == "length" and self.left > 0:
             self.keep = False  # short: the client sees the connection close early
             self.body_ok = False
@@ -1528,7 +1556,15 @@ class Server:
                 os.write(self.ctrl_w, b"r")
             except OSError:
                 pass
-        environ, refusal = self._environ(conn, req)
+        environ = conn.listener.base.copy()
+        try:
+            refusal = self._environ(conn, req, environ)
+        except Exception as e:  # the server's own failure: answered, never left hanging
+            log_internal_error(req.method, req.target.decode("latin-1"), e)
+            sent = self._answer(conn, 500, "internal error")
+            if self.access_log is not None:
+                self.access_log.log(environ, "500", sent, [], 0.0)
+            return False
         if refusal is not None:
             self._refused(conn, req, environ, refusal)
             return False
@@ -1560,13 +1596,15 @@ class Server:
                     close()
         except ClientGone:
             conn.close()
+            self._ended(environ, resp, started)  # with what was sent: the client left
             return False
         except BaseException as e:  # SystemExit too: sys.exit() in a view fails the request, not the worker
             if os.getpid() != self.pid:
                 exit_forked_child(self.pid)
             self._failed(conn, req, environ, resp, e, started)
             return False
-        self._finished(environ, resp, started)
+        self._finished(started)
+        self._ended(environ, resp, started)
         if resp.keep and inp.discard():
             if conn.buf:
                 return True  # pipelined: the next request is already here
@@ -1579,12 +1617,11 @@ class Server:
             self._start_linger(conn)
         return False
 
-    def _environ(self, conn, req):
-        """The WSGI environ of a request (without wsgi.input), and the
-        HTTPError that refuses it (or None): a target it cannot split, or
-        headers of a trusted peer that cannot be believed."""
-        info = conn.listener
-        environ = info.base.copy()
+    def _environ(self, conn, req, environ):
+        """Fills ``environ``, a copy of the listener's base entries, for a
+        request (but wsgi.input); returns the HTTPError that refuses it (or
+        None): a target it cannot split, or headers of a trusted peer that
+        cannot be believed."""
         environ.update(req.headers)
         refusal = None
         try:
@@ -1609,7 +1646,7 @@ class Server:
                     forwarded(self.proxy, environ, req.underscored, path)
             except HTTPError as e:
                 refusal = e
-        return environ, refusal
+        return refusal
 
     def _refused(self, conn, req, environ, error):
         """A request the server answers itself once its head was read (the
@@ -1621,15 +1658,22 @@ class Server:
         if self.access_log is not None:
             self.access_log.log(environ, str(error.status), sent, [], 0.0)
 
-    def _finished(self, environ, resp, started):
-        """After a response: the service time's moving average (what the
-        drain admits by) and the access log line."""
+    def _finished(self, started):
+        """After a whole response: the service time's moving average (what
+        the drain admits by)."""
         took = time.monotonic() - started
         avg = self.service_time
         self.service_time = took if avg is None else avg + 0.2 * (took - avg)
+
+    def _ended(self, environ, resp, started):
+        """The access log line of the app's response once it ended, sent
+        whole, cut short by the app or left by the client (as Gunicorn writes
+        it, in a ``finally``): ``b`` counts the body bytes that went out, "-"
+        when no byte of the response did."""
         if self.access_log is not None:
             self.access_log.log(environ, resp.status[:3] if resp.status else "-",
-                                resp.body_bytes if resp.sent else None, resp.headers, took)
+                                resp.body_bytes if resp.wrote else None, resp.headers,
+                                time.monotonic() - started)
 
     def _failed(self, conn, req, environ, resp, error, started):
         """The app raised (or its read of the body failed): 400 for a bad
@@ -1647,9 +1691,7 @@ class Server:
             log("error in the application on %s %s:\n%s" % (req.method, environ["RAW_URI"], traceback.format_exc().rstrip()))
         if resp.sent:
             conn.close()  # mid-body: the client sees the connection end early
-            if self.access_log is not None:  # with what was sent, as Gunicorn logs it
-                self.access_log.log(environ, resp.status[:3], resp.body_bytes, resp.headers,
-                                    time.monotonic() - started)
+            self._ended(environ, resp, started)  # with what was sent, as Gunicorn logs it
             return
         sent = self._answer(conn, status, why)
         if self.access_log is not None:
