@@ -1597,3 +1597,60 @@ fn a_worker_respawned_during_the_prestop_delay_ends_keep_alive_too() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
+
+/// The new master's READY=1 goes into the queue of an old master that does
+/// not read (SIGSTOP): for the new master the upgrade is complete, and it
+/// is then stopped. The old master, resumed, reads the READY=1 of a master
+/// that has exited: it stops too, and says so. Before, it logged "retiring
+/// this one" and "released 1 listener(s) to the new master", for a master
+/// that was gone.
+#[test]
+fn an_old_master_that_reads_ready_1_of_a_new_master_gone_since_says_so() {
+    use nix::sys::signal::{kill, Signal};
+    // The new master's worker is slow to boot (the old one's is not), so
+    // that the old master is stopped before the new one is ready.
+    let mut d = Start::config(&format!(
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"[ -e $DIR/booted ] && sleep 1; \
+         touch $DIR/booted; exec {}\"]\nworkers = 1\nready = \"notify\"\n",
+        hello_bin()
+    ))
+    .run();
+    d.wait_log("all 1 workers ready");
+    let old_workers = d.children();
+    d.signal(Signal::SIGUSR2);
+    let log = d.wait_log("upgrade: started");
+    let new = log
+        .split("as pid ")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    let new = Pid::from_raw(new.parse().unwrap());
+    let _resume = Resume(d.pid());
+    kill(d.pid(), Signal::SIGSTOP).unwrap();
+    // The new master's workers boot after this: its READY=1 comes later.
+    d.wait_log_count("all 1 workers ready", 2);
+    kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+    kill(d.pid(), Signal::SIGCONT).unwrap();
+    assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(&format!("upgrade: new master pid {new} reported ready in "))
+            && log.contains("but exited with status 0 before this master read it"),
+        "{log}"
+    );
+    assert!(!log.contains("retiring this one"), "{log}");
+    assert!(
+        !log.contains("released 1 listener(s) to the new master"),
+        "{log}"
+    );
+    assert!(
+        log.contains("(the new master they were for has exited)"),
+        "{log}"
+    );
+    assert!(old_workers.iter().all(|w| !alive(*w)), "{log}");
+}

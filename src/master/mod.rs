@@ -175,6 +175,9 @@ pub struct Master {
     /// The new master of an upgrade that succeeded: our child, but no
     /// process left by a worker (`end_orphans` spares it).
     successor: Option<Pid>,
+    /// ... which had exited already when we read its `READY=1`: nothing
+    /// took the listeners we release.
+    successor_gone: bool,
     /// When WATCHDOG=1 is next due to our service manager.
     next_watchdog: Option<Instant>,
     /// `master_as_user`: the master switched to the workers' user at start.
@@ -274,6 +277,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         templates: template::Templates::default(),
         upgrade: None,
         successor: None,
+        successor_gone: false,
         master_switched,
         exe,
         watch,
@@ -1249,7 +1253,11 @@ impl Master {
         let began = Instant::now();
         let closed = listen::close_unused(listeners, handover);
         let took = ms(began.elapsed());
-        if handover {
+        if handover && self.successor_gone {
+            info!(
+                "closed {closed} listener(s) in {took} (the new master they were for has exited)"
+            );
+        } else if handover {
             info!("released {closed} listener(s) to the new master in {took}");
         } else {
             info!("closed {closed} listener(s) in {took}");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::WaitStatus;
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
@@ -389,11 +389,33 @@ impl Master {
             return;
         }
         let Some(u) = self.upgrade.take() else { return };
-        info!(
-            "upgrade: new master pid {} ready in {}; retiring this one",
-            u.pid,
-            ms(u.began.elapsed())
-        );
+        // Its READY=1 went into our queue while we did not read (stopped,
+        // or busy): for it the upgrade was complete, it spoke to the service
+        // manager from then on, and a stop asked of it since was the
+        // service's. Exited already, it takes nothing over: we stop as we
+        // would have, but say so rather than "retiring" for it.
+        let gone = waitid(
+            Id::Pid(u.pid),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        )
+        .ok()
+        .filter(|s| *s != WaitStatus::StillAlive);
+        self.successor_gone = gone.is_some();
+        match gone {
+            None => info!(
+                "upgrade: new master pid {} ready in {}; retiring this one",
+                u.pid,
+                ms(u.began.elapsed())
+            ),
+            Some(status) => warn!(
+                "upgrade: new master pid {} reported ready in {}, but {} before this master \
+                 read it, having taken the service over: stopping this one too; nothing \
+                 serves the sockets now",
+                u.pid,
+                ms(u.began.elapsed()),
+                describe(status, None)
+            ),
+        }
         // From now on the new master speaks to the service manager: no
         // STOPPING=1 or WATCHDOG=1 of ours may be taken for its.
         self.systemd.main_pid(u.pid.as_raw());
@@ -405,10 +427,16 @@ impl Master {
         if let Some(a) = self.admin.as_mut() {
             a.hand_over();
         }
-        self.answer(
-            u.waiters,
-            control::success(&format!("upgraded: new master pid {}", u.pid)),
-        );
+        let answer = match gone {
+            None => control::success(&format!("upgraded: new master pid {}", u.pid)),
+            Some(status) => control::failure(&format!(
+                "upgrade did not complete: the new master (pid {}) {} after it reported \
+                 ready; both masters stop",
+                u.pid,
+                describe(status, None)
+            )),
+        };
+        self.answer(u.waiters, answer);
         self.sup
             .begin_shutdown(Pace::Graceful, Cause::Upgrade, Instant::now());
     }
