@@ -17,46 +17,21 @@ socket, which has no address to check, as drover-wsgi and Gunicorn trust it):
 From any other peer they change nothing.
 """
 
-import ipaddress
-import os
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
-from drover_wsgi.proxy import parse_allow_ips
+from drover_wsgi.proxy import TrustedPeers, default_allow_ips
 
 SCHEMES = ("http", "https", "ws", "wss")
 
 
-def default_allow_ips() -> str:
-    """uvicorn's and drover-wsgi's default."""
-    return os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
-
-
-class Trusted:
+class Trusted(TrustedPeers):
     """The peers whose proxy headers are believed. ValueError names an entry
     of ``allow_ips`` that is neither an address nor a network."""
 
-    def __init__(self, allow_ips: str) -> None:
-        self.everyone, self.networks = parse_allow_ips(allow_ips)
-        self._cache: Dict[str, bool] = {}
-
-    def __contains__(self, host: Optional[str]) -> bool:
+    def __contains__(self, host: object) -> bool:
         if not host:
             return True  # a Unix socket's peer: no address to check
-        if self.everyone:
-            return True
-        known = self._cache.get(host)
-        if known is None:
-            try:
-                addr = ipaddress.ip_address(host.split("%", 1)[0])
-            except ValueError:
-                known = False
-            else:
-                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-                    addr = addr.ipv4_mapped
-                known = any(addr in net for net in self.networks)
-            if len(self._cache) < 4096:
-                self._cache[host] = known
-        return known
+        return isinstance(host, str) and super().__contains__(host)
 
     def client(self, forwarded_for: str) -> Optional[str]:
         """The client address in an ``X-Forwarded-For`` value."""

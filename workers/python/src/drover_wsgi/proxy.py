@@ -92,13 +92,41 @@ def parse_scheme_headers(text: str) -> Dict[str, str]:
     return out
 
 
+class TrustedPeers:
+    """The peers of a forwarded_allow_ips value, for a lookup per connection:
+    ``host in peers`` for an address as accept() gives it. ValueError names
+    an entry that is neither an address nor a network."""
+
+    def __init__(self, allow_ips: str) -> None:
+        self.everyone, self.networks = parse_allow_ips(allow_ips)
+        self._cache: Dict[str, bool] = {}
+
+    def __contains__(self, host: str) -> bool:
+        if self.everyone:
+            return True
+        known = self._cache.get(host)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError:
+                known = False
+            else:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    addr = addr.ipv4_mapped
+                known = any(addr in net for net in self.networks)
+            if len(self._cache) < 4096:  # bounded: clients are many, proxies few
+                self._cache[host] = known
+        return known
+
+
 class Proxy:
     """The trust settings, prepared for a lookup per request."""
 
     def __init__(self, allow_ips: Optional[str] = None,
                  secure_scheme_headers: Optional[Dict[str, str]] = None,
                  forwarder_headers: str = DEFAULT_FORWARDER_HEADERS) -> None:
-        self.everyone, self.networks = parse_allow_ips(default_allow_ips() if allow_ips is None else allow_ips)
+        self.peers = TrustedPeers(default_allow_ips() if allow_ips is None else allow_ips)
+        self.everyone, self.networks = self.peers.everyone, self.peers.networks
         headers = DEFAULT_SECURE_SCHEME_HEADERS if secure_scheme_headers is None else secure_scheme_headers
         # As environ keys: X-FORWARDED-PROTO -> HTTP_X_FORWARDED_PROTO.
         self.secure: Sequence[Tuple[str, str]] = [
@@ -107,28 +135,12 @@ class Proxy:
         self.names = {"HTTP_" + name.upper().replace("-", "_"): "-".join(w.capitalize() for w in name.split("-"))
                       for name in headers}
         self.forwarders = {n.strip().upper() for n in forwarder_headers.split(",") if n.strip()}
-        self._cache: Dict[str, bool] = {}
 
     def trusts(self, peer: Any) -> bool:
         """Whether the peer (an accept() address) may set the headers."""
         if not isinstance(peer, tuple):
             return True  # a Unix socket: no address to check
-        if self.everyone:
-            return True
-        ip = peer[0]
-        known = self._cache.get(ip)
-        if known is None:
-            try:
-                addr = ipaddress.ip_address(ip.split("%", 1)[0])
-            except ValueError:
-                known = False
-            else:
-                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-                    addr = addr.ipv4_mapped
-                known = any(addr in net for net in self.networks)
-            if len(self._cache) < 4096:
-                self._cache[ip] = known
-        return known
+        return peer[0] in self.peers
 
     def scheme(self, headers: Dict[str, str]) -> Optional[str]:
         """"https", "http", or None when no secure scheme header is present
