@@ -36,6 +36,29 @@ fn booting_slowly(config: &str, secs: &str) -> String {
     )
 }
 
+/// `config` (from `hello`) whose slot 1 runs `program` at once and whose
+/// other slots run the shell commands `others` (a slow boot, a failure):
+/// a reload that replaces slot 1 while the rest of it is still under way.
+fn slot_one_apart(config: &str, program: &str, others: &str) -> String {
+    with_command(
+        config,
+        &format!("[\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] && exec {program}; {others}\"]"),
+    )
+}
+
+/// The pid of slot `slot`'s new worker, once the log says that it replaced
+/// the old one.
+fn replacement(d: &Drover, slot: u32) -> i32 {
+    let before = format!("worker {slot} (pid ");
+    wait_for(&format!("slot {slot} replaced"), LIMIT, || {
+        d.log().lines().find_map(|line| {
+            let rest = &line[line.find(&before)? + before.len()..];
+            let rest = &rest[rest.find(") replaced by pid ")? + ") replaced by pid ".len()..];
+            rest.split(' ').next()?.parse::<i32>().ok()
+        })
+    })
+}
+
 fn config_path(d: &Drover) -> PathBuf {
     d.dir.path().join("config.toml")
 }
@@ -256,21 +279,14 @@ fn a_new_worker_that_fails_after_it_was_ready_rolls_the_reload_back() {
     d.wait_log("all 2 workers ready");
     // Slot 2's new worker boots for a while, so that the reload is still
     // under way when slot 1's new worker, ready, is killed.
-    let slow_second = with_command(
+    let slow_second = slot_one_apart(
         &hello("max_surge = 1"),
-        &format!(
-            "[\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] || sleep 3; exec {}\"]",
-            hello_bin()
-        ),
+        hello_bin(),
+        &format!("sleep 3; exec {}", hello_bin()),
     );
     rewrite(&d, &slow_second);
     let reload = ctl_in_background(&d, &["reload"]);
-    let new = wait_for("slot 1 replaced", LIMIT, || {
-        let log = d.log();
-        let at = log.find(") replaced by pid ")?;
-        let rest = &log[at + ") replaced by pid ".len()..];
-        rest.split(' ').next()?.parse::<i32>().ok()
-    });
+    let new = replacement(&d, 1);
     nix::sys::signal::kill(Pid::from_raw(new), Signal::SIGKILL).unwrap();
     let (code, out) = reload.join().unwrap();
     assert_eq!(code, 1, "{out}");
@@ -303,21 +319,11 @@ fn a_new_worker_that_ends_cleanly_after_serving_stably_does_not_roll_the_reload_
     d.wait_log("all 2 workers ready");
     // Slot 2's new worker boots for a while, so that the reload is still
     // under way when slot 1's new worker ends itself.
-    let probes = with_command(
-        &config,
-        &format!(
-            "[\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] || sleep 4; exec python3 {} --notify\"]",
-            probe_py()
-        ),
-    );
+    let probe = format!("python3 {} --notify", probe_py());
+    let probes = slot_one_apart(&config, &probe, &format!("sleep 4; exec {probe}"));
     rewrite(&d, &probes);
     let reload = ctl_in_background(&d, &["reload"]);
-    let new = wait_for("slot 1 replaced", LIMIT, || {
-        let log = d.log();
-        let at = log.find(") replaced by pid ")?;
-        let rest = &log[at + ") replaced by pid ".len()..];
-        rest.split(' ').next()?.parse::<i32>().ok()
-    });
+    let new = replacement(&d, 1);
     // Past respawn_reset_after, while slot 2's new worker still boots.
     let stable = Instant::now() + Duration::from_millis(1500);
     wait_for("slot 1's new worker to have served 1.5 s", LIMIT, || {
@@ -569,13 +575,7 @@ fn a_hup_during_a_rollback_waits_for_the_failed_generation_to_go() {
     let d = Start::config(&hello("max_surge = 1")).run();
     d.wait_log("all 2 workers ready");
     // Slot 1 of the new generation boots and serves; slot 2 cannot boot.
-    let half = with_command(
-        &hello("max_surge = 1"),
-        &format!(
-            "[\"sh\", \"-c\", \"[ $DROVER_WORKER_ID = 1 ] && exec {}; sleep 0.3; exit 3\"]",
-            hello_bin()
-        ),
-    );
+    let half = slot_one_apart(&hello("max_surge = 1"), hello_bin(), "sleep 0.3; exit 3");
     rewrite(&d, &half);
     d.signal(Signal::SIGHUP);
     d.wait_log("into generation 2");
