@@ -73,6 +73,15 @@ def app(environ, start_response):
         # Promises 10 bytes, sends 3.
         start_response("200 OK", [("Content-Length", "10")])
         return iter([b"abc"])
+    if path == "/short-list":  # the same, as one block
+        start_response("200 OK", [("Content-Length", "10")])
+        return [b"abc"]
+    if path == "/over":  # promises 3 bytes, gives 6
+        start_response("200 OK", [("Content-Length", "3")])
+        return [b"abcdef"]
+    if path == "/over-gen":  # promises 3 bytes, gives 8, in blocks
+        start_response("200 OK", [("Content-Length", "3")])
+        return (block for block in [b"ab", b"cd", b"ef", b"gh"])
     if path == "/nocontent":
         start_response("204 No Content", [])
         return []

@@ -159,6 +159,38 @@ class AccessLogTest(unittest.TestCase):
             self.assertEqual(m.group(1), path)
             self.assertLess(int(m.group(2)), mib << 20, line)  # (0 if the reset came before any body byte)
 
+    def test_a_body_longer_or_shorter_than_its_content_length(self):
+        # A body longer than its Content-Length is cut at it, as Gunicorn
+        # does: bytes past it on a kept-alive connection would be read as the
+        # next response. The connection stays (its framing is right), b is
+        # what was sent, and one line per response names the app's mistake.
+        # Both cores cut it but closed the connection (a request pipelined
+        # after it was lost), logged a line per block past it, and b counted
+        # the bytes the app gave. A shorter body closes the connection.
+        fmt = '"%(r)s" %(s)s %(b)s'
+        with Worker("apps:app", args=["--access-logfile", self.path, "--access-logformat", fmt]) as w:
+            for path in ("/over", "/over-gen"):
+                with Client(w) as c:
+                    c.send(get(path) + get("/pid"))
+                    status, headers, body = c.response()
+                    self.assertEqual((status, headers["content-length"], body), (200, "3", b"abc"))
+                    self.assertEqual(c.response()[2], str(w.proc.pid).encode())
+            for path in ("/short", "/short-list"):
+                with Client(w) as c:
+                    c.send(get(path) + get("/pid"))
+                    with self.assertRaises(ConnectionError):  # 3 bytes of 10, then the close
+                        c.response()
+            err = stop(w)
+        self.assertEqual(sorted(line for line in self.lines() if "/pid" not in line), [
+            '"GET /over HTTP/1.1" 200 3', '"GET /over-gen HTTP/1.1" 200 3',
+            '"GET /short HTTP/1.1" 200 3', '"GET /short-list HTTP/1.1" 200 3'])
+        self.assertEqual(len([line for line in self.lines() if "/pid" in line]), 2)
+        said = [line.split(": ", 1)[1] for line in err.splitlines() if "Content-Length" in line]
+        self.assertEqual(said, [
+            "GET %s: the application's body is longer than its Content-Length (3): the %d byte(s) past it "
+            "were not sent (fix the Content-Length header the application sets)" % (path, n)
+            for path, n in (("/over", 3), ("/over-gen", 5))])
+
     def test_an_internal_error_is_answered_and_logged(self):
         # The server's own failure on a request (here its proxy hook, broken
         # by the app's import): a 500, a line with the traceback, and an

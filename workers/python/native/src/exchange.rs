@@ -193,6 +193,7 @@ pub fn handle(
         wrote: false,
         body_at: 0,
         body_len: 0,
+        over: 0,
         out: Vec::new(),
         flushed: false,
         input: Some(input.clone_ref(py)),
@@ -257,6 +258,14 @@ pub fn handle(
         },
         Err(e) => failed(py, sh, &environ, head, r, e, took),
     };
+    if r.over > 0 {
+        said_over(
+            py,
+            environ.get_item(intern!(py, "RAW_URI")).ok().flatten(),
+            head,
+            r,
+        );
+    }
     r.fd = -1;
     let leftover = inp.detach();
     if streaming {
@@ -278,6 +287,24 @@ pub fn handle(
         outcome.line.take().unwrap().write(py, sh, 0);
     }
     outcome
+}
+
+/// The line for a body longer than its Content-Length (the pure-Python core's).
+fn said_over(
+    py: Python<'_>,
+    uri: Option<Bound<'_, PyAny>>,
+    head: &drover_h1::Head<'_>,
+    r: &Response,
+) {
+    let line = py
+        .import("drover_wsgi.server")
+        .and_then(|m| m.getattr("over_line"))
+        .and_then(|f| f.call1((head.method, uri, r.app_length.unwrap_or(0), r.over)))
+        .and_then(|line| line.extract::<String>());
+    match line {
+        Ok(line) => log(&line),
+        Err(e) => e.print(py),
+    }
 }
 
 /// The server's own failure on a request (building its environ; a proxy
@@ -860,6 +887,8 @@ pub struct Response {
     /// Where `out` holds body bytes (one run of them), and how many.
     body_at: usize,
     body_len: usize,
+    /// The app's body bytes past its Content-Length (cut, not sent).
+    over: u64,
     /// The bytes to write: from start_response on, the head's start (the
     /// status line, Date and the app's headers); the rest of the head and
     /// the body are appended (only a streamed body is written before the end).
@@ -1111,13 +1140,9 @@ impl Response {
         }
         let mut body = body;
         if body.len() as u64 > self.left {
-            log(&format!(
-                "the application sent {} bytes for Content-Length {}; truncated",
-                body.len(),
-                self.left
-            ));
+            // Cut: what follows would be read as the next response.
+            self.over += body.len() as u64 - self.left;
             body = &body[..self.left as usize];
-            self.keep = false;
         } else if (body.len() as u64) < self.left {
             self.keep = false;
             self.body_ok = false;
@@ -1188,9 +1213,9 @@ impl Response {
             }
             Mode::Length => {
                 if data.len() as u64 > self.left {
-                    log("the application sent more than its Content-Length; truncated");
+                    // Cut: what follows would be read as the next response.
+                    self.over += data.len() as u64 - self.left;
                     data = &data[..self.left as usize];
-                    self.keep = false;
                 }
                 self.left -= data.len() as u64;
                 self.push_body(data);

@@ -109,6 +109,13 @@ def log_internal_error(method, uri, error):
     log("internal error on %s %s (answered 500):\n%s" % (method, uri, text))
 
 
+def over_line(method, uri, length, over):
+    """The line for an app whose body was longer than its Content-Length
+    (both cores), once per response."""
+    return ("%s %s: the application's body is longer than its Content-Length (%d): the %d byte(s) past it "
+            "were not sent (fix the Content-Length header the application sets)" % (method, uri, length, over))
+
+
 class HeadRefusals:
     """Request heads the server refuses before there is a request (a head it
     cannot parse, 400; over the limits, 431; one that did not arrive within
@@ -615,6 +622,7 @@ class Response:
     __slots__ = (
         "conn", "req", "server", "status", "code", "header_text", "app_length", "app_close",
         "sent", "mode", "left", "keep", "body_ok", "inp", "headers", "body_bytes", "wrote",
+        "over",
     )
 
     def __init__(self, conn, req, server, inp):
@@ -635,6 +643,7 @@ class Response:
         self.headers = ()  # the app's, for the access log
         self.body_bytes = 0  # the body's bytes sent (the access log's b)
         self.wrote = False  # a byte of the response was sent
+        self.over = 0  # the app's body bytes past its Content-Length (not sent)
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info:
@@ -749,10 +758,9 @@ class Response:
         if self.mode == "none":
             self._send(head, 0, 0)
             return
-        if len(body) > self.left:
-            log("the application sent %d bytes for Content-Length %d; truncated" % (len(body), self.left))
+        if len(body) > self.left:  # cut: what follows would be read as the next response
+            self.over += len(body) - self.left
             body = body[: self.left]
-            self.keep = False
         elif len(body) < self.left:
             self.keep = False
             self.body_ok = False
@@ -794,10 +802,9 @@ class Response:
             size = b"%x\r\n" % len(data)
             self._send(head + size + data + b"\r\n", len(head) + len(size), len(data))
         elif mode == "length":
-            if len(data) > self.left:
-                log("the application sent more than its Content-Length; truncated")
+            if len(data) > self.left:  # cut: what follows would be read as the next response
+                self.over += len(data) - self.left
                 data = data[: self.left]
-                self.keep = False
             self.left -= len(data)
             self._send(head + data, len(head), len(data))
         elif mode == "close":
@@ -1669,7 +1676,10 @@ class Server:
         """The access log line of the app's response once it ended, sent
         whole, cut short by the app or left by the client (as Gunicorn writes
         it, in a ``finally``): ``b`` counts the body bytes that went out, "-"
-        when no byte of the response did."""
+        when no byte of the response did. A body longer than its
+        Content-Length was cut at it: said once."""
+        if resp.over:
+            log(over_line(resp.req.method, environ["RAW_URI"], resp.app_length, resp.over))
         if self.access_log is not None:
             self.access_log.log(environ, resp.status[:3] if resp.status else "-",
                                 resp.body_bytes if resp.wrote else None, resp.headers,
