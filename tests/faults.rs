@@ -1491,3 +1491,36 @@ fn without_subreaper_a_workers_setsid_daemon_is_reported_at_exit() {
         "{log}"
     );
 }
+
+/// A reload asked of the old master during an upgrade (`kill -HUP` of the
+/// pid systemd still calls the main one, `--reload`) is refused, with where
+/// to send it. The old code started a new generation in the old master,
+/// which then retired: the new master served the configuration it had read
+/// at its start, and the reload was lost without a word.
+#[test]
+fn a_reload_of_the_old_master_during_an_upgrade_is_refused() {
+    let mut d = Start::config(&config(&hello_cmd(), 1, "ready = \"notify\"")).run();
+    d.wait_log("all 1 workers ready");
+    let slow = config(
+        &format!("[\"sh\", \"-c\", \"sleep 1; exec {}\"]", hello_bin()),
+        1,
+        "ready = \"notify\"",
+    );
+    let new = upgrade_to(&d, &slow);
+    d.signal(Signal::SIGHUP);
+    let log = d.wait_log("SIGHUP: reload rejected");
+    assert!(
+        log.contains(&format!(
+            "SIGHUP: reload rejected, nothing changed: an upgrade is in progress: \
+             the new master (pid {new}) serves"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("into generation 2"), "{log}");
+    d.wait_log("; retiring this one");
+    assert!(matches!(d.wait_exit_only(LIMIT).code(), Some(0 | 4)));
+    nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();
+    wait_for("the new master to exit", LIMIT, || {
+        (!alive(new)).then_some(())
+    });
+}

@@ -1211,6 +1211,18 @@ impl Master {
     /// `Action::LoadConfig`: read the config again and build the next
     /// generation next to the current one (sharing its unchanged sockets).
     fn load_config(&mut self) {
+        if let Some(pid) = self.upgrade_in_progress() {
+            // We retire once the new master is ready, and it serves what it
+            // read at its start: a generation started here would be lost.
+            let why = format!(
+                "an upgrade is in progress: the new master (pid {pid}) serves the configuration \
+                 it read at its start once it is ready; reload it then (the pidfile and the \
+                 control socket are already its)"
+            );
+            self.sup
+                .config_loaded(Err(why), &self.source.origin(), Instant::now());
+            return;
+        }
         let number = self.sup.rollout.next_number();
         let current = self.sup.current().clone();
         let before = current.clone();
