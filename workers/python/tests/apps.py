@@ -184,6 +184,23 @@ def app(environ, start_response):
                 return _text(start_response, "200 OK", b"child exited %d" % os.waitstatus_to_exitcode(status))
             time.sleep(0.02)
         return _text(start_response, "200 OK", b"child %d still running" % pid)
+    if path == "/child-signals":
+        # A child forked in a view: its SIGWINCH handler, and how it ends at
+        # SIGUSR1 (whose default action ends a process).
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, signal.getsignal(signal.SIGWINCH).__class__.__name__.encode())
+                time.sleep(5)
+            finally:
+                os._exit(0)
+        os.close(w)
+        winch = os.read(r, 100)
+        os.close(r)
+        os.kill(pid, signal.SIGUSR1)
+        _, status = os.waitpid(pid, 0)
+        return _text(start_response, "200 OK", b"winch %s usr1 exit %d" % (winch, os.waitstatus_to_exitcode(status)))
     if path == "/terminate-child":
         # multiprocessing's fork start method, as an app uses it: a child
         # that Process.terminate() (SIGTERM) must end.

@@ -470,6 +470,10 @@ class LifecycleTest(unittest.TestCase):
         with Worker("apps:app", args=["--threads", "2"]) as w:
             status, _, body = request(w, get("/terminate-child"))
             self.assertEqual((status, body), (200, b"child exit -15"))
+            # Nor the other handlers drover-wsgi sets: the child ignored
+            # SIGUSR1 (the default ends it) and had SIGWINCH's wind-down.
+            status, _, body = request(w, get("/child-signals"))
+            self.assertEqual((status, body), (200, b"winch Handlers usr1 exit -10"))
             w.signal(signal.SIGTERM)
             code, err = w.wait()
             self.assertEqual(code, 0, err)

@@ -408,7 +408,7 @@ def begin_launch(chdir: Optional[str], log: Callable[[str], None]) -> bool:
     faulthandler.enable()
     usr1_ignored_here = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     if usr1_ignored_here:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        _set_signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         will_notify()
     except OSError as e:
@@ -647,6 +647,9 @@ def _is_chainable(handler: Any) -> bool:
 
 _installed: Dict[int, Any] = {}  # signum -> our handler function currently installed
 _replaced: Dict[int, Any] = {}  # signum -> what the process would have without us
+# The other handlers the SDK and the launchers set (_set_signal): signum ->
+# (ours, what was there before the first of them).
+_set_here: Dict[int, Tuple[Any, Any]] = {}
 _install_lock = threading.Lock()
 _exit_on_stop = False  # as the last install() said
 _exit_raised = False
@@ -1295,17 +1298,31 @@ def _release_stop_signals_in_parent() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-def _give_back_stop_signals() -> None:
+def _set_signal(signum: int, handler: Any) -> None:
+    """``signal.signal`` for the handlers the SDK and the launchers set
+    besides the stop handlers (``SIGUSR1`` ignored, or reopening
+    drover-wsgi's access log; ``SIGWINCH``...): a child the application
+    forks gets back what was there before the first of them (see
+    :func:`_give_back_signals`)."""
+    previous = signal.signal(signum, handler)
+    before = _set_here[signum][1] if signum in _set_here else previous
+    _set_here[signum] = (handler, before if before is not None else signal.SIG_DFL)
+
+
+def _give_back_signals() -> None:
     """In a child the application forks (``os.fork()``, multiprocessing's
-    fork start method): our stop handlers are the worker's, not the child's.
-    Inherited, they made the child ignore ``SIGTERM`` (``Process.terminate()``
-    waited in vain; drover's ``SIGKILL`` ended it at the stop), and an
-    asyncio loop's wakeup fd, shared with the worker, passed the child's
-    signals to the worker's loop. The child gets back what it would have
-    without the SDK, then the signals held since the fork. preload's workers
-    are children too: the template sets the worker's handlers and mask after
-    the fork."""
-    if not (_installed or _loop_signals):
+    fork start method): our handlers are the worker's, not the child's.
+    Inherited, the stop handlers made the child ignore ``SIGTERM``
+    (``Process.terminate()`` waited in vain; drover's ``SIGKILL`` ended it at
+    the stop), and an asyncio loop's wakeup fd, shared with the worker,
+    passed the child's signals to the worker's loop; the others made it
+    ignore ``SIGUSR1`` (whose default ends it) or reopen the worker's access
+    log, and mark the worker's copy of the server as winding down at
+    ``SIGWINCH``. The child gets back what it would have without the SDK and
+    the launchers (where ours is still in place), then the stop signals held
+    since the fork. preload's workers are children too: the template sets
+    the worker's handlers and mask after the fork."""
+    if not (_installed or _loop_signals or _set_here):
         return
     try:
         for signum, handler in _installed.items():
@@ -1315,16 +1332,22 @@ def _give_back_stop_signals() -> None:
             signal.set_wakeup_fd(-1)
             for signum in _loop_signals:
                 signal.signal(signum, _replaced.get(signum, signal.SIG_DFL))
+        for signum, (handler, before) in _set_here.items():
+            if signal.getsignal(signum) == handler:
+                if before is _installed.get(signum):  # set over a stop handler (SIGQUIT)
+                    before = _replaced.get(signum, signal.SIG_DFL)
+                signal.signal(signum, before)
     except (ValueError, OSError) as e:  # not the main thread: cannot happen after a fork
-        _write_stderr("drover_worker[%d]: the forked child keeps the worker's stop handlers: %s\n"
+        _write_stderr("drover_worker[%d]: the forked child keeps the worker's signal handlers: %s\n"
                       % (os.getpid(), e))
-    _fork_mask.before = None
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if _installed or _loop_signals:
+        _fork_mask.before = None
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 atexit.register(_at_exit)
 os.register_at_fork(before=_hold_stop_signals, after_in_parent=_release_stop_signals_in_parent,
-                    after_in_child=_give_back_stop_signals)
+                    after_in_child=_give_back_signals)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -406,6 +406,9 @@ class Template:
             for sig, handler in self.worker_signals.items():
                 if handler is not None:
                     signal.signal(sig, handler)
+            for sig, (handler, _) in _dw._set_here.items():  # the launcher's (SIGUSR1 ignored): the worker's too
+                if sig not in self.worker_signals:
+                    signal.signal(sig, handler)
             self.await_drover(middle)
             _reset_sdk_after_fork()
             gc.enable()

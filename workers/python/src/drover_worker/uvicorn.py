@@ -271,7 +271,7 @@ def _quick_on_sigquit(server: Any) -> None:
         server.force_exit = True
         server.config.timeout_graceful_shutdown = 0.1
 
-    signal.signal(signal.SIGQUIT, quick)
+    dw._set_signal(signal.SIGQUIT, quick)
 
 
 async def _heartbeats(interval: float) -> None:

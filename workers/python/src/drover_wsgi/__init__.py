@@ -278,7 +278,7 @@ def _on_sigusr1(access_log: Optional[AccessLog], ignored_here: bool = False) -> 
     if current != signal.SIG_DFL and not (ignored_here and current == signal.SIG_IGN):
         return
     if access_log is None:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        dw._set_signal(signal.SIGUSR1, signal.SIG_IGN)
         return
 
     def reopen(signum: int, frame: Any) -> None:
@@ -287,7 +287,7 @@ def _on_sigusr1(access_log: Optional[AccessLog], ignored_here: bool = False) -> 
         except OSError as e:
             log("cannot reopen the access log: %s" % e)
 
-    signal.signal(signal.SIGUSR1, reopen)
+    dw._set_signal(signal.SIGUSR1, reopen)
 
 
 def _on_sigwinch(server: Any) -> None:
@@ -301,7 +301,7 @@ def _on_sigwinch(server: Any) -> None:
     def wind_down(signum: int, frame: Any) -> None:
         server.winding_down = True
 
-    signal.signal(signal.SIGWINCH, wind_down)
+    dw._set_signal(signal.SIGWINCH, wind_down)
 
 
 def console_main() -> None:
