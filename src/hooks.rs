@@ -232,6 +232,11 @@ impl EventHooks {
         }
     }
 
+    /// The pids of the hooks running.
+    pub fn pids(&self) -> Vec<Pid> {
+        self.running.iter().map(|h| h.pid).collect()
+    }
+
     pub fn running(&self) -> usize {
         self.running.len()
     }

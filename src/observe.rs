@@ -167,6 +167,12 @@ impl Observer {
         self.hooks.next_deadline().into_iter().chain(held).min()
     }
 
+    /// The event hooks still running: our children, but no process left by
+    /// a worker.
+    pub fn hook_pids(&self) -> Vec<Pid> {
+        self.hooks.pids()
+    }
+
     /// A reaped pid: true if it was an event hook's.
     pub fn reaped(&mut self, pid: Pid, how: &str) -> bool {
         self.hooks.reaped(pid, how)

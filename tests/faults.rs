@@ -1425,8 +1425,13 @@ fn with_subreaper_a_workers_setsid_daemon_is_ended_at_shutdown() {
          echo $! >> $DIR/orphans; exec {}\"]",
         hello_bin()
     );
+    // The hook of the shutdown's first stage still runs (ignoring SIGTERM)
+    // when the daemons are ended: it is drover's, no worker's, and gets its
+    // hook_timeout (before, it was ended with them and counted as killed).
     let extra = "ready = \"notify\"\nsubreaper = true\nquick_timeout = \"1s\"\n\
-                 on_exit = [\"sh\", \"-c\", \"echo $DROVER_KILLED > $DIR/killed\"]";
+                 on_exit = [\"sh\", \"-c\", \"echo $DROVER_KILLED > $DIR/killed\"]\n\
+                 [event_hooks]\nshutdown = [\"sh\", \"-c\", \"[ $DROVER_EVENT_STAGE = 1 ] || exit 0; \
+                 trap '' TERM; sleep 2; echo done > $DIR/hook\"]";
     let mut d = Start::config(&config(&worker, 2, extra)).run();
     d.wait_log("all 2 workers ready");
     let addr = d.tcp_addr();
@@ -1459,6 +1464,11 @@ fn with_subreaper_a_workers_setsid_daemon_is_ended_at_shutdown() {
         "{log}"
     );
     assert_eq!(read_file(&d.dir.path().join("killed")).trim(), "1");
+    assert_eq!(
+        read_file(&d.dir.path().join("hook")).trim(),
+        "done",
+        "{log}"
+    );
     let refused =
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.kind());
     assert_eq!(refused.err(), Some(std::io::ErrorKind::ConnectionRefused));

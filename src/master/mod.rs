@@ -385,15 +385,16 @@ fn bind_admin(
 /// exited) get SIGTERM and `limit` to exit, then SIGKILL, and are reaped,
 /// so that none outlives drover holding a copy of its sockets. Without
 /// the subreaper they were re-parented elsewhere, beyond drover's reach.
-/// The new master of an upgrade (`successor`) is our child too, and serves
-/// on: it is spared. A preload template retired by the stop and not yet
+/// The new master of an upgrade and the event hooks still running
+/// (`spared`) are our children too: the new master serves on, and the hooks
+/// get their `hook_timeout` at our exit (`EventHooks::finish`). A preload template retired by the stop and not yet
 /// gone (one still importing the application when the stop came: it got
 /// SIGTERM) is among our children too, but is no worker's: it is named as
 /// what it is, and waited for in the same way. Returns how many had to be
 /// killed, templates and processes left by workers alike: each is a kill
 /// the operator should see, as a worker's is (exit status 4,
 /// `DROVER_KILLED`).
-fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) -> u32 {
+fn end_orphans(limit: Duration, spared: &[Pid], templates: &[Pid]) -> u32 {
     let mut flag: libc::c_int = 0;
     // SAFETY: plain prctl with a pointer to an int.
     let subreaper =
@@ -402,7 +403,7 @@ fn end_orphans(limit: Duration, successor: Option<Pid>, templates: &[Pid]) -> u3
         return 0; // orphans went to init, not to us: nothing to scan /proc for
     }
     let mut orphans = children_of(nix::unistd::getpid());
-    orphans.retain(|p| Some(*p) != successor);
+    orphans.retain(|p| !spared.contains(p));
     if orphans.is_empty() {
         return 0;
     }
@@ -636,11 +637,9 @@ impl Master {
         self.obs.flush_output();
         self.reap_cancelled_upgrade();
         let templates: Vec<Pid> = self.templates.list.iter().map(|t| t.pid).collect();
-        let killed = end_orphans(
-            self.sup.current().s.quick_timeout.0,
-            self.successor,
-            &templates,
-        );
+        let mut spared = self.obs.hook_pids();
+        spared.extend(self.successor);
+        let killed = end_orphans(self.sup.current().s.quick_timeout.0, &spared, &templates);
         let outcome = outcome.with_killed(killed);
         if outcome.cause != Cause::Upgrade {
             // (After an upgrade the new master, started with our socket in
