@@ -1551,6 +1551,9 @@ fn during_the_prestop_delay_workers_end_keep_alive() {
             close.then_some(())
         });
         assert!(sigterm.elapsed() < Duration::from_secs(5), "{command}");
+        // Proven: the rest of the delay is cut short (SIGINT), not waited.
+        d.signal(Signal::SIGINT);
+        d.wait_log("pre-stop delay cut short");
         assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
     }
 }

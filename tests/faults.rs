@@ -500,9 +500,13 @@ fn stage_one_stops_new_connections_also_for_an_unprivileged_master() {
         eprintln!("skipped: needs root to start a master that runs as nobody");
         return;
     }
-    // A worker that holds the socket for 3 s after SIGTERM without
+    // A worker that holds the socket for 1.5 s after SIGTERM without
     // accepting: whatever gets into the queue meanwhile is reset at its exit.
-    let worker = "[\"sh\", \"-c\", \"trap 'sleep 3; exit 0' TERM; while :; do sleep 0.05; done\"]";
+    // (Without the filter every attempt gets in at once, well within it;
+    // with it, each waits 200 ms, and once the worker has exited they are
+    // refused.)
+    let worker =
+        "[\"sh\", \"-c\", \"trap 'sleep 1.5; exit 0' TERM; while :; do sleep 0.05; done\"]";
     for (nobody, most) in [(false, 0), (true, 1)] {
         let extra = if nobody {
             "ready = \"spawn\"\nuser = \"nobody\"\nmaster_as_user = true"
@@ -778,8 +782,10 @@ fn chaos_under_load_fails_only_requests_a_worker_kill_explains() {
     let mut stopped: Vec<(Pid, Instant)> = Vec::new();
     let mut upgraded_at = Instant::now();
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(12) {
-        std::thread::sleep(Duration::from_millis(50 + rng.below(200)));
+    // 7 s at an action every 25-125 ms: as many actions as 12 s at
+    // 50-250 ms made (CI time), on the same seeded schedule.
+    while t.elapsed() < Duration::from_secs(7) {
+        std::thread::sleep(Duration::from_millis(25 + rng.below(100)));
         // Workers stopped for 100-400 ms get SIGCONT.
         stopped.retain(|(pid, until)| {
             let due = Instant::now() >= *until;
@@ -820,9 +826,9 @@ fn chaos_under_load_fails_only_requests_a_worker_kill_explains() {
                 scale(&d, wanted);
                 "scale down"
             }
-            // A binary upgrade every 4 s, from a settled master with the
+            // A binary upgrade every 2.5 s, from a settled master with the
             // configured count (a new master starts with it).
-            _ if upgraded_at.elapsed() > Duration::from_secs(4) => {
+            _ if upgraded_at.elapsed() > Duration::from_millis(2500) => {
                 for (pid, _) in stopped.drain(..) {
                     let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
                 }
@@ -1301,14 +1307,14 @@ fn an_upgrade_that_is_not_ready_in_time_leaves_nothing_of_the_new_master() {
     std::fs::write(d.dir.path().join("config.toml"), never_ready).unwrap();
     d.signal(Signal::SIGUSR2);
     d.wait_log("upgrade: started");
-    // Its deadline is 6 s away (boot_timeout + 5 s): requests taken 1.5 s
-    // before it end 2 s after it. Twelve, so that some go to the new
+    // Its deadline is 6 s away (boot_timeout + 5 s): requests taken 1 s
+    // before it end 1.5 s after it. Twelve, so that some go to the new
     // master's worker (the kernel hands each to one of the two at random).
     let began = Instant::now();
     d.wait_log_count("ready in", 2);
-    std::thread::sleep(Duration::from_millis(4500).saturating_sub(began.elapsed()));
+    std::thread::sleep(Duration::from_millis(5000).saturating_sub(began.elapsed()));
     let flights: Vec<_> = (0..12)
-        .map(|_| get_in_flight(addr, "/sleep?ms=3500"))
+        .map(|_| get_in_flight(addr, "/sleep?ms=2500"))
         .collect();
     let log = d.wait_log("upgrade failed:");
     let answers: Vec<_> = flights.into_iter().map(|h| h.join().unwrap()).collect();

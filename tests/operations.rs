@@ -1298,9 +1298,11 @@ fn a_reload_that_removes_timeout_never_aborts_an_old_worker() {
     // 3 s, not 1 s (a heartbeat every 500 ms): at load 6-11 on 2 CPUs
     // heartbeats were missed, and a slot failed as if drover had done wrong.
     // Generation 2 takes 4 s to boot: longer than generation 1's timeout.
-    let d = Start::config(&hello("timeout = \"3s\"")).run();
+    // Both slots boot at once (max_surge = 2): each old worker is still
+    // exposed for those 4 s, and the test does not wait for them twice.
+    let d = Start::config(&hello("timeout = \"3s\"\nmax_surge = 2")).run();
     d.wait_log("all 2 workers ready");
-    rewrite(&d, &booting_slowly(&hello(""), "4"));
+    rewrite(&d, &booting_slowly(&hello("max_surge = 2"), "4"));
     let reload = ctl_in_background(&d, &["reload"]);
     let (code, out) = old_generation_serves_throughout(&d, reload, 2);
     assert_eq!(code, 0, "{out}");
@@ -1314,10 +1316,12 @@ fn a_reload_that_changes_timeout_holds_each_generation_to_its_own() {
     // before the fix: the old workers were held to the new timeout from
     // their first heartbeat in the reload (here within its first 3 s, so
     // aborted by 5 s). Generation 2's timeout was 1 s (a heartbeat every
-    // 500 ms): at load 6-11 on 2 CPUs heartbeats were missed.
-    let slow = booting_slowly(&hello("timeout = \"2s\""), "6")
+    // 500 ms): at load 6-11 on 2 CPUs heartbeats were missed. Both slots
+    // boot at once (max_surge = 2): each old worker is still exposed for
+    // the 6 s, and the test does not wait for them twice.
+    let slow = booting_slowly(&hello("timeout = \"2s\"\nmax_surge = 2"), "6")
         .replace("boot_timeout = \"5s\"", "boot_timeout = \"15s\"");
-    let d = Start::config(&hello("timeout = \"6s\"")).run();
+    let d = Start::config(&hello("timeout = \"6s\"\nmax_surge = 2")).run();
     d.wait_log("all 2 workers ready");
     rewrite(&d, &slow);
     let reload = ctl_in_background(&d, &["reload"]);
