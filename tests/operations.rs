@@ -314,7 +314,10 @@ fn a_new_worker_that_fails_after_it_was_ready_rolls_the_reload_back() {
 /// applies. Rolled back before.
 #[test]
 fn a_new_worker_that_ends_cleanly_after_serving_stably_does_not_roll_the_reload_back() {
-    let config = hello("max_surge = 1\nrespawn_reset_after = \"1s\"");
+    // boot_timeout 10 s: slot 2's new worker takes 4 s and a Python start;
+    // 5 s left too little room on a loaded machine (rolled back for it).
+    let config = hello("max_surge = 1\nrespawn_reset_after = \"1s\"")
+        .replace("boot_timeout = \"5s\"", "boot_timeout = \"10s\"");
     let d = Start::config(&config).run();
     d.wait_log("all 2 workers ready");
     // Slot 2's new worker boots for a while, so that the reload is still
