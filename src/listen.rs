@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -285,6 +285,61 @@ impl Drop for Listener {
 /// A generation's listeners, shared with the other generation during a
 /// reload, each with the name its workers see in `LISTEN_FDNAMES`.
 pub type Set = Vec<(Rc<Listener>, String)>;
+
+/// The sockets' inode numbers, as /proc/PID/fd shows them (`socket:[N]`).
+pub fn inodes(set: &Set) -> Vec<u64> {
+    set.iter()
+        .filter_map(|(l, _)| nix::sys::stat::fstat(l.fd.as_fd()).ok())
+        .map(|st| st.st_ino)
+        .collect()
+}
+
+/// Whether process `pid`, or a process it started (a shell that runs the
+/// server, a server's own workers), holds one of the sockets `inodes`
+/// (whatever its descriptor number: a dup counts). `None` when /proc does
+/// not tell (another user's process, or too many processes to look at).
+pub fn held_by(pid: nix::unistd::Pid, inodes: &[u64]) -> Option<bool> {
+    let mut todo = vec![pid.as_raw()];
+    let mut looked = 0;
+    while let Some(p) = todo.pop() {
+        looked += 1;
+        if looked > 64 {
+            return None;
+        }
+        let fds = match std::fs::read_dir(format!("/proc/{p}/fd")) {
+            Ok(fds) => fds,
+            Err(_) if p == pid.as_raw() => return None,
+            Err(_) => continue, // exited meanwhile
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let inode = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok());
+            if inode.is_some_and(|i| inodes.contains(&i)) {
+                return Some(true);
+            }
+        }
+        for task in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            todo.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
+        }
+    }
+    Some(false)
+}
 
 /// A socket handed in by our parent, with the name it gave it.
 pub struct Inherited {

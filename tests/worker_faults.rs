@@ -513,3 +513,52 @@ fn a_ready_1_sent_while_the_master_is_stalled_is_taken_when_it_runs_again() {
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
+
+/// `workers` workers running the Python `script` (system python3, raw
+/// notify protocol), on an ephemeral loopback port.
+fn python_workers(workers: u32, script: &str) -> String {
+    format!(
+        "bind = [\"127.0.0.1:0\"]\nworkers = {workers}\nready = \"notify\"\n\
+         graceful_timeout = \"2s\"\ncommand = [\"/usr/bin/python3\", \"-c\", {}]\n",
+        serde_json::to_string(script).unwrap()
+    )
+}
+
+const SEND_READY: &str = "import os, socket, time\n\
+    def ready():\n    \
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n    \
+        s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n";
+
+/// A worker that reports ready without the sockets drover passed it (it
+/// closed or replaced fd 3) is named: its slot counts as serving, yet it
+/// accepts nothing. A worker whose child holds the sockets (a shell, a
+/// server's own processes) is not. The code before said nothing: `ctl
+/// status` showed 2/2 ready while every connection waited in the queue.
+#[test]
+fn a_worker_ready_without_its_sockets_is_named() {
+    let script = format!(
+        "{SEND_READY}\
+         if os.environ['DROVER_WORKER_ID'] == '1':\n    \
+             os.close(3)\n    ready()\n    time.sleep(60)\n\
+         if os.fork() == 0:\n    \
+             time.sleep(0.3)\n    ready()\n    time.sleep(60)\n\
+         os.close(3)\n\
+         os.wait()\n"
+    );
+    let mut d = Start::config(&python_workers(2, &script)).run();
+    d.wait_log("all 2 workers ready");
+    d.wait_log("reported ready, but neither it nor a process it started holds");
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(LIMIT);
+    let log = d.log();
+    let named: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("reported ready, but"))
+        .collect();
+    assert_eq!(named.len(), 1, "{log}");
+    assert!(named[0].contains("WARN worker 1 (pid "), "{log}");
+    assert!(
+        named[0].contains("holds any of the 1 listening socket(s) drover passed it"),
+        "{log}"
+    );
+}

@@ -909,7 +909,14 @@ impl Master {
             }
             let pool = &self.sup.pool;
             match notify::descends_from(sender, |p| pool.has(p)) {
-                Some(pid) => self.sup.on_notify(pid, messages, now),
+                Some(pid) => {
+                    let readies = messages.contains(&notify::Message::Ready)
+                        && !pool.workers.iter().any(|w| w.pid == pid && w.is_ready());
+                    self.sup.on_notify(pid, messages, now);
+                    if readies {
+                        self.check_listeners_held(pid);
+                    }
+                }
                 None if template::forked_unknown(&messages) => {
                     // Forked by a template that was given up before it
                     // answered: no slot counts on it, and it must not serve
@@ -931,6 +938,32 @@ impl Master {
             }
         }
         read
+    }
+
+    /// Worker `pid` just reported ready: one that holds none of its
+    /// listening sockets (it closed or replaced fd 3, or binds its own)
+    /// cannot accept a connection, yet its slot counts as serving.
+    fn check_listeners_held(&self, pid: Pid) {
+        let Some(w) = self
+            .sup
+            .pool
+            .workers
+            .iter()
+            .find(|w| w.pid == pid && w.is_ready())
+        else {
+            return;
+        };
+        let inodes = listen::inodes(&w.gen.listeners.borrow());
+        if !inodes.is_empty() && listen::held_by(pid, &inodes) == Some(false) {
+            warn!(
+                "worker {} (pid {pid}) reported ready, but neither it nor a process it started \
+                 holds any of the {} listening socket(s) drover passed it (LISTEN_FDS, from fd 3): \
+                 it closed or replaced them, so it accepts no connection (they wait for the other \
+                 workers); serve on the sockets drover passes, do not bind your own",
+                w.slot,
+                inodes.len()
+            );
+        }
     }
 
     /// A template's messages; one that does not speak the template protocol
