@@ -562,3 +562,44 @@ fn a_worker_ready_without_its_sockets_is_named() {
         "{log}"
     );
 }
+
+/// A worker that forks into the background (daemonizes) and exits: the
+/// daemon's `READY=1` comes from a process no running worker started, and
+/// the log says what it is and for which worker, instead of ignoring it at
+/// debug level (the log showed only workers exiting with status 0 while an
+/// unsupervised daemon served their socket).
+#[test]
+fn a_ready_from_a_daemonized_worker_says_so() {
+    let script = format!(
+        "{SEND_READY}\
+         if os.fork():\n    os._exit(0)\n\
+         os.setsid()\n\
+         if os.fork():\n    os._exit(0)\n\
+         time.sleep(0.3)\n\
+         ready()\n\
+         time.sleep(5)\n"
+    );
+    let mut d = Start::config(&python_workers(1, &script)).run();
+    let log = d.wait_log("READY=1 from pid ");
+    let line = log
+        .lines()
+        .find(|l| l.contains("READY=1 from pid "))
+        .unwrap();
+    let daemon: i32 = line
+        .split("READY=1 from pid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), Signal::SIGKILL);
+    assert!(
+        line.contains(", started for worker 1), which is neither a worker"),
+        "{line}"
+    );
+    assert!(
+        line.contains("forks into the background (daemonizes)"),
+        "{line}"
+    );
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(LIMIT);
+}

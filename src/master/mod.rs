@@ -172,6 +172,8 @@ pub struct Master {
     /// `preload`: the templates the workers are forked from.
     templates: template::Templates,
     upgrade: Option<upgrade::Upgrade>,
+    /// `READY=1` datagrams from processes no worker speaks for, so far.
+    stranger_readies: u32,
     /// The new master of an upgrade that succeeded: our child, but no
     /// process left by a worker (`end_orphans` spares it).
     successor: Option<Pid>,
@@ -276,6 +278,7 @@ pub fn run(source: Source, first: Loaded, log: Option<LogFile>) -> Result<u8, St
         exec_reports: Vec::new(),
         templates: template::Templates::default(),
         upgrade: None,
+        stranger_readies: 0,
         successor: None,
         successor_gone: false,
         master_switched,
@@ -931,6 +934,9 @@ impl Master {
                     .flatten()
                 {
                     Some(t) => self.template_notify(t, &messages),
+                    None if messages.contains(&notify::Message::Ready) => {
+                        self.ready_from_a_stranger(sender)
+                    }
                     None => debug!(
                         "notify message from pid {sender} ignored: not a worker or a descendant of one"
                     ),
@@ -964,6 +970,29 @@ impl Master {
                 inodes.len()
             );
         }
+    }
+
+    /// `READY=1` from a process that is neither a worker nor started by a
+    /// running one: typically a worker that forked into the background
+    /// (daemonized) and exited, whose server now runs unsupervised.
+    fn ready_from_a_stranger(&mut self, sender: Pid) {
+        self.stranger_readies += 1;
+        let n = self.stranger_readies;
+        if n > 8 && !n.is_power_of_two() {
+            return;
+        }
+        let environ = std::fs::read(format!("/proc/{sender}/environ")).unwrap_or_default();
+        let slot = environ
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"DROVER_WORKER_ID="))
+            .map(|id| format!(", started for worker {}", String::from_utf8_lossy(id)))
+            .unwrap_or_default();
+        warn!(
+            "READY=1 from pid {sender} ({}{slot}), which is neither a worker nor started by a running \
+             one: a worker that forks into the background (daemonizes) and exits leaves its \
+             server unsupervised; run it in the foreground ({n} such message(s) so far)",
+            process_name(sender)
+        );
     }
 
     /// A template's messages; one that does not speak the template protocol
