@@ -1453,16 +1453,17 @@ fn a_stop_that_reaches_an_old_master_before_the_new_ones_does_not_say_it_keeps_s
 /// its workers with it. Returns its log and the new master's pid.
 fn stop_an_upgrade_whose_old_master_does_not_read(operator_too: bool) -> (String, Pid) {
     use nix::sys::signal::{kill, Signal};
-    // Slow to boot, so that the old master is stopped before the new one
-    // is ready.
+    // The new master's workers are slow to boot (once $DIR/slow exists),
+    // so that the old master is stopped before the new one is ready.
     let mut d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"sleep 1; exec {}\"]\n\
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"[ -e $DIR/slow ] && sleep 1; exec {}\"]\n\
          workers = 2\nready = \"notify\"\n",
         hello_bin()
     ))
     .run();
     d.wait_log("all 2 workers ready");
     let old_workers = d.children();
+    std::fs::write(d.dir.path().join("slow"), "").unwrap();
     d.signal(Signal::SIGUSR2);
     let log = d.wait_log("upgrade: started");
     let new = log
@@ -1610,16 +1611,17 @@ fn a_worker_respawned_during_the_prestop_delay_ends_keep_alive_too() {
 #[test]
 fn an_old_master_that_reads_ready_1_of_a_new_master_gone_since_says_so() {
     use nix::sys::signal::{kill, Signal};
-    // The new master's worker is slow to boot (the old one's is not), so
+    // The new master's worker is slow to boot (once $DIR/slow exists), so
     // that the old master is stopped before the new one is ready.
     let mut d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"[ -e $DIR/booted ] && sleep 1; \
-         touch $DIR/booted; exec {}\"]\nworkers = 1\nready = \"notify\"\n",
+        "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"[ -e $DIR/slow ] && sleep 1; exec {}\"]\n\
+         workers = 1\nready = \"notify\"\n",
         hello_bin()
     ))
     .run();
     d.wait_log("all 1 workers ready");
     let old_workers = d.children();
+    std::fs::write(d.dir.path().join("slow"), "").unwrap();
     d.signal(Signal::SIGUSR2);
     let log = d.wait_log("upgrade: started");
     let new = log
