@@ -1602,18 +1602,15 @@ fn a_worker_respawned_during_the_prestop_delay_ends_keep_alive_too() {
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
 }
 
-/// The new master's READY=1 goes into the queue of an old master that does
-/// not read (SIGSTOP): for the new master the upgrade is complete, and it
-/// is then stopped. The old master, resumed, reads the READY=1 of a master
-/// that has exited: it stops too, and says so. Before, it logged "retiring
-/// this one" and "released 1 listener(s) to the new master", for a master
-/// that was gone.
-#[test]
-fn an_old_master_that_reads_ready_1_of_a_new_master_gone_since_says_so() {
-    use nix::sys::signal::{kill, Signal};
+/// An upgrade whose new master's READY=1 goes into the queue of an old
+/// master that does not read (SIGSTOP); the new master then gets `signal`
+/// and exits, and the old master is resumed. Returns the old master (now
+/// reading that READY=1), the new master's pid and the old workers.
+fn ready_1_read_after_the_new_master_got(signal: Signal) -> (Drover, Pid, Vec<Pid>) {
+    use nix::sys::signal::kill;
     // The new master's worker is slow to boot (once $DIR/slow exists), so
     // that the old master is stopped before the new one is ready.
-    let mut d = Start::config(&format!(
+    let d = Start::config(&format!(
         "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"[ -e $DIR/slow ] && sleep 1; exec {}\"]\n\
          workers = 1\nready = \"notify\"\n",
         hello_bin()
@@ -1632,15 +1629,26 @@ fn an_old_master_that_reads_ready_1_of_a_new_master_gone_since_says_so() {
         .next()
         .unwrap();
     let new = Pid::from_raw(new.parse().unwrap());
-    let _resume = Resume(d.pid());
+    let resume = Resume(d.pid());
     kill(d.pid(), Signal::SIGSTOP).unwrap();
     // The new master's workers boot after this: its READY=1 comes later.
     d.wait_log_count("all 1 workers ready", 2);
-    kill(new, Signal::SIGTERM).unwrap();
+    kill(new, signal).unwrap();
     wait_for("the new master to exit", LIMIT, || {
         (!alive(new)).then_some(())
     });
-    kill(d.pid(), Signal::SIGCONT).unwrap();
+    drop(resume); // SIGCONT
+    (d, new, old_workers)
+}
+
+/// The new master, its READY=1 queued, is stopped (SIGTERM): the stop was
+/// the service's, and the old master, reading the READY=1 of a master that
+/// has exited, stops too, and says so. Before, it logged "retiring this
+/// one" and "released 1 listener(s) to the new master", for a master that
+/// was gone.
+#[test]
+fn an_old_master_that_reads_ready_1_of_a_new_master_gone_since_says_so() {
+    let (mut d, new, old_workers) = ready_1_read_after_the_new_master_got(Signal::SIGTERM);
     assert_eq!(d.wait_exit_only(LIMIT).code(), Some(0), "{}", d.log());
     let log = d.log();
     assert!(
@@ -1658,4 +1666,24 @@ fn an_old_master_that_reads_ready_1_of_a_new_master_gone_since_says_so() {
         "{log}"
     );
     assert!(old_workers.iter().all(|w| !alive(*w)), "{log}");
+}
+
+/// The new master, its READY=1 queued, crashes (SIGKILL, as the OOM killer
+/// sends): nothing stopped the service, and the old master serves on, its
+/// workers and sockets as they were, and reports the upgrade as failed.
+/// Before, it stopped too, and nothing served the sockets.
+#[test]
+fn an_old_master_serves_on_when_the_new_one_crashed_after_its_ready_1() {
+    let (mut d, new, old_workers) = ready_1_read_after_the_new_master_got(Signal::SIGKILL);
+    let log = d.wait_log("upgrade failed: ");
+    assert!(
+        log.contains(&format!("the new master (pid {new}) killed by SIGKILL"))
+            && log.contains("after it reported ready, before this master read it"),
+        "{log}"
+    );
+    assert_eq!(get_ok(d.tcp_addr(), "/").status, 200, "{}", d.log());
+    assert_eq!(d.children(), old_workers, "{}", d.log());
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
+    assert!(!d.log().contains("stopping this one too"), "{}", d.log());
 }

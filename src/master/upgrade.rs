@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 use super::rollout::Waiters;
 use super::shutdown::Cause;
 use super::worker::{describe, ms, Pace};
-use super::{control, Master};
+use super::{control, exit, Master};
 use crate::control::ControlSocket;
 use crate::notify::Message;
 use crate::pidfile::Pidfile;
@@ -45,6 +45,9 @@ pub struct Upgrade {
     stop_limit: Duration,
     /// When it was told to stop (a cancelled upgrade).
     cancelled_at: Option<Instant>,
+    /// Its READY=1 was read after it had crashed: its exit, reaped next, is
+    /// the failure.
+    ready_unread: bool,
     waiters: Waiters,
 }
 
@@ -196,6 +199,7 @@ impl Master {
                     cancelled: false,
                     stop_limit,
                     cancelled_at: None,
+                    ready_unread: false,
                     waiters: Waiters::one(client),
                 });
             }
@@ -392,14 +396,25 @@ impl Master {
         // Its READY=1 went into our queue while we did not read (stopped,
         // or busy): for it the upgrade was complete, it spoke to the service
         // manager from then on, and a stop asked of it since was the
-        // service's. Exited already, it takes nothing over: we stop as we
-        // would have, but say so rather than "retiring" for it.
+        // service's. Exited already, it takes nothing over. Stopped (status
+        // 0, or 4 with kills), the service was stopped: we stop as we would
+        // have, but say so rather than "retiring" for it. Any other end (a
+        // crash, the OOM killer) stopped nothing: we serve on, and its exit,
+        // reaped next, is reported as the upgrade's failure.
         let gone = waitid(
             Id::Pid(u.pid),
             WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
         )
         .ok()
         .filter(|s| *s != WaitStatus::StillAlive);
+        let stopped = |c: i32| c == i32::from(exit::OK) || c == i32::from(exit::KILLED);
+        if gone.is_some_and(|s| !matches!(s, WaitStatus::Exited(_, c) if stopped(c))) {
+            self.upgrade = Some(Upgrade {
+                ready_unread: true,
+                ..u
+            });
+            return;
+        }
         self.successor_gone = gone.is_some();
         match gone {
             None => info!(
@@ -462,9 +477,14 @@ impl Master {
             )
         } else {
             format!(
-                "the new master (pid {}) {} before it was ready",
+                "the new master (pid {}) {} {}",
                 u.pid,
-                describe(status, None)
+                describe(status, None),
+                if u.ready_unread {
+                    "after it reported ready, before this master read it"
+                } else {
+                    "before it was ready"
+                }
             )
         };
         self.upgrade_failed(u.waiters, why);
