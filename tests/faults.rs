@@ -1512,11 +1512,16 @@ fn without_subreaper_a_workers_setsid_daemon_is_reported_at_exit() {
 /// pid systemd still calls the main one, `--reload`) is refused, with where
 /// to send it. The old code started a new generation in the old master,
 /// which then retired: the new master served the configuration it had read
-/// at its start, and the reload was lost without a word.
+/// at its start, and the reload was lost without a word. It is refused at
+/// once, before it does anything: the old master here is paused (SIGWINCH),
+/// and was resumed by the HUP before the refusal (a reload queued behind a
+/// stopping generation was likewise dropped at the retirement).
 #[test]
 fn a_reload_of_the_old_master_during_an_upgrade_is_refused() {
     let mut d = Start::config(&config(&hello_cmd(), 1, "ready = \"notify\"")).run();
     d.wait_log("all 1 workers ready");
+    d.signal(Signal::SIGWINCH);
+    d.wait_log("exited with status 0 (retired)");
     let slow = config(
         &format!("[\"sh\", \"-c\", \"sleep 1; exec {}\"]", hello_bin()),
         1,
@@ -1533,6 +1538,7 @@ fn a_reload_of_the_old_master_during_an_upgrade_is_refused() {
         "{log}"
     );
     assert!(!log.contains("into generation 2"), "{log}");
+    assert!(!log.contains("SIGHUP: resuming"), "{log}");
     d.wait_log("; retiring this one");
     assert!(matches!(d.wait_exit_only(LIMIT).code(), Some(0 | 4)));
     nix::sys::signal::kill(new, Signal::SIGTERM).unwrap();

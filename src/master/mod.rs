@@ -1039,6 +1039,13 @@ impl Master {
                     }
                     self.sup.on_signal(event, now)
                 }
+                // Refused at once: not resumed first (after SIGWINCH), nor
+                // queued behind a stopping generation, to be dropped when
+                // this master retires.
+                Event::Reload => match self.reload_blocked() {
+                    Some(why) => self.sup.reload_refused(event.signal_name(), &why),
+                    None => self.sup.on_signal(event, now),
+                },
                 _ => self.sup.on_signal(event, now),
             }
         }
@@ -1269,17 +1276,23 @@ impl Master {
         (env, fds)
     }
 
+    /// Why this master cannot reload now: an upgrade is under way. We retire
+    /// once the new master is ready, and it serves what it read at its
+    /// start: a generation started here would be lost.
+    fn reload_blocked(&self) -> Option<String> {
+        let pid = self.upgrade_in_progress()?;
+        Some(format!(
+            "an upgrade is in progress: the new master (pid {pid}) serves the configuration \
+             it read at its start once it is ready; reload it then (the pidfile and the \
+             control socket are already its)"
+        ))
+    }
+
     /// `Action::LoadConfig`: read the config again and build the next
     /// generation next to the current one (sharing its unchanged sockets).
     fn load_config(&mut self) {
-        if let Some(pid) = self.upgrade_in_progress() {
-            // We retire once the new master is ready, and it serves what it
-            // read at its start: a generation started here would be lost.
-            let why = format!(
-                "an upgrade is in progress: the new master (pid {pid}) serves the configuration \
-                 it read at its start once it is ready; reload it then (the pidfile and the \
-                 control socket are already its)"
-            );
+        // A reload queued behind a stopping generation before the upgrade.
+        if let Some(why) = self.reload_blocked() {
             self.sup
                 .config_loaded(Err(why), &self.source.origin(), Instant::now());
             return;

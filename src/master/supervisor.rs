@@ -595,9 +595,7 @@ impl Supervisor {
             Err(e) => {
                 // Nothing was started and nothing changes.
                 let (why, waiters) = self.rollout.rejected();
-                error!("{why}: reload rejected, nothing changed: {e}");
-                self.reload_failed = Some(format!("reload rejected: {e}"));
-                self.emit(Action::Publish(Kind::ReloadRejected { reason: e.clone() }));
+                self.reload_refused(&why, &e);
                 self.ready_again();
                 self.emit_all(waiters.answer(control::failure(&format!("rejected: {e}"))));
                 return;
@@ -620,6 +618,16 @@ impl Supervisor {
         info!(
             "{why}: reloading {origin} into generation {number} ({workers} worker(s), up to {surge} replaced at a time)"
         );
+    }
+
+    /// A reload refused (`why` asked for it, `e` says why not): nothing was
+    /// started and nothing changes.
+    pub fn reload_refused(&mut self, why: &str, e: &str) {
+        error!("{why}: reload rejected, nothing changed: {e}");
+        self.reload_failed = Some(format!("reload rejected: {e}"));
+        self.emit(Action::Publish(Kind::ReloadRejected {
+            reason: e.to_string(),
+        }));
     }
 
     /// The new generation failed before the reload was applied (a worker
