@@ -104,6 +104,11 @@ def app(environ, start_response):
         while not os.path.exists(environ["QUERY_STRING"]) and time.monotonic() < deadline:
             time.sleep(0.01)
         return _text(start_response, "200 OK", b"released")
+    if path == "/spin-until":  # CPU-bound until the file named by the query exists (at most 15 s)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(environ["QUERY_STRING"]) and time.monotonic() < deadline:
+            pass
+        return _text(start_response, "200 OK", b"spun")
     if path == "/spin":  # CPU-bound: holds the GIL but at the switch interval
         ms = int(environ["QUERY_STRING"].partition("=")[2] or "0")
         until = time.monotonic() + ms / 1000

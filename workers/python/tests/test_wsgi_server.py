@@ -262,13 +262,15 @@ class ServerTest(unittest.TestCase):
         # A thread that runs (not blocked) keeps the right to poll for a
         # while (native core); past that, another thread takes over, and
         # the GIL's switch interval lets it answer.
-        spin = threading.Thread(target=lambda: request(self.w, get("/spin?ms=2000")))
-        spin.start()
-        time.sleep(0.3)
-        began = time.monotonic()
-        self.assertEqual(request(self.w, get("/pid"))[0], 200)
-        self.assertLess(time.monotonic() - began, 1.0, "served while /spin runs")
-        spin.join(LIMIT)
+        with Released(2.0) as release:
+            spin = threading.Thread(target=lambda: request(self.w, get("/spin-until?" + release.path)))
+            spin.start()
+            time.sleep(0.3)
+            began = time.monotonic()
+            self.assertEqual(request(self.w, get("/pid"))[0], 200)
+            self.assertLess(time.monotonic() - began, 1.0, "served while /spin-until runs")
+            release.now()
+            spin.join(LIMIT)
 
     def test_many_idle_connections_do_not_block_the_pool(self):
         idle = []
