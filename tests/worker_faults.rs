@@ -603,3 +603,47 @@ fn a_ready_from_a_daemonized_worker_says_so() {
     d.signal(Signal::SIGTERM);
     d.wait_exit(LIMIT);
 }
+
+/// A worker that left the process group drover gave it (`setpgid`, here
+/// into its child's group) and outlives its stop deadline is killed alone,
+/// and the log says so: the line before said "sending SIGKILL to its
+/// process group" and nothing more (the failed killpg was a debug line),
+/// while its child in the other group lived on.
+#[test]
+fn a_worker_that_left_its_process_group_is_named_when_killed() {
+    let script = format!(
+        "{SEND_READY}\
+         import signal\n\
+         signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         child = os.fork()\n\
+         if child == 0:\n    \
+             os.setpgid(0, 0)\n    time.sleep(3)\n    os._exit(0)\n\
+         while os.getpgid(child) != child:\n    time.sleep(0.01)\n\
+         os.setpgid(0, child)\n\
+         open(os.environ['CHILD_FILE'], 'w').write(str(child))\n\
+         ready()\n\
+         time.sleep(60)\n"
+    );
+    let config = format!(
+        "{}graceful_timeout = \"500ms\"\n[env]\nCHILD_FILE = \"$DIR/child\"\n",
+        python_workers(1, &script).replace("graceful_timeout = \"2s\"\n", "")
+    );
+    let mut d = Start::config(&config).run();
+    d.wait_log("all 1 workers ready");
+    let child: i32 = read_file(&d.dir.path().join("child"))
+        .trim()
+        .parse()
+        .unwrap();
+    d.signal(Signal::SIGTERM);
+    // The child holds drover's output: end it once the line is there.
+    let found = wait_for("the worker killed", LIMIT, || {
+        let log = d.log();
+        log.contains("killed by SIGKILL").then_some(log)
+    });
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL);
+    assert!(
+        found.contains("left its process group (setpgid): SIGKILL to it alone"),
+        "{found}"
+    );
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(4), "{}", d.log());
+}

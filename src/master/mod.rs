@@ -1159,10 +1159,18 @@ impl Master {
                         self.publish_stop(slot, pid, signal, stop);
                     }
                 }
-                Action::KillGroup { pid, .. } => {
+                Action::KillGroup { slot, pid, .. } => {
                     if let Err(e) = killpg(pid, Signal::SIGKILL) {
-                        let _ = kill(pid, Signal::SIGKILL);
-                        debug!("killpg({pid}) failed ({e}); killed the worker alone");
+                        if kill(pid, Signal::SIGKILL).is_ok() {
+                            // Alive, yet not in the group drover gave it.
+                            warn!(
+                                "worker {slot} (pid {pid}) left its process group (setpgid): \
+                                 SIGKILL to it alone; what it started in other groups is not \
+                                 ended with it"
+                            );
+                        } else {
+                            debug!("killpg({pid}) failed ({e}); the worker is gone");
+                        }
                     }
                 }
                 Action::RestorePriority { slot, pid, boot } => {
