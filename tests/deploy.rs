@@ -1446,22 +1446,18 @@ fn a_stop_that_reaches_an_old_master_before_the_new_ones_does_not_say_it_keeps_s
     );
 }
 
-/// An upgrade whose new master is slow to boot; the old master is stopped
-/// (SIGSTOP) with its notify queue full, so that the new master's READY=1
-/// waits; the new master is asked to stop (and, if `operator_too`, the old
-/// one first), exits, and the old master is resumed. It must stop and take
-/// its workers with it. Returns its log and the new master's pid.
-fn stop_an_upgrade_whose_old_master_does_not_read(operator_too: bool) -> (String, Pid) {
-    use nix::sys::signal::{kill, Signal};
-    // The new master's workers are slow to boot (once $DIR/slow exists),
-    // so that the old master is stopped before the new one is ready.
-    let mut d = Start::config(&format!(
+/// A drover of `workers` hello workers, upgraded (SIGUSR2) so that the new
+/// master's workers boot slowly (1 s, once $DIR/slow exists): the old
+/// master can be stopped before the new one is ready. Returns it, the new
+/// master's pid and the old workers.
+fn an_upgrade_with_slow_new_workers(workers: usize) -> (Drover, Pid, Vec<Pid>) {
+    let d = Start::config(&format!(
         "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"[ -e $DIR/slow ] && sleep 1; exec {}\"]\n\
-         workers = 2\nready = \"notify\"\n",
+         workers = {workers}\nready = \"notify\"\n",
         hello_bin()
     ))
     .run();
-    d.wait_log("all 2 workers ready");
+    d.wait_log(&format!("all {workers} workers ready"));
     let old_workers = d.children();
     std::fs::write(d.dir.path().join("slow"), "").unwrap();
     d.signal(Signal::SIGUSR2);
@@ -1473,7 +1469,17 @@ fn stop_an_upgrade_whose_old_master_does_not_read(operator_too: bool) -> (String
         .split(';')
         .next()
         .unwrap();
-    let new = Pid::from_raw(new.parse().unwrap());
+    (d, Pid::from_raw(new.parse().unwrap()), old_workers)
+}
+
+/// An upgrade whose new master is slow to boot; the old master is stopped
+/// (SIGSTOP) with its notify queue full, so that the new master's READY=1
+/// waits; the new master is asked to stop (and, if `operator_too`, the old
+/// one first), exits, and the old master is resumed. It must stop and take
+/// its workers with it. Returns its log and the new master's pid.
+fn stop_an_upgrade_whose_old_master_does_not_read(operator_too: bool) -> (String, Pid) {
+    use nix::sys::signal::kill;
+    let (mut d, new, old_workers) = an_upgrade_with_slow_new_workers(2);
     struct Resume(Pid, Pid);
     impl Drop for Resume {
         fn drop(&mut self) {
@@ -1608,27 +1614,7 @@ fn a_worker_respawned_during_the_prestop_delay_ends_keep_alive_too() {
 /// reading that READY=1), the new master's pid and the old workers.
 fn ready_1_read_after_the_new_master_got(signal: Signal) -> (Drover, Pid, Vec<Pid>) {
     use nix::sys::signal::kill;
-    // The new master's worker is slow to boot (once $DIR/slow exists), so
-    // that the old master is stopped before the new one is ready.
-    let d = Start::config(&format!(
-        "bind = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", \"[ -e $DIR/slow ] && sleep 1; exec {}\"]\n\
-         workers = 1\nready = \"notify\"\n",
-        hello_bin()
-    ))
-    .run();
-    d.wait_log("all 1 workers ready");
-    let old_workers = d.children();
-    std::fs::write(d.dir.path().join("slow"), "").unwrap();
-    d.signal(Signal::SIGUSR2);
-    let log = d.wait_log("upgrade: started");
-    let new = log
-        .split("as pid ")
-        .nth(1)
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap();
-    let new = Pid::from_raw(new.parse().unwrap());
+    let (d, new, old_workers) = an_upgrade_with_slow_new_workers(1);
     let resume = Resume(d.pid());
     kill(d.pid(), Signal::SIGSTOP).unwrap();
     // The new master's workers boot after this: its READY=1 comes later.
