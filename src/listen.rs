@@ -286,6 +286,33 @@ impl Drop for Listener {
 /// reload, each with the name its workers see in `LISTEN_FDNAMES`.
 pub type Set = Vec<(Rc<Listener>, String)>;
 
+/// `TCP_LISTEN` of the kernel's TCP states (include/net/tcp_states.h).
+const TCP_LISTEN: u8 = 10;
+
+/// How many connections wait in the accept queues of the TCP sockets of
+/// `set` (for a listening socket the kernel reports its queue length as
+/// `tcpi_unacked`); Unix sockets do not say, and count 0.
+pub fn queued(set: &Set) -> u32 {
+    set.iter()
+        .filter_map(|(l, _)| {
+            // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            // SAFETY: a valid descriptor, and a buffer of `len` bytes.
+            let r = unsafe {
+                libc::getsockopt(
+                    l.fd.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&mut info as *mut libc::tcp_info).cast(),
+                    &mut len,
+                )
+            };
+            (r == 0 && info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked)
+        })
+        .sum()
+}
+
 /// The sockets' inode numbers, as /proc/PID/fd shows them (`socket:[N]`).
 pub fn inodes(set: &Set) -> Vec<u64> {
     set.iter()

@@ -647,3 +647,28 @@ fn a_worker_that_left_its_process_group_is_named_when_killed() {
     );
     assert_eq!(d.wait_exit(LIMIT).code(), Some(4), "{}", d.log());
 }
+
+/// A stop while paused (SIGWINCH: no worker runs, the sockets stay open)
+/// resets the connections that waited in the queue for workers to come
+/// back; the log says how many. The code before said "0 killed" and exit
+/// status 0, and nothing of the clients that got a reset.
+#[test]
+fn a_stop_while_paused_counts_the_queued_connections_it_resets() {
+    let mut d = Start::config(&hello(1, "")).run();
+    d.wait_log("all 1 workers ready");
+    let addr = d.tcp_addr();
+    d.signal(Signal::SIGWINCH);
+    d.wait_log("exited with status 0");
+    // The kernel completes their handshakes; they wait for a worker.
+    let waiting: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(LIMIT).code(), Some(0));
+    let log = d.log();
+    assert!(
+        log.contains("3 connection(s) waiting in the listeners' queues had no worker to take them"),
+        "{log}"
+    );
+    drop(waiting);
+}

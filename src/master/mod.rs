@@ -1345,8 +1345,19 @@ impl Master {
         }
         // Stage 1 of the shutdown: say what went.
         let began = Instant::now();
+        // With no worker left (paused, or every slot between two workers),
+        // nobody holds a copy: what waits in the queues is reset now.
+        let lost = (!handover && self.sup.pool.workers.is_empty())
+            .then(|| listen::queued(&listeners))
+            .filter(|&n| n > 0);
         let closed = listen::close_unused(listeners, handover);
         let took = ms(began.elapsed());
+        if let Some(n) = lost {
+            warn!(
+                "{n} connection(s) waiting in the listeners' queues had no worker to take them \
+                 (none was running: paused, or every slot between two workers): reset at the close"
+            );
+        }
         if handover && self.successor_gone {
             info!(
                 "closed {closed} listener(s) in {took} (the new master they were for has exited)"
