@@ -605,16 +605,20 @@ fn a_ready_from_a_daemonized_worker_says_so() {
 }
 
 /// A worker that left the process group drover gave it (`setpgid`, here
-/// into its child's group) and outlives its stop deadline is killed alone,
-/// and the log says so: the line before said "sending SIGKILL to its
-/// process group" and nothing more (the failed killpg was a debug line),
-/// while its child in the other group lived on.
+/// into its child's group) and outlives its stop deadline is killed, and
+/// the log says so: the line before said "sending SIGKILL to its process
+/// group" and nothing more (the failed killpg was a debug line), while its
+/// child in the other group lived on. Here a first child stays in the
+/// group the worker left: the killpg then succeeded, the worker was not
+/// killed at all, and the stop never ended.
 #[test]
 fn a_worker_that_left_its_process_group_is_named_when_killed() {
     let script = format!(
         "{SEND_READY}\
          import signal\n\
          signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         stay = os.fork()\n\
+         if stay == 0:\n    time.sleep(3)\n    os._exit(0)\n\
          child = os.fork()\n\
          if child == 0:\n    \
              os.setpgid(0, 0)\n    time.sleep(3)\n    os._exit(0)\n\
@@ -642,7 +646,7 @@ fn a_worker_that_left_its_process_group_is_named_when_killed() {
     });
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL);
     assert!(
-        found.contains("left its process group (setpgid): SIGKILL to it alone"),
+        found.contains("left its process group (setpgid): SIGKILL to it and to that group"),
         "{found}"
     );
     assert_eq!(d.wait_exit(LIMIT).code(), Some(4), "{}", d.log());

@@ -459,7 +459,9 @@ fn end_orphans(limit: Duration, spared: &[Pid], templates: &[Pid]) -> u32 {
                 // A template's process group holds what its import started
                 // (its workers have groups of their own): it ends with it,
                 // as at its boot timeout's SIGKILL.
-                if !(templates.contains(p) && killpg(*p, Signal::SIGKILL).is_ok()) {
+                if templates.contains(p) {
+                    kill_group(*p);
+                } else {
                     let _ = kill(*p, Signal::SIGKILL);
                 }
                 let _ = waitpid(*p, None);
@@ -999,7 +1001,7 @@ impl Master {
     /// is killed, with its process group.
     fn template_notify(&mut self, template: Pid, messages: &[notify::Message]) {
         if let Some(pid) = self.templates.on_notify(template, messages) {
-            let _ = killpg(pid, Signal::SIGKILL);
+            kill_group(pid);
         }
     }
 
@@ -1160,17 +1162,12 @@ impl Master {
                     }
                 }
                 Action::KillGroup { slot, pid, .. } => {
-                    if let Err(e) = killpg(pid, Signal::SIGKILL) {
-                        if kill(pid, Signal::SIGKILL).is_ok() {
-                            // Alive, yet not in the group drover gave it.
-                            warn!(
-                                "worker {slot} (pid {pid}) left its process group (setpgid): \
-                                 SIGKILL to it alone; what it started in other groups is not \
-                                 ended with it"
-                            );
-                        } else {
-                            debug!("killpg({pid}) failed ({e}); the worker is gone");
-                        }
+                    if kill_group(pid) {
+                        warn!(
+                            "worker {slot} (pid {pid}) left its process group (setpgid): \
+                             SIGKILL to it and to that group; what it started in other groups \
+                             is not ended with it"
+                        );
                     }
                 }
                 Action::RestorePriority { slot, pid, boot } => {
@@ -1492,6 +1489,20 @@ fn pass_listeners(env: &mut spawn::Env, listeners: &listen::Set) -> Vec<RawFd> {
     env.set("LISTEN_FDNAMES", names.join(":"));
     env.set_child_pid("LISTEN_PID");
     listeners.iter().map(|(l, _)| l.fd.as_raw_fd()).collect()
+}
+
+/// SIGKILL to the process group drover gave `pid` (a worker's, a
+/// template's: what it started ends with it) and to `pid` itself, which may
+/// have left that group (`setpgid`): the group may still hold what it
+/// started before, and a failed killpg was the only sign (before, a worker
+/// that left while its child stayed was never killed, and the stop never
+/// ended). True if `pid` had left its group.
+pub(super) fn kill_group(pid: Pid) -> bool {
+    let left = nix::unistd::getpgid(Some(pid)).is_ok_and(|g| g != pid);
+    let _ = killpg(pid, Signal::SIGKILL);
+    // Not reaped yet (drover reaps its children itself): the pid is still its.
+    let _ = kill(pid, Signal::SIGKILL);
+    left
 }
 
 /// SIGKILL to what a dead worker left in its process group. They would

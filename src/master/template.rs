@@ -633,7 +633,7 @@ impl Master {
                         "template of generation {} (pid {pid}): {why}; killing it, its workers keep serving",
                         gen.number
                     );
-                    let _ = killpg(pid, Signal::SIGKILL);
+                    super::kill_group(pid);
                     // The worker it may have forked is unknown to us (killed
                     // if it speaks, reaped as an orphan if it dies): the
                     // slot counts a failed spawn, and waits for its backoff.
@@ -740,10 +740,11 @@ impl Master {
             return;
         }
         for (pid, signal) in self.templates.overdue(now) {
-            let _ = match signal {
-                Signal::SIGKILL => killpg(pid, signal),
-                _ => nix::sys::signal::kill(pid, signal),
-            };
+            if signal == Signal::SIGKILL {
+                super::kill_group(pid);
+            } else {
+                let _ = nix::sys::signal::kill(pid, signal);
+            }
         }
         for (pid, boot) in self.templates.ready_to_restore(now) {
             super::restore_priority("template", pid, boot);
