@@ -534,19 +534,27 @@ const SEND_READY: &str = "import os, socket, time\n\
 /// accepts nothing. A worker whose child holds the sockets (a shell, a
 /// server's own processes) is not. The code before said nothing: `ctl
 /// status` showed 2/2 ready while every connection waited in the queue.
+/// Nor is one whose STOPPING=1 was read with its READY=1 (worker 3: a
+/// --max-requests recycle done before drover read its READY=1 has rightly
+/// closed its sockets; it was named too).
 #[test]
 fn a_worker_ready_without_its_sockets_is_named() {
     let script = format!(
         "{SEND_READY}\
          if os.environ['DROVER_WORKER_ID'] == '1':\n    \
              os.close(3)\n    ready()\n    time.sleep(60)\n\
+         if os.environ['DROVER_WORKER_ID'] == '3':\n    \
+             os.close(3)\n    \
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n    \
+             s.sendto(b'READY=1\\nSTOPPING=1', os.environ['NOTIFY_SOCKET'])\n    \
+             time.sleep(60)\n\
          if os.fork() == 0:\n    \
              time.sleep(0.3)\n    ready()\n    time.sleep(60)\n\
          os.close(3)\n\
          os.wait()\n"
     );
-    let mut d = Start::config(&python_workers(2, &script)).run();
-    d.wait_log("all 2 workers ready");
+    let mut d = Start::config(&python_workers(3, &script)).run();
+    d.wait_log("all 3 workers ready");
     d.wait_log("reported ready, but neither it nor a process it started holds");
     d.signal(Signal::SIGTERM);
     d.wait_exit(LIMIT);

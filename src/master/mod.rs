@@ -898,6 +898,7 @@ impl Master {
         now: Instant,
     ) -> usize {
         let mut read = 0;
+        let mut just_ready = Vec::new();
         while more(read) {
             let Some((sender, messages)) = self.notify.recv() else {
                 break;
@@ -919,7 +920,7 @@ impl Master {
                         && !pool.workers.iter().any(|w| w.pid == pid && w.is_ready());
                     self.sup.on_notify(pid, messages, now);
                     if readies {
-                        self.check_listeners_held(pid);
+                        just_ready.push(pid);
                     }
                 }
                 None if template::forked_unknown(&messages) => {
@@ -945,6 +946,12 @@ impl Master {
                 },
             }
         }
+        // Once what was queued is read: a worker that has since said
+        // STOPPING=1 (a --max-requests recycle, while we were slow to read)
+        // may have closed its sockets already, rightly.
+        for pid in just_ready {
+            self.check_listeners_held(pid);
+        }
         read
     }
 
@@ -957,7 +964,7 @@ impl Master {
             .pool
             .workers
             .iter()
-            .find(|w| w.pid == pid && w.is_ready())
+            .find(|w| w.pid == pid && w.is_ready() && !w.said_stopping)
         else {
             return;
         };
