@@ -851,7 +851,12 @@ impl Master {
     /// read, even while the socket rests: its `STOPPING=1` (a planned exit)
     /// or `READY=1` is in the queue, ahead of anything sent after its exit,
     /// and the queue holds at most `net.unix.max_dgram_qlen` datagrams.
+    /// The loop read the socket before the signals, but a worker that spoke
+    /// and exited in between (a `max_requests` recycle under load: READY=1,
+    /// STOPPING=1 and the exit within a turn) was reaped unannounced, and
+    /// its recycle counted as a failure, with backoff.
     fn read_last_words(&mut self, now: Instant) {
+        self.read_notify(now);
         if self.notify_rest.is_some() {
             let bound = self.notify.queue_bound();
             self.read_notify_upto(|n| n < bound, &mut Senders::default(), now);
