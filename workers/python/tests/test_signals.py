@@ -4,6 +4,7 @@ registry (graceful, quick, Ctrl+C to the process group, normal exit)."""
 
 import os
 import signal
+import time
 import unittest
 
 from tests.helpers import LIMIT, spawn_script, wait_line
@@ -25,6 +26,21 @@ WAIT_AND_CLEAN = """
 
 def start(setup="", args="exit_on_stop=False", code=None, **kw):
     return spawn_script(code or WAIT_AND_CLEAN.format(setup=setup, args=args), **kw)
+
+
+def wait_in_select(pid):
+    """Until the main thread of ``pid`` sleeps in select() or poll(), as
+    Linux's /proc tells (on a system without it, at once)."""
+    deadline = time.monotonic() + LIMIT
+    while time.monotonic() < deadline:
+        try:
+            with open("/proc/%d/wchan" % pid) as f:
+                where = f.read()
+        except OSError:
+            return
+        if "poll" in where or "select" in where:
+            return
+        time.sleep(0.01)
 
 
 def finish(test, p):
@@ -106,6 +122,30 @@ class SignalTest(unittest.TestCase):
         code, out, err = finish(self, p)
         self.assertEqual(code, 0, err)
         self.assertEqual(out, "cleanup ran\n", "unwound at the signal, the registry ran at exit")
+
+    def test_a_signal_the_main_thread_does_not_take_ends_its_wait(self):
+        # The stop handler runs in the main thread once it runs bytecode
+        # again: a signal whose C-level handler ran just before the wait's
+        # select() (on a loaded machine) left it there for good. Made
+        # deterministic: SIGTERM is blocked in the main thread, so the kernel
+        # gives it to the other thread, and sent once the main thread sleeps
+        # in the select(), which nothing interrupts then.
+        code = """
+            import signal, threading, time, drover_worker as dw
+            threading.Thread(target=threading.Event().wait, daemon=True).start()
+            ev = dw.install(exit_on_stop=False)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            print("ready", flush=True)
+            start = time.monotonic()
+            ev.wait(5)
+            print("stop", dw.stop_kind(), "late" if time.monotonic() - start >= 5 else "in time", flush=True)
+        """
+        p = start(code=code)
+        wait_line(p, "ready")
+        wait_in_select(p.pid)
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(self, p)
+        self.assertEqual(out, "stop graceful in time\n", err)
 
     def test_installing_again_chains_a_handler_set_in_between_once(self):
         code = """

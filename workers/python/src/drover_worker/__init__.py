@@ -552,8 +552,15 @@ class _StopEvent(threading.Event):
     ``threading.Event`` uses a non-reentrant lock: a handler calling ``set()``
     while the main thread is inside ``wait()`` or ``set()`` could deadlock. This
     one uses a reentrant lock, and in the main thread (where Python runs signal
-    handlers) ``wait()`` blocks in ``select()`` on the stop pipe, so a wake-up
-    cannot be lost between the check and the wait. It is never cleared.
+    handlers) ``wait()`` blocks in ``select()`` on the stop pipe and on a
+    wake-up fd (``signal.set_wakeup_fd``). The stop pipe alone lost wake-ups:
+    the Python handler that writes it runs only when the main thread runs
+    bytecode again, and a signal whose C-level handler ran just before the
+    ``select()`` (a SIGTERM sent right after the program said it was ready,
+    on a loaded machine), or that the kernel gave to another thread, left
+    the main thread in ``select()`` for good. The C-level handler writes the
+    wake-up fd whichever thread takes the signal, whenever. It is never
+    cleared.
     """
 
     def __init__(self) -> None:
@@ -566,11 +573,24 @@ class _StopEvent(threading.Event):
         import select
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.is_set():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            select.select([_pipe_fds()[0]], [], [], left)
+        wake_r, wake_w = os.pipe()
+        try:
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+            previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+            try:
+                while not self.is_set():
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    readable, _, _ = select.select([_pipe_fds()[0], wake_r], [], [], left)
+                    if wake_r in readable:
+                        _pass_on_wakeup(wake_r, previous)
+            finally:
+                signal.set_wakeup_fd(previous)
+        finally:
+            os.close(wake_r)
+            os.close(wake_w)
         return self.is_set()
 
     def set(self) -> None:
@@ -582,6 +602,18 @@ class _StopEvent(threading.Event):
 
     def clear(self) -> None:
         raise RuntimeError("the stop event is never cleared")
+
+
+def _pass_on_wakeup(wake_r: int, previous: int) -> None:
+    """Empties the wake-up pipe of :meth:`_StopEvent.wait`, and passes what
+    it read on to the wake-up fd it stood in for (an asyncio loop's, which
+    reads the signal numbers from it)."""
+    try:
+        data = os.read(wake_r, 4096)
+        if previous != -1:
+            os.write(previous, data)
+    except OSError:
+        pass  # empty, or theirs is full: it is readable already
 
 
 #: Set (never cleared) once a stop has been requested, by a signal or by
