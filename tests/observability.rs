@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use nix::sys::signal::Signal;
+use std::io::{Read, Write};
 
 /// `log_format = "json"`: every line drover writes is one JSON object whose
 /// first keys are ts, level and msg.
@@ -329,9 +330,16 @@ fn readyz_through_boot_degradation_pause_and_shutdown() {
             .then_some(())
     });
     // A shutdown with a request in flight: the endpoint says "draining"
-    // until drover exits.
-    let addr = d.tcp_addr();
-    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=1500"));
+    // until drover exits. The request is held in flight by its body, whose
+    // last byte is sent once "draining" was seen: a /sleep of 1.5 s could
+    // end (on a loaded machine) before a scrape saw its worker busy, and the
+    // wait below then never ended.
+    let mut held = std::net::TcpStream::connect(d.tcp_addr()).unwrap();
+    held.set_read_timeout(Some(LIMIT)).unwrap();
+    held.write_all(
+        b"POST / HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 2\r\n\r\nx",
+    )
+    .unwrap();
     // In flight: the scoreboard says a worker is busy.
     wait_for("the request in flight", LIMIT, || {
         let m = parse_metrics(&d.admin("/metrics").body);
@@ -345,7 +353,10 @@ fn readyz_through_boot_degradation_pause_and_shutdown() {
     d.signal(Signal::SIGTERM);
     wait_readyz(&d, 503, "draining");
     assert_eq!(d.admin("/livez").status, 200);
-    assert_eq!(slow.join().unwrap().unwrap().status, 200);
+    held.write_all(b"x").unwrap();
+    let mut raw = Vec::new();
+    held.read_to_end(&mut raw).unwrap();
+    assert_eq!(parse_response(&raw).unwrap().status, 200);
     assert!(d.wait_exit(LIMIT).success());
     assert!(
         !d.dir.path().join("admin.sock").exists(),
