@@ -355,9 +355,11 @@ pub(crate) mod tests {
         }
         // READY=1 waits past NOTIFY_WAIT until room comes: it was dropped,
         // and the worker killed at boot_timeout though it served.
+        // Timed from before the spawn: the room comes NOTIFY_WAIT * 2 after
+        // it, however late a loaded machine starts the thread.
         let target = path.clone();
+        let began = std::time::Instant::now();
         let ready = std::thread::spawn(move || {
-            let began = std::time::Instant::now();
             notify_to(target.as_os_str(), "READY=1").map(|()| began.elapsed())
         });
         std::thread::sleep(NOTIFY_WAIT * 2);
