@@ -2,6 +2,7 @@
 
 import asyncio
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -59,6 +60,23 @@ def drain_over() -> bool:
     is called, so it is read before the clock, never after."""
     deadline = dw.drain_deadline()
     return time.monotonic() >= deadline
+
+
+async def abandon(log: Callable[[str], None], why: str) -> None:
+    """The last resort of a drain past its deadline: half of the stop's
+    budget left (it shrinks if the stop turns quick) for the server's own
+    shutdown to end what runs, then ``why`` is logged, the registry runs and
+    the process exits 0, abandoning whatever still runs."""
+    end = float("inf")
+    while True:
+        end = min(end, time.monotonic() + dw.remaining_budget() / 2)
+        if time.monotonic() >= end:
+            break
+        await asyncio.sleep(0.05)
+    log(why)
+    dw.run_cleanup()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def let_next_requests_in(unsettled: Callable[[], bool]) -> None:

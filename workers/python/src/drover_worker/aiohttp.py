@@ -289,16 +289,7 @@ async def _abandon_at_the_deadline(runner: Any) -> None:
         _log("drain deadline reached: cancelling %d request(s) in flight" % len(running))
         for task in running:
             task.cancel()
-    end = float("inf")
-    while True:
-        end = min(end, time.monotonic() + dw.remaining_budget() / 2)
-        if time.monotonic() >= end:
-            break
-        await asyncio.sleep(0.05)
-    _log("the drain did not end: abandoning the requests in flight")
-    dw.run_cleanup()
-    sys.stderr.flush()
-    os._exit(0)
+    await _launcher.abandon(_log, "the drain did not end: abandoning the requests in flight")
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:

@@ -266,17 +266,7 @@ class _Server:
         abandoning what still runs."""
         while not _launcher.drain_over():
             await asyncio.sleep(0.05)
-        # Then half of the budget left (it shrinks if the stop turns quick).
-        end = float("inf")
-        while True:
-            end = min(end, time.monotonic() + dw.remaining_budget() / 2)
-            if time.monotonic() >= end:
-                break
-            await asyncio.sleep(0.05)
-        _log("drain deadline reached with requests in flight: abandoning them")
-        dw.run_cleanup()
-        sys.stderr.flush()
-        os._exit(0)
+        await _launcher.abandon(_log, "drain deadline reached with requests in flight: abandoning them")
 
 
 def _tracked(base: Any, updated: Any, server: _Server) -> Any:
